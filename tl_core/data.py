@@ -1,0 +1,691 @@
+"""Dataset intake, validation, audit report, splits, image loading rules and the decoded-image cache.
+
+A dataset is a folder with one sub-folder per class, a ``.zip`` of such a folder, or a CSV of
+``path,label``. Every image is decoded once when the dataset is opened: unreadable files are
+skipped and listed with a reason, never fatal; a class with too few usable images is an error
+that gives the count.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import stat
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from .errors import CancelledError, DatasetError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "MIN_IMAGES_PER_CLASS",
+    "ZipLimits",
+    "ImageItem",
+    "SkippedFile",
+    "Dataset",
+    "Split",
+    "load_image",
+    "image_from_bytes",
+    "open_dataset",
+    "split_dataset",
+    "dataset_report",
+    "safe_extract_zip",
+    "DecodedImageCache",
+    "file_sha256",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+ARCHIVE_EXTENSIONS = frozenset({".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"})
+#: Images above this many pixels are refused (a decompression bomb, or a photo far larger than needed).
+MAX_IMAGE_PIXELS = 50_000_000
+#: A class needs at least this many usable images (one to train on, one to validate with).
+MIN_IMAGES_PER_CLASS = 2
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "testing": "test"}
+
+# Pillow's own bomb guard raises above 2x this; we check the size ourselves first for a clear message.
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+# --------------------------------------------------------------------------------------------------
+# image loading
+# --------------------------------------------------------------------------------------------------
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB: alpha composited on white, 16-bit scaled, CMYK converted."""
+    if im.mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if (im.mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if im.mode != "RGB":
+        return im.convert("RGB")
+    return im
+
+
+def _open_checked(im: Image.Image, name: str) -> Image.Image:
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise DatasetError(f"{name}: the image has no pixels ({w}x{h}).")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DatasetError(
+            f"{name}: {w}x{h} is {w * h / 1e6:.0f} megapixels, above the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit; "
+            "downscale it before uploading."
+        )
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)  # animated GIF/WebP: the first frame stands for the image
+    im.load()
+    im = ImageOps.exif_transpose(im) or im
+    return _to_rgb(im)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as an RGB Pillow image following the project's loading rules.
+
+    EXIF orientation is applied; palette/LA/RGBA images are composited on white; grayscale, CMYK and
+    16-bit images become RGB; animated images give their first frame.
+
+    Args:
+        path: the image file.
+    Returns:
+        A loaded RGB image.
+    Raises:
+        DatasetError: the file is missing, not an image, truncated or too large, with the reason.
+    """
+    name = Path(path).name
+    try:
+        with Image.open(path) as im:
+            return _open_checked(im, name)
+    except DatasetError:
+        raise
+    except FileNotFoundError:
+        raise DatasetError(f"{name}: file not found.") from None
+    except Image.DecompressionBombError:
+        raise DatasetError(f"{name}: the image is larger than the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit.") from None
+    except Image.UnidentifiedImageError:
+        raise DatasetError(f"{name}: not a readable image (unknown or damaged format).") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DatasetError(f"{name}: damaged or truncated image ({e}).") from None
+
+
+def image_from_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    """Like :func:`load_image` for bytes in memory (an upload or a camera picture)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return _open_checked(im, name)
+    except DatasetError:
+        raise
+    except Image.DecompressionBombError:
+        raise DatasetError(f"{name}: the image is larger than the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit.") from None
+    except Image.UnidentifiedImageError:
+        raise DatasetError(f"{name}: not a readable image (unknown or damaged format).") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DatasetError(f"{name}: damaged or truncated image ({e}).") from None
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (the key of every cache)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# dataset model
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ImageItem:
+    """One usable image: its file, class label, split given by the folder layout, and content hash."""
+
+    path: Path
+    label: str
+    split: str | None = None
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+
+
+@dataclass
+class SkippedFile:
+    """A file that is not part of the dataset, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Dataset:
+    """A validated dataset: usable images, class names (sorted), and what was skipped."""
+
+    root: Path
+    source: str
+    classes: list[str]
+    items: list[ImageItem]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    ignored: int = 0  # dot-files, __MACOSX, thumbs.db and the like: counted, not listed
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of (content, label) of every image: same data, same fingerprint."""
+        h = hashlib.sha256()
+        for item in sorted(self.items, key=lambda i: (i.label, i.sha256, str(i.split))):
+            h.update(f"{item.label}\0{item.sha256}\0{item.split}\n".encode())
+        return h.hexdigest()[:16]
+
+    def counts(self, split: str | None = None) -> dict[str, int]:
+        c = Counter(i.label for i in self.items if split is None or i.split == split)
+        return {k: c.get(k, 0) for k in self.classes}
+
+
+@dataclass
+class Split:
+    """Train / validation / (optional) test lists of one dataset."""
+
+    train: list[ImageItem]
+    val: list[ImageItem]
+    test: list[ImageItem]
+
+
+def _is_junk(name: str) -> bool:
+    low = name.lower()
+    return low.startswith(".") or low in {"__macosx", "thumbs.db", "desktop.ini"} or low.startswith("._")
+
+
+# --------------------------------------------------------------------------------------------------
+# zip intake
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ZipLimits:
+    """Caps that make a zip bomb fail fast instead of filling the disk."""
+
+    max_entries: int = 50_000
+    max_total_bytes: int = 4 * 1024**3
+    max_entry_bytes: int = 512 * 1024**2
+    max_ratio: float = 200.0
+
+
+def _zip_entry_is_symlink(info: zipfile.ZipInfo) -> bool:
+    return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
+
+
+def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike,
+                     limits: ZipLimits = ZipLimits()) -> tuple[Path, list[SkippedFile], int]:
+    """Extract a dataset zip into ``dest`` refusing anything that could escape or explode.
+
+    Path traversal (``..``, absolute names, drive letters) and symlinks refuse the whole archive, as do
+    encryption and the size/count/ratio caps; the byte count is enforced while writing, so a lying header
+    cannot get past it. Non-images and nested archives are skipped and listed.
+
+    Returns:
+        (root folder of the extracted dataset, skipped files, ignored junk count)
+    Raises:
+        DatasetError: the archive is corrupt, encrypted, unsafe or too large.
+    """
+    zip_path, dest = Path(zip_path), Path(dest)
+    name = zip_path.name
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DatasetError(f"{name} is not a readable zip archive ({e}); re-create it with your system's 'compress' tool.") from None
+    skipped: list[SkippedFile] = []
+    ignored = 0
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > limits.max_entries:
+            raise DatasetError(f"{name} has {len(infos)} entries, above the limit of {limits.max_entries}; split the dataset.")
+        declared = sum(i.file_size for i in infos)
+        if declared > limits.max_total_bytes:
+            raise DatasetError(f"{name} would unpack to {declared / 1e9:.1f} GB, above the {limits.max_total_bytes / 1e9:.1f} GB limit.")
+        plan: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
+        for info in infos:
+            raw = info.filename.replace("\\", "/")
+            p = PurePosixPath(raw)
+            if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":") or ".." in p.parts:
+                raise DatasetError(f"{name} contains the unsafe path {info.filename!r} (it points outside the archive); refused.")
+            if _zip_entry_is_symlink(info):
+                raise DatasetError(f"{name} contains a symbolic link ({info.filename!r}); refused. Zip the real files instead.")
+            if info.flag_bits & 0x1:
+                raise DatasetError(f"{name} is encrypted (password-protected); upload an unencrypted zip.")
+            if info.is_dir():
+                continue
+            if any(_is_junk(part) for part in p.parts):
+                ignored += 1
+                continue
+            ext = p.suffix.lower()
+            if ext in ARCHIVE_EXTENSIONS:
+                skipped.append(SkippedFile(raw, "nested archive: not unpacked; unzip it and add its images directly"))
+                continue
+            if ext not in IMAGE_EXTENSIONS:
+                skipped.append(SkippedFile(raw, f"not an image file ({ext or 'no extension'})"))
+                continue
+            if info.file_size > limits.max_entry_bytes:
+                raise DatasetError(f"{name}: {raw} unpacks to {info.file_size / 1e6:.0f} MB, above the per-file limit of {limits.max_entry_bytes / 1e6:.0f} MB.")
+            if info.compress_size > 0 and info.file_size / info.compress_size > limits.max_ratio and info.file_size > 1_000_000:
+                raise DatasetError(f"{name}: {raw} expands {info.file_size / info.compress_size:.0f}x, which looks like a zip bomb; refused.")
+            plan.append((info, p))
+        dest.mkdir(parents=True, exist_ok=True)
+        dest_resolved = dest.resolve()
+        written = 0
+        for info, p in plan:
+            target = (dest / Path(*p.parts)).resolve()
+            if dest_resolved not in target.parents:
+                raise DatasetError(f"{name} contains the unsafe path {info.filename!r}; refused.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, open(target, "wb") as out:
+                    entry = 0
+                    while block := src.read(1 << 20):
+                        entry += len(block)
+                        written += len(block)
+                        if entry > limits.max_entry_bytes or written > limits.max_total_bytes:
+                            raise DatasetError(f"{name} unpacks to more than its header says (a zip bomb?); refused.")
+                        out.write(block)
+            except DatasetError:
+                raise
+            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as e:
+                target.unlink(missing_ok=True)
+                skipped.append(SkippedFile(str(p), f"damaged inside the zip ({e})"))
+    return dest, skipped, ignored
+
+
+# --------------------------------------------------------------------------------------------------
+# folder / CSV scanning
+# --------------------------------------------------------------------------------------------------
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_junk(p.name))
+
+
+def _find_dataset_root(root: Path) -> Path:
+    """Descend through single wrapper folders (``archive.zip`` → ``archive/`` → classes)."""
+    for _ in range(3):
+        dirs = _visible_dirs(root)
+        files = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        if len(dirs) == 1 and not files and _visible_dirs(dirs[0]):
+            root = dirs[0]
+        else:
+            break
+    return root
+
+
+def _collect_class_folder(cls_dir: Path, label: str, split: str | None, root: Path,
+                          candidates: list[tuple[Path, str, str | None]], skipped: list[SkippedFile]) -> int:
+    ignored = 0
+    for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
+        for fn in sorted(filenames):
+            p = Path(dirpath) / fn
+            rel = str(p.relative_to(root))
+            if _is_junk(fn):
+                ignored += 1
+            elif p.is_symlink():
+                skipped.append(SkippedFile(rel, "symbolic link: not followed"))
+            elif p.suffix.lower() in IMAGE_EXTENSIONS:
+                candidates.append((p, label, split))
+            elif p.suffix.lower() in ARCHIVE_EXTENSIONS:
+                skipped.append(SkippedFile(rel, "nested archive: not unpacked; unzip it and add its images directly"))
+            else:
+                skipped.append(SkippedFile(rel, f"not an image file ({p.suffix.lower() or 'no extension'})"))
+    return ignored
+
+
+def _scan_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[SkippedFile], int]:
+    candidates: list[tuple[Path, str, str | None]] = []
+    skipped: list[SkippedFile] = []
+    ignored = 0
+    dirs = _visible_dirs(root)
+    split_dirs = {d: SPLIT_NAMES[d.name.lower()] for d in dirs if d.name.lower() in SPLIT_NAMES}
+    if split_dirs and "train" in split_dirs.values() and len(split_dirs) == len(dirs):
+        # train/ (val/) (test/) layout, each holding class folders
+        for d, split in split_dirs.items():
+            for cls_dir in _visible_dirs(d):
+                ignored += _collect_class_folder(cls_dir, cls_dir.name, split, root, candidates, skipped)
+            for f in d.iterdir():
+                if f.is_file() and not _is_junk(f.name):
+                    skipped.append(SkippedFile(str(f.relative_to(root)), "not inside a class folder"))
+    else:
+        for cls_dir in dirs:
+            ignored += _collect_class_folder(cls_dir, cls_dir.name, None, root, candidates, skipped)
+    for f in sorted(root.iterdir()):
+        if f.is_file():
+            if _is_junk(f.name):
+                ignored += 1
+            elif f.suffix.lower() not in {".md", ".txt"} and f.name.upper() not in {"LICENSE", "LICENCE"}:
+                skipped.append(SkippedFile(f.name, "not inside a class folder"))
+    return candidates, skipped, ignored
+
+
+_PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "img", "image_path")
+_LABEL_COLUMNS = ("label", "class", "category", "target", "y")
+
+
+def _read_csv(csv_path: Path) -> tuple[list[tuple[Path, str, str | None]], list[SkippedFile]]:
+    base = csv_path.parent
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{csv_path.name} is not UTF-8 text; save the CSV as UTF-8.") from None
+    rows = list(csv.reader(io.StringIO(text)))
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise DatasetError(f"{csv_path.name} is empty; it needs one 'path,label' row per image.")
+    header = [c.strip().lower() for c in rows[0]]
+    pcol = next((header.index(c) for c in _PATH_COLUMNS if c in header), None)
+    lcol = next((header.index(c) for c in _LABEL_COLUMNS if c in header), None)
+    if pcol is not None and lcol is not None:
+        body = rows[1:]
+    elif pcol is None and lcol is None and len(header) == 2 and Path(rows[0][0]).suffix.lower() in IMAGE_EXTENSIONS:
+        pcol, lcol, body = 0, 1, rows  # headerless path,label
+    else:
+        raise DatasetError(
+            f"{csv_path.name} has columns {rows[0]}; it needs a 'path' column and a 'label' column "
+            "(header row 'path,label')."
+        )
+    candidates: list[tuple[Path, str, str | None]] = []
+    skipped: list[SkippedFile] = []
+    for n, row in enumerate(body, start=2 if body is not rows else 1):
+        if len(row) <= max(pcol, lcol):
+            skipped.append(SkippedFile(f"{csv_path.name} line {n}", "row has too few columns"))
+            continue
+        rel, label = row[pcol].strip(), row[lcol].strip()
+        if not rel or not label:
+            skipped.append(SkippedFile(f"{csv_path.name} line {n}", "empty path or label"))
+            continue
+        p = Path(rel) if Path(rel).is_absolute() else base / rel
+        if not p.is_file():
+            skipped.append(SkippedFile(rel, "listed in the CSV but the file was not found"))
+            continue
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(SkippedFile(rel, f"not an image file ({p.suffix.lower() or 'no extension'})"))
+            continue
+        candidates.append((p, label, None))
+    return candidates, skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# opening a dataset
+# --------------------------------------------------------------------------------------------------
+def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 should_cancel: Callable[[], bool] | None = None,
+                 min_per_class: int = MIN_IMAGES_PER_CLASS) -> Dataset:
+    """Open and validate a dataset: a class-per-folder directory, a ``.zip`` of one, or a CSV.
+
+    Every image is decoded once to check it; files that fail are skipped with a reason.
+
+    Args:
+        data: folder, zip or CSV path.
+        extract_dir: where a zip is unpacked (default: a folder next to it named after its hash).
+        progress: called with (done, total) while images are checked.
+        should_cancel: polled while checking; returning True raises :class:`CancelledError`.
+        min_per_class: the fewest usable images a class may have.
+    Returns:
+        The validated :class:`Dataset`.
+    Raises:
+        DatasetError: the path is missing or the dataset cannot be used (with what to do).
+    """
+    src = Path(data)
+    if not src.exists():
+        raise DatasetError(f"{src} does not exist; give a folder with one sub-folder per class, a .zip of one, or a CSV of path,label.")
+    skipped: list[SkippedFile] = []
+    ignored = 0
+    if src.is_dir():
+        root = _find_dataset_root(src)
+        candidates, sk, ig = _scan_folder(root)
+        skipped += sk
+        ignored += ig
+        kind = "folder"
+    elif src.suffix.lower() == ".zip" or zipfile.is_zipfile(src):
+        digest = file_sha256(src)[:16]
+        dest = Path(extract_dir) if extract_dir else src.parent / f".{src.stem}-{digest}"
+        if not (dest / ".complete").exists():
+            import shutil
+
+            shutil.rmtree(dest, ignore_errors=True)
+            _, sk, ig = safe_extract_zip(src, dest)
+            (dest / ".zip-report.json").write_text(json.dumps({"skipped": [s.__dict__ for s in sk], "ignored": ig}))
+            (dest / ".complete").write_text("ok")
+        rep = json.loads((dest / ".zip-report.json").read_text())
+        skipped += [SkippedFile(**s) for s in rep["skipped"]]
+        ignored += rep["ignored"]
+        root = _find_dataset_root(dest)
+        candidates, sk, ig = _scan_folder(root)
+        skipped += sk
+        ignored += ig
+        kind = "zip"
+    elif src.suffix.lower() in {".csv", ".tsv", ".txt"}:
+        root = src.parent
+        candidates, sk = _read_csv(src)
+        skipped += sk
+        kind = "csv"
+    else:
+        raise DatasetError(f"{src.name} is neither a folder, a .zip nor a .csv; give one of those.")
+
+    items: list[ImageItem] = []
+    total = len(candidates)
+    for n, (p, label, split) in enumerate(candidates):
+        if should_cancel and should_cancel():
+            raise CancelledError("Cancelled while checking the images.")
+        try:
+            rel = str(p.relative_to(root))
+        except ValueError:
+            rel = str(p)
+        try:
+            img = load_image(p)
+            items.append(ImageItem(p, label, split, file_sha256(p), img.width, img.height))
+        except DatasetError as e:
+            skipped.append(SkippedFile(rel, str(e).split(": ", 1)[-1]))
+        if progress:
+            progress(n + 1, total)
+
+    labels = sorted({label for _, label, _ in candidates} | {i.label for i in items})
+    if kind != "csv":
+        # class folders that hold nothing usable still count: they are an error with the count
+        if any(i.split for i in items) or any(s for _, _, s in candidates):
+            pass
+        else:
+            labels = sorted(set(labels) | {d.name for d in _visible_dirs(root)})
+    if not labels:
+        raise DatasetError(
+            f"No classes found in {src.name}: put images in one sub-folder per class "
+            f"(e.g. {src.name}/cats/1.jpg, {src.name}/dogs/1.jpg)."
+        )
+    if len(labels) < 2:
+        raise DatasetError(f"Only one class ({labels[0]!r}) found in {src.name}; a classifier needs at least two classes.")
+    trainable = [i for i in items if i.split != "test"]
+    counts = Counter(i.label for i in trainable)
+    too_few = [(c, counts.get(c, 0)) for c in labels if counts.get(c, 0) < min_per_class]
+    if too_few:
+        listing = ", ".join(f"{c!r} has {n}" for c, n in too_few[:5]) + (" …" if len(too_few) > 5 else "")
+        raise DatasetError(
+            f"Too few usable images: {listing}; every class needs at least {min_per_class} "
+            "(10 or more recommended). Add images or remove those classes."
+        )
+    return Dataset(root=root, source=str(src), classes=labels, items=items, skipped=skipped, ignored=ignored)
+
+
+def split_dataset(ds: Dataset, val_split: float = 0.2, seed: int = 0,
+                  max_per_class: int | None = None) -> Split:
+    """Stratified, seeded train/validation split (a folder layout's own split is respected).
+
+    Every class keeps at least one training and one validation image.
+    """
+    rng = random.Random(seed)
+    test = [i for i in ds.items if i.split == "test"]
+    given_val = [i for i in ds.items if i.split == "val"]
+    pool = [i for i in ds.items if i.split in (None, "train")]
+    train: list[ImageItem] = []
+    val: list[ImageItem] = list(given_val)
+    by_class: dict[str, list[ImageItem]] = {}
+    for item in sorted(pool, key=lambda i: (i.label, i.sha256, str(i.path))):
+        by_class.setdefault(item.label, []).append(item)
+    val_classes = {i.label for i in given_val}
+    for label, group in by_class.items():
+        rng.shuffle(group)
+        if label in val_classes:
+            tr = group
+        else:
+            n_val = min(max(1, round(len(group) * val_split)), len(group) - 1)
+            val += group[:n_val]
+            tr = group[n_val:]
+        if max_per_class:
+            tr = tr[:max_per_class]
+        train += tr
+    return Split(train=train, val=val, test=test)
+
+
+def dataset_report(ds: Dataset, split: Split | None = None) -> dict:
+    """A JSON-able summary: classes, counts, skipped files with reasons, image sizes, imbalance, warnings."""
+    counts = ds.counts()
+    widths = [i.width for i in ds.items] or [0]
+    heights = [i.height for i in ds.items] or [0]
+    nonzero = [n for n in counts.values() if n > 0]
+    imbalance = (max(nonzero) / min(nonzero)) if nonzero else 0.0
+    warnings: list[str] = []
+    if imbalance >= 3:
+        big = max(counts, key=counts.get)
+        small = min(counts, key=counts.get)
+        warnings.append(
+            f"Classes are imbalanced ({imbalance:.1f}x: {big!r} has {counts[big]}, {small!r} has {counts[small]}); "
+            "consider class balancing or adding images."
+        )
+    few = [c for c, n in counts.items() if n < 10]
+    if few:
+        warnings.append(f"{len(few)} class(es) have fewer than 10 images ({', '.join(few[:5])}); expect noisy results.")
+    if min(widths) < 32 or min(heights) < 32:
+        warnings.append(f"Some images are tiny (smallest {min(widths)}x{min(heights)} px); they are upscaled for the backbone.")
+    if ds.skipped:
+        warnings.append(f"{len(ds.skipped)} file(s) were skipped; see the list for reasons.")
+    hashes = Counter(i.sha256 for i in ds.items)
+    dups = sum(n - 1 for n in hashes.values() if n > 1)
+    if dups:
+        warnings.append(f"{dups} image(s) are exact duplicates of another image in the dataset.")
+    rep = {
+        "source": ds.source,
+        "root": str(ds.root),
+        "fingerprint": ds.fingerprint,
+        "classes": ds.classes,
+        "num_classes": len(ds.classes),
+        "num_images": len(ds.items),
+        "counts": counts,
+        "split_counts": {s: ds.counts(s) for s in ("train", "val", "test") if any(i.split == s for i in ds.items)},
+        "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
+        "ignored": ds.ignored,
+        "image_size": {"min_width": min(widths), "max_width": max(widths),
+                       "min_height": min(heights), "max_height": max(heights)},
+        "imbalance_ratio": round(imbalance, 3),
+        "exact_duplicates": dups,
+        "warnings": warnings,
+    }
+    if split is not None:
+        rep["split"] = {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
+    return rep
+
+
+# --------------------------------------------------------------------------------------------------
+# decoded-image cache
+# --------------------------------------------------------------------------------------------------
+class DecodedImageCache:
+    """Decode each image once per (content, resize) and keep it as a uint8 array, in memory and on disk.
+
+    Disk entries live in ``<dir>/<size>-<interp>/<sha[:2]>/<sha>.npy``; a file that fails to load or has
+    the wrong shape is rebuilt, never trusted. The disk cache is capped (least recently used evicted).
+    """
+
+    def __init__(self, directory: str | os.PathLike | None, max_bytes: int = 2 * 1024**3):
+        self.dir = Path(directory) if directory else None
+        self.max_bytes = max_bytes
+        self._mem: dict[tuple[str, int, str], np.ndarray] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _file(self, sha: str, size: int, interp: str) -> Path | None:
+        if self.dir is None:
+            return None
+        return self.dir / f"{size}-{interp}" / sha[:2] / f"{sha}.npy"
+
+    def get(self, item: ImageItem, resize: int, interpolation: str = "bicubic") -> np.ndarray:
+        """HWC uint8 array of the image resized so that its shorter side is ``resize`` pixels."""
+        key = (item.sha256 or str(item.path), resize, interpolation)
+        arr = self._mem.get(key)
+        if arr is not None:
+            self.hits += 1
+            return arr
+        f = self._file(key[0], resize, interpolation) if item.sha256 else None
+        if f is not None and f.exists():
+            try:
+                arr = np.load(f, allow_pickle=False)
+                if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) != resize:
+                    raise ValueError("unexpected shape")
+                os.utime(f)  # mark as recently used for eviction
+                self.hits += 1
+                self._mem[key] = arr
+                return arr
+            except Exception as e:  # corrupt/partial file: rebuild
+                log.warning("decoded-image cache entry %s is unusable (%s); rebuilding", f, e)
+                f.unlink(missing_ok=True)
+        self.misses += 1
+        img = load_image(item.path)
+        arr = np.asarray(resize_shorter(img, resize, interpolation), dtype=np.uint8)
+        self._mem[key] = arr
+        if f is not None:
+            try:
+                f.parent.mkdir(parents=True, exist_ok=True)
+                tmp = f.with_suffix(f".{os.getpid()}.tmp")
+                with open(tmp, "wb") as fh:
+                    np.save(fh, arr, allow_pickle=False)
+                os.replace(tmp, f)
+            except OSError as e:  # disk full or read-only: keep going from memory
+                log.warning("could not write decoded-image cache (%s); continuing without it", e)
+        return arr
+
+    def evict(self) -> int:
+        """Delete least-recently-used disk entries until under the cap; returns bytes freed."""
+        if self.dir is None or not self.dir.exists():
+            return 0
+        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.dir.rglob("*.npy")]
+        total = sum(s for _, s, _ in files)
+        freed = 0
+        for _, size, p in sorted(files):
+            if total - freed <= self.max_bytes:
+                break
+            p.unlink(missing_ok=True)
+            freed += size
+        return freed
+
+
+_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+           "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def resize_shorter(img: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """Resize so that the shorter side is ``size`` (torchvision ``Resize(int)`` semantics)."""
+    w, h = img.size
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nh, nw = size, int(size * w / h)
+    if (nw, nh) == (w, h):
+        return img
+    return img.resize((nw, nh), _INTERP.get(interpolation, Image.BICUBIC))

@@ -1,0 +1,128 @@
+"""Embedding extraction with a content-keyed cache.
+
+A feature vector is keyed by (image content hash, backbone, weights fingerprint, preprocessing), so a
+second run on the same data and backbone extracts nothing and adding ten images extracts ten. A
+cache file that cannot be read or has the wrong shape is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import DecodedImageCache, ImageItem
+from .errors import CancelledError
+from .transforms import Preprocess
+
+__all__ = ["FeatureCache", "feature_key", "extract_features", "pooled_features"]
+
+log = logging.getLogger(__name__)
+
+
+def feature_key(backbone: str, weights_fingerprint: str, pre: Preprocess) -> str:
+    """The cache namespace of one (backbone, weights, preprocessing) combination."""
+    raw = f"{backbone}|{weights_fingerprint}|{pre.fingerprint}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+class FeatureCache:
+    """Per-image feature vectors on disk: ``<dir>/<key>/<sha[:2]>/<sha>.npy``."""
+
+    def __init__(self, directory: str | os.PathLike, key: str):
+        self.dir = Path(directory) / key
+        self.hits = 0
+        self.misses = 0
+
+    def _file(self, sha: str) -> Path:
+        return self.dir / sha[:2] / f"{sha}.npy"
+
+    def get(self, sha: str, dim: int | None = None) -> np.ndarray | None:
+        f = self._file(sha)
+        if not f.exists():
+            return None
+        try:
+            v = np.load(f, allow_pickle=False)
+            if v.dtype != np.float32 or v.ndim != 1 or (dim is not None and v.shape[0] != dim) or not np.isfinite(v).all():
+                raise ValueError(f"unexpected array {v.dtype} {v.shape}")
+            return v
+        except Exception as e:
+            log.warning("feature cache entry %s is unusable (%s); recomputing", f, e)
+            f.unlink(missing_ok=True)
+            return None
+
+    def put(self, sha: str, vec: np.ndarray) -> None:
+        f = self._file(sha)
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(f".{os.getpid()}.tmp")
+            with open(tmp, "wb") as fh:
+                np.save(fh, vec.astype(np.float32), allow_pickle=False)
+            os.replace(tmp, f)
+        except OSError as e:  # disk full: features still returned, just not cached
+            log.warning("could not write feature cache (%s)", e)
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled pre-logit features of a timm model (what its classifier sees)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preprocess,
+                     decoded: DecodedImageCache, cache: FeatureCache | None = None,
+                     batch_size: int = 32,
+                     progress: Callable[[int, int], None] | None = None,
+                     should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
+    """Pooled backbone features of ``items`` (eval preprocessing, no augmentation).
+
+    Args:
+        model: a timm model (any head; its pre-logit features are used).
+        items: the images.
+        pre: the model's preprocessing.
+        decoded: decoded-image cache.
+        cache: feature cache; images already in it are not run through the model.
+        batch_size: images per forward pass.
+        progress: called with (done, total).
+        should_cancel: polled between batches; True raises :class:`CancelledError`.
+    Returns:
+        float32 array (len(items), feature_dim).
+    """
+    model.eval()
+    out: list[np.ndarray | None] = [None] * len(items)
+    todo: list[int] = []
+    for i, item in enumerate(items):
+        v = cache.get(item.sha256) if (cache and item.sha256) else None
+        if v is not None:
+            out[i] = v
+            cache.hits += 1
+        else:
+            todo.append(i)
+    done = len(items) - len(todo)
+    if progress:
+        progress(done, len(items))
+    with torch.inference_mode():
+        for start in range(0, len(todo), batch_size):
+            if should_cancel and should_cancel():
+                raise CancelledError("Cancelled during feature extraction.")
+            idx = todo[start:start + batch_size]
+            x = torch.stack([pre.eval_from_resized(decoded.get(items[i], pre.resize, pre.interpolation)) for i in idx])
+            feats = pooled_features(model, x.contiguous(memory_format=torch.channels_last)).float().numpy()
+            for j, i in enumerate(idx):
+                out[i] = feats[j]
+                if cache and items[i].sha256:
+                    cache.put(items[i].sha256, feats[j])
+                    cache.misses += 1
+            done += len(idx)
+            if progress:
+                progress(done, len(items))
+    dims = {v.shape[0] for v in out if v is not None}
+    if len(dims) > 1:  # a stale cache entry of another dimension slipped through: recompute everything
+        log.warning("inconsistent cached feature sizes %s; recomputing", dims)
+        return extract_features(model, items, pre, decoded, None, batch_size, progress, should_cancel)
+    return np.stack(out) if out else np.zeros((0, 0), np.float32)
