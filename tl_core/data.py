@@ -647,7 +647,7 @@ class DecodedImageCache:
                 f.unlink(missing_ok=True)
         self.misses += 1
         img = load_image(item.path)
-        arr = np.asarray(resize_shorter(img, resize, interpolation), dtype=np.uint8)
+        arr = np.array(resize_shorter(img, resize, interpolation), dtype=np.uint8)  # writable: torch wants it
         self._mem[key] = arr
         if f is not None:
             try:
