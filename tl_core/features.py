@@ -94,10 +94,11 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
         float32 array (len(items), feature_dim).
     """
     model.eval()
+    dim = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
     out: list[np.ndarray | None] = [None] * len(items)
     todo: list[int] = []
     for i, item in enumerate(items):
-        v = cache.get(item.sha256) if (cache and item.sha256) else None
+        v = cache.get(item.sha256, dim) if (cache and item.sha256) else None
         if v is not None:
             out[i] = v
             cache.hits += 1

@@ -1,0 +1,86 @@
+"""The feature cache is keyed by content, backbone, weights and preprocessing, and never trusts bad files."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import EMOJI, make_class_folder
+from tl_core.backbones import build_model, data_config_for
+from tl_core.data import DecodedImageCache, open_dataset
+from tl_core.features import FeatureCache, extract_features, feature_key
+from tl_core.transforms import Preprocess
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    model, info = build_model("efficientnet_lite0", 5)
+    return model, info, Preprocess.from_data_config(data_config_for(model))
+
+
+def test_second_extraction_hits_and_adding_images_extracts_only_those(tmp_path, lite0):
+    model, info, pre = lite0
+    root = make_class_folder(tmp_path / "d", {"a": 4, "b": 4})
+    items = open_dataset(root).items
+    dec = DecodedImageCache(tmp_path / "dec")
+    key = feature_key("efficientnet_lite0", info.fingerprint, pre)
+    c1 = FeatureCache(tmp_path / "f", key)
+    f1 = extract_features(model, items, pre, dec, c1)
+    assert f1.shape == (8, 1280) and c1.misses == 8 and c1.hits == 0
+    c2 = FeatureCache(tmp_path / "f", key)
+    f2 = extract_features(model, items, pre, dec, c2)
+    assert c2.hits == 8 and c2.misses == 0 and np.array_equal(f1, f2)
+    # add two images: only those two go through the model
+    for f in sorted((EMOJI / "flag").iterdir())[:2]:
+        shutil.copy(f, root / "b" / f.name)
+    more = open_dataset(root).items
+    c3 = FeatureCache(tmp_path / "f", key)
+    extract_features(model, more, pre, dec, c3)
+    assert (c3.hits, c3.misses) == (8, 2)
+
+
+def test_changed_pixels_backbone_weights_or_preprocessing_miss(tmp_path, lite0):
+    model, info, pre = lite0
+    root = make_class_folder(tmp_path / "d", {"a": 2, "b": 2})
+    items = open_dataset(root).items
+    dec = DecodedImageCache(None)
+    key = feature_key("efficientnet_lite0", info.fingerprint, pre)
+    extract_features(model, items, pre, dec, FeatureCache(tmp_path / "f", key))
+    # one pixel changed -> a new content hash -> a miss for that image only
+    from PIL import Image
+
+    p = items[0].path
+    im = Image.open(p).convert("RGBA")
+    im.putpixel((0, 0), (1, 2, 3, 255))
+    im.save(p)
+    changed = open_dataset(root).items
+    c = FeatureCache(tmp_path / "f", key)
+    extract_features(model, changed, pre, DecodedImageCache(None), c)
+    assert (c.hits, c.misses) == (3, 1)
+    other_keys = {
+        feature_key("efficientnet_lite1", info.fingerprint, pre),
+        feature_key("efficientnet_lite0", "another-weights", pre),
+        feature_key("efficientnet_lite0", info.fingerprint, dataclasses.replace(pre, input_size=240)),
+        feature_key("efficientnet_lite0", info.fingerprint, dataclasses.replace(pre, interpolation="bilinear")),
+    }
+    assert key not in other_keys and len(other_keys) == 4
+    for k in other_keys:
+        assert FeatureCache(tmp_path / "f", k).get(changed[1].sha256) is None
+
+
+def test_corrupt_or_wrong_shape_cache_file_is_recomputed(tmp_path, lite0):
+    model, info, pre = lite0
+    root = make_class_folder(tmp_path / "d", {"a": 2, "b": 2})
+    items = open_dataset(root).items
+    key = feature_key("efficientnet_lite0", info.fingerprint, pre)
+    good = extract_features(model, items, pre, DecodedImageCache(None), FeatureCache(tmp_path / "f", key))
+    files = sorted((tmp_path / "f" / key).rglob("*.npy"))
+    files[0].write_bytes(b"\x93NUMPY garbage")
+    np.save(files[1], np.zeros(7, np.float32))
+    c = FeatureCache(tmp_path / "f", key)
+    again = extract_features(model, items, pre, DecodedImageCache(None), c)
+    assert c.misses == 2 and c.hits == 2
+    assert np.allclose(good, again, atol=1e-5)

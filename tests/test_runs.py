@@ -1,0 +1,54 @@
+"""The SQLite run store: WAL, lifecycle, epochs, listing, dead workers."""
+
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from tl_core.errors import RunError
+from tl_core.runs import RunStore, Workspace
+
+
+def test_store_lifecycle_and_wal(tmp_path):
+    ws = Workspace(tmp_path / "home")
+    store = ws.store()
+    rid = store.create_run("data/x", {"strategy": "linear"})
+    assert store.get(rid)["status"] == "queued"
+    assert store.claim_next(pid=123) == rid and store.claim_next(pid=123) is None
+    store.add_epoch(rid, 1, {"val_loss": 0.5})
+    store.add_epoch(rid, 2, {"val_loss": 0.4})
+    store.update(rid, status="done", summary={"val_accuracy": 0.9})
+    run = store.get(rid)
+    assert run["status"] == "done" and run["summary"] == {"val_accuracy": 0.9} and run["pid"] == 123
+    assert [e["val_loss"] for e in store.epochs(rid)] == [0.5, 0.4]
+    mode = sqlite3.connect(ws.db_path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    store.delete(rid, ws.runs_dir)
+    with pytest.raises(RunError, match="No run with id"):
+        store.get(rid)
+
+
+def test_cancel_of_a_queued_run_is_immediate(tmp_path):
+    store = RunStore(tmp_path / "r.sqlite")
+    rid = store.create_run("d", {})
+    store.request_cancel(rid)
+    assert store.get(rid)["status"] == "cancelled" and store.cancel_requested(rid)
+
+
+def test_runs_of_dead_workers_become_interrupted(tmp_path):
+    store = RunStore(tmp_path / "r.sqlite")
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    rid = store.create_run("d", {}, status="running")
+    store.update(rid, pid=p.pid)
+    assert store.mark_dead_workers() == [rid]
+    run = store.get(rid)
+    assert run["status"] == "interrupted" and "stopped unexpectedly" in run["error"]
+
+
+def test_run_ids_cannot_escape_the_workspace(tmp_path):
+    ws = Workspace(tmp_path / "home")
+    for bad in ("../x", "a/b", ".hidden", ""):
+        with pytest.raises(RunError):
+            ws.run_dir(bad)

@@ -1,0 +1,120 @@
+"""Training strategies on real sample data: accuracy bars, the classic recipe, scratch, determinism, cancel."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import EMOJI, FASHION
+from tl_core.config import TrainConfig
+from tl_core.errors import CancelledError
+from tl_core.train import run_training
+
+
+def test_linear_probe_on_emoji_is_accurate_and_writes_the_run(emoji_run):
+    ws, res = emoji_run
+    assert res.status == "done" and res.weights["source"] == "packaged"
+    assert res.val_accuracy >= 0.9, res.val_accuracy
+    assert res.classes == ["animal", "face", "flag", "food", "vehicle"]
+    run_dir = ws.run_dir(res.run_id)
+    for f in ("model.safetensors", "config.json", "meta.json", "metrics.json", "predictions.json"):
+        assert (run_dir / f).is_file(), f
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert np.array(metrics["val"]["confusion"]).sum() == 40 == metrics["val"]["count"]
+    assert metrics["history"] and metrics["history"][-1]["val_acc"] == pytest.approx(res.val_accuracy, abs=1e-6)
+    row = ws.store().get(res.run_id)
+    assert row["status"] == "done" and row["summary"]["val_accuracy"] == res.val_accuracy
+    assert len(ws.store().epochs(res.run_id)) == res.epochs_run
+    assert json.loads((run_dir / "config.json").read_text())["strategy"] == "linear"
+
+
+def test_linear_probe_matches_or_beats_logistic_regression_on_the_same_features(workspace):
+    """The classic recipe: scikit-learn LogisticRegression on frozen Lite0 features, same split."""
+    from sklearn.linear_model import LogisticRegression
+
+    from tl_core.backbones import build_model, data_config_for
+    from tl_core.data import DecodedImageCache, open_dataset, split_dataset
+    from tl_core.features import FeatureCache, extract_features, feature_key
+    from tl_core.transforms import Preprocess
+
+    res = run_training(workspace, FASHION, TrainConfig(strategy="linear"))
+    ds = open_dataset(FASHION)
+    sp = split_dataset(ds, 0.2, 0)
+    model, info = build_model("efficientnet_lite0", len(ds.classes))
+    pre = Preprocess.from_data_config(data_config_for(model))
+    cache = FeatureCache(workspace.cache_dir / "features", feature_key("efficientnet_lite0", info.fingerprint, pre))
+    dec = DecodedImageCache(workspace.cache_dir / "decoded")
+    cidx = {c: i for i, c in enumerate(ds.classes)}
+
+    def xy(items):
+        return extract_features(model, items, pre, dec, cache), np.array([cidx[i.label] for i in items])
+
+    (xtr, ytr), (xte, yte) = xy(sp.train), xy(sp.test)
+    assert cache.misses == 0  # the run already extracted and cached every image
+    sk = LogisticRegression(max_iter=5000).fit(xtr, ytr).score(xte, yte)
+    assert res.test_accuracy >= sk - 1e-9, (res.test_accuracy, sk)
+    assert res.test_accuracy >= 0.78  # 10 clothing classes from 24 images each
+
+
+def test_pretrained_beats_scratch_by_a_wide_margin(workspace):
+    # 12 training images per class; scratch gets 3 epochs (several times the probe's time) and still loses
+    linear = run_training(workspace, EMOJI, TrainConfig(strategy="linear", max_per_class=12))
+    scratch = run_training(workspace, EMOJI, TrainConfig(strategy="scratch", epochs=3, augment="none", max_per_class=12))
+    assert scratch.seconds > linear.seconds
+    assert scratch.weights["source"] == "random"
+    assert linear.val_accuracy - scratch.val_accuracy >= 0.3, (linear.val_accuracy, scratch.val_accuracy)
+
+
+def test_full_finetuning_is_not_worse_than_linear(workspace):
+    linear = run_training(workspace, EMOJI, TrainConfig(strategy="linear", max_per_class=16))
+    full = run_training(workspace, EMOJI, TrainConfig(strategy="full", epochs=2, max_per_class=16))
+    assert full.status == "done"
+    assert full.val_accuracy >= linear.val_accuracy - 1e-9, (full.val_accuracy, linear.val_accuracy)
+    epochs = workspace.store().epochs(full.run_id)
+    assert [e["epoch"] for e in epochs] == [1, 2] and all("val_loss" in e for e in epochs)
+
+
+def test_partial_unfreezes_only_the_last_blocks():
+    from tl_core.backbones import build_model
+    from tl_core.train import _set_trainable
+
+    model, _ = build_model("efficientnet_lite0", 3)
+    frozen = _set_trainable(model, "partial", 2)
+    trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
+                 for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"blocks.5", "blocks.6", "conv_head", "bn2", "classifier"}
+    assert frozen and not model.conv_stem.weight.requires_grad
+
+
+def test_same_seed_same_result(workspace):
+    cfg = TrainConfig(strategy="linear", seed=7, max_per_class=10)
+    a = run_training(workspace, EMOJI, cfg)
+    b = run_training(workspace, EMOJI, cfg)
+    pa = json.loads((workspace.run_dir(a.run_id) / "predictions.json").read_text())["val"]
+    pb = json.loads((workspace.run_dir(b.run_id) / "predictions.json").read_text())["val"]
+    assert pa == pb
+
+
+def test_progress_callback_and_cooperative_cancel(workspace):
+    events = []
+
+    def stop_at_first_training_step():
+        return any(e.get("stage") == "train" for e in events)
+
+    with pytest.raises(CancelledError, match="Cancelled"):
+        run_training(workspace, EMOJI, TrainConfig(strategy="full", epochs=1, max_per_class=8),
+                     progress=events.append, should_cancel=stop_at_first_training_step)
+    stages = [e["stage"] for e in events]
+    assert stages[0] == "check" and "extract" in stages and "train" in stages
+    run = workspace.store().list()[0]
+    assert run["status"] == "cancelled" and "Cancelled" in run["error"]
+
+
+def test_bad_data_path_fails_before_creating_a_run(workspace):
+    from tl_core.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="does not exist"):
+        run_training(workspace, "/no/such/dataset", TrainConfig())
+    assert workspace.store().list() == []
