@@ -32,6 +32,7 @@ __all__ = [
     "data_config_for",
     "imagenet_label",
     "hub_reachable",
+    "check_backbone_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,20 @@ def resolve_weights(name: str, weights: str = "auto") -> tuple[str, str | None]:
     return "hub", _timm_arch(name)
 
 
+def check_backbone_name(name: str) -> str:
+    """The timm architecture id of ``name``.
+
+    Raises:
+        ConfigError: ``name`` is neither a catalogue entry nor a timm model.
+    """
+    import timm
+
+    arch = _timm_arch(name)
+    if not name or not timm.is_model(arch.split(".")[0]):
+        raise ConfigError(f"Unknown backbone {name!r}; pick one from `tl-core backbones` or any timm model name.")
+    return arch
+
+
 def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: float | None = None,
                 seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
     """Create the timm model ``name`` with a fresh ``num_classes`` head and pretrained weights.
@@ -327,10 +342,8 @@ def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: f
     """
     import timm
 
-    arch = _timm_arch(name)
+    arch = check_backbone_name(name)
     base_arch = arch.split(".")[0]
-    if not timm.is_model(base_arch):
-        raise ConfigError(f"Unknown backbone {name!r}; pick one from `tl-core backbones` or any timm model name.")
     source, detail = resolve_weights(name, weights)
     kwargs: dict[str, Any] = {}
     if drop_rate is not None:

@@ -97,7 +97,10 @@ def submit(ws: Workspace, data: str | os.PathLike, cfg: TrainConfig, owner: str 
         DatasetError: the data path does not exist.
         QueueFullError: ``MAX_QUEUED`` runs are already waiting.
     """
+    from .backbones import check_backbone_name
+
     cfg = cfg.resolved()
+    check_backbone_name(cfg.backbone)
     if not Path(data).exists():
         from .errors import DatasetError
 
@@ -177,7 +180,16 @@ def worker_main(home: str, slot: int) -> int:
     while True:
         run_id = store.claim_next(os.getpid())
         if run_id is None:
-            return 0
+            # A run queued while we held the slot saw it busy and started no worker: free the slot, then
+            # look once more, so that such a run is never left waiting with no worker to run it.
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if not store.list(status="queued"):
+                return 0
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return 0  # a worker started meanwhile holds the slot and will run it
+            continue
         run = store.get(run_id)
         try:
             cfg = TrainConfig.from_dict(run["config"])

@@ -554,6 +554,9 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
     """
     cfg = cfg.resolved()
     store = workspace.store()
+    from .backbones import check_backbone_name
+
+    check_backbone_name(cfg.backbone)  # fail before checking thousands of images
     if run_id is None and not Path(data).exists():
         from .errors import DatasetError
 
@@ -613,11 +616,19 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
             raise
         return _result(run_id, run_dir, "failed", {}, time.perf_counter() - t0, msg)
     except Exception as e:  # a bug: record it, never leave the run 'running'
-        log.exception("run %s crashed", run_id)
-        store.update(run_id, status="failed", error=f"Internal error: {type(e).__name__}: {e}", pid=None)
+        # torch reports CPU/GPU out-of-memory and safetensors a full disk as their own exception types
+        text = str(e)
+        if isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text):
+            msg = "Ran out of memory; lower the batch size or use a smaller backbone."
+        elif "No space left on device" in text or "os error 28" in text or "disk is full" in text:
+            msg = "Could not write the run's files (No space left on device); free disk space and try again."
+        else:
+            log.exception("run %s crashed", run_id)
+            msg = f"Internal error: {type(e).__name__}: {e}"
+        store.update(run_id, status="failed", error=msg, pid=None)
         if raise_errors:
             raise
-        return _result(run_id, run_dir, "failed", {}, time.perf_counter() - t0, f"{type(e).__name__}: {e}")
+        return _result(run_id, run_dir, "failed", {}, time.perf_counter() - t0, msg)
     store.update(run_id, status="done", error=None, pid=None, summary=summary,
                  dataset_fingerprint=summary["dataset_fingerprint"], weights=summary["weights"],
                  progress={"stage": "done", "time": time.time()})
