@@ -52,3 +52,24 @@ def test_run_ids_cannot_escape_the_workspace(tmp_path):
     for bad in ("../x", "a/b", ".hidden", ""):
         with pytest.raises(RunError):
             ws.run_dir(bad)
+
+
+def test_cache_limit_evicts_least_recently_used_and_clear_empties(tmp_path):
+    import os
+
+    import numpy as np
+
+    ws = Workspace(tmp_path / "home")
+    d = ws.cache_dir / "decoded" / "256-bicubic" / "ab"
+    d.mkdir(parents=True)
+    for i in range(5):
+        f = d / f"{i}.npy"
+        np.save(f, np.zeros(1000, np.uint8))
+        os.utime(f, (1000 + i, 1000 + i))  # 0 is the least recently used
+    os.utime(d / "0.npy", (5000, 5000))  # ... until it is used again
+    size = (d / "1.npy").stat().st_size
+    freed = ws.enforce_cache_limit(max_bytes=3 * size)
+    assert freed == 2 * size
+    assert sorted(p.name for p in d.iterdir()) == ["0.npy", "3.npy", "4.npy"]
+    assert ws.cache_usage()["decoded"] == 3 * size
+    assert ws.clear_cache() == 3 * size and ws.cache_usage() == {"decoded": 0, "features": 0}

@@ -57,6 +57,13 @@ class FeatureCache:
             f.unlink(missing_ok=True)
             return None
 
+    def touch(self, sha: str) -> None:
+        """Mark an entry as recently used (the cache evicts least recently used first)."""
+        try:
+            os.utime(self._file(sha))
+        except OSError:
+            pass
+
     def put(self, sha: str, vec: np.ndarray) -> None:
         f = self._file(sha)
         try:
@@ -102,6 +109,7 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
         if v is not None:
             out[i] = v
             cache.hits += 1
+            cache.touch(item.sha256)
         else:
             todo.append(i)
     done = len(items) - len(todo)

@@ -100,6 +100,49 @@ class Workspace:
     def store(self) -> "RunStore":
         return RunStore(self.db_path)
 
+    # -- cache maintenance -------------------------------------------------------------------------
+    def cache_usage(self) -> dict[str, int]:
+        """Bytes used by each cache (decoded images, features) under ``cache/``."""
+        usage = {}
+        for sub in ("decoded", "features"):
+            d = self.cache_dir / sub
+            usage[sub] = sum(f.stat().st_size for f in d.rglob("*.npy")) if d.exists() else 0
+        return usage
+
+    def enforce_cache_limit(self, max_bytes: int | None = None) -> int:
+        """Evict least-recently-used cache entries (decoded images and features together) above the cap.
+
+        The cap is ``max_bytes``, else ``$TL_CACHE_MAX_GB`` (default 5 GB). Returns bytes freed.
+        """
+        if max_bytes is None:
+            max_bytes = int(float(os.environ.get("TL_CACHE_MAX_GB", "5")) * 1024**3)
+        files = []
+        for sub in ("decoded", "features"):
+            d = self.cache_dir / sub
+            if d.exists():
+                for f in d.rglob("*.npy"):
+                    try:
+                        st = f.stat()
+                    except OSError:
+                        continue
+                    files.append((st.st_mtime, st.st_size, f))
+        total = sum(s for _, s, _ in files)
+        freed = 0
+        for _, size, f in sorted(files):  # oldest use first (a cache hit touches the file)
+            if total - freed <= max_bytes:
+                break
+            f.unlink(missing_ok=True)
+            freed += size
+        return freed
+
+    def clear_cache(self) -> int:
+        """Delete every cached decoded image and feature (runs are kept). Returns bytes freed."""
+        freed = sum(self.cache_usage().values())
+        for sub in ("decoded", "features"):
+            shutil.rmtree(self.cache_dir / sub, ignore_errors=True)
+        (self.cache_dir / "checked.sqlite").unlink(missing_ok=True)
+        return freed
+
 
 class RunStore:
     """SQLite store of runs. Safe for many processes: WAL mode, busy timeout, short transactions."""

@@ -415,7 +415,8 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     t0 = time.perf_counter()
     emit({"stage": "check", "message": "Checking the images"})
     ds = open_dataset(data, extract_dir=None if Path(data).is_dir() else workspace.datasets_dir / Path(data).stem,
-                      progress=lambda d, t: emit({"stage": "check", "done": d, "total": t}), should_cancel=should_cancel)
+                      progress=lambda d, t: emit({"stage": "check", "done": d, "total": t}), should_cancel=should_cancel,
+                      check_cache=workspace.cache_dir / "checked.sqlite")
     split = split_dataset(ds, cfg.val_split, cfg.seed, cfg.max_per_class)
     if test_data is not None:
         tds = open_dataset(test_data, min_per_class=1)
@@ -629,6 +630,10 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
         if raise_errors:
             raise
         return _result(run_id, run_dir, "failed", {}, time.perf_counter() - t0, msg)
+    try:
+        workspace.enforce_cache_limit()
+    except OSError as e:  # maintenance must never fail a finished run
+        log.warning("cache eviction failed: %s", e)
     store.update(run_id, status="done", error=None, pid=None, summary=summary,
                  dataset_fingerprint=summary["dataset_fingerprint"], weights=summary["weights"],
                  progress={"stage": "done", "time": time.time()})

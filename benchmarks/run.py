@@ -1,0 +1,226 @@
+"""TL Studio speed and memory benchmark: each row measured against a bare PyTorch/timm baseline in the same run.
+
+    .venv/bin/python benchmarks/run.py [--images 1000] [--epoch-images 500] [--rss-images 2000] [--quick]
+
+Prints a table and writes benchmarks/RESULTS.md (date, machine, cores, torch version). Images are generated
+from the Fashion-MNIST and emoji samples (flips, rotations and crops give distinct content hashes, so every
+image is a cache miss on a cold run). Rows (issue #6):
+
+1. Feature extraction throughput from image files, ours vs a bare loop (PIL open -> timm transform ->
+   model under inference_mode, batch 32), EfficientNet-Lite0. Target ratio >= 0.95.
+2. Time to first model, `linear` on Lite0, N images / 10 classes, cold and warm cache. Targets: cold <= 1.1x
+   the bare extraction time of those images, warm <= 2 s.
+3. One `full` fine-tuning epoch, ours vs a bare PyTorch loop (same model, batch, augmentation). Target <= 1.05.
+   Also the gain of the decoded-image cache over decoding every epoch.
+4. Peak memory (RSS) of a `full` run on M images. Target <= 3 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+
+def make_images(dest: Path, n: int, classes: int = 10) -> Path:
+    """n distinct images in `classes` folders, generated from the sample datasets."""
+    src = sorted((ROOT / "sample_data" / "fashion_mnist").glob("*/*/*.png"))
+    by_class: dict[str, list[Path]] = {}
+    for p in src:
+        by_class.setdefault(p.parent.name, []).append(p)
+    names = sorted(by_class)[:classes]
+    per = n // classes
+    for c in names:
+        (dest / c).mkdir(parents=True, exist_ok=True)
+        base = by_class[c]
+        for i in range(per):
+            im = Image.open(base[i % len(base)]).convert("RGB")
+            v = i // len(base)
+            if v % 2:
+                im = ImageOps.mirror(im)
+            if v // 2:
+                im = im.rotate(90 * (v // 2))
+            # a size that varies like real photos do, so resizing work is realistic
+            im = im.resize((96 + (i % 5) * 16, 96 + (i % 3) * 16), Image.BILINEAR)
+            im.save(dest / c / f"{c}_{i:04d}.jpg", quality=92)
+    return dest
+
+
+def bare_extract(files: list[Path], model, transform, batch: int = 32) -> float:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(files), batch):
+            x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files[s:s + batch]])
+            model.forward_head(model.forward_features(x), pre_logits=True)
+    return time.perf_counter() - t0
+
+
+def bare_epoch(files: list[Path], labels: list[int], model, pre, batch: int = 32) -> float:
+    """One epoch the plain way: decode + resize every image every epoch, same augmentation, AdamW."""
+    from torchvision.transforms import v2
+
+    aug = v2.Compose([v2.RandomResizedCrop(pre.input_size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                      v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    model.train()
+    order = np.random.default_rng(0).permutation(len(files))
+    t0 = time.perf_counter()
+    for s in range(0, len(order), batch):
+        idx = order[s:s + batch]
+        xs = []
+        for i in idx:
+            arr = pre.resized_array(Image.open(files[i]).convert("RGB"))
+            xs.append(aug(torch.from_numpy(arr).permute(2, 0, 1)))
+        x = torch.stack(xs)
+        y = torch.tensor([labels[i] for i in idx])
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def peak_rss_of(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run cmd; return (seconds, peak RSS in GB) of the child."""
+    t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return time.perf_counter() - t0, max(before, after) / 1024 / 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--epoch-images", type=int, default=500)
+    ap.add_argument("--rss-images", type=int, default=2000)
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.images, args.epoch_images, args.rss_images = 200, 100, 200
+
+    import timm
+
+    from tl_core.backbones import build_model, data_config_for
+    from tl_core.config import TrainConfig
+    from tl_core.data import DecodedImageCache, open_dataset
+    from tl_core.features import FeatureCache, extract_features, feature_key
+    from tl_core.runs import Workspace
+    from tl_core.train import configure_threads, run_training
+    from tl_core.transforms import Preprocess
+
+    threads = configure_threads()
+    tmp = Path(tempfile.mkdtemp(prefix="tl-bench-"))
+    rows: list[tuple[str, str, str, str, str]] = []
+    try:
+        data = make_images(tmp / "data", args.images)
+        files = sorted(data.glob("*/*.jpg"))
+        model, info = build_model("efficientnet_lite0", 10)
+        model.eval()
+        pre = Preprocess.from_data_config(data_config_for(model))
+        transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+        bare_extract(files[:32], model, transform)  # warm-up (allocator, OpenMP threads)
+
+        # 1. extraction throughput
+        t_bare = bare_extract(files, model, transform)
+        ds = open_dataset(data)
+        ws1 = Workspace(tmp / "ws_extract")
+        t0 = time.perf_counter()
+        extract_features(model, ds.items, pre, DecodedImageCache(ws1.cache_dir / "decoded"),
+                         FeatureCache(ws1.cache_dir / "features", feature_key("efficientnet_lite0", info.fingerprint, pre)))
+        t_ours = time.perf_counter() - t0
+        n = len(files)
+        rows.append(("1. feature extraction, Lite0", f"{n} images",
+                     f"{n / t_ours:.1f} img/s", f"{n / t_bare:.1f} img/s",
+                     f"{(n / t_ours) / (n / t_bare):.2f} (target >= 0.95)"))
+
+        # 2. time to first model, cold and warm
+        ws2 = Workspace(tmp / "ws_first")
+        cfg = TrainConfig(strategy="linear")
+        t0 = time.perf_counter()
+        r_cold = run_training(ws2, data, cfg)
+        cold = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r_warm = run_training(ws2, data, cfg)
+        warm = time.perf_counter() - t0
+        rows.append(("2a. first model, linear, cold cache", f"{n} images / 10 classes", f"{cold:.1f} s",
+                     f"{t_bare:.1f} s bare extraction", f"{cold / t_bare:.2f}x (target <= 1.1x)"))
+        rows.append(("2b. first model, linear, warm cache", f"{n} images / 10 classes", f"{warm:.2f} s", "-",
+                     f"target <= 2 s; val acc {r_warm.val_accuracy:.3f}"))
+
+        # 3. one full fine-tuning epoch, ours vs bare
+        sub = tmp / "epoch_data"
+        make_images(sub, args.epoch_images)
+        efiles = sorted(sub.glob("*/*.jpg"))
+        classes = sorted({f.parent.name for f in efiles})
+        labels = [classes.index(f.parent.name) for f in efiles]
+        bare_model, _ = build_model("efficientnet_lite0", len(classes))
+        t_bare_epoch = bare_epoch(efiles, labels, bare_model, pre)
+        ws3 = Workspace(tmp / "ws_epoch")
+        res = run_training(ws3, sub, TrainConfig(strategy="full", epochs=2, val_split=0.1, patience=0))
+        hist = ws3.store().epochs(res.run_id)
+        # epoch 1 decodes into the cache; epoch 2 reads it: the steady state of a training run
+        train_n = sum(1 for _ in range(len(efiles))) - round(len(efiles) * 0.1)
+        e1, e2 = hist[0]["seconds"], hist[1]["seconds"]
+        scale = len(efiles) / train_n  # bare epoch trained on all images, ours on the 90% train split
+        rows.append(("3a. full fine-tuning epoch", f"{len(efiles)} images, batch 32, light aug",
+                     f"{e2 * scale:.1f} s (scaled to {len(efiles)})", f"{t_bare_epoch:.1f} s",
+                     f"{(e2 * scale) / t_bare_epoch:.2f} (target <= 1.05)"))
+        rows.append(("3b. decoded-image cache gain", "same epoch", f"{e2:.1f} s cached", f"{t_bare_epoch / scale:.1f} s decoding",
+                     f"{(t_bare_epoch / scale) / e2:.2f}x faster"))
+
+        # 4. peak RSS of a full run
+        rss_data = make_images(tmp / "rss_data", args.rss_images)
+        env = {**os.environ, "TL_HOME": str(tmp / "ws_rss")}
+        secs, gb = peak_rss_of([sys.executable, "-m", "tl_core.cli", "train", str(rss_data), "--strategy", "full",
+                                "--epochs", "1", "--quiet"], env)
+        rows.append(("4. peak RSS, full run", f"{args.rss_images} images, 1 epoch", f"{gb:.2f} GB", "-",
+                     f"target <= 3 GB ({secs:.0f} s)"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    header = ("row", "size", "TL Studio", "baseline", "ratio / note")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+             "| " + " | ".join("-" * w for w in widths) + " |"]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    table = "\n".join(lines)
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except Exception:
+        pass
+    head = (f"## {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {cpu}, {os.cpu_count()} cores "
+            f"({threads} torch threads), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9)} GB, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+    print(head)
+    print(table)
+    if not args.no_write and not args.quick:
+        out = ROOT / "benchmarks" / "RESULTS.md"
+        prev = out.read_text() if out.exists() else "# Benchmark results\n\nNewest first. `make bench` writes this file.\n"
+        intro, _, rest = prev.partition("\n## ")
+        out.write_text(intro.rstrip() + "\n\n" + head + "\n\n" + table + "\n" + ("\n## " + rest if rest else ""))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
