@@ -9,6 +9,7 @@ that gives the count.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -43,6 +44,7 @@ __all__ = [
     "dataset_report",
     "safe_extract_zip",
     "DecodedImageCache",
+    "ImageCheckCache",
     "file_sha256",
 ]
 
@@ -257,7 +259,13 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike,
             raise DatasetError(f"{name} has {len(infos)} entries, above the limit of {limits.max_entries}; split the dataset.")
         declared = sum(i.file_size for i in infos)
         if declared > limits.max_total_bytes:
-            raise DatasetError(f"{name} would unpack to {declared / 1e9:.1f} GB, above the {limits.max_total_bytes / 1e9:.1f} GB limit.")
+            raise DatasetError(f"{name} would unpack to {_size_text(declared)}, above the {_size_text(limits.max_total_bytes)} limit; "
+                               "split the dataset or downscale the images.")
+        packed = sum(i.compress_size for i in infos)
+        if declared > 10_000_000 and declared > limits.max_ratio * max(packed, 1):
+            # many small entries that each stay under the per-entry ratio check add up to a bomb too
+            raise DatasetError(f"{name} expands {declared / max(packed, 1):.0f}x overall ({_size_text(packed)} to "
+                               f"{_size_text(declared)}), which looks like a zip bomb; refused.")
         plan: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
         for info in infos:
             raw = info.filename.replace("\\", "/")
@@ -292,8 +300,8 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike,
             target = (dest / Path(*p.parts)).resolve()
             if dest_resolved not in target.parents:
                 raise DatasetError(f"{name} contains the unsafe path {info.filename!r}; refused.")
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as out:
                     entry = 0
                     while block := src.read(1 << 20):
@@ -305,9 +313,45 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike,
             except DatasetError:
                 raise
             except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as e:
-                target.unlink(missing_ok=True)
-                skipped.append(SkippedFile(str(p), f"damaged inside the zip ({e})"))
+                try:
+                    if target.is_file():
+                        target.unlink()
+                except OSError:  # the name itself is what failed (too long, clashes with a folder)
+                    pass
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DatasetError(f"Not enough disk space to unpack {name} ({e.strerror}); free some space and try again.") from None
+                if isinstance(e, zipfile.BadZipFile) and _longer_than_declared(zf, info):
+                    raise DatasetError(f"{name}: {info.filename} holds more data than its header declares "
+                                       f"({_size_text(info.file_size)}), which is how zip bombs hide; refused.") from None
+                why = f"could not be unpacked ({e.strerror})" if isinstance(e, OSError) and e.strerror else f"damaged inside the zip ({e})"
+                skipped.append(SkippedFile(str(p), why))
     return dest, skipped, ignored
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _longer_than_declared(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
+    """Whether an entry that failed its CRC check holds more data than its header declares (a lying header).
+
+    zipfile stops at the declared size, so nothing larger was written; this reads one byte past it, with a
+    copy of the entry header that carries no CRC (so the read itself does not fail).
+    """
+    probe = zipfile.ZipInfo(info.filename, info.date_time)
+    for attr in ("compress_type", "compress_size", "flag_bits", "header_offset", "extra", "create_system"):
+        setattr(probe, attr, getattr(info, attr))
+    probe.file_size = info.file_size + 1
+    try:
+        with zf.open(probe) as src:
+            n = 0
+            while block := src.read(1 << 20):  # in blocks: the declared size may be hundreds of MB
+                n += len(block)
+                if n > info.file_size:
+                    return True
+            return False
+    except Exception:  # damaged in some other way: not a bomb
+        return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,10 +470,74 @@ def _read_csv(csv_path: Path) -> tuple[list[tuple[Path, str, str | None]], list[
 # --------------------------------------------------------------------------------------------------
 # opening a dataset
 # --------------------------------------------------------------------------------------------------
+def _extract_zip_once(src: Path, dest: Path, digest: str) -> None:
+    """Unpack ``src`` into a private folder next to ``dest``, then rename it into place.
+
+    A refused or damaged zip leaves nothing behind, a reader never sees half a dataset, and two processes
+    unpacking the same zip at once (two queued runs) do not trample each other: the first rename wins.
+    """
+    import shutil
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        _, sk, ig = safe_extract_zip(src, tmp)
+        (tmp / ".zip-report.json").write_text(json.dumps({"skipped": [s.__dict__ for s in sk], "ignored": ig}))
+        (tmp / ".complete").write_text(digest)
+        if dest.exists() and not (dest / ".complete").exists():
+            shutil.rmtree(dest, ignore_errors=True)  # left half-written by an older version or a crash
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / ".complete").exists():
+                raise
+            # another process finished the same extraction first: use theirs
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ImageCheckCache:
+    """Content hash → (width, height, error) of every image checked before: decode once per content."""
+
+    def __init__(self, path: str | os.PathLike):
+        import sqlite3
+
+        self.path = Path(path)
+        self._mem: dict[str, tuple[int, int, str | None]] = {}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS checked (sha TEXT PRIMARY KEY, w INTEGER, h INTEGER, "
+                             "error TEXT, version INTEGER)")
+            rows = self._db.execute("SELECT sha, w, h, error FROM checked WHERE version=?", (_CHECK_VERSION,))
+            self._mem = {r[0]: (r[1], r[2], r[3]) for r in rows}
+        except Exception as e:  # unreadable cache: work without it
+            log.warning("image check cache %s unusable (%s); checking every image", self.path, e)
+            self._db = None
+
+    def get(self, sha: str) -> tuple[int, int, str | None] | None:
+        return self._mem.get(sha)
+
+    def put(self, sha: str, w: int, h: int, error: str | None) -> None:
+        self._mem[sha] = (w, h, error)
+        if self._db is not None:
+            try:
+                self._db.execute("INSERT OR REPLACE INTO checked VALUES (?,?,?,?,?)", (sha, w, h, error, _CHECK_VERSION))
+            except Exception as e:
+                log.warning("could not record image check (%s)", e)
+
+
+#: Bump when the loading rules change, so that old check results are not trusted.
+_CHECK_VERSION = 1
+
+
 def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
-                 min_per_class: int = MIN_IMAGES_PER_CLASS) -> Dataset:
+                 min_per_class: int = MIN_IMAGES_PER_CLASS,
+                 check_cache: str | os.PathLike | None = None) -> Dataset:
     """Open and validate a dataset: a class-per-folder directory, a ``.zip`` of one, or a CSV.
 
     Every image is decoded once to check it; files that fail are skipped with a reason.
@@ -440,6 +548,8 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
         progress: called with (done, total) while images are checked.
         should_cancel: polled while checking; returning True raises :class:`CancelledError`.
         min_per_class: the fewest usable images a class may have.
+        check_cache: a SQLite file remembering each image's check result by content hash, so that
+            re-opening the same data decodes nothing (the workspace passes ``cache/checked.sqlite``).
     Returns:
         The validated :class:`Dataset`.
     Raises:
@@ -459,13 +569,11 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
     elif src.suffix.lower() == ".zip" or zipfile.is_zipfile(src):
         digest = file_sha256(src)[:16]
         dest = Path(extract_dir) if extract_dir else src.parent / f".{src.stem}-{digest}"
+        if (dest / ".complete").exists() and (dest / ".complete").read_text() != digest:
+            # another zip of the same name was unpacked here (and a run may still read it): never reuse it
+            dest = dest.with_name(f"{dest.name}-{digest}")
         if not (dest / ".complete").exists():
-            import shutil
-
-            shutil.rmtree(dest, ignore_errors=True)
-            _, sk, ig = safe_extract_zip(src, dest)
-            (dest / ".zip-report.json").write_text(json.dumps({"skipped": [s.__dict__ for s in sk], "ignored": ig}))
-            (dest / ".complete").write_text("ok")
+            _extract_zip_once(src, dest, digest)
         rep = json.loads((dest / ".zip-report.json").read_text())
         skipped += [SkippedFile(**s) for s in rep["skipped"]]
         ignored += rep["ignored"]
@@ -484,6 +592,7 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
 
     items: list[ImageItem] = []
     total = len(candidates)
+    checks = ImageCheckCache(check_cache) if check_cache else None
     for n, (p, label, split) in enumerate(candidates):
         if should_cancel and should_cancel():
             raise CancelledError("Cancelled while checking the images.")
@@ -492,10 +601,23 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
         except ValueError:
             rel = str(p)
         try:
-            img = load_image(p)
-            items.append(ImageItem(p, label, split, file_sha256(p), img.width, img.height))
-        except DatasetError as e:
-            skipped.append(SkippedFile(rel, str(e).split(": ", 1)[-1]))
+            sha = file_sha256(p)
+        except OSError as e:
+            skipped.append(SkippedFile(rel, f"could not be read ({e.strerror or e})"))
+            continue
+        known = checks.get(sha) if checks is not None else None
+        if known is None:
+            try:
+                img = load_image(p)
+                known = (img.width, img.height, None)
+            except DatasetError as e:
+                known = (0, 0, str(e).split(": ", 1)[-1])
+            if checks is not None:
+                checks.put(sha, *known)
+        if known[2] is None:
+            items.append(ImageItem(p, label, split, sha, known[0], known[1]))
+        else:
+            skipped.append(SkippedFile(rel, known[2]))
         if progress:
             progress(n + 1, total)
 
@@ -650,13 +772,17 @@ class DecodedImageCache:
         arr = np.array(resize_shorter(img, resize, interpolation), dtype=np.uint8)  # writable: torch wants it
         self._mem[key] = arr
         if f is not None:
+            tmp = f.with_suffix(f".{os.getpid()}.tmp")
             try:
                 f.parent.mkdir(parents=True, exist_ok=True)
-                tmp = f.with_suffix(f".{os.getpid()}.tmp")
                 with open(tmp, "wb") as fh:
                     np.save(fh, arr, allow_pickle=False)
                 os.replace(tmp, f)
             except OSError as e:  # disk full or read-only: keep going from memory
+                try:
+                    tmp.unlink(missing_ok=True)  # a half-written file would keep the disk full
+                except OSError:
+                    pass
                 log.warning("could not write decoded-image cache (%s); continuing without it", e)
         return arr
 
