@@ -1,0 +1,257 @@
+"""Per-user selections of the app (dataset, backbone, weights, current run) and the page error boundary.
+
+A selection lives in ``st.session_state`` and is mirrored in ``st.query_params``, so that a browser
+refresh or the page link opened in another tab finds the same dataset, backbone and run again
+(session state alone does not survive a refresh). Values coming from the URL are checked: a dataset
+must be a sample dataset or one uploaded into the workspace, a run must exist in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import streamlit as st
+
+from tl_core import jobs
+from tl_core.app_support import SAMPLE_DATA_DIR, safe_name, sample_datasets, workspace_datasets
+from tl_core.backbones import CATALOGUE
+from tl_core.errors import TLError
+from tl_core.runs import Workspace
+
+log = logging.getLogger(__name__)
+
+#: session_state key -> query parameter name
+URL_KEYS = {"dataset": "data", "backbone": "backbone", "weights": "weights", "run": "run"}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+PAGES = {
+    "home": "pages/home.py",
+    "data": "pages/data.py",
+    "backbone": "pages/backbone.py",
+    "train": "pages/train.py",
+    "evaluate": "pages/evaluate.py",
+    "try": "pages/try_it.py",
+    "runs": "pages/runs.py",
+}
+
+
+def workspace() -> Workspace:
+    """The workspace of this server (``$TL_HOME``)."""
+    return Workspace.default()
+
+
+@st.cache_resource(show_spinner=False)
+def _recover_once(home: str) -> list[str]:
+    # once per server process and workspace: runs whose worker died while the server was down
+    return jobs.recover(Workspace(Path(home)))
+
+
+def startup() -> None:
+    """Mark runs of dead workers as interrupted (once per process) and restart workers for queued runs."""
+    try:
+        interrupted = _recover_once(str(workspace().home))
+    except TLError as e:
+        st.error(str(e))
+        return
+    if interrupted and not st.session_state.get("_told_interrupted"):
+        st.session_state["_told_interrupted"] = True
+        st.toast(f"{len(interrupted)} training(s) stopped when the server did; they are marked 'interrupted'.")
+
+
+# --------------------------------------------------------------------------------------------------
+# datasets: a reference ("sample/emoji", "workspace/my_photos") instead of a raw path in the URL
+# --------------------------------------------------------------------------------------------------
+def dataset_options(ws: Workspace) -> dict[str, str]:
+    """Every dataset the app may use: reference -> label."""
+    opts = {f"sample/{d['name']}": f"{d['name']} (sample data)" for d in sample_datasets()}
+    opts.update({f"workspace/{d['name']}": f"{d['name']} (uploaded)" for d in workspace_datasets(ws)})
+    return opts
+
+
+def dataset_path(ref: str | None, ws: Workspace | None = None) -> Path | None:
+    """The folder of a dataset reference, or None when it is not a known dataset."""
+    if not ref or "/" not in ref:
+        return None
+    kind, name = ref.split("/", 1)
+    if name != safe_name(name, fallback="") or not name:
+        return None
+    if kind == "sample":
+        p = SAMPLE_DATA_DIR / name
+    elif kind == "workspace":
+        p = (ws or workspace()).datasets_dir / name
+    else:
+        return None
+    return p if p.is_dir() else None
+
+
+def dataset_ref_for_path(path: str | Path, ws: Workspace | None = None) -> str | None:
+    """The reference of a dataset folder (inverse of :func:`dataset_path`)."""
+    p = Path(path).resolve()
+    ws = ws or workspace()
+    if p.parent == SAMPLE_DATA_DIR.resolve():
+        return f"sample/{p.name}"
+    if p.parent == ws.datasets_dir.resolve():
+        return f"workspace/{p.name}"
+    return None
+
+
+def weights_path(name: str | None, ws: Workspace | None = None) -> str:
+    """``auto`` or the path of an uploaded weights file (by file name, inside the workspace)."""
+    if not name or name == "auto":
+        return "auto"
+    from tl_core.app_support import weights_dir
+
+    p = weights_dir(ws or workspace()) / Path(name).name
+    return str(p) if p.is_file() else "auto"
+
+
+# --------------------------------------------------------------------------------------------------
+# selections <-> URL
+# --------------------------------------------------------------------------------------------------
+def _valid(key: str, value: str, ws: Workspace) -> bool:
+    if key == "dataset":
+        return dataset_path(value, ws) is not None
+    if key == "backbone":
+        return value in CATALOGUE
+    if key == "weights":
+        return value == "auto" or weights_path(value, ws) != "auto"
+    if key == "run":
+        try:
+            return ws.store().exists(value)
+        except Exception:  # a malformed id is simply not a run
+            return False
+    return False
+
+
+def sync_from_url() -> None:
+    """Take selections from the URL for keys this session has not set (a refresh, a new tab)."""
+    ws = workspace()
+    for key, param in URL_KEYS.items():
+        if key in st.session_state:
+            continue
+        value = st.query_params.get(param)
+        if value and _valid(key, value, ws):
+            st.session_state[key] = value
+
+
+def publish_to_url() -> None:
+    """Write the current selections into the URL (page switches clear it; this puts them back)."""
+    for key, param in URL_KEYS.items():
+        value = st.session_state.get(key)
+        if value:
+            if st.query_params.get(param) != value:
+                st.query_params[param] = value
+        elif param in st.query_params:
+            del st.query_params[param]
+
+
+def select(key: str, value: str | None) -> None:
+    """Set a selection in session state and in the URL."""
+    assert key in URL_KEYS, key
+    if value:
+        st.session_state[key] = value
+    else:
+        st.session_state.pop(key, None)
+    publish_to_url()
+
+
+def url_params() -> dict[str, str]:
+    """The selections as query parameters (for links and page switches, which otherwise drop them)."""
+    return {param: st.session_state[key] for key, param in URL_KEYS.items() if st.session_state.get(key)}
+
+
+def link(page: str, label: str, icon: str | None = None, where: Any = None) -> None:
+    """A link to one of the app's pages that keeps the selections in its address."""
+    (where or st).page_link(PAGES[page], label=label, icon=icon, query_params=url_params())
+
+
+def switch_to(page: str) -> None:
+    """Go to one of the app's pages, keeping the selections in the address."""
+    st.switch_page(PAGES[page], query_params=url_params())
+
+
+def get(key: str, default: Any = None) -> Any:
+    return st.session_state.get(key, default)
+
+
+def bind(key: str, options: Any, default: Any = None) -> str:
+    """Widget key of a picker for the selection ``key`` (use with ``on_change=picked, args=(key,)``).
+
+    The widget is given the selection before it is drawn, so a change made elsewhere (the Home button, a
+    link) shows; the user's own change is stored by :func:`picked` before the page runs. A fixed key
+    keeps the widget's identity, so a second change is never lost to a re-created widget.
+    """
+    wkey = f"pick_{key}"
+    want = st.session_state.get(key, default)
+    if want not in list(options):
+        want = default if default in list(options) else None
+    if wkey not in st.session_state or st.session_state[wkey] != want:
+        st.session_state[wkey] = want  # None shows the placeholder (not silently the first option)
+    return wkey
+
+
+def picked(key: str) -> None:
+    """``on_change`` of a :func:`bind` picker: store the picked value as the selection."""
+    select(key, st.session_state.get(f"pick_{key}"))
+
+
+def remember(key: str, default: Any) -> str:
+    """Widget key for a setting that must survive page switches (Streamlit drops the state of widgets
+    that a page does not draw): seeds the widget from the stored value; call :func:`keep` after it."""
+    wkey = f"w_{key}"
+    if wkey not in st.session_state:
+        st.session_state[wkey] = st.session_state.get(key, default)
+    return wkey
+
+
+def keep(key: str, value: Any) -> Any:
+    st.session_state[key] = value
+    return value
+
+
+def setting(key: str, default: Any) -> Any:
+    """A remembered setting's current value (its widget's, when drawn in this run or the last)."""
+    return st.session_state.get(f"w_{key}", st.session_state.get(key, default))
+
+
+# --------------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------------
+@contextmanager
+def page_errors() -> Iterator[None]:
+    """Show a user error as one ``st.error`` sentence; a bug as a short message (logged), never a traceback.
+
+    Streamlit's own control flow (rerun, stop, switch_page) derives from BaseException and passes through.
+    """
+    try:
+        yield
+    except TLError as e:
+        st.error(str(e))
+    except Exception as e:  # a bug: keep the page usable, put the details in the server log
+        log.exception("page error")
+        st.error(f"Something went wrong ({type(e).__name__}: {str(e)[:200]}). The details are in the server log; "
+                 "try again, or report it with what you did.")
+
+
+# --------------------------------------------------------------------------------------------------
+# dataset report (cached by the files' names, sizes and times: a changed folder is re-read)
+# --------------------------------------------------------------------------------------------------
+@st.cache_data(show_spinner="Checking the images…", max_entries=16)
+def _report(path: str, signature: str, val_split: float, seed: int) -> dict[str, Any]:
+    from tl_core.app_support import dataset_overview
+
+    return dataset_overview(path, val_split, seed)
+
+
+def dataset_report(path: str | Path, val_split: float = 0.2, seed: int = 0) -> dict[str, Any]:
+    """:func:`tl_core.app_support.dataset_overview`, cached until a file of the dataset changes.
+
+    Raises:
+        DatasetError: the folder cannot be used as a dataset.
+    """
+    from tl_core.app_support import dataset_signature
+
+    return _report(str(path), dataset_signature(path), float(val_split), int(seed))

@@ -1,0 +1,70 @@
+"""Home: what transfer learning is, the four steps and where you are, and a one-click sample path."""
+
+import streamlit as st
+
+from pages import _session as session
+from tl_core.backbones import CATALOGUE
+
+st.title("TL Studio")
+st.markdown(
+    "**Transfer learning** reuses a network that already learned to see from 1.3 million photos (ImageNet) "
+    "and teaches only what is new: your classes. "
+    "The pretrained layers turn each image into a rich description of shapes and textures, and a small new "
+    "final layer learns which descriptions belong to which of your labels. "
+    "Because most of the knowledge is borrowed, a few dozen images per class and a few minutes on a laptop "
+    "are often enough for a useful classifier."
+)
+
+with session.page_errors():
+    ws = session.workspace()
+    store = ws.store()
+    ds_ref = session.get("dataset")
+    ds_label = session.dataset_options(ws).get(ds_ref)
+    backbone = session.get("backbone")
+    run_id = session.get("run")
+    run = store.get(run_id) if run_id and store.exists(run_id) else None
+    done_runs = [r for r in store.list(status="done")]
+
+    if st.button("▶ Try it with sample data", type="primary",
+                 help="Selects the emoji sample (5 classes, 200 images), the EfficientNet-Lite0 backbone and a "
+                      "linear probe, then opens the Train page: press Start there."):
+        session.select("dataset", "sample/emoji")
+        session.select("backbone", session.DEFAULT_BACKBONE)
+        session.select("weights", "auto")
+        st.session_state["strategy"] = "linear"
+        st.session_state.pop("w_strategy", None)
+        session.switch_to("train")
+
+    st.subheader("Four steps")
+    steps = [
+        ("1. Data", "data",
+         f"✅ {ds_label}" if ds_label else "⬜ Not chosen yet: pick a sample dataset or upload your images.",
+         "Images sorted into one folder per class."),
+        ("2. Backbone", "backbone",
+         f"✅ {backbone}" if backbone else
+         f"⬜ Not chosen: the recommended {session.DEFAULT_BACKBONE} (works offline) will be used.",
+         "The pretrained network whose knowledge you borrow."),
+        ("3. Train", "train",
+         (f"✅ Run {run['id']}: {run['status']}" if run else "⬜ No run yet."),
+         "Fit the new final layer (and optionally more) on your images."),
+        ("4. Evaluate & try", "evaluate",
+         (f"✅ {len(done_runs)} finished run(s) to inspect" if done_runs else "⬜ Needs a finished run."),
+         "See accuracy and mistakes, then predict new images."),
+    ]
+    cols = st.columns(4)
+    for col, (title, key, state, what) in zip(cols, steps):
+        with col.container(border=True):
+            st.markdown(f"**{title}**")
+            st.caption(what)
+            st.write(state)
+            session.link(key, f"Open {title.split('. ', 1)[1]}", "➡️")
+
+    with st.expander("What the words mean"):
+        st.markdown(
+            "- **Backbone**: the pretrained network (here EfficientNet-Lite, ResNet, ConvNeXt, ViT …).\n"
+            "- **Linear probe**: keep the backbone frozen and fit only a new last layer — fast and a strong baseline.\n"
+            "- **Fine-tuning**: also adjust some (partial) or all (full) pretrained layers, with a small learning rate.\n"
+            "- **Validation images**: held back from training, used only to measure how good the model is.\n"
+            "- **Confusion matrix**: how often each true class was predicted as each class.\n"
+            f"- Offline backbones here: {', '.join(n for n, s in CATALOGUE.items() if s.package)}."
+        )

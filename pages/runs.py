@@ -1,0 +1,110 @@
+"""Runs & export: every run with its settings and results, comparison, delete, and model download."""
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from pages import _charts as charts
+from pages import _session as session
+from tl_core.app_support import run_metrics, runs_rows
+from tl_core.export import export_run
+from tl_core.runs import ACTIVE_STATUSES
+
+st.title("Runs & export")
+
+
+def _delete(ws, run_ids: list[str]) -> None:
+    # a button callback: runs before the page is drawn, so it may reset the selection widgets
+    for i in run_ids:
+        ws.store().delete(i, ws.runs_dir)
+        (ws.home / "exports" / f"tl-studio-{i}.zip").unlink(missing_ok=True)
+    if session.get("run") in run_ids:
+        session.select("run", None)
+    st.session_state["runs_selected"] = []
+    st.session_state["confirm_delete"] = False
+    st.session_state["_deleted"] = len(run_ids)
+
+
+with session.page_errors():
+    ws = session.workspace()
+    store = ws.store()
+    runs = store.list()
+    if st.session_state.pop("_deleted", 0):
+        st.success("Deleted.")
+    if not runs:
+        st.info("No runs yet.")
+        session.link("train", "Go to Train", "🏋️")
+        st.stop()
+    rows = runs_rows(runs)
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
+        "val_accuracy": st.column_config.NumberColumn("val accuracy", format="percent"),
+        "test_accuracy": st.column_config.NumberColumn("test accuracy", format="percent"),
+        "seconds": st.column_config.NumberColumn(format="%.1f"),
+        "lr": st.column_config.NumberColumn(format="%g"),
+    })
+
+    by_id = {r["id"]: r for r in runs}
+    current = session.get("run")
+    if "runs_selected" not in st.session_state:
+        st.session_state["runs_selected"] = [current] if current in by_id else []
+    # drop runs deleted meanwhile (another tab, the CLI) before the widget sees them
+    st.session_state["runs_selected"] = [i for i in st.session_state["runs_selected"] if i in by_id]
+    chosen = st.multiselect(
+        "Select runs", list(by_id), key="runs_selected",
+        format_func=lambda i: f"{i} · {by_id[i]['status']} · {(by_id[i].get('config') or {}).get('backbone')} · "
+                              f"{(by_id[i].get('config') or {}).get('strategy')}",
+        help="One to download or delete it; two or more to compare them.",
+    )
+    if not chosen:
+        st.caption("Select runs above to compare, download or delete them.")
+        st.stop()
+
+    st.subheader("Comparison" if len(chosen) > 1 else "Run details")
+    series = {i: store.epochs(i) for i in chosen}
+    if any(series.values()):
+        st.plotly_chart(charts.training_curves({k: v for k, v in series.items() if v}), width="stretch")
+    table = []
+    for i in chosen:
+        r = by_id[i]
+        cfg = r.get("config") or {}
+        s = r.get("summary") or {}
+        row = {"run": i, "status": r["status"], "data": Path(r["data"]).name, **{k: cfg.get(k) for k in (
+            "backbone", "strategy", "epochs", "lr", "batch_size", "augment", "seed", "val_split")}}
+        row.update({"val accuracy": s.get("val_accuracy"), "test accuracy": s.get("test_accuracy"),
+                    "best epoch": s.get("best_epoch"), "seconds": s.get("seconds")})
+        if r["status"] == "done":
+            try:
+                val = run_metrics(ws, i)["val"]
+                row.update({"macro F1": val.get("macro_f1"), "log loss": val.get("log_loss"), "val images": val["count"]})
+            except Exception as e:  # files removed by hand: the row still shows what the store knows
+                row["error"] = str(e)
+        table.append(row)
+    st.dataframe(pd.DataFrame(table).set_index("run").T.astype(str), width="stretch")
+
+    st.subheader("Download")
+    exports = ws.home / "exports"
+    for i in chosen:
+        if by_id[i]["status"] != "done":
+            st.caption(f"{i}: {by_id[i]['status']}, nothing to download.")
+            continue
+        bundle = exports / f"tl-studio-{i}.zip"
+        c1, c2 = st.columns([1, 3])
+        if bundle.is_file():
+            c1.download_button(f"Download {i}", bundle.read_bytes(), file_name=bundle.name, mime="application/zip",
+                               key=f"dl-{i}", icon="⬇")
+            c2.caption(f"Bundle: model weights (safetensors), config, metrics and a model card "
+                       f"({bundle.stat().st_size / 1e6:.1f} MB). Predict with `tl-core predict {bundle.name} IMAGE`.")
+        elif c1.button(f"Prepare {i}", key=f"prep-{i}", help="Writes a zip bundle of the trained model."):
+            with st.spinner("Writing the bundle…"):
+                export_run(ws.run_dir(i), "bundle", bundle)
+            st.rerun()
+
+    st.subheader("Delete")
+    active = [i for i in chosen if by_id[i]["status"] in ACTIVE_STATUSES]
+    if active:
+        st.caption(f"Running or queued runs cannot be deleted ({', '.join(active)}): cancel them on the Train page.")
+    deletable = [i for i in chosen if i not in active]
+    if deletable:
+        sure = st.checkbox(f"Yes, delete {len(deletable)} run(s) and their files", key="confirm_delete")
+        st.button("Delete", disabled=not sure, icon="🗑", on_click=_delete, args=(ws, deletable))

@@ -1,0 +1,554 @@
+"""Page tests of the Streamlit app with ``streamlit.testing.v1.AppTest`` (no browser).
+
+One real linear-probe run on the emoji sample is trained per module with the ``tl-core`` command; every
+test gets its own copy of that workspace (``TL_HOME``), so tests never see each other's runs. Background
+workers are not started here (``jobs.ensure_workers`` is stubbed where a page would queue a job): the
+end-to-end training through a worker is the browser test's job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "app.py"
+EMOJI = ROOT / "sample_data" / "emoji"
+TIMEOUT = 60
+
+pytest.importorskip("streamlit.testing.v1")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from tl_core import app_support, jobs  # noqa: E402
+from tl_core.errors import DatasetError  # noqa: E402
+from tl_core.runs import Workspace  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_home(tmp_path_factory) -> tuple[Path, str]:
+    """A workspace holding one finished linear probe on the emoji sample, made by the CLI."""
+    home = tmp_path_factory.mktemp("trained_home")
+    env = {**os.environ, "TL_HOME": str(home)}
+    out = subprocess.run(
+        [sys.executable, "-m", "tl_core.cli", "train", str(EMOJI), "--strategy", "linear", "--json"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(out.stdout)
+    assert doc["status"] == "done"
+    return home, doc["run_id"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, trained_home) -> tuple[Workspace, str]:
+    """This test's own copy of the trained workspace, as TL_HOME."""
+    src, run_id = trained_home
+    dst = tmp_path / "tl_home"
+    shutil.copytree(src, dst)
+    monkeypatch.setenv("TL_HOME", str(dst))
+    return Workspace(dst), run_id
+
+
+@pytest.fixture
+def empty_home(tmp_path, monkeypatch) -> Workspace:
+    dst = tmp_path / "empty_home"
+    monkeypatch.setenv("TL_HOME", str(dst))
+    return Workspace(dst)
+
+
+@pytest.fixture
+def no_workers(monkeypatch) -> list:
+    """Queue jobs without starting worker processes; returns the list of cancel calls."""
+    cancelled: list = []
+    monkeypatch.setattr(jobs, "ensure_workers", lambda ws, max_workers=None: 0)
+
+    def fake_cancel(ws, run_id, **kw):
+        cancelled.append(run_id)
+        ws.store().request_cancel(run_id)
+
+    monkeypatch.setattr(jobs, "cancel", fake_cancel)
+    return cancelled
+
+
+def app(query: dict | None = None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    if query:
+        at.query_params.update(query)
+    return at.run()
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    return at.switch_page(f"pages/{page}.py").run()
+
+
+def assert_clean(at: AppTest) -> None:
+    """No exception element and no error box on the page."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def plotly_specs(at: AppTest) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def metric(at: AppTest, label: str) -> str:
+    found = [m.value for m in at.metric if m.label == label]
+    assert found, f"no metric {label!r}; have {[m.label for m in at.metric]}"
+    return found[0]
+
+
+def button(at: AppTest, label: str):
+    found = [b for b in at.button if b.label == label]
+    assert found, f"no button {label!r}; have {[b.label for b in at.button]}"
+    return found[0]
+
+
+def png_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def sample_zip(extra: dict[str, bytes] | None = None) -> bytes:
+    """A dataset zip: 3 animal and 3 flag emoji in a wrapper folder, plus optional extra entries."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for cls in ("animal", "flag"):
+            for f in sorted((EMOJI / cls).iterdir())[:3]:
+                zf.write(f, f"pets/{cls}/{f.name}")
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# every page renders, with and without runs
+# --------------------------------------------------------------------------------------------------
+PAGES = ["home", "data", "backbone", "train", "evaluate", "try_it", "runs"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_errors_on_an_empty_workspace(empty_home, page):
+    at = app()
+    if page != "home":
+        goto(at, page)
+    assert_clean(at)
+    assert at.title, "every page has a title"
+
+
+def test_pages_without_a_run_point_to_the_next_step(empty_home):
+    at = app()
+    goto(at, "evaluate")
+    assert any("No finished run" in i.value for i in at.info)
+    goto(at, "train")
+    assert any("Choose a dataset first" in i.value for i in at.info)
+    goto(at, "runs")
+    assert any("No runs yet" in i.value for i in at.info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Home
+# --------------------------------------------------------------------------------------------------
+def test_home_explains_and_shows_the_state_of_the_four_steps(home):
+    ws, run_id = home
+    at = app()
+    assert_clean(at)
+    text = " ".join(m.value for m in at.markdown)
+    assert "Transfer learning" in text
+    for step in ("1. Data", "2. Backbone", "3. Train", "4. Evaluate & try"):
+        assert f"**{step}**" in text
+    assert "Not chosen yet" in text  # no dataset yet in a fresh session
+    assert "1 finished run(s)" in text
+
+
+def test_home_sample_data_button_selects_emoji_lite0_linear_and_opens_train(home):
+    at = app()
+    button(at, "▶ Try it with sample data").click().run()
+    assert_clean(at)
+    assert at.title[0].value == "Train"
+    assert at.session_state["dataset"] == "sample/emoji"
+    assert at.session_state["backbone"] == "efficientnet_lite0"
+    assert at.query_params["data"] == "sample/emoji"
+    assert at.query_params["backbone"] == "efficientnet_lite0"
+    strategy = [r for r in at.radio if r.label == "Strategy"][0]
+    assert strategy.value == "linear"
+    assert any("emoji" in m.value and "5 classes" in m.value for m in at.markdown)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+def test_data_page_on_the_emoji_sample_shows_the_report(home):
+    at = app()
+    goto(at, "data")
+    at.selectbox[0].set_value("sample/emoji").run()
+    assert_clean(at)
+    assert at.query_params["data"] == "sample/emoji"
+    assert metric(at, "Classes") == "5"
+    assert metric(at, "Images") == "200"
+    assert metric(at, "Training") == "160"
+    assert metric(at, "Validation") == "40"
+    assert metric(at, "Skipped files") == "0"
+    bars = plotly_specs(at)[0]["data"]
+    assert sum(sum(b["y"]) for b in bars) == 200
+    assert sorted(bars[0]["x"]) == ["animal", "face", "flag", "food", "vehicle"]
+    split = at.dataframe[0].value
+    assert split["train"].sum() == 160 and split["val"].sum() == 40
+    # a thumbnail grid per class: 8 images for each of the 5 classes
+    assert sum(len(img.proto.imgs) for img in at.get("image")) == 40
+
+
+def test_data_page_zip_upload_unpacks_into_the_workspace_and_reports_skipped_files(home):
+    ws, _ = home
+    at = app()
+    goto(at, "data")
+    data = sample_zip({"pets/animal/notes.txt": b"not an image", "pets/flag/broken.png": b"\x89PNG garbage"})
+    at.file_uploader(key="zip_upload").set_value(("My Pets!.zip", data, "application/zip")).run()
+    assert_clean(at)
+    folder = ws.datasets_dir / "My_Pets"
+    assert folder.is_dir(), list(ws.datasets_dir.iterdir())
+    assert at.session_state["dataset"] == "workspace/My_Pets"
+    assert at.query_params["data"] == "workspace/My_Pets"
+    assert metric(at, "Classes") == "2"
+    assert metric(at, "Images") == "6"
+    assert metric(at, "Skipped files") == "2"
+    skipped = " ".join(at.dataframe[1].value["reason"])
+    assert "not an image file (.txt)" in skipped and "not a readable image" in skipped
+    assert any("fewer than 10 images" in w.value for w in at.warning)
+    # the next rerun does not unpack the same upload again
+    at.run()
+    assert sorted(p.name for p in ws.datasets_dir.iterdir() if not p.name.startswith(".")) == ["My_Pets"]
+
+
+def test_data_page_refuses_an_unsafe_zip_with_one_sentence(home):
+    ws, _ = home
+    at = app()
+    goto(at, "data")
+    at.file_uploader(key="zip_upload").set_value(
+        ("evil.zip", sample_zip({"../escape.png": png_bytes(next((EMOJI / "face").iterdir()))}), "application/zip")
+    ).run()
+    assert not at.exception
+    assert len(at.error) == 1 and "unsafe path" in at.error[0].value
+    assert not (ws.datasets_dir / "evil").exists() and not (ws.datasets_dir.parent / "escape.png").exists()
+    at.file_uploader(key="zip_upload").set_value(("photo.zip", b"this is not a zip", "application/zip")).run()
+    assert not at.exception
+    assert "not a zip archive" in at.error[0].value
+
+
+def test_data_page_builds_a_dataset_class_by_class(home):
+    ws, _ = home
+    at = app()
+    goto(at, "data")
+    for cls, src in (("cats", "animal"), ("flags", "flag")):
+        at.text_input(key="build_name").set_value("My Photos")
+        at.text_input(key="build_class").set_value(cls)
+        files = [(f.name, f.read_bytes(), "image/png") for f in sorted((EMOJI / src).iterdir())[:4]]
+        at.file_uploader(key="class_upload").set_value(files + [("readme.png", b"nope", "image/png")])
+        at.run()
+        button(at, "Add to dataset").click().run()
+        assert not at.exception
+        assert any(f"Added 4 image(s) to class '{cls}'" in s.value for s in at.success)
+        assert any("readme.png" in w.value for w in at.warning)
+    assert sorted(p.name for p in (ws.datasets_dir / "My_Photos").iterdir()) == ["cats", "flags"]
+    assert at.session_state["dataset"] == "workspace/My_Photos"
+    assert metric(at, "Classes") == "2" and metric(at, "Images") == "8"
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbone
+# --------------------------------------------------------------------------------------------------
+def test_backbone_page_lists_the_catalogue_and_recommends_the_offline_default(home):
+    at = app()
+    goto(at, "backbone")
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert len(table) >= 3
+    lite0 = table[table["backbone"] == "efficientnet_lite0"].iloc[0]
+    assert lite0["offline"].startswith("✅") and lite0["weights"] == "packaged"
+    assert lite0["ImageNet top-1 (%)"] == pytest.approx(74.83)
+    assert any("Recommended: efficientnet_lite0" in s.value for s in at.success)
+    at.selectbox[0].set_value("efficientnet_lite1").run()
+    assert at.query_params["backbone"] == "efficientnet_lite1"
+    online = [n for n in table["backbone"] if not table[table["backbone"] == n].iloc[0]["offline"].startswith("✅")]
+    if online:
+        at.selectbox[0].set_value(online[0]).run()
+        assert any("fails offline" in w.value for w in at.warning)
+
+
+def test_backbone_page_accepts_fitting_local_weights_and_refuses_others(home, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    ws, _ = home
+    at = app()
+    goto(at, "backbone")
+    # random bytes with a .pth name: refused with one sentence
+    at.file_uploader(key="weights_upload").set_value(("junk.pth", b"\x00" * 100, "application/octet-stream")).run()
+    assert not at.exception
+    assert len(at.error) == 1 and "junk.pth" in at.error[0].value
+    assert not list((ws.home / "weights").glob("junk*"))
+    # real weights of the architecture (random init here: only the fit is checked)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=7)
+    f = tmp_path / "lite0 mine.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(f))
+    at.file_uploader(key="weights_upload").set_value((f.name, f.read_bytes(), "application/octet-stream")).run()
+    assert_clean(at)
+    assert (ws.home / "weights" / "lite0_mine.safetensors").is_file()
+    assert at.session_state["weights"] == "lite0_mine.safetensors"
+    assert at.query_params["weights"] == "lite0_mine.safetensors"
+    assert any("Training will use it" in s.value for s in at.success)
+
+
+# --------------------------------------------------------------------------------------------------
+# Train
+# --------------------------------------------------------------------------------------------------
+def test_train_page_settings_help_and_augmentation_preview(home):
+    at = app({"data": "sample/emoji"})
+    goto(at, "train")
+    assert_clean(at)
+    strategy = [r for r in at.radio if r.label == "Strategy"][0]
+    assert strategy.options == ["Linear probe (frozen backbone)", "Partial fine-tuning (last blocks)",
+                                "Full fine-tuning", "From scratch (no pretraining)"]
+    assert "logistic regression" in " ".join(strategy.proto.captions)
+    lr = [s for s in at.select_slider if s.label == "Learning rate"][0]
+    assert lr.disabled  # the linear probe has no learning rate
+    strategy.set_value("full").run()
+    assert_clean(at)
+    lr = [s for s in at.select_slider if s.label == "Learning rate"][0]
+    assert not lr.disabled and lr.value == pytest.approx(1e-3)
+    assert [n for n in at.number_input if n.label == "Epochs"][0].value == 8
+    # preview: 4 sample images x 4 augmented views, at the backbone's input size
+    grids = [g for g in at.get("image") if len(g.proto.imgs) == 4]
+    assert len(grids) == 4
+
+
+def test_train_page_start_queues_a_job_with_the_chosen_settings_and_cancel_stops_it(home, no_workers):
+    ws, _ = home
+    at = app({"data": "sample/emoji"})
+    goto(at, "train")
+    [r for r in at.radio if r.label == "Strategy"][0].set_value("partial").run()
+    [n for n in at.number_input if n.label == "Epochs"][0].set_value(3).run()
+    [n for n in at.number_input if n.label == "Seed"][0].set_value(7).run()
+    [r for r in at.radio if r.label == "Augmentation"][0].set_value("strong").run()
+    button(at, "Start training").click().run()
+    assert_clean(at)
+    run_id = at.query_params["run"]
+    run = ws.store().get(run_id)
+    assert run["status"] == "queued"
+    assert Path(run["data"]) == EMOJI
+    cfg = run["config"]
+    assert (cfg["strategy"], cfg["epochs"], cfg["seed"], cfg["augment"], cfg["backbone"]) == (
+        "partial", 3, 7, "strong", "efficientnet_lite0")
+    assert any(f"Run {run_id}" == h.value for h in at.subheader)
+    assert any("**Status:** queued" in m.value for m in at.markdown)
+    button(at, "Cancel training").click().run()
+    assert no_workers == [run_id]
+    at.run()
+    assert ws.store().get(run_id)["status"] == "cancelled"
+    assert any("**Status:** cancelled" in m.value for m in at.markdown)
+
+
+def test_train_page_shows_a_running_job_with_progress_eta_and_curves(home, no_workers):
+    ws, _ = home
+    store = ws.store()
+    run_id = store.create_run(str(EMOJI), {"backbone": "efficientnet_lite0", "strategy": "full"}, status="running")
+    store.update(run_id, pid=os.getpid(), progress={"stage": "train", "epoch": 2, "epochs": 4, "done": 10,
+                                                    "total": 20, "eta_s": 75.0})
+    store.add_epoch(run_id, 1, {"train_loss": 1.2, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.6,
+                                "lr": 1e-3, "seconds": 30.0})
+    at = app({"run": run_id, "data": "sample/emoji"})
+    goto(at, "train")
+    assert_clean(at)
+    bar = at.get("progress")[0]
+    assert bar.proto.value == 50
+    assert "epoch 2/4" in bar.proto.text and "about 1 min 15 s left" in bar.proto.text
+    curves = plotly_specs(at)[0]["data"]
+    assert {t["name"] for t in curves} == {"training", "validation"}
+    assert button(at, "Cancel training")
+
+
+def test_refresh_with_the_run_link_shows_the_same_run(home):
+    ws, run_id = home
+    at = app({"run": run_id, "data": "sample/emoji", "backbone": "efficientnet_lite1"})
+    goto(at, "train")
+    assert_clean(at)
+    assert at.session_state["run"] == run_id and at.session_state["backbone"] == "efficientnet_lite1"
+    assert any(h.value == f"Run {run_id}" for h in at.subheader)
+    assert any("**Status:** done" in m.value for m in at.markdown)
+    assert any("validation accuracy **95.0%**" in s.value or "validation accuracy" in s.value for s in at.success)
+    curves = plotly_specs(at)[0]["data"]
+    assert len(curves[0]["x"]) == len(ws.store().epochs(run_id))
+    assert at.query_params["run"] == run_id  # still in the address after the page switch
+
+
+def test_unknown_or_hostile_url_values_are_ignored(home):
+    at = app({"data": "../../etc", "run": "nope", "backbone": "<script>", "weights": "../../../etc/passwd"})
+    goto(at, "train")
+    assert_clean(at)
+    for key in ("dataset", "run", "backbone", "weights"):
+        assert key not in at.session_state
+    assert "data" not in at.query_params and "run" not in at.query_params
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluate
+# --------------------------------------------------------------------------------------------------
+def test_evaluate_shows_accuracy_per_class_confusion_and_mistakes(home):
+    ws, run_id = home
+    metrics = json.loads((ws.run_dir(run_id) / "metrics.json").read_text())
+    at = app()
+    goto(at, "evaluate")
+    assert_clean(at)
+    assert at.selectbox[0].value == run_id
+    assert metric(at, "Accuracy") == f"{metrics['val']['accuracy']:.1%}"
+    count = int(metric(at, "Validation images"))
+    assert count == metrics["val"]["count"] == 40
+    heat = plotly_specs(at)[0]["data"][0]
+    assert heat["type"] == "heatmap"
+    assert sum(sum(row) for row in heat["z"]) == count
+    assert heat["x"] == heat["y"] == ["animal", "face", "flag", "food", "vehicle"]
+    assert at.table[0].value.to_numpy().sum() == count
+    per_class = at.dataframe[0].value
+    assert list(per_class.index) == heat["x"] and per_class["support"].sum() == count
+    # row-normalised: every row sums to 1
+    [r for r in at.radio if r.label == "Show"][0].set_value("Row-normalised").run()
+    heat = plotly_specs(at)[0]["data"][0]
+    assert all(sum(row) == pytest.approx(1.0) for row in heat["z"])
+    # gallery: one image per misclassified validation image, most confident first
+    wrong = metrics["top_losses"]
+    assert len(at.get("image")) == len(wrong)
+    assert [c.value for c in at.caption if c.value.startswith("true ")][0].endswith(f"{wrong[0]['confidence']:.0%}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Try it
+# --------------------------------------------------------------------------------------------------
+def test_try_it_predicts_uploaded_images_with_top_k_and_csv(home):
+    ws, run_id = home
+    at = app()
+    goto(at, "try_it")
+    assert_clean(at)
+    files = [(f"{cls}.png", sorted((EMOJI / cls).iterdir())[-1].read_bytes(), "image/png")
+             for cls in ("animal", "flag", "vehicle")]
+    at.file_uploader[0].set_value(files + [("broken.jpg", b"not a jpeg", "image/jpeg")]).run()
+    assert_clean(at)
+    preds = [m.value for m in at.markdown if "→" in m.value]
+    assert len(preds) == 3
+    hits = sum(m.startswith(f"**{cls}.png** → **{cls}**") for m, cls in zip(preds, ("animal", "flag", "vehicle")))
+    assert hits >= 2, preds
+    assert any("broken.jpg" in w.value for w in at.warning)
+    charts = plotly_specs(at)
+    assert len(charts) == 3 and len(charts[0]["data"][0]["y"]) == 3  # top-3 bars
+    assert sum(charts[0]["data"][0]["x"]) <= 1.0 + 1e-6
+    assert at.get("download_button"), "a CSV download for several images"
+
+
+def test_try_it_accepts_a_camera_picture(home):
+    at = app()
+    goto(at, "try_it")
+    at.toggle[0].set_value(True).run()
+    buf = io.BytesIO()
+    Image.open(sorted((EMOJI / "food").iterdir())[0]).convert("RGB").save(buf, "JPEG")
+    at.camera_input[0].set_value(("shot.jpg", buf.getvalue(), "image/jpeg")).run()
+    assert_clean(at)
+    assert any(m.value.startswith("**camera.jpg** → **") for m in at.markdown)
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs & export
+# --------------------------------------------------------------------------------------------------
+def _duplicate_run(ws: Workspace, run_id: str) -> str:
+    """A second finished run with the first one's files and history (to compare two runs)."""
+    store = ws.store()
+    src = store.get(run_id)
+    new = store.create_run(src["data"], {**src["config"], "seed": 1}, status="done")
+    store.update(new, summary={**src["summary"], "val_accuracy": 0.9}, weights=src["weights"])
+    for e in store.epochs(run_id)[:20]:
+        store.add_epoch(new, e["epoch"], {k: v for k, v in e.items() if k != "epoch"})
+    shutil.copytree(ws.run_dir(run_id), ws.run_dir(new))
+    return new
+
+
+def test_runs_page_compares_downloads_and_deletes(home):
+    ws, run_id = home
+    other = _duplicate_run(ws, run_id)
+    at = app()
+    goto(at, "runs")
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert set(table["run"]) == {run_id, other}
+    assert set(table["strategy"]) == {"linear"} and table["val_accuracy"].max() == pytest.approx(0.95)
+    at.multiselect[0].set_value([run_id, other]).run()
+    assert_clean(at)
+    curves = plotly_specs(at)[0]["data"]
+    assert {t["legendgroup"].rsplit("-", 1)[0] for t in curves} == {run_id, other}
+    compare = at.dataframe[1].value
+    assert list(compare.columns) == [run_id, other]
+    assert compare.loc["val images", run_id] == "40"
+    # download: prepare the bundle, then a real zip is offered
+    button(at, f"Prepare {run_id}").click().run()
+    assert_clean(at)
+    bundle = ws.home / "exports" / f"tl-studio-{run_id}.zip"
+    with zipfile.ZipFile(bundle) as zf:
+        assert {"model.safetensors", "meta.json", "config.json", "MODEL_CARD.md"} <= set(zf.namelist())
+    assert any(d.proto.label == f"Download {run_id}" for d in at.get("download_button"))
+    # delete the copy
+    at.checkbox(key="confirm_delete").check().run()
+    button(at, "Delete").click().run()
+    assert_clean(at)
+    assert [r["id"] for r in ws.store().list()] == []
+    assert not ws.run_dir(other).exists() and not ws.run_dir(run_id).exists()
+    assert any("No runs yet" in i.value for i in at.info)
+
+
+# --------------------------------------------------------------------------------------------------
+# the app's engine helpers (tl_core.app_support)
+# --------------------------------------------------------------------------------------------------
+def test_safe_name_keeps_uploads_inside_their_folder():
+    assert app_support.safe_name("My Pets!") == "My_Pets"
+    assert app_support.safe_name("../../etc/passwd") == "etc_passwd"
+    assert app_support.safe_name(".hidden") == "hidden"
+    assert app_support.safe_name("café crème") == "cafe_creme"
+    assert app_support.safe_name("////", fallback="x") == "x"
+
+
+def test_save_uploaded_zip_never_overwrites_and_rejects_empty_archives(empty_home):
+    ws = empty_home
+    a = app_support.save_uploaded_zip(ws, "pets.zip", sample_zip())
+    b = app_support.save_uploaded_zip(ws, "pets.zip", sample_zip())
+    assert (a.name, b.name) == ("pets", "pets-2")
+    empty = io.BytesIO()
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("readme.txt", "hello")
+    with pytest.raises(DatasetError, match="holds no images"):
+        app_support.save_uploaded_zip(ws, "empty.zip", empty.getvalue())
+    assert not [p for p in ws.datasets_dir.iterdir() if p.name.startswith(".")]  # temporary files cleaned up
+
+
+def test_describe_progress_gives_stage_counts_and_time_left():
+    frac, text = app_support.describe_progress("running", {"stage": "extract", "done": 50, "total": 200, "eta_s": 12})
+    assert frac == pytest.approx(0.25) and text == "Computing features with the frozen backbone: 50/200 images · about 12 s left"
+    frac, text = app_support.describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 10},
+                                               [{"seconds": 2.0}] * 3)
+    assert frac == pytest.approx(0.3) and text.endswith("epoch 3/10 · about 14 s left")
+    assert app_support.describe_progress("queued", None)[1] == "Waiting in the queue"
+    assert app_support.describe_progress("done", {"stage": "done"}) == (1.0, "Done")
+
+
+def test_augmentation_preview_uses_the_backbone_input_size():
+    paths = [sorted((EMOJI / "face").iterdir())[0]]
+    [(name, views)] = app_support.augmentation_preview(paths, "efficientnet_lite1", "strong", copies=2)
+    assert name == paths[0].name and len(views) == 2
+    assert views[0].shape == (240, 240, 3) and views[0].dtype.name == "uint8"
+    [(_, same)] = app_support.augmentation_preview(paths, "efficientnet_lite0", "none", copies=2)
+    assert (same[0] == same[1]).all() and same[0].shape == (224, 224, 3)
