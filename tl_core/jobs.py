@@ -161,7 +161,13 @@ def _watchdog(ws: Workspace, run_id: str, pid: int | None, deadline: float) -> N
 def recover(ws: Workspace) -> list[str]:
     """Mark runs whose worker is gone as interrupted and restart workers for queued runs."""
     dead = ws.store().mark_dead_workers("interrupted")
-    ensure_workers(ws)
+    started = ensure_workers(ws)
+    deadline = time.monotonic() + 3.0
+    while dead and not started and ws.store().list(status="queued") and time.monotonic() < deadline:
+        # the kernel releases a killed worker's slot lock a moment after the process is gone: until then
+        # its slot looks busy, and the runs queued behind it would wait for a worker that never comes
+        time.sleep(0.1)
+        started = ensure_workers(ws)
     return dead
 
 
