@@ -18,9 +18,15 @@ def _speed(name: str) -> float:
     return time_backbone(name)
 
 
+@st.cache_data(show_spinner=False, ttl=300)
+def _catalogue() -> list[dict]:
+    # availability checks look at installed packages and the hub cache: cheap, but not free on every rerun
+    return catalogue()
+
+
 with session.page_errors():
     ws = session.workspace()
-    rows = catalogue()
+    rows = _catalogue()
     st.success(
         f"**Recommended: {session.DEFAULT_BACKBONE}.** Its ImageNet weights ship with TL Studio (no internet "
         "needed), it is small (4.7 M parameters) and fast on a laptop CPU, and a linear probe on it reaches "
@@ -35,7 +41,7 @@ with session.page_errors():
         "ImageNet top-1 (%)": r["imagenet_top1"],
         "ms / image here": speeds.get(r["name"]),
         "weights": r["weights"],
-        "offline": "✅ yes" if r["available_offline"] else "🌐 needs internet once",
+        "offline": "yes" if r["available_offline"] else "needs internet once",
         "notes": r["note"],
     } for r in rows])
     st.dataframe(

@@ -25,7 +25,17 @@ def _once(upload_id: str) -> bool:
     return True
 
 
+def _flash(message: str, warnings: list[str] | None = None) -> None:
+    """Keep a message for the next run (the page reruns right after an upload to show the new dataset)."""
+    st.session_state["_data_flash"] = (message, warnings or [])
+
+
 with session.page_errors():
+    if "_data_flash" in st.session_state:
+        message, warnings = st.session_state.pop("_data_flash")
+        st.success(message)
+        for w in warnings:
+            st.warning(w)
     ws = session.workspace()
     options = session.dataset_options(ws)
     refs = list(options)
@@ -35,36 +45,41 @@ with session.page_errors():
         help="Sample datasets ship with TL Studio; uploaded ones are kept in the workspace on this server.",
     )
 
-    tab_zip, tab_classes = st.tabs(["Upload a zip", "Add images class by class"])
-    with tab_zip:
-        st.caption("A .zip holding one folder per class (sub-folders `train/`, `val/`, `test/` with class folders "
-                   "inside are understood too). Files that are not images are skipped and listed.")
-        up = st.file_uploader("Dataset .zip", type=["zip"], key="zip_upload",
-                              help="Up to 200 MB. Unpacked safely into the workspace's datasets folder.")
-        if up is not None and _once(up.file_id):
-            folder = save_uploaded_zip(ws, up.name, up.getvalue())
-            ref = session.dataset_ref_for_path(folder, ws)
-            session.select("dataset", ref)
-            st.success(f"Unpacked {up.name} as dataset '{folder.name}'.")
-            st.rerun()
+    chosen = session.dataset_path(session.get("dataset"), ws) is not None
+    with st.expander("Bring your own images", expanded=not chosen, icon=":material/upload:"):
+        tab_zip, tab_classes = st.tabs(["Upload a zip", "Add images class by class"])
+        with tab_zip:
+            st.caption("A .zip holding one folder per class (sub-folders `train/`, `val/`, `test/` with class folders "
+                       "inside are understood too). Files that are not images are skipped and listed.")
+            up = st.file_uploader("Dataset .zip", type=["zip"], key="zip_upload",
+                                  help="Up to 200 MB. Unpacked safely into the workspace's datasets folder.")
+            if up is not None and _once(up.file_id):
+                folder = save_uploaded_zip(ws, up.name, up.getvalue())
+                ref = session.dataset_ref_for_path(folder, ws)
+                session.select("dataset", ref)
+                _flash(f"Unpacked {up.name} as dataset '{folder.name}'.")
+                st.rerun()
 
-    with tab_classes:
-        st.caption("Build a dataset from images on your computer: name a class, add its images, repeat for "
-                   "every class (at least two classes, 10+ images each recommended).")
-        c1, c2 = st.columns(2)
-        ds_name = c1.text_input("Dataset name", value="my_images", key="build_name",
-                                help="Letters, digits, '-', '_' and '.'; other characters become '_'.")
-        cls_name = c2.text_input("Class name", key="build_class", placeholder="e.g. cats",
-                                 help="The label these images get.")
-        files = st.file_uploader("Images of this class", type=IMAGE_TYPES, accept_multiple_files=True,
-                                 key="class_upload")
-        if st.button("Add to dataset", disabled=not files):
-            folder, saved, skipped = add_class_images(ws, ds_name, cls_name,
-                                                      [(f.name, f.getvalue()) for f in files])
-            st.success(f"Added {len(saved)} image(s) to class '{cls_name}' of '{folder.name}'.")
-            for s in skipped:
-                st.warning(f"{s['path']}: {s['reason']}")
-            session.select("dataset", session.dataset_ref_for_path(folder, ws))
+        with tab_classes:
+            st.caption("Build a dataset from images on your computer: name a class, add its images, repeat for "
+                       "every class (at least two classes, 10+ images each recommended).")
+            c1, c2 = st.columns(2)
+            ds_name = c1.text_input("Dataset name", value="my_images", key="build_name",
+                                    help="Letters, digits, '-', '_' and '.'; other characters become '_'.")
+            cls_name = c2.text_input("Class name", key="build_class", placeholder="e.g. cats",
+                                     help="The label these images get.")
+            # a new key after each addition empties the uploader for the next class
+            n_added = st.session_state.setdefault("_class_uploads", 0)
+            files = st.file_uploader("Images of this class", type=IMAGE_TYPES, accept_multiple_files=True,
+                                     key=f"class_upload_{n_added}")
+            if st.button("Add to dataset", disabled=not files):
+                folder, saved, skipped = add_class_images(ws, ds_name, cls_name,
+                                                          [(f.name, f.getvalue()) for f in files])
+                _flash(f"Added {len(saved)} image(s) to class '{cls_name}' of '{folder.name}'.",
+                       [f"{s['path']}: {s['reason']}" for s in skipped])
+                session.select("dataset", session.dataset_ref_for_path(folder, ws))
+                st.session_state["_class_uploads"] = n_added + 1
+                st.rerun()
 
     path = session.dataset_path(session.get("dataset"), ws)
     if path is None:

@@ -25,7 +25,7 @@ with session.page_errors():
     runs = ws.store().list(status="done")
     if not runs:
         st.info("No finished run yet: train one first.")
-        session.link("train", "Go to Train", "🏋️")
+        session.link("train", "Go to Train", ":material/model_training:")
         st.stop()
     by_id = {r["id"]: r for r in runs}
     ids = list(by_id)
@@ -37,8 +37,11 @@ with session.page_errors():
     splits = {"Validation": "val"}
     if metrics.get("test"):
         splits["Test (held-out folder)"] = "test"
-    split_name = st.radio("Images", list(splits), horizontal=True,
-                          help="Validation: held out from your training data. Test: the dataset's own test/ folder.")
+    split_name = "Validation"
+    if len(splits) > 1:
+        split_name = st.radio("Images", list(splits), horizontal=True,
+                              help="Validation: held out from your training data. Test: the dataset's own test/ "
+                                   "folder.")
     m = metrics[splits[split_name]]
     classes = m["classes"]
 

@@ -5,6 +5,13 @@ import streamlit as st
 from pages import _session as session
 from tl_core.backbones import CATALOGUE
 
+DONE, TODO = ":material/check_circle:", ":material/radio_button_unchecked:"
+
+
+def _run_icon(status: str) -> str:
+    return {"done": DONE, "queued": ":material/pending:", "running": ":material/pending:"}.get(status, ":material/error:")
+
+
 st.title("TL Studio")
 st.markdown(
     "**Transfer learning** reuses a network that already learned to see from 1.3 million photos (ImageNet) "
@@ -25,7 +32,7 @@ with session.page_errors():
     run = store.get(run_id) if run_id and store.exists(run_id) else None
     done_runs = [r for r in store.list(status="done")]
 
-    if st.button("▶ Try it with sample data", type="primary",
+    if st.button("Try it with sample data", type="primary", icon=":material/play_arrow:",
                  help="Selects the emoji sample (5 classes, 200 images), the EfficientNet-Lite0 backbone and a "
                       "linear probe, then opens the Train page: press Start there."):
         session.select("dataset", "sample/emoji")
@@ -38,17 +45,17 @@ with session.page_errors():
     st.subheader("Four steps")
     steps = [
         ("1. Data", "data",
-         f"✅ {ds_label}" if ds_label else "⬜ Not chosen yet: pick a sample dataset or upload your images.",
+         f"{DONE} {ds_label}" if ds_label else f"{TODO} Not chosen yet: pick a sample dataset or upload your images.",
          "Images sorted into one folder per class."),
         ("2. Backbone", "backbone",
-         f"✅ {backbone}" if backbone else
-         f"⬜ Not chosen: the recommended {session.DEFAULT_BACKBONE} (works offline) will be used.",
+         f"{DONE} {backbone}" if backbone else
+         f"{TODO} Not chosen: the recommended {session.DEFAULT_BACKBONE} (works offline) will be used.",
          "The pretrained network whose knowledge you borrow."),
         ("3. Train", "train",
-         (f"✅ Run {run['id']}: {run['status']}" if run else "⬜ No run yet."),
+         (f"{_run_icon(run['status'])} Run {run['id']}: {run['status']}" if run else f"{TODO} No run yet."),
          "Fit the new final layer (and optionally more) on your images."),
         ("4. Evaluate & try", "evaluate",
-         (f"✅ {len(done_runs)} finished run(s) to inspect" if done_runs else "⬜ Needs a finished run."),
+         (f"{DONE} {len(done_runs)} finished run(s) to inspect" if done_runs else f"{TODO} Needs a finished run."),
          "See accuracy and mistakes, then predict new images."),
     ]
     cols = st.columns(4)
@@ -57,7 +64,7 @@ with session.page_errors():
             st.markdown(f"**{title}**")
             st.caption(what)
             st.write(state)
-            session.link(key, f"Open {title.split('. ', 1)[1]}", "➡️")
+            session.link(key, f"Open {title.split('. ', 1)[1]}", ":material/arrow_forward:")
 
     with st.expander("What the words mean"):
         st.markdown(

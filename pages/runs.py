@@ -34,12 +34,15 @@ with session.page_errors():
         st.success("Deleted.")
     if not runs:
         st.info("No runs yet.")
-        session.link("train", "Go to Train", "🏋️")
+        session.link("train", "Go to Train", ":material/model_training:")
         st.stop()
     rows = runs_rows(runs)
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
-        "val_accuracy": st.column_config.NumberColumn("val accuracy", format="percent"),
-        "test_accuracy": st.column_config.NumberColumn("test accuracy", format="percent"),
+        "val_accuracy": st.column_config.NumberColumn("val accuracy", format="percent",
+                                                      help="Accuracy on the validation images."),
+        "test_accuracy": st.column_config.NumberColumn("test accuracy", format="percent",
+                                                       help="Accuracy on the dataset's own test/ folder, if any."),
+        "best_epoch": st.column_config.NumberColumn("best epoch", help="The epoch whose weights were kept."),
         "seconds": st.column_config.NumberColumn(format="%.1f"),
         "lr": st.column_config.NumberColumn(format="%g"),
     })
@@ -80,7 +83,7 @@ with session.page_errors():
             except Exception as e:  # files removed by hand: the row still shows what the store knows
                 row["error"] = str(e)
         table.append(row)
-    st.dataframe(pd.DataFrame(table).set_index("run").T.astype(str), width="stretch")
+    st.table(pd.DataFrame(table).set_index("run").T.astype(str).replace({"None": "", "nan": ""}))
 
     st.subheader("Download")
     exports = ws.home / "exports"
@@ -92,7 +95,7 @@ with session.page_errors():
         c1, c2 = st.columns([1, 3])
         if bundle.is_file():
             c1.download_button(f"Download {i}", bundle.read_bytes(), file_name=bundle.name, mime="application/zip",
-                               key=f"dl-{i}", icon="⬇")
+                               key=f"dl-{i}", icon=":material/download:")
             c2.caption(f"Bundle: model weights (safetensors), config, metrics and a model card "
                        f"({bundle.stat().st_size / 1e6:.1f} MB). Predict with `tl-core predict {bundle.name} IMAGE`.")
         elif c1.button(f"Prepare {i}", key=f"prep-{i}", help="Writes a zip bundle of the trained model."):
@@ -107,4 +110,4 @@ with session.page_errors():
     deletable = [i for i in chosen if i not in active]
     if deletable:
         sure = st.checkbox(f"Yes, delete {len(deletable)} run(s) and their files", key="confirm_delete")
-        st.button("Delete", disabled=not sure, icon="🗑", on_click=_delete, args=(ws, deletable))
+        st.button("Delete", disabled=not sure, icon=":material/delete:", on_click=_delete, args=(ws, deletable))

@@ -95,7 +95,7 @@ def settings_form(ws, path) -> None:
             "Linear probe C", min_value=0.001, max_value=1000.0, key=session.remember("linear_c", 1.0),
             format="%.3g", help=field_help("linear_c"), disabled=not linear))
 
-    if st.button("Start training", type="primary", icon="▶"):
+    if st.button("Start training", type="primary", icon=":material/play_arrow:"):
         cfg = TrainConfig(
             backbone=backbone, strategy=strategy, weights=weights, epochs=int(epochs),
             lr=None if linear else float(lr), batch_size=int(batch), val_split=float(val_split), seed=int(seed),
@@ -127,7 +127,7 @@ def run_panel(ws, run_id: str) -> None:
             frac, text = describe_progress(status, run.get("progress"), epochs)
             if status in ACTIVE_STATUSES:
                 st.progress(frac, text=text)
-                if st.button("Cancel training", icon="⏹", help="Stops the worker at its next check point "
+                if st.button("Cancel training", icon=":material/stop:", help="Stops the worker at its next check point "
                                                                "(killed after a few seconds if it does not stop)."):
                     jobs.cancel(ws, run_id)
                     st.toast("Cancelling…")
@@ -137,8 +137,8 @@ def run_panel(ws, run_id: str) -> None:
                            f"**{(s.get('val_accuracy') or 0):.1%}** (best epoch {s.get('best_epoch')}, weights: "
                            f"{(s.get('weights') or {}).get('source')}).")
                 l1, l2 = st.columns(2)
-                session.link("evaluate", "See the evaluation", "📊", where=l1)
-                session.link("try", "Try the model on new images", "🔍", where=l2)
+                session.link("evaluate", "See the evaluation", ":material/analytics:", where=l1)
+                session.link("try", "Try the model on new images", ":material/image_search:", where=l2)
             elif status == "failed":
                 st.error(run.get("error") or "The run failed.")
             else:
@@ -165,7 +165,7 @@ with session.page_errors():
         st.divider()
     if path is None:
         st.info("Choose a dataset first.")
-        session.link("data", "Go to Data", "🗂️")
+        session.link("data", "Go to Data", ":material/folder_open:")
     else:
         st.header("New training run" if run_id else "Settings")
         settings_form(ws, path)

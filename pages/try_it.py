@@ -30,7 +30,7 @@ with session.page_errors():
     runs = ws.store().list(status="done")
     if not runs:
         st.info("No finished run yet: train one first.")
-        session.link("train", "Go to Train", "🏋️")
+        session.link("train", "Go to Train", ":material/model_training:")
         st.stop()
     by_id = {r["id"]: r for r in runs}
     ids = list(by_id)

@@ -173,7 +173,7 @@ def test_home_explains_and_shows_the_state_of_the_four_steps(home):
 
 def test_home_sample_data_button_selects_emoji_lite0_linear_and_opens_train(home):
     at = app()
-    button(at, "▶ Try it with sample data").click().run()
+    button(at, "Try it with sample data").click().run()
     assert_clean(at)
     assert at.title[0].value == "Train"
     assert at.session_state["dataset"] == "sample/emoji"
@@ -253,7 +253,8 @@ def test_data_page_builds_a_dataset_class_by_class(home):
         at.text_input(key="build_name").set_value("My Photos")
         at.text_input(key="build_class").set_value(cls)
         files = [(f.name, f.read_bytes(), "image/png") for f in sorted((EMOJI / src).iterdir())[:4]]
-        at.file_uploader(key="class_upload").set_value(files + [("readme.png", b"nope", "image/png")])
+        uploader = [u for u in at.file_uploader if u.label == "Images of this class"][0]
+        uploader.set_value(files + [("readme.png", b"nope", "image/png")])
         at.run()
         button(at, "Add to dataset").click().run()
         assert not at.exception
@@ -274,12 +275,12 @@ def test_backbone_page_lists_the_catalogue_and_recommends_the_offline_default(ho
     table = at.dataframe[0].value
     assert len(table) >= 3
     lite0 = table[table["backbone"] == "efficientnet_lite0"].iloc[0]
-    assert lite0["offline"].startswith("✅") and lite0["weights"] == "packaged"
+    assert lite0["offline"] == "yes" and lite0["weights"] == "packaged"
     assert lite0["ImageNet top-1 (%)"] == pytest.approx(74.83)
     assert any("Recommended: efficientnet_lite0" in s.value for s in at.success)
     at.selectbox[0].set_value("efficientnet_lite1").run()
     assert at.query_params["backbone"] == "efficientnet_lite1"
-    online = [n for n in table["backbone"] if not table[table["backbone"] == n].iloc[0]["offline"].startswith("✅")]
+    online = [n for n in table["backbone"] if table[table["backbone"] == n].iloc[0]["offline"] != "yes"]
     if online:
         at.selectbox[0].set_value(online[0]).run()
         assert any("fails offline" in w.value for w in at.warning)
@@ -492,7 +493,7 @@ def test_runs_page_compares_downloads_and_deletes(home):
     assert_clean(at)
     curves = plotly_specs(at)[0]["data"]
     assert {t["legendgroup"].rsplit("-", 1)[0] for t in curves} == {run_id, other}
-    compare = at.dataframe[1].value
+    compare = at.table[0].value
     assert list(compare.columns) == [run_id, other]
     assert compare.loc["val images", run_id] == "40"
     # download: prepare the bundle, then a real zip is offered

@@ -397,23 +397,25 @@ def runs_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         cfg = r.get("config") or {}
         s = r.get("summary") or {}
         w = r.get("weights") or s.get("weights") or {}
+        linear = cfg.get("strategy") == "linear"
         rows.append({
             "run": r["id"],
             "status": r["status"],
-            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
             "data": Path(str(r.get("data", ""))).name,
             "backbone": cfg.get("backbone"),
             "strategy": cfg.get("strategy"),
-            "epochs": cfg.get("epochs"),
-            "lr": cfg.get("lr"),
-            "batch_size": cfg.get("batch_size"),
-            "augment": cfg.get("augment"),
-            "seed": cfg.get("seed"),
-            "weights": w.get("source"),
             "val_accuracy": s.get("val_accuracy"),
             "test_accuracy": s.get("test_accuracy"),
-            "best_epoch": s.get("best_epoch"),
             "seconds": s.get("seconds"),
+            "epochs": cfg.get("epochs"),
+            "best_epoch": s.get("best_epoch"),
+            # the linear probe's solver has no learning rate, batches or augmentation: leave them blank
+            "lr": None if linear else cfg.get("lr"),
+            "batch_size": None if linear else cfg.get("batch_size"),
+            "augment": None if linear else cfg.get("augment"),
+            "seed": cfg.get("seed"),
+            "weights": w.get("source"),
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
             "error": r.get("error"),
         })
     return rows

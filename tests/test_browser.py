@@ -1,0 +1,215 @@
+"""End to end in a real browser: headless Debian Chromium, driven by Playwright, against `streamlit run app.py`.
+
+The flow a first-time user takes: choose the emoji sample → linear probe on Lite0 (a real background
+worker trains it) → the run survives a refresh and shows in a second tab → Evaluate shows a confusion
+matrix whose cells add up to the validation count → Try it predicts an uploaded image. Screenshots of
+every page go to ``test-artifacts/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+EMOJI = ROOT / "sample_data" / "emoji"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TRAIN_TIMEOUT_MS = 240_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`streamlit run app.py` on a free localhost port with its own TL_HOME; yields (base URL, TL_HOME)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package to run the browser test")
+    pytest.importorskip("playwright.sync_api")
+    home = tmp_path_factory.mktemp("browser_home")
+    port = _free_port()
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env={**os.environ, "TL_HOME": str(home), "TL_MAX_WORKERS": "1"},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the Streamlit server did not start:\n" + (home / "server.log").read_text()[-3000:])
+        time.sleep(0.3)
+    yield base, home
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def settle(page) -> None:
+    """Wait until the script run is over and the charts are drawn."""
+    page.wait_for_load_state("networkidle")
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+        " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
+        timeout=60_000,
+    )
+    page.wait_for_timeout(600)
+
+
+def shot(page, name: str) -> None:
+    """Screenshot of the whole page (Streamlit scrolls inside its main element: grow the viewport to fit)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    settle(page)
+    size = page.viewport_size
+    height = page.evaluate("() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+    page.set_viewport_size({"width": size["width"], "height": min(max(height, size["height"]), 8000)})
+    page.wait_for_timeout(400)
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+    page.set_viewport_size(size)
+
+
+def nav(page, title: str) -> None:
+    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    page.get_by_role("heading", name=title, exact=True).first.wait_for()
+
+
+def metric_value(page, label: str) -> str:
+    box = page.get_by_test_id("stMetric").filter(has=page.get_by_test_id("stMetricLabel").get_by_text(label, exact=True))
+    return box.get_by_test_id("stMetricValue").inner_text().strip()
+
+
+def test_sample_data_to_prediction_in_a_real_browser(server, browser):
+    base, home = server
+    page = browser.new_page(viewport={"width": 1400, "height": 950})
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    # Home
+    page.goto(base)
+    page.get_by_text("Four steps").wait_for()
+    shot(page, "01-home")
+
+    # Data: choose the emoji sample
+    nav(page, "Data")
+    page.get_by_test_id("stSelectbox").first.click()
+    page.get_by_role("option", name="emoji (sample data)").click()
+    page.get_by_role("heading", name="Report: emoji").wait_for()
+    assert metric_value(page, "Classes") == "5"
+    assert metric_value(page, "Images") == "200"
+    val_count = int(metric_value(page, "Validation"))
+    assert "data=sample%2Femoji" in page.url or "data=sample/emoji" in page.url
+    shot(page, "02-data")
+
+    # Backbone: the recommended offline default is selected
+    nav(page, "Backbone")
+    page.get_by_text("Recommended: efficientnet_lite0").wait_for()
+    assert page.get_by_role("combobox", name="Backbone for training").input_value().startswith("efficientnet_lite0")
+    shot(page, "03-backbone")
+
+    # Train: linear probe (the default strategy), Start
+    nav(page, "Train")
+    page.get_by_text("Linear probe (frozen backbone)").wait_for()
+    epochs = page.get_by_role("spinbutton", name="Epochs")
+    epochs.fill("30")  # at most 30 solver rounds: the probe has converged by then on this sample
+    epochs.press("Enter")
+    settle(page)
+    page.get_by_role("button", name="Start training").click()
+    page.get_by_role("heading", name=re.compile(r"^Run \d{8}-\d{6}-[0-9a-f]{6}$")).wait_for()
+    page.wait_for_function("() => location.search.includes('run=')")
+    run_id = parse_qs(urlparse(page.url).query)["run"][0]
+    # live progress while the worker runs (the page polls the run store every second)
+    page.get_by_test_id("stProgress").filter(has_text=re.compile(r"left$")).wait_for(timeout=TRAIN_TIMEOUT_MS)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "04a-train-running.png"))
+
+    # the run link in a second tab shows the same run while it trains
+    tab = browser.new_page(viewport={"width": 1400, "height": 950})
+    tab.goto(page.url)
+    tab.get_by_role("heading", name=f"Run {run_id}").wait_for(timeout=60_000)
+
+    page.get_by_text("Status: done").wait_for(timeout=TRAIN_TIMEOUT_MS)
+    page.get_by_text("validation accuracy").wait_for()
+    shot(page, "04b-train-done")
+    tab.get_by_text("Status: done").wait_for(timeout=60_000)  # the other tab's live view followed it
+    assert tab.locator(".js-plotly-plot").count() >= 1
+    tab.close()
+
+    # a refresh shows the same run again
+    page.reload()
+    page.get_by_role("heading", name=f"Run {run_id}").wait_for()
+    page.get_by_text("Status: done").wait_for()
+    assert parse_qs(urlparse(page.url).query)["run"][0] == run_id
+
+    # Evaluate: the confusion matrix adds up to the validation count
+    nav(page, "Evaluate")
+    page.get_by_role("heading", name="Confusion matrix").wait_for()
+    shown = int(metric_value(page, "Validation images"))
+    page.get_by_text("The matrix as numbers").click()
+    table = page.get_by_test_id("stTable")
+    table.wait_for()
+    cells = [int(t) for t in table.locator("tbody td").all_inner_texts() if t.strip().isdigit()]
+    metrics = json.loads((home / "runs" / run_id / "metrics.json").read_text())
+    assert json.loads((home / "runs" / run_id / "config.json").read_text())["epochs"] == 30
+    assert len(cells) == 25
+    assert sum(cells) == shown == val_count == metrics["val"]["count"]
+    assert page.locator(".js-plotly-plot").count() >= 1
+    shot(page, "05-evaluate")
+
+    # Try it: upload an image, get a prediction
+    nav(page, "Try it")
+    image = sorted((EMOJI / "vehicle").iterdir())[-1]
+    page.locator("input[type=file]").first.set_input_files(str(image))
+    prediction = page.get_by_text(re.compile(rf"{re.escape(image.name)} → \w+ \(\d+\.\d%\)"))
+    prediction.wait_for()
+    assert prediction.inner_text().split("→")[1].split("(")[0].strip() in metrics["val"]["classes"]
+    shot(page, "06-try-it")
+
+    # Runs & export
+    nav(page, "Runs & export")
+    page.get_by_text("Select runs").wait_for()
+    shot(page, "07-runs")
+
+    assert not page.get_by_test_id("stException").count()
+    assert not errors, errors
