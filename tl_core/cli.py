@@ -160,7 +160,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .export import load_model, predict_paths
 
     ref = Path(args.model)
-    model = load_model(ref if ref.suffix == ".zip" and ref.is_file() else _resolve_run_dir(args.model))
+    model = load_model(ref if ref.is_file() else _resolve_run_dir(args.model))  # a file is a bundle, whatever its name
     rows, skipped = predict_paths(model, args.paths, top_k=args.top_k)
     if args.csv:
         from .export import write_predictions_csv
@@ -184,6 +184,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
     out = export_run(_resolve_run_dir(args.run), args.format, args.out)
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"wrote {out['path']}" + (f" and {out['sidecar']}" if out.get("sidecar") else ""))
+        v = out.get("verification")
+        if v:
+            print(f"verified with {v['runtime']} on {v['images']} {v['image_source']}: top-1 agrees on "
+                  f"{v['top1_agree']}/{v['images']}, max probability difference {v['max_prob_diff']:.2e} "
+                  f"(allowed {v['tolerance']:.0e})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = write_report(_resolve_run_dir(args.run), args.out)
     if args.json:
         _print_json(out)
     else:
@@ -263,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("report", help="write a self-contained HTML report of a run (opens offline)")
+    s.add_argument("run", help="run id or run directory")
+    s.add_argument("--out", required=True, help="the .html file to write")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("runs", help="list runs in the workspace")
     s.add_argument("--json", action="store_true")
