@@ -556,6 +556,9 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
     """
     cfg = cfg.resolved()
     store = workspace.store()
+    # absolute paths in the run record and predictions: the run works from any directory later
+    data = Path(data).expanduser().resolve()
+    test_data = Path(test_data).expanduser().resolve() if test_data is not None else None
     from .backbones import check_backbone_name
 
     check_backbone_name(cfg.backbone)  # fail before checking thousands of images
