@@ -46,7 +46,8 @@ with session.page_errors():
     )
 
     chosen = session.dataset_path(session.get("dataset"), ws) is not None
-    with st.expander("Bring your own images", expanded=not chosen, icon=":material/upload:"):
+    building = st.session_state.get("_class_uploads", 0) > 0  # stay open while a dataset is built class by class
+    with st.expander("Bring your own images", expanded=not chosen or building, icon=":material/upload:"):
         tab_zip, tab_classes = st.tabs(["Upload a zip", "Add images class by class"])
         with tab_zip:
             st.caption("A .zip holding one folder per class (sub-folders `train/`, `val/`, `test/` with class folders "

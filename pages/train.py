@@ -114,6 +114,9 @@ def run_panel(ws, run_id: str) -> None:
 
     @st.fragment(run_every=1.0 if active else None)
     def live() -> None:
+        if not store.exists(run_id):  # deleted meanwhile (another tab, the CLI): redraw without it
+            st.rerun()
+        status = None
         with session.page_errors():
             run = store.get(run_id)
             epochs = store.epochs(run_id)
@@ -147,7 +150,7 @@ def run_panel(ws, run_id: str) -> None:
                 st.plotly_chart(charts.training_curves({run_id: epochs}), width="stretch", key=f"curves-{run_id}")
             elif status in ACTIVE_STATUSES:
                 st.caption("The curves appear after the first epoch.")
-        if active and status not in ACTIVE_STATUSES:
+        if active and status is not None and status not in ACTIVE_STATUSES:
             st.rerun()  # the run ended: redraw the page once without polling
 
     live()

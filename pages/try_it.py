@@ -38,7 +38,7 @@ with session.page_errors():
         "Model (a finished run)", ids, key=session.bind("run", ids, ids[0]), on_change=session.picked,
         args=("run",),
         format_func=lambda i: f"{i} · {Path(by_id[i]['data']).name} · {by_id[i]['config'].get('backbone')} · "
-                              f"{(by_id[i].get('summary') or {}).get('val_accuracy', 0):.1%}",
+                              f"{(by_id[i].get('summary') or {}).get('val_accuracy') or 0:.1%}",
     )
     tm = _model(str(ws.run_dir(run_id)))
     st.caption(f"Classes: {', '.join(tm.classes)}")

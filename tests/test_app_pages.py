@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -359,6 +360,50 @@ def test_train_page_start_queues_a_job_with_the_chosen_settings_and_cancel_stops
     assert any("**Status:** cancelled" in m.value for m in at.markdown)
 
 
+def test_cancel_on_the_train_page_really_stops_the_worker(home):
+    """A real worker process: Start, wait until it trains, Cancel, and the process is gone."""
+    ws, _ = home
+    at = app({"data": "sample/emoji"})
+    goto(at, "train")
+    [r for r in at.radio if r.label == "Strategy"][0].set_value("full").run()
+    button(at, "Start training").click().run()
+    run_id = at.query_params["run"]
+    store = ws.store()
+    deadline = time.monotonic() + 120
+    while store.get(run_id)["status"] != "running" or not store.get(run_id)["pid"]:
+        assert store.get(run_id)["status"] in ("queued", "running"), store.get(run_id)
+        assert time.monotonic() < deadline, "the worker never started"
+        time.sleep(0.2)
+    pid = store.get(run_id)["pid"]
+    at.run()
+    assert any("**Status:** running" in m.value for m in at.markdown)
+    button(at, "Cancel training").click().run()
+    assert_clean(at)
+    deadline = time.monotonic() + 60
+    while store.get(run_id)["status"] == "running":
+        assert time.monotonic() < deadline, "cancel did not stop the run"
+        time.sleep(0.2)
+    assert store.get(run_id)["status"] == "cancelled"
+    while _alive(pid):  # the worker finishes its loop (no run left) and exits
+        assert time.monotonic() < deadline, f"worker {pid} still alive"
+        time.sleep(0.2)
+    at.run()
+    assert any("**Status:** cancelled" in m.value for m in at.markdown)
+    assert not at.get("progress")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
 def test_train_page_shows_a_running_job_with_progress_eta_and_curves(home, no_workers):
     ws, _ = home
     store = ws.store()
@@ -452,6 +497,43 @@ def test_try_it_predicts_uploaded_images_with_top_k_and_csv(home):
     assert len(charts) == 3 and len(charts[0]["data"][0]["y"]) == 3  # top-3 bars
     assert sum(charts[0]["data"][0]["x"]) <= 1.0 + 1e-6
     assert at.get("download_button"), "a CSV download for several images"
+
+
+def test_try_it_handles_odd_images_without_a_traceback(home):
+    def png(im: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        return buf.getvalue()
+
+    odd = [
+        ("one-pixel.png", png(Image.new("RGB", (1, 1), "red")), "image/png"),
+        ("gray16.png", png(Image.new("I;16", (40, 30), 30000)), "image/png"),
+        ("transparent.png", png(Image.new("RGBA", (50, 80), (0, 0, 0, 0))), "image/png"),
+        ("palette.png", png(Image.new("P", (64, 64))), "image/png"),
+        ("empty.jpg", b"", "image/jpeg"),
+    ]
+    at = app()
+    goto(at, "try_it")
+    at.file_uploader[0].set_value(odd).run()
+    assert not at.exception
+    assert len([m for m in at.markdown if "→" in m.value]) == 4
+    assert len(at.warning) == 1 and "empty.jpg" in at.warning[0].value
+
+
+def test_class_by_class_names_cannot_escape_the_workspace(home):
+    ws, _ = home
+    at = app()
+    goto(at, "data")
+    at.text_input(key="build_name").set_value("../../outside")
+    at.text_input(key="build_class").set_value("../../../etc")
+    f = sorted((EMOJI / "food").iterdir())[0]
+    [u for u in at.file_uploader if u.label == "Images of this class"][0].set_value([("../x.png", f.read_bytes(), "image/png")])
+    at.run()
+    button(at, "Add to dataset").click().run()
+    assert not at.exception
+    assert (ws.datasets_dir / "outside" / "etc" / "x.png").is_file()
+    assert not (ws.home.parent / "outside").exists()
+    assert any("at least two classes" in e.value for e in at.error)  # one class so far: said in one sentence
 
 
 def test_try_it_accepts_a_camera_picture(home):

@@ -164,7 +164,10 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "04a-train-running.png"))
 
-    # the run link in a second tab shows the same run while it trains
+    # refreshing while it trains finds the same run, and the refreshed page keeps following it to the end
+    page.reload()
+    page.get_by_role("heading", name=f"Run {run_id}").wait_for()
+    # so does the run link opened in a second tab
     tab = browser.new_page(viewport={"width": 1400, "height": 950})
     tab.goto(page.url)
     tab.get_by_role("heading", name=f"Run {run_id}").wait_for(timeout=60_000)
@@ -176,7 +179,7 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     assert tab.locator(".js-plotly-plot").count() >= 1
     tab.close()
 
-    # a refresh shows the same run again
+    # and after it finished, a refresh still shows it
     page.reload()
     page.get_by_role("heading", name=f"Run {run_id}").wait_for()
     page.get_by_text("Status: done").wait_for()

@@ -303,7 +303,7 @@ def augmentation_preview(paths: Sequence[str | os.PathLike], backbone: str, pres
     torch.manual_seed(seed)
     out = []
     for p in paths:
-        arr = pre.resized_array(load_image(p))
+        arr = np.array(pre.resized_array(load_image(p)))  # writable: torch.from_numpy warns on read-only arrays
         views = []
         for _ in range(copies):
             x = tf(arr) * std + mean
