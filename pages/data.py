@@ -50,12 +50,17 @@ with session.page_errors():
     with st.expander("Bring your own images", expanded=not chosen or building, icon=":material/upload:"):
         tab_zip, tab_classes = st.tabs(["Upload a zip", "Add images class by class"])
         with tab_zip:
-            st.caption("A .zip holding one folder per class (sub-folders `train/`, `val/`, `test/` with class folders "
-                       "inside are understood too). Files that are not images are skipped and listed.")
+            st.caption("A .zip holding one folder per class (sub-folders `train/`, `val/`, `test/` with class "
+                       "folders inside are understood too), or a .zip of images plus a CSV of `path,label` rows "
+                       "(inside the zip, or uploaded here first). Files that are not images are skipped and listed.")
+            labels = st.file_uploader("Labels CSV (optional)", type=["csv"], key="csv_upload",
+                                      help="Only when the images are not sorted into class folders: one "
+                                           "'path,label' row per image, paths relative to the zip's top folder.")
             up = st.file_uploader("Dataset .zip", type=["zip"], key="zip_upload",
                                   help="Up to 200 MB. Unpacked safely into the workspace's datasets folder.")
             if up is not None and _once(up.file_id):
-                folder = save_uploaded_zip(ws, up.name, up.getvalue())
+                folder = save_uploaded_zip(ws, up.name, up.getvalue(),
+                                           labels_csv=labels.getvalue() if labels is not None else None)
                 ref = session.dataset_ref_for_path(folder, ws)
                 session.select("dataset", ref)
                 _flash(f"Unpacked {up.name} as dataset '{folder.name}'.")

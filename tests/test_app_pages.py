@@ -231,6 +231,32 @@ def test_data_page_zip_upload_unpacks_into_the_workspace_and_reports_skipped_fil
     assert sorted(p.name for p in ws.datasets_dir.iterdir() if not p.name.startswith(".")) == ["My_Pets"]
 
 
+def test_data_page_zip_with_a_labels_csv_is_sorted_into_class_folders(home, tmp_path):
+    ws, _ = home
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(sorted((EMOJI / "face").iterdir())[0].read_bytes())
+    buf = io.BytesIO()
+    rows = ["path,label"]
+    with zipfile.ZipFile(buf, "w") as zf:
+        for cls in ("animal", "vehicle"):
+            for n, f in enumerate(sorted((EMOJI / cls).iterdir())[:3]):
+                zf.write(f, f"shots/img_{cls}_{n}.png")
+                rows.append(f"img_{cls}_{n}.png,{cls}")
+        rows += [f"{secret},animal", "../../secret.png,animal", "missing.png,vehicle"]
+        zf.writestr("shots/labels.csv", "\n".join(rows))
+    at = app()
+    goto(at, "data")
+    at.file_uploader(key="zip_upload").set_value(("flat.zip", buf.getvalue(), "application/zip")).run()
+    assert_clean(at)
+    folder = ws.datasets_dir / "flat"
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["animal", "vehicle"]
+    assert len(list((folder / "animal").iterdir())) == 3
+    assert metric(at, "Classes") == "2" and metric(at, "Images") == "6"
+    reasons = " ".join(at.dataframe[1].value["reason"])
+    assert reasons.count("outside the archive") == 2 and "not found" in reasons
+    assert not any(f.read_bytes() == secret.read_bytes() for f in folder.rglob("*.png"))
+
+
 def test_data_page_refuses_an_unsafe_zip_with_one_sentence(home):
     ws, _ = home
     at = app()
@@ -616,6 +642,22 @@ def test_save_uploaded_zip_never_overwrites_and_rejects_empty_archives(empty_hom
     with pytest.raises(DatasetError, match="holds no images"):
         app_support.save_uploaded_zip(ws, "empty.zip", empty.getvalue())
     assert not [p for p in ws.datasets_dir.iterdir() if p.name.startswith(".")]  # temporary files cleaned up
+
+
+def test_save_uploaded_zip_with_a_separate_labels_csv(empty_home):
+    ws = empty_home
+    buf = io.BytesIO()
+    lines = ["file,class"]
+    with zipfile.ZipFile(buf, "w") as zf:
+        for cls in ("food", "flag"):
+            for f in sorted((EMOJI / cls).iterdir())[:2]:
+                zf.write(f, f"wrapper/{f.name}")
+                lines.append(f"{f.name},{cls} / odd")
+    folder = app_support.save_uploaded_zip(ws, "pics.zip", buf.getvalue(), labels_csv="\n".join(lines).encode())
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["flag_odd", "food_odd"]
+    assert sum(1 for _ in folder.rglob("*.png")) == 4
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        app_support.save_uploaded_zip(ws, "pics.zip", buf.getvalue(), labels_csv=b"\xff\xfe\x00bad")
 
 
 def test_describe_progress_gives_stage_counts_and_time_left():

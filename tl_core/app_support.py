@@ -8,6 +8,7 @@ the results. Everything writes inside the workspace only, under sanitised names.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -130,15 +131,18 @@ def dataset_signature(path: str | os.PathLike) -> str:
     return f"{p.resolve()}:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def save_uploaded_zip(ws: Workspace, filename: str, data: bytes) -> Path:
+def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: bytes | None = None) -> Path:
     """Unpack an uploaded dataset zip into ``<workspace>/datasets/<safe name>/`` and return that folder.
 
     The zip goes through :func:`tl_core.data.safe_extract_zip` (no path traversal, symlinks, zip bombs);
     the folder name comes from the file name, sanitised, with ``-2``, ``-3`` … added when it exists.
-    Non-image files are skipped (and reported when the dataset is opened).
+    Images are labelled by their class folder, or by a CSV of ``path,label`` rows: ``labels_csv`` uploaded
+    next to the zip, or the one ``.csv`` inside it. With a CSV the images are sorted into class folders,
+    and rows that point outside the archive (absolute paths, ``..``) are refused. Files left out are
+    recorded for the dataset report.
 
     Raises:
-        DatasetError: not a zip, unsafe, encrypted or too large.
+        DatasetError: not a zip, unsafe, encrypted, too large, no images, or an unusable CSV.
     """
     if not data:
         raise DatasetError(f"{filename} is empty; upload a .zip with one folder per class.")
@@ -146,6 +150,7 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes) -> Path:
     target = _unique_dir(ws.datasets_dir, safe_name(stem))
     tmp_zip = ws.datasets_dir / f".upload-{os.getpid()}-{time.time_ns()}.zip"
     tmp_dir = ws.datasets_dir / f".unpack-{os.getpid()}-{time.time_ns()}"
+    sorted_dir = ws.datasets_dir / f".sorted-{os.getpid()}-{time.time_ns()}"
     try:
         tmp_zip.write_bytes(data)
         if not zipfile.is_zipfile(tmp_zip):
@@ -155,16 +160,104 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes) -> Path:
         if not images:
             raise DatasetError(f"{filename} holds no images; put the images in one folder per class "
                                "(e.g. cats/1.jpg, dogs/1.jpg) and zip that.")
-        # what was left out while unpacking, for the dataset report (the folder no longer shows it)
-        (tmp_dir / UPLOAD_REPORT).write_text(json.dumps(
-            {"source": filename, "skipped": [{"path": s.path, "reason": s.reason} for s in skipped]}))
-        os.replace(tmp_dir, target)
-        if skipped:
-            log.info("%s: %d file(s) skipped while unpacking", filename, len(skipped))
+        csv_name, csv_text = _labels_csv(tmp_zip, labels_csv)
+        report = {"source": filename, "skipped": [{"path": s.path, "reason": s.reason} for s in skipped
+                                                  if not (csv_name and s.path == csv_name)]}
+        result = tmp_dir
+        if csv_text is not None:
+            report["skipped"] += _sort_by_csv(tmp_dir, csv_name, csv_text, sorted_dir)
+            result = sorted_dir
+        # what was left out, for the dataset report (the folder no longer shows it)
+        (result / UPLOAD_REPORT).write_text(json.dumps(report))
+        os.replace(result, target)
+        if report["skipped"]:
+            log.info("%s: %d file(s) left out", filename, len(report["skipped"]))
     finally:
         tmp_zip.unlink(missing_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(sorted_dir, ignore_errors=True)
     return target
+
+
+_MAX_CSV_BYTES = 20 * 1024**2
+
+
+def _labels_csv(zip_path: Path, uploaded: bytes | None) -> tuple[str | None, str | None]:
+    """(name inside the zip or None, text) of the labels CSV: the uploaded one, else the zip's only .csv."""
+    if uploaded is not None:
+        raw = uploaded
+        name = None
+    else:
+        with zipfile.ZipFile(zip_path) as zf:
+            csvs = [i for i in zf.infolist() if i.filename.lower().endswith(".csv") and not i.is_dir()
+                    and not any(part.startswith((".", "__MACOSX")) for part in i.filename.split("/"))]
+            if len(csvs) != 1:
+                return None, None
+            if csvs[0].file_size > _MAX_CSV_BYTES:
+                raise DatasetError(f"{csvs[0].filename} is larger than {_MAX_CSV_BYTES // 1024**2} MB; is it a labels CSV?")
+            name = csvs[0].filename
+            raw = zf.read(csvs[0])
+    if len(raw) > _MAX_CSV_BYTES:
+        raise DatasetError(f"The labels CSV is larger than {_MAX_CSV_BYTES // 1024**2} MB; is it a labels CSV?")
+    try:
+        return name, raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DatasetError("The labels CSV is not UTF-8 text; save it as UTF-8 (CSV UTF-8 in spreadsheet apps).") from None
+
+
+def _unsafe_csv_path(cell: str) -> bool:
+    p = cell.strip().replace("\\", "/")
+    return p.startswith("/") or (len(p) > 1 and p[1] == ":") or ".." in p.split("/")
+
+
+def _sort_by_csv(root: Path, csv_name: str | None, text: str, dest: Path) -> list[dict[str, str]]:
+    """Copy the images a labels CSV names into ``dest/<label>/`` (rows pointing outside ``root`` refused).
+
+    The CSV is read by :func:`tl_core.data.open_dataset` (paths relative to the CSV's folder; a CSV
+    uploaded separately is placed where its paths resolve: the archive root or its single top folder).
+    """
+    import csv as csv_mod
+
+    from .data import open_dataset
+
+    rows = list(csv_mod.reader(io.StringIO(text)))
+    refused = [{"path": r[0] if r else "", "reason": "points outside the archive; refused"}
+               for r in rows if any(_unsafe_csv_path(c) for c in r)]
+    safe_rows = [r for r in rows if not any(_unsafe_csv_path(c) for c in r)]
+    if csv_name:
+        csv_path = root / csv_name
+    else:
+        tops = [d for d in root.iterdir() if d.is_dir()]
+        base = root
+        first = next((c.strip() for r in safe_rows for c in r
+                      if Path(c.strip()).suffix.lower() in IMAGE_EXTENSIONS), None)
+        if first and not (root / first).is_file() and len(tops) == 1 and (tops[0] / first).is_file():
+            base = tops[0]
+        csv_path = base / "labels.csv"
+    buf = io.StringIO()
+    csv_mod.writer(buf).writerows(safe_rows)
+    csv_path.write_text(buf.getvalue(), encoding="utf-8")
+    ds = open_dataset(csv_path, min_per_class=1)
+    dest.mkdir(parents=True, exist_ok=True)
+    root_resolved = root.resolve()
+    skipped = refused + [{"path": s.path, "reason": s.reason} for s in ds.skipped]
+    for item in ds.items:
+        src = Path(item.path).resolve()
+        if root_resolved not in src.parents:
+            skipped.append({"path": str(item.path.name), "reason": "points outside the archive; refused"})
+            continue
+        cls_dir = dest / safe_name(item.label, fallback="class")
+        cls_dir.mkdir(parents=True, exist_ok=True)
+        target = cls_dir / src.name
+        n = 2
+        while target.exists():
+            target = cls_dir / f"{src.stem}-{n}{src.suffix}"
+            n += 1
+        shutil.copyfile(src, target)
+    if not any(dest.iterdir()):
+        raise DatasetError("No row of the labels CSV names an image inside the zip; paths must be relative to "
+                           "the CSV (e.g. images/001.jpg,cat).")
+    return skipped
 
 
 def add_class_images(ws: Workspace, dataset: str, class_name: str,
