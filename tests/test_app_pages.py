@@ -43,12 +43,14 @@ def trained_home(tmp_path_factory) -> tuple[Path, str]:
     home = tmp_path_factory.mktemp("trained_home")
     env = {**os.environ, "TL_HOME": str(home)}
     out = subprocess.run(
-        [sys.executable, "-m", "tl_core.cli", "train", str(EMOJI), "--strategy", "linear", "--json"],
+        # 30 solver rounds: the probe has converged by then on this sample (the default 100 stops at ~90)
+        [sys.executable, "-m", "tl_core.cli", "train", str(EMOJI), "--strategy", "linear", "--epochs", "30", "--json"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads(out.stdout)
     assert doc["status"] == "done"
+    assert doc["val_accuracy"] >= 0.85  # a real pretrained probe, not a stub
     return home, doc["run_id"]
 
 
@@ -457,7 +459,8 @@ def test_refresh_with_the_run_link_shows_the_same_run(home):
     assert at.session_state["run"] == run_id and at.session_state["backbone"] == "efficientnet_lite1"
     assert any(h.value == f"Run {run_id}" for h in at.subheader)
     assert any("**Status:** done" in m.value for m in at.markdown)
-    assert any("validation accuracy **95.0%**" in s.value or "validation accuracy" in s.value for s in at.success)
+    acc = ws.store().get(run_id)["summary"]["val_accuracy"]
+    assert any(f"validation accuracy **{acc:.1%}**" in s.value for s in at.success)
     curves = plotly_specs(at)[0]["data"]
     assert len(curves[0]["x"]) == len(ws.store().epochs(run_id))
     assert at.query_params["run"] == run_id  # still in the address after the page switch
@@ -596,7 +599,8 @@ def test_runs_page_compares_downloads_and_deletes(home):
     assert_clean(at)
     table = at.dataframe[0].value
     assert set(table["run"]) == {run_id, other}
-    assert set(table["strategy"]) == {"linear"} and table["val_accuracy"].max() == pytest.approx(0.95)
+    assert set(table["strategy"]) == {"linear"}
+    assert table["val_accuracy"].max() == pytest.approx(ws.store().get(run_id)["summary"]["val_accuracy"])
     at.multiselect[0].set_value([run_id, other]).run()
     assert_clean(at)
     curves = plotly_specs(at)[0]["data"]
