@@ -51,7 +51,7 @@ def default_max_workers() -> int:
 
 
 def _slot_dir(ws: Workspace) -> Path:
-    d = ws.home / "workers"
+    d = ws.top / "workers"  # shared by every project: the limit is per machine
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -69,7 +69,7 @@ def _slot_busy(path: Path) -> bool:
 def ensure_workers(ws: Workspace, max_workers: int | None = None) -> int:
     """Start worker processes for free slots while runs are queued; returns how many were started."""
     max_workers = max_workers or default_max_workers()
-    queued = len(ws.store().list(status="queued"))
+    queued = _queued_count(ws)
     started = 0
     for slot in range(max_workers):
         if started >= queued:
@@ -80,9 +80,9 @@ def ensure_workers(ws: Workspace, max_workers: int | None = None) -> int:
         log_path = _slot_dir(ws) / f"slot-{slot}.log"
         with open(log_path, "ab") as logf:
             subprocess.Popen(
-                [sys.executable, "-m", "tl_core.jobs", "worker", "--home", str(ws.home), "--slot", str(slot)],
+                [sys.executable, "-m", "tl_core.jobs", "worker", "--home", str(ws.top), "--slot", str(slot)],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True, close_fds=True,
-                env={**os.environ, "TL_HOME": str(ws.home)},
+                env={**os.environ, "TL_HOME": str(ws.top)},
             )
         started += 1
     return started
@@ -159,11 +159,11 @@ def _watchdog(ws: Workspace, run_id: str, pid: int | None, deadline: float) -> N
 
 
 def recover(ws: Workspace) -> list[str]:
-    """Mark runs whose worker is gone as interrupted and restart workers for queued runs."""
-    dead = ws.store().mark_dead_workers("interrupted")
+    """Mark runs whose worker is gone as interrupted (in every project) and restart workers for queued runs."""
+    dead = [rid for w in ws.all_workspaces() for rid in w.store().mark_dead_workers("interrupted")]
     started = ensure_workers(ws)
     deadline = time.monotonic() + 3.0
-    while dead and not started and ws.store().list(status="queued") and time.monotonic() < deadline:
+    while dead and not started and _queued_count(ws) and time.monotonic() < deadline:
         # the kernel releases a killed worker's slot lock a moment after the process is gone: until then
         # its slot looks busy, and the runs queued behind it would wait for a worker that never comes
         time.sleep(0.1)
@@ -171,8 +171,21 @@ def recover(ws: Workspace) -> list[str]:
     return dead
 
 
+def _queued_count(ws: Workspace) -> int:
+    return sum(len(w.store().list(status="queued")) for w in ws.all_workspaces())
+
+
+def _claim_any(ws: Workspace, pid: int) -> tuple[Workspace, str] | None:
+    """The oldest queued run of the top workspace or any project (projects are served in turn)."""
+    for w in ws.all_workspaces():
+        run_id = w.store().claim_next(pid)
+        if run_id is not None:
+            return w, run_id
+    return None
+
+
 def worker_main(home: str, slot: int) -> int:
-    """Worker loop: hold the slot lock, run queued runs until none is left."""
+    """Worker loop: hold the slot lock, run queued runs (of every project under ``home``) until none is left."""
     from .train import run_training
 
     ws = Workspace(Path(home))
@@ -182,20 +195,21 @@ def worker_main(home: str, slot: int) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return 0  # another worker holds this slot
-    store = ws.store()
     while True:
-        run_id = store.claim_next(os.getpid())
-        if run_id is None:
+        claimed = _claim_any(ws, os.getpid())
+        if claimed is None:
             # A run queued while we held the slot saw it busy and started no worker: free the slot, then
             # look once more, so that such a run is never left waiting with no worker to run it.
             fcntl.flock(lock, fcntl.LOCK_UN)
-            if not store.list(status="queued"):
+            if not _queued_count(ws):
                 return 0
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 return 0  # a worker started meanwhile holds the slot and will run it
             continue
+        run_ws, run_id = claimed
+        store = run_ws.store()
         run = store.get(run_id)
         try:
             cfg = TrainConfig.from_dict(run["config"])
@@ -203,7 +217,7 @@ def worker_main(home: str, slot: int) -> int:
             store.update(run_id, status="failed", error=f"Unreadable configuration: {e}", pid=None)
             continue
         log.info("worker %d: run %s", os.getpid(), run_id)
-        run_training(ws, run["data"], cfg, run_id=run_id, raise_errors=False)
+        run_training(run_ws, run["data"], cfg, run_id=run_id, raise_errors=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
 import sqlite3
 import time
@@ -23,7 +25,7 @@ from typing import Any, Iterator
 
 from .errors import RunError
 
-__all__ = ["Workspace", "RunStore", "default_home", "STATUSES", "ACTIVE_STATUSES"]
+__all__ = ["Workspace", "RunStore", "default_home", "new_project_slug", "STATUSES", "ACTIVE_STATUSES"]
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 ACTIVE_STATUSES = ("queued", "running")
@@ -61,11 +63,27 @@ def default_home() -> Path:
     return Path(os.environ.get("TL_HOME") or Path.home() / ".tl_studio").expanduser()
 
 
+_PROJECT_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}[a-z0-9]$")
+
+
+def new_project_slug(name: str) -> str:
+    """A project id from a display name plus 8 random characters: the link is the key to the project."""
+    base = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "project"
+    return f"{base}-{secrets.token_hex(4)}"
+
+
 @dataclass(frozen=True)
 class Workspace:
-    """Paths inside one workspace. Everything TL Studio writes lives under ``home``."""
+    """Paths inside one workspace. Everything TL Studio writes lives under ``home``.
+
+    A named project is a workspace of its own under ``<TL_HOME>/projects/<slug>/`` (its runs, uploads and
+    weights are invisible to other projects); the content-keyed caches and the worker slots stay shared at
+    the top (``root``), so identical images are never processed twice and the machine-wide training limit
+    holds across projects.
+    """
 
     home: Path
+    root: Path | None = None
 
     @classmethod
     def default(cls) -> "Workspace":
@@ -73,8 +91,48 @@ class Workspace:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "home", Path(self.home).expanduser().resolve())
+        if self.root is not None:
+            object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
         for d in (self.home, self.runs_dir, self.cache_dir, self.datasets_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def top(self) -> Path:
+        """The TL_HOME that holds this workspace (itself, unless it is a project)."""
+        return self.root or self.home
+
+    @property
+    def is_project(self) -> bool:
+        return self.root is not None
+
+    @property
+    def name(self) -> str | None:
+        return self.home.name if self.root is not None else None
+
+    def project(self, slug: str, create: bool = False) -> "Workspace":
+        """The project workspace ``slug`` (see :func:`new_project_slug`).
+
+        Raises:
+            RunError: the slug is malformed, or the project does not exist and ``create`` is False.
+        """
+        if not _PROJECT_SLUG.match(slug or ""):
+            raise RunError(f"{slug!r} is not a valid project id (lower-case letters, digits and dashes).")
+        home = self.top / "projects" / slug
+        if not create and not (home / "runs.sqlite").exists():
+            raise RunError(f"No project {slug!r}; check the link, or start a new project.")
+        ws = Workspace(home, root=self.top)
+        ws.store()  # creates runs.sqlite: the project now exists
+        return ws
+
+    def all_workspaces(self) -> list["Workspace"]:
+        """The top workspace and every project under it (workers serve them all)."""
+        top = Workspace(self.top) if self.root is not None else self
+        out = [top]
+        pdir = self.top / "projects"
+        if pdir.is_dir():
+            out += [Workspace(p, root=self.top) for p in sorted(pdir.iterdir())
+                    if p.is_dir() and _PROJECT_SLUG.match(p.name) and (p / "runs.sqlite").exists()]
+        return out
 
     @property
     def db_path(self) -> Path:
@@ -86,7 +144,7 @@ class Workspace:
 
     @property
     def cache_dir(self) -> Path:
-        return self.home / "cache"
+        return self.top / "cache"
 
     @property
     def datasets_dir(self) -> Path:
