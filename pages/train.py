@@ -24,6 +24,28 @@ def _preview(paths: tuple[str, ...], backbone: str, preset: str, seed: int):
     return augmentation_preview(list(paths), backbone, preset, copies=4, seed=seed)
 
 
+def seed_settings_from(run: dict) -> None:
+    """A fresh session (a refresh, a shared link) starts the form from the shown run's settings."""
+    if "strategy" in st.session_state or st.session_state.get("_seeded_from") == run["id"]:
+        return  # this session has its own settings already
+    st.session_state["_seeded_from"] = run["id"]
+    cfg = run.get("config") or {}
+    strategy = cfg.get("strategy")
+    if strategy not in STRATEGIES:
+        return
+    st.session_state["strategy"] = strategy
+    values = {f"epochs_{strategy}": cfg.get("epochs"), f"patience_{strategy}": cfg.get("patience"),
+              "batch_size": cfg.get("batch_size") if cfg.get("batch_size") in BATCH_SIZES else None,
+              "seed": cfg.get("seed"), "augment": cfg.get("augment") if cfg.get("augment") in AUGMENT_PRESETS else None,
+              "val_split": cfg.get("val_split"), "linear_c": cfg.get("linear_c"),
+              "class_balance": cfg.get("class_balance") if cfg.get("class_balance") in CLASS_BALANCE else None}
+    if strategy != "linear" and cfg.get("lr") in LRS:
+        values[f"lr_{strategy}"] = cfg["lr"]
+    for key, value in values.items():
+        if value is not None:
+            st.session_state[key] = value
+
+
 def settings_form(ws, path) -> None:
     """The training settings and the Start button (submits a job)."""
     backbone = session.get("backbone", session.DEFAULT_BACKBONE)
@@ -164,6 +186,7 @@ with session.page_errors():
         session.select("run", None)
         run_id = None
     if run_id:
+        seed_settings_from(ws.store().get(run_id))
         run_panel(ws, run_id)
         st.divider()
     if path is None:

@@ -464,6 +464,9 @@ def test_refresh_with_the_run_link_shows_the_same_run(home):
     curves = plotly_specs(at)[0]["data"]
     assert len(curves[0]["x"]) == len(ws.store().epochs(run_id))
     assert at.query_params["run"] == run_id  # still in the address after the page switch
+    # the fresh session's form starts from the shown run's settings
+    assert [r for r in at.radio if r.label == "Strategy"][0].value == "linear"
+    assert [n for n in at.number_input if n.label == "Epochs"][0].value == 30
 
 
 def test_unknown_or_hostile_url_values_are_ignored(home):

@@ -184,6 +184,7 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     page.get_by_role("heading", name=f"Run {run_id}").wait_for()
     page.get_by_text("Status: done").wait_for()
     assert parse_qs(urlparse(page.url).query)["run"][0] == run_id
+    assert page.get_by_role("spinbutton", name="Epochs").input_value() == "30"  # the form follows the run
 
     # Evaluate: the confusion matrix adds up to the validation count
     nav(page, "Evaluate")
