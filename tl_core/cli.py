@@ -224,7 +224,140 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- insight commands (advisor, audit, lab, Grad-CAM, calibration; tl_core/advisor.py etc.) ----------
+def _sizes_arg(text: str) -> list[int | None]:
+    out: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part == "all":
+            out.append(None)
+        elif part.isdigit() and int(part) >= 1:
+            out.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"--sizes takes images per class like 5,10,20,all (got {part!r})")
+    return out
+
+
+def _image_size_arg(text: str) -> int | None:
+    if text.strip().lower() in ("native", "none", "0"):
+        return None
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"--image-size takes pixels or 'native' (got {text!r})")
+    return int(text)
+
+
+def _progress_line(quiet: bool):
+    last = [0.0]
+
+    def show(e: Any, total: int | None = None) -> None:
+        if quiet:
+            return
+        now = time.monotonic()
+        if now - last[0] < 1.0:
+            return
+        last[0] = now
+        if isinstance(e, dict):
+            what = " ".join(str(e[k]) for k in ("stage", "backbone", "arm", "images_per_class") if e.get(k) is not None)
+            sys.stderr.write(f"{what}: {e.get('done', '')}/{e.get('total', '')}\n")
+        else:
+            sys.stderr.write(f"features: {e}/{total}\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    from .advisor import advise
+
+    names = [b.strip() for b in args.backbones.split(",") if b.strip()] if args.backbones else None
+    res = advise(args.data, names, _workspace(), max_per_class=args.max_per_class or None, val_split=args.val_split,
+                 seed=args.seed, progress=_progress_line(args.quiet))
+    if args.json:
+        _print_json(res)
+        return 0
+    print(f"{'rank':>4} {'backbone':22} {'LogME':>8} {'LEEP':>8} {'probe':>6} {'k-NN':>6} {'seconds':>8}")
+    for r in res["ranking"]:
+        leep = "" if r["leep"] is None else f"{r['leep']:8.3f}"
+        print(f"{r['rank']:>4} {r['backbone']:22} {r['logme']:8.3f} {leep:>8} {r['probe_accuracy']:6.3f} "
+              f"{r['knn_accuracy']:6.3f} {r['seconds']:8.1f}")
+    for f in res["failed"]:
+        print(f"skipped {f['backbone']}: {f['error']}")
+    print(f"recommended: {res['recommended']} (confidence {res['confidence']}). {res['reason']}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit_dataset
+
+    res = audit_dataset(args.data, args.backbone, _workspace(), val_split=args.val_split, seed=args.seed,
+                        near_threshold=args.near_threshold, progress=_progress_line(args.quiet))
+    if args.json:
+        _print_json(res)
+        return 0
+    print(f"{res['images']} images in {len(res['classes'])} classes; split {res['split']}")
+    for line in res["findings"]:
+        print(f"- {line}")
+    for r in res["leakage"][:20]:
+        print(f"  leak ({r['kind']}, {r['similarity']:.3f}): {r['held_out']} ({r['split']}) = {r['train']} (train)")
+    for r in res["label_issues"][:20]:
+        print(f"  label? {r['path']}: labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.2f})")
+    if res["suggested_config"]:
+        print(f"suggested training setting: {res['suggested_config']}")
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from .lab import learning_curve
+
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    res = learning_curve(args.data, args.backbone, sizes=args.sizes, epochs=args.epochs, image_size=args.image_size,
+                         arms=arms, val_split=args.val_split, seed=args.seed, workspace=_workspace(),
+                         progress=_progress_line(args.quiet))
+    if args.json:
+        _print_json(res)
+        return 0
+    print(f"{'arm':10} {'per class':>9} {'val acc':>8} {'seconds':>8}")
+    for r in res["rows"]:
+        print(f"{r['arm']:10} {r['images_per_class']:>9} {r['val_accuracy']:8.3f} {r['seconds']:8.1f}")
+    print(res["reading"])
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_image
+    from .export import load_model
+
+    ref = Path(args.run)
+    tm = load_model(ref if ref.suffix == ".zip" and ref.is_file() else _resolve_run_dir(args.run))
+    res = explain_image(tm, args.image, target=args.target, out=args.out)
+    heat = res.pop("heatmap")
+    res.pop("overlay")
+    res["heat_mean"] = round(float(heat.mean()), 4)
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"{args.image}: {res['label']} ({res['confidence']:.3f}); Grad-CAM of {res['target']!r} at "
+              f"{res['layer']} written to {res['out']}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate_run
+
+    res = calibrate_run(_resolve_run_dir(args.run), _workspace(), apply=not args.dry_run)
+    if args.json:
+        _print_json(res)
+        return 0
+    print(f"temperature {res['temperature']:.3f} fitted on {res['count']} validation images: ECE "
+          f"{res['ece_before']:.4f} -> {res['ece_after']:.4f}, NLL {res['nll_before']:.4f} -> {res['nll_after']:.4f}"
+          + ("" if res["applied"] else " (not saved: --dry-run)"))
+    if res["warning"]:
+        print(f"warning: {res['warning']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``tl-core`` (the sub-commands of the contract in DESIGN.md and the README)."""
     p = _Parser(prog="tl-core", description="TL Studio engine: transfer learning on images from the command line. "
                 "Workspace: $TL_HOME (default ~/.tl_studio).")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
@@ -289,6 +422,53 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("runs", help="list runs in the workspace")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_runs)
+
+    s = sub.add_parser("advise", help="rank backbones for a dataset before training (LogME + quick probe)")
+    s.add_argument("data")
+    s.add_argument("--backbones", default=None, help="comma-separated names (default: every offline backbone)")
+    s.add_argument("--max-per-class", type=int, default=50, help="images per class to embed (0 = all)")
+    s.add_argument("--val-split", type=float, default=0.2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_advise)
+
+    s = sub.add_parser("audit", help="find duplicates, train/val leakage, imbalance, odd images, label errors")
+    s.add_argument("data")
+    s.add_argument("--backbone", default="efficientnet_lite0")
+    s.add_argument("--val-split", type=float, default=0.2, help="the split you will train with")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--near-threshold", type=float, default=0.92, help="feature cosine similarity of near duplicates")
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("lab", help="transfer-vs-scratch learning curve (accuracy against images per class)")
+    s.add_argument("data")
+    s.add_argument("--backbone", default="efficientnet_lite0")
+    s.add_argument("--sizes", type=_sizes_arg, default=[5, 10, 20, None], help="images per class, e.g. 5,10,20,all")
+    s.add_argument("--epochs", type=int, default=4, help="epochs of the fine-tuned and scratch arms")
+    s.add_argument("--image-size", type=_image_size_arg, default=128, help="input pixels, or 'native'")
+    s.add_argument("--arms", default="linear,finetune,scratch")
+    s.add_argument("--val-split", type=float, default=0.2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_lab)
+
+    s = sub.add_parser("explain", help="Grad-CAM heat-map of one image under a run, as a PNG overlay")
+    s.add_argument("run", metavar="RUN_OR_BUNDLE")
+    s.add_argument("image")
+    s.add_argument("--out", required=True, help="the .png file to write")
+    s.add_argument("--target", default=None, help="class to explain (default: the predicted class)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_explain)
+
+    s = sub.add_parser("calibrate", help="fit temperature scaling on validation and save it with the run")
+    s.add_argument("run", help="run id or run directory")
+    s.add_argument("--dry-run", action="store_true", help="measure only; do not save the temperature")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_calibrate)
     return p
 
 

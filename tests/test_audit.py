@@ -1,0 +1,141 @@
+"""Data audit on real emoji with planted problems: duplicates, a leak, a near copy, a blank image, a wrong label."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import make_class_folder
+from insight_support import emoji_small, insight_home, insight_workspace
+from tl_core.audit import (NEAR_DUPLICATE_THRESHOLD, audit_dataset, class_imbalance, exact_duplicates,
+                           near_duplicates)
+from tl_core.cli import main
+from tl_core.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def planted(shared_cache, tmp_path_factory):
+    """train/ (9 per class) and val/ (3 per class) folders of real emoji, plus five planted problems."""
+    src = emoji_small(shared_cache)
+    root = tmp_path_factory.mktemp("planted")
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        files = sorted(cls.iterdir())
+        for split, chunk in (("train", files[:9]), ("val", files[9:12])):
+            (root / split / cls.name).mkdir(parents=True)
+            for f in chunk:
+                shutil.copy(f, root / split / cls.name / f.name)
+    animal = sorted((root / "train" / "animal").iterdir())[0]
+    leaked = sorted((root / "val" / "face").iterdir())[0]
+    vehicle = sorted((root / "train" / "vehicle").iterdir())[0]
+    plants = {
+        # 1. the same file in two class folders (an exact duplicate with conflicting labels, and a wrong label)
+        "mislabelled": root / "train" / "food" / f"copy_of_{animal.name}",
+        # 2. a validation image copied into train: leakage
+        "leak": root / "train" / "face" / f"copy_of_{leaked.name}",
+        # 3. a resized (48 px) copy: a near duplicate
+        "near": root / "train" / "vehicle" / f"small_{vehicle.name}",
+        # 4. a blank white image
+        "blank": root / "train" / "flag" / "blank.png",
+    }
+    shutil.copy(animal, plants["mislabelled"])
+    shutil.copy(leaked, plants["leak"])
+    Image.open(vehicle).convert("RGBA").resize((48, 48), Image.BICUBIC).save(plants["near"])
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(plants["blank"])
+    res = audit_dataset(root, workspace=insight_workspace(shared_cache))
+    return root, plants, {"animal": animal, "leaked": leaked, "vehicle": vehicle}, res
+
+
+def test_exact_duplicates_across_classes_are_found(planted):
+    _, plants, orig, res = planted
+    groups = {frozenset(g["paths"]): g for g in res["exact_duplicates"]}
+    g = groups[frozenset({str(orig["animal"]), str(plants["mislabelled"])})]
+    assert g["conflicting_labels"] and sorted(g["labels"]) == ["animal", "food"]
+    assert not groups[frozenset({str(orig["leaked"]), str(plants["leak"])})]["conflicting_labels"]
+    assert len(res["exact_duplicates"]) == 2  # nothing else in the real data is a byte-for-byte copy
+    assert any("more than one class" in f for f in res["findings"])
+
+
+def test_planted_train_val_leak_is_flagged(planted):
+    _, plants, orig, res = planted
+    exact = [r for r in res["leakage"] if r["kind"] == "exact"]
+    assert len(exact) == 1
+    assert exact[0]["held_out"] == str(orig["leaked"]) and exact[0]["train"] == str(plants["leak"])
+    assert exact[0]["split"] == "val" and exact[0]["same_label"]
+    assert res["findings"][0].startswith(f"{len(res['leakage'])} validation/test image(s) duplicate")
+
+
+def test_resized_copy_is_a_near_duplicate_and_exact_copies_are_not(planted):
+    _, plants, orig, res = planted
+    pairs = {frozenset((p["a"], p["b"])): p for p in res["near_duplicates"]}
+    p = pairs[frozenset((str(orig["vehicle"]), str(plants["near"])))]
+    assert NEAR_DUPLICATE_THRESHOLD <= p["similarity"] <= 1.0 and p["same_label"]
+    assert frozenset((str(orig["animal"]), str(plants["mislabelled"]))) not in pairs
+    sims = [p["similarity"] for p in res["near_duplicates"]]
+    assert sims == sorted(sims, reverse=True) and min(sims) >= NEAR_DUPLICATE_THRESHOLD
+
+
+def test_blank_image_is_flagged_and_real_ones_are_not(planted):
+    _, plants, _, res = planted
+    assert [o["path"] for o in res["odd_images"]] == [str(plants["blank"])]
+    assert "blank" in res["odd_images"][0]["reason"]
+
+
+def test_image_filed_under_the_wrong_class_is_a_likely_label_error(planted):
+    _, plants, _, res = planted
+    issues = {r["path"]: r for r in res["label_issues"]}
+    r = issues[str(plants["mislabelled"])]
+    assert r["label"] == "food" and r["suggested"] == "animal" and r["confidence"] >= 0.6
+    assert r["label_probability"] < 0.4
+    # the probe flags few of the 60 real images (it is not a list of everything)
+    assert len(issues) <= 6
+
+
+def test_clean_sample_has_no_duplicates_leaks_or_odd_images(shared_cache):
+    res = audit_dataset(emoji_small(shared_cache), workspace=insight_workspace(shared_cache))
+    assert res["exact_duplicates"] == [] and res["odd_images"] == []
+    assert not [r for r in res["leakage"] if r["kind"] == "exact"]
+    assert res["imbalance"]["suggestion"] == "none" and res["suggested_config"] == {}
+    assert res["split"] == {"train": 50, "val": 10, "test": 0}
+
+
+def test_imbalance_suggests_a_fix_that_training_accepts(shared_cache, tmp_path):
+    assert class_imbalance({"a": 40, "b": 40})["suggestion"] == "none"
+    mild = class_imbalance({"a": 40, "b": 10})
+    assert mild["suggestion"] == "weights" and mild["ratio"] == 4.0 and mild["smallest"] == "b"
+    assert class_imbalance({"a": 60, "b": 10})["config_patch"] == {"class_balance": "sampler"}
+    data = make_class_folder(tmp_path / "imb", {"animal": 12, "face": 4})
+    res = audit_dataset(data, workspace=insight_workspace(shared_cache))
+    assert res["imbalance"]["imbalanced"] and res["suggested_config"] == {"class_balance": "weights"}
+    cfg = dataclasses.replace(TrainConfig(), **res["suggested_config"]).resolved()
+    assert cfg.class_balance == "weights"
+
+
+def test_helpers_on_plain_lists():
+    from tl_core.data import ImageItem
+    import numpy as np
+
+    items = [ImageItem(Path(f"/x/{n}.png"), lab, sha256=sha) for n, (lab, sha) in
+             enumerate([("a", "1"), ("b", "1"), ("a", "2"), ("a", "3")])]
+    assert [g["paths"] for g in exact_duplicates(items)] == [["/x/0.png", "/x/1.png"]]
+    feats = np.array([[1, 0], [1, 0], [1, 0.05], [0, 1]], dtype=np.float32)
+    pairs = near_duplicates(feats, items, 0.99)
+    # items 0 and 1 share content (exact, not near); 0-2 and 1-2 are near; 3 is far from all
+    assert sorted((p["a"], p["b"]) for p in pairs) == [("/x/0.png", "/x/2.png"), ("/x/1.png", "/x/2.png")]
+
+
+def test_cli_audit(planted, shared_cache, monkeypatch, capsys):
+    root = planted[0]
+    monkeypatch.setenv("TL_HOME", str(insight_home(shared_cache)))
+    assert main(["audit", str(root), "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["leakage"] and out["exact_duplicates"] and out["label_issues"]
+    assert main(["audit", str(root), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "leak (exact" in text and "label?" in text
+    assert main(["audit", str(root / "nope")]) == 2
+    assert capsys.readouterr().err.startswith("error:")

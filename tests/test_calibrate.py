@@ -1,0 +1,110 @@
+"""Temperature scaling and reliability diagrams on a real over-confident run (Fashion-MNIST, weak L2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from insight_support import fashion_small, insight_home, insight_workspace
+from tl_core.calibrate import (calibrate_run, fit_temperature, negative_log_likelihood, reliability_diagram,
+                               validation_logits)
+from tl_core.cli import main
+from tl_core.config import TrainConfig
+from tl_core.errors import RunError
+from tl_core.export import load_model, predict_paths
+
+
+@pytest.fixture(scope="module")
+def overconfident_run(shared_cache):
+    """A linear probe with almost no regularisation (C = 10^4) on 60 Fashion-MNIST images: fits its
+    training images perfectly and is far too sure of itself on the 20 validation images."""
+    from tl_core.train import run_training
+
+    ws = insight_workspace(shared_cache)
+    res = run_training(ws, fashion_small(shared_cache), TrainConfig(linear_c=1e4))
+    assert res.status == "done", res.error
+    return ws, res
+
+
+@pytest.fixture
+def run_copy(overconfident_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(overconfident_run[1].run_dir, dst)
+    return dst
+
+
+def test_fit_temperature_recovers_a_known_over_confidence():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4000, 5)) * 2
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = np.array([rng.choice(5, p=row) for row in p])  # labels drawn from the calibrated model
+    t = fit_temperature(z * 4, y)  # a model 4x too sure
+    assert t == pytest.approx(4.0, rel=0.1)
+    assert negative_log_likelihood(z * 4, y, t) < negative_log_likelihood(z * 4, y)
+    assert fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int)) == 1.0
+
+
+def test_reliability_diagram_bins_and_gaps():
+    probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [0.42, 0.58]])
+    y = np.array([0, 1, 0, 0])
+    rel = reliability_diagram(probs, y, bins=10)
+    assert sum(b["count"] for b in rel["bins"]) == 4 and rel["count"] == 4
+    top = rel["bins"][-1]
+    assert top["count"] == 2 and top["accuracy"] == 0.5 and top["gap"] == pytest.approx(0.45)
+    mid = rel["bins"][5]  # (0.5, 0.6]: confidences 0.55 (right) and 0.58 (wrong)
+    assert mid["count"] == 2 and mid["confidence"] == pytest.approx(0.565) and mid["gap"] == pytest.approx(0.065)
+    assert rel["ece"] == pytest.approx((2 * 0.45 + 2 * 0.065) / 4)
+    assert rel["mce"] == pytest.approx(0.45) and rel["accuracy"] == 0.5
+    assert all(b["gap"] is None for b in rel["bins"] if b["count"] == 0)
+
+
+def test_temperature_scaling_lowers_ece_of_the_over_confident_run(run_copy, overconfident_run):
+    ws = overconfident_run[0]
+    before_rows, _ = predict_paths(load_model(run_copy), [r["path"] for r in
+                                   json.loads((run_copy / "predictions.json").read_text())["val"]])
+    res = calibrate_run(run_copy, ws)
+    assert res["source"] == "images" and res["count"] == 20 and res["applied"]
+    assert res["temperature"] > 1.5, res  # over-confident: softened
+    assert res["ece_after"] < res["ece_before"] - 0.05, res
+    assert res["nll_after"] < res["nll_before"]
+    assert 0.2 < res["accuracy"] < 1.0  # it does make mistakes, that is why confidence matters
+    assert res["reliability_before"]["mean_confidence"] > res["accuracy"] + 0.1  # it was over-confident
+    # saved with the run: meta.json for every prediction path, metrics.json for the record
+    tm = load_model(run_copy)
+    assert tm.temperature == pytest.approx(res["temperature"])
+    cal = json.loads((run_copy / "metrics.json").read_text())["calibration"]
+    assert cal["ece_before"] == res["ece_before"] and cal["ece_after"] == res["ece_after"]
+    after_rows, _ = predict_paths(tm, [r["path"] for r in before_rows])
+    assert [r["label"] for r in after_rows] == [r["label"] for r in before_rows]  # same predictions
+    assert np.mean([r["confidence"] for r in after_rows]) < np.mean([r["confidence"] for r in before_rows])
+    # calibrating again fits the raw logits again: the same temperature, not a compounded one
+    assert calibrate_run(run_copy, ws)["temperature"] == pytest.approx(res["temperature"], rel=1e-4)
+
+
+def test_validation_logits_and_dry_run(run_copy, overconfident_run):
+    v = validation_logits(run_copy, overconfident_run[0])
+    assert v["logits"].shape == (20, 10) and v["labels"].shape == (20,) and v["source"] == "images"
+    saved = json.loads((run_copy / "predictions.json").read_text())["val"]
+    probs = np.exp(v["logits"] - v["logits"].max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, [r["probs"] for r in saved], atol=1e-4)  # exactly the saved run
+    meta_before = (run_copy / "meta.json").read_text()
+    res = calibrate_run(run_copy, overconfident_run[0], apply=False)
+    assert not res["applied"] and (run_copy / "meta.json").read_text() == meta_before
+    with pytest.raises(RunError):
+        calibrate_run(run_copy.parent / "nope", overconfident_run[0])
+
+
+def test_cli_calibrate(run_copy, shared_cache, monkeypatch, capsys):
+    monkeypatch.setenv("TL_HOME", str(insight_home(shared_cache)))
+    assert main(["calibrate", str(run_copy), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["applied"] and doc["ece_after"] < doc["ece_before"]
+    assert json.loads((run_copy / "meta.json").read_text())["temperature"] == doc["temperature"]
+    assert main(["calibrate", str(run_copy), "--dry-run"]) == 0
+    assert "not saved" in capsys.readouterr().out
+    assert main(["calibrate", "no-such-run"]) == 2
+    assert capsys.readouterr().err.startswith("error:")

@@ -1,0 +1,64 @@
+"""The transfer-vs-scratch lab on real emoji: pretrained beats scratch where data is scarce."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from insight_support import emoji_small, insight_home, insight_workspace
+from tl_core.cli import main
+from tl_core.errors import ConfigError
+from tl_core.lab import ARMS, learning_curve
+
+
+@pytest.fixture(scope="module")
+def curve(shared_cache):
+    events = []
+    res = learning_curve(emoji_small(shared_cache), sizes=[5, 10, None], epochs=1,
+                         workspace=insight_workspace(shared_cache), progress=events.append)
+    return res, events
+
+
+def test_pretrained_curves_sit_above_scratch_at_5_and_10_images_per_class(curve):
+    res, _ = curve
+    acc = {(r["arm"], r["images_per_class"]): r["val_accuracy"] for r in res["rows"]}
+    for n in (5, 10):
+        assert acc[("linear", n)] > acc[("scratch", n)] + 0.2, acc
+        assert acc[("finetune", n)] > acc[("scratch", n)] + 0.2, acc
+    assert acc[("linear", 10)] >= 0.7  # chance is 0.2
+
+
+def test_lab_result_shape(curve):
+    res, events = curve
+    # 'all' is 10 per class here (12 images, 2 held out): it merges with 10
+    assert res["sizes"] == [5, 10] and res["val"] == 10 and res["epochs"] == 1 and res["image_size"] == 128
+    assert [(r["arm"], r["images_per_class"]) for r in res["rows"]] == [
+        (a, n) for n in (5, 10) for a in ("linear", "finetune", "scratch")]
+    assert all(r["train_images"] == 5 * r["images_per_class"] and r["seconds"] >= 0 for r in res["rows"])
+    assert set(res["arms"]) == set(ARMS) and res["skipped"] == {} and res["weights"] == "packaged"
+    assert "scratch" in res["reading"] and res["feature_seconds"] > 0
+    assert any(e.get("arm") == "scratch" and "val_accuracy" in e for e in events)
+    json.dumps(res)
+
+
+def test_lab_rejects_bad_settings(shared_cache):
+    data = emoji_small(shared_cache)
+    ws = insight_workspace(shared_cache)
+    with pytest.raises(ConfigError):
+        learning_curve(data, arms=["magic"], workspace=ws)
+    with pytest.raises(ConfigError):
+        learning_curve(data, sizes=[0], workspace=ws)
+    with pytest.raises(ConfigError):
+        learning_curve(data, epochs=0, workspace=ws)
+
+
+def test_cli_lab(shared_cache, monkeypatch, capsys):
+    monkeypatch.setenv("TL_HOME", str(insight_home(shared_cache)))
+    data = str(emoji_small(shared_cache))
+    assert main(["lab", data, "--sizes", "5", "--epochs", "1", "--arms", "linear", "--json", "--quiet"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(r["arm"], r["images_per_class"]) for r in doc["rows"]] == [("linear", 5)]
+    assert main(["lab", data, "--sizes", "5,x"]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+    assert main(["lab", data, "--arms", "linear,magic", "--quiet"]) == 2

@@ -1,0 +1,356 @@
+"""The transfer-vs-scratch lab: validation accuracy against images per class, with and without pretraining.
+
+Three arms share one validation split and nested training subsets (the 5 images of a class are among its
+10, and so on), so the curves differ only by what the arm knows before training:
+
+- ``linear``: the pretrained backbone frozen, a logistic-regression head on its features (the ``linear``
+  strategy's probe).
+- ``finetune``: the pretrained backbone with its last ``unfreeze_blocks`` stages and the head trained for
+  ``epochs`` epochs (AdamW, head initialised from the linear probe as in LP-FT; BatchNorm statistics kept).
+  The frozen stages' outputs are computed once per image and reused every epoch, which is exact because
+  nothing before them trains and no augmentation is used; that is what makes the lab fast on a CPU.
+- ``scratch``: the same architecture from random weights, every layer trained for the same ``epochs``
+  (light augmentation; BatchNorm statistics re-estimated on the training images before evaluation).
+
+The lab runs at a reduced input size (``image_size``, default 128 px) so that the whole curve fits in a
+couple of minutes on a laptop CPU; pass ``image_size=None`` for the backbone's own size. Accuracies are
+those of the last epoch (no selection on the validation images).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import build_model, data_config_for
+from .config import TrainConfig
+from .data import Dataset, DecodedImageCache, ImageItem, split_dataset
+from .embedding import open_data, single_threaded
+from .errors import CancelledError, ConfigError
+from .runs import Workspace
+from .transforms import Preprocess, train_transform
+
+__all__ = ["ARMS", "DEFAULT_SIZES", "learning_curve", "lab_preprocess"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, Any]], None]
+
+#: The lab's arms: key -> plain-language description (pages show these as the legend's help).
+ARMS: dict[str, str] = {
+    "linear": "Pretrained backbone, frozen; only a new last layer is fitted (logistic regression).",
+    "finetune": "Pretrained backbone; its last stages and the new last layer are trained for a few epochs.",
+    "scratch": "The same network from random weights, every layer trained for the same epochs.",
+}
+#: Images per class of the default curve; None means every training image.
+DEFAULT_SIZES: tuple[int | None, ...] = (5, 10, 20, None)
+# fine-tune arm: learning rates of the new head and of the unfrozen stages, label smoothing
+_FT_HEAD_LR, _FT_BODY_LR, _FT_SMOOTHING = 1e-4, 1e-4, 0.0
+
+
+def lab_preprocess(model: nn.Module, image_size: int | None) -> Preprocess:
+    """The model's preprocessing, optionally at a smaller input size (same crop ratio, mean, std, filter).
+
+    Args:
+        model: a timm model.
+        image_size: input side in pixels; None keeps the model's own.
+    Returns:
+        The :class:`Preprocess`.
+    """
+    cfg = dict(data_config_for(model))
+    if image_size:
+        cfg["input_size"] = [3, int(image_size), int(image_size)]
+    return Preprocess.from_data_config(cfg)
+
+
+def _split_points(model: nn.Module, unfreeze_blocks: int) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                                      Callable[[nn.Module, torch.Tensor], torch.Tensor]] | None:
+    """(frozen stem, trainable top) of an EfficientNet/MobileNet-style timm model, or None for others."""
+    if not all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
+        return None
+    k = max(1, min(unfreeze_blocks, len(model.blocks)))
+
+    def stem(x: torch.Tensor) -> torch.Tensor:
+        return model.blocks[:-k](model.bn1(model.conv_stem(x)))
+
+    def top(m: nn.Module, h: torch.Tensor) -> torch.Tensor:  # m: a copy of the model (trained in place)
+        return m.forward_head(m.bn2(m.conv_head(m.blocks[-k:](h))))
+
+    return stem, top
+
+
+def _top_features(m: nn.Module, h: torch.Tensor, k: int) -> torch.Tensor:
+    return m.forward_head(m.bn2(m.conv_head(m.blocks[-k:](h))), pre_logits=True)
+
+
+def _batches(n: int, bs: int, gen: torch.Generator, shuffle: bool = True) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    out = [order[s:s + bs] for s in range(0, n, bs)]
+    # BatchNorm in training mode cannot take a batch of one: fold a lone last image into the previous batch
+    if len(out) > 1 and len(out[-1]) == 1:
+        out[-2] = torch.cat([out[-2], out[-1]])
+        out.pop()
+    return out
+
+
+def _cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total)))))
+
+
+def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
+    if should_cancel and should_cancel():
+        raise CancelledError("Cancelled during the lab.")
+
+
+def learning_curve(data: str | os.PathLike | Dataset, backbone: str = "efficientnet_lite0",
+                   sizes: Sequence[int | None] = DEFAULT_SIZES, epochs: int = 4, image_size: int | None = 128,
+                   arms: Sequence[str] = ("linear", "finetune", "scratch"), val_split: float = 0.2, seed: int = 0,
+                   batch_size: int = 16, unfreeze_blocks: int = 2, workspace: Workspace | None = None,
+                   progress: Progress | None = None,
+                   should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Run the transfer-vs-scratch learning curve.
+
+    Args:
+        data: dataset path or opened dataset (a ``test`` split is not used).
+        backbone: an EfficientNet/MobileNet-style timm backbone with pretrained weights (``finetune`` needs
+            that structure; other architectures run ``linear`` and ``scratch`` only).
+        sizes: training images per class; None (or anything above what a class has) means all of them.
+        epochs: epochs of the ``finetune`` and ``scratch`` arms (the same for both).
+        image_size: input size the lab runs at; None for the backbone's own (slower).
+        arms: which of :data:`ARMS` to run.
+        val_split, seed: the validation split (shared by all points) and every random choice.
+        batch_size: images per step.
+        unfreeze_blocks: stages the ``finetune`` arm trains.
+        workspace: decoded-image cache location (default ``$TL_HOME``).
+        progress: called with {"stage": "lab", "arm", "images_per_class", "done", "total", "message"}.
+        should_cancel: polled between steps; True raises :class:`CancelledError`.
+    Returns:
+        {"rows": [{"arm", "images_per_class", "train_images", "val_accuracy", "seconds"}], "sizes" (ints),
+        "val": validation images, "classes", "epochs", "image_size", "backbone", "arms" (descriptions of
+        the arms run), "skipped" ({arm: why}), "feature_seconds" (the one-off frozen pass shared by
+        linear and finetune), "seconds", "reading" (plain-language summary)}.
+    Raises:
+        ConfigError: bad sizes, epochs or arms.
+    """
+    t_all = time.perf_counter()
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise ConfigError(f"Unknown lab arm(s) {unknown or arms}; choose from {', '.join(ARMS)}.")
+    if not 1 <= epochs <= 100:
+        raise ConfigError(f"Lab epochs must be between 1 and 100 (got {epochs}).")
+    if any(s is not None and int(s) < 1 for s in sizes) or not sizes:
+        raise ConfigError("Images per class must be at least 1.")
+    if image_size is not None and not 32 <= int(image_size) <= 1024:
+        raise ConfigError(f"Lab image size must be between 32 and 1024 pixels (got {image_size}).")
+    from .train import configure_threads, fit_linear_head, set_seed
+
+    configure_threads()
+    ws = workspace or Workspace.default()
+    ds = open_data(data, ws)
+    full = split_dataset(ds, val_split, seed)
+    classes = ds.classes
+    cidx = {c: i for i, c in enumerate(classes)}
+    per_class_max = max(sum(1 for i in full.train if i.label == c) for c in classes)
+    resolved = sorted({per_class_max if s is None else min(int(s), per_class_max) for s in sizes})
+    subsets = {n: split_dataset(ds, val_split, seed, max_per_class=n).train for n in resolved}
+    val = full.val
+    y_val = torch.tensor([cidx[i.label] for i in val])
+    emit = progress or (lambda e: None)
+
+    set_seed(seed)
+    model, winfo = build_model(backbone, len(classes), seed=seed)
+    if winfo.source == "random":
+        raise ConfigError(f"{backbone} has no pretrained weights available; the lab compares pretrained with scratch.")
+    pre = lab_preprocess(model, image_size)
+    decoded = DecodedImageCache(ws.cache_dir / "decoded")
+    split_fns = _split_points(model, unfreeze_blocks)
+    skipped: dict[str, str] = {}
+    run_arms = [a for a in ARMS if a in arms]
+    if "finetune" in run_arms and split_fns is None:
+        skipped["finetune"] = (f"{backbone} is not an EfficientNet/MobileNet-style network; the lab fine-tunes only "
+                               "those (run partial fine-tuning from the Train page instead).")
+        run_arms.remove("finetune")
+    k = max(1, min(unfreeze_blocks, len(getattr(model, "blocks", [1]))))
+
+    def tensor_of(item: ImageItem) -> torch.Tensor:
+        return pre.eval_from_resized(decoded.get(item, pre.resize, pre.interpolation))
+
+    # -- the frozen pass, once per image: intermediate maps (finetune) and pooled features (linear) --
+    t_feat = time.perf_counter()
+    train_all = subsets[resolved[-1]]
+    uniq = {str(i.path): i for i in train_all + val}
+    order = list(uniq)
+    acts: dict[str, torch.Tensor] = {}
+    feats: dict[str, np.ndarray] = {}
+    need_pretrained = any(a in run_arms for a in ("linear", "finetune"))
+    if need_pretrained:
+        model.eval()
+        with torch.inference_mode():
+            for s in range(0, len(order), 32):
+                _check_cancel(should_cancel)
+                x = torch.stack([tensor_of(uniq[p]) for p in order[s:s + 32]])
+                if split_fns is not None:
+                    h = split_fns[0](x)
+                    f = _top_features(model, h, k)
+                    for j, p in enumerate(order[s:s + 32]):
+                        acts[p] = h[j].clone()
+                else:
+                    f = model.forward_head(model.forward_features(x), pre_logits=True)
+                for j, p in enumerate(order[s:s + 32]):
+                    feats[p] = f[j].float().numpy()
+                emit({"stage": "lab", "arm": "features", "done": min(s + 32, len(order)), "total": len(order),
+                      "message": "Running the pretrained backbone once over the images"})
+    feature_seconds = time.perf_counter() - t_feat
+    x_val = np.stack([feats[str(i.path)] for i in val]) if need_pretrained else None
+
+    rows: list[dict[str, Any]] = []
+    probe_cfg = TrainConfig(strategy="linear", seed=seed).resolved()
+    smoothing = TrainConfig().label_smoothing
+    for n in resolved:
+        tr = subsets[n]
+        y_tr = torch.tensor([cidx[i.label] for i in tr])
+        head = None
+        if need_pretrained:
+            t0 = time.perf_counter()
+            x_tr = np.stack([feats[str(i.path)] for i in tr])
+            with single_threaded():
+                head, _ = fit_linear_head(x_tr, y_tr.numpy(), x_val, y_val.numpy(), len(classes), probe_cfg)
+            with torch.inference_mode():
+                acc = float((head(torch.from_numpy(x_val)).argmax(1) == y_val).float().mean())
+            if "linear" in run_arms:
+                rows.append({"arm": "linear", "images_per_class": n, "train_images": len(tr),
+                             "val_accuracy": round(acc, 4), "seconds": round(time.perf_counter() - t0, 3)})
+                emit({"stage": "lab", "arm": "linear", "images_per_class": n, "val_accuracy": acc})
+            linear_seconds = time.perf_counter() - t0
+        if "finetune" in run_arms:
+            t0 = time.perf_counter()
+            set_seed(seed)
+            m = copy.deepcopy(model)
+            for p in m.parameters():
+                p.requires_grad_(False)
+            top_modules = [m.blocks[-k:], m.conv_head, m.bn2]
+            body = [p for mod in top_modules for p in mod.parameters()]
+            clf = m.get_classifier()
+            with torch.no_grad():
+                clf.weight.copy_(head.weight)
+                clf.bias.copy_(head.bias)
+            for p in body + list(clf.parameters()):
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW([{"params": list(clf.parameters()), "lr": _FT_HEAD_LR},
+                                     {"params": body, "lr": _FT_BODY_LR}], weight_decay=TrainConfig().weight_decay)
+            gen = torch.Generator().manual_seed(seed)
+            h_tr = torch.stack([acts[str(i.path)] for i in tr])
+            steps = len(_batches(len(tr), batch_size, gen)) * epochs
+            sched = _cosine(opt, steps)
+            loss_fn = nn.CrossEntropyLoss(label_smoothing=_FT_SMOOTHING)
+            gen = torch.Generator().manual_seed(seed)
+            for ep in range(epochs):
+                m.train()
+                for mod in m.modules():  # pretrained BatchNorm statistics stay put, as in training
+                    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                        mod.eval()
+                for b in _batches(len(tr), batch_size, gen):
+                    _check_cancel(should_cancel)
+                    loss = loss_fn(split_fns[1](m, h_tr[b]), y_tr[b])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                emit({"stage": "lab", "arm": "finetune", "images_per_class": n, "done": ep + 1, "total": epochs})
+            m.eval()
+            with torch.inference_mode():
+                h_va = torch.stack([acts[str(i.path)] for i in val])
+                acc = float((split_fns[1](m, h_va).argmax(1) == y_val).float().mean())
+            rows.append({"arm": "finetune", "images_per_class": n, "train_images": len(tr),
+                         "val_accuracy": round(acc, 4),
+                         # the probe it starts from is part of its cost
+                         "seconds": round(time.perf_counter() - t0 + linear_seconds, 3)})
+        if "scratch" in run_arms:
+            t0 = time.perf_counter()
+            set_seed(seed)
+            m, _ = build_model(backbone, len(classes), weights="random", seed=seed)
+            m.train()
+            cfg = TrainConfig(strategy="scratch").resolved()
+            opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            gen = torch.Generator().manual_seed(seed)
+            augment = train_transform(pre, "light")
+            arrays = [decoded.get(i, pre.resize, pre.interpolation) for i in tr]
+            steps = len(_batches(len(tr), batch_size, gen)) * epochs
+            sched = _cosine(opt, steps)
+            loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
+            gen = torch.Generator().manual_seed(seed)
+            for ep in range(epochs):
+                m.train()
+                for b in _batches(len(tr), batch_size, gen):
+                    _check_cancel(should_cancel)
+                    x = torch.stack([augment(arrays[int(j)]) for j in b])
+                    loss = loss_fn(m(x), y_tr[b])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                emit({"stage": "lab", "arm": "scratch", "images_per_class": n, "done": ep + 1, "total": epochs})
+            # a few dozen steps leave BatchNorm's running averages near their initial values: re-estimate them
+            # on the training images so that the scratch arm is judged fairly
+            for mod in m.modules():
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    mod.reset_running_stats()
+                    mod.momentum = None
+            m.train()
+            with torch.no_grad():
+                for b in _batches(len(tr), 32, gen, shuffle=False):
+                    m(torch.stack([pre.eval_from_resized(arrays[int(j)]) for j in b]))
+            m.eval()
+            with torch.inference_mode():
+                preds = []
+                for s in range(0, len(val), 32):
+                    preds.append(m(torch.stack([tensor_of(i) for i in val[s:s + 32]])).argmax(1))
+                acc = float((torch.cat(preds) == y_val).float().mean()) if val else 0.0
+            rows.append({"arm": "scratch", "images_per_class": n, "train_images": len(tr),
+                         "val_accuracy": round(acc, 4), "seconds": round(time.perf_counter() - t0, 3)})
+            emit({"stage": "lab", "arm": "scratch", "images_per_class": n, "val_accuracy": acc})
+    return {
+        "rows": rows,
+        "sizes": resolved,
+        "val": len(val),
+        "classes": classes,
+        "epochs": epochs,
+        "image_size": pre.input_size,
+        "backbone": backbone,
+        "weights": winfo.source,
+        "arms": {a: ARMS[a] for a in run_arms},
+        "skipped": skipped,
+        "feature_seconds": round(feature_seconds, 3),
+        "seconds": round(time.perf_counter() - t_all, 3),
+        "reading": _reading(rows, len(classes), len(val)),
+    }
+
+
+def _reading(rows: list[dict[str, Any]], n_classes: int, n_val: int) -> str:
+    """One paragraph a teacher can read out."""
+    by = {(r["arm"], r["images_per_class"]): r["val_accuracy"] for r in rows}
+    sizes = sorted({r["images_per_class"] for r in rows})
+    if not sizes:
+        return ""
+    n = sizes[0]
+    parts = [f"Chance is {1 / n_classes:.0%} ({n_classes} classes); accuracies are on {n_val} validation images."]
+    pre = [(a, by[(a, n)]) for a in ("linear", "finetune") if (a, n) in by]
+    if pre and ("scratch", n) in by:
+        best_arm, best = max(pre, key=lambda t: t[1])
+        parts.append(f"With {n} images per class the pretrained backbone reaches {best:.0%} ({best_arm}) while the "
+                     f"same network trained from scratch reaches {by[('scratch', n)]:.0%}.")
+        m = sizes[-1]
+        if m != n and ("scratch", m) in by:
+            pm = max(by.get((a, m), 0.0) for a in ("linear", "finetune"))
+            parts.append(f"With {m} per class: pretrained {pm:.0%}, scratch {by[('scratch', m)]:.0%}. Features learned "
+                         "on a million ImageNet photos carry over; from scratch, the network must learn to see from "
+                         "your few images alone.")
+    return " ".join(parts)
