@@ -22,12 +22,12 @@ session.sync_from_url()
 
 pages = [
     st.Page(session.PAGES["home"], title="Home", icon=":material/home:", default=True),
-    st.Page(session.PAGES["data"], title="Data", icon=":material/folder_open:", url_path="data"),
-    st.Page(session.PAGES["backbone"], title="Backbone", icon=":material/layers:", url_path="backbone"),
-    st.Page(session.PAGES["train"], title="Train", icon=":material/model_training:", url_path="train"),
-    st.Page(session.PAGES["evaluate"], title="Evaluate", icon=":material/analytics:", url_path="evaluate"),
-    st.Page(session.PAGES["try"], title="Try it", icon=":material/image_search:", url_path="try"),
-    st.Page(session.PAGES["runs"], title="Runs & export", icon=":material/inventory_2:", url_path="runs"),
+    st.Page(session.PAGES["data"], title="Data", icon=":material/folder_open:"),
+    st.Page(session.PAGES["backbone"], title="Backbone", icon=":material/layers:"),
+    st.Page(session.PAGES["train"], title="Train", icon=":material/model_training:"),
+    st.Page(session.PAGES["evaluate"], title="Evaluate", icon=":material/analytics:"),
+    st.Page(session.PAGES["try"], title="Try it", icon=":material/image_search:"),
+    st.Page(session.PAGES["runs"], title="Runs & export", icon=":material/inventory_2:"),
 ]
 page = st.navigation(pages)
 session.publish_to_url()

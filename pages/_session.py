@@ -38,6 +38,27 @@ PAGES = {
 }
 
 
+def ensure_router() -> None:
+    """Make sure this page runs inside ``app.py``'s router. Call it first thing on every page.
+
+    Streamlit treats a ``pages/`` folder as an old-style multipage app until some session has run
+    ``st.navigation``: when the first request after a server start is a deep link (``/train?run=…``, a
+    shared link after a restart), it runs the page file alone, without ``app.py`` (no URL sync, no
+    recovery). Then run ``app.py`` here instead (its ``st.navigation`` ends the old mode and runs this
+    same page, with this run's widget events) and stop the stray run.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # a Streamlit without the old mode
+        return
+    if not getattr(PagesManager, "uses_pages_directory", False):
+        return
+    import runpy
+
+    runpy.run_path(str(Path(__file__).resolve().parent.parent / "app.py"), run_name="__main__")
+    st.stop()
+
+
 def workspace() -> Workspace:
     """The workspace of this server (``$TL_HOME``)."""
     return Workspace.default()

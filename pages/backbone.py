@@ -8,6 +8,8 @@ from tl_core.app_support import local_weights, save_uploaded_weights, time_backb
 from tl_core.backbones import CATALOGUE, catalogue
 from tl_core.config import field_help
 
+session.ensure_router()
+
 st.title("Backbone")
 st.caption("The backbone is the pretrained network whose knowledge you borrow. Bigger ones are usually more "
            "accurate and always slower.")

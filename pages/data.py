@@ -9,6 +9,8 @@ from tl_core.app_support import add_class_images, save_uploaded_zip
 from tl_core.config import field_help
 from tl_core.data import IMAGE_EXTENSIONS
 
+session.ensure_router()
+
 st.title("Data")
 st.caption("A dataset is a set of images sorted into one folder per class: `cats/1.jpg`, `dogs/7.png`, … "
            "Choose one below, or bring your own.")

@@ -9,6 +9,8 @@ from pages import _charts as charts
 from pages import _session as session
 from tl_core.app_support import normalise_rows, run_metrics
 
+session.ensure_router()
+
 st.title("Evaluate")
 st.caption("Measured on the validation images, which the model never trained on.")
 

@@ -5,6 +5,8 @@ import streamlit as st
 from pages import _session as session
 from tl_core.backbones import CATALOGUE
 
+session.ensure_router()
+
 DONE, TODO = ":material/check_circle:", ":material/radio_button_unchecked:"
 
 

@@ -11,6 +11,8 @@ from tl_core.app_support import run_metrics, runs_rows
 from tl_core.export import export_run
 from tl_core.runs import ACTIVE_STATUSES
 
+session.ensure_router()
+
 st.title("Runs & export")
 
 

@@ -13,6 +13,8 @@ from tl_core.app_support import augmentation_preview, describe_progress
 from tl_core.config import AUGMENT_PRESETS, CLASS_BALANCE, STRATEGIES, TrainConfig, field_help
 from tl_core.runs import ACTIVE_STATUSES
 
+session.ensure_router()
+
 LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1]
 BATCH_SIZES = [8, 16, 32, 64, 128]
 

@@ -12,6 +12,8 @@ from tl_core.data import IMAGE_EXTENSIONS, image_from_bytes
 from tl_core.errors import DatasetError
 from tl_core.export import load_model, predict_pil, write_predictions_csv
 
+session.ensure_router()
+
 st.title("Try it")
 st.caption("Give the model images it has never seen. It always answers with one of its classes, even for an "
            "image that belongs to none of them: watch the confidence.")

@@ -120,18 +120,32 @@ def metric_value(page, label: str) -> str:
 
 
 def test_sample_data_to_prediction_in_a_real_browser(server, browser):
+    from playwright.sync_api import expect
+
     base, home = server
     page = browser.new_page(viewport={"width": 1400, "height": 950})
     page.set_default_timeout(60_000)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
 
+    # a deep link is the first request this server sees (a shared link after a restart): the app's
+    # router still runs it (Streamlit would otherwise run pages/data.py alone, as an old-style page)
+    page.goto(f"{base}/data?data=sample%2Femoji")
+    page.get_by_role("heading", name="Report: emoji").wait_for()
+    assert page.get_by_text("Current selection").count() == 1
+
     # Home
     page.goto(base)
     page.get_by_text("Four steps").wait_for()
     shot(page, "01-home")
 
-    # Data: choose the emoji sample
+    # Data: choose the emoji sample (in a fresh session: nothing chosen yet)
+    page.close()
+    page = browser.new_page(viewport={"width": 1400, "height": 950})
+    page.set_default_timeout(60_000)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(base)
+    page.get_by_text("Four steps").wait_for()
     nav(page, "Data")
     page.get_by_test_id("stSelectbox").first.click()
     page.get_by_role("option", name="emoji (sample data)").click()
@@ -184,7 +198,7 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     page.get_by_role("heading", name=f"Run {run_id}").wait_for()
     page.get_by_text("Status: done").wait_for()
     assert parse_qs(urlparse(page.url).query)["run"][0] == run_id
-    assert page.get_by_role("spinbutton", name="Epochs").input_value() == "30"  # the form follows the run
+    expect(page.get_by_role("spinbutton", name="Epochs")).to_have_value("30")  # the form follows the run
 
     # Evaluate: the confusion matrix adds up to the validation count
     nav(page, "Evaluate")
