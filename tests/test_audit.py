@@ -12,8 +12,8 @@ from PIL import Image
 
 from conftest import make_class_folder
 from insight_support import emoji_small, insight_home, insight_workspace
-from tl_core.audit import (NEAR_DUPLICATE_THRESHOLD, audit_dataset, class_imbalance, exact_duplicates,
-                           near_duplicates)
+from tl_core.audit import (NEAR_DUPLICATE_THRESHOLD, PIXEL_MATCH_THRESHOLD, audit_dataset, class_imbalance,
+                           exact_duplicates, near_duplicates, thumbnail_correlation)
 from tl_core.cli import main
 from tl_core.config import TrainConfig
 
@@ -74,6 +74,8 @@ def test_resized_copy_is_a_near_duplicate_and_exact_copies_are_not(planted):
     pairs = {frozenset((p["a"], p["b"])): p for p in res["near_duplicates"]}
     p = pairs[frozenset((str(orig["vehicle"]), str(plants["near"])))]
     assert NEAR_DUPLICATE_THRESHOLD <= p["similarity"] <= 1.0 and p["same_label"]
+    assert p["pixel_correlation"] >= PIXEL_MATCH_THRESHOLD
+    assert len(res["near_duplicates"]) == 1  # look-alike real emoji are not called copies
     assert frozenset((str(orig["animal"]), str(plants["mislabelled"]))) not in pairs
     sims = [p["similarity"] for p in res["near_duplicates"]]
     assert sims == sorted(sims, reverse=True) and min(sims) >= NEAR_DUPLICATE_THRESHOLD
@@ -98,7 +100,7 @@ def test_image_filed_under_the_wrong_class_is_a_likely_label_error(planted):
 def test_clean_sample_has_no_duplicates_leaks_or_odd_images(shared_cache):
     res = audit_dataset(emoji_small(shared_cache), workspace=insight_workspace(shared_cache))
     assert res["exact_duplicates"] == [] and res["odd_images"] == []
-    assert not [r for r in res["leakage"] if r["kind"] == "exact"]
+    assert res["near_duplicates"] == [] and res["leakage"] == []
     assert res["imbalance"]["suggestion"] == "none" and res["suggested_config"] == {}
     assert res["split"] == {"train": 50, "val": 10, "test": 0}
 
@@ -113,6 +115,23 @@ def test_imbalance_suggests_a_fix_that_training_accepts(shared_cache, tmp_path):
     assert res["imbalance"]["imbalanced"] and res["suggested_config"] == {"class_balance": "weights"}
     cfg = dataclasses.replace(TrainConfig(), **res["suggested_config"]).resolved()
     assert cfg.class_balance == "weights"
+
+
+def test_thumbnail_correlation_tells_copies_from_look_alikes(shared_cache):
+    import numpy as np
+    from tl_core.data import load_image
+
+    data = emoji_small(shared_cache)
+    img = np.asarray(load_image(sorted((data / "face").iterdir())[0]))
+    small = np.asarray(Image.fromarray(img).resize((48, 48), Image.BICUBIC))
+    darker = (img * 0.8).astype(np.uint8)
+    assert thumbnail_correlation(img, small) >= PIXEL_MATCH_THRESHOLD
+    assert thumbnail_correlation(img, darker) >= PIXEL_MATCH_THRESHOLD
+    other = np.asarray(load_image(sorted((data / "face").iterdir())[1]))  # another yellow face
+    assert thumbnail_correlation(img, other) < PIXEL_MATCH_THRESHOLD
+    assert thumbnail_correlation(img, img[:, ::-1]) < PIXEL_MATCH_THRESHOLD  # mirrored: not the same picture
+    blank = np.full((20, 20, 3), 255, np.uint8)
+    assert thumbnail_correlation(blank, blank) == 1.0 and thumbnail_correlation(blank, img) == 0.0
 
 
 def test_helpers_on_plain_lists():

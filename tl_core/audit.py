@@ -1,8 +1,10 @@
 """Data audit before training: duplicates, train/validation leakage, imbalance, odd images, label errors.
 
 - **Exact duplicates**: identical file content (SHA-256), within and across classes.
-- **Near duplicates**: pairs whose backbone features have cosine similarity above a threshold (resized,
-  re-encoded or slightly edited copies); features come from the shared cache.
+- **Near duplicates**: the same picture resized, re-encoded or retouched. Backbone features (from the
+  shared cache) propose pairs with cosine similarity above a threshold; a pixel check confirms them (the
+  correlation of 32x32 grayscale thumbnails). Pairs the features call alike but whose pixels differ are
+  listed apart as **look-alikes** (different pictures of nearly the same thing: worth a look, not a leak).
 - **Leakage**: an exact or near duplicate that sits on both sides of the split training will use (train vs.
   validation or test), which inflates validation accuracy.
 - **Class imbalance** with a one-click fix: a ``TrainConfig`` patch (``class_balance`` = ``weights`` or
@@ -33,6 +35,9 @@ from .runs import Workspace
 
 __all__ = [
     "NEAR_DUPLICATE_THRESHOLD",
+    "PIXEL_MATCH_THRESHOLD",
+    "LOOKALIKE_THRESHOLD",
+    "thumbnail_correlation",
     "LABEL_ERROR_CONFIDENCE",
     "exact_duplicates",
     "near_duplicates",
@@ -46,11 +51,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Cosine similarity of pooled features at or above which two different files count as near duplicates.
+#: Cosine similarity of pooled features at or above which two different files are near-duplicate candidates.
 #: On the emoji sample a 48-px copy of a 64-px icon scores 0.94, a darker copy 0.97 and a JPEG re-encode
-#: 0.92; distinct but look-alike images score high too (emoji 'confused' vs 'slightly_frowning_face' 0.99,
-#: British-territory flags 0.96-0.97), so the list is for review, not for automatic deletion.
-NEAR_DUPLICATE_THRESHOLD = 0.92
+#: 0.92, but distinct look-alike icons score as high (emoji 'confused' vs 'slightly_frowning_face' 0.99,
+#: British-territory flags 0.96-0.97): features alone cannot tell a copy from a look-alike.
+NEAR_DUPLICATE_THRESHOLD = 0.90
+#: Correlation of 32x32 grayscale thumbnails at or above which a candidate pair is the same picture. Copies
+#: above (resized, JPEG, darker: >= 0.9998) score above it; the closest distinct emoji (two flags that
+#: differ only in a small crest) score 0.993.
+PIXEL_MATCH_THRESHOLD = 0.995
+#: Feature similarity at or above which a pair that fails the pixel check is listed as a look-alike.
+LOOKALIKE_THRESHOLD = 0.97
 #: Out-of-fold probability of another class above which an image is listed as a likely label error.
 LABEL_ERROR_CONFIDENCE = 0.6
 
@@ -99,6 +110,31 @@ def near_duplicates(features: np.ndarray, items: Sequence[ImageItem], threshold:
     return [{"a": str(items[i].path), "b": str(items[j].path), "label_a": items[i].label, "label_b": items[j].label,
              "split_a": items[i].split or "", "split_b": items[j].split or "", "similarity": round(min(s, 1.0), 4),
              "same_label": items[i].label == items[j].label} for s, i, j in pairs[:max_pairs]]
+
+
+def thumbnail_correlation(a: np.ndarray, b: np.ndarray, size: int = 32) -> float:
+    """Pearson correlation of two images' ``size`` x ``size`` grayscale thumbnails (1.0 = same picture).
+
+    Insensitive to resizing, re-encoding and uniform brightness or contrast changes; sensitive to any
+    change of content or position.
+
+    Args:
+        a, b: HWC uint8 RGB arrays (any sizes).
+        size: thumbnail side.
+    Returns:
+        The correlation in [-1, 1] (1.0 when both thumbnails are flat and equal, 0.0 when only one is).
+    """
+    from PIL import Image
+
+    def thumb(x: np.ndarray) -> np.ndarray:
+        t = np.asarray(Image.fromarray(x).convert("L").resize((size, size), Image.BILINEAR), dtype=np.float64).ravel()
+        return t - t.mean()
+
+    ta, tb = thumb(a), thumb(b)
+    na, nb = np.linalg.norm(ta), np.linalg.norm(tb)
+    if na < 1e-6 or nb < 1e-6:
+        return 1.0 if (na < 1e-6 and nb < 1e-6) else 0.0
+    return float(ta @ tb / (na * nb))
 
 
 def find_leakage(train: Sequence[ImageItem], held_out: Sequence[tuple[str, ImageItem]],
@@ -269,6 +305,7 @@ def label_issues(probs: np.ndarray, items: Sequence[ImageItem], classes: Sequenc
 def audit_dataset(data: str | os.PathLike | Dataset, backbone: str = "efficientnet_lite0",
                   workspace: Workspace | None = None, val_split: float = 0.2, seed: int = 0,
                   near_threshold: float = NEAR_DUPLICATE_THRESHOLD,
+                  pixel_threshold: float = PIXEL_MATCH_THRESHOLD,
                   label_confidence: float = LABEL_ERROR_CONFIDENCE, max_per_class: int | None = None,
                   folds: int = 5, progress: Callable[[int, int], None] | None = None,
                   should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
@@ -279,7 +316,8 @@ def audit_dataset(data: str | os.PathLike | Dataset, backbone: str = "efficientn
         backbone: backbone whose features find near duplicates and label errors.
         workspace: cache location (default ``$TL_HOME``).
         val_split, seed: the split to check for leakage (use the values you will train with).
-        near_threshold: cosine similarity for near duplicates.
+        near_threshold: feature cosine similarity of near-duplicate candidates.
+        pixel_threshold: thumbnail correlation that confirms a candidate as the same picture.
         label_confidence: out-of-fold probability of another class that flags a label.
         max_per_class: audit at most this many images per class (seeded) for near duplicates and labels;
             exact duplicates, imbalance and odd images always cover everything.
@@ -288,7 +326,8 @@ def audit_dataset(data: str | os.PathLike | Dataset, backbone: str = "efficientn
         should_cancel: polled between batches.
     Returns:
         {"images", "classes", "counts", "split": {train, val, test}, "exact_duplicates",
-        "near_duplicates", "leakage", "imbalance" (see :func:`class_imbalance`), "odd_images",
+        "near_duplicates" (pairs with "similarity" and "pixel_correlation"), "lookalikes" (same fields),
+        "leakage", "imbalance" (see :func:`class_imbalance`), "odd_images",
         "label_issues", "suggested_config" (``TrainConfig`` fields to change), "findings" (plain-language
         lines, most important first), "backbone", "thresholds", "seconds"}.
     """
@@ -299,13 +338,28 @@ def audit_dataset(data: str | os.PathLike | Dataset, backbone: str = "efficientn
     exact = exact_duplicates(ds.items)
     subset = sample_items(ds.items, max_per_class, seed)
     emb = embed_items(subset, ds.classes, backbone, ws, progress=progress, should_cancel=should_cancel)
+    decoded = DecodedImageCache(ws.cache_dir / "decoded")
     with single_threaded():
-        near = near_duplicates(emb.features, subset, near_threshold)
+        candidates = near_duplicates(emb.features, subset, min(near_threshold, LOOKALIKE_THRESHOLD))
+    by_path = {str(i.path): i for i in subset}
+    near: list[dict[str, Any]] = []
+    lookalikes: list[dict[str, Any]] = []
+    for pair in candidates:
+        a, b = by_path[pair["a"]], by_path[pair["b"]]
+        try:
+            pair["pixel_correlation"] = round(thumbnail_correlation(
+                decoded.get(a, emb.pre.resize, emb.pre.interpolation), decoded.get(b, emb.pre.resize, emb.pre.interpolation)), 4)
+        except Exception as e:  # a file deleted since it was opened: keep the feature evidence only
+            log.warning("pixel check of %s / %s failed: %s", a.path, b.path, e)
+            pair["pixel_correlation"] = None
+        if pair["similarity"] >= near_threshold and (pair["pixel_correlation"] or 0.0) >= pixel_threshold:
+            near.append(pair)
+        elif pair["similarity"] >= LOOKALIKE_THRESHOLD:
+            lookalikes.append(pair)
     held = [("val", i) for i in split.val] + [("test", i) for i in split.test]
     leaks = find_leakage(split.train, held, near)
     train_counts = Counter(i.label for i in split.train)
     imb = class_imbalance({c: train_counts.get(c, 0) for c in ds.classes})
-    decoded = DecodedImageCache(ws.cache_dir / "decoded")
     odd = odd_images(ds.items, decoded, emb.pre.resize, emb.pre.interpolation)
     # the label check scores train+val images (a test split stays untouched)
     lab_idx = [n for n, i in enumerate(subset) if i.split != "test"]
@@ -328,7 +382,8 @@ def audit_dataset(data: str | os.PathLike | Dataset, backbone: str = "efficientn
     if exact:
         findings.append(f"{sum(len(g['paths']) - 1 for g in exact)} exact duplicate file(s) in {len(exact)} group(s).")
     if near:
-        findings.append(f"{len(near)} pair(s) of near-duplicate images (feature similarity >= {near_threshold:.2f}).")
+        findings.append(f"{len(near)} pair(s) of near-duplicate images (the same picture resized, re-encoded or "
+                        "retouched).")
     if issues:
         findings.append(f"{len(issues)} image(s) look like another class to a probe that never saw them; check "
                         "their labels.")
@@ -336,6 +391,10 @@ def audit_dataset(data: str | os.PathLike | Dataset, backbone: str = "efficientn
         findings.append(imb["reason"])
     if odd:
         findings.append(f"{len(odd)} image(s) are tiny or blank.")
+    if lookalikes:
+        findings.append(f"{len(lookalikes)} pair(s) of different images look almost alike (feature similarity >= "
+                        f"{LOOKALIKE_THRESHOLD:.2f}); fine if they are distinct pictures, a problem if one is a crop "
+                        "or edit of the other.")
     if not findings:
         findings.append("No problems found: no duplicates or leakage, balanced classes, no odd images, no likely "
                         "label errors.")
@@ -346,6 +405,7 @@ def audit_dataset(data: str | os.PathLike | Dataset, backbone: str = "efficientn
         "split": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
         "exact_duplicates": exact,
         "near_duplicates": near,
+        "lookalikes": lookalikes,
         "leakage": leaks,
         "imbalance": imb,
         "odd_images": odd,
@@ -354,7 +414,8 @@ def audit_dataset(data: str | os.PathLike | Dataset, backbone: str = "efficientn
         "findings": findings,
         "backbone": backbone,
         "audited_images": len(subset),
-        "thresholds": {"near_duplicate": near_threshold, "label_confidence": label_confidence,
+        "thresholds": {"near_duplicate": near_threshold, "pixel_match": pixel_threshold,
+                       "lookalike": LOOKALIKE_THRESHOLD, "label_confidence": label_confidence,
                        "val_split": val_split, "seed": seed},
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -438,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", default="efficientnet_lite0")
     s.add_argument("--val-split", type=float, default=0.2, help="the split you will train with")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--near-threshold", type=float, default=0.92, help="feature cosine similarity of near duplicates")
+    s.add_argument("--near-threshold", type=float, default=0.90,
+                   help="feature cosine similarity of near-duplicate candidates (a pixel check confirms them)")
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_audit)
