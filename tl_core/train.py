@@ -392,9 +392,13 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     ytr = np.array([cidx[i.label] for i in split.train])
     yva = np.array([cidx[i.label] for i in split.val])
     probe_cfg = cfg if cfg.strategy == "linear" else dataclasses.replace(cfg, epochs=100)
-    head, info = fit_linear_head(feats[:n_tr], ytr, feats[n_tr:n_tr + n_va], yva, len(classes), probe_cfg,
-                                 on_epoch=lambda m: emit({"stage": "epoch" if cfg.strategy == "linear" else "probe", **m}),
-                                 should_cancel=should_cancel)
+    from .embedding import single_threaded
+
+    with single_threaded():  # small matrices: on a busy machine two threads only wait for each other
+        head, info = fit_linear_head(feats[:n_tr], ytr, feats[n_tr:n_tr + n_va], yva, len(classes), probe_cfg,
+                                     on_epoch=lambda m: emit({"stage": "epoch" if cfg.strategy == "linear" else "probe",
+                                                              **m}),
+                                     should_cancel=should_cancel)
     info["feature_cache"] = {"hits": fcache.hits, "misses": fcache.misses}
     return feats, head, info
 
