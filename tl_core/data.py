@@ -114,29 +114,23 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     Raises:
         DatasetError: the file is missing, not an image, truncated or too large, with the reason.
     """
-    name = Path(path).name
+    return _decode(path, Path(path).name)
+
+
+def image_from_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    """Like :func:`load_image` for bytes in memory (an upload or a camera picture)."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: str | os.PathLike | io.BytesIO, name: str) -> Image.Image:
+    """Open and convert with the loading rules; every failure becomes one DatasetError naming the file."""
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             return _open_checked(im, name)
     except DatasetError:
         raise
     except FileNotFoundError:
         raise DatasetError(f"{name}: file not found.") from None
-    except Image.DecompressionBombError:
-        raise DatasetError(f"{name}: the image is larger than the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit.") from None
-    except Image.UnidentifiedImageError:
-        raise DatasetError(f"{name}: not a readable image (unknown or damaged format).") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DatasetError(f"{name}: damaged or truncated image ({e}).") from None
-
-
-def image_from_bytes(data: bytes, name: str = "upload") -> Image.Image:
-    """Like :func:`load_image` for bytes in memory (an upload or a camera picture)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return _open_checked(im, name)
-    except DatasetError:
-        raise
     except Image.DecompressionBombError:
         raise DatasetError(f"{name}: the image is larger than the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit.") from None
     except Image.UnidentifiedImageError:
