@@ -71,7 +71,7 @@ class Preprocess:
 
     def resized_array(self, img: Image.Image) -> np.ndarray:
         """HWC uint8 array of an RGB image resized like timm's eval transform (before the crop)."""
-        return np.asarray(resize_shorter(img, self.resize, self.interpolation), dtype=np.uint8)
+        return np.array(resize_shorter(img, self.resize, self.interpolation), dtype=np.uint8)  # writable for torch
 
     def eval_from_pil(self, img: Image.Image) -> torch.Tensor:
         """The full eval transform of one RGB image."""
