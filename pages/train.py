@@ -79,7 +79,7 @@ def settings_form(ws, path) -> None:
         help=field_help("lr") + (" Not used by the linear probe (its solver picks its own steps)." if linear else ""),
     ))
     batch = session.keep("batch_size", c[2].select_slider(
-        "Batch size", BATCH_SIZES, key=session.remember("batch_size", 32), disabled=linear,
+        "Batch size", BATCH_SIZES, key=session.remember("batch_size", TrainConfig().batch_size), disabled=linear,
         help=field_help("batch_size") + (" Not used by the linear probe (it fits on all images at once)."
                                          if linear else ""),
     ))
@@ -142,6 +142,10 @@ def run_panel(ws, run_id: str) -> None:
             st.rerun()
         status = None
         with session.page_errors():
+            if active:
+                # a worker killed while the server is up (kill -9, out of memory) leaves its run 'running':
+                # look for dead workers every few seconds so the run is marked and queued runs get a worker
+                session.recover_now(ws)
             run = store.get(run_id)
             epochs = store.epochs(run_id)
             status = run["status"]

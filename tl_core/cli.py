@@ -106,7 +106,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     ws = _workspace()
     src = Path(args.data)
-    ds = open_dataset(src, extract_dir=None if src.is_dir() else ws.datasets_dir / src.stem)
+    ds = open_dataset(src, extract_dir=None if src.is_dir() else ws.datasets_dir / src.stem,
+                      check_cache=ws.cache_dir / "checked.sqlite")
     rep = dataset_report(ds, split_dataset(ds, args.val_split, args.seed))
     if args.json:
         _print_json(rep)
@@ -381,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", default="auto", help="auto | packaged | hub | random | path to .safetensors/.pth")
     s.add_argument("--epochs", type=int, default=None)
     s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--val-split", type=float, default=0.2)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--augment", choices=list(AUGMENT_PRESETS), default="light")
