@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import sqlite3
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -56,6 +57,11 @@ CREATE TABLE IF NOT EXISTS epochs (
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
+
+
+_SCHEMA_DONE: set[str] = set()
+_CONNECTIONS: dict[tuple[str, int, int, int], sqlite3.Connection] = {}
+_MAX_CONNECTIONS = 32
 
 
 def default_home() -> Path:
@@ -207,22 +213,42 @@ class RunStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._conn() as c:
-            c.executescript(_SCHEMA)
+        key = str(self.path.resolve())
+        if key not in _SCHEMA_DONE or not self.path.exists():  # once per database and process
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._conn() as c:
+                c.executescript(_SCHEMA)
+            _SCHEMA_DONE.add(key)
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        """A connection reused per (database, process, thread): opening one costs more than a small write."""
         try:
+            inode = self.path.stat().st_ino  # a database deleted and made again is a new one
+        except OSError:
+            inode = 0
+        key = (str(self.path), os.getpid(), threading.get_ident(), inode)
+        conn = _CONNECTIONS.pop(key, None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=30000")
+        try:
             yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
         finally:
-            conn.close()
+            _CONNECTIONS[key] = conn  # most recently used last
+            while len(_CONNECTIONS) > _MAX_CONNECTIONS:
+                old_key = next(iter(_CONNECTIONS))
+                old = _CONNECTIONS.pop(old_key)
+                if old_key[1] == os.getpid():  # never touch a connection inherited through fork
+                    old.close()
 
     # -- writes ------------------------------------------------------------------------------------
     def create_run(self, data: str, config: dict[str, Any], status: str = "queued", name: str | None = None,
