@@ -76,3 +76,145 @@ def top_k(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     fig.update_layout(height=60 + 34 * len(rows), xaxis=dict(range=[0, 1], tickformat=".0%"),
                       margin=dict(l=10, r=10, t=10, b=10))
     return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# insight views (issue 8)
+# --------------------------------------------------------------------------------------------------
+def advisor_scores(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Per backbone: the transferability score (LogME) and the quick probe / k-NN accuracies."""
+    names = [r["backbone"] for r in rows]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("Transferability (LogME, higher is better)",
+                                        "Quick accuracy on validation images"))
+    # LogME is often negative and only its order matters: dots (not bars from 0, which read upside down)
+    scores = [r["logme"] for r in rows]
+    spread = (max(scores) - min(scores)) or abs(max(scores)) or 1.0
+    fig.add_scatter(x=names, y=scores, mode="markers+text", marker=dict(size=16, color=_COLORS[0]),
+                    text=[f"{v:.3f}" for v in scores], textposition="top center", name="LogME", showlegend=False,
+                    cliponaxis=False, row=1, col=1)
+    fig.update_yaxes(range=[min(scores) - 0.35 * spread, max(scores) + 0.35 * spread], row=1, col=1)
+    for n, (key, label) in enumerate((("probe_accuracy", "linear probe"), ("knn_accuracy", "k-NN"))):
+        fig.add_bar(x=names, y=[r[key] for r in rows], name=label, marker_color=_COLORS[n + 1],
+                    text=[f"{r[key]:.0%}" for r in rows], textposition="outside", cliponaxis=False, row=1, col=2)
+    fig.update_yaxes(range=[0, 1.12], tickformat=".0%", row=1, col=2)
+    fig.update_layout(height=340, barmode="group", **_LAYOUT)
+    return fig
+
+
+def embedding_map(df: Any, title: str = "", highlight_misclassified: bool = False) -> tuple[go.Figure, list[list[int]]]:
+    """Scatter of a 2-D embedding map, one trace per class; optionally the misclassified points ringed in red.
+
+    Returns:
+        (figure, rows): ``rows[c][i]`` is the DataFrame row of point ``i`` of trace ``c`` (for click selection).
+    """
+    fig = go.Figure()
+    rows: list[list[int]] = []
+    has_pred = "predicted" in df and df["predicted"].notna().any()
+    for n, (label, part) in enumerate(df.groupby("label", sort=True)):
+        names = [str(p).rsplit("/", 1)[-1] for p in part["path"]]
+        extra = [f"<br>predicted {p} ({c:.0%})" if isinstance(p, str) else ""
+                 for p, c in zip(part["predicted"], part["confidence"])] if has_pred else [""] * len(part)
+        fig.add_scatter(
+            x=part["x"].tolist(), y=part["y"].tolist(), mode="markers", name=str(label),
+            marker=dict(size=8, color=_COLORS[n % len(_COLORS)], line=dict(width=0.5, color="white")),
+            selected=dict(marker=dict(size=13)), unselected=dict(marker=dict(opacity=0.45)),
+            customdata=list(zip(names, [f"<br>{s} folder" if s else "" for s in part["split"]], extra)),
+            hovertemplate="<b>%{fullData.name}</b> · %{customdata[0]}%{customdata[1]}%{customdata[2]}"
+                          "<extra></extra>",
+        )
+        rows.append([int(i) for i in part.index])
+    if highlight_misclassified and "misclassified" in df:
+        wrong = df[df["misclassified"]]
+        if len(wrong):
+            fig.add_scatter(
+                x=wrong["x"].tolist(), y=wrong["y"].tolist(), mode="markers", name=f"misclassified ({len(wrong)})",
+                marker=dict(size=15, symbol="circle-open", color="#dc2626", line=dict(width=2.5)),
+                customdata=[[str(p).rsplit("/", 1)[-1], t, pr] for p, t, pr in
+                            zip(wrong["path"], wrong["label"], wrong["predicted"])],
+                hovertemplate="<b>misclassified</b> · %{customdata[0]}<br>true %{customdata[1]}, predicted "
+                              "%{customdata[2]}<extra></extra>",
+            )
+            rows.append([int(i) for i in wrong.index])
+    fig.update_xaxes(showticklabels=False, title_text="")
+    fig.update_yaxes(showticklabels=False, title_text="", scaleanchor=None)
+    fig.update_layout(height=460, title=dict(text=title, font=dict(size=14)), clickmode="event+select",
+                      margin=dict(l=10, r=10, t=40 if title else 10, b=10),
+                      legend=dict(orientation="v", x=1.01, y=1))
+    return fig, rows
+
+
+def domain_gap(per_class: Mapping[str, Mapping[str, Any]], levels: Sequence[tuple[float, str, str]]) -> go.Figure:
+    """Mean max-softmax of the ImageNet head per class, with the thresholds of the gap levels."""
+    names = list(per_class)
+    vals = [per_class[c]["mean_max_softmax"] for c in names]
+    fig = go.Figure(go.Bar(x=vals, y=names, orientation="h", marker_color=_COLORS[0],
+                           text=[f"{v:.2f}" for v in vals], textposition="inside", insidetextanchor="end",
+                           hovertemplate="%{y}: %{x:.2f}<extra></extra>"))
+    for lo, level, _ in levels:
+        if lo > 0:
+            fig.add_vline(x=lo, line=dict(color="#9ca3af", dash="dash"),
+                          annotation_text=f"{level} above", annotation_position="top")
+    fig.update_layout(height=80 + 30 * len(names), xaxis=dict(range=[0, 1], title="how sure the ImageNet head is "
+                                                                               "(mean max-softmax)"),
+                      yaxis=dict(autorange="reversed"), margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def reliability(before: Mapping[str, Any], after: Mapping[str, Any] | None = None,
+                temperature: float | None = None) -> go.Figure:
+    """Reliability diagram: accuracy against confidence per bin (on the diagonal = calibrated)."""
+    fig = go.Figure()
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#9ca3af", dash="dash"),
+                    name="perfectly calibrated", hoverinfo="skip")
+    curves = [("before (T = 1)", before, _COLORS[1])]
+    if after is not None:
+        curves.append((f"after temperature scaling (T = {temperature:.2f})" if temperature else "after", after,
+                       _COLORS[2]))
+    for name, rel, color in curves:
+        bins = [b for b in rel["bins"] if b.get("count")]
+        fig.add_scatter(
+            x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins], mode="lines+markers",
+            name=f"{name}: ECE {rel['ece']:.3f}", line=dict(color=color),
+            marker=dict(size=[6 + 14 * (b["count"] / max(1, rel["count"])) ** 0.5 for b in bins], color=color),
+            customdata=[[b["count"], b["lo"], b["hi"]] for b in bins],
+            hovertemplate="confidence %{x:.0%} → accuracy %{y:.0%}<br>%{customdata[0]} images "
+                          "(bin %{customdata[1]:.1f}–%{customdata[2]:.1f})<extra></extra>",
+        )
+    fig.update_layout(height=400, xaxis=dict(range=[0, 1.02], tickformat=".0%", title="confidence (predicted)"),
+                      yaxis=dict(range=[0, 1.02], tickformat=".0%", title="accuracy (actual)"), **_LAYOUT)
+    return fig
+
+
+ARM_NAMES = {"linear": "pretrained, linear probe", "finetune": "pretrained, fine-tuned", "scratch": "from scratch"}
+
+
+def learning_curve(rows: Sequence[Mapping[str, Any]], n_classes: int) -> go.Figure:
+    """Validation accuracy against images per class, one line per lab arm; time taken beside it."""
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.1,
+                        subplot_titles=("Validation accuracy (higher is better)", "Time taken (seconds)"))
+    arms = [a for a in ARM_NAMES if any(r["arm"] == a for r in rows)]
+    sizes = sorted({r["images_per_class"] for r in rows})
+    for n, arm in enumerate(arms):
+        pts = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["images_per_class"])
+        color = {"linear": _COLORS[0], "finetune": _COLORS[2], "scratch": _COLORS[1]}.get(arm, _COLORS[n])
+        fig.add_scatter(
+            x=[r["images_per_class"] for r in pts], y=[r["val_accuracy"] for r in pts], mode="lines+markers",
+            name=ARM_NAMES[arm], legendgroup=arm,
+            line=dict(color=color, width=3, dash="dot" if arm == "scratch" else "solid"),
+            marker=dict(size=9), customdata=[[r["train_images"], r["seconds"]] for r in pts],
+            hovertemplate="%{x} images per class (%{customdata[0]} in all)<br>accuracy %{y:.0%}"
+                          "<br>%{customdata[1]:.1f} s<extra>" + ARM_NAMES[arm] + "</extra>",
+            row=1, col=1,
+        )
+        fig.add_bar(x=[str(r["images_per_class"]) for r in pts], y=[r["seconds"] for r in pts], name=ARM_NAMES[arm],
+                    legendgroup=arm, showlegend=False, marker_color=color, row=1, col=2,
+                    hovertemplate="%{x} per class: %{y:.1f} s<extra>" + ARM_NAMES[arm] + "</extra>")
+    if n_classes:
+        fig.add_scatter(x=[sizes[0], sizes[-1]] if sizes else [0, 1], y=[1 / n_classes] * 2, mode="lines",
+                        line=dict(color="#9ca3af", dash="dash"), name=f"chance ({1 / n_classes:.0%})", row=1, col=1)
+    fig.update_xaxes(title_text="training images per class", type="log", tickvals=sizes, row=1, col=1)
+    fig.update_xaxes(title_text="images per class", type="category", row=1, col=2)
+    fig.update_yaxes(range=[0, 1.05], tickformat=".0%", row=1, col=1)
+    fig.update_layout(height=420, barmode="group", **_LAYOUT)
+    return fig

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import unicodedata
 import zipfile
@@ -47,6 +48,9 @@ __all__ = [
     "normalise_rows",
     "describe_progress",
     "run_metrics",
+    "BackgroundTask",
+    "start_task",
+    "get_task",
 ]
 
 log = logging.getLogger(__name__)
@@ -594,3 +598,98 @@ def run_metrics(ws: Workspace, run_id: str) -> dict[str, Any]:
         raise RunError(f"Run {run_id} has no results yet (not finished, or its files were deleted).") from None
     except (OSError, ValueError) as e:
         raise RunError(f"The results of run {run_id} cannot be read ({e}); train it again.") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# background tasks: engine computations that outlive a page run (the transfer-vs-scratch lab)
+# --------------------------------------------------------------------------------------------------
+class BackgroundTask:
+    """One engine call run on a thread of the server process, with progress, result and cooperative cancel.
+
+    For computations of a minute or two that write nothing to the run store (the lab): the page starts it
+    and polls it, so the user may switch pages, refresh, or open another tab and find it again by its key.
+    The function must accept ``progress`` (called with a dict) and ``should_cancel`` keyword arguments.
+    Trainings do not use this: they run in worker processes (:mod:`tl_core.jobs`).
+    """
+
+    def __init__(self, key: str, fn: Any, kwargs: dict[str, Any]):
+        self.key = key
+        self.status = "running"  # running | done | failed | cancelled
+        self.progress: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []
+        self.result: Any = None
+        self.error: str | None = None
+        self.started = time.time()
+        self.finished: float | None = None
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fn, kwargs), name=f"tl-task-{key[:40]}",
+                                        daemon=True)
+
+    def _on_progress(self, event: dict[str, Any]) -> None:
+        self.progress = dict(event)
+        if len(self.events) < 10_000:  # every event, for pages that count finished steps
+            self.events.append(dict(event))
+
+    def _run(self, fn: Any, kwargs: dict[str, Any]) -> None:
+        from .errors import CancelledError, TLError
+
+        try:
+            self.result = fn(progress=self._on_progress, should_cancel=self._cancel.is_set, **kwargs)
+            self.status = "done"
+        except CancelledError:
+            self.status = "cancelled"
+        except TLError as e:
+            self.status, self.error = "failed", str(e)
+        except Exception as e:  # a bug: keep the server alive, say it in one line, log the details
+            log.exception("background task %s failed", self.key)
+            self.status, self.error = "failed", f"{type(e).__name__}: {str(e)[:200]}"
+        finally:
+            self.finished = time.time()
+
+    def cancel(self) -> None:
+        """Ask the task to stop at its next check point."""
+        self._cancel.set()
+
+    @property
+    def active(self) -> bool:
+        return self.status == "running"
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+
+_TASKS: "dict[str, BackgroundTask]" = {}
+_TASKS_LOCK = threading.Lock()
+#: Finished tasks kept for their result (oldest dropped first).
+MAX_FINISHED_TASKS = 8
+
+
+def start_task(key: str, fn: Any, **kwargs: Any) -> BackgroundTask:
+    """Start ``fn(**kwargs, progress=..., should_cancel=...)`` on a thread under ``key``, unless a task with that
+    key is running or finished successfully (then that one is returned: same key, same result).
+
+    Args:
+        key: everything the result depends on, as a string.
+        fn: the engine function.
+        kwargs: its arguments.
+    Returns:
+        The task.
+    """
+    with _TASKS_LOCK:
+        old = _TASKS.get(key)
+        if old is not None and old.status in ("running", "done"):
+            return old
+        task = BackgroundTask(key, fn, kwargs)
+        _TASKS[key] = task
+        finished = [k for k, t in _TASKS.items() if not t.active]
+        for k in finished[:max(0, len(finished) - MAX_FINISHED_TASKS)]:
+            _TASKS.pop(k, None)
+    task._thread.start()
+    return task
+
+
+def get_task(key: str) -> BackgroundTask | None:
+    """The task started under ``key`` (running or finished), or None."""
+    with _TASKS_LOCK:
+        return _TASKS.get(key)
