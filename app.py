@@ -1,6 +1,7 @@
 """TL Studio: the Streamlit app. A router only: every page lives in pages/ and calls tl_core.
 
-Run it with ``make app`` (or ``streamlit run app.py``); the workspace is ``$TL_HOME``.
+Run it with ``make app`` (or ``streamlit run app.py``); the workspace is ``$TL_HOME``, and
+``?project=<slug>`` in the address selects a project's own workspace inside it.
 """
 
 import sys
@@ -14,11 +15,12 @@ if _ROOT not in sys.path:
 import streamlit as st  # noqa: E402
 
 from pages import _session as session  # noqa: E402
+from tl_core.errors import TLError  # noqa: E402
 
 st.set_page_config(page_title="TL Studio", page_icon="🧠", layout="wide")
 
 session.startup()
-session.sync_from_url()
+project_problem = session.sync_from_url()
 
 pages = [
     st.Page(session.PAGES["home"], title="Home", icon=":material/home:", default=True),
@@ -28,19 +30,72 @@ pages = [
     st.Page(session.PAGES["evaluate"], title="Evaluate", icon=":material/analytics:"),
     st.Page(session.PAGES["try"], title="Try it", icon=":material/image_search:"),
     st.Page(session.PAGES["runs"], title="Runs & export", icon=":material/inventory_2:"),
+    st.Page(session.PAGES["lab"], title="Lab", icon=":material/science:"),
 ]
 page = st.navigation(pages)
+
+
+def _new_project() -> None:
+    # a button callback: runs before the page is drawn, so the sidebar and page show the new project
+    name = st.session_state.get("new_project_name", "").strip()
+    if not name:
+        st.session_state["_project_flash"] = ("warning", "Give the project a name first.")
+        return
+    slug = session.create_project(name)
+    st.session_state["new_project_name"] = ""
+    st.session_state["_project_flash"] = ("success", f"Project '{name}' created. Bookmark its link to come back.")
+    st.session_state["_new_project_slug"] = slug
+
+
+def project_sidebar(ws) -> None:
+    """Which workspace this is, its link, and starting a new project."""
+    if "_project_flash" in st.session_state:
+        kind, text = st.session_state.pop("_project_flash")
+        getattr(st, kind)(text)
+    if ws is not None and ws.is_project:
+        st.markdown(f"**Project:** `{ws.name}`")
+        st.caption("Runs, uploads and weights here are private to this project. Bookmark this link to come back "
+                   "(anyone with the link can open the project):")
+        st.code(session.project_link(ws.name), language=None, wrap_lines=True)
+        if st.button("Leave the project", icon=":material/logout:", help="Back to the shared workspace."):
+            session.enter_project(None)
+            st.rerun()
+    else:
+        st.markdown("**Shared workspace**")
+        st.caption("No project selected: you use the server's shared workspace, whose runs and uploads every "
+                   "user without a project link sees. Start a project to keep yours apart.")
+    with st.popover("Start a new project", icon=":material/create_new_folder:", width="stretch"):
+        st.text_input("Project name", key="new_project_name", placeholder="e.g. Birds of my garden",
+                      help="A name for you; the link gets a random part, so only people you give it to find it.")
+        st.button("Create project", on_click=_new_project, type="primary")
+
+
+if project_problem:
+    with st.sidebar:
+        project_sidebar(None)
+    st.error(project_problem)
+    st.page_link(session.PAGES["home"], label="Open the shared workspace instead", icon=":material/home:",
+                 query_params={})
+    st.stop()
+
 session.publish_to_url()
 
 with st.sidebar:
+    try:
+        ws = session.workspace()
+    except TLError as e:  # the project's folder was removed while this session used it
+        st.error(str(e))
+        session.enter_project(None)
+        ws = session.workspace()
     st.caption("Current selection")
-    ws = session.workspace()
     options = session.dataset_options(ws)
     st.markdown(
         f"**Data:** {options.get(session.get('dataset'), '—')}  \n"
         f"**Backbone:** {session.get('backbone', session.DEFAULT_BACKBONE)}  \n"
         f"**Run:** {session.get('run', '—')}"
     )
+    st.divider()
+    project_sidebar(ws)
     st.caption(f"Workspace: `{ws.home}`")
 
 page.run()

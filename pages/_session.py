@@ -9,6 +9,7 @@ must be a sample dataset or one uploaded into the workspace, a run must exist in
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,13 +19,15 @@ import streamlit as st
 from tl_core import jobs
 from tl_core.app_support import SAMPLE_DATA_DIR, safe_name, sample_datasets, workspace_datasets
 from tl_core.backbones import CATALOGUE
-from tl_core.errors import TLError
-from tl_core.runs import Workspace
+from tl_core.errors import RunError, TLError
+from tl_core.runs import Workspace, new_project_slug
 
 log = logging.getLogger(__name__)
 
-#: session_state key -> query parameter name
-URL_KEYS = {"dataset": "data", "backbone": "backbone", "weights": "weights", "run": "run"}
+#: session_state key -> query parameter name (the project first: the others are looked up inside it)
+URL_KEYS = {"project": "project", "dataset": "data", "backbone": "backbone", "weights": "weights", "run": "run"}
+#: Selections that belong to one workspace: entering another project drops them.
+PROJECT_BOUND = ("run", "weights")
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 PAGES = {
@@ -35,6 +38,7 @@ PAGES = {
     "evaluate": "pages/evaluate.py",
     "try": "pages/try_it.py",
     "runs": "pages/runs.py",
+    "lab": "pages/lab.py",
 }
 
 
@@ -60,20 +64,81 @@ def ensure_router() -> None:
 
 
 def workspace() -> Workspace:
-    """The workspace of this server (``$TL_HOME``)."""
-    return Workspace.default()
+    """The workspace of this session: the selected project's (``?project=<slug>``), else the shared one.
+
+    Every page reads and writes runs, uploads and weights through this, so a project never sees another's.
+
+    Raises:
+        RunError: the selected project no longer exists (its folder was removed).
+    """
+    top = Workspace.default()
+    slug = st.session_state.get("project")
+    return top.project(slug) if slug else top
+
+
+def create_project(name: str) -> str:
+    """Create a project workspace for a display name and enter it; returns its slug (the key in its link)."""
+    slug = new_project_slug(name)
+    Workspace.default().project(slug, create=True)
+    enter_project(slug)
+    return slug
+
+
+def enter_project(slug: str | None) -> None:
+    """Switch this session to project ``slug`` (None: the shared workspace), dropping the selections that
+    belonged to the previous workspace (its runs, uploaded datasets and weights)."""
+    if st.session_state.get("project") == (slug or None):
+        return
+    for key in PROJECT_BOUND:
+        st.session_state.pop(key, None)
+    if str(st.session_state.get("dataset", "")).startswith("workspace/"):
+        st.session_state.pop("dataset", None)
+    for key in ("runs_selected", "_exports"):
+        st.session_state.pop(key, None)
+    select("project", slug)
+
+
+def project_link(slug: str) -> str:
+    """The address that reopens project ``slug`` (this server's URL when known, else a relative link)."""
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(st.context.url or "")
+    except Exception:  # no browser context (tests): a relative link still works when pasted after the address
+        return f"?project={slug}"
+    if not url.netloc:
+        return f"?project={slug}"
+    prefix = str(st.get_option("server.baseUrlPath") or "").strip("/")
+    return f"{url.scheme}://{url.netloc}/{prefix + '/' if prefix else ''}?project={slug}"
 
 
 @st.cache_resource(show_spinner=False)
 def _recover_once(home: str) -> list[str]:
-    # once per server process and workspace: runs whose worker died while the server was down
+    # once per server process: runs whose worker died while the server was down (every project under home)
     return jobs.recover(Workspace(Path(home)))
+
+
+#: Seconds between checks for dead workers while a page polls a run.
+RECOVER_EVERY_S = 10.0
+
+
+def recover_now(ws: Workspace) -> list[str]:
+    """:func:`tl_core.jobs.recover`, at most once every :data:`RECOVER_EVERY_S` seconds per session.
+
+    Called from the training page's poll, so that a worker killed while the server is up (out of memory,
+    ``kill -9``) is noticed within seconds, not at the next server start.
+    """
+    now = time.monotonic()
+    if now - st.session_state.get("_last_recover", -RECOVER_EVERY_S) < RECOVER_EVERY_S:
+        return []
+    st.session_state["_last_recover"] = now
+    return jobs.recover(ws)
 
 
 def startup() -> None:
     """Mark runs of dead workers as interrupted (once per process) and restart workers for queued runs."""
     try:
-        interrupted = _recover_once(str(workspace().home))
+        interrupted = _recover_once(str(Workspace.default().home))
     except TLError as e:
         st.error(str(e))
         return
@@ -133,6 +198,8 @@ def weights_path(name: str | None, ws: Workspace | None = None) -> str:
 # selections <-> URL
 # --------------------------------------------------------------------------------------------------
 def _valid(key: str, value: str, ws: Workspace) -> bool:
+    if key == "project":
+        return False  # checked by sync_from_url itself
     if key == "dataset":
         return dataset_path(value, ws) is not None
     if key == "backbone":
@@ -147,15 +214,32 @@ def _valid(key: str, value: str, ws: Workspace) -> bool:
     return False
 
 
-def sync_from_url() -> None:
-    """Take selections from the URL for keys this session has not set (a refresh, a new tab)."""
-    ws = workspace()
+def sync_from_url() -> str | None:
+    """Take selections from the URL for keys this session has not set (a refresh, a new tab).
+
+    Returns:
+        None, or one sentence when the URL names a project that does not exist: the app then shows the
+        sentence instead of the page (never another workspace in its place).
+    """
+    if "project" not in st.session_state and st.query_params.get("project"):
+        slug = st.query_params["project"]
+        try:
+            Workspace.default().project(slug)
+        except RunError as e:
+            return str(e)
+        st.session_state["project"] = slug
+    try:
+        ws = workspace()
+    except RunError as e:  # the session's project was deleted meanwhile
+        st.session_state.pop("project", None)
+        return str(e)
     for key, param in URL_KEYS.items():
-        if key in st.session_state:
+        if key in st.session_state or key == "project":
             continue
         value = st.query_params.get(param)
         if value and _valid(key, value, ws):
             st.session_state[key] = value
+    return None
 
 
 def publish_to_url() -> None:
@@ -276,3 +360,17 @@ def dataset_report(path: str | Path, val_split: float = 0.2, seed: int = 0) -> d
     from tl_core.app_support import dataset_signature
 
     return _report(str(path), dataset_signature(path), float(val_split), int(seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# uploads
+# --------------------------------------------------------------------------------------------------
+def upload_limit_mb() -> int:
+    """The largest upload the server accepts, in MB (``server.maxUploadSize``; Streamlit refuses larger files)."""
+    return int(st.get_option("server.maxUploadSize"))
+
+
+def upload_note(what: str = "each file") -> str:
+    """One sentence stating the upload limit, for the ``help=`` or caption next to an uploader."""
+    return (f"Up to {upload_limit_mb()} MB for {what} (this server's limit, `server.maxUploadSize`); "
+            "larger files are refused.")

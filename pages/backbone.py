@@ -3,8 +3,11 @@
 import pandas as pd
 import streamlit as st
 
+from pages import _charts as charts
+from pages import _compute as compute
 from pages import _session as session
-from tl_core.app_support import local_weights, save_uploaded_weights, time_backbone
+from tl_core.advisor import advise
+from tl_core.app_support import dataset_signature, local_weights, save_uploaded_weights, time_backbone
 from tl_core.backbones import CATALOGUE, catalogue
 from tl_core.config import field_help
 
@@ -26,13 +29,101 @@ def _catalogue() -> list[dict]:
     return catalogue()
 
 
+
+def _use_backbone(name: str) -> None:
+    session.select("backbone", name)
+    st.session_state["_advisor_flash"] = name
+
+
+def advisor_section(ws, rows: list[dict]) -> None:
+    """'Which backbone fits my data?': the advisor's ranking for the chosen dataset."""
+    st.header("Which backbone fits my data?")
+    path = session.dataset_path(session.get("dataset"), ws)
+    if path is None:
+        st.info("Choose a dataset first: the advisor compares the backbones on your own images.")
+        session.link("data", "Go to Data", ":material/folder_open:")
+        return
+    st.caption(f"Before any training, each backbone looks at a sample of **{path.name}** once (features are cached, "
+               "so training the chosen one later reuses them). They are ranked by **LogME**, a transferability "
+               "score: how well a simple linear model can explain your labels from the backbone's features. A quick "
+               "linear probe and a k-nearest-neighbour check on held-out images confirm the ranking.")
+    offline = [r["name"] for r in rows if r["available_offline"]]
+    names = [r["name"] for r in rows]
+    c1, c2 = st.columns([3, 1])
+    # remembered across page switches (Streamlit forgets the state of widgets a page does not draw)
+    wkey = session.remember("advisor_backbones", offline)
+    st.session_state[wkey] = [n for n in st.session_state[wkey] if n in names]
+    picked = session.keep("advisor_backbones", c1.multiselect(
+        "Backbones to compare", names, key=wkey,
+        format_func=lambda n: n if n in offline else f"{n} (needs internet)",
+        help="The backbones whose weights are on this machine are preselected; the others download weights from "
+             "the model hub, which fails offline."))
+    per_class = session.keep("advisor_per_class", c2.select_slider(
+        "Images per class", [10, 20, 30, 50, 100], key=session.remember("advisor_per_class", 30),
+        help="At most this many images of each class are looked at (a seeded sample): more is slower and more "
+             "reliable."))
+    if not picked:
+        st.caption("Pick at least one backbone.")
+        return
+    val_split, seed = float(session.setting("val_split", 0.2)), int(session.setting("seed", 0))
+    key = (str(path), dataset_signature(path), tuple(picked), per_class, val_split, seed)
+    result = compute.cached("advise", key)
+    if result is None:
+        if not st.button("Compare backbones", type="primary", icon=":material/leaderboard:",
+                         help="Embeds the sample with each backbone (a few seconds each the first time)."):
+            return
+
+        def work(progress):
+            def on(e):
+                frac = e["index"] + e["done"] / max(1, e["total"])
+                progress(frac, e["count"], f"{e['backbone']} ({e['index'] + 1}/{e['count']}): "
+                                           f"{e['done']}/{e['total']} images")
+            return advise(path, picked, ws, max_per_class=per_class, val_split=val_split, seed=seed, progress=on)
+
+        result = compute.compute("advise", key, f"Comparing {len(picked)} backbone(s) on {path.name}…", work)
+
+    rec, conf = result["recommended"], result["confidence"]
+    box = {"high": st.success, "medium": st.info, "low": st.warning}[conf]
+    box(f"**Recommended: {rec}** · confidence **{conf}**. {result['reason']}")
+    if "_advisor_flash" in st.session_state:
+        st.success(f"{st.session_state.pop('_advisor_flash')} is now the backbone for training.")
+    elif session.get("backbone", session.DEFAULT_BACKBONE) != rec:
+        st.button(f"Use {rec} for training", on_click=_use_backbone, args=(rec,), icon=":material/check:")
+    table = pd.DataFrame([{
+        "rank": r["rank"], "backbone": r["backbone"], "LogME": r["logme"], "LEEP": r["leep"],
+        "probe accuracy": r["probe_accuracy"], "k-NN accuracy": r["knn_accuracy"], "seconds": r["seconds"],
+        "params (M)": r["params_m"], "weights": r["weights"],
+    } for r in result["ranking"]])
+    st.dataframe(table, hide_index=True, width="stretch", column_config={
+        "LogME": st.column_config.NumberColumn(format="%.3f", help="Transferability score (You et al., 2021): log "
+                                               "evidence per image of a Bayesian linear model from the features to "
+                                               "your labels. Higher is better; compare within one dataset only."),
+        "LEEP": st.column_config.NumberColumn(format="%.3f", help="Log expected empirical prediction (Nguyen et al., "
+                                              "2020) of the ImageNet head: another transferability score (closer to "
+                                              "0 is better)."),
+        "probe accuracy": st.column_config.NumberColumn(format="percent", help="Validation accuracy of a linear "
+                                                        "probe (logistic regression) fitted on the training part of "
+                                                        "the sample."),
+        "k-NN accuracy": st.column_config.NumberColumn(format="percent", help="Validation accuracy of a 5-nearest-"
+                                                       "neighbour vote on cosine similarity of the features."),
+        "seconds": st.column_config.NumberColumn(format="%.1f", help="Time this backbone took here (features "
+                                                 "already cached take almost none)."),
+    })
+    st.plotly_chart(charts.advisor_scores(result["ranking"]), width="stretch", key="advisor-chart")
+    st.caption(f"{result['images']} images ({result['train']} to fit, {result['val']} to check; at most "
+               f"{result['max_per_class']} per class) in {result['seconds']:.1f} s. {result['method']}")
+    for f in result["failed"]:
+        st.warning(f"{f['backbone']} could not be compared: {f['error']}")
+
+
 with session.page_errors():
     ws = session.workspace()
     rows = _catalogue()
     st.success(
-        f"**Recommended: {session.DEFAULT_BACKBONE}.** Its ImageNet weights ship with TL Studio (no internet "
+        f"**Safe default: {session.DEFAULT_BACKBONE}.** Its ImageNet weights ship with TL Studio (no internet "
         "needed), it is small (4.7 M parameters) and fast on a laptop CPU, and a linear probe on it reaches "
-        "95% on the emoji sample in seconds. Try a larger Lite1/Lite2 when accuracy matters more than speed."
+        "95% on the emoji sample in seconds. Try a larger Lite1/Lite2 when accuracy matters more than speed, or "
+        "ask the advisor below which one fits your data."
     )
 
     speeds = st.session_state.setdefault("backbone_speed", {})
@@ -66,6 +157,9 @@ with session.page_errors():
             bar.progress((n + 1) / len(rows), text=f"Timed {r['name']}")
         st.rerun()
 
+    advisor_section(ws, rows)
+    st.divider()
+
     names = list(CATALOGUE)
     offline = {r["name"]: r["available_offline"] for r in rows}
     choice = st.selectbox(
@@ -94,7 +188,9 @@ with session.page_errors():
                    ".safetensors is preferred; a .pth must hold plain tensors (it is loaded with "
                    "`weights_only=True`, never unpickled as code). The classifier layer is replaced anyway.")
         arch = st.selectbox("Architecture of the file", names, index=names.index(choice), key="weights_arch")
-        up = st.file_uploader("Weights file", type=["safetensors", "pth", "pt", "bin"], key="weights_upload")
+        up = st.file_uploader("Weights file", type=["safetensors", "pth", "pt", "bin"], key="weights_upload",
+                              help=session.upload_note("the weights file"))
+        st.caption(session.upload_note("the weights file"))
         if up is not None and up.file_id not in st.session_state.setdefault("_handled_uploads", set()):
             st.session_state["_handled_uploads"].add(up.file_id)
             with st.spinner("Checking that the weights fit…"):

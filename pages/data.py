@@ -1,13 +1,21 @@
 """Data: choose a sample dataset, upload a zip, or build a dataset class by class; see its report."""
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
 from pages import _charts as charts
+from pages import _compute as compute
+from pages import _map_view as map_view
 from pages import _session as session
-from tl_core.app_support import add_class_images, save_uploaded_zip
-from tl_core.config import field_help
+from tl_core.advisor import GAP_LEVELS, domain_gap
+from tl_core.app_support import add_class_images, dataset_signature, save_uploaded_zip
+from tl_core.audit import audit_dataset
+from tl_core.config import CLASS_BALANCE, field_help
 from tl_core.data import IMAGE_EXTENSIONS
+from tl_core.embedding import embedding_map
+from tl_core.errors import ConfigError
 
 session.ensure_router()
 
@@ -30,6 +38,176 @@ def _once(upload_id: str) -> bool:
 def _flash(message: str, warnings: list[str] | None = None) -> None:
     """Keep a message for the next run (the page reruns right after an upload to show the new dataset)."""
     st.session_state["_data_flash"] = (message, warnings or [])
+
+
+
+#: The audit's near-duplicate and label checks look at up to this many images per class (exact duplicates,
+#: imbalance and odd images always cover all of them); the embedding map draws up to this many.
+AUDIT_MAX_PER_CLASS = 200
+MAP_MAX_PER_CLASS = 200
+GAP_MAX_PER_CLASS = 50
+
+
+def _apply_balance(choice: str) -> None:
+    """The audit's one-click imbalance fix: the Train form's class balance (a button callback)."""
+    session.keep("class_balance", choice)
+    st.session_state.pop("w_class_balance", None)  # the Train form re-reads the setting when next drawn
+    st.session_state["_balance_flash"] = choice
+
+
+def _name(path: str) -> str:
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}"
+
+
+def _thumbs(paths: list[str], captions: list[str], width: int = 96) -> None:
+    shown = [(p, c) for p, c in zip(paths, captions) if Path(p).is_file()]
+    if shown:
+        st.image([p for p, _ in shown], width=width, caption=[c for _, c in shown])
+
+
+def show_audit(audit: dict, ws) -> None:
+    """The audit's findings, each with the images concerned."""
+    leaks, exact, near = audit["leakage"], audit["exact_duplicates"], audit["near_duplicates"]
+    issues, odd, imb = audit["label_issues"], audit["odd_images"], audit["imbalance"]
+    problems = bool(leaks or exact or near or issues or odd or imb["imbalanced"])
+    for line in audit["findings"]:
+        (st.warning if problems and not line.startswith("No problems") else st.success)(line)
+    m = st.columns(6)
+    m[0].metric("Leaks into validation", len(leaks), help="Validation/test images that are copies of training "
+                "images: they make validation accuracy look better than it is.")
+    m[1].metric("Exact duplicates", sum(len(g["paths"]) - 1 for g in exact), help="Files with identical contents.")
+    m[2].metric("Near duplicates", len(near), help="Pairs that are the same picture resized, re-encoded or "
+                "retouched (feature similarity confirmed by a pixel check).")
+    m[3].metric("Likely label errors", len(issues), help="Images that a probe trained without them confidently "
+                "puts in another class.")
+    m[4].metric("Tiny or blank", len(odd), help="Images far smaller than the others, or a single colour.")
+    m[5].metric("Imbalance", f"{imb['ratio']:.1f}×", help="Training images of the largest class divided by the "
+                "smallest.")
+    st.caption(f"Checked {audit['images']} images ({audit['audited_images']} for near duplicates and labels) with "
+               f"{audit['backbone']} features in {audit['seconds']:.1f} s, for the split you will train with "
+               f"(validation share {audit['thresholds']['val_split']:.0%}, seed {audit['thresholds']['seed']}).")
+
+    if imb["imbalanced"]:
+        fix = imb["suggestion"]
+        c1, c2 = st.columns([3, 2])
+        c1.warning(f"**Class imbalance.** {imb['reason']}")
+        if session.setting("class_balance", "none") == fix:
+            c2.success(f"Training will use **{CLASS_BALANCE[fix].label}** (set in the Train form).")
+        else:
+            c2.button(f"Fix it: use {CLASS_BALANCE[fix].label.lower()} when training", on_click=_apply_balance,
+                      args=(fix,), type="primary", icon=":material/balance:", help=CLASS_BALANCE[fix].help)
+    if "_balance_flash" in st.session_state:
+        choice = st.session_state.pop("_balance_flash")
+        st.success(f"Class balance set to **{CLASS_BALANCE[choice].label}** for your next training run.")
+        session.link("train", "Go to Train", ":material/model_training:")
+
+    if leaks:
+        with st.expander(f"Validation images that leak from training ({len(leaks)})", expanded=True,
+                         icon=":material/warning:"):
+            st.caption("Each pair: the validation (or test) image, then the training image it copies. Remove one of "
+                       "them from the dataset before training.")
+            for r in leaks[:12]:
+                _thumbs([r["held_out"], r["train"]],
+                        [f"{r['split']}: {_name(r['held_out'])}",
+                         f"train: {_name(r['train'])} ({r['kind']}, {r['similarity']:.3f})"])
+    if exact:
+        with st.expander(f"Exact duplicates ({len(exact)} group(s))", expanded=len(exact) <= 5):
+            for g in exact[:20]:
+                note = " — **different labels!**" if g["conflicting_labels"] else ""
+                st.markdown(f"{len(g['paths'])} identical files{note}")
+                _thumbs(g["paths"], [f"{lab}: {_name(p)}" for p, lab in zip(g["paths"], g["labels"])], 80)
+    if near:
+        with st.expander(f"Near duplicates ({len(near)} pair(s))", expanded=len(near) <= 5):
+            for r in near[:20]:
+                _thumbs([r["a"], r["b"]], [f"{r['label_a']}: {_name(r['a'])}",
+                                          f"{r['label_b']}: {_name(r['b'])} (similarity {r['similarity']:.3f})"], 80)
+    if issues:
+        with st.expander(f"Likely label errors ({len(issues)})", expanded=True):
+            st.caption("A linear probe that never saw these images is confident they belong to another class. "
+                       "Some are real mistakes in the labels; others are just hard images. Look at each.")
+            _thumbs([r["path"] for r in issues[:24]],
+                    [f"labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.0%})"
+                     for r in issues[:24]], 110)
+    if odd:
+        with st.expander(f"Tiny or blank images ({len(odd)})", expanded=len(odd) <= 10):
+            _thumbs([r["path"] for r in odd[:30]], [f"{r['label']}: {_name(r['path'])} — {r['reason']}"
+                                                    for r in odd[:30]], 96)
+    if audit["lookalikes"]:
+        with st.expander(f"Different images that look almost alike ({len(audit['lookalikes'])} pair(s))"):
+            st.caption("Usually fine (distinct pictures of similar things); a problem only when one is a crop or "
+                       "edit of the other.")
+            for r in audit["lookalikes"][:10]:
+                _thumbs([r["a"], r["b"]], [f"{r['label_a']}: {_name(r['a'])}",
+                                          f"{r['label_b']}: {_name(r['b'])} ({r['similarity']:.3f})"], 80)
+
+
+def show_embedding_map(ws, path: Path, sig: str, backbone: str, seed: int) -> None:
+    """The dataset's features in 2-D, coloured by class; a click shows the image."""
+    st.subheader("Embedding map")
+    method = st.radio("Projection", ["pca", "tsne"], horizontal=True, key="data_map_method",
+                      format_func=lambda m: {"pca": "PCA (fast)", "tsne": "t-SNE (neighbourhoods, slower)"}[m],
+                      help="PCA keeps the two directions along which the features vary most. t-SNE keeps images "
+                           "that are close in feature space close on the map (distances between clusters mean "
+                           "little).")
+    key = (str(path), sig, backbone, method, MAP_MAX_PER_CLASS, int(seed))
+    df = compute.compute(
+        "embedding_map", key, f"Drawing the embedding map ({method.upper()})…", lambda progress: embedding_map(
+            path, backbone, method, workspace=ws, max_per_class=MAP_MAX_PER_CLASS, seed=int(seed),
+            progress=lambda d, t: progress(d, t, f"Computing features: {d}/{t} images")))
+    st.caption(f"Each dot is an image, placed by what {backbone} sees in it: classes that form separate clusters "
+               "are easy to tell apart; mixed clusters are where the model will make mistakes. Click a dot to see "
+               "its image.")
+    map_view.embedding_map_with_picker(df, f"data-map-{method}")
+
+
+def show_domain_gap(ws, path: Path, sig: str, backbone: str, seed: int) -> None:
+    """How far the images are from the backbone's pretraining photos, in plain language."""
+    st.subheader("How far are these images from ImageNet?")
+    key = (str(path), sig, backbone, GAP_MAX_PER_CLASS, int(seed))
+    try:
+        gap = compute.compute("domain_gap", key, "Reading the ImageNet head…", lambda progress: domain_gap(
+            path, backbone, ws, max_per_class=GAP_MAX_PER_CLASS, seed=int(seed),
+            progress=lambda d, t: progress(d, t, f"Computing features: {d}/{t} images")))
+    except ConfigError as e:
+        st.info(f"No domain-gap hint for {backbone} here: {e}")
+        return
+    icon = {"near": ":material/check_circle:", "moderate": ":material/info:", "far": ":material/explore:"}
+    st.markdown(f"{icon.get(gap['level'], '')} **The domain gap is {gap['level']}** (the ImageNet head of {backbone} "
+                f"is on average {gap['mean_max_softmax']:.0%} sure what an image shows).")
+    st.info(gap["reading"])
+    left, right = st.columns([1, 1])
+    with left:
+        st.plotly_chart(charts.domain_gap(gap["per_class"], GAP_LEVELS), width="stretch", key="gap-chart")
+    with right:
+        st.caption("What the backbone's ImageNet head thinks each class shows (share of its images):")
+        st.dataframe(pd.DataFrame([{"class": c, "looks like (ImageNet)": ", ".join(
+            f"{x['imagenet']} {x['share']:.0%}" for x in v["looks_like"])} for c, v in gap["per_class"].items()]),
+            hide_index=True, width="stretch")
+
+
+def data_check(ws, path: Path, val_split: float, seed: int) -> None:
+    """The audit (before training), then the embedding map and the domain-gap hint it makes cheap."""
+    st.header("Data check")
+    backbone = session.get("backbone", session.DEFAULT_BACKBONE)
+    st.caption(f"Before training: duplicates, validation images that leak from training, class imbalance, tiny "
+               f"or blank images and likely wrong labels, found with the features of {backbone} (the backbone you "
+               "chose; training reuses them).")
+    sig = dataset_signature(path)
+    key = (str(path), sig, backbone, float(val_split), int(seed), AUDIT_MAX_PER_CLASS)
+    audit = compute.cached("audit", key)
+    if audit is None:
+        if not st.button("Check the data", type="primary", icon=":material/fact_check:",
+                         help="Computes the backbone's features of every image once (cached for training), then "
+                              "runs the checks. About a second per 10-20 images the first time."):
+            st.caption("Press **Check the data** for the audit, the embedding map and the domain-gap hint.")
+            return
+        audit = compute.compute("audit", key, "Checking the data…", lambda progress: audit_dataset(
+            path, backbone, ws, val_split=float(val_split), seed=int(seed), max_per_class=AUDIT_MAX_PER_CLASS,
+            progress=lambda d, t: progress(d, t, f"Computing features: {d}/{t} images")))
+    show_audit(audit, ws)
+    show_embedding_map(ws, path, sig, backbone, seed)
+    show_domain_gap(ws, path, sig, backbone, seed)
 
 
 with session.page_errors():
@@ -57,9 +235,12 @@ with session.page_errors():
                        "(inside the zip, or uploaded here first). Files that are not images are skipped and listed.")
             labels = st.file_uploader("Labels CSV (optional)", type=["csv"], key="csv_upload",
                                       help="Only when the images are not sorted into class folders: one "
-                                           "'path,label' row per image, paths relative to the zip's top folder.")
+                                           "'path,label' row per image, paths relative to the zip's top folder. "
+                                           + session.upload_note())
             up = st.file_uploader("Dataset .zip", type=["zip"], key="zip_upload",
-                                  help="Up to 200 MB. Unpacked safely into the workspace's datasets folder.")
+                                  help=session.upload_note("the zip") + " Unpacked safely into the workspace's "
+                                       "datasets folder.")
+            st.caption(session.upload_note("each file"))
             if up is not None and _once(up.file_id):
                 folder = save_uploaded_zip(ws, up.name, up.getvalue(),
                                            labels_csv=labels.getvalue() if labels is not None else None)
@@ -79,7 +260,8 @@ with session.page_errors():
             # a new key after each addition empties the uploader for the next class
             n_added = st.session_state.setdefault("_class_uploads", 0)
             files = st.file_uploader("Images of this class", type=IMAGE_TYPES, accept_multiple_files=True,
-                                     key=f"class_upload_{n_added}")
+                                     key=f"class_upload_{n_added}", help=session.upload_note())
+            st.caption(session.upload_note("each image"))
             if st.button("Add to dataset", disabled=not files):
                 folder, saved, skipped = add_class_images(ws, ds_name, cls_name,
                                                           [(f.name, f.getvalue()) for f in files])
@@ -133,3 +315,5 @@ with session.page_errors():
         st.markdown(f"**{cls}** — {rep['counts'].get(cls, 0)} images")
         if paths:
             st.image(paths, width=84)
+
+    data_check(ws, path, val_split, seed)

@@ -1,4 +1,5 @@
-"""Runs & export: every run with its settings and results, comparison, delete, and model download."""
+"""Runs & export: every run with its settings and results, comparison, delete, and downloads: the model
+bundle, verified ONNX and TorchScript exports, and a self-contained HTML report."""
 
 from pathlib import Path
 
@@ -6,9 +7,11 @@ import pandas as pd
 import streamlit as st
 
 from pages import _charts as charts
+from pages import _compute as compute
 from pages import _session as session
 from tl_core.app_support import run_metrics, runs_rows
-from tl_core.export import export_run
+from tl_core.export import EXPORT_FORMATS, PARITY_TOLERANCE, export_for_download, export_run
+from tl_core.report import build_report
 from tl_core.runs import ACTIVE_STATUSES
 
 session.ensure_router()
@@ -26,6 +29,63 @@ def _delete(ws, run_ids: list[str]) -> None:
     st.session_state["runs_selected"] = []
     st.session_state["confirm_delete"] = False
     st.session_state["_deleted"] = len(run_ids)
+
+
+FORMAT_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript"}
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _export(run_dir: str, fmt: str, stamp: tuple) -> dict:
+    # exports are deterministic for the run's files (`stamp`); the bytes are kept for the download buttons
+    return export_for_download(run_dir, fmt)
+
+
+def _verification_text(v: dict) -> str:
+    return (f"Verified on {v['images']} images ({v['image_source']}) with {v['runtime']}: same top-1 class on "
+            f"{v['top1_agree']}/{v['images']} images, largest probability difference {v['max_prob_diff']:.1e} "
+            f"(allowed {v.get('tolerance', PARITY_TOLERANCE):.0e}).")
+
+
+def export_panel(ws, run_id: str) -> None:
+    """ONNX / TorchScript exports with their verification numbers, and the HTML report, for one finished run."""
+    run_dir = ws.run_dir(run_id)
+    stamp = compute.file_stamp(run_dir / "meta.json", run_dir / "model.safetensors")
+    done = st.session_state.setdefault("_exports", set())
+    cols = st.columns(3)
+    for col, fmt in zip(cols, FORMAT_LABELS):
+        with col:
+            st.markdown(f"**{FORMAT_LABELS[fmt]}**")
+            st.caption(EXPORT_FORMATS[fmt])
+            if (run_id, fmt) not in done:
+                slot = st.empty()
+                if not slot.button(f"Export {FORMAT_LABELS[fmt]}", key=f"exp-{fmt}-{run_id}",
+                                   icon=":material/output:",
+                                   help="Exports the model, then runs the exported file on the run's validation "
+                                        "images and compares it with PyTorch before offering it."):
+                    continue
+                slot.empty()  # exported from now on: the downloads take the button's place
+                done.add((run_id, fmt))
+            with st.spinner(f"Exporting and verifying {FORMAT_LABELS[fmt]}…"):
+                res = _export(str(run_dir), fmt, stamp)
+            v = res["verification"]
+            (st.success if v["passed"] else st.error)(_verification_text(v))
+            model, *sidecars = res["files"]
+            st.download_button(f"Model .{model['name'].rsplit('.', 1)[-1]} ({len(model['data']) / 1e6:.1f} MB)",
+                               model["data"], file_name=model["name"], mime=model["mime"],
+                               key=f"dl-{fmt}-{run_id}", icon=":material/download:", on_click="ignore",
+                               help=f"Saved as {model['name']}.")
+            for f in sidecars:
+                st.download_button("Classes and preprocessing (.json)", f["data"], file_name=f["name"],
+                                   mime=f["mime"], key=f"dl-{fmt}-{run_id}-json", icon=":material/download:",
+                                   on_click="ignore", help=f"Saved as {f['name']}: what a program needs to feed the "
+                                                           "model and read its output.")
+    with cols[2]:
+        st.markdown("**Report**")
+        st.caption("One self-contained HTML page for stakeholders: curves, confusion matrix, per-class table, "
+                   "calibration and misclassified examples. Opens offline in any browser.")
+        st.download_button("HTML report", data=lambda d=str(run_dir): build_report(d),
+                           file_name=f"tl-studio-report-{run_id}.html", mime="text/html", key=f"report-{run_id}",
+                           icon=":material/description:", on_click="ignore")
 
 
 with session.page_errors():
@@ -76,6 +136,8 @@ with session.page_errors():
         s = r.get("summary") or {}
         row = {"run": i, "status": r["status"], "data": Path(r["data"]).name, **{k: cfg.get(k) for k in (
             "backbone", "strategy", "epochs", "lr", "batch_size", "augment", "seed", "val_split")}}
+        if cfg.get("strategy") == "linear":  # the probe's solver has no learning rate, batches or augmentation
+            row.update(lr=None, batch_size=None, augment=None)
         row.update({"val accuracy": s.get("val_accuracy"), "test accuracy": s.get("test_accuracy"),
                     "best epoch": s.get("best_epoch"), "seconds": s.get("seconds")})
         if r["status"] == "done":
@@ -87,23 +149,30 @@ with session.page_errors():
         table.append(row)
     st.table(pd.DataFrame(table).set_index("run").T.astype(str).replace({"None": "", "nan": ""}))
 
-    st.subheader("Download")
+    st.subheader("Download and share")
     exports = ws.home / "exports"
     for i in chosen:
         if by_id[i]["status"] != "done":
             st.caption(f"{i}: {by_id[i]['status']}, nothing to download.")
             continue
-        bundle = exports / f"tl-studio-{i}.zip"
-        c1, c2 = st.columns([1, 3])
-        if bundle.is_file():
-            c1.download_button(f"Download {i}", bundle.read_bytes(), file_name=bundle.name, mime="application/zip",
-                               key=f"dl-{i}", icon=":material/download:")
-            c2.caption(f"Bundle: model weights (safetensors), config, metrics and a model card "
-                       f"({bundle.stat().st_size / 1e6:.1f} MB). Predict with `tl-core predict {bundle.name} IMAGE`.")
-        elif c1.button(f"Prepare {i}", key=f"prep-{i}", help="Writes a zip bundle of the trained model."):
-            with st.spinner("Writing the bundle…"):
-                export_run(ws.run_dir(i), "bundle", bundle)
-            st.rerun()
+        with st.container(border=True):
+            st.markdown(f"**Run {i}** · {(by_id[i].get('config') or {}).get('backbone')} · "
+                        f"{(by_id[i].get('config') or {}).get('strategy')}")
+            bundle = exports / f"tl-studio-{i}.zip"
+            c1, c2 = st.columns([1, 3])
+            if bundle.is_file():
+                c1.download_button("Download bundle", bundle.read_bytes(), file_name=bundle.name,
+                                   mime="application/zip", key=f"dl-{i}", icon=":material/download:")
+                c2.caption(f"Bundle: model weights (safetensors), config, metrics and a model card "
+                           f"({bundle.stat().st_size / 1e6:.1f} MB). Predict with `tl-core predict {bundle.name} "
+                           "IMAGE`.")
+            else:
+                if c1.button("Prepare bundle", key=f"prep-{i}", help="Writes a zip bundle of the trained model."):
+                    with st.spinner("Writing the bundle…"):
+                        export_run(ws.run_dir(i), "bundle", bundle)
+                    st.rerun()
+                c2.caption("Bundle: " + EXPORT_FORMATS["bundle"])
+            export_panel(ws, i)
 
     st.subheader("Delete")
     active = [i for i in chosen if by_id[i]["status"] in ACTIVE_STATUSES]

@@ -137,7 +137,7 @@ def sample_zip(extra: dict[str, bytes] | None = None) -> bytes:
 # --------------------------------------------------------------------------------------------------
 # every page renders, with and without runs
 # --------------------------------------------------------------------------------------------------
-PAGES = ["home", "data", "backbone", "train", "evaluate", "try_it", "runs"]
+PAGES = ["home", "data", "backbone", "train", "evaluate", "try_it", "runs", "lab"]
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -306,7 +306,7 @@ def test_backbone_page_lists_the_catalogue_and_recommends_the_offline_default(ho
     lite0 = table[table["backbone"] == "efficientnet_lite0"].iloc[0]
     assert lite0["offline"] == "yes" and lite0["weights"] == "packaged"
     assert lite0["ImageNet top-1 (%)"] == pytest.approx(74.83)
-    assert any("Recommended: efficientnet_lite0" in s.value for s in at.success)
+    assert any("Safe default: efficientnet_lite0" in s.value for s in at.success)
     at.selectbox[0].set_value("efficientnet_lite1").run()
     assert at.query_params["backbone"] == "efficientnet_lite1"
     online = [n for n in table["backbone"] if table[table["backbone"] == n].iloc[0]["offline"] != "yes"]
@@ -571,7 +571,7 @@ def test_class_by_class_names_cannot_escape_the_workspace(home):
 def test_try_it_accepts_a_camera_picture(home):
     at = app()
     goto(at, "try_it")
-    at.toggle[0].set_value(True).run()
+    [t for t in at.toggle if t.label == "Use the camera"][0].set_value(True).run()
     buf = io.BytesIO()
     Image.open(sorted((EMOJI / "food").iterdir())[0]).convert("RGB").save(buf, "JPEG")
     at.camera_input[0].set_value(("shot.jpg", buf.getvalue(), "image/jpeg")).run()
@@ -612,12 +612,13 @@ def test_runs_page_compares_downloads_and_deletes(home):
     assert list(compare.columns) == [run_id, other]
     assert compare.loc["val images", run_id] == "40"
     # download: prepare the bundle, then a real zip is offered
-    button(at, f"Prepare {run_id}").click().run()
+    assert [b.label for b in at.button].count("Prepare bundle") == 2  # one per selected run
+    [b for b in at.button if b.key == f"prep-{run_id}"][0].click().run()
     assert_clean(at)
     bundle = ws.home / "exports" / f"tl-studio-{run_id}.zip"
     with zipfile.ZipFile(bundle) as zf:
         assert {"model.safetensors", "meta.json", "config.json", "MODEL_CARD.md"} <= set(zf.namelist())
-    assert any(d.proto.label == f"Download {run_id}" for d in at.get("download_button"))
+    assert any(d.proto.label == "Download bundle" for d in at.get("download_button"))
     # delete the copy
     at.checkbox(key="confirm_delete").check().run()
     button(at, "Delete").click().run()
@@ -684,3 +685,123 @@ def test_augmentation_preview_uses_the_backbone_input_size():
     assert views[0].shape == (240, 240, 3) and views[0].dtype.name == "uint8"
     [(_, same)] = app_support.augmentation_preview(paths, "efficientnet_lite0", "none", copies=2)
     assert (same[0] == same[1]).all() and same[0].shape == (224, 224, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Projects: a workspace per named project, selected by ?project=<slug>
+# --------------------------------------------------------------------------------------------------
+def _create_project(at: AppTest, name: str) -> str:
+    at.sidebar.text_input(key="new_project_name").set_value(name)
+    [b for b in at.sidebar.button if b.label == "Create project"][0].click().run()
+    assert_clean(at)
+    return at.query_params["project"]
+
+
+def _listed_runs(at: AppTest) -> set[str]:
+    goto(at, "runs")
+    assert_clean(at)
+    if any("No runs yet" in i.value for i in at.info):
+        return set()
+    return set(at.dataframe[0].value["run"])
+
+
+def test_a_new_project_gets_its_own_workspace_and_link(home):
+    ws, run_id = home
+    at = app()
+    sidebar = " ".join(m.value for m in at.sidebar.markdown)
+    assert "Shared workspace" in sidebar
+    assert any("every user without a project link sees" in c.value for c in at.sidebar.caption)
+    slug = _create_project(at, "Birds of my garden")
+    assert slug.startswith("birds-of-my-garden-") and len(slug) == len("birds-of-my-garden-") + 8
+    assert any(f"**Project:** `{slug}`" in m.value for m in at.sidebar.markdown)
+    assert at.sidebar.code[0].value.endswith(f"?project={slug}")
+    assert (ws.home / "projects" / slug / "runs.sqlite").is_file()
+    # the shared workspace's run is not in the project
+    assert _listed_runs(at) == set()
+    # an upload lands in the project's datasets, and the shared workspace does not list it
+    goto(at, "data")
+    at.file_uploader(key="zip_upload").set_value(("garden.zip", sample_zip(), "application/zip")).run()
+    assert_clean(at)
+    assert (ws.home / "projects" / slug / "datasets" / "garden").is_dir()
+    assert not (ws.datasets_dir / "garden").exists()
+    assert at.query_params["data"] == "workspace/garden" and at.query_params["project"] == slug
+    shared = app()
+    goto(shared, "data")
+    assert "workspace/garden" not in shared.selectbox[0].options
+    # leaving the project drops its selections and shows the shared runs again
+    [b for b in at.sidebar.button if b.label == "Leave the project"][0].click().run()
+    assert "project" not in at.query_params and "data" not in at.query_params
+    assert _listed_runs(at) == {run_id}
+
+
+def test_runs_of_one_project_are_not_listed_in_another(home):
+    ws, shared_run = home
+    a = ws.project("class-a-00000001", create=True)
+    b = ws.project("class-b-00000002", create=True)
+    run_a = a.store().create_run(str(EMOJI), {"backbone": "efficientnet_lite0", "strategy": "linear"}, status="failed")
+    run_b = b.store().create_run(str(EMOJI), {"backbone": "efficientnet_lite0", "strategy": "full"}, status="cancelled")
+    assert _listed_runs(app({"project": "class-a-00000001"})) == {run_a}
+    assert _listed_runs(app({"project": "class-b-00000002"})) == {run_b}
+    assert _listed_runs(app()) == {shared_run}
+    # a run id of another project in the URL is not taken (it is not a run of this workspace)
+    at = app({"project": "class-b-00000002", "run": run_a})
+    assert "run" not in at.session_state
+    goto(at, "evaluate")
+    assert any("No finished run" in i.value for i in at.info)
+
+
+def test_an_unknown_project_link_says_so_and_shows_nothing_else(home):
+    at = app({"project": "nope-12345678"})
+    assert not at.exception
+    assert len(at.error) == 1 and "No project 'nope-12345678'" in at.error[0].value
+    assert not at.title  # no page of any workspace in its place
+    assert at.query_params["project"] == "nope-12345678"
+    at = app({"project": "../../etc"})
+    assert "not a valid project id" in at.error[0].value
+
+
+# --------------------------------------------------------------------------------------------------
+# upload limit, dead-worker checks while polling
+# --------------------------------------------------------------------------------------------------
+def test_every_uploader_states_the_servers_upload_limit(home):
+    from streamlit import config
+
+    old = config.get_option("server.maxUploadSize")
+    config.set_option("server.maxUploadSize", 7)
+    try:
+        at = app()
+        seen = {}
+        for page in ("data", "backbone", "try_it"):
+            goto(at, page)
+            assert_clean(at)
+            for u in at.file_uploader:
+                seen[u.label] = u.proto.help
+        assert set(seen) == {"Labels CSV (optional)", "Dataset .zip", "Images of this class", "Weights file", "Images"}
+        assert all("Up to 7 MB" in h for h in seen.values()), seen
+        goto(at, "data")
+        assert any("Up to 7 MB" in c.value for c in at.caption)
+    finally:
+        config.set_option("server.maxUploadSize", old)
+
+
+def test_the_training_poll_notices_a_worker_killed_while_the_server_runs(home, monkeypatch):
+    ws, _ = home
+    calls = []
+    real = jobs.recover
+    monkeypatch.setattr(jobs, "recover", lambda w: calls.append(w.home) or real(w))
+    at = app({"data": "sample/emoji"})  # the server is up (its start-up check has run)
+    store = ws.store()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a worker killed while the server runs: its run still says 'running'
+    run_id = store.create_run(str(EMOJI), {"backbone": "efficientnet_lite0", "strategy": "full"}, status="running")
+    store.update(run_id, pid=dead.pid, progress={"stage": "train", "epoch": 1, "epochs": 4})
+    n = len(calls)
+    at.query_params["run"] = run_id
+    goto(at, "train")
+    assert not at.exception
+    assert len(calls) == n + 1  # the poll looked for dead workers
+    assert store.get(run_id)["status"] == "interrupted"
+    assert "stopped unexpectedly" in store.get(run_id)["error"]
+    assert any(w.value.startswith("Interrupted: The training process stopped unexpectedly") for w in at.warning)
+    at.run()  # within 10 s of the last check, and no active run: not checked again
+    assert len(calls) == n + 1

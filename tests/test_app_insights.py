@@ -1,0 +1,360 @@
+"""Page tests of the insight views (issue 8) and the export downloads (issue 7), with ``AppTest``.
+
+They reuse the page tests' trained workspace (one real linear probe on the emoji sample, whose Lite0
+features are in the workspace's cache, so the audit and maps cost seconds) and keep every computation
+small: the advisor on two backbones at 10 images per class, the lab at 2 and 5 images per class for one
+epoch at 64 px.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_app_pages import (  # noqa: F401  (fixtures are used by name)
+    EMOJI,
+    app,
+    assert_clean,
+    button,
+    empty_home,
+    goto,
+    home,
+    metric,
+    plotly_specs,
+    trained_home,
+)
+
+from tl_core.runs import Workspace
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    """Each test computes its own results (the pages' st.cache_data is per process, shared by tests)."""
+    import streamlit as st
+
+    st.cache_data.clear()
+    yield
+
+
+def _view(at, name: str):
+    at.button_group(key="eval_view").set_value(name).run()
+    assert_clean(at)
+    return at
+
+
+def _image_captions(at) -> list[str]:
+    return [i.caption for el in at.get("image") for i in el.proto.imgs]
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbone: "Which backbone fits my data?"
+# --------------------------------------------------------------------------------------------------
+def test_backbone_advisor_ranks_backbones_and_the_recommendation_can_be_used(home):
+    at = app({"data": "sample/emoji"})
+    goto(at, "backbone")
+    assert_clean(at)
+    at.multiselect(key="w_advisor_backbones").set_value(["efficientnet_lite0", "efficientnet_lite1"]).run()
+    at.select_slider(key="w_advisor_per_class").set_value(10).run()
+    button(at, "Compare backbones").click().run()
+    assert_clean(at)
+    table = [d.value for d in at.dataframe if "LogME" in d.value.columns][0]
+    assert sorted(table["backbone"]) == ["efficientnet_lite0", "efficientnet_lite1"]
+    assert list(table["rank"]) == [1, 2]
+    assert table["LogME"].is_monotonic_decreasing  # ranked by LogME
+    assert table["probe accuracy"].between(0.2, 1.0).all() and table["k-NN accuracy"].between(0.0, 1.0).all()
+    assert (table["seconds"] > 0).all()
+    boxes = [b.value for b in list(at.success) + list(at.info) + list(at.warning) if "**Recommended:" in b.value
+             and "confidence" in b.value]
+    assert len(boxes) == 1
+    rec = boxes[0].split("**Recommended: ", 1)[1].split("**", 1)[0]
+    assert rec in set(table["backbone"])
+    assert any(c in boxes[0] for c in ("confidence **high**", "confidence **medium**", "confidence **low**"))
+    chart = [s for s in plotly_specs(at) if any(t.get("name") == "linear probe" for t in s["data"])][0]
+    probe = [t for t in chart["data"] if t.get("name") == "linear probe"][0]
+    assert probe["y"] == pytest.approx(list(table["probe accuracy"]))
+    # a second visit is served from the cache (no button press needed)
+    goto(at, "home")
+    goto(at, "backbone")
+    assert [d.value for d in at.dataframe if "LogME" in d.value.columns]
+    if rec != "efficientnet_lite0":
+        button(at, f"Use {rec} for training").click().run()
+        assert at.session_state["backbone"] == rec and at.query_params["backbone"] == rec
+
+
+def test_backbone_advisor_asks_for_a_dataset_first(empty_home):
+    at = app()
+    goto(at, "backbone")
+    assert_clean(at)
+    assert any("Choose a dataset first" in i.value for i in at.info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: audit, embedding map, domain gap
+# --------------------------------------------------------------------------------------------------
+def _planted_dataset(ws: Workspace) -> Path:
+    """train/ and val/ class folders of real emoji with planted problems: an exact copy of a training image
+    in val (a leak), a file in two classes, a blank image, and a small class (imbalance)."""
+    root = ws.datasets_dir / "planted"
+    take = {"animal": (12, 3), "face": (12, 3), "flag": (3, 3)}
+    for cls, (n_train, n_val) in take.items():
+        files = sorted((EMOJI / cls).iterdir())
+        for split, chunk in (("train", files[:n_train]), ("val", files[n_train:n_train + n_val])):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in chunk:
+                shutil.copy(f, root / split / cls / f.name)
+    leaked = sorted((root / "train" / "animal").iterdir())[0]
+    shutil.copy(leaked, root / "val" / "animal" / "leaked_copy.png")
+    twice = sorted((root / "train" / "face").iterdir())[0]
+    shutil.copy(twice, root / "train" / "flag" / "also_a_flag.png")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(root / "train" / "face" / "blank_red.png")
+    return root
+
+
+def test_data_audit_lists_planted_duplicates_leak_blank_image_and_fixes_imbalance(home):
+    ws, _ = home
+    _planted_dataset(ws)
+    at = app({"data": "workspace/planted"})
+    goto(at, "data")
+    assert_clean(at)
+    assert not [m for m in at.metric if m.label == "Leaks into validation"]  # nothing computed before the click
+    button(at, "Check the data").click().run()
+    assert_clean(at)
+    assert int(metric(at, "Leaks into validation")) >= 1
+    assert int(metric(at, "Exact duplicates")) >= 2
+    assert int(metric(at, "Tiny or blank")) >= 1
+    assert float(metric(at, "Imbalance").rstrip("×")) >= 3
+    findings = " ".join(w.value for w in at.warning)
+    assert "duplicate a training image" in findings and "more than one class folder" in findings
+    captions = _image_captions(at)
+    assert any(c.startswith("val: animal/leaked_copy.png") for c in captions), captions
+    assert any("flag: flag/also_a_flag.png" in c for c in captions)
+    assert any(c.startswith("face: face/blank_red.png — blank") for c in captions), captions
+    assert any("different labels!" in m.value for m in at.markdown)
+    # one click sets the class balance of the Train form
+    fix = [b for b in at.button if b.label.startswith("Fix it: use ")][0]
+    fix.click().run()
+    assert_clean(at)
+    assert at.session_state["class_balance"] in ("weights", "sampler")
+    chosen = at.session_state["class_balance"]
+    assert any("Class balance set to" in s.value for s in at.success)
+    goto(at, "train")
+    assert_clean(at)
+    assert [s for s in at.selectbox if s.label == "Class balance"][0].value == chosen
+
+
+def test_data_embedding_map_and_domain_gap_on_the_emoji_sample(home):
+    at = app({"data": "sample/emoji"})
+    goto(at, "data")
+    button(at, "Check the data").click().run()
+    assert_clean(at)
+    assert int(metric(at, "Likely label errors")) >= 0 and metric(at, "Leaks into validation") == "0"
+    maps = [s for s in plotly_specs(at) if s["data"] and s["data"][0].get("mode") == "markers"]
+    assert len(maps) == 1
+    traces = maps[0]["data"]
+    assert sorted(t["name"] for t in traces) == ["animal", "face", "flag", "food", "vehicle"]
+    assert sum(len(t["x"]) for t in traces) == 200
+    pca = {t["name"]: t["x"] for t in traces}
+    # the domain-gap hint, in plain language (emoji icons are far from ImageNet photos)
+    assert any("**The domain gap is far**" in m.value for m in at.markdown)
+    assert any("far from the backbone's ImageNet photos" in i.value for i in at.info)
+    gap = [s for s in plotly_specs(at) if s["data"] and s["data"][0].get("orientation") == "h"][0]
+    assert sorted(gap["data"][0]["y"]) == ["animal", "face", "flag", "food", "vehicle"]
+    # t-SNE instead of PCA: same points, other coordinates
+    at.radio(key="data_map_method").set_value("tsne").run()
+    assert_clean(at)
+    tsne = [s for s in plotly_specs(at) if s["data"] and s["data"][0].get("mode") == "markers"][0]["data"]
+    assert sum(len(t["x"]) for t in tsne) == 200
+    assert {t["name"]: t["x"] for t in tsne} != pca
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluate: Grad-CAM grid, calibration, embedding map of the run
+# --------------------------------------------------------------------------------------------------
+def _misclassified(ws: Workspace, run_id: str) -> list[str]:
+    preds = json.loads((ws.run_dir(run_id) / "predictions.json").read_text())
+    classes = preds["classes"]
+    return [r["path"] for r in preds["val"] if classes[int(np.argmax(r["probs"]))] != r["label"]]
+
+
+def test_evaluate_shows_a_gradcam_grid_of_the_mistakes(home):
+    ws, run_id = home
+    wrong = _misclassified(ws, run_id)
+    assert wrong, "the fixture run makes a few mistakes on the validation images"
+    at = app()
+    goto(at, "evaluate")
+    assert len(at.get("image")) == len(wrong)  # the default view: the mistakes gallery
+    _view(at, "gradcam")
+    n = min(12, len(wrong))
+    assert len(at.get("image")) == 2 * n  # each mistake, and its heat-map beside it
+    captions = [c.value for c in at.caption]
+    assert sum(c.startswith("heat-map for **") for c in captions) == n
+    overlays = [el for el in at.get("image")][1::2]
+    assert all(el.proto.imgs[0].url for el in overlays)
+    # explaining the true class instead: the heat-maps are for the true labels now
+    at.radio(key="gradcam_target").set_value("true").run()
+    assert_clean(at)
+    true_labels = [c.split("true **", 1)[1].split("**", 1)[0] for c in (x.value for x in at.caption)
+                   if c.startswith("true **")]
+    targets = [c.split("heat-map for **", 1)[1].split("**", 1)[0] for c in (x.value for x in at.caption)
+               if c.startswith("heat-map for **")]
+    assert targets == true_labels and len(targets) == n
+
+
+def test_evaluate_calibration_shows_ece_before_and_after_and_applies_the_temperature(home):
+    from tl_core.calibrate import calibrate_run
+
+    ws, run_id = home
+    expected = calibrate_run(ws.run_dir(run_id), ws, apply=False)
+    at = app()
+    goto(at, "evaluate")
+    _view(at, "calibration")
+    assert metric(at, "ECE before") == f"{expected['ece_before']:.3f}"
+    assert metric(at, "ECE after") == f"{expected['ece_after']:.3f}"
+    assert metric(at, "Temperature T") == f"{expected['temperature']:.2f}"
+    assert expected["ece_after"] < expected["ece_before"]
+    diagram = [s for s in plotly_specs(at) if any("ECE" in (t.get("name") or "") for t in s["data"])][0]
+    names = [t["name"] for t in diagram["data"]]
+    assert names[0] == "perfectly calibrated"
+    assert any(n.startswith("before (T = 1): ECE ") for n in names)
+    assert any(n.startswith("after temperature scaling") for n in names)
+    assert json.loads((ws.run_dir(run_id) / "meta.json").read_text()).get("temperature", 1.0) == 1.0
+    [b for b in at.button if b.label.startswith("Apply temperature scaling")][0].click().run()
+    assert_clean(at)
+    meta = json.loads((ws.run_dir(run_id) / "meta.json").read_text())
+    assert meta["temperature"] == pytest.approx(expected["temperature"], rel=1e-4)
+    assert any(s.value.startswith("Applied: this run's predictions") for s in at.success)
+    assert any("is applied to the run" in i.value for i in at.info)
+    metrics = json.loads((ws.run_dir(run_id) / "metrics.json").read_text())
+    assert metrics["calibration"]["ece_after"] == pytest.approx(expected["ece_after"], abs=1e-6)
+
+
+def test_evaluate_embedding_map_rings_the_misclassified_images(home):
+    ws, run_id = home
+    wrong = _misclassified(ws, run_id)
+    at = app()
+    goto(at, "evaluate")
+    _view(at, "map")
+    spec = [s for s in plotly_specs(at) if s["data"] and s["data"][0].get("mode") == "markers"][0]
+    ringed = [t for t in spec["data"] if t["name"].startswith("misclassified")]
+    assert len(ringed) == 1 and ringed[0]["name"] == f"misclassified ({len(wrong)})"
+    assert len(ringed[0]["x"]) == len(wrong)
+    classes = [t for t in spec["data"] if not t["name"].startswith("misclassified")]
+    assert sum(len(t["x"]) for t in classes) == 200
+
+
+# --------------------------------------------------------------------------------------------------
+# Try it: Grad-CAM beside the prediction
+# --------------------------------------------------------------------------------------------------
+def test_try_it_shows_a_gradcam_overlay_next_to_each_prediction(home):
+    at = app()
+    goto(at, "try_it")
+    files = [(f"{cls}.png", sorted((EMOJI / cls).iterdir())[-1].read_bytes(), "image/png")
+             for cls in ("animal", "food")]
+    at.file_uploader[0].set_value(files).run()
+    assert_clean(at)
+    captions = _image_captions(at)
+    assert captions.count("your image") == 2
+    cams = [c for c in captions if c.startswith("where it saw '")]
+    assert len(cams) == 2
+    predicted = [m.value.split("→ **", 1)[1].split("**", 1)[0] for m in at.markdown if "→" in m.value]
+    assert [c.split("'")[1] for c in cams] == predicted  # the heat-map explains the shown prediction
+    at.toggle(key="try_gradcam").set_value(False).run()
+    assert not [c for c in _image_captions(at) if c.startswith("where it saw")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Lab: transfer vs scratch
+# --------------------------------------------------------------------------------------------------
+def _lab_settings(at, sizes, epochs=1, image_size=64):
+    at.multiselect(key="w_lab_sizes").set_value(sizes).run()
+    at.number_input(key="w_lab_epochs").set_value(epochs).run()
+    at.selectbox(key="w_lab_image_size").set_value(image_size).run()
+
+
+def _poll(at, until, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while not until(at):
+        assert not at.exception, [e.value for e in at.exception]
+        assert time.monotonic() < deadline, "the lab did not get there in time"
+        time.sleep(1)
+        at.run()
+
+
+def test_lab_runs_in_the_background_and_plots_one_line_per_arm(home):
+    at = app({"data": "sample/emoji"})
+    goto(at, "lab")
+    assert_clean(at)
+    _lab_settings(at, [2, 5])
+    t0 = time.monotonic()
+    button(at, "Run the lab").click().run()
+    assert_clean(at)
+    assert at.get("progress"), "a progress bar while the lab runs"
+    assert button(at, "Cancel the lab")
+    _poll(at, lambda a: not a.get("progress"))
+    seconds = time.monotonic() - t0
+    assert_clean(at)
+    spec = [s for s in plotly_specs(at) if any(t.get("mode") == "lines+markers" for t in s["data"])][0]
+    lines = [t for t in spec["data"] if t.get("mode") == "lines+markers"]
+    assert [t["name"] for t in lines] == ["pretrained, linear probe", "pretrained, fine-tuned", "from scratch"]
+    assert all(t["x"] == [2, 5] for t in lines)
+    assert all(0.0 <= y <= 1.0 for t in lines for y in t["y"])
+    times = [t for t in spec["data"] if t.get("type") == "bar"]
+    assert len(times) == 3 and all(v > 0 for t in times for v in t["y"])
+    assert any(i.value.startswith("Chance is 20% (5 classes)") for i in at.info)
+    table = at.dataframe[0].value
+    assert list(table.index) == [2, 5] and len(table.columns) == 3
+    print(f"\n[lab] sizes (2, 5), 1 epoch, 64 px: {seconds:.1f} s through the page")
+    # the same settings in a new session (a refresh) find the finished lab
+    again = app({"data": "sample/emoji"})
+    goto(again, "lab")
+    _lab_settings(again, [2, 5])
+    assert not [b for b in again.button if b.label == "Run the lab"]
+    assert any(s["data"] for s in plotly_specs(again))
+
+
+def test_lab_cancel_stops_it(home):
+    at = app({"data": "sample/emoji"})
+    goto(at, "lab")
+    _lab_settings(at, [5, 10], epochs=3)
+    button(at, "Run the lab").click().run()
+    _poll(at, lambda a: any("points" in p.proto.text and "Starting" not in p.proto.text for p in a.get("progress")))
+    button(at, "Cancel the lab").click().run()
+    _poll(at, lambda a: not a.get("progress"), timeout=60)
+    assert_clean(at)
+    assert any("was cancelled" in c.value for c in at.caption)
+    assert button(at, "Run the lab")
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs & export: verified ONNX / TorchScript downloads and the HTML report
+# --------------------------------------------------------------------------------------------------
+def test_runs_page_offers_verified_onnx_and_torchscript_and_the_html_report(home):
+    ws, run_id = home
+    at = app()
+    goto(at, "runs")
+    at.multiselect[0].set_value([run_id]).run()
+    assert_clean(at)
+    assert any(d.proto.label == "HTML report" for d in at.get("download_button"))
+    for fmt, label, ext in (("onnx", "ONNX", "onnx"), ("torchscript", "TorchScript", "pt")):
+        button(at, f"Export {label}").click().run()
+        assert_clean(at)
+        text = [s.value for s in at.success if s.value.startswith("Verified on")]
+        assert text, [e.value for e in at.error]
+        n = int(text[-1].split("Verified on ", 1)[1].split(" ", 1)[0])
+        assert n >= 10 and f"same top-1 class on {n}/{n} images" in text[-1]
+        diff = float(text[-1].split("largest probability difference ", 1)[1].split(" ", 1)[0])
+        assert diff <= 1e-4
+        buttons = {d.proto.label: d.proto.help for d in at.get("download_button")}
+        model = [lab for lab in buttons if lab.startswith(f"Model .{ext} (")]
+        assert model and buttons[model[0]] == f"Saved as tl-studio-{run_id}.{ext}.", buttons
+        assert f"Saved as tl-studio-{run_id}.{ext}.json" in buttons["Classes and preprocessing (.json)"]
+        assert not [b for b in at.button if b.label == f"Export {label}"]  # the downloads took its place
+    at.run()  # the exports stay offered (cached) without exporting again
+    assert len([s for s in at.success if s.value.startswith("Verified on")]) == 2
+    assert len([d for d in at.get("download_button") if d.proto.label.startswith("Model .")]) == 2
