@@ -2,8 +2,10 @@
 
 The flow a first-time user takes: choose the emoji sample → linear probe on Lite0 (a real background
 worker trains it) → the run survives a refresh and shows in a second tab → Evaluate shows a confusion
-matrix whose cells add up to the validation count → Try it predicts an uploaded image. Screenshots of
-every page go to ``test-artifacts/screenshots/``.
+matrix whose cells add up to the validation count → Try it predicts an uploaded image; on the way the
+insight views (data check and embedding map, backbone advisor, Grad-CAM, calibration, the lab), a verified
+ONNX export, the HTML report opened offline, and a new project. Screenshots of every page and view go to
+``test-artifacts/screenshots/``.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
 
     # Backbone: the recommended offline default is selected
     nav(page, "Backbone")
-    page.get_by_text("Recommended: efficientnet_lite0").wait_for()
+    page.get_by_text("Safe default: efficientnet_lite0").wait_for()
     assert page.get_by_role("combobox", name="Backbone for training").input_value().startswith("efficientnet_lite0")
     shot(page, "03-backbone")
 
@@ -190,7 +192,7 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     page.get_by_text("validation accuracy").wait_for()
     shot(page, "04b-train-done")
     tab.get_by_text("Status: done").wait_for(timeout=60_000)  # the other tab's live view followed it
-    assert tab.locator(".js-plotly-plot").count() >= 1
+    tab.locator(".js-plotly-plot").first.wait_for(timeout=30_000)  # its curves are drawn a moment after the status
     tab.close()
 
     # and after it finished, a refresh still shows it
@@ -199,6 +201,34 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     page.get_by_text("Status: done").wait_for()
     assert parse_qs(urlparse(page.url).query)["run"][0] == run_id
     expect(page.get_by_role("spinbutton", name="Epochs")).to_have_value("30")  # the form follows the run
+
+    # the insight views need no run; they come after training here so that the training above computes
+    # the features itself (and runs long enough to be refreshed while it trains); they reuse those features
+    nav(page, "Data")
+    page.get_by_role("heading", name="Report: emoji").wait_for()
+    # Data check: the audit, the embedding map (a click shows the image beside it) and the domain-gap hint
+    page.get_by_role("button", name="Check the data").click()
+    page.get_by_role("heading", name="Embedding map").wait_for(timeout=180_000)
+    page.get_by_text("The domain gap is far").wait_for(timeout=60_000)
+    assert metric_value(page, "Leaks into validation") == "0"
+    settle(page)
+    scatter = page.locator(".js-plotly-plot").filter(has=page.locator(".scatterlayer .point")).first
+    scatter.locator(".scatterlayer .point").first.click(force=True)
+    page.get_by_text(re.compile(r"^(animal|face|flag|food|vehicle) · \w+/")).first.wait_for(timeout=30_000)
+    shot(page, "02b-data-check")
+
+    nav(page, "Backbone")
+    # "Which backbone fits my data?": the advisor on the offline backbones, 10 images per class
+    slider = page.get_by_role("slider", name="Images per class")
+    slider.focus()
+    for _ in range(2):
+        slider.press("ArrowLeft")
+    settle(page)
+    assert slider.get_attribute("aria-valuetext") == "10"
+    page.get_by_role("button", name="Compare backbones").click()
+    page.get_by_text(re.compile(r"Recommended: efficientnet_lite\d · confidence")).wait_for(timeout=240_000)
+    shot(page, "03b-backbone-advisor")
+    # (the run above used the default backbone; the advice may favour a larger one)
 
     # Evaluate: the confusion matrix adds up to the validation count
     nav(page, "Evaluate")
@@ -215,6 +245,21 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     assert page.locator(".js-plotly-plot").count() >= 1
     shot(page, "05-evaluate")
 
+    # Look closer: Grad-CAM of the mistakes, calibration, the run's embedding map
+    view = page.get_by_test_id("stButtonGroup")
+    view.get_by_text("Grad-CAM", exact=True).click()
+    heat = page.get_by_text(re.compile(r"^heat-map for "))
+    no_mistakes = page.get_by_text("No misclassified validation image to explain")
+    heat.or_(no_mistakes).first.wait_for(timeout=120_000)
+    shot(page, "05b-evaluate-gradcam")
+    view.get_by_text("Calibration", exact=True).click()
+    page.get_by_test_id("stMetricLabel").get_by_text("ECE after", exact=True).wait_for(timeout=120_000)
+    float(metric_value(page, "ECE before")), float(metric_value(page, "ECE after"))
+    shot(page, "05c-evaluate-calibration")
+    view.get_by_text("Embedding map", exact=True).click()
+    page.get_by_text(re.compile(r"^\d+ images, \d+ of them evaluated")).wait_for(timeout=120_000)
+    shot(page, "05d-evaluate-map")
+
     # Try it: upload an image, get a prediction
     nav(page, "Try it")
     image = sorted((EMOJI / "vehicle").iterdir())[-1]
@@ -222,12 +267,62 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     prediction = page.get_by_text(re.compile(rf"{re.escape(image.name)} → \w+ \(\d+\.\d%\)"))
     prediction.wait_for()
     assert prediction.inner_text().split("→")[1].split("(")[0].strip() in metrics["val"]["classes"]
+    page.get_by_text(re.compile(r"^where it saw '")).wait_for(timeout=60_000)  # Grad-CAM beside the prediction
     shot(page, "06-try-it")
 
-    # Runs & export
+    # Runs & export: a verified ONNX export, and the HTML report opened offline in the browser
     nav(page, "Runs & export")
     page.get_by_text("Select runs").wait_for()
+    page.get_by_role("button", name="Export ONNX").click()
+    page.get_by_text(re.compile(r"^Verified on \d+ images")).wait_for(timeout=180_000)
+    settle(page)  # the script run that drew the export must be over before the next click
+    with page.expect_download(timeout=120_000) as dl:
+        page.get_by_role("button", name="HTML report").click()
+    report = home / f"report-{run_id}.html"
+    dl.value.save_as(str(report))
     shot(page, "07-runs")
+    offline = browser.new_context(offline=True, viewport={"width": 1200, "height": 900})
+    rp = offline.new_page()
+    rp.goto(report.as_uri())
+    rp.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+    assert rp.locator(".js-plotly-plot").count() >= 2
+    rp.wait_for_timeout(500)
+    rp.screenshot(path=str(SHOTS / "07b-html-report.png"), full_page=True)
+    offline.close()
+
+    # Lab: a small transfer-vs-scratch curve (2 and 5 images per class, 1 epoch, 64 px) in the background
+    nav(page, "Lab")
+    sizes = page.get_by_test_id("stMultiSelect").filter(has_text="Images per class")
+    sizes.get_by_role("button", name="Clear all").click()
+    settle(page)
+    for n in ("2", "5"):
+        sizes.get_by_role("combobox").click()
+        page.get_by_role("option", name=n, exact=True).click()
+        settle(page)
+    page.keyboard.press("Escape")
+    lab_epochs = page.get_by_role("spinbutton", name="Epochs")
+    lab_epochs.fill("1")
+    lab_epochs.press("Enter")
+    settle(page)
+    page.get_by_test_id("stSelectbox").filter(has_text="Image size").click()
+    page.get_by_role("option", name="64", exact=True).click()
+    settle(page)
+    page.get_by_role("button", name="Run the lab").click()
+    page.get_by_test_id("stProgress").first.wait_for()
+    page.get_by_text(re.compile(r"^Chance is 20%")).wait_for(timeout=300_000)
+    assert page.locator(".js-plotly-plot .scatterlayer .trace").count() >= 3
+    shot(page, "08-lab")
+
+    # Projects: start one from the sidebar; its link is shown and its (empty) run list is its own
+    page.get_by_text("Start a new project").click()
+    page.get_by_role("textbox", name="Project name").fill("Garden birds")
+    page.get_by_role("button", name="Create project").click()
+    page.wait_for_function("() => location.search.includes('project=garden-birds-')")
+    page.get_by_text("Bookmark this link to come back").first.wait_for()
+    nav(page, "Runs & export")
+    page.get_by_text("No runs yet.").wait_for()
+    assert "project=garden-birds-" in page.url
+    shot(page, "09-project")
 
     assert not page.get_by_test_id("stException").count()
     assert not errors, errors
