@@ -88,10 +88,23 @@ def export_panel(ws, run_id: str) -> None:
                            icon=":material/description:", on_click="ignore")
 
 
+def cache_panel(ws) -> None:
+    """How much the decoded-image and feature caches hold, and a button that empties them."""
+    with st.expander("Cache", icon=":material/storage:"):
+        usage = ws.cache_usage()
+        st.caption(f"Decoded images {usage['decoded'] / 1e6:.1f} MB · features {usage['features'] / 1e6:.1f} MB. "
+                   "The caches make a second run on the same images fast; they are capped (least recently used "
+                   "first) and can be emptied at any time: runs are kept, the next run just decodes again.")
+        if st.button("Clear the cache", key="clear_cache", icon=":material/delete_sweep:"):
+            freed = ws.clear_cache()
+            st.success(f"Freed {freed / 1e6:.1f} MB.")
+
+
 with session.page_errors():
     ws = session.workspace()
     store = ws.store()
     runs = store.list()
+    cache_panel(ws)
     if st.session_state.pop("_deleted", 0):
         st.success("Deleted.")
     if not runs:

@@ -805,3 +805,23 @@ def test_the_training_poll_notices_a_worker_killed_while_the_server_runs(home, m
     assert any(w.value.startswith("Interrupted: The training process stopped unexpectedly") for w in at.warning)
     at.run()  # within 10 s of the last check, and no active run: not checked again
     assert len(calls) == n + 1
+
+
+def test_runs_page_shows_and_clears_the_cache(tmp_path, monkeypatch):
+    """Issue 6: a way to clear the caches from the app."""
+    import numpy as np
+
+    from tl_core.runs import Workspace
+
+    home = tmp_path / "cache_home"
+    monkeypatch.setenv("TL_HOME", str(home))
+    ws = Workspace(home)
+    f = ws.cache_dir / "features" / "k" / "ab" / "x.npy"
+    f.parent.mkdir(parents=True)
+    np.save(f, np.zeros(250_000, np.float32))  # 1 MB
+    at = goto(app(), "runs")
+    assert not at.exception
+    assert any("features 1.0 MB" in c.value for c in at.caption)
+    at.button(key="clear_cache").click().run()
+    assert not at.exception and any("Freed 1.0 MB" in s.value for s in at.success)
+    assert ws.cache_usage() == {"decoded": 0, "features": 0}
