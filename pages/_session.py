@@ -365,6 +365,16 @@ def dataset_report(path: str | Path, val_split: float = 0.2, seed: int = 0) -> d
 # --------------------------------------------------------------------------------------------------
 # uploads
 # --------------------------------------------------------------------------------------------------
+def finished_runs(ws: Workspace) -> dict[str, dict[str, Any]]:
+    """The workspace's finished runs by id, newest first; without any, say so, link to Train and stop."""
+    runs = ws.store().list(status="done")
+    if not runs:
+        st.info("No finished run yet: train one first.")
+        link("train", "Go to Train", ":material/model_training:")
+        st.stop()
+    return {r["id"]: r for r in runs}
+
+
 def upload_limit_mb() -> int:
     """The largest upload the server accepts, in MB (``server.maxUploadSize``; Streamlit refuses larger files)."""
     return int(st.get_option("server.maxUploadSize"))

@@ -163,12 +163,7 @@ def show_run_map(run_dir: Path, ws) -> None:
 
 with session.page_errors():
     ws = session.workspace()
-    runs = ws.store().list(status="done")
-    if not runs:
-        st.info("No finished run yet: train one first.")
-        session.link("train", "Go to Train", ":material/model_training:")
-        st.stop()
-    by_id = {r["id"]: r for r in runs}
+    by_id = session.finished_runs(ws)
     ids = list(by_id)
     # the newest finished run stands in while the current run is not finished (without replacing it)
     run_id = st.selectbox("Run", ids, key=session.bind("run", ids, ids[0]), on_change=session.picked,

@@ -52,12 +52,7 @@ def _cam(run_dir: str, stamp: tuple, digest: str, _tm, _image) -> dict:
 
 with session.page_errors():
     ws = session.workspace()
-    runs = ws.store().list(status="done")
-    if not runs:
-        st.info("No finished run yet: train one first.")
-        session.link("train", "Go to Train", ":material/model_training:")
-        st.stop()
-    by_id = {r["id"]: r for r in runs}
+    by_id = session.finished_runs(ws)
     ids = list(by_id)
     run_id = st.selectbox(
         "Model (a finished run)", ids, key=session.bind("run", ids, ids[0]), on_change=session.picked,
