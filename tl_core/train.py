@@ -128,7 +128,7 @@ def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
     """Fit the linear probe: L2-regularised multinomial logistic regression on frozen features.
 
     This is the classic recipe itself (scikit-learn's ``LogisticRegression(C=linear_c)`` objective),
-    solved full-batch with L-BFGS in torch; an AdamW-trained head was a few points worse on our sample
+    solved full-batch with torch's L-BFGS on a numpy objective; an AdamW-trained head was a few points worse on our sample
     data. Each "epoch" is ``_LBFGS_ITERS_PER_EPOCH`` L-BFGS iterations, reported like any epoch, and the
     fit stops early once the objective stops changing.
 
@@ -139,7 +139,6 @@ def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
     xt = torch.from_numpy(np.ascontiguousarray(x_train)).double()
     xv = torch.from_numpy(np.ascontiguousarray(x_val)).double()
     yt = torch.from_numpy(y_train).long()
-    yv = torch.from_numpy(y_val).long()
     w = torch.zeros(xt.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
     cw = _class_weights(y_train, n_classes).double() if cfg.class_balance != "none" else None
@@ -147,16 +146,28 @@ def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=_LBFGS_ITERS_PER_EPOCH, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
     l2 = 0.5 / cfg.linear_c
+    # the objective and its gradient by hand in numpy (OpenBLAS): these tall-thin products are 3-4x faster
+    # there than in torch on CPU, and no autograd bookkeeping is needed for two matrix products
+    xn, xvn = xt.numpy(), xv.numpy()
+    wn, bn = w.detach().numpy(), b.detach().numpy()  # views: L-BFGS updates w and b in place
+    onehot = np.eye(n_classes)[y_train]
+    swn = sample_w.numpy()
 
-    def objective() -> torch.Tensor:
-        ce = nn.functional.cross_entropy(xt @ w + b, yt, reduction="none")
-        return (ce * sample_w).sum() + l2 * (w * w).sum()
+    def logits_probs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = x @ wn + bn
+        z = z - z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        return logp, np.exp(logp)
+
+    def objective(logp: np.ndarray) -> float:
+        return float(-(swn * (logp * onehot).sum(1)).sum() + l2 * (wn * wn).sum())
 
     def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
+        logp, p = logits_probs(xn)
+        g = (p - onehot) * swn[:, None]
+        w.grad = torch.from_numpy(xn.T @ g + (2 * l2) * wn)
+        b.grad = torch.from_numpy(g.sum(0))
+        return torch.tensor(objective(logp), dtype=torch.float64)
 
     prev = float("inf")
     epoch = 0
@@ -166,16 +177,15 @@ def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
         if should_cancel and should_cancel():
             raise CancelledError("Cancelled while training the head.")
         opt.step(closure)
-        with torch.inference_mode():
-            lt = xt @ w + b
-            train_loss = nn.functional.cross_entropy(lt, yt).item()
-            lv = xv @ w + b
-            val_loss = nn.functional.cross_entropy(lv, yv).item() if len(yv) else float("nan")
-            obj = objective().item()
+        logp_t, _ = logits_probs(xn)
+        train_loss = float(-(logp_t * onehot).sum(1).mean())
+        obj = objective(logp_t)
+        logp_v, _ = logits_probs(xvn) if len(y_val) else (np.zeros((0, n_classes)), None)
+        val_loss = float(-logp_v[np.arange(len(y_val)), y_val].mean()) if len(y_val) else float("nan")
         if on_epoch:
             on_epoch({"epoch": epoch, "epochs": cfg.epochs, "train_loss": train_loss,
-                      "train_acc": (lt.argmax(1) == yt).double().mean().item(), "val_loss": val_loss,
-                      "val_acc": (lv.argmax(1) == yv).double().mean().item() if len(yv) else float("nan"),
+                      "train_acc": float((logp_t.argmax(1) == y_train).mean()), "val_loss": val_loss,
+                      "val_acc": float((logp_v.argmax(1) == y_val).mean()) if len(y_val) else float("nan"),
                       "lr": 1.0, "seconds": time.perf_counter() - t0, "best": True})
         if abs(prev - obj) <= 1e-7 * max(1.0, abs(obj)):
             break
