@@ -728,11 +728,13 @@ class DecodedImageCache:
     Disk entries live in ``<dir>/<size>-<interp>/<sha[:2]>/<sha>.npy``; a file that fails to load or has
     the wrong shape is rebuilt, never trusted. The disk cache is capped by ``Workspace.enforce_cache_limit``
     (least recently used evicted). The in-memory layer holds at most ``max_memory_bytes``; beyond that,
-    entries are re-read from disk (an ``np.load`` from the page cache, far cheaper than decoding), which
-    keeps a 2,000-image fine-tuning run within its memory budget.
+    entries are re-read from disk: an ``np.load`` of a ~200 KB file from the OS page cache takes ~0.1 ms
+    against ~50 ms of training per image, and page-cache memory is not the process's to hold, so the
+    layer is kept small (64 MB, ~330 images at 256 px) and a 2,000-image fine-tuning run stays within its
+    memory budget (benchmarks/RESULTS.md, row 4).
     """
 
-    def __init__(self, directory: str | os.PathLike | None, max_memory_bytes: int = 384 * 1024**2):
+    def __init__(self, directory: str | os.PathLike | None, max_memory_bytes: int = 64 * 1024**2):
         self.dir = Path(directory) if directory else None
         self.max_memory_bytes = max_memory_bytes
         self._mem: dict[tuple[str, int, str], np.ndarray] = {}

@@ -49,6 +49,29 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
 _LBFGS_ITERS_PER_EPOCH = 2
+# evaluation batch: as fast per image as 64 on CPU, and ~250 MB less peak memory after a training epoch
+_EVAL_BATCH = 32
+
+
+def release_free_memory() -> None:
+    """Hand memory that is free inside the C heap back to the OS (glibc ``malloc_trim``).
+
+    A training step frees ~1.5 GB of activations, which glibc keeps in its heap; evaluation then
+    allocates differently sized buffers on top and the process's resident size climbs. Trimming once
+    per epoch costs a few milliseconds. A no-op where glibc is not the C library."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 @dataclass
@@ -329,7 +352,7 @@ def _finetune(model: nn.Module, split: Split, classes: list[str], pre: Preproces
         train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=False)
     else:
         train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=False)
-    val_loader = DataLoader(val_set, batch_size=64)
+    val_loader = DataLoader(val_set, batch_size=_EVAL_BATCH)
 
     frozen = _set_trainable(model, cfg.strategy, cfg.unfreeze_blocks)
     if cfg.strategy != "scratch":
@@ -366,6 +389,8 @@ def _finetune(model: nn.Module, split: Split, classes: list[str], pre: Preproces
                   "loss": loss, "done": done, "total": total, "eta_s": elapsed / done * (total - done)})
 
         m = train_one_epoch(model, train_loader, opt, sched, loss_fn, frozen, on_step, should_cancel)
+        m["train_seconds"] = time.perf_counter() - t0  # the training pass alone (benchmarks/run.py row 3)
+        release_free_memory()  # the backward pass's freed buffers: give them back before evaluating
         m.update(evaluate_epoch(model, val_loader))
         improved, stop = stopper.step(m["val_loss"], epoch)
         if improved:
@@ -485,10 +510,12 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         if probe_info:
             info["feature_cache"] = probe_info.get("feature_cache")
     model.eval()
+    release_free_memory()
     emit({"stage": "evaluate", "message": "Evaluating the best checkpoint"})
     if val_probs is None:
-        val_probs = predict_items(model, split.val, pre, decoded, should_cancel=should_cancel)
-        test_probs = predict_items(model, test_items, pre, decoded, should_cancel=should_cancel) if test_items else None
+        val_probs = predict_items(model, split.val, pre, decoded, batch_size=_EVAL_BATCH, should_cancel=should_cancel)
+        test_probs = (predict_items(model, test_items, pre, decoded, batch_size=_EVAL_BATCH, should_cancel=should_cancel)
+                      if test_items else None)
     val_metrics = compute_metrics(yva, val_probs, classes)
     test_metrics = None
     if test_items:
