@@ -154,3 +154,20 @@ def test_linear_head_solves_the_logistic_regression_objective():
             pred = head(torch.from_numpy(x)).argmax(1).numpy()
         assert (pred == sk.predict(x)).mean() >= 0.99
         assert info["epochs_run"] < 200  # it converged and stopped early
+
+
+def test_checkpoint_selection_prefers_accuracy_then_loss():
+    """Fine-tuning (label-smoothed) scores a worse loss than the sharp probe while classifying more images
+    correctly: the better checkpoint is the more accurate one, loss breaking ties; patience still stops."""
+    from tl_core.train import _EarlyStopper
+
+    s = _EarlyStopper(patience=2)
+    assert s.step(0.44, 0, 0.85) == (True, False)   # the probe
+    assert s.step(0.60, 1, 0.82) == (False, False)  # worse on both
+    assert s.step(0.51, 2, 0.87) == (True, False)   # more accurate, higher loss: better
+    assert s.step(0.50, 3, 0.87) == (True, False)   # as accurate, lower loss: better
+    assert s.step(0.55, 4, 0.87) == (False, False)  # as accurate, higher loss: not
+    assert s.step(0.40, 5, 0.86) == (False, True)   # lower loss, less accurate: not; second bad epoch stops
+    assert (s.best_epoch, s.best, s.best_acc) == (3, 0.50, 0.87)
+    nan = _EarlyStopper(patience=0)  # no validation accuracy (no val images): loss decides
+    assert nan.step(1.0, 1, float("nan"))[0] and not nan.step(1.1, 2, float("nan"))[0]

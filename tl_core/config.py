@@ -132,7 +132,8 @@ class TrainConfig:
     label_smoothing: float = _f(0.1, "Spread this much probability over the other classes in the loss.")
     warmup_epochs: float = _f(1.0, "Epochs of linear learning-rate warm-up before the cosine decay.")
     patience: int | None = _f(
-        None, "Stop when validation loss has not improved for this many epochs (0 = never; empty = strategy default)."
+        None, "Stop when validation accuracy (then loss) has not improved for this many epochs "
+        "(0 = never; empty = strategy default)."
     )
     backbone_lr_mult: float = _f(0.1, "For full/partial: backbone learning rate as a fraction of the head's.")
     unfreeze_blocks: int = _f(2, "For partial: how many of the last backbone stages are trained.")

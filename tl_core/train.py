@@ -128,16 +128,30 @@ def _class_weights(labels: np.ndarray, n: int) -> torch.Tensor:
 
 
 class _EarlyStopper:
+    """Best-checkpoint selection and early stopping.
+
+    A checkpoint is better when its validation accuracy is higher, or equal with a lower validation loss.
+    Loss alone is not the criterion: fine-tuning trains with label smoothing, whose softened outputs score
+    a worse cross-entropy than the sharper linear probe they start from even where they classify more
+    images correctly (seen on Fashion-MNIST: 0.87 vs 0.85 accuracy, loss 0.51 vs 0.44)."""
+
     def __init__(self, patience: int):
         self.patience = patience
         self.best = float("inf")
+        self.best_acc = -1.0
         self.best_epoch = -1
         self.bad = 0
 
-    def step(self, loss: float, epoch: int) -> tuple[bool, bool]:
+    def step(self, loss: float, epoch: int, acc: float | None = None) -> tuple[bool, bool]:
         """Returns (improved, should_stop)."""
-        if loss < self.best - 1e-4:
+        if acc is None or math.isnan(acc):
+            better = loss < self.best - 1e-4
+        else:
+            better = acc > self.best_acc + 1e-9 or (acc > self.best_acc - 1e-9 and loss < self.best - 1e-4)
+        if better:
             self.best, self.best_epoch, self.bad = loss, epoch, 0
+            if acc is not None and not math.isnan(acc):
+                self.best_acc = acc
             return True, False
         self.bad += 1
         return False, bool(self.patience) and self.bad >= self.patience
@@ -337,7 +351,8 @@ def _finetune(model: nn.Module, split: Split, classes: list[str], pre: Preproces
               cfg: TrainConfig, emit: Progress, should_cancel: Callable[[], bool] | None,
               start_from_probe: bool = False) -> dict[str, Any]:
     """Fine-tune per strategy. With ``start_from_probe`` the head already holds the linear probe and the
-    probe itself is the epoch-0 checkpoint: fine-tuning is kept only where it lowers validation loss."""
+    probe itself is the epoch-0 checkpoint: fine-tuning is kept only where it is more accurate on validation
+    (or as accurate with a lower loss; see ``_EarlyStopper``)."""
     idx = {c: i for i, c in enumerate(classes)}
     ytr = [idx[i.label] for i in split.train]
     yva = [idx[i.label] for i in split.val]
@@ -382,7 +397,8 @@ def _finetune(model: nn.Module, split: Split, classes: list[str], pre: Preproces
     stopper = _EarlyStopper(cfg.patience)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if start_from_probe:
-        stopper.step(evaluate_epoch(model, val_loader)["val_loss"], 0)
+        m0 = evaluate_epoch(model, val_loader)
+        stopper.step(m0["val_loss"], 0, m0["val_acc"])
     t_start = time.perf_counter()
     epoch = 0
     for epoch in range(1, cfg.epochs + 1):
@@ -398,7 +414,7 @@ def _finetune(model: nn.Module, split: Split, classes: list[str], pre: Preproces
         m["train_seconds"] = time.perf_counter() - t0  # the training pass alone (benchmarks/run.py row 3)
         release_free_memory()  # the backward pass's freed buffers: give them back before evaluating
         m.update(evaluate_epoch(model, val_loader))
-        improved, stop = stopper.step(m["val_loss"], epoch)
+        improved, stop = stopper.step(m["val_loss"], epoch, m["val_acc"])
         if improved:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         emit({"stage": "epoch", "epoch": epoch, "epochs": cfg.epochs, "lr": sched.get_last_lr()[0],
