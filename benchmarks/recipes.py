@@ -1,0 +1,233 @@
+"""TL Studio against the classic recipes, side by side, on real held-out data.
+
+    .venv/bin/python benchmarks/recipes.py [--train-per-class 50] [--test-per-class 50] [--epochs 4] [--no-write]
+
+Data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist):
+N training images per class from its training set, M per class from its test set held out; and the emoji
+sample (sample_data/emoji, 40 per class) split 20 train / 20 held-out test per class. Every recipe uses the
+same backbone (EfficientNet-Lite0, packaged ImageNet weights), the same images and the same test set:
+
+1. classic: frozen features (bare timm eval transform, pooled pre-logits) + scikit-learn
+   ``LogisticRegression(max_iter=1000)``.
+2. fastai-style ``fine_tune(epochs)``, written out in plain PyTorch (fastai itself pins other torch builds):
+   one frozen epoch training a new head (one-cycle, lr 2e-3, BatchNorm in train mode), then everything
+   unfrozen with discriminative learning rates (1e-5 / 1e-4 / 1e-3 for early body / late body / head),
+   one-cycle (pct_start 0.3, div 5), AdamW wd 0.01, batch 32, the same light augmentation as ours.
+3. TL Studio ``linear`` (defaults).
+4. TL Studio ``full`` (defaults: LP-FT, 8 epochs, early stopping).
+
+TL Studio holds 20% of the training images out for validation (checkpoint selection, early stopping); the
+other recipes train on all of them.
+
+Prints a table (held-out accuracy and seconds) and prepends it to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
+
+
+def fashion_subset(dest: Path, per_train: int, per_test: int) -> Path:
+    """train/<class>/ and test/<class>/ PNGs from the Debian package's IDX files."""
+    for split, prefix, per in (("train", "train", per_train), ("test", "t10k", per_test)):
+        raw = gzip.open(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz").read()
+        images = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)
+        labels = np.frombuffer(gzip.open(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
+        for c, name in enumerate(FASHION_NAMES):
+            d = dest / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            # skip each class's first 500: sample_data/fashion_mnist was drawn from the start
+            for i in np.where(labels == c)[0][500:500 + per]:
+                Image.fromarray(images[i]).save(d / f"{i}.png")
+    return dest
+
+
+def emoji_subset(dest: Path, per_train: int = 20) -> Path:
+    """The emoji sample split per class: the first ``per_train`` files train, the rest held out."""
+    src = ROOT / "sample_data" / "emoji"
+    for cdir in sorted(p for p in src.iterdir() if p.is_dir()):
+        files = sorted(cdir.glob("*.png"))
+        for split, part in (("train", files[:per_train]), ("test", files[per_train:])):
+            (dest / split / cdir.name).mkdir(parents=True, exist_ok=True)
+            for f in part:
+                shutil.copy(f, dest / split / cdir.name / f.name)
+    return dest
+
+
+def classic(root: Path) -> tuple[float, float]:
+    """Frozen features + scikit-learn logistic regression, the bare way."""
+    import timm
+    from sklearn.linear_model import LogisticRegression
+
+    from tl_core.backbones import build_model
+    from tl_core.data import load_image
+
+    t0 = time.perf_counter()
+    model, _ = build_model("efficientnet_lite0", 1000)
+    model.eval()
+    tf = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+
+    def xy(split: str) -> tuple[np.ndarray, np.ndarray]:
+        files = sorted((root / split).glob("*/*.png"))
+        classes = sorted({f.parent.name for f in files})
+        feats = []
+        with torch.inference_mode():
+            for s in range(0, len(files), 32):
+                # load_image: RGBA composited on white, the way a careful user would
+                x = torch.stack([tf(load_image(f)) for f in files[s:s + 32]])
+                feats.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy())
+        return np.concatenate(feats), np.array([classes.index(f.parent.name) for f in files])
+
+    (xtr, ytr), (xte, yte) = xy("train"), xy("test")
+    acc = LogisticRegression(max_iter=1000).fit(xtr, ytr).score(xte, yte)
+    return float(acc), time.perf_counter() - t0
+
+
+def fastai_style(root: Path, epochs: int, batch: int = 32, seed: int = 0) -> tuple[float, float]:
+    """fastai's ``fine_tune(epochs)`` recipe in plain PyTorch (see the module docstring)."""
+    from torch import nn
+
+    from tl_core.backbones import build_model, data_config_for
+    from tl_core.data import DecodedImageCache, open_dataset
+    from tl_core.train import set_seed
+    from tl_core.transforms import Preprocess, train_transform
+
+    set_seed(seed)
+    t0 = time.perf_counter()
+    tr, te = open_dataset(root / "train"), open_dataset(root / "test", min_per_class=1)
+    cidx = {c: i for i, c in enumerate(tr.classes)}
+    model, _ = build_model("efficientnet_lite0", len(tr.classes), seed=seed)
+    pre = Preprocess.from_data_config(data_config_for(model))
+    dec = DecodedImageCache(None)
+    aug = train_transform(pre, "light")
+    xtr = [dec.get(i, pre.resize, pre.interpolation) for i in tr.items]
+    ytr = torch.tensor([cidx[i.label] for i in tr.items])
+    xte = torch.stack([pre.eval_from_resized(dec.get(i, pre.resize, pre.interpolation)) for i in te.items])
+    yte = torch.tensor([cidx[i.label] for i in te.items])
+    model = model.to(memory_format=torch.channels_last)
+    early = [*model.conv_stem.parameters(), *model.bn1.parameters(), *(p for b in model.blocks[:4] for p in b.parameters())]
+    late = [*(p for b in model.blocks[4:] for p in b.parameters()), *model.conv_head.parameters(), *model.bn2.parameters()]
+    head = list(model.get_classifier().parameters())
+
+    def one_cycle(opt: torch.optim.Optimizer, total: int, pct: float, div: float = 25.0, final_div: float = 1e5):
+        def f(step: int) -> float:
+            p = step / max(total, 1)
+            if p < pct:
+                return 1 / div + (1 - 1 / div) * (1 - np.cos(np.pi * p / pct)) / 2
+            lo = 1 / final_div
+            return lo + (1 - lo) * (1 + np.cos(np.pi * (p - pct) / (1 - pct))) / 2
+        return torch.optim.lr_scheduler.LambdaLR(opt, [f] * len(opt.param_groups))
+
+    def fit(opt: torch.optim.Optimizer, sched, n: int) -> None:
+        for _ in range(n):
+            model.train()
+            perm = torch.randperm(len(xtr))
+            for s in range(0, len(perm), batch):
+                idx = perm[s:s + batch]
+                x = torch.stack([aug(xtr[i]) for i in idx]).contiguous(memory_format=torch.channels_last)
+                loss = nn.functional.cross_entropy(model(x), ytr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+
+    steps = (len(xtr) + batch - 1) // batch
+    for p in early + late:
+        p.requires_grad_(False)
+    base = 2e-3
+    opt = torch.optim.AdamW([{"params": head, "lr": base}], weight_decay=0.01)
+    fit(opt, one_cycle(opt, steps, 0.99), 1)
+    for p in early + late:
+        p.requires_grad_(True)
+    base /= 2
+    opt = torch.optim.AdamW([{"params": early, "lr": base / 100}, {"params": late, "lr": base / 10},
+                             {"params": head, "lr": base}], weight_decay=0.01)
+    fit(opt, one_cycle(opt, steps * epochs, 0.3, div=5.0), epochs)
+    model.eval()
+    with torch.inference_mode():
+        pred = torch.cat([model(xte[s:s + 64].contiguous(memory_format=torch.channels_last)).argmax(1)
+                          for s in range(0, len(xte), 64)])
+    return float((pred == yte).float().mean()), time.perf_counter() - t0
+
+
+def ours(root: Path, strategy: str, ws_dir: Path) -> tuple[float, float, str]:
+    from tl_core.config import TrainConfig
+    from tl_core.runs import Workspace
+    from tl_core.train import run_training
+
+    t0 = time.perf_counter()
+    r = run_training(Workspace(ws_dir), root, TrainConfig(strategy=strategy))
+    note = f"best epoch {r.best_epoch} of {r.epochs_run}" if strategy != "linear" else ""
+    return float(r.test_accuracy), time.perf_counter() - t0, note
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train-per-class", type=int, default=50)
+    ap.add_argument("--test-per-class", type=int, default=50)
+    ap.add_argument("--epochs", type=int, default=4, help="fastai-style fine_tune epochs (after 1 frozen)")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    from tl_core.train import configure_threads
+
+    threads = configure_threads()
+    load1 = os.getloadavg()[0]
+    tmp = Path(tempfile.mkdtemp(prefix="tl-recipes-"))
+    rows = []
+    try:
+        sets = [(f"Fashion-MNIST ({args.train_per_class}/class train, {args.test_per_class}/class test)",
+                 fashion_subset(tmp / "fashion", args.train_per_class, args.test_per_class)),
+                ("emoji (20/class train, 20/class test)", emoji_subset(tmp / "emoji"))]
+        for name, root in sets:
+            acc, secs = classic(root)
+            rows.append((name, "classic: frozen features + LogisticRegression", f"{acc:.3f}", f"{secs:.0f}", ""))
+            acc, secs = fastai_style(root, args.epochs)
+            rows.append((name, f"fastai-style fine_tune({args.epochs})", f"{acc:.3f}", f"{secs:.0f}", ""))
+            for strategy in ("linear", "full"):
+                acc, secs, note = ours(root, strategy, tmp / f"ws-{root.name}")
+                rows.append((name, f"TL Studio {strategy}", f"{acc:.3f}", f"{secs:.0f}", note))
+            print("\n".join(" | ".join(r) for r in rows[-4:]), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    header = ("data", "recipe", "held-out accuracy", "seconds", "note")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+             "| " + " | ".join("-" * w for w in widths) + " |"]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    table = "\n".join(lines)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "cpu")
+    head = (f"## Recipes side by side — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {cpu}, {os.cpu_count()} cores "
+            f"({threads} torch threads), torch {torch.__version__}, load average at start {load1:.1f}")
+    print(head)
+    print(table)
+    if not args.no_write:
+        out = ROOT / "benchmarks" / "RESULTS.md"
+        prev = out.read_text()
+        intro, _, rest = prev.partition("\n## ")
+        out.write_text(intro.rstrip() + "\n\n" + head + "\n\n" + table + "\n" + ("\n## " + rest if rest else ""))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
