@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8501
 ADDRESS ?= localhost
 
-.PHONY: app test venv bench sample-data clean
+.PHONY: app test venv bench recipes sample-data clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/run.py
+
+recipes: venv
+	$(PY) benchmarks/recipes.py
 
 sample-data: venv
 	$(PY) scripts/build_sample_data.py

@@ -167,6 +167,10 @@ def run_panel(ws, run_id: str) -> None:
                 st.success(f"Done in {s.get('seconds', 0):.1f} s: validation accuracy "
                            f"**{(s.get('val_accuracy') or 0):.1%}** (best epoch {s.get('best_epoch')}, weights: "
                            f"{(s.get('weights') or {}).get('source')}).")
+                if cfg.get("strategy") in ("partial", "full") and s.get("best_epoch") == 0:
+                    st.info("Fine-tuning did not beat the linear probe it started from on the validation images, so "
+                            "the probe's weights were kept (epoch 0). More images per class, or more epochs, give "
+                            "fine-tuning room to help.")
                 l1, l2 = st.columns(2)
                 session.link("evaluate", "See the evaluation", ":material/analytics:", where=l1)
                 session.link("try", "Try the model on new images", ":material/image_search:", where=l2)

@@ -469,6 +469,22 @@ def test_refresh_with_the_run_link_shows_the_same_run(home):
     assert [n for n in at.number_input if n.label == "Epochs"][0].value == 30
 
 
+def test_a_finetune_that_kept_the_probe_says_so(home):
+    ws, run_id = home
+    store = ws.store()
+    src = store.get(run_id)
+    new = store.create_run(src["data"], {**src["config"], "strategy": "full"}, status="done")
+    store.update(new, summary={**src["summary"], "best_epoch": 0}, weights=src["weights"])
+    at = app({"run": new, "data": "sample/emoji"})
+    goto(at, "train")
+    assert_clean(at)
+    assert any("did not beat the linear probe" in i.value for i in at.info)
+    store.update(new, summary={**src["summary"], "best_epoch": 3})
+    at = app({"run": new, "data": "sample/emoji"})
+    goto(at, "train")
+    assert not any("did not beat the linear probe" in i.value for i in at.info)
+
+
 def test_unknown_or_hostile_url_values_are_ignored(home):
     at = app({"data": "../../etc", "run": "nope", "backbone": "<script>", "weights": "../../../etc/passwd"})
     goto(at, "train")
