@@ -41,6 +41,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from _results import cpu_name, markdown_table, prepend  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
 
@@ -209,23 +211,14 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    header = ("data", "recipe", "held-out accuracy", "seconds", "note")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-             "| " + " | ".join("-" * w for w in widths) + " |"]
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    table = "\n".join(lines)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "cpu")
-    head = (f"## Recipes side by side — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {cpu}, {os.cpu_count()} cores "
-            f"({threads} torch threads), torch {torch.__version__}, load average at start {load1:.1f}")
+    table = markdown_table(("data", "recipe", "held-out accuracy", "seconds", "note"), rows)
+    head = (f"## Recipes side by side — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {cpu_name()}, "
+            f"{os.cpu_count()} cores ({threads} torch threads), torch {torch.__version__}, "
+            f"load average at start {load1:.1f}")
     print(head)
     print(table)
     if not args.no_write:
-        out = ROOT / "benchmarks" / "RESULTS.md"
-        prev = out.read_text()
-        intro, _, rest = prev.partition("\n## ")
-        out.write_text(intro.rstrip() + "\n\n" + head + "\n\n" + table + "\n" + ("\n## " + rest if rest else ""))
-        print(f"wrote {out}")
+        print(f"wrote {prepend(head, table)}")
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import resource
@@ -37,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
+
+from _results import cpu_name, markdown_table, prepend  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
 
 def make_images(dest: Path, n: int, classes: int = 10, photo: bool = False) -> Path:
@@ -206,7 +207,7 @@ def main() -> int:
         ws2 = Workspace(tmp / "ws_first")
         cfg = TrainConfig(strategy="linear")
         t0 = time.perf_counter()
-        r_cold = run_training(ws2, data, cfg)
+        run_training(ws2, data, cfg)
         cold = time.perf_counter() - t0
         t0 = time.perf_counter()
         r_warm = run_training(ws2, data, cfg)
@@ -267,28 +268,14 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    header = ("row", "size", "TL Studio", "baseline", "ratio / note")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-             "| " + " | ".join("-" * w for w in widths) + " |"]
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    table = "\n".join(lines)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except Exception:
-        pass
-    head = (f"## {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {cpu}, {os.cpu_count()} cores "
+    table = markdown_table(("row", "size", "TL Studio", "baseline", "ratio / note"), rows)
+    head = (f"## {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {cpu_name()}, {os.cpu_count()} cores "
             f"({threads} torch threads), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9)} GB, "
             f"torch {torch.__version__}, Python {platform.python_version()}, load average at start {load1:.1f}")
     print(head)
     print(table)
     if not args.no_write and not args.quick:
-        out = ROOT / "benchmarks" / "RESULTS.md"
-        prev = out.read_text() if out.exists() else "# Benchmark results\n\nNewest first. `make bench` writes this file.\n"
-        intro, _, rest = prev.partition("\n## ")
-        out.write_text(intro.rstrip() + "\n\n" + head + "\n\n" + table + "\n" + ("\n## " + rest if rest else ""))
-        print(f"wrote {out}")
+        print(f"wrote {prepend(head, table)}")
     return 0
 
 
