@@ -44,7 +44,9 @@ def training_curves(series: Mapping[str, Sequence[Mapping[str, Any]]]) -> go.Fig
                                 line=dict(color=color, dash=dash), legendgroup=f"{name}-{split}",
                                 name=f"{name} {label}" if len(series) > 1 else label,
                                 showlegend=col == 1, row=1, col=col)
-    fig.update_xaxes(title_text="epoch")
+    last = max((r["epoch"] for rows in series.values() for r in rows), default=0)
+    # whole epochs only (epoch 0 is the linear probe fine-tuning starts from)
+    fig.update_xaxes(title_text="epoch", **({"dtick": 1} if last <= 20 else {}))
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
     fig.update_layout(height=340, **_LAYOUT)
     return fig

@@ -690,6 +690,10 @@ def test_describe_progress_gives_stage_counts_and_time_left():
     frac, text = app_support.describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 10},
                                                [{"seconds": 2.0}] * 3)
     assert frac == pytest.approx(0.3) and text.endswith("epoch 3/10 · about 14 s left")
+    # the probe's epoch-0 record (an evaluation only) does not shorten the estimate
+    _, text = app_support.describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 10},
+                                            [{"epoch": 0, "seconds": 0.1, "probe": True}] + [{"seconds": 2.0}] * 3)
+    assert text.endswith("about 14 s left")
     assert app_support.describe_progress("queued", None)[1] == "Waiting in the queue"
     assert app_support.describe_progress("done", {"stage": "done"}) == (1.0, "Done")
 

@@ -74,7 +74,10 @@ def test_full_finetuning_is_not_worse_than_linear(workspace):
     assert full.status == "done"
     assert full.val_accuracy >= linear.val_accuracy - 1e-9, (full.val_accuracy, linear.val_accuracy)
     epochs = workspace.store().epochs(full.run_id)
-    assert [e["epoch"] for e in epochs] == [1, 2] and all("val_loss" in e for e in epochs)
+    assert [e["epoch"] for e in epochs] == [0, 1, 2] and all("val_loss" in e for e in epochs)
+    # epoch 0 is the linear probe fine-tuning starts from: validation only, the same accuracy as the linear run
+    assert epochs[0].get("probe") and "train_loss" not in epochs[0]
+    assert epochs[0]["val_acc"] == pytest.approx(linear.val_accuracy)
 
 
 def test_partial_unfreezes_only_the_last_blocks():

@@ -571,8 +571,9 @@ def describe_progress(status: str, progress: dict[str, Any] | None,
             frac = ep / max(1, total_ep)
         text += f": epoch {ep}/{total_ep}"
         if eta is None and epochs:
-            secs = [float(e.get("seconds") or 0) for e in epochs]
-            eta = sum(secs) / len(secs) * (total_ep - ep)
+            secs = [float(e.get("seconds") or 0) for e in epochs if not e.get("probe")]  # epoch 0: the probe
+            if secs:
+                eta = sum(secs) / len(secs) * (total_ep - ep)
     elif p.get("total"):
         frac = float(p.get("done", 0)) / float(p["total"])
         text += f": {p.get('done', 0)}/{p['total']} images"

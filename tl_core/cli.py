@@ -54,7 +54,8 @@ def _stderr_progress(quiet: bool):
         now = time.monotonic()
         if stage == "epoch":
             va = e.get("val_acc")
-            sys.stderr.write(f"epoch {e['epoch']}/{e['epochs']}: train loss {e['train_loss']:.4f} "
+            train = f"train loss {e['train_loss']:.4f}" if "train_loss" in e else "linear probe (start)"
+            sys.stderr.write(f"epoch {e['epoch']}/{e['epochs']}: {train} "
                              f"val loss {e['val_loss']:.4f} val acc {va:.3f}\n")
         elif stage != state["stage"] or now - state["last"] > 2 or e.get("done") == e.get("total"):
             if "done" in e and "total" in e:

@@ -397,8 +397,12 @@ def _finetune(model: nn.Module, split: Split, classes: list[str], pre: Preproces
     stopper = _EarlyStopper(cfg.patience)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if start_from_probe:
+        t0 = time.perf_counter()
         m0 = evaluate_epoch(model, val_loader)
         stopper.step(m0["val_loss"], 0, m0["val_acc"])
+        # recorded as epoch 0 (validation only): the curves start from the probe fine-tuning must beat
+        emit({"stage": "epoch", "epoch": 0, "epochs": cfg.epochs, "lr": 0.0, "seconds": time.perf_counter() - t0,
+              "best": True, "probe": True, **m0})
     t_start = time.perf_counter()
     epoch = 0
     for epoch in range(1, cfg.epochs + 1):
