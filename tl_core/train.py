@@ -167,9 +167,9 @@ def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
 
     This is the classic recipe itself (scikit-learn's ``LogisticRegression(C=linear_c)`` objective),
     solved full-batch with torch's L-BFGS on a numpy objective and gradient; an AdamW-trained head was a
-    few points worse on our sample data. Each "epoch" is ``_LBFGS_ITERS_PER_EPOCH`` L-BFGS iterations, reported like any epoch, and the
-    fit stops early where scikit-learn's solver would (gradient of the mean objective below 1e-4) or once
-    the objective stops changing.
+    few points worse on our sample data. Each "epoch" is ``_LBFGS_ITERS_PER_EPOCH`` L-BFGS iterations,
+    reported like any epoch, and the fit stops early where scikit-learn's solver would (gradient of the
+    mean objective below 1e-4) or once the objective stops changing.
 
     Returns:
         (a Linear layer over the raw pooled features, info with best_epoch, val_loss, epochs_run)
