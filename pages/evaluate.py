@@ -10,7 +10,7 @@ from pages import _charts as charts
 from pages import _compute as compute
 from pages import _map_view as map_view
 from pages import _session as session
-from tl_core.app_support import normalise_rows, run_metrics
+from tl_core.app_support import normalise_rows, refitted, run_metrics
 from tl_core.calibrate import calibrate_run
 from tl_core.embedding import embedding_map
 from tl_core.errors import TLError
@@ -169,6 +169,11 @@ with session.page_errors():
     run_id = st.selectbox("Run", ids, key=session.bind("run", ids, ids[0]), on_change=session.picked,
                           args=("run",), format_func=lambda i: _label(by_id[i]), help="Any finished run; newest first.")
     metrics = run_metrics(ws, run_id)
+    if refitted(ws, run_id):
+        st.caption("This linear probe was checked on the validation images, then its head was fitted again on "
+                   "training + validation images for the saved model (as the classic recipe uses every labelled "
+                   "image). Validation figures are those of the fit that never saw them: a fair, slightly "
+                   "cautious estimate for the saved model.")
 
     splits = {"Validation": "val"}
     if metrics.get("test"):

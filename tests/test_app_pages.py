@@ -507,6 +507,8 @@ def test_evaluate_shows_accuracy_per_class_confusion_and_mistakes(home):
     assert metric(at, "Accuracy") == f"{metrics['val']['accuracy']:.1%}"
     count = int(metric(at, "Validation images"))
     assert count == metrics["val"]["count"] == 40
+    # a linear run's head is refitted on train + validation by default: the page says what the figures measure
+    assert any("fitted again on training + validation" in c.value for c in at.caption)
     heat = plotly_specs(at)[0]["data"][0]
     assert heat["type"] == "heatmap"
     assert sum(sum(row) for row in heat["z"]) == count

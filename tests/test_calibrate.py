@@ -24,7 +24,9 @@ def overconfident_run(shared_cache):
     from tl_core.train import run_training
 
     ws = insight_workspace(shared_cache)
-    res = run_training(ws, fashion_small(shared_cache), TrainConfig(linear_c=1e4))
+    # refit=False: the saved model never saw its validation images, as with partial/full runs, so calibration
+    # re-runs it on them (the refit path is tested in test_train.py)
+    res = run_training(ws, fashion_small(shared_cache), TrainConfig(linear_c=1e4, refit=False))
     assert res.status == "done", res.error
     return ws, res
 

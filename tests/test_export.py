@@ -125,6 +125,9 @@ def test_model_card_reports_temperature_scaling(run_dir):
     assert "Reliability on the validation images (with the temperature)" in card
     plain = model_card(meta, {"strategy": "linear"}, {**metrics, "calibration": None}, preds)
     assert "Temperature scaling: not applied." in plain and card != plain
+    assert ("fitted again on training + validation" in card) == (meta.get("fit_on") == "train+val")
+    refit = model_card({**meta, "fit_on": "train+val"}, {"strategy": "linear"}, metrics, preds)
+    assert "fitted again on training + validation images" in refit
 
 
 def test_bundle_predicts_in_another_workspace(bundle, reference_rows, tmp_path, monkeypatch):

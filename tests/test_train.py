@@ -31,8 +31,8 @@ def test_linear_probe_on_emoji_is_accurate_and_writes_the_run(emoji_run):
     assert json.loads((run_dir / "config.json").read_text())["strategy"] == "linear"
 
 
-def test_linear_probe_matches_or_beats_logistic_regression_on_the_same_features(workspace):
-    """The classic recipe: scikit-learn LogisticRegression on frozen Lite0 features, same split."""
+def test_linear_probe_equals_logistic_regression_on_the_same_images(workspace):
+    """The classic recipe: scikit-learn LogisticRegression on frozen Lite0 features of the same images."""
     from sklearn.linear_model import LogisticRegression
 
     from tl_core.backbones import build_model, data_config_for
@@ -52,11 +52,12 @@ def test_linear_probe_matches_or_beats_logistic_regression_on_the_same_features(
     def xy(items):
         return extract_features(model, items, pre, dec, cache), np.array([cidx[i.label] for i in items])
 
-    (xtr, ytr), (xte, yte) = xy(sp.train), xy(sp.test)
+    (xtr, ytr), (xte, yte) = xy(sp.train + sp.val), xy(sp.test)
     assert cache.misses == 0  # the run already extracted and cached every image
+    # the saved head is refitted on train + validation (the default): the classic recipe on the same images
     sk = LogisticRegression(max_iter=5000).fit(xtr, ytr).score(xte, yte)
-    assert res.test_accuracy >= sk - 1e-9, (res.test_accuracy, sk)
-    assert res.test_accuracy >= 0.78  # 10 clothing classes from 24 images each
+    assert abs(res.test_accuracy - sk) <= 0.01, (res.test_accuracy, sk)  # same objective; at most 2 of 200 differ
+    assert res.test_accuracy >= 0.78  # 10 clothing classes from 30 images each
 
 
 def test_pretrained_beats_scratch_by_a_wide_margin(workspace):
@@ -174,3 +175,28 @@ def test_checkpoint_selection_prefers_accuracy_then_loss():
     assert (s.best_epoch, s.best, s.best_acc) == (3, 0.50, 0.87)
     nan = _EarlyStopper(patience=0)  # no validation accuracy (no val images): loss decides
     assert nan.step(1.0, 1, float("nan"))[0] and not nan.step(1.1, 2, float("nan"))[0]
+
+
+def test_linear_refit_uses_every_labelled_image_and_keeps_validation_honest(workspace):
+    """refit (default): the saved head is fitted on train + validation; validation predictions and figures stay
+    those of the training-only fit; calibration reads that fit's saved logits, not the refit model's."""
+    from safetensors.torch import load_file
+
+    from tl_core.calibrate import validation_logits
+
+    plain = run_training(workspace, FASHION, TrainConfig(refit=False))
+    refit = run_training(workspace, FASHION, TrainConfig())
+    assert plain.val_accuracy == refit.val_accuracy and plain.val_loss == refit.val_loss
+    pa, pb = (json.loads((workspace.run_dir(r.run_id) / "predictions.json").read_text()) for r in (plain, refit))
+    assert [r["probs"] for r in pa["val"]] == [r["probs"] for r in pb["val"]]
+    assert json.loads((workspace.run_dir(refit.run_id) / "meta.json").read_text())["fit_on"] == "train+val"
+    assert json.loads((workspace.run_dir(plain.run_id) / "meta.json").read_text())["fit_on"] == "train"
+    wa, wb = (load_file(str(workspace.run_dir(r.run_id) / "model.safetensors")) for r in (plain, refit))
+    head = [k for k in wa if k.startswith("classifier.")]
+    assert head and all(torch.equal(wa[k], wb[k]) for k in wa if k not in head)  # same frozen backbone
+    assert not torch.equal(wa["classifier.weight"], wb["classifier.weight"])  # the head saw more images
+    v = validation_logits(workspace.run_dir(refit.run_id), workspace)
+    assert v["source"] == "saved predictions"
+    probs = np.exp(v["logits"] - v["logits"].max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, [r["probs"] for r in pb["val"]], atol=1e-4)

@@ -535,6 +535,7 @@ _STAGES = {
     "probe": "Fitting the linear probe (head initialisation)",
     "train": "Training",
     "epoch": "Training",
+    "refit": "Refitting the head on training + validation images",
     "evaluate": "Evaluating the best checkpoint",
     "done": "Done",
 }
@@ -582,6 +583,14 @@ def describe_progress(status: str, progress: dict[str, Any] | None,
     if eta is not None and status == "running":
         text += f" · about {_duration(float(eta))} left"
     return min(1.0, max(0.0, frac)), text
+
+
+def refitted(ws: Workspace, run_id: str) -> bool:
+    """Whether the run's saved head was refitted on training + validation images (``meta.json`` fit_on)."""
+    try:
+        return json.loads((ws.run_dir(run_id) / "meta.json").read_text()).get("fit_on") == "train+val"
+    except (OSError, ValueError):
+        return False
 
 
 def run_metrics(ws: Workspace, run_id: str) -> dict[str, Any]:

@@ -142,7 +142,9 @@ def validation_logits(run: str | os.PathLike, workspace: Workspace | None = None
     """Raw logits of a run's validation images (the images listed in its ``predictions.json``).
 
     The images are run through the saved model again, so the logits are exact; when the image files
-    are gone, the saved probabilities' logarithms stand in (exact up to their 6-decimal rounding).
+    are gone, the saved probabilities' logarithms stand in (exact up to their 6-decimal rounding). A linear
+    run whose head was refitted on train + validation (meta ``fit_on``) saw these images in training: its
+    training-only logits, saved in ``predictions.json``, are used instead (source "saved predictions").
 
     Args:
         run: run directory or run id.
@@ -167,7 +169,19 @@ def validation_logits(run: str | os.PathLike, workspace: Workspace | None = None
         raise RunError(f"{d.name} recorded no validation predictions; calibration needs validation images.")
     labels = np.array([cidx[r["label"]] for r in rows], dtype=np.int64)
     paths = [str(r["path"]) for r in rows]
-    if all(Path(p).is_file() for p in paths):
+    try:
+        refit = json.loads((d / "meta.json").read_text()).get("fit_on") == "train+val"
+    except (OSError, ValueError):
+        refit = False
+    if refit:
+        # the saved head was refitted on these very images: its outputs on them are in-sample and too sure;
+        # the training-only fit's logits, saved with its predictions, are the out-of-sample view needed here
+        if all("logits" in r for r in rows):
+            logits = np.array([r["logits"] for r in rows], dtype=np.float64)
+        else:
+            logits = np.log(np.clip(np.array([r["probs"] for r in rows], dtype=np.float64), 1e-12, 1.0))
+        source = "saved predictions"
+    elif all(Path(p).is_file() for p in paths):
         items = [ImageItem(Path(p), r["label"], sha256=file_sha256(p)) for p, r in zip(paths, rows)]
         ws = workspace or Workspace.default()
         decoded = DecodedImageCache(ws.cache_dir / "decoded")

@@ -142,6 +142,10 @@ class TrainConfig:
         1.0, "Linear probe only: inverse L2 strength (scikit-learn's C); larger fits the training images more closely."
     )
     max_per_class: int | None = _f(None, "Use at most this many training images per class (learning curves).")
+    refit: bool = _f(
+        True, "Linear probe only: once validated, fit the saved head again on training + validation images (as "
+        "the classic recipe trains on all labelled images); validation figures stay those of the training-only fit."
+    )
 
     # -- derived / validation -------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":

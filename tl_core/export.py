@@ -635,6 +635,10 @@ def model_card(meta: dict[str, Any], config: dict[str, Any], metrics: dict[str, 
         "## Metrics",
         "",
     ]
+    if meta.get("fit_on") == "train+val":
+        lines += ["The linear head was validated on the validation images, then fitted again on training + "
+                  "validation images for this model; the validation figures below are those of the fit that never "
+                  "saw them.", ""]
     if val:
         lines += _metrics_table(val, classes, "Validation images")
     if test:
