@@ -586,9 +586,11 @@ def describe_progress(status: str, progress: dict[str, Any] | None,
 
 
 def refitted(ws: Workspace, run_id: str) -> bool:
-    """Whether the run's saved head was refitted on training + validation images (``meta.json`` fit_on)."""
+    """Whether the run's saved head was refitted on training + validation images (reads ``meta.json`` only)."""
+    from .export import refitted as meta_refitted
+
     try:
-        return json.loads((ws.run_dir(run_id) / "meta.json").read_text()).get("fit_on") == "train+val"
+        return meta_refitted(json.loads((ws.run_dir(run_id) / "meta.json").read_text()))
     except (OSError, ValueError):
         return False
 

@@ -169,11 +169,7 @@ def validation_logits(run: str | os.PathLike, workspace: Workspace | None = None
         raise RunError(f"{d.name} recorded no validation predictions; calibration needs validation images.")
     labels = np.array([cidx[r["label"]] for r in rows], dtype=np.int64)
     paths = [str(r["path"]) for r in rows]
-    try:
-        refit = json.loads((d / "meta.json").read_text()).get("fit_on") == "train+val"
-    except (OSError, ValueError):
-        refit = False
-    if refit:
+    if tm.refitted:
         # the saved head was refitted on these very images: its outputs on them are in-sample and too sure;
         # the training-only fit's logits, saved with its predictions, are the out-of-sample view needed here
         if all("logits" in r for r in rows):

@@ -739,6 +739,7 @@ class DecodedImageCache:
         self.max_memory_bytes = max_memory_bytes
         self._mem: dict[tuple[str, int, str], np.ndarray] = {}
         self._mem_bytes = 0
+        self._touched: set[tuple[str, int, str]] = set()
         self.hits = 0
         self.misses = 0
 
@@ -760,7 +761,9 @@ class DecodedImageCache:
                 arr = np.load(f, allow_pickle=False)
                 if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) != resize:
                     raise ValueError("unexpected shape")
-                os.utime(f)  # mark as recently used for eviction
+                if key not in self._touched:  # mark as recently used for eviction, once per cache object
+                    self._touched.add(key)
+                    os.utime(f)
                 self.hits += 1
                 self._remember(key, arr)
                 return arr

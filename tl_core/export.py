@@ -110,6 +110,16 @@ class TrainedModel:
     def temperature(self) -> float:
         return float(self.meta.get("temperature", 1.0))
 
+    @property
+    def refitted(self) -> bool:
+        return refitted(self.meta)
+
+
+def refitted(meta: dict[str, Any]) -> bool:
+    """Whether a run's saved head was refitted on training + validation images (linear, ``TrainConfig.refit``):
+    its outputs on the validation images are then in-sample."""
+    return meta.get("fit_on") == "train+val"
+
 
 # --------------------------------------------------------------------------------------------------
 # reading and validating a run directory or a bundle
@@ -635,7 +645,7 @@ def model_card(meta: dict[str, Any], config: dict[str, Any], metrics: dict[str, 
         "## Metrics",
         "",
     ]
-    if meta.get("fit_on") == "train+val":
+    if refitted(meta):
         lines += ["The linear head was validated on the validation images, then fitted again on training + "
                   "validation images for this model; the validation figures below are those of the fit that never "
                   "saw them.", ""]
