@@ -19,7 +19,7 @@ from tl_core.explain import explain_misclassified
 session.ensure_router()
 
 st.title("Evaluate")
-st.caption("Measured on the validation images, which the model never trained on.")
+st.caption("Measured on the validation images, held out from the training that produced these figures.")
 
 
 def _label(run: dict) -> str:
