@@ -79,8 +79,8 @@ def classic(root: Path) -> tuple[float, float]:
     import timm
     from sklearn.linear_model import LogisticRegression
 
-    from tl_core.backbones import build_model
-    from tl_core.data import load_image
+    from tl_core.models.backbones import build_model
+    from tl_core.data.images import load_image
 
     t0 = time.perf_counter()
     model, _ = build_model("efficientnet_lite0", 1000)
@@ -107,10 +107,12 @@ def fastai_style(root: Path, epochs: int, batch: int = 32, seed: int = 0) -> tup
     """fastai's ``fine_tune(epochs)`` recipe in plain PyTorch (see the module docstring)."""
     from torch import nn
 
-    from tl_core.backbones import build_model, data_config_for
-    from tl_core.data import DecodedImageCache, open_dataset
-    from tl_core.train import set_seed
-    from tl_core.transforms import Preprocess, train_transform
+    from tl_core.models.backbones import build_model
+    from tl_core.models.preprocess import data_config_for
+    from tl_core.cache import DecodedImageCache
+    from tl_core.data.intake import open_dataset
+    from tl_core.models.devices import set_seed
+    from tl_core.models.preprocess import Preprocess, train_transform
 
     set_seed(seed)
     t0 = time.perf_counter()
@@ -172,8 +174,8 @@ def fastai_style(root: Path, epochs: int, batch: int = 32, seed: int = 0) -> tup
 
 def ours(root: Path, strategy: str, ws_dir: Path) -> tuple[float, float, str]:
     from tl_core.config import TrainConfig
-    from tl_core.runs import Workspace
-    from tl_core.train import run_training
+    from tl_core.runs.workspace import Workspace
+    from tl_core.runs.training import run_training
 
     t0 = time.perf_counter()
     r = run_training(Workspace(ws_dir), root, TrainConfig(strategy=strategy))
@@ -189,7 +191,7 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
-    from tl_core.train import configure_threads
+    from tl_core.models.devices import configure_threads
 
     threads = configure_threads()
     load1 = os.getloadavg()[0]

@@ -124,8 +124,8 @@ def engine_epoch(items, labels, model, pre, decoded, workers: int, batch: int = 
     BN, channels-last) with ``workers`` DataLoader processes; one untimed warm-up epoch over a few batches."""
     from torch.utils.data import DataLoader, Subset
 
-    from tl_core.train import _ImageSet, _lr_lambda, train_one_epoch
-    from tl_core.transforms import train_transform
+    from tl_core.models.training import ImageSet as _ImageSet, lr_lambda as _lr_lambda, train_one_epoch
+    from tl_core.models.preprocess import train_transform
 
     ds = _ImageSet(items, labels, decoded, pre, train_transform(pre, "light"))
     model = model.to(memory_format=torch.channels_last)
@@ -163,13 +163,17 @@ def main() -> int:
 
     import timm
 
-    from tl_core.backbones import build_model, data_config_for
+    from tl_core.models.backbones import build_model
+    from tl_core.models.preprocess import data_config_for
     from tl_core.config import TrainConfig
-    from tl_core.data import DecodedImageCache, open_dataset
-    from tl_core.features import FeatureCache, extract_features, feature_key
-    from tl_core.runs import Workspace
-    from tl_core.train import configure_threads, run_training
-    from tl_core.transforms import Preprocess
+    from tl_core.cache import DecodedImageCache
+    from tl_core.data.intake import open_dataset
+    from tl_core.cache import FeatureCache
+    from tl_core.models.features import extract_features, feature_key
+    from tl_core.runs.workspace import Workspace
+    from tl_core.models.devices import configure_threads
+    from tl_core.runs.training import run_training
+    from tl_core.models.preprocess import Preprocess
 
     threads = configure_threads()
     tmp = Path(tempfile.mkdtemp(prefix="tl-bench-"))

@@ -24,7 +24,7 @@ def tl_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def workspace(tl_home):
-    from tl_core.runs import Workspace
+    from tl_core.runs.workspace import Workspace
 
     return Workspace(tl_home)
 
@@ -39,8 +39,8 @@ def shared_cache(tmp_path_factory) -> Path:
 def emoji_run(tmp_path_factory):
     """One linear-probe run on the emoji sample (Lite0, packaged weights), trained once per session."""
     from tl_core.config import TrainConfig
-    from tl_core.runs import Workspace
-    from tl_core.train import run_training
+    from tl_core.runs.workspace import Workspace
+    from tl_core.runs.training import run_training
 
     ws = Workspace(tmp_path_factory.mktemp("emoji_run_home"))
     res = run_training(ws, EMOJI, TrainConfig())

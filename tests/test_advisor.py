@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from insight_support import emoji_small, insight_home, insight_workspace
-from tl_core.advisor import (GAP_LEVELS, advise, domain_gap, knn_accuracy, leep_score, logme_score,
-                             offline_backbones)
+from tl_core.insight.advisor import GAP_LEVELS, advise, domain_gap, knn_accuracy, leep_score, logme_score
+from tl_core.models.catalogue import offline_backbones
 from tl_core.cli import main
 from tl_core.errors import ConfigError
 

@@ -30,7 +30,7 @@ from test_app_pages import (  # noqa: F401  (fixtures are used by name)
     trained_home,
 )
 
-from tl_core.runs import Workspace
+from tl_core.runs.workspace import Workspace
 
 
 @pytest.fixture(autouse=True)
@@ -207,7 +207,7 @@ def test_evaluate_shows_a_gradcam_grid_of_the_mistakes(home):
 
 
 def test_evaluate_calibration_shows_ece_before_and_after_and_applies_the_temperature(home):
-    from tl_core.calibrate import calibrate_run
+    from tl_core.insight.calibrate import calibrate_run
 
     ws, run_id = home
     expected = calibrate_run(ws.run_dir(run_id), ws, apply=False)

@@ -29,9 +29,9 @@ TIMEOUT = 60
 pytest.importorskip("streamlit.testing.v1")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from tl_core import app_support, jobs  # noqa: E402
-from tl_core.errors import DatasetError  # noqa: E402
-from tl_core.runs import Workspace  # noqa: E402
+from tl_core import app_support, jobs
+from tl_core.errors import DatasetError
+from tl_core.runs.workspace import Workspace
 
 
 # --------------------------------------------------------------------------------------------------
@@ -833,7 +833,7 @@ def test_runs_page_shows_and_clears_the_cache(tmp_path, monkeypatch):
     """Issue 6: a way to clear the caches from the app."""
     import numpy as np
 
-    from tl_core.runs import Workspace
+    from tl_core.runs.workspace import Workspace
 
     home = tmp_path / "cache_home"
     monkeypatch.setenv("TL_HOME", str(home))

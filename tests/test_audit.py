@@ -12,8 +12,7 @@ from PIL import Image
 
 from conftest import make_class_folder
 from insight_support import emoji_small, insight_home, insight_workspace
-from tl_core.audit import (NEAR_DUPLICATE_THRESHOLD, PIXEL_MATCH_THRESHOLD, audit_dataset, class_imbalance,
-                           exact_duplicates, near_duplicates, thumbnail_correlation)
+from tl_core.insight.audit import NEAR_DUPLICATE_THRESHOLD, PIXEL_MATCH_THRESHOLD, audit_dataset, class_imbalance, exact_duplicates, near_duplicates, thumbnail_correlation
 from tl_core.cli import main
 from tl_core.config import TrainConfig
 
@@ -119,7 +118,7 @@ def test_imbalance_suggests_a_fix_that_training_accepts(shared_cache, tmp_path):
 
 def test_thumbnail_correlation_tells_copies_from_look_alikes(shared_cache):
     import numpy as np
-    from tl_core.data import load_image
+    from tl_core.data.images import load_image
 
     data = emoji_small(shared_cache)
     img = np.asarray(load_image(sorted((data / "face").iterdir())[0]))
@@ -135,7 +134,7 @@ def test_thumbnail_correlation_tells_copies_from_look_alikes(shared_cache):
 
 
 def test_helpers_on_plain_lists():
-    from tl_core.data import ImageItem
+    from tl_core.data.intake import ImageItem
     import numpy as np
 
     items = [ImageItem(Path(f"/x/{n}.png"), lab, sha256=sha) for n, (lab, sha) in

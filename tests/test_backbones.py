@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tl_core.backbones import (CATALOGUE, build_model, catalogue, data_config_for, imagenet_label,
-                               load_state_dict_file)
+from tl_core.models.catalogue import CATALOGUE, catalogue
+from tl_core.models.backbones import build_model, imagenet_label, load_state_dict_file
+from tl_core.models.preprocess import data_config_for
 from tl_core.errors import ConfigError, WeightsError
-from tl_core.transforms import Preprocess
+from tl_core.models.preprocess import Preprocess
 
 
 def test_catalogue_rows_say_where_weights_come_from():

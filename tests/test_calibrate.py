@@ -9,19 +9,20 @@ import numpy as np
 import pytest
 
 from insight_support import fashion_small, insight_home, insight_workspace
-from tl_core.calibrate import (calibrate_run, fit_temperature, negative_log_likelihood, reliability_diagram,
-                               validation_logits)
+from tl_core.insight.calibrate import calibrate_run, fit_temperature, negative_log_likelihood, validation_logits
+from tl_core.models.metrics import reliability_diagram
 from tl_core.cli import main
 from tl_core.config import TrainConfig
 from tl_core.errors import RunError
-from tl_core.export import load_model, predict_paths
+from tl_core.share.loading import load_model
+from tl_core.share.predict import predict_paths
 
 
 @pytest.fixture(scope="module")
 def overconfident_run(shared_cache):
     """A linear probe with almost no regularisation (C = 10^4) on 60 Fashion-MNIST images: fits its
     training images perfectly and is far too sure of itself on the 20 validation images."""
-    from tl_core.train import run_training
+    from tl_core.runs.training import run_training
 
     ws = insight_workspace(shared_cache)
     # refit=False: the saved model never saw its validation images, as with partial/full runs, so calibration

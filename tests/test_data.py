@@ -12,8 +12,11 @@ import pytest
 from PIL import Image
 
 from conftest import EMOJI, FASHION, make_class_folder
-from tl_core.data import (DecodedImageCache, dataset_report, image_from_bytes, load_image, open_dataset,
-                          split_dataset)
+from tl_core.cache import DecodedImageCache
+from tl_core.data.report import dataset_report
+from tl_core.data.images import image_from_bytes, load_image
+from tl_core.data.intake import open_dataset
+from tl_core.data.splits import split_dataset
 from tl_core.errors import DatasetError
 
 

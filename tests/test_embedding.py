@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from insight_support import emoji_small, insight_workspace
-from tl_core.embedding import embed_dataset, embedding_map, project_2d, sample_items, thumbnail_data_uri
+from tl_core.insight.embedding import embed_dataset, embedding_map, project_2d, thumbnail_data_uri
+from tl_core.data.splits import sample_items
 from tl_core.errors import ConfigError
 
 COLUMNS = ["x", "y", "label", "path", "split", "predicted", "confidence", "misclassified"]

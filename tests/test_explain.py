@@ -12,16 +12,16 @@ from PIL import Image
 from insight_support import emoji_small, insight_home, insight_workspace
 from tl_core.cli import main
 from tl_core.config import TrainConfig
-from tl_core.embedding import embed_dataset
+from tl_core.insight.embedding import embed_dataset
 from tl_core.errors import ConfigError, DatasetError
-from tl_core.explain import colorize, explain_image, explain_misclassified, find_target_layer, grad_cam, overlay
-from tl_core.export import load_model
+from tl_core.insight.explain import colorize, explain_image, explain_misclassified, find_target_layer, grad_cam, overlay
+from tl_core.share.loading import load_model
 
 
 @pytest.fixture(scope="module")
 def emoji_small_run(shared_cache):
     """A linear-probe run on the small emoji subset, trained after its features were embedded."""
-    from tl_core.train import run_training
+    from tl_core.runs.training import run_training
 
     ws = insight_workspace(shared_cache)
     data = emoji_small(shared_cache)
@@ -53,7 +53,7 @@ def test_grad_cam_heat_sits_on_the_emoji_not_on_the_white_background(emoji_small
     files = [sorted((data / c).iterdir())[0] for c in ("animal", "face", "food", "vehicle")]
     for f in files:
         img = Image.open(f).convert("RGBA")
-        from tl_core.data import load_image
+        from tl_core.data.images import load_image
 
         cam = grad_cam(tm.model, tm.pre, load_image(f))
         heat = cam["heatmap"]

@@ -18,8 +18,10 @@ import torch
 
 from conftest import EMOJI, ROOT
 from tl_core.errors import ExportError
-from tl_core.export import (PARITY_TOLERANCE, export_for_download, export_run, load_bundle, load_model, model_card,
-                            predict_paths, predictions_csv)
+from tl_core.share.export import PARITY_TOLERANCE, export_for_download, export_run
+from tl_core.share.loading import load_bundle, load_model
+from tl_core.share.card import model_card
+from tl_core.share.predict import predict_paths, predictions_csv
 
 TL_CORE = shutil.which("tl-core") or str(Path(sys.executable).parent / "tl-core")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -280,7 +282,7 @@ def test_cli_refuses_a_tampered_bundle_with_exit_2(bundle, tmp_path, capsys):
 # ONNX / TorchScript
 # --------------------------------------------------------------------------------------------------
 def _images_tensor(tm, paths) -> torch.Tensor:
-    from tl_core.data import load_image
+    from tl_core.data.images import load_image
 
     return torch.stack([tm.pre.eval_from_pil(load_image(p)) for p in paths])
 

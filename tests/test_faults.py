@@ -23,8 +23,10 @@ import hostile as H
 from conftest import EMOJI
 from tl_core import jobs
 from tl_core.config import TrainConfig
-from tl_core.runs import ACTIVE_STATUSES, RunStore, Workspace, _pid_alive
-from tl_core.train import run_training
+from tl_core.runs.store import ACTIVE_STATUSES, RunStore
+from tl_core.runs.workspace import Workspace
+from tl_core.runs.processes import alive as _pid_alive
+from tl_core.runs.training import run_training
 
 LINEAR = TrainConfig(strategy="linear", epochs=5)
 #: long enough to be caught mid-epoch: tiny batches, many epochs, no early stop

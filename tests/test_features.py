@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 from conftest import EMOJI, make_class_folder
-from tl_core.backbones import build_model, data_config_for
-from tl_core.data import DecodedImageCache, open_dataset
-from tl_core.features import FeatureCache, extract_features, feature_key
-from tl_core.transforms import Preprocess
+from tl_core.models.backbones import build_model
+from tl_core.models.preprocess import data_config_for
+from tl_core.cache import DecodedImageCache
+from tl_core.data.intake import open_dataset
+from tl_core.cache import FeatureCache
+from tl_core.models.features import extract_features, feature_key
+from tl_core.models.preprocess import Preprocess
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,10 @@ from PIL import Image
 
 import hostile as H
 from conftest import EMOJI
-from tl_core.data import (MAX_IMAGE_PIXELS, ZipLimits, dataset_report, load_image, open_dataset, safe_extract_zip,
-                          split_dataset)
+from tl_core.data.images import MAX_IMAGE_PIXELS, load_image
+from tl_core.data.intake import ZipLimits, open_dataset, safe_extract_zip
+from tl_core.data.report import dataset_report
+from tl_core.data.splits import split_dataset
 from tl_core.errors import DatasetError, RunError, WeightsError
 
 IMG = H.png_bytes((24, 24), seed=1)
@@ -357,7 +359,7 @@ def _mixed_dataset(root: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_hostile_files_are_skipped_and_the_rest_trains(tmp_path, workspace):
     from tl_core.config import TrainConfig
-    from tl_core.train import run_training
+    from tl_core.runs.training import run_training
 
     root = tmp_path / "mixed"
     expected = _mixed_dataset(root)
@@ -473,7 +475,7 @@ def test_csv_with_unknown_columns_names_the_needed_ones(tmp_path):
 @pytest.mark.parametrize("torch_format", [True, False], ids=["torch-zip", "raw-pickle"])
 @pytest.mark.parametrize("ext", [".pth", ".bin"])
 def test_pickle_that_runs_code_is_refused_and_never_runs(tmp_path, torch_format, ext):
-    from tl_core.backbones import build_model, load_state_dict_file
+    from tl_core.models.backbones import build_model, load_state_dict_file
 
     marker = tmp_path / "pwned"
     evil = H.write_evil_pickle(tmp_path / f"evil{ext}", marker, torch_format=torch_format)
@@ -491,7 +493,7 @@ def test_weights_for_another_architecture_name_the_mismatch(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from tl_core.backbones import build_model
+    from tl_core.models.backbones import build_model
 
     # resnet18's tensors: a few names overlap (bn1.*) with other shapes; that mismatch is named
     r18 = tmp_path / "resnet18.safetensors"
@@ -527,7 +529,7 @@ def test_weights_for_another_architecture_name_the_mismatch(tmp_path):
 @pytest.mark.parametrize("content", [b"", b"garbage" * 100, (2**62).to_bytes(8, "little") + b"{}",
                                      (20).to_bytes(8, "little") + b'{"a": not json }xx'])
 def test_garbage_safetensors(tmp_path, content):
-    from tl_core.backbones import build_model, load_state_dict_file
+    from tl_core.models.backbones import build_model, load_state_dict_file
 
     p = tmp_path / "junk.safetensors"
     p.write_bytes(content)
@@ -540,7 +542,7 @@ def test_garbage_safetensors(tmp_path, content):
 def test_truncated_safetensors_and_non_state_dict_pth(tmp_path):
     from safetensors.torch import save_file
 
-    from tl_core.backbones import load_state_dict_file
+    from tl_core.models.backbones import load_state_dict_file
 
     full = tmp_path / "full.safetensors"
     save_file({"w": torch.zeros(1000)}, str(full))

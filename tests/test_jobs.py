@@ -10,7 +10,7 @@ from conftest import EMOJI
 from tl_core import jobs
 from tl_core.config import TrainConfig
 from tl_core.errors import RunError
-from tl_core.runs import Workspace, new_project_slug
+from tl_core.runs.workspace import Workspace, new_project_slug
 
 
 def wait_done(ws, run_id, timeout=240):

@@ -9,7 +9,7 @@ import pytest
 from insight_support import emoji_small, insight_home, insight_workspace
 from tl_core.cli import main
 from tl_core.errors import ConfigError
-from tl_core.lab import ARMS, learning_curve
+from tl_core.insight.lab import ARMS, learning_curve
 
 
 @pytest.fixture(scope="module")

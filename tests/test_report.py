@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 from tl_core.errors import ExportError
-from tl_core.report import MAX_THUMBNAILS, build_report, write_report
+from tl_core.share.report import MAX_THUMBNAILS, build_report, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from tl_core.errors import RunError
-from tl_core.runs import RunStore, Workspace
+from tl_core.runs.store import RunStore
+from tl_core.runs.workspace import Workspace
 
 
 def test_store_lifecycle_and_wal(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from conftest import EMOJI, FASHION
 from tl_core.config import TrainConfig
 from tl_core.errors import CancelledError
-from tl_core.train import run_training
+from tl_core.runs.training import run_training
 
 
 def test_linear_probe_on_emoji_is_accurate_and_writes_the_run(emoji_run):
@@ -35,10 +35,14 @@ def test_linear_probe_equals_logistic_regression_on_the_same_images(workspace):
     """The classic recipe: scikit-learn LogisticRegression on frozen Lite0 features of the same images."""
     from sklearn.linear_model import LogisticRegression
 
-    from tl_core.backbones import build_model, data_config_for
-    from tl_core.data import DecodedImageCache, open_dataset, split_dataset
-    from tl_core.features import FeatureCache, extract_features, feature_key
-    from tl_core.transforms import Preprocess
+    from tl_core.models.backbones import build_model
+    from tl_core.models.preprocess import data_config_for
+    from tl_core.cache import DecodedImageCache
+    from tl_core.data.intake import open_dataset
+    from tl_core.data.splits import split_dataset
+    from tl_core.cache import FeatureCache
+    from tl_core.models.features import extract_features, feature_key
+    from tl_core.models.preprocess import Preprocess
 
     res = run_training(workspace, FASHION, TrainConfig(strategy="linear"))
     ds = open_dataset(FASHION)
@@ -82,8 +86,8 @@ def test_full_finetuning_is_not_worse_than_linear(workspace):
 
 
 def test_partial_unfreezes_only_the_last_blocks():
-    from tl_core.backbones import build_model
-    from tl_core.train import _set_trainable
+    from tl_core.models.backbones import build_model
+    from tl_core.models.training import set_trainable as _set_trainable
 
     model, _ = build_model("efficientnet_lite0", 3)
     frozen = _set_trainable(model, "partial", 2)
@@ -130,7 +134,7 @@ def test_linear_head_solves_the_logistic_regression_objective():
     with and without class-balancing sample weights."""
     from sklearn.linear_model import LogisticRegression
 
-    from tl_core.train import fit_linear_head
+    from tl_core.models.probe import fit_linear_head
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 32))
@@ -163,7 +167,7 @@ def test_linear_head_solves_the_logistic_regression_objective():
 def test_checkpoint_selection_prefers_accuracy_then_loss():
     """Fine-tuning (label-smoothed) scores a worse loss than the sharp probe while classifying more images
     correctly: the better checkpoint is the more accurate one, loss breaking ties; patience still stops."""
-    from tl_core.train import _EarlyStopper
+    from tl_core.models.training import EarlyStopper as _EarlyStopper
 
     s = _EarlyStopper(patience=2)
     assert s.step(0.44, 0, 0.85) == (True, False)   # the probe
@@ -182,7 +186,7 @@ def test_linear_refit_uses_every_labelled_image_and_keeps_validation_honest(work
     those of the training-only fit; calibration reads that fit's saved logits, not the refit model's."""
     from safetensors.torch import load_file
 
-    from tl_core.calibrate import validation_logits
+    from tl_core.insight.calibrate import validation_logits
 
     plain = run_training(workspace, FASHION, TrainConfig(refit=False))
     refit = run_training(workspace, FASHION, TrainConfig())

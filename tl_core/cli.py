@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import AUGMENT_PRESETS, STRATEGIES, TrainConfig
-from .errors import CancelledError, TLError
+from .config import TrainConfig, config_fields, field_help
+from .errors import CancelledError, ConfigError, TLError
 
 __all__ = ["main", "build_parser"]
 
@@ -34,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _workspace():
-    from .runs import Workspace
+    from .runs.workspace import Workspace
 
     return Workspace.default()
 
@@ -71,25 +70,14 @@ def _stderr_progress(quiet: bool):
 
 def _resolve_run_dir(ref: str) -> Path:
     """A run id (in $TL_HOME) or a run directory."""
-    from .errors import RunError
+    from .share.loading import resolve_run
 
-    p = Path(ref)
-    if p.is_dir() and (p / "meta.json").exists():
-        return p
-    ws = _workspace()
-    d = ws.run_dir(ref) if "/" not in ref else p
-    if d.is_dir() and (d / "meta.json").exists():
-        return d
-    if ws.store().exists(ref):
-        run = ws.store().get(ref)
-        raise RunError(f"Run {ref} has status '{run['status']}' and no trained model"
-                       + (f" ({run['error']})" if run.get("error") else "") + ".")
-    raise RunError(f"No run or run directory {ref!r}; `tl-core runs` lists the runs in {ws.home}.")
+    return resolve_run(ref, _workspace())
 
 
 # -- commands --------------------------------------------------------------------------------------
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from .backbones import catalogue
+    from .models.catalogue import catalogue
 
     rows = catalogue()
     if args.json:
@@ -103,12 +91,11 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .data import dataset_report, open_dataset, split_dataset
+    from .data.library import open_data
+    from .data.report import dataset_report
+    from .data.splits import split_dataset
 
-    ws = _workspace()
-    src = Path(args.data)
-    ds = open_dataset(src, extract_dir=None if src.is_dir() else ws.datasets_dir / src.stem,
-                      check_cache=ws.cache_dir / "checked.sqlite")
+    ds = open_data(args.data, _workspace())
     rep = dataset_report(ds, split_dataset(ds, args.val_split, args.seed))
     if args.json:
         _print_json(rep)
@@ -125,13 +112,33 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .train import run_training
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of ``tl-core train``: ``--config FILE`` (a run's ``config.json``) or the defaults,
+    then every flag given on the command line on top."""
+    base: dict[str, Any] = {}
+    if args.config:
+        p = Path(args.config)
+        if p.is_dir():
+            p = p / "config.json"
+        try:
+            base = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{p} does not exist; give a run's config.json (or its run directory).") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{p} is not a readable JSON config ({e}).") from None
+        if not isinstance(base, dict):
+            raise ConfigError(f"{p} must hold a JSON object of training settings.")
+    given = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name, None) is not None}
+    try:
+        return TrainConfig.from_dict({**base, **given}).resolved()
+    except TypeError as e:
+        raise ConfigError(f"The config has a value of the wrong type ({e}).") from None
 
-    cfg = TrainConfig(backbone=args.backbone, strategy=args.strategy, weights=args.weights, epochs=args.epochs,
-                      lr=args.lr, batch_size=args.batch_size, val_split=args.val_split, seed=args.seed,
-                      augment=args.augment, class_balance=args.class_balance,
-                      max_per_class=args.max_per_class).resolved()
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .runs.training import run_training
+
+    cfg = config_from_args(args)
     ws = _workspace()
     res = run_training(ws, args.data, cfg, progress=_stderr_progress(args.quiet), test_data=args.test)
     if args.json:
@@ -144,7 +151,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .export import evaluate_dataset, load_model
+    from .share.loading import load_model
+    from .share.predict import evaluate_dataset
 
     model = load_model(_resolve_run_dir(args.run))
     rep = evaluate_dataset(model, args.data, workspace=_workspace())
@@ -159,13 +167,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .export import load_model, predict_paths
+    from .share.loading import load_model
+    from .share.predict import predict_paths
 
     ref = Path(args.model)
     model = load_model(ref if ref.is_file() else _resolve_run_dir(args.model))  # a file is a bundle, whatever its name
     rows, skipped = predict_paths(model, args.paths, top_k=args.top_k)
     if args.csv:
-        from .export import write_predictions_csv
+        from .share.predict import write_predictions_csv
 
         write_predictions_csv(rows, args.csv)
     for s in skipped:
@@ -183,7 +192,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run
+    from .share.export import export_run
 
     out = export_run(_resolve_run_dir(args.run), args.format, args.out)
     if args.json:
@@ -199,7 +208,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .share.report import write_report
 
     out = write_report(_resolve_run_dir(args.run), args.out)
     if args.json:
@@ -269,7 +278,7 @@ def _progress_line(quiet: bool):
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
-    from .advisor import advise
+    from .insight.advisor import advise
 
     names = [b.strip() for b in args.backbones.split(",") if b.strip()] if args.backbones else None
     res = advise(args.data, names, _workspace(), max_per_class=args.max_per_class or None, val_split=args.val_split,
@@ -289,7 +298,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import audit_dataset
+    from .insight.audit import audit_dataset
 
     res = audit_dataset(args.data, args.backbone, _workspace(), val_split=args.val_split, seed=args.seed,
                         near_threshold=args.near_threshold, progress=_progress_line(args.quiet))
@@ -309,7 +318,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from .lab import learning_curve
+    from .insight.lab import learning_curve
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     res = learning_curve(args.data, args.backbone, sizes=args.sizes, epochs=args.epochs, image_size=args.image_size,
@@ -326,12 +335,11 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .explain import explain_image
-    from .export import load_model
+    from .insight.explain import explain_image
 
     ref = Path(args.run)
-    tm = load_model(ref if ref.suffix == ".zip" and ref.is_file() else _resolve_run_dir(args.run))
-    res = explain_image(tm, args.image, target=args.target, out=args.out)
+    run = ref if ref.suffix == ".zip" and ref.is_file() else _resolve_run_dir(args.run)
+    res = explain_image(run, args.image, target=args.target, out=args.out)
     heat = res.pop("heatmap")
     res.pop("overlay")
     res["heat_mean"] = round(float(heat.mean()), 4)
@@ -344,7 +352,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate_run
+    from .insight.calibrate import calibrate_run
 
     res = calibrate_run(_resolve_run_dir(args.run), _workspace(), apply=not args.dry_run)
     if args.json:
@@ -358,8 +366,39 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_type(spec: Any, default: Any) -> Any:
+    if spec.widget == "toggle" or isinstance(default, bool):
+        return None
+    if spec.choices or spec.name in ("backbone", "weights"):
+        return str
+    if spec.name in ("lr", "val_split", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
+                     "linear_c"):
+        return float
+    return int
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field (``--batch-size`` for ``batch_size``), with its help and choices.
+    Every default is None: a flag not given leaves the value of ``--config`` or the config's own default."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for spec in config_fields():
+        flag = "--" + spec.name.replace("_", "-")
+        default = defaults[spec.name]
+        shown = "the strategy's default" if default is None and spec.per_strategy else repr(default)
+        help_text = f"{spec.help} (default: {shown})".replace("%", "%%")
+        if spec.widget == "toggle" or isinstance(default, bool):
+            parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=spec.name, type=_flag_type(spec, default), default=None,
+                                choices=list(spec.choices) if spec.choices else None, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``tl-core`` (the sub-commands of the contract in DESIGN.md and the README)."""
+    d = TrainConfig()  # the insight commands share the training defaults (one table drives every surface)
     p = _Parser(prog="tl-core", description="TL Studio engine: transfer learning on images from the command line. "
                 "Workspace: $TL_HOME (default ~/.tl_studio).")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
@@ -371,24 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check", help="validate a dataset and print its report")
     s.add_argument("data", help="folder with one sub-folder per class, a .zip of one, or a CSV of path,label")
-    s.add_argument("--val-split", type=float, default=0.2)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-split", type=float, default=d.val_split, help=field_help("val_split"))
+    s.add_argument("--seed", type=int, default=d.seed, help=field_help("seed"))
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("train", help="train a classifier and record the run")
     s.add_argument("data")
-    s.add_argument("--backbone", default="efficientnet_lite0")
-    s.add_argument("--strategy", choices=list(STRATEGIES), default="linear")
-    s.add_argument("--weights", default="auto", help="auto | packaged | hub | random | path to .safetensors/.pth")
-    s.add_argument("--epochs", type=int, default=None)
-    s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--val-split", type=float, default=0.2)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--augment", choices=list(AUGMENT_PRESETS), default="light")
-    s.add_argument("--class-balance", choices=["none", "weights", "sampler"], default="none")
-    s.add_argument("--max-per-class", type=int, default=None)
+    s.add_argument("--config", default=None, metavar="CONFIG_JSON",
+                   help="start from a saved configuration (a run's config.json, or its run directory); flags given "
+                        "here override it. `tl-core train DATA --config RUN/config.json` repeats a run")
+    add_config_flags(s)
     s.add_argument("--test", default=None, help="held-out folder evaluated at the end")
     s.add_argument("--quiet", action="store_true", help="no progress on stderr")
     s.add_argument("--json", action="store_true")
@@ -429,17 +461,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("data")
     s.add_argument("--backbones", default=None, help="comma-separated names (default: every offline backbone)")
     s.add_argument("--max-per-class", type=int, default=50, help="images per class to embed (0 = all)")
-    s.add_argument("--val-split", type=float, default=0.2)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-split", type=float, default=d.val_split, help=field_help("val_split"))
+    s.add_argument("--seed", type=int, default=d.seed, help=field_help("seed"))
     s.add_argument("--quiet", action="store_true", help="no progress on stderr")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_advise)
 
     s = sub.add_parser("audit", help="find duplicates, train/val leakage, imbalance, odd images, label errors")
     s.add_argument("data")
-    s.add_argument("--backbone", default="efficientnet_lite0")
-    s.add_argument("--val-split", type=float, default=0.2, help="the split you will train with")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--backbone", default=d.backbone, help=field_help("backbone"))
+    s.add_argument("--val-split", type=float, default=d.val_split, help="the split you will train with")
+    s.add_argument("--seed", type=int, default=d.seed, help=field_help("seed"))
     s.add_argument("--near-threshold", type=float, default=0.90,
                    help="feature cosine similarity of near-duplicate candidates (a pixel check confirms them)")
     s.add_argument("--quiet", action="store_true")
@@ -448,13 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("lab", help="transfer-vs-scratch learning curve (accuracy against images per class)")
     s.add_argument("data")
-    s.add_argument("--backbone", default="efficientnet_lite0")
+    s.add_argument("--backbone", default=d.backbone, help=field_help("backbone"))
     s.add_argument("--sizes", type=_sizes_arg, default=[5, 10, 20, None], help="images per class, e.g. 5,10,20,all")
     s.add_argument("--epochs", type=int, default=4, help="epochs of the fine-tuned and scratch arms")
     s.add_argument("--image-size", type=_image_size_arg, default=128, help="input pixels, or 'native'")
     s.add_argument("--arms", default="linear,finetune,scratch")
-    s.add_argument("--val-split", type=float, default=0.2)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-split", type=float, default=d.val_split, help=field_help("val_split"))
+    s.add_argument("--seed", type=int, default=d.seed, help=field_help("seed"))
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_lab)

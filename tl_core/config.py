@@ -18,8 +18,13 @@ __all__ = [
     "STRATEGIES",
     "AUGMENT_PRESETS",
     "CLASS_BALANCE",
+    "FieldSpec",
     "TrainConfig",
     "field_help",
+    "field_spec",
+    "config_fields",
+    "fields_for_strategy",
+    "strategy_default",
 ]
 
 
@@ -104,48 +109,93 @@ CLASS_BALANCE: dict[str, Choice] = {
 }
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+ALL = ("linear", "partial", "full", "scratch")
+TUNED = ("partial", "full", "scratch")  # strategies that run the training loop
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """How one :class:`TrainConfig` field appears on every surface: its label, help, which strategies use it,
+    its widget on the Train form (``section`` None: not on the form) and its bounds. The command line's
+    ``tl-core train`` flags and the Train form are generated from these (``config_flags``, ``form_fields``)."""
+
+    name: str
+    label: str
+    help: str
+    strategies: tuple[str, ...] = ALL
+    section: str | None = None  # "main" | "advanced" | None
+    widget: str = "number"  # number | select_slider | select | radio | toggle | slider
+    choices: dict[str, Choice] | None = None
+    options: tuple[Any, ...] = ()  # the values of a select_slider
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    per_strategy: bool = False  # its default depends on the strategy (STRATEGIES[...].defaults)
+
+
+def _f(default: Any, label: str, help: str, **spec: Any) -> Any:
+    return field(default=default, metadata={"help": help, "label": label, "spec": spec})
+
+
+LEARNING_RATES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+BATCH_SIZES = (8, 16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run. Saved as ``config.json`` with the run."""
+    """Everything that determines a training run. Saved as ``config.json`` with the run; the ``tl-core train``
+    flags and the Train form are generated from these fields (see :class:`FieldSpec`)."""
 
-    backbone: str = _f("efficientnet_lite0", "Catalogue name or timm model name of the pretrained backbone.")
-    strategy: str = _f("linear", "How much of the backbone is trained: linear, partial, full or scratch.")
+    backbone: str = _f("efficientnet_lite0", "Backbone", "Catalogue name or timm model name of the pretrained "
+                       "backbone (`tl-core backbones` lists the catalogue).")
+    strategy: str = _f("linear", "Strategy", "How much of the backbone is trained: linear, partial, full or scratch.",
+                       choices=STRATEGIES)
     weights: str = _f(
-        "auto",
+        "auto", "Weights",
         "Where the pretrained weights come from: auto (packaged, else timm's hub), packaged, hub, "
-        "random, or a path to a local .safetensors/.pth file.",
-    )
-    epochs: int | None = _f(None, "Passes over the training images; empty means the strategy's default.")
-    lr: float | None = _f(None, "Peak learning rate of the new head; empty means the strategy's default.")
+        "random, or a path to a local .safetensors/.pth file.", strategies=("linear", "partial", "full"))
+    epochs: int | None = _f(None, "Epochs", "Passes over the training images; empty means the strategy's default. "
+                            "For the linear probe: at most this many solver rounds; it stops when converged.",
+                            section="main", min=1, max=1000, step=1, per_strategy=True)
+    lr: float | None = _f(None, "Learning rate", "Peak learning rate of the new head; empty means the strategy's "
+                          "default.", strategies=TUNED, section="main", widget="select_slider",
+                          options=LEARNING_RATES, per_strategy=True)
     batch_size: int = _f(
-        16, "Images per optimisation step. Smaller uses less memory (EfficientNet-Lite0 training: about 1.4 GB at 16, "
-        "2.8 GB at 32); on a CPU the speed per image is about the same."
-    )
-    val_split: float = _f(0.2, "Fraction of each class held out for validation (stratified).")
-    seed: int = _f(0, "Random seed: the same seed, data and settings give the same result.")
-    augment: str = _f("light", "Augmentation preset for training images: none, light or strong.")
-    weight_decay: float = _f(0.01, "AdamW weight decay (L2-style regularisation).")
-    label_smoothing: float = _f(0.1, "Spread this much probability over the other classes in the loss.")
-    warmup_epochs: float = _f(1.0, "Epochs of linear learning-rate warm-up before the cosine decay.")
+        16, "Batch size", "Images per optimisation step. Smaller uses less memory (EfficientNet-Lite0 training: "
+        "about 1.4 GB at 16, 2.8 GB at 32); on a CPU the speed per image is about the same.",
+        strategies=TUNED, section="main", widget="select_slider", options=BATCH_SIZES)
+    seed: int = _f(0, "Seed", "Random seed: the same seed, data and settings give the same result.",
+                   section="main", min=0, max=2**31 - 1, step=1)
+    augment: str = _f("light", "Augmentation", "Augmentation preset for training images: none, light or strong.",
+                      strategies=TUNED, section="augment", widget="radio", choices=AUGMENT_PRESETS)
+    val_split: float = _f(0.2, "Validation share", "Fraction of each class held out for validation (stratified).",
+                          section="advanced", widget="slider", min=0.05, max=0.5, step=0.05)
+    class_balance: str = _f("none", "Class balance", "Counter class imbalance: none, weights (loss weights) or "
+                            "sampler.", section="advanced", widget="select", choices=CLASS_BALANCE)
     patience: int | None = _f(
-        None, "Stop when validation accuracy (then loss) has not improved for this many epochs "
-        "(0 = never; empty = strategy default)."
-    )
-    backbone_lr_mult: float = _f(0.1, "For full/partial: backbone learning rate as a fraction of the head's.")
-    unfreeze_blocks: int = _f(2, "For partial: how many of the last backbone stages are trained.")
-    class_balance: str = _f("none", "Counter class imbalance: none, weights (loss weights) or sampler.")
+        None, "Early-stopping patience", "Stop when validation accuracy (then loss) has not improved for this many "
+        "epochs (0 = never; empty = strategy default).", strategies=TUNED, section="advanced", min=0, max=100,
+        step=1, per_strategy=True)
     linear_c: float = _f(
-        1.0, "Linear probe only: inverse L2 strength (scikit-learn's C); larger fits the training images more closely."
-    )
-    max_per_class: int | None = _f(None, "Use at most this many training images per class (learning curves).")
+        1.0, "Linear probe C", "Linear probe only: inverse L2 strength (scikit-learn's C); larger fits the training "
+        "images more closely.", strategies=("linear",), section="advanced", min=0.001, max=1000.0)
     refit: bool = _f(
-        True, "Linear probe only: once validated, fit the saved head again on training + validation images (as "
-        "the classic recipe trains on all labelled images); validation figures stay those of the training-only fit."
-    )
+        True, "Refit on all labelled images", "Linear probe only: once validated, fit the saved head again on "
+        "training + validation images (as the classic recipe trains on all labelled images); validation figures "
+        "stay those of the training-only fit.", strategies=("linear",), section="advanced", widget="toggle")
+    weight_decay: float = _f(0.01, "Weight decay", "AdamW weight decay (L2-style regularisation).", strategies=TUNED,
+                             section="advanced", min=0.0, max=1.0, step=0.005)
+    label_smoothing: float = _f(0.1, "Label smoothing", "Spread this much probability over the other classes in "
+                                "the loss.", strategies=TUNED, section="advanced", min=0.0, max=0.5, step=0.05)
+    warmup_epochs: float = _f(1.0, "Warm-up epochs", "Epochs of linear learning-rate warm-up before the cosine "
+                              "decay.", strategies=TUNED, section="advanced", min=0.0, max=20.0, step=0.5)
+    backbone_lr_mult: float = _f(0.1, "Backbone LR multiplier", "For full/partial: backbone learning rate as a "
+                                 "fraction of the head's.", strategies=("partial", "full"), section="advanced",
+                                 min=0.001, max=10.0)
+    unfreeze_blocks: int = _f(2, "Blocks to unfreeze", "For partial: how many of the last backbone stages are "
+                              "trained.", strategies=("partial",), section="advanced", min=1, max=12, step=1)
+    max_per_class: int | None = _f(None, "Max images per class", "Use at most this many training images per class "
+                                   "(learning curves).")
 
     # -- derived / validation -------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":
@@ -209,9 +259,36 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def config_fields() -> list[FieldSpec]:
+    """Every :class:`TrainConfig` field with how it appears on the command line and the Train form."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        md = f.metadata
+        out.append(FieldSpec(name=f.name, label=md["label"], help=md["help"], **md["spec"]))
+    return out
+
+
+def field_spec(name: str) -> FieldSpec:
+    """The :class:`FieldSpec` of one field. Raises KeyError for an unknown name."""
+    for spec in config_fields():
+        if spec.name == name:
+            return spec
+    raise KeyError(name)
+
+
 def field_help(name: str) -> str:
     """The help string of a :class:`TrainConfig` field (pages use it for ``help=``)."""
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == name:
-            return f.metadata.get("help", "")
-    raise KeyError(name)
+    return field_spec(name).help
+
+
+def fields_for_strategy(strategy: str) -> list[str]:
+    """The names of the fields a strategy uses (what a report or a comparison should show for its runs)."""
+    return [f.name for f in config_fields() if strategy in f.strategies]
+
+
+def strategy_default(name: str, strategy: str) -> Any:
+    """A field's default under ``strategy``: the strategy's own default where it has one."""
+    defaults = STRATEGIES[strategy].defaults if strategy in STRATEGIES else {}
+    if name in defaults:
+        return defaults[name]
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)

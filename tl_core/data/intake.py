@@ -1,9 +1,10 @@
-"""Dataset intake, validation, audit report, splits, image loading rules and the decoded-image cache.
+"""Dataset intake: a folder with one sub-folder per class, a ``.zip`` of one (unpacked safely), or a CSV of
+``path,label`` rows, opened into a validated :class:`Dataset`.
 
-A dataset is a folder with one sub-folder per class, a ``.zip`` of such a folder, or a CSV of
-``path,label``. Every image is decoded once when the dataset is opened: unreadable files are
-skipped and listed with a reason, never fatal; a class with too few usable images is an error
-that gives the count.
+Every image is checked once (decoded by the loading rules of :mod:`tl_core.data.images`): unreadable files
+are skipped and listed with a reason, never fatal; a class with too few usable images is an error that
+gives the count. With a check cache (the workspace's ``cache/checked.sqlite``) a dataset opened again
+decodes nothing and hashes no unchanged file.
 """
 
 from __future__ import annotations
@@ -15,137 +16,36 @@ import io
 import json
 import logging
 import os
-import random
 import stat
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import Callable
 
-import numpy as np
-from PIL import Image, ImageFile, ImageOps
-
-from .errors import CancelledError, DatasetError
+from ..cache import ImageCheckCache
+from ..errors import CancelledError, DatasetError
+from .images import ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, file_sha256, load_image
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "MAX_IMAGE_PIXELS",
     "MIN_IMAGES_PER_CLASS",
     "ZipLimits",
     "ImageItem",
     "SkippedFile",
     "Dataset",
-    "Split",
-    "load_image",
-    "image_from_bytes",
     "open_dataset",
-    "split_dataset",
-    "dataset_report",
     "safe_extract_zip",
-    "DecodedImageCache",
-    "ImageCheckCache",
-    "file_sha256",
 ]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-ARCHIVE_EXTENSIONS = frozenset({".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"})
-#: Images above this many pixels are refused (a decompression bomb, or a photo far larger than needed).
-MAX_IMAGE_PIXELS = 50_000_000
 #: A class needs at least this many usable images (one to train on, one to validate with).
 MIN_IMAGES_PER_CLASS = 2
+
+
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
 
-# Pillow's own bomb guard raises above 2x this; we check the size ourselves first for a clear message.
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-# --------------------------------------------------------------------------------------------------
-# image loading
-# --------------------------------------------------------------------------------------------------
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB: alpha composited on white, 16-bit scaled, CMYK converted."""
-    if im.mode == "P":
-        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if (im.mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
-        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if im.mode != "RGB":
-        return im.convert("RGB")
-    return im
-
-
-def _open_checked(im: Image.Image, name: str) -> Image.Image:
-    w, h = im.size
-    if w < 1 or h < 1:
-        raise DatasetError(f"{name}: the image has no pixels ({w}x{h}).")
-    if w * h > MAX_IMAGE_PIXELS:
-        raise DatasetError(
-            f"{name}: {w}x{h} is {w * h / 1e6:.0f} megapixels, above the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit; "
-            "downscale it before uploading."
-        )
-    if getattr(im, "n_frames", 1) > 1:
-        im.seek(0)  # animated GIF/WebP: the first frame stands for the image
-    im.load()
-    im = ImageOps.exif_transpose(im) or im
-    return _to_rgb(im)
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as an RGB Pillow image following the project's loading rules.
-
-    EXIF orientation is applied; palette/LA/RGBA images are composited on white; grayscale, CMYK and
-    16-bit images become RGB; animated images give their first frame.
-
-    Args:
-        path: the image file.
-    Returns:
-        A loaded RGB image.
-    Raises:
-        DatasetError: the file is missing, not an image, truncated or too large, with the reason.
-    """
-    return _decode(path, Path(path).name)
-
-
-def image_from_bytes(data: bytes, name: str = "upload") -> Image.Image:
-    """Like :func:`load_image` for bytes in memory (an upload or a camera picture)."""
-    return _decode(io.BytesIO(data), name)
-
-
-def _decode(source: str | os.PathLike | io.BytesIO, name: str) -> Image.Image:
-    """Open and convert with the loading rules; every failure becomes one DatasetError naming the file."""
-    try:
-        with Image.open(source) as im:
-            return _open_checked(im, name)
-    except DatasetError:
-        raise
-    except FileNotFoundError:
-        raise DatasetError(f"{name}: file not found.") from None
-    except Image.DecompressionBombError:
-        raise DatasetError(f"{name}: the image is larger than the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit.") from None
-    except Image.UnidentifiedImageError:
-        raise DatasetError(f"{name}: not a readable image (unknown or damaged format).") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DatasetError(f"{name}: damaged or truncated image ({e}).") from None
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (the key of every cache)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,18 +95,10 @@ class Dataset:
         return {k: c.get(k, 0) for k in self.classes}
 
 
-@dataclass
-class Split:
-    """Train / validation / (optional) test lists of one dataset."""
-
-    train: list[ImageItem]
-    val: list[ImageItem]
-    test: list[ImageItem]
-
-
 def _is_junk(name: str) -> bool:
     low = name.lower()
     return low.startswith(".") or low in {"__macosx", "thumbs.db", "desktop.ini"} or low.startswith("._")
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,6 +240,7 @@ def _longer_than_declared(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
         return False
 
 
+
 # --------------------------------------------------------------------------------------------------
 # folder / CSV scanning
 # --------------------------------------------------------------------------------------------------
@@ -415,6 +308,8 @@ def _scan_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[S
 
 
 _PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "img", "image_path")
+
+
 _LABEL_COLUMNS = ("label", "class", "category", "target", "y")
 
 
@@ -461,6 +356,7 @@ def _read_csv(csv_path: Path) -> tuple[list[tuple[Path, str, str | None]], list[
     return candidates, skipped
 
 
+
 # --------------------------------------------------------------------------------------------------
 # opening a dataset
 # --------------------------------------------------------------------------------------------------
@@ -491,42 +387,6 @@ def _extract_zip_once(src: Path, dest: Path, digest: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class ImageCheckCache:
-    """Content hash → (width, height, error) of every image checked before: decode once per content."""
-
-    def __init__(self, path: str | os.PathLike):
-        import sqlite3
-
-        self.path = Path(path)
-        self._mem: dict[str, tuple[int, int, str | None]] = {}
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS checked (sha TEXT PRIMARY KEY, w INTEGER, h INTEGER, "
-                             "error TEXT, version INTEGER)")
-            rows = self._db.execute("SELECT sha, w, h, error FROM checked WHERE version=?", (_CHECK_VERSION,))
-            self._mem = {r[0]: (r[1], r[2], r[3]) for r in rows}
-        except Exception as e:  # unreadable cache: work without it
-            log.warning("image check cache %s unusable (%s); checking every image", self.path, e)
-            self._db = None
-
-    def get(self, sha: str) -> tuple[int, int, str | None] | None:
-        return self._mem.get(sha)
-
-    def put(self, sha: str, w: int, h: int, error: str | None) -> None:
-        self._mem[sha] = (w, h, error)
-        if self._db is not None:
-            try:
-                self._db.execute("INSERT OR REPLACE INTO checked VALUES (?,?,?,?,?)", (sha, w, h, error, _CHECK_VERSION))
-            except Exception as e:
-                log.warning("could not record image check (%s)", e)
-
-
-#: Bump when the loading rules change, so that old check results are not trusted.
-_CHECK_VERSION = 1
-
-
 def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
@@ -542,8 +402,8 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
         progress: called with (done, total) while images are checked.
         should_cancel: polled while checking; returning True raises :class:`CancelledError`.
         min_per_class: the fewest usable images a class may have.
-        check_cache: a SQLite file remembering each image's check result by content hash, so that
-            re-opening the same data decodes nothing (the workspace passes ``cache/checked.sqlite``).
+        check_cache: a SQLite file remembering each file's content hash and each image's check result, so
+            that re-opening the same data reads no unchanged file (the workspace passes ``cache/checked.sqlite``).
     Returns:
         The validated :class:`Dataset`.
     Raises:
@@ -595,7 +455,7 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
         except ValueError:
             rel = str(p)
         try:
-            sha = file_sha256(p)
+            sha = checks.sha256(p) if checks is not None else file_sha256(p)
         except OSError as e:
             skipped.append(SkippedFile(rel, f"could not be read ({e.strerror or e})"))
             continue
@@ -640,175 +500,3 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
         )
     return Dataset(root=root, source=str(src), classes=labels, items=items, skipped=skipped, ignored=ignored)
 
-
-def split_dataset(ds: Dataset, val_split: float = 0.2, seed: int = 0,
-                  max_per_class: int | None = None) -> Split:
-    """Stratified, seeded train/validation split (a folder layout's own split is respected).
-
-    Every class keeps at least one training and one validation image.
-    """
-    rng = random.Random(seed)
-    test = [i for i in ds.items if i.split == "test"]
-    given_val = [i for i in ds.items if i.split == "val"]
-    pool = [i for i in ds.items if i.split in (None, "train")]
-    train: list[ImageItem] = []
-    val: list[ImageItem] = list(given_val)
-    by_class: dict[str, list[ImageItem]] = {}
-    for item in sorted(pool, key=lambda i: (i.label, i.sha256, str(i.path))):
-        by_class.setdefault(item.label, []).append(item)
-    val_classes = {i.label for i in given_val}
-    for label, group in by_class.items():
-        rng.shuffle(group)
-        if label in val_classes:
-            tr = group
-        else:
-            n_val = min(max(1, round(len(group) * val_split)), len(group) - 1)
-            val += group[:n_val]
-            tr = group[n_val:]
-        if max_per_class:
-            tr = tr[:max_per_class]
-        train += tr
-    return Split(train=train, val=val, test=test)
-
-
-def dataset_report(ds: Dataset, split: Split | None = None) -> dict:
-    """A JSON-able summary: classes, counts, skipped files with reasons, image sizes, imbalance, warnings."""
-    counts = ds.counts()
-    widths = [i.width for i in ds.items] or [0]
-    heights = [i.height for i in ds.items] or [0]
-    nonzero = [n for n in counts.values() if n > 0]
-    imbalance = (max(nonzero) / min(nonzero)) if nonzero else 0.0
-    warnings: list[str] = []
-    if imbalance >= 3:
-        big = max(counts, key=counts.get)
-        small = min(counts, key=counts.get)
-        warnings.append(
-            f"Classes are imbalanced ({imbalance:.1f}x: {big!r} has {counts[big]}, {small!r} has {counts[small]}); "
-            "consider class balancing or adding images."
-        )
-    few = [c for c, n in counts.items() if n < 10]
-    if few:
-        warnings.append(f"{len(few)} class(es) have fewer than 10 images ({', '.join(few[:5])}); expect noisy results.")
-    if min(widths) < 32 or min(heights) < 32:
-        warnings.append(f"Some images are tiny (smallest {min(widths)}x{min(heights)} px); they are upscaled for the backbone.")
-    if ds.skipped:
-        warnings.append(f"{len(ds.skipped)} file(s) were skipped; see the list for reasons.")
-    hashes = Counter(i.sha256 for i in ds.items)
-    dups = sum(n - 1 for n in hashes.values() if n > 1)
-    if dups:
-        warnings.append(f"{dups} image(s) are exact duplicates of another image in the dataset.")
-    rep = {
-        "source": ds.source,
-        "root": str(ds.root),
-        "fingerprint": ds.fingerprint,
-        "classes": ds.classes,
-        "num_classes": len(ds.classes),
-        "num_images": len(ds.items),
-        "counts": counts,
-        "split_counts": {s: ds.counts(s) for s in ("train", "val", "test") if any(i.split == s for i in ds.items)},
-        "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
-        "ignored": ds.ignored,
-        "image_size": {"min_width": min(widths), "max_width": max(widths),
-                       "min_height": min(heights), "max_height": max(heights)},
-        "imbalance_ratio": round(imbalance, 3),
-        "exact_duplicates": dups,
-        "warnings": warnings,
-    }
-    if split is not None:
-        rep["split"] = {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
-    return rep
-
-
-# --------------------------------------------------------------------------------------------------
-# decoded-image cache
-# --------------------------------------------------------------------------------------------------
-class DecodedImageCache:
-    """Decode each image once per (content, resize) and keep it as a uint8 array, in memory and on disk.
-
-    Disk entries live in ``<dir>/<size>-<interp>/<sha[:2]>/<sha>.npy``; a file that fails to load or has
-    the wrong shape is rebuilt, never trusted. The disk cache is capped by ``Workspace.enforce_cache_limit``
-    (least recently used evicted). The in-memory layer holds at most ``max_memory_bytes``; beyond that,
-    entries are re-read from disk: an ``np.load`` of a ~200 KB file from the OS page cache takes ~0.1 ms
-    against ~50 ms of training per image, and page-cache memory is not the process's to hold, so the
-    layer is kept small (64 MB, ~330 images at 256 px) and a 2,000-image fine-tuning run stays within its
-    memory budget (benchmarks/RESULTS.md, row 4).
-    """
-
-    def __init__(self, directory: str | os.PathLike | None, max_memory_bytes: int = 64 * 1024**2):
-        self.dir = Path(directory) if directory else None
-        self.max_memory_bytes = max_memory_bytes
-        self._mem: dict[tuple[str, int, str], np.ndarray] = {}
-        self._mem_bytes = 0
-        self._touched: set[tuple[str, int, str]] = set()
-        self.hits = 0
-        self.misses = 0
-
-    def _file(self, sha: str, size: int, interp: str) -> Path | None:
-        if self.dir is None:
-            return None
-        return self.dir / f"{size}-{interp}" / sha[:2] / f"{sha}.npy"
-
-    def get(self, item: ImageItem, resize: int, interpolation: str = "bicubic") -> np.ndarray:
-        """HWC uint8 array of the image resized so that its shorter side is ``resize`` pixels."""
-        key = (item.sha256 or str(item.path), resize, interpolation)
-        arr = self._mem.get(key)
-        if arr is not None:
-            self.hits += 1
-            return arr
-        f = self._file(key[0], resize, interpolation) if item.sha256 else None
-        if f is not None and f.exists():
-            try:
-                arr = np.load(f, allow_pickle=False)
-                if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) != resize:
-                    raise ValueError("unexpected shape")
-                if key not in self._touched:  # mark as recently used for eviction, once per cache object
-                    self._touched.add(key)
-                    os.utime(f)
-                self.hits += 1
-                self._remember(key, arr)
-                return arr
-            except Exception as e:  # corrupt/partial file: rebuild
-                log.warning("decoded-image cache entry %s is unusable (%s); rebuilding", f, e)
-                f.unlink(missing_ok=True)
-        self.misses += 1
-        img = load_image(item.path)
-        arr = np.array(resize_shorter(img, resize, interpolation), dtype=np.uint8)  # writable: torch wants it
-        if f is None:
-            self._mem[key] = arr  # nowhere else to keep it
-        else:
-            self._remember(key, arr)
-        if f is not None:
-            tmp = f.with_suffix(f".{os.getpid()}.tmp")
-            try:
-                f.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "wb") as fh:
-                    np.save(fh, arr, allow_pickle=False)
-                os.replace(tmp, f)
-            except OSError as e:  # disk full or read-only: keep going from memory
-                try:
-                    tmp.unlink(missing_ok=True)  # a half-written file would keep the disk full
-                except OSError:
-                    pass
-                log.warning("could not write decoded-image cache (%s); continuing without it", e)
-        return arr
-
-    def _remember(self, key: tuple[str, int, str], arr: np.ndarray) -> None:
-        if self._mem_bytes + arr.nbytes <= self.max_memory_bytes:
-            self._mem[key] = arr
-            self._mem_bytes += arr.nbytes
-
-
-_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-           "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
-
-
-def resize_shorter(img: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
-    """Resize so that the shorter side is ``size`` (torchvision ``Resize(int)`` semantics)."""
-    w, h = img.size
-    if w <= h:
-        nw, nh = size, int(size * h / w)
-    else:
-        nh, nw = size, int(size * w / h)
-    if (nw, nh) == (w, h):
-        return img
-    return img.resize((nw, nh), _INTERP.get(interpolation, Image.BICUBIC))

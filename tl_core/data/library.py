@@ -1,8 +1,9 @@
-"""Engine functions the web app needs that are not training itself: dataset intake from uploads, the
-dataset and run listings, augmentation previews, local weights uploads and backbone timing.
+"""The datasets a user can pick, and the one way every surface opens a dataset through the workspace.
 
-No streamlit here (tl_core never imports it): the pages call these with plain bytes and paths and draw
-the results. Everything writes inside the workspace only, under sanitised names.
+The sample datasets ship in the repository's ``sample_data/``; uploads (a zip, or images added class by
+class) are unpacked into ``<workspace>/datasets/<name>/`` under sanitised names. :func:`open_data` opens any
+``DATA`` (folder, zip, CSV, or an already opened :class:`Dataset`) with the workspace's check cache and
+zip folder, so a dataset is checked and hashed once whichever page, task or command opens it.
 """
 
 from __future__ import annotations
@@ -14,18 +15,19 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 import unicodedata
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable
 
-import numpy as np
+from ..errors import DatasetError
+from .images import IMAGE_EXTENSIONS, image_from_bytes
+from .intake import Dataset, open_dataset, safe_extract_zip
+from .report import UPLOAD_REPORT
 
-from .data import IMAGE_EXTENSIONS, Dataset, image_from_bytes, safe_extract_zip
-from .errors import DatasetError, WeightsError
-from .runs import Workspace
+if TYPE_CHECKING:
+    from ..runs.workspace import Workspace
 
 __all__ = [
     "REPO_ROOT",
@@ -34,33 +36,20 @@ __all__ = [
     "sample_datasets",
     "workspace_datasets",
     "dataset_signature",
+    "open_data",
     "save_uploaded_zip",
     "add_class_images",
-    "class_thumbnails",
-    "dataset_overview",
-    "preprocess_for",
-    "augmentation_preview",
-    "weights_dir",
-    "save_uploaded_weights",
-    "local_weights",
-    "time_backbone",
-    "runs_rows",
-    "normalise_rows",
-    "describe_progress",
-    "run_metrics",
-    "BackgroundTask",
-    "start_task",
-    "get_task",
+    "save_upload",
 ]
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
 #: The sample datasets that ship with the repository (``scripts/build_sample_data.py``).
 SAMPLE_DATA_DIR = REPO_ROOT / "sample_data"
 
-#: Written into an unpacked upload: the files the zip held that are not in the folder, and why.
-UPLOAD_REPORT = ".upload-report.json"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -86,8 +75,9 @@ def _unique_dir(parent: Path, name: str) -> Path:
     return candidate
 
 
+
 # --------------------------------------------------------------------------------------------------
-# datasets
+# which datasets there are, and opening one
 # --------------------------------------------------------------------------------------------------
 def sample_datasets(root: str | os.PathLike = SAMPLE_DATA_DIR) -> list[dict[str, str]]:
     """The sample datasets: every folder in ``root``.
@@ -135,6 +125,46 @@ def dataset_signature(path: str | os.PathLike) -> str:
     return f"{p.resolve()}:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+
+def open_data(data: str | os.PathLike | Dataset, workspace: "Workspace | None" = None, *,
+              min_per_class: int | None = None, progress: Callable[[int, int], None] | None = None,
+              should_cancel: Callable[[], bool] | None = None) -> Dataset:
+    """Open any ``DATA`` (folder, zip, CSV) through the workspace, or pass a :class:`Dataset` through.
+
+    The one way the engine, the pages and the command line open a dataset: zips unpack into the workspace's
+    ``datasets/`` folder (once per content), and the workspace's check cache means an unchanged file is not
+    read again.
+
+    Args:
+        data: dataset path or an already opened dataset.
+        workspace: the workspace (default ``$TL_HOME``).
+        min_per_class: the fewest usable images a class may have (default: enough to train on).
+        progress: called with (done, total) while images are checked.
+        should_cancel: polled while checking.
+    Returns:
+        The dataset.
+    Raises:
+        DatasetError: the data does not exist or cannot be used.
+    """
+    if isinstance(data, Dataset):
+        return data
+    src = Path(data)
+    if not src.exists():
+        raise DatasetError(f"{data} does not exist; give a folder with one sub-folder per class, a .zip of one, "
+                           "or a CSV of path,label.")
+    if workspace is None:
+        from ..runs.workspace import Workspace
+
+        workspace = Workspace.default()
+    extra = {} if min_per_class is None else {"min_per_class": min_per_class}
+    return open_dataset(src, extract_dir=None if src.is_dir() else workspace.datasets_dir / src.stem,
+                        check_cache=workspace.cache_dir / "checked.sqlite", progress=progress,
+                        should_cancel=should_cancel, **extra)
+
+
+# --------------------------------------------------------------------------------------------------
+# uploads
+# --------------------------------------------------------------------------------------------------
 def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: bytes | None = None) -> Path:
     """Unpack an uploaded dataset zip into ``<workspace>/datasets/<safe name>/`` and return that folder.
 
@@ -222,8 +252,6 @@ def _sort_by_csv(root: Path, csv_name: str | None, text: str, dest: Path) -> lis
     """
     import csv as csv_mod
 
-    from .data import open_dataset
-
     rows = list(csv_mod.reader(io.StringIO(text)))
     refused = [{"path": r[0] if r else "", "reason": "points outside the archive; refused"}
                for r in rows if any(_unsafe_csv_path(c) for c in r)]
@@ -308,400 +336,24 @@ def add_class_images(ws: Workspace, dataset: str, class_name: str,
     return ds_dir, saved, skipped
 
 
-def class_thumbnails(ds: Dataset, per_class: int = 8) -> dict[str, list[str]]:
-    """Up to ``per_class`` image paths per class (training images first, in file order)."""
-    out: dict[str, list[str]] = {c: [] for c in ds.classes}
-    for item in sorted(ds.items, key=lambda i: (i.split == "test", str(i.path))):
-        lst = out.setdefault(item.label, [])
-        if len(lst) < per_class:
-            lst.append(str(item.path))
-    return out
 
-
-def dataset_overview(path: str | os.PathLike, val_split: float = 0.2, seed: int = 0,
-                     thumbnails_per_class: int = 8) -> dict[str, Any]:
-    """Everything the Data page shows about a dataset folder, as JSON-able data.
-
-    :func:`tl_core.data.dataset_report` of the folder and its split, plus ``thumbnails`` (paths per class),
-    ``split_by_class`` (train/val/test counts per class), and the files an uploaded zip held that were
-    not unpacked (listed in ``skipped`` with the others).
+def save_upload(ws: "Workspace", name: str, data: bytes) -> Path:
+    """Keep an uploaded image for a task to read (``<workspace>/uploads/<sha256><ext>``, content-addressed:
+    the same picture uploaded twice is one file, and a task keyed by its path is keyed by its content).
 
     Raises:
-        DatasetError: the folder cannot be used as a dataset (with what to do).
+        DatasetError: the file is empty or has no image extension.
     """
-    from .data import dataset_report, open_dataset, split_dataset
-
-    ds = open_dataset(path)
-    split = split_dataset(ds, val_split, seed)
-    rep = dataset_report(ds, split)
-    upload = Path(path) / UPLOAD_REPORT
-    if upload.is_file():
-        try:
-            extra = json.loads(upload.read_text()).get("skipped", [])
-        except (OSError, ValueError):
-            extra = []
-        if extra:
-            rep["skipped"] = extra + rep["skipped"]
-            note = f"{len(rep['skipped'])} file(s) were skipped; see the list for reasons."
-            rep["warnings"] = [w for w in rep["warnings"] if "were skipped" not in w] + [note]
-    rep["thumbnails"] = class_thumbnails(ds, per_class=thumbnails_per_class)
-    rep["split_by_class"] = {
-        name: {c: sum(1 for i in items if i.label == c) for c in ds.classes}
-        for name, items in (("train", split.train), ("val", split.val), ("test", split.test))
-    }
-    return rep
-
-
-# --------------------------------------------------------------------------------------------------
-# preprocessing and augmentation preview
-# --------------------------------------------------------------------------------------------------
-def preprocess_for(backbone: str):
-    """The eval preprocessing of a backbone from timm's pretrained config, without building the model.
-
-    Returns:
-        :class:`tl_core.transforms.Preprocess`; ImageNet defaults for names timm does not know.
-    """
-    import timm
-
-    from .backbones import CATALOGUE
-    from .transforms import Preprocess
-
-    arch = CATALOGUE[backbone].timm_id if backbone in CATALOGUE else backbone
-    cfg = None
-    try:
-        cfg = timm.models.get_pretrained_cfg(arch)
-    except Exception:  # unknown name: fall back below
-        cfg = None
-    if cfg is None:
-        return Preprocess(224, 256, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    return Preprocess.from_data_config({"input_size": cfg.input_size, "crop_pct": cfg.crop_pct,
-                                        "interpolation": cfg.interpolation, "mean": cfg.mean, "std": cfg.std})
-
-
-def augmentation_preview(paths: Sequence[str | os.PathLike], backbone: str, preset: str, copies: int = 3,
-                         seed: int = 0) -> list[tuple[str, list[np.ndarray]]]:
-    """What training images look like after augmentation: ``copies`` random draws per image.
-
-    Uses exactly the training transform (``tl_core.transforms.train_transform``) and undoes the
-    normalisation for display.
-
-    Returns:
-        [(file name, [HWC uint8 arrays])] per image.
-    """
-    import torch
-
-    from .data import load_image
-    from .transforms import train_transform
-
-    pre = preprocess_for(backbone)
-    tf = train_transform(pre, preset)
-    mean = torch.tensor(pre.mean).view(3, 1, 1)
-    std = torch.tensor(pre.std).view(3, 1, 1)
-    torch.manual_seed(seed)
-    out = []
-    for p in paths:
-        arr = np.array(pre.resized_array(load_image(p)))  # writable: torch.from_numpy warns on read-only arrays
-        views = []
-        for _ in range(copies):
-            x = tf(arr) * std + mean
-            views.append((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-        out.append((Path(p).name, views))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# local weights and backbone timing
-# --------------------------------------------------------------------------------------------------
-def weights_dir(ws: Workspace) -> Path:
-    """``<workspace>/weights/``, where uploaded weights files are kept (created when missing)."""
-    d = ws.home / "weights"
+    ext = Path(name).suffix.lower()
+    if ext not in IMAGE_EXTENSIONS:
+        ext = ".jpg" if data[:3] == b"\xff\xd8\xff" else ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ""
+    if not data or not ext:
+        raise DatasetError(f"{name}: not an image file; upload .jpg, .png, .webp or .bmp images.")
+    d = ws.home / "uploads"
     d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def save_uploaded_weights(ws: Workspace, filename: str, data: bytes, backbone: str) -> dict[str, Any]:
-    """Save an uploaded ``.safetensors``/``.pth`` into ``<workspace>/weights/`` and check it fits ``backbone``.
-
-    The file is loaded safely (safetensors, or ``torch.load(weights_only=True)``) and put into the
-    architecture once; a file that does not fit is deleted again.
-
-    Returns:
-        {path, backbone, tensors, source}
-    Raises:
-        WeightsError: wrong extension, unsafe pickle, damaged file, or weights for another architecture.
-    """
-    from .backbones import build_model, load_state_dict_file
-
-    ext = Path(filename).suffix.lower()
-    if ext not in {".safetensors", ".pth", ".pt", ".bin"}:
-        raise WeightsError(f"{filename}: upload a .safetensors (preferred) or .pth weights file.")
-    if not data:
-        raise WeightsError(f"{filename} is empty.")
-    target = weights_dir(ws) / f"{safe_name(Path(filename).stem, fallback='weights')}{ext}"
-    n = 2
-    while target.exists():
-        target = target.with_name(f"{safe_name(Path(filename).stem, fallback='weights')}-{n}{ext}")
-        n += 1
-    target.write_bytes(data)
-    try:
-        sd = load_state_dict_file(target)
-        _, info = build_model(backbone, 2, weights=str(target))
-    except Exception:
-        target.unlink(missing_ok=True)
-        raise
-    return {"path": str(target), "backbone": backbone, "tensors": len(sd), "source": info.source}
-
-
-def local_weights(ws: Workspace) -> list[dict[str, Any]]:
-    """Weights files saved in the workspace: name, path, size in MB."""
-    d = weights_dir(ws)
-    return [{"name": p.name, "path": str(p), "mb": round(p.stat().st_size / 1e6, 1)}
-            for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith(".")]
-
-
-def time_backbone(backbone: str, batch: int = 8, repeats: int = 2) -> float:
-    """Milliseconds per image of a forward pass on this machine (random weights: speed only).
-
-    Returns:
-        The best of ``repeats`` timed batches after one warm-up, divided by ``batch``.
-    """
-    import timm
-    import torch
-
-    from .backbones import CATALOGUE
-
-    arch = (CATALOGUE[backbone].timm_id if backbone in CATALOGUE else backbone).split(".")[0]
-    pre = preprocess_for(backbone)
-    model = timm.create_model(arch, pretrained=False, num_classes=0).eval()
-    x = torch.randn(batch, 3, pre.input_size, pre.input_size)
-    best = float("inf")
-    with torch.inference_mode():
-        model(x)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            best = min(best, time.perf_counter() - t0)
-    return round(best / batch * 1000, 1)
-
-
-# --------------------------------------------------------------------------------------------------
-# runs
-# --------------------------------------------------------------------------------------------------
-def runs_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Flat rows (one per run) for a runs table: id, status, when, data, config and results."""
-    rows = []
-    for r in runs:
-        cfg = r.get("config") or {}
-        s = r.get("summary") or {}
-        w = r.get("weights") or s.get("weights") or {}
-        linear = cfg.get("strategy") == "linear"
-        rows.append({
-            "run": r["id"],
-            "status": r["status"],
-            "data": Path(str(r.get("data", ""))).name,
-            "backbone": cfg.get("backbone"),
-            "strategy": cfg.get("strategy"),
-            "val_accuracy": s.get("val_accuracy"),
-            "test_accuracy": s.get("test_accuracy"),
-            "seconds": s.get("seconds"),
-            "epochs": cfg.get("epochs"),
-            "best_epoch": s.get("best_epoch"),
-            # the linear probe's solver has no learning rate, batches or augmentation: leave them blank
-            "lr": None if linear else cfg.get("lr"),
-            "batch_size": None if linear else cfg.get("batch_size"),
-            "augment": None if linear else cfg.get("augment"),
-            "seed": cfg.get("seed"),
-            "weights": w.get("source"),
-            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
-            "error": r.get("error"),
-        })
-    return rows
-
-
-def normalise_rows(matrix: Sequence[Sequence[float]]) -> list[list[float]]:
-    """Each row divided by its sum (rows of zeros stay zero): a confusion matrix as recall per class."""
-    m = np.asarray(matrix, dtype=np.float64)
-    sums = m.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(sums > 0, m / np.where(sums == 0, 1, sums), 0.0)
-    return out.tolist()
-
-
-_STAGES = {
-    "queued": "Waiting in the queue",
-    "check": "Checking the images",
-    "decode": "Decoding the images",
-    "extract": "Computing features with the frozen backbone",
-    "probe": "Fitting the linear probe (head initialisation)",
-    "train": "Training",
-    "epoch": "Training",
-    "refit": "Refitting the head on training + validation images",
-    "evaluate": "Evaluating the best checkpoint",
-    "done": "Done",
-}
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    return f"{seconds // 60} min {seconds % 60:02d} s"
-
-
-def describe_progress(status: str, progress: dict[str, Any] | None,
-                      epochs: Sequence[dict[str, Any]] = ()) -> tuple[float, str]:
-    """A progress fraction (0-1) and one line of text (stage, counts, time left) for a run.
-
-    The time left is the engine's ``eta_s`` when the stage gives one, otherwise estimated from the mean
-    epoch time (linear probe epochs can stop early, so it is an upper bound).
-    """
-    p = progress or {}
-    stage = p.get("stage", "queued" if status == "queued" else "")
-    if status == "done":
-        return 1.0, "Done"
-    if status in ("failed", "cancelled", "interrupted"):
-        return 0.0, status.capitalize()
-    text = _STAGES.get(stage, stage.capitalize() or "Starting")
-    frac = 0.0
-    eta = p.get("eta_s")
-    if stage in ("epoch", "train", "probe") and p.get("epochs"):
-        ep, total_ep = int(p.get("epoch") or 0), int(p["epochs"])
-        if stage == "train" and p.get("total"):
-            frac = float(p.get("done", 0)) / float(p["total"])
-        else:
-            frac = ep / max(1, total_ep)
-        text += f": epoch {ep}/{total_ep}"
-        if eta is None and epochs:
-            secs = [float(e.get("seconds") or 0) for e in epochs if not e.get("probe")]  # epoch 0: the probe
-            if secs:
-                eta = sum(secs) / len(secs) * (total_ep - ep)
-    elif p.get("total"):
-        frac = float(p.get("done", 0)) / float(p["total"])
-        text += f": {p.get('done', 0)}/{p['total']} images"
-    elif stage == "evaluate":
-        frac = 1.0
-    if eta is not None and status == "running":
-        text += f" · about {_duration(float(eta))} left"
-    return min(1.0, max(0.0, frac)), text
-
-
-def refitted(ws: Workspace, run_id: str) -> bool:
-    """Whether the run's saved head was refitted on training + validation images (reads ``meta.json`` only)."""
-    from .export import refitted as meta_refitted
-
-    try:
-        return meta_refitted(json.loads((ws.run_dir(run_id) / "meta.json").read_text()))
-    except (OSError, ValueError):
-        return False
-
-
-def run_metrics(ws: Workspace, run_id: str) -> dict[str, Any]:
-    """The ``metrics.json`` of a finished run.
-
-    Raises:
-        RunError: the run has no metrics (not finished, or its folder was removed).
-    """
-    from .errors import RunError
-
-    f = ws.run_dir(run_id) / "metrics.json"
-    try:
-        return json.loads(f.read_text())
-    except FileNotFoundError:
-        raise RunError(f"Run {run_id} has no results yet (not finished, or its files were deleted).") from None
-    except (OSError, ValueError) as e:
-        raise RunError(f"The results of run {run_id} cannot be read ({e}); train it again.") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# background tasks: engine computations that outlive a page run (the transfer-vs-scratch lab)
-# --------------------------------------------------------------------------------------------------
-class BackgroundTask:
-    """One engine call run on a thread of the server process, with progress, result and cooperative cancel.
-
-    For computations of a minute or two that write nothing to the run store (the lab): the page starts it
-    and polls it, so the user may switch pages, refresh, or open another tab and find it again by its key.
-    The function must accept ``progress`` (called with a dict) and ``should_cancel`` keyword arguments.
-    Trainings do not use this: they run in worker processes (:mod:`tl_core.jobs`).
-    """
-
-    def __init__(self, key: str, fn: Any, kwargs: dict[str, Any]):
-        self.key = key
-        self.status = "running"  # running | done | failed | cancelled
-        self.progress: dict[str, Any] = {}
-        self.events: list[dict[str, Any]] = []
-        self.result: Any = None
-        self.error: str | None = None
-        self.started = time.time()
-        self.finished: float | None = None
-        self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(fn, kwargs), name=f"tl-task-{key[:40]}",
-                                        daemon=True)
-
-    def _on_progress(self, event: dict[str, Any]) -> None:
-        self.progress = dict(event)
-        if len(self.events) < 10_000:  # every event, for pages that count finished steps
-            self.events.append(dict(event))
-
-    def _run(self, fn: Any, kwargs: dict[str, Any]) -> None:
-        from .errors import CancelledError, TLError
-
-        try:
-            self.result = fn(progress=self._on_progress, should_cancel=self._cancel.is_set, **kwargs)
-            self.status = "done"
-        except CancelledError:
-            self.status = "cancelled"
-        except TLError as e:
-            self.status, self.error = "failed", str(e)
-        except Exception as e:  # a bug: keep the server alive, say it in one line, log the details
-            log.exception("background task %s failed", self.key)
-            self.status, self.error = "failed", f"{type(e).__name__}: {str(e)[:200]}"
-        finally:
-            self.finished = time.time()
-
-    def cancel(self) -> None:
-        """Ask the task to stop at its next check point."""
-        self._cancel.set()
-
-    @property
-    def active(self) -> bool:
-        return self.status == "running"
-
-    @property
-    def seconds(self) -> float:
-        return (self.finished or time.time()) - self.started
-
-
-_TASKS: "dict[str, BackgroundTask]" = {}
-_TASKS_LOCK = threading.Lock()
-#: Finished tasks kept for their result (oldest dropped first).
-MAX_FINISHED_TASKS = 8
-
-
-def start_task(key: str, fn: Any, **kwargs: Any) -> BackgroundTask:
-    """Start ``fn(**kwargs, progress=..., should_cancel=...)`` on a thread under ``key``, unless a task with that
-    key is running or finished successfully (then that one is returned: same key, same result).
-
-    Args:
-        key: everything the result depends on, as a string.
-        fn: the engine function.
-        kwargs: its arguments.
-    Returns:
-        The task.
-    """
-    with _TASKS_LOCK:
-        old = _TASKS.get(key)
-        if old is not None and old.status in ("running", "done"):
-            return old
-        task = BackgroundTask(key, fn, kwargs)
-        _TASKS[key] = task
-        finished = [k for k, t in _TASKS.items() if not t.active]
-        for k in finished[:max(0, len(finished) - MAX_FINISHED_TASKS)]:
-            _TASKS.pop(k, None)
-    task._thread.start()
-    return task
-
-
-def get_task(key: str) -> BackgroundTask | None:
-    """The task started under ``key`` (running or finished), or None."""
-    with _TASKS_LOCK:
-        return _TASKS.get(key)
+    target = d / f"{hashlib.sha256(data).hexdigest()}{ext}"
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return target

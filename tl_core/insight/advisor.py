@@ -25,12 +25,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .backbones import CATALOGUE, catalogue, imagenet_label
-from .config import TrainConfig
-from .data import Dataset, split_dataset
-from .embedding import Embeddings, embed_items, open_data, sample_items, single_threaded
-from .errors import CancelledError, ConfigError, TLError
-from .runs import Workspace
+from ..config import TrainConfig
+from ..data.intake import Dataset
+from ..data.library import open_data
+from ..data.splits import sample_items, split_dataset
+from ..errors import CancelledError, ConfigError, TLError
+from ..models.backbones import imagenet_label
+from ..models.catalogue import CATALOGUE, offline_backbones
+from ..models.devices import single_threaded
+from ..models.probe import fit_linear_head
+from ..runs.workspace import Workspace
+from .embedding import Embeddings, embed_items
 
 __all__ = [
     "logme_score",
@@ -186,8 +191,6 @@ def probe_accuracy(x_train: np.ndarray, y_train: Sequence[int], x_val: np.ndarra
     Returns:
         Accuracy on the validation features.
     """
-    from .train import fit_linear_head
-
     cfg = TrainConfig(strategy="linear", linear_c=linear_c, seed=seed).resolved()
     ytr = np.asarray(y_train, dtype=np.int64)
     yva = np.asarray(y_val, dtype=np.int64)
@@ -199,14 +202,6 @@ def probe_accuracy(x_train: np.ndarray, y_train: Sequence[int], x_val: np.ndarra
     return float((pred == yva).mean())
 
 
-def offline_backbones() -> list[str]:
-    """Catalogue backbones whose weights are available without internet (packaged or already cached)."""
-    return [r["name"] for r in catalogue() if r["available_offline"]]
-
-
-# --------------------------------------------------------------------------------------------------
-# the advisor
-# --------------------------------------------------------------------------------------------------
 def _confidence(rows: list[dict[str, Any]], n_val: int) -> tuple[str, str, str]:
     """(recommended backbone, confidence high|medium|low, plain-language reason) from scored rows."""
     top = rows[0]

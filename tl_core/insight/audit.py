@@ -28,10 +28,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .config import TrainConfig
-from .data import Dataset, DecodedImageCache, ImageItem, split_dataset
-from .embedding import embed_items, open_data, sample_items, single_threaded
-from .runs import Workspace
+from ..cache import DecodedImageCache
+from ..config import TrainConfig
+from ..data.intake import Dataset, ImageItem
+from ..data.library import open_data
+from ..data.splits import sample_items, split_dataset
+from ..models.devices import single_threaded
+from ..models.probe import fit_linear_head
+from ..runs.workspace import Workspace
+from .embedding import embed_items
 
 __all__ = [
     "NEAR_DUPLICATE_THRESHOLD",
@@ -252,8 +257,6 @@ def cross_validated_probs(features: np.ndarray, labels: np.ndarray, n_classes: i
     Returns:
         (N, n_classes) probabilities.
     """
-    from .train import fit_linear_head
-
     y = np.asarray(labels, dtype=np.int64)
     n = len(y)
     folds = max(2, min(folds, n))

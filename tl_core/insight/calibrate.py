@@ -11,7 +11,6 @@ before and after in ``metrics.json['calibration']``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,14 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import DecodedImageCache, ImageItem, file_sha256
-from .errors import RunError
-from .evaluate import calibration
-from .runs import Workspace
+from ..errors import RunError
+from ..models.metrics import reliability_diagram, softmax
+from ..runs.files import RunFiles
+from ..runs.workspace import Workspace
 
 __all__ = [
     "TEMPERATURE_BOUNDS",
-    "reliability_diagram",
     "negative_log_likelihood",
     "fit_temperature",
     "validation_logits",
@@ -40,39 +38,6 @@ log = logging.getLogger(__name__)
 
 #: The fitted temperature is kept inside these bounds (a tiny validation set can push it to extremes).
 TEMPERATURE_BOUNDS = (0.05, 20.0)
-
-
-def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
-def reliability_diagram(probs: np.ndarray, labels: Sequence[int], bins: int = 10) -> dict[str, Any]:
-    """Reliability-diagram data for a plot of accuracy against confidence.
-
-    Args:
-        probs: (N, C) class probabilities.
-        labels: N true class indices.
-        bins: equal-width confidence bins over (0, 1].
-    Returns:
-        {"bins": [{lo, hi, count, confidence, accuracy, gap}] (confidence/accuracy/gap None for empty
-        bins; gap = confidence - accuracy, positive = over-confident), "ece", "mce" (largest gap of a
-        non-empty bin), "accuracy", "mean_confidence", "count"}.
-    """
-    p = np.asarray(probs, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.int64)
-    cal = calibration(p, y, bins)
-    gaps = []
-    for b in cal["bins"]:
-        b["gap"] = None if b["confidence"] is None else float(b["confidence"] - b["accuracy"])
-        if b["gap"] is not None:
-            gaps.append(abs(b["gap"]))
-    n = len(y)
-    return {"bins": cal["bins"], "ece": float(cal["ece"]), "mce": float(max(gaps)) if gaps else 0.0,
-            "accuracy": float((p.argmax(1) == y).mean()) if n else 0.0,
-            "mean_confidence": float(p.max(1).mean()) if n else 0.0, "count": int(n)}
 
 
 def negative_log_likelihood(logits: np.ndarray, labels: Sequence[int], temperature: float = 1.0) -> float:
@@ -139,68 +104,30 @@ def _run_dir(run: str | os.PathLike, workspace: Workspace | None) -> Path:
 
 
 def validation_logits(run: str | os.PathLike, workspace: Workspace | None = None) -> dict[str, Any]:
-    """Raw logits of a run's validation images (the images listed in its ``predictions.json``).
+    """Raw logits of a run's validation images, as saved with the run (exact: no image is read again).
 
-    The images are run through the saved model again, so the logits are exact; when the image files
-    are gone, the saved probabilities' logarithms stand in (exact up to their 6-decimal rounding). A linear
-    run whose head was refitted on train + validation (meta ``fit_on``) saw these images in training: its
-    training-only logits, saved in ``predictions.json``, are used instead (source "saved predictions").
+    They are the outputs of the model that made the run's validation predictions: for a refitted linear run,
+    the head fitted on training images alone (the saved head has seen these images, so its outputs on them
+    are in-sample and too sure); the temperature fitted on them is applied to the saved model.
 
     Args:
         run: run directory or run id.
-        workspace: where run ids and the decoded-image cache live (default ``$TL_HOME``).
+        workspace: where run ids live (default ``$TL_HOME``).
     Returns:
-        {"logits" (N, C), "labels" (N,), "paths", "classes", "source": "images"|"saved predictions",
+        {"logits" (N, C), "labels" (N,), "paths", "classes", "model" (which head produced them),
         "temperature" (the run's current T)}.
     Raises:
         RunError: not a finished run, or it recorded no validation predictions.
     """
-    from .export import load_model
-
-    d = _run_dir(run, workspace)
-    try:
-        preds = json.loads((d / "predictions.json").read_text())
-    except (OSError, ValueError):
-        raise RunError(f"{d.name} has no readable predictions.json; train the run again to calibrate it.") from None
-    tm = load_model(d)
-    cidx = {c: i for i, c in enumerate(tm.classes)}
-    rows = [r for r in preds.get("val") or [] if r.get("label") in cidx]
-    if not rows:
-        raise RunError(f"{d.name} recorded no validation predictions; calibration needs validation images.")
-    labels = np.array([cidx[r["label"]] for r in rows], dtype=np.int64)
-    paths = [str(r["path"]) for r in rows]
-    if tm.refitted:
-        # the saved head was refitted on these very images: its outputs on them are in-sample and too sure;
-        # the training-only fit's logits, saved with its predictions, are the out-of-sample view needed here
-        if all("logits" in r for r in rows):
-            logits = np.array([r["logits"] for r in rows], dtype=np.float64)
-        else:
-            logits = np.log(np.clip(np.array([r["probs"] for r in rows], dtype=np.float64), 1e-12, 1.0))
-        source = "saved predictions"
-    elif all(Path(p).is_file() for p in paths):
-        items = [ImageItem(Path(p), r["label"], sha256=file_sha256(p)) for p, r in zip(paths, rows)]
-        ws = workspace or Workspace.default()
-        decoded = DecodedImageCache(ws.cache_dir / "decoded")
-        out = []
-        tm.model.eval()
-        with torch.inference_mode():
-            for s in range(0, len(items), 32):
-                x = torch.stack([tm.pre.eval_from_resized(decoded.get(i, tm.pre.resize, tm.pre.interpolation))
-                                 for i in items[s:s + 32]])
-                out.append(tm.model(x.contiguous(memory_format=torch.channels_last)).double().numpy())
-        logits, source = np.concatenate(out), "images"
-    else:
-        log.warning("%s: validation images missing; calibrating from the saved probabilities", d.name)
-        probs = np.array([r["probs"] for r in rows], dtype=np.float64)
-        logits, source = np.log(np.clip(probs, 1e-12, 1.0)), "saved predictions"
-    return {"logits": logits, "labels": labels, "paths": paths, "classes": tm.classes, "source": source,
-            "temperature": tm.temperature}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    files = RunFiles(_run_dir(run, workspace))
+    meta = files.meta()
+    split = files.predictions().get("val")
+    y = split.targets(meta.classes) if split is not None else np.zeros(0, np.int64)
+    keep = y >= 0
+    if split is None or not keep.any():
+        raise RunError(f"{files.where} recorded no validation predictions; calibration needs validation images.")
+    return {"logits": split.logits[keep], "labels": y[keep], "paths": [p for p, k in zip(split.paths, keep) if k],
+            "classes": meta.classes, "model": split.model, "temperature": meta.temperature}
 
 
 def calibrate_run(run: str | os.PathLike, workspace: Workspace | None = None, bins: int = 10,
@@ -215,7 +142,7 @@ def calibrate_run(run: str | os.PathLike, workspace: Workspace | None = None, bi
     Returns:
         {"temperature", "previous_temperature", "ece_before", "ece_after", "nll_before", "nll_after",
         "accuracy", "count", "bins", "reliability_before", "reliability_after" (see
-        :func:`reliability_diagram`), "applied", "source", "warning" (or None), "run_dir"}.
+        :func:`reliability_diagram`), "applied", "model" (which head produced the logits), "warning" (or None), "run_dir"}.
         "before" is the raw model (T = 1); "after" uses the fitted T. Both are measured on the validation
         images T was fitted on, so "after" is an optimistic estimate.
     Raises:
@@ -234,8 +161,8 @@ def calibrate_run(run: str | os.PathLike, workspace: Workspace | None = None, bi
         t = 1.0
     elif len(y) < 30:
         warning = f"Only {len(y)} validation images: the temperature is a rough estimate."
-    before = reliability_diagram(_softmax(logits), y, bins)
-    after = reliability_diagram(_softmax(logits, t), y, bins)
+    before = reliability_diagram(softmax(logits), y, bins)
+    after = reliability_diagram(softmax(logits, t), y, bins)
     result = {
         "temperature": round(t, 6),
         "previous_temperature": v["temperature"],
@@ -249,21 +176,12 @@ def calibrate_run(run: str | os.PathLike, workspace: Workspace | None = None, bi
         "reliability_before": before,
         "reliability_after": after,
         "applied": False,
-        "source": v["source"],
+        "model": v["model"],
         "warning": warning,
         "run_dir": str(d),
     }
     if apply:
-        meta = json.loads((d / "meta.json").read_text())
-        meta["temperature"] = result["temperature"]
-        _write_json(d / "meta.json", meta)
-        mf = d / "metrics.json"
-        try:
-            metrics = json.loads(mf.read_text()) if mf.exists() else {}
-        except ValueError:
-            metrics = {}
-        metrics["calibration"] = {k: result[k] for k in ("temperature", "ece_before", "ece_after", "nll_before",
-                                                          "nll_after", "count", "bins", "source", "warning")}
-        _write_json(mf, metrics)
+        RunFiles(d).set_temperature(result["temperature"], {k: result[k] for k in (
+            "temperature", "ece_before", "ece_after", "nll_before", "nll_after", "count", "bins", "model", "warning")})
         result["applied"] = True
     return result

@@ -14,10 +14,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import json
 import logging
 import os
-import random
 import threading
 import time
 from collections import OrderedDict
@@ -30,24 +28,27 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .backbones import WeightsInfo, build_model, data_config_for
-from .data import Dataset, DecodedImageCache, ImageItem, load_image, open_dataset
-from .errors import ConfigError, DatasetError, RunError
-from .features import FeatureCache, extract_features, feature_key
-from .runs import Workspace
-from .transforms import Preprocess
+from ..cache import DecodedImageCache, FeatureCache
+from ..data.images import load_image
+from ..data.intake import Dataset, ImageItem
+from ..data.library import open_data
+from ..data.splits import sample_items
+from ..errors import ConfigError, RunError
+from ..models.backbones import build_model
+from ..models.catalogue import WeightsInfo
+from ..models.features import extract_features, feature_key
+from ..models.preprocess import Preprocess, resolve_preprocess
+from ..runs.files import RunFiles
+from ..runs.workspace import Workspace
 
 __all__ = [
     "Embeddings",
     "load_backbone",
-    "open_data",
-    "sample_items",
     "embed_items",
     "embed_dataset",
     "project_2d",
     "embedding_map",
     "thumbnail_data_uri",
-    "single_threaded",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,6 @@ _MODEL_LOCK = threading.Lock()
 _MODEL_CACHE_SIZE = 3
 
 
-@contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """Run small linear-algebra work (probe fits, LogME, similarity matrices) on one thread.
 
@@ -147,51 +147,6 @@ def load_backbone(name: str, weights: str = "auto") -> tuple[nn.Module, WeightsI
     return model, info
 
 
-def open_data(data: str | os.PathLike | Dataset, workspace: Workspace | None = None) -> Dataset:
-    """Open a dataset path (folder, zip, CSV) the way training does, or pass a :class:`Dataset` through.
-
-    Args:
-        data: dataset path or an already opened dataset.
-        workspace: where zips are unpacked (default ``$TL_HOME``).
-    Returns:
-        The dataset.
-    Raises:
-        DatasetError: the data does not exist or cannot be used.
-    """
-    if isinstance(data, Dataset):
-        return data
-    src = Path(data)
-    if not src.exists():
-        raise DatasetError(f"{data} does not exist; give a folder with one sub-folder per class, a .zip of one, "
-                           "or a CSV of path,label.")
-    ws = workspace or Workspace.default()
-    return open_dataset(src, extract_dir=None if src.is_dir() else ws.datasets_dir / src.stem,
-                        check_cache=ws.cache_dir / "checked.sqlite")
-
-
-def sample_items(items: Sequence[ImageItem], max_per_class: int | None, seed: int = 0) -> list[ImageItem]:
-    """A seeded, stratified subsample of at most ``max_per_class`` images per class (order kept).
-
-    Args:
-        items: the images.
-        max_per_class: cap per class; None keeps everything.
-        seed: which images are drawn.
-    Returns:
-        The kept items in their original order.
-    """
-    if not max_per_class:
-        return list(items)
-    rng = random.Random(seed)
-    by_class: dict[str, list[int]] = {}
-    for i in sorted(range(len(items)), key=lambda i: (items[i].label, items[i].sha256, str(items[i].path))):
-        by_class.setdefault(items[i].label, []).append(i)
-    keep: set[int] = set()
-    for idx in by_class.values():
-        rng.shuffle(idx)
-        keep.update(idx[:max_per_class])
-    return [it for n, it in enumerate(items) if n in keep]
-
-
 def embed_items(items: Sequence[ImageItem], classes: Sequence[str], backbone: str = "efficientnet_lite0",
                 workspace: Workspace | None = None, weights: str = "auto", batch_size: int = 32,
                 progress: Callable[[int, int], None] | None = None,
@@ -213,7 +168,7 @@ def embed_items(items: Sequence[ImageItem], classes: Sequence[str], backbone: st
     ws = workspace or Workspace.default()
     t0 = time.perf_counter()
     model, info = load_backbone(backbone, weights)
-    pre = Preprocess.from_data_config(data_config_for(model))
+    pre = resolve_preprocess(model)
     fcache = FeatureCache(ws.cache_dir / "features", feature_key(backbone, info.fingerprint, pre))
     decoded = DecodedImageCache(ws.cache_dir / "decoded")
     feats = extract_features(model, list(items), pre, decoded, fcache, batch_size=batch_size, progress=progress,
@@ -289,28 +244,6 @@ def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0,
     return TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed, learning_rate="auto").fit_transform(x)
 
 
-def _run_predictions(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """path -> {predicted, confidence, split} from a run's predictions.json (val and test rows)."""
-    f = run_dir / "predictions.json"
-    if not f.exists():
-        return {}
-    try:
-        preds = json.loads(f.read_text())
-    except (OSError, ValueError):
-        log.warning("unreadable %s; no misclassified flags", f)
-        return {}
-    classes = preds.get("classes") or []
-    out: dict[str, dict[str, Any]] = {}
-    for split in ("val", "test"):
-        for r in preds.get(split) or []:
-            p = np.asarray(r.get("probs") or [], dtype=np.float64)
-            if len(p) != len(classes) or not len(p):
-                continue
-            k = int(p.argmax())
-            out[str(r["path"])] = {"predicted": classes[k], "confidence": float(p[k]), "evaluated_split": split}
-    return out
-
-
 def embedding_map(data: str | os.PathLike | Dataset | None = None, backbone: str | None = None,
                   method: str = "pca", run: str | os.PathLike | None = None,
                   workspace: Workspace | None = None, max_per_class: int | None = 200, seed: int = 0,
@@ -340,14 +273,21 @@ def embedding_map(data: str | os.PathLike | Dataset | None = None, backbone: str
         run_dir = Path(run)
         if not run_dir.is_dir():
             run_dir = (workspace or Workspace.default()).run_dir(str(run))
+        files = RunFiles(run_dir)
         try:
-            meta = json.loads((run_dir / "meta.json").read_text())
-        except (OSError, ValueError):
+            meta = files.meta()
+        except RunError:
             raise RunError(f"{run} is not a finished run (no readable meta.json).") from None
-        backbone = backbone or meta.get("backbone")
+        backbone = backbone or meta.backbone
         if data is None:
-            data = (meta.get("dataset") or {}).get("source")
-        preds = _run_predictions(run_dir)
+            data = meta.dataset.get("source")
+        if files.has("predictions.json"):
+            saved = files.predictions()
+            for name in ("val", "test"):  # what the run said of each image it evaluated, with its temperature
+                split = saved.get(name)
+                for r in split.rows(meta.classes, meta.temperature) if split is not None else []:
+                    preds[r["path"]] = {"predicted": r["predicted"], "confidence": r["confidence"],
+                                        "evaluated_split": name}
     if data is None:
         raise ConfigError("Give a dataset (or a finished run) for the embedding map.")
     emb = embed_dataset(data, backbone or "efficientnet_lite0", workspace, max_per_class, seed,

@@ -10,7 +10,6 @@ Everything returns arrays and Pillow images; pages draw them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import weakref
@@ -22,9 +21,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data import load_image
-from .errors import ConfigError, DatasetError, RunError
-from .transforms import Preprocess
+from ..data.images import load_image
+from ..errors import ConfigError, DatasetError, RunError
+from ..models.preprocess import Preprocess
 
 __all__ = [
     "find_target_layer",
@@ -164,10 +163,25 @@ def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Ima
     return Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8), mode="RGB")
 
 
-def _loaded(run: Any) -> Any:
-    from .export import TrainedModel, load_model
+def _model_for(run: Any, image: Any) -> Any:
+    """The model that explains ``image`` under ``run``: a loaded model is used as it is; for a run directory,
+    an image the run evaluated on validation is explained with the model that produced that prediction (the
+    training-only head of a refitted linear run), any other image with the saved model."""
+    from ..runs.files import SAVED, RunFiles
+    from ..share.loading import TrainedModel, load_model
 
-    return run if isinstance(run, TrainedModel) else load_model(run)
+    if isinstance(run, TrainedModel):
+        return run
+    p = Path(run)
+    head = SAVED
+    if p.is_dir() and not isinstance(image, Image.Image):
+        files = RunFiles(p)
+        if files.has("predictions.json"):
+            for split in files.predictions().splits.values():
+                if split.index_of(image) is not None:
+                    head = split.model
+                    break
+    return load_model(p, head=head)
 
 
 def explain_image(run: Any, image: str | os.PathLike | Image.Image, target: int | str | None = None,
@@ -175,7 +189,9 @@ def explain_image(run: Any, image: str | os.PathLike | Image.Image, target: int 
     """Grad-CAM of one image under a trained model, with its prediction and an overlay.
 
     Args:
-        run: a :class:`tl_core.export.TrainedModel`, run directory or bundle.
+        run: a :class:`tl_core.share.loading.TrainedModel`, run directory or bundle. For a run directory and
+            one of the run's validation images, the model that produced the run's validation prediction is
+            explained (see :func:`_model_for`), so the label and confidence agree with the Evaluate page.
         image: image path or RGB Pillow image.
         target: class name or index to explain; default the predicted class.
         out: also write the overlay here as PNG.
@@ -184,11 +200,13 @@ def explain_image(run: Any, image: str | os.PathLike | Image.Image, target: int 
     Returns:
         {"label", "confidence" (the run's temperature applied), "top_k": [{label, confidence}],
         "target" (class name explained), "heatmap", "overlay" (Pillow image), "layer", "flat",
-        "size": [W, H], "out" (path or None)}.
+        "size": [W, H], "out" (path or None), "model" ("saved" or "validation-fit": which head explained it)}.
     Raises:
         DatasetError: the image cannot be read; ConfigError: unknown target class.
     """
-    tm = _loaded(run)
+    from ..models.metrics import softmax
+
+    tm = _model_for(run, image)
     img = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
     t: int | None
     if isinstance(target, str):
@@ -198,7 +216,7 @@ def explain_image(run: Any, image: str | os.PathLike | Image.Image, target: int 
     else:
         t = target
     cam = grad_cam(tm.model, tm.pre, img, t)
-    probs = torch.softmax(torch.from_numpy(cam["logits"]).double() / tm.temperature, 0).numpy()
+    probs = softmax(cam["logits"], tm.temperature)
     order = np.argsort(-probs, kind="stable")[:max(1, top_k)]
     ov = overlay(img, cam["heatmap"], alpha)
     if out is not None:
@@ -212,54 +230,54 @@ def explain_image(run: Any, image: str | os.PathLike | Image.Image, target: int 
             "top_k": [{"label": tm.classes[int(i)], "confidence": float(probs[i])} for i in order],
             "target": tm.classes[cam["target"]], "heatmap": cam["heatmap"], "overlay": ov,
             "layer": cam["layer"], "flat": cam["flat"], "size": list(img.size),
-            "out": str(out) if out is not None else None}
+            "out": str(out) if out is not None else None, "model": tm.head}
 
 
-def explain_misclassified(run: Any, k: int = 12, target: str = "predicted", split: str = "val",
+def explain_misclassified(run: str | os.PathLike, k: int = 12, target: str = "predicted", split: str = "val",
                           alpha: float = 0.45) -> list[dict[str, Any]]:
     """Grad-CAM for a run's misclassified images, most confidently wrong first (the Evaluate grid).
 
+    The mistakes, their labels and confidences are the run's saved predictions (as the Mistakes view shows
+    them), and each heat-map is computed with the model that made those predictions.
+
     Args:
-        run: a run directory (or a loaded model whose ``source`` is one).
+        run: a run directory.
         k: at most this many images.
         target: ``predicted`` (why it said the wrong class) or ``true`` (what it saw of the right one).
-        split: ``val`` or ``test`` rows of the run's predictions.json.
+        split: ``val`` or ``test``.
         alpha: overlay blend weight.
     Returns:
-        [{"path", "true", "predicted", "confidence", "target", "heatmap", "overlay", "flat"}]; images that
-        no longer exist are skipped.
+        [{"path", "true", "predicted", "confidence", "target", "heatmap", "overlay", "flat", "model"}]; images
+        that no longer exist are skipped.
     Raises:
-        RunError: the run has no predictions.json.
+        RunError: the run has no saved predictions.
     """
-    tm = _loaded(run)
-    f = Path(tm.source) / "predictions.json"
-    try:
-        preds = json.loads(f.read_text())
-    except (OSError, ValueError):
-        raise RunError(f"{Path(tm.source).name} has no readable predictions.json (bundles carry none); "
-                       "use the run directory.") from None
+    from ..runs.files import RunFiles
+    from ..share.loading import load_model
+
     if target not in ("predicted", "true"):
         raise ConfigError(f"target must be 'predicted' or 'true' (got {target!r}).")
-    classes = preds.get("classes") or tm.classes
-    wrong = []
-    for r in preds.get(split) or []:
-        p = np.asarray(r.get("probs") or [], dtype=np.float64)
-        if len(p) != len(classes) or r.get("label") not in classes:
-            continue
-        k_pred = int(p.argmax())
-        if classes[k_pred] != r["label"]:
-            wrong.append((float(p[k_pred]), r["path"], r["label"], classes[k_pred]))
-    wrong.sort(key=lambda w: (-w[0], w[1]))
+    files = RunFiles(Path(run))
+    saved = files.predictions().get(split)
+    if saved is None:
+        raise RunError(f"Run {files.where} recorded no {split} predictions.")
+    meta = files.meta()
+    wrong = saved.mistakes(meta.classes, meta.temperature)
+    if not wrong:
+        return []
+    tm = load_model(Path(run), head=saved.model)
     out = []
-    for conf, path, true, pred in wrong:
+    for r in wrong:
         if len(out) >= k:
             break
         try:
-            res = explain_image(tm, path, target=pred if target == "predicted" else true, alpha=alpha)
+            res = explain_image(tm, r["path"], target=r["predicted"] if target == "predicted" else r["true"],
+                                alpha=alpha)
         except DatasetError as e:
-            log.warning("skipping %s: %s", path, e)
+            log.warning("skipping %s: %s", r["path"], e)
             continue
-        out.append({"path": path, "true": true, "predicted": pred, "confidence": res["confidence"],
+        out.append({"path": r["path"], "true": r["true"], "predicted": r["predicted"], "confidence": r["confidence"],
                     "target": res["target"], "heatmap": res["heatmap"], "overlay": res["overlay"],
-                    "flat": res["flat"]})
+                    "flat": res["flat"], "model": tm.head, "model_label": res["label"],
+                    "model_confidence": res["confidence"]})
     return out

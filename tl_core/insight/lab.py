@@ -30,13 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import build_model, data_config_for
-from .config import TrainConfig
-from .data import Dataset, DecodedImageCache, ImageItem, split_dataset
-from .embedding import open_data, single_threaded
-from .errors import CancelledError, ConfigError
-from .runs import Workspace
-from .transforms import Preprocess, train_transform
+from ..cache import DecodedImageCache
+from ..config import TrainConfig
+from ..data.intake import Dataset, ImageItem
+from ..data.library import open_data
+from ..data.splits import split_dataset
+from ..errors import CancelledError, ConfigError
+from ..models.backbones import build_model
+from ..models.devices import configure_threads, set_seed, single_threaded
+from ..models.preprocess import Preprocess, data_config_for, train_transform
+from ..models.probe import fit_linear_head
+from ..runs.workspace import Workspace
 
 __all__ = ["ARMS", "DEFAULT_SIZES", "learning_curve", "lab_preprocess"]
 
@@ -150,8 +154,6 @@ def learning_curve(data: str | os.PathLike | Dataset, backbone: str = "efficient
         raise ConfigError("Images per class must be at least 1.")
     if image_size is not None and not 32 <= int(image_size) <= 1024:
         raise ConfigError(f"Lab image size must be between 32 and 1024 pixels (got {image_size}).")
-    from .train import configure_threads, fit_linear_head, set_seed
-
     configure_threads()
     ws = workspace or Workspace.default()
     ds = open_data(data, ws)

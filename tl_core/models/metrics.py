@@ -1,62 +1,36 @@
-"""Predictions, metrics, confusion matrix, per-class report, most confidently wrong images, calibration.
+"""Metrics of predictions: softmax with a temperature, accuracy, confusion matrix, per-class report, most
+confidently wrong images, calibration (reliability bins, ECE).
 
-Compute here, plot in pages: everything returns arrays, dicts or DataFrames.
+Compute here, plot elsewhere (``tl_core.share.figures``): everything returns arrays or dicts. No torch.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import torch
-from torch import nn
-
-from .data import DecodedImageCache, ImageItem, Dataset
-from .errors import CancelledError, DatasetError
-from .transforms import Preprocess
 
 __all__ = [
-    "predict_items",
-    "predict_images",
+    "softmax",
+    "normalise_rows",
     "compute_metrics",
     "confusion_matrix",
     "per_class_report",
     "top_losses",
     "calibration",
+    "reliability_diagram",
     "expected_calibration_error",
 ]
 
 
-@torch.inference_mode()
-def predict_items(model: nn.Module, items: Sequence[ImageItem], pre: Preprocess, decoded: DecodedImageCache,
-                  batch_size: int = 64, temperature: float = 1.0,
-                  should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
-    """Class probabilities (N, C) for dataset items, eval preprocessing."""
-    model.eval()
-    out = []
-    for start in range(0, len(items), batch_size):
-        if should_cancel and should_cancel():
-            raise CancelledError("Cancelled during evaluation.")
-        x = torch.stack([pre.eval_from_resized(decoded.get(i, pre.resize, pre.interpolation))
-                         for i in items[start:start + batch_size]])
-        logits = model(x.contiguous(memory_format=torch.channels_last)).float()
-        out.append(torch.softmax(logits / temperature, dim=1).numpy())
-    n_cls = getattr(model, "num_classes", 0)
-    return np.concatenate(out) if out else np.zeros((0, n_cls), np.float32)
-
-
-@torch.inference_mode()
-def predict_images(model: nn.Module, images: Sequence[Any], pre: Preprocess, batch_size: int = 32,
-                   temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities for RGB Pillow images."""
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.stack([pre.eval_from_pil(im) for im in images[start:start + batch_size]])
-        out.append(torch.softmax(model(x).float() / temperature, dim=1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities softmax(logits / T) in float64: the one place a temperature is applied."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    if z.size == 0:
+        return z
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
@@ -146,3 +120,40 @@ def top_losses(paths: Sequence[str], y_true: Sequence[int], probs: np.ndarray, c
                      "loss": float(-np.log(max(float(p[int(t)]), 1e-12)))})
     rows.sort(key=lambda r: (-r["confidence"], r["path"]) if wrong_only else (-r["loss"], r["path"]))
     return rows[:k] if k else rows
+
+
+def normalise_rows(matrix: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Each row divided by its sum (rows of zeros stay zero): a confusion matrix as recall per class."""
+    m = np.asarray(matrix, dtype=np.float64)
+    sums = m.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(sums > 0, m / np.where(sums == 0, 1, sums), 0.0)
+    return out.tolist()
+
+
+def reliability_diagram(probs: np.ndarray, labels: Sequence[int], bins: int = 10) -> dict[str, Any]:
+    """Reliability-diagram data for a plot of accuracy against confidence.
+
+    Args:
+        probs: (N, C) class probabilities.
+        labels: N true class indices.
+        bins: equal-width confidence bins over (0, 1].
+    Returns:
+        {"bins": [{lo, hi, count, confidence, accuracy, gap}] (confidence/accuracy/gap None for empty
+        bins; gap = confidence - accuracy, positive = over-confident), "ece", "mce" (largest gap of a
+        non-empty bin), "accuracy", "mean_confidence", "count"}.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    cal = calibration(p, y, bins)
+    gaps = []
+    for b in cal["bins"]:
+        b["gap"] = None if b["confidence"] is None else float(b["confidence"] - b["accuracy"])
+        if b["gap"] is not None:
+            gaps.append(abs(b["gap"]))
+    n = len(y)
+    return {"bins": cal["bins"], "ece": float(cal["ece"]), "mce": float(max(gaps)) if gaps else 0.0,
+            "accuracy": float((p.argmax(1) == y).mean()) if n else 0.0,
+            "mean_confidence": float(p.max(1).mean()) if n else 0.0, "count": int(n)}
+
+

@@ -1,8 +1,9 @@
-"""Preprocessing from the model's data config, and the training augmentation presets.
+"""Preprocessing: the one resolver (timm's data config of a model or a backbone name), the eval transform on
+cached pixels, and the training augmentation presets.
 
-Split from ``data.py``: the decoded-image cache stores each image already resized the way timm's
-eval transform resizes it (shorter side = floor(input / crop_pct), same interpolation), so evaluation
-is a centre crop plus normalisation on cached uint8 pixels, and equals ``timm.data.create_transform``.
+The decoded-image cache stores each image already resized the way timm's eval transform resizes it
+(shorter side = floor(input / crop_pct), same interpolation), so evaluation is a centre crop plus
+normalisation on cached uint8 pixels, and equals ``timm.data.create_transform`` (tested).
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .data import resize_shorter
+from ..data.images import load_image, resize_shorter
 
-__all__ = ["Preprocess", "train_transform"]
+__all__ = ["Preprocess", "data_config_for", "resolve_preprocess", "train_transform", "augmentation_preview"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class Preprocess:
             mean=tuple(float(x) for x in cfg["mean"]),
             std=tuple(float(x) for x in cfg["std"]),
         )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        """The inverse of :meth:`to_dict` (a run's ``meta.json`` ``preprocess``)."""
+        return cls(input_size=int(d["input_size"]), resize=int(d["resize"]), interpolation=str(d["interpolation"]),
+                   mean=tuple(float(x) for x in d["mean"]), std=tuple(float(x) for x in d["std"]))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,3 +112,54 @@ def train_transform(pre: Preprocess, preset: str) -> Callable[[np.ndarray], torc
         return pipeline(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
 
     return apply
+
+
+def data_config_for(model_or_name: Any) -> dict[str, Any]:
+    """timm's data config (input size, interpolation, mean/std, crop) of a model, or of a backbone name
+    from its pretrained config without building the network. Names timm does not know get ImageNet defaults.
+    """
+    import timm
+
+    if isinstance(model_or_name, str):
+        from .catalogue import timm_arch
+
+        try:
+            pretrained = timm.models.get_pretrained_cfg(timm_arch(model_or_name))
+        except Exception:  # unknown name: timm's defaults below
+            pretrained = None
+        cfg = timm.data.resolve_data_config({}, pretrained_cfg=pretrained.to_dict() if pretrained else None)
+    else:
+        cfg = timm.data.resolve_model_data_config(model_or_name)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def resolve_preprocess(model_or_name: Any) -> Preprocess:
+    """The eval preprocessing of a model or backbone name: the one place preprocessing is decided."""
+    return Preprocess.from_data_config(data_config_for(model_or_name))
+
+
+def augmentation_preview(paths: Sequence[str], backbone: str, preset: str, copies: int = 3,
+                         seed: int = 0) -> list[tuple[str, list[np.ndarray]]]:
+    """What training images look like after augmentation: ``copies`` random draws per image.
+
+    Uses exactly the training transform (:func:`train_transform`) and undoes the normalisation for display.
+
+    Returns:
+        [(file name, [HWC uint8 arrays])] per image.
+    """
+    from pathlib import Path
+
+    pre = resolve_preprocess(backbone)
+    tf = train_transform(pre, preset)
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    torch.manual_seed(seed)
+    out = []
+    for p in paths:
+        arr = pre.resized_array(load_image(p))
+        views = []
+        for _ in range(copies):
+            x = tf(arr) * std + mean
+            views.append((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        out.append((Path(p).name, views))
+    return out

@@ -1,35 +1,39 @@
-"""The workspace layout and the SQLite run store (WAL mode), the single source of truth about runs.
+"""The run store: one SQLite file per workspace (WAL mode), the single source of truth about runs and tasks.
 
-Workspace (``$TL_HOME``, default ``~/.tl_studio``)::
+Pages only read it; workers and the command line write it. A browser refresh, a second tab or a restarted
+server therefore show the same runs and the same tasks. Safe for many processes: WAL mode, a busy timeout,
+short transactions; connections are reused per process and thread.
 
-    runs.sqlite        run rows, per-epoch metrics, progress, cancel flags
-    runs/<id>/         config.json, model.safetensors, meta.json, metrics.json, predictions.json
-    cache/decoded/     decoded images (uint8)          cache/features/  embeddings
-    datasets/          unpacked uploads
+Tables:
+
+- ``runs``: one row per training run (config, status, progress, summary, the worker that runs it);
+- ``epochs``: per-epoch metrics of a run (the live curves);
+- ``tasks``: every long computation the app asks for, training included (``tl_core.runs.tasks``): kind,
+  key (identical requests share one task), lane, parameters, status, progress, timings, error, the worker
+  process (pid and start time), cancel flag.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
 import shutil
 import sqlite3
 import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import RunError
+from ..errors import RunError
+from .processes import alive
 
-__all__ = ["Workspace", "RunStore", "default_home", "new_project_slug", "STATUSES", "ACTIVE_STATUSES"]
+__all__ = ["RunStore", "STATUSES", "ACTIVE_STATUSES", "FINAL_STATUSES", "new_id"]
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 ACTIVE_STATUSES = ("queued", "running")
+FINAL_STATUSES = ("done", "failed", "cancelled", "interrupted")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -47,7 +51,8 @@ CREATE TABLE IF NOT EXISTS runs (
     progress TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     pid INTEGER,
-    owner TEXT
+    owner TEXT,
+    pid_start INTEGER
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -56,160 +61,52 @@ CREATE TABLE IF NOT EXISTS epochs (
     PRIMARY KEY (run_id, epoch)
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    lane TEXT NOT NULL,
+    params TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    updated REAL NOT NULL,
+    progress TEXT,
+    error TEXT,
+    pid INTEGER,
+    pid_start INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    run_id TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status, lane);
+CREATE INDEX IF NOT EXISTS tasks_key ON tasks(key);
 """
-
+#: Columns added after the first version, added to older stores when opened.
+_ADDED_COLUMNS = {"runs": {"pid_start": "INTEGER"}}
 
 _SCHEMA_DONE: set[str] = set()
 _CONNECTIONS: dict[tuple[str, int, int, int], sqlite3.Connection] = {}
 _MAX_CONNECTIONS = 32
 
 
-def default_home() -> Path:
-    """``$TL_HOME`` or ``~/.tl_studio``."""
-    return Path(os.environ.get("TL_HOME") or Path.home() / ".tl_studio").expanduser()
+def new_id() -> str:
+    """``YYYYmmdd-HHMMSS-xxxxxx``: sortable, unique, safe as a directory name."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-_PROJECT_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}[a-z0-9]$")
-
-
-def new_project_slug(name: str) -> str:
-    """A project id from a display name plus 8 random characters: the link is the key to the project."""
-    base = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "project"
-    return f"{base}-{secrets.token_hex(4)}"
-
-
-@dataclass(frozen=True)
-class Workspace:
-    """Paths inside one workspace. Everything TL Studio writes lives under ``home``.
-
-    A named project is a workspace of its own under ``<TL_HOME>/projects/<slug>/`` (its runs, uploads and
-    weights are invisible to other projects); the content-keyed caches and the worker slots stay shared at
-    the top (``root``), so identical images are never processed twice and the machine-wide training limit
-    holds across projects.
-    """
-
-    home: Path
-    root: Path | None = None
-
-    @classmethod
-    def default(cls) -> "Workspace":
-        return cls(default_home())
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "home", Path(self.home).expanduser().resolve())
-        if self.root is not None:
-            object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
-        for d in (self.home, self.runs_dir, self.cache_dir, self.datasets_dir):
-            d.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def top(self) -> Path:
-        """The TL_HOME that holds this workspace (itself, unless it is a project)."""
-        return self.root or self.home
-
-    @property
-    def is_project(self) -> bool:
-        return self.root is not None
-
-    @property
-    def name(self) -> str | None:
-        return self.home.name if self.root is not None else None
-
-    def project(self, slug: str, create: bool = False) -> "Workspace":
-        """The project workspace ``slug`` (see :func:`new_project_slug`).
-
-        Raises:
-            RunError: the slug is malformed, or the project does not exist and ``create`` is False.
-        """
-        if not _PROJECT_SLUG.match(slug or ""):
-            raise RunError(f"{slug!r} is not a valid project id (lower-case letters, digits and dashes).")
-        home = self.top / "projects" / slug
-        if not create and not (home / "runs.sqlite").exists():
-            raise RunError(f"No project {slug!r}; check the link, or start a new project.")
-        ws = Workspace(home, root=self.top)
-        ws.store()  # creates runs.sqlite: the project now exists
-        return ws
-
-    def all_workspaces(self) -> list["Workspace"]:
-        """The top workspace and every project under it (workers serve them all)."""
-        top = Workspace(self.top) if self.root is not None else self
-        out = [top]
-        pdir = self.top / "projects"
-        if pdir.is_dir():
-            out += [Workspace(p, root=self.top) for p in sorted(pdir.iterdir())
-                    if p.is_dir() and _PROJECT_SLUG.match(p.name) and (p / "runs.sqlite").exists()]
-        return out
-
-    @property
-    def db_path(self) -> Path:
-        return self.home / "runs.sqlite"
-
-    @property
-    def runs_dir(self) -> Path:
-        return self.home / "runs"
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.top / "cache"
-
-    @property
-    def datasets_dir(self) -> Path:
-        return self.home / "datasets"
-
-    def run_dir(self, run_id: str) -> Path:
-        if not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
-            raise RunError(f"{run_id!r} is not a valid run id.")
-        return self.runs_dir / run_id
-
-    def store(self) -> "RunStore":
-        return RunStore(self.db_path)
-
-    # -- cache maintenance -------------------------------------------------------------------------
-    def cache_usage(self) -> dict[str, int]:
-        """Bytes used by each cache (decoded images, features) under ``cache/``."""
-        usage = {}
-        for sub in ("decoded", "features"):
-            d = self.cache_dir / sub
-            usage[sub] = sum(f.stat().st_size for f in d.rglob("*.npy")) if d.exists() else 0
-        return usage
-
-    def enforce_cache_limit(self, max_bytes: int | None = None) -> int:
-        """Evict least-recently-used cache entries (decoded images and features together) above the cap.
-
-        The cap is ``max_bytes``, else ``$TL_CACHE_MAX_GB`` (default 5 GB). Returns bytes freed.
-        """
-        if max_bytes is None:
-            max_bytes = int(float(os.environ.get("TL_CACHE_MAX_GB", "5")) * 1024**3)
-        files = []
-        for sub in ("decoded", "features"):
-            d = self.cache_dir / sub
-            if d.exists():
-                for f in d.rglob("*.npy"):
-                    try:
-                        st = f.stat()
-                    except OSError:
-                        continue
-                    files.append((st.st_mtime, st.st_size, f))
-        total = sum(s for _, s, _ in files)
-        freed = 0
-        for _, size, f in sorted(files):  # oldest use first (a cache hit touches the file)
-            if total - freed <= max_bytes:
-                break
-            f.unlink(missing_ok=True)
-            freed += size
-        return freed
-
-    def clear_cache(self) -> int:
-        """Delete every cached decoded image and feature (runs are kept). Returns bytes freed."""
-        freed = sum(self.cache_usage().values())
-        for sub in ("decoded", "features"):
-            shutil.rmtree(self.cache_dir / sub, ignore_errors=True)
-        (self.cache_dir / "checked.sqlite").unlink(missing_ok=True)
-        return freed
+def _json_cols(row: sqlite3.Row, cols: tuple[str, ...]) -> dict[str, Any]:
+    d = dict(row)
+    for k in cols:
+        if d.get(k):
+            d[k] = json.loads(d[k])
+    d["cancel_requested"] = bool(d.get("cancel_requested"))
+    return d
 
 
 class RunStore:
-    """SQLite store of runs. Safe for many processes: WAL mode, busy timeout, short transactions."""
+    """SQLite store of runs and tasks."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -218,6 +115,11 @@ class RunStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._conn() as c:
                 c.executescript(_SCHEMA)
+                for table, cols in _ADDED_COLUMNS.items():
+                    have = {r["name"] for r in c.execute(f"PRAGMA table_info({table})")}
+                    for col, decl in cols.items():
+                        if col not in have:
+                            c.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
             _SCHEMA_DONE.add(key)
 
     @contextmanager
@@ -250,11 +152,26 @@ class RunStore:
                 if old_key[1] == os.getpid():  # never touch a connection inherited through fork
                     old.close()
 
-    # -- writes ------------------------------------------------------------------------------------
+
+    def _update(self, table: str, row_id: str, fields: dict[str, Any]) -> None:
+        if not fields:
+            return
+        cols, vals = [], []
+        for k, v in fields.items():
+            cols.append(f"{k}=?")
+            vals.append(json.dumps(v) if isinstance(v, (dict, list)) else v)
+        cols.append("updated=?")
+        vals.append(time.time())
+        with self._conn() as c:
+            c.execute(f"UPDATE {table} SET {', '.join(cols)} WHERE id=?", (*vals, row_id))
+
+    # ==============================================================================================
+    # runs
+    # ==============================================================================================
     def create_run(self, data: str, config: dict[str, Any], status: str = "queued", name: str | None = None,
                    owner: str | None = None) -> str:
         """Insert a new run and return its id (``YYYYmmdd-HHMMSS-xxxxxx``: sortable and unique)."""
-        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        run_id = new_id()
         now = time.time()
         with self._conn() as c:
             c.execute(
@@ -265,16 +182,7 @@ class RunStore:
 
     def update(self, run_id: str, **fields: Any) -> None:
         """Set columns of a run (JSON-encodes dicts/lists); ``updated`` is refreshed."""
-        if not fields:
-            return
-        cols, vals = [], []
-        for k, v in fields.items():
-            cols.append(f"{k}=?")
-            vals.append(json.dumps(v) if isinstance(v, (dict, list)) else v)
-        cols.append("updated=?")
-        vals.append(time.time())
-        with self._conn() as c:
-            c.execute(f"UPDATE runs SET {', '.join(cols)} WHERE id=?", (*vals, run_id))
+        self._update("runs", run_id, fields)
 
     def set_status(self, run_id: str, status: str, error: str | None = None) -> None:
         assert status in STATUSES, status
@@ -293,18 +201,6 @@ class RunStore:
             c.execute("UPDATE runs SET status='cancelled', error='Cancelled before it started.' "
                       "WHERE id=? AND status='queued'", (run_id,))
 
-    def claim_next(self, pid: int) -> str | None:
-        """Atomically move the oldest queued run to running for worker ``pid``; None when none is queued."""
-        with self._conn() as c:
-            c.execute("BEGIN IMMEDIATE")
-            row = c.execute("SELECT id FROM runs WHERE status='queued' ORDER BY created, id LIMIT 1").fetchone()
-            if row is None:
-                c.execute("COMMIT")
-                return None
-            c.execute("UPDATE runs SET status='running', pid=?, updated=? WHERE id=?", (pid, time.time(), row["id"]))
-            c.execute("COMMIT")
-            return row["id"]
-
     def delete(self, run_id: str, runs_dir: Path | None = None) -> None:
         with self._conn() as c:
             c.execute("DELETE FROM epochs WHERE run_id=?", (run_id,))
@@ -312,22 +208,12 @@ class RunStore:
         if runs_dir is not None:
             shutil.rmtree(runs_dir / run_id, ignore_errors=True)
 
-    # -- reads -------------------------------------------------------------------------------------
-    @staticmethod
-    def _row(row: sqlite3.Row) -> dict[str, Any]:
-        d = dict(row)
-        for k in ("config", "weights", "summary", "progress"):
-            if d.get(k):
-                d[k] = json.loads(d[k])
-        d["cancel_requested"] = bool(d.get("cancel_requested"))
-        return d
-
     def get(self, run_id: str) -> dict[str, Any]:
         with self._conn() as c:
             row = c.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
         if row is None:
             raise RunError(f"No run with id {run_id!r}; `tl-core runs` lists them.")
-        return self._row(row)
+        return _json_cols(row, ("config", "weights", "summary", "progress"))
 
     def exists(self, run_id: str) -> bool:
         with self._conn() as c:
@@ -351,7 +237,7 @@ class RunStore:
             q += " WHERE " + " AND ".join(conds)
         q += " ORDER BY created DESC, id DESC"
         with self._conn() as c:
-            return [self._row(r) for r in c.execute(q, args).fetchall()]
+            return [_json_cols(r, ("config", "weights", "summary", "progress")) for r in c.execute(q, args).fetchall()]
 
     def epochs(self, run_id: str) -> list[dict[str, Any]]:
         with self._conn() as c:
@@ -359,28 +245,133 @@ class RunStore:
         return [{"epoch": r["epoch"], **json.loads(r["metrics"])} for r in rows]
 
     def mark_dead_workers(self, reason: str = "interrupted") -> list[str]:
-        """Runs marked running whose worker process is gone become ``interrupted`` (or failed)."""
+        """Runs marked running whose process is gone (pid and start time) become ``interrupted``."""
         dead = []
         for run in self.list(status="running"):
-            pid = run.get("pid")
-            if not pid or not _pid_alive(int(pid)):
+            if not alive(run.get("pid"), run.get("pid_start")):
                 dead.append(run["id"])
                 msg = ("The training process stopped unexpectedly (killed, out of memory, or the server restarted); "
                        "start the run again.")
-                self.update(run["id"], status=reason, error=msg)
+                with self._conn() as c:  # only if still running: the worker may have finished meanwhile
+                    c.execute("UPDATE runs SET status=?, error=?, updated=? WHERE id=? AND status='running'",
+                              (reason, msg, time.time(), run["id"]))
         return dead
 
+    # ==============================================================================================
+    # tasks
+    # ==============================================================================================
+    def create_task(self, kind: str, key: str, lane: str, params: dict[str, Any], owner: str | None = None,
+                    run_id: str | None = None, share: bool = True) -> tuple[str, bool]:
+        """Insert a queued task, or find the one already made for ``key``.
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child counts as dead
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True
+        With ``share``, a task with the same key that is queued, running or done is returned instead of a
+        new one (identical requests share one task; a done one is a cached result).
+
+        Returns:
+            (task id, True when an existing task was returned)
+        """
+        with self._conn() as c:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                if share:
+                    row = c.execute("SELECT id FROM tasks WHERE key=? AND status IN ('queued','running','done') "
+                                    "ORDER BY created DESC LIMIT 1", (key,)).fetchone()
+                    if row is not None:
+                        c.execute("COMMIT")
+                        return row["id"], True
+                task_id = new_id()
+                now = time.time()
+                c.execute("INSERT INTO tasks (id, kind, key, lane, params, status, created, updated, owner, run_id) "
+                          "VALUES (?,?,?,?,?,'queued',?,?,?,?)",
+                          (task_id, kind, key, lane, json.dumps(params), now, now, owner, run_id))
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        return task_id, False
+
+    def update_task(self, task_id: str, **fields: Any) -> None:
+        self._update("tasks", task_id, fields)
+
+    def finish_task(self, task_id: str, status: str, error: str | None = None) -> None:
+        """Record how a task ended (only a task still running or queued changes: a cancel wins)."""
+        assert status in FINAL_STATUSES, status
+        now = time.time()
+        with self._conn() as c:
+            c.execute("UPDATE tasks SET status=?, error=?, finished=?, updated=?, pid=NULL "
+                      "WHERE id=? AND status IN ('queued','running')", (status, error, now, now, task_id))
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        with self._conn() as c:
+            row = c.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
+        if row is None:
+            raise RunError(f"No task with id {task_id!r}.")
+        return _json_cols(row, ("params", "progress"))
+
+    def find_task(self, key: str) -> dict[str, Any] | None:
+        """The newest task made for ``key`` (any status), or None."""
+        with self._conn() as c:
+            row = c.execute("SELECT * FROM tasks WHERE key=? ORDER BY created DESC LIMIT 1", (key,)).fetchone()
+        return None if row is None else _json_cols(row, ("params", "progress"))
+
+    def tasks(self, status: str | None = None, lane: str | None = None, kind: str | None = None
+              ) -> list[dict[str, Any]]:
+        """Tasks, oldest first, optionally of one status, lane or kind."""
+        conds, args = [], []
+        for col, val in (("status", status), ("lane", lane), ("kind", kind)):
+            if val is not None:
+                conds.append(f"{col}=?")
+                args.append(val)
+        q = "SELECT * FROM tasks" + (" WHERE " + " AND ".join(conds) if conds else "") + " ORDER BY created, id"
+        with self._conn() as c:
+            return [_json_cols(r, ("params", "progress")) for r in c.execute(q, args).fetchall()]
+
+    def oldest_queued(self, lane: str) -> tuple[float, str] | None:
+        """(created, id) of the oldest queued task of ``lane``."""
+        with self._conn() as c:
+            row = c.execute("SELECT created, id FROM tasks WHERE status='queued' AND lane=? ORDER BY created, id "
+                            "LIMIT 1", (lane,)).fetchone()
+        return None if row is None else (row["created"], row["id"])
+
+    def claim_task(self, task_id: str, pid: int, pid_start: int | None) -> bool:
+        """Move a queued task to running for worker (pid, start); False when another worker was faster."""
+        now = time.time()
+        with self._conn() as c:
+            cur = c.execute("UPDATE tasks SET status='running', pid=?, pid_start=?, started=?, updated=? "
+                            "WHERE id=? AND status='queued'", (pid, pid_start, now, now, task_id))
+            return cur.rowcount == 1
+
+    def request_task_cancel(self, task_id: str) -> str:
+        """Flag a task for cancelling; a queued one is cancelled at once. Returns its status afterwards."""
+        now = time.time()
+        with self._conn() as c:
+            c.execute("UPDATE tasks SET cancel_requested=1, updated=? WHERE id=?", (now, task_id))
+            c.execute("UPDATE tasks SET status='cancelled', error='Cancelled before it started.', finished=? "
+                      "WHERE id=? AND status='queued'", (now, task_id))
+            row = c.execute("SELECT status FROM tasks WHERE id=?", (task_id,)).fetchone()
+        return row["status"] if row else "cancelled"
+
+    def task_cancel_requested(self, task_id: str) -> bool:
+        with self._conn() as c:
+            row = c.execute("SELECT cancel_requested FROM tasks WHERE id=?", (task_id,)).fetchone()
+        return bool(row and row[0])
+
+    def mark_dead_tasks(self) -> list[dict[str, Any]]:
+        """Running tasks whose worker is gone (pid and start time) become ``interrupted``; returns them."""
+        dead = []
+        for t in self.tasks(status="running"):
+            if not alive(t.get("pid"), t.get("pid_start")):
+                now = time.time()
+                with self._conn() as c:
+                    cur = c.execute("UPDATE tasks SET status='interrupted', error=?, finished=?, updated=?, pid=NULL "
+                                    "WHERE id=? AND status='running'",
+                                    ("The worker stopped unexpectedly (killed, out of memory, or the machine "
+                                     "restarted); start it again.", now, now, t["id"]))
+                if cur.rowcount:
+                    dead.append(t)
+        return dead
+
+    def delete_task(self, task_id: str) -> None:
+        with self._conn() as c:
+            c.execute("DELETE FROM tasks WHERE id=?", (task_id,))

@@ -1,11 +1,15 @@
-"""The background job queue used by the app: trainings run in separate worker processes.
+"""Worker processes: they claim queued tasks from the run store (every project's) and run them.
 
-A page calls :func:`submit`; the run is written to the store as ``queued`` and a detached worker
-process (``python -m tl_core.jobs worker``) claims queued runs one at a time and runs them with
-``train.run_training``. At most ``max_workers`` workers run at once (a lock file per slot), and at
-most ``max_queued`` runs may wait, so a classroom cannot overload the machine. Cancel is real: a flag
-in the store stops the loop at its next check point, and a worker that does not stop within the grace
-period is killed. A worker that dies leaves its run marked failed/interrupted by :func:`recover`.
+Each worker holds a slot lock (``<TL_HOME>/workers/<lane>-<slot>.lock``), so at most ``lane_slots(lane)``
+workers of a lane run on the machine, whichever server or command started them. Workers are started as
+daemons (:func:`tl_core.runs.processes.spawn_detached`): re-parented to init, they leave no defunct process
+under the server and outlive its restart. A ``compute`` worker exits when the queue is empty; an
+``interactive`` worker stays up for a while (``TL_INTERACTIVE_IDLE_S``, default 600) with its models warm.
+
+A worker records its pid and start time with the task it runs; :func:`recover` (the server at start and
+every few seconds while a page polls) marks a task whose process is gone ``interrupted`` and starts workers
+for what is still queued. Cancel sets a flag the task checks between steps; a worker that has not stopped
+after a grace period is killed (after checking it is still the same process).
 """
 
 from __future__ import annotations
@@ -15,45 +19,60 @@ import fcntl
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Callable
 
-from .config import TrainConfig
-from .errors import TLError
-from .runs import Workspace, _pid_alive
+from ..errors import CancelledError, TLError
+from .files import write_json_atomic
+from .processes import alive, identity, spawn_detached
+from .store import RunStore
+from .workspace import Workspace
 
-__all__ = ["QueueFullError", "submit", "cancel", "recover", "ensure_workers", "default_max_workers",
-           "MAX_QUEUED", "worker_main"]
+__all__ = ["LANES", "lane_slots", "default_max_workers", "ensure_workers", "stop_task", "recover", "TaskContext",
+           "run_task", "worker_main", "CANCEL_GRACE_S"]
 
 log = logging.getLogger(__name__)
 
-#: Runs allowed to wait in the queue at once; one more is refused with a clear message.
-MAX_QUEUED = 50
+#: The lanes of workers and what runs in each.
+LANES = {
+    "compute": "training and every long computation (audit, advisor, maps, Grad-CAM grids, calibration, lab, "
+               "exports, reports, timing); at most TL_MAX_WORKERS at once",
+    "interactive": "Try it's predictions and heat-maps and other quick requests, served by workers that keep "
+                   "models warm; at most TL_INTERACTIVE_WORKERS at once",
+}
 #: Seconds a worker gets to honour a cancel before it is killed.
 CANCEL_GRACE_S = 5.0
+#: How often a task's progress is written to the store at most (per second).
+_PROGRESS_EVERY_S = 0.5
+#: How often a running task looks at its cancel flag at most.
+_CANCEL_CHECK_EVERY_S = 0.5
 
 
-class QueueFullError(TLError):
-    """Too many trainings are waiting."""
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else default
 
 
 def default_max_workers() -> int:
-    """Concurrent trainings: one per 4 cores (torch already uses every core for one training), at least 1.
-
-    ``TL_MAX_WORKERS`` overrides it.
-    """
-    env = os.environ.get("TL_MAX_WORKERS")
-    if env and env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, (os.cpu_count() or 1) // 4)
+    """Concurrent compute tasks: one per 4 cores (torch already uses every core for one), at least 1.
+    ``TL_MAX_WORKERS`` overrides it."""
+    return _env_int("TL_MAX_WORKERS", max(1, (os.cpu_count() or 1) // 4))
 
 
-def _slot_dir(ws: Workspace) -> Path:
-    d = ws.top / "workers"  # shared by every project: the limit is per machine
+def lane_slots(lane: str) -> int:
+    """How many workers of ``lane`` may run at once on this machine."""
+    if lane == "interactive":
+        return _env_int("TL_INTERACTIVE_WORKERS", 1)
+    return default_max_workers()
+
+
+def _lock_path(ws: Workspace, lane: str, slot: int) -> Path:
+    d = ws.workers_dir
     d.mkdir(parents=True, exist_ok=True)
-    return d
+    return d / f"{lane}-{slot}.lock"
 
 
 def _slot_busy(path: Path) -> bool:
@@ -66,177 +85,259 @@ def _slot_busy(path: Path) -> bool:
         return False
 
 
-def ensure_workers(ws: Workspace, max_workers: int | None = None) -> int:
-    """Start worker processes for free slots while runs are queued; returns how many were started."""
-    max_workers = max_workers or default_max_workers()
-    queued = _queued_count(ws)
+def _queued(ws: Workspace, lane: str) -> int:
+    return sum(len(w.store().tasks(status="queued", lane=lane)) for w in ws.all_workspaces())
+
+
+def ensure_workers(ws: Workspace, lane: str = "compute") -> int:
+    """Start worker processes of ``lane`` for free slots while tasks wait; returns how many were started."""
+    queued = _queued(ws, lane)
     started = 0
-    for slot in range(max_workers):
+    for slot in range(lane_slots(lane)):
         if started >= queued:
             break
-        lock = _slot_dir(ws) / f"slot-{slot}.lock"
+        lock = _lock_path(ws, lane, slot)
         if _slot_busy(lock):
             continue
-        log_path = _slot_dir(ws) / f"slot-{slot}.log"
-        with open(log_path, "ab") as logf:
-            subprocess.Popen(
-                [sys.executable, "-m", "tl_core.jobs", "worker", "--home", str(ws.top), "--slot", str(slot)],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True, close_fds=True,
-                env={**os.environ, "TL_HOME": str(ws.top)},
-            )
+        spawn_detached([sys.executable, "-m", "tl_core.runs.workers", "worker", "--home", str(ws.top),
+                        "--lane", lane, "--slot", str(slot)], lock.with_suffix(".log"),
+                       env={**os.environ, "TL_HOME": str(ws.top)})
         started += 1
     return started
 
 
-def submit(ws: Workspace, data: str | os.PathLike, cfg: TrainConfig, owner: str | None = None,
-           name: str | None = None, start_worker: bool = True) -> str:
-    """Queue a training run and make sure a worker will pick it up.
-
-    Raises:
-        ConfigError: the configuration is invalid (checked before anything is queued).
-        DatasetError: the data path does not exist.
-        QueueFullError: ``MAX_QUEUED`` runs are already waiting.
-    """
-    from .backbones import check_backbone_name
-
-    cfg = cfg.resolved()
-    check_backbone_name(cfg.backbone)
-    if not Path(data).exists():
-        from .errors import DatasetError
-
-        raise DatasetError(f"{data} does not exist; choose a dataset first.")
-    store = ws.store()
-    waiting = len(store.list(status="queued"))
-    if waiting >= MAX_QUEUED:
-        raise QueueFullError(f"The training queue is full ({waiting} runs waiting); try again when some have finished.")
-    run_id = store.create_run(str(data), cfg.to_dict(), status="queued", name=name, owner=owner)
-    store.update(run_id, progress={"stage": "queued", "time": time.time()})
-    if start_worker:
-        ensure_workers(ws)
-    return run_id
-
-
-def cancel(ws: Workspace, run_id: str, grace_s: float = CANCEL_GRACE_S, wait: bool = False) -> None:
-    """Stop a run: queued runs are cancelled at once; a running one at its next check point, or killed.
-
-    Args:
-        wait: block until the run has stopped (tests, CLI); the app passes False and polls the store.
-    """
-    store = ws.store()
-    store.request_cancel(run_id)
-    run = store.get(run_id)
-    if run["status"] != "running":
-        return
-    pid = run.get("pid")
-    deadline = time.monotonic() + grace_s
-    if not wait:
-        # a short-lived watchdog kills the worker if it ignores the flag (a forward pass never hangs
-        # that long, so this only fires for a stuck process)
-        subprocess.Popen([sys.executable, "-m", "tl_core.jobs", "watchdog", "--home", str(ws.home),
-                          "--run", run_id, "--grace", str(grace_s)],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, close_fds=True)
-        return
-    _watchdog(ws, run_id, pid, deadline)
-
-
-def _watchdog(ws: Workspace, run_id: str, pid: int | None, deadline: float) -> None:
-    store = ws.store()
-    while time.monotonic() < deadline:
-        if store.get(run_id)["status"] != "running":
-            return
-        time.sleep(0.1)
-    run = store.get(run_id)
-    if run["status"] == "running" and pid and _pid_alive(int(pid)):
-        log.warning("worker %s ignored cancel of %s; killing it", pid, run_id)
+# --------------------------------------------------------------------------------------------------
+# cancel and recovery
+# --------------------------------------------------------------------------------------------------
+def _kill_if_same(pid: int | None, started: int | None) -> bool:
+    if pid and alive(pid, started):
         try:
             os.kill(int(pid), signal.SIGKILL)
+            return True
         except ProcessLookupError:
             pass
-    if store.get(run_id)["status"] == "running":
-        store.update(run_id, status="cancelled", error="Cancelled (the worker was stopped).", pid=None)
-    ensure_workers(ws)  # other queued runs still need a worker
+    return False
+
+
+def _watch(ws: Workspace, task_id: str, grace_s: float) -> None:
+    """Wait for a cancelled task to stop; kill its worker when it has not within ``grace_s``."""
+    store = ws.store()
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if store.task(task_id)["status"] != "running":
+            return
+        time.sleep(0.1)
+    t = store.task(task_id)
+    if t["status"] == "running":
+        if _kill_if_same(t.get("pid"), t.get("pid_start")):
+            log.warning("worker %s ignored the cancel of task %s; killed it", t.get("pid"), task_id)
+        store.finish_task(task_id, "cancelled", "Cancelled (the worker was stopped).")
+        if t.get("run_id"):
+            store.update(t["run_id"], status="cancelled", error="Cancelled (the worker was stopped).", pid=None)
+    ensure_workers(ws, t["lane"])  # other queued tasks still need a worker
+
+
+def stop_task(ws: Workspace, task_id: str, wait: bool = False, grace_s: float = CANCEL_GRACE_S) -> None:
+    """Cancel a task: queued ones at once; a running one at its next check point, or its worker is killed.
+
+    Args:
+        wait: block until it has stopped (tests, the command line); the app passes False and polls.
+    """
+    store = ws.store()
+    status = store.request_task_cancel(task_id)
+    t = store.task(task_id)
+    if t.get("run_id"):
+        store.request_cancel(t["run_id"])  # the training loop reads the run's flag
+    if status != "running":
+        return
+    if wait:
+        _watch(ws, task_id, grace_s)
+        return
+    # a short-lived watchdog kills the worker if it ignores the flag (a forward pass never takes that long,
+    # so this only fires for a stuck process)
+    spawn_detached([sys.executable, "-m", "tl_core.runs.workers", "watchdog", "--home", str(ws.home),
+                    "--task", task_id, "--grace", str(grace_s)], os.devnull,
+                   env={**os.environ, "TL_HOME": str(ws.top)})
 
 
 def recover(ws: Workspace) -> list[str]:
-    """Mark runs whose worker is gone as interrupted (in every project) and restart workers for queued runs."""
-    dead = [rid for w in ws.all_workspaces() for rid in w.store().mark_dead_workers("interrupted")]
-    started = ensure_workers(ws)
-    deadline = time.monotonic() + 3.0
-    while dead and not started and _queued_count(ws) and time.monotonic() < deadline:
-        # the kernel releases a killed worker's slot lock a moment after the process is gone: until then
-        # its slot looks busy, and the runs queued behind it would wait for a worker that never comes
-        time.sleep(0.1)
-        started = ensure_workers(ws)
+    """Mark tasks and runs whose worker is gone as interrupted (in every project) and start workers for
+    queued tasks. Returns the ids of the runs and tasks found dead."""
+    dead: list[str] = []
+    for w in ws.all_workspaces():
+        store = w.store()
+        for t in store.mark_dead_tasks():
+            dead.append(t["id"])
+            if t.get("run_id"):
+                store.update(t["run_id"], status="interrupted", pid=None,
+                             error="The training process stopped unexpectedly (killed, out of memory, or the "
+                                   "server restarted); start the run again.")
+        dead += store.mark_dead_workers("interrupted")
+    for lane in LANES:
+        started = ensure_workers(ws, lane)
+        deadline = time.monotonic() + 3.0
+        while dead and not started and _queued(ws, lane) and time.monotonic() < deadline:
+            # the kernel releases a killed worker's slot lock a moment after the process is gone: until then
+            # its slot looks busy, and the tasks queued behind it would wait for a worker that never comes
+            time.sleep(0.1)
+            started = ensure_workers(ws, lane)
     return dead
 
 
-def _queued_count(ws: Workspace) -> int:
-    return sum(len(w.store().list(status="queued")) for w in ws.all_workspaces())
+# --------------------------------------------------------------------------------------------------
+# running a task
+# --------------------------------------------------------------------------------------------------
+class WarmModels:
+    """Loaded models kept by an interactive worker: at most ``TL_WARM_MODELS`` (default 2), least recently
+    used dropped first. Keyed by what was loaded and the files' stamp, so a changed run is loaded again."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit or _env_int("TL_WARM_MODELS", 2)
+        self._models: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, key: tuple, load: Callable[[], Any]) -> Any:
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        model = load()
+        self._models[key] = model
+        while len(self._models) > self.limit:
+            self._models.popitem(last=False)
+        return model
 
 
-def _claim_any(ws: Workspace, pid: int) -> tuple[Workspace, str] | None:
-    """The oldest queued run of the top workspace or any project (projects are served in turn)."""
-    for w in ws.all_workspaces():
-        run_id = w.store().claim_next(pid)
-        if run_id is not None:
-            return w, run_id
-    return None
+class TaskContext:
+    """What a task function gets besides its parameters: progress, cancel, a folder for its result's files,
+    and (in an interactive worker) the warm models."""
+
+    def __init__(self, ws: Workspace, task_id: str, store: RunStore, out_dir: Path, models: WarmModels | None = None):
+        self.ws, self.task_id, self.store, self.out_dir = ws, task_id, store, out_dir
+        self.models = models or WarmModels(1)
+        self._last_write = 0.0
+        self._last_check = 0.0
+        self._cancelled = False
+
+    def progress(self, event: dict[str, Any]) -> None:
+        """Record progress ({"stage", "message", "done", "total", "eta_s", ...}); written at most twice a second
+        (and always when the stage changes or the work completes)."""
+        now = time.monotonic()
+        done = event.get("total") is not None and event.get("done") == event.get("total")
+        if now - self._last_write >= _PROGRESS_EVERY_S or done or event.get("force"):
+            self._last_write = now
+            self.store.update_task(self.task_id, progress={k: v for k, v in event.items() if k != "force"})
+
+    def should_cancel(self) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_check >= _CANCEL_CHECK_EVERY_S:
+            self._last_check = now
+            self._cancelled = self.store.task_cancel_requested(self.task_id)
+        return self._cancelled
 
 
-def worker_main(home: str, slot: int) -> int:
-    """Worker loop: hold the slot lock, run queued runs (of every project under ``home``) until none is left."""
-    from .train import run_training
+def _error_text(e: BaseException) -> str:
+    text = str(e)
+    if isinstance(e, MemoryError) or ("out of memory" in text or "can't allocate memory" in text):
+        return "Ran out of memory; use fewer or smaller images, a smaller backbone, or a lower batch size."
+    if isinstance(e, OSError) and getattr(e, "strerror", None):
+        return f"Could not read or write a file ({e.strerror}); free disk space or check the files, and try again."
+    return f"Internal error: {type(e).__name__}: {text[:300]}"
 
+
+def run_task(ws: Workspace, task_id: str, models: WarmModels | None = None) -> str:
+    """Run a claimed task in this process and record its outcome; returns the final status."""
+    from .kinds import jsonable, kind_spec
+    from .tasks import RESULT_FILE, task_dir
+
+    store = ws.store()
+    t = store.task(task_id)
+    out_dir = task_dir(ws, task_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = TaskContext(ws, task_id, store, out_dir, models)
+    try:
+        spec = kind_spec(t["kind"])
+        res = spec.run(ws, t.get("params") or {}, ctx)
+        status = "done"
+        if isinstance(res, dict) and res.get("status") in ("failed", "cancelled"):  # a training records its own
+            status = res["status"]
+        write_json_atomic(out_dir / RESULT_FILE, jsonable(res), indent=None)
+        store.finish_task(task_id, status, res.get("error") if isinstance(res, dict) and status != "done" else None)
+    except CancelledError as e:
+        store.finish_task(task_id, "cancelled", str(e))
+    except TLError as e:
+        store.finish_task(task_id, "failed", str(e))
+    except Exception as e:  # a bug or the machine's limits: record it, keep the worker alive
+        if not isinstance(e, (MemoryError, OSError)):
+            log.exception("task %s (%s) failed", task_id, t["kind"])
+        store.finish_task(task_id, "failed", _error_text(e))
+    return store.task(task_id)["status"]
+
+
+def _claim(ws: Workspace, lane: str) -> tuple[Workspace, str] | None:
+    """Claim the oldest queued task of ``lane`` over the top workspace and every project."""
+    pid, started = identity()
+    while True:
+        best: tuple[float, str, Workspace] | None = None
+        for w in ws.all_workspaces():
+            oldest = w.store().oldest_queued(lane)
+            if oldest is not None and (best is None or oldest < best[:2]):
+                best = (*oldest, w)
+        if best is None:
+            return None
+        if best[2].store().claim_task(best[1], pid, started):
+            return best[2], best[1]
+        # another worker claimed it first: look again
+
+
+def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
+    """Worker loop: hold the slot lock, run queued tasks of ``lane`` (every project's) until none is left
+    (compute) or until idle for ``TL_INTERACTIVE_IDLE_S`` seconds (interactive)."""
     ws = Workspace(Path(home))
-    lock_path = _slot_dir(ws) / f"slot-{slot}.lock"
-    lock = open(lock_path, "a+")
+    lock = open(_lock_path(ws, lane, slot), "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return 0  # another worker holds this slot
+    models = WarmModels() if lane == "interactive" else None
+    idle_limit = float(_env_int("TL_INTERACTIVE_IDLE_S", 600)) if lane == "interactive" else 0.0
+    idle_since = time.monotonic()
     while True:
-        claimed = _claim_any(ws, os.getpid())
-        if claimed is None:
-            # A run queued while we held the slot saw it busy and started no worker: free the slot, then
-            # look once more, so that such a run is never left waiting with no worker to run it.
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            if not _queued_count(ws):
-                return 0
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return 0  # a worker started meanwhile holds the slot and will run it
+        claimed = _claim(ws, lane)
+        if claimed is not None:
+            task_ws, task_id = claimed
+            log.info("worker %d (%s): task %s", os.getpid(), lane, task_id)
+            run_task(task_ws, task_id, models)
+            idle_since = time.monotonic()
             continue
-        run_ws, run_id = claimed
-        store = run_ws.store()
-        run = store.get(run_id)
+        if time.monotonic() - idle_since < idle_limit:
+            time.sleep(0.05 if time.monotonic() - idle_since < 30 else 0.25)  # answer fast while in use
+            continue
+        # A task queued while we held the slot saw it busy and started no worker: free the slot, then look once
+        # more, so that such a task is never left waiting with no worker to run it.
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        if not _queued(ws, lane):
+            return 0
         try:
-            cfg = TrainConfig.from_dict(run["config"])
-        except Exception as e:
-            store.update(run_id, status="failed", error=f"Unreadable configuration: {e}", pid=None)
-            continue
-        log.info("worker %d: run %s", os.getpid(), run_id)
-        run_training(run_ws, run["data"], cfg, run_id=run_id, raise_errors=False)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return 0  # a worker started meanwhile holds the slot and will run it
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tl_core.jobs")
+    p = argparse.ArgumentParser(prog="python -m tl_core.runs.workers")
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("worker")
     w.add_argument("--home", required=True)
+    w.add_argument("--lane", choices=list(LANES), default="compute")
     w.add_argument("--slot", type=int, default=0)
     d = sub.add_parser("watchdog")
     d.add_argument("--home", required=True)
-    d.add_argument("--run", required=True)
+    d.add_argument("--task", required=True)
     d.add_argument("--grace", type=float, default=CANCEL_GRACE_S)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "worker":
-        return worker_main(args.home, args.slot)
-    ws = Workspace(Path(args.home))
-    run = ws.store().get(args.run)
-    _watchdog(ws, args.run, run.get("pid"), time.monotonic() + args.grace)
+        return worker_main(args.home, args.lane, args.slot)
+    _watch(Workspace.at(args.home), args.task, args.grace)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Plotly figures of the pages: tl_core computes the numbers, these only draw them."""
+"""Plotly figures: the engine computes the numbers, these draw them, for the app's pages and the HTML report alike
+(one drawing of each chart). No streamlit here."""
 
 from __future__ import annotations
 

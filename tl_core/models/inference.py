@@ -1,0 +1,46 @@
+"""Running a trained model over images: raw logits (N, C), batched, eval preprocessing, under
+``torch.inference_mode()``. Probabilities come from :func:`tl_core.models.metrics.softmax` with the run's
+temperature, in one place."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..cache import DecodedImageCache
+from ..data.intake import ImageItem
+from ..errors import CancelledError
+from .preprocess import Preprocess
+
+__all__ = ["logits_of_items", "logits_of_images"]
+
+
+@torch.inference_mode()
+def logits_of_items(model: nn.Module, items: Sequence[ImageItem], pre: Preprocess, decoded: DecodedImageCache,
+                    batch_size: int = 32, should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
+    """Raw logits (N, C) of dataset items (eval preprocessing on cached pixels)."""
+    model.eval()
+    out = []
+    for start in range(0, len(items), batch_size):
+        if should_cancel and should_cancel():
+            raise CancelledError("Cancelled during evaluation.")
+        x = torch.stack([pre.eval_from_resized(decoded.get(i, pre.resize, pre.interpolation))
+                         for i in items[start:start + batch_size]])
+        out.append(model(x.contiguous(memory_format=torch.channels_last)).float().numpy())
+    n_cls = getattr(model, "num_classes", 0)
+    return np.concatenate(out) if out else np.zeros((0, n_cls), np.float32)
+
+
+@torch.inference_mode()
+def logits_of_images(model: nn.Module, images: Sequence[Any], pre: Preprocess, batch_size: int = 32) -> np.ndarray:
+    """Raw logits (N, C) of RGB Pillow images."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([pre.eval_from_pil(im) for im in images[start:start + batch_size]])
+        out.append(model(x.contiguous(memory_format=torch.channels_last)).float().numpy())
+    n_cls = getattr(model, "num_classes", 0)
+    return np.concatenate(out) if out else np.zeros((0, n_cls), np.float32)

@@ -1,0 +1,517 @@
+"""The one owner of a run's files: what a run directory (or a bundle) holds, written atomically and read back
+validated. No other module opens or parses these files.
+
+=========================  ==========================================================================
+``config.json``            the :class:`~tl_core.config.TrainConfig` (``tl-core train --config`` repeats the run)
+``meta.json``              architecture, classes, preprocessing, weights source, dataset summary, temperature,
+                           and on what the saved head was fitted (``fit_on``)
+``model.safetensors``      the saved model's weights (safetensors only: a pickle can run code)
+``val_head.safetensors``   a refitted linear run only: the head fitted on training images alone, which
+                           produced the validation predictions (every view of validation explains it)
+``metrics.json``           validation and test metrics, per-epoch history, best epoch, how training stopped,
+                           the calibration record
+``predictions.json``       raw logits per split with the image paths and true labels, and which fitted model
+                           produced them
+=========================  ==========================================================================
+
+Predictions are stored once, as logits; every view derives probabilities with
+:func:`tl_core.models.metrics.softmax` and the run's temperature, so the Evaluate page, Grad-CAM, the
+calibration, the embedding map, the model card, the HTML report and the exports show the same label and
+confidence for the same image. A bundle holds the same files (minus predictions), read through the same
+parsers (:meth:`RunFiles.from_bytes`).
+
+This module imports no torch: the app's server reads results through it without loading a network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from ..config import TrainConfig
+from ..errors import ExportError, RunError
+from ..models.metrics import softmax
+
+__all__ = [
+    "MODEL_FORMAT",
+    "PREDICTIONS_FORMAT",
+    "SAVED",
+    "VALIDATION_FIT",
+    "RUN_FILES",
+    "BUNDLE_FILES",
+    "RunMeta",
+    "RunMetrics",
+    "SplitPredictions",
+    "Predictions",
+    "RunFiles",
+    "write_json_atomic",
+]
+
+#: ``meta.json`` format this version writes and reads.
+MODEL_FORMAT = "tl-studio-model/1"
+#: ``predictions.json`` format this version writes (format 1, probabilities per row, is still read).
+PREDICTIONS_FORMAT = "tl-studio-predictions/2"
+#: The model that produced a split's predictions: the saved one, or (refitted linear runs, validation split)
+#: the head fitted on training images alone, kept as ``val_head.safetensors``.
+SAVED = "saved"
+VALIDATION_FIT = "validation-fit"
+
+CONFIG, META, WEIGHTS, VAL_HEAD, METRICS, PREDICTIONS = (
+    "config.json", "meta.json", "model.safetensors", "val_head.safetensors", "metrics.json", "predictions.json")
+#: Every file a finished run directory may hold.
+RUN_FILES = (CONFIG, META, WEIGHTS, VAL_HEAD, METRICS, PREDICTIONS)
+#: Files a run directory or bundle must hold to load as a model.
+BUNDLE_FILES = (WEIGHTS, META, CONFIG)
+
+_MAX_JSON_BYTES = 64 * 1024**2
+_MAX_WEIGHTS_BYTES = 4 * 1024**3
+_INTERPOLATIONS = {"nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"}
+
+
+def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=indent), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# meta.json
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunMeta:
+    """``meta.json``: what is needed to rebuild, feed and describe the model."""
+
+    backbone: str
+    arch: str
+    classes: list[str]
+    preprocess: dict[str, Any]  # input_size, resize, interpolation, mean, std (see models.preprocess.Preprocess)
+    data_config: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, str] = field(default_factory=dict)  # source, detail, fingerprint
+    dataset: dict[str, Any] = field(default_factory=dict)  # source, fingerprint, counts, split, warnings, ...
+    temperature: float = 1.0
+    fit_on: str = "train"  # "train+val": a linear head refitted on validation images too
+    format: str = MODEL_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def refitted(self) -> bool:
+        """Whether the saved head was refitted on training + validation images (linear runs, ``refit``):
+        its outputs on the validation images are then in-sample, and ``val_head.safetensors`` holds the
+        training-only head that produced the validation predictions."""
+        return self.fit_on == "train+val"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        d["num_classes"] = self.num_classes
+        return {**self.extra, **d}
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> "RunMeta":
+        """Validate parsed ``meta.json``; raise :class:`ExportError` saying what is wrong."""
+        if not isinstance(data, dict) or not {"classes", "num_classes", "preprocess"} <= set(data):
+            raise ExportError(f"{where}: meta.json lacks classes/num_classes/preprocess; not a TL Studio model.")
+        fmt = str(data.get("format", MODEL_FORMAT))
+        if not fmt.startswith("tl-studio-model/"):
+            raise ExportError(f"{where}: meta.json has format {fmt!r}; not a TL Studio model.")
+        if fmt != MODEL_FORMAT:
+            raise ExportError(f"{where}: the model has format {fmt} but this TL Studio reads {MODEL_FORMAT}; "
+                              "update TL Studio (pip install -U tl-studio).")
+        classes = data["classes"]
+        if (not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes)
+                or len(set(classes)) != len(classes)):
+            raise ExportError(f"{where}: meta.json 'classes' must be a list of distinct, non-empty names.")
+        try:
+            n = int(data["num_classes"])
+        except (TypeError, ValueError):
+            raise ExportError(f"{where}: meta.json num_classes={data['num_classes']!r} is not a number.") from None
+        if len(classes) != n:
+            raise ExportError(f"{where}: meta.json lists {len(classes)} classes but says num_classes={n}.")
+        arch = data.get("arch") or data.get("backbone")
+        if not isinstance(arch, str) or not arch:
+            raise ExportError(f"{where}: meta.json names no architecture (arch).")
+        pre = data["preprocess"]
+        try:
+            ok = (isinstance(pre, dict) and int(pre["input_size"]) > 0 and int(pre["resize"]) >= int(pre["input_size"])
+                  and pre["interpolation"] in _INTERPOLATIONS
+                  and len(pre["mean"]) == 3 and len(pre["std"]) == 3
+                  and all(math.isfinite(float(x)) for x in [*pre["mean"], *pre["std"]])
+                  and all(float(x) > 0 for x in pre["std"]))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ExportError(f"{where}: meta.json 'preprocess' is incomplete or invalid ({json.dumps(pre)[:200]}); "
+                              "it needs input_size, resize >= input_size, interpolation, 3 means and 3 positive stds.")
+        t = data.get("temperature", 1.0)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ExportError(f"{where}: meta.json temperature {t!r} must be a positive number.")
+        known = {f.name for f in dataclasses.fields(cls)} | {"num_classes"}
+        return cls(backbone=str(data.get("backbone") or arch), arch=arch, classes=list(classes),
+                   preprocess=dict(pre), data_config=dict(data.get("data_config") or {}),
+                   weights=dict(data.get("weights") or {}), dataset=dict(data.get("dataset") or {}),
+                   temperature=float(t), fit_on=str(data.get("fit_on") or "train"), format=fmt,
+                   extra={k: v for k, v in data.items() if k not in known})
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics.json
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class RunMetrics:
+    """``metrics.json``: measured quality and how training went.
+
+    ``val`` / ``test`` hold :func:`tl_core.models.metrics.compute_metrics` reports (test: the dataset's own
+    held-out folder). ``stop`` says how fine-tuning ended: {"reason": "patience"|"epochs"|"converged",
+    "epoch", "epochs", "patience"}.
+    """
+
+    val: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    epochs_run: int = 0
+    seconds: float = 0.0
+    stop: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        return {**self.extra, **d}
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> "RunMetrics":
+        if not isinstance(data, dict):
+            raise ExportError(f"{where}: metrics.json must hold a JSON object.")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kw = {k: data[k] for k in known if k in data}
+        for k, empty in (("val", {}), ("history", []), ("stop", {}), ("epochs_run", 0), ("seconds", 0.0)):
+            if kw.get(k) is None:
+                kw[k] = empty
+        return cls(**kw, extra={k: v for k, v in data.items() if k not in known})
+
+
+# --------------------------------------------------------------------------------------------------
+# predictions.json
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SplitPredictions:
+    """The saved outputs of one split: image paths, true labels and raw logits, and which model produced them."""
+
+    split: str
+    paths: list[str]
+    labels: list[str]
+    logits: np.ndarray  # (N, C) float64
+    model: str = SAVED  # SAVED | VALIDATION_FIT
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def probs(self, temperature: float = 1.0) -> np.ndarray:
+        """softmax(logits / T): the probabilities every view shows."""
+        return softmax(self.logits, temperature)
+
+    def targets(self, classes: list[str]) -> np.ndarray:
+        """True class indices (-1 for a label the model does not know)."""
+        idx = {c: i for i, c in enumerate(classes)}
+        return np.array([idx.get(lab, -1) for lab in self.labels], dtype=np.int64)
+
+    def rows(self, classes: list[str], temperature: float = 1.0) -> list[dict[str, Any]]:
+        """One row per image: path, true, predicted, confidence, true_prob, loss, correct."""
+        p = self.probs(temperature)
+        y = self.targets(classes)
+        out = []
+        for path, label, t, pr in zip(self.paths, self.labels, y, p):
+            k = int(pr.argmax())
+            tp = float(pr[t]) if t >= 0 else 0.0
+            out.append({"path": path, "true": label, "predicted": classes[k], "confidence": float(pr[k]),
+                        "true_prob": tp, "loss": float(-math.log(max(tp, 1e-12))), "correct": bool(k == t)})
+        return out
+
+    def mistakes(self, classes: list[str], temperature: float = 1.0, k: int | None = None) -> list[dict[str, Any]]:
+        """The misclassified images, most confidently wrong first (ties by path)."""
+        wrong = [r for r in self.rows(classes, temperature) if not r["correct"]]
+        wrong.sort(key=lambda r: (-r["confidence"], r["path"]))
+        return wrong[:k] if k else wrong
+
+    def index_of(self, path: str | os.PathLike) -> int | None:
+        """The row of an image path (compared resolved), or None."""
+        want = str(Path(path).resolve())
+        for i, p in enumerate(self.paths):
+            if p == str(path) or str(Path(p).resolve()) == want:
+                return i
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "paths": list(self.paths), "labels": list(self.labels),
+                "logits": [[round(float(v), 6) for v in row] for row in self.logits]}
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """``predictions.json``: the classes and each split's :class:`SplitPredictions`."""
+
+    classes: list[str]
+    splits: dict[str, SplitPredictions]
+
+    def get(self, split: str) -> SplitPredictions | None:
+        return self.splits.get(split)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": PREDICTIONS_FORMAT, "classes": list(self.classes),
+                "splits": {k: v.to_dict() for k, v in self.splits.items()}}
+
+    @classmethod
+    def parse(cls, data: Any, where: str, refitted: bool = False) -> "Predictions":
+        if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
+            raise RunError(f"{where}: predictions.json is damaged (no class list); train the run again.")
+        classes = [str(c) for c in data["classes"]]
+        n = len(classes)
+        splits: dict[str, SplitPredictions] = {}
+        if data.get("format") == PREDICTIONS_FORMAT:
+            for name, s in (data.get("splits") or {}).items():
+                logits = np.asarray(s.get("logits") or np.zeros((0, n)), dtype=np.float64).reshape(-1, n)
+                paths, labels = [str(p) for p in s.get("paths") or []], [str(x) for x in s.get("labels") or []]
+                if not (len(paths) == len(labels) == len(logits)):
+                    raise RunError(f"{where}: predictions.json split {name!r} has mismatched lengths; train again.")
+                splits[name] = SplitPredictions(name, paths, labels, logits, str(s.get("model") or SAVED))
+        else:  # format 1 (before logits were the record): rows of probabilities, logits of a refitted val split
+            for name in ("val", "test"):
+                rows = [r for r in data.get(name) or [] if len(r.get("probs") or []) == n]
+                if not rows:
+                    continue
+                has_logits = all("logits" in r for r in rows)
+                z = (np.array([r["logits"] for r in rows], dtype=np.float64) if has_logits else
+                     np.log(np.clip(np.array([r["probs"] for r in rows], dtype=np.float64), 1e-12, 1.0)))
+                model = VALIDATION_FIT if (name == "val" and refitted) else SAVED
+                splits[name] = SplitPredictions(name, [str(r["path"]) for r in rows], [str(r["label"]) for r in rows],
+                                                z, model)
+        return cls(classes, splits)
+
+
+# --------------------------------------------------------------------------------------------------
+# the owner
+# --------------------------------------------------------------------------------------------------
+class RunFiles:
+    """Read and write the files of one run directory, or read those of a bundle (:meth:`from_bytes`).
+
+    Reads are validated and cached per instance; writes are atomic per file. A new run is written into a
+    staging folder and moved into place as a whole (:meth:`staging` / :meth:`publish`), so a reader never
+    sees half a run.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike | None, files: Mapping[str, bytes] | None = None,
+                 where: str | None = None):
+        self.dir = Path(run_dir) if run_dir is not None else None
+        self._bytes = dict(files) if files is not None else None
+        self.where = where or (self.dir.name if self.dir is not None else "bundle")
+        self._cache: dict[str, Any] = {}
+
+    @classmethod
+    def from_bytes(cls, files: Mapping[str, bytes], where: str) -> "RunFiles":
+        """The files of a bundle, already read (and size-checked) from its zip."""
+        return cls(None, files, where)
+
+    # -- raw access ------------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        if self._bytes is not None:
+            return name in self._bytes
+        return self.dir is not None and (self.dir / name).is_file()
+
+    def path(self, name: str) -> Path:
+        if self.dir is None:
+            raise RunError(f"{self.where} is a bundle: it has no {name} on disk.")
+        return self.dir / name
+
+    def raw(self, name: str) -> bytes:
+        """A file's bytes, size-capped.
+
+        Raises:
+            RunError: the file is missing (the run did not finish, or its files were removed).
+        """
+        if self._bytes is not None:
+            if name not in self._bytes:
+                raise RunError(f"{self.where} has no {name}.")
+            return self._bytes[name]
+        f = self.path(name)
+        try:
+            size = f.stat().st_size
+        except OSError:
+            raise RunError(f"Run {self.where} has no {name} (not finished, or its files were removed).") from None
+        limit = _MAX_WEIGHTS_BYTES if name.endswith(".safetensors") else _MAX_JSON_BYTES
+        if size > limit:
+            raise ExportError(f"{self.where}: {name} is {size / 1e6:.0f} MB, above the {limit / 1e6:.0f} MB limit.")
+        return f.read_bytes()
+
+    def _json(self, name: str) -> Any:
+        data = self.raw(name)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ExportError(f"{self.where}: {name} is not UTF-8 text; the file was replaced or damaged. "
+                              "Export the model again.") from None
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{self.where}: {name} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                              "it was edited or damaged. Export the model again.") from None
+
+    def _cached(self, name: str, parse: Any) -> Any:
+        if name not in self._cache:
+            self._cache[name] = parse()
+        return self._cache[name]
+
+    def stamp(self) -> tuple:
+        """(name, size, mtime) of every file: changes whenever the run's files do (a key for derived results)."""
+        out = []
+        for name in RUN_FILES:
+            try:
+                st = self.path(name).stat()
+                out.append((name, st.st_size, st.st_mtime_ns))
+            except (OSError, RunError):
+                out.append((name, None, None))
+        return tuple(out)
+
+    # -- typed reads -------------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        """The saved training configuration as a dict (a bundle may come from another version)."""
+        def parse() -> dict[str, Any]:
+            cfg = self._json(CONFIG)
+            if not isinstance(cfg, dict):
+                raise ExportError(f"{self.where}: config.json must hold a JSON object (the training configuration).")
+            return cfg
+        return self._cached(CONFIG, parse)
+
+    def config(self) -> TrainConfig:
+        """The saved :class:`TrainConfig` (keys this version does not know are ignored, with a warning)."""
+        return TrainConfig.from_dict(self.config_dict())
+
+    def meta(self) -> RunMeta:
+        return self._cached(META, lambda: RunMeta.parse(self._json(META), self.where))
+
+    def metrics(self) -> RunMetrics:
+        """The run's metrics (empty for a bundle that carries none)."""
+        if not self.has(METRICS) and self._bytes is not None:
+            return RunMetrics()
+        return self._cached(METRICS, lambda: RunMetrics.parse(self._json(METRICS), self.where))
+
+    def predictions(self) -> Predictions:
+        """The saved predictions.
+
+        Raises:
+            RunError: none were saved (a bundle carries none) or the file is damaged.
+        """
+        if not self.has(PREDICTIONS):
+            raise RunError(f"{self.where} has no saved predictions (bundles carry none); use the run directory.")
+        return self._cached(PREDICTIONS, lambda: Predictions.parse(self._json(PREDICTIONS), self.where,
+                                                                   refitted=self.meta().refitted))
+
+    @property
+    def temperature(self) -> float:
+        return self.meta().temperature
+
+    def weights(self, name: str = WEIGHTS) -> dict[str, Any]:
+        """A safetensors state dict (``model.safetensors`` or ``val_head.safetensors``) as torch tensors.
+
+        Raises:
+            ExportError: the file is a pickle (refused: it can run code) or not valid safetensors.
+        """
+        from safetensors.torch import load as st_load
+
+        data = self.raw(name)
+        if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # torch.save output: zip or raw pickle
+            raise ExportError(f"{self.where}: {name} is a pickle (torch.save), not a safetensors file; refused "
+                              "because loading a pickle can run arbitrary code. Export the model again with TL Studio.")
+        try:
+            return st_load(data)
+        except Exception as e:  # safetensors raises its own error types for bad headers / truncation
+            raise ExportError(f"{self.where}: {name} is not a valid safetensors file ({str(e)[:160]}); "
+                              "it is damaged. Export the model again.") from None
+
+    def validation_head(self) -> dict[str, Any] | None:
+        """The training-only head of a refitted linear run (classifier tensors), or None."""
+        return self.weights(VAL_HEAD) if self.has(VAL_HEAD) else None
+
+    # -- writes ------------------------------------------------------------------------------------
+    def _writable(self) -> Path:
+        if self.dir is None:
+            raise RunError(f"{self.where} is a bundle and cannot be changed; change the run, then export again.")
+        self._cache.clear()
+        return self.dir
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        (self._writable()).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.dir / CONFIG, cfg.to_dict())
+
+    def write_meta(self, meta: RunMeta) -> None:
+        self._writable().mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.dir / META, meta.to_dict())
+
+    def write_metrics(self, metrics: RunMetrics) -> None:
+        self._writable().mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.dir / METRICS, metrics.to_dict())
+
+    def write_predictions(self, predictions: Predictions) -> None:
+        self._writable().mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.dir / PREDICTIONS, predictions.to_dict(), indent=None)
+
+    def write_weights(self, state: Mapping[str, Any], name: str = WEIGHTS) -> None:
+        """Save a state dict as safetensors (contiguous tensors), atomically."""
+        from safetensors.torch import save_file
+
+        d = self._writable()
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{name}.{os.getpid()}.tmp"
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            os.replace(tmp, d / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_validation_head(self, state: Mapping[str, Any]) -> None:
+        self.write_weights(state, VAL_HEAD)
+
+    def set_temperature(self, temperature: float, record: dict[str, Any]) -> None:
+        """Apply a fitted temperature to the run (meta) and keep its calibration record (metrics)."""
+        meta = dataclasses.replace(self.meta(), temperature=float(temperature))
+        metrics = self.metrics()
+        metrics.calibration = dict(record)
+        self.write_meta(meta)
+        self.write_metrics(metrics)
+
+    # -- a new run, published whole ----------------------------------------------------------------
+    @classmethod
+    def staging(cls, run_dir: str | os.PathLike) -> "RunFiles":
+        """A private folder next to ``run_dir`` to write a new run into; :meth:`publish` moves it into place."""
+        run_dir = Path(run_dir)
+        tmp = run_dir.with_name(f".{run_dir.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return cls(tmp, where=run_dir.name)
+
+    def publish(self, run_dir: str | os.PathLike) -> "RunFiles":
+        """Move a staged run into ``run_dir`` (replacing an older attempt at the same run id)."""
+        run_dir = Path(run_dir)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        os.replace(self._writable(), run_dir)
+        return RunFiles(run_dir)
+
+    @staticmethod
+    def discard(run_dirs: Iterable[Path]) -> None:
+        """Remove staged folders left by a run that failed."""
+        for d in run_dirs:
+            shutil.rmtree(d, ignore_errors=True)

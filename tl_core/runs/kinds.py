@@ -1,0 +1,266 @@
+"""The kinds of task a worker runs: for each, its lane and the engine call it makes, from JSON parameters to a
+JSON result (images and files the result names are written into the task's folder).
+
+Parameters name everything a result depends on, so that they can key it (``tl_core.runs.tasks``): a dataset
+by its path *and* its file signature (``tl_core.data.library.dataset_signature``), a run by its directory
+*and* its files' stamp (``RunFiles.stamp``). The engine modules are imported inside each function, so the
+app's server, which only submits and reads tasks, never imports torch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ConfigError
+from .workspace import Workspace
+
+__all__ = ["TaskKind", "KINDS", "kind_spec", "jsonable"]
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """One kind of task: its name, lane, what it does (shown to users) and the function that runs it."""
+
+    name: str
+    lane: str
+    label: str
+    run: Callable[[Workspace, dict[str, Any], Any], Any]
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with numpy scalars and arrays, tuples and paths turned into plain JSON types."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
+        return None
+    return obj
+
+
+def _counting(ctx: Any, message: str) -> Callable[[int, int], None]:
+    """A (done, total) progress callback that reports ``message`` with the time left."""
+    t0 = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        elapsed = time.monotonic() - t0
+        eta = elapsed / done * (total - done) if done else None
+        ctx.progress({"stage": "work", "message": message, "done": int(done), "total": int(total), "eta_s": eta})
+
+    return progress
+
+
+def _save_png(img: Any, out_dir: Path, name: str, side: int | None = None) -> str:
+    if side:
+        img = img.copy()
+        img.thumbnail((side, side))
+    img.save(out_dir / name, format="PNG")
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# compute lane
+# --------------------------------------------------------------------------------------------------
+def _train(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..config import TrainConfig
+    from .training import run_training
+
+    run = ws.store().get(p["run_id"])
+    try:
+        cfg = TrainConfig.from_dict(run["config"])
+    except (TypeError, ValueError) as e:
+        ws.store().update(p["run_id"], status="failed", error=f"Unreadable configuration: {e}", pid=None)
+        raise ConfigError(f"Unreadable configuration: {e}") from None
+    res = run_training(ws, run["data"], cfg, run_id=p["run_id"], raise_errors=False, should_cancel=ctx.should_cancel)
+    return {"run_id": res.run_id, "status": res.status, "error": res.error, "seconds": res.seconds}
+
+
+def _audit(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..insight.audit import audit_dataset
+
+    return audit_dataset(p["data"], p["backbone"], ws, val_split=p["val_split"], seed=p["seed"],
+                         max_per_class=p.get("max_per_class"),
+                         progress=_counting(ctx, "Computing features"), should_cancel=ctx.should_cancel)
+
+
+def _advise(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..insight.advisor import advise
+
+    def on(e: dict[str, Any]) -> None:
+        ctx.progress({"stage": "work", "done": e["index"] * e["total"] + e["done"], "total": e["count"] * e["total"],
+                      "message": f"{e['backbone']} ({e['index'] + 1} of {e['count']})"})
+
+    return advise(p["data"], p["backbones"], ws, max_per_class=p["max_per_class"], val_split=p["val_split"],
+                  seed=p["seed"], progress=on, should_cancel=ctx.should_cancel)
+
+
+def _embedding_map(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..insight.embedding import embedding_map
+
+    df = embedding_map(p.get("data"), p.get("backbone"), p["method"], run=p.get("run"), workspace=ws,
+                       max_per_class=p.get("max_per_class"), seed=p.get("seed", 0),
+                       progress=_counting(ctx, "Computing features"), should_cancel=ctx.should_cancel)
+    return {"rows": df.to_dict("records"), "attrs": dict(df.attrs)}
+
+
+def _domain_gap(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..insight.advisor import domain_gap
+
+    return domain_gap(p["data"], p["backbone"], ws, max_per_class=p["max_per_class"], seed=p["seed"],
+                      progress=_counting(ctx, "Computing features"), should_cancel=ctx.should_cancel)
+
+
+def _gradcam(ws: Workspace, p: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
+    from ..insight.explain import explain_misclassified
+
+    ctx.progress({"stage": "work", "message": f"Grad-CAM of up to {p['k']} misclassified images", "done": 0,
+                  "total": p["k"], "force": True})
+    rows = explain_misclassified(p["run"], k=p["k"], target=p["target"], split=p.get("split", "val"))
+    out = []
+    for n, r in enumerate(rows):
+        out.append({k: r[k] for k in ("path", "true", "predicted", "confidence", "target", "flat", "model",
+                                      "model_label", "model_confidence")}
+                   | {"overlay": _save_png(r["overlay"], ctx.out_dir, f"cam-{n}.png", side=320)})
+    return out
+
+
+def _calibrate(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..insight.calibrate import calibrate_run
+
+    return calibrate_run(p["run"], ws, apply=bool(p.get("apply")))
+
+
+def _lab(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..insight.lab import learning_curve
+
+    return learning_curve(p["data"], p["backbone"], sizes=p["sizes"], epochs=p["epochs"], image_size=p["image_size"],
+                          arms=p["arms"], val_split=p["val_split"], seed=p["seed"], workspace=ws,
+                          progress=ctx.progress, should_cancel=ctx.should_cancel)
+
+
+_MIME = {"zip": "application/zip", "onnx": "application/octet-stream", "pt": "application/octet-stream",
+         "json": "application/json", "html": "text/html"}
+
+
+def _export(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..share.export import export_run
+
+    ctx.progress({"stage": "work", "message": f"Exporting {p['format']} and verifying it", "force": True})
+    ext = {"bundle": "zip", "onnx": "onnx", "torchscript": "pt"}.get(p["format"])
+    if ext is None:
+        raise ConfigError(f"Unknown export format {p['format']!r}.")
+    out = ctx.out_dir / f"tl-studio-{Path(p['run']).name}.{ext}"
+    res = export_run(p["run"], p["format"], out)
+    files = [out] + ([Path(res["sidecar"])] if res.get("sidecar") else [])
+    res["files"] = [{"name": f.name, "file": f.name, "bytes": f.stat().st_size,
+                     "mime": _MIME.get(f.suffix.lstrip("."), "application/octet-stream")} for f in files]
+    res.pop("path", None)
+    res.pop("sidecar", None)
+    return res
+
+
+def _report(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..share.report import write_report
+
+    ctx.progress({"stage": "work", "message": "Writing the HTML report", "force": True})
+    out = ctx.out_dir / f"tl-studio-report-{Path(p['run']).name}.html"
+    write_report(p["run"], out)
+    return {"files": [{"name": out.name, "file": out.name, "bytes": out.stat().st_size, "mime": "text/html"}]}
+
+
+def _time_backbone(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..models.backbones import time_backbone
+
+    return {"backbone": p["backbone"], "ms_per_image": time_backbone(p["backbone"])}
+
+
+# --------------------------------------------------------------------------------------------------
+# interactive lane (warm models)
+# --------------------------------------------------------------------------------------------------
+def _warm_model(ctx: Any, run: str, stamp: Any, head: str = "saved") -> Any:
+    from ..share.loading import load_model
+
+    return ctx.models.get((run, str(stamp), head), lambda: load_model(run, head=head))
+
+
+def _predict(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..data.images import load_image
+    from ..errors import DatasetError
+    from ..share.predict import predict_pil
+
+    tm = _warm_model(ctx, p["run"], p.get("stamp"))
+    images, names, skipped = [], [], []
+    for path, name in zip(p["images"], p["names"]):
+        try:
+            images.append(load_image(path))
+            names.append(name)
+        except DatasetError as e:
+            skipped.append({"path": name, "reason": str(e).split(": ", 1)[-1]})
+    rows = predict_pil(tm, images, top_k=int(p.get("top_k", 3))) if images else []
+    return {"rows": [{"path": n, **r} for n, r in zip(names, rows)], "skipped": skipped, "classes": tm.classes}
+
+
+def _explain(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..insight.explain import explain_image
+
+    tm = _warm_model(ctx, p["run"], p.get("stamp"))
+    res = explain_image(tm, p["image"], target=p.get("target"))
+    return {k: res[k] for k in ("label", "confidence", "top_k", "target", "flat", "layer", "model")} | {
+        "overlay": _save_png(res["overlay"], ctx.out_dir, "overlay.png", side=480)}
+
+
+def _augment_preview(ws: Workspace, p: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
+    from PIL import Image
+
+    from ..models.preprocess import augmentation_preview
+
+    out = []
+    for n, (name, views) in enumerate(augmentation_preview(p["paths"], p["backbone"], p["preset"],
+                                                           copies=int(p.get("copies", 4)), seed=int(p["seed"]))):
+        files = [_save_png(Image.fromarray(v), ctx.out_dir, f"aug-{n}-{i}.png") for i, v in enumerate(views)]
+        out.append({"name": name, "views": files})
+    return out
+
+
+def _check_weights(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..models.backbones import check_uploaded_weights
+
+    return check_uploaded_weights(Path(p["path"]), p["backbone"])
+
+
+KINDS: dict[str, TaskKind] = {k.name: k for k in [
+    TaskKind("train", "compute", "Training", _train),
+    TaskKind("audit", "compute", "Checking the data", _audit),
+    TaskKind("advise", "compute", "Comparing backbones", _advise),
+    TaskKind("embedding_map", "compute", "Drawing the embedding map", _embedding_map),
+    TaskKind("domain_gap", "compute", "Measuring the domain gap", _domain_gap),
+    TaskKind("gradcam", "compute", "Computing Grad-CAM heat-maps", _gradcam),
+    TaskKind("calibrate", "compute", "Fitting temperature scaling", _calibrate),
+    TaskKind("lab", "compute", "Running the lab", _lab),
+    TaskKind("export", "compute", "Exporting and verifying", _export),
+    TaskKind("report", "compute", "Writing the report", _report),
+    TaskKind("time_backbone", "compute", "Timing the backbone", _time_backbone),
+    TaskKind("predict", "interactive", "Predicting", _predict),
+    TaskKind("explain", "interactive", "Drawing where the model looked", _explain),
+    TaskKind("augment_preview", "interactive", "Drawing augmented images", _augment_preview),
+    TaskKind("check_weights", "interactive", "Checking the weights file", _check_weights),
+]}
+
+
+def kind_spec(name: str) -> TaskKind:
+    """The :class:`TaskKind` called ``name``. Raises ConfigError for an unknown kind."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ConfigError(f"Unknown task kind {name!r}; known: {', '.join(KINDS)}.") from None

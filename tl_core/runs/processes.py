@@ -1,0 +1,63 @@
+"""Which process did the work: a process is identified by its pid *and* its start time, so that a pid the
+system has since given to another process is not mistaken for a live worker; and starting workers so that
+they leave no defunct process behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Sequence
+
+__all__ = ["start_time", "identity", "alive", "spawn_detached"]
+
+
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux ``/proc``); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b") ", 1)[1].split()
+        return int(fields[19])  # field 22 of stat(5); fields[0] is field 3 (state)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def identity() -> tuple[int, int | None]:
+    """(pid, start time) of this process, as recorded with the run or task it runs."""
+    pid = os.getpid()
+    return pid, start_time(pid)
+
+
+def alive(pid: int | None, started: int | None = None) -> bool:
+    """Whether the process that recorded (``pid``, ``started``) still runs: same pid, same start time, not a
+    zombie. With no recorded start time only the pid is checked."""
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            rest = f.read().rsplit(b") ", 1)[1].split()
+    except OSError:
+        return True  # no /proc (macOS): the pid exists
+    if rest[0] == b"Z":
+        return False  # a zombie has finished
+    return started is None or int(rest[19]) == int(started)
+
+
+def spawn_detached(cmd: Sequence[str], log_path: str | os.PathLike, env: dict[str, str] | None = None) -> None:
+    """Start ``cmd`` as a daemon: in its own session, re-parented to init, output appended to ``log_path``.
+
+    The intermediate process exits at once and is waited for here, so the caller (the app's server) is
+    never left with a defunct child when the worker ends; and the worker outlives a restart of the server.
+    """
+    launcher = ("import os, subprocess, sys\n"
+                "log = open(sys.argv[1], 'ab')\n"
+                "subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=log, stderr=log, "
+                "start_new_session=True, close_fds=True)\n")
+    subprocess.run([sys.executable, "-c", launcher, str(log_path), *cmd], env=env, check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)

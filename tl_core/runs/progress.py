@@ -1,0 +1,128 @@
+"""What a user reads about a run: a progress line with the time left, durations, and the rows of the runs
+table (settings a strategy does not use are left blank). Plain data; pages draw it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import fields_for_strategy
+
+__all__ = ["describe_progress", "duration_text", "runs_rows", "stop_text"]
+
+
+_STAGES = {
+    "queued": "Waiting in the queue",
+    "check": "Checking the images",
+    "decode": "Decoding the images",
+    "extract": "Computing features with the frozen backbone",
+    "probe": "Fitting the linear probe (head initialisation)",
+    "train": "Training",
+    "epoch": "Training",
+    "refit": "Refitting the head on training + validation images",
+    "evaluate": "Evaluating the best checkpoint",
+    "done": "Done",
+}
+
+
+def duration_text(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    return f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def describe_progress(status: str, progress: dict[str, Any] | None,
+                      epochs: Sequence[dict[str, Any]] = ()) -> tuple[float, str]:
+    """A progress fraction (0-1) and one line of text (stage, counts, time left) for a run.
+
+    The time left is the engine's ``eta_s`` when the stage gives one, otherwise estimated from the mean
+    epoch time (linear probe epochs can stop early, so it is an upper bound).
+    """
+    p = progress or {}
+    stage = p.get("stage", "queued" if status == "queued" else "")
+    if status == "done":
+        return 1.0, "Done"
+    if status in ("failed", "cancelled", "interrupted"):
+        return 0.0, status.capitalize()
+    text = _STAGES.get(stage, stage.capitalize() or "Starting")
+    frac = 0.0
+    eta = p.get("eta_s")
+    if stage in ("epoch", "train", "probe") and p.get("epochs"):
+        ep, total_ep = int(p.get("epoch") or 0), int(p["epochs"])
+        if stage == "train" and p.get("total"):
+            frac = float(p.get("done", 0)) / float(p["total"])
+        else:
+            frac = ep / max(1, total_ep)
+        text += f": epoch {ep}/{total_ep}"
+        if eta is None and epochs:
+            secs = [float(e.get("seconds") or 0) for e in epochs if not e.get("probe")]  # epoch 0: the probe
+            if secs:
+                eta = sum(secs) / len(secs) * (total_ep - ep)
+    elif p.get("total"):
+        frac = float(p.get("done", 0)) / float(p["total"])
+        text += f": {p.get('done', 0)}/{p['total']} images"
+    elif stage == "evaluate":
+        frac = 1.0
+    if eta is not None and status == "running":
+        text += f" · about {duration_text(float(eta))} left"
+    return min(1.0, max(0.0, frac)), text
+
+
+def runs_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flat rows (one per run) for a runs table: id, status, when, data, config and results.
+
+    Settings the run's strategy does not use (a linear probe has no learning rate, batches or augmentation)
+    are None, so the table shows them blank rather than a misleading default.
+    """
+    rows = []
+    for r in runs:
+        cfg = r.get("config") or {}
+        s = r.get("summary") or {}
+        w = r.get("weights") or s.get("weights") or {}
+        used = set(fields_for_strategy(cfg.get("strategy", "")))
+        row = {
+            "run": r["id"],
+            "status": r["status"],
+            "data": Path(str(r.get("data", ""))).name,
+            "backbone": cfg.get("backbone"),
+            "strategy": cfg.get("strategy"),
+            "val_accuracy": s.get("val_accuracy"),
+            "test_accuracy": s.get("test_accuracy"),
+            "seconds": s.get("seconds"),
+            "best_epoch": s.get("best_epoch"),
+        }
+        for key in ("epochs", "lr", "batch_size", "augment", "seed"):
+            row[key] = cfg.get(key) if key in used else None
+        row.update({"weights": w.get("source"),
+                    "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
+                    "error": r.get("error")})
+        rows.append(row)
+    return rows
+
+
+def stop_text(strategy: str, stop: dict[str, Any], best_epoch: int | None) -> str | None:
+    """One sentence on how fine-tuning ended and what would change the outcome (None for the linear probe).
+
+    Early stopping is named with its numbers ("stopped at epoch 4 of 20: validation did not improve for 4
+    epochs"), and the advice fits it: more epochs cannot help a run that patience stopped.
+    """
+    if strategy == "linear" or not stop:
+        return None
+    epoch, epochs, patience = stop.get("epoch"), stop.get("epochs"), stop.get("patience")
+    if stop.get("reason") == "patience":
+        text = (f"Stopped at epoch {epoch} of {epochs}: validation accuracy did not improve for {patience} "
+                f"epoch{'s' if patience != 1 else ''} (early stopping), so the epoch-{best_epoch} weights were kept.")
+        if best_epoch == 0:
+            text += (" Fine-tuning never beat the linear probe it started from: more epochs would stop at the same "
+                     "place. More images per class give it room to help; a larger patience lets it try longer.")
+        else:
+            text += " More epochs would not change this; a larger patience lets it try longer."
+        return text
+    if best_epoch == epochs:
+        return (f"Ran all {epochs} epochs and was still improving at the last one: more epochs may help.")
+    if best_epoch == 0:
+        return (f"Ran all {epochs} epochs without beating the linear probe it started from on the validation "
+                "images, so the probe's weights were kept. More images per class give fine-tuning room to help.")
+    return f"Ran all {epochs} epochs; epoch {best_epoch} was the best on validation and its weights were kept."

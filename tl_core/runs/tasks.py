@@ -1,0 +1,208 @@
+"""Tasks: every long computation the app asks for runs in a bounded pool of worker processes, never in the
+server.
+
+A page calls :func:`submit` with a task kind (``tl_core.runs.kinds``) and JSON parameters. The task is
+stored in the workspace's run store with a *key* (its kind and parameters, which name everything the result
+depends on: a dataset's file signature, a run's file stamps), so that:
+
+- the same request made twice (two tabs, thirty students) is one task, and a finished one is a stored
+  result that later requests read at once;
+- a page finds its task again from its own inputs after a refresh or a restart of the server
+  (:func:`find`); the task itself never lived in the server, so it finished or kept running meanwhile.
+
+Two lanes of workers (``tl_core.runs.workers``): ``compute`` (training, the audit, the advisor, the
+embedding map, the domain gap, Grad-CAM, calibration, the lab, exports, the report, speed timing) runs at
+most ``TL_MAX_WORKERS`` tasks at once, machine-wide; ``interactive`` (Try it's predictions and heat-maps,
+augmentation previews, checking uploaded weights) has its own small pool that keeps a few models warm, so
+that a prediction does not wait behind a training. At most :data:`MAX_QUEUED` tasks wait per lane; one more
+is refused with :class:`QueueFullError`. Cancel is real: a flag the task checks, and a worker that ignores it
+is killed.
+
+Why not a task-queue library: Celery, RQ and Dramatiq need a broker (Redis, RabbitMQ) that a laptop or a
+classroom machine does not run; Huey's SQLite backend keeps its own task table beside the run store (two
+sources of truth), has no progress, cannot stop a running task, and shares no key between identical
+requests. The run store already gives all of that in a few hundred lines, with the same SQLite file the
+pages read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import RunError, TLError
+from .store import ACTIVE_STATUSES, RunStore
+from .workspace import Workspace
+
+__all__ = ["QueueFullError", "Task", "MAX_QUEUED", "task_key", "submit", "find", "get", "result", "cancel",
+           "queue_position", "describe_wait"]
+
+log = logging.getLogger(__name__)
+
+#: Tasks allowed to wait in one lane (all projects together); one more is refused.
+MAX_QUEUED = 50
+#: A finished task's result file (JSON), under ``<workspace>/tasks/<id>/``, with any images it refers to.
+RESULT_FILE = "result.json"
+
+
+class QueueFullError(TLError):
+    """Too many tasks are waiting."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task as the store records it (see the ``tasks`` table), with derived timings."""
+
+    id: str
+    kind: str
+    key: str
+    lane: str
+    params: dict[str, Any]
+    status: str
+    created: float
+    started: float | None
+    finished: float | None
+    progress: dict[str, Any]
+    error: str | None
+    run_id: str | None
+    shared: bool = False  # submit() found an identical request's task instead of making one
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], shared: bool = False) -> "Task":
+        return cls(id=row["id"], kind=row["kind"], key=row["key"], lane=row["lane"], params=row.get("params") or {},
+                   status=row["status"], created=row["created"], started=row.get("started"),
+                   finished=row.get("finished"), progress=row.get("progress") or {}, error=row.get("error"),
+                   run_id=row.get("run_id"), shared=shared)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+    @property
+    def waited_s(self) -> float:
+        """Seconds from the click to a worker starting it (so far, when still queued)."""
+        return (self.started or (self.finished if self.status != "queued" else None) or time.time()) - self.created
+
+    @property
+    def ran_s(self) -> float:
+        """Seconds the worker spent on it (so far, when still running)."""
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def total_s(self) -> float:
+        """Seconds from the click to the result: what a user waited."""
+        return (self.finished or time.time()) - self.created
+
+
+def task_key(kind: str, params: dict[str, Any]) -> str:
+    """The key of a request: its kind and canonical parameters (everything its result depends on)."""
+    raw = kind + "|" + json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return kind + ":" + hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def submit(ws: Workspace, kind: str, params: dict[str, Any], owner: str | None = None, share: bool = True,
+           run_id: str | None = None, start_worker: bool = True) -> Task:
+    """Queue a task of ``kind`` (or join the identical one already queued, running or done).
+
+    Args:
+        ws: the workspace (project) the task belongs to.
+        kind: a name in :data:`tl_core.runs.kinds.KINDS`.
+        params: JSON-able parameters; with the kind they form the key.
+        owner: who asked (a session id), for display.
+        share: False makes a new task even when an identical one exists (a run, a "compute again").
+        run_id: the run a training task executes.
+        start_worker: start a worker for it (tests pass False to look at the queue).
+    Returns:
+        The task (``shared`` tells whether it was already there).
+    Raises:
+        ConfigError: unknown kind. QueueFullError: :data:`MAX_QUEUED` tasks of its lane are waiting.
+    """
+    from .kinds import kind_spec
+    from .workers import ensure_workers
+
+    spec = kind_spec(kind)
+    key = task_key(kind, params) if share else f"{kind}:{run_id or ''}:{time.time_ns()}"
+    store = ws.store()
+    if share:
+        existing = store.find_task(key)
+        if existing is not None and existing["status"] in ("queued", "running", "done"):
+            return Task.from_row(existing, shared=True)
+    waiting = sum(len(w.store().tasks(status="queued", lane=spec.lane)) for w in ws.all_workspaces())
+    if waiting >= MAX_QUEUED:
+        raise QueueFullError(f"The queue is full ({waiting} tasks waiting); try again when some have finished.")
+    task_id, shared = store.create_task(kind, key, spec.lane, params, owner=owner, run_id=run_id, share=share)
+    if start_worker and not shared:
+        ensure_workers(ws, spec.lane)
+    return Task.from_row(store.task(task_id), shared=shared)
+
+
+def find(ws: Workspace, kind: str, params: dict[str, Any]) -> Task | None:
+    """The newest task made for this exact request (any status), or None: how a page finds its task again."""
+    row = ws.store().find_task(task_key(kind, params))
+    return None if row is None else Task.from_row(row)
+
+
+def get(ws: Workspace, task_id: str) -> Task:
+    """The task ``task_id``. Raises RunError when there is none."""
+    return Task.from_row(ws.store().task(task_id))
+
+
+def task_dir(ws: Workspace, task_id: str) -> Path:
+    if not task_id or "/" in task_id or task_id.startswith("."):
+        raise RunError(f"{task_id!r} is not a valid task id.")
+    return ws.tasks_dir / task_id
+
+
+def result(ws: Workspace, task: Task | str) -> Any:
+    """A done task's result (JSON data; files it names are in :func:`task_dir`).
+
+    Raises:
+        RunError: the task is not done, or its result was removed.
+    """
+    t = get(ws, task) if isinstance(task, str) else task
+    if t.status != "done":
+        raise RunError(f"Task {t.id} is {t.status}; it has no result" + (f" ({t.error})" if t.error else "") + ".")
+    f = task_dir(ws, t.id) / RESULT_FILE
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise RunError(f"The result of task {t.id} is gone (cleaned up or damaged); ask for it again.") from None
+
+
+def cancel(ws: Workspace, task_id: str, wait: bool = False) -> None:
+    """Stop a task: a queued one at once; a running one at its next check point, or its worker is killed."""
+    from .workers import stop_task
+
+    stop_task(ws, task_id, wait=wait)
+
+
+def queue_position(ws: Workspace, task: Task) -> dict[str, int]:
+    """Where a queued task stands in its lane, machine-wide: {"ahead": tasks queued before it, "running":
+    tasks of its lane running now, "slots": how many run at once}."""
+    from .workers import lane_slots
+
+    ahead = running = 0
+    for w in ws.all_workspaces():
+        store: RunStore = w.store()
+        for t in store.tasks(lane=task.lane):
+            if t["status"] == "running":
+                running += 1
+            elif t["status"] == "queued" and (t["created"], t["id"]) < (task.created, task.id):
+                ahead += 1
+    return {"ahead": ahead, "running": running, "slots": lane_slots(task.lane)}
+
+
+def describe_wait(ws: Workspace, task: Task) -> str:
+    """One line for a user whose task waits: where it stands and for how long it has waited."""
+    pos = queue_position(ws, task)
+    place = "next" if pos["ahead"] == 0 else f"number {pos['ahead'] + 1}"
+    return (f"Waiting in the queue: {place} in line, {pos['running']} task(s) running "
+            f"(this server runs {pos['slots']} at a time) · waited {task.waited_s:.0f} s")
+

@@ -1,0 +1,152 @@
+"""Predicting with a trained model: image files, folders and zips (a CSV of the answers), Pillow images (the
+app), and evaluating on labelled data. Probabilities are softmax(logits / T) with the run's temperature
+(:func:`tl_core.models.metrics.softmax`), as everywhere else."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..cache import DecodedImageCache
+from ..data.images import IMAGE_EXTENSIONS, load_image
+from ..data.intake import safe_extract_zip
+from ..data.library import open_data
+from ..errors import DatasetError
+from ..models.inference import logits_of_images, logits_of_items
+from ..models.metrics import compute_metrics, softmax, top_losses
+from ..runs.workspace import Workspace
+from .loading import TrainedModel
+
+__all__ = ["evaluate_dataset", "expand_paths", "predict_pil", "predict_paths", "write_predictions_csv", "predictions_csv",
+           "prediction_row"]
+
+
+def evaluate_dataset(tm: TrainedModel, data: str | os.PathLike, workspace: Workspace | None = None) -> dict[str, Any]:
+    """Evaluate on a labelled dataset: its ``test`` split when it has one, otherwise every image.
+
+    Returns:
+        accuracy, classes, confusion (rows = true class), per_class, count, evaluated, top_losses.
+    Raises:
+        DatasetError: the data has classes the model does not know.
+    """
+    workspace = workspace or Workspace.default()
+    ds = open_data(data, workspace, min_per_class=1)
+    items = [i for i in ds.items if i.split == "test"]
+    evaluated = "test split"
+    if not items:
+        items, evaluated = list(ds.items), "all images"
+    unknown = sorted({i.label for i in items} - set(tm.classes))
+    if unknown:
+        raise DatasetError(f"The data has classes the model was not trained on: {', '.join(unknown[:10])}; "
+                           f"the model knows {', '.join(tm.classes)}.")
+    cidx = {c: i for i, c in enumerate(tm.classes)}
+    cache = DecodedImageCache(workspace.cache_dir / "decoded")
+    probs = softmax(logits_of_items(tm.model, items, tm.pre, cache), tm.temperature)
+    y = [cidx[i.label] for i in items]
+    rep = compute_metrics(y, probs, tm.classes)
+    rep["evaluated"] = evaluated
+    rep["skipped"] = [{"path": s.path, "reason": s.reason} for s in ds.skipped]
+    rep["top_losses"] = top_losses([str(i.path) for i in items], y, probs, tm.classes, k=20)
+    return rep
+
+
+def expand_paths(paths: Iterable[str | os.PathLike], tmp: Path) -> tuple[list[tuple[Path, str]], list[dict[str, str]]]:
+    """Image files to predict as (file on disk, name to report); folders walked, zips unpacked safely."""
+    files: list[tuple[Path, str]] = []
+    skipped: list[dict[str, str]] = []
+    for n, raw in enumerate(paths):
+        p = Path(raw)
+        if p.is_dir():
+            files += [(f, str(f)) for f in sorted(p.rglob("*"))
+                      if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                      and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+        elif p.is_file() and p.suffix.lower() == ".zip":
+            try:
+                dest, sk, _ = safe_extract_zip(p, tmp / f"zip{n}")
+            except DatasetError as e:
+                skipped.append({"path": str(p), "reason": str(e)})
+                continue
+            skipped += [{"path": f"{p}/{s.path}", "reason": s.reason} for s in sk]
+            files += [(f, f"{p}/{f.relative_to(dest).as_posix()}") for f in sorted(dest.rglob("*"))
+                      if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+        elif p.is_file():
+            files.append((p, str(p)))
+        else:
+            skipped.append({"path": str(p), "reason": "not found"})
+    return files, skipped
+
+
+def predict_pil(tm: TrainedModel, images: Sequence[Any], top_k: int = 3) -> list[dict[str, Any]]:
+    """Top-k predictions for RGB Pillow images: label, confidence, top_k [{label, confidence}]."""
+    probs = softmax(logits_of_images(tm.model, images, tm.pre), tm.temperature)
+    return [prediction_row(p, tm.classes, top_k) for p in probs]
+
+
+def prediction_row(p: np.ndarray, classes: Sequence[str], top_k: int) -> dict[str, Any]:
+    """label, confidence and top_k [{label, confidence}] of one image's probabilities."""
+    order = np.argsort(-p, kind="stable")[:max(1, top_k)]
+    return {"label": classes[int(order[0])], "confidence": float(p[order[0]]),
+            "top_k": [{"label": classes[int(i)], "confidence": float(p[i])} for i in order]}
+
+
+def predict_paths(tm: TrainedModel, paths: Iterable[str | os.PathLike], top_k: int = 3, batch_size: int = 32,
+                  progress: Callable[[int, int], None] | None = None
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Predict image files, folders (recursively) and zips of images. Unreadable files are skipped.
+
+    Args:
+        tm: the loaded model.
+        paths: files, folders and ``.zip`` files, in any mix.
+        top_k: how many classes each row lists.
+        batch_size: images per forward pass.
+        progress: called with (done, total) after each batch.
+    Returns:
+        (rows of {path, label, confidence, top_k}, skipped [{path, reason}]); an image inside a zip is
+        reported as ``archive.zip/inner/path.png``.
+    """
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="tl-predict-") as tmp:
+        files, skipped = expand_paths(paths, Path(tmp))
+        for start in range(0, len(files), batch_size):
+            batch, names = [], []
+            for f, name in files[start:start + batch_size]:
+                try:
+                    batch.append(load_image(f))
+                    names.append(name)
+                except DatasetError as e:
+                    skipped.append({"path": name, "reason": str(e).split(": ", 1)[-1]})
+            if batch:
+                probs = softmax(logits_of_images(tm.model, batch, tm.pre), tm.temperature)
+                rows += [{"path": n, **prediction_row(p, tm.classes, top_k)} for n, p in zip(names, probs)]
+            if progress:
+                progress(min(start + batch_size, len(files)), len(files))
+    return rows, skipped
+
+
+def write_predictions_csv(rows: Sequence[dict[str, Any]], out: str | os.PathLike | io.StringIO) -> None:
+    """CSV with path, label, confidence, and top-k as 'label:conf;label:conf'."""
+    own = not isinstance(out, io.StringIO)
+    f = open(out, "w", newline="", encoding="utf-8") if own else out
+    try:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "confidence", "top_k"])
+        for r in rows:
+            w.writerow([r["path"], r["label"], f"{r['confidence']:.6f}",
+                        ";".join(f"{t['label']}:{t['confidence']:.6f}" for t in r["top_k"])])
+    finally:
+        if own:
+            f.close()
+
+
+def predictions_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The CSV of :func:`write_predictions_csv` as a string (for a download button)."""
+    buf = io.StringIO()
+    write_predictions_csv(rows, buf)
+    return buf.getvalue()
+
