@@ -30,17 +30,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import RunError, TLError
+from ..config import TrainConfig
+from ..errors import DatasetError, RunError, TLError
 from .store import ACTIVE_STATUSES, RunStore
 from .workspace import Workspace
 
 __all__ = ["QueueFullError", "Task", "MAX_QUEUED", "task_key", "submit", "find", "get", "result", "cancel",
-           "queue_position", "describe_wait"]
+           "queue_position", "describe_wait", "submit_training", "cancel_run"]
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +208,36 @@ def describe_wait(ws: Workspace, task: Task) -> str:
     return (f"Waiting in the queue: {place} in line, {pos['running']} task(s) running "
             f"(this server runs {pos['slots']} at a time) · waited {task.waited_s:.0f} s")
 
+
+def submit_training(ws: Workspace, data: str | os.PathLike, cfg: TrainConfig, owner: str | None = None,
+                    name: str | None = None, start_worker: bool = True) -> str:
+    """Queue a training run for a worker and return its run id.
+
+    Raises:
+        ConfigError: the configuration is invalid (checked before anything is queued).
+        DatasetError: the data path does not exist.
+        QueueFullError: too many tasks are waiting.
+    """
+    cfg = cfg.resolved()
+    data = Path(data).expanduser().resolve()
+    if not data.exists():
+        raise DatasetError(f"{data} does not exist; choose a dataset first.")
+    store = ws.store()
+    run_id = store.create_run(str(data), cfg.to_dict(), status="queued", name=name, owner=owner)
+    store.update(run_id, progress={"stage": "queued", "time": time.time()})
+    try:
+        submit(ws, "train", {"run_id": run_id}, owner=owner, share=False, run_id=run_id,
+               start_worker=start_worker)
+    except TLError:
+        store.delete(run_id)
+        raise
+    return run_id
+
+
+def cancel_run(ws: Workspace, run_id: str, wait: bool = False) -> None:
+    """Stop a run: queued at once; running at its next check point, or its worker is killed."""
+    store = ws.store()
+    store.request_cancel(run_id)
+    for t in store.tasks(kind="train"):
+        if t.get("run_id") == run_id and t["status"] in ("queued", "running"):
+            cancel(ws, t["id"], wait=wait)

@@ -40,7 +40,7 @@ from .files import SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMeta, RunMet
 from .processes import identity
 from .workspace import Workspace
 
-__all__ = ["TrainResult", "train_model", "run_training", "submit_training", "cancel_run"]
+__all__ = ["TrainResult", "train_model", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -355,41 +355,3 @@ def _result(run_id: str, run_dir: Path, status: str, s: dict[str, Any], seconds:
                        epochs_run=s.get("epochs_run", 0), seconds=round(seconds, 3), weights=s.get("weights", {}),
                        counts=s.get("counts", {}), error=error)
 
-
-def submit_training(ws: Workspace, data: str | os.PathLike, cfg: TrainConfig, owner: str | None = None,
-                    name: str | None = None, start_worker: bool = True) -> str:
-    """Queue a training run for a worker and return its run id.
-
-    Raises:
-        ConfigError: the configuration is invalid (checked before anything is queued).
-        DatasetError: the data path does not exist.
-        QueueFullError: too many tasks are waiting.
-    """
-    from . import tasks
-
-    cfg = cfg.resolved()
-    check_backbone_name(cfg.backbone)
-    data = Path(data).expanduser().resolve()
-    if not data.exists():
-        raise DatasetError(f"{data} does not exist; choose a dataset first.")
-    store = ws.store()
-    run_id = store.create_run(str(data), cfg.to_dict(), status="queued", name=name, owner=owner)
-    store.update(run_id, progress={"stage": "queued", "time": time.time()})
-    try:
-        tasks.submit(ws, "train", {"run_id": run_id}, owner=owner, share=False, run_id=run_id,
-                     start_worker=start_worker)
-    except TLError:
-        store.delete(run_id)
-        raise
-    return run_id
-
-
-def cancel_run(ws: Workspace, run_id: str, wait: bool = False) -> None:
-    """Stop a run: queued at once; running at its next check point, or its worker is killed."""
-    from . import tasks
-
-    store = ws.store()
-    store.request_cancel(run_id)
-    for t in store.tasks(kind="train"):
-        if t.get("run_id") == run_id and t["status"] in ("queued", "running"):
-            tasks.cancel(ws, t["id"], wait=wait)
