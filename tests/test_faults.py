@@ -21,12 +21,13 @@ import pytest
 
 import hostile as H
 from conftest import EMOJI
-from tl_core import jobs
 from tl_core.config import TrainConfig
-from tl_core.runs.store import ACTIVE_STATUSES, RunStore
-from tl_core.runs.workspace import Workspace
+from tl_core.runs import tasks, workers
 from tl_core.runs.processes import alive as _pid_alive
+from tl_core.runs.store import ACTIVE_STATUSES, RunStore
 from tl_core.runs.training import run_training
+from tl_core.runs.workers import CANCEL_GRACE_S, recover
+from tl_core.runs.workspace import Workspace
 
 LINEAR = TrainConfig(strategy="linear", epochs=5)
 #: long enough to be caught mid-epoch: tiny batches, many epochs, no early stop
@@ -71,13 +72,12 @@ def queue_ws(workspace, monkeypatch):
     monkeypatch.setenv("TL_MAX_WORKERS", "1")
     yield workspace
     store = workspace.store()
-    for r in store.list():
-        if r["status"] == "queued":
-            store.request_cancel(r["id"])
-    for r in store.list(status="running"):
-        if r.get("pid") and r["pid"] != os.getpid() and _pid_alive(int(r["pid"])):
-            os.kill(int(r["pid"]), signal.SIGKILL)
-    store.mark_dead_workers()
+    for t in store.tasks(status="queued"):
+        store.request_task_cancel(t["id"])
+    for t in store.tasks(status="running"):
+        if t.get("pid") and t["pid"] != os.getpid() and _pid_alive(t["pid"], t.get("pid_start")):
+            os.kill(int(t["pid"]), signal.SIGKILL)
+    recover(workspace)
 
 
 # ==================================================================================================
@@ -87,9 +87,9 @@ def queue_ws(workspace, monkeypatch):
 def test_worker_killed_mid_epoch_is_recovered_and_nothing_else_is_touched(tmp_path, queue_ws):
     ws, store = queue_ws, queue_ws.store()
     data = _subset(tmp_path / "data", 4)
-    done_id = jobs.submit(ws, data, LINEAR, name="finishes first")
-    victim = jobs.submit(ws, data, LONG_FULL, name="killed")
-    after = jobs.submit(ws, data, LINEAR, name="queued behind the victim")
+    done_id = tasks.submit_training(ws, data, LINEAR, name="finishes first")
+    victim = tasks.submit_training(ws, data, LONG_FULL, name="killed")
+    after = tasks.submit_training(ws, data, LINEAR, name="queued behind the victim")
     _wait(lambda: store.get(done_id)["status"] == "done", 120, "the first run to finish")
     t0 = time.monotonic()
     _wait(lambda: _stage(store, victim) == "train", 120, "the victim to be in an epoch")
@@ -103,9 +103,11 @@ def test_worker_killed_mid_epoch_is_recovered_and_nothing_else_is_touched(tmp_pa
     t_kill = time.monotonic()
     _wait(lambda: not _pid_alive(pid), 10, "the killed worker to die")
     assert store.get(victim)["status"] == "running"  # nobody has noticed yet: that is recover()'s job
-    dead = jobs.recover(ws)
+    dead = recover(ws)
     t_recovered = time.monotonic()
-    assert dead == [victim]
+    victim_task = next(t["id"] for t in store.tasks(kind="train") if t["run_id"] == victim)
+    assert sorted(dead) == sorted([victim_task])  # the task's worker died; its run follows it
+    assert store.task(victim_task)["status"] == "interrupted"
     row = store.get(victim)
     assert row["status"] == "interrupted"
     assert row["error"] == ("The training process stopped unexpectedly (killed, out of memory, or the server "
@@ -114,7 +116,7 @@ def test_worker_killed_mid_epoch_is_recovered_and_nothing_else_is_touched(tmp_pa
     assert not (ws.run_dir(victim) / "model.safetensors").exists()
     # recover() also restarted a worker for the run that was waiting behind the victim
     _wait(lambda: store.get(after)["status"] == "done", 120, "the queued run to finish after recovery")
-    assert jobs.recover(ws) == []  # idempotent
+    assert recover(ws) == []  # idempotent
     assert [r for r in store.list() if r["status"] in ACTIVE_STATUSES] == []
     _integrity(ws)
     print(f"\n[kill] reached an epoch {t_kill - t0:.1f}s after the first run finished; kill→recovered "
@@ -131,7 +133,7 @@ def test_restart_marks_runs_of_vanished_processes_interrupted(workspace):
     store.update(alive, pid=os.getpid())  # still alive: must not be touched
     nopid = store.create_run("data", {}, status="running")  # crashed before it recorded a pid
     finished = store.create_run("data", {}, status="done")
-    assert sorted(jobs.recover(workspace)) == sorted([lost, nopid])
+    assert sorted(recover(workspace)) == sorted([lost, nopid])
     assert store.get(lost)["status"] == store.get(nopid)["status"] == "interrupted"
     assert "stopped unexpectedly" in store.get(lost)["error"]
     assert store.get(alive)["status"] == "running" and store.get(finished)["status"] == "done"
@@ -150,13 +152,13 @@ def _cancel(ws: Workspace, run_id: str, cooperative_msg: str) -> tuple[float, st
     one forward pass outlasts the grace period the watchdog kills the worker instead (also a stop)."""
     pid = int(ws.store().get(run_id)["pid"])
     t0 = time.monotonic()
-    jobs.cancel(ws, run_id, wait=True)
+    tasks.cancel_run(ws, run_id, wait=True)
     _wait(lambda: ws.store().get(run_id)["status"] != "running", 10, "the run to stop")
     latency = time.monotonic() - t0
     row = ws.store().get(run_id)
     assert row["status"] == "cancelled"
     assert row["error"] in (cooperative_msg, KILLED)
-    assert latency < jobs.CANCEL_GRACE_S + 1.5
+    assert latency < CANCEL_GRACE_S + 1.5
     if row["error"] == KILLED:
         _wait(lambda: not _pid_alive(pid), 10, "the killed worker to die")
     return latency, "cooperative" if row["error"] == cooperative_msg else "killed after the grace period"
@@ -165,7 +167,7 @@ def _cancel(ws: Workspace, run_id: str, cooperative_msg: str) -> tuple[float, st
 @pytest.mark.slow
 def test_cancel_during_feature_extraction_stops_within_seconds(queue_ws):
     ws, store = queue_ws, queue_ws.store()
-    run_id = jobs.submit(ws, EMOJI, TrainConfig(strategy="linear"))  # 200 images: several seconds of extraction
+    run_id = tasks.submit_training(ws, EMOJI, TrainConfig(strategy="linear"))  # 200 images: several seconds of extraction
     _wait(lambda: _stage(store, run_id) == "extract", 120, "feature extraction to start")
     latency, how = _cancel(ws, run_id, "Cancelled during feature extraction.")
     assert store.epochs(run_id) == [] and store.get(run_id)["pid"] is None
@@ -176,7 +178,7 @@ def test_cancel_during_feature_extraction_stops_within_seconds(queue_ws):
 @pytest.mark.slow
 def test_cancel_during_an_epoch_stops_within_seconds(tmp_path, queue_ws):
     ws, store = queue_ws, queue_ws.store()
-    run_id = jobs.submit(ws, _subset(tmp_path / "data", 4), LONG_FULL)
+    run_id = tasks.submit_training(ws, _subset(tmp_path / "data", 4), LONG_FULL)
     _wait(lambda: _stage(store, run_id) == "train", 120, "an epoch to start")
     latency, how = _cancel(ws, run_id, "Cancelled during an epoch.")
     assert store.get(run_id)["pid"] is None
@@ -185,11 +187,11 @@ def test_cancel_during_an_epoch_stops_within_seconds(tmp_path, queue_ws):
 
 def test_cancel_of_a_queued_run_is_immediate(workspace, tmp_path):
     store = workspace.store()
-    run_id = jobs.submit(workspace, _subset(tmp_path / "d", 2), LINEAR, start_worker=False)
-    jobs.cancel(workspace, run_id)
+    run_id = tasks.submit_training(workspace, _subset(tmp_path / "d", 2), LINEAR, start_worker=False)
+    tasks.cancel_run(workspace, run_id)
     row = store.get(run_id)
     assert row["status"] == "cancelled" and row["error"] == "Cancelled before it started."
-    assert store.claim_next(os.getpid()) is None  # a worker will never pick it up
+    assert store.oldest_queued("compute") is None  # a worker will never pick it up
 
 
 # ==================================================================================================
@@ -227,7 +229,7 @@ def test_disk_full_while_writing_run_metadata(workspace, small_data, monkeypatch
     real = Path.write_text
 
     def write_text(self, *a, **k):
-        if self.name == "meta.json":
+        if "meta.json" in self.name:  # written atomically through a temporary file next to it
             _enospc()
         return real(self, *a, **k)
 
@@ -281,7 +283,7 @@ def test_a_really_full_disk(tmp_path, small_data):
 def test_out_of_memory_fails_the_run_with_a_clear_message(workspace, small_data, monkeypatch, error):
     import torch
 
-    import tl_core.features
+    import tl_core.models.features
 
     if error == "cuda":
         error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -289,7 +291,7 @@ def test_out_of_memory_fails_the_run_with_a_clear_message(workspace, small_data,
     def boom(*a, **k):
         raise error
 
-    monkeypatch.setattr(tl_core.features, "pooled_features", boom)
+    monkeypatch.setattr(tl_core.models.features, "pooled_features", boom)
     res = run_training(workspace, small_data, LINEAR, raise_errors=False)
     assert res.status == "failed" and res.error == OOM_MSG
     assert workspace.store().get(res.run_id)["error"] == OOM_MSG
@@ -308,7 +310,8 @@ def test_many_simultaneous_jobs_are_queued_and_all_finish(tmp_path, queue_ws, mo
     lock = threading.Lock()
 
     def user(i: int) -> None:  # five users press "Train" at the same moment
-        rid = jobs.submit(ws, datasets[i], TrainConfig(strategy="linear", epochs=3, seed=i), owner=f"user{i}")
+        rid = tasks.submit_training(ws, datasets[i], TrainConfig(strategy="linear", epochs=3, seed=i),
+                                    owner=f"user{i}")
         with lock:
             ids.append(rid)
 
@@ -337,7 +340,7 @@ def test_many_simultaneous_jobs_are_queued_and_all_finish(tmp_path, queue_ws, mo
         assert r["summary"]["val_accuracy"] is not None and len(store.epochs(r["id"])) >= 1
         assert r["owner"].startswith("user")
     # a late arrival after the workers have gone idle still gets a worker
-    late = jobs.submit(ws, datasets[0], LINEAR)
+    late = tasks.submit_training(ws, datasets[0], LINEAR)
     _wait(lambda: store.get(late)["status"] == "done", 120, "a run submitted after the queue drained")
     _integrity(ws)
     print(f"\n[concurrency] 5 simultaneous linear runs, 2 workers: all done in {took:.1f}s, peak running {peak}")
@@ -346,32 +349,33 @@ def test_many_simultaneous_jobs_are_queued_and_all_finish(tmp_path, queue_ws, mo
 def test_a_run_queued_while_the_worker_is_leaving_is_not_lost(workspace, tmp_path, monkeypatch):
     """The race between a worker finding the queue empty and releasing its slot: a run submitted in that
     window sees the slot busy and starts no worker, so the leaving worker must take it."""
-    import tl_core.train
+    from tl_core.runs import kinds
 
     monkeypatch.setenv("TL_MAX_WORKERS", "1")
     data = _subset(tmp_path / "d", 2)
     ran: list[str] = []
 
-    def fake_training(ws, data, cfg, run_id=None, **k):  # the queue logic is under test, not training
-        ran.append(run_id)
-        ws.store().update(run_id, status="done", pid=None)
+    def fake_training(ws, params, ctx):  # the queue logic is under test, not training
+        ran.append(params["run_id"])
+        ws.store().update(params["run_id"], status="done", pid=None)
+        return {"run_id": params["run_id"], "status": "done", "error": None}
 
-    monkeypatch.setattr(tl_core.train, "run_training", fake_training)
-    real_claim = RunStore.claim_next
+    monkeypatch.setitem(kinds.KINDS, "train", kinds.TaskKind("train", "compute", "Training", fake_training))
+    real_oldest = RunStore.oldest_queued
     injected: list[str] = []
     spawned: list[int] = []
-    monkeypatch.setattr(jobs.subprocess, "Popen", lambda *a, **k: spawned.append(1))
+    monkeypatch.setattr(workers, "spawn_detached", lambda *a, **k: spawned.append(1))
 
-    def claim_next(self, pid):
-        rid = real_claim(self, pid)
-        if rid is None and not injected:
+    def oldest_queued(self, lane):
+        found = real_oldest(self, lane)
+        if found is None and not injected:
             # someone presses "Train" right now: the slot lock is still held by this worker
-            injected.append(jobs.submit(workspace, data, LINEAR))
-        return rid
+            injected.append(tasks.submit_training(workspace, data, LINEAR))
+        return found
 
-    monkeypatch.setattr(RunStore, "claim_next", claim_next)
-    first = jobs.submit(workspace, data, LINEAR, start_worker=False)
-    assert jobs.worker_main(str(workspace.home), 0) == 0
+    monkeypatch.setattr(RunStore, "oldest_queued", oldest_queued)
+    first = tasks.submit_training(workspace, data, LINEAR, start_worker=False)
+    assert workers.worker_main(str(workspace.home), "compute", 0) == 0
     assert spawned == []  # the submit saw the slot busy and started nobody ...
     assert ran == [first, injected[0]]  # ... so the leaving worker ran it
     assert workspace.store().get(injected[0])["status"] == "done"
@@ -398,14 +402,3 @@ def test_run_store_survives_many_writer_processes(tmp_path):
     assert con.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 150
     con.close()
     print(f"\n[store] 5 processes x 60 writes (+ reads): {took:.1f}s")
-
-
-def test_each_queued_run_is_claimed_by_exactly_one_worker(tmp_path):
-    db = tmp_path / "runs.sqlite"
-    store = RunStore(db)
-    queued = [store.create_run("d", {"n": n}) for n in range(40)]
-    with multiprocessing.get_context("spawn").Pool(5) as pool:
-        got = pool.starmap(H.claim_until_empty, [(str(db),)] * 5)
-    claimed = [r for g in got for r in g]
-    assert sorted(claimed) == sorted(queued)  # none lost, none run twice
-    assert all(r["status"] == "done" for r in store.list())

@@ -299,7 +299,8 @@ class RunStore:
         assert status in FINAL_STATUSES, status
         now = time.time()
         with self._conn() as c:
-            c.execute("UPDATE tasks SET status=?, error=?, finished=?, updated=?, pid=NULL "
+            # the pid stays: which worker ran a task is worth knowing afterwards
+            c.execute("UPDATE tasks SET status=?, error=?, finished=?, updated=? "
                       "WHERE id=? AND status IN ('queued','running')", (status, error, now, now, task_id))
 
     def task(self, task_id: str) -> dict[str, Any]:
@@ -364,7 +365,7 @@ class RunStore:
             if not alive(t.get("pid"), t.get("pid_start")):
                 now = time.time()
                 with self._conn() as c:
-                    cur = c.execute("UPDATE tasks SET status='interrupted', error=?, finished=?, updated=?, pid=NULL "
+                    cur = c.execute("UPDATE tasks SET status='interrupted', error=?, finished=?, updated=? "
                                     "WHERE id=? AND status='running'",
                                     ("The worker stopped unexpectedly (killed, out of memory, or the machine "
                                      "restarted); start it again.", now, now, t["id"]))
