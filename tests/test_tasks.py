@@ -238,7 +238,7 @@ def test_cancel_a_queued_task_at_once_and_a_running_one_within_seconds(workspace
     t = _done(workspace, running.id, 15)
     took = time.monotonic() - t0
     assert t.status == "cancelled" and took < 5.0 + 1.5
-    assert t.error in ("Cancelled during the lab.", "Cancelled (the worker was stopped).")
+    assert t.error.startswith("Cancelled")  # at the next step, or the worker was stopped
     _wait(lambda: not tasks.get(workspace, running.id).active, 5, "the status")
     print(f"\n[cancel] a running lab stopped in {took:.2f}s ({t.error}); worker {pid}")
 

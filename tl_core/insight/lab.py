@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -29,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from ..cache import DecodedImageCache
 from ..config import TrainConfig
@@ -40,6 +40,7 @@ from ..models.backbones import build_model
 from ..models.devices import configure_threads, set_seed, single_threaded
 from ..models.preprocess import Preprocess, data_config_for, train_transform
 from ..models.probe import fit_linear_head
+from ..models.training import ImageSet, evaluate_epoch, lr_lambda, train_one_epoch
 from ..runs.workspace import Workspace
 
 __all__ = ["ARMS", "DEFAULT_SIZES", "learning_curve", "lab_preprocess"]
@@ -95,23 +96,112 @@ def _top_features(m: nn.Module, h: torch.Tensor, k: int) -> torch.Tensor:
     return m.forward_head(m.bn2(m.conv_head(m.blocks[-k:](h))), pre_logits=True)
 
 
-def _batches(n: int, bs: int, gen: torch.Generator, shuffle: bool = True) -> list[torch.Tensor]:
-    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-    out = [order[s:s + bs] for s in range(0, n, bs)]
-    # BatchNorm in training mode cannot take a batch of one: fold a lone last image into the previous batch
-    if len(out) > 1 and len(out[-1]) == 1:
-        out[-2] = torch.cat([out[-2], out[-1]])
-        out.pop()
-    return out
+class _Top(nn.Module):
+    """The trainable top of a model copy as a module of its own: stage maps in, class scores out."""
+
+    def __init__(self, model: nn.Module, top: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.model, self._top = model, top
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._top(self.model, h)
 
 
-def _cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total)))))
+class _Batches(Sampler):
+    """Seeded shuffled batches in which a lone last image joins the batch before it (BatchNorm in training
+    mode cannot take a batch of one)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True):
+        self.n, self.bs, self.gen, self.shuffle = n, batch_size, generator, shuffle
+
+    def _batches(self) -> list[list[int]]:
+        order = (torch.randperm(self.n, generator=self.gen) if self.shuffle else torch.arange(self.n)).tolist()
+        out = [order[s:s + self.bs] for s in range(0, self.n, self.bs)]
+        if len(out) > 1 and len(out[-1]) == 1:
+            out[-2] += out.pop()
+        return out
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.bs)
+        return full + (1 if rest > 1 or (rest == 1 and full == 0) else 0)
 
 
 def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
     if should_cancel and should_cancel():
         raise CancelledError("Cancelled during the lab.")
+
+
+class _Clock:
+    """Progress of the lab weighted by time, with the time left.
+
+    Every point of the curve is planned as (arm, images, epochs) and its cost estimated as a fixed part
+    (building or copying the network, evaluating it) plus a part per image and epoch, both in units of the
+    measured seconds per image of the pretrained forward pass (a fine-tuning step runs the top stages forward
+    and backward, a scratch step the whole network); once an arm has run a point, its measured cost per image
+    and epoch replaces the guess, and the point under way is extrapolated from how far it has got. The
+    fraction is time spent over time spent plus the time left, so it moves like a clock, not like a count of
+    points.
+    """
+
+    # per image and epoch, relative to one pretrained forward pass; the fixed part in forward passes
+    _PER = {"features": 1.0, "linear": 0.0, "finetune": 1.0, "scratch": 3.5}
+
+    def __init__(self, plan: list[tuple[str, int, int]], n_val: int, emit: Progress):
+        self.plan = plan  # (arm, images, epochs) in the order they run; "features" first when needed
+        self.n_val = n_val
+        self.emit = emit
+        self.t0 = time.perf_counter()
+        self.forward_s = 0.01  # per image at the lab's size; measured by the feature pass
+        self.seen: dict[str, list[tuple[float, float]]] = {}  # arm -> [(images x epochs, seconds)]
+        self.done = 0  # points finished
+        self.point_t0 = self.t0
+
+    def _fixed_guess(self, arm: str, images: int) -> float:
+        if arm == "scratch":  # a new network, re-estimating BatchNorm on the training images, evaluating
+            return 1.0 + (images + self.n_val) * self.forward_s
+        if arm == "finetune":
+            return 0.3 + 0.5 * self.n_val * self.forward_s
+        return 0.0
+
+    def _cost(self, arm: str, images: int, epochs: int) -> float:
+        x = images * max(1, epochs)
+        if arm == "linear":
+            seen = self.seen.get("linear")
+            return seen[-1][1] if seen else 0.3
+        fixed = self._fixed_guess(arm, images)
+        pts = self.seen.get(arm)
+        if pts:  # the arm's last point: its measured cost per image and epoch
+            px, py = pts[-1]
+            per = max(0.0, py - self._fixed_guess(arm, int(px // max(1, epochs)))) / max(1.0, px)
+        else:
+            per = self._PER[arm] * self.forward_s
+        return fixed + per * x
+
+    def finish(self, arm: str, images: int, epochs: int) -> None:
+        spent = time.perf_counter() - self.point_t0
+        self.seen.setdefault(arm, []).append((images * max(1, epochs), spent))
+        self.done += 1
+        self.point_t0 = time.perf_counter()
+
+    def tick(self, event: dict[str, Any], within: float = 0.0) -> None:
+        """Emit ``event`` with the time-weighted fraction and the time left; ``within`` is how far (0-1) the
+        current point has got."""
+        now = time.perf_counter()
+        elapsed = now - self.t0
+        left = sum(self._cost(*p) for p in self.plan[self.done + 1:])
+        if self.done < len(self.plan):
+            est = self._cost(*self.plan[self.done])
+            spent = now - self.point_t0
+            if within >= 0.15 and spent > 1.0:  # the point under way tells how long it will take
+                left += spent / within - spent
+            else:
+                left += max(est - spent, 0.0)
+        frac = elapsed / (elapsed + left) if elapsed + left > 0 else 1.0
+        self.emit({"stage": "lab", **event, "fraction": round(min(1.0, frac), 4), "eta_s": round(left, 1),
+                   "points_done": self.done, "points": len(self.plan)})
 
 
 def learning_curve(data: str | os.PathLike | Dataset, backbone: str = "efficientnet_lite0",
@@ -134,7 +224,8 @@ def learning_curve(data: str | os.PathLike | Dataset, backbone: str = "efficient
         batch_size: images per step.
         unfreeze_blocks: stages the ``finetune`` arm trains.
         workspace: decoded-image cache location (default ``$TL_HOME``).
-        progress: called with {"stage": "lab", "arm", "images_per_class", "done", "total", "message"}.
+        progress: called with {"stage": "lab", "arm", "images_per_class", "done", "total", "message",
+            "fraction" (time-weighted, 0-1), "eta_s" (seconds left, estimated), "points_done", "points"}.
         should_cancel: polled between steps; True raises :class:`CancelledError`.
     Returns:
         {"rows": [{"arm", "images_per_class", "train_images", "val_accuracy", "seconds"}], "sizes" (ints),
@@ -165,7 +256,6 @@ def learning_curve(data: str | os.PathLike | Dataset, backbone: str = "efficient
     subsets = {n: split_dataset(ds, val_split, seed, max_per_class=n).train for n in resolved}
     val = full.val
     y_val = torch.tensor([cidx[i.label] for i in val])
-    emit = progress or (lambda e: None)
 
     set_seed(seed)
     model, winfo = build_model(backbone, len(classes), seed=seed)
@@ -185,14 +275,21 @@ def learning_curve(data: str | os.PathLike | Dataset, backbone: str = "efficient
     def tensor_of(item: ImageItem) -> torch.Tensor:
         return pre.eval_from_resized(decoded.get(item, pre.resize, pre.interpolation))
 
-    # -- the frozen pass, once per image: intermediate maps (finetune) and pooled features (linear) --
-    t_feat = time.perf_counter()
     train_all = subsets[resolved[-1]]
     uniq = {str(i.path): i for i in train_all + val}
     order = list(uniq)
+    need_pretrained = any(a in run_arms for a in ("linear", "finetune"))
+    plan = [("features", len(order), 1)] if need_pretrained else []
+    for n in resolved:
+        for arm in run_arms:
+            plan.append((arm, len(subsets[n]), epochs))
+    clock = _Clock(plan, len(val), progress or (lambda e: None))
+    clock.tick({"arm": "features", "message": "Loading the backbone"})
+
+    # -- the frozen pass, once per image: intermediate maps (finetune) and pooled features (linear) --
+    t_feat = time.perf_counter()
     acts: dict[str, torch.Tensor] = {}
     feats: dict[str, np.ndarray] = {}
-    need_pretrained = any(a in run_arms for a in ("linear", "finetune"))
     if need_pretrained:
         model.eval()
         with torch.inference_mode():
@@ -208,8 +305,16 @@ def learning_curve(data: str | os.PathLike | Dataset, backbone: str = "efficient
                     f = model.forward_head(model.forward_features(x), pre_logits=True)
                 for j, p in enumerate(order[s:s + 32]):
                     feats[p] = f[j].float().numpy()
-                emit({"stage": "lab", "arm": "features", "done": min(s + 32, len(order)), "total": len(order),
-                      "message": "Running the pretrained backbone once over the images"})
+                done = min(s + 32, len(order))
+                # the speed the rest of the plan is estimated from: after the first batch, which pays for warm-up
+                if s == 0:
+                    t_first, first = time.perf_counter(), done
+                    clock.forward_s = (t_first - t_feat) / done
+                else:
+                    clock.forward_s = (time.perf_counter() - t_first) / (done - first)
+                clock.tick({"arm": "features", "done": done, "total": len(order),
+                            "message": "Running the pretrained backbone once over the images"}, done / len(order))
+        clock.finish("features", len(order), 1)
     feature_seconds = time.perf_counter() - t_feat
     x_val = np.stack([feats[str(i.path)] for i in val]) if need_pretrained else None
 
@@ -220,6 +325,7 @@ def learning_curve(data: str | os.PathLike | Dataset, backbone: str = "efficient
         tr = subsets[n]
         y_tr = torch.tensor([cidx[i.label] for i in tr])
         head = None
+        linear_seconds = 0.0
         if need_pretrained:
             t0 = time.perf_counter()
             x_tr = np.stack([feats[str(i.path)] for i in tr])
@@ -227,98 +333,27 @@ def learning_curve(data: str | os.PathLike | Dataset, backbone: str = "efficient
                 head, _ = fit_linear_head(x_tr, y_tr.numpy(), x_val, y_val.numpy(), len(classes), probe_cfg)
             with torch.inference_mode():
                 acc = float((head(torch.from_numpy(x_val)).argmax(1) == y_val).float().mean())
+            linear_seconds = time.perf_counter() - t0
             if "linear" in run_arms:
                 rows.append({"arm": "linear", "images_per_class": n, "train_images": len(tr),
-                             "val_accuracy": round(acc, 4), "seconds": round(time.perf_counter() - t0, 3)})
-                emit({"stage": "lab", "arm": "linear", "images_per_class": n, "val_accuracy": acc})
-            linear_seconds = time.perf_counter() - t0
+                             "val_accuracy": round(acc, 4), "seconds": round(linear_seconds, 3)})
+                clock.finish("linear", len(tr), epochs)
+                clock.tick({"arm": "linear", "images_per_class": n, "val_accuracy": acc})
         if "finetune" in run_arms:
-            t0 = time.perf_counter()
-            set_seed(seed)
-            m = copy.deepcopy(model)
-            for p in m.parameters():
-                p.requires_grad_(False)
-            top_modules = [m.blocks[-k:], m.conv_head, m.bn2]
-            body = [p for mod in top_modules for p in mod.parameters()]
-            clf = m.get_classifier()
-            with torch.no_grad():
-                clf.weight.copy_(head.weight)
-                clf.bias.copy_(head.bias)
-            for p in body + list(clf.parameters()):
-                p.requires_grad_(True)
-            opt = torch.optim.AdamW([{"params": list(clf.parameters()), "lr": _FT_HEAD_LR},
-                                     {"params": body, "lr": _FT_BODY_LR}], weight_decay=TrainConfig().weight_decay)
-            gen = torch.Generator().manual_seed(seed)
-            h_tr = torch.stack([acts[str(i.path)] for i in tr])
-            steps = len(_batches(len(tr), batch_size, gen)) * epochs
-            sched = _cosine(opt, steps)
-            loss_fn = nn.CrossEntropyLoss(label_smoothing=_FT_SMOOTHING)
-            gen = torch.Generator().manual_seed(seed)
-            for ep in range(epochs):
-                m.train()
-                for mod in m.modules():  # pretrained BatchNorm statistics stay put, as in training
-                    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                        mod.eval()
-                for b in _batches(len(tr), batch_size, gen):
-                    _check_cancel(should_cancel)
-                    loss = loss_fn(split_fns[1](m, h_tr[b]), y_tr[b])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                emit({"stage": "lab", "arm": "finetune", "images_per_class": n, "done": ep + 1, "total": epochs})
-            m.eval()
-            with torch.inference_mode():
-                h_va = torch.stack([acts[str(i.path)] for i in val])
-                acc = float((split_fns[1](m, h_va).argmax(1) == y_val).float().mean())
+            acc, seconds = _finetune_arm(model, split_fns[1], k, head, acts, tr, y_tr, val, y_val, epochs, batch_size,
+                                         seed, clock, n, should_cancel)
+            # the probe it starts from is part of its cost
             rows.append({"arm": "finetune", "images_per_class": n, "train_images": len(tr),
-                         "val_accuracy": round(acc, 4),
-                         # the probe it starts from is part of its cost
-                         "seconds": round(time.perf_counter() - t0 + linear_seconds, 3)})
+                         "val_accuracy": round(acc, 4), "seconds": round(seconds + linear_seconds, 3)})
+            clock.finish("finetune", len(tr), epochs)
+            clock.tick({"arm": "finetune", "images_per_class": n, "val_accuracy": acc})
         if "scratch" in run_arms:
-            t0 = time.perf_counter()
-            set_seed(seed)
-            m, _ = build_model(backbone, len(classes), weights="random", seed=seed)
-            m.train()
-            cfg = TrainConfig(strategy="scratch").resolved()
-            opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            gen = torch.Generator().manual_seed(seed)
-            augment = train_transform(pre, "light")
-            arrays = [decoded.get(i, pre.resize, pre.interpolation) for i in tr]
-            steps = len(_batches(len(tr), batch_size, gen)) * epochs
-            sched = _cosine(opt, steps)
-            loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
-            gen = torch.Generator().manual_seed(seed)
-            for ep in range(epochs):
-                m.train()
-                for b in _batches(len(tr), batch_size, gen):
-                    _check_cancel(should_cancel)
-                    x = torch.stack([augment(arrays[int(j)]) for j in b])
-                    loss = loss_fn(m(x), y_tr[b])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                emit({"stage": "lab", "arm": "scratch", "images_per_class": n, "done": ep + 1, "total": epochs})
-            # a few dozen steps leave BatchNorm's running averages near their initial values: re-estimate them
-            # on the training images so that the scratch arm is judged fairly
-            for mod in m.modules():
-                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                    mod.reset_running_stats()
-                    mod.momentum = None
-            m.train()
-            with torch.no_grad():
-                for b in _batches(len(tr), 32, gen, shuffle=False):
-                    m(torch.stack([pre.eval_from_resized(arrays[int(j)]) for j in b]))
-            m.eval()
-            with torch.inference_mode():
-                preds = []
-                for s in range(0, len(val), 32):
-                    preds.append(m(torch.stack([tensor_of(i) for i in val[s:s + 32]])).argmax(1))
-                acc = float((torch.cat(preds) == y_val).float().mean()) if val else 0.0
+            acc, seconds = _scratch_arm(backbone, len(classes), pre, decoded, tr, y_tr, val, y_val, epochs, batch_size,
+                                        seed, smoothing, clock, n, should_cancel)
             rows.append({"arm": "scratch", "images_per_class": n, "train_images": len(tr),
-                         "val_accuracy": round(acc, 4), "seconds": round(time.perf_counter() - t0, 3)})
-            emit({"stage": "lab", "arm": "scratch", "images_per_class": n, "val_accuracy": acc})
+                         "val_accuracy": round(acc, 4), "seconds": round(seconds, 3)})
+            clock.finish("scratch", len(tr), epochs)
+            clock.tick({"arm": "scratch", "images_per_class": n, "val_accuracy": acc})
     return {
         "rows": rows,
         "sizes": resolved,
@@ -334,6 +369,93 @@ def learning_curve(data: str | os.PathLike | Dataset, backbone: str = "efficient
         "seconds": round(time.perf_counter() - t_all, 3),
         "reading": _reading(rows, len(classes), len(val)),
     }
+
+
+def _loader(dataset: Any, n: int, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=_Batches(n, batch_size, torch.Generator().manual_seed(seed), shuffle))
+
+
+def _steps(clock: _Clock, arm: str, n: int, epochs: int) -> Callable[[int, int], Callable[[int, int, float], None]]:
+    """An ``on_step`` callback per epoch for :func:`train_one_epoch` that moves the lab's clock."""
+    def for_epoch(ep: int, _total: int) -> Callable[[int, int, float], None]:
+        def on_step(step: int, steps: int, loss: float) -> None:
+            clock.tick({"arm": arm, "images_per_class": n, "done": ep, "total": epochs},
+                       (ep + step / max(1, steps)) / epochs)
+        return on_step
+    return for_epoch
+
+
+def _finetune_arm(model: nn.Module, top: Callable[[nn.Module, torch.Tensor], torch.Tensor], k: int,
+                  head: nn.Linear, acts: dict[str, torch.Tensor], tr: Sequence[ImageItem], y_tr: torch.Tensor,
+                  val: Sequence[ImageItem], y_val: torch.Tensor, epochs: int, batch_size: int, seed: int,
+                  clock: _Clock, n: int, should_cancel: Callable[[], bool] | None) -> tuple[float, float]:
+    """The last ``k`` stages and the head of a copy of ``model`` trained on the cached stage maps with the
+    shared loop (:func:`train_one_epoch`); returns (validation accuracy, seconds)."""
+    t0 = time.perf_counter()
+    set_seed(seed)
+    m = copy.deepcopy(model)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    body = [p for mod in (m.blocks[-k:], m.conv_head, m.bn2) for p in mod.parameters()]
+    clf = m.get_classifier()
+    with torch.no_grad():
+        clf.weight.copy_(head.weight)
+        clf.bias.copy_(head.bias)
+    for p in body + list(clf.parameters()):
+        p.requires_grad_(True)
+    net = _Top(m, top)
+    opt = torch.optim.AdamW([{"params": list(clf.parameters()), "lr": _FT_HEAD_LR},
+                             {"params": body, "lr": _FT_BODY_LR}], weight_decay=TrainConfig().weight_decay)
+    h_tr = torch.stack([acts[str(i.path)] for i in tr])
+    loader = _loader(TensorDataset(h_tr, y_tr), len(tr), batch_size, seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(len(loader) * epochs, 0))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=_FT_SMOOTHING)
+    # pretrained BatchNorm statistics stay put, as in training
+    frozen = [mod for mod in m.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
+    steps = _steps(clock, "finetune", n, epochs)
+    for ep in range(epochs):
+        train_one_epoch(net, loader, opt, sched, loss_fn, frozen, steps(ep, epochs), should_cancel)
+    h_va = torch.stack([acts[str(i.path)] for i in val])
+    acc = evaluate_epoch(net, DataLoader(TensorDataset(h_va, y_val), batch_size=64))["val_acc"]
+    return acc, time.perf_counter() - t0
+
+
+def _scratch_arm(backbone: str, n_classes: int, pre: Preprocess, decoded: DecodedImageCache, tr: Sequence[ImageItem],
+                 y_tr: torch.Tensor, val: Sequence[ImageItem], y_val: torch.Tensor, epochs: int, batch_size: int,
+                 seed: int, smoothing: float, clock: _Clock, n: int,
+                 should_cancel: Callable[[], bool] | None) -> tuple[float, float]:
+    """The same network from random weights, every layer trained with the shared loop (light augmentation);
+    BatchNorm statistics re-estimated on the training images before it is judged. Returns (accuracy, seconds)."""
+    t0 = time.perf_counter()
+    set_seed(seed)
+    m, _ = build_model(backbone, n_classes, weights="random", seed=seed)
+    cfg = TrainConfig(strategy="scratch").resolved()
+    opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    labels = [int(y) for y in y_tr]
+    loader = _loader(ImageSet(tr, labels, decoded, pre, train_transform(pre, "light")), len(tr), batch_size, seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(len(loader) * epochs, 0))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
+    m.to(memory_format=torch.channels_last)
+    steps = _steps(clock, "scratch", n, epochs)
+    for ep in range(epochs):
+        train_one_epoch(m, loader, opt, sched, loss_fn, (), steps(ep, epochs), should_cancel)
+    # a few dozen steps leave BatchNorm's running averages near their initial values: re-estimate them on the
+    # training images so that the scratch arm is judged fairly
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.reset_running_stats()
+            mod.momentum = None
+    m.train()
+    with torch.no_grad():
+        for x, _ in _loader(ImageSet(tr, labels, decoded, pre, pre.eval_from_resized), len(tr), 32, seed,
+                            shuffle=False):
+            _check_cancel(should_cancel)
+            m(x.contiguous(memory_format=torch.channels_last))
+    acc = 0.0
+    if len(val):
+        acc = evaluate_epoch(m, DataLoader(ImageSet(val, [int(y) for y in y_val], decoded, pre, pre.eval_from_resized),
+                                           batch_size=32))["val_acc"]
+    return acc, time.perf_counter() - t0
 
 
 def _reading(rows: list[dict[str, Any]], n_classes: int, n_val: int) -> str:
