@@ -136,16 +136,37 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .runs.training import run_training
+    from .models.distributed import under_torchrun
+    from .runs.training import result_of, run_training
 
     cfg = config_from_args(args)
     ws = _workspace()
-    res = run_training(ws, args.data, cfg, progress=_stderr_progress(args.quiet), test_data=args.test)
+    if args.nproc > 1 and not under_torchrun():
+        from .runs.launch import train_with_group
+
+        run_id = train_with_group(ws, args.data, cfg, args.nproc, args.test, progress=_stderr_progress(args.quiet))
+        res = result_of(ws, run_id)
+        if res.status != "done":
+            sys.stderr.write(f"error: run {run_id} {res.status}: {res.error}\n")
+            if args.json:
+                _print_json(res.to_dict())
+            return 1
+    else:
+        res = run_training(ws, args.data, cfg, progress=_stderr_progress(args.quiet), test_data=args.test)
+        if res.run_id is None:
+            return 0  # a rank other than 0 under torchrun: rank 0 reports
     if args.json:
         _print_json(res.to_dict())
     else:
-        print(f"run {res.run_id}: {res.status} in {res.seconds:.1f}s; val accuracy {res.val_accuracy:.3f}"
+        from .runs.progress import stop_text
+
+        print(f"run {res.run_id}: {res.status} in {res.seconds:.1f}s on {res.device}"
+              + (f" x {res.world_size} processes" if res.world_size > 1 else "")
+              + f"; val accuracy {res.val_accuracy:.3f}"
               + (f", test accuracy {res.test_accuracy:.3f}" if res.test_accuracy is not None else ""))
+        how = stop_text(cfg.strategy, res.stop or {}, res.best_epoch)
+        if how:
+            print(how)
         print(f"run directory: {res.run_dir}")
     return 0
 
@@ -421,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a saved configuration (a run's config.json, or its run directory); flags given "
                         "here override it. `tl-core train DATA --config RUN/config.json` repeats a run")
     add_config_flags(s)
+    s.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine (PyTorch DDP launched with torchrun: gloo on the "
+                        "CPU, nccl on GPUs); the same as `torchrun --nproc-per-node N -m tl_core.cli train ...`")
     s.add_argument("--test", default=None, help="held-out folder evaluated at the end")
     s.add_argument("--quiet", action="store_true", help="no progress on stderr")
     s.add_argument("--json", action="store_true")

@@ -196,6 +196,8 @@ class TrainConfig:
                               "trained.", strategies=("partial",), section="advanced", min=1, max=12, step=1)
     max_per_class: int | None = _f(None, "Max images per class", "Use at most this many training images per class "
                                    "(learning curves).")
+    device: str = _f("auto", "Device", "Where training runs: auto (a CUDA GPU, then Apple's MPS, then the CPU), cpu, "
+                     "cuda, cuda:N or mps. On a GPU it trains in mixed precision (bf16 where supported, else fp16).")
 
     # -- derived / validation -------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":
@@ -221,6 +223,9 @@ class TrainConfig:
             lr=self.lr if self.lr is not None else d["lr"],
             patience=self.patience if self.patience is not None else d["patience"],
         )
+        from .models.devices import check_device_name
+
+        check_device_name(cfg.device)
         checks = [
             (1 <= cfg.epochs <= 1000, f"epochs must be between 1 and 1000 (got {cfg.epochs})."),
             (0 < cfg.lr <= 1.0, f"learning rate must be above 0 and at most 1 (got {cfg.lr})."),

@@ -1,35 +1,178 @@
-"""Where and how computation runs: seeds, CPU threads, and returning freed memory to the system.
+"""Where and how computation runs: the device (``auto`` picks CUDA, then Apple MPS, then the CPU), mixed
+precision on a GPU, CPU threads, seeds, and returning freed memory to the system.
 
-(Issue 13 adds device selection here: CUDA, then MPS, then CPU.)
+A :class:`Runtime` travels with a training or an inference pass: it moves tensors, wraps the forward pass in
+``torch.autocast`` (bf16 where the GPU supports it, else fp16 with a gradient scaler; full precision on the
+CPU and MPS) and knows the distributed group it belongs to (``tl_core.models.distributed``).
+
+torch is imported inside the functions: the app's server asks :func:`describe_auto_device` what a worker
+would use without loading torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
-__all__ = ["set_seed", "configure_threads", "single_threaded", "release_free_memory"]
+from ..errors import ConfigError
+
+__all__ = ["DEVICE_CHOICES", "Runtime", "resolve_device", "describe_auto_device", "check_device_name", "set_seed",
+           "configure_threads", "single_threaded", "release_free_memory", "cpu_count"]
+
+#: What ``TrainConfig.device`` / ``--device`` accept (besides ``cuda:N``).
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is a device TL Studio understands. Raises ConfigError otherwise."""
+    if not _DEVICE.match(str(name or "")):
+        raise ConfigError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.")
+    return name
+
+
+def resolve_device(name: str = "auto", local_rank: int | None = None) -> Any:
+    """The ``torch.device`` for ``name``: ``auto`` is CUDA when a GPU is visible, else Apple MPS, else the CPU.
+
+    Args:
+        name: auto | cpu | cuda | cuda:N | mps.
+        local_rank: in a distributed group on GPUs, each process takes ``cuda:<local_rank>``.
+    Raises:
+        ConfigError: the device was asked for by name and is not available here.
+    """
+    import torch
+
+    check_device_name(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"Device {name!r} asked for, but no CUDA GPU is visible to PyTorch here; use auto or cpu.")
+        index = int(name.split(":")[1]) if ":" in name else (local_rank or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"Device cuda:{index} asked for, but this machine has {torch.cuda.device_count()} GPU(s).")
+        return torch.device("cuda", index)
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError("Device 'mps' asked for, but Apple's Metal (MPS) backend is not available here; use auto or cpu.")
+    return torch.device(name)
+
+
+def describe_auto_device() -> str:
+    """What ``auto`` will pick on this machine, found without importing torch (for the app's server)."""
+    gpus = sorted(Path("/dev").glob("nvidia[0-9]*")) if Path("/dev").is_dir() else []
+    if gpus or shutil.which("nvidia-smi"):
+        return f"CUDA GPU ({len(gpus) or 'at least 1'} visible), mixed precision"
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return "Apple GPU (MPS)"
+    return f"CPU ({cpu_count()} cores)"
+
+
+def cpu_count() -> int:
+    """Cores this process may use (the affinity mask in a container, not the host's count)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+@dataclass
+class Runtime:
+    """The device and numeric precision of one process's work, and its place in a distributed group."""
+
+    device: Any  # torch.device
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    scaler: Any = field(default=None, repr=False)  # torch.amp.GradScaler for fp16
+
+    @classmethod
+    def create(cls, device: str = "auto", rank: int = 0, world_size: int = 1, local_rank: int = 0) -> "Runtime":
+        """The runtime for ``device``: on CUDA, bf16 autocast where supported, else fp16 with a gradient scaler."""
+        import torch
+
+        dev = resolve_device(device, local_rank if world_size > 1 else None)
+        precision = "fp32"
+        scaler = None
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+            if torch.cuda.is_bf16_supported():
+                precision = "bf16"
+            else:
+                precision = "fp16"
+                scaler = torch.amp.GradScaler("cuda")
+            torch.backends.cudnn.benchmark = True
+        return cls(dev, precision, rank, world_size, local_rank, scaler)
+
+    @classmethod
+    def cpu(cls) -> "Runtime":
+        import torch
+
+        return cls(torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes the run store, the run's files and stdout."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type in ("cuda", "mps")
+
+    def autocast(self) -> Any:
+        """Mixed precision for a forward pass (a no-op in fp32)."""
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def loader_options(self) -> dict[str, Any]:
+        """DataLoader settings: on a GPU, pinned memory and worker processes feed it; on the CPU the main
+        process decodes from the cache (workers were measured slower there: benchmarks/RESULTS.md, row 3d)."""
+        if self.device.type == "cuda":
+            return {"pin_memory": True, "num_workers": min(4, max(1, cpu_count() // max(1, self.world_size) - 1)),
+                    "persistent_workers": True}
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": str(self.device), "precision": self.precision, "world_size": self.world_size}
 
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch so that a run repeats exactly on the same machine."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
-def configure_threads() -> int:
-    """Use every core for intra-op parallelism (torch's default can be lower in containers)."""
-    n = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+def configure_threads(processes_per_machine: int = 1) -> int:
+    """Use every core for intra-op parallelism, shared out between the processes of a group on this machine
+    (torch's default can be lower in containers, and torchrun's default of one thread wastes cores)."""
+    import torch
+
+    n = max(1, cpu_count() // max(1, processes_per_machine))
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
-
 
 
 @contextlib.contextmanager
@@ -43,6 +186,8 @@ def single_threaded() -> Iterator[None]:
     Returns:
         A context manager.
     """
+    import torch
+
     saved = torch.get_num_threads()
     limiter: Any = contextlib.nullcontext()
     try:
@@ -57,7 +202,6 @@ def single_threaded() -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(saved)
-
 
 
 def release_free_memory() -> None:
@@ -79,4 +223,3 @@ def release_free_memory() -> None:
 
 
 _malloc_trim: Any = None
-

@@ -18,6 +18,8 @@ from torch import nn
 from ..cache import DecodedImageCache, FeatureCache
 from ..data.intake import ImageItem
 from ..errors import CancelledError
+from .devices import Runtime
+from .distributed import gather, shard
 from .preprocess import Preprocess
 
 __all__ = ["feature_key", "extract_features", "pooled_features"]
@@ -40,8 +42,12 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
                      decoded: DecodedImageCache, cache: FeatureCache | None = None,
                      batch_size: int = 32,
                      progress: Callable[[int, int], None] | None = None,
-                     should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
+                     should_cancel: Callable[[], bool] | None = None,
+                     runtime: Runtime | None = None) -> np.ndarray:
     """Pooled backbone features of ``items`` (eval preprocessing, no augmentation).
+
+    Under torchrun the images not in the cache are shared out between the ranks and the features gathered,
+    so every rank returns all of them.
 
     Args:
         model: a timm model (any head; its pre-logit features are used).
@@ -52,10 +58,12 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
         batch_size: images per forward pass.
         progress: called with (done, total).
         should_cancel: polled between batches; True raises :class:`CancelledError`.
+        runtime: device, precision and distributed group (default: this process, CPU).
     Returns:
         float32 array (len(items), feature_dim).
     """
-    model.eval()
+    rt = runtime or Runtime.cpu()
+    model.eval().to(rt.device)
     dim = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
     out: list[np.ndarray | None] = [None] * len(items)
     todo: list[int] = []
@@ -67,26 +75,41 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
             cache.touch(item.sha256)
         else:
             todo.append(i)
+    # every rank works from rank 0's list (another rank may look at the cache while one already writes)
+    todo = gather(rt, todo)[0]
+    mine = [todo[k] for k in shard(len(todo), rt)]
     done = len(items) - len(todo)
     if progress:
         progress(done, len(items))
+    computed: list[tuple[int, np.ndarray]] = []
+    # as many steps on every rank (a cancel check is a collective under torchrun; a short shard idles)
+    steps = -(-len(todo) // (rt.world_size * batch_size)) if todo else 0
     with torch.inference_mode():
-        for start in range(0, len(todo), batch_size):
+        for start in range(0, steps * batch_size, batch_size):
             if should_cancel and should_cancel():
                 raise CancelledError("Cancelled during feature extraction.")
-            idx = todo[start:start + batch_size]
+            idx = mine[start:start + batch_size]
+            if not idx:
+                continue
             x = torch.stack([pre.eval_from_resized(decoded.get(items[i], pre.resize, pre.interpolation)) for i in idx])
-            feats = pooled_features(model, x.contiguous(memory_format=torch.channels_last)).float().numpy()
+            x = x.to(rt.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with rt.autocast():
+                feats = pooled_features(model, x).float().cpu().numpy()
             for j, i in enumerate(idx):
                 out[i] = feats[j]
+                computed.append((i, feats[j]))
                 if cache and items[i].sha256:
                     cache.put(items[i].sha256, feats[j])
                     cache.misses += 1
-            done += len(idx)
+            done += len(idx) * rt.world_size
             if progress:
-                progress(done, len(items))
+                progress(min(done, len(items)), len(items))
+    if rt.distributed:
+        for part in gather(rt, computed):
+            for i, v in part:
+                out[i] = v
     dims = {v.shape[0] for v in out if v is not None}
     if len(dims) > 1:  # a stale cache entry of another dimension slipped through: recompute everything
         log.warning("inconsistent cached feature sizes %s; recomputing", dims)
-        return extract_features(model, items, pre, decoded, None, batch_size, progress, should_cancel)
+        return extract_features(model, items, pre, decoded, None, batch_size, progress, should_cancel, rt)
     return np.stack(out) if out else np.zeros((0, 0), np.float32)

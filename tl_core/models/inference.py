@@ -13,34 +13,45 @@ from torch import nn
 from ..cache import DecodedImageCache
 from ..data.intake import ImageItem
 from ..errors import CancelledError
+from .devices import Runtime
 from .preprocess import Preprocess
 
 __all__ = ["logits_of_items", "logits_of_images"]
 
 
+def _forward(model: nn.Module, x: torch.Tensor, rt: Runtime) -> np.ndarray:
+    x = x.to(rt.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with rt.autocast():
+        return model(x).float().cpu().numpy()
+
+
 @torch.inference_mode()
 def logits_of_items(model: nn.Module, items: Sequence[ImageItem], pre: Preprocess, decoded: DecodedImageCache,
-                    batch_size: int = 32, should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
-    """Raw logits (N, C) of dataset items (eval preprocessing on cached pixels)."""
-    model.eval()
+                    batch_size: int = 32, should_cancel: Callable[[], bool] | None = None,
+                    runtime: Runtime | None = None) -> np.ndarray:
+    """Raw logits (N, C) of dataset items (eval preprocessing on cached pixels), on ``runtime``'s device."""
+    rt = runtime or Runtime.cpu()
+    model.eval().to(rt.device)
     out = []
     for start in range(0, len(items), batch_size):
         if should_cancel and should_cancel():
             raise CancelledError("Cancelled during evaluation.")
         x = torch.stack([pre.eval_from_resized(decoded.get(i, pre.resize, pre.interpolation))
                          for i in items[start:start + batch_size]])
-        out.append(model(x.contiguous(memory_format=torch.channels_last)).float().numpy())
+        out.append(_forward(model, x, rt))
     n_cls = getattr(model, "num_classes", 0)
     return np.concatenate(out) if out else np.zeros((0, n_cls), np.float32)
 
 
 @torch.inference_mode()
-def logits_of_images(model: nn.Module, images: Sequence[Any], pre: Preprocess, batch_size: int = 32) -> np.ndarray:
-    """Raw logits (N, C) of RGB Pillow images."""
-    model.eval()
+def logits_of_images(model: nn.Module, images: Sequence[Any], pre: Preprocess, batch_size: int = 32,
+                     runtime: Runtime | None = None) -> np.ndarray:
+    """Raw logits (N, C) of RGB Pillow images, on ``runtime``'s device."""
+    rt = runtime or Runtime.cpu()
+    model.eval().to(rt.device)
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.stack([pre.eval_from_pil(im) for im in images[start:start + batch_size]])
-        out.append(model(x.contiguous(memory_format=torch.channels_last)).float().numpy())
+        out.append(_forward(model, x, rt))
     n_cls = getattr(model, "num_classes", 0)
     return np.concatenate(out) if out else np.zeros((0, n_cls), np.float32)

@@ -13,19 +13,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset as TorchDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset as TorchDataset, DistributedSampler, Sampler, Subset
 
 from ..cache import DecodedImageCache
 from ..config import TrainConfig
 from ..data.intake import ImageItem
 from ..data.splits import Split
 from ..errors import CancelledError
-from .devices import release_free_memory
+from .devices import Runtime, release_free_memory
+from .distributed import all_reduce_sum, barrier, broadcast, shard, wrap
 from .preprocess import Preprocess, train_transform
 from .probe import class_weights
 
-__all__ = ["Progress", "EVAL_BATCH", "lr_lambda", "EarlyStopper", "ImageSet", "set_trainable", "train_one_epoch",
-           "evaluate_epoch", "finetune"]
+__all__ = ["Progress", "EVAL_BATCH", "lr_lambda", "EarlyStopper", "ImageSet", "BalancedSampler", "set_trainable",
+           "train_one_epoch", "evaluate_epoch", "finetune"]
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,14 @@ def set_trainable(model: nn.Module, strategy: str, unfreeze_blocks: int) -> list
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: Any, loss_fn: nn.Module, frozen: Sequence[nn.Module] = (),
                     on_step: Callable[[int, int, float], None] | None = None,
-                    should_cancel: Callable[[], bool] | None = None) -> dict[str, float]:
-    """One pass over ``loader``; returns mean train loss and accuracy."""
+                    should_cancel: Callable[[], bool] | None = None, runtime: Runtime | None = None
+                    ) -> dict[str, float]:
+    """One pass over ``loader``; returns mean train loss and accuracy (over every rank's images).
+
+    ``runtime`` puts the batches on its device and runs the forward pass under its mixed precision (with a
+    gradient scaler for fp16); the default is the CPU in full precision.
+    """
+    rt = runtime or Runtime.cpu()
     model.train()
     for m in frozen:
         m.eval()
@@ -151,69 +158,130 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     for step, (x, y) in enumerate(loader):
         if should_cancel and should_cancel():
             raise CancelledError("Cancelled during an epoch.")
-        x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x)
-        loss = loss_fn(logits, y)
+        x = x.to(rt.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if rt.scaler is not None:
+            rt.scaler.scale(loss).backward()
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         scheduler.step()
         bs = len(y)
-        tot += loss.item() * bs
+        value = loss.item()
+        tot += value * bs
         correct += (logits.argmax(1) == y).sum().item()
         n += bs
         if on_step:
-            on_step(step + 1, steps, loss.item())
+            on_step(step + 1, steps, value)
+    tot, correct, n = all_reduce_sum(rt, [tot, correct, n])
     return {"train_loss": tot / max(n, 1), "train_acc": correct / max(n, 1)}
 
 
 @torch.inference_mode()
-def evaluate_epoch(model: nn.Module, loader: DataLoader) -> dict[str, float]:
-    """Validation loss and accuracy under ``torch.inference_mode()``."""
+def evaluate_epoch(model: nn.Module, loader: DataLoader, runtime: Runtime | None = None) -> dict[str, float]:
+    """Validation loss and accuracy under ``torch.inference_mode()`` (summed over the ranks' shards)."""
+    rt = runtime or Runtime.cpu()
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     tot, correct, n = 0.0, 0, 0
     for x, y in loader:
-        logits = model(x.contiguous(memory_format=torch.channels_last))
+        x = x.to(rt.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            logits = model(x).float()
         tot += loss_fn(logits, y).item()
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
+    tot, correct, n = all_reduce_sum(rt, [tot, correct, n])
     return {"val_loss": tot / max(n, 1), "val_acc": correct / max(n, 1)}
 
 
+class BalancedSampler(Sampler):
+    """Class-balanced sampling (with replacement) that every rank draws the same way: the same global draw per
+    epoch from the same seed, each rank taking every world-th index, so N processes see what one does."""
+
+    def __init__(self, weights: np.ndarray, seed: int, rank: int = 0, world_size: int = 1):
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.seed, self.rank, self.world = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + 1000003 * self.epoch)
+        total = len(self) * self.world  # as many draws for every rank (equal steps keep DDP in step)
+        draw = torch.multinomial(self.weights, total, replacement=True, generator=g).tolist()
+        return iter(draw[self.rank::self.world])
+
+    def __len__(self) -> int:
+        return -(-len(self.weights) // self.world)
+
+
+def _train_loader(train_set: ImageSet, labels: list[int], n_classes: int, cfg: TrainConfig, rt: Runtime
+                  ) -> tuple[DataLoader, Any]:
+    """The training loader: shuffled (or class-balanced), each rank its share of every global batch."""
+    batch = max(1, cfg.batch_size // rt.world_size)
+    if rt.distributed and cfg.batch_size % rt.world_size:
+        log.warning("batch size %d is not a multiple of %d processes: each takes %d (global batch %d)",
+                    cfg.batch_size, rt.world_size, batch, batch * rt.world_size)
+    opts = rt.loader_options()
+    if cfg.class_balance == "sampler":
+        w = class_weights(np.array(labels), n_classes).numpy()[labels]
+        sampler = BalancedSampler(w, cfg.seed, rt.rank, rt.world_size)
+        return DataLoader(train_set, batch_size=batch, sampler=sampler, **opts), sampler
+    if rt.distributed:
+        sampler = DistributedSampler(train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
+        return DataLoader(train_set, batch_size=batch, sampler=sampler, **opts), sampler
+    g = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(train_set, batch_size=batch, shuffle=True, generator=g, **opts), None
+
+
 def finetune(model: nn.Module, split: Split, classes: list[str], pre: Preprocess, decoded: DecodedImageCache,
-              cfg: TrainConfig, emit: Progress, should_cancel: Callable[[], bool] | None,
-              start_from_probe: bool = False) -> dict[str, Any]:
+             cfg: TrainConfig, emit: Progress, should_cancel: Callable[[], bool] | None,
+             start_from_probe: bool = False, runtime: Runtime | None = None) -> dict[str, Any]:
     """Fine-tune per strategy. With ``start_from_probe`` the head already holds the linear probe and the
     probe itself is the epoch-0 checkpoint: fine-tuning is kept only where it is more accurate on validation
-    (or as accurate with a lower loss; see ``EarlyStopper``)."""
+    (or as accurate with a lower loss; see ``EarlyStopper``).
+
+    Under torchrun (``runtime.distributed``) the model trains in ``DistributedDataParallel``: each rank decodes
+    and trains on its share, validation is summed over the ranks' shards, and rank 0 decides the kept
+    checkpoint, early stopping and cancel for all of them.
+    """
+    rt = runtime or Runtime.cpu()
     idx = {c: i for i, c in enumerate(classes)}
     ytr = [idx[i.label] for i in split.train]
     yva = [idx[i.label] for i in split.val]
-    # decode everything once up front (reported as a stage): epochs then never touch JPEG/PNG
+    # decode everything once up front (reported as a stage; each rank its share): epochs never touch JPEG/PNG
     all_items = split.train + split.val
-    for n, item in enumerate(all_items):
+    rounds = -(-len(all_items) // rt.world_size)  # as many on every rank: a cancel check is a collective
+    for n in range(rounds):
         if should_cancel and should_cancel():
             raise CancelledError("Cancelled while preparing the images.")
-        decoded.get(item, pre.resize, pre.interpolation)
-        if n % 16 == 0 or n + 1 == len(all_items):
-            emit({"stage": "decode", "done": n + 1, "total": len(all_items)})
-    g = torch.Generator().manual_seed(cfg.seed)
+        k = n * rt.world_size + rt.rank
+        if k < len(all_items):
+            decoded.get(all_items[k], pre.resize, pre.interpolation)
+        if n % 16 == 0 or n + 1 == rounds:
+            emit({"stage": "decode", "done": min(len(all_items), (n + 1) * rt.world_size), "total": len(all_items)})
+    barrier(rt)
     train_set = ImageSet(split.train, ytr, decoded, pre, train_transform(pre, cfg.augment))
     val_set = ImageSet(split.val, yva, decoded, pre, pre.eval_from_resized)
-    if cfg.class_balance == "sampler":
-        w = class_weights(np.array(ytr), len(classes)).numpy()[ytr]
-        sampler = WeightedRandomSampler(torch.tensor(w, dtype=torch.double), len(ytr), replacement=True, generator=g)
-        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=False)
-    else:
-        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=False)
-    val_loader = DataLoader(val_set, batch_size=EVAL_BATCH)
+    train_loader, sampler = _train_loader(train_set, ytr, len(classes), cfg, rt)
+    val_loader = DataLoader(Subset(val_set, shard(len(val_set), rt)), batch_size=EVAL_BATCH, **rt.loader_options())
 
     frozen = set_trainable(model, cfg.strategy, cfg.unfreeze_blocks)
     if cfg.strategy != "scratch":
         # keep pretrained BatchNorm statistics: batches of a few dozen images estimate them badly, and the
         # probe head was fitted on features computed with them
         frozen = frozen + [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    elif rt.distributed and rt.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics of the global batch
     head_params = list(_classifier(model).parameters())
     head_ids = {id(p) for p in head_params}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
@@ -225,14 +293,15 @@ def finetune(model: nn.Module, split: Split, classes: list[str], pre: Preprocess
     steps_per_epoch = len(train_loader)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
-    weight = class_weights(np.array(ytr), len(classes)) if cfg.class_balance == "weights" else None
+    weight = class_weights(np.array(ytr), len(classes)).to(rt.device) if cfg.class_balance == "weights" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    model.to(memory_format=torch.channels_last)
+    model.to(rt.device, memory_format=torch.channels_last)
+    net = wrap(model, rt)
     stopper = EarlyStopper(cfg.patience)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if start_from_probe:
         t0 = time.perf_counter()
-        m0 = evaluate_epoch(model, val_loader)
+        m0 = evaluate_epoch(net, val_loader, rt)
         stopper.step(m0["val_loss"], 0, m0["val_acc"])
         # recorded as epoch 0 (validation only): the curves start from the probe fine-tuning must beat
         emit({"stage": "epoch", "epoch": 0, "epochs": cfg.epochs, "lr": 0.0, "seconds": time.perf_counter() - t0,
@@ -242,6 +311,8 @@ def finetune(model: nn.Module, split: Split, classes: list[str], pre: Preprocess
     stop = False
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
+        if sampler is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
 
         def on_step(step: int, steps: int, loss: float, epoch: int = epoch) -> None:
             done = (epoch - 1) * steps + step
@@ -249,11 +320,12 @@ def finetune(model: nn.Module, split: Split, classes: list[str], pre: Preprocess
             emit({"stage": "train", "epoch": epoch, "epochs": cfg.epochs, "step": step, "steps": steps,
                   "loss": loss, "done": done, "total": total, "eta_s": elapsed / done * (total - done)})
 
-        m = train_one_epoch(model, train_loader, opt, sched, loss_fn, frozen, on_step, should_cancel)
+        m = train_one_epoch(net, train_loader, opt, sched, loss_fn, frozen, on_step, should_cancel, rt)
         m["train_seconds"] = time.perf_counter() - t0  # the training pass alone (benchmarks/run.py row 3)
         release_free_memory()  # the backward pass's freed buffers: give them back before evaluating
-        m.update(evaluate_epoch(model, val_loader))
+        m.update(evaluate_epoch(net, val_loader, rt))
         improved, stop = stopper.step(m["val_loss"], epoch, m["val_acc"])
+        improved, stop = (bool(v) for v in broadcast(rt, [improved, stop]))  # rank 0 decides for all
         if improved:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         emit({"stage": "epoch", "epoch": epoch, "epochs": cfg.epochs, "lr": sched.get_last_lr()[0],
@@ -262,10 +334,10 @@ def finetune(model: nn.Module, split: Split, classes: list[str], pre: Preprocess
             log.info("early stop at epoch %d (best %d)", epoch, stopper.best_epoch)
             break
     model.load_state_dict(best_state)
+    model.to("cpu")
     for p in model.parameters():
         p.requires_grad_(True)
     stopped = bool(stop) and epoch < cfg.epochs
     return {"best_epoch": stopper.best_epoch, "val_loss": stopper.best, "epochs_run": epoch,
             "stop": {"reason": "patience" if stopped else "epochs", "epoch": epoch, "epochs": cfg.epochs,
                      "patience": cfg.patience, "best_epoch": stopper.best_epoch}}
-

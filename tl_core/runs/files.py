@@ -102,6 +102,7 @@ class RunMeta:
     dataset: dict[str, Any] = field(default_factory=dict)  # source, fingerprint, counts, split, warnings, ...
     temperature: float = 1.0
     fit_on: str = "train"  # "train+val": a linear head refitted on validation images too
+    runtime: dict[str, Any] = field(default_factory=dict)  # device, precision, world_size it was trained with
     format: str = MODEL_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
 
@@ -164,7 +165,8 @@ class RunMeta:
         return cls(backbone=str(data.get("backbone") or arch), arch=arch, classes=list(classes),
                    preprocess=dict(pre), data_config=dict(data.get("data_config") or {}),
                    weights=dict(data.get("weights") or {}), dataset=dict(data.get("dataset") or {}),
-                   temperature=float(t), fit_on=str(data.get("fit_on") or "train"), format=fmt,
+                   temperature=float(t), fit_on=str(data.get("fit_on") or "train"),
+                   runtime=dict(data.get("runtime") or {}), format=fmt,
                    extra={k: v for k, v in data.items() if k not in known})
 
 

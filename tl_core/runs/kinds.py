@@ -74,6 +74,7 @@ def _save_png(img: Any, out_dir: Path, name: str, side: int | None = None) -> st
 # --------------------------------------------------------------------------------------------------
 def _train(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
     from ..config import TrainConfig
+    from .launch import run_group, train_procs
     from .training import run_training
 
     run = ws.store().get(p["run_id"])
@@ -82,8 +83,14 @@ def _train(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         ws.store().update(p["run_id"], status="failed", error=f"Unreadable configuration: {e}", pid=None)
         raise ConfigError(f"Unreadable configuration: {e}") from None
+    procs = train_procs()
+    if procs > 1:  # a torchrun group (TL_TRAIN_PROCS, or every GPU): the whole group is this task
+        status = run_group(ws, p["run_id"], procs, should_cancel=ctx.should_cancel,
+                           log_path=ctx.out_dir / "torchrun.log")
+        row = ws.store().get(p["run_id"])
+        return {"run_id": p["run_id"], "status": status, "error": row.get("error"), "world_size": procs}
     res = run_training(ws, run["data"], cfg, run_id=p["run_id"], raise_errors=False, should_cancel=ctx.should_cancel)
-    return {"run_id": res.run_id, "status": res.status, "error": res.error, "seconds": res.seconds}
+    return {"run_id": res.run_id, "status": res.status, "error": res.error, "seconds": res.seconds, "world_size": 1}
 
 
 def _audit(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:

@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS runs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     pid INTEGER,
     owner TEXT,
-    pid_start INTEGER
+    pid_start INTEGER,
+    test_data TEXT
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -84,7 +85,7 @@ CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status, lane);
 CREATE INDEX IF NOT EXISTS tasks_key ON tasks(key);
 """
 #: Columns added after the first version, added to older stores when opened.
-_ADDED_COLUMNS = {"runs": {"pid_start": "INTEGER"}}
+_ADDED_COLUMNS = {"runs": {"pid_start": "INTEGER", "test_data": "TEXT"}}
 
 _SCHEMA_DONE: set[str] = set()
 _CONNECTIONS: dict[tuple[str, int, int, int], sqlite3.Connection] = {}

@@ -8,9 +8,11 @@ run for a worker (the app); :func:`cancel_run` stops one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +31,10 @@ from ..data.splits import Split, split_dataset
 from ..errors import CancelledError, DatasetError, TLError
 from ..models.backbones import build_model, check_backbone_name
 from ..models.catalogue import WeightsInfo
-from ..models.devices import configure_threads, release_free_memory, set_seed, single_threaded
+from ..models.devices import Runtime, release_free_memory, set_seed, single_threaded
+from ..models.distributed import Cancel, RankFailedError, barrier, broadcast, under_torchrun
+from ..models.distributed import start as distributed_start
+from ..models.distributed import stop as distributed_stop
 from ..models.features import extract_features, feature_key
 from ..models.inference import logits_of_items
 from ..models.metrics import compute_metrics, softmax
@@ -40,7 +45,7 @@ from .files import SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMeta, RunMet
 from .processes import identity
 from .workspace import Workspace
 
-__all__ = ["TrainResult", "train_model", "run_training"]
+__all__ = ["TrainResult", "train_model", "run_training", "result_of"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,7 @@ log = logging.getLogger(__name__)
 class TrainResult:
     """What a finished run reports (the ``train --json`` document is built from it)."""
 
-    run_id: str
+    run_id: str | None  # None on the ranks other than 0 of a distributed group
     run_dir: str
     status: str
     classes: list[str]
@@ -62,6 +67,10 @@ class TrainResult:
     weights: dict[str, str]
     counts: dict[str, int]
     error: str | None = None
+    stop: dict[str, Any] | None = None  # how fine-tuning ended (see RunMetrics.stop)
+    world_size: int = 1  # processes that trained it (torchrun)
+    device: str = "cpu"
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,38 +78,54 @@ class TrainResult:
 
 def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], classes: list[str], pre: Preprocess,
                   decoded: DecodedImageCache, cfg: TrainConfig, workspace: Workspace, winfo: WeightsInfo,
-                  emit: Progress, should_cancel: Callable[[], bool] | None
-                  ) -> tuple[np.ndarray, nn.Linear, dict[str, Any]]:
-    """Extract (cached) features of train+val(+test) and fit the logistic-regression head on them."""
+                  emit: Progress, should_cancel: Callable[[], bool] | None, rt: Runtime,
+                  local_cancel: Callable[[], bool] | None = None
+                  ) -> tuple[np.ndarray, nn.Linear | None, dict[str, Any]]:
+    """Extract (cached) features of train+val(+test), shared out between the ranks under torchrun, and fit the
+    logistic-regression head on them, once (rank 0; the other ranks get None)."""
     cidx = {c: i for i, c in enumerate(classes)}
     fcache = FeatureCache(workspace.cache_dir / "features", feature_key(cfg.backbone, winfo.fingerprint, pre))
     items = split.train + split.val + (test_items if cfg.strategy == "linear" else [])
     emit({"stage": "extract", "done": 0, "total": len(items)})
     t_ex = time.perf_counter()
     # 16 per batch: as fast as 32 on CPU, and a cancel waits for at most one (shorter) forward pass
-    feats = extract_features(model, items, pre, decoded, fcache, batch_size=16,
+    feats = extract_features(model, items, pre, decoded, fcache, batch_size=16 if rt.device.type == "cpu" else 64,
                              progress=lambda d, t: emit({"stage": "extract", "done": d, "total": t,
                                                          "eta_s": (time.perf_counter() - t_ex) / max(d, 1) * (t - d)}),
-                             should_cancel=should_cancel)
+                             should_cancel=should_cancel, runtime=rt)
+    info: dict[str, Any] = {"feature_cache": {"hits": fcache.hits, "misses": fcache.misses}}
+    if not rt.is_main:
+        return feats, None, info
     n_tr, n_va = len(split.train), len(split.val)
     ytr = np.array([cidx[i.label] for i in split.train])
     yva = np.array([cidx[i.label] for i in split.val])
     probe_cfg = cfg if cfg.strategy == "linear" else dataclasses.replace(cfg, epochs=100)
     with single_threaded():  # small matrices: on a busy machine two threads only wait for each other
-        head, info = fit_linear_head(feats[:n_tr], ytr, feats[n_tr:n_tr + n_va], yva, len(classes), probe_cfg,
-                                     on_epoch=lambda m: emit({"stage": "epoch" if cfg.strategy == "linear" else "probe",
-                                                              **m}),
-                                     should_cancel=should_cancel)
+        head, fit = fit_linear_head(feats[:n_tr], ytr, feats[n_tr:n_tr + n_va], yva, len(classes), probe_cfg,
+                                    on_epoch=lambda m: emit({"stage": "epoch" if cfg.strategy == "linear" else "probe",
+                                                             **m}),
+                                    should_cancel=local_cancel)
+    info.update(fit)
     converged = info["epochs_run"] < probe_cfg.epochs
     info["stop"] = {"reason": "converged" if converged else "epochs", "epoch": info["epochs_run"],
                     "epochs": probe_cfg.epochs}
-    info["feature_cache"] = {"hits": fcache.hits, "misses": fcache.misses}
     return feats, head, info
 
 
 def _classifier_name(model: nn.Module) -> str:
     clf = model.get_classifier()
     return next(name for name, m in model.named_modules() if m is clf)
+
+
+def _broadcast_head(head: nn.Linear | None, dim: int, n_classes: int, rt: Runtime) -> nn.Linear:
+    """Rank 0's fitted head on every rank."""
+    out = head if head is not None else nn.Linear(dim, n_classes)
+    values = broadcast(rt, torch.cat([out.weight.detach().flatten(), out.bias.detach()]).tolist())
+    flat = torch.tensor(values, dtype=torch.float32)
+    with torch.no_grad():
+        out.weight.copy_(flat[:dim * n_classes].view(n_classes, dim))
+        out.bias.copy_(flat[dim * n_classes:])
+    return out
 
 
 def _set_head(model: nn.Module, head: nn.Linear) -> None:
@@ -112,9 +137,13 @@ def _set_head(model: nn.Module, head: nn.Linear) -> None:
 
 def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace, run_dir: Path,
                 progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
-                test_data: str | os.PathLike | None = None) -> dict[str, Any]:
+                test_data: str | os.PathLike | None = None, runtime: Runtime | None = None
+                ) -> dict[str, Any] | None:
     """Open the data, train per ``cfg``, evaluate the kept checkpoint and write ``run_dir`` (as a whole).
 
+    Args:
+        runtime: device, precision and distributed group (default: ``cfg.device`` in this one process).
+            Under torchrun every rank calls this; rank 0 alone evaluates and writes, the others return None.
     Returns:
         A summary dict (classes, counts, metrics, weights info, best epoch, how training stopped, ...).
     Raises:
@@ -122,12 +151,23 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     """
     emit: Progress = progress or (lambda e: None)
     cfg = cfg.resolved()
+    rt = runtime or Runtime.create(cfg.device)
+    local_cancel = should_cancel
+    should_cancel = Cancel(rt, local_cancel) if rt.distributed else local_cancel
     set_seed(cfg.seed)
-    configure_threads()
     t0 = time.perf_counter()
     emit({"stage": "check", "message": "Checking the images"})
-    ds = open_data(data, workspace, progress=lambda d, t: emit({"stage": "check", "done": d, "total": t}),
-                   should_cancel=should_cancel)
+
+    def opened() -> Any:
+        return open_data(data, workspace, progress=lambda d, t: emit({"stage": "check", "done": d, "total": t}))
+
+    # rank 0 checks the images first (and fills the check cache); the others then open the data at no cost
+    if rt.is_main:
+        ds = opened()
+        barrier(rt)
+    else:
+        barrier(rt)
+        ds = opened()
     split = split_dataset(ds, cfg.val_split, cfg.seed, cfg.max_per_class)
     if test_data is not None:
         tds = open_data(test_data, workspace, min_per_class=1)
@@ -159,7 +199,12 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     if cfg.strategy in ("linear", "partial", "full"):
         # the linear probe: also the head initialisation of partial/full (LP-FT, Kumar et al., ICLR 2022)
         feats, head, info = _linear_probe(model, split, test_items, classes, pre, decoded, cfg, workspace, winfo,
-                                          emit_epoch if cfg.strategy == "linear" else emit, should_cancel)
+                                          emit_epoch if cfg.strategy == "linear" else emit, should_cancel, rt,
+                                          local_cancel)
+        if cfg.strategy == "linear" and not rt.is_main:
+            return None  # the probe is fitted once, on rank 0
+        if rt.distributed and cfg.strategy != "linear":  # rank 0 fitted it; every rank fine-tunes from it
+            head = _broadcast_head(head, feats.shape[1], len(classes), rt)
         _set_head(model, head)
     if cfg.strategy == "linear":
         # the head on cached features equals the whole model on the images: no second forward pass
@@ -176,7 +221,7 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             y_all = np.array([cidx[i.label] for i in split.train + split.val])
             with single_threaded():
                 head, _ = fit_linear_head(feats[:n_tr + n_va], y_all, feats[:0], y_all[:0], len(classes),
-                                          cfg, should_cancel=should_cancel, init=head)
+                                          cfg, should_cancel=local_cancel, init=head)
             _set_head(model, head)
             with torch.no_grad():
                 test_logits = head(torch.from_numpy(feats[n_tr + n_va:])).numpy()
@@ -184,15 +229,20 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     else:
         probe_info = info if cfg.strategy != "scratch" else None
         info = finetune(model, split, classes, pre, decoded, cfg, emit_epoch, should_cancel,
-                        start_from_probe=probe_info is not None)
+                        start_from_probe=probe_info is not None, runtime=rt)
         if probe_info:
             info["feature_cache"] = probe_info.get("feature_cache")
+        if not rt.is_main:
+            return None  # rank 0 evaluates the kept checkpoint and writes the run
         model.eval()
         release_free_memory()
         emit({"stage": "evaluate", "message": "Evaluating the best checkpoint"})
-        val_logits = logits_of_items(model, split.val, pre, decoded, batch_size=EVAL_BATCH, should_cancel=should_cancel)
+        one = dataclasses.replace(rt, rank=0, world_size=1)  # rank 0 alone: no collectives from here on
+        val_logits = logits_of_items(model, split.val, pre, decoded, batch_size=EVAL_BATCH, should_cancel=local_cancel,
+                                     runtime=one)
         test_logits = logits_of_items(model, test_items, pre, decoded, batch_size=EVAL_BATCH,
-                                      should_cancel=should_cancel)
+                                      should_cancel=local_cancel, runtime=one)
+        model.to("cpu")
     yva = [cidx[i.label] for i in split.val]
     val_metrics = compute_metrics(yva, softmax(val_logits), classes)
     test_metrics = (compute_metrics([cidx[i.label] for i in test_items], softmax(test_logits), classes)
@@ -213,7 +263,7 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             classes=classes, preprocess=pre.to_dict(), data_config=data_cfg, weights=winfo.to_dict(),
             dataset={k: report[k] for k in ("source", "fingerprint", "counts", "num_images", "imbalance_ratio",
                                             "skipped", "image_size", "warnings", "split")},
-            fit_on=fit_on))
+            fit_on=fit_on, runtime=rt.to_dict()))
         splits = {"val": SplitPredictions("val", [str(i.path) for i in split.val], [i.label for i in split.val],
                                           np.asarray(val_logits, np.float64), val_model)}
         if test_items:
@@ -243,13 +293,18 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         "dataset_fingerprint": ds.fingerprint,
         "feature_cache": info.get("feature_cache"),
         "decoded_cache": {"hits": decoded.hits, "misses": decoded.misses},
+        **rt.to_dict(),
     }
 
 
 def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig, run_id: str | None = None,
                  progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
-                 test_data: str | os.PathLike | None = None, raise_errors: bool = True) -> TrainResult:
+                 test_data: str | os.PathLike | None = None, raise_errors: bool = True,
+                 runtime: Runtime | None = None) -> TrainResult:
     """Train and record the run in the store: status, per-epoch metrics, progress, summary.
+
+    Under torchrun every rank calls this; rank 0 alone creates and updates the run (the others return a
+    result with the run id None and touch neither the store nor the run's files).
 
     Args:
         workspace: where the run is stored.
@@ -260,9 +315,9 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
         should_cancel: extra cancel check; the store's cancel flag is always honoured.
         test_data: optional held-out folder evaluated at the end.
         raise_errors: re-raise the error after recording it (the CLI needs it; the worker does not).
+        runtime: the device and process group (default: started from ``cfg.device`` and torchrun's environment).
     """
     cfg = cfg.resolved()
-    store = workspace.store()
     # absolute paths in the run record and predictions: the run works from any directory later
     data = Path(data).expanduser().resolve()
     test_data = Path(test_data).expanduser().resolve() if test_data is not None else None
@@ -270,6 +325,17 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
     if run_id is None and not Path(data).exists():
         raise DatasetError(f"{data} does not exist; give a folder with one sub-folder per class, a .zip of one, "
                            "or a CSV of path,label.")
+    if runtime is None and under_torchrun():
+        rt = distributed_start(cfg.device)
+        try:  # the group is left at the end, so that torchrun sees every rank finish cleanly
+            return run_training(workspace, data, cfg, run_id, progress, should_cancel, test_data, raise_errors, rt)
+        finally:
+            distributed_stop()
+    rt = runtime or Runtime.create(cfg.device)
+    if not rt.is_main:
+        train_model(data, cfg, workspace, Path(os.devnull), None, should_cancel, test_data, rt)
+        return _result(None, Path(os.devnull), "done", rt.to_dict(), 0.0, None)
+    store = workspace.store()
     pid, pid_start = identity()
     if run_id is None:
         run_id = store.create_run(str(data), cfg.to_dict(), status="running")
@@ -299,31 +365,25 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
         if progress:
             progress(e)
 
+    def failed(status: str, msg: str, e: BaseException) -> TrainResult:
+        store.update(run_id, status=status, error=msg, pid=None)
+        if raise_errors:
+            raise e
+        return _result(run_id, run_dir, status, rt.to_dict(), time.perf_counter() - t0, msg)
+
     t0 = time.perf_counter()
     try:
-        summary = train_model(data, cfg, workspace, run_dir, on_progress, cancel, test_data=test_data)
+        with _stopped_by_torchrun(rt):
+            summary = train_model(data, cfg, workspace, run_dir, on_progress, cancel, test_data, rt)
     except CancelledError as e:
-        store.update(run_id, status="cancelled", error=str(e), pid=None)
-        if raise_errors:
-            raise
-        return _result(run_id, run_dir, "cancelled", {}, time.perf_counter() - t0, str(e))
+        return failed("cancelled", str(e), e)
     except TLError as e:
-        store.update(run_id, status="failed", error=str(e), pid=None)
-        if raise_errors:
-            raise
-        return _result(run_id, run_dir, "failed", {}, time.perf_counter() - t0, str(e))
-    except MemoryError:
-        msg = "Ran out of memory; lower the batch size or use a smaller backbone."
-        store.update(run_id, status="failed", error=msg, pid=None)
-        if raise_errors:
-            raise
-        return _result(run_id, run_dir, "failed", {}, time.perf_counter() - t0, msg)
+        return failed("failed", str(e), e)
+    except MemoryError as e:
+        return failed("failed", "Ran out of memory; lower the batch size or use a smaller backbone.", e)
     except OSError as e:
-        msg = f"Could not write the run's files ({e.strerror or e}); free disk space and try again."
-        store.update(run_id, status="failed", error=msg, pid=None)
-        if raise_errors:
-            raise
-        return _result(run_id, run_dir, "failed", {}, time.perf_counter() - t0, msg)
+        return failed("failed", f"Could not write the run's files ({e.strerror or e}); free disk space and try "
+                                "again.", e)
     except Exception as e:  # a bug: record it, never leave the run 'running'
         # torch reports CPU/GPU out-of-memory and safetensors a full disk as their own exception types
         text = str(e)
@@ -331,13 +391,13 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
             msg = "Ran out of memory; lower the batch size or use a smaller backbone."
         elif "No space left on device" in text or "os error 28" in text or "disk is full" in text:
             msg = "Could not write the run's files (No space left on device); free disk space and try again."
+        elif rt.distributed and isinstance(e, (RankFailedError, RuntimeError)):
+            msg = (f"A process of the distributed group stopped ({text.splitlines()[0][:200] if text else type(e).__name__}); "
+                   "the run failed. The log of the failed rank says why.")
         else:
             log.exception("run %s crashed", run_id)
             msg = f"Internal error: {type(e).__name__}: {e}"
-        store.update(run_id, status="failed", error=msg, pid=None)
-        if raise_errors:
-            raise
-        return _result(run_id, run_dir, "failed", {}, time.perf_counter() - t0, msg)
+        return failed("failed", msg, e)
     try:
         enforce_cache_limit(workspace.cache_dir)
     except OSError as e:  # maintenance must never fail a finished run
@@ -348,10 +408,37 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
     return _result(run_id, run_dir, "done", summary, summary["seconds"], None)
 
 
-def _result(run_id: str, run_dir: Path, status: str, s: dict[str, Any], seconds: float, error: str | None) -> TrainResult:
+@contextlib.contextmanager
+def _stopped_by_torchrun(rt: Runtime) -> Any:
+    """Under torchrun, turn the SIGTERM torchrun sends when another rank failed into an error the run records."""
+    if not rt.distributed:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise RankFailedError("torchrun stopped the group: another rank failed or was stopped")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def result_of(workspace: Workspace, run_id: str) -> TrainResult:
+    """The :class:`TrainResult` of a run as the store records it (a run trained by a torchrun group)."""
+    run = workspace.store().get(run_id)
+    s = run.get("summary") or {}
+    return _result(run_id, workspace.run_dir(run_id), run["status"], s, float(s.get("seconds") or 0.0), run.get("error"))
+
+
+def _result(run_id: str | None, run_dir: Path, status: str, s: dict[str, Any], seconds: float,
+            error: str | None) -> TrainResult:
     return TrainResult(run_id=run_id, run_dir=str(run_dir), status=status, classes=s.get("classes", []),
                        val_accuracy=s.get("val_accuracy"), val_loss=s.get("val_loss"),
                        test_accuracy=s.get("test_accuracy"), best_epoch=s.get("best_epoch"),
                        epochs_run=s.get("epochs_run", 0), seconds=round(seconds, 3), weights=s.get("weights", {}),
-                       counts=s.get("counts", {}), error=error)
+                       counts=s.get("counts", {}), error=error, stop=s.get("stop") or {},
+                       world_size=int(s.get("world_size", 1)), device=str(s.get("device", "cpu")),
+                       precision=str(s.get("precision", "fp32")))
 

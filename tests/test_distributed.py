@@ -1,0 +1,247 @@
+"""Scale-out: devices, and training with PyTorch DDP under torchrun (2 processes, gloo, on the CPU).
+
+Real runs on real images: a 2-process fine-tune finishes with ``world_size`` 2 and one JSON document on
+stdout, within a stated tolerance of the 1-process run; a 2-process linear probe (features sharded across
+the ranks and gathered) gives exactly the 1-process probe; cancel stops every rank; a killed rank fails the
+run with the reason and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EMOJI
+from tl_core.config import TrainConfig
+from tl_core.errors import ConfigError
+from tl_core.models.devices import Runtime, check_device_name, describe_auto_device, resolve_device
+from tl_core.models.training import BalancedSampler
+from tl_core.runs import tasks
+from tl_core.runs.files import RunFiles
+from tl_core.runs.launch import failure_reason
+from tl_core.runs.processes import alive
+
+#: 2-process and 1-process fine-tunes differ in the order each rank sees the images (as any two seeds do);
+#: on 25 validation images they may differ by this much accuracy (4 images).
+DDP_TOLERANCE = 0.16
+FULL = ["--strategy", "full", "--epochs", "2", "--batch-size", "8", "--augment", "none"]
+
+
+def _data(root: Path, per_class: int = 25) -> Path:
+    for c in ("animal", "face", "food", "flag", "vehicle"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for f in sorted((EMOJI / c).iterdir())[:per_class]:
+            shutil.copy(f, root / c / f.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ddp_data(tmp_path_factory) -> Path:
+    return _data(tmp_path_factory.mktemp("ddp") / "data")
+
+
+def _cli(home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TL_HOME": str(home), "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-m", "tl_core.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _group_processes(home: Path) -> list[int]:
+    """Processes (other than this one) whose environment names ``home`` as TL_HOME: the group's ranks."""
+    out = []
+    want = f"TL_HOME={home}".encode()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and int(p.name) != os.getpid():
+            try:
+                if want in (p / "environ").read_bytes().split(b"\0") and alive(int(p.name)):
+                    out.append(int(p.name))
+            except OSError:
+                continue
+    return out
+
+
+def _rank_pid(home: Path, rank: int) -> int | None:
+    want_home, want_rank = f"TL_HOME={home}".encode(), f"RANK={rank}".encode()
+    for pid in _group_processes(home):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if want_home in env and want_rank in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    return None
+
+
+def _wait(pred, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# ==================================================================================================
+# devices (no GPU here: the CPU path, and clear errors for a device that is not there)
+# ==================================================================================================
+def test_devices_auto_is_the_cpu_here_and_a_missing_gpu_is_a_clear_error():
+    import torch
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu") or torch.backends.mps.is_available()
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+            resolve_device("cuda")
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            TrainConfig(device="cuda:1").resolved() and resolve_device("cuda:1")
+        assert describe_auto_device().startswith(("CPU", "CUDA", "Apple"))
+    with pytest.raises(ConfigError, match="Unknown device"):
+        check_device_name("tpu")
+    with pytest.raises(ConfigError, match="Unknown device"):
+        TrainConfig(device="gpu0").resolved()
+    rt = Runtime.create("cpu")
+    assert rt.precision == "fp32" and rt.scaler is None and rt.is_main and not rt.distributed
+    assert rt.to_dict() == {"device": "cpu", "precision": "fp32", "world_size": 1}
+
+
+def test_balanced_sampling_gives_every_rank_the_same_number_of_steps():
+    import numpy as np
+
+    w = np.array([5.0] * 3 + [1.0] * 14)  # 17 images: not a multiple of 2 ranks
+    one = BalancedSampler(w, seed=3)
+    ranks = [BalancedSampler(w, seed=3, rank=r, world_size=2) for r in range(2)]
+    for s in [one, *ranks]:
+        s.set_epoch(1)
+    assert len(ranks[0]) == len(ranks[1]) == 9 and len(list(ranks[0])) == len(list(ranks[1])) == 9
+    both = list(ranks[0]) + list(ranks[1])
+    assert sorted(both)[:3] != [0, 1, 2] or True  # drawn with replacement
+    assert np.mean([i < 3 for i in both]) > 3 / 17  # the rare class is drawn more than its share
+    ranks[0].set_epoch(2)
+    assert list(ranks[0]) != list(ranks[1])
+
+
+def test_torchrun_failure_summary_names_the_rank_and_the_signal():
+    text = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+    Failures:
+      <NO_OTHER_FAILURES>
+    Root Cause (first observed failure):
+    [0]:
+      time      : 2026-11-30_19:50:01
+      host      : box
+      rank      : 1 (local_rank: 1)
+      exitcode  : -9 (pid: 4242)
+      error_file: <N/A>"""
+    assert failure_reason(text, 2) == "Process 1 of the 2-process training group was killed (SIGKILL); the run failed."
+    assert failure_reason("rank : 0 (local_rank: 0)\n exitcode : 3 (pid: 1)", 4).endswith("exited with code 3; "
+                                                                                          "the run failed.")
+    assert failure_reason("all good", 2) is None
+
+
+# ==================================================================================================
+# 2 processes, gloo, on the CPU
+# ==================================================================================================
+@pytest.mark.slow
+def test_two_process_fine_tune_matches_one_process(tmp_path, ddp_data):
+    home = tmp_path / "home"
+    one = _cli(home, "train", str(ddp_data), *FULL, "--json", "--quiet")
+    assert one.returncode == 0, one.stderr[-2000:]
+    t0 = time.monotonic()
+    two = _cli(home, "train", str(ddp_data), *FULL, "--nproc", "2", "--json", "--quiet")
+    took = time.monotonic() - t0
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)  # each stdout is exactly one JSON document
+    assert a["world_size"] == 1 and b["world_size"] == 2 and b["status"] == "done" and b["device"] == "cpu"
+    assert b["run_id"] != a["run_id"] and Path(b["run_dir"]).is_dir()
+    assert abs(a["val_accuracy"] - b["val_accuracy"]) <= DDP_TOLERANCE, (a["val_accuracy"], b["val_accuracy"])
+    assert b["val_accuracy"] >= 0.6  # 5 classes: it learned
+    meta = RunFiles(b["run_dir"]).meta()
+    assert meta.runtime == {"device": "cpu", "precision": "fp32", "world_size": 2}
+    history = RunFiles(b["run_dir"]).metrics().history
+    assert [h["epoch"] for h in history] == [0, 1, 2]  # the probe, then two epochs, recorded once (rank 0)
+    assert _group_processes(home) == []
+    print(f"\n[ddp] full fine-tune, 2 x gloo: val {b['val_accuracy']:.3f} vs 1 process {a['val_accuracy']:.3f}; "
+          f"{took:.0f}s wall")
+
+
+@pytest.mark.slow
+def test_two_process_linear_probe_equals_the_one_process_probe(tmp_path, ddp_data):
+    """Features sharded across the ranks and gathered, the probe fitted once: the same model as one process."""
+    home = tmp_path / "home"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "tl_core.cli", "train", str(ddp_data), "--json", "--quiet"], capture_output=True,
+                         text=True, timeout=900,
+                         env={**os.environ, "TL_HOME": str(home), "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads(out.stdout)  # only rank 0 printed
+    assert two["world_size"] == 2 and two["status"] == "done"
+    one = json.loads(_cli(home, "train", str(ddp_data), "--json", "--quiet").stdout)
+    assert one["world_size"] == 1
+    p1 = RunFiles(one["run_dir"]).predictions().get("val")
+    p2 = RunFiles(two["run_dir"]).predictions().get("val")
+    assert p1.paths == p2.paths
+    assert abs(p1.logits - p2.logits).max() < 1e-3 and one["val_accuracy"] == two["val_accuracy"]
+    assert _group_processes(home) == []
+
+
+@pytest.mark.slow
+def test_cancel_stops_every_rank_of_a_worker_group(tmp_path, ddp_data, monkeypatch):
+    """The app's path: a worker trains the run as a torchrun group (TL_TRAIN_PROCS=2); Cancel stops both."""
+    from tl_core.runs.workspace import Workspace
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("TL_HOME", str(home))
+    monkeypatch.setenv("TL_TRAIN_PROCS", "2")
+    monkeypatch.setenv("TL_MAX_WORKERS", "1")
+    ws = Workspace(home)
+    run_id = tasks.submit_training(ws, ddp_data, TrainConfig(strategy="full", epochs=50, batch_size=4, patience=0,
+                                                             augment="none"))
+    store = ws.store()
+    _wait(lambda: (store.get(run_id).get("progress") or {}).get("stage") == "train", 300, "training steps")
+    ranks = [_rank_pid(home, r) for r in (0, 1)]
+    assert all(ranks), ranks
+    t0 = time.monotonic()
+    tasks.cancel_run(ws, run_id)
+    _wait(lambda: store.get(run_id)["status"] not in ("queued", "running"), 60, "the run to stop")
+    row = store.get(run_id)
+    assert row["status"] == "cancelled", row
+    _wait(lambda: not any(alive(p) for p in ranks), 30, "both ranks to exit")
+    took = time.monotonic() - t0
+    task = store.tasks(kind="train")[0]
+    _wait(lambda: store.task(task["id"])["status"] != "running", 30, "the task to end")
+    assert store.task(task["id"])["status"] == "cancelled"
+    _wait(lambda: _group_processes(home) == [], 30, "no process of the group to remain")
+    print(f"\n[ddp] cancel stopped both ranks in {took:.1f}s ({row['error']})")
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_run_and_leaves_no_process(tmp_path, ddp_data):
+    home = tmp_path / "home"
+    env = {**os.environ, "TL_HOME": str(home), "PYTHONPATH": os.pathsep.join(sys.path)}
+    parent = subprocess.Popen([sys.executable, "-m", "tl_core.cli", "train", str(ddp_data), "--strategy", "full",
+                               "--epochs", "50", "--batch-size", "4", "--patience", "0", "--nproc", "2", "--json",
+                               "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    from tl_core.runs.workspace import Workspace
+
+    store = Workspace(home).store()
+    run_id = _wait(lambda: store.list() and store.list()[0]["id"], 120, "the run to be created")
+    _wait(lambda: (store.get(run_id).get("progress") or {}).get("stage") == "train", 300, "training steps")
+    victim = _rank_pid(home, 1)
+    assert victim
+    os.kill(victim, signal.SIGKILL)
+    out, err = parent.communicate(timeout=180)
+    assert parent.returncode == 1
+    row = store.get(run_id)
+    assert row["status"] == "failed"
+    assert "Process 1 of the 2-process training group was killed (SIGKILL)" in row["error"], row["error"]
+    assert json.loads(out)["status"] == "failed" and "error: run" in err
+    _wait(lambda: _group_processes(home) == [], 30, "no process of the group to remain")
+    assert not (Workspace(home).run_dir(run_id) / "model.safetensors").exists()
