@@ -103,13 +103,22 @@ def runs_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def stop_text(strategy: str, stop: dict[str, Any], best_epoch: int | None) -> str | None:
-    """One sentence on how fine-tuning ended and what would change the outcome (None for the linear probe).
+    """One or two sentences on how training ended and what would change the outcome.
 
     Early stopping is named with its numbers ("stopped at epoch 4 of 20: validation did not improve for 4
     epochs"), and the advice fits it: more epochs cannot help a run that patience stopped.
     """
-    if strategy == "linear" or not stop:
+    if not stop:
         return None
+    if strategy == "linear":
+        rounds = stop.get("epoch")
+        if stop.get("reason") == "converged":
+            return (f"The linear probe converged after {rounds} solver rounds and keeps that fit: it minimises the "
+                    "classic recipe's objective on the training images. It does not pick the round that scored best "
+                    "on validation: that would tune it to the validation images and make its score look better "
+                    "than it is.")
+        return (f"The linear probe used all {rounds} solver rounds without converging; raise the epochs (the "
+                "rounds) or lower the probe's C to let it converge.")
     epoch, epochs, patience = stop.get("epoch"), stop.get("epochs"), stop.get("patience")
     if stop.get("reason") == "patience":
         text = (f"Stopped at epoch {epoch} of {epochs}: validation accuracy did not improve for {patience} "

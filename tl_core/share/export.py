@@ -71,8 +71,8 @@ ONNX_OPSET = 18
 PARITY_TOLERANCE = 1e-4
 
 
-#: How many images a verification uses at most.
-VERIFY_IMAGES = 32
+#: How many images a verification uses at most (a run's validation images first: all of them for most small sets).
+VERIFY_IMAGES = 64
 
 
 _EXTENSIONS = {"bundle": "zip", "onnx": "onnx", "torchscript": "pt"}
