@@ -574,22 +574,24 @@ def test_run_ids_cannot_leave_the_runs_folder(workspace):
 
 
 def test_uploaded_names_stay_inside_the_workspace(tmp_path, workspace):
-    app_support = pytest.importorskip("tl_core.app_support")
+    from tl_core.data import library
     zip_bytes = H.write_zip(tmp_path / "u.zip", _ok_entries(2)).read_bytes()
     (tmp_path / "u.zip").unlink()
     before = H.snapshot(tmp_path, exclude="tl_home")
     home = workspace.home
     for name in EVIL_NAMES:
-        folder = app_support.save_uploaded_zip(workspace, name + ".zip", zip_bytes)
+        folder = library.save_uploaded_zip(workspace, name + ".zip", zip_bytes)
         assert folder.resolve().parent == workspace.datasets_dir, (name, folder)
         if not name.strip():
             with pytest.raises(DatasetError, match="Give the class a name"):
-                app_support.add_class_images(workspace, name, name, [(name + ".png", IMG)])
+                library.add_class_images(workspace, name, name, [(name + ".png", IMG)])
             continue
-        ds_dir, saved, _ = app_support.add_class_images(workspace, name, name, [(name + ".png", IMG)])
+        ds_dir, saved, _ = library.add_class_images(workspace, name, name, [(name + ".png", IMG)])
         assert ds_dir.resolve().parent == workspace.datasets_dir, (name, ds_dir)
         for s in saved:
             assert "/" not in s and s not in (".", "..")
+        kept = library.save_upload(workspace, name + ".png", IMG)  # a picture kept for a task to read
+        assert kept.parent == workspace.home / "uploads" and kept.read_bytes() == IMG
     for p in home.rglob("*"):
         assert p.resolve().is_relative_to(home)
     assert H.snapshot(tmp_path, exclude="tl_home") == before
@@ -598,5 +600,5 @@ def test_uploaded_names_stay_inside_the_workspace(tmp_path, workspace):
     (tmp_path / "e.zip").unlink()
     ws_before = H.snapshot(workspace.datasets_dir)
     with pytest.raises(DatasetError, match="unsafe path"):
-        app_support.save_uploaded_zip(workspace, "e.zip", evil)
+        library.save_uploaded_zip(workspace, "e.zip", evil)
     assert H.snapshot(workspace.datasets_dir) == ws_before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from conftest import EMOJI, FASHION
 from tl_core.config import TrainConfig
 from tl_core.errors import CancelledError
+from tl_core.runs.files import SAVED, VALIDATION_FIT, RunFiles
 from tl_core.runs.training import run_training
 
 
@@ -101,9 +103,13 @@ def test_same_seed_same_result(workspace):
     cfg = TrainConfig(strategy="linear", seed=7, max_per_class=10)
     a = run_training(workspace, EMOJI, cfg)
     b = run_training(workspace, EMOJI, cfg)
-    pa = json.loads((workspace.run_dir(a.run_id) / "predictions.json").read_text())["val"]
-    pb = json.loads((workspace.run_dir(b.run_id) / "predictions.json").read_text())["val"]
-    assert pa == pb
+    pa, pb = (RunFiles(workspace.run_dir(r.run_id)).predictions().get("val") for r in (a, b))
+    assert pa.paths == pb.paths and len(pa) == 40
+    np.testing.assert_array_equal(pa.logits, pb.logits)
+    wa, wb = (RunFiles(workspace.run_dir(r.run_id)).weights() for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = run_training(workspace, EMOJI, dataclasses.replace(cfg, seed=8))  # another seed: another split
+    assert RunFiles(workspace.run_dir(c.run_id)).predictions().get("val").paths != pa.paths
 
 
 def test_progress_callback_and_cooperative_cancel(workspace):
@@ -183,24 +189,44 @@ def test_checkpoint_selection_prefers_accuracy_then_loss():
 
 def test_linear_refit_uses_every_labelled_image_and_keeps_validation_honest(workspace):
     """refit (default): the saved head is fitted on train + validation; validation predictions and figures stay
-    those of the training-only fit; calibration reads that fit's saved logits, not the refit model's."""
-    from safetensors.torch import load_file
-
+    those of the training-only fit, kept as val_head.safetensors; calibration reads that fit's saved logits."""
     from tl_core.insight.calibrate import validation_logits
+    from tl_core.models.metrics import softmax
+    from tl_core.share.loading import load_model
+    from tl_core.share.predict import predict_paths
 
     plain = run_training(workspace, FASHION, TrainConfig(refit=False))
     refit = run_training(workspace, FASHION, TrainConfig())
     assert plain.val_accuracy == refit.val_accuracy and plain.val_loss == refit.val_loss
-    pa, pb = (json.loads((workspace.run_dir(r.run_id) / "predictions.json").read_text()) for r in (plain, refit))
-    assert [r["probs"] for r in pa["val"]] == [r["probs"] for r in pb["val"]]
-    assert json.loads((workspace.run_dir(refit.run_id) / "meta.json").read_text())["fit_on"] == "train+val"
-    assert json.loads((workspace.run_dir(plain.run_id) / "meta.json").read_text())["fit_on"] == "train"
-    wa, wb = (load_file(str(workspace.run_dir(r.run_id) / "model.safetensors")) for r in (plain, refit))
+    fa, fb = (RunFiles(workspace.run_dir(r.run_id)) for r in (plain, refit))
+    va, vb = fa.predictions().get("val"), fb.predictions().get("val")
+    np.testing.assert_array_equal(va.logits, vb.logits)
+    assert (va.model, vb.model) == (SAVED, VALIDATION_FIT)
+    assert fb.meta().fit_on == "train+val" and fb.meta().refitted
+    assert fa.meta().fit_on == "train" and not fa.meta().refitted and not fa.has("val_head.safetensors")
+    wa, wb = fa.weights(), fb.weights()
     head = [k for k in wa if k.startswith("classifier.")]
     assert head and all(torch.equal(wa[k], wb[k]) for k in wa if k not in head)  # same frozen backbone
     assert not torch.equal(wa["classifier.weight"], wb["classifier.weight"])  # the head saw more images
+    vh = fb.validation_head()  # the training-only head: exactly the one the plain run saved
+    assert sorted(vh) == sorted(head) and all(torch.equal(vh[k], wa[k]) for k in head)
+    # the test split is predicted by the saved (refitted) model
+    assert fb.predictions().get("test").model == SAVED and refit.test_accuracy is not None
+
     v = validation_logits(workspace.run_dir(refit.run_id), workspace)
-    assert v["source"] == "saved predictions"
-    probs = np.exp(v["logits"] - v["logits"].max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    np.testing.assert_allclose(probs, [r["probs"] for r in pb["val"]], atol=1e-4)
+    assert v["model"] == VALIDATION_FIT
+    np.testing.assert_array_equal(v["logits"], vb.logits)
+    # the validation-fit model reproduces the saved validation predictions from the images; the saved one does not
+    classes = fb.meta().classes
+
+    def probs_of(tm) -> np.ndarray:
+        rows, _ = predict_paths(tm, vb.paths, top_k=len(classes))
+        return np.array([[{t["label"]: t["confidence"] for t in r["top_k"]}[c] for c in classes] for r in rows])
+
+    val_fit = load_model(workspace.run_dir(refit.run_id), head=VALIDATION_FIT)
+    assert val_fit.head == VALIDATION_FIT
+    np.testing.assert_allclose(probs_of(val_fit), softmax(vb.logits), atol=1e-4)
+    saved = load_model(workspace.run_dir(refit.run_id))
+    assert saved.head == SAVED and np.abs(probs_of(saved) - softmax(vb.logits)).max() > 1e-3
+    # a run that was not refitted has no other head: asking for it loads the saved model
+    assert load_model(workspace.run_dir(plain.run_id), head=VALIDATION_FIT).head == SAVED
