@@ -3,6 +3,7 @@ datasets, and one cached trained run."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -32,8 +33,12 @@ def pytest_collection_modifyitems(config, items):
 def session_cache_dir(tmp_path_factory) -> Path:
     """One content-keyed cache (``$TL_CACHE_DIR``) for the whole session: every workspace a test makes, whatever
     its ``TL_HOME``, decodes each image and extracts each feature vector once. Caches are keyed by content
-    (pixels, backbone, weights, preprocessing), so sharing them changes no result, only the time."""
+    (pixels, backbone, weights, preprocessing), so sharing them changes no result, only the time.
+    ``TL_TEST_SHARED_CACHE=0`` leaves every workspace its own cache (to measure what sharing saves)."""
     d = tmp_path_factory.mktemp("tl_cache")
+    if os.environ.get("TL_TEST_SHARED_CACHE", "1") == "0":
+        yield None
+        return
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TL_CACHE_DIR", str(d))
         yield d
