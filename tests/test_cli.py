@@ -48,6 +48,7 @@ def test_check_json(capsys, tl_home):
     assert set(rep) >= {"counts", "skipped", "image_size", "imbalance_ratio", "warnings"}
 
 
+@pytest.mark.slow
 def test_train_json_in_a_real_process_then_evaluate_predict_runs(capsys, tl_home):
     env = {**os.environ, "TL_HOME": str(tl_home)}
     p = subprocess.run([TL_CORE, "train", str(FASHION), "--backbone", "efficientnet_lite0", "--strategy", "linear",

@@ -153,6 +153,7 @@ def test_bundle_predicts_in_another_workspace(bundle, reference_rows, tmp_path, 
     assert not other.exists() or not any(other.rglob("*.safetensors"))  # nothing needed from a workspace
 
 
+@pytest.mark.slow
 def test_bundle_predicts_in_a_fresh_process(bundle, reference_rows, tmp_path):
     env = {**os.environ, "TL_HOME": str(tmp_path / "fresh_home")}
     proc = subprocess.run([TL_CORE, "predict", str(bundle), *map(str, SAMPLES), "--top-k", "5", "--json"],
@@ -293,6 +294,7 @@ def _images_tensor(tm, paths) -> torch.Tensor:
     return torch.stack([tm.pre.eval_from_pil(load_image(p)) for p in paths])
 
 
+@pytest.mark.slow
 def test_onnx_export_via_cli_is_verified_and_has_a_dynamic_batch(run_dir, tmp_path, capsys):
     import onnx
     import onnxruntime as ort
@@ -344,6 +346,7 @@ def test_onnx_legacy_exporter_also_verifies(run_dir, tmp_path):
     assert v["passed"] and v["max_prob_diff"] <= PARITY_TOLERANCE and v["top1_agree"] == v["images"] == 12
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_is_verified_and_self_describing(run_dir, tmp_path):
     out = tmp_path / "model.pt"

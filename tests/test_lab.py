@@ -20,6 +20,7 @@ def curve(shared_cache):
     return res, events
 
 
+@pytest.mark.slow
 def test_pretrained_curves_sit_above_scratch_at_5_and_10_images_per_class(curve):
     res, _ = curve
     acc = {(r["arm"], r["images_per_class"]): r["val_accuracy"] for r in res["rows"]}
@@ -29,6 +30,7 @@ def test_pretrained_curves_sit_above_scratch_at_5_and_10_images_per_class(curve)
     assert acc[("linear", 10)] >= 0.7  # chance is 0.2
 
 
+@pytest.mark.slow
 def test_lab_result_shape(curve):
     res, events = curve
     # 'all' is 10 per class here (12 images, 2 held out): it merges with 10

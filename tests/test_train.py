@@ -39,6 +39,7 @@ def test_linear_probe_on_emoji_is_accurate_and_writes_the_run(emoji_run):
     assert json.loads((run_dir / "config.json").read_text())["strategy"] == "linear"
 
 
+@pytest.mark.slow
 def test_linear_probe_equals_logistic_regression_on_the_same_images(workspace):
     """The classic recipe: scikit-learn LogisticRegression on frozen Lite0 features of the same images."""
     from sklearn.linear_model import LogisticRegression
@@ -325,6 +326,7 @@ def test_checkpoint_selection_prefers_accuracy_then_loss():
     assert nan.step(1.0, 1, float("nan"))[0] and not nan.step(1.1, 2, float("nan"))[0]
 
 
+@pytest.mark.slow
 def test_linear_refit_uses_every_labelled_image_and_keeps_validation_honest(workspace):
     """refit (default): the saved head is fitted on train + validation; validation predictions and figures stay
     those of the training-only fit, kept as val_head.safetensors; calibration reads that fit's saved logits."""

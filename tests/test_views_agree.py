@@ -38,7 +38,6 @@ def _report_tile(html: str, path: str) -> tuple[str, float]:
     return m.group(1), float(m.group(2))
 
 
-@pytest.mark.slow
 def test_mistakes_grad_cam_report_and_cli_agree(emoji_run_dir, mistakes, tmp_path, capsys):
     grid = explain_misclassified(emoji_run_dir, k=len(mistakes))
     assert [g["path"] for g in grid] == [m["path"] for m in mistakes]
@@ -62,7 +61,6 @@ def test_mistakes_grad_cam_report_and_cli_agree(emoji_run_dir, mistakes, tmp_pat
         assert doc["target"] == m["predicted"]
 
 
-@pytest.mark.slow
 def test_the_saved_refitted_model_would_tell_another_story(emoji_run_dir, mistakes):
     """The agreement above is not automatic: the saved head (it has seen these images) gives other confidences."""
     saved = load_model(emoji_run_dir)
