@@ -251,19 +251,25 @@ def test_same_seed_same_result(workspace):
     assert RunFiles(workspace.run_dir(c.run_id)).predictions().get("val").paths != pa.paths
 
 
-def test_progress_callback_and_cooperative_cancel(workspace):
+def test_progress_callback_and_cooperative_cancel(workspace, shared_cache):
+    from insight_support import emoji_small
+
     events = []
 
     def stop_at_first_training_step():
         return any(e.get("stage") == "train" for e in events)
 
     with pytest.raises(CancelledError, match="Cancelled"):
-        run_training(workspace, EMOJI, TrainConfig(strategy="full", epochs=1, max_per_class=8),
+        # 12 emoji per class: 10 validation images, and training steps of 4 images, so that one step is cheap
+        run_training(workspace, emoji_small(shared_cache), TrainConfig(strategy="full", epochs=1, batch_size=4),
                      progress=events.append, should_cancel=stop_at_first_training_step)
     stages = [e["stage"] for e in events]
-    assert stages[0] == "check" and "extract" in stages and "train" in stages
+    assert stages[0] == "check" and "extract" in stages and "probe" in stages and "decode" in stages
+    assert stages.count("train") == 1  # stopped at the first check after the first step
+    assert [e["epoch"] for e in events if e["stage"] == "epoch"] == [0]  # the probe's epoch 0, no epoch 1
     run = workspace.store().list()[0]
     assert run["status"] == "cancelled" and "Cancelled" in run["error"]
+    assert list(workspace.runs_dir.iterdir()) == []  # nothing of the run was published or left staged
 
 
 def test_bad_data_path_fails_before_creating_a_run(workspace):
