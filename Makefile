@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8501
 ADDRESS ?= localhost
 
-.PHONY: app test venv bench recipes sample-data clean
+.PHONY: app test test-fast venv bench recipes sample-data clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ app: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# the quick tier: everything but the slow (> ~10 s) and browser tests
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not browser"
 
 bench: venv
 	$(PY) benchmarks/run.py

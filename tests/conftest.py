@@ -1,4 +1,5 @@
-"""Shared fixtures: a private workspace per test, the sample datasets, and one cached trained run."""
+"""Shared fixtures: one content-keyed cache for the session, a private workspace per test, the sample
+datasets, and one cached trained run."""
 
 from __future__ import annotations
 
@@ -13,10 +14,51 @@ SAMPLES = ROOT / "sample_data"
 EMOJI = SAMPLES / "emoji"
 FASHION = SAMPLES / "fashion_mnist"
 
+#: Tests (node id endings) of files this conftest does not own that need a cache of their own: they count,
+#: fill or clear the cache. A test file can say the same with ``@pytest.mark.private_cache``.
+PRIVATE_CACHE_TESTS = (
+    "test_faults.py::test_full_disk_for_the_caches_does_not_fail_the_run",
+    "test_faults.py::test_a_really_full_disk",
+    "test_app_pages.py::test_runs_page_shows_and_clears_the_cache",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.endswith(PRIVATE_CACHE_TESTS):
+            item.add_marker(pytest.mark.private_cache)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_dir(tmp_path_factory) -> Path:
+    """One content-keyed cache (``$TL_CACHE_DIR``) for the whole session: every workspace a test makes, whatever
+    its ``TL_HOME``, decodes each image and extracts each feature vector once. Caches are keyed by content
+    (pixels, backbone, weights, preprocessing), so sharing them changes no result, only the time.
+    ``TL_TEST_SHARED_CACHE=0`` leaves every workspace its own cache (to measure what sharing saves)."""
+    d = tmp_path_factory.mktemp("tl_cache")
+    if os.environ.get("TL_TEST_SHARED_CACHE", "1") == "0":
+        yield None
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TL_CACHE_DIR", str(d))
+        yield d
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(request, tmp_path_factory):
+    """``@pytest.mark.private_cache``: this test gets an empty cache of its own instead of the session's."""
+    if request.node.get_closest_marker("private_cache") is None:
+        yield None
+        return
+    d = tmp_path_factory.mktemp("private_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TL_CACHE_DIR", str(d))
+        yield d
+
 
 @pytest.fixture
 def tl_home(tmp_path, monkeypatch) -> Path:
-    """A fresh, private TL_HOME for one test."""
+    """A fresh, private TL_HOME for one test (the caches stay the session's: ``$TL_CACHE_DIR``)."""
     home = tmp_path / "tl_home"
     monkeypatch.setenv("TL_HOME", str(home))
     return home
@@ -31,21 +73,31 @@ def workspace(tl_home):
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
-    """A cache directory shared by the whole session so that features are extracted once."""
+    """A folder shared by the whole session: the insight tests' workspace and their sample subsets."""
     return tmp_path_factory.mktemp("shared_cache")
 
 
 @pytest.fixture(scope="session")
 def emoji_run(tmp_path_factory):
-    """One linear-probe run on the emoji sample (Lite0, packaged weights), trained once per session."""
+    """One linear-probe run on the emoji sample (Lite0, packaged weights, refitted head), trained once per
+    session. With seed 0 its validation-fit head misclassifies 2 of the 40 validation images."""
     from tl_core.config import TrainConfig
-    from tl_core.runs.workspace import Workspace
     from tl_core.runs.training import run_training
+    from tl_core.runs.workspace import Workspace
 
     ws = Workspace(tmp_path_factory.mktemp("emoji_run_home"))
     res = run_training(ws, EMOJI, TrainConfig())
     assert res.status == "done", res.error
     return ws, res
+
+
+@pytest.fixture(scope="module")
+def emoji_run_dir(emoji_run):
+    """The session's emoji run directory, with TL_HOME pointing at its workspace (run ids resolve)."""
+    ws, res = emoji_run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TL_HOME", str(ws.home))
+        yield Path(res.run_dir)
 
 
 def make_class_folder(root: Path, spec: dict[str, int], source: Path = EMOJI) -> Path:

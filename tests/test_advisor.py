@@ -79,6 +79,7 @@ def advice(shared_cache):
     return first, second
 
 
+@pytest.mark.slow
 def test_advisor_ranks_the_three_offline_backbones(advice):
     res, _ = advice
     assert set(offline_backbones()) >= set(OFFLINE)
@@ -100,6 +101,7 @@ def test_advisor_ranks_the_three_offline_backbones(advice):
     json.dumps(res)  # the CLI prints it as is
 
 
+@pytest.mark.slow
 def test_advisor_second_run_reads_every_feature_from_the_cache(advice):
     first, second = advice
     assert all(r["cache_misses"] == 0 and r["cache_hits"] == 40 for r in second["ranking"])

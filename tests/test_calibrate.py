@@ -14,6 +14,8 @@ from tl_core.models.metrics import reliability_diagram
 from tl_core.cli import main
 from tl_core.config import TrainConfig
 from tl_core.errors import RunError
+from tl_core.models.metrics import softmax
+from tl_core.runs.files import SAVED, RunFiles
 from tl_core.share.loading import load_model
 from tl_core.share.predict import predict_paths
 
@@ -25,8 +27,8 @@ def overconfident_run(shared_cache):
     from tl_core.runs.training import run_training
 
     ws = insight_workspace(shared_cache)
-    # refit=False: the saved model never saw its validation images, as with partial/full runs, so calibration
-    # re-runs it on them (the refit path is tested in test_train.py)
+    # refit=False: the saved model is the one that made the validation predictions, as with partial/full runs
+    # (the refit path, where a validation-fit head made them, is tested in test_train.py)
     res = run_training(ws, fashion_small(shared_cache), TrainConfig(linear_c=1e4, refit=False))
     assert res.status == "done", res.error
     return ws, res
@@ -64,39 +66,53 @@ def test_reliability_diagram_bins_and_gaps():
     assert all(b["gap"] is None for b in rel["bins"] if b["count"] == 0)
 
 
+def _val_paths(run) -> list[str]:
+    return RunFiles(run).predictions().get("val").paths
+
+
 def test_temperature_scaling_lowers_ece_of_the_over_confident_run(run_copy, overconfident_run):
     ws = overconfident_run[0]
-    before_rows, _ = predict_paths(load_model(run_copy), [r["path"] for r in
-                                   json.loads((run_copy / "predictions.json").read_text())["val"]])
+    before_rows, _ = predict_paths(load_model(run_copy), _val_paths(run_copy))
     res = calibrate_run(run_copy, ws)
-    assert res["source"] == "images" and res["count"] == 20 and res["applied"]
+    assert res["model"] == SAVED and res["count"] == 20 and res["applied"]
     assert res["temperature"] > 1.5, res  # over-confident: softened
     assert res["ece_after"] < res["ece_before"] - 0.05, res
     assert res["nll_after"] < res["nll_before"]
     assert 0.2 < res["accuracy"] < 1.0  # it does make mistakes, that is why confidence matters
     assert res["reliability_before"]["mean_confidence"] > res["accuracy"] + 0.1  # it was over-confident
-    # saved with the run: meta.json for every prediction path, metrics.json for the record
+    # saved with the run through its files: meta.json for every prediction path, metrics.json for the record
+    files = RunFiles(run_copy)
+    assert files.meta().temperature == pytest.approx(res["temperature"])
+    assert files.metrics().calibration["ece_before"] == res["ece_before"]
+    assert files.metrics().calibration["ece_after"] == res["ece_after"]
     tm = load_model(run_copy)
     assert tm.temperature == pytest.approx(res["temperature"])
-    cal = json.loads((run_copy / "metrics.json").read_text())["calibration"]
-    assert cal["ece_before"] == res["ece_before"] and cal["ece_after"] == res["ece_after"]
     after_rows, _ = predict_paths(tm, [r["path"] for r in before_rows])
     assert [r["label"] for r in after_rows] == [r["label"] for r in before_rows]  # same predictions
     assert np.mean([r["confidence"] for r in after_rows]) < np.mean([r["confidence"] for r in before_rows])
+    # the saved predictions' view follows: the same temperature, the same (softer) confidences
+    rows = files.predictions().get("val").rows(files.meta().classes, files.meta().temperature)
+    np.testing.assert_allclose([r["confidence"] for r in rows], [r["confidence"] for r in after_rows], atol=1e-4)
     # calibrating again fits the raw logits again: the same temperature, not a compounded one
     assert calibrate_run(run_copy, ws)["temperature"] == pytest.approx(res["temperature"], rel=1e-4)
 
 
-def test_validation_logits_and_dry_run(run_copy, overconfident_run):
+def test_validation_logits_are_the_saved_ones_and_dry_run_writes_nothing(run_copy, overconfident_run):
     v = validation_logits(run_copy, overconfident_run[0])
-    assert v["logits"].shape == (20, 10) and v["labels"].shape == (20,) and v["source"] == "images"
-    saved = json.loads((run_copy / "predictions.json").read_text())["val"]
-    probs = np.exp(v["logits"] - v["logits"].max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    np.testing.assert_allclose(probs, [r["probs"] for r in saved], atol=1e-4)  # exactly the saved run
+    assert v["logits"].shape == (20, 10) and v["labels"].shape == (20,) and v["model"] == SAVED
+    split = RunFiles(run_copy).predictions().get("val")
+    np.testing.assert_array_equal(v["logits"], split.logits)  # read, not recomputed
+    assert v["paths"] == split.paths and v["temperature"] == 1.0
+    # and they are what the saved model gives on those images
+    rows, _ = predict_paths(load_model(run_copy), split.paths, top_k=10)
+    classes = v["classes"]
+    probs = np.array([[{t["label"]: t["confidence"] for t in r["top_k"]}[c] for c in classes] for r in rows])
+    np.testing.assert_allclose(probs, softmax(v["logits"]), atol=1e-4)
     meta_before = (run_copy / "meta.json").read_text()
+    metrics_before = (run_copy / "metrics.json").read_text()
     res = calibrate_run(run_copy, overconfident_run[0], apply=False)
-    assert not res["applied"] and (run_copy / "meta.json").read_text() == meta_before
+    assert not res["applied"] and res["temperature"] > 1.5
+    assert (run_copy / "meta.json").read_text() == meta_before and (run_copy / "metrics.json").read_text() == metrics_before
     with pytest.raises(RunError):
         calibrate_run(run_copy.parent / "nope", overconfident_run[0])
 

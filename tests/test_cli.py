@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import EMOJI, FASHION, make_class_folder
+from conftest import EMOJI, FASHION, ROOT, make_class_folder
 from tl_core.cli import main
 
 TL_CORE = shutil.which("tl-core") or str(Path(sys.executable).parent / "tl-core")
@@ -47,6 +48,7 @@ def test_check_json(capsys, tl_home):
     assert set(rep) >= {"counts", "skipped", "image_size", "imbalance_ratio", "warnings"}
 
 
+@pytest.mark.slow
 def test_train_json_in_a_real_process_then_evaluate_predict_runs(capsys, tl_home):
     env = {**os.environ, "TL_HOME": str(tl_home)}
     p = subprocess.run([TL_CORE, "train", str(FASHION), "--backbone", "efficientnet_lite0", "--strategy", "linear",
@@ -97,3 +99,109 @@ def test_evaluate_with_unknown_classes(capsys, emoji_run, tmp_path):
     other = make_class_folder(tmp_path / "o", {"animal": 2, "robots": 2})
     msg = fail(capsys, "evaluate", str(ws.run_dir(res.run_id)), "--data", str(other))
     assert "not trained on: robots" in msg
+
+
+# --------------------------------------------------------------------------------------------------
+# tl-core train --config: repeat a run, flags override the file
+# --------------------------------------------------------------------------------------------------
+def test_train_config_repeats_a_run_and_flags_override_it(capsys, tl_home, shared_cache):
+    from insight_support import emoji_small
+    from tl_core.runs.files import RunFiles
+
+    data = str(emoji_small(shared_cache))
+    first = run_json(capsys, "train", data, "--seed", "3", "--linear-c", "0.5", "--no-refit", "--val-split", "0.25",
+                     "--json", "--quiet")
+    a = RunFiles(first["run_dir"])
+    assert a.config().seed == 3 and a.config().linear_c == 0.5 and a.config().refit is False
+
+    again = run_json(capsys, "train", data, "--config", str(Path(first["run_dir"]) / "config.json"), "--json", "--quiet")
+    b = RunFiles(again["run_dir"])
+    assert again["run_id"] != first["run_id"]
+    assert b.config_dict() == a.config_dict()  # the same configuration, saved again
+    assert again["val_accuracy"] == first["val_accuracy"] and again["val_loss"] == first["val_loss"]
+    pa, pb = a.predictions().get("val"), b.predictions().get("val")
+    assert pa.paths == pb.paths and np.array_equal(pa.logits, pb.logits)  # the same run, image for image
+
+    # the run directory works as --config too; a flag given on the command line wins over the file
+    other = run_json(capsys, "train", data, "--config", first["run_dir"], "--seed", "4", "--refit", "--json", "--quiet")
+    c = RunFiles(other["run_dir"])
+    assert c.config_dict() == {**a.config_dict(), "seed": 4, "refit": True}
+    assert c.meta().refitted and c.predictions().get("val").paths != pa.paths  # another seed: another split
+
+    assert "does not exist" in fail(capsys, "train", data, "--config", str(tl_home / "nope.json"))
+    (tl_home / "bad.json").write_text("[1, 2]")
+    assert "must hold a JSON object" in fail(capsys, "train", data, "--config", str(tl_home / "bad.json"))
+    (tl_home / "typo.json").write_text(json.dumps({"epochs": 0}))
+    assert "Epochs must be between" in fail(capsys, "train", data, "--config", str(tl_home / "typo.json"))
+
+
+# --------------------------------------------------------------------------------------------------
+# documentation: flags with help, and the README's contract is the parser's
+# --------------------------------------------------------------------------------------------------
+def _subcommands() -> dict:
+    import argparse
+
+    from tl_core.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def _options(subparser) -> dict[str, object]:
+    return {s: a for a in subparser._actions for s in a.option_strings}
+
+
+def test_every_config_field_has_a_train_flag_with_help():
+    import argparse
+
+    from tl_core.config import config_fields
+
+    opts = _options(_subcommands()["train"])
+    for spec in config_fields():
+        flag = "--" + spec.name.replace("_", "-")
+        assert flag in opts, flag
+        action = opts[flag]
+        assert action.dest == spec.name and action.default is None  # not given: the --config file's value
+        assert action.help and spec.help.replace("%", "%%") in action.help, flag
+        if spec.choices:
+            assert sorted(action.choices) == sorted(spec.choices), flag
+        if isinstance(action, argparse.BooleanOptionalAction):
+            assert "--no-" + flag[2:] in opts
+    assert {"--config", "--test", "--json", "--quiet"} <= set(opts)
+
+
+def _readme_contract() -> dict[str, str]:
+    """The fenced block after "The contract" in README.md, as {sub-command: its text}."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("The contract"):]
+    block = block[block.index("```") + 3:]
+    block = block[block.index("\n") + 1:block.index("```")]
+    out: dict[str, str] = {}
+    last = None
+    for line in block.splitlines():
+        m = re.match(r"tl-core (\S+)(.*)", line)
+        if m:
+            last = m.group(1)
+            out[last] = m.group(2)
+        elif line.strip():
+            assert last, line
+            out[last] += " " + line.strip()
+    return out
+
+
+def test_readme_contract_matches_the_parser():
+    readme, parser = _readme_contract(), _subcommands()
+    assert set(readme) == set(parser), (set(readme) ^ set(parser))
+    for name, text in readme.items():
+        usage = text.split("#")[0]  # what follows '#' is a comment
+        opts = _options(parser[name])
+        flags = re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", usage)
+        for flag in flags:
+            assert flag in opts, f"README lists `tl-core {name} {flag}`, which the parser does not have"
+        # a flag shown with its choices (a|b|c) offers exactly those
+        for flag, choices in re.findall(r"(--[a-z][a-z0-9-]*) ([a-z0-9_]+(?:\|[a-z0-9_]+)+)", usage):
+            assert sorted(choices.split("|")) == sorted(opts[flag].choices), (name, flag)
+        required = {s for a in parser[name]._actions if a.required and a.option_strings for s in a.option_strings[:1]}
+        assert required <= set(flags), f"README omits required flags of {name}: {required - set(flags)}"
+    assert "--config" in readme["train"] and "TrainConfig" in readme["train"]

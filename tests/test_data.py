@@ -1,11 +1,11 @@
-"""Dataset intake (folder, zip, CSV), image loading rules, splits, report, decoded-image cache."""
+"""Dataset intake (folder, zip, CSV), image loading rules, splits, report, decoded-image cache.
+
+Odd image modes, EXIF rotation, unreadable images, CSV errors and class-count errors are tested once, with
+their exact messages, in test_hostile_files.py."""
 
 from __future__ import annotations
 
-import csv
-import shutil
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import EMOJI, FASHION, make_class_folder
 from tl_core.cache import DecodedImageCache
 from tl_core.data.report import dataset_report
-from tl_core.data.images import image_from_bytes, load_image
+from tl_core.data.images import load_image
 from tl_core.data.intake import open_dataset
 from tl_core.data.splits import split_dataset
 from tl_core.errors import DatasetError
@@ -29,46 +29,6 @@ def test_transparent_png_is_composited_on_white(tmp_path):
     assert rgb.mode == "RGB"
     assert rgb.getpixel((5, 5)) == (255, 255, 255)  # not black, not red
     assert rgb.getpixel((0, 0)) == (0, 0, 255)
-
-
-def test_palette_with_transparency_and_la(tmp_path):
-    p = Image.new("P", (4, 4), 0)
-    p.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
-    p.info["transparency"] = 0
-    p.putpixel((1, 1), 1)
-    p.save(tmp_path / "p.png", transparency=0)
-    rgb = load_image(tmp_path / "p.png")
-    assert rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 1)) == (10, 200, 30)
-    Image.new("LA", (3, 3), (0, 0)).save(tmp_path / "la.png")
-    assert load_image(tmp_path / "la.png").getpixel((1, 1)) == (255, 255, 255)
-
-
-def test_gray_cmyk_and_16bit_become_rgb(tmp_path):
-    Image.new("L", (5, 5), 77).save(tmp_path / "g.png")
-    assert load_image(tmp_path / "g.png").getpixel((2, 2)) == (77, 77, 77)
-    Image.new("CMYK", (5, 5), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
-    r, g, b = load_image(tmp_path / "c.jpg").getpixel((2, 2))
-    assert r > 200 and g < 60 and b < 60  # CMYK (0,255,255,0) is red
-    arr = np.full((6, 6), 65535 // 2, dtype=np.uint16)
-    Image.fromarray(arr).save(tmp_path / "d.png")
-    v = load_image(tmp_path / "d.png").getpixel((3, 3))
-    assert v[0] == v[1] == v[2] and 120 <= v[0] <= 135  # mid-gray, not clipped white
-
-
-def test_exif_orientation_is_applied(tmp_path):
-    im = Image.new("RGB", (40, 20), (200, 10, 10))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° CW on display
-    im.save(tmp_path / "r.jpg", exif=exif)
-    assert load_image(tmp_path / "r.jpg").size == (20, 40)
-
-
-def test_unreadable_image_says_why(tmp_path):
-    (tmp_path / "x.jpg").write_text("not really a jpeg")
-    with pytest.raises(DatasetError, match="not a readable image"):
-        load_image(tmp_path / "x.jpg")
-    with pytest.raises(DatasetError, match="not a readable image"):
-        image_from_bytes(b"\x00\x01garbage", "cam.png")
 
 
 # -- intake ----------------------------------------------------------------------------------------
@@ -120,25 +80,6 @@ def test_zip_with_wrapper_folder_macosx_dotfiles_and_non_images(tmp_path):
     assert [(s.path, s.reason) for s in ds.skipped] == [("pets/cats/notes.txt", "not an image file (.txt)")]
 
 
-def test_csv_of_path_label_with_missing_file(tmp_path):
-    make_class_folder(tmp_path / "imgs", {"a": 3, "b": 3})
-    rows = [("path", "label")] + [(str(p.relative_to(tmp_path)), p.parent.name) for p in sorted(tmp_path.rglob("*.png"))]
-    rows.append(("imgs/a/missing.png", "a"))
-    with open(tmp_path / "labels.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    ds = open_dataset(tmp_path / "labels.csv")
-    assert ds.counts() == {"a": 3, "b": 3}
-    assert ds.skipped[0].path == "imgs/a/missing.png"
-    assert "not found" in ds.skipped[0].reason
-
-
-def test_csv_with_unknown_columns_names_the_needed_ones(tmp_path):
-    (tmp_path / "x.csv").write_text("file_name,kind,extra\na.png,cat,1\n")
-    with pytest.raises(DatasetError) as e:
-        open_dataset(tmp_path / "x.csv")
-    assert "'path' column" in str(e.value) and "'label' column" in str(e.value)
-
-
 def test_unreadable_files_are_skipped_not_fatal(tmp_path):
     root = make_class_folder(tmp_path / "d", {"a": 3, "b": 3})
     (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
@@ -150,25 +91,6 @@ def test_unreadable_files_are_skipped_not_fatal(tmp_path):
     assert reasons["b/readme.md"] == "not an image file (.md)"
 
 
-@pytest.mark.parametrize("spec, words", [
-    ({"only": 5}, ["Only one class", "'only'", "at least two"]),
-    ({"a": 5, "b": 1}, ["'b' has 1", "at least 2"]),
-])
-def test_class_count_errors_give_the_numbers(tmp_path, spec, words):
-    root = make_class_folder(tmp_path / "d", spec)
-    with pytest.raises(DatasetError) as e:
-        open_dataset(root)
-    for w in words:
-        assert w in str(e.value)
-
-
-def test_empty_class_folder_is_an_error_with_the_count(tmp_path):
-    root = make_class_folder(tmp_path / "d", {"a": 3, "b": 3})
-    (root / "empty").mkdir()
-    with pytest.raises(DatasetError, match="'empty' has 0"):
-        open_dataset(root)
-
-
 def test_no_classes_and_missing_path(tmp_path):
     (tmp_path / "flat").mkdir()
     with pytest.raises(DatasetError, match="one sub-folder per class"):
@@ -176,12 +98,6 @@ def test_no_classes_and_missing_path(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         open_dataset(tmp_path / "nope")
 
-
-def test_imbalance_is_reported(tmp_path):
-    root = make_class_folder(tmp_path / "d", {"many": 30, "few": 3})
-    rep = dataset_report(open_dataset(root))
-    assert rep["imbalance_ratio"] == 10.0
-    assert any("imbalanced" in w for w in rep["warnings"])
 
 
 # -- decoded-image cache ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from insight_support import emoji_small, insight_workspace
 from tl_core.insight.embedding import embed_dataset, embedding_map, project_2d, thumbnail_data_uri
 from tl_core.data.splits import sample_items
 from tl_core.errors import ConfigError
+from tl_core.runs.files import RunFiles, RunMeta
 
 COLUMNS = ["x", "y", "label", "path", "split", "predicted", "confidence", "misclassified"]
 
@@ -65,8 +66,10 @@ def test_embedding_map_flags_the_misclassified_images_of_a_run(shared_cache, tmp
     files = sorted((data / "face").iterdir())[:2] + sorted((data / "flag").iterdir())[:1]
     classes = ["animal", "face", "flag", "food", "vehicle"]
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "meta.json").write_text(json.dumps({"backbone": "efficientnet_lite0", "dataset": {"source": str(data)}}))
+    RunFiles(run).write_meta(RunMeta(
+        backbone="efficientnet_lite0", arch="tf_efficientnet_lite0", classes=classes, dataset={"source": str(data)},
+        preprocess={"input_size": 224, "resize": 256, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}))
+    # predictions in format 1 (probabilities per row, before logits were the record): still read
     (run / "predictions.json").write_text(json.dumps({"classes": classes, "val": [
         {"path": str(files[0]), "label": "face", "probs": [0.1, 0.6, 0.1, 0.1, 0.1]},
         {"path": str(files[1]), "label": "face", "probs": [0.7, 0.1, 0.1, 0.05, 0.05]},  # wrong: animal
@@ -77,7 +80,8 @@ def test_embedding_map_flags_the_misclassified_images_of_a_run(shared_cache, tmp
     wrong = df[df["misclassified"]]
     assert wrong["path"].tolist() == [str(files[1])] and wrong["predicted"].tolist() == ["animal"]
     assert df["predicted"].notna().sum() == 3
-    assert df.loc[df["path"] == str(files[2]), "confidence"].item() == 1.0
+    assert df.loc[df["path"] == str(files[2]), "confidence"].item() == pytest.approx(1.0)
+    assert df.loc[df["path"] == str(files[1]), "confidence"].item() == pytest.approx(0.7)
 
 
 def test_projection_and_thumbnail_helpers(shared_cache):

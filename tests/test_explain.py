@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -15,6 +16,8 @@ from tl_core.config import TrainConfig
 from tl_core.insight.embedding import embed_dataset
 from tl_core.errors import ConfigError, DatasetError
 from tl_core.insight.explain import colorize, explain_image, explain_misclassified, find_target_layer, grad_cam, overlay
+from tl_core.models.metrics import softmax
+from tl_core.runs.files import VALIDATION_FIT, Predictions, RunFiles
 from tl_core.share.loading import load_model
 
 
@@ -92,18 +95,26 @@ def test_explain_image_overlay_target_and_errors(emoji_small_run, shared_cache, 
 def test_misclassified_grid(emoji_small_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(emoji_small_run[1].run_dir, run_dir)
-    preds = json.loads((run_dir / "predictions.json").read_text())
-    classes = preds["classes"]
-    row = preds["val"][0]
-    wrong = (classes.index(row["label"]) + 1) % len(classes)
-    row["probs"] = [0.9 if i == wrong else 0.1 / (len(classes) - 1) for i in range(len(classes))]
-    (run_dir / "predictions.json").write_text(json.dumps(preds))
+    files = RunFiles(run_dir)
+    preds = files.predictions()
+    classes, val = preds.classes, preds.get("val")
+    assert val.model == VALIDATION_FIT  # a refitted linear run: the training-only head made these predictions
+    # forge one confident mistake into the saved logits
+    wrong = (classes.index(val.labels[0]) + 1) % len(classes)
+    logits = val.logits.copy()
+    logits[0] = -3.0
+    logits[0, wrong] = 5.0
+    files.write_predictions(Predictions(classes, {**preds.splits, "val": dataclasses.replace(val, logits=logits)}))
     grid = explain_misclassified(run_dir, k=4)
-    assert grid and grid[0]["path"] == row["path"] and grid[0]["predicted"] == classes[wrong]
+    assert grid and grid[0]["path"] == val.paths[0] and grid[0]["predicted"] == classes[wrong]
+    assert grid[0]["confidence"] == pytest.approx(float(softmax(logits[0])[wrong]))
     for g in grid:
         assert g["true"] != g["predicted"] and g["target"] == g["predicted"]
         assert g["heatmap"].shape == (64, 64) and g["overlay"].size == (64, 64)
-    assert explain_misclassified(run_dir, k=4, target="true")[0]["target"] == row["label"]
+        assert g["model"] == VALIDATION_FIT  # explained with the model that made the prediction
+    assert explain_misclassified(run_dir, k=4, target="true")[0]["target"] == val.labels[0]
+    with pytest.raises(ConfigError):
+        explain_misclassified(run_dir, target="other")
 
 
 def test_colour_map_and_overlay():

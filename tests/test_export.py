@@ -18,6 +18,7 @@ import torch
 
 from conftest import EMOJI, ROOT
 from tl_core.errors import ExportError
+from tl_core.runs.files import RunFiles
 from tl_core.share.export import PARITY_TOLERANCE, export_for_download, export_run
 from tl_core.share.loading import load_bundle, load_model
 from tl_core.share.card import model_card
@@ -30,12 +31,9 @@ SAMPLES = [sorted((EMOJI / c).glob("*.png"))[i] for c in ("animal", "face", "fla
 
 
 @pytest.fixture(scope="module")
-def run_dir(emoji_run):
-    """The session's trained emoji run (linear probe, Lite0), with TL_HOME pointing at its workspace."""
-    ws, res = emoji_run
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TL_HOME", str(ws.home))
-        yield Path(res.run_dir)
+def run_dir(emoji_run_dir):
+    """The session's trained emoji run (linear probe, Lite0, refitted head), with TL_HOME pointing at its workspace."""
+    return emoji_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -109,27 +107,35 @@ def test_model_card_for_random_and_hub_weights_and_no_metrics():
             "weights": {"source": "hub", "detail": "convnext_tiny.fb_in22k_ft_in1k"},
             "dataset": {"counts": {"a": 3, "b": 30}, "imbalance_ratio": 10.0,
                         "skipped": [{"path": "/x/broken.jpg", "reason": "damaged"}], "warnings": ["imbalanced"]}}
-    card = model_card(meta, {"strategy": "full"}, {})
+
+    def card_of(meta: dict, config: dict) -> str:  # a bundle without metrics.json or predictions
+        return model_card(RunFiles.from_bytes({"meta.json": json.dumps(meta).encode(),
+                                               "config.json": json.dumps(config).encode()}, "bundle.zip"))
+
+    card = card_of(meta, {"strategy": "full"})
     assert "ImageNet-21k/22k" in card and "fine-tuned on ImageNet-1k" in card
     assert "No metrics were recorded" in card and "Not measured" in card
     assert "`broken.jpg` (damaged)" in card and "Data warning: imbalanced" in card
-    card = model_card({**meta, "weights": {"source": "random"}}, {"strategy": "scratch"}, {})
+    card = card_of({**meta, "weights": {"source": "random"}}, {"strategy": "scratch"})
     assert "random initialisation" in card
 
 
-def test_model_card_reports_temperature_scaling(run_dir):
-    meta = json.loads((run_dir / "meta.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    preds = json.loads((run_dir / "predictions.json").read_text())
-    metrics["calibration"] = {"temperature": 2.0, "ece_before": 0.09, "ece_after": 0.03, "count": 40, "warning": None}
-    card = model_card({**meta, "temperature": 2.0}, {"strategy": "linear"}, metrics, preds)
+def test_model_card_reports_temperature_scaling(run_dir, tmp_path):
+    plain = model_card(RunFiles(run_dir))
+    assert "Temperature scaling: not applied." in plain
+    assert "fitted again on training + validation images" in plain  # the emoji run is refitted
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    RunFiles(copy).set_temperature(2.0, {"temperature": 2.0, "ece_before": 0.09, "ece_after": 0.03, "count": 40,
+                                         "warning": None})
+    card = model_card(RunFiles(copy))
     assert "Temperature scaling applied: T = 2.000" in card and "ECE after scaling 0.0300" in card
-    assert "Reliability on the validation images (with the temperature)" in card
-    plain = model_card(meta, {"strategy": "linear"}, {**metrics, "calibration": None}, preds)
-    assert "Temperature scaling: not applied." in plain and card != plain
-    assert ("fitted again on training + validation" in card) == (meta.get("fit_on") == "train+val")
-    refit = model_card({**meta, "fit_on": "train+val"}, {"strategy": "linear"}, metrics, preds)
-    assert "fitted again on training + validation images" in refit
+    assert "Reliability on the validation images (with the temperature)" in card and card != plain
+    # the card's reliability table is computed from the saved logits with the run's temperature
+    assert card.split("| confidence bin |")[1] != plain.split("| confidence bin |")[1]
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, "fit_on": "train"}))
+    assert "fitted again on training + validation" not in model_card(RunFiles(copy))
 
 
 def test_bundle_predicts_in_another_workspace(bundle, reference_rows, tmp_path, monkeypatch):
@@ -147,6 +153,7 @@ def test_bundle_predicts_in_another_workspace(bundle, reference_rows, tmp_path, 
     assert not other.exists() or not any(other.rglob("*.safetensors"))  # nothing needed from a workspace
 
 
+@pytest.mark.slow
 def test_bundle_predicts_in_a_fresh_process(bundle, reference_rows, tmp_path):
     env = {**os.environ, "TL_HOME": str(tmp_path / "fresh_home")}
     proc = subprocess.run([TL_CORE, "predict", str(bundle), *map(str, SAMPLES), "--top-k", "5", "--json"],
@@ -287,6 +294,7 @@ def _images_tensor(tm, paths) -> torch.Tensor:
     return torch.stack([tm.pre.eval_from_pil(load_image(p)) for p in paths])
 
 
+@pytest.mark.slow
 def test_onnx_export_via_cli_is_verified_and_has_a_dynamic_batch(run_dir, tmp_path, capsys):
     import onnx
     import onnxruntime as ort
@@ -338,6 +346,7 @@ def test_onnx_legacy_exporter_also_verifies(run_dir, tmp_path):
     assert v["passed"] and v["max_prob_diff"] <= PARITY_TOLERANCE and v["top1_agree"] == v["images"] == 12
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_is_verified_and_self_describing(run_dir, tmp_path):
     out = tmp_path / "model.pt"
@@ -361,7 +370,7 @@ def test_torchscript_export_is_verified_and_self_describing(run_dir, tmp_path):
 
 
 def test_export_that_disagrees_with_pytorch_fails_loudly_and_keeps_nothing(run_dir, tmp_path, monkeypatch):
-    import tl_core.export as E
+    import tl_core.share.export as E
 
     real = E._export_onnx_file
 

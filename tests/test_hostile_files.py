@@ -18,7 +18,7 @@ from PIL import Image
 
 import hostile as H
 from conftest import EMOJI
-from tl_core.data.images import MAX_IMAGE_PIXELS, load_image
+from tl_core.data.images import MAX_IMAGE_PIXELS, image_from_bytes, load_image
 from tl_core.data.intake import ZipLimits, open_dataset, safe_extract_zip
 from tl_core.data.report import dataset_report
 from tl_core.data.splits import split_dataset
@@ -254,10 +254,11 @@ def test_truncated_png_and_jpeg(tmp_path):
 @pytest.mark.parametrize("data", [b"I am a text file, not a JPEG.\n", b"", b"\xff\xd8\xff" + b"\x00" * 10,
                                   b"<svg xmlns='http://www.w3.org/2000/svg'/>"])
 def test_not_an_image_with_an_image_extension(tmp_path, data):
-    with pytest.raises(DatasetError) as e:
-        _load(tmp_path, "photo.jpg", data)
-    assert str(e.value) in ("photo.jpg: not a readable image (unknown or damaged format).",) or \
-        str(e.value).startswith("photo.jpg: damaged or truncated image")
+    for load in (lambda: _load(tmp_path, "photo.jpg", data), lambda: image_from_bytes(data, "photo.jpg")):
+        with pytest.raises(DatasetError) as e:  # from a file, and from an upload's bytes
+            load()
+        assert str(e.value) in ("photo.jpg: not a readable image (unknown or damaged format).",) or \
+            str(e.value).startswith("photo.jpg: damaged or truncated image")
 
 
 @pytest.mark.parametrize("w,h", [(8000, 8000), (100_000, 100_000), (2**31 - 1, 1)])
@@ -278,6 +279,8 @@ def test_decompression_bomb_header_is_refused_before_decoding(tmp_path, w, h):
 
 
 def test_odd_modes_become_rgb(tmp_path):
+    Image.new("L", (5, 5), 77).save(tmp_path / "gray.png")
+    assert load_image(tmp_path / "gray.png").getpixel((2, 2)) == (77, 77, 77)
     im = _load(tmp_path, "deep.png", H.png_16bit((40, 30)))
     assert Image.open(tmp_path / "deep.png").mode == "I;16"
     assert im.mode == "RGB" and im.size == (40, 30)
@@ -574,22 +577,24 @@ def test_run_ids_cannot_leave_the_runs_folder(workspace):
 
 
 def test_uploaded_names_stay_inside_the_workspace(tmp_path, workspace):
-    app_support = pytest.importorskip("tl_core.app_support")
+    from tl_core.data import library
     zip_bytes = H.write_zip(tmp_path / "u.zip", _ok_entries(2)).read_bytes()
     (tmp_path / "u.zip").unlink()
     before = H.snapshot(tmp_path, exclude="tl_home")
     home = workspace.home
     for name in EVIL_NAMES:
-        folder = app_support.save_uploaded_zip(workspace, name + ".zip", zip_bytes)
+        folder = library.save_uploaded_zip(workspace, name + ".zip", zip_bytes)
         assert folder.resolve().parent == workspace.datasets_dir, (name, folder)
         if not name.strip():
             with pytest.raises(DatasetError, match="Give the class a name"):
-                app_support.add_class_images(workspace, name, name, [(name + ".png", IMG)])
+                library.add_class_images(workspace, name, name, [(name + ".png", IMG)])
             continue
-        ds_dir, saved, _ = app_support.add_class_images(workspace, name, name, [(name + ".png", IMG)])
+        ds_dir, saved, _ = library.add_class_images(workspace, name, name, [(name + ".png", IMG)])
         assert ds_dir.resolve().parent == workspace.datasets_dir, (name, ds_dir)
         for s in saved:
             assert "/" not in s and s not in (".", "..")
+        kept = library.save_upload(workspace, name + ".png", IMG)  # a picture kept for a task to read
+        assert kept.parent == workspace.home / "uploads" and kept.read_bytes() == IMG
     for p in home.rglob("*"):
         assert p.resolve().is_relative_to(home)
     assert H.snapshot(tmp_path, exclude="tl_home") == before
@@ -598,5 +603,5 @@ def test_uploaded_names_stay_inside_the_workspace(tmp_path, workspace):
     (tmp_path / "e.zip").unlink()
     ws_before = H.snapshot(workspace.datasets_dir)
     with pytest.raises(DatasetError, match="unsafe path"):
-        app_support.save_uploaded_zip(workspace, "e.zip", evil)
+        library.save_uploaded_zip(workspace, "e.zip", evil)
     assert H.snapshot(workspace.datasets_dir) == ws_before

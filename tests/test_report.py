@@ -7,10 +7,12 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
 from tl_core.errors import ExportError
+from tl_core.runs.files import Predictions, RunFiles, SplitPredictions
 from tl_core.share.report import MAX_THUMBNAILS, build_report, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -18,12 +20,9 @@ SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 
 
 @pytest.fixture(scope="module")
-def run_dir(emoji_run):
-    """The session's trained emoji run (linear probe, Lite0), with TL_HOME pointing at its workspace."""
-    ws, res = emoji_run
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TL_HOME", str(ws.home))
-        yield Path(res.run_dir)
+def run_dir(emoji_run_dir):
+    """The session's trained emoji run (linear probe, Lite0, refitted head), with TL_HOME pointing at its workspace."""
+    return emoji_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -50,46 +49,81 @@ def test_report_is_one_self_contained_file(report_html, run_dir):
     assert run_dir.name in html and "efficientnet_lite0" in html
 
 
+def _mistakes(run_dir: Path) -> list[dict]:
+    """The Mistakes view: the run's saved validation predictions under its temperature."""
+    files = RunFiles(run_dir)
+    return files.predictions().get("val").mistakes(files.meta().classes, files.meta().temperature)
+
+
 def test_report_embeds_the_misclassified_images(report_html, run_dir):
-    wrong = json.loads((run_dir / "metrics.json").read_text())["top_losses"]
+    wrong = _mistakes(run_dir)
+    assert len(wrong) >= 2  # the emoji run's validation-fit head gets 2 of 40 wrong: the grid is drawn
     thumbs = re.findall(r"<img src='data:image/jpeg;base64,[A-Za-z0-9+/=]+'", report_html)
     assert len(thumbs) == min(len(wrong), MAX_THUMBNAILS)
-    if wrong:
-        assert Path(wrong[0]["path"]).name in report_html
-        assert f"predicted <span class='bad'>{wrong[0]['predicted']}</span>" in report_html
+    assert f"{len(wrong)} validation image(s) misclassified" in report_html
+    grid = report_html[report_html.index("<div class='grid'>"):]
+    where = [grid.index(f"<div class='path'>{Path(r['path']).name}</div>") for r in wrong]
+    assert where == sorted(where)  # most confident first
+    for r, at in zip(wrong, where):
+        tile = grid[grid.rindex("<figure", 0, at):at]
+        assert f"true <b>{r['true']}</b>" in tile
+        assert f"predicted <span class='bad'>{r['predicted']}</span> ({100 * r['confidence']:.0f}%)" in tile
+    # the refitted run says which fit its validation figures come from
+    assert "fitted again on training + validation images" in report_html
+
+
+def _with_ghost_mistake(run: Path, ghost: Path) -> None:
+    """Add a validation row for an image that no longer exists, confidently wrong (face taken for flag)."""
+    files = RunFiles(run)
+    preds = files.predictions()
+    val = preds.get("val")
+    classes = preds.classes
+    row = np.full((1, len(classes)), -4.0)
+    row[0, classes.index("flag")] = 6.0
+    val = SplitPredictions("val", [*val.paths, str(ghost)], [*val.labels, "face"], np.vstack([val.logits, row]),
+                           val.model)
+    files.write_predictions(Predictions(classes, {**preds.splits, "val": val}))
 
 
 def test_missing_images_are_skipped_and_counted(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
+    ghost = tmp_path / "gone" / "ghost.png"
+    _with_ghost_mistake(copy, ghost)
+    assert _mistakes(copy)[0]["path"] == str(ghost)  # the most confident mistake of all ...
     metrics = json.loads((copy / "metrics.json").read_text())
-    ghost = {"path": str(tmp_path / "gone" / "ghost.png"), "true": "face", "predicted": "flag",
-             "confidence": 0.99, "true_prob": 0.01, "loss": 4.6}
-    metrics["top_losses"] = [ghost] + metrics["top_losses"]
     metrics["test"] = metrics["val"]  # a held-out test set adds its own confusion matrix
     (copy / "metrics.json").write_text(json.dumps(metrics))
-    (copy / "predictions.json").unlink()  # no predictions: no calibration plot, still a report
     html = build_report(copy)
-    assert "1 image(s) could not be shown" in html and "ghost.png" not in html
-    assert 'id="confusion-test"' in html and 'id="calibration"' not in html
+    assert "1 image(s) could not be shown" in html and "ghost.png" not in html  # ... is counted, not drawn
+    assert len(re.findall(r"<img src='data:image/jpeg", html)) == len(_mistakes(run_dir))
+    assert 'id="confusion-test"' in html and 'id="calibration"' in html
     assert len(re.findall(r"\* plotly\.js v\d", html)) == 1
 
 
-def test_temperature_scaled_run_shows_both_reliability_curves(run_dir, tmp_path):
+def test_run_without_saved_predictions_still_reports(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    meta = json.loads((copy / "meta.json").read_text())
-    (copy / "meta.json").write_text(json.dumps({**meta, "temperature": 1.7}))
-    metrics = json.loads((copy / "metrics.json").read_text())
-    metrics["calibration"] = {"temperature": 1.7, "ece_before": 0.09, "ece_after": 0.031, "count": 40}
-    (copy / "metrics.json").write_text(json.dumps(metrics))
+    (copy / "predictions.json").unlink()  # no predictions: no calibration plot, no mistakes, still a report
     html = build_report(copy)
-    assert "with temperature 1.70 (ECE" in html and "trained model (ECE" in html
+    assert 'id="confusion-val"' in html and 'id="calibration"' not in html
+    assert "data:image/jpeg" not in html
+    assert "No validation image was misclassified" not in html  # unknown, not zero
+    assert "No validation predictions were saved" in html
+
+
+def test_temperature_scaled_run_shows_both_reliability_curves(run_dir, tmp_path, report_html):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    RunFiles(copy).set_temperature(1.7, {"temperature": 1.7, "ece_before": 0.09, "ece_after": 0.031, "count": 40})
+    html = build_report(copy)
+    assert "after temperature scaling (T = 1.70): ECE" in html and "before (T = 1): ECE" in html
     assert "0.031 (was 0.090)" in html and "T = 1.700" in html
+    assert "after temperature scaling" not in report_html and "0.031 (was 0.090)" not in report_html
 
 
 def test_not_a_run_is_refused(tmp_path):
-    with pytest.raises(ExportError, match="not a finished run: meta.json is missing"):
+    with pytest.raises(ExportError, match="not a finished run: .*no meta.json"):
         build_report(tmp_path)
     (tmp_path / "meta.json").write_text("{broken")
     (tmp_path / "config.json").write_text("{}")

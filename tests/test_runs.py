@@ -1,4 +1,4 @@
-"""The SQLite run store: WAL, lifecycle, epochs, listing, dead workers."""
+"""The SQLite run store (WAL, lifecycle, epochs, tasks claimed once, dead workers) and the workspace's caches."""
 
 import sqlite3
 import subprocess
@@ -16,7 +16,12 @@ def test_store_lifecycle_and_wal(tmp_path):
     store = ws.store()
     rid = store.create_run("data/x", {"strategy": "linear"})
     assert store.get(rid)["status"] == "queued"
-    assert store.claim_next(pid=123) == rid and store.claim_next(pid=123) is None
+    # a queued run is executed by a worker that claims its task: exactly one claim succeeds
+    tid, shared = store.create_task("train", f"train:{rid}", "train", {"run_id": rid}, run_id=rid)
+    assert not shared and store.create_task("train", f"train:{rid}", "train", {}) == (tid, True)
+    assert store.claim_task(tid, 123, None) and not store.claim_task(tid, 456, None)
+    assert store.task(tid)["status"] == "running" and store.task(tid)["pid"] == 123
+    store.update(rid, status="running", pid=123)
     store.add_epoch(rid, 1, {"val_loss": 0.5})
     store.add_epoch(rid, 2, {"val_loss": 0.4})
     store.update(rid, status="done", summary={"val_accuracy": 0.9})
@@ -48,11 +53,15 @@ def test_runs_of_dead_workers_become_interrupted(tmp_path):
     assert run["status"] == "interrupted" and "stopped unexpectedly" in run["error"]
 
 
-def test_run_ids_cannot_escape_the_workspace(tmp_path):
+def test_cache_dir_is_tl_cache_dir_when_set_else_under_the_top_workspace(tmp_path, monkeypatch):
+    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "fast_disk"))
     ws = Workspace(tmp_path / "home")
-    for bad in ("../x", "a/b", ".hidden", ""):
-        with pytest.raises(RunError):
-            ws.run_dir(bad)
+    assert ws.cache_dir == tmp_path / "fast_disk" and ws.cache_dir.is_dir()
+    assert ws.project("demo-12345678", create=True).cache_dir == ws.cache_dir
+    monkeypatch.delenv("TL_CACHE_DIR")
+    ws = Workspace(tmp_path / "home")
+    assert ws.cache_dir == ws.home / "cache"
+    assert ws.project("demo-12345678").cache_dir == ws.home / "cache"  # projects share the top one
 
 
 def test_cache_limit_evicts_least_recently_used_and_clear_empties(tmp_path):
@@ -60,8 +69,10 @@ def test_cache_limit_evicts_least_recently_used_and_clear_empties(tmp_path):
 
     import numpy as np
 
-    ws = Workspace(tmp_path / "home")
-    d = ws.cache_dir / "decoded" / "256-bicubic" / "ab"
+    from tl_core.cache import cache_usage, clear_cache, enforce_cache_limit
+
+    cache = tmp_path / "cache"  # a cache of its own: never the session's shared one
+    d = cache / "decoded" / "256-bicubic" / "ab"
     d.mkdir(parents=True)
     for i in range(5):
         f = d / f"{i}.npy"
@@ -69,8 +80,8 @@ def test_cache_limit_evicts_least_recently_used_and_clear_empties(tmp_path):
         os.utime(f, (1000 + i, 1000 + i))  # 0 is the least recently used
     os.utime(d / "0.npy", (5000, 5000))  # ... until it is used again
     size = (d / "1.npy").stat().st_size
-    freed = ws.enforce_cache_limit(max_bytes=3 * size)
+    freed = enforce_cache_limit(cache, max_bytes=3 * size)
     assert freed == 2 * size
     assert sorted(p.name for p in d.iterdir()) == ["0.npy", "3.npy", "4.npy"]
-    assert ws.cache_usage()["decoded"] == 3 * size
-    assert ws.clear_cache() == 3 * size and ws.cache_usage() == {"decoded": 0, "features": 0}
+    assert cache_usage(cache)["decoded"] == 3 * size
+    assert clear_cache(cache) == 3 * size and cache_usage(cache) == {"decoded": 0, "features": 0}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 from conftest import EMOJI, FASHION
 from tl_core.config import TrainConfig
 from tl_core.errors import CancelledError
+from tl_core.runs.files import SAVED, VALIDATION_FIT, RunFiles
 from tl_core.runs.training import run_training
 
 
@@ -20,17 +24,22 @@ def test_linear_probe_on_emoji_is_accurate_and_writes_the_run(emoji_run):
     assert res.val_accuracy >= 0.9, res.val_accuracy
     assert res.classes == ["animal", "face", "flag", "food", "vehicle"]
     run_dir = ws.run_dir(res.run_id)
-    for f in ("model.safetensors", "config.json", "meta.json", "metrics.json", "predictions.json"):
+    for f in ("model.safetensors", "val_head.safetensors", "config.json", "meta.json", "metrics.json",
+              "predictions.json"):
         assert (run_dir / f).is_file(), f
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert np.array(metrics["val"]["confusion"]).sum() == 40 == metrics["val"]["count"]
-    assert metrics["history"] and metrics["history"][-1]["val_acc"] == pytest.approx(res.val_accuracy, abs=1e-6)
+    metrics = RunFiles(run_dir).metrics()
+    assert np.array(metrics.val["confusion"]).sum() == 40 == metrics.val["count"]
+    assert metrics.history and metrics.history[-1]["val_acc"] == pytest.approx(res.val_accuracy, abs=1e-6)
+    # the probe stopped where its solver converged, well before the 100-round cap, and says so
+    assert res.epochs_run < 100 and metrics.stop == {"reason": "converged", "epoch": res.epochs_run, "epochs": 100}
+    assert "top_losses" not in metrics.to_dict()  # mistakes are derived from the saved logits
     row = ws.store().get(res.run_id)
     assert row["status"] == "done" and row["summary"]["val_accuracy"] == res.val_accuracy
     assert len(ws.store().epochs(res.run_id)) == res.epochs_run
     assert json.loads((run_dir / "config.json").read_text())["strategy"] == "linear"
 
 
+@pytest.mark.slow
 def test_linear_probe_equals_logistic_regression_on_the_same_images(workspace):
     """The classic recipe: scikit-learn LogisticRegression on frozen Lite0 features of the same images."""
     from sklearn.linear_model import LogisticRegression
@@ -64,25 +73,59 @@ def test_linear_probe_equals_logistic_regression_on_the_same_images(workspace):
     assert res.test_accuracy >= 0.78  # 10 clothing classes from 30 images each
 
 
+def _pretrained_state() -> dict[str, torch.Tensor]:
+    from tl_core.models.backbones import build_model
+
+    model, _ = build_model("efficientnet_lite0", 5)
+    return model.state_dict()
+
+
+def _changed(saved: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], prefix: str) -> list[bool]:
+    """For each floating-point tensor under ``prefix``: whether the saved run's differs from ``ref``'s."""
+    return [not torch.equal(saved[k], ref[k]) for k in saved
+            if k.startswith(prefix) and saved[k].is_floating_point() and k in ref]
+
+
+@pytest.mark.slow
 def test_pretrained_beats_scratch_by_a_wide_margin(workspace):
     # 12 training images per class; scratch gets 3 epochs (several times the probe's time) and still loses
     linear = run_training(workspace, EMOJI, TrainConfig(strategy="linear", max_per_class=12))
     scratch = run_training(workspace, EMOJI, TrainConfig(strategy="scratch", epochs=3, augment="none", max_per_class=12))
-    assert scratch.seconds > linear.seconds
-    assert scratch.weights["source"] == "random"
+    assert scratch.weights["source"] == "random" and scratch.status == "done"
+    assert linear.val_accuracy >= 0.8, linear.val_accuracy  # chance is 0.2
     assert linear.val_accuracy - scratch.val_accuracy >= 0.3, (linear.val_accuracy, scratch.val_accuracy)
+    # scratch really trained every layer from random weights: 3 epochs with a training loss, no probe epoch 0
+    epochs = workspace.store().epochs(scratch.run_id)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and all("train_loss" in e for e in epochs)
+    saved = RunFiles(scratch.run_dir).weights()
+    ref = _pretrained_state()
+    assert all(_changed(saved, ref, "conv_stem.")) and all(_changed(saved, ref, "blocks.0."))
 
 
-def test_full_finetuning_is_not_worse_than_linear(workspace):
+@pytest.mark.slow
+def test_full_finetuning_trains_the_backbone_and_keeps_the_better_checkpoint(workspace):
     linear = run_training(workspace, EMOJI, TrainConfig(strategy="linear", max_per_class=16))
     full = run_training(workspace, EMOJI, TrainConfig(strategy="full", epochs=2, max_per_class=16))
     assert full.status == "done"
-    assert full.val_accuracy >= linear.val_accuracy - 1e-9, (full.val_accuracy, linear.val_accuracy)
     epochs = workspace.store().epochs(full.run_id)
     assert [e["epoch"] for e in epochs] == [0, 1, 2] and all("val_loss" in e for e in epochs)
     # epoch 0 is the linear probe fine-tuning starts from: validation only, the same accuracy as the linear run
     assert epochs[0].get("probe") and "train_loss" not in epochs[0]
     assert epochs[0]["val_acc"] == pytest.approx(linear.val_accuracy)
+    # fine-tuning learns: the training loss falls from epoch to epoch, and here it beats the probe on validation
+    assert epochs[2]["train_loss"] < epochs[1]["train_loss"], epochs
+    assert full.best_epoch >= 1 and full.val_accuracy > linear.val_accuracy, (full.best_epoch, full.val_accuracy)
+    assert epochs[full.best_epoch]["val_acc"] == pytest.approx(full.val_accuracy)  # the kept checkpoint's score
+    files = RunFiles(full.run_dir)
+    assert files.metrics().best_epoch == full.best_epoch
+    assert files.metrics().stop == {"reason": "epochs", "epoch": 2, "epochs": 2, "patience": 4,
+                                    "best_epoch": full.best_epoch}
+    # every stage of the backbone moved, while the pretrained BatchNorm statistics were kept
+    saved, ref = files.weights(), _pretrained_state()
+    for stage in ("conv_stem.", "blocks.0.", "blocks.3.", "blocks.6.", "conv_head."):
+        assert any(_changed(saved, ref, stage)), stage
+    stats = [k for k in saved if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(saved[k], ref[k]) for k in stats)
 
 
 def test_partial_unfreezes_only_the_last_blocks():
@@ -97,28 +140,136 @@ def test_partial_unfreezes_only_the_last_blocks():
     assert frozen and not model.conv_stem.weight.requires_grad
 
 
+# --------------------------------------------------------------------------------------------------
+# partial fine-tuning and class balancing, end to end on an imbalanced emoji subset
+# --------------------------------------------------------------------------------------------------
+MINORITY = "vehicle"
+
+
+@pytest.fixture(scope="module")
+def imbalanced(tmp_path_factory) -> Path:
+    """Real emoji in a train/val layout: 30 training images per class but only 3 of ``vehicle``; a balanced
+    validation folder of 10 per class, so that the minority's recall is measured on 10 images."""
+    root = tmp_path_factory.mktemp("imbalanced")
+    for cls in sorted(p for p in EMOJI.iterdir() if p.is_dir()):
+        files = sorted(cls.iterdir())
+        for split, chosen in (("val", files[:10]), ("train", files[10:10 + (3 if cls.name == MINORITY else 30)])):
+            (root / split / cls.name).mkdir(parents=True)
+            for f in chosen:
+                shutil.copy(f, root / split / cls.name / f.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def imbalanced_runs(imbalanced, tmp_path_factory):
+    """Linear runs with each class balance, and partial runs (one epoch) without and with the balanced sampler."""
+    from tl_core.runs.workspace import Workspace
+
+    ws = Workspace(tmp_path_factory.mktemp("imbalanced_home"))
+    runs = {}
+    for strategy, balances in (("linear", ("none", "weights", "sampler")), ("partial", ("none", "sampler"))):
+        for balance in balances:
+            extra = {"epochs": 1} if strategy == "partial" else {}
+            res = run_training(ws, imbalanced, TrainConfig(strategy=strategy, class_balance=balance, **extra))
+            assert res.status == "done", res.error
+            runs[strategy, balance] = res
+    return ws, runs
+
+
+def _minority(res) -> dict[str, float]:
+    """The minority class's validation recall, and the probability the model gives it on its own images."""
+    files = RunFiles(res.run_dir)
+    classes = files.meta().classes
+    val = files.predictions().get("val")
+    y, p = val.targets(classes), val.probs(files.meta().temperature)
+    k = classes.index(MINORITY)
+    return {"recall": float((p[y == k].argmax(1) == k).mean()), "prob": float(p[y == k, k].mean()),
+            "count": int((y == k).sum())}
+
+
+@pytest.mark.slow
+def test_partial_finetuning_end_to_end(imbalanced_runs):
+    ws, runs = imbalanced_runs
+    res = runs["partial", "none"]
+    assert res.status == "done" and res.epochs_run == 1 and res.counts[MINORITY] == 13
+    assert res.val_accuracy >= 0.85, res.val_accuracy  # 50 validation images of 5 classes; chance is 0.2
+    files = RunFiles(res.run_dir)
+    metrics = files.metrics()
+    # the best epoch and how training stopped are recorded, in the run's files and in the store
+    assert metrics.best_epoch == res.best_epoch == ws.store().get(res.run_id)["summary"]["best_epoch"]
+    assert metrics.stop == {"reason": "epochs", "epoch": 1, "epochs": 1, "patience": 4, "best_epoch": res.best_epoch}
+    assert [h["epoch"] for h in metrics.history] == [0, 1] and metrics.history[0]["probe"]
+    # epoch 0 is the probe (the same fit as the linear run); the fine-tuned epoch beat it and was kept
+    assert metrics.history[0]["val_acc"] == pytest.approx(runs["linear", "none"].val_accuracy)
+    assert res.best_epoch == 1 and res.val_accuracy > runs["linear", "none"].val_accuracy
+    assert files.predictions().get("val").model == SAVED and not files.meta().refitted
+    # only the last two stages (and the head) were trained; everything before them is the pretrained network
+    saved, ref = files.weights(), _pretrained_state()
+    for frozen in ("conv_stem.", "bn1.", "blocks.0.", "blocks.2.", "blocks.4."):
+        assert not any(_changed(saved, ref, frozen)), frozen
+    for trained in ("blocks.5.", "blocks.6.", "conv_head."):
+        assert any(_changed(saved, ref, trained)), trained
+
+
+@pytest.mark.slow
+def test_class_balancing_changes_what_the_model_learns_of_the_minority(imbalanced_runs):
+    _, runs = imbalanced_runs
+    none, weights, sampler = (runs["linear", b] for b in ("none", "weights", "sampler"))
+    m_none, m_weights = _minority(none), _minority(weights)
+    assert m_none["count"] == 10
+    # loss weights: the 3 vehicle images weigh as much as 30 of another class; more vehicles are found
+    assert m_weights["recall"] >= m_none["recall"] + 0.2, (m_none, m_weights)
+    assert m_weights["prob"] > m_none["prob"] + 0.05, (m_none, m_weights)
+    assert weights.val_accuracy >= none.val_accuracy
+    # the learned (saved) head: its minority row moved, and its bias favours the minority more
+    k = none.classes.index(MINORITY)
+    hn, hw = (RunFiles(r.run_dir).weights() for r in (none, weights))
+    assert float((hw["classifier.weight"][k] - hn["classifier.weight"][k]).abs().max()) > 1e-2
+    assert float(hw["classifier.bias"][k]) > float(hn["classifier.bias"][k])
+    # the linear probe is one full-batch fit: balanced sampling is exactly the weighted objective
+    ls, lw = (RunFiles(r.run_dir).predictions().get("val").logits for r in (sampler, weights))
+    np.testing.assert_array_equal(ls, lw)
+    # fine-tuning with the sampler: its probe (epoch 0) is the balanced one, and the run ends elsewhere than without
+    p_none, p_sampler = runs["partial", "none"], runs["partial", "sampler"]
+    h_none, h_sampler = (RunFiles(r.run_dir).metrics().history for r in (p_none, p_sampler))
+    assert h_sampler[0]["val_acc"] == pytest.approx(weights.val_accuracy)
+    assert h_none[0]["val_acc"] == pytest.approx(none.val_accuracy)
+    assert h_sampler[1]["train_loss"] != h_none[1]["train_loss"]
+    assert _minority(p_sampler) != _minority(p_none)
+
+
 def test_same_seed_same_result(workspace):
     cfg = TrainConfig(strategy="linear", seed=7, max_per_class=10)
     a = run_training(workspace, EMOJI, cfg)
     b = run_training(workspace, EMOJI, cfg)
-    pa = json.loads((workspace.run_dir(a.run_id) / "predictions.json").read_text())["val"]
-    pb = json.loads((workspace.run_dir(b.run_id) / "predictions.json").read_text())["val"]
-    assert pa == pb
+    pa, pb = (RunFiles(workspace.run_dir(r.run_id)).predictions().get("val") for r in (a, b))
+    assert pa.paths == pb.paths and len(pa) == 40
+    np.testing.assert_array_equal(pa.logits, pb.logits)
+    wa, wb = (RunFiles(workspace.run_dir(r.run_id)).weights() for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = run_training(workspace, EMOJI, dataclasses.replace(cfg, seed=8))  # another seed: another split
+    assert RunFiles(workspace.run_dir(c.run_id)).predictions().get("val").paths != pa.paths
 
 
-def test_progress_callback_and_cooperative_cancel(workspace):
+def test_progress_callback_and_cooperative_cancel(workspace, shared_cache):
+    from insight_support import emoji_small
+
     events = []
 
     def stop_at_first_training_step():
         return any(e.get("stage") == "train" for e in events)
 
     with pytest.raises(CancelledError, match="Cancelled"):
-        run_training(workspace, EMOJI, TrainConfig(strategy="full", epochs=1, max_per_class=8),
+        # 12 emoji per class: 10 validation images, and training steps of 4 images, so that one step is cheap
+        run_training(workspace, emoji_small(shared_cache), TrainConfig(strategy="full", epochs=1, batch_size=4),
                      progress=events.append, should_cancel=stop_at_first_training_step)
     stages = [e["stage"] for e in events]
-    assert stages[0] == "check" and "extract" in stages and "train" in stages
+    assert stages[0] == "check" and "extract" in stages and "probe" in stages and "decode" in stages
+    assert stages.count("train") == 1  # stopped at the first check after the first step
+    assert [e["epoch"] for e in events if e["stage"] == "epoch"] == [0]  # the probe's epoch 0, no epoch 1
     run = workspace.store().list()[0]
     assert run["status"] == "cancelled" and "Cancelled" in run["error"]
+    assert list(workspace.runs_dir.iterdir()) == []  # nothing of the run was published or left staged
 
 
 def test_bad_data_path_fails_before_creating_a_run(workspace):
@@ -181,26 +332,47 @@ def test_checkpoint_selection_prefers_accuracy_then_loss():
     assert nan.step(1.0, 1, float("nan"))[0] and not nan.step(1.1, 2, float("nan"))[0]
 
 
+@pytest.mark.slow
 def test_linear_refit_uses_every_labelled_image_and_keeps_validation_honest(workspace):
     """refit (default): the saved head is fitted on train + validation; validation predictions and figures stay
-    those of the training-only fit; calibration reads that fit's saved logits, not the refit model's."""
-    from safetensors.torch import load_file
-
+    those of the training-only fit, kept as val_head.safetensors; calibration reads that fit's saved logits."""
     from tl_core.insight.calibrate import validation_logits
+    from tl_core.models.metrics import softmax
+    from tl_core.share.loading import load_model
+    from tl_core.share.predict import predict_paths
 
     plain = run_training(workspace, FASHION, TrainConfig(refit=False))
     refit = run_training(workspace, FASHION, TrainConfig())
     assert plain.val_accuracy == refit.val_accuracy and plain.val_loss == refit.val_loss
-    pa, pb = (json.loads((workspace.run_dir(r.run_id) / "predictions.json").read_text()) for r in (plain, refit))
-    assert [r["probs"] for r in pa["val"]] == [r["probs"] for r in pb["val"]]
-    assert json.loads((workspace.run_dir(refit.run_id) / "meta.json").read_text())["fit_on"] == "train+val"
-    assert json.loads((workspace.run_dir(plain.run_id) / "meta.json").read_text())["fit_on"] == "train"
-    wa, wb = (load_file(str(workspace.run_dir(r.run_id) / "model.safetensors")) for r in (plain, refit))
+    fa, fb = (RunFiles(workspace.run_dir(r.run_id)) for r in (plain, refit))
+    va, vb = fa.predictions().get("val"), fb.predictions().get("val")
+    np.testing.assert_array_equal(va.logits, vb.logits)
+    assert (va.model, vb.model) == (SAVED, VALIDATION_FIT)
+    assert fb.meta().fit_on == "train+val" and fb.meta().refitted
+    assert fa.meta().fit_on == "train" and not fa.meta().refitted and not fa.has("val_head.safetensors")
+    wa, wb = fa.weights(), fb.weights()
     head = [k for k in wa if k.startswith("classifier.")]
     assert head and all(torch.equal(wa[k], wb[k]) for k in wa if k not in head)  # same frozen backbone
     assert not torch.equal(wa["classifier.weight"], wb["classifier.weight"])  # the head saw more images
+    vh = fb.validation_head()  # the training-only head: exactly the one the plain run saved
+    assert sorted(vh) == sorted(head) and all(torch.equal(vh[k], wa[k]) for k in head)
+    # the test split is predicted by the saved (refitted) model
+    assert fb.predictions().get("test").model == SAVED and refit.test_accuracy is not None
+
     v = validation_logits(workspace.run_dir(refit.run_id), workspace)
-    assert v["source"] == "saved predictions"
-    probs = np.exp(v["logits"] - v["logits"].max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    np.testing.assert_allclose(probs, [r["probs"] for r in pb["val"]], atol=1e-4)
+    assert v["model"] == VALIDATION_FIT
+    np.testing.assert_array_equal(v["logits"], vb.logits)
+    # the validation-fit model reproduces the saved validation predictions from the images; the saved one does not
+    classes = fb.meta().classes
+
+    def probs_of(tm) -> np.ndarray:
+        rows, _ = predict_paths(tm, vb.paths, top_k=len(classes))
+        return np.array([[{t["label"]: t["confidence"] for t in r["top_k"]}[c] for c in classes] for r in rows])
+
+    val_fit = load_model(workspace.run_dir(refit.run_id), head=VALIDATION_FIT)
+    assert val_fit.head == VALIDATION_FIT
+    np.testing.assert_allclose(probs_of(val_fit), softmax(vb.logits), atol=1e-4)
+    saved = load_model(workspace.run_dir(refit.run_id))
+    assert saved.head == SAVED and np.abs(probs_of(saved) - softmax(vb.logits)).max() > 1e-3
+    # a run that was not refitted has no other head: asking for it loads the saved model
+    assert load_model(workspace.run_dir(plain.run_id), head=VALIDATION_FIT).head == SAVED

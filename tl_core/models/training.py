@@ -39,6 +39,8 @@ EVAL_BATCH = 32
 
 
 def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor per optimiser step: linear warm-up over ``warmup_steps``, then cosine decay to 0
+    at ``total_steps`` (for ``torch.optim.lr_scheduler.LambdaLR``)."""
     def f(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps

@@ -27,6 +27,7 @@ _STAGES = {
 
 
 def duration_text(seconds: float) -> str:
+    """A duration as people read it: ``42 s`` or ``3 min 05 s``."""
     seconds = max(0, int(round(seconds)))
     if seconds < 60:
         return f"{seconds} s"

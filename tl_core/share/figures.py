@@ -9,6 +9,9 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+__all__ = ["class_counts", "training_curves", "confusion", "top_k", "advisor_scores", "embedding_map", "domain_gap",
+           "reliability", "ARM_NAMES", "learning_curve"]
+
 _COLORS = qualitative.Plotly
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.18))
 

@@ -217,7 +217,9 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
 
     wrong = val_preds.mistakes(classes, temperature) if val_preds is not None else []
     parts.append("<h2>Most confidently wrong images</h2>")
-    if not wrong:
+    if val_preds is None:
+        parts.append("<p class='note'>No validation predictions were saved with this run.</p>")
+    elif not wrong:
         parts.append("<p class='note'>No validation image was misclassified.</p>")
     else:
         roots = [Path(r) for r in image_roots]
