@@ -103,7 +103,8 @@ CLASS_BALANCE: dict[str, Choice] = {
         Choice(
             "sampler",
             "Balanced sampling",
-            "Draw training images so that every class is seen equally often in each epoch.",
+            "Draw training images so that every class is seen equally often in each epoch (the linear probe sees "
+            "every image at once, so for it this is the same as loss weights).",
         ),
     ]
 }

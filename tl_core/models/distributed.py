@@ -71,6 +71,7 @@ def _tensor(rt: Runtime, values: Sequence[float]) -> Any:
 
 
 def barrier(rt: Runtime) -> None:
+    """Wait until every rank gets here (a no-op in one process)."""
     if rt.distributed:
         import torch.distributed as dist
 
@@ -141,4 +142,5 @@ def wrap(model: Any, rt: Runtime) -> Any:
 
 
 def unwrap(model: Any) -> Any:
+    """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
     return getattr(model, "module", model)
