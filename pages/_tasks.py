@@ -75,7 +75,7 @@ def _done_caption(task: Task) -> None:
 def task_view(ws: Workspace, kind: str, params: dict[str, Any], label: str, *, button: str | None = None,
               button_help: str | None = None, icon: str | None = None, auto: bool = False, key: str | None = None,
               poll_s: float = POLL_S, describe: Callable[[Task], tuple[float, str]] | None = None,
-              show_timing: bool = True) -> Any | None:
+              show_timing: bool = True, compact: bool = False) -> Any | None:
     """The result of the task ``kind(params)``, or None while there is none (with what to do, drawn here).
 
     Args:
@@ -91,6 +91,7 @@ def task_view(ws: Workspace, kind: str, params: dict[str, Any], label: str, *, b
         poll_s: seconds between looks at the task while it waits or runs.
         describe: (fraction, text) of a running task, instead of its message, counts and time left.
         show_timing: say how long the result took from the click.
+        compact: a progress bar only, without Cancel (quick previews).
     Returns:
         The task's result (JSON data) when it is done, else None.
     """
@@ -126,12 +127,12 @@ def task_view(ws: Workspace, kind: str, params: dict[str, Any], label: str, *, b
                 if submit(ws, kind, params) is not None:
                     st.rerun()
             return None
-    _live(ws, task.id, label, key, poll_s, describe)
+    _live(ws, task.id, label, key, poll_s, describe, compact)
     return None
 
 
 def _live(ws: Workspace, task_id: str, label: str, key: str, poll_s: float,
-          describe: Callable[[Task], tuple[float, str]] | None) -> None:
+          describe: Callable[[Task], tuple[float, str]] | None, compact: bool = False) -> None:
     """Queue position or progress of an active task, with Cancel; polled until it ends, then the page redraws."""
 
     @st.fragment(run_every=poll_s)
@@ -140,12 +141,14 @@ def _live(ws: Workspace, task_id: str, label: str, key: str, poll_s: float,
         t = tasks.get(ws, task_id)
         if not t.active:
             st.rerun()  # ended: redraw the whole page with its result (or its error)
-        with st.container(border=True):
+        with st.container(border=not compact):
             if t.status == "queued":
                 st.progress(0.0, text=f"{label} · {tasks.describe_wait(ws, t)}")
             else:
                 frac, text = describe(t) if describe else task_progress(t.progress, label)
                 st.progress(frac, text=f"{text} · {t.total_s:.0f} s since the click")
+            if compact:
+                return
             c1, c2 = st.columns([1, 4], vertical_alignment="center")
             if c1.button("Cancel", key=f"{key}-cancel", icon=":material/stop:",
                          help="Stops it (for everyone who asked for the same result)."):

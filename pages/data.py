@@ -199,10 +199,11 @@ def data_check(ws, path: Path, val_split: float, seed: int) -> None:
               "seed": int(seed), "max_per_class": AUDIT_MAX_PER_CLASS}
     if tasks.find(ws, "audit", params) is None:
         st.caption("Press **Check the data** for the audit, the embedding map and the domain-gap hint.")
-    audit = task_ui.task_view(ws, "audit", params, "Checking the data", icon=":material/fact_check:", key="audit",
-                            button_help="Computes the backbone's features of every image once (cached for "
-                                        "training), then runs the checks. About a second per 10-20 images the "
-                                        "first time; it runs on the server, so you may leave the page meanwhile.")
+    audit = task_ui.task_view(ws, "audit", params, "Checking the data", button="Check the data",
+                              icon=":material/fact_check:", key="audit",
+                              button_help="Computes the backbone's features of every image once (cached for "
+                                          "training), then runs the checks. About a second per 10-20 images the "
+                                          "first time; it runs on the server, so you may leave the page meanwhile.")
     if audit is None:
         return
     show_audit(audit, ws)

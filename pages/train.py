@@ -127,7 +127,7 @@ def augmentation_preview(ws, path, rep: dict, backbone: str, preset: str, seed: 
     params = {"paths": samples, "signature": dataset_signature(path), "backbone": backbone, "preset": preset,
               "seed": int(seed), "copies": PREVIEW_COPIES}
     res = task_ui.task_view(ws, "augment_preview", params, "Drawing augmented images", auto=True,
-                            key="aug-preview", poll_s=0.5, show_timing=False)
+                            key="aug-preview", poll_s=0.5, show_timing=False, compact=True)
     if res is None:
         return
     task = tasks.find(ws, "augment_preview", params)

@@ -929,3 +929,227 @@ def test_runs_page_shows_and_clears_the_cache(tmp_path, monkeypatch):
     at.button(key="clear_cache").click().run()
     assert not at.exception and any("Freed 1.0 MB" in s.value for s in at.success)
     assert cache_usage(ws.cache_dir) == {"decoded": 0, "features": 0}
+
+
+# --------------------------------------------------------------------------------------------------
+# the server never loads torch: every model runs in a worker
+# --------------------------------------------------------------------------------------------------
+def _imports_of(files: list[Path]) -> list[str]:
+    import ast
+
+    out = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "module", None) != "__future__":
+                out.append(ast.unparse(node))
+    return list(dict.fromkeys(out))
+
+
+def test_app_and_pages_import_neither_torch_nor_timm():
+    """Every import of app.py and of every page, in a fresh interpreter: torch and timm stay out."""
+    lines = _imports_of([APP, *sorted((ROOT / "pages").glob("*.py"))])
+    assert any("tl_core.runs" in line for line in lines) and any("streamlit" in line for line in lines)
+    code = "\n".join(lines) + "\nimport sys\nprint(sorted({'torch', 'timm', 'torchvision'} & set(sys.modules)))\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+_WALK = '''
+import sys
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file(sys.argv[1], default_timeout=120)
+at.query_params.update({"data": "sample/emoji"})
+at.run()
+for page in ("data", "backbone", "train", "evaluate", "try_it", "runs", "lab", "home"):
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, (page, [e.value for e in at.exception])
+    if page == "data":
+        [b for b in at.button if b.label == "Check the data"][0].click().run()
+    if page == "evaluate":
+        for view in ("gradcam", "calibration", "map"):
+            at.button_group(key="eval_view").set_value(view).run()
+    if page == "runs":
+        at.multiselect[0].set_value([at.multiselect[0].options[0]]).run()
+print(sorted({"torch", "timm", "torchvision"} & set(sys.modules)))
+'''
+
+
+def test_walking_every_page_and_starting_tasks_loads_no_model_in_the_server(home):
+    """The whole app in one fresh process, as a server runs it: every page, a data check, Grad-CAM, calibration
+    and the map asked for. The work goes to worker processes; the page process never imports torch."""
+    ws, _ = home
+    out = subprocess.run([sys.executable, "-c", _WALK, str(APP)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    kinds = {t["kind"] for t in ws.store().tasks()}
+    assert {"audit", "gradcam", "calibrate", "embedding_map", "augment_preview"} <= kinds, kinds
+
+
+# --------------------------------------------------------------------------------------------------
+# tasks on the pages: the queue, errors, cancel, a full queue, sharing, and a restart of the server
+# --------------------------------------------------------------------------------------------------
+def _audit_params(path: Path = EMOJI) -> dict:
+    """The parameters the Data page gives its audit task (its key), for the default settings."""
+    return {"data": str(path), "signature": library.dataset_signature(path), "backbone": "efficientnet_lite0",
+            "val_split": 0.2, "seed": 0, "max_per_class": 200}
+
+
+def _data_page(query: dict | None = None) -> AppTest:
+    at = app({"data": "sample/emoji", **(query or {})})
+    return goto(at, "data")
+
+
+def test_a_queued_task_shows_its_place_in_the_queue_and_cancel_stops_it(home, no_workers):
+    ws, _ = home
+    ahead = tasks.submit(ws, "time_backbone", {"backbone": "resnet18"})  # waits for the same (absent) worker
+    at = _data_page()
+    assert_clean(at)
+    button(at, "Check the data").click().run()
+    assert_clean(at)
+    task = tasks.find(ws, "audit", _audit_params())
+    assert task is not None and task.status == "queued" and task.lane == "compute"
+    [text] = progress_texts(at)
+    assert text.startswith("Checking the data · Waiting in the queue: number 2 in line, 0 task(s) running (this "
+                           "server runs 1 at a time) · waited "), text
+    assert not has_button(at, "Check the data")  # the task is there: no second start
+    tasks.cancel(ws, ahead.id)
+    at.run()
+    assert progress_texts(at)[0].startswith("Checking the data · Waiting in the queue: next in line")
+    at.button(key="audit-cancel").click().run()
+    at.run()
+    assert tasks.get(ws, task.id).status == "cancelled"
+    assert not at.get("progress")
+    assert any("cancelled" in c.value for c in at.caption)
+    assert has_button(at, "Check the data")  # it can be started again
+
+
+def test_a_failed_task_shows_its_error_and_can_be_started_again(home, no_workers):
+    ws, _ = home
+    failed = tasks.submit(ws, "audit", _audit_params())
+    store = ws.store()
+    assert store.claim_task(failed.id, os.getpid(), None)
+    store.finish_task(failed.id, "failed", "Ran out of memory; use fewer or smaller images, a smaller backbone, "
+                                           "or a lower batch size.")
+    at = _data_page()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["Ran out of memory; use fewer or smaller images, a smaller backbone, or a "
+                                           "lower batch size."]
+    button(at, "Check the data again").click().run()
+    assert_clean(at)
+    again = tasks.find(ws, "audit", _audit_params())
+    assert again.id != failed.id and again.status == "queued"
+    assert progress_texts(at)[0].startswith("Checking the data · Waiting in the queue")
+
+
+def test_a_full_queue_is_refused_in_one_sentence(home, no_workers, monkeypatch):
+    ws, _ = home
+    monkeypatch.setattr(tasks, "MAX_QUEUED", 1)
+    tasks.submit(ws, "time_backbone", {"backbone": "resnet18"})
+    at = _data_page()
+    button(at, "Check the data").click().run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["The queue is full (1 tasks waiting); try again when some have finished."]
+    assert tasks.find(ws, "audit", _audit_params()) is None
+    assert has_button(at, "Check the data")
+
+
+def test_identical_requests_from_two_sessions_share_one_task(home):
+    ws, _ = home
+    first, second = _data_page(), _data_page()
+    button(first, "Check the data").click().run()
+    button(second, "Check the data").click().run()
+    assert_clean(first)
+    assert_clean(second)
+    [audit] = ws.store().tasks(kind="audit")  # thirty students, one button: one task
+    for at in (first, second):
+        until(at, lambda a: has_metric(a, "Leaks into validation"), what="the shared audit")
+        assert_clean(at)
+        assert any(c.value.startswith("Took ") and "from the click" in c.value for c in at.caption)
+    assert [t["id"] for t in ws.store().tasks(kind="audit")] == [audit["id"]]
+    assert metric(first, "Likely label errors") == metric(second, "Likely label errors")
+
+
+def test_a_task_started_before_a_server_restart_is_found_again(home, monkeypatch):
+    """Asked for in one server process, found by the next (a new session, fresh caches): queued, then done."""
+    import streamlit as st
+
+    ws, _ = home
+    real = workers.ensure_workers
+    monkeypatch.setattr(workers, "ensure_workers", lambda ws, lane="compute": 0)
+    before = _data_page()
+    button(before, "Check the data").click().run()
+    task = tasks.find(ws, "audit", _audit_params())
+    assert task.status == "queued"
+    # "restart": a new session with none of the old one's state and empty caches; the task lived in the store
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    monkeypatch.setattr(workers, "ensure_workers", real)
+    after = _data_page()
+    assert not has_button(after, "Check the data")  # found: no need to ask again
+    assert progress_texts(after), "the found task's queue place or progress"
+    # the restarted server's start-up recovery gives queued tasks a worker; the result arrives on the same page
+    until(after, lambda a: has_metric(a, "Leaks into validation"), what="the audit queued before the restart")
+    assert_clean(after)
+    assert [t["id"] for t in ws.store().tasks(kind="audit")] == [task.id]
+    # and a session opened after it finished shows the result at once
+    later = _data_page()
+    assert has_metric(later, "Leaks into validation") and not has_button(later, "Check the data")
+
+
+# --------------------------------------------------------------------------------------------------
+# Train: the form is generated from the configuration's fields
+# --------------------------------------------------------------------------------------------------
+def test_train_form_is_generated_from_the_config_fields(home, no_workers):
+    from tl_core.config import STRATEGIES, config_fields
+
+    ws, _ = home
+    at = app({"data": "sample/emoji"})
+    goto(at, "train")
+    assert_clean(at)
+    form = [f for f in config_fields() if f.section]
+    assert {"epochs", "lr", "batch_size", "seed", "augment", "val_split", "class_balance", "patience",
+            "linear_c", "refit", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
+            "unfreeze_blocks"} == {f.name for f in form}
+    for strategy in ("linear", "partial"):
+        [r for r in at.radio if r.label == "Strategy"][0].set_value(strategy).run()
+        assert_clean(at)
+        widgets = {w.label: w for kind in ("number_input", "select_slider", "slider", "radio", "selectbox", "toggle")
+                   for w in at.get(kind) if hasattr(w, "label")}
+        for f in form:
+            w = widgets[f.label]
+            assert f.help in w.help
+            if strategy in f.strategies:
+                assert not w.disabled, (strategy, f.name)
+            else:
+                assert w.disabled, (strategy, f.name)
+                assert f"Not used by {STRATEGIES[strategy].label.split(' (')[0].lower()}" in w.help
+    # partial: its own settings reach the saved config
+    [n for n in at.number_input if n.label == "Blocks to unfreeze"][0].set_value(3).run()
+    [n for n in at.number_input if n.label == "Weight decay"][0].set_value(0.05).run()
+    button(at, "Start training").click().run()
+    assert_clean(at)
+    cfg = ws.store().get(at.query_params["run"])["config"]
+    assert (cfg["strategy"], cfg["unfreeze_blocks"], cfg["weight_decay"], cfg["epochs"]) == ("partial", 3, 0.05, 8)
+    assert cfg["linear_c"] == 1.0  # a linear-only setting keeps its default
+
+
+def test_train_start_button_comes_before_the_advanced_settings(home):
+    at = app({"data": "sample/emoji"})
+    goto(at, "train")
+    order = []
+
+    def walk(node) -> None:
+        for child in getattr(node, "children", {}).values():
+            if getattr(child, "type", None) == "expander":
+                order.append(("expander", child.label))
+            elif getattr(child, "type", None) == "button":
+                order.append(("button", child.label))
+            walk(child)
+
+    walk(at.main)
+    start = order.index(("button", "Start training"))
+    advanced = order.index(("expander", "Advanced"))
+    assert start < advanced, order
