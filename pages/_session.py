@@ -94,8 +94,7 @@ def enter_project(slug: str | None) -> None:
         st.session_state.pop(key, None)
     if str(st.session_state.get("dataset", "")).startswith("workspace/"):
         st.session_state.pop("dataset", None)
-    for key in ("runs_selected",):
-        st.session_state.pop(key, None)
+    st.session_state.pop("runs_selected", None)
     select("project", slug)
 
 
@@ -146,8 +145,8 @@ def startup() -> None:
         return
     if interrupted and not st.session_state.get("_told_interrupted"):
         st.session_state["_told_interrupted"] = True
-        st.toast(f"{len(interrupted)} training(s) or task(s) stopped while the server was down; they are marked "
-                 "'interrupted'.")
+        st.toast(f"{len(interrupted)} training(s) or task(s) lost their worker process (killed, out of memory, or "
+                 "the machine restarted); they are marked 'interrupted'.")
 
 
 # --------------------------------------------------------------------------------------------------

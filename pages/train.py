@@ -60,8 +60,12 @@ def _valid(spec: FieldSpec, value: Any) -> bool:
 
 def _default(spec: FieldSpec, strategy: str) -> Any:
     value = strategy_default(spec.name, strategy)
-    if spec.options and value not in spec.options:  # e.g. the linear probe's lr (1.0) on the lr slider
-        value = min(spec.options, key=lambda o: abs(o - (value or 0)))
+    if spec.options and value not in spec.options:
+        # the linear probe's lr (1.0) is no option of the lr slider, which it leaves disabled anyway: show the
+        # default of a strategy that uses it
+        value = strategy_default(spec.name, spec.strategies[0])
+        if value not in spec.options:
+            value = min(spec.options, key=lambda o: abs(o - (value or 0)))
     return value
 
 

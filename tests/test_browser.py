@@ -231,7 +231,8 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     page.wait_for_function("() => location.search.includes('run=')")
     run_id = parse_qs(urlparse(page.url).query)["run"][0]
     # live progress while the worker runs (the page polls the run store every second)
-    page.get_by_test_id("stProgress").filter(has_text=re.compile(r"left$")).wait_for(timeout=TRAIN_TIMEOUT_MS)
+    page.get_by_test_id("stProgress").filter(has_text=re.compile(r"left · \d+ s since the click$")).wait_for(
+        timeout=TRAIN_TIMEOUT_MS)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "04a-train-running.png"))
 
