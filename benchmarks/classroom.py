@@ -63,6 +63,16 @@ def _rss_mb(pid: int) -> float | None:
     return None
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(") ", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError):
+        return 0.0
+
+
 def _health_s(base: str) -> float:
     t0 = time.perf_counter()
     try:
@@ -82,18 +92,19 @@ def _running_tasks(db: Path) -> int:
 
 
 class Sampler(threading.Thread):
-    """Every 0.5 s: server RSS, health latency, running tasks."""
+    """Every 0.5 s: server RSS, health latency, running tasks, server CPU seconds so far."""
 
     def __init__(self, pid: int, base: str, db: Path):
         super().__init__(daemon=True)
         self.pid, self.base, self.db = pid, base, db
-        self.samples: list[tuple[float, float | None, float, int]] = []
+        self.samples: list[tuple[float, float | None, float, int, float]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             t = time.time()
-            self.samples.append((t, _rss_mb(self.pid), _health_s(self.base), _running_tasks(self.db)))
+            self.samples.append((t, _rss_mb(self.pid), _health_s(self.base), _running_tasks(self.db),
+                                 _cpu_s(self.pid)))
             self.stop.wait(max(0.0, 0.5 - (time.time() - t)))
 
 
@@ -142,6 +153,13 @@ async def _sessions(base: str, n: int, timeout_s: float) -> list[float]:
             return list(await asyncio.gather(*(one(pg) for pg in pages)))
         finally:
             await browser.close()
+
+
+def _per_window(points: list[tuple[float, float]], width: float) -> list[tuple[float, float]]:
+    out: dict[int, list[float]] = {}
+    for t, v in points:
+        out.setdefault(int(t // width), []).append(v)
+    return [(k * width, sum(v) / len(v)) for k, v in sorted(out.items())]
 
 
 def _kill_workers(home: Path) -> None:
@@ -203,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     rss = [s[1] for s in sampler.samples if s[1] is not None]
     health = [s[2] for s in sampler.samples]
     peak_rss, slowest_health = max(rss), max(health)
+    busy = [(b[4] - a[4]) / max(1e-9, b[0] - a[0]) for a, b in zip(sampler.samples, sampler.samples[1:])]
+    cpu_total = sampler.samples[-1][4] - sampler.samples[0][4]
     rows = [
         ("sessions clicking at once", f"{args.sessions}", ""),
         ("server peak RSS (streamlit process)", f"{peak_rss:.0f} MB", f"target < {RSS_TARGET_MB} MB; "
@@ -211,12 +231,21 @@ def main(argv: list[str] | None = None) -> int:
         ("slowest /_stcore/health answer", f"{slowest_health:.3f} s", f"target < {HEALTH_TARGET_S:.0f} s; median "
                                                                      f"{sorted(health)[len(health) // 2]:.3f} s, "
                                                                      f"{len(health)} samples"),
+        ("server CPU (streamlit process)", f"{cpu_total:.1f} s", f"over {wall:.0f} s; busiest 0.5 s: "
+                                                               f"{max(busy):.0%} of a core"),
         ("most tasks running at once", f"{overlap}", f"sampled: {max(s[3] for s in sampler.samples)}"),
         ("tasks made", f"{made}", ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))),
         ("load average (1 min) before / after", f"{load_before[0]:.1f} / {load_after[0]:.1f}", ""),
     ]
     table = markdown_table(["measure", "value", "note"], rows)
     ok = peak_rss < RSS_TARGET_MB and slowest_health < HEALTH_TARGET_S
+    slow = [(t - t0, h) for t, _, h, _, _ in sampler.samples if h >= 0.5]
+    if slow:
+        print("slow health answers (seconds after the sessions opened, latency):",
+              ", ".join(f"{at:.1f}: {h:.2f}" for at, h in slow))
+        cpu = [(t - t0, (b[4] - a[4]) / max(1e-9, b[0] - a[0])) for a, b in zip(sampler.samples, sampler.samples[1:])
+               for t in [b[0]]]
+        print("server CPU per 10 s:", ", ".join(f"{int(k)}: {v:.0%}" for k, v in _per_window(cpu, 10)))
     print(table)
     print(f"\nwall {wall:.1f} s; targets {'met' if ok else 'NOT met'}")
     if not args.no_write:
