@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         ("slowest /_stcore/health answer", f"{slowest_health:.3f} s", f"target < {HEALTH_TARGET_S:.0f} s; median "
                                                                      f"{sorted(health)[len(health) // 2]:.3f} s, "
                                                                      f"{len(health)} samples"),
-        ("server CPU (streamlit process)", f"{cpu_total:.1f} s", f"over {wall:.0f} s; busiest 0.5 s: "
+        ("server CPU (streamlit process)", f"{cpu_total:.1f} s", f"over the {wall:.0f} s; busiest 0.5 s: "
                                                                f"{max(busy):.0%} of a core"),
         ("most tasks running at once", f"{overlap}", f"sampled: {max(s[3] for s in sampler.samples)}"),
         ("tasks made", f"{made}", ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))),
@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                for t in [b[0]]]
         print("server CPU per 10 s:", ", ".join(f"{int(k)}: {v:.0%}" for k, v in _per_window(cpu, 10)))
     print(table)
-    print(f"\nwall {wall:.1f} s; targets {'met' if ok else 'NOT met'}")
+    print(f"\n{wall:.1f} s in all (opening the sessions, the work, closing the browsers); targets "
+          f"{'met' if ok else 'NOT met'}")
     if not args.no_write:
         import torch  # only for the machine line (the server never imports it)
 
