@@ -57,6 +57,8 @@ def progress_line(task) -> tuple[float, str]:
         frac = float(p.get("done") or 0) / float(p["total"])
     else:
         frac = 0.0
+    if p.get("points"):
+        text = f"{p.get('points_done', 0)}/{p['points']} points · {text}"
     if p.get("eta_s") is not None:
         text += f" · about {duration_text(float(p['eta_s']))} left"
     return min(1.0, max(0.0, frac)), text
