@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import streamlit as st
 
-from pages import _charts as charts
+from tl_core.share import figures as charts
 
 
 def _short(path: str) -> str:
     p = Path(path)
     return f"{p.parent.name}/{p.name}"
+
+
+def frame(result: dict[str, Any]) -> pd.DataFrame:
+    """The DataFrame of an ``embedding_map`` task's result (rows and attributes, as JSON)."""
+    df = pd.DataFrame(result["rows"])
+    df.attrs.update(result.get("attrs") or {})
+    return df
 
 
 def embedding_map_with_picker(df, key: str, highlight: bool = False) -> None:
@@ -35,7 +44,7 @@ def embedding_map_with_picker(df, key: str, highlight: bool = False) -> None:
                 st.image(r["path"], width=150)
             pred = (f" · predicted **{r['predicted']}** ({r['confidence']:.0%})"
                     if isinstance(r.get("predicted"), str) else "")
-            split = f" · {r['split']} folder" if r["split"] else ""
+            split = f" · {r['split']} folder" if r.get("split") else ""
             st.caption(f"**{r['label']}** · {_short(r['path'])}{split}{pred}")
         if len(picked) > 6:
             st.caption(f"… and {len(picked) - 6} more.")

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import streamlit as st
 
-from tl_core import jobs
-from tl_core.app_support import SAMPLE_DATA_DIR, safe_name, sample_datasets, workspace_datasets
-from tl_core.backbones import CATALOGUE
+from tl_core.data.library import SAMPLE_DATA_DIR, dataset_signature, safe_name, sample_datasets, workspace_datasets
 from tl_core.errors import RunError, TLError
-from tl_core.runs import Workspace, new_project_slug
+from tl_core.models.catalogue import CATALOGUE, weights_dir
+from tl_core.runs.workers import recover
+from tl_core.runs.workspace import Workspace, new_project_slug
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,7 @@ def enter_project(slug: str | None) -> None:
         st.session_state.pop(key, None)
     if str(st.session_state.get("dataset", "")).startswith("workspace/"):
         st.session_state.pop("dataset", None)
-    for key in ("runs_selected", "_exports"):
-        st.session_state.pop(key, None)
+    st.session_state.pop("runs_selected", None)
     select("project", slug)
 
 
@@ -115,7 +115,7 @@ def project_link(slug: str) -> str:
 @st.cache_resource(show_spinner=False)
 def _recover_once(home: str) -> list[str]:
     # once per server process: runs whose worker died while the server was down (every project under home)
-    return jobs.recover(Workspace(Path(home)))
+    return recover(Workspace(Path(home)))
 
 
 #: Seconds between checks for dead workers while a page polls a run.
@@ -123,20 +123,21 @@ RECOVER_EVERY_S = 10.0
 
 
 def recover_now(ws: Workspace) -> list[str]:
-    """:func:`tl_core.jobs.recover`, at most once every :data:`RECOVER_EVERY_S` seconds per session.
+    """:func:`tl_core.runs.workers.recover`, at most once every :data:`RECOVER_EVERY_S` seconds per session.
 
-    Called from the training page's poll, so that a worker killed while the server is up (out of memory,
+    Called from every poll of a run or task, so that a worker killed while the server is up (out of memory,
     ``kill -9``) is noticed within seconds, not at the next server start.
     """
     now = time.monotonic()
     if now - st.session_state.get("_last_recover", -RECOVER_EVERY_S) < RECOVER_EVERY_S:
         return []
     st.session_state["_last_recover"] = now
-    return jobs.recover(ws)
+    return recover(ws)
 
 
 def startup() -> None:
-    """Mark runs of dead workers as interrupted (once per process) and restart workers for queued runs."""
+    """Mark runs and tasks of dead workers as interrupted (once per process) and restart workers for queued
+    ones."""
     try:
         interrupted = _recover_once(str(Workspace.default().home))
     except TLError as e:
@@ -144,7 +145,8 @@ def startup() -> None:
         return
     if interrupted and not st.session_state.get("_told_interrupted"):
         st.session_state["_told_interrupted"] = True
-        st.toast(f"{len(interrupted)} training(s) stopped when the server did; they are marked 'interrupted'.")
+        st.toast(f"{len(interrupted)} training(s) or task(s) lost their worker process (killed, out of memory, or "
+                 "the machine restarted); they are marked 'interrupted'.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,8 +190,6 @@ def weights_path(name: str | None, ws: Workspace | None = None) -> str:
     """``auto`` or the path of an uploaded weights file (by file name, inside the workspace)."""
     if not name or name == "auto":
         return "auto"
-    from tl_core.app_support import weights_dir
-
     p = weights_dir(ws or workspace()) / Path(name).name
     return str(p) if p.is_file() else "auto"
 
@@ -282,6 +282,13 @@ def get(key: str, default: Any = None) -> Any:
     return st.session_state.get(key, default)
 
 
+def owner() -> str:
+    """An id of this browser session, recorded with the tasks and runs it asks for (who asked, for display)."""
+    if "_owner" not in st.session_state:
+        st.session_state["_owner"] = uuid.uuid4().hex[:12]
+    return st.session_state["_owner"]
+
+
 def bind(key: str, options: Any, default: Any = None) -> str:
     """Widget key of a picker for the selection ``key`` (use with ``on_change=picked, args=(key,)``).
 
@@ -345,21 +352,22 @@ def page_errors() -> Iterator[None]:
 # dataset report (cached by the files' names, sizes and times: a changed folder is re-read)
 # --------------------------------------------------------------------------------------------------
 @st.cache_data(show_spinner="Checking the images…", max_entries=16)
-def _report(path: str, signature: str, val_split: float, seed: int) -> dict[str, Any]:
-    from tl_core.app_support import dataset_overview
+def _report(path: str, signature: str, val_split: float, seed: int, _ws: Workspace) -> dict[str, Any]:
+    # cheap (image headers, through the workspace's check cache) and keyed by the files' signature; the
+    # workspace only says where that check cache is
+    from tl_core.data.report import dataset_overview
 
-    return dataset_overview(path, val_split, seed)
+    return dataset_overview(path, _ws, val_split, seed)
 
 
-def dataset_report(path: str | Path, val_split: float = 0.2, seed: int = 0) -> dict[str, Any]:
-    """:func:`tl_core.app_support.dataset_overview`, cached until a file of the dataset changes.
+def dataset_report(path: str | Path, val_split: float = 0.2, seed: int = 0, ws: Workspace | None = None
+                   ) -> dict[str, Any]:
+    """:func:`tl_core.data.report.dataset_overview`, cached until a file of the dataset changes.
 
     Raises:
         DatasetError: the folder cannot be used as a dataset.
     """
-    from tl_core.app_support import dataset_signature
-
-    return _report(str(path), dataset_signature(path), float(val_split), int(seed))
+    return _report(str(path), dataset_signature(path), float(val_split), int(seed), ws or workspace())
 
 
 # --------------------------------------------------------------------------------------------------

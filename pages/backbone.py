@@ -1,15 +1,17 @@
 """Backbone: the catalogue of pretrained networks, a recommendation, and uploading local weights."""
 
+import time
+
 import pandas as pd
 import streamlit as st
 
-from pages import _charts as charts
-from pages import _compute as compute
 from pages import _session as session
-from tl_core.advisor import advise
-from tl_core.app_support import dataset_signature, local_weights, save_uploaded_weights, time_backbone
-from tl_core.backbones import CATALOGUE, catalogue
+from pages import _tasks as task_ui
 from tl_core.config import field_help
+from tl_core.data.library import dataset_signature
+from tl_core.models.catalogue import CATALOGUE, catalogue, local_weights, store_uploaded_weights
+from tl_core.runs import tasks
+from tl_core.share import figures as charts
 
 session.ensure_router()
 
@@ -18,16 +20,64 @@ st.caption("The backbone is the pretrained network whose knowledge you borrow. B
            "accurate and always slower.")
 
 
-@st.cache_data(show_spinner=False)
-def _speed(name: str) -> float:
-    return time_backbone(name)
-
-
 @st.cache_data(show_spinner=False, ttl=300)
 def _catalogue() -> list[dict]:
     # availability checks look at installed packages and the hub cache: cheap, but not free on every rerun
     return catalogue()
 
+
+
+def speed_section(ws, rows: list[dict]) -> dict[str, float]:
+    """Milliseconds per image measured on this machine (a ``time_backbone`` task per backbone), by name."""
+    speeds = {}
+    for r in rows:
+        t = tasks.find(ws, "time_backbone", {"backbone": r["name"]})
+        if t is not None and t.status == "done":
+            try:
+                speeds[r["name"]] = task_ui.result(ws, t)["ms_per_image"]
+            except Exception:  # a result removed by hand: measured again on the next press
+                pass
+    return speeds
+
+
+def speed_controls(ws, rows: list[dict], speeds: dict[str, float]) -> None:
+    """The 'Measure speed' button, and the timing's progress while the workers measure."""
+    found = {r["name"]: tasks.find(ws, "time_backbone", {"backbone": r["name"]}) for r in rows}
+    active = [t for t in found.values() if t is not None and t.active]
+    if not active:
+        missing = [n for n, t in found.items() if t is None or t.status != "done"]
+        failed = [f"{n}: {t.error}" for n, t in found.items() if t is not None and t.status == "failed"]
+        if failed:
+            st.caption("Could not time " + "; ".join(failed[:3]))
+        if missing and st.button("Measure speed on this machine", icon=":material/speed:",
+                                 help="Times one batch of 8 images per backbone (a few seconds each), on the "
+                                      "server's workers."):
+            for n in missing:
+                if task_ui.submit(ws, "time_backbone", {"backbone": n}) is None:
+                    break
+            st.rerun()
+        return
+    ids = [t.id for t in found.values() if t is not None]
+
+    @st.fragment(run_every=task_ui.POLL_S)
+    def live() -> None:
+        session.recover_now(ws)
+        now = [tasks.get(ws, i) for i in ids]
+        if not any(t.active for t in now):
+            st.rerun()
+        done = sum(t.status == "done" for t in now)
+        first = min(t.created for t in now)
+        queued = [t for t in now if t.status == "queued"]
+        text = f"Timed {done} of {len(now)} backbones"
+        if queued and len(queued) == len([t for t in now if t.active]):
+            text += " · " + tasks.describe_wait(ws, queued[0])
+        st.progress(done / max(1, len(now)), text=f"{text} · {time.time() - first:.0f} s since the click")
+        if st.button("Cancel timing", icon=":material/stop:", key="speed-cancel"):
+            for t in now:
+                if t.active:
+                    tasks.cancel(ws, t.id)
+
+    live()
 
 
 def _use_backbone(name: str) -> None:
@@ -66,21 +116,14 @@ def advisor_section(ws, rows: list[dict]) -> None:
         st.caption("Pick at least one backbone.")
         return
     val_split, seed = float(session.setting("val_split", 0.2)), int(session.setting("seed", 0))
-    key = (str(path), dataset_signature(path), tuple(picked), per_class, val_split, seed)
-    result = compute.cached("advise", key)
+    params = {"data": str(path), "signature": dataset_signature(path), "backbones": list(picked),
+              "max_per_class": int(per_class), "val_split": val_split, "seed": seed}
+    result = task_ui.task_view(ws, "advise", params, f"Comparing {len(picked)} backbone(s) on {path.name}",
+                               button="Compare backbones", icon=":material/leaderboard:", key="advise",
+                               button_help="Embeds the sample with each backbone (a few seconds each the first "
+                                           "time), on the server.")
     if result is None:
-        if not st.button("Compare backbones", type="primary", icon=":material/leaderboard:",
-                         help="Embeds the sample with each backbone (a few seconds each the first time)."):
-            return
-
-        def work(progress):
-            def on(e):
-                frac = e["index"] + e["done"] / max(1, e["total"])
-                progress(frac, e["count"], f"{e['backbone']} ({e['index'] + 1}/{e['count']}): "
-                                           f"{e['done']}/{e['total']} images")
-            return advise(path, picked, ws, max_per_class=per_class, val_split=val_split, seed=seed, progress=on)
-
-        result = compute.compute("advise", key, f"Comparing {len(picked)} backbone(s) on {path.name}…", work)
+        return
 
     rec, conf = result["recommended"], result["confidence"]
     box = {"high": st.success, "medium": st.info, "low": st.warning}[conf]
@@ -126,7 +169,7 @@ with session.page_errors():
         "ask the advisor below which one fits your data."
     )
 
-    speeds = st.session_state.setdefault("backbone_speed", {})
+    speeds = speed_section(ws, rows)
     table = pd.DataFrame([{
         "backbone": r["name"],
         "params (M)": r["params_m"],
@@ -150,12 +193,7 @@ with session.page_errors():
                 help="packaged: shipped in a Python package, works offline; hub: downloaded by timm on first use."),
         },
     )
-    if st.button("Measure speed on this machine", help="Times one batch of 8 images per backbone (a few seconds)."):
-        bar = st.progress(0.0, text="Timing…")
-        for n, r in enumerate(rows):
-            speeds[r["name"]] = _speed(r["name"])
-            bar.progress((n + 1) / len(rows), text=f"Timed {r['name']}")
-        st.rerun()
+    speed_controls(ws, rows, speeds)
 
     advisor_section(ws, rows)
     st.divider()
@@ -193,8 +231,11 @@ with session.page_errors():
         st.caption(session.upload_note("the weights file"))
         if up is not None and up.file_id not in st.session_state.setdefault("_handled_uploads", set()):
             st.session_state["_handled_uploads"].add(up.file_id)
-            with st.spinner("Checking that the weights fit…"):
-                info = save_uploaded_weights(ws, up.name, up.getvalue(), arch)
+            saved = store_uploaded_weights(ws, up.name, up.getvalue())
+            # loading a weights file into the network is a worker's job (the check deletes a file that does
+            # not fit); the interactive lane answers in about a second once warm
+            _, info = task_ui.wait_for(ws, "check_weights", {"path": str(saved), "backbone": arch},
+                                       "Checking that the weights fit")
             session.select("backbone", arch)
-            session.select("weights", info["path"].rsplit("/", 1)[-1])
+            session.select("weights", saved.name)
             st.success(f"Saved {up.name}: {info['tensors']} tensors fit {arch}. Training will use it.")

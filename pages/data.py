@@ -5,17 +5,14 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from pages import _charts as charts
-from pages import _compute as compute
 from pages import _map_view as map_view
 from pages import _session as session
-from tl_core.advisor import GAP_LEVELS, domain_gap
-from tl_core.app_support import add_class_images, dataset_signature, save_uploaded_zip
-from tl_core.audit import audit_dataset
+from pages import _tasks as task_ui
+from tl_core.runs import tasks
 from tl_core.config import CLASS_BALANCE, field_help
-from tl_core.data import IMAGE_EXTENSIONS
-from tl_core.embedding import embedding_map
-from tl_core.errors import ConfigError
+from tl_core.data.images import IMAGE_EXTENSIONS
+from tl_core.data.library import add_class_images, dataset_signature, save_uploaded_zip
+from tl_core.share import figures as charts
 
 session.ensure_router()
 
@@ -150,11 +147,13 @@ def show_embedding_map(ws, path: Path, sig: str, backbone: str, seed: int) -> No
                       help="PCA keeps the two directions along which the features vary most. t-SNE keeps images "
                            "that are close in feature space close on the map (distances between clusters mean "
                            "little).")
-    key = (str(path), sig, backbone, method, MAP_MAX_PER_CLASS, int(seed))
-    df = compute.compute(
-        "embedding_map", key, f"Drawing the embedding map ({method.upper()})…", lambda progress: embedding_map(
-            path, backbone, method, workspace=ws, max_per_class=MAP_MAX_PER_CLASS, seed=int(seed),
-            progress=lambda d, t: progress(d, t, f"Computing features: {d}/{t} images")))
+    params = {"data": str(path), "signature": sig, "backbone": backbone, "method": method,
+              "max_per_class": MAP_MAX_PER_CLASS, "seed": int(seed)}
+    res = task_ui.task_view(ws, "embedding_map", params, f"Drawing the embedding map ({method.upper()})", auto=True,
+                          key=f"data-map-{method}")
+    if res is None:
+        return
+    df = map_view.frame(res)
     st.caption(f"Each dot is an image, placed by what {backbone} sees in it: classes that form separate clusters "
                "are easy to tell apart; mixed clusters are where the model will make mistakes. Click a dot to see "
                "its image.")
@@ -164,13 +163,15 @@ def show_embedding_map(ws, path: Path, sig: str, backbone: str, seed: int) -> No
 def show_domain_gap(ws, path: Path, sig: str, backbone: str, seed: int) -> None:
     """How far the images are from the backbone's pretraining photos, in plain language."""
     st.subheader("How far are these images from ImageNet?")
-    key = (str(path), sig, backbone, GAP_MAX_PER_CLASS, int(seed))
-    try:
-        gap = compute.compute("domain_gap", key, "Reading the ImageNet head…", lambda progress: domain_gap(
-            path, backbone, ws, max_per_class=GAP_MAX_PER_CLASS, seed=int(seed),
-            progress=lambda d, t: progress(d, t, f"Computing features: {d}/{t} images")))
-    except ConfigError as e:
-        st.info(f"No domain-gap hint for {backbone} here: {e}")
+    params = {"data": str(path), "signature": sig, "backbone": backbone, "max_per_class": GAP_MAX_PER_CLASS,
+              "seed": int(seed)}
+    task = tasks.find(ws, "domain_gap", params)
+    if task is not None and task.status == "failed" and "ImageNet head" in (task.error or ""):
+        # a backbone without its ImageNet head (local weights): no hint, and nothing to retry
+        st.info(f"No domain-gap hint for {backbone} here: {task.error}")
+        return
+    gap = task_ui.task_view(ws, "domain_gap", params, "Reading the ImageNet head", auto=True, key="data-gap")
+    if gap is None:
         return
     icon = {"near": ":material/check_circle:", "moderate": ":material/info:", "far": ":material/explore:"}
     st.markdown(f"{icon.get(gap['level'], '')} **The domain gap is {gap['level']}** (the ImageNet head of {backbone} "
@@ -178,7 +179,7 @@ def show_domain_gap(ws, path: Path, sig: str, backbone: str, seed: int) -> None:
     st.info(gap["reading"])
     left, right = st.columns([1, 1])
     with left:
-        st.plotly_chart(charts.domain_gap(gap["per_class"], GAP_LEVELS), width="stretch", key="gap-chart")
+        st.plotly_chart(charts.domain_gap(gap["per_class"], gap["levels"]), width="stretch", key="gap-chart")
     with right:
         st.caption("What the backbone's ImageNet head thinks each class shows (share of its images):")
         st.dataframe(pd.DataFrame([{"class": c, "looks like (ImageNet)": ", ".join(
@@ -194,17 +195,17 @@ def data_check(ws, path: Path, val_split: float, seed: int) -> None:
                f"or blank images and likely wrong labels, found with the features of {backbone} (the backbone you "
                "chose; training reuses them).")
     sig = dataset_signature(path)
-    key = (str(path), sig, backbone, float(val_split), int(seed), AUDIT_MAX_PER_CLASS)
-    audit = compute.cached("audit", key)
+    params = {"data": str(path), "signature": sig, "backbone": backbone, "val_split": float(val_split),
+              "seed": int(seed), "max_per_class": AUDIT_MAX_PER_CLASS}
+    if tasks.find(ws, "audit", params) is None:
+        st.caption("Press **Check the data** for the audit, the embedding map and the domain-gap hint.")
+    audit = task_ui.task_view(ws, "audit", params, "Checking the data", button="Check the data",
+                              icon=":material/fact_check:", key="audit",
+                              button_help="Computes the backbone's features of every image once (cached for "
+                                          "training), then runs the checks. About a second per 10-20 images the "
+                                          "first time; it runs on the server, so you may leave the page meanwhile.")
     if audit is None:
-        if not st.button("Check the data", type="primary", icon=":material/fact_check:",
-                         help="Computes the backbone's features of every image once (cached for training), then "
-                              "runs the checks. About a second per 10-20 images the first time."):
-            st.caption("Press **Check the data** for the audit, the embedding map and the domain-gap hint.")
-            return
-        audit = compute.compute("audit", key, "Checking the data…", lambda progress: audit_dataset(
-            path, backbone, ws, val_split=float(val_split), seed=int(seed), max_per_class=AUDIT_MAX_PER_CLASS,
-            progress=lambda d, t: progress(d, t, f"Computing features: {d}/{t} images")))
+        return
     show_audit(audit, ws)
     show_embedding_map(ws, path, sig, backbone, seed)
     show_domain_gap(ws, path, sig, backbone, seed)
@@ -278,7 +279,7 @@ with session.page_errors():
 
     val_split = session.setting("val_split", 0.2)
     seed = session.setting("seed", 0)
-    rep = session.dataset_report(path, val_split, seed)
+    rep = session.dataset_report(path, val_split, seed, ws)
 
     st.header(f"Report: {path.name}")
     m = st.columns(5)

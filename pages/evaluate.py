@@ -6,15 +6,14 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from pages import _charts as charts
-from pages import _compute as compute
 from pages import _map_view as map_view
 from pages import _session as session
-from tl_core.app_support import normalise_rows, refitted, run_metrics
-from tl_core.calibrate import calibrate_run
-from tl_core.embedding import embedding_map
-from tl_core.errors import TLError
-from tl_core.explain import explain_misclassified
+from pages import _tasks as task_ui
+from tl_core.models.metrics import normalise_rows
+from tl_core.runs import tasks
+from tl_core.runs.files import RunFiles
+from tl_core.runs.progress import stop_text
+from tl_core.share import figures as charts
 
 session.ensure_router()
 
@@ -29,20 +28,26 @@ def _label(run: dict) -> str:
     return f"{run['id']} · {Path(run['data']).name} · {cfg.get('backbone')} · {cfg.get('strategy')} · {acc_txt}"
 
 
-
 GRADCAM_IMAGES = 12
 VIEWS = {"mistakes": "Mistakes", "gradcam": "Grad-CAM", "calibration": "Calibration", "map": "Embedding map"}
 
 
-def _stamp(run_dir: Path) -> tuple:
-    # results of a run change when its model, temperature or predictions do
-    return compute.file_stamp(*(run_dir / f for f in ("meta.json", "model.safetensors", "predictions.json")))
+def _run_params(files: RunFiles) -> dict:
+    # results of a run change when any of its files do (model, temperature, predictions)
+    return {"run": str(files.dir), "stamp": files.stamp()}
 
 
-def show_mistakes(metrics: dict) -> None:
-    wrong = metrics.get("top_losses") or []
+def _caption(r: dict) -> str:
+    """The caption of a misclassified image: the same words and confidence in every view."""
+    return f"true **{r['true']}** · predicted **{r['predicted']}** · {r['confidence']:.0%}"
+
+
+def show_mistakes(files: RunFiles, split: str) -> None:
+    saved = files.predictions().get(split)
+    meta = files.meta()
+    wrong = saved.mistakes(meta.classes, meta.temperature) if saved is not None else []
     if not wrong:
-        st.success("No validation image was misclassified.")
+        st.success(f"No {'validation' if split == 'val' else 'test'} image was misclassified.")
         return
     st.caption(f"{len(wrong)} misclassified image(s), most confident first: these show what the model "
                "confuses, and sometimes a wrong label in the data.")
@@ -55,65 +60,82 @@ def show_mistakes(metrics: dict) -> None:
             continue
         with cols[shown % 6]:
             st.image(row["path"], width="stretch")
-            st.caption(f"true **{row['true']}** · predicted **{row['predicted']}** · {row['confidence']:.0%}")
+            st.caption(_caption(row))
         shown += 1
     if missing:
         st.caption(f"{missing} image(s) are no longer on disk (the dataset was moved or deleted).")
 
 
-def _small(img, side: int = 320):
-    img = img.copy()
-    img.thumbnail((side, side))
-    return img
-
-
-def show_gradcam(run_dir: Path) -> None:
+def show_gradcam(ws, files: RunFiles, split: str) -> None:
     st.caption("**Grad-CAM** colours the parts of an image that pushed the model towards a class (red = strongest). "
                "On a mistake it shows what the model looked at: the object, or the background, a watermark, a "
                "border… Outside the centre crop the model never looked, so nothing is coloured there.")
     target = st.radio("Explain", ["predicted", "true"], horizontal=True, key="gradcam_target",
                       format_func=lambda t: {"predicted": "why it chose the wrong class",
                                              "true": "what it saw of the right class"}[t])
-    key = (str(run_dir), _stamp(run_dir), target, GRADCAM_IMAGES)
-
-    def work(progress):
-        progress(0, 1, f"Grad-CAM of up to {GRADCAM_IMAGES} misclassified images…")
-        res = explain_misclassified(run_dir, k=GRADCAM_IMAGES, target=target)
-        # keep what the grid shows (heat-maps of big photos are large arrays)
-        return [{"path": r["path"], "true": r["true"], "predicted": r["predicted"], "confidence": r["confidence"],
-                 "target": r["target"], "flat": r["flat"], "overlay": _small(r["overlay"])} for r in res]
-
-    cams = compute.compute("gradcam", key, "Computing Grad-CAM heat-maps…", work)
+    params = {**_run_params(files), "target": target, "k": GRADCAM_IMAGES, "split": split}
+    cams = task_ui.task_view(ws, "gradcam", params, f"Grad-CAM of up to {GRADCAM_IMAGES} misclassified images",
+                             auto=True, key=f"gradcam-{target}")
+    if cams is None:
+        return
     if not cams:
         st.success("No misclassified validation image to explain (or their files are gone).")
         return
+    task = tasks.find(ws, "gradcam", params)
     per_row = 3
     for start in range(0, len(cams), per_row):
         cols = st.columns(per_row * 2)
         for j, r in enumerate(cams[start:start + per_row]):
-            cols[2 * j].image(r["path"], width="stretch")
-            cols[2 * j + 1].image(r["overlay"], width="stretch")
-            cols[2 * j].caption(f"true **{r['true']}** · predicted **{r['predicted']}** ({r['confidence']:.0%})")
+            if Path(r["path"]).is_file():
+                cols[2 * j].image(r["path"], width="stretch")
+            cols[2 * j + 1].image(str(task_ui.result_file(ws, task, r["overlay"])), width="stretch")
+            cols[2 * j].caption(_caption(r))
             cols[2 * j + 1].caption(f"heat-map for **{r['target']}**" + (" (flat: no region supports it)"
                                                                          if r["flat"] else ""))
 
 
-def _apply_temperature(run_dir: str) -> None:
-    res = calibrate_run(run_dir, session.workspace(), apply=True)
-    st.session_state["_calibrated"] = res["temperature"]
+def _apply_temperature(ws, files: RunFiles) -> None:
+    # a new task every time (not shared): applying changes the run's files
+    task = task_ui.submit(ws, "calibrate", {**_run_params(files), "apply": True}, share=False)
+    if task is not None:
+        st.session_state["_calibrating"] = task.id
 
 
-def show_calibration(run_dir: Path, ws) -> None:
+def _applying(ws) -> bool:
+    """While the temperature is being applied: its progress (polled); then the outcome, once."""
+    task_id = st.session_state.get("_calibrating")
+    if not task_id:
+        return False
+    task = tasks.get(ws, task_id)
+    if task.active:
+        @st.fragment(run_every=0.5)
+        def wait() -> None:
+            if not tasks.get(ws, task_id).active:
+                st.rerun()
+            st.progress(0.5, text="Applying temperature scaling to the run…")
+
+        wait()
+        return True
+    del st.session_state["_calibrating"]
+    if task.status == "done":
+        st.success(f"Applied: this run's predictions, Try it and exports now use T = "
+                   f"{task_ui.result(ws, task)['temperature']:.3f}.")
+    else:
+        st.error(task.error or f"Applying the temperature {task.status}.")
+    return False
+
+
+def show_calibration(ws, files: RunFiles) -> None:
     st.caption("A model is **calibrated** when its confidence matches how often it is right: of the images it "
                "labels with 80% confidence, 80% are correct. **Temperature scaling** divides the model's scores by "
                "one number T fitted on the validation images: it never changes which class is predicted, only how "
                "sure the model says it is.")
-    key = (str(run_dir), _stamp(run_dir))
-    cal = compute.compute("calibration", key, "Fitting temperature scaling on the validation images…",
-                          lambda progress: calibrate_run(run_dir, ws, apply=False))
-    if "_calibrated" in st.session_state:
-        st.success(f"Applied: this run's predictions, Try it and exports now use T = "
-                   f"{st.session_state.pop('_calibrated'):.3f}.")
+    if _applying(ws):
+        return
+    cal = task_ui.task_view(ws, "calibrate", {**_run_params(files), "apply": False},
+                            "Fitting temperature scaling on the validation images", auto=True, key="calibrate")
+    if cal is None:
+        return
     c = st.columns(4)
     c[0].metric("ECE before", f"{cal['ece_before']:.3f}", help="Expected calibration error of the raw model (T = 1): "
                 "the average gap between confidence and accuracy, weighted by images per bin. 0 is perfect.")
@@ -137,25 +159,26 @@ def show_calibration(run_dir: Path, ws) -> None:
         if abs(current - 1.0) > 1e-9:
             st.caption(f"The run currently uses T = {current:.3f}.")
         st.button(f"Apply temperature scaling (T = {cal['temperature']:.2f}) to this run", type="primary",
-                  on_click=_apply_temperature, args=(str(run_dir),), icon=":material/thermostat:",
+                  on_click=_apply_temperature, args=(ws, files), icon=":material/thermostat:",
                   help="Saves T with the run: predictions on Try it, the bundle and ONNX/TorchScript exports use it. "
                        "Accuracy does not change.")
 
 
-def show_run_map(run_dir: Path, ws) -> None:
+def show_run_map(ws, files: RunFiles) -> None:
     st.caption("The run's training data placed by the run's backbone features (PCA). Misclassified validation "
                "images are ringed in red: mistakes inside another class's cluster often mean a wrong label; "
                "mistakes between clusters, a hard image.")
     method = st.radio("Projection", ["pca", "tsne"], horizontal=True, key="eval_map_method",
                       format_func=lambda m: {"pca": "PCA (fast)", "tsne": "t-SNE (neighbourhoods, slower)"}[m])
-    key = (str(run_dir), _stamp(run_dir), method)
-    try:
-        df = compute.compute("run_map", key, "Drawing the embedding map…", lambda progress: embedding_map(
-            run=run_dir, method=method, workspace=ws,
-            progress=lambda d, t: progress(d, t, f"Computing features: {d}/{t} images")))
-    except TLError as e:
-        st.info(f"No embedding map for this run: {e}")
+    params = {**_run_params(files), "method": method}
+    task = tasks.find(ws, "embedding_map", params)
+    if task is not None and task.status == "failed":
+        st.info(f"No embedding map for this run: {task.error}")
+    res = task_ui.task_view(ws, "embedding_map", params, f"Drawing the embedding map ({method.upper()})", auto=True,
+                            key=f"run-map-{method}")
+    if res is None:
         return
+    df = map_view.frame(res)
     wrong = int(df["misclassified"].sum())
     st.caption(f"{len(df)} images, {int(df['predicted'].notna().sum())} of them evaluated, {wrong} misclassified.")
     map_view.embedding_map_with_picker(df, f"run-map-{method}", highlight=True)
@@ -168,22 +191,24 @@ with session.page_errors():
     # the newest finished run stands in while the current run is not finished (without replacing it)
     run_id = st.selectbox("Run", ids, key=session.bind("run", ids, ids[0]), on_change=session.picked,
                           args=("run",), format_func=lambda i: _label(by_id[i]), help="Any finished run; newest first.")
-    metrics = run_metrics(ws, run_id)
-    if refitted(ws, run_id):
+    files = RunFiles(ws.run_dir(run_id))
+    metrics = files.metrics()
+    if files.meta().refitted:
         st.caption("This linear probe was checked on the validation images, then its head was fitted again on "
                    "training + validation images for the saved model (as the classic recipe uses every labelled "
                    "image). Validation figures are those of the fit that never saw them: a fair, slightly "
                    "cautious estimate for the saved model.")
 
     splits = {"Validation": "val"}
-    if metrics.get("test"):
+    if metrics.test:
         splits["Test (held-out folder)"] = "test"
     split_name = "Validation"
     if len(splits) > 1:
         split_name = st.radio("Images", list(splits), horizontal=True,
                               help="Validation: held out from your training data. Test: the dataset's own test/ "
                                    "folder.")
-    m = metrics[splits[split_name]]
+    split = splits[split_name]
+    m = metrics.val if split == "val" else metrics.test
     classes = m["classes"]
 
     c = st.columns(4)
@@ -220,16 +245,20 @@ with session.page_errors():
             "support": st.column_config.NumberColumn(help="Images of this class.", format="%d"),
         })
 
+    cfg = files.config_dict()
+    why = stop_text(cfg.get("strategy", ""), metrics.stop, metrics.best_epoch)
+    if why:
+        st.info(why)
+
     st.subheader("Look closer")
     view = st.segmented_control("View", list(VIEWS), format_func=VIEWS.get, default="mistakes", key="eval_view",
                                 label_visibility="collapsed") or "mistakes"
-    run_dir = ws.run_dir(run_id)
     if view == "mistakes":
-        st.markdown("**Most confident mistakes (validation)**")
-        show_mistakes(metrics)
+        st.markdown(f"**Most confident mistakes ({split_name.split(' (')[0].lower()})**")
+        show_mistakes(files, split)
     elif view == "gradcam":
-        show_gradcam(run_dir)
+        show_gradcam(ws, files, split)
     elif view == "calibration":
-        show_calibration(run_dir, ws)
+        show_calibration(ws, files)
     else:
-        show_run_map(run_dir, ws)
+        show_run_map(ws, files)

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from pages import _session as session
-from tl_core.backbones import CATALOGUE
+from tl_core.models.catalogue import CATALOGUE
 
 session.ensure_router()
 
@@ -31,8 +31,10 @@ with session.page_errors():
     ds_label = session.dataset_options(ws).get(ds_ref)
     backbone = session.get("backbone")
     run_id = session.get("run")
-    run = store.get(run_id) if run_id and store.exists(run_id) else None
-    done_runs = [r for r in store.list(status="done")]
+    runs = store.list()
+    # the selected run, else the newest one: never "no run yet" beside finished runs
+    run = store.get(run_id) if run_id and store.exists(run_id) else (runs[0] if runs else None)
+    done_runs = [r for r in runs if r["status"] == "done"]
 
     if st.button("Try it with sample data", type="primary", icon=":material/play_arrow:",
                  help="Selects the emoji sample (5 classes, 200 images), the EfficientNet-Lite0 backbone and a "
@@ -54,7 +56,8 @@ with session.page_errors():
          f"{TODO} Not chosen: the recommended {session.DEFAULT_BACKBONE} (works offline) will be used.",
          "The pretrained network whose knowledge you borrow."),
         ("3. Train", "train",
-         (f"{_run_icon(run['status'])} Run {run['id']}: {run['status']}" if run else f"{TODO} No run yet."),
+         (f"{_run_icon(run['status'])} Run {run['id']}: {run['status']}"
+          + (f" ({len(runs)} runs in all)" if len(runs) > 1 else "") if run else f"{TODO} No run yet."),
          "Fit the new final layer (and optionally more) on your images."),
         ("4. Evaluate & try", "evaluate",
          (f"{DONE} {len(done_runs)} finished run(s) to inspect" if done_runs else f"{TODO} Needs a finished run."),

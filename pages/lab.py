@@ -1,18 +1,20 @@
 """Lab: the transfer-vs-scratch learning curve — validation accuracy against images per class, for the
 pretrained backbone (linear probe and fine-tuned) and the same network trained from scratch.
 
-The lab takes a minute or more on a laptop CPU, so it runs as a background task of the server
-(``tl_core.app_support.start_task``): the page polls it, the user may switch pages or refresh and find it
-again (same dataset and settings, same task), and Cancel stops it at its next step.
+The lab takes a minute or more on a laptop CPU, so it is a task of a worker process (``tl_core.runs.tasks``,
+kind ``lab``): the page polls it, the user may switch pages, refresh or come back after a restart of the
+server and find it again (same dataset and settings, same task), and Cancel stops it at its next step.
 """
 
 import pandas as pd
 import streamlit as st
 
-from pages import _charts as charts
 from pages import _session as session
-from tl_core.app_support import dataset_signature, get_task, start_task
-from tl_core.lab import ARMS, learning_curve
+from pages import _tasks as task_ui
+from tl_core.config import LAB_ARMS as ARMS
+from tl_core.data.library import dataset_signature
+from tl_core.runs.progress import duration_text
+from tl_core.share import figures as charts
 
 session.ensure_router()
 
@@ -31,21 +33,15 @@ st.markdown(
 )
 
 
-def _task_key(path, backbone, sizes, epochs, image_size, arms, val_split, seed) -> str:
-    return "|".join(map(str, ("lab", path, dataset_signature(path), backbone, tuple(sizes), epochs, image_size,
-                              tuple(arms), val_split, seed)))
-
-
-def _progress_text(task, arms: list[str], n_sizes: int) -> tuple[float, str]:
-    """(fraction, text) from the task's events: a point counts when its accuracy (or last epoch) is in."""
-    finished = {(e.get("arm"), e.get("images_per_class")) for e in task.events
-                if e.get("val_accuracy") is not None
-                or (e.get("arm") == "finetune" and e.get("done") == e.get("total"))}
-    total = max(1, len(arms) * n_sizes)
+def progress_line(task) -> tuple[float, str]:
+    """(fraction, text) of the running lab: the task's time-weighted fraction and time left when it reports
+    them, else the step it is at."""
     p = task.progress or {}
     arm = p.get("arm")
-    if arm == "features":
-        text = f"{p.get('message', 'Pretrained features')}: {p.get('done')}/{p.get('total')} images"
+    if p.get("message"):
+        text = str(p["message"])
+    elif arm == "features":
+        text = f"Pretrained features: {p.get('done')}/{p.get('total')} images"
     elif arm in charts.ARM_NAMES and p.get("val_accuracy") is not None:
         text = (f"{charts.ARM_NAMES[arm]} with {p.get('images_per_class')} images per class reached "
                 f"{p['val_accuracy']:.0%}")
@@ -54,25 +50,18 @@ def _progress_text(task, arms: list[str], n_sizes: int) -> tuple[float, str]:
         if p.get("total"):
             text += f": epoch {p.get('done')}/{p.get('total')} done"
     else:
-        text = "Starting (loading the backbone)…"
-    return min(1.0, len(finished) / total), f"{len(finished)}/{total} points · {text} · {task.seconds:.0f} s"
-
-
-def task_panel(task, arms: list[str], n_sizes: int) -> None:
-    """Progress and Cancel while the lab runs (polled every second); redraws the page when it ends."""
-
-    @st.fragment(run_every=1.0)
-    def live() -> None:
-        if not task.active:
-            st.rerun()  # finished: show the result on the whole page
-        frac, text = _progress_text(task, arms, n_sizes)
-        st.progress(frac, text=text)
-        st.caption("The lab runs on the server: you may switch pages or refresh and come back to it.")
-        if st.button("Cancel the lab", icon=":material/stop:"):
-            task.cancel()
-            st.toast("Cancelling at the next step…")
-
-    live()
+        text = "Starting (loading the backbone)"
+    if p.get("fraction") is not None:
+        frac = float(p["fraction"])
+    elif p.get("total"):
+        frac = float(p.get("done") or 0) / float(p["total"])
+    else:
+        frac = 0.0
+    if p.get("points"):
+        text = f"{p.get('points_done', 0)}/{p['points']} points · {text}"
+    if p.get("eta_s") is not None:
+        text += f" · about {duration_text(float(p['eta_s']))} left"
+    return min(1.0, max(0.0, frac)), text
 
 
 def show_result(res: dict) -> None:
@@ -122,25 +111,12 @@ with session.page_errors():
         st.stop()
     sizes = sorted(sizes, key=lambda n: float("inf") if n is None else n)
     val_split, seed = float(session.setting("val_split", 0.2)), int(session.setting("seed", 0))
-    key = _task_key(path, backbone, sizes, int(epochs), int(image_size), arms, val_split, seed)
-    task = get_task(key)
-
-    if task is None or task.status == "cancelled":
-        if task is not None:
-            st.caption("The last lab with these settings was cancelled.")
-        if st.button("Run the lab", type="primary", icon=":material/science:",
-                     help="Trains len(sizes) x 3 small models in the background (about a minute on the emoji "
-                          "sample)."):
-            start_task(key, learning_curve, data=str(path), backbone=backbone, sizes=sizes, epochs=int(epochs),
-                       image_size=int(image_size), arms=arms, val_split=val_split, seed=seed, workspace=ws)
-            st.rerun()
-    elif task.active:
-        task_panel(task, list(arms), len(sizes))
-    elif task.status == "failed":
-        st.error(task.error or "The lab failed.")
-        if st.button("Try again", icon=":material/refresh:"):
-            start_task(key, learning_curve, data=str(path), backbone=backbone, sizes=sizes, epochs=int(epochs),
-                       image_size=int(image_size), arms=arms, val_split=val_split, seed=seed, workspace=ws)
-            st.rerun()
-    else:
-        show_result(task.result)
+    params = {"data": str(path), "signature": dataset_signature(path), "backbone": backbone, "sizes": sizes,
+              "epochs": int(epochs), "image_size": int(image_size), "arms": list(arms), "val_split": val_split,
+              "seed": seed}
+    res = task_ui.task_view(ws, "lab", params, "The lab", button="Run the lab", icon=":material/science:",
+                            key="lab", describe=progress_line,
+                            button_help=f"Trains {len(sizes)} x {len(arms)} small models on the server's workers "
+                                        "(about a minute on the emoji sample).")
+    if res is not None:
+        show_result(res)

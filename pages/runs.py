@@ -6,13 +6,15 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from pages import _charts as charts
-from pages import _compute as compute
 from pages import _session as session
-from tl_core.app_support import run_metrics, runs_rows
-from tl_core.export import EXPORT_FORMATS, PARITY_TOLERANCE, export_for_download, export_run
-from tl_core.report import build_report
-from tl_core.runs import ACTIVE_STATUSES
+from pages import _tasks as task_ui
+from tl_core.cache import cache_usage, clear_cache
+from tl_core.config import EXPORT_FORMATS, fields_for_strategy
+from tl_core.runs import tasks
+from tl_core.runs.files import RunFiles
+from tl_core.runs.progress import runs_rows
+from tl_core.runs.store import ACTIVE_STATUSES
+from tl_core.share import figures as charts
 
 session.ensure_router()
 
@@ -23,7 +25,6 @@ def _delete(ws, run_ids: list[str]) -> None:
     # a button callback: runs before the page is drawn, so it may reset the selection widgets
     for i in run_ids:
         ws.store().delete(i, ws.runs_dir)
-        (ws.home / "exports" / f"tl-studio-{i}.zip").unlink(missing_ok=True)
     if session.get("run") in run_ids:
         session.select("run", None)
     st.session_state["runs_selected"] = []
@@ -32,71 +33,78 @@ def _delete(ws, run_ids: list[str]) -> None:
 
 
 FORMAT_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript"}
-
-
-@st.cache_data(show_spinner=False, max_entries=4)
-def _export(run_dir: str, fmt: str, stamp: tuple) -> dict:
-    # exports are deterministic for the run's files (`stamp`); the bytes are kept for the download buttons
-    return export_for_download(run_dir, fmt)
+#: Settings compared side by side (a strategy's unused ones are left blank).
+COMPARED = ("backbone", "strategy", "epochs", "lr", "batch_size", "augment", "seed", "val_split")
 
 
 def _verification_text(v: dict) -> str:
     return (f"Verified on {v['images']} images ({v['image_source']}) with {v['runtime']}: same top-1 class on "
             f"{v['top1_agree']}/{v['images']} images, largest probability difference {v['max_prob_diff']:.1e} "
-            f"(allowed {v.get('tolerance', PARITY_TOLERANCE):.0e}).")
+            f"(allowed {v['tolerance']:.0e}).")
+
+
+def _downloads(ws, task, res: dict, key: str, labels: dict[str, str] | None = None) -> None:
+    """Download buttons for the files a done export or report task wrote (read from disk on click only)."""
+    for n, f in enumerate(res["files"]):
+        path = task_ui.result_file(ws, task, f["file"])
+        if not path.is_file():
+            st.warning(f"{f['name']} is gone from the server; export it again.")
+            continue
+        label = (labels or {}).get(Path(f["name"]).suffix) or f"{f['name']} ({f['bytes'] / 1e6:.1f} MB)"
+        st.download_button(label, data=lambda p=path: p.read_bytes(), file_name=f["name"], mime=f["mime"],
+                           key=f"{key}-{n}", icon=":material/download:", on_click="ignore",
+                           help=f"Saved as {f['name']}.")
+
+
+def _export_view(ws, run_id: str, fmt: str, button: str, label: str, help: str | None = None):
+    """The ``export`` task of one run and format: its button, progress, then its result (or None)."""
+    files = RunFiles(ws.run_dir(run_id))
+    params = {"run": str(files.dir), "stamp": files.stamp(), "format": fmt}
+    res = task_ui.task_view(ws, "export", params, label, button=button, icon=":material/output:",
+                            key=f"exp-{fmt}-{run_id}", button_help=help)
+    return res, (tasks.find(ws, "export", params) if res is not None else None)
 
 
 def export_panel(ws, run_id: str) -> None:
     """ONNX / TorchScript exports with their verification numbers, and the HTML report, for one finished run."""
-    run_dir = ws.run_dir(run_id)
-    stamp = compute.file_stamp(run_dir / "meta.json", run_dir / "model.safetensors")
-    done = st.session_state.setdefault("_exports", set())
     cols = st.columns(3)
     for col, fmt in zip(cols, FORMAT_LABELS):
         with col:
             st.markdown(f"**{FORMAT_LABELS[fmt]}**")
             st.caption(EXPORT_FORMATS[fmt])
-            if (run_id, fmt) not in done:
-                slot = st.empty()
-                if not slot.button(f"Export {FORMAT_LABELS[fmt]}", key=f"exp-{fmt}-{run_id}",
-                                   icon=":material/output:",
-                                   help="Exports the model, then runs the exported file on the run's validation "
-                                        "images and compares it with PyTorch before offering it."):
-                    continue
-                slot.empty()  # exported from now on: the downloads take the button's place
-                done.add((run_id, fmt))
-            with st.spinner(f"Exporting and verifying {FORMAT_LABELS[fmt]}…"):
-                res = _export(str(run_dir), fmt, stamp)
+            res, task = _export_view(ws, run_id, fmt, f"Export {FORMAT_LABELS[fmt]}",
+                                     f"Exporting and verifying {FORMAT_LABELS[fmt]}",
+                                     "Exports the model, then runs the exported file on the run's validation "
+                                     "images and compares it with PyTorch before offering it.")
+            if res is None:
+                continue
             v = res["verification"]
             (st.success if v["passed"] else st.error)(_verification_text(v))
-            model, *sidecars = res["files"]
-            st.download_button(f"Model .{model['name'].rsplit('.', 1)[-1]} ({len(model['data']) / 1e6:.1f} MB)",
-                               model["data"], file_name=model["name"], mime=model["mime"],
-                               key=f"dl-{fmt}-{run_id}", icon=":material/download:", on_click="ignore",
-                               help=f"Saved as {model['name']}.")
-            for f in sidecars:
-                st.download_button("Classes and preprocessing (.json)", f["data"], file_name=f["name"],
-                                   mime=f["mime"], key=f"dl-{fmt}-{run_id}-json", icon=":material/download:",
-                                   on_click="ignore", help=f"Saved as {f['name']}: what a program needs to feed the "
-                                                           "model and read its output.")
+            ext = {"onnx": ".onnx", "torchscript": ".pt"}[fmt]
+            model = res["files"][0]
+            _downloads(ws, task, res, f"dl-{fmt}-{run_id}", {
+                ext: f"Model {ext} ({model['bytes'] / 1e6:.1f} MB)", ".json": "Classes and preprocessing (.json)"})
     with cols[2]:
         st.markdown("**Report**")
         st.caption("One self-contained HTML page for stakeholders: curves, confusion matrix, per-class table, "
                    "calibration and misclassified examples. Opens offline in any browser.")
-        st.download_button("HTML report", data=lambda d=str(run_dir): build_report(d),
-                           file_name=f"tl-studio-report-{run_id}.html", mime="text/html", key=f"report-{run_id}",
-                           icon=":material/description:", on_click="ignore")
+        files = RunFiles(ws.run_dir(run_id))
+        params = {"run": str(files.dir), "stamp": files.stamp()}
+        res = task_ui.task_view(ws, "report", params, "Writing the HTML report", button="Prepare the HTML report",
+                                icon=":material/description:", key=f"report-{run_id}")
+        if res is not None:
+            _downloads(ws, tasks.find(ws, "report", params), res, f"report-{run_id}", {".html": "HTML report"})
 
 
 def cache_panel(ws) -> None:
     """How much the decoded-image and feature caches hold, and a button that empties them."""
     with st.expander("Cache", icon=":material/storage:"):
-        usage = ws.cache_usage()
+        usage = cache_usage(ws.cache_dir)
         st.caption(f"Decoded images {usage['decoded'] / 1e6:.1f} MB · features {usage['features'] / 1e6:.1f} MB. "
                    "The caches make a second run on the same images fast; they are capped (least recently used "
                    "first) and can be emptied at any time: runs are kept, the next run just decodes again.")
         if st.button("Clear the cache", key="clear_cache", icon=":material/delete_sweep:"):
-            freed = ws.clear_cache()
+            freed = clear_cache(ws.cache_dir)
             st.success(f"Freed {freed / 1e6:.1f} MB.")
 
 
@@ -147,15 +155,14 @@ with session.page_errors():
         r = by_id[i]
         cfg = r.get("config") or {}
         s = r.get("summary") or {}
-        row = {"run": i, "status": r["status"], "data": Path(r["data"]).name, **{k: cfg.get(k) for k in (
-            "backbone", "strategy", "epochs", "lr", "batch_size", "augment", "seed", "val_split")}}
-        if cfg.get("strategy") == "linear":  # the probe's solver has no learning rate, batches or augmentation
-            row.update(lr=None, batch_size=None, augment=None)
+        used = set(fields_for_strategy(cfg.get("strategy", "")))  # e.g. the probe has no learning rate
+        row = {"run": i, "status": r["status"], "data": Path(r["data"]).name,
+               **{k: cfg.get(k) if k in used else None for k in COMPARED}}
         row.update({"val accuracy": s.get("val_accuracy"), "test accuracy": s.get("test_accuracy"),
                     "best epoch": s.get("best_epoch"), "seconds": s.get("seconds")})
         if r["status"] == "done":
             try:
-                val = run_metrics(ws, i)["val"]
+                val = RunFiles(ws.run_dir(i)).metrics().val
                 row.update({"macro F1": val.get("macro_f1"), "log loss": val.get("log_loss"), "val images": val["count"]})
             except Exception as e:  # files removed by hand: the row still shows what the store knows
                 row["error"] = str(e)
@@ -163,7 +170,6 @@ with session.page_errors():
     st.table(pd.DataFrame(table).set_index("run").T.astype(str).replace({"None": "", "nan": ""}))
 
     st.subheader("Download and share")
-    exports = ws.home / "exports"
     for i in chosen:
         if by_id[i]["status"] != "done":
             st.caption(f"{i}: {by_id[i]['status']}, nothing to download.")
@@ -171,19 +177,17 @@ with session.page_errors():
         with st.container(border=True):
             st.markdown(f"**Run {i}** · {(by_id[i].get('config') or {}).get('backbone')} · "
                         f"{(by_id[i].get('config') or {}).get('strategy')}")
-            bundle = exports / f"tl-studio-{i}.zip"
             c1, c2 = st.columns([1, 3])
-            if bundle.is_file():
-                c1.download_button("Download bundle", bundle.read_bytes(), file_name=bundle.name,
-                                   mime="application/zip", key=f"dl-{i}", icon=":material/download:")
+            with c1:
+                res, task = _export_view(ws, i, "bundle", "Prepare bundle", "Writing the bundle",
+                                         "Writes a zip bundle of the trained model.")
+                if res is not None:
+                    _downloads(ws, task, res, f"dl-{i}", {".zip": "Download bundle"})
+            if res is not None:
+                name = res["files"][0]["name"]
                 c2.caption(f"Bundle: model weights (safetensors), config, metrics and a model card "
-                           f"({bundle.stat().st_size / 1e6:.1f} MB). Predict with `tl-core predict {bundle.name} "
-                           "IMAGE`.")
+                           f"({res['files'][0]['bytes'] / 1e6:.1f} MB). Predict with `tl-core predict {name} IMAGE`.")
             else:
-                if c1.button("Prepare bundle", key=f"prep-{i}", help="Writes a zip bundle of the trained model."):
-                    with st.spinner("Writing the bundle…"):
-                        export_run(ws.run_dir(i), "bundle", bundle)
-                    st.rerun()
                 c2.caption("Bundle: " + EXPORT_FORMATS["bundle"])
             export_panel(ws, i)
 

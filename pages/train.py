@@ -1,29 +1,111 @@
-"""Train: choose how to train, start a background job, and watch it live (curves, progress, cancel).
+"""Train: choose how to train, start a run, and watch it live (queue position, progress, curves, cancel).
 
-The job runs in a worker process (tl_core.jobs); this page only reads the run store, so a refresh or
+The settings form is generated from ``tl_core.config.config_fields()``: every :class:`TrainConfig` field with
+a form section gets its widget, bounds, help and per-strategy default from there, and a field that the
+chosen strategy does not use is shown disabled, with the help saying why. The run is a task of a worker
+process (``tl_core.runs.tasks.submit_training``); this page only reads the run store, so a refresh or
 another tab with the same ``?run=`` link shows the same run, still going.
 """
 
+from __future__ import annotations
+
+import time
+from typing import Any
+
 import streamlit as st
 
-from pages import _charts as charts
 from pages import _session as session
-from tl_core import jobs
-from tl_core.app_support import augmentation_preview, describe_progress
-from tl_core.config import AUGMENT_PRESETS, CLASS_BALANCE, STRATEGIES, TrainConfig, field_help
-from tl_core.runs import ACTIVE_STATUSES
+from pages import _tasks as task_ui
+from tl_core.config import STRATEGIES, FieldSpec, TrainConfig, config_fields, strategy_default
+from tl_core.data.library import dataset_signature
+from tl_core.runs import tasks
+from tl_core.runs.progress import describe_progress, stop_text, timing_text
+from tl_core.runs.store import ACTIVE_STATUSES
+from tl_core.share import figures as charts
 
 session.ensure_router()
 
-LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1]
-BATCH_SIZES = [8, 16, 32, 64, 128]
-
 st.title("Train")
 
+#: The form's fields by section, in TrainConfig order (the strategy is drawn first, as a radio with captions).
+FIELDS = [f for f in config_fields() if f.section]
+#: Images per class and views shown in the augmentation preview.
+PREVIEW_IMAGES, PREVIEW_COPIES = 4, 4
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def _preview(paths: tuple[str, ...], backbone: str, preset: str, seed: int):
-    return augmentation_preview(list(paths), backbone, preset, copies=4, seed=seed)
+
+def _store_key(spec: FieldSpec, strategy: str) -> str:
+    """Where a field's value is remembered: per strategy when its default depends on it."""
+    return f"{spec.name}_{strategy}" if spec.per_strategy else spec.name
+
+
+def _is_int(spec: FieldSpec, default: Any) -> bool:
+    bounds = [v for v in (spec.min, spec.max, spec.step) if v is not None]
+    return isinstance(default, int) and not isinstance(default, bool) and all(float(v).is_integer() for v in bounds)
+
+
+def _valid(spec: FieldSpec, value: Any) -> bool:
+    """Whether a saved value can seed the field's widget."""
+    if value is None:
+        return False
+    if spec.choices is not None:
+        return value in spec.choices
+    if spec.options:
+        return value in spec.options
+    if spec.widget == "toggle":
+        return isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return (spec.min is None or value >= spec.min) and (spec.max is None or value <= spec.max)
+
+
+def _default(spec: FieldSpec, strategy: str) -> Any:
+    value = strategy_default(spec.name, strategy)
+    if spec.options and value not in spec.options:
+        # the linear probe's lr (1.0) is no option of the lr slider, which it leaves disabled anyway: show the
+        # default of a strategy that uses it
+        value = strategy_default(spec.name, spec.strategies[0])
+        if value not in spec.options:
+            value = min(spec.options, key=lambda o: abs(o - (value or 0)))
+    return value
+
+
+def field_widget(spec: FieldSpec, strategy: str, where: Any = st) -> Any:
+    """Draw one generated settings widget and return its value (remembered across page switches)."""
+    key = _store_key(spec, strategy)
+    default = _default(spec, strategy)
+    used = strategy in spec.strategies
+    help_text = spec.help
+    if spec.choices:
+        help_text += " " + " ".join(f"{c.label}: {c.help}" for c in spec.choices.values())
+    if not used:
+        users = ", ".join(STRATEGIES[s].label.split(" (")[0].lower() for s in spec.strategies)
+        help_text += f" Not used by {STRATEGIES[strategy].label.split(' (')[0].lower()}: only by {users}."
+    wkey = session.remember(key, default)
+    common = dict(key=wkey, help=help_text, disabled=not used)
+    if spec.widget == "number":
+        if _is_int(spec, default):
+            value = where.number_input(spec.label, min_value=None if spec.min is None else int(spec.min),
+                                       max_value=None if spec.max is None else int(spec.max),
+                                       step=int(spec.step or 1), **common)
+        else:
+            value = where.number_input(spec.label, min_value=None if spec.min is None else float(spec.min),
+                                       max_value=None if spec.max is None else float(spec.max),
+                                       step=None if spec.step is None else float(spec.step), format="%.4g", **common)
+    elif spec.widget == "select_slider":
+        value = where.select_slider(spec.label, list(spec.options),
+                                    format_func=lambda v: f"{v:g}" if isinstance(v, float) else str(v), **common)
+    elif spec.widget == "slider":
+        value = where.slider(spec.label, float(spec.min), float(spec.max), step=float(spec.step or 0.01), **common)
+    elif spec.widget == "toggle":
+        value = where.toggle(spec.label, **common)
+    elif spec.widget == "radio":
+        value = where.radio(spec.label, list(spec.choices), horizontal=True,
+                            format_func=lambda k: spec.choices[k].label, **common)
+    elif spec.widget == "select":
+        value = where.selectbox(spec.label, list(spec.choices), format_func=lambda k: spec.choices[k].label, **common)
+    else:  # a widget this page does not know: a new FieldSpec needs a line here
+        raise ValueError(f"unknown widget {spec.widget!r} for {spec.name}")
+    return session.keep(key, value)
 
 
 def seed_settings_from(run: dict) -> None:
@@ -36,23 +118,33 @@ def seed_settings_from(run: dict) -> None:
     if strategy not in STRATEGIES:
         return
     st.session_state["strategy"] = strategy
-    values = {f"epochs_{strategy}": cfg.get("epochs"), f"patience_{strategy}": cfg.get("patience"),
-              "batch_size": cfg.get("batch_size") if cfg.get("batch_size") in BATCH_SIZES else None,
-              "seed": cfg.get("seed"), "augment": cfg.get("augment") if cfg.get("augment") in AUGMENT_PRESETS else None,
-              "val_split": cfg.get("val_split"), "linear_c": cfg.get("linear_c"),
-              "class_balance": cfg.get("class_balance") if cfg.get("class_balance") in CLASS_BALANCE else None}
-    if strategy != "linear" and cfg.get("lr") in LRS:
-        values[f"lr_{strategy}"] = cfg["lr"]
-    for key, value in values.items():
-        if value is not None:
-            st.session_state[key] = value
+    for spec in FIELDS:
+        if strategy in spec.strategies and _valid(spec, cfg.get(spec.name)):
+            st.session_state[_store_key(spec, strategy)] = cfg[spec.name]
+
+
+def augmentation_preview(ws, path, rep: dict, backbone: str, preset: str, seed: int) -> None:
+    """A few training images as the chosen augmentation shows them to the network (an interactive task)."""
+    samples = [paths[0] for paths in rep["thumbnails"].values() if paths][:PREVIEW_IMAGES]
+    if not samples:
+        return
+    params = {"paths": samples, "signature": dataset_signature(path), "backbone": backbone, "preset": preset,
+              "seed": int(seed), "copies": PREVIEW_COPIES}
+    res = task_ui.task_view(ws, "augment_preview", params, "Drawing augmented images", auto=True,
+                            key="aug-preview", poll_s=0.5, show_timing=False, compact=True)
+    if res is None:
+        return
+    task = tasks.find(ws, "augment_preview", params)
+    for item in res:
+        files = [task_ui.result_file(ws, task, f) for f in item["views"]]
+        st.image([str(f) for f in files], width=110, caption=[item["name"]] + [""] * (len(files) - 1))
 
 
 def settings_form(ws, path) -> None:
-    """The training settings and the Start button (submits a job)."""
+    """The training settings (generated from the config's fields) and the Start button."""
     backbone = session.get("backbone", session.DEFAULT_BACKBONE)
     weights = session.weights_path(session.get("weights"), ws)
-    rep = session.dataset_report(path, session.setting("val_split", 0.2), session.setting("seed", 0))
+    rep = session.dataset_report(path, session.setting("val_split", 0.2), session.setting("seed", 0), ws)
     st.markdown(f"**Data:** {path.name} — {rep['num_classes']} classes, {rep['split']['train']} training and "
                 f"{rep['split']['val']} validation images · **Backbone:** {backbone}"
                 + ("" if weights == "auto" else f" with local weights `{weights.rsplit('/', 1)[-1]}`"))
@@ -61,74 +153,57 @@ def settings_form(ws, path) -> None:
     strategy = session.keep("strategy", st.radio(
         "Strategy", keys, key=session.remember("strategy", "linear"),
         format_func=lambda k: STRATEGIES[k].label, captions=[STRATEGIES[k].help for k in keys],
-        help=field_help("strategy"),
+        help=next(f.help for f in config_fields() if f.name == "strategy"),
     ))
-    linear = strategy == "linear"
-    defaults = STRATEGIES[strategy].defaults
+    values: dict[str, Any] = {}
+    main = [f for f in FIELDS if f.section == "main"]
+    cols = st.columns(len(main))
+    for col, spec in zip(cols, main):
+        values[spec.name] = field_widget(spec, strategy, col)
+    for spec in (f for f in FIELDS if f.section == "augment"):
+        values[spec.name] = field_widget(spec, strategy)
+        if spec.choices:
+            st.caption(spec.choices[values[spec.name]].help + (
+                "" if strategy in spec.strategies else " (The linear probe computes each image's features once, "
+                "without augmentation; this applies to the fine-tuning strategies.)"))
 
-    c = st.columns(4)
-    epochs = session.keep(f"epochs_{strategy}", c[0].number_input(
-        "Epochs", min_value=1, max_value=1000, step=1, key=session.remember(f"epochs_{strategy}", defaults["epochs"]),
-        help=field_help("epochs") + (" For the linear probe: at most this many solver rounds; it stops when converged."
-                                     if linear else ""),
-    ))
-    lr_default = defaults["lr"] if defaults["lr"] in LRS else 1e-3
-    lr = session.keep(f"lr_{strategy}", c[1].select_slider(
-        "Learning rate", LRS, key=session.remember(f"lr_{strategy}", lr_default), disabled=linear,
-        format_func=lambda v: f"{v:g}",
-        help=field_help("lr") + (" Not used by the linear probe (its solver picks its own steps)." if linear else ""),
-    ))
-    batch = session.keep("batch_size", c[2].select_slider(
-        "Batch size", BATCH_SIZES, key=session.remember("batch_size", TrainConfig().batch_size), disabled=linear,
-        help=field_help("batch_size") + (" Not used by the linear probe (it fits on all images at once)."
-                                         if linear else ""),
-    ))
-    seed = session.keep("seed", c[3].number_input(
-        "Seed", min_value=0, max_value=2**31 - 1, step=1, key=session.remember("seed", 0), help=field_help("seed"),
-    ))
-
-    presets = list(AUGMENT_PRESETS)
-    augment = session.keep("augment", st.radio(
-        "Augmentation", presets, key=session.remember("augment", "light"), horizontal=True,
-        format_func=lambda k: AUGMENT_PRESETS[k].label, disabled=linear,
-        help=field_help("augment") + " " + " ".join(f"{p.label}: {p.help}" for p in AUGMENT_PRESETS.values()),
-    ))
-    st.caption(AUGMENT_PRESETS[augment].help + (
-        " (The linear probe computes each image's features once, without augmentation; it applies to the "
-        "fine-tuning strategies.)" if linear else ""))
-    with st.expander("Preview: training images after augmentation", expanded=not linear):
-        samples = [paths[0] for paths in rep["thumbnails"].values() if paths][:4]
-        preview = _preview(tuple(samples), backbone, augment, int(seed))
-        for name, views in preview:
-            st.image(views, width=110, caption=[name] + [""] * (len(views) - 1))
-
+    # the Start button comes before the previews and the advanced settings (visible without scrolling); it is
+    # drawn into this slot after them, so that it reads every setting of this run
+    start_slot = st.container()
+    with st.expander("Preview: training images after augmentation", expanded=strategy != "linear"):
+        augmentation_preview(ws, path, rep, backbone, values.get("augment", "light"), int(values.get("seed", 0)))
     with st.expander("Advanced"):
-        a = st.columns(4)
-        val_split = session.keep("val_split", a[0].slider(
-            "Validation share", 0.05, 0.5, step=0.05, key=session.remember("val_split", 0.2),
-            help=field_help("val_split")))
-        balance = session.keep("class_balance", a[1].selectbox(
-            "Class balance", list(CLASS_BALANCE), key=session.remember("class_balance", "none"),
-            format_func=lambda k: CLASS_BALANCE[k].label,
-            help=field_help("class_balance") + " " + " ".join(f"{b.label}: {b.help}" for b in CLASS_BALANCE.values())))
-        patience = session.keep(f"patience_{strategy}", a[2].number_input(
-            "Early-stopping patience", min_value=0, max_value=100, step=1,
-            key=session.remember(f"patience_{strategy}", defaults["patience"]), help=field_help("patience"),
-            disabled=linear))
-        linear_c = session.keep("linear_c", a[3].number_input(
-            "Linear probe C", min_value=0.001, max_value=1000.0, key=session.remember("linear_c", 1.0),
-            format="%.3g", help=field_help("linear_c"), disabled=not linear))
+        advanced = [f for f in FIELDS if f.section == "advanced"]
+        for start in range(0, len(advanced), 4):
+            row = st.columns(4)
+            for col, spec in zip(row, advanced[start:start + 4]):
+                values[spec.name] = field_widget(spec, strategy, col)
 
-    if st.button("Start training", type="primary", icon=":material/play_arrow:"):
-        cfg = TrainConfig(
-            backbone=backbone, strategy=strategy, weights=weights, epochs=int(epochs),
-            lr=None if linear else float(lr), batch_size=int(batch), val_split=float(val_split), seed=int(seed),
-            augment=augment, class_balance=balance, patience=None if linear else int(patience),
-            linear_c=float(linear_c),
-        )
-        run_id = jobs.submit(ws, str(path), cfg)
-        session.select("run", run_id)
-        st.rerun()
+    with start_slot:
+        if st.button("Start training", type="primary", icon=":material/play_arrow:"):
+            # settings the strategy does not use keep their defaults (the saved config stays honest)
+            used = {k: v for k, v in values.items()
+                    if strategy in next(f for f in FIELDS if f.name == k).strategies}
+            cfg = TrainConfig(backbone=backbone, strategy=strategy, weights=weights, **used)
+            run_id = tasks.submit_training(ws, str(path), cfg, owner=session.owner())
+            session.select("run", run_id)
+            st.rerun()
+
+
+def _train_task(ws, run_id: str) -> tasks.Task | None:
+    """The task that runs (or ran) a training run; None for a run made by the command line."""
+    rows = [t for t in ws.store().tasks(kind="train") if t.get("run_id") == run_id]
+    return tasks.Task.from_row(rows[-1]) if rows else None
+
+
+def _done_text(run: dict, task: tasks.Task | None) -> str:
+    s = run.get("summary") or {}
+    if task is not None and task.finished:
+        took = timing_text(task.total_s, task.waited_s, task.ran_s)
+    else:  # trained by the command line: the run's own time
+        took = timing_text(float(s.get("seconds") or 0))
+    return (f"Done in {took}: validation accuracy **{(s.get('val_accuracy') or 0):.1%}** (best epoch "
+            f"{s.get('best_epoch')}, weights: {(s.get('weights') or {}).get('source')}).")
 
 
 def run_panel(ws, run_id: str) -> None:
@@ -150,27 +225,29 @@ def run_panel(ws, run_id: str) -> None:
             epochs = store.epochs(run_id)
             status = run["status"]
             cfg = run.get("config") or {}
+            task = _train_task(ws, run_id)
             st.subheader(f"Run {run_id}")
             st.markdown(f"**Status:** {status} · {cfg.get('backbone')} · {cfg.get('strategy')} · "
                         f"data `{run['data'].rsplit('/', 1)[-1]}`")
             st.caption("This run's link keeps `?run=…` in the address: refresh, or open it in another tab, "
                        "and you see the same run (training continues on the server).")
-            frac, text = describe_progress(status, run.get("progress"), epochs)
             if status in ACTIVE_STATUSES:
-                st.progress(frac, text=text)
-                if st.button("Cancel training", icon=":material/stop:", help="Stops the worker at its next check point "
-                                                               "(killed after a few seconds if it does not stop)."):
-                    jobs.cancel(ws, run_id)
+                since = time.time() - run["created"]
+                if status == "queued" and task is not None and task.status == "queued":
+                    st.progress(0.0, text=tasks.describe_wait(ws, task))
+                else:
+                    frac, text = describe_progress(status, run.get("progress"), epochs)
+                    st.progress(frac, text=f"{text} · {since:.0f} s since the click")
+                if st.button("Cancel training", icon=":material/stop:", help="Stops the worker at its next check "
+                             "point (killed after a few seconds if it does not stop)."):
+                    tasks.cancel_run(ws, run_id)
                     st.toast("Cancelling…")
             elif status == "done":
                 s = run.get("summary") or {}
-                st.success(f"Done in {s.get('seconds', 0):.1f} s: validation accuracy "
-                           f"**{(s.get('val_accuracy') or 0):.1%}** (best epoch {s.get('best_epoch')}, weights: "
-                           f"{(s.get('weights') or {}).get('source')}).")
-                if cfg.get("strategy") in ("partial", "full") and s.get("best_epoch") == 0:
-                    st.info("Fine-tuning did not beat the linear probe it started from on the validation images, so "
-                            "the probe's weights were kept (epoch 0). More images per class, or more epochs, give "
-                            "fine-tuning room to help.")
+                st.success(_done_text(run, task))
+                why = stop_text(cfg.get("strategy", ""), s.get("stop") or {}, s.get("best_epoch"))
+                if why:
+                    st.info(why)
                 l1, l2 = st.columns(2)
                 session.link("evaluate", "See the evaluation", ":material/analytics:", where=l1)
                 session.link("try", "Try the model on new images", ":material/image_search:", where=l2)

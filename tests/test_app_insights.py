@@ -3,7 +3,8 @@
 They reuse the page tests' trained workspace (one real linear probe on the emoji sample, whose Lite0
 features are in the workspace's cache, so the audit and maps cost seconds) and keep every computation
 small: the advisor on two backbones at 10 images per class, the lab at 2 and 5 images per class for one
-epoch at 64 px.
+epoch at 64 px. Every computation is a task that a real worker process runs: a test clicks, then reruns
+the page until the result is drawn (:func:`until`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -24,12 +24,18 @@ from test_app_pages import (  # noqa: F401  (fixtures are used by name)
     button,
     empty_home,
     goto,
+    has_metric,
     home,
     metric,
     plotly_specs,
+    progress_texts,
     trained_home,
+    until,
 )
 
+from tl_core.data.library import dataset_signature
+from tl_core.runs import tasks
+from tl_core.runs.files import RunFiles
 from tl_core.runs.workspace import Workspace
 
 
@@ -48,6 +54,10 @@ def _view(at, name: str):
     return at
 
 
+def _markers(at) -> list[dict]:
+    return [s for s in plotly_specs(at) if s["data"] and s["data"][0].get("mode") == "markers"]
+
+
 def _image_captions(at) -> list[str]:
     return [i.caption for el in at.get("image") for i in el.proto.imgs]
 
@@ -62,6 +72,7 @@ def test_backbone_advisor_ranks_backbones_and_the_recommendation_can_be_used(hom
     at.multiselect(key="w_advisor_backbones").set_value(["efficientnet_lite0", "efficientnet_lite1"]).run()
     at.select_slider(key="w_advisor_per_class").set_value(10).run()
     button(at, "Compare backbones").click().run()
+    until(at, lambda a: [d for d in a.dataframe if "LogME" in d.value.columns], what="the advisor")
     assert_clean(at)
     table = [d.value for d in at.dataframe if "LogME" in d.value.columns][0]
     assert sorted(table["backbone"]) == ["efficientnet_lite0", "efficientnet_lite1"]
@@ -78,7 +89,7 @@ def test_backbone_advisor_ranks_backbones_and_the_recommendation_can_be_used(hom
     chart = [s for s in plotly_specs(at) if any(t.get("name") == "linear probe" for t in s["data"])][0]
     probe = [t for t in chart["data"] if t.get("name") == "linear probe"][0]
     assert probe["y"] == pytest.approx(list(table["probe accuracy"]))
-    # a second visit is served from the cache (no button press needed)
+    # a second visit finds the finished task (no button press needed)
     goto(at, "home")
     goto(at, "backbone")
     assert [d.value for d in at.dataframe if "LogME" in d.value.columns]
@@ -124,6 +135,7 @@ def test_data_audit_lists_planted_duplicates_leak_blank_image_and_fixes_imbalanc
     assert_clean(at)
     assert not [m for m in at.metric if m.label == "Leaks into validation"]  # nothing computed before the click
     button(at, "Check the data").click().run()
+    until(at, lambda a: has_metric(a, "Leaks into validation"), what="the audit")
     assert_clean(at)
     assert int(metric(at, "Leaks into validation")) >= 1
     assert int(metric(at, "Exact duplicates")) >= 2
@@ -149,12 +161,21 @@ def test_data_audit_lists_planted_duplicates_leak_blank_image_and_fixes_imbalanc
 
 
 def test_data_embedding_map_and_domain_gap_on_the_emoji_sample(home):
+    ws, _ = home
     at = app({"data": "sample/emoji"})
     goto(at, "data")
     button(at, "Check the data").click().run()
+    # the audit first, then the map and the domain-gap hint follow without another click
+    until(at, lambda a: _markers(a) and any("**The domain gap is" in m.value for m in a.markdown),
+          what="the audit, the map and the domain gap")
     assert_clean(at)
-    assert int(metric(at, "Likely label errors")) >= 0 and metric(at, "Leaks into validation") == "0"
-    maps = [s for s in plotly_specs(at) if s["data"] and s["data"][0].get("mode") == "markers"]
+    audit = tasks.result(ws, tasks.find(ws, "audit", {
+        "data": str(EMOJI), "signature": dataset_signature(EMOJI), "backbone": "efficientnet_lite0",
+        "val_split": 0.2, "seed": 0, "max_per_class": 200}))
+    # the page shows the worker's findings: a few hard emoji may look like another class, never a tenth of them
+    assert int(metric(at, "Likely label errors")) == len(audit["label_issues"]) < 20
+    assert metric(at, "Leaks into validation") == "0"
+    maps = _markers(at)
     assert len(maps) == 1
     traces = maps[0]["data"]
     assert sorted(t["name"] for t in traces) == ["animal", "face", "flag", "food", "vehicle"]
@@ -167,8 +188,9 @@ def test_data_embedding_map_and_domain_gap_on_the_emoji_sample(home):
     assert sorted(gap["data"][0]["y"]) == ["animal", "face", "flag", "food", "vehicle"]
     # t-SNE instead of PCA: same points, other coordinates
     at.radio(key="data_map_method").set_value("tsne").run()
+    until(at, lambda a: _markers(a), what="the t-SNE map")
     assert_clean(at)
-    tsne = [s for s in plotly_specs(at) if s["data"] and s["data"][0].get("mode") == "markers"][0]["data"]
+    tsne = _markers(at)[0]["data"]
     assert sum(len(t["x"]) for t in tsne) == 200
     assert {t["name"]: t["x"] for t in tsne} != pca
 
@@ -176,10 +198,14 @@ def test_data_embedding_map_and_domain_gap_on_the_emoji_sample(home):
 # --------------------------------------------------------------------------------------------------
 # Evaluate: Grad-CAM grid, calibration, embedding map of the run
 # --------------------------------------------------------------------------------------------------
+def _mistakes(ws: Workspace, run_id: str) -> list[dict]:
+    """The run's misclassified validation images, from its saved predictions (most confident first)."""
+    files = RunFiles(ws.run_dir(run_id))
+    return files.predictions().get("val").mistakes(files.meta().classes, files.meta().temperature)
+
+
 def _misclassified(ws: Workspace, run_id: str) -> list[str]:
-    preds = json.loads((ws.run_dir(run_id) / "predictions.json").read_text())
-    classes = preds["classes"]
-    return [r["path"] for r in preds["val"] if classes[int(np.argmax(r["probs"]))] != r["label"]]
+    return [r["path"] for r in _mistakes(ws, run_id)]
 
 
 def test_evaluate_shows_a_gradcam_grid_of_the_mistakes(home):
@@ -189,15 +215,22 @@ def test_evaluate_shows_a_gradcam_grid_of_the_mistakes(home):
     at = app()
     goto(at, "evaluate")
     assert len(at.get("image")) == len(wrong)  # the default view: the mistakes gallery
+    mistakes_captions = [c.value for c in at.caption if c.value.startswith("true **")]
     _view(at, "gradcam")
     n = min(12, len(wrong))
+    until(at, lambda a: len(a.get("image")) == 2 * n, what="the Grad-CAM grid")
+    assert_clean(at)
     assert len(at.get("image")) == 2 * n  # each mistake, and its heat-map beside it
+    # the same images with the same captions (labels and confidence) as the Mistakes view: both read the run's
+    # saved predictions
+    assert [c.value for c in at.caption if c.value.startswith("true **")] == mistakes_captions[:n]
     captions = [c.value for c in at.caption]
     assert sum(c.startswith("heat-map for **") for c in captions) == n
     overlays = [el for el in at.get("image")][1::2]
     assert all(el.proto.imgs[0].url for el in overlays)
     # explaining the true class instead: the heat-maps are for the true labels now
     at.radio(key="gradcam_target").set_value("true").run()
+    until(at, lambda a: len(a.get("image")) == 2 * n, what="the Grad-CAM grid of the true class")
     assert_clean(at)
     true_labels = [c.split("true **", 1)[1].split("**", 1)[0] for c in (x.value for x in at.caption)
                    if c.startswith("true **")]
@@ -214,6 +247,7 @@ def test_evaluate_calibration_shows_ece_before_and_after_and_applies_the_tempera
     at = app()
     goto(at, "evaluate")
     _view(at, "calibration")
+    until(at, lambda a: has_metric(a, "ECE before"), what="the calibration")
     assert metric(at, "ECE before") == f"{expected['ece_before']:.3f}"
     assert metric(at, "ECE after") == f"{expected['ece_after']:.3f}"
     assert metric(at, "Temperature T") == f"{expected['temperature']:.2f}"
@@ -225,11 +259,16 @@ def test_evaluate_calibration_shows_ece_before_and_after_and_applies_the_tempera
     assert any(n.startswith("after temperature scaling") for n in names)
     assert json.loads((ws.run_dir(run_id) / "meta.json").read_text()).get("temperature", 1.0) == 1.0
     [b for b in at.button if b.label.startswith("Apply temperature scaling")][0].click().run()
+    until(at, lambda a: any(s.value.startswith("Applied: this run's predictions") for s in a.success),
+          what="applying the temperature")
     assert_clean(at)
+    # applying is a task of its own, never shared with another request
+    applied = [t for t in ws.store().tasks(kind="calibrate") if t["params"].get("apply")]
+    assert len(applied) == 1 and applied[0]["status"] == "done"
     meta = json.loads((ws.run_dir(run_id) / "meta.json").read_text())
     assert meta["temperature"] == pytest.approx(expected["temperature"], rel=1e-4)
-    assert any(s.value.startswith("Applied: this run's predictions") for s in at.success)
-    assert any("is applied to the run" in i.value for i in at.info)
+    # the run's files changed: the preview is computed again for them and says T is applied
+    until(at, lambda a: any("is applied to the run" in i.value for i in a.info), what="the new calibration")
     metrics = json.loads((ws.run_dir(run_id) / "metrics.json").read_text())
     assert metrics["calibration"]["ece_after"] == pytest.approx(expected["ece_after"], abs=1e-6)
 
@@ -240,7 +279,9 @@ def test_evaluate_embedding_map_rings_the_misclassified_images(home):
     at = app()
     goto(at, "evaluate")
     _view(at, "map")
-    spec = [s for s in plotly_specs(at) if s["data"] and s["data"][0].get("mode") == "markers"][0]
+    until(at, lambda a: _markers(a), what="the run's embedding map")
+    assert_clean(at)
+    spec = _markers(at)[0]
     ringed = [t for t in spec["data"] if t["name"].startswith("misclassified")]
     assert len(ringed) == 1 and ringed[0]["name"] == f"misclassified ({len(wrong)})"
     assert len(ringed[0]["x"]) == len(wrong)
@@ -277,16 +318,8 @@ def _lab_settings(at, sizes, epochs=1, image_size=64):
     at.selectbox(key="w_lab_image_size").set_value(image_size).run()
 
 
-def _poll(at, until, timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    while not until(at):
-        assert not at.exception, [e.value for e in at.exception]
-        assert time.monotonic() < deadline, "the lab did not get there in time"
-        time.sleep(1)
-        at.run()
-
-
 def test_lab_runs_in_the_background_and_plots_one_line_per_arm(home):
+    ws, _ = home
     at = app({"data": "sample/emoji"})
     goto(at, "lab")
     assert_clean(at)
@@ -294,9 +327,11 @@ def test_lab_runs_in_the_background_and_plots_one_line_per_arm(home):
     t0 = time.monotonic()
     button(at, "Run the lab").click().run()
     assert_clean(at)
-    assert at.get("progress"), "a progress bar while the lab runs"
-    assert button(at, "Cancel the lab")
-    _poll(at, lambda a: not a.get("progress"))
+    assert at.get("progress"), "a progress bar while the lab waits or runs"
+    assert button(at, "Cancel")
+    [task] = ws.store().tasks(kind="lab")
+    assert task["lane"] == "compute"
+    until(at, lambda a: not a.get("progress"), what="the lab")
     seconds = time.monotonic() - t0
     assert_clean(at)
     spec = [s for s in plotly_specs(at) if any(t.get("mode") == "lines+markers" for t in s["data"])][0]
@@ -309,6 +344,9 @@ def test_lab_runs_in_the_background_and_plots_one_line_per_arm(home):
     assert any(i.value.startswith("Chance is 20% (5 classes)") for i in at.info)
     table = at.dataframe[0].value
     assert list(table.index) == [2, 5] and len(table.columns) == 3
+    # the time shown counts from the click
+    took = [c.value for c in at.caption if c.value.startswith("Took ")]
+    assert took and "from the click" in took[0]
     print(f"\n[lab] sizes (2, 5), 1 epoch, 64 px: {seconds:.1f} s through the page")
     # the same settings in a new session (a refresh) find the finished lab
     again = app({"data": "sample/emoji"})
@@ -319,16 +357,21 @@ def test_lab_runs_in_the_background_and_plots_one_line_per_arm(home):
 
 
 def test_lab_cancel_stops_it(home):
+    ws, _ = home
     at = app({"data": "sample/emoji"})
     goto(at, "lab")
     _lab_settings(at, [5, 10], epochs=3)
     button(at, "Run the lab").click().run()
-    _poll(at, lambda a: any("points" in p.proto.text and "Starting" not in p.proto.text for p in a.get("progress")))
-    button(at, "Cancel the lab").click().run()
-    _poll(at, lambda a: not a.get("progress"), timeout=60)
+    # running (past loading the backbone), with its step in the progress line
+    until(at, lambda a: any("Starting" not in t and "Waiting" not in t and "since the click" in t
+                            for t in progress_texts(a)), what="the lab's first step")
+    button(at, "Cancel").click().run()
+    until(at, lambda a: not a.get("progress"), timeout=60, what="the cancel")
     assert_clean(at)
-    assert any("was cancelled" in c.value for c in at.caption)
+    assert any("cancelled" in c.value for c in at.caption)
     assert button(at, "Run the lab")
+    [task] = ws.store().tasks(kind="lab")
+    assert task["status"] == "cancelled"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,12 +383,12 @@ def test_runs_page_offers_verified_onnx_and_torchscript_and_the_html_report(home
     goto(at, "runs")
     at.multiselect[0].set_value([run_id]).run()
     assert_clean(at)
-    assert any(d.proto.label == "HTML report" for d in at.get("download_button"))
-    for fmt, label, ext in (("onnx", "ONNX", "onnx"), ("torchscript", "TorchScript", "pt")):
+    for want, (fmt, label, ext) in enumerate((("onnx", "ONNX", "onnx"), ("torchscript", "TorchScript", "pt")), 1):
         button(at, f"Export {label}").click().run()
+        until(at, lambda a: len([s for s in a.success if s.value.startswith("Verified on")]) == want,
+              what=f"the {label} export")
         assert_clean(at)
         text = [s.value for s in at.success if s.value.startswith("Verified on")]
-        assert text, [e.value for e in at.error]
         n = int(text[-1].split("Verified on ", 1)[1].split(" ", 1)[0])
         assert n >= 10 and f"same top-1 class on {n}/{n} images" in text[-1]
         diff = float(text[-1].split("largest probability difference ", 1)[1].split(" ", 1)[0])
@@ -355,6 +398,18 @@ def test_runs_page_offers_verified_onnx_and_torchscript_and_the_html_report(home
         assert model and buttons[model[0]] == f"Saved as tl-studio-{run_id}.{ext}.", buttons
         assert f"Saved as tl-studio-{run_id}.{ext}.json" in buttons["Classes and preprocessing (.json)"]
         assert not [b for b in at.button if b.label == f"Export {label}"]  # the downloads took its place
-    at.run()  # the exports stay offered (cached) without exporting again
-    assert len([s for s in at.success if s.value.startswith("Verified on")]) == 2
-    assert len([d for d in at.get("download_button") if d.proto.label.startswith("Model .")]) == 2
+        [task] = [t for t in ws.store().tasks(kind="export") if t["params"]["format"] == fmt]
+        assert (tasks.task_dir(ws, task["id"]) / f"tl-studio-{run_id}.{ext}").stat().st_size > 1_000_000
+    # the HTML report: a task too, then a download of the file it wrote
+    button(at, "Prepare the HTML report").click().run()
+    until(at, lambda a: any(d.proto.label == "HTML report" for d in a.get("download_button")), what="the report")
+    [task] = ws.store().tasks(kind="report")
+    html = (tasks.task_dir(ws, task["id"]) / f"tl-studio-report-{run_id}.html").read_text()
+    assert "<html" in html.lower() and run_id in html
+    # a new session (a refresh) finds every export without exporting again
+    again = app()
+    goto(again, "runs")
+    again.multiselect[0].set_value([run_id]).run()
+    assert len([s for s in again.success if s.value.startswith("Verified on")]) == 2
+    assert len([d for d in again.get("download_button") if d.proto.label.startswith("Model .")]) == 2
+    assert len(ws.store().tasks(kind="export")) == 2

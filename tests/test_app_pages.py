@@ -1,9 +1,10 @@
 """Page tests of the Streamlit app with ``streamlit.testing.v1.AppTest`` (no browser).
 
 One real linear-probe run on the emoji sample is trained per module with the ``tl-core`` command; every
-test gets its own copy of that workspace (``TL_HOME``), so tests never see each other's runs. Background
-workers are not started here (``jobs.ensure_workers`` is stubbed where a page would queue a job): the
-end-to-end training through a worker is the browser test's job.
+test gets its own copy of that workspace (``TL_HOME``), so tests never see each other's runs or tasks.
+Long computations are tasks that real worker processes run (``tl_core.runs.workers``): a test clicks,
+then reruns the page until the result is drawn (:func:`until`). Where a test looks at the queue itself,
+``no_workers`` keeps tasks queued. Workers a test started are killed when it ends.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,19 +26,43 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "app.py"
 EMOJI = ROOT / "sample_data" / "emoji"
-TIMEOUT = 60
+#: Seconds one script run may take (Try it waits for the interactive worker, which starts on first use).
+TIMEOUT = 180
+#: Seconds a test waits for a task to finish.
+TASK_TIMEOUT = 240
 
 pytest.importorskip("streamlit.testing.v1")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from tl_core import app_support, jobs
-from tl_core.errors import DatasetError
-from tl_core.runs.workspace import Workspace
+from tl_core.data import library  # noqa: E402
+from tl_core.errors import DatasetError  # noqa: E402
+from tl_core.runs import tasks, workers  # noqa: E402
+from tl_core.runs.files import RunFiles  # noqa: E402
+from tl_core.runs.progress import describe_progress  # noqa: E402
+from tl_core.runs.workspace import Workspace  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------------
+def _kill_workers(home: Path) -> None:
+    """Kill the worker processes of one TL_HOME (other tests and agents run workers of their own)."""
+    want = f"TL_HOME={home}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"tl_core.runs.workers" in cmd and want in env.split(b"\0"):
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.fixture(scope="module")
 def trained_home(tmp_path_factory) -> tuple[Path, str]:
     """A workspace holding one finished linear probe on the emoji sample, made by the CLI."""
@@ -54,35 +80,34 @@ def trained_home(tmp_path_factory) -> tuple[Path, str]:
     return home, doc["run_id"]
 
 
+def _own_home(monkeypatch, home: Path) -> None:
+    monkeypatch.setenv("TL_HOME", str(home))
+    monkeypatch.setenv("TL_INTERACTIVE_IDLE_S", "30")  # interactive workers of a test do not linger
+
+
 @pytest.fixture
-def home(tmp_path, monkeypatch, trained_home) -> tuple[Workspace, str]:
-    """This test's own copy of the trained workspace, as TL_HOME."""
+def home(tmp_path, monkeypatch, trained_home):
+    """This test's own copy of the trained workspace, as TL_HOME; its workers are killed at the end."""
     src, run_id = trained_home
     dst = tmp_path / "tl_home"
     shutil.copytree(src, dst)
-    monkeypatch.setenv("TL_HOME", str(dst))
-    return Workspace(dst), run_id
+    _own_home(monkeypatch, dst)
+    yield Workspace(dst), run_id
+    _kill_workers(dst.resolve())
 
 
 @pytest.fixture
-def empty_home(tmp_path, monkeypatch) -> Workspace:
+def empty_home(tmp_path, monkeypatch):
     dst = tmp_path / "empty_home"
-    monkeypatch.setenv("TL_HOME", str(dst))
-    return Workspace(dst)
+    _own_home(monkeypatch, dst)
+    yield Workspace(dst)
+    _kill_workers(dst.resolve())
 
 
 @pytest.fixture
-def no_workers(monkeypatch) -> list:
-    """Queue jobs without starting worker processes; returns the list of cancel calls."""
-    cancelled: list = []
-    monkeypatch.setattr(jobs, "ensure_workers", lambda ws, max_workers=None: 0)
-
-    def fake_cancel(ws, run_id, **kw):
-        cancelled.append(run_id)
-        ws.store().request_cancel(run_id)
-
-    monkeypatch.setattr(jobs, "cancel", fake_cancel)
-    return cancelled
+def no_workers(monkeypatch) -> None:
+    """Queue tasks without starting worker processes (to look at the queue)."""
+    monkeypatch.setattr(workers, "ensure_workers", lambda ws, lane="compute": 0)
 
 
 def app(query: dict | None = None) -> AppTest:
@@ -94,6 +119,22 @@ def app(query: dict | None = None) -> AppTest:
 
 def goto(at: AppTest, page: str) -> AppTest:
     return at.switch_page(f"pages/{page}.py").run()
+
+
+def until(at: AppTest, done, timeout: float = TASK_TIMEOUT, what: str = "the task") -> AppTest:
+    """Rerun the page (as its polling fragment would) until ``done(at)``; fail on an exception or a timeout."""
+    deadline = time.monotonic() + timeout
+    while not done(at):
+        assert not at.exception, [e.value for e in at.exception]
+        assert time.monotonic() < deadline, f"{what} did not get there in {timeout:.0f} s; errors: " + str(
+            [e.value for e in at.error])
+        time.sleep(0.5)
+        at.run()
+    return at
+
+
+def progress_texts(at: AppTest) -> list[str]:
+    return [p.proto.text for p in at.get("progress")]
 
 
 def assert_clean(at: AppTest) -> None:
@@ -112,10 +153,18 @@ def metric(at: AppTest, label: str) -> str:
     return found[0]
 
 
+def has_metric(at: AppTest, label: str) -> bool:
+    return any(m.label == label for m in at.metric)
+
+
 def button(at: AppTest, label: str):
     found = [b for b in at.button if b.label == label]
     assert found, f"no button {label!r}; have {[b.label for b in at.button]}"
     return found[0]
+
+
+def has_button(at: AppTest, label: str) -> bool:
+    return any(b.label == label for b in at.button)
 
 
 def png_bytes(path: Path) -> bytes:
@@ -172,6 +221,8 @@ def test_home_explains_and_shows_the_state_of_the_four_steps(home):
         assert f"**{step}**" in text
     assert "Not chosen yet" in text  # no dataset yet in a fresh session
     assert "1 finished run(s)" in text
+    # the Train step names the finished run (never "no run yet" beside finished runs)
+    assert f"Run {run_id}: done" in text and "No run yet" not in text
 
 
 def test_home_sample_data_button_selects_emoji_lite0_linear_and_opens_train(home):
@@ -327,7 +378,7 @@ def test_backbone_page_accepts_fitting_local_weights_and_refuses_others(home, tm
     assert not at.exception
     assert len(at.error) == 1 and "junk.pth" in at.error[0].value
     assert not list((ws.home / "weights").glob("junk*"))
-    # real weights of the architecture (random init here: only the fit is checked)
+    # real weights of the architecture (random init here: only the fit is checked; a worker checks them)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=7)
     f = tmp_path / "lite0 mine.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(f))
@@ -357,12 +408,20 @@ def test_train_page_settings_help_and_augmentation_preview(home):
     lr = [s for s in at.select_slider if s.label == "Learning rate"][0]
     assert not lr.disabled and lr.value == pytest.approx(1e-3)
     assert [n for n in at.number_input if n.label == "Epochs"][0].value == 8
-    # preview: 4 sample images x 4 augmented views, at the backbone's input size
+    # preview: 4 sample images x 4 augmented views, drawn by an interactive worker
+    until(at, lambda a: len([g for g in a.get("image") if len(g.proto.imgs) == 4]) == 4, what="the preview")
+    assert_clean(at)
     grids = [g for g in at.get("image") if len(g.proto.imgs) == 4]
-    assert len(grids) == 4
+    assert [g.proto.imgs[0].caption for g in grids] == [sorted((EMOJI / c).iterdir())[0].name
+                                                       for c in ("animal", "face", "flag", "food")]
+    ws, _ = home
+    task = [t for t in ws.store().tasks(kind="augment_preview")][-1]
+    assert task["lane"] == "interactive" and task["status"] == "done"
+    with Image.open(tasks.task_dir(ws, task["id"]) / "aug-0-0.png") as im:
+        assert im.size == (224, 224)  # the backbone's input size
 
 
-def test_train_page_start_queues_a_job_with_the_chosen_settings_and_cancel_stops_it(home, no_workers):
+def test_train_page_start_queues_a_run_with_the_chosen_settings_and_cancel_stops_it(home, no_workers):
     ws, _ = home
     at = app({"data": "sample/emoji"})
     goto(at, "train")
@@ -381,10 +440,14 @@ def test_train_page_start_queues_a_job_with_the_chosen_settings_and_cancel_stops
         "partial", 3, 7, "strong", "efficientnet_lite0")
     assert any(f"Run {run_id}" == h.value for h in at.subheader)
     assert any("**Status:** queued" in m.value for m in at.markdown)
+    # its place in the queue while it waits (no worker here)
+    assert any(t.startswith("Waiting in the queue: next in line") for t in progress_texts(at)), progress_texts(at)
+    [train_task] = ws.store().tasks(kind="train")
+    assert train_task["run_id"] == run_id and train_task["status"] == "queued"
     button(at, "Cancel training").click().run()
-    assert no_workers == [run_id]
     at.run()
     assert ws.store().get(run_id)["status"] == "cancelled"
+    assert ws.store().task(train_task["id"])["status"] == "cancelled"
     assert any("**Status:** cancelled" in m.value for m in at.markdown)
 
 
@@ -446,6 +509,7 @@ def test_train_page_shows_a_running_job_with_progress_eta_and_curves(home, no_wo
     bar = at.get("progress")[0]
     assert bar.proto.value == 50
     assert "epoch 2/4" in bar.proto.text and "about 1 min 15 s left" in bar.proto.text
+    assert "s since the click" in bar.proto.text  # times count from the click (the run's creation)
     curves = plotly_specs(at)[0]["data"]
     assert {t["name"] for t in curves} == {"training", "validation"}
     assert button(at, "Cancel training")
@@ -469,20 +533,28 @@ def test_refresh_with_the_run_link_shows_the_same_run(home):
     assert [n for n in at.number_input if n.label == "Epochs"][0].value == 30
 
 
-def test_a_finetune_that_kept_the_probe_says_so(home):
+def test_a_finetune_says_how_it_stopped_and_what_would_change_it(home):
     ws, run_id = home
     store = ws.store()
     src = store.get(run_id)
-    new = store.create_run(src["data"], {**src["config"], "strategy": "full"}, status="done")
-    store.update(new, summary={**src["summary"], "best_epoch": 0}, weights=src["weights"])
+    new = store.create_run(src["data"], {**src["config"], "strategy": "full", "epochs": 20}, status="done")
+    stop = {"reason": "patience", "epoch": 4, "epochs": 20, "patience": 4}
+    store.update(new, summary={**src["summary"], "best_epoch": 0, "stop": stop}, weights=src["weights"])
     at = app({"run": new, "data": "sample/emoji"})
     goto(at, "train")
     assert_clean(at)
-    assert any("did not beat the linear probe" in i.value for i in at.info)
-    store.update(new, summary={**src["summary"], "best_epoch": 3})
+    [why] = [i.value for i in at.info if i.value.startswith("Stopped at")]
+    assert why.startswith("Stopped at epoch 4 of 20: validation accuracy did not improve for 4 epochs")
+    assert "never beat the linear probe" in why and "more epochs would stop at the same place" in why
+    store.update(new, summary={**src["summary"], "best_epoch": 20, "stop": {**stop, "reason": "epochs", "epoch": 20}})
     at = app({"run": new, "data": "sample/emoji"})
     goto(at, "train")
-    assert not any("did not beat the linear probe" in i.value for i in at.info)
+    assert any(i.value == "Ran all 20 epochs and was still improving at the last one: more epochs may help."
+               for i in at.info)
+    # the linear probe's own run says nothing about fine-tuning epochs
+    at = app({"run": run_id, "data": "sample/emoji"})
+    goto(at, "train")
+    assert not [i for i in at.info if i.value.startswith(("Stopped at", "Ran all"))]
 
 
 def test_unknown_or_hostile_url_values_are_ignored(home):
@@ -520,10 +592,14 @@ def test_evaluate_shows_accuracy_per_class_confusion_and_mistakes(home):
     [r for r in at.radio if r.label == "Show"][0].set_value("Row-normalised").run()
     heat = plotly_specs(at)[0]["data"][0]
     assert all(sum(row) == pytest.approx(1.0) for row in heat["z"])
-    # gallery: one image per misclassified validation image, most confident first
-    wrong = metrics["top_losses"]
+    # gallery: one image per misclassified validation image, most confident first, from the saved predictions
+    files = RunFiles(ws.run_dir(run_id))
+    wrong = files.predictions().get("val").mistakes(files.meta().classes, files.meta().temperature)
+    assert wrong, "the fixture run makes a few mistakes"
     assert len(at.get("image")) == len(wrong)
-    assert [c.value for c in at.caption if c.value.startswith("true ")][0].endswith(f"{wrong[0]['confidence']:.0%}")
+    captions = [c.value for c in at.caption if c.value.startswith("true ")]
+    assert captions == [f"true **{r['true']}** · predicted **{r['predicted']}** · {r['confidence']:.0%}"
+                        for r in wrong]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -629,14 +705,16 @@ def test_runs_page_compares_downloads_and_deletes(home):
     compare = at.table[0].value
     assert list(compare.columns) == [run_id, other]
     assert compare.loc["val images", run_id] == "40"
-    # download: prepare the bundle, then a real zip is offered
+    # download: prepare the bundle (a worker writes it), then a real zip is offered
     assert [b.label for b in at.button].count("Prepare bundle") == 2  # one per selected run
-    [b for b in at.button if b.key == f"prep-{run_id}"][0].click().run()
+    [b for b in at.button if b.key == f"exp-bundle-{run_id}-start"][0].click().run()
+    until(at, lambda a: any(d.proto.label == "Download bundle" for d in a.get("download_button")), what="the bundle")
     assert_clean(at)
-    bundle = ws.home / "exports" / f"tl-studio-{run_id}.zip"
+    [task] = ws.store().tasks(kind="export")
+    bundle = tasks.task_dir(ws, task["id"]) / f"tl-studio-{run_id}.zip"
     with zipfile.ZipFile(bundle) as zf:
         assert {"model.safetensors", "meta.json", "config.json", "MODEL_CARD.md"} <= set(zf.namelist())
-    assert any(d.proto.label == "Download bundle" for d in at.get("download_button"))
+    assert [b.label for b in at.button].count("Prepare bundle") == 1  # the other run's is still offered
     # delete the copy
     at.checkbox(key="confirm_delete").check().run()
     button(at, "Delete").click().run()
@@ -647,26 +725,26 @@ def test_runs_page_compares_downloads_and_deletes(home):
 
 
 # --------------------------------------------------------------------------------------------------
-# the app's engine helpers (tl_core.app_support)
+# the engine functions the pages lean on (torch-free: the server imports them)
 # --------------------------------------------------------------------------------------------------
 def test_safe_name_keeps_uploads_inside_their_folder():
-    assert app_support.safe_name("My Pets!") == "My_Pets"
-    assert app_support.safe_name("../../etc/passwd") == "etc_passwd"
-    assert app_support.safe_name(".hidden") == "hidden"
-    assert app_support.safe_name("café crème") == "cafe_creme"
-    assert app_support.safe_name("////", fallback="x") == "x"
+    assert library.safe_name("My Pets!") == "My_Pets"
+    assert library.safe_name("../../etc/passwd") == "etc_passwd"
+    assert library.safe_name(".hidden") == "hidden"
+    assert library.safe_name("café crème") == "cafe_creme"
+    assert library.safe_name("////", fallback="x") == "x"
 
 
 def test_save_uploaded_zip_never_overwrites_and_rejects_empty_archives(empty_home):
     ws = empty_home
-    a = app_support.save_uploaded_zip(ws, "pets.zip", sample_zip())
-    b = app_support.save_uploaded_zip(ws, "pets.zip", sample_zip())
+    a = library.save_uploaded_zip(ws, "pets.zip", sample_zip())
+    b = library.save_uploaded_zip(ws, "pets.zip", sample_zip())
     assert (a.name, b.name) == ("pets", "pets-2")
     empty = io.BytesIO()
     with zipfile.ZipFile(empty, "w") as zf:
         zf.writestr("readme.txt", "hello")
     with pytest.raises(DatasetError, match="holds no images"):
-        app_support.save_uploaded_zip(ws, "empty.zip", empty.getvalue())
+        library.save_uploaded_zip(ws, "empty.zip", empty.getvalue())
     assert not [p for p in ws.datasets_dir.iterdir() if p.name.startswith(".")]  # temporary files cleaned up
 
 
@@ -679,33 +757,35 @@ def test_save_uploaded_zip_with_a_separate_labels_csv(empty_home):
             for f in sorted((EMOJI / cls).iterdir())[:2]:
                 zf.write(f, f"wrapper/{f.name}")
                 lines.append(f"{f.name},{cls} / odd")
-    folder = app_support.save_uploaded_zip(ws, "pics.zip", buf.getvalue(), labels_csv="\n".join(lines).encode())
+    folder = library.save_uploaded_zip(ws, "pics.zip", buf.getvalue(), labels_csv="\n".join(lines).encode())
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["flag_odd", "food_odd"]
     assert sum(1 for _ in folder.rglob("*.png")) == 4
     with pytest.raises(DatasetError, match="not UTF-8"):
-        app_support.save_uploaded_zip(ws, "pics.zip", buf.getvalue(), labels_csv=b"\xff\xfe\x00bad")
+        library.save_uploaded_zip(ws, "pics.zip", buf.getvalue(), labels_csv=b"\xff\xfe\x00bad")
 
 
 def test_describe_progress_gives_stage_counts_and_time_left():
-    frac, text = app_support.describe_progress("running", {"stage": "extract", "done": 50, "total": 200, "eta_s": 12})
+    frac, text = describe_progress("running", {"stage": "extract", "done": 50, "total": 200, "eta_s": 12})
     assert frac == pytest.approx(0.25) and text == "Computing features with the frozen backbone: 50/200 images · about 12 s left"
-    frac, text = app_support.describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 10},
+    frac, text = describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 10},
                                                [{"seconds": 2.0}] * 3)
     assert frac == pytest.approx(0.3) and text.endswith("epoch 3/10 · about 14 s left")
     # the probe's epoch-0 record (an evaluation only) does not shorten the estimate
-    _, text = app_support.describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 10},
+    _, text = describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 10},
                                             [{"epoch": 0, "seconds": 0.1, "probe": True}] + [{"seconds": 2.0}] * 3)
     assert text.endswith("about 14 s left")
-    assert app_support.describe_progress("queued", None)[1] == "Waiting in the queue"
-    assert app_support.describe_progress("done", {"stage": "done"}) == (1.0, "Done")
+    assert describe_progress("queued", None)[1] == "Waiting in the queue"
+    assert describe_progress("done", {"stage": "done"}) == (1.0, "Done")
 
 
 def test_augmentation_preview_uses_the_backbone_input_size():
+    from tl_core.models.preprocess import augmentation_preview
+
     paths = [sorted((EMOJI / "face").iterdir())[0]]
-    [(name, views)] = app_support.augmentation_preview(paths, "efficientnet_lite1", "strong", copies=2)
+    [(name, views)] = augmentation_preview(paths, "efficientnet_lite1", "strong", copies=2)
     assert name == paths[0].name and len(views) == 2
     assert views[0].shape == (240, 240, 3) and views[0].dtype.name == "uint8"
-    [(_, same)] = app_support.augmentation_preview(paths, "efficientnet_lite0", "none", copies=2)
+    [(_, same)] = augmentation_preview(paths, "efficientnet_lite0", "none", copies=2)
     assert (same[0] == same[1]).all() and same[0].shape == (224, 224, 3)
 
 
@@ -808,9 +888,11 @@ def test_every_uploader_states_the_servers_upload_limit(home):
 
 def test_the_training_poll_notices_a_worker_killed_while_the_server_runs(home, monkeypatch):
     ws, _ = home
+    from pages import _session
+
     calls = []
-    real = jobs.recover
-    monkeypatch.setattr(jobs, "recover", lambda w: calls.append(w.home) or real(w))
+    real = _session.recover
+    monkeypatch.setattr(_session, "recover", lambda w: calls.append(w.home) or real(w))
     at = app({"data": "sample/emoji"})  # the server is up (its start-up check has run)
     store = ws.store()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -833,7 +915,7 @@ def test_runs_page_shows_and_clears_the_cache(tmp_path, monkeypatch):
     """Issue 6: a way to clear the caches from the app."""
     import numpy as np
 
-    from tl_core.runs.workspace import Workspace
+    from tl_core.cache import cache_usage
 
     home = tmp_path / "cache_home"
     monkeypatch.setenv("TL_HOME", str(home))
@@ -846,4 +928,228 @@ def test_runs_page_shows_and_clears_the_cache(tmp_path, monkeypatch):
     assert any("features 1.0 MB" in c.value for c in at.caption)
     at.button(key="clear_cache").click().run()
     assert not at.exception and any("Freed 1.0 MB" in s.value for s in at.success)
-    assert ws.cache_usage() == {"decoded": 0, "features": 0}
+    assert cache_usage(ws.cache_dir) == {"decoded": 0, "features": 0}
+
+
+# --------------------------------------------------------------------------------------------------
+# the server never loads torch: every model runs in a worker
+# --------------------------------------------------------------------------------------------------
+def _imports_of(files: list[Path]) -> list[str]:
+    import ast
+
+    out = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "module", None) != "__future__":
+                out.append(ast.unparse(node))
+    return list(dict.fromkeys(out))
+
+
+def test_app_and_pages_import_neither_torch_nor_timm():
+    """Every import of app.py and of every page, in a fresh interpreter: torch and timm stay out."""
+    lines = _imports_of([APP, *sorted((ROOT / "pages").glob("*.py"))])
+    assert any("tl_core.runs" in line for line in lines) and any("streamlit" in line for line in lines)
+    code = "\n".join(lines) + "\nimport sys\nprint(sorted({'torch', 'timm', 'torchvision'} & set(sys.modules)))\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+_WALK = '''
+import sys
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file(sys.argv[1], default_timeout=120)
+at.query_params.update({"data": "sample/emoji"})
+at.run()
+for page in ("data", "backbone", "train", "evaluate", "try_it", "runs", "lab", "home"):
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, (page, [e.value for e in at.exception])
+    if page == "data":
+        [b for b in at.button if b.label == "Check the data"][0].click().run()
+    if page == "evaluate":
+        for view in ("gradcam", "calibration", "map"):
+            at.button_group(key="eval_view").set_value(view).run()
+    if page == "runs":
+        at.multiselect[0].set_value([at.multiselect[0].options[0]]).run()
+print(sorted({"torch", "timm", "torchvision"} & set(sys.modules)))
+'''
+
+
+def test_walking_every_page_and_starting_tasks_loads_no_model_in_the_server(home):
+    """The whole app in one fresh process, as a server runs it: every page, a data check, Grad-CAM, calibration
+    and the map asked for. The work goes to worker processes; the page process never imports torch."""
+    ws, _ = home
+    out = subprocess.run([sys.executable, "-c", _WALK, str(APP)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    kinds = {t["kind"] for t in ws.store().tasks()}
+    assert {"audit", "gradcam", "calibrate", "embedding_map", "augment_preview"} <= kinds, kinds
+
+
+# --------------------------------------------------------------------------------------------------
+# tasks on the pages: the queue, errors, cancel, a full queue, sharing, and a restart of the server
+# --------------------------------------------------------------------------------------------------
+def _audit_params(path: Path = EMOJI) -> dict:
+    """The parameters the Data page gives its audit task (its key), for the default settings."""
+    return {"data": str(path), "signature": library.dataset_signature(path), "backbone": "efficientnet_lite0",
+            "val_split": 0.2, "seed": 0, "max_per_class": 200}
+
+
+def _data_page(query: dict | None = None) -> AppTest:
+    at = app({"data": "sample/emoji", **(query or {})})
+    return goto(at, "data")
+
+
+def test_a_queued_task_shows_its_place_in_the_queue_and_cancel_stops_it(home, no_workers):
+    ws, _ = home
+    ahead = tasks.submit(ws, "time_backbone", {"backbone": "resnet18"})  # waits for the same (absent) worker
+    at = _data_page()
+    assert_clean(at)
+    button(at, "Check the data").click().run()
+    assert_clean(at)
+    task = tasks.find(ws, "audit", _audit_params())
+    assert task is not None and task.status == "queued" and task.lane == "compute"
+    [text] = progress_texts(at)
+    assert text.startswith("Checking the data · Waiting in the queue: number 2 in line, 0 task(s) running (this "
+                           "server runs 1 at a time) · waited "), text
+    assert not has_button(at, "Check the data")  # the task is there: no second start
+    tasks.cancel(ws, ahead.id)
+    at.run()
+    assert progress_texts(at)[0].startswith("Checking the data · Waiting in the queue: next in line")
+    at.button(key="audit-cancel").click().run()
+    at.run()
+    assert tasks.get(ws, task.id).status == "cancelled"
+    assert not at.get("progress")
+    assert any("cancelled" in c.value for c in at.caption)
+    assert has_button(at, "Check the data")  # it can be started again
+
+
+def test_a_failed_task_shows_its_error_and_can_be_started_again(home, no_workers):
+    ws, _ = home
+    failed = tasks.submit(ws, "audit", _audit_params())
+    store = ws.store()
+    assert store.claim_task(failed.id, os.getpid(), None)
+    store.finish_task(failed.id, "failed", "Ran out of memory; use fewer or smaller images, a smaller backbone, "
+                                           "or a lower batch size.")
+    at = _data_page()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["Ran out of memory; use fewer or smaller images, a smaller backbone, or a "
+                                           "lower batch size."]
+    button(at, "Check the data again").click().run()
+    assert_clean(at)
+    again = tasks.find(ws, "audit", _audit_params())
+    assert again.id != failed.id and again.status == "queued"
+    assert progress_texts(at)[0].startswith("Checking the data · Waiting in the queue")
+
+
+def test_a_full_queue_is_refused_in_one_sentence(home, no_workers, monkeypatch):
+    ws, _ = home
+    monkeypatch.setattr(tasks, "MAX_QUEUED", 1)
+    tasks.submit(ws, "time_backbone", {"backbone": "resnet18"})
+    at = _data_page()
+    button(at, "Check the data").click().run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["The queue is full (1 tasks waiting); try again when some have finished."]
+    assert tasks.find(ws, "audit", _audit_params()) is None
+    assert has_button(at, "Check the data")
+
+
+def test_identical_requests_from_two_sessions_share_one_task(home):
+    ws, _ = home
+    first, second = _data_page(), _data_page()
+    button(first, "Check the data").click().run()
+    button(second, "Check the data").click().run()
+    assert_clean(first)
+    assert_clean(second)
+    [audit] = ws.store().tasks(kind="audit")  # thirty students, one button: one task
+    for at in (first, second):
+        until(at, lambda a: has_metric(a, "Leaks into validation"), what="the shared audit")
+        assert_clean(at)
+        assert any(c.value.startswith("Took ") and "from the click" in c.value for c in at.caption)
+    assert [t["id"] for t in ws.store().tasks(kind="audit")] == [audit["id"]]
+    assert metric(first, "Likely label errors") == metric(second, "Likely label errors")
+
+
+def test_a_task_started_before_a_server_restart_is_found_again(home, monkeypatch):
+    """Asked for in one server process, found by the next (a new session, fresh caches): queued, then done."""
+    import streamlit as st
+
+    ws, _ = home
+    real = workers.ensure_workers
+    monkeypatch.setattr(workers, "ensure_workers", lambda ws, lane="compute": 0)
+    before = _data_page()
+    button(before, "Check the data").click().run()
+    task = tasks.find(ws, "audit", _audit_params())
+    assert task.status == "queued"
+    # "restart": a new session with none of the old one's state and empty caches; the task lived in the store
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    monkeypatch.setattr(workers, "ensure_workers", real)
+    after = _data_page()
+    assert not has_button(after, "Check the data")  # found: no need to ask again
+    assert progress_texts(after), "the found task's queue place or progress"
+    # the restarted server's start-up recovery gives queued tasks a worker; the result arrives on the same page
+    until(after, lambda a: has_metric(a, "Leaks into validation"), what="the audit queued before the restart")
+    assert_clean(after)
+    assert [t["id"] for t in ws.store().tasks(kind="audit")] == [task.id]
+    # and a session opened after it finished shows the result at once
+    later = _data_page()
+    assert has_metric(later, "Leaks into validation") and not has_button(later, "Check the data")
+
+
+# --------------------------------------------------------------------------------------------------
+# Train: the form is generated from the configuration's fields
+# --------------------------------------------------------------------------------------------------
+def test_train_form_is_generated_from_the_config_fields(home, no_workers):
+    from tl_core.config import STRATEGIES, config_fields
+
+    ws, _ = home
+    at = app({"data": "sample/emoji"})
+    goto(at, "train")
+    assert_clean(at)
+    form = [f for f in config_fields() if f.section]
+    assert {"epochs", "lr", "batch_size", "seed", "augment", "val_split", "class_balance", "patience",
+            "linear_c", "refit", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
+            "unfreeze_blocks"} == {f.name for f in form}
+    for strategy in ("linear", "partial"):
+        [r for r in at.radio if r.label == "Strategy"][0].set_value(strategy).run()
+        assert_clean(at)
+        widgets = {w.label: w for kind in ("number_input", "select_slider", "slider", "radio", "selectbox", "toggle")
+                   for w in at.get(kind) if hasattr(w, "label")}
+        for f in form:
+            w = widgets[f.label]
+            assert f.help in w.help
+            if strategy in f.strategies:
+                assert not w.disabled, (strategy, f.name)
+            else:
+                assert w.disabled, (strategy, f.name)
+                assert f"Not used by {STRATEGIES[strategy].label.split(' (')[0].lower()}" in w.help
+    # partial: its own settings reach the saved config
+    [n for n in at.number_input if n.label == "Blocks to unfreeze"][0].set_value(3).run()
+    [n for n in at.number_input if n.label == "Weight decay"][0].set_value(0.05).run()
+    button(at, "Start training").click().run()
+    assert_clean(at)
+    cfg = ws.store().get(at.query_params["run"])["config"]
+    assert (cfg["strategy"], cfg["unfreeze_blocks"], cfg["weight_decay"], cfg["epochs"]) == ("partial", 3, 0.05, 8)
+    assert cfg["linear_c"] == 1.0  # a linear-only setting keeps its default
+
+
+def test_train_start_button_comes_before_the_advanced_settings(home):
+    at = app({"data": "sample/emoji"})
+    goto(at, "train")
+    order = []
+
+    def walk(node) -> None:
+        for child in getattr(node, "children", {}).values():
+            if getattr(child, "type", None) == "expander":
+                order.append(("expander", child.label))
+            elif getattr(child, "type", None) == "button":
+                order.append(("button", child.label))
+            walk(child)
+
+    walk(at.main)
+    start = order.index(("button", "Start training"))
+    advanced = order.index(("expander", "Advanced"))
+    assert start < advanced, order

@@ -4,7 +4,9 @@ The flow a first-time user takes: choose the emoji sample → linear probe on Li
 worker trains it) → the run survives a refresh and shows in a second tab → Evaluate shows a confusion
 matrix whose cells add up to the validation count → Try it predicts an uploaded image; on the way the
 insight views (data check and embedding map, backbone advisor, Grad-CAM, calibration, the lab), a verified
-ONNX export, the HTML report opened offline, and a new project. Screenshots of every page and view go to
+ONNX export, the HTML report opened offline, and a new project. Every long computation is a task of a worker
+process: a data check asked for just before the server process is restarted is found again after it, and
+the server is left with no defunct child. Screenshots of every page and view go to
 ``test-artifacts/screenshots/``.
 """
 
@@ -15,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -41,41 +44,88 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Server:
+    """`streamlit run app.py` on a localhost port with its own TL_HOME; can be restarted on the same port."""
+
+    def __init__(self, home: Path):
+        self.home, self.port = home, _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = open(home / "server.log", "ab")
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(self.port),
+             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env={**os.environ, "TL_HOME": str(self.home), "TL_MAX_WORKERS": "1",
+                           "TL_INTERACTIVE_IDLE_S": "120"},
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail("the Streamlit server did not start:\n" + (self.home / "server.log").read_text()[-3000:])
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def children(self) -> list[tuple[int, str, str]]:
+        """(pid, state, command line) of every child process of the server."""
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(") ", 1)[1].split()
+                cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == self.proc.pid:
+                out.append((int(stat.parent.name), fields[0], cmd))
+        return out
+
+
+def _kill_workers(home: Path) -> None:
+    want = f"TL_HOME={home}".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"tl_core.runs.workers" in (proc / "cmdline").read_bytes() and want in (
+                    proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`streamlit run app.py` on a free localhost port with its own TL_HOME; yields (base URL, TL_HOME)."""
+    """A started :class:`Server` (its workers are killed at the end)."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package to run the browser test")
     pytest.importorskip("playwright.sync_api")
-    home = tmp_path_factory.mktemp("browser_home")
-    port = _free_port()
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env={**os.environ, "TL_HOME": str(home), "TL_MAX_WORKERS": "1"},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the Streamlit server did not start:\n" + (home / "server.log").read_text()[-3000:])
-        time.sleep(0.3)
-    yield base, home
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    srv = Server(tmp_path_factory.mktemp("browser_home"))
+    srv.start()
+    yield srv
+    srv.stop()
+    srv.log.close()
+    _kill_workers(srv.home)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +174,7 @@ def metric_value(page, label: str) -> str:
 def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     from playwright.sync_api import expect
 
-    base, home = server
+    base, home = server.base, server.home
     page = browser.new_page(viewport={"width": 1400, "height": 950})
     page.set_default_timeout(60_000)
     errors: list[str] = []
@@ -171,12 +221,18 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     epochs.fill("30")  # at most 30 solver rounds: the probe has converged by then on this sample
     epochs.press("Enter")
     settle(page)
-    page.get_by_role("button", name="Start training").click()
+    # Start comes right after the main settings: above the previews and the advanced settings
+    start = page.get_by_role("button", name="Start training")
+    advanced = page.get_by_test_id("stExpander").filter(has_text="Advanced")
+    assert start.bounding_box()["y"] < advanced.bounding_box()["y"]
+    shot(page, "04-train-settings")
+    start.click()
     page.get_by_role("heading", name=re.compile(r"^Run \d{8}-\d{6}-[0-9a-f]{6}$")).wait_for()
     page.wait_for_function("() => location.search.includes('run=')")
     run_id = parse_qs(urlparse(page.url).query)["run"][0]
     # live progress while the worker runs (the page polls the run store every second)
-    page.get_by_test_id("stProgress").filter(has_text=re.compile(r"left$")).wait_for(timeout=TRAIN_TIMEOUT_MS)
+    page.get_by_test_id("stProgress").filter(has_text=re.compile(r"left · \d+ s since the click$")).wait_for(
+        timeout=TRAIN_TIMEOUT_MS)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "04a-train-running.png"))
 
@@ -206,9 +262,23 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     # the features itself (and runs long enough to be refreshed while it trains); they reuse those features
     nav(page, "Data")
     page.get_by_role("heading", name="Report: emoji").wait_for()
-    # Data check: the audit, the embedding map (a click shows the image beside it) and the domain-gap hint
+    # Data check: the audit, the embedding map (a click shows the image beside it) and the domain-gap hint.
+    # The audit is a task of a worker process: its progress (or its place in the queue) shows at once ...
     page.get_by_role("button", name="Check the data").click()
+    progress = page.get_by_test_id("stProgress").filter(has_text=re.compile("since the click|Waiting in the queue"))
+    progress.or_(page.get_by_text("Leaks into validation")).first.wait_for(timeout=60_000)
+    page.screenshot(path=str(SHOTS / "02a-data-check-running.png"))
+    # ... and the server process can restart meanwhile: the worker carries on, and the reloaded page finds
+    # the same task (still running, or finished) without asking again
+    server.restart()
+    page.reload()
+    page.get_by_role("heading", name="Data check").wait_for(timeout=60_000)
+    progress.or_(page.get_by_text("Leaks into validation")).first.wait_for(timeout=60_000)
+    assert page.get_by_role("button", name="Check the data").count() == 0
     page.get_by_role("heading", name="Embedding map").wait_for(timeout=180_000)
+    page.get_by_text(re.compile(r"^Took .+ from the click")).first.wait_for()
+    with sqlite3.connect(home / "runs.sqlite") as db:
+        assert db.execute("SELECT count(*), max(status) FROM tasks WHERE kind='audit'").fetchone() == (1, "done")
     page.get_by_text("The domain gap is far").wait_for(timeout=60_000)
     assert metric_value(page, "Leaks into validation") == "0"
     settle(page)
@@ -276,8 +346,12 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     page.get_by_role("button", name="Export ONNX").click()
     page.get_by_text(re.compile(r"^Verified on \d+ images")).wait_for(timeout=180_000)
     settle(page)  # the script run that drew the export must be over before the next click
+    page.get_by_role("button", name="Prepare the HTML report").click()
+    report_button = page.get_by_role("button", name="HTML report", exact=True)
+    report_button.wait_for(timeout=180_000)
+    settle(page)
     with page.expect_download(timeout=120_000) as dl:
-        page.get_by_role("button", name="HTML report").click()
+        report_button.click()
     report = home / f"report-{run_id}.html"
     dl.value.save_as(str(report))
     shot(page, "07-runs")
@@ -310,3 +384,7 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
 
     assert not page.get_by_test_id("stException").count()
     assert not errors, errors
+    # the workers are daemons, not children of the server, and the server has no defunct child
+    children = server.children()
+    assert not [c for c in children if c[1] == "Z"], children
+    assert not [c for c in children if "tl_core.runs.workers" in c[2]], children

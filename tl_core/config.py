@@ -18,6 +18,8 @@ __all__ = [
     "STRATEGIES",
     "AUGMENT_PRESETS",
     "CLASS_BALANCE",
+    "EXPORT_FORMATS",
+    "LAB_ARMS",
     "FieldSpec",
     "TrainConfig",
     "field_help",
@@ -107,6 +109,26 @@ CLASS_BALANCE: dict[str, Choice] = {
             "every image at once, so for it this is the same as loss weights).",
         ),
     ]
+}
+
+
+#: The export formats and what each is for (the Runs page shows these before anything is exported; the
+#: exporter, ``tl_core.share.export``, imports torch, which the app's server never does).
+EXPORT_FORMATS: dict[str, str] = {
+    "bundle": "Zip with safetensors weights, config, classes, preprocessing, metrics and a model card; "
+              "loads with `tl-core predict BUNDLE images...` anywhere TL Studio is installed.",
+    "onnx": "ONNX model (opset 18, dynamic batch) for onnxruntime and other runtimes, with a JSON sidecar "
+            "of classes and preprocessing; verified against PyTorch after export.",
+    "torchscript": "TorchScript (torch.jit.trace) for C++/Python PyTorch without TL Studio or timm, with the "
+                   "same JSON sidecar; verified against PyTorch after export. TorchScript is deprecated upstream: "
+                   "prefer ONNX for new deployments.",
+}
+
+#: The lab's arms (``tl_core.insight.lab``): key -> plain-language description, for the Lab page.
+LAB_ARMS: dict[str, str] = {
+    "linear": "Pretrained backbone, frozen; only a new last layer is fitted (logistic regression).",
+    "finetune": "Pretrained backbone; its last stages and the new last layer are trained for a few epochs.",
+    "scratch": "The same network from random weights, every layer trained for the same epochs.",
 }
 
 

@@ -44,7 +44,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # tl_core/data/library.py -> the repository
 
 
 #: The sample datasets that ship with the repository (``scripts/build_sample_data.py``).

@@ -122,10 +122,11 @@ def _embedding_map(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]
 
 
 def _domain_gap(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    from ..insight.advisor import domain_gap
+    from ..insight.advisor import GAP_LEVELS, domain_gap
 
-    return domain_gap(p["data"], p["backbone"], ws, max_per_class=p["max_per_class"], seed=p["seed"],
-                      progress=_counting(ctx, "Computing features"), should_cancel=ctx.should_cancel)
+    res = domain_gap(p["data"], p["backbone"], ws, max_per_class=p["max_per_class"], seed=p["seed"],
+                     progress=_counting(ctx, "Computing features"), should_cancel=ctx.should_cancel)
+    return {**res, "levels": GAP_LEVELS}  # the page's chart draws the thresholds
 
 
 def _gradcam(ws: Workspace, p: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
@@ -204,7 +205,7 @@ def _warm_model(ctx: Any, run: str, stamp: Any, head: str = "saved") -> Any:
 def _predict(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
     from ..data.images import load_image
     from ..errors import DatasetError
-    from ..share.predict import predict_pil
+    from ..share.predict import predict_pil, predictions_csv
 
     tm = _warm_model(ctx, p["run"], p.get("stamp"))
     images, names, skipped = [], [], []
@@ -215,7 +216,10 @@ def _predict(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
         except DatasetError as e:
             skipped.append({"path": name, "reason": str(e).split(": ", 1)[-1]})
     rows = predict_pil(tm, images, top_k=int(p.get("top_k", 3))) if images else []
-    return {"rows": [{"path": n, **r} for n, r in zip(names, rows)], "skipped": skipped, "classes": tm.classes}
+    # the image as the model read it (RGB, small): what a page shows, without decoding the upload itself
+    rows = [{"path": n, **r, "image": _save_png(img, ctx.out_dir, f"input-{k}.png", side=320)}
+            for k, (n, r, img) in enumerate(zip(names, rows, images))]
+    return {"rows": rows, "skipped": skipped, "classes": tm.classes, "csv": predictions_csv(rows)}
 
 
 def _explain(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:

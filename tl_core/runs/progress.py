@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from ..config import fields_for_strategy
 
-__all__ = ["describe_progress", "duration_text", "runs_rows", "stop_text"]
+__all__ = ["describe_progress", "duration_text", "runs_rows", "stop_text", "task_progress", "timing_text"]
 
 
 _STAGES = {
@@ -136,3 +136,36 @@ def stop_text(strategy: str, stop: dict[str, Any], best_epoch: int | None) -> st
         return (f"Ran all {epochs} epochs without beating the linear probe it started from on the validation "
                 "images, so the probe's weights were kept. More images per class give fine-tuning room to help.")
     return f"Ran all {epochs} epochs; epoch {best_epoch} was the best on validation and its weights were kept."
+
+
+def task_progress(progress: dict[str, Any] | None, label: str) -> tuple[float, str]:
+    """A running task's progress fraction (0-1) and one line: what it does, counts, time left.
+
+    Uses the task's own ``fraction`` and ``eta_s`` when it reports them (time-weighted progress), else
+    ``done``/``total``.
+    """
+    p = progress or {}
+    text = str(p.get("message") or label)
+    done, total = p.get("done"), p.get("total")
+    if p.get("fraction") is not None:
+        frac = float(p["fraction"])
+    elif total:
+        frac = float(done or 0) / float(total)
+    else:
+        frac = 0.0
+    if total:
+        text += f": {done or 0}/{total}"
+    eta = p.get("eta_s")
+    if eta is not None:
+        text += f" · about {duration_text(float(eta))} left"
+    return min(1.0, max(0.0, frac)), text
+
+
+def timing_text(total_s: float, waited_s: float = 0.0, ran_s: float | None = None) -> str:
+    """How long a result took from the click ("12 s from the click"), with the wait in the queue and the
+    run time when the wait was noticeable (at least 2 s and a tenth of the whole)."""
+    text = f"{duration_text(total_s)} from the click"
+    if waited_s >= 2.0 and waited_s >= 0.1 * total_s:
+        ran = total_s - waited_s if ran_s is None else ran_s
+        text += f" (waited {duration_text(waited_s)} in the queue, ran {duration_text(ran)})"
+    return text
