@@ -24,7 +24,7 @@ st.title("Runs & export")
 def _delete(ws, run_ids: list[str]) -> None:
     # a button callback: runs before the page is drawn, so it may reset the selection widgets
     for i in run_ids:
-        ws.store().delete(i, ws.runs_dir)
+        tasks.delete_run(ws, i)  # the run, its files and the exports/reports made from it
     if session.get("run") in run_ids:
         session.select("run", None)
     st.session_state["runs_selected"] = []

@@ -18,6 +18,7 @@ from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.config import STRATEGIES, FieldSpec, TrainConfig, config_fields, strategy_default
 from tl_core.data.library import dataset_signature
+from tl_core.models.devices import describe_auto_device
 from tl_core.runs import tasks
 from tl_core.runs.progress import describe_progress, stop_text, timing_text
 from tl_core.runs.store import ACTIVE_STATUSES
@@ -147,7 +148,8 @@ def settings_form(ws, path) -> None:
     rep = session.dataset_report(path, session.setting("val_split", 0.2), session.setting("seed", 0), ws)
     st.markdown(f"**Data:** {path.name} — {rep['num_classes']} classes, {rep['split']['train']} training and "
                 f"{rep['split']['val']} validation images · **Backbone:** {backbone}"
-                + ("" if weights == "auto" else f" with local weights `{weights.rsplit('/', 1)[-1]}`"))
+                + ("" if weights == "auto" else f" with local weights `{weights.rsplit('/', 1)[-1]}`")
+                + f" · **Device (auto):** {describe_auto_device()}")
 
     keys = list(STRATEGIES)
     strategy = session.keep("strategy", st.radio(

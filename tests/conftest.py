@@ -14,20 +14,6 @@ SAMPLES = ROOT / "sample_data"
 EMOJI = SAMPLES / "emoji"
 FASHION = SAMPLES / "fashion_mnist"
 
-#: Tests (node id endings) of files this conftest does not own that need a cache of their own: they count,
-#: fill or clear the cache. A test file can say the same with ``@pytest.mark.private_cache``.
-PRIVATE_CACHE_TESTS = (
-    "test_faults.py::test_full_disk_for_the_caches_does_not_fail_the_run",
-    "test_faults.py::test_a_really_full_disk",
-    "test_app_pages.py::test_runs_page_shows_and_clears_the_cache",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.nodeid.endswith(PRIVATE_CACHE_TESTS):
-            item.add_marker(pytest.mark.private_cache)
-
 
 @pytest.fixture(scope="session", autouse=True)
 def session_cache_dir(tmp_path_factory) -> Path:
@@ -36,10 +22,12 @@ def session_cache_dir(tmp_path_factory) -> Path:
     (pixels, backbone, weights, preprocessing), so sharing them changes no result, only the time.
     ``TL_TEST_SHARED_CACHE=0`` leaves every workspace its own cache (to measure what sharing saves)."""
     d = tmp_path_factory.mktemp("tl_cache")
-    if os.environ.get("TL_TEST_SHARED_CACHE", "1") == "0":
-        yield None
-        return
     with pytest.MonkeyPatch.context() as mp:
+        # interactive workers that tests start leave a few seconds after their last task, not ten minutes
+        mp.setenv("TL_INTERACTIVE_IDLE_S", os.environ.get("TL_INTERACTIVE_IDLE_S", "5"))
+        if os.environ.get("TL_TEST_SHARED_CACHE", "1") == "0":
+            yield None
+            return
         mp.setenv("TL_CACHE_DIR", str(d))
         yield d
 

@@ -911,6 +911,7 @@ def test_the_training_poll_notices_a_worker_killed_while_the_server_runs(home, m
     assert len(calls) == n + 1
 
 
+@pytest.mark.private_cache
 def test_runs_page_shows_and_clears_the_cache(tmp_path, monkeypatch):
     """Issue 6: a way to clear the caches from the app."""
     import numpy as np

@@ -239,6 +239,7 @@ def test_disk_full_while_writing_run_metadata(workspace, small_data, monkeypatch
     assert workspace.store().get(res.run_id)["error"] == DISK_FULL_MSG
 
 
+@pytest.mark.private_cache
 def test_full_disk_for_the_caches_does_not_fail_the_run(workspace, small_data, monkeypatch):
     import numpy as np
 
@@ -257,6 +258,7 @@ def test_full_disk_for_the_caches_does_not_fail_the_run(workspace, small_data, m
     assert leftovers == []  # no half-written files keep the disk full
 
 
+@pytest.mark.private_cache
 def test_a_really_full_disk(tmp_path, small_data):
     """The workspace on a 6 MB tmpfs (needs root and mount; skipped otherwise): real ENOSPC everywhere."""
     mnt = tmp_path / "tiny"
@@ -274,6 +276,7 @@ def test_a_really_full_disk(tmp_path, small_data):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.private_cache  # with the session's cache warm, no feature would be computed and nothing would fail
 @pytest.mark.parametrize("error", [
     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. "
                  "Error code 12 (Cannot allocate memory)"),

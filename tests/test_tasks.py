@@ -328,3 +328,27 @@ def test_the_interactive_lane_answers_from_a_warm_model(workspace, tmp_path):
     _wait(lambda: not alive(pids[0]), 30, "the idle interactive worker to leave", 0.2)
     print(f"\n[interactive] first answer {times[0]:.2f}s (worker start + model load), then "
           f"{', '.join(f'{x:.2f}s' for x in times[1:])}")
+
+
+def test_deleting_a_run_deletes_its_tasks_and_old_results_are_pruned(workspace, tmp_path):
+    store = workspace.store()
+    run_id = store.create_run("data", {}, status="done")
+    run_dir = workspace.run_dir(run_id)
+    run_dir.mkdir(parents=True)
+    export, _ = store.create_task("export", "e", "compute", {"run": str(run_dir), "format": "bundle"})
+    other, _ = store.create_task("audit", "a", "compute", {"data": "x"})
+    for t in (export, other):
+        store.finish_task(t, "done")
+        tasks.task_dir(workspace, t).mkdir(parents=True)
+    running = tasks.submit_training(workspace, EMOJI, TrainConfig(), start_worker=False)
+    with pytest.raises(RunError, match="cancel it before deleting it"):
+        tasks.delete_run(workspace, running)
+    tasks.delete_run(workspace, run_id)
+    assert not run_dir.exists() and not store.exists(run_id)
+    assert [t["id"] for t in store.tasks(status="done")] == [other]  # the run's export went with it
+    assert not tasks.task_dir(workspace, export).exists() and tasks.task_dir(workspace, other).exists()
+    assert tasks.prune(workspace, keep_days=1) == 0  # a fresh result stays
+    store.update_task(other, finished=time.time() - 2 * 86400)
+    assert tasks.prune(workspace, keep_days=1) == 1
+    assert store.tasks(status="done") == [] and not tasks.task_dir(workspace, other).exists()
+    assert [t["status"] for t in store.tasks()] == ["queued"]  # a queued training is never pruned

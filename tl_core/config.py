@@ -18,6 +18,7 @@ __all__ = [
     "STRATEGIES",
     "AUGMENT_PRESETS",
     "CLASS_BALANCE",
+    "DEVICES",
     "EXPORT_FORMATS",
     "LAB_ARMS",
     "FieldSpec",
@@ -108,6 +109,17 @@ CLASS_BALANCE: dict[str, Choice] = {
             "Draw training images so that every class is seen equally often in each epoch (the linear probe sees "
             "every image at once, so for it this is the same as loss weights).",
         ),
+    ]
+}
+
+
+DEVICES: dict[str, Choice] = {
+    c.key: c
+    for c in [
+        Choice("auto", "Automatic", "A CUDA GPU when there is one, else Apple's GPU (MPS), else the CPU."),
+        Choice("cpu", "CPU", "The processor: always there; slow for fine-tuning large backbones."),
+        Choice("cuda", "CUDA GPU", "An NVIDIA GPU, in mixed precision (bf16 where supported, else fp16)."),
+        Choice("mps", "Apple GPU (MPS)", "The GPU of an Apple-silicon Mac, through Metal."),
     ]
 }
 
@@ -220,7 +232,8 @@ class TrainConfig:
     max_per_class: int | None = _f(None, "Max images per class", "Use at most this many training images per class "
                                    "(learning curves).")
     device: str = _f("auto", "Device", "Where training runs: auto (a CUDA GPU, then Apple's MPS, then the CPU), cpu, "
-                     "cuda, cuda:N or mps. On a GPU it trains in mixed precision (bf16 where supported, else fp16).")
+                     "cuda, cuda:N or mps. On a GPU it trains in mixed precision (bf16 where supported, else fp16).",
+                     section="advanced", widget="select", choices=DEVICES)
 
     # -- derived / validation -------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":

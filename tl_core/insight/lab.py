@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from ..cache import DecodedImageCache
-from ..config import TrainConfig
+from ..config import LAB_ARMS, TrainConfig
 from ..data.intake import Dataset, ImageItem
 from ..data.library import open_data
 from ..data.splits import split_dataset
@@ -49,12 +49,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
 
-#: The lab's arms: key -> plain-language description (pages show these as the legend's help).
-ARMS: dict[str, str] = {
-    "linear": "Pretrained backbone, frozen; only a new last layer is fitted (logistic regression).",
-    "finetune": "Pretrained backbone; its last stages and the new last layer are trained for a few epochs.",
-    "scratch": "The same network from random weights, every layer trained for the same epochs.",
-}
+#: The lab's arms: key -> plain-language description (the table lives in ``tl_core.config``: pages read it).
+ARMS = LAB_ARMS
 #: Images per class of the default curve; None means every training image.
 DEFAULT_SIZES: tuple[int | None, ...] = (5, 10, 20, None)
 # fine-tune arm: learning rates of the new head and of the unfrozen stages, label smoothing

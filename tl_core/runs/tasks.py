@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from .store import ACTIVE_STATUSES, RunStore
 from .workspace import Workspace
 
 __all__ = ["QueueFullError", "Task", "MAX_QUEUED", "task_key", "submit", "find", "get", "result", "cancel",
-           "queue_position", "describe_wait", "submit_training", "cancel_run"]
+           "queue_position", "describe_wait", "submit_training", "cancel_run", "delete_run", "prune"]
 
 log = logging.getLogger(__name__)
 
@@ -187,17 +188,15 @@ def cancel(ws: Workspace, task_id: str, wait: bool = False) -> None:
 
 def queue_position(ws: Workspace, task: Task) -> dict[str, int]:
     """Where a queued task stands in its lane, machine-wide: {"ahead": tasks queued before it, "running":
-    tasks of its lane running now, "slots": how many run at once}."""
+    tasks of its lane running now, "slots": how many run at once}. Reads only queued and running tasks."""
     from .workers import lane_slots
 
     ahead = running = 0
     for w in ws.all_workspaces():
         store: RunStore = w.store()
-        for t in store.tasks(lane=task.lane):
-            if t["status"] == "running":
-                running += 1
-            elif t["status"] == "queued" and (t["created"], t["id"]) < (task.created, task.id):
-                ahead += 1
+        running += len(store.tasks(status="running", lane=task.lane))
+        ahead += sum((t["created"], t["id"]) < (task.created, task.id)
+                     for t in store.tasks(status="queued", lane=task.lane))
     return {"ahead": ahead, "running": running, "slots": lane_slots(task.lane)}
 
 
@@ -241,3 +240,46 @@ def cancel_run(ws: Workspace, run_id: str, wait: bool = False) -> None:
     for t in store.tasks(kind="train"):
         if t.get("run_id") == run_id and t["status"] in ("queued", "running"):
             cancel(ws, t["id"], wait=wait)
+
+
+def delete_run(ws: Workspace, run_id: str) -> None:
+    """Delete a finished run: its row, its files, and the tasks made from it (their results name its files).
+
+    Raises:
+        RunError: the run is queued or running (cancel it first).
+    """
+    store = ws.store()
+    run = store.get(run_id)
+    if run["status"] in ACTIVE_STATUSES:
+        raise RunError(f"Run {run_id} is {run['status']}; cancel it before deleting it.")
+    run_dir = str(ws.run_dir(run_id))
+    for t in store.tasks():
+        if t.get("run_id") == run_id or (t.get("params") or {}).get("run") == run_dir:
+            if t["status"] not in ACTIVE_STATUSES:
+                store.delete_task(t["id"])
+                shutil.rmtree(task_dir(ws, t["id"]), ignore_errors=True)
+    store.delete(run_id, ws.runs_dir)
+
+
+#: Finished tasks older than this are forgotten (rows and result files); ``TL_TASK_KEEP_DAYS`` sets it.
+KEEP_DAYS = 7.0
+
+
+def prune(ws: Workspace, keep_days: float | None = None) -> int:
+    """Forget finished tasks (every project's) that ended more than ``keep_days`` ago, with their files;
+    a request made again computes its result again. Returns how many were removed."""
+    if keep_days is None:
+        try:
+            keep_days = float(os.environ.get("TL_TASK_KEEP_DAYS", KEEP_DAYS))
+        except ValueError:
+            keep_days = KEEP_DAYS
+    cutoff = time.time() - keep_days * 86400
+    removed = 0
+    for w in ws.all_workspaces():
+        store = w.store()
+        for t in store.tasks():
+            if t["status"] not in ACTIVE_STATUSES and (t.get("finished") or t["created"]) < cutoff and t["kind"] != "train":
+                store.delete_task(t["id"])
+                shutil.rmtree(task_dir(w, t["id"]), ignore_errors=True)
+                removed += 1
+    return removed

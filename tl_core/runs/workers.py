@@ -290,7 +290,10 @@ def _claim(ws: Workspace, lane: str) -> tuple[Workspace, str] | None:
 
 def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
     """Worker loop: hold the slot lock, run queued tasks of ``lane`` (every project's) until none is left
-    (compute) or until idle for ``TL_INTERACTIVE_IDLE_S`` seconds (interactive)."""
+    (compute) or until idle for ``TL_INTERACTIVE_IDLE_S`` seconds (interactive); forget old task results
+    (:func:`tl_core.runs.tasks.prune`) now and then."""
+    from .tasks import prune
+
     ws = Workspace(Path(home))
     lock = open(_lock_path(ws, lane, slot), "a+")
     try:
@@ -300,6 +303,7 @@ def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
     models = WarmModels() if lane == "interactive" else None
     idle_limit = float(_env_int("TL_INTERACTIVE_IDLE_S", 600)) if lane == "interactive" else 0.0
     idle_since = time.monotonic()
+    last_prune = -1e9
     while True:
         claimed = _claim(ws, lane)
         if claimed is not None:
@@ -307,6 +311,12 @@ def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
             log.info("worker %d (%s): task %s", os.getpid(), lane, task_id)
             run_task(task_ws, task_id, models)
             idle_since = time.monotonic()
+            if time.monotonic() - last_prune > 3600:  # old results: at most once an hour
+                last_prune = time.monotonic()
+                try:
+                    prune(ws)
+                except Exception as e:  # maintenance never stops a worker
+                    log.warning("pruning old tasks failed: %s", e)
             continue
         if time.monotonic() - idle_since < idle_limit:
             time.sleep(0.05 if time.monotonic() - idle_since < 30 else 0.25)  # answer fast while in use

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..data.images import IMAGE_EXTENSIONS, load_image
+from ..config import EXPORT_FORMATS
 from ..errors import DatasetError, ExportError
 from ..runs.files import BUNDLE_FILES, METRICS
 from .card import model_card
@@ -50,18 +51,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The formats of :func:`export_run`, with what each is for (the app shows these).
-EXPORT_FORMATS = {
-    "bundle": "Zip with safetensors weights, config, classes, preprocessing, metrics and a model card; "
-              "loads with `tl-core predict BUNDLE images...` anywhere TL Studio is installed.",
-    "onnx": "ONNX model (opset 18, dynamic batch) for onnxruntime and other runtimes, with a JSON sidecar "
-            "of classes and preprocessing; verified against PyTorch after export.",
-    "torchscript": "TorchScript (torch.jit.trace) for C++/Python PyTorch without TL Studio or timm, with the "
-                   "same JSON sidecar; verified against PyTorch after export. TorchScript is deprecated upstream: "
-                   "prefer ONNX for new deployments.",
-}
-
-
+#: The formats of :func:`export_run`, with what each is for (in ``tl_core.config``: the app shows them).
 #: ONNX opset: 18 covers every op of the catalogue's CNNs and ViTs (LayerNormalization needs 17) and
 #: runs on onnxruntime >= 1.14.
 ONNX_OPSET = 18
