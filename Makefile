@@ -3,34 +3,55 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8501
 ADDRESS ?= localhost
+# Where pip finds torch. Empty: PyPI (its Linux wheels carry the CUDA libraries, about 4.5 GB installed).
+# A CPU-only machine can save ~4 GB with PyTorch's CPU index:
+#   make app TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_PIP := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple,)
 
-.PHONY: app test test-fast venv bench recipes sample-data clean
+.PHONY: app test test-fast venv venv-test bench recipes scale gpu-check sample-data clean
 
+# the app's own dependencies, its ONNX export included (no test tools)
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision pinned to the build served from local disk on our machines
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q $(TORCH_PIP) torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[export]'
+	touch $@
+
+# the test tools on top (pytest, Playwright for the browser test, scikit-learn's reference, ONNX Runtime)
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
 
+venv-test: $(VENV)/.installed-test
+
 app: venv
 	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.address $(ADDRESS)
 
-test: venv
+test: venv-test
 	$(PY) -m pytest -q
 
 # the quick tier: everything but the slow (> ~10 s) and browser tests
-test-fast: venv
+test-fast: venv-test
 	$(PY) -m pytest -q -m "not slow and not browser"
 
-bench: venv
+bench: venv-test
 	$(PY) benchmarks/run.py
 
-recipes: venv
+recipes: venv-test
 	$(PY) benchmarks/recipes.py
+
+# 2 processes x 1 thread (DDP) against 1 process x 2 threads on this CPU
+scale: venv-test
+	$(PY) benchmarks/scale.py
+
+# on a machine with NVIDIA GPUs: throughput fp32/AMP, DDP over every GPU, peak memory, tl-core end to end
+gpu-check: venv-test
+	$(PY) benchmarks/gpu_check.py
 
 sample-data: venv
 	$(PY) scripts/build_sample_data.py

@@ -175,7 +175,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .share.loading import load_model
     from .share.predict import evaluate_dataset
 
-    model = load_model(_resolve_run_dir(args.run))
+    model = load_model(_resolve_run_dir(args.run), device=args.device)
     rep = evaluate_dataset(model, args.data, workspace=_workspace())
     if args.json:
         _print_json(rep)
@@ -192,7 +192,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .share.predict import predict_paths
 
     ref = Path(args.model)
-    model = load_model(ref if ref.is_file() else _resolve_run_dir(args.model))  # a file is a bundle, whatever its name
+    # a file is a bundle, whatever its name
+    model = load_model(ref if ref.is_file() else _resolve_run_dir(args.model), device=args.device)
     rows, skipped = predict_paths(model, args.paths, top_k=args.top_k)
     if args.csv:
         from .share.predict import write_predictions_csv
@@ -360,7 +361,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     ref = Path(args.run)
     run = ref if ref.suffix == ".zip" and ref.is_file() else _resolve_run_dir(args.run)
-    res = explain_image(run, args.image, target=args.target, out=args.out)
+    res = explain_image(run, args.image, target=args.target, out=args.out, device=args.device)
     heat = res.pop("heatmap")
     res.pop("overlay")
     res["heat_mean"] = round(float(heat.mean()), 4)
@@ -414,7 +415,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 help=help_text)
         else:
             parser.add_argument(flag, dest=spec.name, type=_flag_type(spec, default), default=None,
-                                choices=list(spec.choices) if spec.choices else None, help=help_text)
+                                choices=list(spec.choices) if spec.choices and spec.strict else None, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run id or run directory")
     s.add_argument("--data", required=True)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--device", default="auto", help="where the model runs: auto (CUDA, then Apple MPS, then the "
+                   "CPU), cpu, cuda, cuda:N or mps")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("predict", help="label images with a run or an exported bundle")
@@ -462,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=3)
     s.add_argument("--csv", default=None, help="also write the predictions to this CSV file")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--device", default="auto", help="where the model runs: auto (CUDA, then Apple MPS, then the "
+                   "CPU), cpu, cuda, cuda:N or mps")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("export", help="export a run as a bundle, ONNX or TorchScript")
@@ -521,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the .png file to write")
     s.add_argument("--target", default=None, help="class to explain (default: the predicted class)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--device", default="auto", help="where the model runs: auto (CUDA, then Apple MPS, then the "
+                   "CPU), cpu, cuda, cuda:N or mps")
     s.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("calibrate", help="fit temperature scaling on validation and save it with the run")

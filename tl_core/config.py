@@ -161,6 +161,7 @@ class FieldSpec:
     section: str | None = None  # "main" | "advanced" | None
     widget: str = "number"  # number | select_slider | select | radio | toggle | slider
     choices: dict[str, Choice] | None = None
+    strict: bool = True  # only the choices are valid (False: they are the common values, e.g. cuda:1 for device)
     options: tuple[Any, ...] = ()  # the values of a select_slider
     min: float | None = None
     max: float | None = None
@@ -233,7 +234,7 @@ class TrainConfig:
                                    "(learning curves).")
     device: str = _f("auto", "Device", "Where training runs: auto (a CUDA GPU, then Apple's MPS, then the CPU), cpu, "
                      "cuda, cuda:N or mps. On a GPU it trains in mixed precision (bf16 where supported, else fp16).",
-                     section="advanced", widget="select", choices=DEVICES)
+                     section="advanced", widget="select", choices=DEVICES, strict=False)
 
     # -- derived / validation -------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":

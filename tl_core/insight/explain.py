@@ -65,7 +65,7 @@ def find_target_layer(model: nn.Module, input_size: int = 224) -> tuple[str, nn.
     try:
         model.eval()
         with torch.inference_mode():
-            model(torch.zeros(1, 3, input_size, input_size))
+            model(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
@@ -114,7 +114,7 @@ def grad_cam(model: nn.Module, pre: Preprocess, image: Image.Image, target: int 
         name = next((n for n, m in model.named_modules() if m is layer), type(layer).__name__)
     was_training = model.training
     model.eval()
-    x = pre.eval_from_pil(image).unsqueeze(0)
+    x = pre.eval_from_pil(image).unsqueeze(0).to(next(model.parameters()).device)  # the model's device
     try:
         with torch.enable_grad():
             logits = model(x).detach()[0].float()
@@ -125,12 +125,12 @@ def grad_cam(model: nn.Module, pre: Preprocess, image: Image.Image, target: int 
     finally:
         model.train(was_training)
     up = LayerAttribution.interpolate(attr.detach().float(), (pre.input_size, pre.input_size), "bilinear")
-    heat = up[0].sum(0).clamp_(min=0).numpy().astype(np.float32)
+    heat = up[0].sum(0).clamp_(min=0).cpu().numpy().astype(np.float32)
     peak = float(heat.max())
     flat = peak <= 0 or not np.isfinite(peak)
     heat = np.zeros_like(heat) if flat else heat / peak
     return {"heatmap": _to_original(heat, image.size, pre).astype(np.float32), "heatmap_input": heat,
-            "target": t, "logits": logits.numpy(), "layer": name, "flat": flat}
+            "target": t, "logits": logits.cpu().numpy(), "layer": name, "flat": flat}
 
 
 def colorize(heatmap: np.ndarray) -> np.ndarray:
@@ -163,7 +163,7 @@ def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Ima
     return Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8), mode="RGB")
 
 
-def _model_for(run: Any, image: Any) -> Any:
+def _model_for(run: Any, image: Any, device: str = "cpu") -> Any:
     """The model that explains ``image`` under ``run``: a loaded model is used as it is; for a run directory,
     an image the run evaluated on validation is explained with the model that produced that prediction (the
     training-only head of a refitted linear run), any other image with the saved model."""
@@ -181,11 +181,12 @@ def _model_for(run: Any, image: Any) -> Any:
                 if split.index_of(image) is not None:
                     head = split.model
                     break
-    return load_model(p, head=head)
+    return load_model(p, head=head, device=device)
 
 
 def explain_image(run: Any, image: str | os.PathLike | Image.Image, target: int | str | None = None,
-                  out: str | os.PathLike | None = None, top_k: int = 3, alpha: float = 0.45) -> dict[str, Any]:
+                  out: str | os.PathLike | None = None, top_k: int = 3, alpha: float = 0.45,
+                  device: str = "cpu") -> dict[str, Any]:
     """Grad-CAM of one image under a trained model, with its prediction and an overlay.
 
     Args:
@@ -197,6 +198,7 @@ def explain_image(run: Any, image: str | os.PathLike | Image.Image, target: int 
         out: also write the overlay here as PNG.
         top_k: predictions listed.
         alpha: overlay blend weight.
+        device: where a model loaded here runs (auto, cpu, cuda, mps).
     Returns:
         {"label", "confidence" (the run's temperature applied), "top_k": [{label, confidence}],
         "target" (class name explained), "heatmap", "overlay" (Pillow image), "layer", "flat",
@@ -206,7 +208,7 @@ def explain_image(run: Any, image: str | os.PathLike | Image.Image, target: int 
     """
     from ..models.metrics import softmax
 
-    tm = _model_for(run, image)
+    tm = _model_for(run, image, device)
     img = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
     t: int | None
     if isinstance(target, str):
@@ -234,7 +236,7 @@ def explain_image(run: Any, image: str | os.PathLike | Image.Image, target: int 
 
 
 def explain_misclassified(run: str | os.PathLike, k: int = 12, target: str = "predicted", split: str = "val",
-                          alpha: float = 0.45) -> list[dict[str, Any]]:
+                          alpha: float = 0.45, device: str = "auto") -> list[dict[str, Any]]:
     """Grad-CAM for a run's misclassified images, most confidently wrong first (the Evaluate grid).
 
     The mistakes, their labels and confidences are the run's saved predictions (as the Mistakes view shows
@@ -265,7 +267,7 @@ def explain_misclassified(run: str | os.PathLike, k: int = 12, target: str = "pr
     wrong = saved.mistakes(meta.classes, meta.temperature)
     if not wrong:
         return []
-    tm = load_model(Path(run), head=saved.model)
+    tm = load_model(Path(run), head=saved.model, device=device)
     out = []
     for r in wrong:
         if len(out) >= k:

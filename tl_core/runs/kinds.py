@@ -199,7 +199,7 @@ def _time_backbone(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]
 def _warm_model(ctx: Any, run: str, stamp: Any, head: str = "saved") -> Any:
     from ..share.loading import load_model
 
-    return ctx.models.get((run, str(stamp), head), lambda: load_model(run, head=head))
+    return ctx.models.get((run, str(stamp), head), lambda: load_model(run, head=head, device="auto"))
 
 
 def _predict(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, RunError
+from ..models.devices import Runtime
 from ..models.preprocess import Preprocess
 from ..runs.files import BUNDLE_FILES, METRICS, SAVED, VALIDATION_FIT, RunFiles, RunMeta, RunMetrics
 from ..runs.workspace import Workspace
@@ -43,6 +44,7 @@ class TrainedModel:
     files: RunFiles
     source: str  # the run directory or bundle it was loaded from
     head: str = SAVED  # SAVED, or VALIDATION_FIT: the training-only head of a refitted linear run
+    runtime: Runtime | None = None  # where it runs (its device and precision); None: the CPU
 
     @property
     def meta(self) -> RunMeta:
@@ -209,7 +211,7 @@ def _with_head(model: nn.Module, head: dict[str, torch.Tensor], where: str) -> N
     model.load_state_dict(head, strict=False)
 
 
-def load_model(ref: str | os.PathLike, head: str = SAVED) -> TrainedModel:
+def load_model(ref: str | os.PathLike, head: str = SAVED, device: str = "cpu") -> TrainedModel:
     """Load a run directory or a ``.zip`` bundle for prediction, validating everything in it.
 
     Needs no workspace: a bundle carries its classes, preprocessing and architecture.
@@ -219,6 +221,7 @@ def load_model(ref: str | os.PathLike, head: str = SAVED) -> TrainedModel:
         head: ``saved`` (the model as saved), or ``validation-fit``: for a refitted linear run, the head fitted
             on training images alone, which produced the run's validation predictions (other runs: the saved
             model, which produced them).
+        device: where it runs: cpu (the default: exports and their verification need the CPU), auto, cuda, mps.
     Returns:
         The model (eval mode) with its files (classes, preprocessing, meta, config, metrics).
     Raises:
@@ -248,7 +251,8 @@ def load_model(ref: str | os.PathLike, head: str = SAVED) -> TrainedModel:
             used = VALIDATION_FIT
     elif head not in (SAVED, VALIDATION_FIT):
         raise ExportError(f"Unknown head {head!r}; use {SAVED} or {VALIDATION_FIT}.")
-    return TrainedModel(model=model, files=files, source=str(p), head=used)
+    rt = Runtime.create(device)
+    return TrainedModel(model=model.to(rt.device), files=files, source=str(p), head=used, runtime=rt)
 
 
 load_bundle = load_model

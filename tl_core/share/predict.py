@@ -47,7 +47,7 @@ def evaluate_dataset(tm: TrainedModel, data: str | os.PathLike, workspace: Works
                            f"the model knows {', '.join(tm.classes)}.")
     cidx = {c: i for i, c in enumerate(tm.classes)}
     cache = DecodedImageCache(workspace.cache_dir / "decoded")
-    probs = softmax(logits_of_items(tm.model, items, tm.pre, cache), tm.temperature)
+    probs = softmax(logits_of_items(tm.model, items, tm.pre, cache, runtime=tm.runtime), tm.temperature)
     y = [cidx[i.label] for i in items]
     rep = compute_metrics(y, probs, tm.classes)
     rep["evaluated"] = evaluated
@@ -84,7 +84,7 @@ def expand_paths(paths: Iterable[str | os.PathLike], tmp: Path) -> tuple[list[tu
 
 def predict_pil(tm: TrainedModel, images: Sequence[Any], top_k: int = 3) -> list[dict[str, Any]]:
     """Top-k predictions for RGB Pillow images: label, confidence, top_k [{label, confidence}]."""
-    probs = softmax(logits_of_images(tm.model, images, tm.pre), tm.temperature)
+    probs = softmax(logits_of_images(tm.model, images, tm.pre, runtime=tm.runtime), tm.temperature)
     return [prediction_row(p, tm.classes, top_k) for p in probs]
 
 
@@ -122,7 +122,7 @@ def predict_paths(tm: TrainedModel, paths: Iterable[str | os.PathLike], top_k: i
                 except DatasetError as e:
                     skipped.append({"path": name, "reason": str(e).split(": ", 1)[-1]})
             if batch:
-                probs = softmax(logits_of_images(tm.model, batch, tm.pre), tm.temperature)
+                probs = softmax(logits_of_images(tm.model, batch, tm.pre, runtime=tm.runtime), tm.temperature)
                 rows += [{"path": n, **prediction_row(p, tm.classes, top_k)} for n, p in zip(names, probs)]
             if progress:
                 progress(min(start + batch_size, len(files)), len(files))
