@@ -1113,7 +1113,7 @@ def test_train_form_is_generated_from_the_config_fields(home, no_workers):
     form = [f for f in config_fields() if f.section]
     assert {"epochs", "lr", "batch_size", "seed", "augment", "val_split", "class_balance", "patience",
             "linear_c", "refit", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
-            "unfreeze_blocks"} == {f.name for f in form}
+            "unfreeze_blocks", "device"} == {f.name for f in form}
     for strategy in ("linear", "partial"):
         [r for r in at.radio if r.label == "Strategy"][0].set_value(strategy).run()
         assert_clean(at)

@@ -309,7 +309,7 @@ def test_onnx_export_via_cli_is_verified_and_has_a_dynamic_batch(run_dir, tmp_pa
     v = info["verification"]
     _record("onnx_" + info["exporter"].split("(")[-1].rstrip(")"), v)
     assert v["passed"] and v["max_prob_diff"] <= PARITY_TOLERANCE and v["top1_agree"] == v["images"]
-    assert v["images"] >= 20 and v["image_source"] == "run validation images" and v["batch_sizes"][1] == 1
+    assert v["images"] >= 20 and "run validation images" in v["image_source"] and v["batch_sizes"][1] == 1
     assert info["opset"] >= 17
 
     model = onnx.load(str(out))

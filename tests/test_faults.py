@@ -165,6 +165,7 @@ def _cancel(ws: Workspace, run_id: str, cooperative_msg: str) -> tuple[float, st
 
 
 @pytest.mark.slow
+@pytest.mark.private_cache  # with the session's cache warm, the features would come from the cache and never be extracted
 def test_cancel_during_feature_extraction_stops_within_seconds(queue_ws):
     ws, store = queue_ws, queue_ws.store()
     run_id = tasks.submit_training(ws, EMOJI, TrainConfig(strategy="linear"))  # 200 images: several seconds of extraction
