@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,14 @@ def make_class_folder(root: Path, spec: dict[str, int], source: Path = EMOJI) ->
         for f in sorted(src.iterdir())[:n]:
             shutil.copy(f, dst / f.name)
     return root
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``pred`` until it returns something true (returned), or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

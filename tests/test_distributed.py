@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EMOJI
+from conftest import EMOJI, wait_for
 from tl_core.config import TrainConfig
 from tl_core.errors import ConfigError
 from tl_core.models.devices import Runtime, check_device_name, describe_auto_device, resolve_device
@@ -78,16 +78,6 @@ def _rank_pid(home: Path, rank: int) -> int | None:
         if want_home in env and want_rank in env and b"LOCAL_RANK=" + str(rank).encode() in env:
             return pid
     return None
-
-
-def _wait(pred, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # ==================================================================================================
@@ -205,20 +195,20 @@ def test_cancel_stops_every_rank_of_a_worker_group(tmp_path, ddp_data, monkeypat
     run_id = tasks.submit_training(ws, ddp_data, TrainConfig(strategy="full", epochs=50, batch_size=4, patience=0,
                                                              augment="none"))
     store = ws.store()
-    _wait(lambda: (store.get(run_id).get("progress") or {}).get("stage") == "train", 300, "training steps")
+    wait_for(lambda: (store.get(run_id).get("progress") or {}).get("stage") == "train", 300, "training steps")
     ranks = [_rank_pid(home, r) for r in (0, 1)]
     assert all(ranks), ranks
     t0 = time.monotonic()
     tasks.cancel_run(ws, run_id)
-    _wait(lambda: store.get(run_id)["status"] not in ("queued", "running"), 60, "the run to stop")
+    wait_for(lambda: store.get(run_id)["status"] not in ("queued", "running"), 60, "the run to stop")
     row = store.get(run_id)
     assert row["status"] == "cancelled", row
-    _wait(lambda: not any(alive(p) for p in ranks), 30, "both ranks to exit")
+    wait_for(lambda: not any(alive(p) for p in ranks), 30, "both ranks to exit")
     took = time.monotonic() - t0
     task = store.tasks(kind="train")[0]
-    _wait(lambda: store.task(task["id"])["status"] != "running", 30, "the task to end")
+    wait_for(lambda: store.task(task["id"])["status"] != "running", 30, "the task to end")
     assert store.task(task["id"])["status"] == "cancelled"
-    _wait(lambda: _group_processes(home) == [], 30, "no process of the group to remain")
+    wait_for(lambda: _group_processes(home) == [], 30, "no process of the group to remain")
     print(f"\n[ddp] cancel stopped both ranks in {took:.1f}s ({row['error']})")
 
 
@@ -232,8 +222,8 @@ def test_a_killed_rank_fails_the_run_and_leaves_no_process(tmp_path, ddp_data):
     from tl_core.runs.workspace import Workspace
 
     store = Workspace(home).store()
-    run_id = _wait(lambda: store.list() and store.list()[0]["id"], 120, "the run to be created")
-    _wait(lambda: (store.get(run_id).get("progress") or {}).get("stage") == "train", 300, "training steps")
+    run_id = wait_for(lambda: store.list() and store.list()[0]["id"], 120, "the run to be created")
+    wait_for(lambda: (store.get(run_id).get("progress") or {}).get("stage") == "train", 300, "training steps")
     victim = _rank_pid(home, 1)
     assert victim
     os.kill(victim, signal.SIGKILL)
@@ -243,5 +233,5 @@ def test_a_killed_rank_fails_the_run_and_leaves_no_process(tmp_path, ddp_data):
     assert row["status"] == "failed"
     assert "Process 1 of the 2-process training group was killed (SIGKILL)" in row["error"], row["error"]
     assert json.loads(out)["status"] == "failed" and "error: run" in err
-    _wait(lambda: _group_processes(home) == [], 30, "no process of the group to remain")
+    wait_for(lambda: _group_processes(home) == [], 30, "no process of the group to remain")
     assert not (Workspace(home).run_dir(run_id) / "model.safetensors").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import hostile as H
-from conftest import EMOJI
+from conftest import EMOJI, wait_for
 from tl_core.config import TrainConfig
 from tl_core.runs import tasks, workers
 from tl_core.runs.processes import alive as _pid_alive
@@ -40,16 +40,6 @@ def _subset(root: Path, per_class: int, classes=("animal", "face", "food")) -> P
         for f in sorted((EMOJI / c).iterdir())[:per_class]:
             shutil.copy(f, root / c / f.name)
     return root
-
-
-def _wait(pred, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _stage(store: RunStore, run_id: str) -> str | None:
@@ -90,9 +80,9 @@ def test_worker_killed_mid_epoch_is_recovered_and_nothing_else_is_touched(tmp_pa
     done_id = tasks.submit_training(ws, data, LINEAR, name="finishes first")
     victim = tasks.submit_training(ws, data, LONG_FULL, name="killed")
     after = tasks.submit_training(ws, data, LINEAR, name="queued behind the victim")
-    _wait(lambda: store.get(done_id)["status"] == "done", 120, "the first run to finish")
+    wait_for(lambda: store.get(done_id)["status"] == "done", 120, "the first run to finish")
     t0 = time.monotonic()
-    _wait(lambda: _stage(store, victim) == "train", 120, "the victim to be in an epoch")
+    wait_for(lambda: _stage(store, victim) == "train", 120, "the victim to be in an epoch")
     row = store.get(victim)
     assert row["status"] == "running" and row["progress"]["step"] >= 1
     done_before, done_epochs = store.get(done_id), store.epochs(done_id)
@@ -101,7 +91,7 @@ def test_worker_killed_mid_epoch_is_recovered_and_nothing_else_is_touched(tmp_pa
     pid = int(row["pid"])
     os.kill(pid, signal.SIGKILL)
     t_kill = time.monotonic()
-    _wait(lambda: not _pid_alive(pid), 10, "the killed worker to die")
+    wait_for(lambda: not _pid_alive(pid), 10, "the killed worker to die")
     assert store.get(victim)["status"] == "running"  # nobody has noticed yet: that is recover()'s job
     dead = recover(ws)
     t_recovered = time.monotonic()
@@ -115,7 +105,7 @@ def test_worker_killed_mid_epoch_is_recovered_and_nothing_else_is_touched(tmp_pa
     assert store.get(done_id) == done_before and store.epochs(done_id) == done_epochs  # untouched
     assert not (ws.run_dir(victim) / "model.safetensors").exists()
     # recover() also restarted a worker for the run that was waiting behind the victim
-    _wait(lambda: store.get(after)["status"] == "done", 120, "the queued run to finish after recovery")
+    wait_for(lambda: store.get(after)["status"] == "done", 120, "the queued run to finish after recovery")
     assert recover(ws) == []  # idempotent
     assert [r for r in store.list() if r["status"] in ACTIVE_STATUSES] == []
     _integrity(ws)
@@ -153,14 +143,14 @@ def _cancel(ws: Workspace, run_id: str, cooperative_msg: str) -> tuple[float, st
     pid = int(ws.store().get(run_id)["pid"])
     t0 = time.monotonic()
     tasks.cancel_run(ws, run_id, wait=True)
-    _wait(lambda: ws.store().get(run_id)["status"] != "running", 10, "the run to stop")
+    wait_for(lambda: ws.store().get(run_id)["status"] != "running", 10, "the run to stop")
     latency = time.monotonic() - t0
     row = ws.store().get(run_id)
     assert row["status"] == "cancelled"
     assert row["error"] in (cooperative_msg, KILLED)
     assert latency < CANCEL_GRACE_S + 1.5
     if row["error"] == KILLED:
-        _wait(lambda: not _pid_alive(pid), 10, "the killed worker to die")
+        wait_for(lambda: not _pid_alive(pid), 10, "the killed worker to die")
     return latency, "cooperative" if row["error"] == cooperative_msg else "killed after the grace period"
 
 
@@ -169,7 +159,7 @@ def _cancel(ws: Workspace, run_id: str, cooperative_msg: str) -> tuple[float, st
 def test_cancel_during_feature_extraction_stops_within_seconds(queue_ws):
     ws, store = queue_ws, queue_ws.store()
     run_id = tasks.submit_training(ws, EMOJI, TrainConfig(strategy="linear"))  # 200 images: several seconds of extraction
-    _wait(lambda: _stage(store, run_id) == "extract", 120, "feature extraction to start")
+    wait_for(lambda: _stage(store, run_id) == "extract", 120, "feature extraction to start")
     latency, how = _cancel(ws, run_id, "Cancelled during feature extraction.")
     assert store.epochs(run_id) == [] and store.get(run_id)["pid"] is None
     assert not (ws.run_dir(run_id) / "model.safetensors").exists()
@@ -180,7 +170,7 @@ def test_cancel_during_feature_extraction_stops_within_seconds(queue_ws):
 def test_cancel_during_an_epoch_stops_within_seconds(tmp_path, queue_ws):
     ws, store = queue_ws, queue_ws.store()
     run_id = tasks.submit_training(ws, _subset(tmp_path / "data", 4), LONG_FULL)
-    _wait(lambda: _stage(store, run_id) == "train", 120, "an epoch to start")
+    wait_for(lambda: _stage(store, run_id) == "train", 120, "an epoch to start")
     latency, how = _cancel(ws, run_id, "Cancelled during an epoch.")
     assert store.get(run_id)["pid"] is None
     print(f"\n[cancel] during an epoch (full fine-tuning, batch 4): {latency:.2f}s ({how})")
@@ -334,7 +324,7 @@ def test_many_simultaneous_jobs_are_queued_and_all_finish(tmp_path, queue_ws, mo
         peak = max(peak, sum(r["status"] == "running" for r in rows))
         return all(r["status"] not in ACTIVE_STATUSES for r in rows)
 
-    _wait(all_done, 240, "all five runs to finish", interval=0.2)
+    wait_for(all_done, 240, "all five runs to finish", interval=0.2)
     took = time.monotonic() - t0
     rows = [store.get(r) for r in ids]
     assert [r["status"] for r in rows] == ["done"] * 5, [(r["status"], r["error"]) for r in rows]
@@ -345,7 +335,7 @@ def test_many_simultaneous_jobs_are_queued_and_all_finish(tmp_path, queue_ws, mo
         assert r["owner"].startswith("user")
     # a late arrival after the workers have gone idle still gets a worker
     late = tasks.submit_training(ws, datasets[0], LINEAR)
-    _wait(lambda: store.get(late)["status"] == "done", 120, "a run submitted after the queue drained")
+    wait_for(lambda: store.get(late)["status"] == "done", 120, "a run submitted after the queue drained")
     _integrity(ws)
     print(f"\n[concurrency] 5 simultaneous linear runs, 2 workers: all done in {took:.1f}s, peak running {peak}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EMOJI, ROOT
+from conftest import EMOJI, ROOT, wait_for
 from queue_support import audit_params
 from tl_core.config import TrainConfig
 from tl_core.data.library import dataset_signature
@@ -53,18 +53,8 @@ def _audit(data: Path) -> dict:
     return audit_params(str(data), dataset_signature(data))
 
 
-def _wait(pred, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def _done(ws: Workspace, task_id: str, timeout: float = 180) -> tasks.Task:
-    return _wait(lambda: (t := tasks.get(ws, task_id)) and not t.active and t, timeout, f"task {task_id}", 0.1)
+    return wait_for(lambda: (t := tasks.get(ws, task_id)) and not t.active and t, timeout, f"task {task_id}", 0.1)
 
 
 def _children_zombies() -> list[int]:
@@ -160,7 +150,7 @@ def _peak_running(ws: Workspace, ids: list[str], timeout: float) -> int:
         peak = max(peak, sum(r["status"] == "running" for r in rows))
         return all(r["status"] not in ("queued", "running") for r in rows)
 
-    _wait(all_done, timeout, "every task to finish")
+    wait_for(all_done, timeout, "every task to finish")
     return peak
 
 
@@ -201,7 +191,7 @@ def test_a_full_queue_is_refused_with_a_clear_message(workspace, tmp_path, monke
     queued = workspace.store().tasks(status="queued")
     last = tasks.Task.from_row(queued[-1])
     assert tasks.queue_position(workspace, last) == {"ahead": 2, "running": 0, "slots": 1}
-    assert tasks.describe_wait(workspace, last).startswith("Waiting in the queue: number 3 in line")
+    assert tasks.describewait_for(workspace, last).startswith("Waiting in the queue: number 3 in line")
 
 
 def test_each_queued_task_is_claimed_by_exactly_one_worker(tmp_path):
@@ -230,8 +220,8 @@ def test_cancel_a_queued_task_at_once_and_a_running_one_within_seconds(workspace
     assert t.status == "cancelled" and t.error == "Cancelled before it started."
 
     running = tasks.submit(workspace, "lab", lab)
-    _wait(lambda: tasks.get(workspace, running.id).status == "running", 120, "the lab to start", 0.1)
-    _wait(lambda: tasks.get(workspace, running.id).progress.get("arm") == "scratch", 120, "training steps", 0.1)
+    wait_for(lambda: tasks.get(workspace, running.id).status == "running", 120, "the lab to start", 0.1)
+    wait_for(lambda: tasks.get(workspace, running.id).progress.get("arm") == "scratch", 120, "training steps", 0.1)
     pid = workspace.store().task(running.id)["pid"]
     t0 = time.monotonic()
     tasks.cancel(workspace, running.id, wait=True)
@@ -239,7 +229,7 @@ def test_cancel_a_queued_task_at_once_and_a_running_one_within_seconds(workspace
     took = time.monotonic() - t0
     assert t.status == "cancelled" and took < 5.0 + 1.5
     assert t.error.startswith("Cancelled")  # at the next step, or the worker was stopped
-    _wait(lambda: not tasks.get(workspace, running.id).active, 5, "the status")
+    wait_for(lambda: not tasks.get(workspace, running.id).active, 5, "the status")
     print(f"\n[cancel] a running lab stopped in {took:.2f}s ({t.error}); worker {pid}")
 
 
@@ -273,7 +263,7 @@ def test_workers_leave_no_defunct_process_behind(workspace, tmp_path):
     assert _done(workspace, t.id).status == "done"
     pid = workspace.store().task(t.id)["pid"]
     assert pid != os.getpid()
-    _wait(lambda: not alive(pid), 30, "the worker to leave when the queue is empty", 0.2)
+    wait_for(lambda: not alive(pid), 30, "the worker to leave when the queue is empty", 0.2)
     assert _children_zombies() == before == []  # the worker was never this process's child
 
 
@@ -325,7 +315,7 @@ def test_the_interactive_lane_answers_from_a_warm_model(workspace, tmp_path):
     assert len(set(pids)) == 1  # one warm worker answered them all
     assert labels[2] == "food"
     assert max(times[1:]) < times[0]  # the first paid for starting the worker and loading the model
-    _wait(lambda: not alive(pids[0]), 30, "the idle interactive worker to leave", 0.2)
+    wait_for(lambda: not alive(pids[0]), 30, "the idle interactive worker to leave", 0.2)
     print(f"\n[interactive] first answer {times[0]:.2f}s (worker start + model load), then "
           f"{', '.join(f'{x:.2f}s' for x in times[1:])}")
 

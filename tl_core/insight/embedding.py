@@ -12,7 +12,6 @@ DataFrame the Data and Evaluate pages plot; for a finished run it flags the misc
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import logging
 import os
@@ -21,7 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -56,32 +55,6 @@ log = logging.getLogger(__name__)
 _MODEL_CACHE: "OrderedDict[tuple[str, str], tuple[nn.Module, WeightsInfo]]" = OrderedDict()
 _MODEL_LOCK = threading.Lock()
 _MODEL_CACHE_SIZE = 3
-
-
-def single_threaded() -> Iterator[None]:
-    """Run small linear-algebra work (probe fits, LogME, similarity matrices) on one thread.
-
-    On a busy machine two intra-op threads wait for each other on every small operation: a linear probe on
-    200 x 1280 features took 12 s with two torch threads and 1 s with one (the same holds for OpenBLAS).
-    Restores the previous settings on exit. Not for convolutions over images, which do gain from threads.
-
-    Returns:
-        A context manager.
-    """
-    saved = torch.get_num_threads()
-    limiter: Any = contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-
-        limiter = threadpool_limits(1)
-    except Exception:  # threadpoolctl missing (it comes with scikit-learn): torch alone is limited
-        pass
-    torch.set_num_threads(1)
-    try:
-        with limiter:
-            yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 @dataclass
