@@ -9,7 +9,7 @@ ADDRESS ?= localhost
 TORCH_INDEX ?=
 TORCH_PIP := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple,)
 
-.PHONY: app test test-fast venv venv-test bench recipes scale gpu-check sample-data clean
+.PHONY: app test test-fast venv venv-test bench recipes scale gpu-check sample-data fashion-mnist clean
 
 # the app's own dependencies, its ONNX export included (no test tools)
 $(VENV)/.installed: pyproject.toml
@@ -42,8 +42,19 @@ test-fast: venv-test
 bench: venv-test
 	$(PY) benchmarks/run.py
 
-recipes: venv-test
+recipes: venv-test fashion-mnist
 	$(PY) benchmarks/recipes.py
+
+# Fashion-MNIST (the recipes and the sample data) comes from Debian's dataset-fashion-mnist (30 MB):
+# installed with apt when this runs as root, otherwise one sentence says how
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+fashion-mnist:
+	@test -f $(FASHION_DIR)/t10k-labels-idx1-ubyte.gz || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && apt-get install -y -q --no-install-recommends dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST is missing: install it with 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu), then run this again."; exit 1; \
+	  fi; }
 
 # 2 processes x 1 thread (DDP) against 1 process x 2 threads on this CPU
 scale: venv-test
@@ -53,7 +64,7 @@ scale: venv-test
 gpu-check: venv-test
 	$(PY) benchmarks/gpu_check.py
 
-sample-data: venv
+sample-data: venv fashion-mnist
 	$(PY) scripts/build_sample_data.py
 
 clean:

@@ -49,6 +49,9 @@ FASHION_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "s
 
 def fashion_subset(dest: Path, per_train: int, per_test: int) -> Path:
     """train/<class>/ and test/<class>/ PNGs from the Debian package's IDX files."""
+    if not (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
+        raise SystemExit(f"Fashion-MNIST is not in {FASHION_DIR}: run `make recipes` (it installs Debian's "
+                         "dataset-fashion-mnist as root) or `sudo apt-get install dataset-fashion-mnist`.")
     for split, prefix, per in (("train", "train", per_train), ("test", "t10k", per_test)):
         raw = gzip.open(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz").read()
         images = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)
