@@ -109,3 +109,44 @@ def test_local_pth_state_dict_loads(tmp_path):
 def test_random_weights_are_labelled_as_such():
     _, info = build_model("efficientnet_lite0", 3, weights="random")
     assert info.source == "random" and "no pretraining" in info.detail
+
+
+# the entries for users who are online: not downloaded here, so their entries, their preprocessing, that the
+# architecture builds at the catalogue's size, and their offline message are what is tested
+ONLINE_ENTRIES = {  # name: (timm id, input px, eval crop, mean)
+    "dinov2_small": ("vit_small_patch14_dinov2.lvd142m", 224, 0.875, (0.485, 0.456, 0.406)),
+    "efficientnetv2_b0": ("tf_efficientnetv2_b0.in1k", 224, 0.875, (0.485, 0.456, 0.406)),
+    "mobilenetv4_small": ("mobilenetv4_conv_small.e2400_r224_in1k", 224, 0.875, (0.485, 0.456, 0.406)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONLINE_ENTRIES))
+def test_modern_online_backbones_have_their_entry_preprocessing_and_offline_message(name):
+    timm_id, size, crop, mean = ONLINE_ENTRIES[name]
+    row = {r["name"]: r for r in catalogue()}[name]
+    assert row["timm_id"] == timm_id and row["input_size"] == size and row["weights"] == "hub"
+    assert row["license"] == "Apache-2.0" and row["cpu_ms"] > 0 and "internet" in row["note"]
+    cfg = data_config_for(name)  # from the name, no network: what the Train page and the advisor use
+    assert cfg["input_size"] == [3, size, size] and cfg["crop_pct"] == crop and tuple(cfg["mean"]) == pytest.approx(mean)
+    model, info = build_model(name, 5, weights="random")  # the architecture at the catalogue's size
+    assert info.source == "random" and data_config_for(model) == cfg
+    with torch.inference_mode():
+        assert model(torch.zeros(2, 3, size, size)).shape == (2, 5)
+    with pytest.raises(WeightsError) as e:
+        build_model(name, 3)
+    assert name in str(e.value) or timm_id in str(e.value)
+    assert "internet" in str(e.value) and "efficientnet_lite0" in str(e.value)
+
+
+def test_dinov2_runs_at_224_px_and_a_saved_run_rebuilds_at_that_size():
+    """DINOv2 is pretrained at 518 px; the catalogue runs it at 224 (its position embeddings resampled), and the
+    rebuild of a saved run (share/loading.py) must pass the same size or the weights would not fit."""
+    import timm
+
+    from tl_core.models.catalogue import timm_kwargs
+
+    model, _ = build_model("dinov2_small", 3, weights="random")
+    assert model.patch_embed.img_size == (224, 224) and model.pos_embed.shape[1] == 1 + (224 // 14) ** 2
+    again = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=3,
+                              **timm_kwargs("vit_small_patch14_dinov2.lvd142m"))
+    assert again.load_state_dict(model.state_dict()) is not None

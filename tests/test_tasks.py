@@ -191,7 +191,7 @@ def test_a_full_queue_is_refused_with_a_clear_message(workspace, tmp_path, monke
     queued = workspace.store().tasks(status="queued")
     last = tasks.Task.from_row(queued[-1])
     assert tasks.queue_position(workspace, last) == {"ahead": 2, "running": 0, "slots": 1}
-    assert tasks.describewait_for(workspace, last).startswith("Waiting in the queue: number 3 in line")
+    assert tasks.describe_wait(workspace, last).startswith("Waiting in the queue: number 3 in line")
 
 
 def test_each_queued_task_is_claimed_by_exactly_one_worker(tmp_path):

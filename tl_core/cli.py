@@ -83,10 +83,12 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    print(f"{'name':24} {'params':>7} {'size':>5} {'top1':>6}  weights")
+    print(f"{'name':24} {'params':>7} {'size':>5} {'top1':>6} {'ms/img':>7}  {'licence':11} weights")
     for r in rows:
         avail = "offline" if r["available_offline"] else "needs internet"
-        print(f"{r['name']:24} {r['params_m']:6.1f}M {r['input_size']:5d} {r['imagenet_top1']:6.2f}  {r['weights']} ({avail})")
+        ms = f"{r['cpu_ms']:7.1f}" if r["cpu_ms"] else f"{'?':>7}"
+        print(f"{r['name']:24} {r['params_m']:6.1f}M {r['input_size']:5d} {r['imagenet_top1']:6.2f} {ms}  "
+              f"{r['license'] or '?':11} {r['weights']} ({avail})")
     return 0
 
 

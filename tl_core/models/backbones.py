@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
-from .catalogue import CATALOGUE, WeightsInfo, hub_cached, packaged_file, spec_for, timm_arch
+from .catalogue import (CATALOGUE, WeightsInfo, data_overrides, hub_cached, packaged_file, spec_for, timm_arch,
+                        timm_kwargs)
 
 __all__ = [
     "resolve_weights",
@@ -201,6 +202,15 @@ def check_backbone_name(name: str) -> str:
     return arch
 
 
+def _with_data_overrides(model: nn.Module, name: str) -> nn.Module:
+    """Record a catalogue entry's own input size and crop in the model's pretrained config, so that
+    ``timm.data.resolve_model_data_config`` (and so training and the saved run) preprocess as the entry says."""
+    extra = data_overrides(name)
+    if extra:
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **extra}
+    return model
+
+
 def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: float | None = None,
                 seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
     """Create the timm model ``name`` with a fresh ``num_classes`` head and pretrained weights.
@@ -223,7 +233,7 @@ def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: f
     arch = check_backbone_name(name)
     base_arch = arch.split(".")[0]
     source, detail = resolve_weights(name, weights)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = timm_kwargs(name)
     if drop_rate is not None:
         kwargs["drop_rate"] = drop_rate
     torch.manual_seed(seed)
@@ -246,7 +256,7 @@ def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: f
         except Exception as e:  # offline: connection errors, LocalEntryNotFoundError, ...
             raise _hub_error(arch, e) from None
         info = WeightsInfo("hub", arch, "hub-" + hashlib.sha256(arch.encode()).hexdigest()[:12])
-        return model.eval(), info
+        return _with_data_overrides(model, name).eval(), info
     model = timm.create_model(base_arch, pretrained=False, num_classes=1000 if source == "packaged" else num_classes, **kwargs)
     if source == "packaged":
         sd = torch.load(detail, map_location="cpu", weights_only=True)
@@ -261,7 +271,7 @@ def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: f
         info = WeightsInfo("local", detail, _file_fingerprint(Path(detail)))
     else:
         info = WeightsInfo("random", "random initialisation (no pretraining)", f"random-{seed}")
-    return model.eval(), info
+    return _with_data_overrides(model, name).eval(), info
 
 
 def imagenet_label(index: int) -> str:
@@ -305,7 +315,7 @@ def time_backbone(backbone: str, batch: int = 8, repeats: int = 2) -> float:
 
     arch = timm_arch(backbone).split(".")[0]
     pre = resolve_preprocess(backbone)
-    model = timm.create_model(arch, pretrained=False, num_classes=0).eval()
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs(backbone)).eval()
     x = torch.randn(batch, 3, pre.input_size, pre.input_size)
     best = float("inf")
     with torch.inference_mode():

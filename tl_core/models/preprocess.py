@@ -121,13 +121,14 @@ def data_config_for(model_or_name: Any) -> dict[str, Any]:
     import timm
 
     if isinstance(model_or_name, str):
-        from .catalogue import timm_arch
+        from .catalogue import data_overrides, timm_arch
 
         try:
             pretrained = timm.models.get_pretrained_cfg(timm_arch(model_or_name))
         except Exception:  # unknown name: timm's defaults below
             pretrained = None
-        cfg = timm.data.resolve_data_config({}, pretrained_cfg=pretrained.to_dict() if pretrained else None)
+        pcfg = {**pretrained.to_dict(), **data_overrides(model_or_name)} if pretrained else None
+        cfg = timm.data.resolve_data_config({}, pretrained_cfg=pcfg)
     else:
         cfg = timm.data.resolve_model_data_config(model_or_name)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, RunError
+from ..models.catalogue import timm_kwargs
 from ..models.devices import Runtime
 from ..models.preprocess import Preprocess
 from ..runs.files import BUNDLE_FILES, METRICS, SAVED, VALIDATION_FIT, RunFiles, RunMeta, RunMetrics
@@ -180,7 +181,8 @@ def _build(meta: RunMeta, state: dict[str, torch.Tensor], where: str) -> nn.Modu
         raise ExportError(f"{where}: meta.json names the architecture {arch!r}, which this timm "
                           f"({timm.__version__}) does not know; update timm.")
     try:
-        model = timm.create_model(arch.split(".")[0], pretrained=False, num_classes=meta.num_classes)
+        model = timm.create_model(arch.split(".")[0], pretrained=False, num_classes=meta.num_classes,
+                                  **timm_kwargs(arch))
     except Exception as e:
         raise ExportError(f"{where}: cannot build architecture {arch!r} ({e}).") from None
     target = model.state_dict()
