@@ -87,3 +87,29 @@ def test_corrupt_or_wrong_shape_cache_file_is_recomputed(tmp_path, lite0):
     again = extract_features(model, items, pre, DecodedImageCache(None), c)
     assert c.misses == 2 and c.hits == 2
     assert np.allclose(good, again, atol=1e-5)
+
+
+def test_decoding_on_threads_gives_the_same_features_and_logits_as_in_turn(tmp_path, lite0, monkeypatch):
+    """tl_core.models.pipeline decodes the next batch while the model runs: same tensors, same order, and a
+    cancel between batches still stops it (the decoding threads are shut down, nothing is left running)."""
+    import threading
+
+    from tl_core.errors import CancelledError
+    from tl_core.models.inference import logits_of_items
+
+    model, _, pre = lite0
+    root = make_class_folder(tmp_path / "d", {"a": 9, "b": 8})  # 17 images: batches of 4 end with a short one
+    items = open_dataset(root).items
+    out = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("TL_DECODE_THREADS", threads)
+        dec = DecodedImageCache(tmp_path / f"dec{threads}")  # cold: every image decoded on the threads
+        out[threads] = (extract_features(model, items, pre, dec, batch_size=4),
+                        logits_of_items(model, items, pre, DecodedImageCache(None), batch_size=4))
+        assert dec.misses == len(items) and dec.hits == 0
+    assert np.array_equal(out["1"][0], out["3"][0]) and np.array_equal(out["1"][1], out["3"][1])
+    calls = []
+    with pytest.raises(CancelledError):
+        extract_features(model, items, pre, DecodedImageCache(None), batch_size=4,
+                         should_cancel=lambda: calls.append(1) or len(calls) > 2)
+    assert not [t for t in threading.enumerate() if t.name.startswith("tl-decode")]

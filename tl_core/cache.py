@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,7 @@ class DecodedImageCache:
         self._mem: dict[tuple[str, int, str], np.ndarray] = {}
         self._mem_bytes = 0
         self._touched: set[tuple[str, int, str]] = set()
+        self._lock = threading.Lock()  # get() runs on decoding threads (tl_core.models.pipeline)
         self.hits = 0
         self.misses = 0
 
@@ -64,34 +66,38 @@ class DecodedImageCache:
     def get(self, item: ImageItem, resize: int, interpolation: str = "bicubic") -> np.ndarray:
         """HWC uint8 array of the image resized so that its shorter side is ``resize`` pixels."""
         key = (item.sha256 or str(item.path), resize, interpolation)
-        arr = self._mem.get(key)
-        if arr is not None:
-            self.hits += 1
-            return arr
+        with self._lock:
+            arr = self._mem.get(key)
+            if arr is not None:
+                self.hits += 1
+                return arr
         f = self._file(key[0], resize, interpolation) if item.sha256 else None
         if f is not None and f.exists():
             try:
                 arr = np.load(f, allow_pickle=False)
                 if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) != resize:
                     raise ValueError("unexpected shape")
-                if key not in self._touched:  # mark as recently used for eviction, once per cache object
+                with self._lock:
+                    touch = key not in self._touched  # mark as recently used for eviction, once per cache object
                     self._touched.add(key)
+                    self.hits += 1
+                    self._remember(key, arr)
+                if touch:
                     os.utime(f)
-                self.hits += 1
-                self._remember(key, arr)
                 return arr
             except Exception as e:  # corrupt/partial file: rebuild
                 log.warning("decoded-image cache entry %s is unusable (%s); rebuilding", f, e)
                 f.unlink(missing_ok=True)
-        self.misses += 1
         img = load_image(item.path)
         arr = np.array(resize_shorter(img, resize, interpolation), dtype=np.uint8)  # writable: torch wants it
-        if f is None:
-            self._mem[key] = arr  # nowhere else to keep it
-        else:
-            self._remember(key, arr)
+        with self._lock:
+            self.misses += 1
+            if f is None:
+                self._mem[key] = arr  # nowhere else to keep it
+            else:
+                self._remember(key, arr)
         if f is not None:
-            tmp = f.with_suffix(f".{os.getpid()}.tmp")
+            tmp = f.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
             try:
                 f.parent.mkdir(parents=True, exist_ok=True)
                 with open(tmp, "wb") as fh:

@@ -7,6 +7,7 @@ cache file that cannot be read or has the wrong shape is recomputed, never trust
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from typing import Callable, Sequence
@@ -20,6 +21,7 @@ from ..data.intake import ImageItem
 from ..errors import CancelledError
 from .devices import Runtime
 from .distributed import gather, shard
+from .pipeline import eval_batches
 from .preprocess import Preprocess
 
 __all__ = ["feature_key", "extract_features", "pooled_features"]
@@ -84,14 +86,15 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
     computed: list[tuple[int, np.ndarray]] = []
     # as many steps on every rank (a cancel check is a collective under torchrun; a short shard idles)
     steps = -(-len(todo) // (rt.world_size * batch_size)) if todo else 0
-    with torch.inference_mode():
-        for start in range(0, steps * batch_size, batch_size):
+    batches = [mine[s:s + batch_size] for s in range(0, steps * batch_size, batch_size)]
+    feed = eval_batches(items, [b for b in batches if b], pre, decoded)  # the next batch decodes meanwhile
+    with torch.inference_mode(), contextlib.closing(feed):
+        for idx in batches:
             if should_cancel and should_cancel():
                 raise CancelledError("Cancelled during feature extraction.")
-            idx = mine[start:start + batch_size]
-            if not idx:
+            if not idx:  # this rank's share is done; it still takes part in the cancel checks
                 continue
-            x = torch.stack([pre.eval_from_resized(decoded.get(items[i], pre.resize, pre.interpolation)) for i in idx])
+            _, x = next(feed)
             x = x.to(rt.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with rt.autocast():
                 feats = pooled_features(model, x).float().cpu().numpy()

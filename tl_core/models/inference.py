@@ -4,6 +4,7 @@ temperature, in one place."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -14,6 +15,7 @@ from ..cache import DecodedImageCache
 from ..data.intake import ImageItem
 from ..errors import CancelledError
 from .devices import Runtime
+from .pipeline import batched, eval_batches
 from .preprocess import Preprocess
 
 __all__ = ["logits_of_items", "logits_of_images"]
@@ -33,12 +35,11 @@ def logits_of_items(model: nn.Module, items: Sequence[ImageItem], pre: Preproces
     rt = runtime or Runtime.cpu()
     model.eval().to(rt.device)
     out = []
-    for start in range(0, len(items), batch_size):
-        if should_cancel and should_cancel():
-            raise CancelledError("Cancelled during evaluation.")
-        x = torch.stack([pre.eval_from_resized(decoded.get(i, pre.resize, pre.interpolation))
-                         for i in items[start:start + batch_size]])
-        out.append(_forward(model, x, rt))
+    with contextlib.closing(eval_batches(items, batched(range(len(items)), batch_size), pre, decoded)) as feed:
+        for _, x in feed:  # the next batch decodes while this one runs
+            if should_cancel and should_cancel():
+                raise CancelledError("Cancelled during evaluation.")
+            out.append(_forward(model, x, rt))
     n_cls = getattr(model, "num_classes", 0)
     return np.concatenate(out) if out else np.zeros((0, n_cls), np.float32)
 

@@ -1,0 +1,78 @@
+"""Feeding a network in eval mode: the next batch is decoded and resized on threads while the current one
+runs through the model.
+
+Decoding and resizing take ~15 ms per image on one core, and a sequential loop leaves the forward pass
+waiting for them (the whole classic recipe ran at 38 images/s here against 94 images/s for Lite0's forward
+pass alone). Pillow and NumPy release the GIL while they decode, resize and copy, so threads overlap them
+with the forward pass in the same worker process; no extra process, no pickling of images. This runs only
+in worker processes (tasks), never in the app's server.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from ..cache import DecodedImageCache
+from ..data.intake import ImageItem
+from .preprocess import Preprocess
+
+__all__ = ["decode_workers", "eval_batches", "batched"]
+
+
+def decode_workers() -> int:
+    """Decoding threads: ``TL_DECODE_THREADS``, else one per core (at most 4; 1 turns prefetching off)."""
+    raw = os.environ.get("TL_DECODE_THREADS", "")
+    if raw.strip().isdigit():
+        return max(1, int(raw))
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def eval_batches(items: Sequence[ImageItem], batches: Iterable[Sequence[int]], pre: Preprocess,
+                 decoded: DecodedImageCache, workers: int | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """The eval-preprocessed input of each batch of item indices, as ``(indices, NCHW tensor)``.
+
+    While the caller runs batch k, batch k + 1 is already being decoded on ``workers`` threads. The tensors
+    are exactly those of the sequential loop (same functions, same order).
+
+    Args:
+        items: the dataset items.
+        batches: lists of indices into ``items``, in the order they are wanted.
+        pre: the model's preprocessing.
+        decoded: the decoded-image cache (thread-safe).
+        workers: decoding threads (default :func:`decode_workers`).
+    """
+    workers = workers or decode_workers()
+
+    def one(i: int) -> torch.Tensor:
+        return pre.eval_from_resized(decoded.get(items[i], pre.resize, pre.interpolation))
+
+    if workers <= 1:
+        for idx in batches:
+            yield list(idx), torch.stack([one(i) for i in idx])
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tl-decode")
+    try:
+        it = iter(batches)
+
+        def submit() -> tuple[list[int], list[Future]] | None:
+            idx = next(it, None)
+            return None if idx is None else (list(idx), [pool.submit(one, i) for i in idx])
+
+        pending = submit()
+        while pending is not None:
+            idx, futures = pending
+            x = torch.stack([f.result() for f in futures])
+            pending = submit()  # decode the next batch while the caller runs this one
+            yield idx, x
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def batched(indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``indices`` cut into consecutive batches of at most ``batch_size``."""
+    return [list(indices[s:s + batch_size]) for s in range(0, len(indices), batch_size)]
+
