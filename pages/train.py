@@ -140,7 +140,11 @@ def augmentation_preview(ws, path, rep: dict, backbone: str, preset: str, seed: 
     task = tasks.find(ws, "augment_preview", params)
     for item in res:
         files = [task_ui.result_file(ws, task, f) for f in item["views"]]
-        st.image([str(f) for f in files], width=110, caption=[item["name"]] + [""] * (len(files) - 1))
+        # one line under the first view: a long file name is shortened rather than wrapped over the row
+        st.image([str(f) for f in files], width=110,
+                 caption=[session.short_label(item["name"])] + [""] * (len(files) - 1))
+    if any(session.short_label(item["name"]) != item["name"] for item in res):
+        st.caption("Rows, top to bottom: " + ", ".join(f"`{item['name']}`" for item in res) + ".")
 
 
 def settings_form(ws, path) -> None:
