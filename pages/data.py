@@ -1,4 +1,5 @@
-"""Data: choose a sample dataset, upload a zip, or build a dataset class by class; see its report."""
+"""Data: choose a sample dataset, upload a zip, or build a dataset class by class; rename or delete an uploaded
+one; see its report."""
 
 from pathlib import Path
 
@@ -269,7 +270,9 @@ def manage_dataset(ws, ref: str) -> None:
     if not ref.startswith("workspace/"):
         return
     name = ref.split("/", 1)[1]
-    with st.expander(f"Manage '{name}': rename or delete", icon=":material/edit:"):
+    busy = "_manage_error" in st.session_state or st.session_state.get("confirm_delete_dataset")
+    with st.expander(f"Manage '{name}': rename or delete", icon=":material/edit:", expanded=bool(busy),
+                     key=f"manage_{name}"):
         if "_manage_error" in st.session_state:
             st.error(st.session_state.pop("_manage_error"))
         users = dataset_users(ws, name)
@@ -293,11 +296,14 @@ def manage_dataset(ws, ref: str) -> None:
 
 
 with session.page_errors():
-    if "_data_flash" in st.session_state:
-        message, warnings = st.session_state.pop("_data_flash")
-        st.success(message)
-        for w in warnings:
-            st.warning(w)
+    # one slot, drawn on every run: a message that shows once does not shift what follows (Streamlit would
+    # otherwise take the expanders below for new ones and close them on the next rerun)
+    with st.container():
+        if "_data_flash" in st.session_state:
+            message, warnings = st.session_state.pop("_data_flash")
+            st.success(message)
+            for w in warnings:
+                st.warning(w)
     ws = session.workspace()
     options = session.dataset_options(ws)
     refs = list(options)
