@@ -246,7 +246,7 @@ def _rename(ws, name: str) -> None:
         st.session_state["_manage_error"] = str(e)
         return
     session.select("dataset", f"workspace/{folder.name}")
-    st.session_state.pop("rename_to", None)
+    st.session_state["rename_to"] = ""  # empty the field (a callback may set its widget)
     if folder.name != name:
         _flash(f"Renamed dataset '{name}' to '{folder.name}'.")
 

@@ -770,7 +770,7 @@ def test_data_page_renames_and_deletes_an_uploaded_dataset(home):
     assert at.session_state["dataset"] == "workspace/Garden_birds"
     assert at.query_params["data"] == "workspace/Garden_birds"
     assert sorted(p.name for p in ws.datasets_dir.iterdir()) == ["Garden_birds"]
-    assert metric(at, "Images") == "6"
+    assert metric(at, "Images") == "6" and at.text_input(key="rename_to").value == ""
     # delete, after confirming
     assert at.button(key="delete_dataset").disabled
     at.checkbox(key="confirm_delete_dataset").check().run()
@@ -806,6 +806,15 @@ def test_data_page_refuses_to_delete_a_dataset_a_queued_run_uses(home, no_worker
     at.button(key="delete_dataset").click().run()
     assert_clean(at)
     assert not folder.exists() and ws.store().exists(run_id)
+
+
+def test_file_names_under_preview_thumbnails_are_shortened_not_wrapped():
+    from pages._session import short_label
+
+    assert short_label("baby_chick.png") == "baby_chick.png"  # short names are left alone
+    long = short_label("IMG_20240612_153045_portrait_mode.jpeg")
+    assert long == "IMG_2024….jpeg" and len(long) == 14
+    assert len(short_label("a_name_without_any_extension_at_all")) == 14
 
 
 RAW_NAMES = {"batch_size", "val_split", "val_accuracy", "test_accuracy", "best_epoch", "lr", "augment", "epochs",
