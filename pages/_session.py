@@ -329,6 +329,20 @@ def setting(key: str, default: Any) -> Any:
     return st.session_state.get(f"w_{key}", st.session_state.get(key, default))
 
 
+def short_label(name: str, max_chars: int = 14) -> str:
+    """A file name that fits under a small thumbnail on one line: ``a_very_long_na….png`` (the extension kept).
+
+    Streamlit wraps a long image caption over several lines and breaks the grid's alignment; the full name goes
+    in a tooltip or a caption elsewhere.
+    """
+    if len(name) <= max_chars:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not dot or len(ext) > 5 or not stem:
+        return name[:max_chars - 1] + "…"
+    return stem[:max(1, max_chars - len(ext) - 2)] + "…." + ext
+
+
 # --------------------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------------------

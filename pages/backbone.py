@@ -11,6 +11,7 @@ from tl_core.config import field_help
 from tl_core.data.library import dataset_signature
 from tl_core.models.catalogue import CATALOGUE, catalogue, local_weights, store_uploaded_weights
 from tl_core.runs import tasks
+from tl_core.runs.progress import MISSING
 from tl_core.share import figures as charts
 
 session.ensure_router()
@@ -85,6 +86,31 @@ def _use_backbone(name: str) -> None:
     st.session_state["_advisor_flash"] = name
 
 
+def advisor_params(ws, rows: list[dict], picked: list[str] | None = None, per_class: int | None = None
+                   ) -> dict | None:
+    """The ``advise`` task's parameters for the chosen dataset and the advisor's settings (the widgets' values,
+    read from the session before they are drawn); None without a dataset or a backbone to compare."""
+    path = session.dataset_path(session.get("dataset"), ws)
+    names = [r["name"] for r in rows]
+    if picked is None:
+        picked = [n for n in session.setting("advisor_backbones", [r["name"] for r in rows if r["available_offline"]])
+                  if n in names]
+    if per_class is None:
+        per_class = session.setting("advisor_per_class", 30)
+    if path is None or not picked:
+        return None
+    return {"data": str(path), "signature": dataset_signature(path), "backbones": list(picked),
+            "max_per_class": int(per_class), "val_split": float(session.setting("val_split", 0.2)),
+            "seed": int(session.setting("seed", 0))}
+
+
+def has_advice(ws, rows: list[dict]) -> bool:
+    """Whether the advisor has a result for the chosen dataset and settings (then it alone recommends)."""
+    params = advisor_params(ws, rows)
+    task = tasks.find(ws, "advise", params) if params is not None else None
+    return task is not None and task.status == "done"
+
+
 def advisor_section(ws, rows: list[dict]) -> None:
     """'Which backbone fits my data?': the advisor's ranking for the chosen dataset."""
     st.header("Which backbone fits my data?")
@@ -115,9 +141,7 @@ def advisor_section(ws, rows: list[dict]) -> None:
     if not picked:
         st.caption("Pick at least one backbone.")
         return
-    val_split, seed = float(session.setting("val_split", 0.2)), int(session.setting("seed", 0))
-    params = {"data": str(path), "signature": dataset_signature(path), "backbones": list(picked),
-              "max_per_class": int(per_class), "val_split": val_split, "seed": seed}
+    params = advisor_params(ws, rows, list(picked), int(per_class))
     result = task_ui.task_view(ws, "advise", params, f"Comparing {len(picked)} backbone(s) on {path.name}",
                                button="Compare backbones", icon=":material/leaderboard:", key="advise",
                                button_help="Embeds the sample with each backbone (a few seconds each the first "
@@ -137,7 +161,7 @@ def advisor_section(ws, rows: list[dict]) -> None:
         "probe accuracy": r["probe_accuracy"], "k-NN accuracy": r["knn_accuracy"], "seconds": r["seconds"],
         "params (M)": r["params_m"], "weights": r["weights"],
     } for r in result["ranking"]])
-    st.dataframe(table, hide_index=True, width="stretch", column_config={
+    st.dataframe(table, hide_index=True, width="stretch", placeholder=MISSING, column_config={
         "LogME": st.column_config.NumberColumn(format="%.3f", help="Transferability score (You et al., 2021): log "
                                                "evidence per image of a Bayesian linear model from the features to "
                                                "your labels. Higher is better; compare within one dataset only."),
@@ -162,12 +186,16 @@ def advisor_section(ws, rows: list[dict]) -> None:
 with session.page_errors():
     ws = session.workspace()
     rows = _catalogue()
-    st.success(
-        f"**Safe default: {session.DEFAULT_BACKBONE}.** Its ImageNet weights ship with TL Studio (no internet "
-        "needed), it is small (4.7 M parameters) and fast on a laptop CPU, and a linear probe on it reaches "
-        "95% on the emoji sample in seconds. Try a larger Lite1/Lite2 when accuracy matters more than speed, or "
-        "ask the advisor below which one fits your data."
-    )
+    if has_advice(ws, rows):
+        # one recommendation on the page: the advisor's, for this dataset (its table's first row)
+        st.caption("The advisor below has compared backbones on your dataset: its recommendation is the first row "
+                   "of its table.")
+    else:
+        st.success(
+            f"**Safe default: {session.DEFAULT_BACKBONE}.** Its ImageNet weights ship with TL Studio (no internet "
+            "needed), it is small (4.7 M parameters) and fast on a laptop CPU, and a linear probe on it reaches "
+            "95% on the emoji sample in seconds. Not sure? Ask the advisor below which backbone fits your data."
+        )
 
     speeds = speed_section(ws, rows)
     table = pd.DataFrame([{
@@ -181,7 +209,7 @@ with session.page_errors():
         "notes": r["note"],
     } for r in rows])
     st.dataframe(
-        table, hide_index=True, width="stretch",
+        table, hide_index=True, width="stretch", placeholder=MISSING,
         column_config={
             "params (M)": st.column_config.NumberColumn(help="Millions of weights: memory and, roughly, compute."),
             "input (px)": st.column_config.NumberColumn(help="Side of the square image the network sees."),

@@ -1,4 +1,5 @@
-"""Data: choose a sample dataset, upload a zip, or build a dataset class by class; see its report."""
+"""Data: choose a sample dataset, upload a zip, or build a dataset class by class; rename or delete an uploaded
+one; see its report."""
 
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from pages import _tasks as task_ui
 from tl_core.runs import tasks
 from tl_core.config import CLASS_BALANCE, field_help
 from tl_core.data.images import IMAGE_EXTENSIONS
-from tl_core.data.library import add_class_images, dataset_signature, save_uploaded_zip
+from tl_core.data.library import (add_class_images, dataset_runs, dataset_signature, dataset_users, delete_dataset,
+                                  rename_dataset, save_uploaded_zip)
+from tl_core.errors import DatasetError
 from tl_core.share import figures as charts
 
 session.ensure_router()
@@ -183,7 +186,7 @@ def show_domain_gap(ws, path: Path, sig: str, backbone: str, seed: int) -> None:
     with right:
         st.caption("What the backbone's ImageNet head thinks each class shows (share of its images):")
         st.dataframe(pd.DataFrame([{"class": c, "looks like (ImageNet)": ", ".join(
-            f"{x['imagenet']} {x['share']:.0%}" for x in v["looks_like"])} for c, v in gap["per_class"].items()]),
+            f"{x['imagenet']} {x['share']:.0%}" for x in v["looks_like"][:2])} for c, v in gap["per_class"].items()]),
             hide_index=True, width="stretch")
 
 
@@ -211,12 +214,96 @@ def data_check(ws, path: Path, val_split: float, seed: int) -> None:
     show_domain_gap(ws, path, sig, backbone, seed)
 
 
+def unpack_zip(ws, up, labels) -> None:
+    """Unpack an uploaded zip (with the labels CSV when one is given) into a new dataset, once per pair of files.
+
+    A zip that cannot make a dataset is refused by the engine before anything is saved: one error, nothing in
+    the list. Adding a labels CSV after such a refusal tries the same zip again with it.
+    """
+    attempt = f"{up.file_id}:{labels.file_id if labels is not None else ''}"
+    saved = st.session_state.setdefault("_saved_zips", set())
+    if up.file_id in saved or not _once(attempt):
+        return
+    try:
+        folder = save_uploaded_zip(ws, up.name, up.getvalue(),
+                                   labels_csv=labels.getvalue() if labels is not None else None)
+    except DatasetError as e:
+        hint = (" If the images are not sorted into class folders, give their labels in a CSV (Advanced, below)."
+                if labels is None and str(e).startswith("No classes found") else "")
+        st.error(f"{e} Nothing was saved.{hint}")
+        return
+    saved.add(up.file_id)
+    session.select("dataset", session.dataset_ref_for_path(folder, ws))
+    _flash(f"Unpacked {up.name} as dataset '{folder.name}'.")
+    st.rerun()
+
+
+def _rename(ws, name: str) -> None:
+    """Button callback: rename the chosen uploaded dataset (before the page is drawn, so the picker follows)."""
+    try:
+        folder = rename_dataset(ws, name, st.session_state.get("rename_to", ""))
+    except DatasetError as e:
+        st.session_state["_manage_error"] = str(e)
+        return
+    session.select("dataset", f"workspace/{folder.name}")
+    st.session_state["rename_to"] = ""  # empty the field (a callback may set its widget)
+    if folder.name != name:
+        _flash(f"Renamed dataset '{name}' to '{folder.name}'.")
+
+
+def _delete(ws, name: str) -> None:
+    """Button callback: delete the chosen uploaded dataset (refused while a run or task reads it)."""
+    try:
+        kept = delete_dataset(ws, name)
+    except DatasetError as e:
+        st.session_state["_manage_error"] = str(e)
+        return
+    session.select("dataset", None)
+    st.session_state.pop("confirm_delete_dataset", None)
+    _flash(f"Deleted dataset '{name}' and its images."
+           + (f" The {kept} run(s) trained on it are kept with their results; their views can no longer show its "
+              "images." if kept else ""))
+
+
+def manage_dataset(ws, ref: str) -> None:
+    """Rename or delete the chosen uploaded dataset (sample datasets ship with TL Studio and stay)."""
+    if not ref.startswith("workspace/"):
+        return
+    name = ref.split("/", 1)[1]
+    busy = "_manage_error" in st.session_state or st.session_state.get("confirm_delete_dataset")
+    with st.expander(f"Manage '{name}': rename or delete", icon=":material/edit:", expanded=bool(busy),
+                     key=f"manage_{name}"):
+        if "_manage_error" in st.session_state:
+            st.error(st.session_state.pop("_manage_error"))
+        users = dataset_users(ws, name)
+        runs = dataset_runs(ws, name)
+        c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+        c1.text_input("New name", key="rename_to", placeholder=name,
+                      help="Letters, digits, '-', '_' and '.'; other characters become '_'.")
+        c2.button("Rename", key="rename_dataset", on_click=_rename, args=(ws, name), icon=":material/edit:",
+                  disabled=bool(users))
+        if users:
+            st.warning(f"'{name}' is in use by {', '.join(users)}: it cannot be renamed or deleted until that has "
+                       "finished (cancel a run on the Train page).")
+        done = [r for r in runs if r["status"] not in ("queued", "running")]
+        if done:
+            st.caption(f"{len(done)} run(s) trained on '{name}'. Renaming or deleting it keeps them and their "
+                       "results, but their image views (mistakes, Grad-CAM) will not find its pictures.")
+        sure = st.checkbox(f"Yes, delete '{name}' and its images from this server", key="confirm_delete_dataset",
+                           disabled=bool(users))
+        st.button("Delete dataset", key="delete_dataset", on_click=_delete, args=(ws, name), icon=":material/delete:",
+                  disabled=not sure or bool(users), type="primary" if sure and not users else "secondary")
+
+
 with session.page_errors():
-    if "_data_flash" in st.session_state:
-        message, warnings = st.session_state.pop("_data_flash")
-        st.success(message)
-        for w in warnings:
-            st.warning(w)
+    # one slot, drawn on every run: a message that shows once does not shift what follows (Streamlit would
+    # otherwise take the expanders below for new ones and close them on the next rerun)
+    with st.container():
+        if "_data_flash" in st.session_state:
+            message, warnings = st.session_state.pop("_data_flash")
+            st.success(message)
+            for w in warnings:
+                st.warning(w)
     ws = session.workspace()
     options = session.dataset_options(ws)
     refs = list(options)
@@ -227,28 +314,30 @@ with session.page_errors():
     )
 
     chosen = session.dataset_path(session.get("dataset"), ws) is not None
+    if chosen:
+        manage_dataset(ws, session.get("dataset"))
     building = st.session_state.get("_class_uploads", 0) > 0  # stay open while a dataset is built class by class
     with st.expander("Bring your own images", expanded=not chosen or building, icon=":material/upload:"):
         tab_zip, tab_classes = st.tabs(["Upload a zip", "Add images class by class"])
         with tab_zip:
-            st.caption("A .zip holding one folder per class (sub-folders `train/`, `val/`, `test/` with class "
-                       "folders inside are understood too), or a .zip of images plus a CSV of `path,label` rows "
-                       "(inside the zip, or uploaded here first). Files that are not images are skipped and listed.")
-            labels = st.file_uploader("Labels CSV (optional)", type=["csv"], key="csv_upload",
-                                      help="Only when the images are not sorted into class folders: one "
-                                           "'path,label' row per image, paths relative to the zip's top folder. "
-                                           + session.upload_note())
+            st.caption("A .zip holding one folder per class (`cats/1.jpg`, `dogs/7.png`, …; sub-folders `train/`, "
+                       "`val/`, `test/` with class folders inside are understood too). Files that are not images "
+                       "are skipped and listed. A zip that cannot make a dataset (one class only, no images) is "
+                       "refused and nothing is saved.")
             up = st.file_uploader("Dataset .zip", type=["zip"], key="zip_upload",
                                   help=session.upload_note("the zip") + " Unpacked safely into the workspace's "
                                        "datasets folder.")
             st.caption(session.upload_note("each file"))
-            if up is not None and _once(up.file_id):
-                folder = save_uploaded_zip(ws, up.name, up.getvalue(),
-                                           labels_csv=labels.getvalue() if labels is not None else None)
-                ref = session.dataset_ref_for_path(folder, ws)
-                session.select("dataset", ref)
-                _flash(f"Unpacked {up.name} as dataset '{folder.name}'.")
-                st.rerun()
+            labels = None
+            if st.toggle("Advanced: the labels are in a separate CSV", key="use_labels_csv",
+                         help="Only when the images are not sorted into class folders (a single .csv inside the zip "
+                              "is found by itself)."):
+                st.caption("A CSV of `path,label` rows, one per image, paths relative to the zip's top folder. Add "
+                           "it before or after the zip: the zip is unpacked again with it.")
+                labels = st.file_uploader("Labels CSV (optional)", type=["csv"], key="csv_upload",
+                                          help="One 'path,label' row per image. " + session.upload_note())
+            if up is not None:
+                unpack_zip(ws, up, labels)
 
         with tab_classes:
             st.caption("Build a dataset from images on your computer: name a class, add its images, repeat for "

@@ -53,7 +53,7 @@ with session.page_errors():
          "Images sorted into one folder per class."),
         ("2. Backbone", "backbone",
          f"{DONE} {backbone}" if backbone else
-         f"{TODO} Not chosen: the recommended {session.DEFAULT_BACKBONE} (works offline) will be used.",
+         f"{TODO} Not chosen: the default {session.DEFAULT_BACKBONE} (works offline) will be used.",
          "The pretrained network whose knowledge you borrow."),
         ("3. Train", "train",
          (f"{_run_icon(run['status'])} Run {run['id']}: {run['status']}"

@@ -9,10 +9,10 @@ import streamlit as st
 from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.cache import cache_usage, clear_cache
-from tl_core.config import EXPORT_FORMATS, fields_for_strategy
+from tl_core.config import EXPORT_FORMATS
 from tl_core.runs import tasks
 from tl_core.runs.files import RunFiles
-from tl_core.runs.progress import runs_rows
+from tl_core.runs.progress import MISSING, compare_rows, runs_rows, setting_text
 from tl_core.runs.store import ACTIVE_STATUSES
 from tl_core.share import figures as charts
 
@@ -33,8 +33,8 @@ def _delete(ws, run_ids: list[str]) -> None:
 
 
 FORMAT_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript"}
-#: Settings compared side by side (a strategy's unused ones are left blank).
-COMPARED = ("backbone", "strategy", "epochs", "lr", "batch_size", "augment", "seed", "val_split")
+#: Fewest epochs a run needs for its training curves (one point says nothing and charts badly).
+MIN_EPOCHS_CHARTED = 2
 
 
 def _verification_text(v: dict) -> str:
@@ -119,15 +119,13 @@ with session.page_errors():
         st.info("No runs yet.")
         session.link("train", "Go to Train", ":material/model_training:")
         st.stop()
-    rows = runs_rows(runs)
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
-        "val_accuracy": st.column_config.NumberColumn("val accuracy", format="percent",
-                                                      help="Accuracy on the validation images."),
-        "test_accuracy": st.column_config.NumberColumn("test accuracy", format="percent",
+    rows = pd.DataFrame(runs_rows(runs)).astype({"Best epoch": "Int64"})
+    st.dataframe(rows, hide_index=True, width="stretch", placeholder=MISSING, column_config={
+        "Val accuracy": st.column_config.NumberColumn(format="percent", help="Accuracy on the validation images."),
+        "Test accuracy": st.column_config.NumberColumn(format="percent",
                                                        help="Accuracy on the dataset's own test/ folder, if any."),
-        "best_epoch": st.column_config.NumberColumn("best epoch", help="The epoch whose weights were kept."),
-        "seconds": st.column_config.NumberColumn(format="%.1f"),
-        "lr": st.column_config.NumberColumn(format="%g"),
+        "Best epoch": st.column_config.NumberColumn(help="The epoch whose weights were kept."),
+        "Seconds": st.column_config.NumberColumn(format="%.1f"),
     })
 
     by_id = {r["id"]: r for r in runs}
@@ -139,7 +137,7 @@ with session.page_errors():
     chosen = st.multiselect(
         "Select runs", list(by_id), key="runs_selected",
         format_func=lambda i: f"{i} · {by_id[i]['status']} · {(by_id[i].get('config') or {}).get('backbone')} · "
-                              f"{(by_id[i].get('config') or {}).get('strategy')}",
+                              f"{setting_text('strategy', (by_id[i].get('config') or {}).get('strategy'))}",
         help="One to download or delete it; two or more to compare them.",
     )
     if not chosen:
@@ -148,26 +146,20 @@ with session.page_errors():
 
     st.subheader("Comparison" if len(chosen) > 1 else "Run details")
     series = {i: store.epochs(i) for i in chosen}
-    if any(series.values()):
-        st.plotly_chart(charts.training_curves({k: v for k, v in series.items() if v}), width="stretch")
-    table = []
+    charted = {k: v for k, v in series.items() if len(v) >= MIN_EPOCHS_CHARTED}
+    if charted:
+        st.plotly_chart(charts.training_curves(charted), width="stretch")
+    short = [i for i in chosen if i not in charted]
+    if short:
+        st.caption(f"No curves for {', '.join(short)}: fewer than {MIN_EPOCHS_CHARTED} epochs were recorded.")
+    val_metrics = {}
     for i in chosen:
-        r = by_id[i]
-        cfg = r.get("config") or {}
-        s = r.get("summary") or {}
-        used = set(fields_for_strategy(cfg.get("strategy", "")))  # e.g. the probe has no learning rate
-        row = {"run": i, "status": r["status"], "data": Path(r["data"]).name,
-               **{k: cfg.get(k) if k in used else None for k in COMPARED}}
-        row.update({"val accuracy": s.get("val_accuracy"), "test accuracy": s.get("test_accuracy"),
-                    "best epoch": s.get("best_epoch"), "seconds": s.get("seconds")})
-        if r["status"] == "done":
+        if by_id[i]["status"] == "done":
             try:
-                val = RunFiles(ws.run_dir(i)).metrics().val
-                row.update({"macro F1": val.get("macro_f1"), "log loss": val.get("log_loss"), "val images": val["count"]})
-            except Exception as e:  # files removed by hand: the row still shows what the store knows
-                row["error"] = str(e)
-        table.append(row)
-    st.table(pd.DataFrame(table).set_index("run").T.astype(str).replace({"None": "", "nan": ""}))
+                val_metrics[i] = RunFiles(ws.run_dir(i)).metrics().val
+            except Exception:  # files removed by hand: the comparison still shows what the store knows
+                val_metrics[i] = None
+    st.table(pd.DataFrame(compare_rows([by_id[i] for i in chosen], val_metrics)).T)
 
     st.subheader("Download and share")
     for i in chosen:
@@ -176,7 +168,7 @@ with session.page_errors():
             continue
         with st.container(border=True):
             st.markdown(f"**Run {i}** · {(by_id[i].get('config') or {}).get('backbone')} · "
-                        f"{(by_id[i].get('config') or {}).get('strategy')}")
+                        f"{setting_text('strategy', (by_id[i].get('config') or {}).get('strategy'))}")
             c1, c2 = st.columns([1, 3])
             with c1:
                 res, task = _export_view(ws, i, "bundle", "Prepare bundle", "Writing the bundle",

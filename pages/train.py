@@ -20,7 +20,7 @@ from tl_core.config import STRATEGIES, FieldSpec, TrainConfig, config_fields, st
 from tl_core.data.library import dataset_signature
 from tl_core.models.devices import describe_auto_device
 from tl_core.runs import tasks
-from tl_core.runs.progress import describe_progress, stop_text, timing_text
+from tl_core.runs.progress import describe_progress, ended_text, setting_text, stop_text, timing_text
 from tl_core.runs.store import ACTIVE_STATUSES
 from tl_core.share import figures as charts
 
@@ -32,6 +32,8 @@ st.title("Train")
 FIELDS = [f for f in config_fields() if f.section]
 #: Images per class and views shown in the augmentation preview.
 PREVIEW_IMAGES, PREVIEW_COPIES = 4, 4
+#: Fewest epochs a run that has ended needs for its training curves (one cancelled after one epoch is one dot).
+MIN_EPOCHS_CHARTED = 2
 
 
 def _store_key(spec: FieldSpec, strategy: str) -> str:
@@ -138,7 +140,11 @@ def augmentation_preview(ws, path, rep: dict, backbone: str, preset: str, seed: 
     task = tasks.find(ws, "augment_preview", params)
     for item in res:
         files = [task_ui.result_file(ws, task, f) for f in item["views"]]
-        st.image([str(f) for f in files], width=110, caption=[item["name"]] + [""] * (len(files) - 1))
+        # one line under the first view: a long file name is shortened rather than wrapped over the row
+        st.image([str(f) for f in files], width=110,
+                 caption=[session.short_label(item["name"])] + [""] * (len(files) - 1))
+    if any(session.short_label(item["name"]) != item["name"] for item in res):
+        st.caption("Rows, top to bottom: " + ", ".join(f"`{item['name']}`" for item in res) + ".")
 
 
 def settings_form(ws, path) -> None:
@@ -229,7 +235,7 @@ def run_panel(ws, run_id: str) -> None:
             cfg = run.get("config") or {}
             task = _train_task(ws, run_id)
             st.subheader(f"Run {run_id}")
-            st.markdown(f"**Status:** {status} · {cfg.get('backbone')} · {cfg.get('strategy')} · "
+            st.markdown(f"**Status:** {status} · {cfg.get('backbone')} · {setting_text('strategy', cfg.get('strategy'))} · "
                         f"data `{run['data'].rsplit('/', 1)[-1]}`")
             st.caption("This run's link keeps `?run=…` in the address: refresh, or open it in another tab, "
                        "and you see the same run (training continues on the server).")
@@ -256,8 +262,10 @@ def run_panel(ws, run_id: str) -> None:
             elif status == "failed":
                 st.error(run.get("error") or "The run failed.")
             else:
-                st.warning(f"{status.capitalize()}: {run.get('error') or ''}")
-            if epochs:
+                st.warning(ended_text(status, run.get("error")))
+            # a run still going is charted from its first epoch (the chart grows); one that ended with a single
+            # epoch (cancelled early) has no curve to show
+            if len(epochs) >= MIN_EPOCHS_CHARTED or (epochs and status in ACTIVE_STATUSES):
                 st.plotly_chart(charts.training_curves({run_id: epochs}), width="stretch", key=f"curves-{run_id}")
             elif status in ACTIVE_STATUSES:
                 st.caption("The curves appear after the first epoch.")

@@ -157,3 +157,37 @@ def test_cli_advise_json_and_errors(shared_cache, monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("error:")
     assert main(["advise", str(data), "--backbones", "no_such_net", "--max-per-class", "8"]) == 2
     assert capsys.readouterr().err.startswith("error: No backbone could be scored")
+
+
+def test_the_recommendation_is_the_first_row_of_the_ranking():
+    from tl_core.insight.advisor import _confidence, _recommended_first
+
+    # LogME favours "a", but the quick probe clearly favours "b" on 100 validation images
+    rows = [{"backbone": "a", "logme": 2.0, "probe_accuracy": 0.55}, {"backbone": "b", "logme": 1.0, "probe_accuracy": 0.9},
+            {"backbone": "c", "logme": 0.5, "probe_accuracy": 0.5}]
+    rec, conf, reason = _confidence(rows, 100)
+    assert (rec, conf) == ("b", "low") and "recommending b" in reason
+    ordered = _recommended_first(rows, rec)
+    assert [(r["rank"], r["backbone"]) for r in ordered] == [(1, "b"), (2, "a"), (3, "c")]
+    # when LogME and the probe agree, the order stays LogME's
+    rows[1]["probe_accuracy"] = 0.5
+    rec, _, _ = _confidence(rows, 100)
+    assert [r["backbone"] for r in _recommended_first(rows, rec)] == ["a", "b", "c"]
+
+
+def test_domain_gap_names_two_lookalikes_and_never_an_unfortunate_imagenet_class():
+    from types import SimpleNamespace
+
+    from tl_core.insight.advisor import LOOKALIKES_SHOWN, UNSHOWN_IMAGENET_CLASSES, domain_gap_from_embeddings
+
+    bra, rifle, espresso, tabby, pug = 459, 764, 967, 281, 254
+    assert {bra, rifle} <= UNSHOWN_IMAGENET_CLASSES and LOOKALIKES_SHOWN == 2
+    tops = [bra, bra, bra, rifle, espresso, espresso, tabby, pug]  # the ImageNet head's top class per image
+    probs = np.full((len(tops), 1000), 0.5 / 999, dtype=np.float32)
+    probs[np.arange(len(tops)), tops] = 0.5
+    emb = SimpleNamespace(imagenet_probs=lambda: probs, classes=["faces"], labels=np.zeros(len(tops), int),
+                          backbone="efficientnet_lite0", items=list(range(len(tops))))
+    gap = domain_gap_from_embeddings(emb)
+    looks = gap["per_class"]["faces"]["looks_like"]
+    # the two most frequent classes that may be named, by their first name, with their share of all the images
+    assert looks == [{"imagenet": "espresso", "share": 0.25}, {"imagenet": "tabby", "share": 0.125}]

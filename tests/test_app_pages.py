@@ -20,6 +20,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -695,16 +696,16 @@ def test_runs_page_compares_downloads_and_deletes(home):
     goto(at, "runs")
     assert_clean(at)
     table = at.dataframe[0].value
-    assert set(table["run"]) == {run_id, other}
-    assert set(table["strategy"]) == {"linear"}
-    assert table["val_accuracy"].max() == pytest.approx(ws.store().get(run_id)["summary"]["val_accuracy"])
+    assert set(table["Run"]) == {run_id, other}
+    assert set(table["Strategy"]) == {"Linear probe"}
+    assert table["Val accuracy"].max() == pytest.approx(ws.store().get(run_id)["summary"]["val_accuracy"])
     at.multiselect[0].set_value([run_id, other]).run()
     assert_clean(at)
     curves = plotly_specs(at)[0]["data"]
     assert {t["legendgroup"].rsplit("-", 1)[0] for t in curves} == {run_id, other}
     compare = at.table[0].value
     assert list(compare.columns) == [run_id, other]
-    assert compare.loc["val images", run_id] == "40"
+    assert compare.loc["Val images", run_id] == "40"
     # download: prepare the bundle (a worker writes it), then a real zip is offered
     assert [b.label for b in at.button].count("Prepare bundle") == 2  # one per selected run
     [b for b in at.button if b.key == f"exp-bundle-{run_id}-start"][0].click().run()
@@ -722,6 +723,170 @@ def test_runs_page_compares_downloads_and_deletes(home):
     assert [r["id"] for r in ws.store().list()] == []
     assert not ws.run_dir(other).exists() and not ws.run_dir(run_id).exists()
     assert any("No runs yet" in i.value for i in at.info)
+
+
+# --------------------------------------------------------------------------------------------------
+# datasets you manage, and what a new user ran into in the first hour
+# --------------------------------------------------------------------------------------------------
+def _uploaded_refs(at: AppTest) -> list[str]:
+    picker = [s for s in at.selectbox if s.label == "Dataset"][0]
+    return [o for o in picker.options if "(uploaded)" in o]
+
+
+def test_data_page_refuses_a_one_class_zip_with_one_message_and_saves_nothing(home):
+    ws, _ = home
+    at = app()
+    goto(at, "data")
+    # the zip uploader comes first; the labels CSV is its advanced option, shown on demand
+    assert [u.label for u in at.file_uploader][0] == "Dataset .zip"
+    assert "Labels CSV (optional)" not in [u.label for u in at.file_uploader]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted((EMOJI / "animal").iterdir())[:5]:
+            zf.write(f, f"cats/cats/{f.name}")
+    at.file_uploader(key="zip_upload").set_value(("cats.zip", buf.getvalue(), "application/zip")).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "Only one class ('cats') found in cats.zip; a classifier needs at least two classes. Nothing was saved."]
+    assert not [s for s in at.success if "Unpacked" in s.value]
+    assert list(ws.datasets_dir.iterdir()) == []  # no dataset, no temporary folder
+    assert _uploaded_refs(at) == [] and "dataset" not in at.session_state
+    at.run()  # the next rerun neither unpacks it again nor shows a dataset
+    assert list(ws.datasets_dir.iterdir()) == [] and _uploaded_refs(at) == []
+
+
+def test_data_page_renames_and_deletes_an_uploaded_dataset(home):
+    ws, _ = home
+    at = app()
+    goto(at, "data")
+    at.file_uploader(key="zip_upload").set_value(("pets.zip", sample_zip(), "application/zip")).run()
+    assert_clean(at)
+    assert at.session_state["dataset"] == "workspace/pets"
+    # rename
+    at.text_input(key="rename_to").set_value("Garden birds!").run()
+    at.button(key="rename_dataset").click().run()
+    assert_clean(at)
+    assert any("Renamed dataset 'pets' to 'Garden_birds'" in s.value for s in at.success)
+    assert at.session_state["dataset"] == "workspace/Garden_birds"
+    assert at.query_params["data"] == "workspace/Garden_birds"
+    assert sorted(p.name for p in ws.datasets_dir.iterdir()) == ["Garden_birds"]
+    assert metric(at, "Images") == "6" and at.text_input(key="rename_to").value == ""
+    # delete, after confirming
+    assert at.button(key="delete_dataset").disabled
+    at.checkbox(key="confirm_delete_dataset").check().run()
+    assert not at.button(key="delete_dataset").disabled
+    at.button(key="delete_dataset").click().run()
+    assert_clean(at)
+    assert any("Deleted dataset 'Garden_birds'" in s.value for s in at.success)
+    assert list(ws.datasets_dir.iterdir()) == []
+    assert _uploaded_refs(at) == [] and "dataset" not in at.session_state and "data" not in at.query_params
+
+
+def test_data_page_refuses_to_delete_a_dataset_a_queued_run_uses(home, no_workers):
+    from tl_core.config import TrainConfig
+
+    ws, _ = home
+    folder = library.save_uploaded_zip(ws, "pets.zip", sample_zip())
+    run_id = tasks.submit_training(ws, str(folder), TrainConfig())
+    at = app({"data": "workspace/pets"})
+    goto(at, "data")
+    assert not at.exception
+    [warn] = [w.value for w in at.warning if "in use by" in w.value]
+    assert f"in use by run {run_id} (queued)" in warn and "cannot be renamed or deleted" in warn
+    assert at.button(key="delete_dataset").disabled and at.checkbox(key="confirm_delete_dataset").disabled
+    assert at.button(key="rename_dataset").disabled
+    # the engine refuses too (another tab, a stale page), with the same reason
+    with pytest.raises(DatasetError, match=f"in use by run {run_id}"):
+        library.delete_dataset(ws, "pets")
+    assert folder.is_dir()
+    # once the run is cancelled, the dataset can go
+    tasks.cancel_run(ws, run_id)
+    at.run()
+    at.checkbox(key="confirm_delete_dataset").check().run()
+    at.button(key="delete_dataset").click().run()
+    assert_clean(at)
+    assert not folder.exists() and ws.store().exists(run_id)
+
+
+def test_file_names_under_preview_thumbnails_are_shortened_not_wrapped():
+    from pages._session import short_label
+
+    assert short_label("baby_chick.png") == "baby_chick.png"  # short names are left alone
+    long = short_label("IMG_20240612_153045_portrait_mode.jpeg")
+    assert long == "IMG_2024….jpeg" and len(long) == 14
+    assert len(short_label("a_name_without_any_extension_at_all")) == 14
+
+
+RAW_NAMES = {"batch_size", "val_split", "val_accuracy", "test_accuracy", "best_epoch", "lr", "augment", "epochs",
+             "seed", "strategy", "backbone"}
+
+
+def _cells(df) -> list[str]:
+    """The text of every cell that has a value (missing values are drawn as the table's placeholder)."""
+    return [str(v) for v in df.to_numpy().ravel() if not pd.isna(v)]
+
+
+def test_runs_and_backbone_tables_show_labels_and_values_not_none_or_field_names(home):
+    ws, run_id = home
+    store = ws.store()
+    src = store.get(run_id)
+    full = store.create_run(src["data"], {**src["config"], "strategy": "full", "lr": 0.001, "batch_size": 16,
+                                          "epochs": 3, "augment": "light"}, status="done")
+    store.update(full, summary={**src["summary"], "best_epoch": 2})
+    cancelled = store.create_run(src["data"], {**src["config"], "strategy": "partial"}, status="cancelled")
+    store.update(cancelled, error="Cancelled before it started.")
+    at = app()
+    goto(at, "runs")
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert not RAW_NAMES & set(table.columns), list(table.columns)
+    assert {"Batch size", "Learning rate", "Augmentation", "Val accuracy", "Best epoch"} <= set(table.columns)
+    assert at.dataframe[0].proto.placeholder == "—"  # missing values show as a dash, not "None"
+    assert "None" not in _cells(table)
+    rows = table.set_index("Run")
+    assert rows.loc[full, "Batch size"] == "16" and rows.loc[full, "Learning rate"] == "0.001"
+    assert rows.loc[full, "Strategy"] == "Full fine-tuning" and rows.loc[full, "Augmentation"] == "Light"
+    assert rows.loc[full, "Best epoch"] == 2 and str(table["Best epoch"].dtype) == "Int64"  # an int, not 2.0
+    assert pd.isna(rows.loc[run_id, "Batch size"])  # the linear probe has no batches: blank
+    # the comparison: readable row names, text values, a dash where a run has no value
+    at.multiselect[0].set_value([run_id, full, cancelled]).run()
+    assert_clean(at)
+    compare = at.table[0].value
+    assert not RAW_NAMES & {str(i) for i in compare.index}, list(compare.index)
+    assert {"Batch size", "Validation share", "Learning rate", "Val accuracy"} <= set(compare.index)
+    assert not {"None", "nan", "16.0", "NaN"} & set(_cells(compare)), compare
+    assert compare.loc["Batch size", full] == "16" and compare.loc["Batch size", run_id] == "—"
+    assert compare.loc["Validation share", run_id] == "20%"
+    assert compare.loc["Val accuracy", cancelled] == "—"
+    # the backbone catalogue: speed not measured yet shows a dash
+    goto(at, "backbone")
+    assert_clean(at)
+    assert at.dataframe[0].proto.placeholder == "—"
+    assert at.dataframe[0].value["ms / image here"].isna().all()
+
+
+def test_a_cancelled_run_shows_one_sentence_and_no_chart_on_negative_axes(home):
+    from tl_core.share.figures import training_curves
+
+    ws, _ = home
+    store = ws.store()
+    run_id = store.create_run(str(EMOJI), {"backbone": "efficientnet_lite0", "strategy": "full"}, status="cancelled")
+    store.update(run_id, error="Cancelled before it started.")
+    store.add_epoch(run_id, 0, {"train_loss": 1.6, "val_loss": 1.5, "train_acc": 0.3, "val_acc": 0.35})
+    at = app({"run": run_id, "data": "sample/emoji"})
+    goto(at, "train")
+    assert_clean(at)
+    assert [w.value for w in at.warning] == ["Cancelled before it started."]  # not "Cancelled: Cancelled…"
+    assert not [s for s in plotly_specs(at) if "Loss" in json.dumps(s)]  # one epoch: no curves
+    goto(at, "runs")
+    at.multiselect[0].set_value([run_id]).run()
+    assert_clean(at)
+    assert not plotly_specs(at)
+    assert any("No curves for" in c.value and run_id in c.value for c in at.caption)
+    # a run still going is charted from its first epoch, on non-negative axes
+    fig = training_curves({run_id: store.epochs(run_id)})
+    assert fig.layout.xaxis.rangemode == "nonnegative" and fig.layout.yaxis.rangemode == "tozero"
+    assert list(fig.layout.yaxis2.range) == [0, 1.02]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -804,7 +969,7 @@ def _listed_runs(at: AppTest) -> set[str]:
     assert_clean(at)
     if any("No runs yet" in i.value for i in at.info):
         return set()
-    return set(at.dataframe[0].value["run"])
+    return set(at.dataframe[0].value["Run"])
 
 
 def test_a_new_project_gets_its_own_workspace_and_link(home):
@@ -875,6 +1040,8 @@ def test_every_uploader_states_the_servers_upload_limit(home):
         seen = {}
         for page in ("data", "backbone", "try_it"):
             goto(at, page)
+            if page == "data":  # the labels CSV is the zip's advanced option
+                at.toggle(key="use_labels_csv").set_value(True).run()
             assert_clean(at)
             for u in at.file_uploader:
                 seen[u.label] = u.proto.help

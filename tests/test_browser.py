@@ -4,7 +4,8 @@ The flow a first-time user takes: choose the emoji sample → linear probe on Li
 worker trains it) → the run survives a refresh and shows in a second tab → Evaluate shows a confusion
 matrix whose cells add up to the validation count → Try it predicts an uploaded image; on the way the
 insight views (data check and embedding map, backbone advisor, Grad-CAM, calibration, the lab), a verified
-ONNX export, the HTML report opened offline, and a new project. Every long computation is a task of a worker
+ONNX export, the HTML report opened offline, a refused one-class zip, an uploaded dataset renamed and deleted,
+and a new project. Every long computation is a task of a worker
 process: a data check asked for just before the server process is restarted is found again after it, and
 the server is left with no defunct child. Screenshots of every page and view go to
 ``test-artifacts/screenshots/``.
@@ -171,7 +172,7 @@ def metric_value(page, label: str) -> str:
     return box.get_by_test_id("stMetricValue").inner_text().strip()
 
 
-def test_sample_data_to_prediction_in_a_real_browser(server, browser):
+def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     from playwright.sync_api import expect
 
     base, home = server.base, server.home
@@ -370,6 +371,41 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser):
     page.get_by_role("button", name="Run the lab").wait_for(timeout=120_000)
     assert page.get_by_test_id("stMultiSelect").filter(has_text="Images per class").count() == 1
     shot(page, "08-lab")
+
+    # Data: a zip of one class is refused with one message and nothing saved; an uploaded dataset can be renamed
+    # and deleted (after a confirmation)
+    import zipfile
+
+    def make_zip(name: str, classes: tuple[str, ...]) -> Path:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as zf:
+            for cls in classes:
+                for f in sorted((EMOJI / cls).iterdir())[:4]:
+                    zf.write(f, f"{path.stem}/{cls}/{f.name}")
+        return path
+
+    nav(page, "Data")
+    page.get_by_text("Bring your own images").click()
+    zip_input = page.get_by_test_id("stFileUploader").filter(has_text="Dataset .zip").locator("input[type=file]")
+    zip_input.set_input_files(str(make_zip("cats.zip", ("animal",))))
+    page.get_by_text("Only one class ('animal') found in cats.zip").wait_for(timeout=60_000)
+    assert page.get_by_text("Unpacked").count() == 0
+    assert [p.name for p in (home / "datasets").iterdir()] == []
+    shot(page, "02c-data-zip-refused")
+    zip_input.set_input_files(str(make_zip("garden.zip", ("animal", "flag"))))
+    page.get_by_text("Unpacked garden.zip as dataset 'garden'").wait_for(timeout=60_000)
+    page.get_by_role("heading", name="Report: garden").wait_for()
+    page.get_by_text("Manage 'garden': rename or delete").click()
+    page.get_by_role("textbox", name="New name").fill("garden birds")
+    page.get_by_role("button", name="Rename", exact=True).click()
+    page.get_by_role("heading", name="Report: garden_birds").wait_for(timeout=60_000)
+    page.get_by_text("Manage 'garden_birds': rename or delete").click()
+    page.get_by_text("Yes, delete 'garden_birds' and its images from this server").click()
+    settle(page)
+    shot(page, "02d-data-manage")
+    page.get_by_role("button", name="Delete dataset", exact=True).click()
+    page.get_by_text("Deleted dataset 'garden_birds' and its images.").wait_for(timeout=60_000)
+    assert [p.name for p in (home / "datasets").iterdir()] == []
 
     # Projects: start one from the sidebar; its link is shown and its (empty) run list is its own
     page.get_by_text("Start a new project").click()

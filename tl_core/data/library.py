@@ -40,6 +40,10 @@ __all__ = [
     "save_uploaded_zip",
     "add_class_images",
     "save_upload",
+    "dataset_runs",
+    "dataset_users",
+    "rename_dataset",
+    "delete_dataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -175,8 +179,12 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: byt
     and rows that point outside the archive (absolute paths, ``..``) are refused. Files left out are
     recorded for the dataset report.
 
+    The unpacked folder must make a dataset (two classes or more, enough usable images in each) before it
+    is moved into place: a zip that cannot is refused with one message and leaves nothing behind.
+
     Raises:
-        DatasetError: not a zip, unsafe, encrypted, too large, no images, or an unusable CSV.
+        DatasetError: not a zip, unsafe, encrypted, too large, no images, one class only, too few usable
+            images in a class, or an unusable CSV.
     """
     if not data:
         raise DatasetError(f"{filename} is empty; upload a .zip with one folder per class.")
@@ -201,6 +209,7 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: byt
         if csv_text is not None:
             report["skipped"] += _sort_by_csv(tmp_dir, csv_name, csv_text, sorted_dir)
             result = sorted_dir
+        _check_trainable(result, filename, ws)  # refused here, before anything is in the dataset list
         # what was left out, for the dataset report (the folder no longer shows it)
         (result / UPLOAD_REPORT).write_text(json.dumps(report))
         os.replace(result, target)
@@ -211,6 +220,16 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: byt
         shutil.rmtree(tmp_dir, ignore_errors=True)
         shutil.rmtree(sorted_dir, ignore_errors=True)
     return target
+
+
+def _check_trainable(folder: Path, filename: str, ws: Workspace) -> None:
+    """Raise the reason an unpacked upload cannot be trained on (one class, a class without usable images), in
+    the words of :func:`open_dataset`, naming the upload instead of the temporary folder."""
+    try:
+        open_dataset(folder, check_cache=ws.cache_dir / "checked.sqlite")
+    except DatasetError as e:
+        msg = str(e).replace(f"{folder.name}/", "").replace(folder.name, filename)
+        raise DatasetError(msg) from None
 
 
 _MAX_CSV_BYTES = 20 * 1024**2
@@ -357,3 +376,137 @@ def save_upload(ws: "Workspace", name: str, data: bytes) -> Path:
         tmp.write_bytes(data)
         os.replace(tmp, target)
     return target
+
+
+# --------------------------------------------------------------------------------------------------
+# managing uploaded datasets: which runs use one, rename, delete
+# --------------------------------------------------------------------------------------------------
+def _uploaded_dir(ws: Workspace, name: str) -> Path:
+    """The folder of the uploaded dataset ``name`` (``<workspace>/datasets/<name>``).
+
+    Raises:
+        DatasetError: no uploaded dataset has that name (sample datasets are not managed here).
+    """
+    if not name or name != safe_name(name, fallback="") or name.startswith("."):
+        raise DatasetError(f"{name!r} is not the name of an uploaded dataset; the Data page lists them.")
+    folder = ws.datasets_dir / name
+    if not folder.is_dir():
+        raise DatasetError(f"No uploaded dataset called {name!r}; only datasets uploaded into the workspace can be "
+                           "renamed or deleted (the sample datasets ship with TL Studio).")
+    return folder
+
+
+def _reads(data: str, folder: Path, ws: Workspace) -> bool:
+    """Whether a run or task given ``data`` reads the files of ``folder``: the folder itself, a file or folder
+    inside it, or a zip that :func:`open_data` unpacks into it (``datasets/<zip stem>``)."""
+    if not isinstance(data, str) or not data:
+        return False
+    p = Path(data).expanduser()
+    try:
+        p = p.resolve()
+    except OSError:
+        return False
+    return p == folder or folder in p.parents or (
+        p.suffix.lower() == ".zip" and ws.datasets_dir.resolve() / p.stem == folder)
+
+
+def _param_paths(params: dict) -> Iterable[str]:
+    for v in (params or {}).values():
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (x for x in v if isinstance(x, str))
+
+
+def dataset_runs(ws: Workspace, name: str) -> list[dict]:
+    """Every run of the workspace (any status) that trained or trains on the uploaded dataset ``name``."""
+    folder = _uploaded_dir(ws, name).resolve()
+    return [r for r in ws.store().list() if _reads(str(r.get("data") or ""), folder, ws)]
+
+
+def dataset_users(ws: Workspace, name: str) -> list[str]:
+    """What is reading the uploaded dataset ``name`` now: queued or running runs and tasks, one phrase each
+    (``"run 20250101-… (running)"``, ``"a task checking the data (queued)"``); empty when nothing is."""
+    from ..runs.store import ACTIVE_STATUSES
+
+    folder = _uploaded_dir(ws, name).resolve()
+    store = ws.store()
+    users = [f"run {r['id']} ({r['status']})" for r in store.list()
+             if r["status"] in ACTIVE_STATUSES and _reads(str(r.get("data") or ""), folder, ws)]
+    for t in store.tasks():
+        if t["status"] in ACTIVE_STATUSES and t["kind"] != "train" and any(
+                _reads(v, folder, ws) for v in _param_paths(t.get("params") or {})):
+            users.append(f"a task {_task_label(t['kind'])} ({t['status']})")
+    return users
+
+
+def _task_label(kind: str) -> str:
+    from ..runs.kinds import KINDS
+
+    label = KINDS[kind].label if kind in KINDS else kind.replace("_", " ")
+    return label[:1].lower() + label[1:]
+
+
+def _refuse_if_used(ws: Workspace, name: str, doing: str) -> None:
+    users = dataset_users(ws, name)
+    if users:
+        raise DatasetError(f"Dataset {name!r} cannot be {doing} while it is in use by {', '.join(users[:3])}"
+                           f"{' …' if len(users) > 3 else ''}; wait until it has finished or cancel it (runs on the "
+                           "Train page), then try again.")
+
+
+def rename_dataset(ws: Workspace, name: str, new_name: str) -> Path:
+    """Rename the uploaded dataset ``name`` to ``new_name`` (sanitised like every upload name).
+
+    Finished runs that trained on it keep their results and record the old path (their image views no longer
+    find its pictures).
+
+    Returns:
+        The dataset's new folder.
+    Raises:
+        DatasetError: no such uploaded dataset, an empty new name, a dataset of that name exists already, or
+            a queued or running run or task reads it.
+    """
+    folder = _uploaded_dir(ws, name)
+    if not str(new_name).strip():
+        raise DatasetError("Give the dataset a new name (letters, digits, '-', '_' or '.').")
+    target_name = safe_name(new_name, fallback="")
+    if not target_name:
+        raise DatasetError(f"{new_name!r} has no letter or digit; give the dataset a name such as 'my_photos'.")
+    if target_name == name:
+        return folder
+    target = ws.datasets_dir / target_name
+    if target.exists():
+        raise DatasetError(f"A dataset called {target_name!r} exists already; choose another name.")
+    _refuse_if_used(ws, name, "renamed")
+    try:
+        os.rename(folder, target)  # atomic on one file system: the dataset is under one name or the other
+    except OSError as e:
+        raise DatasetError(f"Could not rename {name!r} to {target_name!r} ({e.strerror or e}).") from None
+    log.info("dataset %s renamed to %s", name, target_name)
+    return target
+
+
+def delete_dataset(ws: Workspace, name: str) -> int:
+    """Delete the uploaded dataset ``name`` and its images from the workspace.
+
+    The folder is first moved out of the dataset list in one step (a hidden name), then removed, so the list
+    never shows a half-deleted dataset. Runs that trained on it are kept (with their results); the caches keep
+    nothing that names it.
+
+    Returns:
+        How many runs (finished, failed or cancelled) trained on it and are kept.
+    Raises:
+        DatasetError: no such uploaded dataset, or a queued or running run or task reads it.
+    """
+    folder = _uploaded_dir(ws, name)
+    _refuse_if_used(ws, name, "deleted")
+    kept = len(dataset_runs(ws, name))
+    trash = ws.datasets_dir / f".deleting-{name}-{os.getpid()}-{time.time_ns()}"
+    try:
+        os.rename(folder, trash)
+    except OSError as e:
+        raise DatasetError(f"Could not delete {name!r} ({e.strerror or e}).") from None
+    shutil.rmtree(trash, ignore_errors=True)
+    log.info("dataset %s deleted (%d run(s) trained on it are kept)", name, kept)
+    return kept

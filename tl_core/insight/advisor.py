@@ -47,6 +47,8 @@ __all__ = [
     "domain_gap",
     "domain_gap_from_embeddings",
     "GAP_LEVELS",
+    "LOOKALIKES_SHOWN",
+    "UNSHOWN_IMAGENET_CLASSES",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,46 @@ GAP_LEVELS: list[tuple[float, str, str]] = [
      "satellite images look like this): its ImageNet head has no idea what they show. Transfer still beats "
      "training from scratch with few images, but expect fine-tuning (partial or full) to matter more than usual."),
 ]
+
+
+#: ImageNet look-alikes listed per class in the domain-gap hint: the two most frequent are enough to give the
+#: idea; a longer list mostly adds noise.
+LOOKALIKES_SHOWN = 2
+
+#: ImageNet-1k classes never named in the domain-gap hint ("looks like …" next to a user's class): underwear and
+#: swimwear, weapons, an execution device and bathroom items. An icon of a face read as a "brassiere" or a child's
+#: drawing as an "assault rifle" says nothing useful about the domain gap and reads as an insult or a shock in a
+#: classroom or a demo. The images still count for the gap itself; only these names are left out, and the
+#: next look-alikes are listed instead. Indices into the standard ImageNet-1k class order (timm's
+#: ``ImageNetInfo``); the comments give timm's descriptions.
+UNSHOWN_IMAGENET_CLASSES: frozenset[int] = frozenset({
+    413,  # assault rifle, assault gun
+    445,  # bikini, two-piece
+    459,  # brassiere, bra, bandeau
+    465,  # bulletproof vest
+    471,  # cannon
+    529,  # diaper, nappy, napkin
+    583,  # guillotine
+    597,  # holster
+    638,  # maillot
+    639,  # maillot, tank suit
+    655,  # miniskirt, mini
+    657,  # missile
+    680,  # nipple
+    731,  # plunger, plumber's helper
+    744,  # projectile, missile
+    763,  # revolver, six-gun, six-shooter
+    764,  # rifle
+    842,  # swimming trunks, bathing trunks
+    845,  # syringe
+    861,  # toilet seat
+    999,  # toilet tissue, toilet paper, bathroom tissue
+})
+
+
+def _short_imagenet_name(index: int) -> str:
+    """The first of an ImageNet class's synonyms ("espresso", not "tench, Tinca tinca")."""
+    return imagenet_label(index).split(",")[0].strip()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,11 +277,26 @@ def _confidence(rows: list[dict[str, Any]], n_val: int) -> tuple[str, str, str]:
         f"images, more than noise); recommending {best['backbone']}. Try both if time allows." + few)
 
 
+def _recommended_first(rows: list[dict[str, Any]], recommended: str) -> list[dict[str, Any]]:
+    """The ranking a user reads: the recommended backbone first (rank 1), then the others by LogME.
+
+    They differ only when the quick probe clearly beats the LogME favourite (a low-confidence recommendation):
+    the table's first row, the recommendation and its reason then say the same thing.
+    """
+    ordered = [r for r in rows if r["backbone"] == recommended] + [r for r in rows if r["backbone"] != recommended]
+    for i, r in enumerate(ordered, 1):
+        r["rank"] = i
+    return ordered
+
+
 def advise(data: str | os.PathLike | Dataset, backbones: Sequence[str] | None = None,
            workspace: Workspace | None = None, max_per_class: int | None = 50, val_split: float = 0.2,
            seed: int = 0, k: int = 5, progress: Progress | None = None,
            should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Rank backbones for a dataset by LogME, confirmed by a quick linear probe and k-NN on validation.
+
+    The recommendation is always the ranking's first row: the LogME favourite, unless the quick probe clearly
+    beats it, and then the probe's favourite (with a low confidence and a reason that says so).
 
     Args:
         data: dataset path (folder, zip, CSV) or an opened dataset. A ``test`` split is never used.
@@ -252,8 +309,8 @@ def advise(data: str | os.PathLike | Dataset, backbones: Sequence[str] | None = 
         progress: called with {"stage": "advise", "backbone", "index", "count", "done", "total"}.
         should_cancel: polled between batches; True raises :class:`CancelledError`.
     Returns:
-        {"ranking": rows sorted by LogME (best first), each with backbone, rank, logme, leep,
-        probe_accuracy, knn_accuracy, mean_max_softmax, seconds, extract_seconds, cache_hits,
+        {"ranking": the recommended backbone first, then the rest by LogME (best first), each with backbone,
+        rank, logme, leep, probe_accuracy, knn_accuracy, mean_max_softmax, seconds, extract_seconds, cache_hits,
         cache_misses, weights, input_size, params_m; "failed": [{backbone, error}], "recommended",
         "confidence" (high|medium|low), "reason", "images", "train", "val", "classes",
         "max_per_class", "seconds", "method"}.
@@ -314,9 +371,8 @@ def advise(data: str | os.PathLike | Dataset, backbones: Sequence[str] | None = 
     if not rows:
         raise ConfigError("No backbone could be scored: " + "; ".join(f"{f['backbone']}: {f['error']}" for f in failed))
     rows.sort(key=lambda r: -r["logme"])
-    for i, r in enumerate(rows, 1):
-        r["rank"] = i
     recommended, confidence, reason = _confidence(rows, n_va)
+    rows = _recommended_first(rows, recommended)
     return {
         "ranking": rows,
         "failed": failed,
@@ -337,12 +393,13 @@ def advise(data: str | os.PathLike | Dataset, backbones: Sequence[str] | None = 
 # --------------------------------------------------------------------------------------------------
 # domain gap
 # --------------------------------------------------------------------------------------------------
-def domain_gap_from_embeddings(emb: Embeddings, top: int = 3) -> dict[str, Any]:
+def domain_gap_from_embeddings(emb: Embeddings, top: int = LOOKALIKES_SHOWN) -> dict[str, Any]:
     """The domain-gap hint from embeddings whose model keeps its ImageNet head.
 
     Args:
         emb: embeddings (from :func:`tl_core.embedding.embed_items`).
-        top: ImageNet classes listed per class.
+        top: ImageNet classes listed per class (their first name only; never one of
+            :data:`UNSHOWN_IMAGENET_CLASSES`).
     Returns:
         {"backbone", "images", "mean_max_softmax", "median_max_softmax", "mean_entropy" (0-1, entropy
         / log 1000), "level" (near|moderate|far), "reading", "per_class": {class: {"mean_max_softmax",
@@ -364,8 +421,9 @@ def domain_gap_from_embeddings(emb: Embeddings, top: int = 3) -> dict[str, Any]:
         counts = Counter(argmax[m].tolist())
         per_class[c] = {
             "mean_max_softmax": round(float(msp[m].mean()), 4),
-            "looks_like": [{"imagenet": imagenet_label(int(z)), "share": round(n / int(m.sum()), 3)}
-                           for z, n in counts.most_common(top)],
+            "looks_like": [{"imagenet": _short_imagenet_name(int(z)), "share": round(n / int(m.sum()), 3)}
+                           for z, n in counts.most_common()
+                           if int(z) not in UNSHOWN_IMAGENET_CLASSES][:top],
         }
     return {"backbone": emb.backbone, "images": len(emb.items), "mean_max_softmax": round(mean_msp, 4),
             "median_max_softmax": round(float(np.median(msp)), 4) if len(msp) else 0.0,

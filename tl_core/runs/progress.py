@@ -1,5 +1,6 @@
-"""What a user reads about a run: a progress line with the time left, durations, and the rows of the runs
-table (settings a strategy does not use are left blank). Plain data; pages draw it."""
+"""What a user reads about a run: a progress line with the time left, durations, how a run ended, and the rows
+of the runs table and the run comparison (readable column names, settings as people read them, and settings a
+strategy does not use left blank). Plain data; pages draw it."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import fields_for_strategy
+from ..config import field_spec, fields_for_strategy
 
-__all__ = ["describe_progress", "duration_text", "runs_rows", "stop_text", "task_progress", "timing_text"]
+__all__ = ["describe_progress", "duration_text", "runs_rows", "compare_rows", "setting_text", "ended_text",
+           "stop_text", "task_progress", "timing_text", "RUN_SETTINGS", "COMPARED_SETTINGS", "MISSING"]
+
+#: Settings shown per run in the runs table.
+RUN_SETTINGS = ("epochs", "lr", "batch_size", "augment", "seed")
+#: Settings compared side by side.
+COMPARED_SETTINGS = ("backbone", "strategy", "epochs", "lr", "batch_size", "augment", "seed", "val_split")
+#: What a table shows for a value a run does not have (a setting its strategy does not use, no test split).
+MISSING = "—"
 
 
 _STAGES = {
@@ -71,36 +80,122 @@ def describe_progress(status: str, progress: dict[str, Any] | None,
     return min(1.0, max(0.0, frac)), text
 
 
-def runs_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Flat rows (one per run) for a runs table: id, status, when, data, config and results.
+def setting_text(name: str, value: Any) -> str | None:
+    """A :class:`~tl_core.config.TrainConfig` value as people read it: a choice by its label ("Linear probe",
+    "Light"), whole numbers without ".0", the validation share as a percentage; None stays None (blank)."""
+    if value is None:
+        return None
+    try:
+        spec = field_spec(name)
+    except KeyError:
+        spec = None
+    if spec is not None and spec.choices and value in spec.choices:
+        return spec.choices[value].label.split(" (")[0]
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if name == "val_split" and isinstance(value, (int, float)):
+        return f"{value:.0%}"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and name != "lr" else f"{value:g}"
+    return str(value)
 
-    Settings the run's strategy does not use (a linear probe has no learning rate, batches or augmentation)
-    are None, so the table shows them blank rather than a misleading default.
+
+def _used(cfg: dict[str, Any]) -> set[str]:
+    return set(fields_for_strategy(cfg.get("strategy", "")))
+
+
+def _int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def runs_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows (one per run) for the runs table, with readable column names: run, status, when, data, settings
+    and results.
+
+    Accuracies and times stay numbers (the table formats and sorts them); settings are text as
+    :func:`setting_text` writes them. Settings the run's strategy does not use (a linear probe has no learning
+    rate, batches or augmentation) and results a run does not have are None: the table shows them blank
+    (:data:`MISSING`), never a misleading default or the word "None".
     """
     rows = []
     for r in runs:
         cfg = r.get("config") or {}
         s = r.get("summary") or {}
         w = r.get("weights") or s.get("weights") or {}
-        used = set(fields_for_strategy(cfg.get("strategy", "")))
+        used = _used(cfg)
         row = {
-            "run": r["id"],
-            "status": r["status"],
-            "data": Path(str(r.get("data", ""))).name,
-            "backbone": cfg.get("backbone"),
-            "strategy": cfg.get("strategy"),
-            "val_accuracy": s.get("val_accuracy"),
-            "test_accuracy": s.get("test_accuracy"),
-            "seconds": s.get("seconds"),
-            "best_epoch": s.get("best_epoch"),
+            "Run": r["id"],
+            "Status": r["status"],
+            "Data": Path(str(r.get("data", ""))).name,
+            "Backbone": cfg.get("backbone"),
+            "Strategy": setting_text("strategy", cfg.get("strategy")),
+            "Val accuracy": s.get("val_accuracy"),
+            "Test accuracy": s.get("test_accuracy"),
+            "Seconds": s.get("seconds"),
+            "Best epoch": _int(s.get("best_epoch")),
         }
-        for key in ("epochs", "lr", "batch_size", "augment", "seed"):
-            row[key] = cfg.get(key) if key in used else None
-        row.update({"weights": w.get("source"),
-                    "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
-                    "error": r.get("error")})
+        for key in RUN_SETTINGS:
+            row[field_spec(key).label] = setting_text(key, cfg.get(key)) if key in used else None
+        row.update({"Weights": w.get("source"),
+                    "Created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
+                    "Error": r.get("error") or None})
         rows.append(row)
     return rows
+
+
+def compare_rows(runs: Sequence[dict[str, Any]], val_metrics: dict[str, dict[str, Any] | None] | None = None
+                 ) -> dict[str, dict[str, str]]:
+    """The run comparison as text: {row label: {run id: value}}, settings first, then results.
+
+    Args:
+        runs: the runs compared (store rows).
+        val_metrics: per run id, its validation metrics (``macro_f1``, ``log_loss``, ``count``) when known.
+    Returns:
+        Every cell a string; a setting the run's strategy does not use, or a result it does not have, is
+        :data:`MISSING`.
+    """
+    val_metrics = val_metrics or {}
+    out: dict[str, dict[str, str]] = {"Status": {}, "Data": {}}
+    for key in COMPARED_SETTINGS:
+        out[field_spec(key).label] = {}
+    for label in ("Val accuracy", "Test accuracy", "Best epoch", "Seconds", "Macro F1", "Log loss", "Val images"):
+        out[label] = {}
+
+    def pct(v: Any) -> str:
+        return MISSING if v is None else f"{float(v):.1%}"
+
+    def num(v: Any, fmt: str) -> str:
+        return MISSING if v is None else format(float(v), fmt)
+
+    for r in runs:
+        i, cfg, s = r["id"], r.get("config") or {}, r.get("summary") or {}
+        used = _used(cfg)
+        m = val_metrics.get(i) or {}
+        out["Status"][i] = r["status"]
+        out["Data"][i] = Path(str(r.get("data", ""))).name or MISSING
+        for key in COMPARED_SETTINGS:
+            text = setting_text(key, cfg.get(key)) if key in used else None
+            out[field_spec(key).label][i] = MISSING if text is None else text
+        out["Val accuracy"][i] = pct(s.get("val_accuracy"))
+        out["Test accuracy"][i] = pct(s.get("test_accuracy"))
+        out["Best epoch"][i] = MISSING if s.get("best_epoch") is None else str(int(s["best_epoch"]))
+        out["Seconds"][i] = num(s.get("seconds"), ".1f")
+        out["Macro F1"][i] = num(m.get("macro_f1"), ".3f")
+        out["Log loss"][i] = num(m.get("log_loss"), ".3f")
+        out["Val images"][i] = MISSING if m.get("count") is None else str(int(m["count"]))
+    return out
+
+
+def ended_text(status: str, error: str | None) -> str:
+    """One line on a run that ended without a model: "Cancelled before it started.", "Interrupted: the worker
+    process died." — the status word once, never "Cancelled: Cancelled…"."""
+    word = status.capitalize()
+    err = (error or "").strip()
+    if not err:
+        return f"{word}."
+    if err.lower().startswith(status.lower()):
+        return err
+    return f"{word}: {err}"
 
 
 def stop_text(strategy: str, stop: dict[str, Any], best_epoch: int | None) -> str | None:

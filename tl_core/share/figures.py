@@ -13,7 +13,30 @@ __all__ = ["class_counts", "training_curves", "confusion", "top_k", "advisor_sco
            "reliability", "ARM_NAMES", "learning_curve"]
 
 _COLORS = qualitative.Plotly
-_LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.18))
+
+# Layout shared by every chart (app and HTML report alike), so that no chart's pieces overlap:
+# - plotly's modebar (zoom, download…) appears over the top-right corner of a chart on hover: the top margin keeps
+#   a band for it above the (subplot) titles, and a little room even on charts with nothing above the plot;
+# - the legend sits below everything, at the bottom of the figure (``yref="container"``), with a bottom margin
+#   that holds the tick labels, the x-axis title and the legend's rows: never over the axis title.
+_TOP_TITLED = 64  # a chart with (subplot) titles or annotations above the plot
+_TOP_PLAIN = 36  # nothing above the plot: room for the modebar only
+_AXIS_BAND = 62  # tick labels and the x-axis title below the plot
+_LEGEND_ROW = 24
+
+
+def _layout(titled: bool = False, legend_rows: int = 0, x_title: bool = True) -> dict[str, Any]:
+    """Margins and legend placement for a chart (see above): ``legend_rows`` 0 means no legend shown."""
+    bottom = (_AXIS_BAND if x_title else 30) + legend_rows * _LEGEND_ROW
+    out: dict[str, Any] = dict(margin=dict(l=10, r=10, t=_TOP_TITLED if titled else _TOP_PLAIN, b=bottom),
+                               modebar=dict(bgcolor="rgba(255,255,255,0.7)"))
+    if legend_rows:
+        out["legend"] = dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, xanchor="left")
+    return out
+
+
+def _legend_rows(n_entries: int, per_row: int = 4) -> int:
+    return 0 if n_entries == 0 else -(-n_entries // per_row)
 
 
 def class_counts(counts: Mapping[str, int], split_counts: Mapping[str, Mapping[str, int]] | None = None) -> go.Figure:
@@ -26,7 +49,8 @@ def class_counts(counts: Mapping[str, int], split_counts: Mapping[str, Mapping[s
     else:
         fig.add_bar(x=list(counts), y=list(counts.values()), marker_color=_COLORS[0],
                     text=list(counts.values()), textposition="outside", cliponaxis=False)
-    fig.update_layout(height=300, xaxis_title="class", yaxis_title="images", **_LAYOUT)
+    fig.update_layout(height=300, xaxis_title="class", yaxis_title="images",
+                      **_layout(legend_rows=_legend_rows(len(split_counts or {}))))
     return fig
 
 
@@ -49,10 +73,14 @@ def training_curves(series: Mapping[str, Sequence[Mapping[str, Any]]]) -> go.Fig
                                 name=f"{name} {label}" if len(series) > 1 else label,
                                 showlegend=col == 1, row=1, col=col)
     last = max((r["epoch"] for rows in series.values() for r in rows), default=0)
-    # whole epochs only (epoch 0 is the linear probe fine-tuning starts from)
-    fig.update_xaxes(title_text="epoch", **({"dtick": 1} if last <= 20 else {}))
+    # whole epochs only (epoch 0 is the linear probe fine-tuning starts from); epochs and losses are never
+    # negative, so a run with a single epoch is a dot on positive axes, not one floating around 0
+    fig.update_xaxes(title_text="epoch", rangemode="nonnegative", **({"dtick": 1} if last <= 20 else {}))
+    fig.update_yaxes(rangemode="tozero", row=1, col=1)
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
-    fig.update_layout(height=340, **_LAYOUT)
+    entries = sum(1 for t in fig.data if t.showlegend is not False)
+    fig.update_layout(height=340 + 24 * max(0, _legend_rows(entries) - 1),
+                      **_layout(titled=True, legend_rows=_legend_rows(entries)))
     return fig
 
 
@@ -68,7 +96,7 @@ def confusion(matrix: Sequence[Sequence[float]], classes: Sequence[str], normali
     ))
     side = min(700, 140 + 48 * n)
     fig.update_layout(height=side, xaxis_title="predicted class", yaxis_title="true class",
-                      yaxis_autorange="reversed", margin=dict(l=10, r=10, t=30, b=10))
+                      yaxis_autorange="reversed", **_layout())
     fig.update_xaxes(side="bottom", tickangle=-30 if n > 6 else 0)
     return fig
 
@@ -80,7 +108,7 @@ def top_k(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     fig = go.Figure(go.Bar(x=conf, y=labels, orientation="h", marker_color=_COLORS[0],
                            text=[f"{c:.1%}" for c in conf], textposition="auto"))
     fig.update_layout(height=60 + 34 * len(rows), xaxis=dict(range=[0, 1], tickformat=".0%"),
-                      margin=dict(l=10, r=10, t=10, b=10))
+                      **{**_layout(x_title=False), "margin": dict(l=10, r=10, t=_TOP_PLAIN, b=10)})
     return fig
 
 
@@ -104,7 +132,7 @@ def advisor_scores(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
         fig.add_bar(x=names, y=[r[key] for r in rows], name=label, marker_color=_COLORS[n + 1],
                     text=[f"{r[key]:.0%}" for r in rows], textposition="outside", cliponaxis=False, row=1, col=2)
     fig.update_yaxes(range=[0, 1.12], tickformat=".0%", row=1, col=2)
-    fig.update_layout(height=340, barmode="group", **_LAYOUT)
+    fig.update_layout(height=360, barmode="group", **_layout(titled=True, legend_rows=1, x_title=False))
     return fig
 
 
@@ -145,7 +173,7 @@ def embedding_map(df: Any, title: str = "", highlight_misclassified: bool = Fals
     fig.update_xaxes(showticklabels=False, title_text="")
     fig.update_yaxes(showticklabels=False, title_text="", scaleanchor=None)
     fig.update_layout(height=460, title=dict(text=title, font=dict(size=14)), clickmode="event+select",
-                      margin=dict(l=10, r=10, t=40 if title else 10, b=10),
+                      margin=dict(l=10, r=10, t=_TOP_TITLED if title else _TOP_PLAIN, b=10),
                       legend=dict(orientation="v", x=1.01, y=1))
     return fig, rows
 
@@ -161,9 +189,9 @@ def domain_gap(per_class: Mapping[str, Mapping[str, Any]], levels: Sequence[tupl
         if lo > 0:
             fig.add_vline(x=lo, line=dict(color="#9ca3af", dash="dash"),
                           annotation_text=f"{level} above", annotation_position="top")
-    fig.update_layout(height=80 + 30 * len(names), xaxis=dict(range=[0, 1], title="how sure the ImageNet head is "
+    fig.update_layout(height=140 + 30 * len(names), xaxis=dict(range=[0, 1], title="how sure the ImageNet head is "
                                                                                "(mean max-softmax)"),
-                      yaxis=dict(autorange="reversed"), margin=dict(l=10, r=10, t=30, b=10))
+                      yaxis=dict(autorange="reversed"), **_layout(titled=True))
     return fig
 
 
@@ -188,7 +216,8 @@ def reliability(before: Mapping[str, Any], after: Mapping[str, Any] | None = Non
                           "(bin %{customdata[1]:.1f}–%{customdata[2]:.1f})<extra></extra>",
         )
     fig.update_layout(height=400, xaxis=dict(range=[0, 1.02], tickformat=".0%", title="confidence (predicted)"),
-                      yaxis=dict(range=[0, 1.02], tickformat=".0%", title="accuracy (actual)"), **_LAYOUT)
+                      yaxis=dict(range=[0, 1.02], tickformat=".0%", title="accuracy (actual)"),
+                      **_layout(legend_rows=_legend_rows(len(curves) + 1, per_row=2)))
     return fig
 
 
@@ -222,5 +251,6 @@ def learning_curve(rows: Sequence[Mapping[str, Any]], n_classes: int) -> go.Figu
     fig.update_xaxes(title_text="training images per class", type="log", tickvals=sizes, row=1, col=1)
     fig.update_xaxes(title_text="images per class", type="category", row=1, col=2)
     fig.update_yaxes(range=[0, 1.05], tickformat=".0%", row=1, col=1)
-    fig.update_layout(height=420, barmode="group", **_LAYOUT)
+    entries = sum(1 for t in fig.data if t.showlegend is not False)
+    fig.update_layout(height=440, barmode="group", **_layout(titled=True, legend_rows=_legend_rows(entries, 3)))
     return fig
