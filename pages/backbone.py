@@ -206,6 +206,7 @@ with session.page_errors():
         "ms / image here": speeds.get(r["name"]),
         "weights": r["weights"],
         "offline": "yes" if r["available_offline"] else "needs internet once",
+        "licence": r["license"],
         "notes": r["note"],
     } for r in rows])
     st.dataframe(
@@ -219,6 +220,8 @@ with session.page_errors():
                 help="Forward pass time per image on this machine (batch of 8). Press 'Measure speed'.", format="%.1f"),
             "weights": st.column_config.TextColumn(
                 help="packaged: shipped in a Python package, works offline; hub: downloaded by timm on first use."),
+            "licence": st.column_config.TextColumn(help="The licence of the pretrained weights: what you may do "
+                                                        "with a model fine-tuned from them."),
         },
     )
     speed_controls(ws, rows, speeds)
