@@ -231,8 +231,9 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     page.get_by_role("heading", name=re.compile(r"^Run \d{8}-\d{6}-[0-9a-f]{6}$")).wait_for()
     page.wait_for_function("() => location.search.includes('run=')")
     run_id = parse_qs(urlparse(page.url).query)["run"][0]
-    # live progress while the worker runs (the page polls the run store every second)
-    page.get_by_test_id("stProgress").filter(has_text=re.compile(r"left · \d+ s since the click$")).wait_for(
+    # live progress while the worker runs (the page polls the run store every second); on a quiet machine with a
+    # warm cache the run can pass its timed stages between two polls, so any stage's progress counts
+    page.get_by_test_id("stProgress").filter(has_text=re.compile(r" · \d+ s since the click$")).first.wait_for(
         timeout=TRAIN_TIMEOUT_MS)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "04a-train-running.png"))
