@@ -145,7 +145,13 @@ def _subcommands() -> dict:
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
+    out = dict(sub.choices)
+    for name, sp in sub.choices.items():  # `tl-core data import ...`: a command with verbs is one entry per verb
+        nested = [a for a in sp._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            del out[name]
+            out.update({f"{name} {verb}": v for verb, v in nested[0].choices.items()})
+    return out
 
 
 def _options(subparser) -> dict[str, object]:
@@ -182,7 +188,7 @@ def _readme_contract() -> dict[str, str]:
     out: dict[str, str] = {}
     last = None
     for line in block.splitlines():
-        m = re.match(r"tl-core (\S+)(.*)", line)
+        m = re.match(r"tl-core (data \S+|\S+)(.*)", line)
         if m:
             last = m.group(1)
             out[last] = m.group(2)

@@ -392,6 +392,142 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# tl-core data: managed datasets and their versions
+# --------------------------------------------------------------------------------------------------
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _counts_text(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "not versioned yet"
+    return (f"{c['images']} images in {len(c['classes'])} classes"
+            + (f", {c['excluded']} excluded" if c.get("excluded") else ""))
+
+
+def _version_out(args: argparse.Namespace, name: str, entry: dict[str, Any]) -> int:
+    out = {"name": name, **entry}
+    if args.json:
+        _print_json(out)
+    else:
+        note = " (nothing changed)" if entry.get("unchanged") else ""
+        print(f"{name}@{entry['version']}: {entry['change']}{note}; {_counts_text(entry['counts'])}")
+    return 0
+
+
+def cmd_data_import(args: argparse.Namespace) -> int:
+    from .data.versions import import_dataset
+
+    res = import_dataset(_workspace(), args.path, args.name)
+    if args.json:
+        _print_json(res)
+        return 0
+    print(f"imported {args.path} as {res['name']}@{res['version']}: {_counts_text(res['counts'])}")
+    for s in res["skipped"]:
+        print(f"  left out {s['path']}: {s['reason']}")
+    return 0
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from .data.versions import managed_datasets
+
+    rows = managed_datasets(_workspace())
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no datasets in the workspace (`tl-core data import PATH` adds one)")
+    for r in rows:
+        print(f"{r['name']:24} {r['version'] or '-':10}  {_when(r['when'])}  {_counts_text(r['counts'])}")
+    return 0
+
+
+def cmd_data_versions(args: argparse.Namespace) -> int:
+    from .data.versions import history
+
+    rows = history(_workspace(), args.name)
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        print(f"{r['version']}  {_when(r['when'])}  {_counts_text(r['counts']):40}  {r['change']}")
+    return 0
+
+
+def cmd_data_exclude(args: argparse.Namespace) -> int:
+    from .data.versions import exclude_images
+
+    return _version_out(args, args.name, exclude_images(_workspace(), args.name, args.files))
+
+
+def cmd_data_relabel(args: argparse.Namespace) -> int:
+    from .data.versions import relabel_images
+
+    return _version_out(args, args.name, relabel_images(_workspace(), args.name, args.files, args.to))
+
+
+def cmd_data_restore(args: argparse.Namespace) -> int:
+    from .data.versions import restore_version
+
+    return _version_out(args, args.name, restore_version(_workspace(), args.name, args.version))
+
+
+def cmd_data_delete(args: argparse.Namespace) -> int:
+    from .data.library import delete_dataset
+
+    kept = delete_dataset(_workspace(), args.name)
+    if args.json:
+        _print_json({"name": args.name, "deleted": True, "runs_kept": kept})
+    else:
+        print(f"deleted {args.name}" + (f"; {kept} run(s) trained on it are kept" if kept else ""))
+    return 0
+
+
+def _add_data_commands(sub: Any) -> None:
+    s = sub.add_parser("data", help="managed datasets of the workspace: import, versions, exclude, relabel, restore")
+    verbs = s.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+
+    v = verbs.add_parser("import", help="copy a folder, zip or CSV into the workspace as a managed dataset")
+    v.add_argument("path", help="folder with one sub-folder per class, a .zip of one, or a CSV of path,label")
+    v.add_argument("--name", default=None, help="the dataset's name (default: the folder's or file's name)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_data_import)
+
+    v = verbs.add_parser("list", help="the datasets of the workspace and their current versions")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_data_list)
+
+    v = verbs.add_parser("versions", help="a dataset's versions, newest first")
+    v.add_argument("name")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_data_versions)
+
+    v = verbs.add_parser("exclude", help="leave images out (a new version)")
+    v.add_argument("name")
+    v.add_argument("files", nargs="+", metavar="FILE", help="an image's path inside the dataset, e.g. cats/img_001.png")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_data_exclude)
+
+    v = verbs.add_parser("relabel", help="move images to another class (a new version)")
+    v.add_argument("name")
+    v.add_argument("files", nargs="+", metavar="FILE", help="an image's path inside the dataset, e.g. cats/img_001.png")
+    v.add_argument("--to", required=True, metavar="CLASS", help="the class to move them to (existing or new)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_data_relabel)
+
+    v = verbs.add_parser("restore", help="make a new version equal to an earlier one")
+    v.add_argument("name")
+    v.add_argument("version", help="a version id (or its first four characters or more)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_data_restore)
+
+    v = verbs.add_parser("delete", help="delete a dataset of the workspace (refused while a run uses it)")
+    v.add_argument("name")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_data_delete)
+
+
 def _flag_type(spec: Any, default: Any) -> Any:
     if spec.widget == "toggle" or isinstance(default, bool):
         return None
@@ -539,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="measure only; do not save the temperature")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_calibrate)
+
+    _add_data_commands(sub)
     return p
 
 

@@ -81,6 +81,7 @@ class Dataset:
     items: list[ImageItem]
     skipped: list[SkippedFile] = field(default_factory=list)
     ignored: int = 0  # dot-files, __MACOSX, thumbs.db and the like: counted, not listed
+    version: str = ""  # NAME@VERSION of a managed dataset's version (tl_core.data.versions); "" for a plain path
 
     @property
     def fingerprint(self) -> str:

@@ -133,11 +133,13 @@ def dataset_signature(path: str | os.PathLike) -> str:
 def open_data(data: str | os.PathLike | Dataset, workspace: "Workspace | None" = None, *,
               min_per_class: int | None = None, progress: Callable[[int, int], None] | None = None,
               should_cancel: Callable[[], bool] | None = None) -> Dataset:
-    """Open any ``DATA`` (folder, zip, CSV) through the workspace, or pass a :class:`Dataset` through.
+    """Open any ``DATA`` (folder, zip, CSV, ``NAME`` or ``NAME@VERSION`` of a managed dataset) through the
+    workspace, or pass a :class:`Dataset` through.
 
     The one way the engine, the pages and the command line open a dataset: zips unpack into the workspace's
     ``datasets/`` folder (once per content), and the workspace's check cache means an unchanged file is not
-    read again.
+    read again. A dataset of the workspace (named, or by its folder) opens as its current version, or the
+    version named (:mod:`tl_core.data.versions`).
 
     Args:
         data: dataset path or an already opened dataset.
@@ -152,15 +154,22 @@ def open_data(data: str | os.PathLike | Dataset, workspace: "Workspace | None" =
     """
     if isinstance(data, Dataset):
         return data
-    src = Path(data)
-    if not src.exists():
-        raise DatasetError(f"{data} does not exist; give a folder with one sub-folder per class, a .zip of one, "
-                           "or a CSV of path,label.")
     if workspace is None:
         from ..runs.workspace import Workspace
 
         workspace = Workspace.default()
     extra = {} if min_per_class is None else {"min_per_class": min_per_class}
+    from .versions import is_managed, open_version, parse_ref
+
+    ref = parse_ref(workspace, data)
+    # NAME, NAME@VERSION, or the folder of a versioned dataset: that version's images and labels (a folder not
+    # versioned yet opens as the folder it is, and is versioned when first trained on or changed)
+    if ref is not None and (ref.version or is_managed(workspace, ref.name) or not Path(data).exists()):
+        return open_version(workspace, ref.name, ref.version, progress=progress, should_cancel=should_cancel, **extra)
+    src = Path(data)
+    if not src.exists():
+        raise DatasetError(f"{data} does not exist; give a folder with one sub-folder per class, a .zip of one, "
+                           "a CSV of path,label, or the name of a dataset of the workspace (`tl-core data list`).")
     return open_dataset(src, extract_dir=None if src.is_dir() else workspace.datasets_dir / src.stem,
                         check_cache=workspace.cache_dir / "checked.sqlite", progress=progress,
                         should_cancel=should_cancel, **extra)
@@ -213,6 +222,9 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: byt
         # what was left out, for the dataset report (the folder no longer shows it)
         (result / UPLOAD_REPORT).write_text(json.dumps(report))
         os.replace(result, target)
+        from .versions import ensure_versions
+
+        ensure_versions(ws, target.name, change=f"uploaded {filename}")
         if report["skipped"]:
             log.info("%s: %d file(s) left out", filename, len(report["skipped"]))
     finally:
@@ -323,10 +335,14 @@ def add_class_images(ws: Workspace, dataset: str, class_name: str,
     Raises:
         DatasetError: the class name is empty, or no file was a usable image.
     """
+    from .versions import images_root, add_images, is_managed
+
     if not str(class_name).strip():
         raise DatasetError("Give the class a name (for example 'cats') before adding its images.")
     ds_dir = ws.datasets_dir / safe_name(dataset)
-    cls_dir = ds_dir / safe_name(class_name, fallback="class")
+    managed = is_managed(ws, ds_dir.name)
+    base = images_root(ds_dir) if managed else ds_dir
+    cls_dir = base / safe_name(class_name, fallback="class")
     saved: list[str] = []
     skipped: list[dict[str, str]] = []
     for name, data in files:
@@ -352,6 +368,9 @@ def add_class_images(ws: Workspace, dataset: str, class_name: str,
         reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
         raise DatasetError(f"None of the files could be added as images ({reasons or 'no files'}); "
                            "upload .jpg, .png, .webp or .bmp images.")
+    if managed:  # a new version with the new images; a dataset not versioned yet takes them in its first one
+        add_images(ws, ds_dir.name, [(f"{cls_dir.name}/{n}", cls_dir.name) for n in saved],
+                   f"added {len(saved)} image(s) to {cls_dir.name!r}")
     return ds_dir, saved, skipped
 
 
@@ -401,6 +420,9 @@ def _reads(data: str, folder: Path, ws: Workspace) -> bool:
     inside it, or a zip that :func:`open_data` unpacks into it (``datasets/<zip stem>``)."""
     if not isinstance(data, str) or not data:
         return False
+    name, at, _ = data.partition("@")
+    if at and "/" not in data:  # NAME@VERSION of a managed dataset
+        return ws.datasets_dir.resolve() / name == folder
     p = Path(data).expanduser()
     try:
         p = p.resolve()

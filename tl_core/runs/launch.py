@@ -134,13 +134,10 @@ def train_with_group(ws: Workspace, data: str | os.PathLike, cfg: Any, nproc: in
                      test_data: str | os.PathLike | None = None,
                      progress: Callable[[dict[str, Any]], None] | None = None) -> str:
     """``tl-core train ... --nproc N``: create the run, train it with a torchrun group, return its id."""
-    from ..errors import DatasetError
+    from ..data.versions import pin
 
     cfg = cfg.resolved()
-    data = Path(data).expanduser().resolve()
-    if not data.exists():
-        raise DatasetError(f"{data} does not exist; give a folder with one sub-folder per class, a .zip of one, "
-                           "or a CSV of path,label.")
+    data = pin(ws, data)  # an absolute path, or NAME@VERSION of a managed dataset
     store = ws.store()
     run_id = store.create_run(str(data), cfg.to_dict(), status="queued")
     if test_data is not None:

@@ -217,10 +217,10 @@ def submit_training(ws: Workspace, data: str | os.PathLike, cfg: TrainConfig, ow
         DatasetError: the data path does not exist.
         QueueFullError: too many tasks are waiting.
     """
+    from ..data.versions import pin
+
     cfg = cfg.resolved()
-    data = Path(data).expanduser().resolve()
-    if not data.exists():
-        raise DatasetError(f"{data} does not exist; choose a dataset first.")
+    data = pin(ws, data)  # an absolute path, or NAME@VERSION of a managed dataset (the version trained on)
     store = ws.store()
     run_id = store.create_run(str(data), cfg.to_dict(), status="queued", name=name, owner=owner)
     store.update(run_id, progress={"stage": "queued", "time": time.time()})

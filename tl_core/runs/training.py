@@ -26,6 +26,7 @@ from ..cache import DecodedImageCache, FeatureCache, enforce_cache_limit
 from ..config import TrainConfig
 from ..data.intake import ImageItem
 from ..data.library import open_data
+from ..data.versions import pin
 from ..data.report import dataset_report
 from ..data.splits import Split, split_dataset
 from ..errors import CancelledError, DatasetError, TLError
@@ -71,6 +72,7 @@ class TrainResult:
     world_size: int = 1  # processes that trained it (torchrun)
     device: str = "cpu"
     precision: str = "fp32"
+    dataset_version: str | None = None  # NAME@VERSION of a managed dataset; None for a plain path
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -261,8 +263,9 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             backbone=cfg.backbone,
             arch=model.default_cfg.get("architecture", cfg.backbone) if hasattr(model, "default_cfg") else cfg.backbone,
             classes=classes, preprocess=pre.to_dict(), data_config=data_cfg, weights=winfo.to_dict(),
-            dataset={k: report[k] for k in ("source", "fingerprint", "counts", "num_images", "imbalance_ratio",
-                                            "skipped", "image_size", "warnings", "split")},
+            dataset={**{k: report[k] for k in ("source", "fingerprint", "counts", "num_images", "imbalance_ratio",
+                                               "skipped", "image_size", "warnings", "split")},
+                     "version": ds.version or None},
             fit_on=fit_on, runtime=rt.to_dict()))
         splits = {"val": SplitPredictions("val", [str(i.path) for i in split.val], [i.label for i in split.val],
                                           np.asarray(val_logits, np.float64), val_model)}
@@ -291,6 +294,7 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         "seconds": round(seconds, 3),
         "weights": winfo.to_dict(),
         "dataset_fingerprint": ds.fingerprint,
+        "dataset_version": ds.version or None,
         "feature_cache": info.get("feature_cache"),
         "decoded_cache": {"hits": decoded.hits, "misses": decoded.misses},
         **rt.to_dict(),
@@ -318,13 +322,15 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
         runtime: the device and process group (default: started from ``cfg.device`` and torchrun's environment).
     """
     cfg = cfg.resolved()
-    # absolute paths in the run record and predictions: the run works from any directory later
-    data = Path(data).expanduser().resolve()
-    test_data = Path(test_data).expanduser().resolve() if test_data is not None else None
+    # absolute paths in the run record and predictions: the run works from any directory later; a managed
+    # dataset is recorded as NAME@VERSION, the version trained on
     check_backbone_name(cfg.backbone)  # fail before checking thousands of images
-    if run_id is None and not Path(data).exists():
-        raise DatasetError(f"{data} does not exist; give a folder with one sub-folder per class, a .zip of one, "
-                           "or a CSV of path,label.")
+    try:
+        data = pin(workspace, data)
+    except DatasetError:
+        if run_id is None:
+            raise  # a queued run whose data went away fails below, recorded
+    test_data = Path(test_data).expanduser().resolve() if test_data is not None else None
     if runtime is None and under_torchrun():
         rt = distributed_start(cfg.device)
         try:  # the group is left at the end, so that torchrun sees every rank finish cleanly
@@ -440,5 +446,5 @@ def _result(run_id: str | None, run_dir: Path, status: str, s: dict[str, Any], s
                        epochs_run=s.get("epochs_run", 0), seconds=round(seconds, 3), weights=s.get("weights", {}),
                        counts=s.get("counts", {}), error=error, stop=s.get("stop") or {},
                        world_size=int(s.get("world_size", 1)), device=str(s.get("device", "cpu")),
-                       precision=str(s.get("precision", "fp32")))
+                       precision=str(s.get("precision", "fp32")), dataset_version=s.get("dataset_version"))
 
