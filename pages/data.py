@@ -1,11 +1,13 @@
 """Data: choose a sample dataset, upload a zip, or build a dataset class by class; rename or delete an uploaded
 one; see its report."""
 
+import time
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
+from pages import _fix as fixes
 from pages import _map_view as map_view
 from pages import _session as session
 from pages import _tasks as task_ui
@@ -13,7 +15,8 @@ from tl_core.runs import tasks
 from tl_core.config import CLASS_BALANCE, field_help
 from tl_core.data.images import IMAGE_EXTENSIONS
 from tl_core.data.library import (add_class_images, dataset_runs, dataset_signature, dataset_users, delete_dataset,
-                                  rename_dataset, save_uploaded_zip)
+                                  rename_dataset, safe_name, save_uploaded_zip)
+from tl_core.data import versions
 from tl_core.errors import DatasetError
 from tl_core.share import figures as charts
 
@@ -66,8 +69,14 @@ def _thumbs(paths: list[str], captions: list[str], width: int = 96) -> None:
         st.image([p for p, _ in shown], width=width, caption=[c for _, c in shown])
 
 
-def show_audit(audit: dict, ws) -> None:
-    """The audit's findings, each with the images concerned."""
+def _keep_one_of_each(ws, data: str, groups: list[list[str]]) -> None:
+    """Bulk fix (a button callback): exclude every copy but the first of each exact-duplicate group."""
+    fixes.apply(ws, data, "exclude", [p for g in groups for p in g[1:]], why="exact duplicates: one of each kept",
+              follow=True)
+
+
+def show_audit(audit: dict, ws, data: str, classes: list[str]) -> None:
+    """The audit's findings, each with the images concerned and one-click fixes (exclude, move to a class)."""
     leaks, exact, near = audit["leakage"], audit["exact_duplicates"], audit["near_duplicates"]
     issues, odd, imb = audit["label_issues"], audit["odd_images"], audit["imbalance"]
     problems = bool(leaks or exact or near or issues or odd or imb["imbalanced"])
@@ -105,34 +114,50 @@ def show_audit(audit: dict, ws) -> None:
     if leaks:
         with st.expander(f"Validation images that leak from training ({len(leaks)})", expanded=True,
                          icon=":material/warning:"):
-            st.caption("Each pair: the validation (or test) image, then the training image it copies. Remove one of "
-                       "them from the dataset before training.")
-            for r in leaks[:12]:
-                _thumbs([r["held_out"], r["train"]],
-                        [f"{r['split']}: {_name(r['held_out'])}",
-                         f"train: {_name(r['train'])} ({r['kind']}, {r['similarity']:.3f})"])
+            st.caption("Each pair: the validation (or test) image, then the training image it copies. Exclude one of "
+                       "them before training.")
+            fixes.fixable_images(ws, data, [it for r in leaks[:12] for it in (
+                {"path": r["held_out"], "label": r.get("label_held_out") or Path(r["held_out"]).parent.name,
+                 "caption": f"{r['split']}: {_name(r['held_out'])}", "why": "leaked into validation"},
+                {"path": r["train"], "label": r.get("label_train") or Path(r["train"]).parent.name,
+                 "caption": f"train: {_name(r['train'])} ({r['kind']}, {r['similarity']:.3f})",
+                 "why": "leaked into validation"})], classes, "leak", per_row=4, follow=True)
     if exact:
         with st.expander(f"Exact duplicates ({len(exact)} group(s))", expanded=len(exact) <= 5):
-            for g in exact[:20]:
+            copies = sum(len(g["paths"]) - 1 for g in exact)
+            st.button(f"Keep one of each group (exclude {copies} copies)", key="keep_one_each",
+                      on_click=_keep_one_of_each, args=(ws, data, [g["paths"] for g in exact]),
+                      icon=":material/filter_1:", type="primary",
+                      help="One new version of the dataset in which each group of identical files keeps its first "
+                           "image only.")
+            for n, g in enumerate(exact[:20]):
                 note = " — **different labels!**" if g["conflicting_labels"] else ""
                 st.markdown(f"{len(g['paths'])} identical files{note}")
-                _thumbs(g["paths"], [f"{lab}: {_name(p)}" for p, lab in zip(g["paths"], g["labels"])], 80)
+                fixes.fixable_images(ws, data, [{"path": p, "label": lab, "caption": f"{lab}: {_name(p)}",
+                                               "why": "exact duplicate"} for p, lab in zip(g["paths"], g["labels"])],
+                                   classes, f"exact-{n}", width=80, follow=True)
     if near:
         with st.expander(f"Near duplicates ({len(near)} pair(s))", expanded=len(near) <= 5):
-            for r in near[:20]:
-                _thumbs([r["a"], r["b"]], [f"{r['label_a']}: {_name(r['a'])}",
-                                          f"{r['label_b']}: {_name(r['b'])} (similarity {r['similarity']:.3f})"], 80)
+            for n, r in enumerate(near[:20]):
+                fixes.fixable_images(ws, data, [
+                    {"path": r["a"], "label": r["label_a"], "caption": f"{r['label_a']}: {_name(r['a'])}",
+                     "why": "near duplicate"},
+                    {"path": r["b"], "label": r["label_b"], "why": "near duplicate",
+                     "caption": f"{r['label_b']}: {_name(r['b'])} (similarity {r['similarity']:.3f})"}],
+                    classes, f"near-{n}", width=80, follow=True)
     if issues:
         with st.expander(f"Likely label errors ({len(issues)})", expanded=True):
             st.caption("A linear probe that never saw these images is confident they belong to another class. "
                        "Some are real mistakes in the labels; others are just hard images. Look at each.")
-            _thumbs([r["path"] for r in issues[:24]],
-                    [f"labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.0%})"
-                     for r in issues[:24]], 110)
+            fixes.fixable_images(ws, data, [
+                {"path": r["path"], "label": r["label"], "suggested": r["suggested"], "why": "likely label error",
+                 "caption": f"labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.0%})"}
+                for r in issues[:24]], classes, "label", width=110, follow=True)
     if odd:
         with st.expander(f"Tiny or blank images ({len(odd)})", expanded=len(odd) <= 10):
-            _thumbs([r["path"] for r in odd[:30]], [f"{r['label']}: {_name(r['path'])} — {r['reason']}"
-                                                    for r in odd[:30]], 96)
+            fixes.fixable_images(ws, data, [{"path": r["path"], "label": r["label"], "why": r["reason"],
+                                           "caption": f"{r['label']}: {_name(r['path'])} — {r['reason']}"}
+                                          for r in odd[:30]], classes, "odd", follow=True)
     if audit["lookalikes"]:
         with st.expander(f"Different images that look almost alike ({len(audit['lookalikes'])} pair(s))"):
             st.caption("Usually fine (distinct pictures of similar things); a problem only when one is a crop or "
@@ -190,13 +215,14 @@ def show_domain_gap(ws, path: Path, sig: str, backbone: str, seed: int) -> None:
             hide_index=True, width="stretch")
 
 
-def data_check(ws, path: Path, val_split: float, seed: int) -> None:
+def data_check(ws, path: Path, val_split: float, seed: int, classes: list[str]) -> None:
     """The audit (before training), then the embedding map and the domain-gap hint it makes cheap."""
     st.header("Data check")
     backbone = session.get("backbone", session.DEFAULT_BACKBONE)
     st.caption(f"Before training: duplicates, validation images that leak from training, class imbalance, tiny "
                f"or blank images and likely wrong labels, found with the features of {backbone} (the backbone you "
                "chose; training reuses them).")
+    fixes.show_flash()
     sig = dataset_signature(path)
     params = {"data": str(path), "signature": sig, "backbone": backbone, "val_split": float(val_split),
               "seed": int(seed), "max_per_class": AUDIT_MAX_PER_CLASS}
@@ -207,9 +233,18 @@ def data_check(ws, path: Path, val_split: float, seed: int) -> None:
                               button_help="Computes the backbone's features of every image once (cached for "
                                           "training), then runs the checks. About a second per 10-20 images the "
                                           "first time; it runs on the server, so you may leave the page meanwhile.")
+    # a fix makes a new version (a new signature): the check made before it stays in view, its images marked
+    # with what the current version says of them, until the data is checked again
+    last = f"_audit_{session.get('dataset')}"
+    if audit is not None:
+        st.session_state[last] = audit
+    elif last in st.session_state:
+        audit = st.session_state[last]
+        st.caption("Showing the check made before your last change; press **Check the data** to check the current "
+                   "version (features are cached: it is quick).")
     if audit is None:
         return
-    show_audit(audit, ws)
+    show_audit(audit, ws, str(path), classes)
     show_embedding_map(ws, path, sig, backbone, seed)
     show_domain_gap(ws, path, sig, backbone, seed)
 
@@ -265,6 +300,43 @@ def _delete(ws, name: str) -> None:
               "images." if kept else ""))
 
 
+def _restore(ws, name: str, version: str) -> None:
+    """Button callback: make the chosen earlier version the current one."""
+    try:
+        entry = versions.restore_version(ws, name, version)
+    except DatasetError as e:
+        st.session_state["_manage_error"] = str(e)
+        return
+    _flash(f"Restored version {entry['version']} of '{name}' as its current version "
+           f"({entry['counts']['images']} images). The versions before it are kept.")
+
+
+def versions_panel(ws, ref: str) -> None:
+    """The chosen dataset's versions, newest first, and restoring an earlier one."""
+    if not ref.startswith("workspace/"):
+        st.caption("Sample datasets do not change: excluding or moving an image (from the data check or Evaluate) "
+                   "first makes a managed copy in the workspace, with versions.")
+        return
+    name = ref.split("/", 1)[1]
+    if not versions.is_managed(ws, name):
+        return
+    hist = versions.history(ws, name)
+    with st.expander(f"Versions of '{name}' ({len(hist)})", icon=":material/history:", key=f"versions_{name}"):
+        st.caption("Every change (an image excluded, moved to another class, images added) is a new version; runs "
+                   "record the version they trained on. Nothing is deleted: restore any version.")
+        st.dataframe(pd.DataFrame([{
+            "version": h["version"], "when": pd.Timestamp(h["when"], unit="s").strftime("%Y-%m-%d %H:%M:%S"),
+            "change": h["change"], "images": h["counts"]["images"], "excluded": h["counts"]["excluded"],
+            "classes": len(h["counts"]["classes"])} for h in hist]), hide_index=True, width="stretch")
+        older = list(dict.fromkeys(h["version"] for h in hist[1:] if h["version"] != hist[0]["version"]))
+        if older:
+            c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+            pick = c1.selectbox("Earlier version", older, key=f"restore_pick_{name}",
+                                format_func=lambda v: next(f"{v} · {h['change']}" for h in hist if h["version"] == v))
+            c2.button("Restore", key=f"restore_{name}", on_click=_restore, args=(ws, name, pick),
+                      icon=":material/restore:", help="Makes a new version equal to the one chosen.")
+
+
 def manage_dataset(ws, ref: str) -> None:
     """Rename or delete the chosen uploaded dataset (sample datasets ship with TL Studio and stay)."""
     if not ref.startswith("workspace/"):
@@ -295,6 +367,41 @@ def manage_dataset(ws, ref: str) -> None:
                   disabled=not sure or bool(users), type="primary" if sure and not users else "secondary")
 
 
+def capture(ws) -> None:
+    """Class-by-class webcam capture into a new or existing dataset: each picture is saved as it is taken (a new
+    version of a versioned dataset), with a counter per class."""
+    st.caption("Take pictures with this device's camera (the browser asks first): name the class, take its pictures "
+               "one click each, then the next class. At least two classes, 10+ pictures each recommended.")
+    current = session.get("dataset") or ""
+    c1, c2 = st.columns(2)
+    name = c1.text_input("Dataset name", key="cap_name",
+                         value=current.split("/", 1)[1] if current.startswith("workspace/") else "my_camera",
+                         help="A new name starts a new dataset; the name of one of your datasets adds to it.")
+    cls = c2.text_input("Class name", key="cap_class", placeholder="e.g. thumbs_up",
+                        help="The label of the pictures you take now.")
+    counts = versions.class_counts(ws, safe_name(name)) if name.strip() else {}
+    if counts:
+        cols = st.columns(min(len(counts), 6))
+        for n, (c, k) in enumerate(counts.items()):
+            cols[n % len(cols)].metric(f"{c}", k, help="Pictures of this class in the dataset so far.")
+    if not cls.strip():
+        st.info("Name the class first, then take its pictures.")
+        return
+    n_shots = st.session_state.setdefault("_cap_shots", 0)
+    # a new key after each picture: the camera is ready for the next one at once
+    shot = st.camera_input(f"Take a picture of '{cls}'", key=f"cap_cam_{n_shots}")
+    if shot is not None and _once(f"cap:{shot.file_id}"):
+        try:
+            folder, saved, _ = add_class_images(ws, name, cls, [(f"cam_{time.time_ns()}.jpg", shot.getvalue())])
+        except DatasetError as e:
+            st.error(str(e))
+            return
+        st.session_state["_cap_shots"] = n_shots + 1
+        session.select("dataset", session.dataset_ref_for_path(folder, ws))
+        _flash(f"Saved a picture of '{safe_name(cls, fallback='class')}' in '{folder.name}'.")
+        st.rerun()
+
+
 with session.page_errors():
     # one slot, drawn on every run: a message that shows once does not shift what follows (Streamlit would
     # otherwise take the expanders below for new ones and close them on the next rerun)
@@ -316,9 +423,11 @@ with session.page_errors():
     chosen = session.dataset_path(session.get("dataset"), ws) is not None
     if chosen:
         manage_dataset(ws, session.get("dataset"))
-    building = st.session_state.get("_class_uploads", 0) > 0  # stay open while a dataset is built class by class
+        versions_panel(ws, session.get("dataset"))
+    # stay open while a dataset is built class by class or picture by picture
+    building = st.session_state.get("_class_uploads", 0) > 0 or st.session_state.get("_cap_shots", 0) > 0
     with st.expander("Bring your own images", expanded=not chosen or building, icon=":material/upload:"):
-        tab_zip, tab_classes = st.tabs(["Upload a zip", "Add images class by class"])
+        tab_zip, tab_classes, tab_camera = st.tabs(["Upload a zip", "Add images class by class", "Take pictures"])
         with tab_zip:
             st.caption("A .zip holding one folder per class (`cats/1.jpg`, `dogs/7.png`, …; sub-folders `train/`, "
                        "`val/`, `test/` with class folders inside are understood too). Files that are not images "
@@ -360,6 +469,9 @@ with session.page_errors():
                 session.select("dataset", session.dataset_ref_for_path(folder, ws))
                 st.session_state["_class_uploads"] = n_added + 1
                 st.rerun()
+
+        with tab_camera:
+            capture(ws)
 
     path = session.dataset_path(session.get("dataset"), ws)
     if path is None:
@@ -406,4 +518,4 @@ with session.page_errors():
         if paths:
             st.image(paths, width=84)
 
-    data_check(ws, path, val_split, seed)
+    data_check(ws, path, val_split, seed, list(rep["counts"]))

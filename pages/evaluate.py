@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from pages import _fix as fixes
 from pages import _map_view as map_view
 from pages import _session as session
 from pages import _tasks as task_ui
@@ -25,7 +26,7 @@ def _label(run: dict) -> str:
     cfg = run.get("config") or {}
     acc = (run.get("summary") or {}).get("val_accuracy")
     acc_txt = f"{acc:.1%}" if isinstance(acc, (int, float)) else "?"
-    return f"{run['id']} · {Path(run['data']).name} · {cfg.get('backbone')} · {cfg.get('strategy')} · {acc_txt}"
+    return f"{run['id']} · {Path(str(run['data'])).name} · {cfg.get('backbone')} · {cfg.get('strategy')} · {acc_txt}"
 
 
 GRADCAM_IMAGES = 12
@@ -42,7 +43,9 @@ def _caption(r: dict) -> str:
     return f"true **{r['true']}** · predicted **{r['predicted']}** · {r['confidence']:.0%}"
 
 
-def show_mistakes(files: RunFiles, split: str) -> None:
+def show_mistakes(files: RunFiles, split: str, ws=None, data: str | None = None) -> None:
+    """The most confident mistakes, each with one-click fixes of the dataset (exclude it, move it to the
+    predicted class or another one: a new version of the data the run trained on, or of a copy of it)."""
     saved = files.predictions().get(split)
     meta = files.meta()
     wrong = saved.mistakes(meta.classes, meta.temperature) if saved is not None else []
@@ -50,7 +53,10 @@ def show_mistakes(files: RunFiles, split: str) -> None:
         st.success(f"No {'validation' if split == 'val' else 'test'} image was misclassified.")
         return
     st.caption(f"{len(wrong)} misclassified image(s), most confident first: these show what the model "
-               "confuses, and sometimes a wrong label in the data.")
+               "confuses, and sometimes a wrong label in the data. A wrong label or a useless image can be fixed "
+               "here: each fix makes a new version of the dataset (retrain to use it).")
+    fixes.show_flash()
+    rows = fixes.current_rows(ws, data) if ws is not None and data and split == "val" else None
     cols = st.columns(6)
     missing = 0
     shown = 0
@@ -61,6 +67,9 @@ def show_mistakes(files: RunFiles, split: str) -> None:
         with cols[shown % 6]:
             st.image(row["path"], width="stretch")
             st.caption(_caption(row))
+            if ws is not None and data and split == "val":  # test images belong to the held-out folder
+                fixes.image_actions(ws, data, row["path"], row["true"], meta.classes, "mistake", rows,
+                                  suggested=row["predicted"], why="misclassified")
         shown += 1
     if missing:
         st.caption(f"{missing} image(s) are no longer on disk (the dataset was moved or deleted).")
@@ -255,7 +264,7 @@ with session.page_errors():
                                 label_visibility="collapsed") or "mistakes"
     if view == "mistakes":
         st.markdown(f"**Most confident mistakes ({split_name.split(' (')[0].lower()})**")
-        show_mistakes(files, split)
+        show_mistakes(files, split, ws, by_id[run_id].get("data"))
     elif view == "gradcam":
         show_gradcam(ws, files, split)
     elif view == "calibration":

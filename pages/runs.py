@@ -169,6 +169,10 @@ with session.page_errors():
         with st.container(border=True):
             st.markdown(f"**Run {i}** · {(by_id[i].get('config') or {}).get('backbone')} · "
                         f"{setting_text('strategy', (by_id[i].get('config') or {}).get('strategy'))}")
+            version = (by_id[i].get("summary") or {}).get("dataset_version")
+            if version:
+                st.caption(f"Trained on dataset version **{version}** (the Data page lists its versions and can "
+                           "restore this one).")
             c1, c2 = st.columns([1, 3])
             with c1:
                 res, task = _export_view(ws, i, "bundle", "Prepare bundle", "Writing the bundle",

@@ -60,6 +60,9 @@ __all__ = [
     "restore_version",
     "add_images",
     "file_in_dataset",
+    "dataset_for_changes",
+    "managed_copy",
+    "class_counts",
     "images_root",
 ]
 
@@ -254,8 +257,8 @@ def _commit(folder: Path, rows: list[dict[str, Any]], change: str) -> dict[str, 
     return entry
 
 
-def _scan_rows(ws: "Workspace", folder: Path) -> tuple[str, list[dict[str, Any]]]:
-    """(base, rows) of the images a folder holds now (read by the ordinary intake rules)."""
+def _scan_rows(ws: "Workspace", folder: Path) -> tuple[str, list[dict[str, Any]], list[dict[str, str]]]:
+    """(base, rows, skipped) of the images a folder holds now (read by the ordinary intake rules)."""
     ds = open_dataset(folder, min_per_class=1, check_cache=ws.cache_dir / "checked.sqlite")
     base = str(ds.root.relative_to(folder)) if ds.root != folder else ""
     rows = []
@@ -265,7 +268,7 @@ def _scan_rows(ws: "Workspace", folder: Path) -> tuple[str, list[dict[str, Any]]
         if item.split:
             row["split"] = item.split
         rows.append(row)
-    return base, rows
+    return base, rows, [{"path": k.path, "reason": k.reason} for k in ds.skipped]
 
 
 def ensure_versions(ws: "Workspace", name: str, change: str = "first version (the images the folder held)") -> None:
@@ -276,8 +279,9 @@ def ensure_versions(ws: "Workspace", name: str, change: str = "first version (th
     with _locked(folder):
         if is_managed(ws, name):
             return
-        base, rows = _scan_rows(ws, folder)
-        _write_atomic(_meta(folder) / "dataset.json", json.dumps({"base": base}))
+        base, rows, skipped = _scan_rows(ws, folder)
+        # what the folder held that is no image to train on: the report keeps listing it
+        _write_atomic(_meta(folder) / "dataset.json", json.dumps({"base": base, "skipped": skipped}))
         _commit(folder, rows, change)
 
 
@@ -355,7 +359,14 @@ def import_dataset(ws: "Workspace", src: str | os.PathLike, name: str | None = N
         if not rows:
             raise DatasetError(f"{src.name} holds no usable images; put them in one sub-folder per class.")
         _meta(stage).mkdir(parents=True)
-        _write_atomic(_meta(stage) / "dataset.json", json.dumps({"base": "", "source": str(src.resolve())}))
+        info: dict[str, Any] = {"base": "", "source": str(src.resolve()),
+                                "skipped": [{"path": k.path, "reason": k.reason} for k in ds.skipped]}
+        if src.is_dir() or ds.root.resolve() == src.resolve().parent:  # a folder or a CSV: its paths map to ours
+            root = ds.root.resolve()
+            info["source_root"] = str(root)
+            info["files"] = {str(i.path.resolve().relative_to(root)): r["file"] for i, r in zip(ds.items, rows)
+                             if i.path.resolve().is_relative_to(root)}
+        _write_atomic(_meta(stage) / "dataset.json", json.dumps(info))
         entry = _commit(stage, rows, f"imported from {src.resolve()}")
         try:
             os.rename(stage, target)
@@ -389,7 +400,7 @@ def open_version(ws: "Workspace", name: str, version: str | None = None, *, min_
     root = images_root(folder)
     checks = ImageCheckCache(ws.cache_dir / "checked.sqlite")
     items: list[ImageItem] = []
-    skipped: list[SkippedFile] = []
+    skipped = [SkippedFile(k["path"], k["reason"]) for k in _info(folder).get("skipped", [])]
     kept = [r for r in rows if not r["excluded"]]
     for n, r in enumerate(kept):
         if should_cancel and should_cancel():
@@ -428,17 +439,59 @@ def open_version(ws: "Workspace", name: str, version: str | None = None, *, min_
 # --------------------------------------------------------------------------------------------------
 # changes: each one a new version
 # --------------------------------------------------------------------------------------------------
+def _info(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((_meta(folder) / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def file_in_dataset(ws: "Workspace", name: str, path: str | os.PathLike) -> str:
-    """The path inside the dataset (``cats/img_001.png``) of ``path``: that already, or an image's absolute path
-    (as a :class:`Dataset` of the version lists it)."""
+    """The path inside the dataset (``cats/img_001.png``) of ``path``: that already, an image's absolute path (as a
+    :class:`Dataset` of the version lists it), or the path of the image it was imported from."""
     p = Path(path)
-    if p.is_absolute():
-        root = images_root(_folder(ws, name)).resolve()
+    if not p.is_absolute():
+        return p.as_posix()
+    folder = _folder(ws, name)
+    try:
+        return p.resolve().relative_to(images_root(folder).resolve()).as_posix()
+    except ValueError:
+        pass
+    info = _info(folder)
+    if info.get("source_root"):
         try:
-            return p.resolve().relative_to(root).as_posix()
+            rel = str(p.resolve().relative_to(info["source_root"]))
         except ValueError:
             return str(path)
-    return p.as_posix()
+        return info.get("files", {}).get(rel, rel)
+    return str(path)
+
+
+def dataset_for_changes(ws: "Workspace", data: str | os.PathLike) -> tuple[str, bool]:
+    """The managed dataset a change to ``data`` goes to: ``data``'s own (a workspace dataset, versioned now if it
+    was not), else a copy of ``data`` in the workspace (the one made before, or a new one): the user's files
+    and the sample datasets are never changed.
+
+    Returns:
+        (dataset name, whether a copy was made just now)
+    """
+    name = managed_copy(ws, data)
+    if name is not None:
+        ensure_versions(ws, name)
+        return name, False
+    return import_dataset(ws, data, unique=True)["name"], True
+
+
+def managed_copy(ws: "Workspace", data: str | os.PathLike) -> str | None:
+    """The workspace dataset that ``data`` is (or was imported into), or None: changes to it go there."""
+    ref = parse_ref(ws, data)
+    if ref is not None:
+        return ref.name
+    src = str(Path(data).expanduser().resolve())
+    for d in sorted(ws.datasets_dir.iterdir()) if ws.datasets_dir.is_dir() else []:
+        if d.is_dir() and not d.name.startswith(".") and _info(d).get("source") == src:
+            return d.name
+    return None
 
 
 def _change(ws: "Workspace", name: str, files: Iterable[str | os.PathLike],
@@ -559,3 +612,18 @@ def add_images(ws: "Workspace", name: str, added: list[tuple[str, str]], change:
             if file not in known:
                 rows.append({"file": file, "sha256": file_sha256(root / file), "label": label, "excluded": False})
         return _commit(folder, rows, change)
+
+
+def class_counts(ws: "Workspace", name: str) -> dict[str, int]:
+    """Images per class of the workspace dataset ``name`` now (its current version; for a dataset not versioned
+    yet, the image files in its class folders); empty when there is no such dataset."""
+    from .images import IMAGE_EXTENSIONS
+
+    folder = ws.datasets_dir / name
+    if not folder.is_dir() or name.startswith("."):
+        return {}
+    if is_managed(ws, name):
+        return dict(history(ws, name)[0]["counts"]["classes"])
+    root = images_root(folder)
+    return {d.name: sum(1 for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+            for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}

@@ -1,0 +1,129 @@
+"""Fix the data in place, from the image in view: exclude it, move it to another class, or take it back. Each
+action is one click and makes a new version of the dataset (:mod:`tl_core.data.versions`), and says so.
+
+A change to a sample dataset (or any folder outside the workspace) goes to a managed copy in the workspace,
+made on the first change: the sample's own files never change. Used by the Data page (the data check) and by
+Evaluate (the mistakes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from pages import _session as session
+from tl_core.data import versions
+from tl_core.errors import DatasetError
+
+FLASH = "_fix_flash"
+
+
+def _counts_text(c: dict[str, Any]) -> str:
+    return f"{c['images']} images in {len(c['classes'])} classes" + (f", {c['excluded']} excluded" if c["excluded"] else "")
+
+
+def apply(ws, data: str, action: str, paths: list[str], to: str | None = None, why: str | None = None,
+          follow: bool = False) -> None:
+    """A button callback: exclude (``exclude``), include again (``include``) or move (``move``, to class ``to``)
+    the images ``paths`` of the dataset ``data``; the outcome is kept for :func:`show_flash`.
+
+    Args:
+        follow: select the managed copy as the page's dataset when one was made (the Data page).
+    """
+    try:
+        name, copied = versions.dataset_for_changes(ws, data)
+        if action == "move":
+            entry = versions.relabel_images(ws, name, paths, to)
+        else:
+            entry = versions.exclude_images(ws, name, paths, excluded=action == "exclude", why=why)
+    except DatasetError as e:
+        st.session_state[FLASH] = ("error", str(e))
+        return
+    if entry.get("unchanged"):
+        msg = f"Nothing to change: the current version of '{name}' ({entry['version']}) is already like that."
+    else:
+        msg = (f"{entry['change'][:1].upper()}{entry['change'][1:]}: new version **{entry['version']}** of "
+               f"'{name}' ({_counts_text(entry['counts'])}). Restore an earlier version on the Data page.")
+    if copied:
+        msg += (f" Your first change made '{name}', a managed copy in the workspace: the original files are "
+                "unchanged.")
+    st.session_state[FLASH] = ("success", msg)
+    if follow and copied:
+        old = session.get("dataset")
+        session.select("dataset", f"workspace/{name}")
+        if old and f"_audit_{old}" in st.session_state:  # the check's images map to the copy's files
+            st.session_state[f"_audit_workspace/{name}"] = st.session_state[f"_audit_{old}"]
+
+
+def show_flash() -> None:
+    """The outcome of the last fix, once."""
+    if FLASH in st.session_state:
+        kind, msg = st.session_state.pop(FLASH)
+        (st.error if kind == "error" else st.success)(msg)
+
+
+def current_rows(ws, data: str) -> dict[str, dict[str, Any]] | None:
+    """The rows of the current version of the dataset changes to ``data`` go to, by file (plus ``_name``); None
+    while there is none (a sample not changed yet, a dataset not versioned yet)."""
+    try:
+        name = versions.managed_copy(ws, data)
+        if name is None or not versions.is_managed(ws, name):
+            return None
+        return {"_name": name, **{r["file"]: r for r in versions.version_rows(ws, name)}}
+    except DatasetError:
+        return None
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+def image_actions(ws, data: str, path: str, label: str, classes: list[str], where: str,
+                  rows: dict[str, dict[str, Any]] | None, suggested: str | None = None,
+                  why: str | None = None, follow: bool = False) -> None:
+    """Under an image: what the current version says of it, and one-click Exclude / Move to … buttons."""
+    row = None
+    if rows is not None:
+        row = rows.get(versions.file_in_dataset(ws, rows["_name"], path))
+    k = _key(where, path)
+    if row is not None and row["excluded"]:
+        st.caption("Excluded from the current version.")
+        st.button("Include again", key=f"inc-{k}", on_click=apply, args=(ws, data, "include", [path]),
+                  kwargs={"follow": follow}, icon=":material/undo:")
+        return
+    now = row["label"] if row is not None else label
+    if now != label:
+        st.caption(f"Moved to **{now}** in the current version.")
+    st.button("Exclude", key=f"exc-{k}", on_click=apply, args=(ws, data, "exclude", [path]),
+              kwargs={"why": why, "follow": follow}, icon=":material/block:",
+              help="Leave this image out: a new version of the dataset without it (nothing is deleted; restore "
+                   "an earlier version to bring it back).")
+    if suggested and suggested != now:
+        st.button(f"Move to {suggested}", key=f"sug-{k}", on_click=apply, args=(ws, data, "move", [path]),
+                  kwargs={"to": suggested, "follow": follow}, icon=":material/drive_file_move:",
+                  help=f"Label this image '{suggested}' in a new version of the dataset.")
+    others = [c for c in classes if c not in (now, suggested)]
+    if others:
+        with st.popover("Move to…", icon=":material/label:"):
+            for c in others:
+                st.button(c, key=f"mv-{k}-{c}", on_click=apply, args=(ws, data, "move", [path]),
+                          kwargs={"to": c, "follow": follow}, width="stretch")
+
+
+def fixable_images(ws, data: str, items: list[dict[str, Any]], classes: list[str], where: str, width: int = 96,
+                   per_row: int = 6, follow: bool = False) -> None:
+    """A grid of images, each with its caption and actions. ``items``: [{path, caption, label, suggested?, why?}]."""
+    shown = [i for i in items if Path(i["path"]).is_file()]
+    if not shown:
+        return
+    rows = current_rows(ws, data)
+    for start in range(0, len(shown), per_row):
+        cols = st.columns(per_row)
+        for col, it in zip(cols, shown[start:start + per_row]):
+            with col:
+                st.image(it["path"], width=width, caption=it["caption"])
+                image_actions(ws, data, it["path"], it["label"], classes, where, rows, it.get("suggested"),
+                              it.get("why"), follow)

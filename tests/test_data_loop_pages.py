@@ -1,0 +1,190 @@
+"""Page tests of the data loop (issue 15) with ``AppTest``: fixing the data in place from the data check and from
+Evaluate's mistakes (each fix a new version, said so), restoring a version on the Data page, the version a run
+trained on on Runs & export, and class-by-class capture with the camera."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from test_app_insights import _planted_dataset
+from test_app_pages import (  # noqa: F401  (fixtures are used by name)
+    EMOJI,
+    app,
+    assert_clean,
+    button,
+    empty_home,
+    goto,
+    has_metric,
+    home,
+    metric,
+    trained_home,
+    until,
+)
+
+from pages._fix import _key
+from tl_core.data import versions
+from tl_core.runs.files import RunFiles
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    import streamlit as st
+
+    st.cache_data.clear()
+    yield
+
+
+def _successes(at) -> str:
+    return " ".join(s.value for s in at.success)
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_data_check_fixes_in_place_each_fix_a_version_then_restore(home):
+    ws, _ = home
+    root = _planted_dataset(ws)
+    at = app({"data": "workspace/planted"})
+    goto(at, "data")
+    button(at, "Check the data").click().run()
+    until(at, lambda a: has_metric(a, "Exact duplicates"), what="the audit")
+    assert_clean(at)
+    copies = int(metric(at, "Exact duplicates"))
+    assert copies >= 2
+
+    # bulk: keep one of each exact-duplicate group, one click, one new version
+    bulk = [b for b in at.button if b.label.startswith("Keep one of each group")][0]
+    assert f"exclude {copies} copies" in bulk.label
+    bulk.click().run()
+    assert_clean(at)
+    assert "new version" in _successes(at) and "exact duplicates" in _successes(at)
+    hist = versions.history(ws, "planted")
+    assert len(hist) == 2 and hist[0]["counts"]["excluded"] == copies
+    # the check made before stays in view, its copies marked as excluded, with a way back
+    assert any("before your last change" in c.value for c in at.caption)
+    assert sum("Excluded from the current version." == c.value for c in at.caption) >= copies
+
+    # one click on the blank image's Exclude
+    blank = str(root / "train" / "face" / "blank_red.png")
+    at.button(key=f"exc-{_key('odd', blank)}").click().run()
+    assert_clean(at)
+    assert "Excluded train/face/blank_red.png" in _successes(at)
+    rows = {r["file"]: r for r in versions.version_rows(ws, "planted")}
+    assert rows["train/face/blank_red.png"]["excluded"]
+    # move an image to another class from the popover (the leak pair's image still in the current version)
+    pair = [str(root / "val" / "animal" / "leaked_copy.png"), str(sorted((root / "train" / "animal").iterdir())[0])]
+    rows = {r["file"]: r for r in versions.version_rows(ws, "planted")}
+    moved = next(p for p in pair if not rows[str(Path(p).relative_to(root))]["excluded"])
+    rel = str(Path(moved).relative_to(root))
+    at.button(key=f"mv-{_key('leak', moved)}-flag").click().run()
+    assert_clean(at)
+    assert f"Moved {rel} to 'flag'" in _successes(at)
+    assert {r["file"]: r for r in versions.version_rows(ws, "planted")}[rel]["label"] == "flag"
+    assert Path(moved).is_file()  # the file stays where it was
+    assert any(c.value == "Moved to **flag** in the current version." for c in at.caption)
+    assert len(versions.history(ws, "planted")) == 4
+
+    # the Data page lists the versions and restores the first one
+    first = versions.history(ws, "planted")[-1]["version"]
+    table = [d.value for d in at.dataframe if "change" in d.value.columns][0]
+    assert list(table["version"])[-1] == first and len(table) == 4
+    at.selectbox(key="restore_pick_planted").set_value(first).run()
+    button(at, "Restore").click().run()
+    assert_clean(at)
+    assert f"Restored version {first}" in _successes(at)
+    assert versions.current_version(ws, "planted") == first
+    assert metric(at, "Images") == str(hist[-1]["counts"]["images"])
+
+
+def test_evaluate_mistake_moved_to_the_predicted_class_in_a_copy_of_the_sample(home):
+    ws, run_id = home
+    before = _digest(EMOJI)
+    at = app()
+    goto(at, "evaluate")
+    assert_clean(at)
+    files = RunFiles(ws.run_dir(run_id))
+    wrong = files.predictions().get("val").mistakes(files.meta().classes, files.meta().temperature)
+    first = wrong[0]
+    button(at, f"Move to {first['predicted']}").click().run()
+    assert_clean(at)
+    text = _successes(at)
+    assert "new version" in text and "managed copy" in text and "original files are unchanged" in text
+    # a copy of the sample in the workspace holds the change; the sample itself is untouched
+    name = versions.managed_copy(ws, str(EMOJI))
+    assert name == "emoji" and len(versions.history(ws, name)) == 2
+    rel = str(Path(first["path"]).relative_to(EMOJI))
+    assert {r["file"]: r for r in versions.version_rows(ws, name)}[rel]["label"] == first["predicted"]
+    assert _digest(EMOJI) == before
+    # the view says what the current version does with the image; exclude another one: the same copy
+    assert any(c.value == f"Moved to **{first['predicted']}** in the current version." for c in at.caption)
+    second = wrong[1]
+    at.button(key=f"exc-{_key('mistake', second['path'])}").click().run()
+    assert_clean(at)
+    assert len(versions.history(ws, name)) == 3 and versions.managed_copy(ws, str(EMOJI)) == "emoji"
+    assert [d for d in ws.datasets_dir.iterdir() if not d.name.startswith(".")] == [ws.datasets_dir / "emoji"]
+
+
+def test_runs_page_shows_the_dataset_version_a_run_trained_on(home, tmp_path):
+    from tl_core.config import TrainConfig
+    from tl_core.runs.training import run_training
+    from conftest import make_class_folder
+
+    ws, _ = home
+    imp = versions.import_dataset(ws, make_class_folder(tmp_path / "mine", {"animal": 6, "face": 6}), "pets")
+    res = run_training(ws, "pets", TrainConfig(strategy="linear", epochs=5))
+    assert res.status == "done" and res.dataset_version == f"pets@{imp['version']}"
+    at = app({"run": res.run_id})
+    goto(at, "runs")
+    assert_clean(at)
+    table = [d.value for d in at.dataframe if "Data" in d.value.columns][0]
+    assert f"pets@{imp['version']}" in list(table["Data"])
+    at.multiselect(key="runs_selected").set_value([res.run_id]).run()
+    assert any(f"Trained on dataset version **pets@{imp['version']}**" in c.value for c in at.caption)
+
+
+def _camera_shot(path: Path) -> tuple[str, bytes, str]:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, "JPEG")
+    return ("shot.jpg", buf.getvalue(), "image/jpeg")
+
+
+def test_capture_class_by_class_with_the_camera_and_a_counter_per_class(empty_home):
+    ws = empty_home
+    at = app()
+    goto(at, "data")
+    assert_clean(at)
+    at.text_input(key="cap_name").set_value("webcam").run()
+    assert at.camera_input == [] or not any(c.key and c.key.startswith("cap_cam") for c in at.camera_input)
+    for cls, src in (("thumbs_up", "animal"), ("wave", "face")):
+        at.text_input(key="cap_class").set_value(cls).run()
+        for n in range(3):
+            cam = [c for c in at.camera_input if c.label == f"Take a picture of '{cls}'"][0]
+            cam.set_value(_camera_shot(sorted((EMOJI / src).iterdir())[n])).run()
+            assert not at.exception, [e.value for e in at.exception]
+            assert any(f"Saved a picture of '{cls}' in 'webcam'" in s.value for s in at.success)
+            assert metric(at, cls) == str(n + 1)
+    folder = ws.datasets_dir / "webcam"
+    assert sorted(d.name for d in folder.iterdir()) == ["thumbs_up", "wave"]
+    assert all(len(list((folder / c).iterdir())) == 3 for c in ("thumbs_up", "wave"))
+    assert at.session_state["dataset"] == "workspace/webcam"
+    assert_clean(at)
+    assert metric(at, "Classes") == "2" and metric(at, "Images") == "6"
+    # once versioned (trained on, or changed), each picture is a new version
+    versions.ensure_versions(ws, "webcam")
+    at.text_input(key="cap_class").set_value("wave").run()
+    cam = [c for c in at.camera_input if c.label == "Take a picture of 'wave'"][0]
+    cam.set_value(_camera_shot(sorted((EMOJI / "face").iterdir())[5])).run()
+    assert_clean(at)
+    hist = versions.history(ws, "webcam")
+    assert len(hist) == 2 and hist[0]["counts"]["classes"] == {"thumbs_up": 3, "wave": 4}
+    assert metric(at, "wave") == "4"
