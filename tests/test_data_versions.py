@@ -197,3 +197,10 @@ def test_train_on_name_at_version_records_it(capsys, tl_home, three_classes):
     # the predictions point at files of the managed copy, which still exist
     val = RunFiles(cur["run_dir"]).predictions().splits["val"]
     assert val.paths and all(Path(p).is_file() and "datasets/pets" in p for p in val.paths)
+    # renaming the dataset: its runs follow it to the new name, and their versions still open
+    from tl_core.data.library import rename_dataset
+
+    rename_dataset(ws, "pets", "animals")
+    rec = ws.store().get(cur["run_id"])
+    assert rec["data"] == f"animals@{v2}" and rec["summary"]["dataset_version"] == f"animals@{v2}"
+    assert open_data(rec["data"]).counts()["animal"] == 8

@@ -480,8 +480,8 @@ def _refuse_if_used(ws: Workspace, name: str, doing: str) -> None:
 def rename_dataset(ws: Workspace, name: str, new_name: str) -> Path:
     """Rename the uploaded dataset ``name`` to ``new_name`` (sanitised like every upload name).
 
-    Finished runs that trained on it keep their results and record the old path (their image views no longer
-    find its pictures).
+    Finished runs that trained on a version of it (``NAME@VERSION``) now refer to it by its new name; their image
+    views still look for its pictures under the old folder.
 
     Returns:
         The dataset's new folder.
@@ -505,6 +505,15 @@ def rename_dataset(ws: Workspace, name: str, new_name: str) -> Path:
         os.rename(folder, target)  # atomic on one file system: the dataset is under one name or the other
     except OSError as e:
         raise DatasetError(f"Could not rename {name!r} to {target_name!r} ({e.strerror or e}).") from None
+    # runs refer to a version by name (NAME@VERSION): they follow the dataset to its new name
+    store = ws.store()
+    for r in store.list():
+        data = str(r.get("data") or "")
+        if data.startswith(f"{name}@") and "/" not in data:
+            summary = r.get("summary") or {}
+            if summary.get("dataset_version") == data:
+                summary = {**summary, "dataset_version": f"{target_name}@{data.split('@', 1)[1]}"}
+            store.update(r["id"], data=f"{target_name}@{data.split('@', 1)[1]}", summary=summary or None)
     log.info("dataset %s renamed to %s", name, target_name)
     return target
 
