@@ -247,7 +247,7 @@ def _commit(folder: Path, rows: list[dict[str, Any]], change: str) -> dict[str, 
     vid = _version_id(rows)
     vfile = _meta(folder) / "versions" / f"{vid}.json"
     if not vfile.exists():
-        _write_atomic(vfile, json.dumps({"version": vid, "rows": rows}, indent=1))
+        _write_atomic(vfile, json.dumps({"version": vid, "rows": rows}, separators=(",", ":")))
     entry = {"version": vid, "when": round(time.time(), 3), "change": change, "counts": _counts(rows)}
     with open(_meta(folder) / "history.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
