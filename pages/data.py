@@ -359,8 +359,9 @@ def manage_dataset(ws, ref: str) -> None:
                        "finished (cancel a run on the Train page).")
         done = [r for r in runs if r["status"] not in ("queued", "running")]
         if done:
-            st.caption(f"{len(done)} run(s) trained on '{name}'. Renaming or deleting it keeps them and their "
-                       "results, but their image views (mistakes, Grad-CAM) will not find its pictures.")
+            st.caption(f"{len(done)} run(s) trained on '{name}'. Renaming it keeps them, and their image views "
+                       "follow it to its new name; deleting it keeps them and their results, but their image views "
+                       "(mistakes, Grad-CAM) will not find its pictures.")
         sure = st.checkbox(f"Yes, delete '{name}' and its images from this server", key="confirm_delete_dataset",
                            disabled=bool(users))
         st.button("Delete dataset", key="delete_dataset", on_click=_delete, args=(ws, name), icon=":material/delete:",

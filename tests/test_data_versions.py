@@ -204,3 +204,5 @@ def test_train_on_name_at_version_records_it(capsys, tl_home, three_classes):
     rec = ws.store().get(cur["run_id"])
     assert rec["data"] == f"animals@{v2}" and rec["summary"]["dataset_version"] == f"animals@{v2}"
     assert open_data(rec["data"]).counts()["animal"] == 8
+    moved = RunFiles(cur["run_dir"]).predictions().splits["val"].paths
+    assert len(moved) == len(val.paths) and all(Path(p).is_file() and "datasets/animals/" in p for p in moved)

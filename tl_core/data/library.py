@@ -480,8 +480,8 @@ def _refuse_if_used(ws: Workspace, name: str, doing: str) -> None:
 def rename_dataset(ws: Workspace, name: str, new_name: str) -> Path:
     """Rename the uploaded dataset ``name`` to ``new_name`` (sanitised like every upload name).
 
-    Finished runs that trained on a version of it (``NAME@VERSION``) now refer to it by its new name; their image
-    views still look for its pictures under the old folder.
+    Runs that trained on it follow it: a ``NAME@VERSION`` reference takes the new name, and a finished run's saved
+    predictions point at the pictures' new paths (its image views find them).
 
     Returns:
         The dataset's new folder.
@@ -501,10 +501,18 @@ def rename_dataset(ws: Workspace, name: str, new_name: str) -> Path:
     if target.exists():
         raise DatasetError(f"A dataset called {target_name!r} exists already; choose another name.")
     _refuse_if_used(ws, name, "renamed")
+    trained = [r for r in dataset_runs(ws, name) if r["status"] == "done"]
     try:
         os.rename(folder, target)  # atomic on one file system: the dataset is under one name or the other
     except OSError as e:
         raise DatasetError(f"Could not rename {name!r} to {target_name!r} ({e.strerror or e}).") from None
+    from ..runs.files import RunFiles
+
+    for r in trained:  # their image views (mistakes, Grad-CAM, maps) find the pictures under the new name
+        try:
+            RunFiles(ws.run_dir(r["id"])).move_images(folder.resolve(), target.resolve())
+        except Exception as e:  # a run whose files are damaged keeps its old paths; the rename stands
+            log.warning("run %s: image paths not updated after the rename (%s)", r["id"], e)
     # runs refer to a version by name (NAME@VERSION): they follow the dataset to its new name
     store = ws.store()
     for r in store.list():

@@ -494,6 +494,25 @@ class RunFiles:
         self.write_meta(meta)
         self.write_metrics(metrics)
 
+    def move_images(self, old: str | os.PathLike, new: str | os.PathLike) -> int:
+        """Point the saved predictions at images that moved from folder ``old`` to folder ``new`` (a renamed
+        dataset), so that every image view finds them again.
+
+        Returns:
+            How many image paths changed.
+        """
+        old, new = str(old), str(new)
+        preds = self.predictions()
+        changed = 0
+        for sp in preds.splits.values():
+            for i, p in enumerate(sp.paths):
+                if p == old or p.startswith(old + os.sep):
+                    sp.paths[i] = new + p[len(old):]
+                    changed += 1
+        if changed:
+            self.write_predictions(preds)
+        return changed
+
     # -- a new run, published whole ----------------------------------------------------------------
     @classmethod
     def staging(cls, run_dir: str | os.PathLike) -> "RunFiles":
