@@ -432,7 +432,7 @@ def test_predict_folder_and_zip_to_json_and_csv(bundle, tmp_path, capsys):
     assert "skipped" in out.err and "broken.png" in out.err and "readme.md" in out.err
 
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "path,label,confidence,top_k" and len(lines) == 11
+    assert lines[0] == "path,label,confidence,top_k,unknown,ood_score" and len(lines) == 11
     assert predictions_csv(rows).splitlines()[1:] == lines[1:]
 
 
