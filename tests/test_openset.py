@@ -231,3 +231,26 @@ def test_cli_predict_and_evaluate_report_unknown(emoji_run_dir, tmp_path, capsys
     rep = json.loads(out.out)
     # the emoji run's bank holds all 200 images (a refitted head): none of them is unlike them
     assert rep["unknown_share"] == 0.0 and rep["count"] == 200
+
+
+def test_a_saved_threshold_is_what_predictions_use(emoji_run_dir, tmp_path):
+    from tl_core.errors import ConfigError, RunError
+    from tl_core.runs.files import RunFiles
+    from tl_core.share.loading import load_model
+    from tl_core.share.predict import predict_paths
+
+    run = tmp_path / "run"
+    shutil.copytree(emoji_run_dir, run)
+    before = RunFiles(run).stamp()
+    image = sorted((EMOJI / "food").iterdir())[0]  # a training image: distance ~0
+    assert predict_paths(load_model(run), [image])[0][0]["unknown"] is False
+    rec = openset.set_threshold(run, 0.0)  # everything is unknown now
+    assert rec["threshold"] == 0.0 and rec["chosen"] == "by hand" and RunFiles(run).stamp() != before
+    row = predict_paths(load_model(run), [image])[0][0]
+    assert row["unknown"] is (row["ood_score"] > 0.0) and row["label"] == "food"
+    assert RunFiles(run).open_set_record()["calibration_scores"]  # the distribution is kept
+    with pytest.raises(ConfigError):
+        openset.set_threshold(run, 3.0)
+    (run / "ood.json").unlink()
+    with pytest.raises(RunError):
+        openset.set_threshold(run, 0.5)

@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = ["SCORE", "VERSION", "COVERAGE", "MAX_BANK_ROWS", "OpenSet", "normalise", "nn_distance",
            "conformal_threshold", "bank_indices", "build_open_set", "flagged_share", "with_threshold",
-           "open_set_fields", "UNKNOWN_NOTE"]
+           "open_set_fields", "set_threshold", "UNKNOWN_NOTE"]
 
 #: The score's name in ``ood.json``.
 SCORE = "knn-cosine"
@@ -192,3 +192,27 @@ def open_set_fields(score: float | None, open_set: OpenSet | None) -> dict[str, 
     if open_set is None or score is None:
         return {"unknown": None, "ood_score": None}
     return {"unknown": bool(score > open_set.threshold), "ood_score": round(float(score), 6)}
+
+
+def set_threshold(run_dir: Any, threshold: float) -> dict[str, Any]:
+    """Save a threshold chosen by a person in a run's ``ood.json`` (through its owner, atomically).
+
+    Returns:
+        The new record (without the calibration scores).
+    Raises:
+        RunError: the run has no open-set files (trained before them).
+        ConfigError: the threshold is not a distance between 0 and 2.
+    """
+    from ..errors import ConfigError, RunError
+    from ..runs.files import RunFiles
+
+    files = RunFiles(run_dir)
+    record = files.open_set_record()
+    if record is None:
+        raise RunError(UNKNOWN_NOTE)
+    try:
+        new = with_threshold(record, threshold)
+    except ValueError as e:
+        raise ConfigError(f"Cannot use that threshold: {e}.") from None
+    files.write_open_set(new)
+    return {k: v for k, v in new.items() if k != "calibration_scores"}
