@@ -74,7 +74,7 @@ def test_bundle_holds_model_card_manifest_and_checksums(bundle):
     with zipfile.ZipFile(bundle) as zf:
         names = set(zf.namelist())
         assert names == {"model.safetensors", "meta.json", "config.json", "metrics.json", "MODEL_CARD.md",
-                         "README.txt", "manifest.json"}
+                         "README.txt", "manifest.json", "ood.json", "ood_bank.safetensors"}
         manifest = json.loads(zf.read("manifest.json"))
         for name, rec in manifest["files"].items():
             assert hashlib.sha256(zf.read(name)).hexdigest() == rec["sha256"], name

@@ -254,3 +254,24 @@ def test_a_saved_threshold_is_what_predictions_use(emoji_run_dir, tmp_path):
     (run / "ood.json").unlink()
     with pytest.raises(RunError):
         openset.set_threshold(run, 0.5)
+
+
+def test_model_card_and_report_state_the_threshold_and_what_it_means(emoji_run_dir, tmp_path):
+    from tl_core.runs.files import RunFiles
+    from tl_core.share.card import model_card
+    from tl_core.share.report import build_report
+
+    files = RunFiles(emoji_run_dir)
+    rec = files.open_set_record()
+    card = model_card(files)
+    section = card.split("## Images unlike the training images", 1)[1].split("\n## ", 1)[0]
+    assert f"Above {rec['threshold']:.3f}" in section and "`unknown`" in section and "95%" in section
+    assert "leave-one-out" in section and f"{rec['bank_rows']} training images" in section
+    html = build_report(emoji_run_dir)
+    assert "Images unlike the training images" in html and f"{rec['threshold']:.3f}" in html
+    old = tmp_path / "old"
+    shutil.copytree(emoji_run_dir, old)
+    (old / "ood.json").unlink()
+    (old / "ood_bank.safetensors").unlink()
+    assert "before open-set scores" in model_card(RunFiles(old))
+    assert "Images unlike the training images</h2>" not in build_report(old)

@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = ["SCORE", "VERSION", "COVERAGE", "MAX_BANK_ROWS", "OpenSet", "normalise", "nn_distance",
            "conformal_threshold", "bank_indices", "build_open_set", "flagged_share", "with_threshold",
-           "open_set_fields", "set_threshold", "UNKNOWN_NOTE"]
+           "open_set_fields", "set_threshold", "describe", "UNKNOWN_NOTE"]
 
 #: The score's name in ``ood.json``.
 SCORE = "knn-cosine"
@@ -185,6 +185,24 @@ class OpenSet:
     def unknown(self, scores: np.ndarray) -> np.ndarray:
         """True where a score is above the threshold."""
         return np.asarray(scores) > self.threshold
+
+
+def describe(record: dict[str, Any] | None) -> str:
+    """What the threshold means, in plain words (model card, HTML report)."""
+    if record is None:
+        return UNKNOWN_NOTE
+    what = ("training images, each compared with the others (leave-one-out: the head was fitted on every image)"
+            if record.get("calibration") == "leave-one-out" else "validation images")
+    q = record.get("quantile")
+    how = (f"It was chosen by hand; {q:.0%} of the {record.get('n')} {what} pass it." if record.get("chosen") else
+           f"It is the conformal {q:.0%} threshold, set on {record.get('n')} {what}: about {q:.0%} of new images "
+           "like the training images pass it, so about 1 in 20 of them is flagged by mistake.")
+    return (f"Every prediction also gives `ood_score`, the cosine distance between the image's features (what the "
+            f"classifier sees) and the nearest of {record.get('bank_rows')} training images (`ood_bank.safetensors`). "
+            f"Above {float(record['threshold']):.3f} the image is called `unknown`, unlike the training images; the "
+            f"closest class is still given. {how} Images unlike anything in the training set (another kind of "
+            "picture, another subject) are flagged; an image of a known kind that simply belongs to none of the "
+            "classes may not be.")
 
 
 def open_set_fields(score: float | None, open_set: OpenSet | None) -> dict[str, Any]:
