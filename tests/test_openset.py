@@ -275,3 +275,24 @@ def test_model_card_and_report_state_the_threshold_and_what_it_means(emoji_run_d
     (old / "ood_bank.safetensors").unlink()
     assert "before open-set scores" in model_card(RunFiles(old))
     assert "Images unlike the training images</h2>" not in build_report(old)
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_model_scores_with_its_own_features(tmp_path):
+    """``partial``: the bank holds the fine-tuned network's features of the training images, and the threshold
+    comes from the validation images (held out from the whole network)."""
+    from tl_core.config import TrainConfig
+    from tl_core.runs.files import RunFiles
+    from tl_core.runs.training import run_training
+    from tl_core.runs.workspace import Workspace
+    from tl_core.share.loading import load_model
+
+    train, held = _split_emoji(tmp_path)
+    res = run_training(Workspace(tmp_path / "home"), train, TrainConfig(strategy="partial", epochs=1))
+    assert res.status == "done", res.error
+    rec = RunFiles(res.run_dir).open_set_record()
+    assert rec["calibration"] == "validation" and rec["n"] == 30 and rec["bank_rows"] == 120
+    tm = load_model(res.run_dir)
+    own, _ = _flagged(tm, [held])
+    fashion, _ = _flagged(tm, [FASHION / "test"])
+    assert own <= 0.15 and fashion >= 0.90, (own, fashion)
