@@ -296,3 +296,23 @@ def test_a_fine_tuned_model_scores_with_its_own_features(tmp_path):
     own, _ = _flagged(tm, [held])
     fashion, _ = _flagged(tm, [FASHION / "test"])
     assert own <= 0.15 and fashion >= 0.90, (own, fashion)
+
+
+@pytest.mark.parametrize("damage", ["no bank", "bad threshold", "other score", "wrong dim"])
+def test_damaged_open_set_files_are_refused_in_one_sentence(emoji_run_dir, tmp_path, damage):
+    from tl_core.errors import ExportError
+    from tl_core.share.loading import load_model
+
+    run = tmp_path / "run"
+    shutil.copytree(emoji_run_dir, run)
+    rec = json.loads((run / "ood.json").read_text())
+    if damage == "no bank":
+        (run / "ood_bank.safetensors").unlink()
+    else:
+        rec.update({"bad threshold": {"threshold": "high"}, "other score": {"score": "energy"},
+                    "wrong dim": {"dim": 7}}[damage])
+        (run / "ood.json").write_text(json.dumps(rec))
+    with pytest.raises(ExportError) as e:
+        load_model(run)
+    msg = str(e.value)
+    assert "\n" not in msg and ("ood" in msg) and ("again" in msg)

@@ -474,7 +474,7 @@ class RunFiles:
             t = d.get("threshold")
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 <= t <= 2.0):
                 raise ExportError(f"{self.where}: ood.json threshold {t!r} must be a cosine distance between 0 "
-                                  "and 2; it was edited or damaged.")
+                                  "and 2; it was edited or damaged. Export the model again.")
             if not isinstance(d.get("dim"), int) or d["dim"] <= 0:
                 raise ExportError(f"{self.where}: ood.json lacks the feature dimension; train the run again.")
             return d
