@@ -1331,6 +1331,7 @@ def test_train_start_button_comes_before_the_advanced_settings(home):
 FASHION = ROOT / "sample_data" / "fashion_mnist"
 
 
+@pytest.mark.slow
 def test_try_it_warns_when_an_image_is_unlike_the_training_images(home):
     at = app()
     goto(at, "try_it")
@@ -1348,6 +1349,7 @@ def test_try_it_warns_when_an_image_is_unlike_the_training_images(home):
     assert table["unlike training"].tolist() == [True, True, True, False]
 
 
+@pytest.mark.slow
 def test_evaluate_draws_the_open_set_scores_and_saves_a_moved_threshold(home):
     ws, run_id = home
     files = RunFiles(ws.run_dir(run_id))
