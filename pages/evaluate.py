@@ -1,5 +1,6 @@
 """Evaluate: accuracy, per-class precision/recall/F1, the confusion matrix, and a closer look: the most
-confident mistakes, Grad-CAM heat-maps of them, calibration (temperature scaling) and the embedding map."""
+confident mistakes, Grad-CAM heat-maps of them, calibration (temperature scaling), the embedding map, and the
+open-set threshold (images unlike the training images)."""
 
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from pages import _fix as fixes
 from pages import _map_view as map_view
 from pages import _session as session
 from pages import _tasks as task_ui
+from tl_core.insight.openset import UNKNOWN_NOTE, flagged_share
 from tl_core.models.metrics import normalise_rows
 from tl_core.runs import tasks
 from tl_core.runs.files import RunFiles
@@ -30,7 +32,8 @@ def _label(run: dict) -> str:
 
 
 GRADCAM_IMAGES = 12
-VIEWS = {"mistakes": "Mistakes", "gradcam": "Grad-CAM", "calibration": "Calibration", "map": "Embedding map"}
+VIEWS = {"mistakes": "Mistakes", "gradcam": "Grad-CAM", "calibration": "Calibration", "map": "Embedding map",
+         "unknown": "Unlike training"}
 
 
 def _run_params(files: RunFiles) -> dict:
@@ -173,6 +176,52 @@ def show_calibration(ws, files: RunFiles) -> None:
                        "Accuracy does not change.")
 
 
+def _save_threshold(threshold: float) -> None:
+    st.session_state["_ood_save"] = float(threshold)
+
+
+def show_open_set(ws, files: RunFiles) -> None:
+    st.caption("The model compares every image with its training images (the features its classifier sees) and "
+               "calls it **unknown**, *unlike your training images*, when even the closest training image is far "
+               "away: a cat photo shown to an emoji model. It still names the closest class.")
+    rec = files.open_set_record()
+    if rec is None:
+        st.info(UNKNOWN_NOTE)
+        return
+    pending = st.session_state.pop("_ood_save", None)
+    if pending is not None:
+        _, saved = task_ui.wait_for(ws, "set_ood_threshold", {**_run_params(files), "threshold": pending},
+                                    "Saving the threshold")
+        st.success(f"Saved: this run now calls an image unknown beyond {saved['threshold']:.3f}; Try it, predictions "
+                   "and new exports use it.")
+        files = RunFiles(files.dir)
+        rec = files.open_set_record()
+    scores = rec.get("calibration_scores") or []
+    loo = rec.get("calibration") == "leave-one-out"
+    what = "training images" if loo else "validation images"
+    if loo:
+        st.caption("This head was fitted on every labelled image, so no image is held out from it: each training "
+                   "image is compared with the others (leave-one-out).")
+    saved_t = float(rec["threshold"])
+    top = max([saved_t, *scores]) * 1.25 if scores else 1.0
+    t = st.slider("Threshold", 0.0, float(min(2.0, round(top, 3) + 0.001)), saved_t, step=0.001, format="%.3f",
+                  key=f"ood_threshold-{files.dir.name}-{saved_t:.6f}",
+                  help="Images farther than this from every training image are called unknown. Lower: more images "
+                       "flagged (safer, more false alarms); higher: fewer.")
+    st.plotly_chart(charts.ood_histogram(scores, t, saved_t, what), width="stretch", key="ood-hist")
+    c = st.columns(2)
+    c[0].metric(f"{what.capitalize()} flagged", f"{flagged_share(scores, t):.1%}",
+                help=f"Share of the {len(scores)} {what} this threshold would call unknown: in-distribution images, "
+                     "so each is a false alarm.")
+    c[1].metric("Saved threshold", f"{saved_t:.3f}",
+                help=("Chosen by hand." if rec.get("chosen") else
+                      f"The conformal {rec['quantile']:.0%} threshold: about {rec['quantile']:.0%} of images like "
+                      f"the {what} pass."))
+    if abs(t - saved_t) > 1e-9:
+        st.button(f"Save threshold {t:.3f} for this run", type="primary", on_click=_save_threshold, args=(t,),
+                  icon=":material/save:", help="Try it, predictions and new exports then use it.")
+
+
 def show_run_map(ws, files: RunFiles) -> None:
     st.caption("The run's training data placed by the run's backbone features (PCA). Misclassified validation "
                "images are ringed in red: mistakes inside another class's cluster often mean a wrong label; "
@@ -269,5 +318,7 @@ with session.page_errors():
         show_gradcam(ws, files, split)
     elif view == "calibration":
         show_calibration(ws, files)
+    elif view == "unknown":
+        show_open_set(ws, files)
     else:
         show_run_map(ws, files)

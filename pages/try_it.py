@@ -15,14 +15,15 @@ from pages import _tasks as task_ui
 from tl_core.data.images import IMAGE_EXTENSIONS
 from tl_core.data.library import save_upload
 from tl_core.errors import DatasetError, TLError
+from tl_core.insight.openset import UNKNOWN_NOTE
 from tl_core.runs.files import RunFiles
 from tl_core.share import figures as charts
 
 session.ensure_router()
 
 st.title("Try it")
-st.caption("Give the model images it has never seen. It always answers with one of its classes, even for an "
-           "image that belongs to none of them: watch the confidence.")
+st.caption("Give the model images it has never seen. It answers with the closest of its classes, and warns "
+           "when an image is unlike its training images.")
 
 SHOW_CHARTS = 12
 #: Grad-CAM overlays are drawn for at most this many images (each takes a backward pass).
@@ -84,6 +85,8 @@ with session.page_errors():
             pending.pop(0)
         files_of.append(pending.pop(0)[1] if pending else None)
     st.subheader("Predictions")
+    if rows and rows[0].get("unknown") is None:
+        st.caption(UNKNOWN_NOTE)
     for n, r in enumerate(rows[:SHOW_CHARTS]):
         if show_cam and n < SHOW_CAMS:
             a, cam_col, b = st.columns([1, 1, 3])
@@ -101,11 +104,16 @@ with session.page_errors():
                 cam_col.caption(f"No heat-map: {e}")
         with b:
             st.markdown(f"**{r['path']}** → **{r['label']}** ({r['confidence']:.1%})")
+            if r.get("unknown"):
+                st.warning(f"Unlike your training images (distance {r['ood_score']:.3f}, above this run's threshold): "
+                           f"**{r['label']}** is only the closest class; the image may belong to none of them.",
+                           icon=":material/help:")
             st.plotly_chart(charts.top_k(r["top_k"]), width="stretch", key=f"topk-{n}")
     if len(rows) > SHOW_CHARTS:
         st.caption(f"Charts for the first {SHOW_CHARTS}; all {len(rows)} are in the table below.")
     if len(rows) > 1:
-        st.dataframe(pd.DataFrame([{"image": r["path"], "prediction": r["label"], "confidence": r["confidence"]}
-                                   for r in rows]), hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame([{"image": r["path"], "prediction": r["label"], "confidence": r["confidence"],
+                                    "unlike training": r.get("unknown")} for r in rows]), hide_index=True,
+                     width="stretch")
         st.download_button("Download predictions (CSV)", pred["csv"], file_name=f"predictions-{run_id}.csv",
                            mime="text/csv", on_click="ignore")

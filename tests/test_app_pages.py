@@ -644,7 +644,9 @@ def test_try_it_handles_odd_images_without_a_traceback(home):
     at.file_uploader[0].set_value(odd).run()
     assert not at.exception
     assert len([m for m in at.markdown if "→" in m.value]) == 4
-    assert len(at.warning) == 1 and "empty.jpg" in at.warning[0].value
+    # blank and one-pixel images may be called unlike the training images: that is right, and not an error
+    unreadable = [w.value for w in at.warning if "Unlike your training images" not in w.value]
+    assert len(unreadable) == 1 and "empty.jpg" in unreadable[0]
 
 
 def test_class_by_class_names_cannot_escape_the_workspace(home):
@@ -1136,7 +1138,7 @@ for page in ("data", "backbone", "train", "evaluate", "try_it", "runs", "lab", "
     if page == "data":
         [b for b in at.button if b.label == "Check the data"][0].click().run()
     if page == "evaluate":
-        for view in ("gradcam", "calibration", "map"):
+        for view in ("gradcam", "calibration", "map", "unknown"):
             at.button_group(key="eval_view").set_value(view).run()
     if page == "runs":
         at.multiselect[0].set_value([at.multiselect[0].options[0]]).run()
@@ -1321,3 +1323,58 @@ def test_train_start_button_comes_before_the_advanced_settings(home):
     start = order.index(("button", "Start training"))
     advanced = order.index(("expander", "Advanced"))
     assert start < advanced, order
+
+
+# --------------------------------------------------------------------------------------------------
+# open-set answers: "unlike your training images"
+# --------------------------------------------------------------------------------------------------
+FASHION = ROOT / "sample_data" / "fashion_mnist"
+
+
+@pytest.mark.slow
+def test_try_it_warns_when_an_image_is_unlike_the_training_images(home):
+    at = app()
+    goto(at, "try_it")
+    bags = [(f"bag{n}.png", f.read_bytes(), "image/png")
+            for n, f in enumerate(sorted((FASHION / "test" / "bag").iterdir())[:3])]
+    emoji = ("flag.png", sorted((EMOJI / "flag").iterdir())[-1].read_bytes(), "image/png")
+    at.file_uploader[0].set_value([*bags, emoji]).run()
+    assert_clean(at)
+    warned = [w.value for w in at.warning if "Unlike your training images" in w.value]
+    assert len(warned) == 3, [w.value for w in at.warning]
+    # the closest class is still shown, for every image
+    preds = [m.value for m in at.markdown if "→" in m.value]
+    assert len(preds) == 4 and preds[3].startswith("**flag.png** → **flag**")
+    table = at.dataframe[0].value
+    assert table["unlike training"].tolist() == [True, True, True, False]
+
+
+@pytest.mark.slow
+def test_evaluate_draws_the_open_set_scores_and_saves_a_moved_threshold(home):
+    ws, run_id = home
+    files = RunFiles(ws.run_dir(run_id))
+    rec = files.open_set_record()
+    at = app()
+    goto(at, "evaluate")
+    at.button_group(key="eval_view").set_value("unknown").run()
+    assert_clean(at)
+    hist = [s for s in plotly_specs(at) if s["data"][0]["type"] == "histogram"]
+    assert len(hist) == 1 and hist[0]["data"][0]["x"] == pytest.approx(rec["calibration_scores"])
+    assert len(rec["calibration_scores"]) == rec["n"] == 200  # a refitted head: leave-one-out over every image
+    lines = [sh for sh in hist[0]["layout"]["shapes"] if sh["type"] == "line"]
+    assert lines[0]["x0"] == pytest.approx(rec["threshold"])
+    flagged = sum(v > rec["threshold"] for v in rec["calibration_scores"]) / 200
+    assert 0.03 <= flagged <= 0.06 and metric(at, "Training images flagged") == f"{flagged:.1%}"  # conformal 95%
+    # moving the slider shows the trade-off; saving goes through a task and rewrites ood.json
+    lower = round(sorted(rec["calibration_scores"])[100], 3)  # the median: about half flagged
+    slider = [s for s in at.slider if s.label == "Threshold"][0]
+    slider.set_value(lower).run()
+    share = sum(v > lower for v in rec["calibration_scores"]) / 200
+    assert 0.4 <= share <= 0.6 and metric(at, "Training images flagged") == f"{share:.1%}"
+    button(at, f"Save threshold {lower:.3f} for this run").click().run()
+    assert_clean(at)
+    assert any("Saved" in s.value for s in at.success)
+    saved = RunFiles(ws.run_dir(run_id)).open_set_record()
+    assert saved["threshold"] == pytest.approx(lower) and saved["chosen"] == "by hand"
+    assert saved["quantile"] == pytest.approx(1 - share, abs=1e-6)
+    assert metric(at, "Saved threshold") == f"{lower:.3f}"

@@ -74,7 +74,7 @@ def test_bundle_holds_model_card_manifest_and_checksums(bundle):
     with zipfile.ZipFile(bundle) as zf:
         names = set(zf.namelist())
         assert names == {"model.safetensors", "meta.json", "config.json", "metrics.json", "MODEL_CARD.md",
-                         "README.txt", "manifest.json"}
+                         "README.txt", "manifest.json", "ood.json", "ood_bank.safetensors"}
         manifest = json.loads(zf.read("manifest.json"))
         for name, rec in manifest["files"].items():
             assert hashlib.sha256(zf.read(name)).hexdigest() == rec["sha256"], name
@@ -432,7 +432,7 @@ def test_predict_folder_and_zip_to_json_and_csv(bundle, tmp_path, capsys):
     assert "skipped" in out.err and "broken.png" in out.err and "readme.md" in out.err
 
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "path,label,confidence,top_k" and len(lines) == 11
+    assert lines[0] == "path,label,confidence,top_k,unknown,ood_score" and len(lines) == 11
     assert predictions_csv(rows).splitlines()[1:] == lines[1:]
 
 

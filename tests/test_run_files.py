@@ -69,7 +69,7 @@ def test_a_run_that_fails_before_publishing_leaves_no_run_directory(workspace, s
     monkeypatch.setattr(RunFiles, "write_metrics", real)
     ok = run_training(workspace, data, TrainConfig(max_per_class=4))
     assert _files_in(Path(ok.run_dir)) == {"config.json", "meta.json", "model.safetensors", "val_head.safetensors",
-                                           "metrics.json", "predictions.json"}
+                                           "metrics.json", "predictions.json", "ood.json", "ood_bank.safetensors"}
 
 
 def test_discard_removes_staged_folders(tmp_path):

@@ -181,14 +181,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model = load_model(_resolve_run_dir(args.run), device=args.device)
     rep = evaluate_dataset(model, args.data, workspace=_workspace())
+    _note_open_set(model)
     if args.json:
         _print_json(rep)
         return 0
     print(f"accuracy {rep['accuracy']:.4f} on {rep['count']} images ({rep['evaluated']})")
+    if rep.get("unknown_share") is not None:
+        print(f"unlike the training images (unknown): {rep['unknown_share']:.1%}")
     print(f"{'class':24} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5}")
     for c, r in rep["per_class"].items():
         print(f"{c:24} {r['precision']:6.3f} {r['recall']:6.3f} {r['f1']:6.3f} {r['support']:5d}")
     return 0
+
+
+def _note_open_set(model: Any) -> None:
+    """A model from before open-set scores answers without ``unknown``: say so on stderr."""
+    if model.open_set is None:
+        from .insight.openset import UNKNOWN_NOTE
+
+        sys.stderr.write(f"note: {UNKNOWN_NOTE}\n")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -199,6 +210,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # a file is a bundle, whatever its name
     model = load_model(ref if ref.is_file() else _resolve_run_dir(args.model), device=args.device)
     rows, skipped = predict_paths(model, args.paths, top_k=args.top_k)
+    _note_open_set(model)
     if args.csv:
         from .share.predict import write_predictions_csv
 
@@ -209,7 +221,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _print_json(rows)
     else:
         for r in rows:
-            print(f"{r['path']}\t{r['label']}\t{r['confidence']:.3f}")
+            print(f"{r['path']}\t{r['label']}\t{r['confidence']:.3f}" + ("\tunknown" if r.get("unknown") else ""))
     if not rows and skipped:
         from .errors import DatasetError
 

@@ -12,6 +12,9 @@ validated. No other module opens or parses these files.
                            the calibration record
 ``predictions.json``       raw logits per split with the image paths and true labels, and which fitted model
                            produced them
+``ood.json``               open-set score: its name, threshold, quantile, n, feature dim, calibration scores
+                           (:mod:`tl_core.insight.openset`; runs from before it have none)
+``ood_bank.safetensors``   the training images' pre-logit features, L2-normalised float16 (``bank``)
 =========================  ==========================================================================
 
 Predictions are stored once, as logits; every view derives probabilities with
@@ -47,6 +50,7 @@ __all__ = [
     "VALIDATION_FIT",
     "RUN_FILES",
     "BUNDLE_FILES",
+    "OPEN_SET_FILES",
     "RunMeta",
     "RunMetrics",
     "SplitPredictions",
@@ -66,8 +70,11 @@ VALIDATION_FIT = "validation-fit"
 
 CONFIG, META, WEIGHTS, VAL_HEAD, METRICS, PREDICTIONS = (
     "config.json", "meta.json", "model.safetensors", "val_head.safetensors", "metrics.json", "predictions.json")
+OOD, OOD_BANK = "ood.json", "ood_bank.safetensors"
+#: The open-set files (both or neither): a bundle carries them when the run has them.
+OPEN_SET_FILES = (OOD, OOD_BANK)
 #: Every file a finished run directory may hold.
-RUN_FILES = (CONFIG, META, WEIGHTS, VAL_HEAD, METRICS, PREDICTIONS)
+RUN_FILES = (CONFIG, META, WEIGHTS, VAL_HEAD, METRICS, PREDICTIONS, OOD, OOD_BANK)
 #: Files a run directory or bundle must hold to load as a model.
 BUNDLE_FILES = (WEIGHTS, META, CONFIG)
 
@@ -447,6 +454,55 @@ class RunFiles:
         """The training-only head of a refitted linear run (classifier tensors), or None."""
         return self.weights(VAL_HEAD) if self.has(VAL_HEAD) else None
 
+    def open_set_record(self) -> dict[str, Any] | None:
+        """``ood.json`` validated (see :mod:`tl_core.insight.openset`), or None for a run from before open-set
+        scores.
+
+        Raises:
+            ExportError: the file is damaged or from a newer version.
+        """
+        if not self.has(OOD):
+            return None
+
+        def parse() -> dict[str, Any]:
+            from ..insight.openset import SCORE, VERSION
+
+            d = self._json(OOD)
+            if not isinstance(d, dict) or d.get("score") != SCORE or d.get("version") != VERSION:
+                raise ExportError(f"{self.where}: ood.json is not a {SCORE} record of version {VERSION}; "
+                                  "train the run again (or update TL Studio).")
+            t = d.get("threshold")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 <= t <= 2.0):
+                raise ExportError(f"{self.where}: ood.json threshold {t!r} must be a cosine distance between 0 "
+                                  "and 2; it was edited or damaged. Export the model again.")
+            if not isinstance(d.get("dim"), int) or d["dim"] <= 0:
+                raise ExportError(f"{self.where}: ood.json lacks the feature dimension; train the run again.")
+            return d
+        return self._cached(OOD, parse)
+
+    def open_set_bank(self) -> np.ndarray | None:
+        """The feature bank (M, D) float16 of ``ood_bank.safetensors``, checked against ``ood.json``, or None."""
+        rec = self.open_set_record()
+        if rec is None:
+            return None
+        if not self.has(OOD_BANK):
+            raise ExportError(f"{self.where}: ood.json is there but ood_bank.safetensors is missing; "
+                              "export the model again.")
+
+        def parse() -> np.ndarray:
+            from safetensors.numpy import load as np_load
+
+            try:
+                bank = np_load(self.raw(OOD_BANK)).get("bank")
+            except Exception as e:  # safetensors' own error types for bad headers or truncation
+                raise ExportError(f"{self.where}: ood_bank.safetensors is not a valid safetensors file "
+                                  f"({str(e)[:160]}); export the model again.") from None
+            if bank is None or bank.ndim != 2 or bank.shape[1] != rec["dim"] or len(bank) < 2:
+                raise ExportError(f"{self.where}: ood_bank.safetensors does not hold a bank of dimension "
+                                  f"{rec['dim']}; export the model again.")
+            return bank
+        return self._cached(OOD_BANK, parse)
+
     # -- writes ------------------------------------------------------------------------------------
     def _writable(self) -> Path:
         if self.dir is None:
@@ -485,6 +541,21 @@ class RunFiles:
 
     def write_validation_head(self, state: Mapping[str, Any]) -> None:
         self.write_weights(state, VAL_HEAD)
+
+    def write_open_set(self, record: Mapping[str, Any], bank: np.ndarray | None = None) -> None:
+        """Write ``ood.json`` (and the bank, when given), atomically."""
+        d = self._writable()
+        d.mkdir(parents=True, exist_ok=True)
+        if bank is not None:
+            from safetensors.numpy import save_file
+
+            tmp = d / f".{OOD_BANK}.{os.getpid()}.tmp"
+            try:
+                save_file({"bank": np.ascontiguousarray(bank, dtype=np.float16)}, str(tmp))
+                os.replace(tmp, d / OOD_BANK)
+            finally:
+                tmp.unlink(missing_ok=True)
+        write_json_atomic(d / OOD, dict(record))
 
     def set_temperature(self, temperature: float, record: dict[str, Any]) -> None:
         """Apply a fitted temperature to the run (meta) and keep its calibration record (metrics)."""

@@ -244,6 +244,12 @@ def _augment_preview(ws: Workspace, p: dict[str, Any], ctx: Any) -> list[dict[st
     return out
 
 
+def _set_ood_threshold(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..insight.openset import set_threshold
+
+    return set_threshold(p["run"], float(p["threshold"]))
+
+
 def _check_weights(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
     from ..models.backbones import check_uploaded_weights
 
@@ -266,6 +272,7 @@ KINDS: dict[str, TaskKind] = {k.name: k for k in [
     TaskKind("explain", "interactive", "Drawing where the model looked", _explain),
     TaskKind("augment_preview", "interactive", "Drawing augmented images", _augment_preview),
     TaskKind("check_weights", "interactive", "Checking the weights file", _check_weights),
+    TaskKind("set_ood_threshold", "interactive", "Saving the open-set threshold", _set_ood_threshold),
 ]}
 
 

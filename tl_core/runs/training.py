@@ -30,6 +30,7 @@ from ..data.versions import pin
 from ..data.report import dataset_report
 from ..data.splits import Split, split_dataset
 from ..errors import CancelledError, DatasetError, TLError
+from ..insight.openset import bank_indices, build_open_set
 from ..models.backbones import build_model, check_backbone_name
 from ..models.catalogue import WeightsInfo
 from ..models.devices import Runtime, release_free_memory, set_seed, single_threaded
@@ -137,6 +138,16 @@ def _set_head(model: nn.Module, head: nn.Linear) -> None:
         clf.bias.copy_(head.bias)
 
 
+def _open_set(bank_feats: np.ndarray, calibration_feats: np.ndarray | None) -> tuple[dict[str, Any], np.ndarray] | None:
+    """The open-set record and bank (:mod:`tl_core.insight.openset`), or None (logged) when there are too few
+    images for one: the run stays usable, its predictions just carry no ``unknown``."""
+    try:
+        return build_open_set(bank_feats, calibration_feats)
+    except ValueError as e:
+        log.warning("no open-set score for this run: %s", e)
+        return None
+
+
 def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace, run_dir: Path,
                 progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
                 test_data: str | os.PathLike | None = None, runtime: Runtime | None = None
@@ -228,6 +239,11 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             with torch.no_grad():
                 test_logits = head(torch.from_numpy(feats[n_tr + n_va:])).numpy()
             fit_on, val_model = "train+val", VALIDATION_FIT
+        # the bank holds what the saved head was fitted on; a refitted head saw the validation images, so the
+        # threshold comes from leave-one-out distances within the bank instead
+        n_bank = n_tr + n_va if fit_on == "train+val" else n_tr
+        keep = bank_indices([i.label for i in (split.train + split.val)[:n_bank]], seed=cfg.seed)
+        open_set = _open_set(feats[keep], None if fit_on == "train+val" else feats[n_tr:n_tr + n_va])
     else:
         probe_info = info if cfg.strategy != "scratch" else None
         info = finetune(model, split, classes, pre, decoded, cfg, emit_epoch, should_cancel,
@@ -240,8 +256,15 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         release_free_memory()
         emit({"stage": "evaluate", "message": "Evaluating the best checkpoint"})
         one = dataclasses.replace(rt, rank=0, world_size=1)  # rank 0 alone: no collectives from here on
-        val_logits = logits_of_items(model, split.val, pre, decoded, batch_size=EVAL_BATCH, should_cancel=local_cancel,
-                                     runtime=one)
+        val_logits, val_feats = logits_of_items(model, split.val, pre, decoded, batch_size=EVAL_BATCH,
+                                                should_cancel=local_cancel, runtime=one, with_features=True)
+        # the open-set bank: the fine-tuned model's features of (at most MAX_BANK_ROWS) training images; no feature
+        # cache (it is keyed by the pretrained weights, and these are not theirs)
+        emit({"stage": "evaluate", "message": "Recording the training images' features (open-set score)"})
+        keep = bank_indices([i.label for i in split.train], seed=cfg.seed)
+        bank_feats = extract_features(model, [split.train[k] for k in keep], pre, decoded, None,
+                                      batch_size=EVAL_BATCH, should_cancel=local_cancel, runtime=one)
+        open_set = _open_set(bank_feats, val_feats)
         test_logits = logits_of_items(model, test_items, pre, decoded, batch_size=EVAL_BATCH,
                                       should_cancel=local_cancel, runtime=one)
         model.to("cpu")
@@ -274,6 +297,8 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
                                               [i.label for i in test_items], np.asarray(test_logits, np.float64),
                                               test_model)
         staged.write_predictions(Predictions(classes, splits))
+        if open_set is not None:
+            staged.write_open_set(*open_set)
         staged.write_metrics(RunMetrics(val=val_metrics, test=test_metrics, history=history,
                                         best_epoch=info["best_epoch"], epochs_run=info["epochs_run"],
                                         seconds=round(seconds, 3), stop=info.get("stop") or {}))

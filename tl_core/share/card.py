@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+from ..insight.openset import describe as describe_open_set
 from ..models.metrics import calibration
 from ..runs.files import RunFiles, RunMeta
 
@@ -176,6 +177,8 @@ def model_card(files: RunFiles) -> str:
         lines += ["No metrics were recorded with this model.", ""]
     lines += ["## Calibration", ""]
     lines += _calibration_lines(metrics, files, run_meta)
+    open_set = files.open_set_record()
+    lines += ["## Images unlike the training images", "", describe_open_set(open_set), ""]
     n_val = val.get("count")
     lines += [
         "## Limitations and caveats",
@@ -183,8 +186,10 @@ def model_card(files: RunFiles) -> str:
         f"- The metrics come from {n_val if n_val is not None else 'a few'} held-out images; with this few, accuracy "
         "on new images can easily differ by several points, and more for images unlike the training set (other cameras, "
         "lighting, backgrounds, drawings vs photos).",
-        "- It knows only the classes above and will confidently pick one of them for anything else (out-of-distribution "
-        "images are not rejected).",
+        ("- It knows only the classes above and will confidently pick one of them for anything else; the `unknown` flag "
+         "(above) catches images unlike the training images, not every image outside the classes." if open_set else
+         "- It knows only the classes above and will confidently pick one of them for anything else (out-of-distribution "
+         "images are not rejected)."),
         "- Confidence scores are probabilities from a softmax; they are not guaranteed to be calibrated (see above).",
         "- Bias: the pretrained backbone carries the biases of its pretraining data (ImageNet-style datasets "
         "over-represent some regions, cultures, objects and people and under-represent others), and the fine-tuned "
@@ -194,7 +199,8 @@ def model_card(files: RunFiles) -> str:
         "## Files",
         "",
         "`model.safetensors` (weights), `meta.json` (classes, architecture, preprocessing), `config.json` "
-        "(training configuration), `metrics.json` (validation metrics and training curves), `manifest.json` "
+        "(training configuration), `metrics.json` (validation metrics and training curves), `ood.json` and "
+        "`ood_bank.safetensors` (the `unknown` threshold and the training images' features), `manifest.json` "
         "(SHA-256 of each file). Predict with `tl-core predict THIS.zip image.jpg ...` or in Python with "
         "`tl_core.share.loading.load_bundle('THIS.zip')`.",
     ]

@@ -35,7 +35,7 @@ from torch import nn
 from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..config import EXPORT_FORMATS
 from ..errors import DatasetError, ExportError
-from ..runs.files import BUNDLE_FILES, METRICS
+from ..runs.files import BUNDLE_FILES, METRICS, OPEN_SET_FILES
 from .card import model_card
 from .loading import TrainedModel, load_model
 from .predict import expand_paths
@@ -276,13 +276,14 @@ Python:
     rows, skipped = predict_paths(model, ["photo.jpg"])
 
 Files: model.safetensors (weights, safetensors: no code inside), meta.json (architecture, classes,
-preprocessing), config.json (training configuration), metrics.json, MODEL_CARD.md, manifest.json
-(SHA-256 of every file; a modified bundle is refused).
+preprocessing), config.json (training configuration), metrics.json, ood.json and ood_bank.safetensors
+(the open-set threshold and the training images' features: a prediction says "unknown" for an image unlike
+them), MODEL_CARD.md, manifest.json (SHA-256 of every file; a modified bundle is refused).
 """
 
 
 def _write_bundle(tm: TrainedModel, out: Path) -> dict[str, Any]:
-    files = {f: tm.files.raw(f) for f in BUNDLE_FILES + (METRICS,) if tm.files.has(f)}
+    files = {f: tm.files.raw(f) for f in BUNDLE_FILES + (METRICS,) + OPEN_SET_FILES if tm.files.has(f)}
     files["MODEL_CARD.md"] = model_card(tm.files).encode()
     files["README.txt"] = _README.format(classes=", ".join(tm.classes), name=out.name).encode()
     files["manifest.json"] = _manifest(files).encode()

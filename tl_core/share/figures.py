@@ -10,7 +10,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 __all__ = ["class_counts", "training_curves", "confusion", "top_k", "advisor_scores", "embedding_map", "domain_gap",
-           "reliability", "ARM_NAMES", "learning_curve"]
+           "reliability", "ARM_NAMES", "learning_curve", "ood_histogram"]
 
 _COLORS = qualitative.Plotly
 
@@ -253,4 +253,19 @@ def learning_curve(rows: Sequence[Mapping[str, Any]], n_classes: int) -> go.Figu
     fig.update_yaxes(range=[0, 1.05], tickformat=".0%", row=1, col=1)
     entries = sum(1 for t in fig.data if t.showlegend is not False)
     fig.update_layout(height=440, barmode="group", **_layout(titled=True, legend_rows=_legend_rows(entries, 3)))
+    return fig
+
+
+def ood_histogram(scores: Sequence[float], threshold: float, saved: float | None = None,
+                  what: str = "validation images") -> go.Figure:
+    """The distribution of open-set scores (cosine distance to the nearest training image) with the threshold
+    as a line (and the saved one, dotted, when a different one is being tried): right of it is ``unknown``."""
+    fig = go.Figure(go.Histogram(x=list(scores), nbinsx=40, marker_color=_COLORS[0], name=what))
+    fig.add_vline(x=threshold, line=dict(color="crimson", width=2),
+                  annotation_text=f"threshold {threshold:.3f}", annotation_position="top right")
+    if saved is not None and abs(saved - threshold) > 1e-9:
+        fig.add_vline(x=saved, line=dict(color="grey", width=1, dash="dot"),
+                      annotation_text=f"saved {saved:.3f}", annotation_position="top left")
+    fig.update_layout(xaxis_title="distance to the nearest training image (cosine)", yaxis_title=what,
+                      bargap=0.05, height=320, showlegend=False, **_layout(titled=True))
     return fig

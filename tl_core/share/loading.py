@@ -27,7 +27,8 @@ from ..errors import ExportError, RunError
 from ..models.catalogue import timm_kwargs
 from ..models.devices import Runtime
 from ..models.preprocess import Preprocess
-from ..runs.files import BUNDLE_FILES, METRICS, SAVED, VALIDATION_FIT, RunFiles, RunMeta, RunMetrics
+from ..insight.openset import OpenSet
+from ..runs.files import BUNDLE_FILES, METRICS, OPEN_SET_FILES, SAVED, VALIDATION_FIT, RunFiles, RunMeta, RunMetrics
 from ..runs.workspace import Workspace
 
 __all__ = ["TrainedModel", "load_model", "load_bundle", "resolve_run"]
@@ -46,6 +47,7 @@ class TrainedModel:
     source: str  # the run directory or bundle it was loaded from
     head: str = SAVED  # SAVED, or VALIDATION_FIT: the training-only head of a refitted linear run
     runtime: Runtime | None = None  # where it runs (its device and precision); None: the CPU
+    open_set: OpenSet | None = None  # the open-set bank and threshold; None for a run from before them
 
     @property
     def meta(self) -> RunMeta:
@@ -109,7 +111,7 @@ def _check_dir(p: Path) -> None:
 
 def _read_bundle(p: Path) -> dict[str, bytes]:
     """The model files of a bundle zip, as bytes, with size caps."""
-    wanted = BUNDLE_FILES + (METRICS, "manifest.json")
+    wanted = BUNDLE_FILES + (METRICS, "manifest.json") + OPEN_SET_FILES
     files: dict[str, bytes] = {}
     try:
         zf = zipfile.ZipFile(p)
@@ -254,7 +256,10 @@ def load_model(ref: str | os.PathLike, head: str = SAVED, device: str = "cpu") -
     elif head not in (SAVED, VALIDATION_FIT):
         raise ExportError(f"Unknown head {head!r}; use {SAVED} or {VALIDATION_FIT}.")
     rt = Runtime.create(device)
-    return TrainedModel(model=model.to(rt.device), files=files, source=str(p), head=used, runtime=rt)
+    bank = files.open_set_bank()  # validated now, like the rest (None: a run from before open-set scores)
+    open_set = OpenSet(bank, files.open_set_record()) if bank is not None else None
+    return TrainedModel(model=model.to(rt.device), files=files, source=str(p), head=used, runtime=rt,
+                        open_set=open_set)
 
 
 load_bundle = load_model

@@ -18,6 +18,7 @@ from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..data.intake import safe_extract_zip
 from ..data.library import open_data
 from ..errors import DatasetError
+from ..insight.openset import open_set_fields
 from ..models.inference import logits_of_images, logits_of_items
 from ..models.metrics import compute_metrics, softmax, top_losses
 from ..runs.workspace import Workspace
@@ -47,10 +48,14 @@ def evaluate_dataset(tm: TrainedModel, data: str | os.PathLike, workspace: Works
                            f"the model knows {', '.join(tm.classes)}.")
     cidx = {c: i for i, c in enumerate(tm.classes)}
     cache = DecodedImageCache(workspace.cache_dir / "decoded")
-    probs = softmax(logits_of_items(tm.model, items, tm.pre, cache, runtime=tm.runtime), tm.temperature)
+    out = logits_of_items(tm.model, items, tm.pre, cache, runtime=tm.runtime, with_features=tm.open_set is not None)
+    logits, scores = _with_scores(tm, out)
+    probs = softmax(logits, tm.temperature)
     y = [cidx[i.label] for i in items]
     rep = compute_metrics(y, probs, tm.classes)
     rep["evaluated"] = evaluated
+    # share of the evaluated images the open-set threshold calls unknown (None: a model without open-set files)
+    rep["unknown_share"] = float(tm.open_set.unknown(scores).mean()) if scores is not None and len(scores) else None
     rep["skipped"] = [{"path": s.path, "reason": s.reason} for s in ds.skipped]
     rep["top_losses"] = top_losses([str(i.path) for i in items], y, probs, tm.classes, k=20)
     return rep
@@ -82,10 +87,29 @@ def expand_paths(paths: Iterable[str | os.PathLike], tmp: Path) -> tuple[list[tu
     return files, skipped
 
 
+def _with_scores(tm: TrainedModel, out: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits, open-set scores or None) of a ``logits_of_*`` result asked with ``with_features`` when the
+    model has an open-set bank."""
+    if tm.open_set is None:
+        return out, None
+    logits, feats = out
+    return logits, tm.open_set.score(feats)
+
+
+def _rows(tm: TrainedModel, images: Sequence[Any], top_k: int) -> list[dict[str, Any]]:
+    """Prediction rows of Pillow images, with ``unknown`` and ``ood_score`` from the same forward pass."""
+    out = logits_of_images(tm.model, images, tm.pre, runtime=tm.runtime, with_features=tm.open_set is not None)
+    logits, scores = _with_scores(tm, out)
+    probs = softmax(logits, tm.temperature)
+    return [{**prediction_row(p, tm.classes, top_k),
+             **open_set_fields(None if scores is None else float(scores[n]), tm.open_set)}
+            for n, p in enumerate(probs)]
+
+
 def predict_pil(tm: TrainedModel, images: Sequence[Any], top_k: int = 3) -> list[dict[str, Any]]:
-    """Top-k predictions for RGB Pillow images: label, confidence, top_k [{label, confidence}]."""
-    probs = softmax(logits_of_images(tm.model, images, tm.pre, runtime=tm.runtime), tm.temperature)
-    return [prediction_row(p, tm.classes, top_k) for p in probs]
+    """Top-k predictions for RGB Pillow images: label, confidence, top_k [{label, confidence}], unknown (the
+    image is unlike the training images; None for a model without open-set files) and ood_score."""
+    return _rows(tm, images, top_k)
 
 
 def prediction_row(p: np.ndarray, classes: Sequence[str], top_k: int) -> dict[str, Any]:
@@ -107,7 +131,8 @@ def predict_paths(tm: TrainedModel, paths: Iterable[str | os.PathLike], top_k: i
         batch_size: images per forward pass.
         progress: called with (done, total) after each batch.
     Returns:
-        (rows of {path, label, confidence, top_k}, skipped [{path, reason}]); an image inside a zip is
+        (rows of {path, label, confidence, top_k, unknown, ood_score}, skipped [{path, reason}]); ``unknown``
+        and ``ood_score`` are None for a model trained before open-set scores; an image inside a zip is
         reported as ``archive.zip/inner/path.png``.
     """
     rows: list[dict[str, Any]] = []
@@ -122,23 +147,26 @@ def predict_paths(tm: TrainedModel, paths: Iterable[str | os.PathLike], top_k: i
                 except DatasetError as e:
                     skipped.append({"path": name, "reason": str(e).split(": ", 1)[-1]})
             if batch:
-                probs = softmax(logits_of_images(tm.model, batch, tm.pre, runtime=tm.runtime), tm.temperature)
-                rows += [{"path": n, **prediction_row(p, tm.classes, top_k)} for n, p in zip(names, probs)]
+                rows += [{"path": n, **r} for n, r in zip(names, _rows(tm, batch, top_k))]
             if progress:
                 progress(min(start + batch_size, len(files)), len(files))
     return rows, skipped
 
 
 def write_predictions_csv(rows: Sequence[dict[str, Any]], out: str | os.PathLike | io.StringIO) -> None:
-    """CSV with path, label, confidence, and top-k as 'label:conf;label:conf'."""
+    """CSV with path, label, confidence, top-k as 'label:conf;label:conf', unknown (true/false, empty for a model
+    without open-set files) and ood_score."""
     own = not isinstance(out, io.StringIO)
     f = open(out, "w", newline="", encoding="utf-8") if own else out
     try:
         w = csv.writer(f)
-        w.writerow(["path", "label", "confidence", "top_k"])
+        w.writerow(["path", "label", "confidence", "top_k", "unknown", "ood_score"])
         for r in rows:
+            unknown, score = r.get("unknown"), r.get("ood_score")
             w.writerow([r["path"], r["label"], f"{r['confidence']:.6f}",
-                        ";".join(f"{t['label']}:{t['confidence']:.6f}" for t in r["top_k"])])
+                        ";".join(f"{t['label']}:{t['confidence']:.6f}" for t in r["top_k"]),
+                        "" if unknown is None else str(bool(unknown)).lower(),
+                        "" if score is None else f"{score:.6f}"])
     finally:
         if own:
             f.close()

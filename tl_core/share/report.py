@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from ..config import STRATEGIES, fields_for_strategy
 from ..errors import ExportError, RunError
 from ..models.metrics import reliability_diagram
+from ..insight.openset import describe as describe_open_set
 from ..runs.files import RunFiles
 from . import figures
 
@@ -214,6 +215,15 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
                      + ("" if after is None else
                         f" with temperature scaling (T = {temperature:.3f}, fitted on these same images, so optimistic)")
                      + ".</p>")
+
+    open_set = files.open_set_record()
+    if open_set is not None:
+        parts.append("<h2>Images unlike the training images</h2>")
+        scores = open_set.get("calibration_scores") or []
+        what = "training images" if open_set.get("calibration") == "leave-one-out" else "validation images"
+        if scores:
+            parts.append(fig(figures.ood_histogram(scores, float(open_set["threshold"]), what=what), "openset"))
+        parts.append(f"<p class='note'>{_esc(describe_open_set(open_set))}</p>")
 
     wrong = val_preds.mistakes(classes, temperature) if val_preds is not None else []
     parts.append("<h2>Most confidently wrong images</h2>")
