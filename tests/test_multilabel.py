@@ -124,3 +124,121 @@ def test_iterative_split_rare_label_stays_in_train(tmp_path):
         sp = split_dataset(ds, 0.5, seed)
         for lab in ds.classes:
             assert any(lab in i.labels for i in sp.train), (seed, lab)
+
+
+# -- training: the one-vs-rest probe against scikit-learn ----------------------------------------------
+def write_holdout_csvs(dest: Path, test_share: float = 0.3, seed: int = 0) -> tuple[Path, Path]:
+    """The multi-label sample cut by iterative stratification into train.csv and test.csv (absolute paths)."""
+    sp = split_dataset(open_dataset(ML), test_share, seed)
+    out = []
+    for name, items in (("train.csv", sp.train), ("test.csv", sp.val)):
+        f = dest / name
+        f.write_text("path,labels\n" + "".join(f"{i.path.resolve()},{';'.join(i.labels)}\n" for i in items))
+        out.append(f)
+    return out[0], out[1]
+
+
+@pytest.fixture(scope="module")
+def ml_run(tmp_path_factory):
+    """A linear run on 70% of the multi-label sample with the other 30% as held-out test data."""
+    from tl_core.config import TrainConfig
+    from tl_core.runs.training import run_training
+    from tl_core.runs.workspace import Workspace
+
+    home = tmp_path_factory.mktemp("ml_home")
+    train_csv, test_csv = write_holdout_csvs(home)
+    ws = Workspace(home / "ws")
+    res = run_training(ws, train_csv, TrainConfig(), test_data=test_csv)
+    assert res.status == "done", res.error
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TL_HOME", str(ws.home))
+        yield ws, res, train_csv, test_csv
+
+
+def sklearn_ovr_micro_f1(ws, train_csv: Path, test_csv: Path) -> tuple[float, float]:
+    """(micro-F1 on the test images of scikit-learn's OneVsRestClassifier(LogisticRegression()) fitted on the
+    frozen features of every training image, number of feature-cache misses). The features are the run's own
+    cached ones, so the comparison is of the classifier alone."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.multiclass import OneVsRestClassifier
+
+    from tl_core.cache import DecodedImageCache, FeatureCache
+    from tl_core.models.backbones import build_model
+    from tl_core.models.features import extract_features, feature_key
+    from tl_core.models.multilabel import label_matrix
+    from tl_core.models.preprocess import Preprocess, data_config_for
+
+    tr, te = open_dataset(train_csv), open_dataset(test_csv, min_per_class=1)
+    model, info = build_model("efficientnet_lite0", len(tr.classes))
+    pre = Preprocess.from_data_config(data_config_for(model))
+    cache = FeatureCache(ws.cache_dir / "features", feature_key("efficientnet_lite0", info.fingerprint, pre))
+    dec = DecodedImageCache(ws.cache_dir / "decoded")
+    xtr, xte = extract_features(model, tr.items, pre, dec, cache), extract_features(model, te.items, pre, dec, cache)
+    ytr = label_matrix([i.labels for i in tr.items], tr.classes)
+    yte = label_matrix([i.labels for i in te.items], tr.classes)
+    sk = OneVsRestClassifier(LogisticRegression(max_iter=1000)).fit(xtr, ytr)
+    return float(f1_score(yte, sk.predict(xte), average="micro")), cache.misses
+
+
+@pytest.mark.slow
+def test_ovr_probe_reaches_sklearn_micro_f1_on_held_out_images(ml_run):
+    ws, res, train_csv, test_csv = ml_run
+    from tl_core.runs.files import RunFiles
+
+    assert res.multi_label and res.classes == open_dataset(ML).classes
+    sk_f1, misses = sklearn_ovr_micro_f1(ws, train_csv, test_csv)
+    assert misses == 0  # the run extracted and cached every image already
+    test = RunFiles(res.run_dir).metrics().test
+    assert test["multi_label"] and test["count"] == len(open_dataset(test_csv, min_per_class=1).items)
+    print(f"\nmicro-F1 on held-out images: TL Studio {test['micro_f1']:.3f}, scikit-learn OvR {sk_f1:.3f}")
+    assert test["micro_f1"] >= sk_f1, (test["micro_f1"], sk_f1)
+    assert sk_f1 >= 0.75  # 8 emoji labels from ~175 training images: well above chance
+    assert 0 < test["exact_match"] <= 1 and test["mAP"] >= 0.8
+
+
+# -- metrics and thresholds ----------------------------------------------------------------------------
+def test_metrics_match_sklearn_on_a_hand_example():
+    from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
+
+    from tl_core.models.multilabel import multilabel_metrics
+
+    y = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1]])
+    p = np.array([[.9, .2, .6], [.3, .8, .4], [.7, .4, .1], [.2, .1, .9], [.4, .3, .2], [.6, .7, .5]])
+    th = [0.5, 0.5, 0.45]
+    m = multilabel_metrics(y, p, ["a", "b", "c"], th)
+    pred = (p >= np.array(th)).astype(int)
+    pr, rc, f1, sup = precision_recall_fscore_support(y, pred, zero_division=0)
+    for k, c in enumerate("abc"):
+        assert m["per_label"][c]["precision"] == pytest.approx(pr[k], abs=1e-4)
+        assert m["per_label"][c]["recall"] == pytest.approx(rc[k], abs=1e-4)
+        assert m["per_label"][c]["f1"] == pytest.approx(f1[k], abs=1e-4)
+        assert m["per_label"][c]["support"] == sup[k]
+        assert m["per_label"][c]["ap"] == pytest.approx(average_precision_score(y[:, k], p[:, k]), abs=1e-4)
+    assert m["micro_f1"] == pytest.approx(f1_score(y, pred, average="micro"), abs=1e-6)
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-4)
+    assert m["mAP"] == pytest.approx(average_precision_score(y, p, average="macro"), abs=1e-6)
+    assert m["exact_match"] == pytest.approx(float((pred == y).all(1).mean()))
+    # 2x2 per label: [[TN, FP], [FN, TP]]
+    assert m["label_confusion"]["a"] == [[2, 1], [1, 2]]
+    # ties in the scores: average precision as scikit-learn computes it
+    from tl_core.models.multilabel import average_precision
+    yt, st = np.array([1, 0, 1, 0, 1]), np.array([.5, .5, .2, .2, .9])
+    assert average_precision(yt, st) == pytest.approx(average_precision_score(yt, st))
+
+
+def test_thresholds_maximise_validation_f1_and_fall_back_to_half():
+    from sklearn.metrics import f1_score
+
+    from tl_core.models.multilabel import choose_thresholds
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 3)) < 0.3).astype(int)
+    y[:, 2] = 0  # no positive validation image: the default threshold
+    p = np.clip(y * 0.35 + rng.random((60, 3)) * 0.6, 0, 1)
+    th = choose_thresholds(y, p)
+    assert th[2] == 0.5
+    for k in range(2):
+        best = max(f1_score(y[:, k], p[:, k] >= t) for t in np.unique(p[:, k]))
+        assert f1_score(y[:, k], p[:, k] >= th[k]) == pytest.approx(best)
+        assert th[k] != 0.5  # these scores sit low: 0.5 is not the best cut
