@@ -242,3 +242,85 @@ def test_thresholds_maximise_validation_f1_and_fall_back_to_half():
         best = max(f1_score(y[:, k], p[:, k] >= t) for t in np.unique(p[:, k]))
         assert f1_score(y[:, k], p[:, k] >= th[k]) == pytest.approx(best)
         assert th[k] != 0.5  # these scores sit low: 0.5 is not the best cut
+
+
+# -- command line, bundle ------------------------------------------------------------------------------
+def _cli_json(capsys, *argv):
+    import json
+
+    from tl_core.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return json.loads(out)
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict_json(ml_run, capsys, tmp_path):
+    ws, res, train_csv, test_csv = ml_run
+    from tl_core.runs.files import RunFiles
+
+    d = res.to_dict()
+    assert d["multi_label"] is True and {"micro_f1", "macro_f1", "mAP", "exact_match"} <= set(d)
+    assert d["val_accuracy"] == d["exact_match"]
+    files = RunFiles(res.run_dir)
+    meta = files.meta()
+    assert meta.multi_label and len(meta.thresholds) == len(meta.classes)
+    assert all(0 < t < 1 for t in meta.thresholds)
+
+    # evaluate on the held-out CSV: the same numbers the run recorded for its test images
+    rep = _cli_json(capsys, "evaluate", res.run_id, "--data", test_csv, "--json")
+    want = files.metrics().test
+    for k in ("micro_f1", "macro_f1", "mAP", "exact_match"):
+        assert rep[k] == pytest.approx(want[k], abs=1e-6), k
+    assert set(rep["per_label"]) == set(meta.classes)
+    assert {"precision", "recall", "f1", "support"} <= set(rep["per_label"]["animal"])
+    assert sum(r["support"] for r in rep["per_label"].values()) == sum(
+        len(ln.split(",")[1].split(";")) for ln in test_csv.read_text().splitlines()[1:])
+
+    # predict: a label set with a probability each, decided by the saved thresholds
+    imgs = [ML / "images" / n for n in ("dog.png", "grinning.png", "pizza.png")]
+    csv_out = tmp_path / "pred.csv"
+    rows = _cli_json(capsys, "predict", res.run_id, *imgs, "--json", "--csv", csv_out)
+    by = {Path(r["path"]).name: r for r in rows}
+    th = dict(zip(meta.classes, meta.thresholds))
+    for r in rows:
+        assert [x["label"] for x in r["labels"]] == [c for c in sorted(r["probs"], key=lambda c: -r["probs"][c])
+                                                     if r["probs"][c] >= th[c]]
+        assert r["label"] == ";".join(sorted(x["label"] for x in r["labels"]))
+    assert {"animal", "face"} <= {x["label"] for x in by["dog.png"]["labels"]}
+    assert "food" in {x["label"] for x in by["pizza.png"]["labels"]}
+    assert "face" in {x["label"] for x in by["grinning.png"]["labels"]}
+    lines = csv_out.read_text().splitlines()
+    assert lines[0] == "path,labels," + ",".join(f"p_{c}" for c in meta.classes)
+    assert len(lines) == 4
+
+    # single-label data against a multi-label model: one sentence, exit 2
+    from tl_core.cli import main
+
+    assert main(["evaluate", res.run_id, "--data", str(ROOT / "sample_data" / "emoji")]) == 2
+    assert "multi-label but the data has one label per image" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bundle_round_trip_keeps_thresholds_and_label_sets(ml_run, tmp_path):
+    ws, res, _, _ = ml_run
+    from tl_core.share.export import export_run
+    from tl_core.share.loading import load_bundle, load_model
+    from tl_core.share.predict import predict_paths
+
+    out = export_run(res.run_dir, "bundle", tmp_path / "ml.zip")
+    bundle, run = load_bundle(out["path"]), load_model(res.run_dir)
+    assert bundle.meta.multi_label and bundle.meta.thresholds == run.meta.thresholds
+    imgs = [str(p) for p in IMAGES[:8]]
+    a, _ = predict_paths(bundle, imgs)
+    b, _ = predict_paths(run, imgs)
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    for ra, rb in zip(a, b):
+        for c in run.classes:
+            assert ra["probs"][c] == pytest.approx(rb["probs"][c], abs=1e-5)
+    card = zipfile.ZipFile(out["path"]).read("MODEL_CARD.md").decode()
+    assert "multi-label classifier" in card and "Micro F1" in card
+    assert "| label | precision | recall | F1 | AP | support | threshold | TN | FP | FN | TP |" in card
+    assert "Not measured: the reliability table" in card

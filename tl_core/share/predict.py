@@ -41,6 +41,8 @@ def evaluate_dataset(tm: TrainedModel, data: str | os.PathLike, workspace: Works
     evaluated = "test split"
     if not items:
         items, evaluated = list(ds.items), "all images"
+    if tm.meta.multi_label or ds.multi_label:
+        return _evaluate_multilabel(tm, ds, items, evaluated, workspace)
     unknown = sorted({i.label for i in items} - set(tm.classes))
     if unknown:
         raise DatasetError(f"The data has classes the model was not trained on: {', '.join(unknown[:10])}; "
@@ -53,6 +55,20 @@ def evaluate_dataset(tm: TrainedModel, data: str | os.PathLike, workspace: Works
     rep["evaluated"] = evaluated
     rep["skipped"] = [{"path": s.path, "reason": s.reason} for s in ds.skipped]
     rep["top_losses"] = top_losses([str(i.path) for i in items], y, probs, tm.classes, k=20)
+    return rep
+
+
+def _evaluate_multilabel(tm: TrainedModel, ds: Any, items: list, evaluated: str, workspace: Workspace
+                         ) -> dict[str, Any]:
+    from .multilabel import evaluate_multilabel
+
+    if not tm.meta.multi_label:
+        raise DatasetError("The data is multi-label but the model predicts one class per image; train a model on "
+                           "multi-label data to evaluate it.")
+    cache = DecodedImageCache(workspace.cache_dir / "decoded")
+    rep = evaluate_multilabel(tm, items, logits_of_items(tm.model, items, tm.pre, cache, runtime=tm.runtime))
+    rep["evaluated"] = evaluated
+    rep["skipped"] = [{"path": s.path, "reason": s.reason} for s in ds.skipped]
     return rep
 
 
@@ -84,7 +100,12 @@ def expand_paths(paths: Iterable[str | os.PathLike], tmp: Path) -> tuple[list[tu
 
 def predict_pil(tm: TrainedModel, images: Sequence[Any], top_k: int = 3) -> list[dict[str, Any]]:
     """Top-k predictions for RGB Pillow images: label, confidence, top_k [{label, confidence}]."""
-    probs = softmax(logits_of_images(tm.model, images, tm.pre, runtime=tm.runtime), tm.temperature)
+    logits = logits_of_images(tm.model, images, tm.pre, runtime=tm.runtime)
+    if tm.meta.multi_label:
+        from .multilabel import rows_of_logits
+
+        return rows_of_logits(tm, logits, top_k)
+    probs = softmax(logits, tm.temperature)
     return [prediction_row(p, tm.classes, top_k) for p in probs]
 
 
@@ -122,15 +143,30 @@ def predict_paths(tm: TrainedModel, paths: Iterable[str | os.PathLike], top_k: i
                 except DatasetError as e:
                     skipped.append({"path": name, "reason": str(e).split(": ", 1)[-1]})
             if batch:
-                probs = softmax(logits_of_images(tm.model, batch, tm.pre, runtime=tm.runtime), tm.temperature)
-                rows += [{"path": n, **prediction_row(p, tm.classes, top_k)} for n, p in zip(names, probs)]
+                logits = logits_of_images(tm.model, batch, tm.pre, runtime=tm.runtime)
+                if tm.meta.multi_label:
+                    from .multilabel import rows_of_logits
+
+                    rows += [{"path": n, **r} for n, r in zip(names, rows_of_logits(tm, logits, top_k))]
+                else:
+                    probs = softmax(logits, tm.temperature)
+                    rows += [{"path": n, **prediction_row(p, tm.classes, top_k)} for n, p in zip(names, probs)]
             if progress:
                 progress(min(start + batch_size, len(files)), len(files))
     return rows, skipped
 
 
 def write_predictions_csv(rows: Sequence[dict[str, Any]], out: str | os.PathLike | io.StringIO) -> None:
-    """CSV with path, label, confidence, and top-k as 'label:conf;label:conf'."""
+    """CSV with path, label, confidence, and top-k as 'label:conf;label:conf'.
+
+    Multi-label rows (they carry ``probs``) make :func:`tl_core.share.multilabel.write_multilabel_csv`'s CSV:
+    path, labels (``a;b``) and one ``p_<label>`` column per label.
+    """
+    if rows and "probs" in rows[0]:
+        from .multilabel import write_multilabel_csv
+
+        write_multilabel_csv(rows, list(rows[0]["probs"]), out)
+        return
     own = not isinstance(out, io.StringIO)
     f = open(out, "w", newline="", encoding="utf-8") if own else out
     try:
