@@ -324,3 +324,48 @@ def test_bundle_round_trip_keeps_thresholds_and_label_sets(ml_run, tmp_path):
     assert "multi-label classifier" in card and "Micro F1" in card
     assert "| label | precision | recall | F1 | AP | support | threshold | TN | FP | FN | TP |" in card
     assert "Not measured: the reliability table" in card
+
+
+@pytest.mark.slow
+def test_audit_on_multi_label_data_counts_labels_and_skips_label_check(ml_run):
+    ws = ml_run[0]
+    from tl_core.insight.audit import audit_dataset
+
+    res = audit_dataset(ML, workspace=ws)
+    assert res["images"] == len(IMAGES) and res["counts"] == open_dataset(ML).counts()
+    assert res["label_issues"] == [] and any("multi-label" in n for n in res["notes"])
+    # images per label in the training split, not per label set
+    sp = split_dataset(open_dataset(ML), 0.2, 0)
+    assert res["imbalance"]["counts"] == {c: sum(1 for i in sp.train if c in i.labels) for c in open_dataset(ML).classes}
+    assert res["suggested_config"].get("class_balance") in (None, "weights")
+
+
+def test_ovr_head_solves_each_labels_logistic_regression():
+    """fit_ovr_head reaches scikit-learn's per-label optimum (same objective), with and without balancing."""
+    from sklearn.linear_model import LogisticRegression
+
+    from tl_core.config import TrainConfig
+    from tl_core.models.probe import fit_ovr_head
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(150, 16)).astype(np.float32)
+    w_true = rng.normal(size=(16, 3))
+    y = (x @ w_true + rng.normal(scale=1.0, size=(150, 3)) > np.array([0.5, 1.5, -0.5])).astype(int)
+    for balance in ("none", "weights"):
+        cfg = TrainConfig(strategy="linear", epochs=300, class_balance=balance, linear_c=0.5)
+        head, _ = fit_ovr_head(x, y, x[:20], y[:20], cfg)
+        w, b = head.weight.detach().double().numpy(), head.bias.detach().double().numpy()
+        for k in range(3):
+            sk = LogisticRegression(C=0.5, tol=1e-10, max_iter=10000,
+                                    class_weight="balanced" if balance != "none" else None).fit(x, y[:, k])
+            pos = y[:, k].sum()
+            sw = (np.ones(len(y)) if balance == "none" else
+                  np.where(y[:, k] == 1, len(y) / (2 * pos), len(y) / (2 * (len(y) - pos))))
+
+            def objective(wk, bk):
+                z = x.astype(np.float64) @ wk + bk
+                return float((sw * (np.logaddexp(0, z) - y[:, k] * z)).sum() + (wk @ wk) / (2 * 0.5))
+
+            ours, theirs = objective(w[k], b[k]), objective(sk.coef_[0], sk.intercept_[0])
+            assert ours <= theirs + 1e-3 * abs(theirs), (balance, k, ours, theirs)
+            assert np.mean((x @ w[k] + b[k] >= 0) == (sk.decision_function(x) >= 0)) >= 0.99
