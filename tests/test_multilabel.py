@@ -369,3 +369,17 @@ def test_ovr_head_solves_each_labels_logistic_regression():
             ours, theirs = objective(w[k], b[k]), objective(sk.coef_[0], sk.intercept_[0])
             assert ours <= theirs + 1e-3 * abs(theirs), (balance, k, ours, theirs)
             assert np.mean((x @ w[k] + b[k] >= 0) == (sk.decision_function(x) >= 0)) >= 0.99
+
+
+def test_uploaded_multi_label_zip_keeps_its_label_sets(workspace, tmp_path):
+    from tl_core.data.library import open_data, save_uploaded_zip
+
+    z = tmp_path / "tags.zip"
+    with zipfile.ZipFile(z, "w") as zf:  # the CSV under another name, the images in a sub-folder
+        zf.writestr("my_tags.csv", (ML / "labels.csv").read_text().replace("images/", "pics/"))
+        for f in IMAGES:
+            zf.write(f, f"pics/{f.name}")
+    folder = save_uploaded_zip(workspace, "tags.zip", z.read_bytes())
+    ds = open_data(folder, workspace)
+    assert ds.multi_label and ds.counts() == open_dataset(ML).counts()
+    assert {i.path.name: i.labels for i in ds.items} == {i.path.name: i.labels for i in open_dataset(ML).items}
