@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from pages import _multilabel as ml_view
 from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.data.images import IMAGE_EXTENSIONS
@@ -43,7 +44,9 @@ with session.page_errors():
     classes = files.meta().classes
     # the run's files key every request: a temperature applied on Evaluate gives new predictions
     run = {"run": str(files.dir), "stamp": files.stamp()}
-    st.caption(f"Classes: {', '.join(classes)}")
+    st.caption(f"Classes: {', '.join(classes)}" if not files.meta().multi_label else
+               f"Multi-label model: each image gets every label whose probability reaches the label's threshold "
+               f"(labels: {', '.join(classes)}).")
     top_k = st.slider("Show the top", 1, min(10, len(classes)), min(3, len(classes)),
                       help="How many of the most likely classes to show per image.")
 
@@ -100,6 +103,9 @@ with session.page_errors():
             except TLError as e:  # one heat-map failing leaves the predictions shown
                 cam_col.caption(f"No heat-map: {e}")
         with b:
+            if "probs" in r:  # a multi-label model: its label set, a probability per label
+                ml_view.show_prediction(r)
+                continue
             st.markdown(f"**{r['path']}** → **{r['label']}** ({r['confidence']:.1%})")
             st.plotly_chart(charts.top_k(r["top_k"]), width="stretch", key=f"topk-{n}")
     if len(rows) > SHOW_CHARTS:

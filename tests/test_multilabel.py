@@ -289,6 +289,7 @@ def test_train_evaluate_predict_json(ml_run, capsys, tmp_path):
         assert [x["label"] for x in r["labels"]] == [c for c in sorted(r["probs"], key=lambda c: -r["probs"][c])
                                                      if r["probs"][c] >= th[c]]
         assert r["label"] == ";".join(sorted(x["label"] for x in r["labels"]))
+        assert r["confidence"] == max(r["probs"].values())
     assert {"animal", "face"} <= {x["label"] for x in by["dog.png"]["labels"]}
     assert "food" in {x["label"] for x in by["pizza.png"]["labels"]}
     assert "face" in {x["label"] for x in by["grinning.png"]["labels"]}
@@ -383,3 +384,71 @@ def test_uploaded_multi_label_zip_keeps_its_label_sets(workspace, tmp_path):
     ds = open_data(folder, workspace)
     assert ds.multi_label and ds.counts() == open_dataset(ML).counts()
     assert {i.path.name: i.labels for i in ds.items} == {i.path.name: i.labels for i in open_dataset(ML).items}
+
+
+# -- the app -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_evaluate_page_shows_label_metrics_and_per_label_confusion(ml_run):
+    from streamlit.testing.v1 import AppTest
+
+    from tl_core.runs.files import RunFiles
+
+    ws, res, _, _ = ml_run
+    files = RunFiles(res.run_dir)
+    m = files.metrics().val
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at.switch_page("pages/evaluate.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    metric = {x.label: x.value for x in at.metric}
+    assert metric["Micro F1"] == f"{m['micro_f1']:.3f}" and metric["Exact match"] == f"{m['exact_match']:.1%}"
+    assert metric["mAP"] == f"{m['mAP']:.3f}" and metric["Macro F1"] == f"{m['macro_f1']:.3f}"
+    table = at.dataframe[0].value
+    assert list(table.index) == files.meta().classes
+    # each label's 2x2 adds up to the validation images, and TP + FN is its support
+    assert ((table["TP"] + table["FP"] + table["FN"] + table["TN"]) == m["count"]).all()
+    assert ((table["TP"] + table["FN"]) == table["images"]).all()
+    assert list(table["threshold"]) == pytest.approx(files.meta().thresholds)
+    # no single-label view pretends to apply: no confusion-matrix heatmap, a polite note instead
+    assert not at.get("plotly_chart")
+    assert any("not shown" in i.value and "confusion matrix" in i.value for i in at.info)
+    # the images with wrong labels come from the saved predictions
+    from tl_core.share.multilabel import worst_images
+    meta = files.meta()
+    worst = worst_images(files.predictions().get("val"), meta.classes, meta.thresholds, k=18)
+    assert len(at.get("image")) == len(worst) > 0
+
+
+@pytest.mark.slow
+def test_try_it_shows_the_label_set_with_a_probability_each(ml_run, tmp_path, monkeypatch):
+    import time
+
+    from streamlit.testing.v1 import AppTest
+
+    from test_app_pages import _kill_workers
+    from tl_core.runs.files import RunFiles
+
+    ws, res, _, _ = ml_run
+    home = tmp_path / "home"
+    shutil.copytree(ws.home, home)  # its own workspace: the workers it starts are killed at the end
+    monkeypatch.setenv("TL_HOME", str(home))
+    monkeypatch.setenv("TL_INTERACTIVE_IDLE_S", "30")
+    try:
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+        at.switch_page("pages/try_it.py").run()
+        at.toggle[0].set_value(False).run()  # no Grad-CAM: the label set is what is tested here
+        at.file_uploader[0].set_value([("dog.png", (ML / "images" / "dog.png").read_bytes(), "image/png"),
+                                       ("pizza.png", (ML / "images" / "pizza.png").read_bytes(), "image/png")]).run()
+        deadline = time.monotonic() + 240
+        while not [m for m in at.markdown if "→" in m.value]:
+            assert not at.exception and time.monotonic() < deadline, [e.value for e in at.error]
+            time.sleep(0.5)
+            at.run()
+        answers = [m.value for m in at.markdown if "→" in m.value]
+        assert answers[0].startswith("**dog.png** →") and "animal (" in answers[0] and "face (" in answers[0]
+        assert answers[1].startswith("**pizza.png** →") and "food (" in answers[1]
+        probs = at.dataframe[0].value
+        assert len(probs) == len(RunFiles(res.run_dir).meta().classes)
+        assert {"animal", "face"} <= set(probs[probs["predicted"]]["label"])  # dog.png's table comes first
+        assert at.get("download_button")
+    finally:
+        _kill_workers(home.resolve())

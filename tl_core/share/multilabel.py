@@ -46,7 +46,8 @@ def multilabel_row(p: np.ndarray, classes: Sequence[str], thresholds: Sequence[f
     on = predict_sets(p[None, :], thresholds)[0]
     order = np.argsort(-p, kind="stable")
     chosen = [{"label": classes[int(k)], "p": float(p[k])} for k in order if on[k]]
-    return {"label": LABEL_SEPARATOR.join(sorted(c["label"] for c in chosen)),  # as a labels CSV cell "confidence": float(p[order[0]]),
+    return {"label": LABEL_SEPARATOR.join(sorted(c["label"] for c in chosen)),  # as a labels CSV cell
+            "confidence": float(p[order[0]]),
             "labels": chosen, "probs": {c: float(v) for c, v in zip(classes, p)},
             "top_k": [{"label": classes[int(k)], "confidence": float(p[k])} for k in order[:max(1, top_k)]]}
 
