@@ -452,3 +452,26 @@ def test_try_it_shows_the_label_set_with_a_probability_each(ml_run, tmp_path, mo
         assert at.get("download_button")
     finally:
         _kill_workers(home.resolve())
+
+
+def test_data_page_shows_label_counts_of_the_multi_label_sample(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("TL_HOME", str(tmp_path / "home"))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at.switch_page("pages/data.py").run()
+    at.selectbox[0].set_value("sample/emoji_multilabel").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    ds = open_dataset(ML)
+    metric = {x.label: x.value for x in at.metric}
+    assert metric["Classes"] == "8" and metric["Images"] == str(len(ds.items))
+    bars = at.get("plotly_chart")[0].proto.spec
+    import json
+
+    data = json.loads(bars)["data"]
+    got = {}
+    for b in data:
+        for x, y in zip(b["x"], b["y"]):
+            got[x] = got.get(x, 0) + y
+    assert got == ds.counts()  # images per label (an image with two labels counts for both)
+    assert any("read as multi-label" in w.value for w in at.warning)
