@@ -302,6 +302,9 @@ def test_train_evaluate_predict_json(ml_run, capsys, tmp_path):
 
     assert main(["evaluate", res.run_id, "--data", str(ROOT / "sample_data" / "emoji")]) == 2
     assert "multi-label but the data has one label per image" in capsys.readouterr().err
+    # temperature scaling is a single-label view: refused in one sentence
+    assert main(["calibrate", res.run_id]) == 2
+    assert "is a multi-label model" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -475,3 +478,13 @@ def test_data_page_shows_label_counts_of_the_multi_label_sample(tmp_path, monkey
             got[x] = got.get(x, 0) + y
     assert got == ds.counts()  # images per label (an image with two labels counts for both)
     assert any("read as multi-label" in w.value for w in at.warning)
+
+
+@pytest.mark.parametrize("command, words", [("advise", "backbone advisor scores backbones for one label"),
+                                            ("lab", "learning curve samples images per class")])
+def test_single_label_insights_refuse_multi_label_data_in_one_sentence(command, words, tl_home, capsys):
+    from tl_core.cli import main
+
+    assert main([command, str(ML)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "emoji_multilabel is multi-label" in err and err.count("\n") == 1
