@@ -47,8 +47,9 @@ with session.page_errors():
     st.caption(f"Classes: {', '.join(classes)}" if not files.meta().multi_label else
                f"Multi-label model: each image gets every label whose probability reaches the label's threshold "
                f"(labels: {', '.join(classes)}).")
-    top_k = st.slider("Show the top", 1, min(10, len(classes)), min(3, len(classes)),
-                      help="How many of the most likely classes to show per image.")
+    top_k = 3 if files.meta().multi_label else st.slider(  # multi-label: every label's probability is listed
+        "Show the top", 1, min(10, len(classes)), min(3, len(classes)),
+        help="How many of the most likely classes to show per image.")
 
     uploads = st.file_uploader("Images", type=sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS),
                                accept_multiple_files=True,
