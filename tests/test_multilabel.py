@@ -488,3 +488,27 @@ def test_single_label_insights_refuse_multi_label_data_in_one_sentence(command, 
     assert main([command, str(ML)]) == 2
     err = capsys.readouterr().err
     assert words in err and "emoji_multilabel is multi-label" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_partial_fine_tuning_trains_sigmoid_outputs_with_bce(ml_run):
+    """LP-FT on label sets: the probe (one-vs-rest) is epoch 0, one epoch of BCEWithLogits follows; the run is
+    multi-label with thresholds, and its losses are binary cross-entropies (below ln 2 from the probe on)."""
+    import math
+
+    from tl_core.config import TrainConfig
+    from tl_core.runs.files import RunFiles
+    from tl_core.runs.training import run_training
+
+    ws, _, train_csv, test_csv = ml_run
+    res = run_training(ws, train_csv, TrainConfig(strategy="partial", epochs=1, max_per_class=12, batch_size=16),
+                       test_data=test_csv)
+    assert res.status == "done" and res.multi_label, res.error
+    files = RunFiles(res.run_dir)
+    hist = files.metrics().history
+    assert [h["epoch"] for h in hist] == [0, 1]
+    assert all(0 < h["val_loss"] < math.log(2) for h in hist)
+    assert 0 < hist[1]["train_loss"] < math.log(2)
+    assert files.meta().multi_label and len(files.meta().thresholds) == 8
+    test = files.metrics().test
+    assert test["multi_label"] and test["micro_f1"] >= 0.6
