@@ -512,3 +512,33 @@ def test_partial_fine_tuning_trains_sigmoid_outputs_with_bce(ml_run):
     assert files.meta().multi_label and len(files.meta().thresholds) == 8
     test = files.metrics().test
     assert test["multi_label"] and test["micro_f1"] >= 0.6
+
+
+@pytest.mark.slow
+def test_onnx_export_gives_sigmoid_probs_and_the_report_per_label_tables(ml_run, tmp_path):
+    import json
+
+    import onnxruntime as ort
+
+    from tl_core.data.images import load_image
+    from tl_core.share.export import export_run
+    from tl_core.share.loading import load_model
+    from tl_core.share.report import build_report
+
+    ws, res, _, _ = ml_run
+    out = export_run(res.run_dir, "onnx", tmp_path / "ml.onnx")
+    side = json.loads((tmp_path / "ml.onnx.json").read_text())
+    tm = load_model(res.run_dir)
+    assert side["multi_label"] is True and side["thresholds"] == tm.meta.thresholds
+    assert "sigmoid" in side["outputs"]["probs"]
+    # the exported probs are the per-label sigmoid of its own logits, not a softmax over labels
+    sess = ort.InferenceSession(out["path"])
+    x = tm.pre.eval_from_pil(load_image(ML / "images" / "dog.png"))[None].numpy()
+    probs, logits = sess.run(None, {sess.get_inputs()[0].name: x})
+    assert probs[0] == pytest.approx(1 / (1 + np.exp(-logits[0])), abs=1e-5)
+    assert probs[0].sum() > 1.5  # dog.png: animal and face both near 1
+
+    html = build_report(res.run_dir)
+    assert "Per-label metrics (validation images)" in html and "Per-label metrics (test images)" in html
+    assert "Confusion matrix" not in html and "Images with the most wrong labels" in html
+    assert "validation micro F1" in html
