@@ -419,6 +419,14 @@ def test_evaluate_page_shows_label_metrics_and_per_label_confusion(ml_run):
     meta = files.meta()
     worst = worst_images(files.predictions().get("val"), meta.classes, meta.thresholds, k=18)
     assert len(at.get("image")) == len(worst) > 0
+    # the other pages that show this run render without an error (the Train page reports F1 and mAP)
+    for page in ("runs", "train", "try_it", "home"):
+        at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception and not at.error, (page, [e.value for e in at.error])
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params["run"] = res.run_id
+    at.run().switch_page("pages/train.py").run()
+    assert any("validation micro-F1" in m.value for m in at.success), [m.value for m in at.success]
 
 
 @pytest.mark.slow
