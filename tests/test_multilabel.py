@@ -387,6 +387,12 @@ def test_uploaded_multi_label_zip_keeps_its_label_sets(workspace, tmp_path):
     ds = open_data(folder, workspace)
     assert ds.multi_label and ds.counts() == open_dataset(ML).counts()
     assert {i.path.name: i.labels for i in ds.items} == {i.path.name: i.labels for i in open_dataset(ML).items}
+    # images cannot be added class by class to a multi-label dataset: one sentence says what to do instead
+    from tl_core.data.library import add_class_images
+
+    with pytest.raises(DatasetError, match="is multi-label: its images are labelled by its labels.csv"):
+        add_class_images(workspace, folder.name, "cats", [("x.png", IMAGES[0].read_bytes())])
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["images", "labels.csv"]
 
 
 # -- the app -----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ __all__ = [
     "SkippedFile",
     "Dataset",
     "open_dataset",
+    "find_multi_label_csv",
     "safe_extract_zip",
 ]
 
@@ -390,7 +391,7 @@ def _read_csv(csv_path: Path) -> tuple[list[tuple[Path, str, str | None]], list[
     return candidates, skipped, multi
 
 
-def _multi_label_csv(root: Path) -> Path | None:
+def find_multi_label_csv(root: Path) -> Path | None:
     """The multi-label ``labels.csv`` at the top of a folder (an unpacked multi-label zip, the sample), or None.
 
     A folder of class folders has no multi-label form, so only a CSV whose label cells hold ``;`` is taken;
@@ -464,7 +465,7 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
     skipped: list[SkippedFile] = []
     ignored = 0
     multi = False
-    if src.is_dir() and (ml_csv := _multi_label_csv(_find_dataset_root(src))) is not None:
+    if src.is_dir() and (ml_csv := find_multi_label_csv(_find_dataset_root(src))) is not None:
         root = ml_csv.parent
         candidates, sk, multi = _read_csv(ml_csv)
         skipped += sk
@@ -487,7 +488,7 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
         skipped += [SkippedFile(**s) for s in rep["skipped"]]
         ignored += rep["ignored"]
         root = _find_dataset_root(dest)
-        if (ml_csv := _multi_label_csv(root)) is not None:  # a zip of images with a multi-label labels.csv
+        if (ml_csv := find_multi_label_csv(root)) is not None:  # a zip of images with a multi-label labels.csv
             candidates, sk, multi = _read_csv(ml_csv)
             skipped += sk
             kind = "csv"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import DatasetError
 from .images import IMAGE_EXTENSIONS, image_from_bytes
-from .intake import Dataset, open_dataset, safe_extract_zip
+from .intake import Dataset, find_multi_label_csv, open_dataset, safe_extract_zip
 from .report import UPLOAD_REPORT
 
 if TYPE_CHECKING:
@@ -355,6 +355,9 @@ def add_class_images(ws: Workspace, dataset: str, class_name: str,
     if not str(class_name).strip():
         raise DatasetError("Give the class a name (for example 'cats') before adding its images.")
     ds_dir = ws.datasets_dir / safe_name(dataset)
+    if find_multi_label_csv(ds_dir) is not None:  # images of a multi-label set are labelled by its CSV, not a folder
+        raise DatasetError(f"'{ds_dir.name}' is multi-label: its images are labelled by its labels.csv, not by class "
+                           "folders; upload a new zip with the images and their rows in labels.csv instead.")
     cls_dir = ds_dir / safe_name(class_name, fallback="class")
     saved: list[str] = []
     skipped: list[dict[str, str]] = []
