@@ -19,6 +19,12 @@ same backbone (EfficientNet-Lite0, packaged ImageNet weights), the same images a
 TL Studio holds 20% of the training images out for validation (checkpoint selection, early stopping); the
 other recipes train on all of them.
 
+Multi-label (``--only multilabel`` runs just this part): sample_data/emoji_multilabel cut by iterative
+stratification into 70% train / 30% held-out test (seed 0); the classic recipe is scikit-learn's
+``OneVsRestClassifier(LogisticRegression(max_iter=1000))`` on the same bare frozen features, predicting at 0.5;
+TL Studio ``linear`` (one-vs-rest, thresholds chosen on its validation images) and ``full``. Micro-F1 and mAP
+on the held-out images.
+
 Prints a table (held-out accuracy and seconds) and prepends it to benchmarks/RESULTS.md.
 """
 
@@ -75,6 +81,67 @@ def emoji_subset(dest: Path, per_train: int = 20) -> Path:
             for f in part:
                 shutil.copy(f, dest / split / cdir.name / f.name)
     return dest
+
+
+def multilabel_subset(dest: Path, test_share: float = 0.3, seed: int = 0) -> tuple[Path, Path]:
+    """train.csv / test.csv of the multi-label emoji sample (absolute paths), split by iterative stratification."""
+    from tl_core.data.intake import open_dataset
+    from tl_core.data.splits import split_dataset
+
+    sp = split_dataset(open_dataset(ROOT / "sample_data" / "emoji_multilabel"), test_share, seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, items in (("train.csv", sp.train), ("test.csv", sp.val)):
+        f = dest / name
+        f.write_text("path,labels\n" + "".join(f"{i.path.resolve()},{';'.join(i.labels)}\n" for i in items))
+        out.append(f)
+    return out[0], out[1]
+
+
+def classic_multilabel(train_csv: Path, test_csv: Path) -> tuple[float, float, float]:
+    """Bare frozen features + scikit-learn OneVsRestClassifier(LogisticRegression): (micro-F1, mAP, seconds)."""
+    import timm
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score, f1_score
+    from sklearn.multiclass import OneVsRestClassifier
+
+    from tl_core.data.images import load_image
+    from tl_core.models.backbones import build_model
+
+    t0 = time.perf_counter()
+    model, _ = build_model("efficientnet_lite0", 1000)
+    model.eval()
+    tf = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    rows = {f: [ln.split(",", 1) for ln in f.read_text().splitlines()[1:]] for f in (train_csv, test_csv)}
+    labels = sorted({lab for r in rows.values() for _, cell in r for lab in cell.split(";")})
+
+    def xy(f: Path) -> tuple[np.ndarray, np.ndarray]:
+        feats = []
+        with torch.inference_mode():
+            for s in range(0, len(rows[f]), 32):
+                x = torch.stack([tf(load_image(p)) for p, _ in rows[f][s:s + 32]])
+                feats.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy())
+        y = np.array([[int(lab in cell.split(";")) for lab in labels] for _, cell in rows[f]])
+        return np.concatenate(feats), y
+
+    (xtr, ytr), (xte, yte) = xy(train_csv), xy(test_csv)
+    clf = OneVsRestClassifier(LogisticRegression(max_iter=1000)).fit(xtr, ytr)
+    micro = f1_score(yte, clf.predict(xte), average="micro")
+    ap = average_precision_score(yte, clf.predict_proba(xte), average="macro")
+    return float(micro), float(ap), time.perf_counter() - t0
+
+
+def ours_multilabel(train_csv: Path, test_csv: Path, strategy: str, ws_dir: Path) -> tuple[float, float, float, str]:
+    from tl_core.config import TrainConfig
+    from tl_core.runs.files import RunFiles
+    from tl_core.runs.training import run_training
+    from tl_core.runs.workspace import Workspace
+
+    t0 = time.perf_counter()
+    r = run_training(Workspace(ws_dir), train_csv, TrainConfig(strategy=strategy), test_data=test_csv)
+    test = RunFiles(r.run_dir).metrics().test
+    note = f"best epoch {r.best_epoch} of {r.epochs_run}" if strategy != "linear" else ""
+    return float(test["micro_f1"]), float(test["mAP"]), time.perf_counter() - t0, note
 
 
 def classic(root: Path) -> tuple[float, float]:
@@ -192,6 +259,8 @@ def main() -> int:
     ap.add_argument("--test-per-class", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=4, help="fastai-style fine_tune epochs (after 1 frozen)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--only", choices=("all", "multilabel"), default="all",
+                    help="multilabel: only the multi-label comparison")
     args = ap.parse_args()
 
     from tl_core.models.devices import configure_threads
@@ -200,8 +269,18 @@ def main() -> int:
     load1 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="tl-recipes-"))
     rows = []
+    ml_rows = []
     try:
-        sets = [(f"Fashion-MNIST ({args.train_per_class}/class train, {args.test_per_class}/class test)",
+        ml_train, ml_test = multilabel_subset(tmp / "multilabel")
+        micro, mean_ap, secs = classic_multilabel(ml_train, ml_test)
+        ml_rows.append(("classic: frozen features + OneVsRestClassifier(LogisticRegression)", f"{micro:.3f}",
+                        f"{mean_ap:.3f}", f"{secs:.0f}", "threshold 0.5"))
+        for strategy in ("linear", "full"):
+            micro, mean_ap, secs, note = ours_multilabel(ml_train, ml_test, strategy, tmp / "ws-multilabel")
+            ml_rows.append((f"TL Studio {strategy}", f"{micro:.3f}", f"{mean_ap:.3f}", f"{secs:.0f}",
+                            ("per-label thresholds from validation; " + note).rstrip("; ")))
+        print("\n".join(" | ".join(r) for r in ml_rows), flush=True)
+        sets = [] if args.only == "multilabel" else [(f"Fashion-MNIST ({args.train_per_class}/class train, {args.test_per_class}/class test)",
                  fashion_subset(tmp / "fashion", args.train_per_class, args.test_per_class)),
                 ("emoji (20/class train, 20/class test)", emoji_subset(tmp / "emoji"))]
         for name, root in sets:
@@ -216,7 +295,11 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    table = markdown_table(("data", "recipe", "held-out accuracy", "seconds", "note"), rows)
+    table = markdown_table(("data", "recipe", "held-out accuracy", "seconds", "note"), rows) if rows else ""
+    ml_table = ("\n\nMulti-label: sample_data/emoji_multilabel, 8 labels, 70% train / 30% held-out test "
+                "(iterative stratification, seed 0); Lite0 packaged weights for every recipe.\n\n"
+                + markdown_table(("recipe", "held-out micro-F1", "held-out mAP", "seconds", "note"), ml_rows))
+    table = (table + ml_table).strip()
     head = (f"## Recipes side by side — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {cpu_name()}, "
             f"{os.cpu_count()} cores ({threads} torch threads), torch {torch.__version__}, "
             f"load average at start {load1:.1f}")

@@ -9,6 +9,7 @@ import streamlit as st
 
 from pages import _fix as fixes
 from pages import _map_view as map_view
+from pages import _multilabel as ml_view
 from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.insight.openset import UNKNOWN_NOTE, flagged_share
@@ -268,6 +269,9 @@ with session.page_errors():
     split = splits[split_name]
     m = metrics.val if split == "val" else metrics.test
     classes = m["classes"]
+    if m.get("multi_label"):  # label sets: their own view; the single-label views below do not apply
+        ml_view.show_evaluate(files, m, split, split_name)
+        st.stop()
 
     c = st.columns(4)
     c[0].metric("Accuracy", f"{m['accuracy']:.1%}", help="Share of images whose top prediction is the true class.")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from pages import _multilabel as ml_view
 from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.data.images import IMAGE_EXTENSIONS
@@ -44,9 +45,12 @@ with session.page_errors():
     classes = files.meta().classes
     # the run's files key every request: a temperature applied on Evaluate gives new predictions
     run = {"run": str(files.dir), "stamp": files.stamp()}
-    st.caption(f"Classes: {', '.join(classes)}")
-    top_k = st.slider("Show the top", 1, min(10, len(classes)), min(3, len(classes)),
-                      help="How many of the most likely classes to show per image.")
+    st.caption(f"Classes: {', '.join(classes)}" if not files.meta().multi_label else
+               f"Multi-label model: each image gets every label whose probability reaches the label's threshold "
+               f"(labels: {', '.join(classes)}).")
+    top_k = 3 if files.meta().multi_label else st.slider(  # multi-label: every label's probability is listed
+        "Show the top", 1, min(10, len(classes)), min(3, len(classes)),
+        help="How many of the most likely classes to show per image.")
 
     uploads = st.file_uploader("Images", type=sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS),
                                accept_multiple_files=True,
@@ -103,6 +107,9 @@ with session.page_errors():
             except TLError as e:  # one heat-map failing leaves the predictions shown
                 cam_col.caption(f"No heat-map: {e}")
         with b:
+            if "probs" in r:  # a multi-label model: its label set, a probability per label
+                ml_view.show_prediction(r)
+                continue
             st.markdown(f"**{r['path']}** → **{r['label']}** ({r['confidence']:.1%})")
             if r.get("unknown"):
                 st.warning(f"Unlike your training images (distance {r['ood_score']:.3f}, above this run's threshold): "

@@ -20,6 +20,15 @@ Two datasets are produced, deterministically (fixed seed, sorted inputs):
     RGBA PNGs are copied byte-for-byte (transparency is kept on purpose, it
     exercises alpha handling) and named ``<class>/<short_name>.png``.
 
+``sample_data/emoji_multilabel/``
+    A multi-label set: about 240 of the same Noto emoji images in ``images/``
+    and a ``labels.csv`` of ``path,labels`` rows, the labels of each image
+    (animal, face, food, hand, heart, person, smile, sport) joined by ``;``.
+    Labels come from the emoji's ``subcategory`` in ``emoji.json`` and its
+    English tags in the npm package ``emojibase-data@17.0.0`` (MIT); every
+    image with two or more labels is kept, then single-label images are drawn
+    until each label is on 40 images (or has 8 single-label images).
+
 Licence files are written at each dataset's top level and a
 ``sample_data/README.md`` describes the data and its provenance.
 
@@ -103,6 +112,35 @@ EMOJI_CLASS_DOC = {
     "vehicle": "transport-ground, transport-air, transport-water",
     "face": "every subcategory starting with face- (face-smiling, face-concerned, ...)",
     "flag": "country-flag",
+}
+
+# --------------------------------------------------------------------------
+# Emoji, multi-label
+# --------------------------------------------------------------------------
+EMOJIBASE_NPM_PACKAGE = "emojibase-data"
+EMOJIBASE_NPM_VERSION = "17.0.0"
+ML_PER_LABEL = 40
+ML_MIN_SINGLES = 8
+# label -> predicate on (emoji.json subcategory, emojibase English tags)
+ML_LABELS = {
+    "animal": lambda sub, tags: sub.startswith("animal-") or sub in {"cat-face", "monkey-face"},
+    "face": lambda sub, tags: sub.startswith("face-") or sub == "cat-face" or "face" in tags,
+    "food": lambda sub, tags: sub.startswith("food-"),
+    "hand": lambda sub, tags: sub.startswith("hand") or "hand" in tags,
+    "heart": lambda sub, tags: sub == "heart" or "heart" in tags,
+    "person": lambda sub, tags: sub.startswith("person") or sub == "family",
+    "smile": lambda sub, tags: bool(tags & {"smile", "smiling", "grin", "grinning"}),
+    "sport": lambda sub, tags: sub in {"sport", "person-sport"} or bool(tags & {"sport", "ball"}),
+}
+ML_LABEL_DOC = {
+    "animal": "subcategory animal-*, cat-face, monkey-face",
+    "face": "subcategory face-* or cat-face, or tag `face`",
+    "food": "subcategory food-*",
+    "hand": "subcategory hand-*/hands, or tag `hand`",
+    "heart": "subcategory heart, or tag `heart`",
+    "person": "subcategory person-* or family",
+    "smile": "tag smile, smiling, grin or grinning",
+    "sport": "subcategory sport or person-sport, or tag `sport` or `ball`",
 }
 
 MIT_TEXT = """\
@@ -367,6 +405,99 @@ def build_emoji(emoji_dir: Path, out_dir: Path, seed: int) -> dict:
     return {"counts": counts, "dir": target, "license_text": license_text, "version": package_version}
 
 
+def fetch_emojibase_package(workdir: Path) -> Path:
+    """Download emojibase-data with ``npm pack``; return the extracted package dir (en/data.json, LICENSE)."""
+    spec = f"{EMOJIBASE_NPM_PACKAGE}@{EMOJIBASE_NPM_VERSION}"
+    npm = shutil.which("npm")
+    if npm is None:
+        raise BuildError(f"--emojibase-dir not given and npm is not available to fetch {spec}")
+    print(f"fetching {spec} with npm pack ...", flush=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([npm, "pack", spec, "--silent"], cwd=workdir, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BuildError(f"npm pack {spec} failed:\n{result.stderr.strip()}")
+    tarballs = sorted(workdir.glob("emojibase-data-*.tgz"))
+    if len(tarballs) != 1:
+        raise BuildError(f"npm pack produced {len(tarballs)} emojibase-data tarballs in {workdir}")
+    wanted = {"package/en/data.json", "package/LICENSE", "package/package.json"}
+    with tarfile.open(tarballs[0], "r:gz") as tar:
+        _safe_extract(tar, [m for m in tar.getmembers() if m.isfile() and m.name in wanted], workdir)
+    if not (workdir / "package" / "en" / "data.json").is_file():
+        raise BuildError(f"{tarballs[0].name} does not contain package/en/data.json")
+    return workdir / "package"
+
+
+def build_emoji_multilabel(emoji_dir: Path, emojibase_dir: Path, out_dir: Path, seed: int) -> dict:
+    """Write the multi-label emoji set (images/ + labels.csv); return per-label counts and provenance."""
+    img_dir = emoji_dir / EMOJI_IMG_SUBDIR
+    tags_by_code = {e["hexcode"]: set(e.get("tags") or []) for e in
+                    json.loads((emojibase_dir / "en" / "data.json").read_text(encoding="utf-8"))}
+    entries = json.loads((emoji_dir / "emoji.json").read_text(encoding="utf-8"))
+    labelled: list[tuple[str, tuple[str, ...], Path]] = []
+    for e in sorted(entries, key=lambda e: e["short_name"]):
+        if not e.get("has_img_google") or not (img_dir / e["image"]).is_file():
+            continue
+        tags = tags_by_code.get(e["unified"].upper())
+        if tags is None and e.get("non_qualified"):
+            tags = tags_by_code.get(e["non_qualified"].upper())
+        if tags is None:
+            continue
+        labels = tuple(sorted(k for k, rule in ML_LABELS.items() if rule(e.get("subcategory") or "", tags)))
+        if labels:
+            labelled.append((e["short_name"], labels, img_dir / e["image"]))
+    chosen = [r for r in labelled if len(r[1]) > 1]
+    count = {k: sum(1 for r in chosen if k in r[1]) for k in ML_LABELS}
+    rng = random.Random(f"{seed}-emoji-multilabel")
+    for label in ML_LABELS:
+        singles = [r for r in labelled if r[1] == (label,)]
+        rng.shuffle(singles)
+        n = max(ML_PER_LABEL - count[label], min(ML_MIN_SINGLES, len(singles)))
+        chosen += singles[:n]
+        count[label] += len(singles[:n])
+    chosen.sort(key=lambda r: r[0])
+    target = out_dir / "emoji_multilabel"
+    _reset_dir(target)
+    (target / "images").mkdir(parents=True)
+    lines = ["path,labels"]
+    for name, labels, src in chosen:
+        shutil.copyfile(src, target / "images" / f"{name}.png")
+        lines.append(f"images/{name}.png,{';'.join(labels)}")
+    (target / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pkg = json.loads((emojibase_dir / "package.json").read_text()) if (emojibase_dir / "package.json").is_file() else {}
+    lic = emojibase_dir / "LICENSE"
+    return {"counts": count, "dir": target, "images": len(chosen),
+            "multi": sum(1 for r in chosen if len(r[1]) > 1), "emojibase_version": pkg.get("version"),
+            "emojibase_license": lic.read_text(encoding="utf-8") if lic.is_file() else None}
+
+
+def write_emoji_multilabel_license(target: Path, emoji_license_text: str | None, emojibase_license: str | None) -> None:
+    if emoji_license_text is None:
+        emoji_license_text = "The MIT License (MIT)\n\nCopyright (c) 2013 Cal Henderson\n\n" + MIT_TEXT
+    if emojibase_license is None:
+        emojibase_license = "The MIT License (MIT)\n\nCopyright (c) 2017-2019 Miles Johnson\n\n" + MIT_TEXT
+    (target / "LICENSE").write_text(f"""\
+Multi-label emoji sample (sample_data/emoji_multilabel)
+=======================================================
+
+1. Images (images/*.png): Noto Emoji, Copyright Google Inc., licensed under the
+   Apache License, Version 2.0, https://www.apache.org/licenses/LICENSE-2.0
+   https://github.com/googlefonts/noto-emoji
+   Copied unchanged from the npm package {EMOJI_NPM_PACKAGE}@{EMOJI_NPM_VERSION}.
+
+2. Labels (labels.csv) are derived from the emoji metadata of
+   {EMOJI_NPM_PACKAGE} (emoji-data by Cal Henderson, MIT) and the English tags
+   of {EMOJIBASE_NPM_PACKAGE}@{EMOJIBASE_NPM_VERSION} (Emojibase by Miles Johnson, MIT).
+
+LICENSE of {EMOJI_NPM_PACKAGE} (emoji-data, MIT):
+
+{emoji_license_text.rstrip()}
+
+LICENSE of {EMOJIBASE_NPM_PACKAGE} (MIT):
+
+{emojibase_license.rstrip()}
+""", encoding="utf-8")
+
+
 def write_emoji_license(target: Path, emoji_license_text: str | None) -> None:
     if emoji_license_text is None:
         emoji_license_text = "The MIT License (MIT)\n\nCopyright (c) 2013 Cal Henderson\n\n" + MIT_TEXT
@@ -404,7 +535,8 @@ LICENSE of {EMOJI_NPM_PACKAGE} (emoji-data, MIT):
 # --------------------------------------------------------------------------
 # README and summary
 # --------------------------------------------------------------------------
-def write_readme(out_dir: Path, fashion: dict, emoji: dict, deb_version: str | None, seed: int) -> None:
+def write_readme(out_dir: Path, fashion: dict, emoji: dict, deb_version: str | None, seed: int,
+                 multilabel: dict | None = None) -> None:
     tr, te = FASHION_PER_CLASS["train"], FASHION_PER_CLASS["test"]
     n_train = sum(fashion["counts"]["train"].values())
     n_test = sum(fashion["counts"]["test"].values())
@@ -420,8 +552,9 @@ def write_readme(out_dir: Path, fashion: dict, emoji: dict, deb_version: str | N
     text = f"""\
 # Sample data
 
-Two small, real image datasets for trying out TL Studio without downloading
-anything. Both use the folder-per-class layout (`<class>/<image>.png`).
+Three small, real image datasets for trying out TL Studio without downloading
+anything. Two use the folder-per-class layout (`<class>/<image>.png`); the
+third, `emoji_multilabel/`, is multi-label (`labels.csv` of `path,labels`).
 
 Everything here is generated by
 
@@ -430,9 +563,10 @@ python scripts/build_sample_data.py
 ```
 
 which is deterministic (fixed seed {seed}, sorted inputs) and idempotent (it
-deletes and rebuilds `fashion_mnist/` and `emoji/` and rewrites this file).
+deletes and rebuilds `fashion_mnist/`, `emoji/` and `emoji_multilabel/` and rewrites this file).
 Options: `--fashion-dir DIR` (folder holding the Fashion-MNIST
-`*-idx?-ubyte.gz` files; default `{DEFAULT_FASHION_DIR}`), `--emoji-dir DIR`
+`*-idx?-ubyte.gz` files; default `{DEFAULT_FASHION_DIR}`), `--emojibase-dir DIR` (an extracted
+`{EMOJIBASE_NPM_PACKAGE}` npm package; default: `npm pack {EMOJIBASE_NPM_PACKAGE}@{EMOJIBASE_NPM_VERSION}`), `--emoji-dir DIR`
 (an extracted `{EMOJI_NPM_PACKAGE}` npm package; if omitted the script runs
 `npm pack {EMOJI_NPM_PACKAGE}@{EMOJI_NPM_VERSION}` and extracts it), `--seed N`.
 
@@ -497,6 +631,37 @@ There is no separate test split; split it in the app (e.g. 80/20).
 - Licences: the Noto Emoji images are Apache-2.0 (Google); emoji-datasource
   (packaging and metadata) is MIT (Cal Henderson / iamcal). See `emoji/LICENSE`.
 """
+    if multilabel is not None:
+        rows = "\n".join(f"| `{k}` | {ML_LABEL_DOC[k]} | {multilabel['counts'][k]} |" for k in ML_LABELS)
+        text += f"""
+## `emoji_multilabel/` - Noto emoji, multi-label ({multilabel['images']} images, 8 labels)
+
+The same 64x64 RGBA Noto emoji PNGs (copied byte-for-byte from
+`{EMOJI_NPM_PACKAGE}@{EMOJI_NPM_VERSION}`), each with a *set* of labels.
+`labels.csv` has one `path,labels` row per image, the labels joined by `;`
+(e.g. `images/dog.png,animal;face`). A label is given by the emoji's
+`subcategory` in the package's `emoji.json` and its English tags in the npm
+package `{EMOJIBASE_NPM_PACKAGE}@{EMOJIBASE_NPM_VERSION}` (`en/data.json`), by the rules below.
+Every emoji with two or more labels is kept ({multilabel['multi']} images); single-label
+emoji are then drawn (seeded) until each label is on {ML_PER_LABEL} images or has
+{ML_MIN_SINGLES} single-label images.
+
+```
+emoji_multilabel/
+  LICENSE
+  labels.csv                  (path,labels)
+  images/<short_name>.png
+```
+
+| label | rule | images |
+|---|---|---|
+{rows}
+
+- Provenance: npm packages `{EMOJI_NPM_PACKAGE}@{EMOJI_NPM_VERSION}` (images, subcategories) and
+  `{EMOJIBASE_NPM_PACKAGE}@{EMOJIBASE_NPM_VERSION}` (https://github.com/milesj/emojibase; tags).
+- Licences: images Apache-2.0 (Google, Noto Emoji); emoji-datasource metadata MIT
+  (Cal Henderson); emojibase-data MIT (Miles Johnson). See `emoji_multilabel/LICENSE`.
+"""
     (out_dir / "README.md").write_text(text, encoding="utf-8")
 
 
@@ -524,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
              f"from the Debian package {FASHION_DEB_PACKAGE})",
     )
     parser.add_argument(
+        "--emojibase-dir", type=Path, default=None,
+        help=f"extracted {EMOJIBASE_NPM_PACKAGE} npm package (contains en/data.json); if omitted, fetched with npm pack",
+    )
+    parser.add_argument(
         "--emoji-dir", type=Path, default=None,
         help=f"extracted {EMOJI_NPM_PACKAGE} npm package (contains emoji.json and "
              f"{EMOJI_IMG_SUBDIR.as_posix()}/); if omitted, fetched with npm pack",
@@ -545,9 +714,13 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="tl_emoji_") as tmp:
             emoji_dir = args.emoji_dir if args.emoji_dir is not None else fetch_emoji_package(Path(tmp))
             emoji = build_emoji(emoji_dir, out_dir, args.seed)
+            base_dir = (args.emojibase_dir if args.emojibase_dir is not None
+                        else fetch_emojibase_package(Path(tmp) / "emojibase"))
+            multilabel = build_emoji_multilabel(emoji_dir, base_dir, out_dir, args.seed)
         write_emoji_license(emoji["dir"], emoji["license_text"])
+        write_emoji_multilabel_license(multilabel["dir"], emoji["license_text"], multilabel["emojibase_license"])
 
-        write_readme(out_dir, fashion, emoji, deb_version, args.seed)
+        write_readme(out_dir, fashion, emoji, deb_version, args.seed, multilabel)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -561,6 +734,9 @@ def main(argv: list[str] | None = None) -> int:
     c = emoji["counts"]
     print(f"  emoji: {sum(c.values())} images, {len(c)} classes "
           f"({', '.join(f'{k}={v}' for k, v in c.items())})")
+    c = multilabel["counts"]
+    print(f"  emoji_multilabel: {multilabel['images']} images ({multilabel['multi']} with several labels), "
+          f"{', '.join(f'{k}={v}' for k, v in c.items())}")
     n_files, n_bytes = _tree_size(out_dir)
     du_bytes = _du_bytes(out_dir)
     du_note = f", {du_bytes / 1024:.0f} KiB on disk (du)" if du_bytes is not None else ""

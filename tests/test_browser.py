@@ -425,3 +425,58 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     children = server.children()
     assert not [c for c in children if c[1] == "Z"], children
     assert not [c for c in children if "tl_core.runs.workers" in c[2]], children
+
+
+def test_multi_label_zip_to_prediction_in_a_real_browser(server, browser, tmp_path):
+    """A multi-label zip (images + labels.csv of label sets) → linear probe → Evaluate's label metrics → Try it's
+    label set for one image."""
+    import zipfile
+
+    ml = ROOT / "sample_data" / "emoji_multilabel"
+    path = tmp_path / "tags.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.write(ml / "labels.csv", "tags/labels.csv")
+        for f in sorted((ml / "images").iterdir()):
+            zf.write(f, f"tags/images/{f.name}")
+    page = browser.new_page(viewport={"width": 1400, "height": 950})
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.base)
+    page.get_by_text("Four steps").wait_for()
+    nav(page, "Data")
+    page.get_by_text("Bring your own images").click()
+    page.get_by_test_id("stFileUploader").filter(has_text="Dataset .zip").locator("input[type=file]").set_input_files(
+        str(path))
+    page.get_by_text("Unpacked tags.zip as dataset 'tags'").wait_for(timeout=60_000)
+    page.get_by_role("heading", name="Report: tags").wait_for()
+    assert metric_value(page, "Classes") == "8"
+    page.get_by_text("read as multi-label").first.wait_for()
+    shot(page, "10-multilabel-data")
+
+    nav(page, "Train")
+    epochs = page.get_by_role("spinbutton", name="Epochs")
+    epochs.fill("30")
+    epochs.press("Enter")
+    settle(page)
+    page.get_by_role("button", name="Start training").click()
+    page.get_by_role("heading", name=re.compile(r"^Run \d{8}-\d{6}-[0-9a-f]{6}$")).wait_for()
+    page.get_by_text("Status: done").wait_for(timeout=TRAIN_TIMEOUT_MS)
+    page.get_by_text("validation micro-F1").wait_for()
+
+    nav(page, "Evaluate")
+    page.get_by_role("heading", name="Per label").wait_for()
+    micro = float(metric_value(page, "Micro F1"))
+    assert 0.5 <= micro <= 1.0
+    page.get_by_text("are not shown: they ask which one class").wait_for()
+    shot(page, "10a-multilabel-evaluate")
+
+    nav(page, "Try it")
+    page.get_by_test_id("stFileUploader").first.locator("input[type=file]").set_input_files(
+        str(ml / "images" / "dog.png"))
+    answer = page.get_by_text(re.compile(r"dog\.png → .*animal \(\d+%\)"))
+    answer.first.wait_for(timeout=120_000)
+    assert "face (" in answer.first.inner_text()
+    shot(page, "10b-multilabel-try-it")
+    assert not page.get_by_test_id("stException").count()
+    assert not errors, errors

@@ -466,7 +466,8 @@ def test_csv_with_unknown_columns_names_the_needed_ones(tmp_path):
     with pytest.raises(DatasetError) as e:
         open_dataset(tmp_path / "x.csv")
     assert str(e.value) == ("x.csv has columns ['file_name', 'species', 'notes']; it needs a 'path' column and a "
-                            "'label' column (header row 'path,label').")
+                            "'label' column (header row 'path,label', or 'path,labels' with labels joined by ';' for "
+                            "several per image).")
     (tmp_path / "latin1.csv").write_bytes("path,label\ncafé.png,chat\n".encode("latin-1"))
     with pytest.raises(DatasetError, match="latin1.csv is not UTF-8 text; save the CSV as UTF-8."):
         open_dataset(tmp_path / "latin1.csv")

@@ -168,6 +168,9 @@ def cmd_train(args: argparse.Namespace) -> int:
               + (f" x {res.world_size} processes" if res.world_size > 1 else "")
               + f"; val accuracy {res.val_accuracy:.3f}"
               + (f", test accuracy {res.test_accuracy:.3f}" if res.test_accuracy is not None else ""))
+        if res.multi_label:  # val accuracy is then the exact-match accuracy
+            print(f"multi-label validation: micro-F1 {res.micro_f1:.3f}, macro-F1 {res.macro_f1:.3f}, "
+                  f"mAP {res.mAP or 0:.3f}, exact match {res.exact_match:.3f}")
         how = stop_text(cfg.strategy, res.stop or {}, res.best_epoch)
         if how:
             print(how)
@@ -184,6 +187,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _note_open_set(model)
     if args.json:
         _print_json(rep)
+        return 0
+    if rep.get("multi_label"):
+        print(f"micro-F1 {rep['micro_f1']:.4f}, macro-F1 {rep['macro_f1']:.4f}, mAP {rep['mAP'] or 0:.4f}, "
+              f"exact match {rep['exact_match']:.4f} on {rep['count']} images ({rep['evaluated']})")
+        print(f"{'label':24} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5} {'thresh':>6}")
+        for c, r in rep["per_label"].items():
+            print(f"{c:24} {r['precision']:6.3f} {r['recall']:6.3f} {r['f1']:6.3f} {r['support']:5d} {r['threshold']:6.3f}")
         return 0
     print(f"accuracy {rep['accuracy']:.4f} on {rep['count']} images ({rep['evaluated']})")
     if rep.get("unknown_share") is not None:

@@ -29,11 +29,13 @@ from .images import ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, file_sha256, load_imag
 
 __all__ = [
     "MIN_IMAGES_PER_CLASS",
+    "LABEL_SEPARATOR",
     "ZipLimits",
     "ImageItem",
     "SkippedFile",
     "Dataset",
     "open_dataset",
+    "find_multi_label_csv",
     "safe_extract_zip",
 ]
 
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 
 #: A class needs at least this many usable images (one to train on, one to validate with).
 MIN_IMAGES_PER_CLASS = 2
+
+#: Joins the labels of one image in a multi-label CSV cell (``dog;ball``).
+LABEL_SEPARATOR = ";"
 
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -53,7 +58,11 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ImageItem:
-    """One usable image: its file, class label, split given by the folder layout, and content hash."""
+    """One usable image: its file, class label, split given by the folder layout, and content hash.
+
+    In a multi-label dataset ``labels`` holds the image's label set (sorted) and ``label`` the same set
+    joined by ``;`` (so that fingerprints and listings keep working); single-label images leave it empty.
+    """
 
     path: Path
     label: str
@@ -61,6 +70,12 @@ class ImageItem:
     sha256: str = ""
     width: int = 0
     height: int = 0
+    labels: tuple[str, ...] = ()
+
+    @property
+    def label_set(self) -> tuple[str, ...]:
+        """The image's labels: its label set (multi-label), else its one class label."""
+        return self.labels or (self.label,)
 
 
 @dataclass
@@ -82,6 +97,8 @@ class Dataset:
     skipped: list[SkippedFile] = field(default_factory=list)
     ignored: int = 0  # dot-files, __MACOSX, thumbs.db and the like: counted, not listed
     version: str = ""  # NAME@VERSION of a managed dataset's version (tl_core.data.versions); "" for a plain path
+    multi_label: bool = False  # a CSV whose label cells hold label sets (``dog;ball``)
+    notes: list[str] = field(default_factory=list)  # how the data was read (shown with the report's warnings)
 
     @property
     def fingerprint(self) -> str:
@@ -92,7 +109,8 @@ class Dataset:
         return h.hexdigest()[:16]
 
     def counts(self, split: str | None = None) -> dict[str, int]:
-        c = Counter(i.label for i in self.items if split is None or i.split == split)
+        """Images per class (multi-label: images carrying each label)."""
+        c = Counter(lab for i in self.items if split is None or i.split == split for lab in i.label_set)
         return {k: c.get(k, 0) for k in self.classes}
 
 
@@ -172,7 +190,7 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike,
             if ext in ARCHIVE_EXTENSIONS:
                 skipped.append(SkippedFile(raw, "nested archive: not unpacked; unzip it and add its images directly"))
                 continue
-            if ext not in IMAGE_EXTENSIONS:
+            if ext not in IMAGE_EXTENSIONS and p.name.lower() != "labels.csv":  # a multi-label zip's labels
                 skipped.append(SkippedFile(raw, f"not an image file ({ext or 'no extension'})"))
                 continue
             if info.file_size > limits.max_entry_bytes:
@@ -311,10 +329,20 @@ def _scan_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[S
 _PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "img", "image_path")
 
 
-_LABEL_COLUMNS = ("label", "class", "category", "target", "y")
+_LABEL_COLUMNS = ("label", "labels", "class", "category", "tags", "target", "y")
 
 
-def _read_csv(csv_path: Path) -> tuple[list[tuple[Path, str, str | None]], list[SkippedFile]]:
+def _label_set(cell: str) -> tuple[str, ...]:
+    """The sorted, distinct, non-empty labels of a multi-label cell (``dog; ball;`` → ``('ball', 'dog')``)."""
+    return tuple(sorted({p.strip() for p in cell.split(LABEL_SEPARATOR) if p.strip()}))
+
+
+def _read_csv(csv_path: Path) -> tuple[list[tuple[Path, str, str | None]], list[SkippedFile], bool]:
+    """The rows of a labels CSV: (image path, label, None) candidates, skipped rows, and whether it is multi-label.
+
+    A CSV is multi-label when any label cell holds ``;``; then every cell is read as a label set (a cell with
+    one label is a set of one) and each candidate's label is its set joined by ``;``, sorted.
+    """
     base = csv_path.parent
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
@@ -334,8 +362,9 @@ def _read_csv(csv_path: Path) -> tuple[list[tuple[Path, str, str | None]], list[
     else:
         raise DatasetError(
             f"{csv_path.name} has columns {rows[0]}; it needs a 'path' column and a 'label' column "
-            "(header row 'path,label')."
+            "(header row 'path,label', or 'path,labels' with labels joined by ';' for several per image)."
         )
+    multi = any(len(r) > lcol and LABEL_SEPARATOR in r[lcol] for r in body)
     candidates: list[tuple[Path, str, str | None]] = []
     skipped: list[SkippedFile] = []
     for n, row in enumerate(body, start=2 if body is not rows else 1):
@@ -343,6 +372,12 @@ def _read_csv(csv_path: Path) -> tuple[list[tuple[Path, str, str | None]], list[
             skipped.append(SkippedFile(f"{csv_path.name} line {n}", "row has too few columns"))
             continue
         rel, label = row[pcol].strip(), row[lcol].strip()
+        if multi:
+            label = LABEL_SEPARATOR.join(_label_set(label))
+            if rel and not label:
+                skipped.append(SkippedFile(f"{csv_path.name} line {n}",
+                                           f"{rel} has an empty label set; give it at least one label"))
+                continue
         if not rel or not label:
             skipped.append(SkippedFile(f"{csv_path.name} line {n}", "empty path or label"))
             continue
@@ -354,7 +389,22 @@ def _read_csv(csv_path: Path) -> tuple[list[tuple[Path, str, str | None]], list[
             skipped.append(SkippedFile(rel, f"not an image file ({p.suffix.lower() or 'no extension'})"))
             continue
         candidates.append((p, label, None))
-    return candidates, skipped
+    return candidates, skipped, multi
+
+
+def find_multi_label_csv(root: Path) -> Path | None:
+    """The multi-label ``labels.csv`` at the top of a folder (an unpacked multi-label zip, the sample), or None.
+
+    A folder of class folders has no multi-label form, so only a CSV whose label cells hold ``;`` is taken;
+    a single-label ``labels.csv`` beside class folders is left alone (as before).
+    """
+    f = root / "labels.csv"
+    if not f.is_file():
+        return None
+    try:
+        return f if _read_csv(f)[2] else None
+    except DatasetError:  # not a labels CSV: the folder is read as class folders, as before
+        return None
 
 
 
@@ -415,7 +465,13 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
         raise DatasetError(f"{src} does not exist; give a folder with one sub-folder per class, a .zip of one, or a CSV of path,label.")
     skipped: list[SkippedFile] = []
     ignored = 0
-    if src.is_dir():
+    multi = False
+    if src.is_dir() and (ml_csv := find_multi_label_csv(_find_dataset_root(src))) is not None:
+        root = ml_csv.parent
+        candidates, sk, multi = _read_csv(ml_csv)
+        skipped += sk
+        kind = "csv"
+    elif src.is_dir():
         root = _find_dataset_root(src)
         candidates, sk, ig = _scan_folder(root)
         skipped += sk
@@ -433,13 +489,18 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
         skipped += [SkippedFile(**s) for s in rep["skipped"]]
         ignored += rep["ignored"]
         root = _find_dataset_root(dest)
-        candidates, sk, ig = _scan_folder(root)
-        skipped += sk
-        ignored += ig
-        kind = "zip"
+        if (ml_csv := find_multi_label_csv(root)) is not None:  # a zip of images with a multi-label labels.csv
+            candidates, sk, multi = _read_csv(ml_csv)
+            skipped += sk
+            kind = "csv"
+        else:
+            candidates, sk, ig = _scan_folder(root)
+            skipped += sk
+            ignored += ig
+            kind = "zip"
     elif src.suffix.lower() in {".csv", ".tsv", ".txt"}:
         root = src.parent
-        candidates, sk = _read_csv(src)
+        candidates, sk, multi = _read_csv(src)
         skipped += sk
         kind = "csv"
     else:
@@ -470,12 +531,15 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
             if checks is not None:
                 checks.put(sha, *known)
         if known[2] is None:
-            items.append(ImageItem(p, label, split, sha, known[0], known[1]))
+            items.append(ImageItem(p, label, split, sha, known[0], known[1],
+                                   tuple(label.split(LABEL_SEPARATOR)) if multi else ()))
         else:
             skipped.append(SkippedFile(rel, known[2]))
         if progress:
             progress(n + 1, total)
 
+    if multi:
+        return _multi_label_dataset(src, root, candidates, items, skipped, ignored, min_per_class)
     labels = sorted({label for _, label, _ in candidates} | {i.label for i in items})
     if kind != "csv":
         # class folders that hold nothing usable still count: they are an error with the count
@@ -501,3 +565,32 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
         )
     return Dataset(root=root, source=str(src), classes=labels, items=items, skipped=skipped, ignored=ignored)
 
+
+
+def _multi_label_dataset(src: Path, root: Path, candidates: list[tuple[Path, str, str | None]],
+                         items: list[ImageItem], skipped: list[SkippedFile], ignored: int,
+                         min_per_class: int) -> Dataset:
+    """Validate a multi-label dataset: at least two labels, each on ``min_per_class`` usable images or more (a
+    label on one image only is named with that image)."""
+    notes = []
+    singles = sum(1 for _, lab, _ in candidates if LABEL_SEPARATOR not in lab)
+    if singles:
+        notes.append(f"{src.name} is read as multi-label because some label cells hold ';'; the {singles} row(s) "
+                     "with one label are images with a single label.")
+    labels = sorted({lab for _, cell, _ in candidates for lab in cell.split(LABEL_SEPARATOR)})
+    if len(labels) < 2:
+        raise DatasetError(f"Only one label ({labels[0]!r}) found in {src.name}; a classifier needs at least two."
+                           if labels else f"No labelled images found in {src.name}; give one 'path,labels' row per image.")
+    per_label: dict[str, list[ImageItem]] = {lab: [] for lab in labels}
+    for item in items:
+        for lab in item.labels:
+            per_label[lab].append(item)
+    too_few = [(lab, per_label[lab]) for lab in labels if len(per_label[lab]) < min_per_class]
+    if too_few:
+        lab, its = too_few[0]
+        where = f" (only on {its[0].path.name})" if len(its) == 1 else ""
+        more = f"; also {', '.join(repr(x) for x, _ in too_few[1:4])}" if len(too_few) > 1 else ""
+        raise DatasetError(f"The label {lab!r} is on {len(its)} usable image(s){where}{more}; every label needs at "
+                           f"least {min_per_class} (10 or more recommended). Label more images with it or remove it.")
+    return Dataset(root=root, source=str(src), classes=labels, items=items, skipped=skipped, ignored=ignored,
+                   multi_label=True, notes=notes)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import DatasetError
 from .images import IMAGE_EXTENSIONS, image_from_bytes
-from .intake import Dataset, open_dataset, safe_extract_zip
+from .intake import Dataset, find_multi_label_csv, open_dataset, safe_extract_zip
 from .report import UPLOAD_REPORT
 
 if TYPE_CHECKING:
@@ -304,6 +304,8 @@ def _sort_by_csv(root: Path, csv_name: str | None, text: str, dest: Path) -> lis
     dest.mkdir(parents=True, exist_ok=True)
     root_resolved = root.resolve()
     skipped = refused + [{"path": s.path, "reason": s.reason} for s in ds.skipped]
+    if ds.multi_label:  # no class folders for label sets: images/ and a labels.csv that opens as this dataset
+        return _copy_multi_label(ds, root_resolved, dest, skipped)
     for item in ds.items:
         src = Path(item.path).resolve()
         if root_resolved not in src.parents:
@@ -320,6 +322,33 @@ def _sort_by_csv(root: Path, csv_name: str | None, text: str, dest: Path) -> lis
     if not any(dest.iterdir()):
         raise DatasetError("No row of the labels CSV names an image inside the zip; paths must be relative to "
                            "the CSV (e.g. images/001.jpg,cat).")
+    return skipped
+
+
+def _copy_multi_label(ds: Dataset, root: Path, dest: Path, skipped: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Copy a multi-label CSV's images into ``dest/images/`` and write ``dest/labels.csv`` (``path,labels``)."""
+    import csv as csv_mod
+
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    rows = [["path", "labels"]]
+    for item in ds.items:
+        src = Path(item.path).resolve()
+        if root not in src.parents:
+            skipped.append({"path": str(item.path.name), "reason": "points outside the archive; refused"})
+            continue
+        target = dest / "images" / src.name
+        n = 2
+        while target.exists():
+            target = dest / "images" / f"{src.stem}-{n}{src.suffix}"
+            n += 1
+        shutil.copyfile(src, target)
+        rows.append([f"images/{target.name}", item.label])
+    if len(rows) == 1:
+        raise DatasetError("No row of the labels CSV names an image inside the zip; paths must be relative to "
+                           "the CSV (e.g. images/001.jpg,dog;ball).")
+    buf = io.StringIO()
+    csv_mod.writer(buf).writerows(rows)
+    (dest / "labels.csv").write_text(buf.getvalue(), encoding="utf-8")
     return skipped
 
 
@@ -340,6 +369,9 @@ def add_class_images(ws: Workspace, dataset: str, class_name: str,
     if not str(class_name).strip():
         raise DatasetError("Give the class a name (for example 'cats') before adding its images.")
     ds_dir = ws.datasets_dir / safe_name(dataset)
+    if find_multi_label_csv(ds_dir) is not None:  # images of a multi-label set are labelled by its CSV, not a folder
+        raise DatasetError(f"'{ds_dir.name}' is multi-label: its images are labelled by its labels.csv, not by class "
+                           "folders; upload a new zip with the images and their rows in labels.csv instead.")
     managed = is_managed(ws, ds_dir.name)
     base = images_root(ds_dir) if managed else ds_dir
     cls_dir = base / safe_name(class_name, fallback="class")

@@ -28,7 +28,7 @@ def dataset_report(ds: Dataset, split: Split | None = None) -> dict:
     heights = [i.height for i in ds.items] or [0]
     nonzero = [n for n in counts.values() if n > 0]
     imbalance = (max(nonzero) / min(nonzero)) if nonzero else 0.0
-    warnings: list[str] = []
+    warnings: list[str] = list(ds.notes)
     if imbalance >= 3:
         big = max(counts, key=counts.get)
         small = min(counts, key=counts.get)
@@ -63,6 +63,7 @@ def dataset_report(ds: Dataset, split: Split | None = None) -> dict:
         "imbalance_ratio": round(imbalance, 3),
         "exact_duplicates": dups,
         "warnings": warnings,
+        "multi_label": ds.multi_label,
     }
     if split is not None:
         rep["split"] = {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
@@ -74,9 +75,10 @@ def class_thumbnails(ds: Dataset, per_class: int = 8) -> dict[str, list[str]]:
     """Up to ``per_class`` image paths per class (training images first, in file order)."""
     out: dict[str, list[str]] = {c: [] for c in ds.classes}
     for item in sorted(ds.items, key=lambda i: (i.split == "test", str(i.path))):
-        lst = out.setdefault(item.label, [])
-        if len(lst) < per_class:
-            lst.append(str(item.path))
+        for label in item.label_set:  # a multi-label image shows under each of its labels
+            lst = out.setdefault(label, [])
+            if len(lst) < per_class:
+                lst.append(str(item.path))
     return out
 
 
@@ -108,7 +110,7 @@ def dataset_overview(path: str | os.PathLike, workspace: "Workspace", val_split:
             rep["warnings"] = [w for w in rep["warnings"] if "were skipped" not in w] + [note]
     rep["thumbnails"] = class_thumbnails(ds, per_class=thumbnails_per_class)
     rep["split_by_class"] = {
-        name: {c: sum(1 for i in items if i.label == c) for c in ds.classes}
+        name: {c: sum(1 for i in items if c in i.label_set) for c in ds.classes}
         for name, items in (("train", split.train), ("val", split.val), ("test", split.test))
     }
     return rep

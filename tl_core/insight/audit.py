@@ -361,13 +361,21 @@ def audit_dataset(data: str | os.PathLike | Dataset, backbone: str = "efficientn
             lookalikes.append(pair)
     held = [("val", i) for i in split.val] + [("test", i) for i in split.test]
     leaks = find_leakage(split.train, held, near)
-    train_counts = Counter(i.label for i in split.train)
+    train_counts = Counter(lab for i in split.train for lab in i.label_set)  # multi-label: images per label
     imb = class_imbalance({c: train_counts.get(c, 0) for c in ds.classes})
+    if ds.multi_label and imb["suggestion"] == "sampler":  # sampling balances classes, not labels: weigh instead
+        imb.update(suggestion="weights", config_patch={"class_balance": "weights"},
+                   reason=imb["reason"].split(";")[0] + "; weighting each label's positives (multi-label data) "
+                          "keeps the model from ignoring the rare labels.")
     odd = odd_images(ds.items, decoded, emb.pre.resize, emb.pre.interpolation)
     # the label check scores train+val images (a test split stays untouched)
     lab_idx = [n for n, i in enumerate(subset) if i.split != "test"]
     issues: list[dict[str, Any]] = []
-    if len({subset[n].label for n in lab_idx}) >= 2 and len(lab_idx) >= 2 * folds:
+    notes: list[str] = []
+    if ds.multi_label:  # the check compares one given class with one predicted class
+        notes.append("The label-error check was skipped: it is for one label per image, and this dataset is "
+                     "multi-label. Class counts are images per label.")
+    elif len({subset[n].label for n in lab_idx}) >= 2 and len(lab_idx) >= 2 * folds:
         with single_threaded():
             probs = cross_validated_probs(emb.features[lab_idx], emb.labels[lab_idx], len(ds.classes), folds, seed)
         issues = label_issues(probs, [subset[n] for n in lab_idx], ds.classes, label_confidence)
@@ -415,6 +423,7 @@ def audit_dataset(data: str | os.PathLike | Dataset, backbone: str = "efficientn
         "label_issues": issues,
         "suggested_config": dict(imb["config_patch"]),
         "findings": findings,
+        "notes": notes,
         "backbone": backbone,
         "audited_images": len(subset),
         "thresholds": {"near_duplicate": near_threshold, "pixel_match": pixel_threshold,

@@ -121,6 +121,9 @@ def validation_logits(run: str | os.PathLike, workspace: Workspace | None = None
     """
     files = RunFiles(_run_dir(run, workspace))
     meta = files.meta()
+    if meta.multi_label:
+        raise RunError(f"{files.where} is a multi-label model: temperature scaling here calibrates one-class-per-image "
+                       "probabilities, and its labels are decided by per-label thresholds instead.")
     split = files.predictions().get("val")
     y = split.targets(meta.classes) if split is not None else np.zeros(0, np.int64)
     keep = y >= 0

@@ -35,7 +35,7 @@ from ..config import LAB_ARMS, TrainConfig
 from ..data.intake import Dataset, ImageItem
 from ..data.library import open_data
 from ..data.splits import split_dataset
-from ..errors import CancelledError, ConfigError
+from ..errors import CancelledError, ConfigError, DatasetError
 from ..models.backbones import build_model
 from ..models.devices import configure_threads, set_seed, single_threaded
 from ..models.preprocess import Preprocess, data_config_for, train_transform
@@ -244,6 +244,8 @@ def learning_curve(data: str | os.PathLike | Dataset, backbone: str = "efficient
     configure_threads()
     ws = workspace or Workspace.default()
     ds = open_data(data, ws)
+    if ds.multi_label:
+        raise DatasetError(f"The lab's learning curve samples images per class, and {os.path.basename(ds.source)} is multi-label (several labels per image); train runs with --max-per-class instead.")
     full = split_dataset(ds, val_split, seed)
     classes = ds.classes
     cidx = {c: i for i, c in enumerate(classes)}

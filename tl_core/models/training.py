@@ -5,6 +5,8 @@ whole fine-tuning of a model on a split. Progress goes through callbacks only.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import time
@@ -177,7 +179,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         bs = len(y)
         value = loss.item()
         tot += value * bs
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += _correct(logits, y)
         n += bs
         if on_step:
             on_step(step + 1, steps, value)
@@ -197,11 +199,21 @@ def evaluate_epoch(model: nn.Module, loader: DataLoader, runtime: Runtime | None
         y = y.to(rt.device, non_blocking=True)
         with rt.autocast():
             logits = model(x).float()
-        tot += loss_fn(logits, y).item()
-        correct += (logits.argmax(1) == y).sum().item()
+        if y.ndim == 2:  # multi-label: per image, the mean over labels of the binary cross-entropy
+            tot += nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum").item() / y.shape[1]
+        else:
+            tot += loss_fn(logits, y).item()
+        correct += _correct(logits, y)
         n += len(y)
     tot, correct, n = all_reduce_sum(rt, [tot, correct, n])
     return {"val_loss": tot / max(n, 1), "val_acc": correct / max(n, 1)}
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+    """Images classified right: the top class, or (multi-label targets, (N, C)) every label right at logit 0."""
+    if y.ndim == 2:
+        return int(((logits >= 0) == (y > 0.5)).all(1).sum().item())
+    return int((logits.argmax(1) == y).sum().item())
 
 
 class BalancedSampler(Sampler):
@@ -247,7 +259,8 @@ def _train_loader(train_set: ImageSet, labels: list[int], n_classes: int, cfg: T
 
 def finetune(model: nn.Module, split: Split, classes: list[str], pre: Preprocess, decoded: DecodedImageCache,
              cfg: TrainConfig, emit: Progress, should_cancel: Callable[[], bool] | None,
-             start_from_probe: bool = False, runtime: Runtime | None = None) -> dict[str, Any]:
+             start_from_probe: bool = False, runtime: Runtime | None = None,
+             multi_label: bool = False) -> dict[str, Any]:
     """Fine-tune per strategy. With ``start_from_probe`` the head already holds the linear probe and the
     probe itself is the epoch-0 checkpoint: fine-tuning is kept only where it is more accurate on validation
     (or as accurate with a lower loss; see ``EarlyStopper``).
@@ -258,8 +271,14 @@ def finetune(model: nn.Module, split: Split, classes: list[str], pre: Preprocess
     """
     rt = runtime or Runtime.cpu()
     idx = {c: i for i, c in enumerate(classes)}
-    ytr = [idx[i.label] for i in split.train]
-    yva = [idx[i.label] for i in split.val]
+    if multi_label:  # one sigmoid output per label, trained with binary cross-entropy; targets are 0/1 rows
+        from .multilabel import label_matrix
+
+        ytr = list(label_matrix([i.labels for i in split.train], classes).astype(np.float32))
+        yva = list(label_matrix([i.labels for i in split.val], classes).astype(np.float32))
+    else:
+        ytr = [idx[i.label] for i in split.train]
+        yva = [idx[i.label] for i in split.val]
     # decode everything once up front (reported as a stage; each rank its share): epochs never touch JPEG/PNG
     all_items = split.train + split.val
     rounds = -(-len(all_items) // rt.world_size)  # as many on every rank: a cancel check is a collective
@@ -274,6 +293,9 @@ def finetune(model: nn.Module, split: Split, classes: list[str], pre: Preprocess
     barrier(rt)
     train_set = ImageSet(split.train, ytr, decoded, pre, train_transform(pre, cfg.augment))
     val_set = ImageSet(split.val, yva, decoded, pre, pre.eval_from_resized)
+    if multi_label and cfg.class_balance == "sampler":
+        log.info("class-balanced sampling does not apply to multi-label data: shuffling instead")
+        cfg = dataclasses.replace(cfg, class_balance="none")
     train_loader, sampler = _train_loader(train_set, ytr, len(classes), cfg, rt)
     val_loader = DataLoader(Subset(val_set, shard(len(val_set), rt)), batch_size=EVAL_BATCH, **rt.loader_options())
 
@@ -295,8 +317,15 @@ def finetune(model: nn.Module, split: Split, classes: list[str], pre: Preprocess
     steps_per_epoch = len(train_loader)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
-    weight = class_weights(np.array(ytr), len(classes)).to(rt.device) if cfg.class_balance == "weights" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    if multi_label:
+        pos = np.stack(ytr).sum(0) if ytr else np.zeros(len(classes))
+        # "weights": each label's positives weighed by negatives/positives (BCEWithLogits' pos_weight)
+        pos_weight = (torch.tensor(np.where(pos > 0, (len(ytr) - pos) / np.maximum(pos, 1), 1.0), dtype=torch.float32,
+                                   device=rt.device) if cfg.class_balance == "weights" else None)
+        loss_fn: nn.Module = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    else:
+        weight = class_weights(np.array(ytr), len(classes)).to(rt.device) if cfg.class_balance == "weights" else None
+        loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     model.to(rt.device, memory_format=torch.channels_last)
     net = wrap(model, rt)
     stopper = EarlyStopper(cfg.patience)

@@ -110,6 +110,8 @@ class RunMeta:
     temperature: float = 1.0
     fit_on: str = "train"  # "train+val": a linear head refitted on validation images too
     runtime: dict[str, Any] = field(default_factory=dict)  # device, precision, world_size it was trained with
+    multi_label: bool = False  # one sigmoid output per label (see tl_core.models.multilabel)
+    thresholds: list[float] | None = None  # multi-label: per-label decision thresholds chosen on validation
     format: str = MODEL_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
 
@@ -127,6 +129,9 @@ class RunMeta:
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
         d["num_classes"] = self.num_classes
+        if not self.multi_label:  # a single-label model's meta.json stays as it was
+            d.pop("multi_label")
+            d.pop("thresholds")
         return {**self.extra, **d}
 
     @classmethod
@@ -168,12 +173,20 @@ class RunMeta:
         t = data.get("temperature", 1.0)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise ExportError(f"{where}: meta.json temperature {t!r} must be a positive number.")
+        multi = data.get("multi_label", False)
+        th = data.get("thresholds")
+        if not isinstance(multi, bool):
+            raise ExportError(f"{where}: meta.json multi_label must be true or false (got {multi!r}).")
+        if th is not None and (not isinstance(th, list) or len(th) != n or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in th)):
+            raise ExportError(f"{where}: meta.json thresholds must be {n} numbers between 0 and 1, one per label.")
         known = {f.name for f in dataclasses.fields(cls)} | {"num_classes"}
         return cls(backbone=str(data.get("backbone") or arch), arch=arch, classes=list(classes),
                    preprocess=dict(pre), data_config=dict(data.get("data_config") or {}),
                    weights=dict(data.get("weights") or {}), dataset=dict(data.get("dataset") or {}),
                    temperature=float(t), fit_on=str(data.get("fit_on") or "train"),
-                   runtime=dict(data.get("runtime") or {}), format=fmt,
+                   runtime=dict(data.get("runtime") or {}), multi_label=multi,
+                   thresholds=[float(x) for x in th] if th is not None else None, format=fmt,
                    extra={k: v for k, v in data.items() if k not in known})
 
 

@@ -41,7 +41,8 @@ from ..models.features import extract_features, feature_key
 from ..models.inference import logits_of_items
 from ..models.metrics import compute_metrics, softmax
 from ..models.preprocess import Preprocess, data_config_for
-from ..models.probe import fit_linear_head
+from ..models.multilabel import choose_thresholds, label_matrix, multilabel_metrics, sigmoid
+from ..models.probe import fit_linear_head, fit_ovr_head
 from ..models.training import EVAL_BATCH, Progress, finetune
 from .files import SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMeta, RunMetrics, SplitPredictions
 from .processes import identity
@@ -74,15 +75,28 @@ class TrainResult:
     device: str = "cpu"
     precision: str = "fp32"
     dataset_version: str | None = None  # NAME@VERSION of a managed dataset; None for a plain path
+    # multi-label runs only (val_accuracy is then the exact-match accuracy)
+    multi_label: bool = False
+    micro_f1: float | None = None
+    macro_f1: float | None = None
+    mAP: float | None = None
+    exact_match: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.multi_label:  # the single-label document stays as it was
+            for k in _MULTI_LABEL_FIELDS:
+                d.pop(k)
+        return d
+
+
+_MULTI_LABEL_FIELDS = ("multi_label", "micro_f1", "macro_f1", "mAP", "exact_match")
 
 
 def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], classes: list[str], pre: Preprocess,
                   decoded: DecodedImageCache, cfg: TrainConfig, workspace: Workspace, winfo: WeightsInfo,
                   emit: Progress, should_cancel: Callable[[], bool] | None, rt: Runtime,
-                  local_cancel: Callable[[], bool] | None = None
+                  local_cancel: Callable[[], bool] | None = None, multi_label: bool = False
                   ) -> tuple[np.ndarray, nn.Linear | None, dict[str, Any]]:
     """Extract (cached) features of train+val(+test), shared out between the ranks under torchrun, and fit the
     logistic-regression head on them, once (rank 0; the other ranks get None)."""
@@ -100,14 +114,18 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     if not rt.is_main:
         return feats, None, info
     n_tr, n_va = len(split.train), len(split.val)
-    ytr = np.array([cidx[i.label] for i in split.train])
-    yva = np.array([cidx[i.label] for i in split.val])
     probe_cfg = cfg if cfg.strategy == "linear" else dataclasses.replace(cfg, epochs=100)
+    on_epoch = lambda m: emit({"stage": "epoch" if cfg.strategy == "linear" else "probe", **m})  # noqa: E731
     with single_threaded():  # small matrices: on a busy machine two threads only wait for each other
-        head, fit = fit_linear_head(feats[:n_tr], ytr, feats[n_tr:n_tr + n_va], yva, len(classes), probe_cfg,
-                                    on_epoch=lambda m: emit({"stage": "epoch" if cfg.strategy == "linear" else "probe",
-                                                             **m}),
-                                    should_cancel=local_cancel)
+        if multi_label:  # one-vs-rest logistic regression
+            head, fit = fit_ovr_head(feats[:n_tr], label_matrix([i.labels for i in split.train], classes),
+                                     feats[n_tr:n_tr + n_va], label_matrix([i.labels for i in split.val], classes),
+                                     probe_cfg, on_epoch=on_epoch, should_cancel=local_cancel)
+        else:
+            ytr = np.array([cidx[i.label] for i in split.train])
+            yva = np.array([cidx[i.label] for i in split.val])
+            head, fit = fit_linear_head(feats[:n_tr], ytr, feats[n_tr:n_tr + n_va], yva, len(classes), probe_cfg,
+                                        on_epoch=on_epoch, should_cancel=local_cancel)
     info.update(fit)
     converged = info["epochs_run"] < probe_cfg.epochs
     info["stop"] = {"reason": "converged" if converged else "epochs", "epoch": info["epochs_run"],
@@ -184,6 +202,9 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     split = split_dataset(ds, cfg.val_split, cfg.seed, cfg.max_per_class)
     if test_data is not None:
         tds = open_data(test_data, workspace, min_per_class=1)
+        if tds.multi_label != ds.multi_label:
+            raise DatasetError("The test data is " + ("multi-label" if tds.multi_label else "single-label")
+                               + " but the training data is not; give test data of the same kind.")
         unknown = sorted(set(tds.classes) - set(ds.classes))
         if unknown:
             raise DatasetError(f"The test data has classes the training data lacks: {', '.join(unknown)}.")
@@ -204,7 +225,8 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             history.append({k: v for k, v in e.items() if k != "stage"})
         emit(e)
 
-    test_items = [i for i in split.test if i.label in cidx]
+    test_items = [i for i in split.test if all(lab in cidx for lab in i.label_set)]
+    multi = ds.multi_label
     n_tr, n_va = len(split.train), len(split.val)
     val_head: dict[str, torch.Tensor] | None = None
     val_model = test_model = SAVED
@@ -213,7 +235,7 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         # the linear probe: also the head initialisation of partial/full (LP-FT, Kumar et al., ICLR 2022)
         feats, head, info = _linear_probe(model, split, test_items, classes, pre, decoded, cfg, workspace, winfo,
                                           emit_epoch if cfg.strategy == "linear" else emit, should_cancel, rt,
-                                          local_cancel)
+                                          local_cancel, multi_label=multi)
         if cfg.strategy == "linear" and not rt.is_main:
             return None  # the probe is fitted once, on rank 0
         if rt.distributed and cfg.strategy != "linear":  # rank 0 fitted it; every rank fine-tunes from it
@@ -231,10 +253,15 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             emit({"stage": "refit", "message": "Refitting the head on training + validation images"})
             name = _classifier_name(model)
             val_head = {f"{name}.weight": head.weight.detach().clone(), f"{name}.bias": head.bias.detach().clone()}
-            y_all = np.array([cidx[i.label] for i in split.train + split.val])
             with single_threaded():
-                head, _ = fit_linear_head(feats[:n_tr + n_va], y_all, feats[:0], y_all[:0], len(classes),
-                                          cfg, should_cancel=local_cancel, init=head)
+                if multi:
+                    y_ml = label_matrix([i.labels for i in split.train + split.val], classes)
+                    head, _ = fit_ovr_head(feats[:n_tr + n_va], y_ml, feats[:0], y_ml[:0], cfg,
+                                           should_cancel=local_cancel, init=head)
+                else:
+                    y_all = np.array([cidx[i.label] for i in split.train + split.val])
+                    head, _ = fit_linear_head(feats[:n_tr + n_va], y_all, feats[:0], y_all[:0], len(classes),
+                                              cfg, should_cancel=local_cancel, init=head)
             _set_head(model, head)
             with torch.no_grad():
                 test_logits = head(torch.from_numpy(feats[n_tr + n_va:])).numpy()
@@ -247,7 +274,7 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     else:
         probe_info = info if cfg.strategy != "scratch" else None
         info = finetune(model, split, classes, pre, decoded, cfg, emit_epoch, should_cancel,
-                        start_from_probe=probe_info is not None, runtime=rt)
+                        start_from_probe=probe_info is not None, runtime=rt, multi_label=multi)
         if probe_info:
             info["feature_cache"] = probe_info.get("feature_cache")
         if not rt.is_main:
@@ -268,10 +295,18 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         test_logits = logits_of_items(model, test_items, pre, decoded, batch_size=EVAL_BATCH,
                                       should_cancel=local_cancel, runtime=one)
         model.to("cpu")
-    yva = [cidx[i.label] for i in split.val]
-    val_metrics = compute_metrics(yva, softmax(val_logits), classes)
-    test_metrics = (compute_metrics([cidx[i.label] for i in test_items], softmax(test_logits), classes)
-                    if test_items else None)
+    thresholds = None
+    if multi:  # per-label thresholds chosen on validation (max F1), used by every later prediction
+        yva_ml = label_matrix([i.labels for i in split.val], classes)
+        thresholds = choose_thresholds(yva_ml, sigmoid(val_logits))
+        val_metrics = multilabel_metrics(yva_ml, sigmoid(val_logits), classes, thresholds)
+        test_metrics = (multilabel_metrics(label_matrix([i.labels for i in test_items], classes),
+                                           sigmoid(test_logits), classes, thresholds) if test_items else None)
+    else:
+        yva = [cidx[i.label] for i in split.val]
+        val_metrics = compute_metrics(yva, softmax(val_logits), classes)
+        test_metrics = (compute_metrics([cidx[i.label] for i in test_items], softmax(test_logits), classes)
+                        if test_items else None)
     seconds = time.perf_counter() - t0
 
     # -- write the run, as a whole ------------------------------------------------------------------
@@ -289,7 +324,7 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             dataset={**{k: report[k] for k in ("source", "fingerprint", "counts", "num_images", "imbalance_ratio",
                                                "skipped", "image_size", "warnings", "split")},
                      "version": ds.version or None},
-            fit_on=fit_on, runtime=rt.to_dict()))
+            fit_on=fit_on, runtime=rt.to_dict(), multi_label=multi, thresholds=thresholds))
         splits = {"val": SplitPredictions("val", [str(i.path) for i in split.val], [i.label for i in split.val],
                                           np.asarray(val_logits, np.float64), val_model)}
         if test_items:
@@ -323,6 +358,8 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         "feature_cache": info.get("feature_cache"),
         "decoded_cache": {"hits": decoded.hits, "misses": decoded.misses},
         **rt.to_dict(),
+        **({"multi_label": True, **{k: val_metrics[k] for k in ("micro_f1", "macro_f1", "mAP", "exact_match")}}
+           if multi else {}),
     }
 
 
@@ -471,5 +508,6 @@ def _result(run_id: str | None, run_dir: Path, status: str, s: dict[str, Any], s
                        epochs_run=s.get("epochs_run", 0), seconds=round(seconds, 3), weights=s.get("weights", {}),
                        counts=s.get("counts", {}), error=error, stop=s.get("stop") or {},
                        world_size=int(s.get("world_size", 1)), device=str(s.get("device", "cpu")),
-                       precision=str(s.get("precision", "fp32")), dataset_version=s.get("dataset_version"))
+                       precision=str(s.get("precision", "fp32")), dataset_version=s.get("dataset_version"),
+                       **{k: s.get(k) for k in _MULTI_LABEL_FIELDS if k in s})
 

@@ -43,6 +43,10 @@ def _fmt(x: Any, nd: int = 4) -> str:
 
 
 def _metrics_table(rep: dict[str, Any], classes: Sequence[str], title: str) -> list[str]:
+    if rep.get("multi_label"):
+        from .multilabel import card_metrics_lines
+
+        return card_metrics_lines(rep, title)
     lines = [f"### {title}", "",
              f"Accuracy {_fmt(rep.get('accuracy'))} on {rep.get('count')} images; macro F1 {_fmt(rep.get('macro_f1'))}; "
              f"log loss {_fmt(rep.get('log_loss'))}.", ""]
@@ -60,6 +64,9 @@ def _metrics_table(rep: dict[str, Any], classes: Sequence[str], title: str) -> l
 
 def _calibration_lines(metrics: dict[str, Any], files: RunFiles, meta: RunMeta) -> list[str]:
     val = metrics.get("val") or {}
+    if meta.multi_label:
+        return ["Not measured: the reliability table and temperature scaling are for one-class-per-image "
+                "predictions; this multi-label model's per-label thresholds are listed with the metrics.", ""]
     cal_rec = metrics.get("calibration") or {}
     split = files.predictions().get("val") if files.has("predictions.json") else None
     if val.get("ece") is None and split is None and not cal_rec:
@@ -110,18 +117,25 @@ def model_card(files: RunFiles) -> str:
     val, test = metrics.get("val") or {}, metrics.get("test") or {}
     title = ", ".join(classes[:6]) + (" …" if len(classes) > 6 else "")
     strategy = config.get("strategy", "?")
+    if run_meta.multi_label:
+        from .multilabel import card_intended_use
+
+        intended = card_intended_use(classes, run_meta.thresholds)
+    else:
+        intended = (
+            f"Sorts an image into one of {len(classes)} classes: {', '.join(classes)}. Meant for images like the "
+            "training images (same kind of subject, camera, framing and style) and for the purpose they were collected "
+            "for. It always answers with one of these classes, even for an image that belongs to none of them, so do "
+            "not use it to detect whether something is present at all. Not intended for decisions about people "
+            "(identity, health, eligibility) or for safety-critical use without further validation.")
     lines = [
-        f"# Model card: {title} classifier",
+        f"# Model card: {title} {'multi-label ' if run_meta.multi_label else ''}classifier",
         "",
         f"Made with TL Studio by transfer learning ({strategy} strategy on `{meta.get('backbone')}`).",
         "",
         "## Intended use",
         "",
-        f"Sorts an image into one of {len(classes)} classes: {', '.join(classes)}. Meant for images like the "
-        "training images (same kind of subject, camera, framing and style) and for the purpose they were collected for. "
-        "It always answers with one of these classes, even for an image that belongs to none of them, so do not use it "
-        "to detect whether something is present at all. Not intended for decisions about people (identity, health, "
-        "eligibility) or for safety-critical use without further validation.",
+        intended,
         "",
         "## Backbone",
         "",
@@ -153,7 +167,8 @@ def model_card(files: RunFiles) -> str:
         "",
         "## Training configuration",
         "",
-        (f"Strategy `linear` (frozen backbone; the last layer fitted by logistic regression in "
+        (f"Strategy `linear` (frozen backbone; the last layer fitted by "
+         f"{'one-vs-rest ' if run_meta.multi_label else ''}logistic regression in "
          f"{metrics.get('epochs_run', '?')} L-BFGS steps)" if strategy == "linear" else
          f"Strategy `{strategy}`, {metrics.get('epochs_run', '?')} epochs run (best epoch {metrics.get('best_epoch', '?')})")
         + f", {_fmt(metrics.get('seconds'), 1)} s.",

@@ -7,6 +7,8 @@ A bundle is a zip of the run's model files plus ``MODEL_CARD.md``, ``README.txt`
 ONNX and TorchScript exports take a normalised NCHW float32 batch and return two outputs,
 ``probs`` (softmax of logits / temperature: what ``tl-core predict`` reports) and ``logits``. The
 preprocessing that turns an image into that batch is written next to the model as ``<file>.json``.
+A multi-label model's ``probs`` are per-label ``sigmoid(logits / T)`` instead (each label its own yes/no;
+the sidecar says ``multi_label: true`` and gives the per-label ``thresholds``).
 Every export is verified before it is kept: the exported model runs (onnxruntime / ``torch.jit.load``)
 on real images of the run and must agree with PyTorch, same top-1 on every image and probabilities
 within ``PARITY_TOLERANCE``; otherwise the file is deleted and :class:`ExportError` raised.
@@ -70,15 +72,18 @@ _EXTENSIONS = {"bundle": "zip", "onnx": "onnx", "torchscript": "pt"}
 
 
 class _ProbsAndLogits(nn.Module):
-    """The exported graph: logits → (softmax(logits / T), logits)."""
+    """The exported graph: logits → (softmax(logits / T), logits); multi-label: (sigmoid(logits / T), logits)."""
 
-    def __init__(self, model: nn.Module, temperature: float):
+    def __init__(self, model: nn.Module, temperature: float, multi_label: bool = False):
         super().__init__()
         self.model = model
         self.temperature = float(temperature)
+        self.multi_label = bool(multi_label)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
+        if self.multi_label:
+            return torch.sigmoid(logits / self.temperature), logits
         return torch.softmax(logits / self.temperature, dim=1), logits
 
 
@@ -184,6 +189,12 @@ def _sidecar(tm: TrainedModel, fmt: str, model_file: str, verification: dict[str
                              "in the order of 'classes'",
                     "logits": "raw scores before softmax, shape [batch, num_classes]"},
         "temperature": tm.temperature,
+        **({"multi_label": True, "thresholds": list(tm.meta.thresholds or [0.5] * len(tm.classes)),
+            "outputs": {"probs": "per-label probabilities: sigmoid(logits / temperature), shape [batch, num_classes], "
+                                 "in the order of 'classes'; an image carries each label whose probability reaches "
+                                 "that label's threshold ('thresholds')",
+                        "logits": "raw per-label scores before the sigmoid, shape [batch, num_classes]"}}
+           if tm.meta.multi_label else {}),
         "preprocessing": {
             **pre.to_dict(),
             "data_config": tm.meta.data_config,
@@ -340,9 +351,10 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
                               "run `pip install 'tl-studio[export]'`.") from None
     x, names, source = _verification_images(tm, verify_images, max_verify_images)
     with torch.inference_mode():  # the reference: exactly the model `tl-core predict` runs
-        reference = torch.softmax(tm.model(x.contiguous(memory_format=torch.channels_last)).float() / tm.temperature,
-                                  dim=1).numpy()
-    module = _ProbsAndLogits(copy.deepcopy(tm.model).to(memory_format=torch.contiguous_format), tm.temperature).eval()
+        z = tm.model(x.contiguous(memory_format=torch.channels_last)).float() / tm.temperature
+        reference = (torch.sigmoid(z) if tm.meta.multi_label else torch.softmax(z, dim=1)).numpy()
+    module = _ProbsAndLogits(copy.deepcopy(tm.model).to(memory_format=torch.contiguous_format), tm.temperature,
+                             tm.meta.multi_label).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     example = x[: min(2, len(x))].clone()

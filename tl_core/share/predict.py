@@ -42,6 +42,8 @@ def evaluate_dataset(tm: TrainedModel, data: str | os.PathLike, workspace: Works
     evaluated = "test split"
     if not items:
         items, evaluated = list(ds.items), "all images"
+    if tm.meta.multi_label or ds.multi_label:
+        return _evaluate_multilabel(tm, ds, items, evaluated, workspace)
     unknown = sorted({i.label for i in items} - set(tm.classes))
     if unknown:
         raise DatasetError(f"The data has classes the model was not trained on: {', '.join(unknown[:10])}; "
@@ -58,6 +60,20 @@ def evaluate_dataset(tm: TrainedModel, data: str | os.PathLike, workspace: Works
     rep["unknown_share"] = float(tm.open_set.unknown(scores).mean()) if scores is not None and len(scores) else None
     rep["skipped"] = [{"path": s.path, "reason": s.reason} for s in ds.skipped]
     rep["top_losses"] = top_losses([str(i.path) for i in items], y, probs, tm.classes, k=20)
+    return rep
+
+
+def _evaluate_multilabel(tm: TrainedModel, ds: Any, items: list, evaluated: str, workspace: Workspace
+                         ) -> dict[str, Any]:
+    from .multilabel import evaluate_multilabel
+
+    if not tm.meta.multi_label:
+        raise DatasetError("The data is multi-label but the model predicts one class per image; train a model on "
+                           "multi-label data to evaluate it.")
+    cache = DecodedImageCache(workspace.cache_dir / "decoded")
+    rep = evaluate_multilabel(tm, items, logits_of_items(tm.model, items, tm.pre, cache, runtime=tm.runtime))
+    rep["evaluated"] = evaluated
+    rep["skipped"] = [{"path": s.path, "reason": s.reason} for s in ds.skipped]
     return rep
 
 
@@ -100,15 +116,20 @@ def _rows(tm: TrainedModel, images: Sequence[Any], top_k: int) -> list[dict[str,
     """Prediction rows of Pillow images, with ``unknown`` and ``ood_score`` from the same forward pass."""
     out = logits_of_images(tm.model, images, tm.pre, runtime=tm.runtime, with_features=tm.open_set is not None)
     logits, scores = _with_scores(tm, out)
-    probs = softmax(logits, tm.temperature)
-    return [{**prediction_row(p, tm.classes, top_k),
-             **open_set_fields(None if scores is None else float(scores[n]), tm.open_set)}
-            for n, p in enumerate(probs)]
+    if tm.meta.multi_label:
+        from .multilabel import rows_of_logits
+
+        rows = rows_of_logits(tm, logits, top_k)
+    else:
+        rows = [prediction_row(p, tm.classes, top_k) for p in softmax(logits, tm.temperature)]
+    return [{**row, **open_set_fields(None if scores is None else float(scores[n]), tm.open_set)}
+            for n, row in enumerate(rows)]
 
 
 def predict_pil(tm: TrainedModel, images: Sequence[Any], top_k: int = 3) -> list[dict[str, Any]]:
-    """Top-k predictions for RGB Pillow images: label, confidence, top_k [{label, confidence}], unknown (the
-    image is unlike the training images; None for a model without open-set files) and ood_score."""
+    """Top-k predictions for RGB Pillow images: label, confidence, top_k [{label, confidence}] (multi-label:
+    labels [{label, p}] and probs too), unknown (the image is unlike the training images; None for a model
+    without open-set files) and ood_score."""
     return _rows(tm, images, top_k)
 
 
@@ -155,7 +176,16 @@ def predict_paths(tm: TrainedModel, paths: Iterable[str | os.PathLike], top_k: i
 
 def write_predictions_csv(rows: Sequence[dict[str, Any]], out: str | os.PathLike | io.StringIO) -> None:
     """CSV with path, label, confidence, top-k as 'label:conf;label:conf', unknown (true/false, empty for a model
-    without open-set files) and ood_score."""
+    without open-set files) and ood_score.
+
+    Multi-label rows (they carry ``probs``) make :func:`tl_core.share.multilabel.write_multilabel_csv`'s CSV:
+    path, labels (``a;b``), one ``p_<label>`` column per label, unknown and ood_score.
+    """
+    if rows and "probs" in rows[0]:
+        from .multilabel import write_multilabel_csv
+
+        write_multilabel_csv(rows, list(rows[0]["probs"]), out)
+        return
     own = not isinstance(out, io.StringIO)
     f = open(out, "w", newline="", encoding="utf-8") if own else out
     try:

@@ -121,6 +121,19 @@ def _per_class_table(per_class: dict[str, dict[str, Any]]) -> str:
             f"<th>images</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
+def _per_label_table(rep: dict[str, Any]) -> str:
+    conf = rep.get("label_confusion") or {}
+    rows = []
+    for c, r in (rep.get("per_label") or {}).items():
+        (tn, fp), (fn, tp) = conf.get(c, [[0, 0], [0, 0]])
+        rows.append(f"<tr><td>{_esc(c)}</td><td>{r['precision']:.3f}</td><td>{r['recall']:.3f}</td><td>{r['f1']:.3f}</td>"
+                    f"<td>{'n/a' if r.get('ap') is None else format(r['ap'], '.3f')}</td><td>{r['support']}</td>"
+                    f"<td>{r.get('threshold', 0.5):.2f}</td><td>{tp}</td><td>{fp}</td><td>{fn}</td><td>{tn}</td></tr>")
+    return ("<table class='counts'><thead><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>AP</th>"
+            "<th>images</th><th>threshold</th><th>TP</th><th>FP</th><th>FN</th><th>TN</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>")
+
+
 def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.PathLike] = ()) -> str:
     """One self-contained HTML page about a finished run.
 
@@ -165,13 +178,24 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
     parts.append(f"<p class='sub'>Run {_esc(run_dir.name)} · {_esc(meta.backbone)} · "
                  f"{_esc(STRATEGIES[strategy].label if strategy in STRATEGIES else strategy)} · "
                  f"weights: {_esc(w.get('source'))} ({_esc(w.get('detail'))}) · trained {trained}</p>")
-    cards = [("validation accuracy", _pct(val.get("accuracy"))), ("macro F1", f"{val.get('macro_f1', 0):.3f}" if val else "n/a")]
-    if test:
-        cards.append(("test accuracy", _pct(test.get("accuracy"))))
+    multi = meta.multi_label
+    if multi:  # exact match is the multi-label accuracy; micro F1 and mAP say more
+        cards = [("validation micro F1", f"{val.get('micro_f1', 0):.3f}" if val else "n/a"),
+                 ("macro F1", f"{val.get('macro_f1', 0):.3f}" if val else "n/a"),
+                 ("mAP", f"{val.get('mAP') or 0:.3f}" if val else "n/a"),
+                 ("exact match", _pct(val.get("exact_match")))]
+        if test:
+            cards.append(("test micro F1", f"{test.get('micro_f1', 0):.3f}"))
+    else:
+        cards = [("validation accuracy", _pct(val.get("accuracy"))),
+                 ("macro F1", f"{val.get('macro_f1', 0):.3f}" if val else "n/a")]
+        if test:
+            cards.append(("test accuracy", _pct(test.get("accuracy"))))
     cards += [("classes", str(len(classes))), ("images", str(ds.get("num_images", "?"))),
               ("validation images", str(val.get("count", "?"))),
-              ("training time", f"{metrics.seconds:.1f} s"),
-              ("calibration error (ECE)", _ece_card(val, metrics.calibration or {}, temperature))]
+              ("training time", f"{metrics.seconds:.1f} s")]
+    if not multi:
+        cards.append(("calibration error (ECE)", _ece_card(val, metrics.calibration or {}, temperature)))
     parts.append("<div class='cards'>" + "".join(
         f"<div class='card'><div class='v'>{_esc(v)}</div><div class='k'>{_esc(k)}</div></div>" for k, v in cards) + "</div>")
     if meta.refitted:
@@ -192,6 +216,14 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
     for rep, name, key in ((val, "validation", "val"), (test, "test", "test")):
         if not rep:
             continue
+        if multi:
+            parts.append(f"<h2>Per-label metrics ({name} images)</h2>")
+            parts.append(_per_label_table(rep))
+            parts.append(f"<p class='note'>Micro F1 {rep.get('micro_f1')}; macro F1 {rep.get('macro_f1')}; mean average "
+                         f"precision {rep.get('mAP')}; exact match (every label right) {_pct(rep.get('exact_match'))}. "
+                         "Each label is its own yes/no question: TP, FP, FN and TN count the images per label, at the "
+                         "label's threshold (chosen on validation images for the best F1).</p>")
+            continue
         parts.append(f"<h2>Confusion matrix ({name} images)</h2>")
         parts.append(fig(figures.confusion(rep["confusion"], classes, normalised=False), f"confusion-{key}")
                      + f"<p class='note'>Rows are the true class, columns the predicted class; the cells add up to "
@@ -202,7 +234,10 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
                      f"log loss {rep.get('log_loss')}. Precision: of the images predicted as the class, the share "
                      "that truly are; recall: of the images of the class, the share found.</p>")
 
-    if val_preds is not None and len(val_preds):
+    if multi:
+        parts.append("<h2>Calibration</h2><p class='note'>The reliability diagram is for one-class-per-image "
+                     "models; this multi-label model decides each label by its threshold (see the table above).</p>")
+    elif val_preds is not None and len(val_preds):
         y = val_preds.targets(classes)
         keep = y >= 0
         before = reliability_diagram(val_preds.probs()[keep], y[keep])
@@ -225,9 +260,29 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
             parts.append(fig(figures.ood_histogram(scores, float(open_set["threshold"]), what=what), "openset"))
         parts.append(f"<p class='note'>{_esc(describe_open_set(open_set))}</p>")
 
-    wrong = val_preds.mistakes(classes, temperature) if val_preds is not None else []
-    parts.append("<h2>Most confidently wrong images</h2>")
-    if val_preds is None:
+    if multi:
+        from .multilabel import worst_images
+
+        wrong_ml = worst_images(val_preds, classes, meta.thresholds, temperature, k=MAX_THUMBNAILS)
+        parts.append("<h2>Images with the most wrong labels</h2>")
+        parts.append("<p class='note'>" + (f"{len(wrong_ml)} validation image(s) shown with a wrong label set." if wrong_ml
+                                           else "Every validation image got its labels right.") + "</p>")
+        tiles = []
+        for r in wrong_ml:
+            found = _resolve_image(str(r["path"]), [Path(x) for x in image_roots])
+            uri = _thumbnail(found) if found else None
+            if uri:
+                tiles.append(f"<figure class='wrong'><img src='{uri}' alt='{_esc(Path(r['path']).name)}'><figcaption>"
+                             f"true <b>{_esc(', '.join(r['true']))}</b><br>predicted <span class='bad'>"
+                             f"{_esc(', '.join(r['predicted']) or 'none')}</span></figcaption></figure>")
+        parts.append("<div class='grid'>" + "".join(tiles) + "</div>")
+        wrong = []
+    else:
+        wrong = val_preds.mistakes(classes, temperature) if val_preds is not None else []
+        parts.append("<h2>Most confidently wrong images</h2>")
+    if multi:
+        pass
+    elif val_preds is None:
         parts.append("<p class='note'>No validation predictions were saved with this run.</p>")
     elif not wrong:
         parts.append("<p class='note'>No validation image was misclassified.</p>")
