@@ -271,6 +271,8 @@ with session.page_errors():
     classes = m["classes"]
     if m.get("multi_label"):  # label sets: their own view; the single-label views below do not apply
         ml_view.show_evaluate(files, m, split, split_name)
+        with st.expander("Images unlike the training images"):
+            show_open_set(ws, files)
         st.stop()
 
     c = st.columns(4)

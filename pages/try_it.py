@@ -109,12 +109,15 @@ with session.page_errors():
         with b:
             if "probs" in r:  # a multi-label model: its label set, a probability per label
                 ml_view.show_prediction(r)
-                continue
-            st.markdown(f"**{r['path']}** → **{r['label']}** ({r['confidence']:.1%})")
+            else:
+                st.markdown(f"**{r['path']}** → **{r['label']}** ({r['confidence']:.1%})")
             if r.get("unknown"):
                 st.warning(f"Unlike your training images (distance {r['ood_score']:.3f}, above this run's threshold): "
-                           f"**{r['label']}** is only the closest class; the image may belong to none of them.",
-                           icon=":material/help:")
+                           + ("these labels are only the closest answer" if "probs" in r else
+                              f"**{r['label']}** is only the closest class")
+                           + "; the image may belong to none of them.", icon=":material/help:")
+            if "probs" in r:
+                continue
             st.plotly_chart(charts.top_k(r["top_k"]), width="stretch", key=f"topk-{n}")
     if len(rows) > SHOW_CHARTS:
         st.caption(f"Charts for the first {SHOW_CHARTS}; all {len(rows)} are in the table below.")

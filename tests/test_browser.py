@@ -341,6 +341,17 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     assert prediction.inner_text().split("→")[1].split("(")[0].strip() in metrics["val"]["classes"]
     page.get_by_text(re.compile(r"^where it saw '")).wait_for(timeout=60_000)  # Grad-CAM beside the prediction
     shot(page, "06-try-it")
+    # an out-of-domain image: a cat photograph shown to the emoji model is unlike its training images, and the
+    # closest class is still named
+    from skimage import data as skdata
+    from PIL import Image as PILImage
+
+    cat = tmp_path / "cat_photo.png"
+    PILImage.fromarray(skdata.chelsea()).save(cat)
+    page.locator("input[type=file]").first.set_input_files(str(cat))
+    page.get_by_text(re.compile(r"^Unlike your training images")).wait_for(timeout=60_000)
+    page.get_by_text(re.compile(r"cat_photo\.png → \w+ \(\d+\.\d%\)")).wait_for()
+    shot(page, "06b-try-it-unknown")
 
     # Runs & export: a verified ONNX export, and the HTML report opened offline in the browser
     nav(page, "Runs & export")

@@ -294,7 +294,7 @@ def test_train_evaluate_predict_json(ml_run, capsys, tmp_path):
     assert "food" in {x["label"] for x in by["pizza.png"]["labels"]}
     assert "face" in {x["label"] for x in by["grinning.png"]["labels"]}
     lines = csv_out.read_text().splitlines()
-    assert lines[0] == "path,labels," + ",".join(f"p_{c}" for c in meta.classes)
+    assert lines[0] == "path,labels," + ",".join(f"p_{c}" for c in meta.classes) + ",unknown,ood_score"
     assert len(lines) == 4
 
     # single-label data against a multi-label model: one sentence, exit 2

@@ -173,7 +173,9 @@ def test_report_renders_offline_in_headless_chromium(run_dir, tmp_path):
             page.goto(path.as_uri())
             page.wait_for_selector(".plotly .main-svg", timeout=30_000)
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 6", timeout=30_000)
-            assert page.locator(".js-plotly-plot").count() == 3  # curves, confusion matrix, calibration
+            # curves, confusion matrix, calibration, open-set scores
+            assert page.locator(".js-plotly-plot").count() == 4
+            assert page.locator("#openset .main-svg").count() >= 1
             # the plots drew data: curve paths, heatmap cells with the counts
             assert page.locator("#curves .scatterlayer .trace").count() == 4
             assert page.locator("#confusion-val .hm, #confusion-val image").count() >= 1

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ..errors import CancelledError, DatasetError
-from .intake import MIN_IMAGES_PER_CLASS, Dataset, ImageItem, SkippedFile, open_dataset
+from .intake import MIN_IMAGES_PER_CLASS, Dataset, ImageItem, SkippedFile, find_multi_label_csv, open_dataset
 
 if TYPE_CHECKING:
     from ..runs.workspace import Workspace
@@ -163,6 +163,16 @@ def parse_ref(ws: "Workspace", data: Any) -> VersionRef | None:
     return None
 
 
+MULTI_LABEL_NOT_VERSIONED = ("is multi-label (its label sets live in labels.csv), and multi-label datasets are not "
+                             "versioned yet: fix its labels.csv and upload it again")
+
+
+def is_multi_label_folder(folder: Path) -> bool:
+    """A workspace folder labelled by a multi-label ``labels.csv``: used as the folder it is, never versioned
+    (versions hold one label per image)."""
+    return find_multi_label_csv(folder) is not None
+
+
 def pin(ws: "Workspace", data: str | os.PathLike) -> str:
     """What a run records as its data: ``NAME@VERSION`` for a managed dataset (the current version when none is
     given), else the absolute path.
@@ -172,6 +182,8 @@ def pin(ws: "Workspace", data: str | os.PathLike) -> str:
     """
     ref = parse_ref(ws, data)
     if ref is not None:
+        if not ref.version and is_multi_label_folder(_folder(ws, ref.name)):
+            return str(_folder(ws, ref.name).resolve())
         ensure_versions(ws, ref.name)
         return f"{ref.name}@{resolve_version(ws, ref.name, ref.version)}"
     p = Path(data).expanduser().resolve()
@@ -197,8 +209,11 @@ def _counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def history(ws: "Workspace", name: str) -> list[dict[str, Any]]:
     """The dataset's versions, newest first: ``{version, when, change, counts}`` (``when`` in Unix seconds;
-    ``counts`` = images kept, excluded, and images per class). Records the first version when there is none."""
+    ``counts`` = images kept, excluded, and images per class). Records the first version when there is none;
+    a multi-label dataset has none (it is not versioned)."""
     folder = _folder(ws, name)
+    if is_multi_label_folder(folder):
+        return []
     ensure_versions(ws, name)
     lines = (_meta(folder) / "history.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in reversed(lines) if line.strip()]
@@ -206,7 +221,10 @@ def history(ws: "Workspace", name: str) -> list[dict[str, Any]]:
 
 def current_version(ws: "Workspace", name: str) -> str:
     """The id of the dataset's current version."""
-    return history(ws, name)[0]["version"]
+    versions = history(ws, name)
+    if not versions:
+        raise DatasetError(f"{name!r} {MULTI_LABEL_NOT_VERSIONED}.")
+    return versions[0]["version"]
 
 
 def resolve_version(ws: "Workspace", name: str, version: str | None) -> str:
@@ -274,7 +292,7 @@ def _scan_rows(ws: "Workspace", folder: Path) -> tuple[str, list[dict[str, Any]]
 def ensure_versions(ws: "Workspace", name: str, change: str = "first version (the images the folder held)") -> None:
     """Record the first version of a workspace dataset that has none yet (a dataset uploaded before versions)."""
     folder = _folder(ws, name)
-    if is_managed(ws, name):
+    if is_managed(ws, name) or is_multi_label_folder(folder):
         return
     with _locked(folder):
         if is_managed(ws, name):
@@ -339,6 +357,9 @@ def import_dataset(ws: "Workspace", src: str | os.PathLike, name: str | None = N
     try:
         ds = open_dataset(src, extract_dir=tmp / ".unzipped", min_per_class=1,
                           check_cache=ws.cache_dir / "checked.sqlite")
+        if ds.multi_label:
+            raise DatasetError(f"{src.name} is multi-label (label sets joined by ';'); multi-label datasets are not "
+                               "versioned yet: train on it directly (tl-core train " + str(src) + ").")
         stage = tmp / "dataset"
         rows = []
         for item in ds.items:
@@ -394,6 +415,8 @@ def open_version(ws: "Workspace", name: str, version: str | None = None, *, min_
     from .images import load_image
 
     folder = _folder(ws, name)
+    if is_multi_label_folder(folder):
+        raise DatasetError(f"{name!r} {MULTI_LABEL_NOT_VERSIONED}.")
     ensure_versions(ws, name)
     vid = resolve_version(ws, name, version)
     rows = version_rows(ws, name, vid)
@@ -476,6 +499,8 @@ def dataset_for_changes(ws: "Workspace", data: str | os.PathLike) -> tuple[str, 
         (dataset name, whether a copy was made just now)
     """
     name = managed_copy(ws, data)
+    if name is not None and is_multi_label_folder(_folder(ws, name)):
+        raise DatasetError(f"{name!r} {MULTI_LABEL_NOT_VERSIONED}.")
     if name is not None:
         ensure_versions(ws, name)
         return name, False
@@ -497,6 +522,8 @@ def managed_copy(ws: "Workspace", data: str | os.PathLike) -> str | None:
 def _change(ws: "Workspace", name: str, files: Iterable[str | os.PathLike],
             apply: Callable[[dict[str, Any]], bool], describe: Callable[[list[str]], str]) -> dict[str, Any]:
     folder = _folder(ws, name)
+    if is_multi_label_folder(folder):
+        raise DatasetError(f"{name!r} {MULTI_LABEL_NOT_VERSIONED}.")
     ensure_versions(ws, name)
     wanted = [file_in_dataset(ws, name, f) for f in files]
     if not wanted:
@@ -590,6 +617,8 @@ def restore_version(ws: "Workspace", name: str, version: str) -> dict[str, Any]:
         DatasetError: unknown dataset or version.
     """
     folder = _folder(ws, name)
+    if is_multi_label_folder(folder):
+        raise DatasetError(f"{name!r} {MULTI_LABEL_NOT_VERSIONED}.")
     ensure_versions(ws, name)
     vid = resolve_version(ws, name, version)
     with _locked(folder):
