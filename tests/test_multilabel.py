@@ -393,6 +393,18 @@ def test_uploaded_multi_label_zip_keeps_its_label_sets(workspace, tmp_path):
     with pytest.raises(DatasetError, match="is multi-label: its images are labelled by its labels.csv"):
         add_class_images(workspace, folder.name, "cats", [("x.png", IMAGES[0].read_bytes())])
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["images", "labels.csv"]
+    # versions hold one label per image: a multi-label dataset is used as the folder it is, and a fix, an import
+    # or NAME@VERSION says so in one sentence
+    from tl_core.data import versions
+
+    assert versions.pin(workspace, folder.name) == str(folder.resolve())
+    assert versions.history(workspace, folder.name) == [] and not versions.is_managed(workspace, folder.name)
+    with pytest.raises(DatasetError, match="multi-label datasets are not versioned yet"):
+        versions.exclude_images(workspace, folder.name, [f"images/{IMAGES[0].name}"])
+    with pytest.raises(DatasetError, match="multi-label datasets are not versioned yet"):
+        versions.import_dataset(workspace, ML)
+    with pytest.raises(DatasetError, match="not versioned yet"):
+        open_data(f"{folder.name}@abcd", workspace)
 
 
 # -- the app -----------------------------------------------------------------------------------------------
