@@ -29,9 +29,11 @@ __all__ = ["feature_key", "extract_features", "pooled_features"]
 log = logging.getLogger(__name__)
 
 
-def feature_key(backbone: str, weights_fingerprint: str, pre: Preprocess) -> str:
-    """The cache namespace of one (backbone, weights, preprocessing) combination."""
-    raw = f"{backbone}|{weights_fingerprint}|{pre.fingerprint}"
+def feature_key(backbone: str, weights_fingerprint: str, pre: Preprocess, variant: str = "last") -> str:
+    """The cache namespace of one (backbone, weights, preprocessing, feature variant) combination (the
+    last-layer key is the one it always was; ``depths`` caches the unscaled concatenation, see
+    :mod:`tl_core.models.feature_variants`)."""
+    raw = f"{backbone}|{weights_fingerprint}|{pre.fingerprint}" + (f"|{variant}" if variant != "last" else "")
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 

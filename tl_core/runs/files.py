@@ -103,6 +103,9 @@ class RunMeta:
     temperature: float = 1.0
     fit_on: str = "train"  # "train+val": a linear head refitted on validation images too
     runtime: dict[str, Any] = field(default_factory=dict)  # device, precision, world_size it was trained with
+    # linear runs: the probe's feature variant and how it was chosen (models.feature_variants.FeatureChoice);
+    # a variant other than "last" saves a VariantModel, rebuilt from this record
+    features: dict[str, Any] = field(default_factory=dict)
     format: str = MODEL_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
 
@@ -166,7 +169,7 @@ class RunMeta:
                    preprocess=dict(pre), data_config=dict(data.get("data_config") or {}),
                    weights=dict(data.get("weights") or {}), dataset=dict(data.get("dataset") or {}),
                    temperature=float(t), fit_on=str(data.get("fit_on") or "train"),
-                   runtime=dict(data.get("runtime") or {}), format=fmt,
+                   runtime=dict(data.get("runtime") or {}), features=dict(data.get("features") or {}), format=fmt,
                    extra={k: v for k, v in data.items() if k not in known})
 
 

@@ -26,6 +26,7 @@ _STAGES = {
     "check": "Checking the images",
     "decode": "Decoding the images",
     "extract": "Computing features with the frozen backbone",
+    "features": "Choosing the features (cross-validation on the cached features)",
     "probe": "Fitting the linear probe (head initialisation)",
     "train": "Training",
     "epoch": "Training",
