@@ -142,6 +142,19 @@ def test_auto_records_its_choice(workspace):
     assert rec["chosen_by"] == "cross-validation" and rec["folds"] == 5 and rec["seconds"] < 30
     line = describe(rec)
     assert line.startswith("Features: ") and "5-fold cross-validation" in line
+    # the depths extraction also left the last-layer features where the audit and embedding map look for them
+    from tl_core.cache import DecodedImageCache, FeatureCache
+    from tl_core.data.library import open_data
+    from tl_core.models.backbones import build_model
+    from tl_core.models.features import extract_features, feature_key
+    from tl_core.models.preprocess import Preprocess, data_config_for
+
+    model, winfo = build_model("efficientnet_lite0", 5)
+    pre = Preprocess.from_data_config(data_config_for(model))
+    last = FeatureCache(workspace.cache_dir / "features", feature_key("efficientnet_lite0", winfo.fingerprint, pre))
+    items = open_data(EMOJI, workspace).items[:10]
+    got = extract_features(model, items, pre, DecodedImageCache(workspace.cache_dir / "decoded"), last)
+    assert got.shape == (10, 1280) and last.misses == 0 and last.hits == 10
 
 
 @pytest.mark.slow

@@ -230,7 +230,7 @@ class TrainConfig:
         1.0, "Linear probe C", "Linear probe only: inverse L2 strength (scikit-learn's C); larger fits the training "
         "images more closely.", strategies=("linear",), section="advanced", min=0.001, max=1000.0)
     features: str = _f(
-        "last", "Features", "Linear probe only: which frozen features the head sees: auto (cross-validated choice "
+        "auto", "Features", "Linear probe only: which frozen features the head sees: auto (cross-validated choice "
         "between the last layer and several depths), last, depths or flip.", strategies=("linear",),
         section="advanced", widget="select", choices=FEATURE_VARIANTS)
     refit: bool = _f(

@@ -241,8 +241,8 @@ def choose_features(raw_train: np.ndarray, y_train: np.ndarray, n_classes: int, 
                 with torch.no_grad():
                     pred = head(torch.from_numpy(np.ascontiguousarray(xte, np.float32))).argmax(1).numpy()
                 accs.append(float((pred == y_train[te]).mean()))
-            scores[_key(v, c)] = float(np.mean(accs))
-        best = max(TIE_ORDER, key=lambda vc: (round(scores[_key(*vc)], 9), -TIE_ORDER.index(vc)))
+            scores[_key(v, c)] = round(float(np.mean(accs)), 4)
+        best = max(TIE_ORDER, key=lambda vc: (scores[_key(*vc)], -TIE_ORDER.index(vc)))
     else:  # a class with one training image: nothing to cross-validate; the measured-best default
         best = TIE_ORDER[0]
     v, c = best

@@ -98,7 +98,9 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     feats = extract_features(ex, items, pre, decoded, fcache, batch_size=16 if rt.device.type == "cpu" else 64,
                              progress=lambda d, t: emit({"stage": "extract", "done": d, "total": t,
                                                          "eta_s": (time.perf_counter() - t_ex) / max(d, 1) * (t - d)}),
-                             should_cancel=should_cancel, runtime=rt)
+                             should_cancel=should_cancel, runtime=rt,
+                             last_cache=None if variant != "depths" else FeatureCache(
+                                 workspace.cache_dir / "features", feature_key(cfg.backbone, winfo.fingerprint, pre)))
     info: dict[str, Any] = {"feature_cache": {"hits": fcache.hits, "misses": fcache.misses}}
     if not rt.is_main:
         return feats, None, info
