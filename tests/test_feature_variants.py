@@ -192,3 +192,18 @@ def test_auto_beats_or_equals_the_classic_recipe_on_fashion(workspace):
     yte = [classes.index(i.label) for i in ts.items]
     classic = LogisticRegression(C=1.0, max_iter=2000).fit(xtr, ytr).score(xte, yte)
     assert res.test_accuracy >= classic - 1e-9, (res.test_accuracy, classic, res.features, res.cv)
+
+
+def test_auto_respects_the_users_c_and_uses_fewer_folds_for_a_small_class():
+    from tl_core.config import TrainConfig
+    from tl_core.models.feature_variants import choose_features
+    from tl_core.models.probe import fit_linear_head
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 12 + [1] * 12 + [2] * 3)
+    raw = rng.normal(size=(len(y), 14)).astype(np.float32) + y[:, None]  # last layer 8 columns, blocks 2 + 4
+    ch = choose_features(raw, y, 3, TrainConfig(features="auto", linear_c=0.5).resolved(), 8, [2, 4], fit_linear_head)
+    assert set(ch.cv) == {"last@0.5", "depths@0.5", "depths@0.15"} and ch.folds == 3
+    assert ch.cv[f"{ch.variant}@{ch.linear_c:g}"] == max(ch.cv.values()) and len(ch.scales) == (2 if ch.variant == "depths" else 0)
+    fixed = choose_features(raw, y, 3, TrainConfig(features="last", linear_c=0.5).resolved(), 8, [2, 4], fit_linear_head)
+    assert (fixed.variant, fixed.linear_c, fixed.chosen_by, fixed.cv) == ("last", 0.5, "setting", {})

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("last", "depths", "flip")
 
-#: what ``auto`` compares, in this order; a tie goes to the *later* one in :data:`TIE_ORDER`
+#: what ``auto`` compares, C as a multiple of the config's ``linear_c`` (default 1: last@1, depths@1, depths@0.3);
+#: a tie goes to the first in :data:`TIE_ORDER`
 CANDIDATES: tuple[tuple[str, float], ...] = (("last", 1.0), ("depths", 1.0), ("depths", 0.3))
 # Ties (equal mean CV accuracy) go to depths@1 first, then depths@0.3, then last: depths never scored below
 # the last layer on a held-out test set in our measurements (emoji equal, digits +6, fashion +2.5-3), while
@@ -213,7 +214,8 @@ def choose_features(raw_train: np.ndarray, y_train: np.ndarray, n_classes: int, 
                     fit: Callable[..., tuple[nn.Linear, dict[str, Any]]],
                     should_cancel: Callable[[], bool] | None = None) -> FeatureChoice:
     """The variant and C the probe uses. A fixed variant is taken as set; ``auto`` runs k-fold cross-validation
-    (5, fewer when a class has fewer training images) over :data:`CANDIDATES` with ``fit`` (the engine's probe),
+    (5, fewer when a class has fewer training images) over :data:`CANDIDATES` (C times ``cfg.linear_c``, so a C
+    the user set is respected) with ``fit`` (the engine's probe),
     the block scales computed on each fold's training part as the final fit computes them on all of it.
 
     Args:
@@ -227,9 +229,11 @@ def choose_features(raw_train: np.ndarray, y_train: np.ndarray, n_classes: int, 
         return FeatureChoice(variant, cfg.linear_c, [float(s) for s in scales], list(block_dims), "setting")
     k = int(min(5, np.bincount(y_train, minlength=n_classes)[np.unique(y_train)].min()))
     scores: dict[str, float] = {}
+    cands = tuple((v, c * cfg.linear_c) for v, c in CANDIDATES)
+    order = tuple((v, c * cfg.linear_c) for v, c in TIE_ORDER)
     if k >= 2:
         folds = _folds(y_train, k, cfg.seed)
-        for v, c in CANDIDATES:
+        for v, c in cands:
             accs = []
             for tr, te in folds:
                 s = block_scales(raw_train[tr], last_dim, block_dims)
@@ -242,9 +246,9 @@ def choose_features(raw_train: np.ndarray, y_train: np.ndarray, n_classes: int, 
                     pred = head(torch.from_numpy(np.ascontiguousarray(xte, np.float32))).argmax(1).numpy()
                 accs.append(float((pred == y_train[te]).mean()))
             scores[_key(v, c)] = round(float(np.mean(accs)), 4)
-        best = max(TIE_ORDER, key=lambda vc: (scores[_key(*vc)], -TIE_ORDER.index(vc)))
+        best = max(order, key=lambda vc: (scores[_key(*vc)], -order.index(vc)))
     else:  # a class with one training image: nothing to cross-validate; the measured-best default
-        best = TIE_ORDER[0]
+        best = order[0]
     v, c = best
     scales = block_scales(raw_train, last_dim, block_dims) if v == "depths" else np.zeros(0)
     return FeatureChoice(v, c, [float(s) for s in scales], list(block_dims), "cross-validation", scores, k,
@@ -291,12 +295,12 @@ def describe(features: dict[str, Any] | None) -> str | None:
     cv = features.get("cv") or {}
     if features.get("chosen_by") == "cross-validation" and cv:
         mine = cv.get(_key(v, float(features.get("linear_c", 1.0))))
-        last = cv.get(_key("last", 1.0))
+        last = next((s for key, s in cv.items() if key.startswith("last@")), None)
         line += f", chosen by {features.get('folds')}-fold cross-validation"
         if mine is not None and last is not None and v != "last":
             line += f" ({mine:.3f} vs {last:.3f} for the last layer)"
         elif mine is not None:
-            best_other = max((s for k, s in cv.items() if k != _key(v, 1.0)), default=None)
+            best_other = max((s for key, s in cv.items() if not key.startswith("last@")), default=None)
             line += f" ({mine:.3f}" + (f" vs {best_other:.3f} for several depths)" if best_other is not None else ")")
     elif features.get("chosen_by") == "cross-validation":
         line += ", the default (too few images per class to cross-validate)"

@@ -225,7 +225,6 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         if cfg.strategy == "linear":  # the last layer: the model itself; another variant: its wrapper
             choice = info["features"]
             model = wrap_trained(model, choice, head)
-            cfg = dataclasses.replace(cfg, linear_c=choice.linear_c)  # the refit uses the chosen C
         else:
             _set_head(model, head)
     if cfg.strategy == "linear":
@@ -243,7 +242,8 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             y_all = np.array([cidx[i.label] for i in split.train + split.val])
             with single_threaded():
                 head, _ = fit_linear_head(feats[:n_tr + n_va], y_all, feats[:0], y_all[:0], len(classes),
-                                          cfg, should_cancel=local_cancel, init=head)
+                                          dataclasses.replace(cfg, linear_c=info["features"].linear_c),
+                                          should_cancel=local_cancel, init=head)
             _set_head(model, head)
             with torch.no_grad():
                 test_logits = head(torch.from_numpy(feats[n_tr + n_va:])).numpy()
