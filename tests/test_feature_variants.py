@@ -129,7 +129,8 @@ def test_depths_run_grad_cam_targets_the_last_feature_map(depths_run):
 
 def test_auto_records_its_choice(workspace):
     from tl_core.config import TrainConfig
-    from tl_core.models.feature_variants import CANDIDATES, describe
+    from tl_core.models.feature_variants import CANDIDATES
+    from tl_core.runs.progress import features_text
     from tl_core.runs.training import run_training
 
     res = run_training(workspace, EMOJI, TrainConfig(features="auto"))
@@ -140,7 +141,7 @@ def test_auto_records_its_choice(workspace):
     meta = json.loads((Path(res.run_dir) / "meta.json").read_text())
     rec = meta["features"]
     assert rec["chosen_by"] == "cross-validation" and rec["folds"] == 5 and rec["seconds"] < 30
-    line = describe(rec)
+    line = features_text(rec)
     assert line.startswith("Features: ") and "5-fold cross-validation" in line
     # the depths extraction also left the last-layer features where the audit and embedding map look for them
     from tl_core.cache import DecodedImageCache, FeatureCache

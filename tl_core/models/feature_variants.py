@@ -34,7 +34,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError, ExportError
 
 __all__ = ["VARIANTS", "CANDIDATES", "VariantModel", "extraction_variant", "extractor", "wrap_trained",
-           "model_from_meta", "block_scales", "apply_variant", "FeatureChoice", "choose_features", "describe"]
+           "model_from_meta", "block_scales", "apply_variant", "FeatureChoice", "choose_features"]
 
 log = logging.getLogger(__name__)
 
@@ -280,28 +280,3 @@ def model_from_meta(model: nn.Module, features: dict[str, Any], num_classes: int
     if v not in VARIANTS:
         raise ExportError(f"meta.json names the feature variant {v!r}, which this TL Studio does not know; update it.")
     return VariantModel(model, v, num_classes, n_blocks=len(features.get("block_dims") or []) or None)
-
-
-_NAMES = {"last": "the last layer", "depths": "several depths", "flip": "the last layer, flipped views averaged"}
-
-
-def describe(features: dict[str, Any] | None) -> str | None:
-    """One line for the Train and Evaluate pages, e.g. "Features: several depths, chosen by 5-fold
-    cross-validation (0.877 vs 0.803 for the last layer)". None for runs without a record."""
-    if not features or not features.get("variant"):
-        return None
-    v = features["variant"]
-    line = f"Features: {_NAMES.get(v, v)} (C={features.get('linear_c', 1.0):g})"
-    cv = features.get("cv") or {}
-    if features.get("chosen_by") == "cross-validation" and cv:
-        mine = cv.get(_key(v, float(features.get("linear_c", 1.0))))
-        last = next((s for key, s in cv.items() if key.startswith("last@")), None)
-        line += f", chosen by {features.get('folds')}-fold cross-validation"
-        if mine is not None and last is not None and v != "last":
-            line += f" ({mine:.3f} vs {last:.3f} for the last layer)"
-        elif mine is not None:
-            best_other = max((s for key, s in cv.items() if not key.startswith("last@")), default=None)
-            line += f" ({mine:.3f}" + (f" vs {best_other:.3f} for several depths)" if best_other is not None else ")")
-    elif features.get("chosen_by") == "cross-validation":
-        line += ", the default (too few images per class to cross-validate)"
-    return line
