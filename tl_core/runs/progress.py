@@ -216,7 +216,8 @@ def features_text(features: dict[str, Any] | None) -> str | None:
         last = next((s for key, s in cv.items() if key.startswith("last@")), None)
         line += f", chosen by {features.get('folds')}-fold cross-validation"
         if mine is not None and last is not None and v != "last":
-            line += f" ({mine:.3f} vs {last:.3f} for the last layer)"
+            line += (f" ({mine:.3f} vs {last:.3f} for the last layer)" if mine != last else
+                     f" ({mine:.3f}, tied with the last layer: a tie goes to several depths)")
         elif mine is not None:
             best_other = max((s for key, s in cv.items() if not key.startswith("last@")), default=None)
             line += f" ({mine:.3f}" + (f" vs {best_other:.3f} for several depths)" if best_other is not None else ")")
