@@ -208,3 +208,12 @@ def test_auto_respects_the_users_c_and_uses_fewer_folds_for_a_small_class():
     assert ch.cv[f"{ch.variant}@{ch.linear_c:g}"] == max(ch.cv.values()) and len(ch.scales) == (2 if ch.variant == "depths" else 0)
     fixed = choose_features(raw, y, 3, TrainConfig(features="last", linear_c=0.5).resolved(), 8, [2, 4], fit_linear_head)
     assert (fixed.variant, fixed.linear_c, fixed.chosen_by, fixed.cv) == ("last", 0.5, "setting", {})
+
+
+def test_a_config_saved_before_the_features_setting_repeats_with_the_last_layer():
+    from tl_core.config import TrainConfig
+
+    saved = TrainConfig().to_dict()
+    assert saved["features"] == "auto"
+    old = {k: v for k, v in saved.items() if k != "features"}
+    assert TrainConfig.from_dict(old).features == "last" and TrainConfig.from_dict(saved).features == "auto"

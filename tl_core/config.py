@@ -313,6 +313,9 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Build a config from saved data, ignoring keys this version does not know."""
         names = {f.name for f in dataclasses.fields(cls)}
+        if data and "features" not in data:
+            # saved before the probe chose its features: it used the last layer, and repeating it must too
+            data = {**data, "features": "last"}
         unknown = set(data) - names
         if unknown:
             import logging
