@@ -217,3 +217,24 @@ def test_a_config_saved_before_the_features_setting_repeats_with_the_last_layer(
     assert saved["features"] == "auto"
     old = {k: v for k, v in saved.items() if k != "features"}
     assert TrainConfig.from_dict(old).features == "last" and TrainConfig.from_dict(saved).features == "auto"
+
+
+def test_flip_run_grad_cam_is_mirror_equivariant(workspace):
+    """A flipped-views model sees an image and its mirror alike, so its Grad-CAM of the mirror is the mirrored map."""
+    from PIL import ImageOps
+
+    from tl_core.config import TrainConfig
+    from tl_core.insight.explain import grad_cam
+    from tl_core.runs.training import run_training
+    from tl_core.share.loading import load_model
+
+    from tl_core.data.images import load_image
+
+    res = run_training(workspace, EMOJI, TrainConfig(features="flip", epochs=20))
+    assert res.status == "done" and res.features == "flip"
+    tm = load_model(res.run_dir)
+    img = load_image(sorted((EMOJI / "vehicle").glob("*.png"))[0])
+    a = grad_cam(tm.model, tm.pre, img)
+    b = grad_cam(tm.model, tm.pre, ImageOps.mirror(img), target=a["target"])
+    assert np.allclose(a["logits"], b["logits"], atol=1e-4) and not a["flat"]
+    assert np.abs(a["heatmap_input"] - b["heatmap_input"][:, ::-1]).max() < 0.05

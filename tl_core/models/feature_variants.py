@@ -119,9 +119,10 @@ class VariantModel(nn.Module):
         """The variant's (B, num_features) vector (already pooled)."""
         b = self.backbone
         if self.variant == "flip":
-            f = b.forward_head(b.forward_features(x), pre_logits=True)
-            g = b.forward_head(b.forward_features(torch.flip(x, dims=[3])), pre_logits=True)
-            return (f + g) / 2
+            # the image and its mirror as one batch: every layer runs once (Grad-CAM's hooks see one output,
+            # whose second half is the mirror's; insight.explain folds it back)
+            fg = b.forward_head(b.forward_features(torch.cat([x, torch.flip(x, dims=[3])])), pre_logits=True)
+            return fg.unflatten(0, (2, -1)).mean(0)  # no batch size baked into an exported graph
         final, inter = b.forward_intermediates(x)
         parts = [b.forward_head(final, pre_logits=True)]
         parts += [_pool(t) * self.scales[i] for i, t in enumerate(inter)]
