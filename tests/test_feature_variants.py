@@ -210,13 +210,17 @@ def test_auto_respects_the_users_c_and_uses_fewer_folds_for_a_small_class():
     assert (fixed.variant, fixed.linear_c, fixed.chosen_by, fixed.cv) == ("last", 0.5, "setting", {})
 
 
-def test_a_config_saved_before_the_features_setting_repeats_with_the_last_layer():
-    from tl_core.config import TrainConfig
+def test_a_config_saved_before_the_features_setting_repeats_with_the_last_layer(tmp_path):
+    from tl_core.config import TrainConfig, saved_config_dict
+    from tl_core.runs.files import RunFiles
 
     saved = TrainConfig().to_dict()
-    assert saved["features"] == "auto"
+    assert saved["features"] == "auto" and TrainConfig.from_dict({}).features == "auto"  # flags alone: auto
     old = {k: v for k, v in saved.items() if k != "features"}
-    assert TrainConfig.from_dict(old).features == "last" and TrainConfig.from_dict(saved).features == "auto"
+    assert TrainConfig.from_dict(saved_config_dict(old)).features == "last"
+    assert TrainConfig.from_dict(saved_config_dict(saved)).features == "auto"
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert RunFiles(tmp_path).config().features == "last"
 
 
 def test_flip_run_grad_cam_is_mirror_equivariant(workspace):

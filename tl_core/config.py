@@ -313,15 +313,18 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Build a config from saved data, ignoring keys this version does not know."""
         names = {f.name for f in dataclasses.fields(cls)}
-        if data and "features" not in data:
-            # saved before the probe chose its features: it used the last layer, and repeating it must too
-            data = {**data, "features": "last"}
         unknown = set(data) - names
         if unknown:
             import logging
 
             logging.getLogger(__name__).warning("ignoring unknown config keys: %s", sorted(unknown))
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def saved_config_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A config as saved by a run (``config.json``, the run store): one saved before the linear probe chose its
+    features (no ``features`` key) used the last layer, and repeating it must too."""
+    return {**data, "features": "last"} if isinstance(data, dict) and data and "features" not in data else data
 
 
 def config_fields() -> list[FieldSpec]:

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ..config import TrainConfig
+from ..config import TrainConfig, saved_config_dict
 from ..errors import ExportError, RunError
 from ..models.metrics import softmax
 
@@ -402,7 +402,7 @@ class RunFiles:
 
     def config(self) -> TrainConfig:
         """The saved :class:`TrainConfig` (keys this version does not know are ignored, with a warning)."""
-        return TrainConfig.from_dict(self.config_dict())
+        return TrainConfig.from_dict(saved_config_dict(self.config_dict()))
 
     def meta(self) -> RunMeta:
         return self._cached(META, lambda: RunMeta.parse(self._json(META), self.where))
