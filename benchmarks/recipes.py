@@ -1,6 +1,7 @@
 """TL Studio against the classic recipes, side by side, on real held-out data.
 
     .venv/bin/python benchmarks/recipes.py [--train-per-class 50] [--test-per-class 50] [--epochs 4] [--no-write]
+    .venv/bin/python benchmarks/recipes.py --features [--sets emoji,fashion-sample,digits,fashion] [--no-write]
 
 Data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist):
 N training images per class from its training set, M per class from its test set held out; and the emoji
@@ -24,6 +25,11 @@ stratification into 70% train / 30% held-out test (seed 0); the classic recipe i
 ``OneVsRestClassifier(LogisticRegression(max_iter=1000))`` on the same bare frozen features, predicting at 0.5;
 TL Studio ``linear`` (one-vs-rest, thresholds chosen on its validation images) and ``full``. Micro-F1 and mAP
 on the held-out images.
+``--features`` compares the linear probe's features instead (issue 16): the classic recipe (1.) against
+TL Studio ``linear`` with ``features=last`` and with the default ``features=auto``, naming the variant auto
+chose, its cross-validation scores and seconds, on the emoji sample, the Fashion-MNIST sample
+(sample_data/fashion_mnist: its own train/test), scikit-learn's digits (30 per class train, 1000 held out,
+8x8 upscaled to 64x64) and Fashion-MNIST 100/class (``--train-per-class``/``--test-per-class``, default 100 here).
 
 Prints a table (held-out accuracy and seconds) and prepends it to benchmarks/RESULTS.md.
 """
@@ -144,6 +150,24 @@ def ours_multilabel(train_csv: Path, test_csv: Path, strategy: str, ws_dir: Path
     return float(test["micro_f1"]), float(test["mAP"]), time.perf_counter() - t0, note
 
 
+def digits_subset(dest: Path, per_train: int = 30, n_test: int = 1000) -> Path:
+    """scikit-learn's 8x8 digits as 64x64 PNGs: ``per_train`` per class train (seeded draw), ``n_test`` others test."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    order = np.random.default_rng(0).permutation(len(d.target))
+    train = [i for c in range(10) for i in [j for j in order if d.target[j] == c][:per_train]]
+    chosen = set(train)
+    test = [i for i in order if i not in chosen][:n_test]
+    for split, idx in (("train", train), ("test", test)):
+        for i in idx:
+            out = dest / split / str(d.target[i])
+            out.mkdir(parents=True, exist_ok=True)
+            img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).resize((64, 64), Image.NEAREST)
+            img.save(out / f"{i}.png")
+    return dest
+
+
 def classic(root: Path) -> tuple[float, float]:
     """Frozen features + scikit-learn logistic regression, the bare way."""
     import timm
@@ -242,15 +266,35 @@ def fastai_style(root: Path, epochs: int, batch: int = 32, seed: int = 0) -> tup
     return float((pred == yte).float().mean()), time.perf_counter() - t0
 
 
-def ours(root: Path, strategy: str, ws_dir: Path) -> tuple[float, float, str]:
+def ours(root: Path, strategy: str, ws_dir: Path, features: str = "auto") -> tuple[float, float, str]:
     from tl_core.config import TrainConfig
+    from tl_core.runs.files import RunFiles
     from tl_core.runs.workspace import Workspace
     from tl_core.runs.training import run_training
 
     t0 = time.perf_counter()
-    r = run_training(Workspace(ws_dir), root, TrainConfig(strategy=strategy))
+    # ROOT holds train/ and test/: the run trains on train/ (20% of it for validation) and reports test/
+    r = run_training(Workspace(ws_dir), root, TrainConfig(strategy=strategy, features=features))
     note = f"best epoch {r.best_epoch} of {r.epochs_run}" if strategy != "linear" else ""
+    if strategy == "linear":
+        rec = RunFiles(Path(r.run_dir)).meta().features
+        note = f"{rec['variant']}@C={rec['linear_c']:g}"
+        if rec.get("cv"):
+            note += " (CV " + ", ".join(f"{k} {v:.3f}" for k, v in rec["cv"].items()) + f"; {rec['seconds']:.1f} s)"
     return float(r.test_accuracy), time.perf_counter() - t0, note
+
+
+def compare_features(sets: list[tuple[str, Path]], tmp: Path) -> list[tuple[str, ...]]:
+    """Classic recipe vs TL Studio linear with the last layer and with ``auto`` on each set."""
+    rows = []
+    for name, root in sets:
+        acc, secs = classic(root)
+        rows.append((name, "classic: frozen features + LogisticRegression", f"{acc:.3f}", f"{secs:.0f}", ""))
+        for features in ("last", "auto"):
+            acc, secs, note = ours(root, "linear", tmp / f"ws-{root.name}", features)
+            rows.append((name, f"TL Studio linear, features={features}", f"{acc:.3f}", f"{secs:.0f}", note))
+        print("\n".join(" | ".join(r) for r in rows[-3:]), flush=True)
+    return rows
 
 
 def main() -> int:
@@ -261,6 +305,9 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--only", choices=("all", "multilabel"), default="all",
                     help="multilabel: only the multi-label comparison")
+    ap.add_argument("--features", action="store_true", help="compare the linear probe's features (issue 16)")
+    ap.add_argument("--sets", default="emoji,fashion-sample,digits,fashion",
+                    help="with --features: which sets, comma-separated")
     args = ap.parse_args()
 
     from tl_core.models.devices import configure_threads
@@ -270,6 +317,30 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tl-recipes-"))
     rows = []
     ml_rows = []
+    if args.features:
+        per_train = args.train_per_class if "--train-per-class" in sys.argv else 100
+        per_test = args.test_per_class if "--test-per-class" in sys.argv else 100
+        makers = {"emoji": ("emoji (20/class train, 20/class test)", lambda: emoji_subset(tmp / "emoji")),
+                  "fashion-sample": ("Fashion-MNIST sample (sample_data: its train/test)",
+                                     lambda: ROOT / "sample_data" / "fashion_mnist"),
+                  "digits": ("sklearn digits (30/class train, 1000 test)", lambda: digits_subset(tmp / "digits")),
+                  "fashion": (f"Fashion-MNIST ({per_train}/class train, {per_test}/class test)",
+                              lambda: fashion_subset(tmp / "fashion", per_train, per_test))}
+        unknown = [k for k in args.sets.split(",") if k not in makers]
+        if unknown:
+            raise SystemExit(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(makers)}")
+        try:
+            rows = compare_features([(makers[k][0], makers[k][1]()) for k in args.sets.split(",")], tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        table = markdown_table(("data", "recipe", "held-out accuracy", "seconds", "note"), rows)
+        head = (f"## Linear-probe features: classic vs auto — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — "
+                f"{cpu_name()}, {os.cpu_count()} cores ({threads} torch threads), load average at start {load1:.1f}")
+        print(head)
+        print(table)
+        if not args.no_write:
+            print(f"wrote {prepend(head, table)}")
+        return 0
     try:
         ml_train, ml_test = multilabel_subset(tmp / "multilabel")
         micro, mean_ap, secs = classic_multilabel(ml_train, ml_test)

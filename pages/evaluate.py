@@ -16,7 +16,7 @@ from tl_core.insight.openset import UNKNOWN_NOTE, flagged_share
 from tl_core.models.metrics import normalise_rows
 from tl_core.runs import tasks
 from tl_core.runs.files import RunFiles
-from tl_core.runs.progress import stop_text
+from tl_core.runs.progress import features_text, stop_text
 from tl_core.share import figures as charts
 
 session.ensure_router()
@@ -252,6 +252,9 @@ with session.page_errors():
                           args=("run",), format_func=lambda i: _label(by_id[i]), help="Any finished run; newest first.")
     files = RunFiles(ws.run_dir(run_id))
     metrics = files.metrics()
+    features = features_text(files.meta().features)
+    if features:
+        st.caption(features + ".")
     if files.meta().refitted:
         st.caption("This linear probe was checked on the validation images, then its head was fitted again on "
                    "training + validation images for the saved model (as the classic recipe uses every labelled "

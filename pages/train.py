@@ -20,7 +20,7 @@ from tl_core.config import STRATEGIES, FieldSpec, TrainConfig, config_fields, st
 from tl_core.data.library import dataset_signature
 from tl_core.models.devices import describe_auto_device
 from tl_core.runs import tasks
-from tl_core.runs.progress import describe_progress, ended_text, setting_text, stop_text, timing_text
+from tl_core.runs.progress import describe_progress, ended_text, features_text, setting_text, stop_text, timing_text
 from tl_core.runs.store import ACTIVE_STATUSES
 from tl_core.share import figures as charts
 
@@ -214,8 +214,10 @@ def _done_text(run: dict, task: tasks.Task | None) -> str:
         return (f"Done in {took}: validation micro-F1 **{(s.get('micro_f1') or 0):.3f}**, mAP "
                 f"**{(s.get('mAP') or 0):.3f}**, exact match {(s.get('exact_match') or 0):.1%} (multi-label; best "
                 f"epoch {s.get('best_epoch')}, weights: {(s.get('weights') or {}).get('source')}).")
+    features = features_text(s.get("features"))  # linear runs: which features the probe chose, and why
     return (f"Done in {took}: validation accuracy **{(s.get('val_accuracy') or 0):.1%}** (best epoch "
-            f"{s.get('best_epoch')}, weights: {(s.get('weights') or {}).get('source')}).")
+            f"{s.get('best_epoch')}, weights: {(s.get('weights') or {}).get('source')})."
+            + (f" {features}." if features else ""))
 
 
 def run_panel(ws, run_id: str) -> None:

@@ -69,13 +69,15 @@ def shared_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def emoji_run(tmp_path_factory):
     """One linear-probe run on the emoji sample (Lite0, packaged weights, refitted head), trained once per
-    session. With seed 0 its validation-fit head misclassifies 2 of the 40 validation images."""
+    session. With seed 0 its validation-fit head misclassifies 2 of the 40 validation images. It uses the
+    classic recipe's features (``last``: the plain timm model, whose tensor names the tampering tests edit);
+    the default ``auto`` and its wrapper are tested in test_feature_variants.py."""
     from tl_core.config import TrainConfig
     from tl_core.runs.training import run_training
     from tl_core.runs.workspace import Workspace
 
     ws = Workspace(tmp_path_factory.mktemp("emoji_run_home"))
-    res = run_training(ws, EMOJI, TrainConfig())
+    res = run_training(ws, EMOJI, TrainConfig(features="last"))
     assert res.status == "done", res.error
     return ws, res
 

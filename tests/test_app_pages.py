@@ -582,6 +582,11 @@ def test_evaluate_shows_accuracy_per_class_confusion_and_mistakes(home):
     assert count == metrics["val"]["count"] == 40
     # a linear run's head is refitted on train + validation by default: the page says what the figures measure
     assert any("fitted again on training + validation" in c.value for c in at.caption)
+    # the probe's features (default auto): which were chosen, by cross-validation, with the scores compared
+    feats = json.loads((ws.run_dir(run_id) / "meta.json").read_text())["features"]
+    [line] = [c.value for c in at.caption if c.value.startswith("Features: ")]
+    chosen = feats["cv"]["{}@{:g}".format(feats["variant"], feats["linear_c"])]
+    assert "5-fold cross-validation" in line and f"{chosen:.3f}" in line
     heat = plotly_specs(at)[0]["data"][0]
     assert heat["type"] == "heatmap"
     assert sum(sum(row) for row in heat["z"]) == count
@@ -1281,7 +1286,7 @@ def test_train_form_is_generated_from_the_config_fields(home, no_workers):
     assert_clean(at)
     form = [f for f in config_fields() if f.section]
     assert {"epochs", "lr", "batch_size", "seed", "augment", "val_split", "class_balance", "patience",
-            "linear_c", "refit", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
+            "linear_c", "features", "refit", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
             "unfreeze_blocks", "device"} == {f.name for f in form}
     for strategy in ("linear", "partial"):
         [r for r in at.radio if r.label == "Strategy"][0].set_value(strategy).run()
@@ -1303,7 +1308,7 @@ def test_train_form_is_generated_from_the_config_fields(home, no_workers):
     assert_clean(at)
     cfg = ws.store().get(at.query_params["run"])["config"]
     assert (cfg["strategy"], cfg["unfreeze_blocks"], cfg["weight_decay"], cfg["epochs"]) == ("partial", 3, 0.05, 8)
-    assert cfg["linear_c"] == 1.0  # a linear-only setting keeps its default
+    assert cfg["linear_c"] == 1.0 and cfg["features"] == "auto"  # linear-only settings keep their defaults
 
 
 def test_train_start_button_comes_before_the_advanced_settings(home):

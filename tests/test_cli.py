@@ -57,6 +57,9 @@ def test_train_json_in_a_real_process_then_evaluate_predict_runs(capsys, tl_home
     res = json.loads(p.stdout)  # exactly one JSON document on stdout; progress went to stderr
     assert set(res) >= {"run_id", "run_dir", "status", "classes", "val_accuracy", "seconds"}
     assert res["status"] == "done" and len(res["classes"]) == 10 and "epoch" in p.stderr
+    # the default features=auto says what it chose and the cross-validation scores behind it
+    assert res["features"] in ("last", "depths") and set(res["cv"]) == {"last@1", "depths@1", "depths@0.3"}
+    assert res["cv"][f"{res['features']}@{res['linear_c']:g}"] == max(res["cv"].values())
 
     ev = run_json(capsys, "evaluate", res["run_id"], "--data", str(FASHION), "--json")
     assert ev["evaluated"] == "test split" and ev["count"] == 200

@@ -179,6 +179,7 @@ def test_two_process_linear_probe_equals_the_one_process_probe(tmp_path, ddp_dat
     p2 = RunFiles(two["run_dir"]).predictions().get("val")
     assert p1.paths == p2.paths
     assert abs(p1.logits - p2.logits).max() < 1e-3 and one["val_accuracy"] == two["val_accuracy"]
+    assert (one["features"], one["linear_c"], one["cv"]) == (two["features"], two["linear_c"], two["cv"])  # auto
     assert _group_processes(home) == []
 
 

@@ -53,7 +53,7 @@ def test_linear_probe_equals_logistic_regression_on_the_same_images(workspace):
     from tl_core.models.features import extract_features, feature_key
     from tl_core.models.preprocess import Preprocess
 
-    res = run_training(workspace, FASHION, TrainConfig(strategy="linear"))
+    res = run_training(workspace, FASHION, TrainConfig(strategy="linear", features="last"))  # the solver vs sklearn
     ds = open_dataset(FASHION)
     sp = split_dataset(ds, 0.2, 0)
     model, info = build_model("efficientnet_lite0", len(ds.classes))

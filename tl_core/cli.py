@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import TrainConfig, config_fields, field_help
+from .config import TrainConfig, config_fields, field_help, saved_config_dict
 from .errors import CancelledError, ConfigError, TLError
 
 __all__ = ["main", "build_parser"]
@@ -132,6 +132,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"{p} is not a readable JSON config ({e}).") from None
         if not isinstance(base, dict):
             raise ConfigError(f"{p} must hold a JSON object of training settings.")
+        base = saved_config_dict(base)
     given = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name, None) is not None}
     try:
         return TrainConfig.from_dict({**base, **given}).resolved()

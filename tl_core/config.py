@@ -113,6 +113,20 @@ CLASS_BALANCE: dict[str, Choice] = {
 }
 
 
+FEATURE_VARIANTS: dict[str, Choice] = {
+    c.key: c
+    for c in [
+        Choice("auto", "Automatic", "Compare the last layer and several depths by cross-validation on the training "
+               "images (on cached features, a second or so) and use the better one."),
+        Choice("last", "Last layer", "The backbone's pooled last-layer features: the classic recipe."),
+        Choice("depths", "Several depths", "The last layer plus each stage's pooled output, each stage scaled to "
+               "weigh like the last layer: helps on images unlike photos (digits, sketches, textures)."),
+        Choice("flip", "Flipped views averaged", "Last-layer features of the image and its mirror image, averaged: "
+               "two forward passes per image; can hurt where left and right differ."),
+    ]
+}
+
+
 DEVICES: dict[str, Choice] = {
     c.key: c
     for c in [
@@ -215,6 +229,10 @@ class TrainConfig:
     linear_c: float = _f(
         1.0, "Linear probe C", "Linear probe only: inverse L2 strength (scikit-learn's C); larger fits the training "
         "images more closely.", strategies=("linear",), section="advanced", min=0.001, max=1000.0)
+    features: str = _f(
+        "auto", "Features", "Linear probe only: which frozen features the head sees: auto (cross-validated choice "
+        "between the last layer and several depths), last, depths or flip.", strategies=("linear",),
+        section="advanced", widget="select", choices=FEATURE_VARIANTS)
     refit: bool = _f(
         True, "Refit on all labelled images", "Linear probe only: once validated, fit the saved head again on "
         "training + validation images (as the classic recipe trains on all labelled images); validation figures "
@@ -253,6 +271,8 @@ class TrainConfig:
             raise ConfigError(
                 f"Unknown class balance {self.class_balance!r}; choose one of {', '.join(CLASS_BALANCE)}."
             )
+        if self.features not in FEATURE_VARIANTS:
+            raise ConfigError(f"Unknown features {self.features!r}; choose one of {', '.join(FEATURE_VARIANTS)}.")
         d = STRATEGIES[self.strategy].defaults
         cfg = dataclasses.replace(
             self,
@@ -299,6 +319,12 @@ class TrainConfig:
 
             logging.getLogger(__name__).warning("ignoring unknown config keys: %s", sorted(unknown))
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def saved_config_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A config as saved by a run (``config.json``, the run store): one saved before the linear probe chose its
+    features (no ``features`` key) used the last layer, and repeating it must too."""
+    return {**data, "features": "last"} if isinstance(data, dict) and data and "features" not in data else data
 
 
 def config_fields() -> list[FieldSpec]:

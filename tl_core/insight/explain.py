@@ -124,6 +124,8 @@ def grad_cam(model: nn.Module, pre: Preprocess, image: Image.Image, target: int 
             attr = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)
     finally:
         model.train(was_training)
+    if attr.shape[0] == 2 * x.shape[0]:  # a flipped-views model (models.feature_variants): image, then mirror
+        attr = attr[:x.shape[0]] + torch.flip(attr[x.shape[0]:], dims=[3])
     up = LayerAttribution.interpolate(attr.detach().float(), (pre.input_size, pre.input_size), "bilinear")
     heat = up[0].sum(0).clamp_(min=0).cpu().numpy().astype(np.float32)
     peak = float(heat.max())

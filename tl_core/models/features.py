@@ -29,9 +29,11 @@ __all__ = ["feature_key", "extract_features", "pooled_features"]
 log = logging.getLogger(__name__)
 
 
-def feature_key(backbone: str, weights_fingerprint: str, pre: Preprocess) -> str:
-    """The cache namespace of one (backbone, weights, preprocessing) combination."""
-    raw = f"{backbone}|{weights_fingerprint}|{pre.fingerprint}"
+def feature_key(backbone: str, weights_fingerprint: str, pre: Preprocess, variant: str = "last") -> str:
+    """The cache namespace of one (backbone, weights, preprocessing, feature variant) combination (the
+    last-layer key is the one it always was; ``depths`` caches the unscaled concatenation, see
+    :mod:`tl_core.models.feature_variants`)."""
+    raw = f"{backbone}|{weights_fingerprint}|{pre.fingerprint}" + (f"|{variant}" if variant != "last" else "")
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
@@ -45,7 +47,7 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
                      batch_size: int = 32,
                      progress: Callable[[int, int], None] | None = None,
                      should_cancel: Callable[[], bool] | None = None,
-                     runtime: Runtime | None = None) -> np.ndarray:
+                     runtime: Runtime | None = None, last_cache: FeatureCache | None = None) -> np.ndarray:
     """Pooled backbone features of ``items`` (eval preprocessing, no augmentation).
 
     Under torchrun the images not in the cache are shared out between the ranks and the features gathered,
@@ -61,6 +63,9 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
         progress: called with (done, total).
         should_cancel: polled between batches; True raises :class:`CancelledError`.
         runtime: device, precision and distributed group (default: this process, CPU).
+        last_cache: for a several-depths extractor (:mod:`.feature_variants`), the last-layer cache: each vector
+            computed also leaves its first ``model.last_features`` columns there, so the audit, advisor and
+            embedding map that follow a run find them.
     Returns:
         float32 array (len(items), feature_dim).
     """
@@ -104,6 +109,8 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
                 if cache and items[i].sha256:
                     cache.put(items[i].sha256, feats[j])
                     cache.misses += 1
+                    if last_cache is not None:
+                        last_cache.put(items[i].sha256, np.ascontiguousarray(feats[j][:model.last_features]))
             done += len(idx) * rt.world_size
             if progress:
                 progress(min(done, len(items)), len(items))
@@ -114,5 +121,5 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
     dims = {v.shape[0] for v in out if v is not None}
     if len(dims) > 1:  # a stale cache entry of another dimension slipped through: recompute everything
         log.warning("inconsistent cached feature sizes %s; recomputing", dims)
-        return extract_features(model, items, pre, decoded, None, batch_size, progress, should_cancel, rt)
+        return extract_features(model, items, pre, decoded, None, batch_size, progress, should_cancel, rt, last_cache)
     return np.stack(out) if out else np.zeros((0, 0), np.float32)

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ..config import TrainConfig
+from ..config import TrainConfig, saved_config_dict
 from ..errors import ExportError, RunError
 from ..models.metrics import softmax
 
@@ -112,6 +112,9 @@ class RunMeta:
     runtime: dict[str, Any] = field(default_factory=dict)  # device, precision, world_size it was trained with
     multi_label: bool = False  # one sigmoid output per label (see tl_core.models.multilabel)
     thresholds: list[float] | None = None  # multi-label: per-label decision thresholds chosen on validation
+    # linear runs: the probe's feature variant and how it was chosen (models.feature_variants.FeatureChoice);
+    # a variant other than "last" saves a VariantModel, rebuilt from this record
+    features: dict[str, Any] = field(default_factory=dict)
     format: str = MODEL_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
 
@@ -186,7 +189,8 @@ class RunMeta:
                    weights=dict(data.get("weights") or {}), dataset=dict(data.get("dataset") or {}),
                    temperature=float(t), fit_on=str(data.get("fit_on") or "train"),
                    runtime=dict(data.get("runtime") or {}), multi_label=multi,
-                   thresholds=[float(x) for x in th] if th is not None else None, format=fmt,
+                   thresholds=[float(x) for x in th] if th is not None else None,
+                   features=dict(data.get("features") or {}), format=fmt,
                    extra={k: v for k, v in data.items() if k not in known})
 
 
@@ -419,7 +423,7 @@ class RunFiles:
 
     def config(self) -> TrainConfig:
         """The saved :class:`TrainConfig` (keys this version does not know are ignored, with a warning)."""
-        return TrainConfig.from_dict(self.config_dict())
+        return TrainConfig.from_dict(saved_config_dict(self.config_dict()))
 
     def meta(self) -> RunMeta:
         return self._cached(META, lambda: RunMeta.parse(self._json(META), self.where))

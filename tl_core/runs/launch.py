@@ -169,13 +169,13 @@ def rank_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import logging
 
-    from ..config import TrainConfig
+    from ..config import TrainConfig, saved_config_dict
     from .training import run_training
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s rank %(process)d %(levelname)s %(name)s: %(message)s")
     ws = Workspace.at(args.home)
     run = ws.store().get(args.run)
-    res = run_training(ws, run["data"], TrainConfig.from_dict(run["config"]), run_id=args.run, raise_errors=False,
+    res = run_training(ws, run["data"], TrainConfig.from_dict(saved_config_dict(run["config"])), run_id=args.run, raise_errors=False,
                        test_data=run.get("test_data"))
     return 0 if res.status in ("done", "cancelled") else 1
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from ..config import field_spec, fields_for_strategy
 
 __all__ = ["describe_progress", "duration_text", "runs_rows", "compare_rows", "setting_text", "ended_text",
-           "stop_text", "task_progress", "timing_text", "RUN_SETTINGS", "COMPARED_SETTINGS", "MISSING"]
+           "stop_text", "features_text", "task_progress", "timing_text", "RUN_SETTINGS", "COMPARED_SETTINGS", "MISSING"]
 
 #: Settings shown per run in the runs table.
 RUN_SETTINGS = ("epochs", "lr", "batch_size", "augment", "seed")
@@ -26,6 +26,7 @@ _STAGES = {
     "check": "Checking the images",
     "decode": "Decoding the images",
     "extract": "Computing features with the frozen backbone",
+    "features": "Choosing the features (cross-validation on the cached features)",
     "probe": "Fitting the linear probe (head initialisation)",
     "train": "Training",
     "epoch": "Training",
@@ -196,6 +197,33 @@ def ended_text(status: str, error: str | None) -> str:
     if err.lower().startswith(status.lower()):
         return err
     return f"{word}: {err}"
+
+
+_FEATURE_NAMES = {"last": "the last layer", "depths": "several depths", "flip": "the last layer, flipped views averaged"}
+
+
+def features_text(features: dict[str, Any] | None) -> str | None:
+    """How a linear run's probe features were chosen (``meta.json`` ``features``, written by
+    :mod:`tl_core.models.feature_variants`), in one line for the Train and Evaluate pages, e.g. "Features: several
+    depths (C=1), chosen by 5-fold cross-validation (0.877 vs 0.803 for the last layer)". None without a record."""
+    if not features or not features.get("variant"):
+        return None
+    v = features["variant"]
+    line = f"Features: {_FEATURE_NAMES.get(v, v)} (C={features.get('linear_c', 1.0):g})"
+    cv = features.get("cv") or {}
+    if features.get("chosen_by") == "cross-validation" and cv:
+        mine = cv.get(f"{v}@{float(features.get('linear_c', 1.0)):g}")
+        last = next((s for key, s in cv.items() if key.startswith("last@")), None)
+        line += f", chosen by {features.get('folds')}-fold cross-validation"
+        if mine is not None and last is not None and v != "last":
+            line += (f" ({mine:.3f} vs {last:.3f} for the last layer)" if mine != last else
+                     f" ({mine:.3f}, tied with the last layer: a tie goes to several depths)")
+        elif mine is not None:
+            best_other = max((s for key, s in cv.items() if not key.startswith("last@")), default=None)
+            line += f" ({mine:.3f}" + (f" vs {best_other:.3f} for several depths)" if best_other is not None else ")")
+    elif features.get("chosen_by") == "cross-validation":
+        line += ", the default (too few images per class to cross-validate)"
+    return line
 
 
 def stop_text(strategy: str, stop: dict[str, Any], best_epoch: int | None) -> str | None:

@@ -37,6 +37,7 @@ from ..models.devices import Runtime, release_free_memory, set_seed, single_thre
 from ..models.distributed import Cancel, RankFailedError, barrier, broadcast, under_torchrun
 from ..models.distributed import start as distributed_start
 from ..models.distributed import stop as distributed_stop
+from ..models.feature_variants import apply_variant, choose_features, extraction_variant, extractor, wrap_trained
 from ..models.features import extract_features, feature_key
 from ..models.inference import logits_of_items
 from ..models.metrics import compute_metrics, softmax
@@ -81,6 +82,9 @@ class TrainResult:
     macro_f1: float | None = None
     mAP: float | None = None
     exact_match: float | None = None
+    features: str | None = None  # linear runs: the probe's feature variant (models.feature_variants)
+    linear_c: float | None = None  # the probe's C (auto may choose it)
+    cv: dict[str, float] | None = None  # auto: mean cross-validation accuracy per candidate ("depths@1": 0.87)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -101,29 +105,45 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     """Extract (cached) features of train+val(+test), shared out between the ranks under torchrun, and fit the
     logistic-regression head on them, once (rank 0; the other ranks get None)."""
     cidx = {c: i for i, c in enumerate(classes)}
-    fcache = FeatureCache(workspace.cache_dir / "features", feature_key(cfg.backbone, winfo.fingerprint, pre))
+    if multi_label and cfg.features != "last":
+        # auto's cross-validation scores one class per image; a label-set probe sees the last layer
+        cfg = dataclasses.replace(cfg, features="last")
+    variant = extraction_variant(cfg)  # linear runs: the probe's feature variant (auto: depths, then chosen)
+    fcache = FeatureCache(workspace.cache_dir / "features", feature_key(cfg.backbone, winfo.fingerprint, pre, variant))
+    ex = extractor(model, variant)
     items = split.train + split.val + (test_items if cfg.strategy == "linear" else [])
     emit({"stage": "extract", "done": 0, "total": len(items)})
     t_ex = time.perf_counter()
     # 16 per batch: as fast as 32 on CPU, and a cancel waits for at most one (shorter) forward pass
-    feats = extract_features(model, items, pre, decoded, fcache, batch_size=16 if rt.device.type == "cpu" else 64,
+    feats = extract_features(ex, items, pre, decoded, fcache, batch_size=16 if rt.device.type == "cpu" else 64,
                              progress=lambda d, t: emit({"stage": "extract", "done": d, "total": t,
                                                          "eta_s": (time.perf_counter() - t_ex) / max(d, 1) * (t - d)}),
-                             should_cancel=should_cancel, runtime=rt)
+                             should_cancel=should_cancel, runtime=rt,
+                             last_cache=None if variant != "depths" else FeatureCache(
+                                 workspace.cache_dir / "features", feature_key(cfg.backbone, winfo.fingerprint, pre)))
     info: dict[str, Any] = {"feature_cache": {"hits": fcache.hits, "misses": fcache.misses}}
     if not rt.is_main:
         return feats, None, info
     n_tr, n_va = len(split.train), len(split.val)
+    ytr = None if multi_label else np.array([cidx[i.label] for i in split.train])
+    yva = None if multi_label else np.array([cidx[i.label] for i in split.val])
     probe_cfg = cfg if cfg.strategy == "linear" else dataclasses.replace(cfg, epochs=100)
     on_epoch = lambda m: emit({"stage": "epoch" if cfg.strategy == "linear" else "probe", **m})  # noqa: E731
     with single_threaded():  # small matrices: on a busy machine two threads only wait for each other
+        if cfg.strategy == "linear":
+            emit({"stage": "features", "message": "Choosing the features" if cfg.features == "auto" else
+                  "Preparing the features"})
+            last_dim = getattr(ex, "last_features", feats.shape[1])
+            choice = choose_features(feats[:n_tr], ytr, len(classes), cfg, last_dim, getattr(ex, "block_dims", []),
+                                     fit_linear_head, local_cancel)
+            feats = apply_variant(feats, choice.variant, last_dim, choice.block_dims, np.asarray(choice.scales))
+            probe_cfg = dataclasses.replace(cfg, linear_c=choice.linear_c)
+            info["features"] = choice
         if multi_label:  # one-vs-rest logistic regression
             head, fit = fit_ovr_head(feats[:n_tr], label_matrix([i.labels for i in split.train], classes),
                                      feats[n_tr:n_tr + n_va], label_matrix([i.labels for i in split.val], classes),
                                      probe_cfg, on_epoch=on_epoch, should_cancel=local_cancel)
         else:
-            ytr = np.array([cidx[i.label] for i in split.train])
-            yva = np.array([cidx[i.label] for i in split.val])
             head, fit = fit_linear_head(feats[:n_tr], ytr, feats[n_tr:n_tr + n_va], yva, len(classes), probe_cfg,
                                         on_epoch=on_epoch, should_cancel=local_cancel)
     info.update(fit)
@@ -240,7 +260,11 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             return None  # the probe is fitted once, on rank 0
         if rt.distributed and cfg.strategy != "linear":  # rank 0 fitted it; every rank fine-tunes from it
             head = _broadcast_head(head, feats.shape[1], len(classes), rt)
-        _set_head(model, head)
+        if cfg.strategy == "linear":  # the last layer: the model itself; another variant: its wrapper
+            choice = info["features"]
+            model = wrap_trained(model, choice, head)
+        else:
+            _set_head(model, head)
     if cfg.strategy == "linear":
         # the head on cached features equals the whole model on the images: no second forward pass
         with torch.no_grad():
@@ -254,14 +278,15 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             name = _classifier_name(model)
             val_head = {f"{name}.weight": head.weight.detach().clone(), f"{name}.bias": head.bias.detach().clone()}
             with single_threaded():
+                refit_cfg = dataclasses.replace(cfg, linear_c=info["features"].linear_c)
                 if multi:
                     y_ml = label_matrix([i.labels for i in split.train + split.val], classes)
-                    head, _ = fit_ovr_head(feats[:n_tr + n_va], y_ml, feats[:0], y_ml[:0], cfg,
+                    head, _ = fit_ovr_head(feats[:n_tr + n_va], y_ml, feats[:0], y_ml[:0], refit_cfg,
                                            should_cancel=local_cancel, init=head)
                 else:
                     y_all = np.array([cidx[i.label] for i in split.train + split.val])
                     head, _ = fit_linear_head(feats[:n_tr + n_va], y_all, feats[:0], y_all[:0], len(classes),
-                                              cfg, should_cancel=local_cancel, init=head)
+                                              refit_cfg, should_cancel=local_cancel, init=head)
             _set_head(model, head)
             with torch.no_grad():
                 test_logits = head(torch.from_numpy(feats[n_tr + n_va:])).numpy()
@@ -324,7 +349,8 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             dataset={**{k: report[k] for k in ("source", "fingerprint", "counts", "num_images", "imbalance_ratio",
                                                "skipped", "image_size", "warnings", "split")},
                      "version": ds.version or None},
-            fit_on=fit_on, runtime=rt.to_dict(), multi_label=multi, thresholds=thresholds))
+            fit_on=fit_on, runtime=rt.to_dict(), multi_label=multi, thresholds=thresholds,
+            features=info["features"].to_dict() if info.get("features") else {}))
         splits = {"val": SplitPredictions("val", [str(i.path) for i in split.val], [i.label for i in split.val],
                                           np.asarray(val_logits, np.float64), val_model)}
         if test_items:
@@ -356,6 +382,7 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         "dataset_fingerprint": ds.fingerprint,
         "dataset_version": ds.version or None,
         "feature_cache": info.get("feature_cache"),
+        "features": info["features"].to_dict() if info.get("features") else None,
         "decoded_cache": {"hits": decoded.hits, "misses": decoded.misses},
         **rt.to_dict(),
         **({"multi_label": True, **{k: val_metrics[k] for k in ("micro_f1", "macro_f1", "mAP", "exact_match")}}
@@ -509,5 +536,8 @@ def _result(run_id: str | None, run_dir: Path, status: str, s: dict[str, Any], s
                        counts=s.get("counts", {}), error=error, stop=s.get("stop") or {},
                        world_size=int(s.get("world_size", 1)), device=str(s.get("device", "cpu")),
                        precision=str(s.get("precision", "fp32")), dataset_version=s.get("dataset_version"),
+                       features=(s.get("features") or {}).get("variant"),
+                       linear_c=(s.get("features") or {}).get("linear_c"),
+                       cv=(s.get("features") or {}).get("cv") or None,
                        **{k: s.get(k) for k in _MULTI_LABEL_FIELDS if k in s})
 

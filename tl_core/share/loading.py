@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import ExportError, RunError
 from ..models.catalogue import timm_kwargs
+from ..models.feature_variants import model_from_meta
 from ..models.devices import Runtime
 from ..models.preprocess import Preprocess
 from ..insight.openset import OpenSet
@@ -187,6 +188,7 @@ def _build(meta: RunMeta, state: dict[str, torch.Tensor], where: str) -> nn.Modu
                                   **timm_kwargs(arch))
     except Exception as e:
         raise ExportError(f"{where}: cannot build architecture {arch!r} ({e}).") from None
+    model = model_from_meta(model, meta.features, meta.num_classes)  # a feature-variant probe's wrapper
     target = model.state_dict()
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in target.items() if k in state and state[k].shape != v.shape]
     if wrong:
