@@ -70,8 +70,10 @@ def trained_home(tmp_path_factory) -> tuple[Path, str]:
     home = tmp_path_factory.mktemp("trained_home")
     env = {**os.environ, "TL_HOME": str(home)}
     out = subprocess.run(
-        # 30 solver rounds: the probe has converged by then on this sample (the default 100 stops at ~90)
-        [sys.executable, "-m", "tl_core.cli", "train", str(EMOJI), "--strategy", "linear", "--epochs", "30", "--json"],
+        # 30 solver rounds: the probe has converged by then on this sample (the default 100 stops at ~90); the last
+        # layer, whose two validation mistakes the Evaluate fix-in-place tests act on (auto's choice makes one)
+        [sys.executable, "-m", "tl_core.cli", "train", str(EMOJI), "--strategy", "linear", "--features", "last", "--epochs", "30",
+         "--json"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
@@ -582,11 +584,17 @@ def test_evaluate_shows_accuracy_per_class_confusion_and_mistakes(home):
     assert count == metrics["val"]["count"] == 40
     # a linear run's head is refitted on train + validation by default: the page says what the figures measure
     assert any("fitted again on training + validation" in c.value for c in at.caption)
-    # the probe's features (default auto): which were chosen, by cross-validation, with the scores compared
+    # the probe's features: this run set the last layer (its mistakes feed the fix-in-place tests); an auto run's
+    # line names the fold count and the scores compared
     feats = json.loads((ws.run_dir(run_id) / "meta.json").read_text())["features"]
     [line] = [c.value for c in at.caption if c.value.startswith("Features: ")]
-    chosen = feats["cv"]["{}@{:g}".format(feats["variant"], feats["linear_c"])]
-    assert "5-fold cross-validation" in line and f"{chosen:.3f}" in line
+    assert feats["variant"] == "last" and feats["chosen_by"] == "setting" and line == "Features: the last layer (C=1)."
+    from tl_core.runs.progress import features_text
+
+    auto = {"variant": "depths", "linear_c": 1.0, "chosen_by": "cross-validation", "folds": 5,
+            "cv": {"last@1": 0.803, "depths@1": 0.877, "depths@0.3": 0.85}}
+    assert features_text(auto) == ("Features: several depths (C=1), chosen by 5-fold cross-validation "
+                                   "(0.877 vs 0.803 for the last layer)")
     heat = plotly_specs(at)[0]["data"][0]
     assert heat["type"] == "heatmap"
     assert sum(sum(row) for row in heat["z"]) == count
