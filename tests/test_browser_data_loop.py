@@ -67,7 +67,7 @@ def test_capture_train_fix_and_restore_in_a_real_browser(server, tmp_path):
                     "([label, want]) => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some(m => "
                     "m.querySelector('[data-testid=\"stMetricLabel\"]')?.innerText.trim() === label && "
                     "m.querySelector('[data-testid=\"stMetricValue\"]')?.innerText.trim() === want)",
-                    arg=[cls, str(n + 1)], timeout=60_000)
+                    arg=[cls, str(n + 1)], timeout=180_000)
                 settle(page)  # the page has rerun with a new camera for the next picture
             if cls == "thumbs_up":
                 shot(page, "10a-capture")
