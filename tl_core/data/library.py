@@ -438,13 +438,18 @@ def _uploaded_dir(ws: Workspace, name: str) -> Path:
     Raises:
         DatasetError: no uploaded dataset has that name (sample datasets are not managed here).
     """
-    if not name or name != safe_name(name, fallback="") or name.startswith("."):
+    if not is_dataset_name(name):
         raise DatasetError(f"{name!r} is not the name of an uploaded dataset; the Data page lists them.")
     folder = ws.datasets_dir / name
     if not folder.is_dir():
         raise DatasetError(f"No uploaded dataset called {name!r}; only datasets uploaded into the workspace can be "
                            "renamed or deleted (the sample datasets ship with TL Studio).")
     return folder
+
+
+def is_dataset_name(name: str) -> bool:
+    """Whether ``name`` can name a folder of ``<workspace>/datasets`` (already safe, not hidden)."""
+    return bool(name) and name == safe_name(name, fallback="") and not name.startswith(".")
 
 
 def _reads(data: str, folder: Path, ws: Workspace) -> bool:

@@ -86,9 +86,9 @@ class VersionRef:
 # where things are
 # --------------------------------------------------------------------------------------------------
 def _folder(ws: "Workspace", name: str) -> Path:
-    from .library import safe_name
+    from .library import is_dataset_name
 
-    if not name or name != safe_name(name, fallback="") or name.startswith("."):
+    if not is_dataset_name(name):
         raise DatasetError(f"{name!r} is not the name of a dataset in the workspace; `tl-core data list` shows them.")
     folder = ws.datasets_dir / name
     if not folder.is_dir():
