@@ -1,8 +1,8 @@
-"""The linear probe: L2-regularised multinomial logistic regression on frozen features.
+"""The linear probe: L2-regularised logistic regression on frozen features.
 
-This is the classic recipe itself (scikit-learn's ``LogisticRegression(C=linear_c)`` objective), solved
-full-batch with torch's L-BFGS on a numpy objective and gradient. Its own module: the audit, the advisor
-and the lab fit probes without importing the training loop.
+This is the classic recipe itself (scikit-learn's ``LogisticRegression(C=linear_c)`` objective; one-vs-rest
+for multi-label data), solved full-batch with torch's L-BFGS on a numpy objective and gradient. Its own
+module: the audit, the advisor and the lab fit probes without importing the training loop.
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ __all__ = ["fit_linear_head", "fit_ovr_head", "class_weights", "LBFGS_ITERS_PER_
 
 LBFGS_ITERS_PER_EPOCH = 2
 
-
 _LBFGS_GTOL = 1e-4  # scikit-learn LogisticRegression's default tol
 
+#: the data term of an objective: logits (N, C) -> (weighted loss summed over the images, its gradient in z)
+LossAndGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
+#: logits of the training and validation images -> train_loss, train_acc, val_loss, val_acc
+EpochStats = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 
 
 def class_weights(labels: np.ndarray, n: int) -> torch.Tensor:
@@ -34,60 +37,42 @@ def class_weights(labels: np.ndarray, n: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                    n_classes: int, cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-                    should_cancel: Callable[[], bool] | None = None,
-                    init: nn.Linear | None = None) -> tuple[nn.Linear, dict[str, Any]]:
-    """Fit the linear probe: L2-regularised multinomial logistic regression on frozen features.
+def _lbfgs_head(x_train: np.ndarray, x_val: np.ndarray, n_out: int, cfg: TrainConfig, loss_and_grad: LossAndGrad,
+                n_weight: float, stats: EpochStats, on_epoch: Callable[[dict[str, Any]], None] | None,
+                should_cancel: Callable[[], bool] | None, init: nn.Linear | None) -> tuple[nn.Linear, dict[str, Any]]:
+    """Minimise ``loss_and_grad(x W + b) + ||W||^2 / (2C)`` (intercept not penalised) with full-batch L-BFGS.
 
-    This is the classic recipe itself (scikit-learn's ``LogisticRegression(C=linear_c)`` objective),
-    solved full-batch with torch's L-BFGS on a numpy objective and gradient; an AdamW-trained head was a
-    few points worse on our sample data. Each "epoch" is ``LBFGS_ITERS_PER_EPOCH`` L-BFGS iterations,
-    reported like any epoch, and the fit stops early where scikit-learn's solver would (gradient of the
-    mean objective below 1e-4) or once the objective stops changing.
-
-    ``init`` (a head) warm-starts the solver: the refit on train + validation starts from the train-only fit.
-
-    Returns:
-        (a Linear layer over the raw pooled features, info with best_epoch, val_loss, epochs_run)
+    The objective and its gradient are computed by hand in numpy (OpenBLAS): these tall-thin products are
+    3-4x faster there than in torch on CPU, and no autograd bookkeeping is needed for two matrix products; the
+    products run in float32 (single-precision BLAS is twice as fast), everything else in float64. Each "epoch"
+    is ``LBFGS_ITERS_PER_EPOCH`` iterations, reported like any epoch; the fit stops where scikit-learn's solver
+    would (the largest entry of the gradient of the per-image mean objective below 1e-4) or once the objective
+    stops changing. ``init`` warm-starts the solver (the refit on train + validation starts from the train-only
+    fit).
     """
     set_seed(cfg.seed)
-    # the objective and its gradient by hand in numpy (OpenBLAS): these tall-thin products are 3-4x faster
-    # there than in torch on CPU, and no autograd bookkeeping is needed for two matrix products; the products
-    # run in float32 (single-precision BLAS is twice as fast), everything else in float64
     x32 = np.ascontiguousarray(x_train, dtype=np.float32)
     xv32 = np.ascontiguousarray(x_val, dtype=np.float32)
     d = x32.shape[1]
-    w = torch.zeros(d, n_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(d, n_out, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_out, dtype=torch.float64, requires_grad=True)
     if init is not None:
         with torch.no_grad():
             w.copy_(init.weight.detach().T.double())
             b.copy_(init.bias.detach().double())
-    swn = (class_weights(y_train, n_classes).double().numpy()[y_train] if cfg.class_balance != "none"
-           else np.ones(len(y_train)))
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=LBFGS_ITERS_PER_EPOCH, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
     l2 = 0.5 / cfg.linear_c
     wn, bn = w.detach().numpy(), b.detach().numpy()  # views: L-BFGS updates w and b in place
-    onehot = np.eye(n_classes)[y_train]
-    n_weight = float(swn.sum())
 
-    def logits_probs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        z = (x @ wn.astype(np.float32)).astype(np.float64) + bn
-        z = z - z.max(1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-        return logp, np.exp(logp)
-
-    def objective(logp: np.ndarray) -> float:
-        return float(-(swn * (logp * onehot).sum(1)).sum() + l2 * (wn * wn).sum())
+    def logits(x: np.ndarray) -> np.ndarray:
+        return (x @ wn.astype(np.float32)).astype(np.float64) + bn
 
     def closure() -> torch.Tensor:
-        logp, p = logits_probs(x32)
-        g = (p - onehot) * swn[:, None]
+        loss, g = loss_and_grad(logits(x32))
         w.grad = torch.from_numpy((x32.T @ g.astype(np.float32)).astype(np.float64) + (2 * l2) * wn)
         b.grad = torch.from_numpy(g.sum(0))
-        return torch.tensor(objective(logp), dtype=torch.float64)
+        return torch.tensor(loss + l2 * (wn * wn).sum(), dtype=torch.float64)
 
     prev = float("inf")
     epoch = 0
@@ -97,28 +82,64 @@ def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
         if should_cancel and should_cancel():
             raise CancelledError("Cancelled while training the head.")
         opt.step(closure)
-        logp_t, _ = logits_probs(x32)
-        train_loss = float(-(logp_t * onehot).sum(1).mean())
-        obj = objective(logp_t)
-        logp_v, _ = logits_probs(xv32) if len(y_val) else (np.zeros((0, n_classes)), None)
-        val_loss = float(-logp_v[np.arange(len(y_val)), y_val].mean()) if len(y_val) else float("nan")
+        z = logits(x32)
+        obj = loss_and_grad(z)[0] + l2 * float((wn * wn).sum())
+        s = stats(z, logits(xv32) if len(xv32) else np.zeros((0, n_out)))
+        val_loss = s["val_loss"]
         if on_epoch:
-            on_epoch({"epoch": epoch, "epochs": cfg.epochs, "train_loss": train_loss,
-                      "train_acc": float((logp_t.argmax(1) == y_train).mean()), "val_loss": val_loss,
-                      "val_acc": float((logp_v.argmax(1) == y_val).mean()) if len(y_val) else float("nan"),
-                      "lr": 1.0, "seconds": time.perf_counter() - t0, "best": True})
-        # converged: the objective stopped moving, or the largest entry of the per-image mean objective's
-        # gradient is below scikit-learn's default tol (the test its lbfgs solver makes)
+            on_epoch({"epoch": epoch, "epochs": cfg.epochs, **s, "lr": 1.0,
+                      "seconds": time.perf_counter() - t0, "best": True})
         gmax = max(float(w.grad.abs().max()), float(b.grad.abs().max())) / n_weight
         if abs(prev - obj) <= 1e-7 * max(1.0, abs(obj)) or gmax <= _LBFGS_GTOL:
             break
         prev = obj
-    out = nn.Linear(d, n_classes)
+    out = nn.Linear(d, n_out)
     with torch.no_grad():
         out.weight.copy_(w.detach().T.float())
         out.bias.copy_(b.detach().float())
     return out, {"best_epoch": epoch, "val_loss": val_loss, "epochs_run": epoch}
 
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                    n_classes: int, cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                    should_cancel: Callable[[], bool] | None = None,
+                    init: nn.Linear | None = None) -> tuple[nn.Linear, dict[str, Any]]:
+    """Fit the linear probe: L2-regularised multinomial logistic regression on frozen features.
+
+    scikit-learn's ``LogisticRegression(C=linear_c)`` objective (an AdamW-trained head was a few points worse on
+    our sample data), solved by :func:`_lbfgs_head`. ``class_balance`` other than none weighs each image by
+    its class's inverse frequency.
+
+    Returns:
+        (a Linear layer over the raw pooled features, info with best_epoch, val_loss, epochs_run)
+    """
+    swn = (class_weights(y_train, n_classes).double().numpy()[y_train] if cfg.class_balance != "none"
+           else np.ones(len(y_train)))
+    onehot = np.eye(n_classes)[y_train]
+
+    def loss_and_grad(z: np.ndarray) -> tuple[float, np.ndarray]:
+        logp = _log_softmax(z)
+        return float(-(swn * (logp * onehot).sum(1)).sum()), (np.exp(logp) - onehot) * swn[:, None]
+
+    def stats(z: np.ndarray, zv: np.ndarray) -> dict[str, float]:
+        logp_t, logp_v = _log_softmax(z), _log_softmax(zv)
+        return {"train_loss": float(-(logp_t * onehot).sum(1).mean()),
+                "train_acc": float((logp_t.argmax(1) == y_train).mean()),
+                "val_loss": float(-logp_v[np.arange(len(y_val)), y_val].mean()) if len(y_val) else float("nan"),
+                "val_acc": float((logp_v.argmax(1) == y_val).mean()) if len(y_val) else float("nan")}
+
+    return _lbfgs_head(x_train, x_val, n_classes, cfg, loss_and_grad, float(swn.sum()), stats, on_epoch,
+                       should_cancel, init)
+
+
+def _bce(z: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """log(1 + exp(z)) - t z, stably."""
+    return np.logaddexp(0.0, z) - t * z
 
 
 def fit_ovr_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
@@ -130,28 +151,17 @@ def fit_ovr_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_
     The objective is scikit-learn's ``OneVsRestClassifier(LogisticRegression(C=linear_c))`` summed over the
     labels: per label ``sum_i w_i log(1 + exp(-s_i z_i)) + ||w_k||^2 / (2C)`` with s = +-1 and the intercept
     not penalised. The labels' problems share no parameter, so one full-batch L-BFGS over all of them reaches
-    each label's own optimum; it stops where the multinomial probe does (the largest entry of the per-image
-    mean gradient below 1e-4, or the objective no longer changing). ``class_balance`` other than none weighs
-    each label's positives and negatives as scikit-learn's ``class_weight="balanced"`` does.
+    each label's own optimum. ``class_balance`` other than none weighs each label's positives and negatives as
+    scikit-learn's ``class_weight="balanced"`` does. The reported accuracy is exact match of the label sets at 0.5.
 
     Args:
         y_train, y_val: (N, C) 0/1 label matrices.
     Returns:
         (a Linear layer of C logits over the raw pooled features, info with best_epoch, val_loss, epochs_run)
     """
-    set_seed(cfg.seed)
-    x32 = np.ascontiguousarray(x_train, dtype=np.float32)
-    xv32 = np.ascontiguousarray(x_val, dtype=np.float32)
     y = np.asarray(y_train, dtype=np.float64)
     yv = np.asarray(y_val, dtype=np.float64).reshape(-1, y.shape[1])
-    n, d = x32.shape
-    c = y.shape[1]
-    w = torch.zeros(d, c, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(c, dtype=torch.float64, requires_grad=True)
-    if init is not None:
-        with torch.no_grad():
-            w.copy_(init.weight.detach().T.double())
-            b.copy_(init.bias.detach().double())
+    n = len(y)
     if cfg.class_balance != "none":
         pos = y.sum(0)
         wpos = np.where(pos > 0, n / (2 * np.maximum(pos, 1)), 0.0)
@@ -159,52 +169,14 @@ def fit_ovr_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_
         sw = y * wpos + (1 - y) * wneg
     else:
         sw = np.ones_like(y)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=LBFGS_ITERS_PER_EPOCH, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
-    l2 = 0.5 / cfg.linear_c
-    wn, bn = w.detach().numpy(), b.detach().numpy()
 
-    def logits(x: np.ndarray) -> np.ndarray:
-        return (x @ wn.astype(np.float32)).astype(np.float64) + bn
-
-    def bce(z: np.ndarray, t: np.ndarray) -> np.ndarray:
-        # log(1 + exp(z)) - t z, stably
-        return np.logaddexp(0.0, z) - t * z
-
-    def objective(z: np.ndarray) -> float:
-        return float((sw * bce(z, y)).sum() + l2 * (wn * wn).sum())
-
-    def closure() -> torch.Tensor:
-        z = logits(x32)
+    def loss_and_grad(z: np.ndarray) -> tuple[float, np.ndarray]:
         p = 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
-        g = (p - y) * sw
-        w.grad = torch.from_numpy((x32.T @ g.astype(np.float32)).astype(np.float64) + (2 * l2) * wn)
-        b.grad = torch.from_numpy(g.sum(0))
-        return torch.tensor(objective(z), dtype=torch.float64)
+        return float((sw * _bce(z, y)).sum()), (p - y) * sw
 
-    prev = float("inf")
-    epoch = 0
-    val_loss = float("nan")
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        if should_cancel and should_cancel():
-            raise CancelledError("Cancelled while training the head.")
-        opt.step(closure)
-        z = logits(x32)
-        obj = objective(z)
-        zv = logits(xv32) if len(yv) else np.zeros((0, c))
-        val_loss = float(bce(zv, yv).mean()) if len(yv) else float("nan")
-        if on_epoch:  # accuracy here is exact match of the label sets at 0.5
-            on_epoch({"epoch": epoch, "epochs": cfg.epochs, "train_loss": float(bce(z, y).mean()),
-                      "train_acc": float(((z >= 0) == (y > 0.5)).all(1).mean()), "val_loss": val_loss,
-                      "val_acc": float(((zv >= 0) == (yv > 0.5)).all(1).mean()) if len(yv) else float("nan"),
-                      "lr": 1.0, "seconds": time.perf_counter() - t0, "best": True})
-        gmax = max(float(w.grad.abs().max()), float(b.grad.abs().max())) / n
-        if abs(prev - obj) <= 1e-7 * max(1.0, abs(obj)) or gmax <= _LBFGS_GTOL:
-            break
-        prev = obj
-    out = nn.Linear(d, c)
-    with torch.no_grad():
-        out.weight.copy_(w.detach().T.float())
-        out.bias.copy_(b.detach().float())
-    return out, {"best_epoch": epoch, "val_loss": val_loss, "epochs_run": epoch}
+    def stats(z: np.ndarray, zv: np.ndarray) -> dict[str, float]:
+        return {"train_loss": float(_bce(z, y).mean()), "train_acc": float(((z >= 0) == (y > 0.5)).all(1).mean()),
+                "val_loss": float(_bce(zv, yv).mean()) if len(yv) else float("nan"),
+                "val_acc": float(((zv >= 0) == (yv > 0.5)).all(1).mean()) if len(yv) else float("nan")}
+
+    return _lbfgs_head(x_train, x_val, y.shape[1], cfg, loss_and_grad, float(n), stats, on_epoch, should_cancel, init)
