@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import cpu_name, markdown_table, prepend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tl_core.runs.processes import kill_workers  # noqa: E402
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -170,17 +173,6 @@ def _per_window(points: list[tuple[float, float]], width: float) -> list[tuple[f
     return [(k * width, sum(v) / len(v)) for k, v in sorted(out.items())]
 
 
-def _kill_workers(home: Path) -> None:
-    want = f"TL_HOME={home}".encode()
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if b"tl_core.runs.workers" in (proc / "cmdline").read_bytes() and want in (
-                    proc / "environ").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=6)
@@ -224,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(timeout=15)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(server.pid, signal.SIGKILL)
-        _kill_workers(home)
+        kill_workers(home)
         log.close()
 
     rss = [s[1] for s in sampler.samples if s[1] is not None]

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from tl_core.data import library  # noqa: E402
 from tl_core.errors import DatasetError  # noqa: E402
 from tl_core.runs import tasks, workers  # noqa: E402
 from tl_core.runs.files import RunFiles  # noqa: E402
+from tl_core.runs.processes import kill_workers  # noqa: E402
 from tl_core.runs.progress import describe_progress  # noqa: E402
 from tl_core.runs.workspace import Workspace  # noqa: E402
 
@@ -46,24 +46,6 @@ from tl_core.runs.workspace import Workspace  # noqa: E402
 # --------------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------------
-def _kill_workers(home: Path) -> None:
-    """Kill the worker processes of one TL_HOME (other tests and agents run workers of their own)."""
-    want = f"TL_HOME={home}".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-            env = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if b"tl_core.runs.workers" in cmd and want in env.split(b"\0"):
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.fixture(scope="module")
 def trained_home(tmp_path_factory) -> tuple[Path, str]:
     """A workspace holding one finished linear probe on the emoji sample, made by the CLI."""
@@ -96,7 +78,7 @@ def home(tmp_path, monkeypatch, trained_home):
     shutil.copytree(src, dst)
     _own_home(monkeypatch, dst)
     yield Workspace(dst), run_id
-    _kill_workers(dst.resolve())
+    kill_workers(dst.resolve())
 
 
 @pytest.fixture
@@ -104,7 +86,7 @@ def empty_home(tmp_path, monkeypatch):
     dst = tmp_path / "empty_home"
     _own_home(monkeypatch, dst)
     yield Workspace(dst)
-    _kill_workers(dst.resolve())
+    kill_workers(dst.resolve())
 
 
 @pytest.fixture

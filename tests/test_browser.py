@@ -28,6 +28,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from tl_core.runs.processes import kill_workers
+
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,17 +106,6 @@ class Server:
         return out
 
 
-def _kill_workers(home: Path) -> None:
-    want = f"TL_HOME={home}".encode()
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if b"tl_core.runs.workers" in (proc / "cmdline").read_bytes() and want in (
-                    proc / "environ").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A started :class:`Server` (its workers are killed at the end)."""
@@ -126,7 +117,7 @@ def server(tmp_path_factory):
     yield srv
     srv.stop()
     srv.log.close()
-    _kill_workers(srv.home)
+    kill_workers(srv.home)
 
 
 @pytest.fixture(scope="module")

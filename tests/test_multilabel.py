@@ -454,7 +454,7 @@ def test_try_it_shows_the_label_set_with_a_probability_each(ml_run, tmp_path, mo
 
     from streamlit.testing.v1 import AppTest
 
-    from test_app_pages import _kill_workers
+    from tl_core.runs.processes import kill_workers
     from tl_core.runs.files import RunFiles
 
     ws, res, _, _ = ml_run
@@ -481,7 +481,7 @@ def test_try_it_shows_the_label_set_with_a_probability_each(ml_run, tmp_path, mo
         assert {"animal", "face"} <= set(probs[probs["predicted"]]["label"])  # dog.png's table comes first
         assert at.get("download_button")
     finally:
-        _kill_workers(home.resolve())
+        kill_workers(home.resolve())
 
 
 def test_data_page_shows_label_counts_of_the_multi_label_sample(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from tl_core.config import TrainConfig
 from tl_core.data.library import dataset_signature
 from tl_core.errors import ConfigError, RunError
 from tl_core.runs import tasks
-from tl_core.runs.processes import alive, identity, start_time
+from tl_core.runs.processes import alive, identity, kill_workers, start_time
 from tl_core.runs.store import RunStore
 from tl_core.runs.training import run_training
 from tl_core.runs.workers import recover
@@ -266,6 +266,22 @@ def test_workers_leave_no_defunct_process_behind(workspace, tmp_path):
     wait_for(lambda: not alive(pid), 30, "the worker to leave when the queue is empty", 0.2)
     assert _children_zombies() == before == []  # the worker was never this process's child
 
+
+
+def test_kill_workers_kills_only_that_workspaces_workers(tmp_path):
+    """What every page and browser test's teardown relies on: the workers of one TL_HOME go, others stay."""
+    sleeper = "import sys, time; time.sleep(60)"
+    mine = subprocess.Popen([sys.executable, "-c", sleeper, "tl_core.runs.workers"],
+                            env={**os.environ, "TL_HOME": str(tmp_path / "a")})
+    other = subprocess.Popen([sys.executable, "-c", sleeper, "tl_core.runs.workers"],
+                             env={**os.environ, "TL_HOME": str(tmp_path / "b")})
+    try:
+        assert kill_workers(tmp_path / "a") == 1
+        assert mine.wait(10) == -9
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
 
 # ==================================================================================================
 # projects and the interactive lane

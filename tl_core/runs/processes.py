@@ -5,11 +5,13 @@ they leave no defunct process behind."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Sequence
 
-__all__ = ["start_time", "identity", "alive", "spawn_detached"]
+__all__ = ["start_time", "identity", "alive", "spawn_detached", "kill_workers"]
 
 
 def start_time(pid: int) -> int | None:
@@ -61,3 +63,22 @@ def spawn_detached(cmd: Sequence[str], log_path: str | os.PathLike, env: dict[st
                 "start_new_session=True, close_fds=True)\n")
     subprocess.run([sys.executable, "-c", launcher, str(log_path), *cmd], env=env, check=True,
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+
+
+def kill_workers(home: str | os.PathLike) -> int:
+    """Kill (SIGKILL) the task worker processes of one workspace, the ones started with ``TL_HOME=home``; other
+    workspaces' workers are left alone. For the tests and benchmarks that start and stop servers (Linux
+    ``/proc``; elsewhere nothing is found). Returns how many were killed."""
+    want = f"TL_HOME={home}".encode()
+    killed = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            if b"tl_core.runs.workers" in (proc / "cmdline").read_bytes() and want in (
+                    proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ProcessLookupError):
+            pass
+    return killed
