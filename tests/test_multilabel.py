@@ -4,6 +4,7 @@ one-vs-rest probe against scikit-learn, metrics against sklearn.metrics, thresho
 from __future__ import annotations
 
 import shutil
+import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,9 @@ from tl_core.data.splits import split_dataset
 from tl_core.errors import DatasetError
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from recipes import multilabel_subset  # noqa: E402
+
 ML = ROOT / "sample_data" / "emoji_multilabel"
 IMAGES = sorted((ML / "images").glob("*.png"))
 
@@ -127,17 +131,6 @@ def test_iterative_split_rare_label_stays_in_train(tmp_path):
 
 
 # -- training: the one-vs-rest probe against scikit-learn ----------------------------------------------
-def write_holdout_csvs(dest: Path, test_share: float = 0.3, seed: int = 0) -> tuple[Path, Path]:
-    """The multi-label sample cut by iterative stratification into train.csv and test.csv (absolute paths)."""
-    sp = split_dataset(open_dataset(ML), test_share, seed)
-    out = []
-    for name, items in (("train.csv", sp.train), ("test.csv", sp.val)):
-        f = dest / name
-        f.write_text("path,labels\n" + "".join(f"{i.path.resolve()},{';'.join(i.labels)}\n" for i in items))
-        out.append(f)
-    return out[0], out[1]
-
-
 @pytest.fixture(scope="module")
 def ml_run(tmp_path_factory):
     """A linear run on 70% of the multi-label sample with the other 30% as held-out test data."""
@@ -146,7 +139,7 @@ def ml_run(tmp_path_factory):
     from tl_core.runs.workspace import Workspace
 
     home = tmp_path_factory.mktemp("ml_home")
-    train_csv, test_csv = write_holdout_csvs(home)
+    train_csv, test_csv = multilabel_subset(home)  # the cut benchmarks/recipes.py measures
     ws = Workspace(home / "ws")
     res = run_training(ws, train_csv, TrainConfig(), test_data=test_csv)
     assert res.status == "done", res.error
