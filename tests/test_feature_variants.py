@@ -4,6 +4,7 @@ a depths run saves, loads and exports to the same logits, ``auto`` records its c
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -143,6 +144,13 @@ def test_auto_records_its_choice(workspace):
     assert rec["chosen_by"] == "cross-validation" and rec["folds"] == 5 and rec["seconds"] < 30
     line = features_text(rec)
     assert line.startswith("Features: ") and "5-fold cross-validation" in line
+    # the model card and the HTML report say the same
+    from tl_core.runs.files import RunFiles
+    from tl_core.share.card import model_card
+    from tl_core.share.report import build_report
+
+    assert line in model_card(RunFiles(Path(res.run_dir)))
+    assert html.escape(line) in build_report(res.run_dir)
     # the depths extraction also left the last-layer features where the audit and embedding map look for them
     from tl_core.cache import DecodedImageCache, FeatureCache
     from tl_core.data.library import open_data

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from ..insight.openset import describe as describe_open_set
 from ..models.metrics import calibration
 from ..runs.files import RunFiles, RunMeta
+from ..runs.progress import features_text
 
 __all__ = ["model_card", "pretraining_data"]
 
@@ -171,7 +172,8 @@ def model_card(files: RunFiles) -> str:
          f"{'one-vs-rest ' if run_meta.multi_label else ''}logistic regression in "
          f"{metrics.get('epochs_run', '?')} L-BFGS steps)" if strategy == "linear" else
          f"Strategy `{strategy}`, {metrics.get('epochs_run', '?')} epochs run (best epoch {metrics.get('best_epoch', '?')})")
-        + f", {_fmt(metrics.get('seconds'), 1)} s.",
+        + f", {_fmt(metrics.get('seconds'), 1)} s."
+        + (f" {features_text(run_meta.features)}." if features_text(run_meta.features) else ""),
         "",
         "```json",
         json.dumps(config, indent=2, sort_keys=True),
