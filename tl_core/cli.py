@@ -220,7 +220,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     ref = Path(args.model)
     # a file is a bundle, whatever its name
     model = load_model(ref if ref.is_file() else _resolve_run_dir(args.model), device=args.device)
-    rows, skipped = predict_paths(model, args.paths, top_k=args.top_k)
+    rows, skipped = predict_paths(model, args.paths, top_k=args.top_k, workspace=_workspace())
     _note_open_set(model)
     if args.csv:
         from .share.predict import write_predictions_csv
