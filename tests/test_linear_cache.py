@@ -148,3 +148,29 @@ def test_runs_that_changed_their_backbone_run_the_whole_network(runs, monkeypatc
     assert tm.cached_features(ws) is not None
     monkeypatch.setattr(type(tm), "config", property(lambda self: {**self.files.config_dict(), "strategy": "full"}))
     assert tm.cached_features(ws) is None
+
+
+def test_a_warm_re_train_reuses_autos_choice_and_repeats_the_run(runs, monkeypatch):
+    """``auto``'s cross-validation runs once per (training features, labels, config): a re-train of the same data
+    reads the recorded choice back and makes the same model; another config chooses again."""
+    import dataclasses
+
+    import tl_core.runs.training as training
+    from tl_core.config import TrainConfig
+    from tl_core.runs.files import RunFiles
+
+    ws, run_dirs, _ = runs
+    data = Path(run_dirs["last"]).parent.parent.parent / "train"
+    first = training.run_training(ws, data, TrainConfig())
+    assert first.status == "done" and first.cv  # auto: cross-validated
+    calls = []
+    real = training.choose_features
+    monkeypatch.setattr(training, "choose_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = training.run_training(ws, data, TrainConfig())
+    assert second.status == "done" and calls == []  # no cross-validation this time
+    a, b = RunFiles(Path(first.run_dir)), RunFiles(Path(second.run_dir))
+    assert a.meta().features == b.meta().features  # variant, C, scales, CV scores
+    pa, pb = a.predictions().splits["val"], b.predictions().splits["val"]
+    assert np.array_equal(pa.logits, pb.logits)
+    third = training.run_training(ws, data, dataclasses.replace(TrainConfig(), linear_c=0.5))
+    assert third.status == "done" and calls == [1]  # another C: chosen again
