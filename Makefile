@@ -9,7 +9,7 @@ ADDRESS ?= localhost
 TORCH_INDEX ?=
 TORCH_PIP := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple,)
 
-.PHONY: app test test-fast venv venv-test bench recipes scale gpu-check sample-data fashion-mnist clean
+.PHONY: app test test-fast venv venv-test bench end-to-end recipes scale gpu-check sample-data fashion-mnist clean
 
 # the app's own dependencies, its ONNX export included (no test tools)
 $(VENV)/.installed: pyproject.toml
@@ -41,6 +41,10 @@ test-fast: venv-test
 
 bench: venv-test
 	$(PY) benchmarks/run.py
+
+# tl-core train + evaluate (two processes, 300 + 1,000 digits) against the classic recipe, and a warm re-train
+end-to-end: venv-test
+	$(PY) benchmarks/end_to_end.py
 
 recipes: venv-test fashion-mnist
 	$(PY) benchmarks/recipes.py

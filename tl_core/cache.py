@@ -185,6 +185,9 @@ class ImageCheckCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # no fsync per recorded check (WAL stays consistent; a crash can only lose the last checks, which are
+            # made again): opening 1,000 new images spent 1.7 s in fsyncs
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS checked (sha TEXT PRIMARY KEY, w INTEGER, h INTEGER, "
                              "error TEXT, version INTEGER)")
             self._db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, "

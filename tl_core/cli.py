@@ -145,6 +145,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runs.training import result_of, run_training
 
     cfg = config_from_args(args)
+    if cfg.strategy == "linear":  # a short process of forward passes (fine-tuning keeps glibc's defaults)
+        from .models.devices import reuse_heap_memory
+
+        reuse_heap_memory()
     ws = _workspace()
     if args.nproc > 1 and not under_torchrun():
         from .runs.launch import train_with_group
@@ -180,9 +184,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .models.devices import reuse_heap_memory
     from .share.loading import load_model
     from .share.predict import evaluate_dataset
 
+    reuse_heap_memory()
     model = load_model(_resolve_run_dir(args.run), device=args.device)
     rep = evaluate_dataset(model, args.data, workspace=_workspace())
     _note_open_set(model)
@@ -214,13 +220,15 @@ def _note_open_set(model: Any) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .models.devices import reuse_heap_memory
     from .share.loading import load_model
     from .share.predict import predict_paths
 
+    reuse_heap_memory()
     ref = Path(args.model)
     # a file is a bundle, whatever its name
     model = load_model(ref if ref.is_file() else _resolve_run_dir(args.model), device=args.device)
-    rows, skipped = predict_paths(model, args.paths, top_k=args.top_k)
+    rows, skipped = predict_paths(model, args.paths, top_k=args.top_k, workspace=_workspace())
     _note_open_set(model)
     if args.csv:
         from .share.predict import write_predictions_csv

@@ -1,26 +1,34 @@
 """Running a trained model over images: raw logits (N, C), batched, eval preprocessing, under
 ``torch.inference_mode()``. Probabilities come from :func:`tl_core.models.metrics.softmax` with the run's
 temperature, in one place. ``with_features=True`` also returns the pre-logit features (what the classifier head
-sees; the open-set score's input) from the same forward pass."""
+sees; the open-set score's input) from the same forward pass.
+
+A ``linear`` run's backbone is the frozen pretrained one, so its logits are its head applied to features the
+feature cache may already hold (:class:`CachedFeatures`, :func:`logits_via_cache`): the same vectors its head
+was fitted on, keyed by (image content, backbone, weights fingerprint, preprocessing, variant); images seen
+before (in training, an earlier evaluation) run through no network at all, the others through
+:func:`~tl_core.models.features.extract_features`, which caches them for the next time."""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..cache import DecodedImageCache
+from ..cache import DecodedImageCache, FeatureCache
 from ..data.intake import ImageItem
 from ..errors import CancelledError
 from .devices import Runtime
-from .features import pooled_features
+from .feature_variants import VariantModel, apply_variant
+from .features import extract_features, pooled_features
 from .pipeline import batched, eval_batches
 from .preprocess import Preprocess
 
-__all__ = ["logits_of_items", "logits_of_images"]
+__all__ = ["logits_of_items", "logits_of_images", "CachedFeatures", "logits_via_cache"]
 
 
 def _forward(model: nn.Module, x: torch.Tensor, rt: Runtime, with_features: bool = False) -> Any:
@@ -71,3 +79,57 @@ def logits_of_images(model: nn.Module, images: Sequence[Any], pre: Preprocess, b
         x = torch.stack([pre.eval_from_pil(im) for im in images[start:start + batch_size]])
         out.append(_forward(model, x, rt, with_features))
     return _stack(out, model, with_features)
+
+
+@dataclass(frozen=True)
+class CachedFeatures:
+    """Where a linear run's probe input comes from: its frozen backbone's entries in the feature cache.
+
+    Attributes:
+        cache: the namespace ``feature_key(backbone, weights fingerprint, preprocessing, variant)`` of the
+            features extracted for the variant (``depths``: the unscaled concatenation, as training caches it).
+        variant: ``last``, ``depths`` or ``flip`` (:mod:`tl_core.models.feature_variants`).
+        last_dim: width of the last-layer features (the first columns of a ``depths`` vector).
+        block_dims: widths of the other depths' blocks (``depths`` only).
+        scales: the run's block scales (``depths`` only), as its saved wrapper applies them.
+        last_cache: for ``depths``, the last-layer namespace, which a depths extraction also fills (as in training).
+    """
+
+    cache: FeatureCache
+    variant: str = "last"
+    last_dim: int = 0
+    block_dims: tuple[int, ...] = ()
+    scales: tuple[float, ...] = ()
+    last_cache: FeatureCache | None = None
+
+
+def _extractor_of(model: nn.Module, variant: str) -> nn.Module:
+    """The module whose pooled features are what ``variant`` caches, sharing the loaded ``model``'s weights: the
+    plain timm model for ``last``, an unscaled wrapper around the saved wrapper's backbone otherwise."""
+    if variant == "last":
+        return model
+    return VariantModel(model.backbone, variant, 0, n_blocks=len(model.block_dims) or None, own_head=False)
+
+
+def logits_via_cache(model: nn.Module, items: Sequence[ImageItem], pre: Preprocess, decoded: DecodedImageCache,
+                     source: CachedFeatures, batch_size: int = 32, should_cancel: Callable[[], bool] | None = None,
+                     runtime: Runtime | None = None, with_features: bool = False) -> Any:
+    """Raw logits (N, C) of a linear run's ``model`` on ``items``: its head on the probe's features, read from the
+    feature cache where they are, extracted (and cached) where not. Equal to :func:`logits_of_items` (the whole
+    network on every image) up to float rounding; with ``with_features``, (logits, pre-logit features (N, D)),
+    the features being those the head sees (scaled for ``depths``)."""
+    rt = runtime or Runtime.cpu()
+    raw = extract_features(_extractor_of(model, source.variant), items, pre, decoded, source.cache,
+                           batch_size=batch_size, should_cancel=should_cancel, runtime=rt,
+                           last_cache=source.last_cache)
+    dim = source.last_dim + sum(source.block_dims) if source.variant == "depths" else source.last_dim
+    if not len(items):
+        raw = np.zeros((0, dim), np.float32)
+    feats = apply_variant(raw, source.variant, source.last_dim, list(source.block_dims),
+                          np.asarray(source.scales, np.float64) if source.scales else None)
+    feats = np.ascontiguousarray(feats, np.float32)
+    clf = model.get_classifier()
+    with torch.inference_mode():
+        x = torch.from_numpy(feats).to(next(clf.parameters()).device)
+        logits = clf(x).float().cpu().numpy()
+    return (logits, feats) if with_features else logits

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -37,7 +39,8 @@ from ..models.devices import Runtime, release_free_memory, set_seed, single_thre
 from ..models.distributed import Cancel, RankFailedError, barrier, broadcast, under_torchrun
 from ..models.distributed import start as distributed_start
 from ..models.distributed import stop as distributed_stop
-from ..models.feature_variants import apply_variant, choose_features, extraction_variant, extractor, wrap_trained
+from ..models.feature_variants import (CANDIDATES, TIE_ORDER, FeatureChoice, apply_variant, choose_features,
+                                       extraction_variant, extractor, wrap_trained)
 from ..models.features import extract_features, feature_key
 from ..models.inference import logits_of_items
 from ..models.metrics import compute_metrics, softmax
@@ -134,8 +137,8 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
             emit({"stage": "features", "message": "Choosing the features" if cfg.features == "auto" else
                   "Preparing the features"})
             last_dim = getattr(ex, "last_features", feats.shape[1])
-            choice = choose_features(feats[:n_tr], ytr, len(classes), cfg, last_dim, getattr(ex, "block_dims", []),
-                                     fit_linear_head, local_cancel)
+            choice = _choose_features_once(fcache, feats[:n_tr], ytr, len(classes), cfg, last_dim,
+                                           list(getattr(ex, "block_dims", [])), local_cancel)
             feats = apply_variant(feats, choice.variant, last_dim, choice.block_dims, np.asarray(choice.scales))
             probe_cfg = dataclasses.replace(cfg, linear_c=choice.linear_c)
             info["features"] = choice
@@ -151,6 +154,45 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     info["stop"] = {"reason": "converged" if converged else "epochs", "epoch": info["epochs_run"],
                     "epochs": probe_cfg.epochs}
     return feats, head, info
+
+
+#: bump when choose_features or the probe changes what it would choose: recorded choices are then not reused
+_CHOICE_VERSION = 1
+
+
+def _choose_features_once(fcache: FeatureCache, raw_train: np.ndarray, y_train: np.ndarray, n_classes: int,
+                          cfg: TrainConfig, last_dim: int, block_dims: list[int],
+                          should_cancel: Callable[[], bool] | None) -> FeatureChoice:
+    """:func:`choose_features`, whose ``auto`` cross-validation (15 probe fits: most of a warm re-train) runs once
+    per (training features, labels, config): the choice is a function of them alone, so it is kept beside the
+    cached features (``<feature cache>/choices/<key>.json``, cleared with them) and a re-train of the same data
+    and config reads it back: the same choice, scores and scales."""
+    if cfg.features != "auto":
+        return choose_features(raw_train, y_train, n_classes, cfg, last_dim, block_dims, fit_linear_head,
+                               should_cancel)
+    h = hashlib.sha256()
+    h.update(json.dumps([_CHOICE_VERSION, n_classes, last_dim, block_dims, cfg.to_dict(),
+                         list(CANDIDATES), list(TIE_ORDER), raw_train.shape, str(raw_train.dtype)],
+                        sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(raw_train).tobytes())
+    h.update(np.ascontiguousarray(y_train, np.int64).tobytes())
+    f = fcache.dir / "choices" / f"{h.hexdigest()[:32]}.json"
+    try:
+        return FeatureChoice(**json.loads(f.read_text()))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as e:  # unreadable or from another version: choose again
+        log.warning("recorded feature choice %s is unusable (%s); choosing again", f, e)
+    choice = choose_features(raw_train, y_train, n_classes, cfg, last_dim, block_dims, fit_linear_head,
+                             should_cancel)
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(choice.to_dict()))
+        os.replace(tmp, f)
+    except OSError as e:  # a read-only or full disk: the next re-train chooses again
+        log.warning("could not record the feature choice (%s)", e)
+    return choice
 
 
 def _classifier_name(model: nn.Module) -> str:

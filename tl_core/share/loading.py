@@ -23,10 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cache import FeatureCache
 from ..errors import ExportError, RunError
 from ..models.catalogue import timm_kwargs
 from ..models.feature_variants import model_from_meta
 from ..models.devices import Runtime
+from ..models.features import feature_key
+from ..models.inference import CachedFeatures
 from ..models.preprocess import Preprocess
 from ..insight.openset import OpenSet
 from ..runs.files import BUNDLE_FILES, METRICS, OPEN_SET_FILES, SAVED, VALIDATION_FIT, RunFiles, RunMeta, RunMetrics
@@ -77,6 +80,30 @@ class TrainedModel:
     @property
     def refitted(self) -> bool:
         return self.meta.refitted
+
+    def cached_features(self, workspace: Workspace) -> CachedFeatures | None:
+        """Where this model's probe input can come from in ``workspace``'s feature cache, or None.
+
+        A ``linear`` run's backbone is the frozen pretrained one (its weights fingerprint is in ``meta.json``), so
+        its logits are its head on the feature variant it was fitted on, cached under the same key as in
+        training; every other strategy changed the backbone (None: the whole network runs).
+        """
+        meta = self.meta
+        fingerprint = (meta.weights or {}).get("fingerprint")
+        if (self.config.get("strategy") != "linear" or not fingerprint or (meta.weights or {}).get("source") == "random"
+                or not hasattr(self.model, "get_classifier")):
+            return None
+        variant = (meta.features or {}).get("variant", "last")
+        pre, model = self.pre, self.model
+        root = workspace.cache_dir / "features"
+        last = FeatureCache(root, feature_key(meta.backbone, fingerprint, pre))
+        if variant == "last":
+            return CachedFeatures(last, "last", int(getattr(model, "head_hidden_size", None) or model.num_features))
+        # the saved wrapper's own block widths and scales (meta.json records the same)
+        return CachedFeatures(FeatureCache(root, feature_key(meta.backbone, fingerprint, pre, variant)), variant,
+                              int(model.last_features), tuple(int(d) for d in model.block_dims),
+                              tuple(float(k) for k in model.scales.tolist()) if variant == "depths" else (),
+                              last if variant == "depths" else None)
 
 
 def resolve_run(ref: str | os.PathLike, workspace: Workspace | None = None) -> Path:

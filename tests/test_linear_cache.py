@@ -1,0 +1,203 @@
+"""Evaluate and predict of a ``linear`` run through the feature cache (issue 16): the same numbers as the whole
+network on every image, for the last layer and several depths; images seen before run through no network; a
+wiped cache only costs time."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_class_folder
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+CLASSES = ("animal", "face", "flag", "food", "vehicle")  # the emoji sample's classes, in order
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two linear runs on 12 emoji per class, ``last`` and ``depths``, in one workspace with a cache of its own
+    (the session's may hold every emoji already), and an evaluation folder of 16 per class: 12 seen in training,
+    4 new."""
+    from tl_core.config import TrainConfig
+    from tl_core.runs.training import run_training
+    from tl_core.runs.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("linear_cache")
+    data = make_class_folder(root / "train", {c: 12 for c in CLASSES})
+    held = make_class_folder(root / "eval", {c: 16 for c in CLASSES})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TL_CACHE_DIR", str(root / "cache"))
+        ws = Workspace(root / "home")
+        out = {}
+        for variant in ("last", "depths"):
+            res = run_training(ws, data, TrainConfig(features=variant))
+            assert res.status == "done", res.error
+            assert res.features == variant
+            out[variant] = res.run_dir
+        yield ws, out, held
+
+
+class _Forwards:
+    """Counts the images that go through a model's first convolution (its stem: every forward pass)."""
+
+    def __init__(self, model: torch.nn.Module):
+        stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        self.images = 0
+        self._h = stem.register_forward_pre_hook(lambda m, inp: setattr(self, "images", self.images + inp[0].shape[0]))
+
+    def close(self) -> None:
+        self._h.remove()
+
+
+def _whole_network(tm, monkeypatch):
+    """The same loaded model with the feature cache path turned off (every image through the network)."""
+    monkeypatch.setattr(type(tm), "cached_features", lambda self, ws: None)
+
+
+@pytest.mark.parametrize("variant", ["last", "depths"])
+def test_evaluate_through_the_cache_equals_the_whole_network(runs, variant, monkeypatch):
+    from tl_core.data.library import open_data
+    from tl_core.models.metrics import softmax
+    from tl_core.share.loading import load_model
+    from tl_core.share.predict import evaluate_dataset, logits_of_dataset_items
+
+    ws, run_dirs, held = runs
+    tm = load_model(run_dirs[variant])
+    assert tm.cached_features(ws).variant == variant
+    items = list(open_data(held, ws, min_per_class=1).items)  # 80 images: 60 seen in training, 20 new
+    count = _Forwards(tm.model)
+    cached = evaluate_dataset(tm, held, ws)
+    assert count.images == 20, "seen images ran through the network again, or new ones did not"
+    logits_c, feats_c = logits_of_dataset_items(tm, items, ws, with_features=True)
+    assert count.images == 20, "a second evaluation ran images through the network"
+
+    with monkeypatch.context() as mp:
+        _whole_network(tm, mp)
+        full = evaluate_dataset(tm, held, ws)
+        logits_f, feats_f = logits_of_dataset_items(tm, items, ws, with_features=True)
+    assert count.images == 20 + 2 * 80  # the whole network ran on every image, twice
+    count.close()
+
+    assert cached["accuracy"] == full["accuracy"] and cached["confusion"] == full["confusion"]
+    assert cached["per_class"] == full["per_class"] and cached["count"] == full["count"] == 80
+    assert cached["unknown_share"] == full["unknown_share"]
+    assert np.abs(softmax(logits_c, tm.temperature) - softmax(logits_f, tm.temperature)).max() < 1e-5
+    assert np.abs(logits_c - logits_f).max() < 1e-4
+    assert np.abs(feats_c - feats_f).max() < 1e-4  # the open-set score's input too
+    assert cached["accuracy"] > 0.7  # a real model (60 of the 80 images are its training images)
+
+
+def test_predict_through_the_cache_equals_the_whole_network(runs, tmp_path):
+    from tl_core.share.loading import load_model
+    from tl_core.share.predict import predict_paths
+
+    ws, run_dirs, held = runs
+    folder = tmp_path / "mixed"
+    shutil.copytree(held, folder)  # 12 seen per class, 4 new
+    (folder / "face" / "broken.png").write_bytes(b"not an image")
+    tm = load_model(run_dirs["depths"])
+    count = _Forwards(tm.model)
+    rows_c, skipped_c = predict_paths(tm, [folder], top_k=3, workspace=ws)
+    assert count.images <= 20  # at most the 20 new images ran (the evaluate test may have cached them)
+    n = count.images
+    again, _ = predict_paths(tm, [folder], top_k=3, workspace=ws)
+    assert count.images == n  # all cached now
+    rows_f, skipped_f = predict_paths(tm, [folder], top_k=3)  # no workspace: the whole network
+    assert count.images == n + 80
+    count.close()
+    assert [s["path"] for s in skipped_c] == [s["path"] for s in skipped_f] == [str(folder / "face" / "broken.png")]
+    assert len(rows_c) == len(rows_f) == 80
+    for a, b, c in zip(rows_c, rows_f, again):
+        assert a["path"] == b["path"] == c["path"] and a["label"] == b["label"] == c["label"]
+        assert abs(a["confidence"] - b["confidence"]) < 1e-5 and a["confidence"] == c["confidence"]
+        assert [t["label"] for t in a["top_k"]] == [t["label"] for t in b["top_k"]]
+        assert a["unknown"] == b["unknown"] and abs(a["ood_score"] - b["ood_score"]) < 1e-4
+
+
+def test_a_run_whose_cache_was_wiped_still_evaluates(runs, tmp_path, monkeypatch):
+    from tl_core.runs.workspace import Workspace
+    from tl_core.share.loading import load_model
+    from tl_core.share.predict import evaluate_dataset
+
+    ws, run_dirs, held = runs
+    tm = load_model(run_dirs["depths"])
+    before = evaluate_dataset(tm, held, ws)
+    empty = tmp_path / "wiped"
+    monkeypatch.setenv("TL_CACHE_DIR", str(empty))  # this workspace's caches, emptied
+    wiped = Workspace(ws.home)
+    assert not (wiped.cache_dir / "features").exists()
+    count = _Forwards(tm.model)
+    after = evaluate_dataset(tm, held, wiped)
+    assert count.images == 80  # every image extracted again (and cached)
+    count.close()
+    assert after["accuracy"] == before["accuracy"] and after["confusion"] == before["confusion"]
+    assert any((wiped.cache_dir / "features").rglob("*.npy"))
+    shutil.rmtree(empty)
+
+
+def test_runs_that_changed_their_backbone_run_the_whole_network(runs, monkeypatch):
+    from tl_core.share.loading import load_model
+
+    ws, run_dirs, _ = runs
+    tm = load_model(run_dirs["last"])
+    assert tm.cached_features(ws) is not None
+    monkeypatch.setattr(type(tm), "config", property(lambda self: {**self.files.config_dict(), "strategy": "full"}))
+    assert tm.cached_features(ws) is None
+
+
+def test_a_warm_re_train_reuses_autos_choice_and_repeats_the_run(runs, monkeypatch):
+    """``auto``'s cross-validation runs once per (training features, labels, config): a re-train of the same data
+    reads the recorded choice back and makes the same model; another config chooses again."""
+    import dataclasses
+
+    import tl_core.runs.training as training
+    from tl_core.config import TrainConfig
+    from tl_core.runs.files import RunFiles
+
+    ws, run_dirs, _ = runs
+    data = Path(run_dirs["last"]).parent.parent.parent / "train"
+    first = training.run_training(ws, data, TrainConfig())
+    assert first.status == "done" and first.cv  # auto: cross-validated
+    calls = []
+    real = training.choose_features
+    monkeypatch.setattr(training, "choose_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = training.run_training(ws, data, TrainConfig())
+    assert second.status == "done" and calls == []  # no cross-validation this time
+    a, b = RunFiles(Path(first.run_dir)), RunFiles(Path(second.run_dir))
+    assert a.meta().features == b.meta().features  # variant, C, scales, CV scores
+    pa, pb = a.predictions().splits["val"], b.predictions().splits["val"]
+    assert np.array_equal(pa.logits, pb.logits)
+    third = training.run_training(ws, data, dataclasses.replace(TrainConfig(), linear_c=0.5))
+    assert third.status == "done" and calls == [1]  # another C: chosen again
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator settings")
+@pytest.mark.parametrize("reuse", [False, True])
+def test_reusing_heap_memory_stops_the_page_faults_of_each_batch(reuse):
+    """``reuse_heap_memory`` (what tl-core train/evaluate/predict call first): a batch's 150 MB of activations
+    come from the heap again instead of fresh zeroed pages from the kernel, batch after batch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from tl_core.models.devices import reuse_heap_memory\n"
+        f"ok = reuse_heap_memory() if {reuse} else True\n"
+        "x = torch.randn(32, 16, 112, 112)\n"
+        "def step():\n"
+        "    return (torch.nn.functional.conv2d(x, torch.randn(96, 16, 1, 1)).relu() * 2).sum()\n"
+        "step()\n"
+        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(5):\n"
+        "    step()\n"
+        "print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.split()
+    assert out[0] == "True"
+    faults = int(out[1])  # 5 batches x 2 x 154 MB = 1.5 GB: ~375,000 pages when each allocation is mapped afresh
+    assert faults < 20_000 if reuse else faults > 100_000
