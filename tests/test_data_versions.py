@@ -206,3 +206,33 @@ def test_train_on_name_at_version_records_it(capsys, tl_home, three_classes):
     assert open_data(rec["data"]).counts()["animal"] == 8
     moved = RunFiles(cur["run_dir"]).predictions().splits["val"].paths
     assert len(moved) == len(val.paths) and all(Path(p).is_file() and "datasets/animals/" in p for p in moved)
+
+
+def test_images_added_to_a_train_test_dataset_go_into_its_train_folder(tl_home):
+    from tl_core.data import versions
+    from tl_core.data.library import add_class_images, open_data
+    from tl_core.runs.workspace import Workspace
+
+    ws = Workspace.default()
+    root = ws.datasets_dir / "split"
+    make_class_folder(root / "train", {"animal": 4, "face": 4})
+    for cls in ("animal", "face"):  # two other images of each class held out for testing
+        (root / "test" / cls).mkdir(parents=True)
+        for f in sorted((EMOJI / cls).iterdir())[10:12]:
+            (root / "test" / cls / f.name).write_bytes(f.read_bytes())
+    flags = [(f.name, f.read_bytes()) for f in sorted((EMOJI / "flag").iterdir())[:2]]
+    # not versioned yet: a new class lands in train/, next to the other class folders
+    _, saved, _ = add_class_images(ws, "split", "flag", flags)
+    assert sorted(p.name for p in (root / "train" / "flag").iterdir()) == sorted(saved) and len(saved) == 2
+    assert sorted(p.name for p in root.iterdir()) == ["test", "train"]
+    assert versions.class_counts(ws, "split") == {"animal": 6, "face": 6, "flag": 2}
+    # versioned: the added image is a training image of the new version
+    versions.ensure_versions(ws, "split")
+    more = sorted((EMOJI / "animal").iterdir())[20]
+    add_class_images(ws, "split", "animal", [(more.name, more.read_bytes())])
+    assert (root / "train" / "animal" / more.name).is_file() and not (root / "animal").exists()
+    row = {r["file"]: r for r in versions.version_rows(ws, "split")}[f"train/animal/{more.name}"]
+    assert row["split"] == "train" and row["label"] == "animal"
+    ds = open_data("split")
+    assert ds.counts("train") == {"animal": 5, "face": 4, "flag": 2} 
+    assert ds.counts("test") == {"animal": 2, "face": 2, "flag": 0}

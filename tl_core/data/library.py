@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import DatasetError
 from .images import IMAGE_EXTENSIONS, image_from_bytes
-from .intake import Dataset, find_multi_label_csv, open_dataset, safe_extract_zip
+from .intake import Dataset, _find_dataset_root, find_multi_label_csv, open_dataset, safe_extract_zip, split_layout
 from .report import UPLOAD_REPORT
 
 if TYPE_CHECKING:
@@ -373,8 +373,12 @@ def add_class_images(ws: Workspace, dataset: str, class_name: str,
         raise DatasetError(f"'{ds_dir.name}' is multi-label: its images are labelled by its labels.csv, not by class "
                            "folders; upload a new zip with the images and their rows in labels.csv instead.")
     managed = is_managed(ws, ds_dir.name)
-    base = images_root(ds_dir) if managed else ds_dir
-    cls_dir = base / safe_name(class_name, fallback="class")
+    root = images_root(ds_dir) if managed else _find_dataset_root(ds_dir) if ds_dir.is_dir() else ds_dir
+    # a dataset with a train/ (val/) (test/) layout takes new images into train/, next to its other class folders
+    splits = split_layout(root)
+    train_dir = next((d for d, s in (splits or {}).items() if s == "train" and any(c.is_dir() for c in d.iterdir())),
+                     None)
+    cls_dir = (train_dir or root) / safe_name(class_name, fallback="class")
     saved: list[str] = []
     skipped: list[dict[str, str]] = []
     for name, data in files:
@@ -401,8 +405,9 @@ def add_class_images(ws: Workspace, dataset: str, class_name: str,
         raise DatasetError(f"None of the files could be added as images ({reasons or 'no files'}); "
                            "upload .jpg, .png, .webp or .bmp images.")
     if managed:  # a new version with the new images; a dataset not versioned yet takes them in its first one
-        add_images(ws, ds_dir.name, [(f"{cls_dir.name}/{n}", cls_dir.name) for n in saved],
-                   f"added {len(saved)} image(s) to {cls_dir.name!r}")
+        rel = cls_dir.relative_to(root).as_posix()
+        add_images(ws, ds_dir.name, [(f"{rel}/{n}", cls_dir.name) for n in saved],
+                   f"added {len(saved)} image(s) to {cls_dir.name!r}", split="train" if train_dir else None)
     return ds_dir, saved, skipped
 
 

@@ -625,9 +625,11 @@ def restore_version(ws: "Workspace", name: str, version: str) -> dict[str, Any]:
         return _commit(folder, version_rows(ws, name, vid), f"restored {vid}")
 
 
-def add_images(ws: "Workspace", name: str, added: list[tuple[str, str]], change: str) -> dict[str, Any] | None:
-    """Record images just saved into the folder of a managed dataset (``[(path inside the dataset, label)]``) as a
-    new version; nothing for a dataset not versioned yet (its first version will include them)."""
+def add_images(ws: "Workspace", name: str, added: list[tuple[str, str]], change: str,
+               split: str | None = None) -> dict[str, Any] | None:
+    """Record images just saved into the folder of a managed dataset (``[(path inside the dataset, label)]``, in
+    the split ``split`` of a train/val/test layout) as a new version; nothing for a dataset not versioned yet (its
+    first version will include them)."""
     from .images import file_sha256
 
     folder = _folder(ws, name)
@@ -639,7 +641,10 @@ def add_images(ws: "Workspace", name: str, added: list[tuple[str, str]], change:
         known = {r["file"] for r in rows}
         for file, label in added:
             if file not in known:
-                rows.append({"file": file, "sha256": file_sha256(root / file), "label": label, "excluded": False})
+                row = {"file": file, "sha256": file_sha256(root / file), "label": label, "excluded": False}
+                if split:
+                    row["split"] = split
+                rows.append(row)
         return _commit(folder, rows, change)
 
 
@@ -653,6 +658,13 @@ def class_counts(ws: "Workspace", name: str) -> dict[str, int]:
         return {}
     if is_managed(ws, name):
         return dict(history(ws, name)[0]["counts"]["classes"])
-    root = images_root(folder)
-    return {d.name: sum(1 for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-            for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    from .intake import _find_dataset_root, split_layout
+
+    root = _find_dataset_root(images_root(folder))
+    counts: dict[str, int] = {}
+    for parent in list(split_layout(root) or {}) or [root]:
+        for d in sorted(parent.iterdir()):
+            if d.is_dir() and not d.name.startswith("."):
+                counts[d.name] = counts.get(d.name, 0) + sum(1 for f in d.iterdir()
+                                                             if f.suffix.lower() in IMAGE_EXTENSIONS)
+    return dict(sorted(counts.items()))
