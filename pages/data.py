@@ -15,7 +15,7 @@ from tl_core.runs import tasks
 from tl_core.config import CLASS_BALANCE, field_help
 from tl_core.data.images import IMAGE_EXTENSIONS
 from tl_core.data.library import (add_class_images, dataset_runs, dataset_signature, dataset_users, delete_dataset,
-                                  rename_dataset, safe_name, save_uploaded_zip)
+                                  rename_dataset, safe_name, save_uploaded_folder, save_uploaded_zip)
 from tl_core.data import versions
 from tl_core.errors import DatasetError
 from tl_core.share import figures as charts
@@ -273,6 +273,29 @@ def unpack_zip(ws, up, labels) -> None:
     st.rerun()
 
 
+def unpack_folder(ws, files) -> None:
+    """Save an uploaded folder (class sub-folders) as a new dataset, through the same checks as a zip: a folder
+    that cannot make a dataset is refused before anything is saved, and the refusal stays in view while the same
+    files are in the uploader."""
+    attempt = "folder:" + ",".join(sorted(f.file_id for f in files))
+    refused = st.session_state.setdefault("_refused_folders", {})
+    if attempt in refused:
+        st.error(refused[attempt])
+        return
+    if not _once(attempt):
+        return
+    try:
+        folder = save_uploaded_folder(ws, [(f.name, f.getvalue()) for f in files])
+    except DatasetError as e:
+        refused[attempt] = f"{e} Nothing was saved."
+        st.error(refused[attempt])
+        return
+    st.session_state["_folder_uploads"] = st.session_state.get("_folder_uploads", 0) + 1  # an empty uploader
+    session.select("dataset", session.dataset_ref_for_path(folder, ws))
+    _flash(f"Saved the uploaded folder ({len(files)} files) as dataset '{folder.name}'.")
+    st.rerun()
+
+
 def _rename(ws, name: str) -> None:
     """Button callback: rename the chosen uploaded dataset (before the page is drawn, so the picker follows)."""
     try:
@@ -428,7 +451,8 @@ with session.page_errors():
     # stay open while a dataset is built class by class or picture by picture
     building = st.session_state.get("_class_uploads", 0) > 0 or st.session_state.get("_cap_shots", 0) > 0
     with st.expander("Bring your own images", expanded=not chosen or building, icon=":material/upload:"):
-        tab_zip, tab_classes, tab_camera = st.tabs(["Upload a zip", "Add images class by class", "Take pictures"])
+        tab_zip, tab_folder, tab_classes, tab_camera = st.tabs(
+            ["Upload a zip", "Upload a folder", "Add images class by class", "Take pictures"])
         with tab_zip:
             st.caption("A .zip holding one folder per class (`cats/1.jpg`, `dogs/7.png`, …; sub-folders `train/`, "
                        "`val/`, `test/` with class folders inside are understood too). Files that are not images "
@@ -448,6 +472,19 @@ with session.page_errors():
                                           help="One 'path,label' row per image. " + session.upload_note())
             if up is not None:
                 unpack_zip(ws, up, labels)
+
+        with tab_folder:
+            st.caption("A folder on your computer holding one sub-folder of images per class (`pets/cats/1.jpg`, "
+                       "`pets/dogs/7.png`, …; `train/`, `val/`, `test/` with class folders inside are understood "
+                       "too). It is checked like a zip: one that cannot make a dataset is refused and nothing is "
+                       "saved.")
+            n_folders = st.session_state.setdefault("_folder_uploads", 0)
+            picked = st.file_uploader("Dataset folder", type=IMAGE_TYPES + ["csv"], accept_multiple_files="directory",
+                                      key=f"folder_upload_{n_folders}",
+                                      help="Choose the folder itself (the browser uploads every image in it and "
+                                           "its sub-folders). " + session.upload_note())
+            if picked:
+                unpack_folder(ws, picked)
 
         with tab_classes:
             st.caption("Build a dataset from images on your computer: name a class, add its images, repeat for "

@@ -188,3 +188,34 @@ def test_capture_class_by_class_with_the_camera_and_a_counter_per_class(empty_ho
     hist = versions.history(ws, "webcam")
     assert len(hist) == 2 and hist[0]["counts"]["classes"] == {"thumbs_up": 3, "wave": 4}
     assert metric(at, "wave") == "4"
+
+
+def _folder_files(top: str, spec: dict[str, tuple[str, int]]) -> list[tuple[str, bytes, str]]:
+    """What the browser uploads for a folder: every file, named by its path from the folder chosen."""
+    return [(f"{top}/{cls}/{f.name}", f.read_bytes(), "image/png")
+            for cls, (src, n) in spec.items() for f in sorted((EMOJI / src).iterdir())[:n]]
+
+
+def test_a_folder_of_class_folders_uploads_as_a_dataset_and_a_one_class_folder_is_refused(empty_home):
+    ws = empty_home
+    at = app()
+    goto(at, "data")
+    assert_clean(at)
+    up = at.file_uploader(key="folder_upload_0")
+    assert up.accept_directory
+    # one class only: refused with one message, nothing saved
+    up.set_value(_folder_files("cats", {"cat": ("animal", 5)})).run()
+    assert not at.exception, [e.value for e in at.exception]
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "Only one class ('cat')" in errors[0] and "Nothing was saved" in errors[0], errors
+    assert not ws.datasets_dir.exists() or not [d for d in ws.datasets_dir.iterdir() if not d.name.startswith(".")]
+    # two classes: a new dataset, chosen
+    at.file_uploader(key="folder_upload_0").set_value(
+        _folder_files("pets", {"cat": ("animal", 6), "smiley": ("face", 7)})).run()
+    assert_clean(at)
+    assert any("as dataset 'pets'" in s.value for s in at.success), [s.value for s in at.success]
+    assert at.session_state["dataset"] == "workspace/pets"
+    assert metric(at, "Classes") == "2" and metric(at, "Images") == "13"
+    assert sorted(p.name for p in (ws.datasets_dir / "pets").iterdir() if not p.name.startswith(".")) == ["cat", "smiley"]
+    assert versions.history(ws, "pets")[0]["counts"]["classes"] == {"cat": 6, "smiley": 7}
+    assert at.file_uploader(key="folder_upload_1").value in (None, [])  # an empty uploader for the next folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,27 @@ def test_images_added_to_a_train_test_dataset_go_into_its_train_folder(tl_home):
     ds = open_data("split")
     assert ds.counts("train") == {"animal": 5, "face": 4, "flag": 2} 
     assert ds.counts("test") == {"animal": 2, "face": 2, "flag": 0}
+
+
+def test_an_uploaded_folder_is_checked_like_a_zip(tl_home):
+    from tl_core.data.library import save_uploaded_folder
+    from tl_core.errors import DatasetError
+    from tl_core.runs.workspace import Workspace
+
+    ws = Workspace.default()
+    png = next(EMOJI.glob("animal/*.png")).read_bytes()
+    for files, why in (([("pets/cat/../../escape.png", png), ("pets/dog/1.png", png)], "not a file inside"),
+                       ([], "The folder is empty"),
+                       ([("pets/cat/1.png", png), ("pets/cat/2.png", png)], "Only one class ('cat')")):
+        with pytest.raises(DatasetError, match=re.escape(why)):
+            save_uploaded_folder(ws, files)
+    assert not ws.datasets_dir.exists() or not [p for p in ws.datasets_dir.iterdir() if not p.name.startswith(".")]
+    # a train/ and test/ layout keeps its splits
+    files = [(f"fm/{p.relative_to(FASHION).as_posix()}", p.read_bytes()) for p in sorted(FASHION.rglob("*.png"))]
+    folder = save_uploaded_folder(ws, files)
+    assert folder == ws.datasets_dir / "fm" and sorted(p.name for p in folder.iterdir() if p.name[0] != ".") == [
+        "test", "train"]
+    from tl_core.data.library import open_data
+
+    ds = open_data("fm")
+    assert sum(ds.counts("test").values()) == 200 and sum(ds.counts("train").values()) == 300

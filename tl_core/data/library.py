@@ -38,6 +38,7 @@ __all__ = [
     "dataset_signature",
     "open_data",
     "save_uploaded_zip",
+    "save_uploaded_folder",
     "add_class_images",
     "save_upload",
     "dataset_runs",
@@ -210,7 +211,8 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: byt
         images = [f for f in tmp_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
         if not images:
             raise DatasetError(f"{filename} holds no images; put the images in one folder per class "
-                               "(e.g. cats/1.jpg, dogs/1.jpg) and zip that.")
+                               "(e.g. cats/1.jpg, dogs/1.jpg)"
+                               + (" and zip that." if filename.lower().endswith(".zip") else "."))
         csv_name, csv_text = _labels_csv(tmp_zip, labels_csv)
         report = {"source": filename, "skipped": [{"path": s.path, "reason": s.reason} for s in skipped
                                                   if not (csv_name and s.path == csv_name)]}
@@ -232,6 +234,32 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: byt
         shutil.rmtree(tmp_dir, ignore_errors=True)
         shutil.rmtree(sorted_dir, ignore_errors=True)
     return target
+
+
+def save_uploaded_folder(ws: Workspace, files: Iterable[tuple[str, bytes]]) -> Path:
+    """Save a folder uploaded from the browser (``[(path inside the folder, bytes)]``, each path starting with the
+    folder's own name, e.g. ``pets/cats/1.jpg``) as a new dataset, through the same checks as a zip: it is
+    packed into one and goes through :func:`save_uploaded_zip` (safe paths and sizes, class folders or a
+    ``train/``/``val/``/``test/`` layout, a labels CSV inside, one class or no images refused with nothing saved).
+
+    Raises:
+        DatasetError: no files, a path that leaves the folder, or whatever :func:`save_uploaded_zip` refuses.
+    """
+    files = [(str(name).replace("\\", "/"), data) for name, data in files]
+    if not files:
+        raise DatasetError("The folder is empty; choose a folder with one sub-folder of images per class.")
+    tops = {name.split("/", 1)[0] if "/" in name else "" for name, _ in files}
+    folder = tops.pop() if len(tops) == 1 and "" not in tops else ""
+    if folder:  # the dataset is named after the folder, and holds what the folder held
+        files = [(name.split("/", 1)[1], data) for name, data in files]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in files:
+            parts = name.split("/")
+            if name.startswith("/") or ".." in parts or not parts[-1]:
+                raise DatasetError(f"{name}: not a file inside the folder; choose the folder again.")
+            zf.writestr(name, data)
+    return save_uploaded_zip(ws, folder or "folder", buf.getvalue())
 
 
 def _check_trainable(folder: Path, filename: str, ws: Workspace) -> None:
