@@ -132,6 +132,11 @@ def test_evaluate_mistake_moved_to_the_predicted_class_in_a_copy_of_the_sample(h
     assert_clean(at)
     assert len(versions.history(ws, name)) == 3 and versions.managed_copy(ws, str(EMOJI)) == "emoji"
     assert [d for d in ws.datasets_dir.iterdir() if not d.name.startswith(".")] == [ws.datasets_dir / "emoji"]
+    # the dataset picker says what the copy is
+    goto(at, "data")
+    assert_clean(at)
+    picker = at.selectbox(key="pick_dataset")
+    assert picker.format_func("workspace/emoji") == "emoji (copy of sample emoji)"
 
 
 def test_runs_page_shows_the_dataset_version_a_run_trained_on(home, tmp_path):
@@ -219,3 +224,4 @@ def test_a_folder_of_class_folders_uploads_as_a_dataset_and_a_one_class_folder_i
     assert sorted(p.name for p in (ws.datasets_dir / "pets").iterdir() if not p.name.startswith(".")) == ["cat", "smiley"]
     assert versions.history(ws, "pets")[0]["counts"]["classes"] == {"cat": 6, "smiley": 7}
     assert at.file_uploader(key="folder_upload_1").value in (None, [])  # an empty uploader for the next folder
+    assert at.selectbox(key="pick_dataset").format_func("workspace/pets") == "pets (uploaded)"

@@ -98,13 +98,16 @@ def sample_datasets(root: str | os.PathLike = SAMPLE_DATA_DIR) -> list[dict[str,
 
 
 def workspace_datasets(ws: Workspace) -> list[dict[str, str]]:
-    """Datasets uploaded into the workspace (``datasets/<name>/``), newest first."""
+    """Datasets in the workspace (``datasets/<name>/``), newest first: ``{name, path, origin}`` (origin: where it
+    came from, :func:`tl_core.data.versions.origin`)."""
+    from .versions import origin
+
     d = ws.datasets_dir
     if not d.is_dir():
         return []
     dirs = [p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")]
     dirs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    return [{"name": p.name, "path": str(p)} for p in dirs]
+    return [{"name": p.name, "path": str(p), "origin": origin(p)} for p in dirs]
 
 
 def dataset_signature(path: str | os.PathLike) -> str:

@@ -469,6 +469,20 @@ def _info(folder: Path) -> dict[str, Any]:
         return {}
 
 
+def origin(folder: Path) -> str:
+    """Where a workspace dataset came from, in a few words: ``uploaded`` (a zip, a folder, images, the camera),
+    ``copy of sample emoji`` (the managed copy a change to a sample makes) or ``copy of folder pets`` (imported)."""
+    from .library import SAMPLE_DATA_DIR
+
+    src = _info(folder).get("source")
+    if not src:
+        return "uploaded"
+    p = Path(src)
+    if p.is_relative_to(SAMPLE_DATA_DIR.resolve()):
+        return f"copy of sample {p.relative_to(SAMPLE_DATA_DIR.resolve()).parts[0]}"
+    return f"copy of {'folder' if p.suffix.lower() not in ('.zip', '.csv') else p.suffix.lower().lstrip('.')} {p.stem if p.suffix else p.name}"
+
+
 def file_in_dataset(ws: "Workspace", name: str, path: str | os.PathLike) -> str:
     """The path inside the dataset (``cats/img_001.png``) of ``path``: that already, an image's absolute path (as a
     :class:`Dataset` of the version lists it), or the path of the image it was imported from."""
