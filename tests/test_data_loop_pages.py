@@ -156,6 +156,40 @@ def test_runs_page_shows_the_dataset_version_a_run_trained_on(home, tmp_path):
     at.multiselect(key="runs_selected").set_value([res.run_id]).run()
     assert any(f"Trained on dataset version **pets@{imp['version']}**" in c.value for c in at.caption)
 
+    # a second run on a new version: the two compare, each with its version
+    first = sorted(p.name for p in (ws.datasets_dir / "pets" / "animal").iterdir())[0]
+    v2 = versions.exclude_images(ws, "pets", [f"animal/{first}"])["version"]
+    res2 = run_training(ws, "pets", TrainConfig(strategy="linear", epochs=5))
+    assert res2.status == "done" and res2.dataset_version == f"pets@{v2}"
+    at = app({"run": res2.run_id})
+    goto(at, "runs")
+    assert_clean(at)
+    table = [d.value for d in at.dataframe if "Data" in d.value.columns][0]
+    assert {f"pets@{imp['version']}", f"pets@{v2}"} <= set(table["Data"])
+    at.multiselect(key="runs_selected").set_value([res.run_id, res2.run_id]).run()
+    assert_clean(at)
+    compared = at.table[0].value
+    assert list(compared.loc["Data"]) == [f"pets@{imp['version']}", f"pets@{v2}"]
+    assert any("different versions of the same dataset" in c.value for c in at.caption)
+
+    # the dataset deleted: the runs stay, and say so in one sentence; Evaluate still draws
+    from tl_core.data.library import delete_dataset
+
+    assert delete_dataset(ws, "pets") == 2
+    at = app({"run": res2.run_id})
+    goto(at, "runs")
+    at.multiselect(key="runs_selected").set_value([res2.run_id]).run()
+    assert_clean(at)
+    assert [c.value for c in at.caption if "has been deleted" in c.value] == [
+        f"Run {res2.run_id}: its dataset 'pets' has been deleted from this server; its results and model are kept, "
+        "but views of its images (mistakes, Grad-CAM) cannot show them."]
+    goto(at, "evaluate")
+    assert_clean(at)
+    assert has_metric(at, "Accuracy")
+    assert [i.value for i in at.info if "deleted" in i.value] == [
+        "The dataset 'pets' this run trained on has been deleted from this server: its figures below are kept, but its "
+        "images (mistakes, Grad-CAM, the map) cannot be shown."]
+
 
 def _camera_shot(path: Path) -> tuple[str, bytes, str]:
     buf = io.BytesIO()

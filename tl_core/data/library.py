@@ -45,6 +45,7 @@ __all__ = [
     "dataset_users",
     "rename_dataset",
     "delete_dataset",
+    "deleted_dataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -622,3 +623,14 @@ def delete_dataset(ws: Workspace, name: str) -> int:
     shutil.rmtree(trash, ignore_errors=True)
     log.info("dataset %s deleted (%d run(s) trained on it are kept)", name, kept)
     return kept
+
+
+def deleted_dataset(ws: Workspace, data: str | os.PathLike | None) -> str | None:
+    """The name of the workspace dataset a run's ``data`` (a folder, ``NAME`` or ``NAME@VERSION``) names when it is
+    no longer on this server (deleted), else None (it is there, or it was never a workspace dataset)."""
+    text = str(data or "")
+    if not text or Path(text).exists():
+        return None
+    name = Path(text.split("@", 1)[0]).name
+    inside = Path(text).parent.resolve() == ws.datasets_dir.resolve() or not os.path.isabs(text)
+    return name if inside and is_dataset_name(name) and not (ws.datasets_dir / name).is_dir() else None
