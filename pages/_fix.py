@@ -120,10 +120,14 @@ def fixable_images(ws, data: str, items: list[dict[str, Any]], classes: list[str
     if not shown:
         return
     rows = current_rows(ws, data)
+    seen: dict[str, int] = {}
     for start in range(0, len(shown), per_row):
         cols = st.columns(per_row)
         for col, it in zip(cols, shown[start:start + per_row]):
+            # an image can be listed twice (a training image that two validation images copy): its second
+            # listing gets buttons of its own
+            n = seen[it["path"]] = seen.get(it["path"], 0) + 1
             with col:
                 st.image(it["path"], width=width, caption=it["caption"])
-                image_actions(ws, data, it["path"], it["label"], classes, where, rows, it.get("suggested"),
-                              it.get("why"), follow)
+                image_actions(ws, data, it["path"], it["label"], classes, where if n == 1 else f"{where}#{n}", rows,
+                              it.get("suggested"), it.get("why"), follow)

@@ -259,3 +259,23 @@ def test_a_folder_of_class_folders_uploads_as_a_dataset_and_a_one_class_folder_i
     assert versions.history(ws, "pets")[0]["counts"]["classes"] == {"cat": 6, "smiley": 7}
     assert at.file_uploader(key="folder_upload_1").value in (None, [])  # an empty uploader for the next folder
     assert at.selectbox(key="pick_dataset").format_func("workspace/pets") == "pets (uploaded)"
+
+
+def test_a_training_image_that_leaks_twice_gets_buttons_under_each_listing(home):
+    import shutil
+
+    ws, _ = home
+    root = _planted_dataset(ws)
+    src = sorted((root / "train" / "animal").iterdir())[0]
+    shutil.copy(src, root / "val" / "animal" / "leaked_again.png")  # the same training image, a second leak
+    at = app({"data": "workspace/planted"})
+    goto(at, "data")
+    button(at, "Check the data").click().run()
+    until(at, lambda a: has_metric(a, "Leaks into validation"), what="the audit")
+    assert_clean(at)  # no duplicate widget keys
+    assert int(metric(at, "Leaks into validation")) >= 2
+    first, second = at.button(key=f"exc-{_key('leak', str(src))}"), at.button(key=f"exc-{_key('leak#2', str(src))}")
+    second.click().run()
+    assert_clean(at)
+    assert f"Excluded train/animal/{src.name}" in _successes(at)
+    assert {r["file"]: r for r in versions.version_rows(ws, "planted")}[f"train/animal/{src.name}"]["excluded"]
