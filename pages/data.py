@@ -27,6 +27,7 @@ st.caption("A dataset is a set of images sorted into one folder per class: `cats
            "Choose one below, or bring your own.")
 
 IMAGE_TYPES = sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+CLASSES_TAB, CAMERA_TAB = "Add images class by class", "Take pictures"
 
 
 def _once(upload_id: str) -> bool:
@@ -421,6 +422,7 @@ def capture(ws) -> None:
             st.error(str(e))
             return
         st.session_state["_cap_shots"] = n_shots + 1
+        st.session_state["_building_tab"] = CAMERA_TAB
         session.select("dataset", session.dataset_ref_for_path(folder, ws))
         _flash(f"Saved a picture of '{safe_name(cls, fallback='class')}' in '{folder.name}'.")
         st.rerun()
@@ -451,8 +453,10 @@ with session.page_errors():
     # stay open while a dataset is built class by class or picture by picture
     building = st.session_state.get("_class_uploads", 0) > 0 or st.session_state.get("_cap_shots", 0) > 0
     with st.expander("Bring your own images", expanded=not chosen or building, icon=":material/upload:"):
+        # the tab a dataset is being built in stays selected: the first picture or images make a dataset, and the
+        # panels that then show above would otherwise redraw the tabs on their first one
         tab_zip, tab_folder, tab_classes, tab_camera = st.tabs(
-            ["Upload a zip", "Upload a folder", "Add images class by class", "Take pictures"])
+            ["Upload a zip", "Upload a folder", CLASSES_TAB, CAMERA_TAB], default=st.session_state.get("_building_tab"))
         with tab_zip:
             st.caption("A .zip holding one folder per class (`cats/1.jpg`, `dogs/7.png`, …; sub-folders `train/`, "
                        "`val/`, `test/` with class folders inside are understood too). Files that are not images "
@@ -506,6 +510,7 @@ with session.page_errors():
                        [f"{s['path']}: {s['reason']}" for s in skipped])
                 session.select("dataset", session.dataset_ref_for_path(folder, ws))
                 st.session_state["_class_uploads"] = n_added + 1
+                st.session_state["_building_tab"] = CLASSES_TAB
                 st.rerun()
 
         with tab_camera:
