@@ -77,6 +77,14 @@ def current_rows(ws, data: str) -> dict[str, dict[str, Any]] | None:
         return None
 
 
+def is_excluded(ws, rows: dict[str, dict[str, Any]] | None, path: str) -> bool:
+    """Whether the current version (``rows`` of :func:`current_rows`) leaves the image ``path`` out."""
+    if rows is None:
+        return False
+    row = rows.get(versions.file_in_dataset(ws, rows["_name"], path))
+    return bool(row and row["excluded"])
+
+
 def _key(*parts: str) -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 

@@ -125,12 +125,16 @@ def show_audit(audit: dict, ws, data: str, classes: list[str]) -> None:
                  "why": "leaked into validation"})], classes, "leak", per_row=4, follow=True)
     if exact:
         with st.expander(f"Exact duplicates ({len(exact)} group(s))", expanded=len(exact) <= 5):
-            copies = sum(len(g["paths"]) - 1 for g in exact)
-            st.button(f"Keep one of each group (exclude {copies} copies)", key="keep_one_each",
-                      on_click=_keep_one_of_each, args=(ws, data, [g["paths"] for g in exact]),
-                      icon=":material/filter_1:", type="primary",
-                      help="One new version of the dataset in which each group of identical files keeps its first "
-                           "image only.")
+            rows = fixes.current_rows(ws, data)
+            copies = sum(not fixes.is_excluded(ws, rows, p) for g in exact for p in g["paths"][1:])
+            if copies:
+                st.button(f"Keep one of each group (exclude {copies} {'copy' if copies == 1 else 'copies'})",
+                          key="keep_one_each", on_click=_keep_one_of_each, args=(ws, data, [g["paths"] for g in exact]),
+                          icon=":material/filter_1:", type="primary",
+                          help="One new version of the dataset in which each group of identical files keeps its "
+                               "first image only.")
+            else:
+                st.caption("The current version keeps one image of each group.")
             for n, g in enumerate(exact[:20]):
                 note = " — **different labels!**" if g["conflicting_labels"] else ""
                 st.markdown(f"{len(g['paths'])} identical files{note}")
@@ -523,7 +527,15 @@ with session.page_errors():
 
     val_split = session.setting("val_split", 0.2)
     seed = session.setting("seed", 0)
-    rep = session.dataset_report(path, val_split, seed, ws)
+    try:
+        rep = session.dataset_report(path, val_split, seed, ws)
+    except DatasetError as e:
+        if not str(e).startswith("Only one class") or not (session.get("dataset") or "").startswith("workspace/"):
+            raise
+        # a dataset being built class by class (or picture by picture): not an error yet, the next step
+        st.info(f"{e} Add a second class above: name it, then take its pictures or add its images.",
+                icon=":material/add_photo_alternate:")
+        st.stop()
 
     st.header(f"Report: {path.name}")
     m = st.columns(5)

@@ -68,6 +68,9 @@ def test_data_check_fixes_in_place_each_fix_a_version_then_restore(home):
     bulk.click().run()
     assert_clean(at)
     assert "new version" in _successes(at) and "exact duplicates" in _successes(at)
+    # the check stays in view; its bulk button is gone, since every copy is out of the current version
+    assert not [b for b in at.button if b.label.startswith("Keep one of each group")]
+    assert any(c.value == "The current version keeps one image of each group." for c in at.caption)
     hist = versions.history(ws, "planted")
     assert len(hist) == 2 and hist[0]["counts"]["excluded"] == copies
     # the check made before stays in view, its copies marked as excluded, with a way back
@@ -212,6 +215,8 @@ def test_capture_class_by_class_with_the_camera_and_a_counter_per_class(empty_ho
             assert not at.exception, [e.value for e in at.exception]
             assert any(f"Saved a picture of '{cls}' in 'webcam'" in s.value for s in at.success)
             assert metric(at, cls) == str(n + 1)
+        if cls == "thumbs_up":  # one class so far: the next step, not an error
+            assert not at.error and any("Add a second class above" in i.value for i in at.info), at.error
     folder = ws.datasets_dir / "webcam"
     assert sorted(d.name for d in folder.iterdir()) == ["thumbs_up", "wave"]
     assert all(len(list((folder / c).iterdir())) == 3 for c in ("thumbs_up", "wave"))
