@@ -48,6 +48,8 @@ def test_import_exclude_relabel_restore_delete(capsys, tl_home, three_classes):
     assert imp["name"] == "pets" and imp["counts"]["images"] == 36
     assert imp["counts"]["classes"] == {"animal": 12, "face": 12, "flag": 12}
     v1 = imp["version"]
+    hist = run_json(capsys, "data", "versions", "pets", "--json")
+    assert hist[-1]["change"] == "imported (copy of folder mine)"  # no server path in the app's table
     # the same images imported again make the same version id (content-addressed)
     again = run_json(capsys, "data", "import", str(three_classes), "--name", "pets2", "--json")
     assert again["version"] == v1

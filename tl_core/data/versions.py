@@ -388,7 +388,8 @@ def import_dataset(ws: "Workspace", src: str | os.PathLike, name: str | None = N
             info["files"] = {str(i.path.resolve().relative_to(root)): r["file"] for i, r in zip(ds.items, rows)
                              if i.path.resolve().is_relative_to(root)}
         _write_atomic(_meta(stage) / "dataset.json", json.dumps(info))
-        entry = _commit(stage, rows, f"imported from {src.resolve()}")
+        # what changed, in words the app can show (not the server's path: dataset.json keeps that)
+        entry = _commit(stage, rows, f"imported ({origin(stage)})")
         try:
             os.rename(stage, target)
         except OSError as e:
