@@ -142,6 +142,7 @@ def test_evaluate_mistake_moved_to_the_predicted_class_in_a_copy_of_the_sample(h
     assert picker.format_func("workspace/emoji") == "emoji (copy of sample emoji)"
 
 
+@pytest.mark.slow
 def test_runs_page_shows_the_dataset_version_a_run_trained_on(home, tmp_path):
     from tl_core.config import TrainConfig
     from tl_core.runs.training import run_training
