@@ -70,10 +70,19 @@ def _thumbs(paths: list[str], captions: list[str], width: int = 96) -> None:
         st.image([p for p, _ in shown], width=width, caption=[c for _, c in shown])
 
 
-def _keep_one_of_each(ws, data: str, groups: list[list[str]]) -> None:
-    """Bulk fix (a button callback): exclude every copy but the first of each exact-duplicate group."""
-    fixes.apply(ws, data, "exclude", [p for g in groups for p in g[1:]], why="exact duplicates: one of each kept",
-              follow=True)
+def _copies_to_exclude(ws, data: str, groups: list[list[str]]) -> list[str]:
+    """The images of exact-duplicate groups to exclude so that each group keeps one image in the current version:
+    all but the first image each group still holds (an image already excluded by hand stays out)."""
+    rows = fixes.current_rows(ws, data)
+    out = []
+    for g in groups:
+        out += [p for p in g if not fixes.is_excluded(ws, rows, p)][1:]
+    return out
+
+
+def _keep_one_of_each(ws, data: str, paths: list[str]) -> None:
+    """Bulk fix (a button callback): exclude the copies :func:`_copies_to_exclude` found."""
+    fixes.apply(ws, data, "exclude", paths, why="exact duplicates: one of each kept", follow=True)
 
 
 def show_audit(audit: dict, ws, data: str, classes: list[str]) -> None:
@@ -125,11 +134,11 @@ def show_audit(audit: dict, ws, data: str, classes: list[str]) -> None:
                  "why": "leaked into validation"})], classes, "leak", per_row=4, follow=True)
     if exact:
         with st.expander(f"Exact duplicates ({len(exact)} group(s))", expanded=len(exact) <= 5):
-            rows = fixes.current_rows(ws, data)
-            copies = sum(not fixes.is_excluded(ws, rows, p) for g in exact for p in g["paths"][1:])
+            extra = _copies_to_exclude(ws, data, [g["paths"] for g in exact])
+            copies = len(extra)
             if copies:
                 st.button(f"Keep one of each group (exclude {copies} {'copy' if copies == 1 else 'copies'})",
-                          key="keep_one_each", on_click=_keep_one_of_each, args=(ws, data, [g["paths"] for g in exact]),
+                          key="keep_one_each", on_click=_keep_one_of_each, args=(ws, data, extra),
                           icon=":material/filter_1:", type="primary",
                           help="One new version of the dataset in which each group of identical files keeps its "
                                "first image only.")
@@ -157,7 +166,7 @@ def show_audit(audit: dict, ws, data: str, classes: list[str]) -> None:
             fixes.fixable_images(ws, data, [
                 {"path": r["path"], "label": r["label"], "suggested": r["suggested"], "why": "likely label error",
                  "caption": f"labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.0%})"}
-                for r in issues[:24]], classes, "label", width=110, follow=True)
+                for r in issues[:24]], classes, "label", width=110, per_row=4, follow=True)
     if odd:
         with st.expander(f"Tiny or blank images ({len(odd)})", expanded=len(odd) <= 10):
             fixes.fixable_images(ws, data, [{"path": r["path"], "label": r["label"], "why": r["reason"],

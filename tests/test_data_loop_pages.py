@@ -62,17 +62,25 @@ def test_data_check_fixes_in_place_each_fix_a_version_then_restore(home):
     copies = int(metric(at, "Exact duplicates"))
     assert copies >= 2
 
+    # the first image of the first exact-duplicate group excluded by hand: the bulk fix then keeps another one
+    keys = {f"exc-{_key('exact-0', str(p))}": p for p in root.rglob("*.png")}
+    first = next(b for b in at.button if b.key in keys)
+    first.click().run()
+    assert_clean(at)
     # bulk: keep one of each exact-duplicate group, one click, one new version
     bulk = [b for b in at.button if b.label.startswith("Keep one of each group")][0]
-    assert f"exclude {copies} copies" in bulk.label
+    assert f"exclude {copies - 1} cop" in bulk.label
     bulk.click().run()
     assert_clean(at)
     assert "new version" in _successes(at) and "exact duplicates" in _successes(at)
+    group = [p for p in keys.values() if p.read_bytes() == keys[first.key].read_bytes()]
+    rows = {r["file"]: r for r in versions.version_rows(ws, "planted")}
+    assert len(group) >= 2 and sum(not rows[str(p.relative_to(root))]["excluded"] for p in group) == 1
     # the check stays in view; its bulk button is gone, since every copy is out of the current version
     assert not [b for b in at.button if b.label.startswith("Keep one of each group")]
     assert any(c.value == "The current version keeps one image of each group." for c in at.caption)
     hist = versions.history(ws, "planted")
-    assert len(hist) == 2 and hist[0]["counts"]["excluded"] == copies
+    assert len(hist) == 3 and hist[0]["counts"]["excluded"] == copies
     # the check made before stays in view, its copies marked as excluded, with a way back
     assert any("before your last change" in c.value for c in at.caption)
     assert sum("Excluded from the current version." == c.value for c in at.caption) >= copies
@@ -95,12 +103,12 @@ def test_data_check_fixes_in_place_each_fix_a_version_then_restore(home):
     assert {r["file"]: r for r in versions.version_rows(ws, "planted")}[rel]["label"] == "flag"
     assert Path(moved).is_file()  # the file stays where it was
     assert any(c.value == "Moved to **flag** in the current version." for c in at.caption)
-    assert len(versions.history(ws, "planted")) == 4
+    assert len(versions.history(ws, "planted")) == 5
 
     # the Data page lists the versions and restores the first one
     first = versions.history(ws, "planted")[-1]["version"]
     table = [d.value for d in at.dataframe if "change" in d.value.columns][0]
-    assert list(table["version"])[-1] == first and len(table) == 4
+    assert list(table["version"])[-1] == first and len(table) == 5
     at.selectbox(key="restore_pick_planted").set_value(first).run()
     button(at, "Restore").click().run()
     assert_clean(at)
