@@ -41,7 +41,7 @@ def _once(upload_id: str) -> bool:
 
 def _flash(message: str, warnings: list[str] | None = None) -> None:
     """Keep a message for the next run (the page reruns right after an upload to show the new dataset)."""
-    st.session_state["_data_flash"] = (message, warnings or [])
+    st.session_state["_data_flash"] = (message, warnings or [], time.monotonic())
 
 
 
@@ -446,10 +446,14 @@ with session.page_errors():
     # otherwise take the expanders below for new ones and close them on the next rerun)
     with st.container():
         if "_data_flash" in st.session_state:
-            message, warnings = st.session_state.pop("_data_flash")
-            st.success(message)
-            for w in warnings:
-                st.warning(w)
+            # shown on every run for a few seconds (see fixes.FLASH_SECONDS), then dropped
+            message, warnings, when = st.session_state["_data_flash"]
+            if time.monotonic() - when > fixes.FLASH_SECONDS:
+                del st.session_state["_data_flash"]
+            else:
+                st.success(message)
+                for w in warnings:
+                    st.warning(w)
     ws = session.workspace()
     options = session.dataset_options(ws)
     refs = list(options)

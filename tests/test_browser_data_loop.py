@@ -217,6 +217,8 @@ def test_folder_upload_fix_from_the_data_check_and_train_on_the_new_version(serv
     # exclude the copy, with the image in view
     cell.filter(has_text="flag: flag/again.png").get_by_role("button", name="Exclude", exact=True).first.click()
     page.get_by_text(re.compile(r"Excluded flag/again\.png.*new version \w+ of 'pets'")).wait_for()
+    page.get_by_text("Excluded from the current version.").first.wait_for()
+    settle(page)
     # move the animal filed under face to the class the check suggests
     cell.filter(has_text="labelled face, looks like animal").get_by_role("button", name="Move to animal").first.click()
     page.get_by_text(re.compile(rf"Moved face/{re.escape(duck.name)} to 'animal'.*new version")).wait_for()
