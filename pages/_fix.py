@@ -9,6 +9,7 @@ Evaluate (the mistakes).
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from tl_core.data import versions
 from tl_core.errors import DatasetError
 
 FLASH = "_fix_flash"
+#: A fix's message shows on every run of the page for this long: a run can be cut short by the next one (a
+#: task's progress finishing), and a message shown only once would then never reach the screen.
+FLASH_SECONDS = 8.0
 
 
 def _counts_text(c: dict[str, Any]) -> str:
@@ -40,7 +44,7 @@ def apply(ws, data: str, action: str, paths: list[str], to: str | None = None, w
         else:
             entry = versions.exclude_images(ws, name, paths, excluded=action == "exclude", why=why)
     except DatasetError as e:
-        st.session_state[FLASH] = ("error", str(e))
+        st.session_state[FLASH] = ("error", str(e), time.monotonic())
         return
     if entry.get("unchanged"):
         msg = f"Nothing to change: the current version of '{name}' ({entry['version']}) is already like that."
@@ -50,7 +54,7 @@ def apply(ws, data: str, action: str, paths: list[str], to: str | None = None, w
     if copied:
         msg += (f" Your first change made '{name}', a managed copy in the workspace: the original files are "
                 "unchanged.")
-    st.session_state[FLASH] = ("success", msg)
+    st.session_state[FLASH] = ("success", msg, time.monotonic())
     if follow and copied:
         old = session.get("dataset")
         session.select("dataset", f"workspace/{name}")
@@ -61,7 +65,10 @@ def apply(ws, data: str, action: str, paths: list[str], to: str | None = None, w
 def show_flash() -> None:
     """The outcome of the last fix, once."""
     if FLASH in st.session_state:
-        kind, msg = st.session_state.pop(FLASH)
+        kind, msg, when = st.session_state[FLASH]
+        if time.monotonic() - when > FLASH_SECONDS:
+            del st.session_state[FLASH]
+            return
         (st.error if kind == "error" else st.success)(msg)
 
 
@@ -75,6 +82,14 @@ def current_rows(ws, data: str) -> dict[str, dict[str, Any]] | None:
         return {"_name": name, **{r["file"]: r for r in versions.version_rows(ws, name)}}
     except DatasetError:
         return None
+
+
+def is_excluded(ws, rows: dict[str, dict[str, Any]] | None, path: str) -> bool:
+    """Whether the current version (``rows`` of :func:`current_rows`) leaves the image ``path`` out."""
+    if rows is None:
+        return False
+    row = rows.get(versions.file_in_dataset(ws, rows["_name"], path))
+    return bool(row and row["excluded"])
 
 
 def _key(*parts: str) -> str:
@@ -120,10 +135,14 @@ def fixable_images(ws, data: str, items: list[dict[str, Any]], classes: list[str
     if not shown:
         return
     rows = current_rows(ws, data)
+    seen: dict[str, int] = {}
     for start in range(0, len(shown), per_row):
         cols = st.columns(per_row)
         for col, it in zip(cols, shown[start:start + per_row]):
+            # an image can be listed twice (a training image that two validation images copy): its second
+            # listing gets buttons of its own
+            n = seen[it["path"]] = seen.get(it["path"], 0) + 1
             with col:
                 st.image(it["path"], width=width, caption=it["caption"])
-                image_actions(ws, data, it["path"], it["label"], classes, where, rows, it.get("suggested"),
-                              it.get("why"), follow)
+                image_actions(ws, data, it["path"], it["label"], classes, where if n == 1 else f"{where}#{n}", rows,
+                              it.get("suggested"), it.get("why"), follow)

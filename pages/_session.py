@@ -155,7 +155,7 @@ def startup() -> None:
 def dataset_options(ws: Workspace) -> dict[str, str]:
     """Every dataset the app may use: reference -> label."""
     opts = {f"sample/{d['name']}": f"{d['name']} (sample data)" for d in sample_datasets()}
-    opts.update({f"workspace/{d['name']}": f"{d['name']} (uploaded)" for d in workspace_datasets(ws)})
+    opts.update({f"workspace/{d['name']}": f"{d['name']} ({d['origin']})" for d in workspace_datasets(ws)})
     return opts
 
 

@@ -15,7 +15,7 @@ from tl_core.runs import tasks
 from tl_core.config import CLASS_BALANCE, field_help
 from tl_core.data.images import IMAGE_EXTENSIONS
 from tl_core.data.library import (add_class_images, dataset_runs, dataset_signature, dataset_users, delete_dataset,
-                                  rename_dataset, safe_name, save_uploaded_zip)
+                                  rename_dataset, safe_name, save_uploaded_folder, save_uploaded_zip)
 from tl_core.data import versions
 from tl_core.errors import DatasetError
 from tl_core.share import figures as charts
@@ -27,6 +27,7 @@ st.caption("A dataset is a set of images sorted into one folder per class: `cats
            "Choose one below, or bring your own.")
 
 IMAGE_TYPES = sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+CLASSES_TAB, CAMERA_TAB = "Add images class by class", "Take pictures"
 
 
 def _once(upload_id: str) -> bool:
@@ -40,7 +41,7 @@ def _once(upload_id: str) -> bool:
 
 def _flash(message: str, warnings: list[str] | None = None) -> None:
     """Keep a message for the next run (the page reruns right after an upload to show the new dataset)."""
-    st.session_state["_data_flash"] = (message, warnings or [])
+    st.session_state["_data_flash"] = (message, warnings or [], time.monotonic())
 
 
 
@@ -69,10 +70,19 @@ def _thumbs(paths: list[str], captions: list[str], width: int = 96) -> None:
         st.image([p for p, _ in shown], width=width, caption=[c for _, c in shown])
 
 
-def _keep_one_of_each(ws, data: str, groups: list[list[str]]) -> None:
-    """Bulk fix (a button callback): exclude every copy but the first of each exact-duplicate group."""
-    fixes.apply(ws, data, "exclude", [p for g in groups for p in g[1:]], why="exact duplicates: one of each kept",
-              follow=True)
+def _copies_to_exclude(ws, data: str, groups: list[list[str]]) -> list[str]:
+    """The images of exact-duplicate groups to exclude so that each group keeps one image in the current version:
+    all but the first image each group still holds (an image already excluded by hand stays out)."""
+    rows = fixes.current_rows(ws, data)
+    out = []
+    for g in groups:
+        out += [p for p in g if not fixes.is_excluded(ws, rows, p)][1:]
+    return out
+
+
+def _keep_one_of_each(ws, data: str, paths: list[str]) -> None:
+    """Bulk fix (a button callback): exclude the copies :func:`_copies_to_exclude` found."""
+    fixes.apply(ws, data, "exclude", paths, why="exact duplicates: one of each kept", follow=True)
 
 
 def show_audit(audit: dict, ws, data: str, classes: list[str]) -> None:
@@ -124,12 +134,16 @@ def show_audit(audit: dict, ws, data: str, classes: list[str]) -> None:
                  "why": "leaked into validation"})], classes, "leak", per_row=4, follow=True)
     if exact:
         with st.expander(f"Exact duplicates ({len(exact)} group(s))", expanded=len(exact) <= 5):
-            copies = sum(len(g["paths"]) - 1 for g in exact)
-            st.button(f"Keep one of each group (exclude {copies} copies)", key="keep_one_each",
-                      on_click=_keep_one_of_each, args=(ws, data, [g["paths"] for g in exact]),
-                      icon=":material/filter_1:", type="primary",
-                      help="One new version of the dataset in which each group of identical files keeps its first "
-                           "image only.")
+            extra = _copies_to_exclude(ws, data, [g["paths"] for g in exact])
+            copies = len(extra)
+            if copies:
+                st.button(f"Keep one of each group (exclude {copies} {'copy' if copies == 1 else 'copies'})",
+                          key="keep_one_each", on_click=_keep_one_of_each, args=(ws, data, extra),
+                          icon=":material/filter_1:", type="primary",
+                          help="One new version of the dataset in which each group of identical files keeps its "
+                               "first image only.")
+            else:
+                st.caption("The current version keeps one image of each group.")
             for n, g in enumerate(exact[:20]):
                 note = " — **different labels!**" if g["conflicting_labels"] else ""
                 st.markdown(f"{len(g['paths'])} identical files{note}")
@@ -152,7 +166,7 @@ def show_audit(audit: dict, ws, data: str, classes: list[str]) -> None:
             fixes.fixable_images(ws, data, [
                 {"path": r["path"], "label": r["label"], "suggested": r["suggested"], "why": "likely label error",
                  "caption": f"labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.0%})"}
-                for r in issues[:24]], classes, "label", width=110, follow=True)
+                for r in issues[:24]], classes, "label", width=110, per_row=4, follow=True)
     if odd:
         with st.expander(f"Tiny or blank images ({len(odd)})", expanded=len(odd) <= 10):
             fixes.fixable_images(ws, data, [{"path": r["path"], "label": r["label"], "why": r["reason"],
@@ -270,6 +284,29 @@ def unpack_zip(ws, up, labels) -> None:
     saved.add(up.file_id)
     session.select("dataset", session.dataset_ref_for_path(folder, ws))
     _flash(f"Unpacked {up.name} as dataset '{folder.name}'.")
+    st.rerun()
+
+
+def unpack_folder(ws, files) -> None:
+    """Save an uploaded folder (class sub-folders) as a new dataset, through the same checks as a zip: a folder
+    that cannot make a dataset is refused before anything is saved, and the refusal stays in view while the same
+    files are in the uploader."""
+    attempt = "folder:" + ",".join(sorted(f.file_id for f in files))
+    refused = st.session_state.setdefault("_refused_folders", {})
+    if attempt in refused:
+        st.error(refused[attempt])
+        return
+    if not _once(attempt):
+        return
+    try:
+        folder = save_uploaded_folder(ws, [(f.name, f.getvalue()) for f in files])
+    except DatasetError as e:
+        refused[attempt] = f"{e} Nothing was saved."
+        st.error(refused[attempt])
+        return
+    st.session_state["_folder_uploads"] = st.session_state.get("_folder_uploads", 0) + 1  # an empty uploader
+    session.select("dataset", session.dataset_ref_for_path(folder, ws))
+    _flash(f"Saved the uploaded folder ({len(files)} files) as dataset '{folder.name}'.")
     st.rerun()
 
 
@@ -398,6 +435,7 @@ def capture(ws) -> None:
             st.error(str(e))
             return
         st.session_state["_cap_shots"] = n_shots + 1
+        st.session_state["_building_tab"] = CAMERA_TAB
         session.select("dataset", session.dataset_ref_for_path(folder, ws))
         _flash(f"Saved a picture of '{safe_name(cls, fallback='class')}' in '{folder.name}'.")
         st.rerun()
@@ -408,10 +446,14 @@ with session.page_errors():
     # otherwise take the expanders below for new ones and close them on the next rerun)
     with st.container():
         if "_data_flash" in st.session_state:
-            message, warnings = st.session_state.pop("_data_flash")
-            st.success(message)
-            for w in warnings:
-                st.warning(w)
+            # shown on every run for a few seconds (see fixes.FLASH_SECONDS), then dropped
+            message, warnings, when = st.session_state["_data_flash"]
+            if time.monotonic() - when > fixes.FLASH_SECONDS:
+                del st.session_state["_data_flash"]
+            else:
+                st.success(message)
+                for w in warnings:
+                    st.warning(w)
     ws = session.workspace()
     options = session.dataset_options(ws)
     refs = list(options)
@@ -428,7 +470,10 @@ with session.page_errors():
     # stay open while a dataset is built class by class or picture by picture
     building = st.session_state.get("_class_uploads", 0) > 0 or st.session_state.get("_cap_shots", 0) > 0
     with st.expander("Bring your own images", expanded=not chosen or building, icon=":material/upload:"):
-        tab_zip, tab_classes, tab_camera = st.tabs(["Upload a zip", "Add images class by class", "Take pictures"])
+        # the tab a dataset is being built in stays selected: the first picture or images make a dataset, and the
+        # panels that then show above would otherwise redraw the tabs on their first one
+        tab_zip, tab_folder, tab_classes, tab_camera = st.tabs(
+            ["Upload a zip", "Upload a folder", CLASSES_TAB, CAMERA_TAB], default=st.session_state.get("_building_tab"))
         with tab_zip:
             st.caption("A .zip holding one folder per class (`cats/1.jpg`, `dogs/7.png`, …; sub-folders `train/`, "
                        "`val/`, `test/` with class folders inside are understood too). Files that are not images "
@@ -448,6 +493,19 @@ with session.page_errors():
                                           help="One 'path,label' row per image. " + session.upload_note())
             if up is not None:
                 unpack_zip(ws, up, labels)
+
+        with tab_folder:
+            st.caption("A folder on your computer holding one sub-folder of images per class (`pets/cats/1.jpg`, "
+                       "`pets/dogs/7.png`, …; `train/`, `val/`, `test/` with class folders inside are understood "
+                       "too). It is checked like a zip: one that cannot make a dataset is refused and nothing is "
+                       "saved.")
+            n_folders = st.session_state.setdefault("_folder_uploads", 0)
+            picked = st.file_uploader("Dataset folder", type=IMAGE_TYPES + ["csv"], accept_multiple_files="directory",
+                                      key=f"folder_upload_{n_folders}",
+                                      help="Choose the folder itself (the browser uploads every image in it and "
+                                           "its sub-folders). " + session.upload_note())
+            if picked:
+                unpack_folder(ws, picked)
 
         with tab_classes:
             st.caption("Build a dataset from images on your computer: name a class, add its images, repeat for "
@@ -469,6 +527,7 @@ with session.page_errors():
                        [f"{s['path']}: {s['reason']}" for s in skipped])
                 session.select("dataset", session.dataset_ref_for_path(folder, ws))
                 st.session_state["_class_uploads"] = n_added + 1
+                st.session_state["_building_tab"] = CLASSES_TAB
                 st.rerun()
 
         with tab_camera:
@@ -481,7 +540,15 @@ with session.page_errors():
 
     val_split = session.setting("val_split", 0.2)
     seed = session.setting("seed", 0)
-    rep = session.dataset_report(path, val_split, seed, ws)
+    try:
+        rep = session.dataset_report(path, val_split, seed, ws)
+    except DatasetError as e:
+        if not str(e).startswith("Only one class") or not (session.get("dataset") or "").startswith("workspace/"):
+            raise
+        # a dataset being built class by class (or picture by picture): not an error yet, the next step
+        st.info(f"{e} Add a second class above: name it, then take its pictures or add its images.",
+                icon=":material/add_photo_alternate:")
+        st.stop()
 
     st.header(f"Report: {path.name}")
     m = st.columns(5)

@@ -12,6 +12,7 @@ from pages import _map_view as map_view
 from pages import _multilabel as ml_view
 from pages import _session as session
 from pages import _tasks as task_ui
+from tl_core.data.library import deleted_dataset
 from tl_core.insight.openset import UNKNOWN_NOTE, flagged_share
 from tl_core.models.metrics import normalise_rows
 from tl_core.runs import tasks
@@ -252,6 +253,10 @@ with session.page_errors():
                           args=("run",), format_func=lambda i: _label(by_id[i]), help="Any finished run; newest first.")
     files = RunFiles(ws.run_dir(run_id))
     metrics = files.metrics()
+    gone = deleted_dataset(ws, by_id[run_id].get("data"))
+    if gone:
+        st.info(f"The dataset '{gone}' this run trained on has been deleted from this server: its figures below are "
+                "kept, but its images (mistakes, Grad-CAM, the map) cannot be shown.", icon=":material/hide_image:")
     features = features_text(files.meta().features)
     if features:
         st.caption(features + ".")

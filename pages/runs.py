@@ -10,6 +10,7 @@ from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.cache import cache_usage, clear_cache
 from tl_core.config import EXPORT_FORMATS
+from tl_core.data.library import deleted_dataset
 from tl_core.runs import tasks
 from tl_core.runs.files import RunFiles
 from tl_core.runs.progress import MISSING, compare_rows, runs_rows, setting_text
@@ -30,6 +31,12 @@ def _delete(ws, run_ids: list[str]) -> None:
     st.session_state["runs_selected"] = []
     st.session_state["confirm_delete"] = False
     st.session_state["_deleted"] = len(run_ids)
+
+
+def _data_text(run: dict) -> str:
+    """The data a run trained on: its dataset version (``webcam@3f2a…``) when the dataset is versioned, else the
+    folder's name."""
+    return (run.get("summary") or {}).get("dataset_version") or Path(str(run.get("data", ""))).name or MISSING
 
 
 FORMAT_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript"}
@@ -120,6 +127,7 @@ with session.page_errors():
         session.link("train", "Go to Train", ":material/model_training:")
         st.stop()
     rows = pd.DataFrame(runs_rows(runs)).astype({"Best epoch": "Int64"})
+    rows["Data"] = [_data_text(r) for r in runs]  # the dataset version, so that runs on different versions differ
     st.dataframe(rows, hide_index=True, width="stretch", placeholder=MISSING, column_config={
         "Val accuracy": st.column_config.NumberColumn(format="percent", help="Accuracy on the validation images."),
         "Test accuracy": st.column_config.NumberColumn(format="percent",
@@ -159,7 +167,18 @@ with session.page_errors():
                 val_metrics[i] = RunFiles(ws.run_dir(i)).metrics().val
             except Exception:  # files removed by hand: the comparison still shows what the store knows
                 val_metrics[i] = None
-    st.table(pd.DataFrame(compare_rows([by_id[i] for i in chosen], val_metrics)).T)
+    compared = compare_rows([by_id[i] for i in chosen], val_metrics)
+    compared["Data"] = {i: _data_text(by_id[i]) for i in chosen}
+    st.table(pd.DataFrame(compared).T)
+    versions_seen = {(by_id[i].get("summary") or {}).get("dataset_version") for i in chosen} - {None}
+    if len(versions_seen) > 1 and len({v.split("@")[0] for v in versions_seen}) == 1:
+        st.caption("These runs trained on different versions of the same dataset (the Data page lists what changed "
+                   "between them).")
+    for i in chosen:
+        gone = deleted_dataset(ws, by_id[i].get("data"))
+        if gone:
+            st.caption(f"Run {i}: its dataset '{gone}' has been deleted from this server; its results and model are "
+                       "kept, but views of its images (mistakes, Grad-CAM) cannot show them.")
 
     st.subheader("Download and share")
     for i in chosen:

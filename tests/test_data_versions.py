@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,8 @@ def test_import_exclude_relabel_restore_delete(capsys, tl_home, three_classes):
     assert imp["name"] == "pets" and imp["counts"]["images"] == 36
     assert imp["counts"]["classes"] == {"animal": 12, "face": 12, "flag": 12}
     v1 = imp["version"]
+    hist = run_json(capsys, "data", "versions", "pets", "--json")
+    assert hist[-1]["change"] == "imported (copy of folder mine)"  # no server path in the app's table
     # the same images imported again make the same version id (content-addressed)
     again = run_json(capsys, "data", "import", str(three_classes), "--name", "pets2", "--json")
     assert again["version"] == v1
@@ -206,3 +209,57 @@ def test_train_on_name_at_version_records_it(capsys, tl_home, three_classes):
     assert open_data(rec["data"]).counts()["animal"] == 8
     moved = RunFiles(cur["run_dir"]).predictions().splits["val"].paths
     assert len(moved) == len(val.paths) and all(Path(p).is_file() and "datasets/animals/" in p for p in moved)
+
+
+def test_images_added_to_a_train_test_dataset_go_into_its_train_folder(tl_home):
+    from tl_core.data import versions
+    from tl_core.data.library import add_class_images, open_data
+    from tl_core.runs.workspace import Workspace
+
+    ws = Workspace.default()
+    root = ws.datasets_dir / "split"
+    make_class_folder(root / "train", {"animal": 4, "face": 4})
+    for cls in ("animal", "face"):  # two other images of each class held out for testing
+        (root / "test" / cls).mkdir(parents=True)
+        for f in sorted((EMOJI / cls).iterdir())[10:12]:
+            (root / "test" / cls / f.name).write_bytes(f.read_bytes())
+    flags = [(f.name, f.read_bytes()) for f in sorted((EMOJI / "flag").iterdir())[:2]]
+    # not versioned yet: a new class lands in train/, next to the other class folders
+    _, saved, _ = add_class_images(ws, "split", "flag", flags)
+    assert sorted(p.name for p in (root / "train" / "flag").iterdir()) == sorted(saved) and len(saved) == 2
+    assert sorted(p.name for p in root.iterdir()) == ["test", "train"]
+    assert versions.class_counts(ws, "split") == {"animal": 6, "face": 6, "flag": 2}
+    # versioned: the added image is a training image of the new version
+    versions.ensure_versions(ws, "split")
+    more = sorted((EMOJI / "animal").iterdir())[20]
+    add_class_images(ws, "split", "animal", [(more.name, more.read_bytes())])
+    assert (root / "train" / "animal" / more.name).is_file() and not (root / "animal").exists()
+    row = {r["file"]: r for r in versions.version_rows(ws, "split")}[f"train/animal/{more.name}"]
+    assert row["split"] == "train" and row["label"] == "animal"
+    ds = open_data("split")
+    assert ds.counts("train") == {"animal": 5, "face": 4, "flag": 2} 
+    assert ds.counts("test") == {"animal": 2, "face": 2, "flag": 0}
+
+
+def test_an_uploaded_folder_is_checked_like_a_zip(tl_home):
+    from tl_core.data.library import save_uploaded_folder
+    from tl_core.errors import DatasetError
+    from tl_core.runs.workspace import Workspace
+
+    ws = Workspace.default()
+    png = next(EMOJI.glob("animal/*.png")).read_bytes()
+    for files, why in (([("pets/cat/../../escape.png", png), ("pets/dog/1.png", png)], "not a file inside"),
+                       ([], "The folder is empty"),
+                       ([("pets/cat/1.png", png), ("pets/cat/2.png", png)], "Only one class ('cat')")):
+        with pytest.raises(DatasetError, match=re.escape(why)):
+            save_uploaded_folder(ws, files)
+    assert not ws.datasets_dir.exists() or not [p for p in ws.datasets_dir.iterdir() if not p.name.startswith(".")]
+    # a train/ and test/ layout keeps its splits
+    files = [(f"fm/{p.relative_to(FASHION).as_posix()}", p.read_bytes()) for p in sorted(FASHION.rglob("*.png"))]
+    folder = save_uploaded_folder(ws, files)
+    assert folder == ws.datasets_dir / "fm" and sorted(p.name for p in folder.iterdir() if p.name[0] != ".") == [
+        "test", "train"]
+    from tl_core.data.library import open_data
+
+    ds = open_data("fm")
+    assert sum(ds.counts("test").values()) == 200 and sum(ds.counts("train").values()) == 300

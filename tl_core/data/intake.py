@@ -300,13 +300,25 @@ def _collect_class_folder(cls_dir: Path, label: str, split: str | None, root: Pa
     return ignored
 
 
+def split_layout(root: Path) -> dict[Path, str] | None:
+    """The split folders of a ``train/`` (``val/``) (``test/``) layout of class folders (folder → split), or None
+    when ``root`` holds class folders directly."""
+    if not root.is_dir():
+        return None
+    dirs = _visible_dirs(root)
+    split_dirs = {d: SPLIT_NAMES[d.name.lower()] for d in dirs if d.name.lower() in SPLIT_NAMES}
+    if split_dirs and "train" in split_dirs.values() and len(split_dirs) == len(dirs):
+        return split_dirs
+    return None
+
+
 def _scan_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[SkippedFile], int]:
     candidates: list[tuple[Path, str, str | None]] = []
     skipped: list[SkippedFile] = []
     ignored = 0
     dirs = _visible_dirs(root)
-    split_dirs = {d: SPLIT_NAMES[d.name.lower()] for d in dirs if d.name.lower() in SPLIT_NAMES}
-    if split_dirs and "train" in split_dirs.values() and len(split_dirs) == len(dirs):
+    split_dirs = split_layout(root)
+    if split_dirs:
         # train/ (val/) (test/) layout, each holding class folders
         for d, split in split_dirs.items():
             for cls_dir in _visible_dirs(d):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import DatasetError
 from .images import IMAGE_EXTENSIONS, image_from_bytes
-from .intake import Dataset, find_multi_label_csv, open_dataset, safe_extract_zip
+from .intake import Dataset, _find_dataset_root, find_multi_label_csv, open_dataset, safe_extract_zip, split_layout
 from .report import UPLOAD_REPORT
 
 if TYPE_CHECKING:
@@ -38,12 +38,14 @@ __all__ = [
     "dataset_signature",
     "open_data",
     "save_uploaded_zip",
+    "save_uploaded_folder",
     "add_class_images",
     "save_upload",
     "dataset_runs",
     "dataset_users",
     "rename_dataset",
     "delete_dataset",
+    "deleted_dataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,13 +99,16 @@ def sample_datasets(root: str | os.PathLike = SAMPLE_DATA_DIR) -> list[dict[str,
 
 
 def workspace_datasets(ws: Workspace) -> list[dict[str, str]]:
-    """Datasets uploaded into the workspace (``datasets/<name>/``), newest first."""
+    """Datasets in the workspace (``datasets/<name>/``), newest first: ``{name, path, origin}`` (origin: where it
+    came from, :func:`tl_core.data.versions.origin`)."""
+    from .versions import origin
+
     d = ws.datasets_dir
     if not d.is_dir():
         return []
     dirs = [p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")]
     dirs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    return [{"name": p.name, "path": str(p)} for p in dirs]
+    return [{"name": p.name, "path": str(p), "origin": origin(p)} for p in dirs]
 
 
 def dataset_signature(path: str | os.PathLike) -> str:
@@ -210,7 +215,8 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: byt
         images = [f for f in tmp_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
         if not images:
             raise DatasetError(f"{filename} holds no images; put the images in one folder per class "
-                               "(e.g. cats/1.jpg, dogs/1.jpg) and zip that.")
+                               "(e.g. cats/1.jpg, dogs/1.jpg)"
+                               + (" and zip that." if filename.lower().endswith(".zip") else "."))
         csv_name, csv_text = _labels_csv(tmp_zip, labels_csv)
         report = {"source": filename, "skipped": [{"path": s.path, "reason": s.reason} for s in skipped
                                                   if not (csv_name and s.path == csv_name)]}
@@ -232,6 +238,32 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: byt
         shutil.rmtree(tmp_dir, ignore_errors=True)
         shutil.rmtree(sorted_dir, ignore_errors=True)
     return target
+
+
+def save_uploaded_folder(ws: Workspace, files: Iterable[tuple[str, bytes]]) -> Path:
+    """Save a folder uploaded from the browser (``[(path inside the folder, bytes)]``, each path starting with the
+    folder's own name, e.g. ``pets/cats/1.jpg``) as a new dataset, through the same checks as a zip: it is
+    packed into one and goes through :func:`save_uploaded_zip` (safe paths and sizes, class folders or a
+    ``train/``/``val/``/``test/`` layout, a labels CSV inside, one class or no images refused with nothing saved).
+
+    Raises:
+        DatasetError: no files, a path that leaves the folder, or whatever :func:`save_uploaded_zip` refuses.
+    """
+    files = [(str(name).replace("\\", "/"), data) for name, data in files]
+    if not files:
+        raise DatasetError("The folder is empty; choose a folder with one sub-folder of images per class.")
+    tops = {name.split("/", 1)[0] if "/" in name else "" for name, _ in files}
+    folder = tops.pop() if len(tops) == 1 and "" not in tops else ""
+    if folder:  # the dataset is named after the folder, and holds what the folder held
+        files = [(name.split("/", 1)[1], data) for name, data in files]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in files:
+            parts = name.split("/")
+            if name.startswith("/") or ".." in parts or not parts[-1]:
+                raise DatasetError(f"{name}: not a file inside the folder; choose the folder again.")
+            zf.writestr(name, data)
+    return save_uploaded_zip(ws, folder or "folder", buf.getvalue())
 
 
 def _check_trainable(folder: Path, filename: str, ws: Workspace) -> None:
@@ -373,8 +405,12 @@ def add_class_images(ws: Workspace, dataset: str, class_name: str,
         raise DatasetError(f"'{ds_dir.name}' is multi-label: its images are labelled by its labels.csv, not by class "
                            "folders; upload a new zip with the images and their rows in labels.csv instead.")
     managed = is_managed(ws, ds_dir.name)
-    base = images_root(ds_dir) if managed else ds_dir
-    cls_dir = base / safe_name(class_name, fallback="class")
+    root = images_root(ds_dir) if managed else _find_dataset_root(ds_dir) if ds_dir.is_dir() else ds_dir
+    # a dataset with a train/ (val/) (test/) layout takes new images into train/, next to its other class folders
+    splits = split_layout(root)
+    train_dir = next((d for d, s in (splits or {}).items() if s == "train" and any(c.is_dir() for c in d.iterdir())),
+                     None)
+    cls_dir = (train_dir or root) / safe_name(class_name, fallback="class")
     saved: list[str] = []
     skipped: list[dict[str, str]] = []
     for name, data in files:
@@ -401,8 +437,9 @@ def add_class_images(ws: Workspace, dataset: str, class_name: str,
         raise DatasetError(f"None of the files could be added as images ({reasons or 'no files'}); "
                            "upload .jpg, .png, .webp or .bmp images.")
     if managed:  # a new version with the new images; a dataset not versioned yet takes them in its first one
-        add_images(ws, ds_dir.name, [(f"{cls_dir.name}/{n}", cls_dir.name) for n in saved],
-                   f"added {len(saved)} image(s) to {cls_dir.name!r}")
+        rel = cls_dir.relative_to(root).as_posix()
+        add_images(ws, ds_dir.name, [(f"{rel}/{n}", cls_dir.name) for n in saved],
+                   f"added {len(saved)} image(s) to {cls_dir.name!r}", split="train" if train_dir else None)
     return ds_dir, saved, skipped
 
 
@@ -586,3 +623,14 @@ def delete_dataset(ws: Workspace, name: str) -> int:
     shutil.rmtree(trash, ignore_errors=True)
     log.info("dataset %s deleted (%d run(s) trained on it are kept)", name, kept)
     return kept
+
+
+def deleted_dataset(ws: Workspace, data: str | os.PathLike | None) -> str | None:
+    """The name of the workspace dataset a run's ``data`` (a folder, ``NAME`` or ``NAME@VERSION``) names when it is
+    no longer on this server (deleted), else None (it is there, or it was never a workspace dataset)."""
+    text = str(data or "")
+    if not text or Path(text).exists():
+        return None
+    name = Path(text.split("@", 1)[0]).name
+    inside = Path(text).parent.resolve() == ws.datasets_dir.resolve() or not os.path.isabs(text)
+    return name if inside and is_dataset_name(name) and not (ws.datasets_dir / name).is_dir() else None

@@ -388,7 +388,8 @@ def import_dataset(ws: "Workspace", src: str | os.PathLike, name: str | None = N
             info["files"] = {str(i.path.resolve().relative_to(root)): r["file"] for i, r in zip(ds.items, rows)
                              if i.path.resolve().is_relative_to(root)}
         _write_atomic(_meta(stage) / "dataset.json", json.dumps(info))
-        entry = _commit(stage, rows, f"imported from {src.resolve()}")
+        # what changed, in words the app can show (not the server's path: dataset.json keeps that)
+        entry = _commit(stage, rows, f"imported ({origin(stage)})")
         try:
             os.rename(stage, target)
         except OSError as e:
@@ -467,6 +468,20 @@ def _info(folder: Path) -> dict[str, Any]:
         return json.loads((_meta(folder) / "dataset.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+def origin(folder: Path) -> str:
+    """Where a workspace dataset came from, in a few words: ``uploaded`` (a zip, a folder, images, the camera),
+    ``copy of sample emoji`` (the managed copy a change to a sample makes) or ``copy of folder pets`` (imported)."""
+    from .library import SAMPLE_DATA_DIR
+
+    src = _info(folder).get("source")
+    if not src:
+        return "uploaded"
+    p = Path(src)
+    if p.is_relative_to(SAMPLE_DATA_DIR.resolve()):
+        return f"copy of sample {p.relative_to(SAMPLE_DATA_DIR.resolve()).parts[0]}"
+    return f"copy of {'folder' if p.suffix.lower() not in ('.zip', '.csv') else p.suffix.lower().lstrip('.')} {p.stem if p.suffix else p.name}"
 
 
 def file_in_dataset(ws: "Workspace", name: str, path: str | os.PathLike) -> str:
@@ -625,9 +640,11 @@ def restore_version(ws: "Workspace", name: str, version: str) -> dict[str, Any]:
         return _commit(folder, version_rows(ws, name, vid), f"restored {vid}")
 
 
-def add_images(ws: "Workspace", name: str, added: list[tuple[str, str]], change: str) -> dict[str, Any] | None:
-    """Record images just saved into the folder of a managed dataset (``[(path inside the dataset, label)]``) as a
-    new version; nothing for a dataset not versioned yet (its first version will include them)."""
+def add_images(ws: "Workspace", name: str, added: list[tuple[str, str]], change: str,
+               split: str | None = None) -> dict[str, Any] | None:
+    """Record images just saved into the folder of a managed dataset (``[(path inside the dataset, label)]``, in
+    the split ``split`` of a train/val/test layout) as a new version; nothing for a dataset not versioned yet (its
+    first version will include them)."""
     from .images import file_sha256
 
     folder = _folder(ws, name)
@@ -639,7 +656,10 @@ def add_images(ws: "Workspace", name: str, added: list[tuple[str, str]], change:
         known = {r["file"] for r in rows}
         for file, label in added:
             if file not in known:
-                rows.append({"file": file, "sha256": file_sha256(root / file), "label": label, "excluded": False})
+                row = {"file": file, "sha256": file_sha256(root / file), "label": label, "excluded": False}
+                if split:
+                    row["split"] = split
+                rows.append(row)
         return _commit(folder, rows, change)
 
 
@@ -653,6 +673,13 @@ def class_counts(ws: "Workspace", name: str) -> dict[str, int]:
         return {}
     if is_managed(ws, name):
         return dict(history(ws, name)[0]["counts"]["classes"])
-    root = images_root(folder)
-    return {d.name: sum(1 for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-            for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    from .intake import _find_dataset_root, split_layout
+
+    root = _find_dataset_root(images_root(folder))
+    counts: dict[str, int] = {}
+    for parent in list(split_layout(root) or {}) or [root]:
+        for d in sorted(parent.iterdir()):
+            if d.is_dir() and not d.name.startswith("."):
+                counts[d.name] = counts.get(d.name, 0) + sum(1 for f in d.iterdir()
+                                                             if f.suffix.lower() in IMAGE_EXTENSIONS)
+    return dict(sorted(counts.items()))
