@@ -287,15 +287,16 @@ def feature_engine(model: nn.Module, input_size: int, runtime: Runtime | None = 
                                                f"(TL_ONNX_MIN_IMAGES={_export_min_images()})")
     fresh = False
     for attempt in range(2):
+        exporting = not path.exists()
         try:
-            if not path.exists():
+            if exporting:
                 log.info("feature engine: exporting %s to ONNX (%s)", type(model).__name__, path.name)
                 _export(model, path, input_size)
                 fresh = True
             session = _session(path)
             break
         except Exception as e:
-            if fresh or attempt:
+            if exporting or attempt:
                 log.warning("feature engine: ONNX export or load failed (%s: %s); using PyTorch",
                             type(e).__name__, str(e)[:200])
                 with contextlib.suppress(OSError):
