@@ -203,6 +203,7 @@ def extraction_rows(files, model, info, pre, transform, tmp: Path) -> list[tuple
         os.environ["TL_ENGINE"] = engine
         if threads:
             os.environ["TL_DECODE_THREADS"] = threads
+        engines._sessions.clear()  # as in a new process: load the cached file, verify on the first batch
         try:
             t0 = time.perf_counter()
             extract_features(model, ds.items, pre, DecodedImageCache(dec_dir),
@@ -216,24 +217,35 @@ def extraction_rows(files, model, info, pre, transform, tmp: Path) -> list[tuple
                 else:
                     os.environ[k] = v
 
-    t_ours = cold("auto", "auto")
-    t_torch = cold("torch", "torch")
-    t_onnx = cold("onnx", "onnx")
-    t_seq = cold("sequential", "auto", threads="1")
     # the forward pass alone, on ready tensors of real images, through the very engines the pipeline used
     from tl_core.models.pipeline import eval_batches
 
     x = next(eval_batches(ds.items, [list(range(32))], pre, DecodedImageCache(None)))[1]
-    fwd: dict[tuple[str, str], float] = {}
+    engs = {}
     for v in ("last", "depths"):
         for eng_name in ("torch", "onnx"):
             os.environ["TL_ENGINE"] = eng_name
             try:
-                eng = engines.feature_engine(ex[v], pre.input_size, cache_dir=engine_dir, n_images=n)
+                engs[v, eng_name] = engines.feature_engine(ex[v], pre.input_size, cache_dir=engine_dir, n_images=n)
             finally:
                 del os.environ["TL_ENGINE"]
-            assert eng.name == eng_name, eng.reason
-            fwd[v, eng_name] = forward_alone(eng, x, n)
+            assert engs[v, eng_name].name == eng_name, engs[v, eng_name].reason
+    # the machine is shared: each cold pipeline runs right next to its forward-alone limit, twice (a fresh
+    # decoded cache each time), and the best of each is kept
+    best: dict[str, float] = {}
+
+    def keep(name: str, t: float) -> None:
+        best[name] = min(best.get(name, float("inf")), t)
+
+    for r in range(2):
+        keep("auto", cold(f"auto{r}", "auto"))
+        for e in ("torch", "onnx"):
+            keep(f"cold {e}", cold(f"{e}{r}", e))
+            keep(f"fwd last {e}", forward_alone(engs["last", e], x, n))
+            keep(f"fwd depths {e}", forward_alone(engs["depths", e], x, n))
+    t_ours, t_torch, t_onnx = best["auto"], best["cold torch"], best["cold onnx"]
+    t_seq = cold("sequential", "auto", threads="1")
+    fwd = {(v, e): best[f"fwd {v} {e}"] for v in ("last", "depths") for e in ("torch", "onnx")}
     auto_engine = engines.feature_engine(model, pre.input_size, cache_dir=engine_dir, n_images=n).name
     rows.append(("1. feature extraction, Lite0", f"{n} images, engine {auto_engine} (auto)",
                  f"{n / t_ours:.1f} img/s", f"{n / t_bare:.1f} img/s",

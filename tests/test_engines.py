@@ -114,6 +114,28 @@ def test_cached_file_is_reused_and_a_damaged_one_rebuilt(setup, monkeypatch):
     got = _extract(setup, "last")
     assert exports == [path] and got.shape == ref["last"].shape and np.abs(got - ref["last"]).max() <= 1e-4
 
+    # ... and so is one that loads but cannot run on this input (another input name): no crash
+    engines._sessions.clear()
+    exports.clear()
+    _tiny_onnx(path, pre.input_size, input_name="pixels")
+    got = _extract(setup, "last")
+    assert exports == [path] and np.abs(got - ref["last"]).max() <= 1e-4
+
+
+def _tiny_onnx(path: Path, size: int, input_name: str = "input") -> None:
+    """A valid ONNX file that computes something else: the mean colour of each image, (B, 3)."""
+    import warnings
+
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+                          (torch.zeros(2, 3, size, size),), str(path), dynamo=False, input_names=[input_name],
+                          output_names=["features"],
+                          dynamic_axes={input_name: {0: "batch"}, "features": {0: "batch"}})
+
 
 def test_without_onnxruntime_pytorch_gives_the_same_features(setup, monkeypatch, tmp_path, caplog):
     model, pre, items, cache, ref = setup
@@ -140,17 +162,7 @@ def test_a_failed_export_or_verification_falls_back_to_pytorch(setup, monkeypatc
 
     # an export whose graph disagrees with PyTorch (here: a wrong graph) is rejected on the first batch
     def wrong(module, path, size):
-        import warnings
-
-        import torch
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
-                              (torch.zeros(2, 3, size, size),), str(path), dynamo=False, input_names=["input"],
-                              output_names=["features"],
-                              dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}})
+        _tiny_onnx(path, size)
 
     monkeypatch.setattr(engines, "_export", wrong)
     caplog.clear()
