@@ -1,15 +1,18 @@
 """TL Studio speed and memory benchmark: each row measured against a bare PyTorch/timm baseline in the same run.
 
-    .venv/bin/python benchmarks/run.py [--images 1000] [--epoch-images 500] [--rss-images 2000] [--quick]
+    .venv/bin/python benchmarks/run.py [--images 1000] [--epoch-images 500] [--rss-images 2000] [--quick] [--rows 1]
 
 Prints a table and writes benchmarks/RESULTS.md (date, machine, cores, torch version). Images are generated
 from the Fashion-MNIST and emoji samples (flips, rotations and crops give distinct content hashes, so every
 image is a cache miss on a cold run). Rows (issue #6):
 
-1. Feature extraction throughput from image files, ours vs a bare loop (PIL open -> timm transform ->
-   model under inference_mode, batch 32), EfficientNet-Lite0. Target ratio >= 0.95. 1c: the same cold pipeline
-   against the forward pass alone on ready tensors (the limit; target >= 0.80), 1d: with the decoding threads
-   off (tl_core.models.pipeline).
+1. Feature extraction throughput from image files, ours (the engine ``TL_ENGINE=auto`` picks, its ONNX file
+   exported beforehand) vs a bare loop (PIL open -> timm transform -> model under inference_mode, batch 32),
+   EfficientNet-Lite0. Target ratio >= 0.95. 1c/1d: the cold pipeline (nothing decoded or cached) against the
+   forward pass alone on ready tensors through the same engine, model and memory format (the limit; target
+   >= 0.80), for PyTorch and ONNX Runtime (tl_core.models.engines); 1e: with the decoding threads off
+   (tl_core.models.pipeline); 1f/1g: ONNX Runtime vs PyTorch, forward alone, last layer and several depths;
+   1h: the one-off export. ``--rows 1`` runs these rows only.
 2. Time to first model, `linear` on Lite0, N images / 10 classes, cold and warm cache. Targets: cold <= 1.1x
    the bare extraction time of those images, warm <= 2 s.
 3. One `full` fine-tuning epoch, ours vs a bare PyTorch loop (same model, batch, augmentation). Target <= 1.05.
@@ -152,6 +155,128 @@ def peak_rss_of(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     return time.perf_counter() - t0, max(before, after) / 1024 / 1024
 
 
+class _Done(Exception):
+    """The rows asked for are done."""
+
+
+bench_state: dict[str, float] = {}
+
+
+def forward_alone(fn, x, n: int, batch: int = 32) -> float:
+    """Seconds for ``n`` images through ``fn`` on a ready batch ``x`` (the limit a pipeline can reach)."""
+    fn(x)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(-(-n // batch)):
+        fn(x)
+    return time.perf_counter() - t0
+
+
+def extraction_rows(files, model, info, pre, transform, tmp: Path) -> list[tuple[str, str, str, str, str]]:
+    """Rows 1-1h: the engine's extraction against bare loops, and the cold pipeline against the forward pass
+    alone on the same engine, model and memory format (PyTorch channels-last; ONNX Runtime)."""
+    from tl_core.cache import DecodedImageCache, FeatureCache
+    from tl_core.data.intake import open_dataset
+    from tl_core.models import engines
+    from tl_core.models.feature_variants import extractor
+    from tl_core.models.features import extract_features, feature_key
+
+    rows = []
+    n = len(files)
+    t_bare = bare_extract(files, model, transform)
+    bench_state["t_bare"] = t_bare
+    model_cl, _ = build_model_cl()
+    t_bare_cl = bare_extract(files, model_cl, transform, channels_last=True)
+    ds = open_dataset(files[0].parent.parent)
+    engine_dir = tmp / "engine_cache"  # the ONNX files, exported once before the timed runs (row 1h)
+    ex = {v: extractor(model, v) for v in ("last", "depths")}
+    t_export = {}
+    for v in ex:
+        t0 = time.perf_counter()
+        engines._export(ex[v], engine_dir / "engines" / f"{engines.engine_key(ex[v], pre.input_size)}.onnx",
+                        pre.input_size)
+        t_export[v] = time.perf_counter() - t0
+
+    def cold(name: str, engine: str, threads: str | None = None) -> float:
+        """A cold pipeline (nothing decoded, no features cached) with ``TL_ENGINE=engine``."""
+        dec_dir = engine_dir / f"decoded_{name}"  # engine_cache_dir() finds the engines next to it
+        old = {k: os.environ.get(k) for k in ("TL_ENGINE", "TL_DECODE_THREADS")}
+        os.environ["TL_ENGINE"] = engine
+        if threads:
+            os.environ["TL_DECODE_THREADS"] = threads
+        engines._sessions.clear()  # as in a new process: load the cached file, verify on the first batch
+        try:
+            t0 = time.perf_counter()
+            extract_features(model, ds.items, pre, DecodedImageCache(dec_dir),
+                             FeatureCache(engine_dir / f"features_{name}",
+                                          feature_key("efficientnet_lite0", info.fingerprint, pre)))
+            return time.perf_counter() - t0
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    # the forward pass alone, on ready tensors of real images, through the very engines the pipeline used
+    from tl_core.models.pipeline import eval_batches
+
+    x = next(eval_batches(ds.items, [list(range(32))], pre, DecodedImageCache(None)))[1]
+    engs = {}
+    for v in ("last", "depths"):
+        for eng_name in ("torch", "onnx"):
+            os.environ["TL_ENGINE"] = eng_name
+            try:
+                engs[v, eng_name] = engines.feature_engine(ex[v], pre.input_size, cache_dir=engine_dir, n_images=n)
+            finally:
+                del os.environ["TL_ENGINE"]
+            assert engs[v, eng_name].name == eng_name, engs[v, eng_name].reason
+    # the machine is shared: each cold pipeline runs right next to its forward-alone limit, twice (a fresh
+    # decoded cache each time), and the best of each is kept
+    best: dict[str, float] = {}
+
+    def keep(name: str, t: float) -> None:
+        best[name] = min(best.get(name, float("inf")), t)
+
+    for r in range(2):
+        keep("auto", cold(f"auto{r}", "auto"))
+        for e in ("torch", "onnx"):
+            keep(f"cold {e}", cold(f"{e}{r}", e))
+            keep(f"fwd last {e}", forward_alone(engs["last", e], x, n))
+            keep(f"fwd depths {e}", forward_alone(engs["depths", e], x, n))
+    t_ours, t_torch, t_onnx = best["auto"], best["cold torch"], best["cold onnx"]
+    t_seq = cold("sequential", "auto", threads="1")
+    fwd = {(v, e): best[f"fwd {v} {e}"] for v in ("last", "depths") for e in ("torch", "onnx")}
+    auto_engine = engines.feature_engine(model, pre.input_size, cache_dir=engine_dir, n_images=n).name
+    rows.append(("1. feature extraction, Lite0", f"{n} images, engine {auto_engine} (auto)",
+                 f"{n / t_ours:.1f} img/s", f"{n / t_bare:.1f} img/s",
+                 f"{t_bare / t_ours:.2f} (target >= 0.95)"))
+    rows.append(("1b. same, baseline also channels-last", f"{n} images", f"{n / t_ours:.1f} img/s",
+                 f"{n / t_bare_cl:.1f} img/s", f"{t_bare_cl / t_ours:.2f}"))
+    for label, name, t in (("1c", "PyTorch", t_torch), ("1d", "ONNX Runtime", t_onnx)):
+        key = "torch" if name == "PyTorch" else "onnx"
+        rows.append((f"{label}. cold pipeline vs the forward pass alone", f"{n} images, {name}",
+                     f"{n / t:.1f} img/s", f"{n / fwd['last', key]:.1f} img/s forward only",
+                     f"{fwd['last', key] / t:.2f} (target >= 0.80)"))
+    rows.append(("1e. decoding on threads during the forward pass", f"{n} images, auto",
+                 f"{n / t_ours:.1f} img/s", f"{n / t_seq:.1f} img/s decode then forward",
+                 f"{t_seq / t_ours:.2f} (speed-up)"))
+    for label, v in (("1f", "last"), ("1g", "depths")):
+        rows.append((f"{label}. ONNX Runtime vs PyTorch, forward alone", f"batch 32, features={v}",
+                     f"{n / fwd[v, 'onnx']:.1f} img/s ONNX Runtime", f"{n / fwd[v, 'torch']:.1f} img/s PyTorch",
+                     f"{fwd[v, 'torch'] / fwd[v, 'onnx']:.2f}x"))
+    rows.append(("1h. ONNX export (once per backbone and weights; cached)", "last / depths",
+                 f"{t_export['last']:.1f} s / {t_export['depths']:.1f} s", "-",
+                 f"pays off from ~{engines.EXPORT_MIN_IMAGES} images (TL_ONNX_MIN_IMAGES)"))
+    return rows
+
+
+def build_model_cl():
+    from tl_core.models.backbones import build_model
+
+    m, info = build_model("efficientnet_lite0", 10)
+    return m.eval().to(memory_format=torch.channels_last), info
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=1000)
@@ -159,7 +284,9 @@ def main() -> int:
     ap.add_argument("--rss-images", type=int, default=2000)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--rows", default="1,2,3,4", help="which rows to run, e.g. 1 (the extraction rows only)")
     args = ap.parse_args()
+    rows_wanted = {int(r) for r in args.rows.split(",") if r.strip()}
     if args.quick:
         args.images, args.epoch_images, args.rss_images = 200, 100, 200
 
@@ -191,49 +318,14 @@ def main() -> int:
         transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
         bare_extract(files[:32], model, transform)  # warm-up (allocator, OpenMP threads)
 
-        # 1. extraction throughput
-        t_bare = bare_extract(files, model, transform)
-        model_cl, _ = build_model("efficientnet_lite0", 10)
-        model_cl = model_cl.eval().to(memory_format=torch.channels_last)
-        t_bare_cl = bare_extract(files, model_cl, transform, channels_last=True)
-        ds = open_dataset(data)
-        ws1 = Workspace(tmp / "ws_extract")
-        t0 = time.perf_counter()
-        extract_features(model, ds.items, pre, DecodedImageCache(ws1.cache_dir / "decoded"),
-                         FeatureCache(ws1.cache_dir / "features", feature_key("efficientnet_lite0", info.fingerprint, pre)))
-        t_ours = time.perf_counter() - t0
-        n = len(files)
-        rows.append(("1. feature extraction, Lite0", f"{n} images",
-                     f"{n / t_ours:.1f} img/s", f"{n / t_bare:.1f} img/s",
-                     f"{(n / t_ours) / (n / t_bare):.2f} (target >= 0.95)"))
-        rows.append(("1b. same, baseline also channels-last", f"{n} images", f"{n / t_ours:.1f} img/s",
-                     f"{n / t_bare_cl:.1f} img/s", f"{(n / t_ours) / (n / t_bare_cl):.2f} (what channels-last alone buys)"))
-
-        # 1c. the whole cold pipeline (decode, resize, forward) against the forward pass alone, its limit; and
-        # the same pipeline with the decoding threads off (TL_DECODE_THREADS=1: decode, then forward, in turn)
-        from tl_core.models.features import pooled_features
-
-        x = torch.randn(32, 3, pre.input_size, pre.input_size).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            pooled_features(model, x)
-            t0 = time.perf_counter()
-            for _ in range(-(-n // 32)):
-                pooled_features(model, x)
-            t_forward = time.perf_counter() - t0
-        os.environ["TL_DECODE_THREADS"] = "1"
-        try:
-            ws_seq = Workspace(tmp / "ws_sequential")
-            t0 = time.perf_counter()
-            extract_features(model, ds.items, pre, DecodedImageCache(ws_seq.cache_dir / "decoded"))
-            t_seq = time.perf_counter() - t0
-        finally:
-            del os.environ["TL_DECODE_THREADS"]
-        rows.append(("1c. cold pipeline vs the forward pass alone", f"{n} images, PyTorch",
-                     f"{n / t_ours:.1f} img/s", f"{n / t_forward:.1f} img/s forward only",
-                     f"{t_forward / t_ours:.2f} (target >= 0.80)"))
-        rows.append(("1d. decoding on threads during the forward pass", f"{n} images", f"{n / t_ours:.1f} img/s",
-                     f"{n / t_seq:.1f} img/s decode then forward", f"{t_seq / t_ours:.2f} (speed-up)"))
-
+        t_bare = None
+        if 1 in rows_wanted:
+            rows += extraction_rows(files, model, info, pre, transform, tmp)
+            t_bare = bench_state["t_bare"]
+        if rows_wanted == {1}:
+            raise _Done
+        if t_bare is None:
+            t_bare = bare_extract(files, model, transform)
         # 2. time to first model, cold and warm
         ws2 = Workspace(tmp / "ws_first")
         cfg = TrainConfig(strategy="linear")
@@ -296,13 +388,16 @@ def main() -> int:
                                 "--epochs", "1", "--quiet"], env)
         rows.append(("4. peak RSS, full run", f"{args.rss_images} images, 1 epoch", f"{gb:.2f} GB", "-",
                      f"target <= 3 GB ({secs:.0f} s)"))
+    except _Done:
+        pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     table = markdown_table(("row", "size", "TL Studio", "baseline", "ratio / note"), rows)
     head = (f"## {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {cpu_name()}, {os.cpu_count()} cores "
             f"({threads} torch threads), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9)} GB, "
-            f"torch {torch.__version__}, Python {platform.python_version()}, load average at start {load1:.1f}")
+            f"torch {torch.__version__}, Python {platform.python_version()}, load average at start {load1:.1f}"
+            + (f", at the end {os.getloadavg()[0]:.1f}; rows {args.rows} only" if rows_wanted != {1, 2, 3, 4} else ""))
     print(head)
     print(table)
     if not args.no_write and not args.quick:

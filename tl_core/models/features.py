@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -21,10 +22,11 @@ from ..data.intake import ImageItem
 from ..errors import CancelledError
 from .devices import Runtime
 from .distributed import gather, shard
+from .engines import FeatureEngine, feature_engine
 from .pipeline import eval_batches
 from .preprocess import Preprocess
 
-__all__ = ["feature_key", "extract_features", "pooled_features"]
+__all__ = ["feature_key", "extract_features", "pooled_features", "engine_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,15 @@ def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+def engine_cache_dir(cache: FeatureCache | None, decoded: DecodedImageCache | None) -> Path | None:
+    """The workspace cache folder (``<cache>/features/<key>`` or ``<cache>/decoded``'s parent), if known."""
+    if cache is not None:
+        return Path(cache.dir).parent.parent
+    if decoded is not None and decoded.dir is not None:
+        return Path(decoded.dir).parent
+    return None
+
+
 def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preprocess,
                      decoded: DecodedImageCache, cache: FeatureCache | None = None,
                      batch_size: int = 32,
@@ -50,7 +61,8 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
                      runtime: Runtime | None = None, last_cache: FeatureCache | None = None) -> np.ndarray:
     """Pooled backbone features of ``items`` (eval preprocessing, no augmentation).
 
-    Under torchrun the images not in the cache are shared out between the ranks and the features gathered,
+    The forward pass runs on the engine :func:`tl_core.models.engines.feature_engine` picks (PyTorch or ONNX
+    Runtime, equal within 1e-4). Under torchrun the images not in the cache are shared out between the ranks and the features gathered,
     so every rank returns all of them.
 
     Args:
@@ -93,16 +105,17 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
     steps = -(-len(todo) // (rt.world_size * batch_size)) if todo else 0
     batches = [mine[s:s + batch_size] for s in range(0, steps * batch_size, batch_size)]
     feed = eval_batches(items, [b for b in batches if b], pre, decoded)  # the next batch decodes meanwhile
+    engine: FeatureEngine | None = None
     with torch.inference_mode(), contextlib.closing(feed):
         for idx in batches:
             if should_cancel and should_cancel():
                 raise CancelledError("Cancelled during feature extraction.")
             if not idx:  # this rank's share is done; it still takes part in the cancel checks
                 continue
+            if engine is None:  # PyTorch or ONNX Runtime (tl_core.models.engines), once there is work
+                engine = feature_engine(model, pre.input_size, rt, engine_cache_dir(cache, decoded), len(mine))
             _, x = next(feed)
-            x = x.to(rt.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            with rt.autocast():
-                feats = pooled_features(model, x).float().cpu().numpy()
+            feats = engine(x)
             for j, i in enumerate(idx):
                 out[i] = feats[j]
                 computed.append((i, feats[j]))

@@ -1,0 +1,207 @@
+"""The frozen backbone's engine (tl_core.models.engines): ONNX Runtime gives PyTorch's features within 1e-4 on
+real sample images; its file is exported once, reused, and rebuilt when damaged; PyTorch takes over, with the
+same result, whenever ONNX Runtime cannot run or verify."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import EMOJI, FASHION
+from tl_core.cache import DecodedImageCache, FeatureCache
+from tl_core.data.intake import open_dataset
+from tl_core.errors import ConfigError
+from tl_core.models import engines
+from tl_core.models.backbones import build_model
+from tl_core.models.feature_variants import extractor
+from tl_core.models.features import extract_features
+from tl_core.models.preprocess import Preprocess, data_config_for
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engines(monkeypatch):
+    """No session verified by an earlier test, and the engine setting unset."""
+    engines._sessions.clear()
+    engines._failed.clear()
+    monkeypatch.delenv("TL_ENGINE", raising=False)
+    monkeypatch.delenv("TL_ONNX_MIN_IMAGES", raising=False)
+    yield
+    engines._sessions.clear()
+    engines._failed.clear()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Lite0 (packaged weights), 48 real images (emoji and Fashion-MNIST), PyTorch's features of both variants,
+    and a module-wide cache folder (each variant is exported once for the module)."""
+    model, _ = build_model("efficientnet_lite0", 5)
+    model.eval()
+    pre = Preprocess.from_data_config(data_config_for(model))
+    items = open_dataset(EMOJI).items[::5] + open_dataset(FASHION / "train").items[::25][:16]
+    cache = tmp_path_factory.mktemp("engine_cache")
+    dec = DecodedImageCache(cache / "decoded")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TL_ENGINE", "torch")
+        ref = {v: extract_features(extractor(model, v), items, pre, dec) for v in ("last", "depths")}
+    return model, pre, items, cache, ref
+
+
+def _extract(setup, variant: str, cache_dir: Path | None = None) -> np.ndarray:
+    model, pre, items, cache, _ = setup
+    return extract_features(extractor(model, variant), items, pre, DecodedImageCache((cache_dir or cache) / "decoded"),
+                            batch_size=16)
+
+
+def _onnx_files(cache: Path) -> list[Path]:
+    return sorted((cache / "engines").glob("*.onnx"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["last", "depths"])
+def test_onnx_features_equal_pytorch_within_1e4(setup, variant, monkeypatch, caplog):
+    model, pre, items, cache, ref = setup
+    monkeypatch.setenv("TL_ENGINE", "onnx")
+    with caplog.at_level(logging.INFO, logger="tl_core.models.engines"):
+        got = _extract(setup, variant)
+    assert "verified on the first batch" in caplog.text  # it really ran on ONNX Runtime
+    assert got.shape == ref[variant].shape == (len(items), 1280 if variant == "last" else 1792)
+    diff = float(np.abs(got - ref[variant]).max())
+    assert diff <= 1e-4, diff
+    # the features tell the images apart (not a constant output that would match anything)
+    assert float(np.abs(ref[variant] - ref[variant].mean(0)).max()) > 1.0
+    eng = engines.feature_engine(extractor(model, variant), pre.input_size, cache_dir=cache)
+    assert eng.name == "onnx"  # the exported file is now in the cache
+
+
+@pytest.mark.slow
+def test_cached_file_is_reused_and_a_damaged_one_rebuilt(setup, monkeypatch):
+    model, pre, items, cache, ref = setup
+    monkeypatch.setenv("TL_ENGINE", "onnx")
+    _extract(setup, "last")  # exported by the test above, or now
+    engines._sessions.clear()
+    exports = []
+    real_export = engines._export
+    monkeypatch.setattr(engines, "_export", lambda *a: (exports.append(a[1]), real_export(*a)))
+    # a second extractor (a new process would do the same) builds nothing: it loads the cached file
+    got = _extract(setup, "last")
+    assert exports == [] and np.abs(got - ref["last"]).max() <= 1e-4
+    key = engines.engine_key(extractor(model, "last"), pre.input_size)
+    path = cache / "engines" / f"{key}.onnx"
+    assert path.exists()
+
+    # a file that does not load is rebuilt, not trusted
+    engines._sessions.clear()
+    path.write_bytes(b"not an onnx file")
+    got = _extract(setup, "last")
+    assert exports == [path] and np.abs(got - ref["last"]).max() <= 1e-4
+    assert path.stat().st_size > 1_000_000
+
+    # a file that loads but computes something else (another model's graph) is rebuilt too
+    engines._sessions.clear()
+    exports.clear()
+    other = cache / "engines" / f"{engines.engine_key(extractor(model, 'depths'), pre.input_size)}.onnx"
+    if not other.exists():  # exported by the depths test above unless this test runs alone
+        engines._export(extractor(model, "depths"), other, pre.input_size)
+    exports.clear()
+    shutil.copy(other, path)
+    got = _extract(setup, "last")
+    assert exports == [path] and got.shape == ref["last"].shape and np.abs(got - ref["last"]).max() <= 1e-4
+
+    # ... and so is one that loads but cannot run on this input (another input name): no crash
+    engines._sessions.clear()
+    exports.clear()
+    _tiny_onnx(path, pre.input_size, input_name="pixels")
+    got = _extract(setup, "last")
+    assert exports == [path] and np.abs(got - ref["last"]).max() <= 1e-4
+
+
+def _tiny_onnx(path: Path, size: int, input_name: str = "input") -> None:
+    """A valid ONNX file that computes something else: the mean colour of each image, (B, 3)."""
+    import warnings
+
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+                          (torch.zeros(2, 3, size, size),), str(path), dynamo=False, input_names=[input_name],
+                          output_names=["features"],
+                          dynamic_axes={input_name: {0: "batch"}, "features": {0: "batch"}})
+
+
+def test_without_onnxruntime_pytorch_gives_the_same_features(setup, monkeypatch, tmp_path, caplog):
+    model, pre, items, cache, ref = setup
+    monkeypatch.setenv("TL_ENGINE", "onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    with caplog.at_level(logging.WARNING, logger="tl_core.models.engines"):
+        got = _extract(setup, "last", cache_dir=tmp_path)
+    assert "onnxruntime is unavailable" in caplog.text
+    assert np.array_equal(got, ref["last"])
+    assert not (tmp_path / "engines").exists()
+
+
+def test_a_failed_export_or_verification_falls_back_to_pytorch(setup, monkeypatch, tmp_path, caplog):
+    model, pre, items, cache, ref = setup
+    monkeypatch.setenv("TL_ENGINE", "onnx")
+
+    def broken(module, path, size):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(engines, "_export", broken)
+    with caplog.at_level(logging.WARNING, logger="tl_core.models.engines"):
+        got = _extract(setup, "last", cache_dir=tmp_path)
+    assert "export or load failed" in caplog.text and np.array_equal(got, ref["last"])
+
+    # an export whose graph disagrees with PyTorch (here: a wrong graph) is rejected on the first batch
+    def wrong(module, path, size):
+        _tiny_onnx(path, size)
+
+    monkeypatch.setattr(engines, "_export", wrong)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tl_core.models.engines"):
+        got = _extract(setup, "last", cache_dir=tmp_path)
+    assert "differ from PyTorch" in caplog.text and np.array_equal(got, ref["last"])
+    # remembered: auto does not export it again (not in this process, nor, by the marker file, in another)
+    key = engines.engine_key(extractor(model, "last"), pre.input_size)
+    assert (tmp_path / "engines" / f"{key}.failed").exists() and not (tmp_path / "engines" / f"{key}.onnx").exists()
+    engines._failed.clear()
+    monkeypatch.setenv("TL_ENGINE", "auto")
+    monkeypatch.setenv("TL_ONNX_MIN_IMAGES", "1")
+    assert engines.feature_engine(extractor(model, "last"), pre.input_size, cache_dir=tmp_path, n_images=10**6).name == "torch"
+
+
+def test_engine_setting_and_the_auto_rule(setup, monkeypatch, tmp_path):
+    model, pre, items, cache, ref = setup
+    exports = []
+    monkeypatch.setattr(engines, "_export", lambda *a: exports.append(a))
+    # auto: a small job with no ONNX file yet stays on PyTorch (an export costs more than it saves)
+    eng = engines.feature_engine(model, pre.input_size, cache_dir=tmp_path, n_images=48)
+    assert eng.name == "torch" and "too few" in eng.reason and exports == []
+    monkeypatch.setenv("TL_ENGINE", "torch")
+    eng = engines.feature_engine(model, pre.input_size, cache_dir=tmp_path, n_images=10**6)
+    assert eng.name == "torch" and exports == []
+    assert np.array_equal(_extract(setup, "last", cache_dir=tmp_path), ref["last"])
+    monkeypatch.setenv("TL_ENGINE", "fastest")
+    with pytest.raises(ConfigError, match="TL_ENGINE"):
+        engines.feature_engine(model, pre.input_size, cache_dir=tmp_path)
+
+
+def test_the_key_ignores_the_classifier_but_not_the_weights(setup):
+    model, pre, *_ = setup
+    other, _ = build_model("efficientnet_lite0", 7)  # the same backbone weights, another (random) head
+    assert engines.engine_key(other.eval(), pre.input_size) == engines.engine_key(model, pre.input_size)
+    assert engines.engine_key(model, pre.input_size) != engines.engine_key(model, pre.input_size + 32)
+    assert engines.engine_key(extractor(model, "depths"), pre.input_size) != engines.engine_key(model, pre.input_size)
+    import torch
+
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert engines.engine_key(other, pre.input_size) != engines.engine_key(model, pre.input_size)
