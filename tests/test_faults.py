@@ -277,7 +277,7 @@ def test_a_really_full_disk(tmp_path, small_data):
 def test_out_of_memory_fails_the_run_with_a_clear_message(workspace, small_data, monkeypatch, error):
     import torch
 
-    import tl_core.models.features
+    import tl_core.models.engines
 
     if error == "cuda":
         error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -285,7 +285,8 @@ def test_out_of_memory_fails_the_run_with_a_clear_message(workspace, small_data,
     def boom(*a, **k):
         raise error
 
-    monkeypatch.setattr(tl_core.models.features, "pooled_features", boom)
+    # the frozen backbone runs on PyTorch or ONNX Runtime (tl_core.models.engines): both go through __call__
+    monkeypatch.setattr(tl_core.models.engines.FeatureEngine, "__call__", boom)
     res = run_training(workspace, small_data, LINEAR, raise_errors=False)
     assert res.status == "failed" and res.error == OOM_MSG
     assert workspace.store().get(res.run_id)["error"] == OOM_MSG
