@@ -267,7 +267,6 @@ def test_workers_leave_no_defunct_process_behind(workspace, tmp_path):
     assert _children_zombies() == before == []  # the worker was never this process's child
 
 
-
 def test_kill_workers_kills_only_that_workspaces_workers(tmp_path):
     """What every page and browser test's teardown relies on: the workers of one TL_HOME go, others stay."""
     sleeper = "import sys, time; time.sleep(60)"
@@ -282,6 +281,7 @@ def test_kill_workers_kills_only_that_workspaces_workers(tmp_path):
     finally:
         other.kill()
         other.wait()
+
 
 # ==================================================================================================
 # projects and the interactive lane

@@ -107,6 +107,7 @@ def model_card(files: RunFiles) -> str:
         Markdown text.
     """
     run_meta = files.meta()
+    chosen = features_text(run_meta.features)  # linear runs: which features the probe chose, and why
     meta = run_meta.to_dict()
     config = files.config_dict()
     metrics = files.metrics().to_dict()
@@ -172,8 +173,7 @@ def model_card(files: RunFiles) -> str:
          f"{'one-vs-rest ' if run_meta.multi_label else ''}logistic regression in "
          f"{metrics.get('epochs_run', '?')} L-BFGS steps)" if strategy == "linear" else
          f"Strategy `{strategy}`, {metrics.get('epochs_run', '?')} epochs run (best epoch {metrics.get('best_epoch', '?')})")
-        + f", {_fmt(metrics.get('seconds'), 1)} s."
-        + (f" {features_text(run_meta.features)}." if features_text(run_meta.features) else ""),
+        + f", {_fmt(metrics.get('seconds'), 1)} s." + (f" {chosen}." if chosen else ""),
         "",
         "```json",
         json.dumps(config, indent=2, sort_keys=True),
