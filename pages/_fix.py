@@ -63,7 +63,7 @@ def apply(ws, data: str, action: str, paths: list[str], to: str | None = None, w
 
 
 def show_flash() -> None:
-    """The outcome of the last fix, once."""
+    """The outcome of the last fix, on every run for FLASH_SECONDS after it (then dropped)."""
     if FLASH in st.session_state:
         kind, msg, when = st.session_state[FLASH]
         if time.monotonic() - when > FLASH_SECONDS:

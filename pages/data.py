@@ -44,7 +44,6 @@ def _flash(message: str, warnings: list[str] | None = None) -> None:
     st.session_state["_data_flash"] = (message, warnings or [], time.monotonic())
 
 
-
 #: The audit's near-duplicate and label checks look at up to this many images per class (exact duplicates,
 #: imbalance and odd images always cover all of them); the embedding map draws up to this many.
 AUDIT_MAX_PER_CLASS = 200

@@ -3,6 +3,7 @@ datasets, and one cached trained run."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -100,6 +101,29 @@ def make_class_folder(root: Path, spec: dict[str, int], source: Path = EMOJI) ->
         for f in sorted(src.iterdir())[:n]:
             shutil.copy(f, dst / f.name)
     return root
+
+
+def cli_json(capsys, *argv):
+    """Run ``tl-core *argv`` in this process; it must succeed, and its stdout is JSON (returned, parsed)."""
+    from tl_core.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)
+
+
+def cli_fail(capsys, *argv) -> str:
+    """Run ``tl-core *argv``; it must fail with exit code 2, nothing on stdout and one ``error: ...`` line on
+    stderr (returned)."""
+    from tl_core.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    assert code == 2, (code, out.err)
+    lines = out.err.strip().splitlines()
+    assert out.out == "" and len(lines) == 1 and lines[0].startswith("error: "), out.err
+    return lines[0]
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.1):

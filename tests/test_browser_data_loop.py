@@ -48,6 +48,18 @@ TAKEN = ("([label, want]) => (" + COUNTER + ")([label, want]) || !document.query
          "'[data-testid=\"stCameraInputWebcamComponent\"] video')")
 
 
+def open_data_page(page, base: str) -> list[str]:
+    """Open the app at ``base`` and go to the Data page; the page's uncaught script errors collect in the list
+    returned."""
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(base)
+    page.get_by_text("Four steps").wait_for()
+    nav(page, "Data")
+    return errors
+
+
 def camera_panel(page):
     """The "Take pictures" tab's panel, which stays selected while pictures are taken."""
     assert page.get_by_role("tab", name="Take pictures").get_attribute("aria-selected") == "true"
@@ -84,13 +96,7 @@ def test_capture_train_fix_and_restore_in_a_real_browser(server, tmp_path):
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + FAKE_CAMERA)
         ctx = b.new_context(viewport={"width": 1400, "height": 950}, permissions=["camera"])
         page = ctx.new_page()
-        page.set_default_timeout(60_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-
-        page.goto(base)
-        page.get_by_text("Four steps").wait_for()
-        nav(page, "Data")
+        errors = open_data_page(page, base)
 
         page.get_by_role("tab", name="Take pictures").click()
         panel = camera_panel(page)
@@ -195,12 +201,7 @@ def test_folder_upload_fix_from_the_data_check_and_train_on_the_new_version(serv
     shutil.copy(duck, pets / "face" / duck.name)  # an animal filed under face
 
     page = browser.new_page(viewport={"width": 1400, "height": 950})
-    page.set_default_timeout(60_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(base)
-    page.get_by_text("Four steps").wait_for()
-    nav(page, "Data")
+    errors = open_data_page(page, base)
     page.get_by_role("tab", name="Upload a folder").click()
     panel = page.get_by_role("tabpanel", name="Upload a folder")
     panel.locator("input[type=file]").set_input_files(str(pets))

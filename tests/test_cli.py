@@ -13,27 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import EMOJI, FASHION, ROOT, make_class_folder
-from tl_core.cli import main
+from conftest import EMOJI, FASHION, ROOT, make_class_folder, cli_fail as fail, cli_json as run_json
 
 TL_CORE = shutil.which("tl-core") or str(Path(sys.executable).parent / "tl-core")
-
-
-def run_json(capsys, *argv):
-    code = main(list(argv))
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    return json.loads(out.out)
-
-
-def fail(capsys, *argv) -> str:
-    code = main(list(argv))
-    out = capsys.readouterr()
-    assert code == 2, (code, out.err)
-    assert out.out == ""
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
-    return lines[0]
 
 
 def test_backbones_json(capsys, tl_home):

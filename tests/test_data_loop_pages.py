@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_app_insights import _planted_dataset
+from test_app_insights import _planted_dataset, fresh_caches  # noqa: F401  (autouse: each test computes its own)
 from test_app_pages import (  # noqa: F401  (fixtures are used by name)
     EMOJI,
     app,
@@ -29,14 +29,6 @@ from test_app_pages import (  # noqa: F401  (fixtures are used by name)
 from pages._fix import _key
 from tl_core.data import versions
 from tl_core.runs.files import RunFiles
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    import streamlit as st
-
-    st.cache_data.clear()
-    yield
 
 
 def _successes(at) -> str:

@@ -4,30 +4,12 @@ versions, exclude, relabel, restore, delete; training on NAME@VERSION; the user'
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
 import pytest
 
-from conftest import EMOJI, FASHION, make_class_folder
-from tl_core.cli import main
-
-
-def run_json(capsys, *argv):
-    code = main(list(argv))
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    return json.loads(out.out)
-
-
-def fail(capsys, *argv) -> str:
-    code = main(list(argv))
-    out = capsys.readouterr()
-    assert code == 2, (code, out.err)
-    lines = out.err.strip().splitlines()
-    assert out.out == "" and len(lines) == 1 and lines[0].startswith("error: "), out.err
-    return lines[0]
+from conftest import EMOJI, FASHION, make_class_folder, cli_fail as fail, cli_json as run_json
 
 
 def digest_tree(root: Path) -> dict[str, str]:

@@ -450,6 +450,21 @@ def _extract_zip_once(src: Path, dest: Path, digest: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def checked_image(path: Path, sha: str, checks: ImageCheckCache | None) -> tuple[int, int, str | None]:
+    """(width, height, why it cannot be used or None) of the image ``path`` whose bytes hash to ``sha``: from the
+    image-check cache ``checks`` when it has seen those bytes, else decoded once (and remembered there)."""
+    known = checks.get(sha) if checks is not None else None
+    if known is None:
+        try:
+            img = load_image(path)
+            known = (img.width, img.height, None)
+        except DatasetError as e:
+            known = (0, 0, str(e).split(": ", 1)[-1])
+        if checks is not None:
+            checks.put(sha, *known)
+    return known
+
+
 def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
@@ -533,15 +548,7 @@ def open_dataset(data: str | os.PathLike, extract_dir: str | os.PathLike | None 
         except OSError as e:
             skipped.append(SkippedFile(rel, f"could not be read ({e.strerror or e})"))
             continue
-        known = checks.get(sha) if checks is not None else None
-        if known is None:
-            try:
-                img = load_image(p)
-                known = (img.width, img.height, None)
-            except DatasetError as e:
-                known = (0, 0, str(e).split(": ", 1)[-1])
-            if checks is not None:
-                checks.put(sha, *known)
+        known = checked_image(p, sha, checks)
         if known[2] is None:
             items.append(ImageItem(p, label, split, sha, known[0], known[1],
                                    tuple(label.split(LABEL_SEPARATOR)) if multi else ()))

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ..errors import CancelledError, DatasetError
-from .intake import MIN_IMAGES_PER_CLASS, Dataset, ImageItem, SkippedFile, find_multi_label_csv, open_dataset
+from .intake import (MIN_IMAGES_PER_CLASS, Dataset, ImageItem, SkippedFile, checked_image, find_multi_label_csv,
+                     open_dataset)
 
 if TYPE_CHECKING:
     from ..runs.workspace import Workspace
@@ -413,7 +414,6 @@ def open_version(ws: "Workspace", name: str, version: str | None = None, *, min_
             too few images), in the words of :func:`tl_core.data.open_dataset`.
     """
     from ..cache import ImageCheckCache
-    from .images import load_image
 
     folder = _folder(ws, name)
     if is_multi_label_folder(folder):
@@ -430,14 +430,7 @@ def open_version(ws: "Workspace", name: str, version: str | None = None, *, min_
         if should_cancel and should_cancel():
             raise CancelledError("Cancelled while checking the images.")
         p = root / r["file"]
-        known = checks.get(r["sha256"])
-        if known is None:
-            try:
-                img = load_image(p)
-                known = (img.width, img.height, None)
-            except DatasetError as e:
-                known = (0, 0, str(e).split(": ", 1)[-1])
-            checks.put(r["sha256"], *known)
+        known = checked_image(p, r["sha256"], checks)
         if not p.is_file():
             skipped.append(SkippedFile(r["file"], "missing from the dataset's folder"))
         elif known[2] is not None:
