@@ -30,6 +30,23 @@ def test_check_json(capsys, tl_home):
     assert set(rep) >= {"counts", "skipped", "image_size", "imbalance_ratio", "warnings"}
 
 
+def test_the_command_exits_quickly_yet_runs_exit_handlers_and_flushes(tl_home, tmp_path):
+    """``tl-core`` leaves without the interpreter's teardown (cli.run): the exit status, the whole output and the
+    exit handlers (temporary folders, workers) must survive that."""
+    marker = tmp_path / "exit-handler-ran"
+    code = ("import atexit, os, pathlib, sys; atexit.register(lambda: pathlib.Path(os.environ['MARKER']).write_text("
+            "'ran')); sys.argv[1:] = {argv!r}; from tl_core.cli import run; run()")
+    env = {**os.environ, "TL_HOME": str(tl_home), "MARKER": str(marker)}
+    p = subprocess.run([sys.executable, "-c", code.format(argv=["backbones", "--json"])],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)) >= 3 and marker.read_text() == "ran"
+    marker.unlink()
+    p = subprocess.run([sys.executable, "-c", code.format(argv=["check", str(tmp_path / "nothing")])],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and marker.read_text() == "ran"
+
+
 @pytest.mark.slow
 def test_train_json_in_a_real_process_then_evaluate_predict_runs(capsys, tl_home):
     env = {**os.environ, "TL_HOME": str(tl_home)}
