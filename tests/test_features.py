@@ -43,6 +43,14 @@ def test_second_extraction_hits_and_adding_images_extracts_only_those(tmp_path, 
     c3 = FeatureCache(tmp_path / "f", key)
     extract_features(model, more, pre, dec, c3)
     assert (c3.hits, c3.misses) == (8, 2)
+    # extraction sees each image once: it keeps the features, not ~200 KB of decoded pixels per image ...
+    assert dec.misses == 10 and not list((tmp_path / "dec").rglob("*.npy"))
+    # ... while what fine-tuning decoded (kept) serves it, giving the same features
+    for it in more:
+        dec.get(it, pre.resize, pre.interpolation)
+    assert len(list((tmp_path / "dec").rglob("*.npy"))) == 10
+    again = extract_features(model, more, pre, dec, None)
+    assert dec.hits == 10 and np.abs(again[:8] - f1).max() <= 1e-5
 
 
 def test_changed_pixels_backbone_weights_or_preprocessing_miss(tmp_path, lite0):

@@ -104,7 +104,8 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
     # as many steps on every rank (a cancel check is a collective under torchrun; a short shard idles)
     steps = -(-len(todo) // (rt.world_size * batch_size)) if todo else 0
     batches = [mine[s:s + batch_size] for s in range(0, steps * batch_size, batch_size)]
-    feed = eval_batches(items, [b for b in batches if b], pre, decoded)  # the next batch decodes meanwhile
+    # the next batch decodes meanwhile; each image is seen once here, so its pixels are not kept (its features are)
+    feed = eval_batches(items, [b for b in batches if b], pre, decoded, keep=False)
     engine: FeatureEngine | None = None
     with torch.inference_mode(), contextlib.closing(feed):
         for idx in batches:

@@ -32,7 +32,8 @@ def decode_workers() -> int:
 
 
 def eval_batches(items: Sequence[ImageItem], batches: Iterable[Sequence[int]], pre: Preprocess,
-                 decoded: DecodedImageCache, workers: int | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+                 decoded: DecodedImageCache, workers: int | None = None,
+                 keep: bool = True) -> Iterator[tuple[list[int], torch.Tensor]]:
     """The eval-preprocessed input of each batch of item indices, as ``(indices, NCHW tensor)``.
 
     While the caller runs batch k, batch k + 1 is already being decoded on ``workers`` threads. The tensors
@@ -44,11 +45,12 @@ def eval_batches(items: Sequence[ImageItem], batches: Iterable[Sequence[int]], p
         pre: the model's preprocessing.
         decoded: the decoded-image cache (thread-safe).
         workers: decoding threads (default :func:`decode_workers`).
+        keep: keep newly decoded images in ``decoded`` (see :meth:`DecodedImageCache.get`).
     """
     workers = workers or decode_workers()
 
     def one(i: int) -> torch.Tensor:
-        return pre.eval_from_resized(decoded.get(items[i], pre.resize, pre.interpolation))
+        return pre.eval_from_resized(decoded.get(items[i], pre.resize, pre.interpolation, keep=keep))
 
     if workers <= 1:
         for idx in batches:
