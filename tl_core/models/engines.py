@@ -10,16 +10,16 @@ rows 1f/1g: EfficientNet-Lite0 at batch 32 ran ~4x faster in ONNX Runtime than i
 layer and several depths alike):
 
 - **PyTorch** under torchrun, on CUDA/MPS, under mixed precision (autocast), when onnxruntime is missing (without
-  onnxscript the legacy exporter is used; its graph ran ~1.6x slower than dynamo's), or for a small job whose ONNX file does not exist yet: exporting takes ~7 s, which pays for itself
-  from about :data:`EXPORT_MIN_IMAGES` images (``TL_ONNX_MIN_IMAGES``). PyTorch runs channels-last under
-  inference mode.
+  onnxscript the legacy exporter is used; its graph ran ~1.6x slower than dynamo's), or for a small job whose
+  ONNX file does not exist yet: exporting takes ~7 s, which pays for itself from about
+  :data:`EXPORT_MIN_IMAGES` images (``TL_ONNX_MIN_IMAGES``). PyTorch runs channels-last under inference mode.
 - **ONNX Runtime** otherwise: the module exported once (torch.onnx dynamo exporter, dynamic batch) and cached
   as ``<cache>/engines/<key>.onnx``, the key a hash of the module's class, variant, input size, the weights
   and buffers it computes with (its classifier excluded), and the torch version; a session with one intra-op
   thread per core and no spin-waiting (the decoding threads need those cores). The first batch of every
   extraction (its first :data:`VERIFY_IMAGES` images) also runs through PyTorch, and the two must agree within
-  :data:`TOLERANCE` (max abs); if not, a cached file is rebuilt once, and a fresh export that still disagrees leaves PyTorch in charge (recorded
-  in ``<key>.failed`` so that ``auto`` does not export it again). A cached file that does not load is
+  :data:`TOLERANCE` (max abs); if not, a cached file is rebuilt once, and a fresh export that still disagrees
+  leaves PyTorch in charge (recorded in ``<key>.failed`` so that ``auto`` does not export it again). A cached file that does not load is
   rebuilt, never trusted.
 
 ``TL_ENGINE=torch`` or ``onnx`` forces one (``onnx`` exports whatever the job size; it still falls back to
