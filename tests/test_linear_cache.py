@@ -18,6 +18,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 CLASSES = ("animal", "face", "flag", "food", "vehicle")  # the emoji sample's classes, in order
 
 
+@pytest.fixture(autouse=True)
+def _pytorch_engine(monkeypatch):
+    """Forwards are counted at the model's stem, so the tests run the PyTorch engine (an ONNX Runtime session
+    verified earlier in the process would otherwise be reused; the engines agree within 1e-4: test_engines)."""
+    monkeypatch.setenv("TL_ENGINE", "torch")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two linear runs on 12 emoji per class, ``last`` and ``depths``, in one workspace with a cache of its own
@@ -193,11 +200,13 @@ def test_reusing_heap_memory_stops_the_page_faults_of_each_batch(reuse):
         "    return (torch.nn.functional.conv2d(x, torch.randn(96, 16, 1, 1)).relu() * 2).sum()\n"
         "step()\n"
         "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(5):\n"
+        "for _ in range(10):\n"
         "    step()\n"
         "print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent).stdout.split()
     assert out[0] == "True"
-    faults = int(out[1])  # 5 batches x 2 x 154 MB = 1.5 GB: ~375,000 pages when each allocation is mapped afresh
-    assert faults < 20_000 if reuse else faults > 100_000
+    # 10 batches of three 154 MB tensors: ~1.5 million pages (4 KB) when each allocation is mapped afresh. Reused,
+    # none, or the heap grows once or twice more after the first batch (seen here: 0 to ~110,000 pages)
+    faults = int(out[1])
+    assert faults < 150_000 if reuse else faults > 500_000
