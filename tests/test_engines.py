@@ -185,6 +185,19 @@ def test_engine_setting_and_the_auto_rule(setup, monkeypatch, tmp_path):
     # auto: a small job with no ONNX file yet stays on PyTorch (an export costs more than it saves)
     eng = engines.feature_engine(model, pre.input_size, cache_dir=tmp_path, n_images=48)
     assert eng.name == "torch" and "too few" in eng.reason and exports == []
+    # ... and a tiny job stays on PyTorch even with the file there (loading and verifying it costs more) ...
+    key = engines.engine_key(model, pre.input_size)
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / f"{key}.onnx").write_bytes(b"not loaded")
+    eng = engines.feature_engine(model, pre.input_size, cache_dir=tmp_path, n_images=engines.SESSION_MIN_IMAGES - 1)
+    assert eng.name == "torch" and "loading and verifying" in eng.reason
+    # ... unless a session for this model was verified earlier in the process
+    engines._sessions[key] = object()
+    try:
+        eng = engines.feature_engine(model, pre.input_size, cache_dir=tmp_path, n_images=1)
+        assert eng.name == "onnx" and eng.verified
+    finally:
+        engines._sessions.pop(key, None)
     monkeypatch.setenv("TL_ENGINE", "torch")
     eng = engines.feature_engine(model, pre.input_size, cache_dir=tmp_path, n_images=10**6)
     assert eng.name == "torch" and exports == []

@@ -12,7 +12,9 @@ layer and several depths alike):
 - **PyTorch** under torchrun, on CUDA/MPS, under mixed precision (autocast), when onnxruntime is missing (without
   onnxscript the legacy exporter is used; its graph ran ~1.6x slower than dynamo's), or for a small job whose
   ONNX file does not exist yet: exporting takes ~7 s, which pays for itself from about
-  :data:`EXPORT_MIN_IMAGES` images (``TL_ONNX_MIN_IMAGES``). PyTorch runs channels-last under inference mode.
+  :data:`EXPORT_MIN_IMAGES` images (``TL_ONNX_MIN_IMAGES``), or for a job of fewer than :data:`SESSION_MIN_IMAGES`
+  images before a session is verified in the process (loading and verifying one costs more than it saves).
+  PyTorch runs channels-last under inference mode.
 - **ONNX Runtime** otherwise: the module exported once (torch.onnx dynamo exporter, dynamic batch) and cached
   as ``<cache>/engines/<key>.onnx``, the key a hash of the module's class, variant, input size, the weights
   and buffers it computes with (its classifier excluded), and the torch version; a session with one intra-op
@@ -47,8 +49,8 @@ from torch import nn
 from ..errors import ConfigError
 from .devices import Runtime, cpu_count
 
-__all__ = ["ENGINES", "TOLERANCE", "EXPORT_MIN_IMAGES", "FeatureEngine", "feature_engine", "engine_setting",
-           "engine_key"]
+__all__ = ["ENGINES", "TOLERANCE", "EXPORT_MIN_IMAGES", "SESSION_MIN_IMAGES", "FeatureEngine", "feature_engine",
+           "engine_setting", "engine_key"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,10 @@ VERIFY_IMAGES = 8
 #: ``auto`` exports a missing ONNX file only for a job of at least this many images (export ~7 s, saving
 #: ~13 ms per image on the build machine: break-even ~540 images)
 EXPORT_MIN_IMAGES = 500
+#: ``auto`` runs a job of fewer images on PyTorch when no verified session is open in the process yet: loading
+#: the ONNX file and verifying it on the first batch took 0.12-0.19 s for 1-8 images here, PyTorch 0.02-0.08 s;
+#: from 16 images on, ONNX Runtime was faster (0.20 s against 0.24 s)
+SESSION_MIN_IMAGES = 16
 _FORMAT = "features-v1"  # bump when the exported graph's contract changes
 _OPSET = 18
 
@@ -288,6 +294,9 @@ def feature_engine(model: nn.Module, input_size: int, runtime: Runtime | None = 
         failed = key in _failed
     if session is not None:
         return FeatureEngine(model, rt, "onnx", "verified earlier in this process", session, key, verified=True)
+    if setting == "auto" and n_images < SESSION_MIN_IMAGES:
+        return FeatureEngine(model, rt, reason=f"{n_images} images: too few to pay for loading and verifying an "
+                                               f"ONNX session (fewer than {SESSION_MIN_IMAGES})")
     if cache_dir is not None:
         path = Path(cache_dir) / "engines" / f"{key}.onnx"
     else:
