@@ -104,21 +104,14 @@ def advisor_params(ws, rows: list[dict], picked: list[str] | None = None, per_cl
             "seed": int(session.setting("seed", 0))}
 
 
-def has_advice(ws, rows: list[dict]) -> bool:
-    """Whether the advisor has a result for the chosen dataset and settings (then it alone recommends)."""
-    params = advisor_params(ws, rows)
-    task = tasks.find(ws, "advise", params) if params is not None else None
-    return task is not None and task.status == "done"
-
-
-def advisor_section(ws, rows: list[dict]) -> None:
-    """'Which backbone fits my data?': the advisor's ranking for the chosen dataset."""
+def advisor_section(ws, rows: list[dict]) -> bool:
+    """'Which backbone fits my data?': the advisor's ranking for the chosen dataset; whether it showed one."""
     st.header("Which backbone fits my data?")
     path = session.dataset_path(session.get("dataset"), ws)
     if path is None:
         st.info("Choose a dataset first: the advisor compares the backbones on your own images.")
         session.link("data", "Go to Data", ":material/folder_open:")
-        return
+        return False
     st.caption(f"Before any training, each backbone looks at a sample of **{path.name}** once (features are cached, "
                "so training the chosen one later reuses them). They are ranked by **LogME**, a transferability "
                "score: how well a simple linear model can explain your labels from the backbone's features. A quick "
@@ -140,14 +133,14 @@ def advisor_section(ws, rows: list[dict]) -> None:
              "reliable."))
     if not picked:
         st.caption("Pick at least one backbone.")
-        return
+        return False
     params = advisor_params(ws, rows, list(picked), int(per_class))
     result = task_ui.task_view(ws, "advise", params, f"Comparing {len(picked)} backbone(s) on {path.name}",
                                button="Compare backbones", icon=":material/leaderboard:", key="advise",
                                button_help="Embeds the sample with each backbone (a few seconds each the first "
                                            "time), on the server.")
     if result is None:
-        return
+        return False
 
     rec, conf = result["recommended"], result["confidence"]
     box = {"high": st.success, "medium": st.info, "low": st.warning}[conf]
@@ -181,21 +174,15 @@ def advisor_section(ws, rows: list[dict]) -> None:
                f"{result['max_per_class']} per class) in {result['seconds']:.1f} s. {result['method']}")
     for f in result["failed"]:
         st.warning(f"{f['backbone']} could not be compared: {f['error']}")
+    return True
 
 
 with session.page_errors():
     ws = session.workspace()
     rows = _catalogue()
-    if has_advice(ws, rows):
-        # one recommendation on the page: the advisor's, for this dataset (its table's first row)
-        st.caption("The advisor below has compared backbones on your dataset: its recommendation is the first row "
-                   "of its table.")
-    else:
-        st.success(
-            f"**Safe default: {session.DEFAULT_BACKBONE}.** Its ImageNet weights ship with TL Studio (no internet "
-            "needed), it is small (4.7 M parameters) and fast on a laptop CPU, and a linear probe on it reaches "
-            "95% on the emoji sample in seconds. Not sure? Ask the advisor below which backbone fits your data."
-        )
+    # filled once the advisor section below knows whether it shows a recommendation (its task can finish while
+    # this page runs): one recommendation on the page, never the safe default next to the advisor's
+    banner = st.empty()
 
     speeds = speed_section(ws, rows)
     table = pd.DataFrame([{
@@ -226,7 +213,15 @@ with session.page_errors():
     )
     speed_controls(ws, rows, speeds)
 
-    advisor_section(ws, rows)
+    if advisor_section(ws, rows):
+        banner.caption("The advisor below has compared backbones on your dataset: its recommendation is the first "
+                       "row of its table.")
+    else:
+        banner.success(
+            f"**Safe default: {session.DEFAULT_BACKBONE}.** Its ImageNet weights ship with TL Studio (no internet "
+            "needed), it is small (4.7 M parameters) and fast on a laptop CPU, and a linear probe on it reaches "
+            "95% on the emoji sample in seconds. Not sure? Ask the advisor below which backbone fits your data."
+        )
     st.divider()
 
     names = list(CATALOGUE)
