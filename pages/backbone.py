@@ -86,17 +86,10 @@ def _use_backbone(name: str) -> None:
     st.session_state["_advisor_flash"] = name
 
 
-def advisor_params(ws, rows: list[dict], picked: list[str] | None = None, per_class: int | None = None
-                   ) -> dict | None:
-    """The ``advise`` task's parameters for the chosen dataset and the advisor's settings (the widgets' values,
-    read from the session before they are drawn); None without a dataset or a backbone to compare."""
+def advisor_params(ws, picked: list[str], per_class: int) -> dict | None:
+    """The ``advise`` task's parameters for the chosen dataset, the backbones ``picked`` and ``per_class`` images
+    per class; None without a dataset or a backbone to compare."""
     path = session.dataset_path(session.get("dataset"), ws)
-    names = [r["name"] for r in rows]
-    if picked is None:
-        picked = [n for n in session.setting("advisor_backbones", [r["name"] for r in rows if r["available_offline"]])
-                  if n in names]
-    if per_class is None:
-        per_class = session.setting("advisor_per_class", 30)
     if path is None or not picked:
         return None
     return {"data": str(path), "signature": dataset_signature(path), "backbones": list(picked),
@@ -134,7 +127,7 @@ def advisor_section(ws, rows: list[dict]) -> bool:
     if not picked:
         st.caption("Pick at least one backbone.")
         return False
-    params = advisor_params(ws, rows, list(picked), int(per_class))
+    params = advisor_params(ws, list(picked), int(per_class))
     result = task_ui.task_view(ws, "advise", params, f"Comparing {len(picked)} backbone(s) on {path.name}",
                                button="Compare backbones", icon=":material/leaderboard:", key="advise",
                                button_help="Embeds the sample with each backbone (a few seconds each the first "
