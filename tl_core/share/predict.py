@@ -19,7 +19,7 @@ from ..data.intake import ImageItem, safe_extract_zip
 from ..data.library import open_data
 from ..errors import DatasetError
 from ..insight.openset import open_set_fields
-from ..models.inference import logits_of_images, logits_of_items, logits_via_cache
+from ..models.inference import CachedFeatures, logits_of_images, logits_of_items, logits_via_cache
 from ..models.metrics import compute_metrics, softmax, top_losses
 from ..runs.workspace import Workspace
 from .loading import TrainedModel
@@ -182,8 +182,9 @@ def predict_paths(tm: TrainedModel, paths: Iterable[str | os.PathLike], top_k: i
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tl-predict-") as tmp:
         files, skipped = expand_paths(paths, Path(tmp))
-        if workspace is not None and tm.cached_features(workspace) is not None:
-            rows = _predict_files_cached(tm, files, skipped, top_k, batch_size, progress, workspace)
+        source = tm.cached_features(workspace) if workspace is not None else None
+        if source is not None:
+            rows = _predict_files_cached(tm, files, skipped, top_k, batch_size, progress, workspace, source)
             return rows, skipped
         for start in range(0, len(files), batch_size):
             batch, names = [], []
@@ -201,11 +202,17 @@ def predict_paths(tm: TrainedModel, paths: Iterable[str | os.PathLike], top_k: i
 
 
 def _predict_files_cached(tm: TrainedModel, files: list[tuple[Path, str]], skipped: list[dict[str, str]], top_k: int,
-                          batch_size: int, progress: Callable[[int, int], None] | None, workspace: Workspace
-                          ) -> list[dict[str, Any]]:
-    """:func:`predict_paths` of a linear run through the feature cache; unreadable files go to ``skipped``."""
+                          batch_size: int, progress: Callable[[int, int], None] | None, workspace: Workspace,
+                          source: CachedFeatures) -> list[dict[str, Any]]:
+    """:func:`predict_paths` of a linear run through the feature cache ``source``; unreadable files go to
+    ``skipped``."""
     rows: list[dict[str, Any]] = []
-    with_features = tm.open_set is not None
+    decoded = DecodedImageCache(workspace.cache_dir / "decoded")  # one for every batch
+
+    def logits(batch: list[ImageItem]) -> Any:
+        return logits_via_cache(tm.model, batch, tm.pre, decoded, source, batch_size=batch_size, runtime=tm.runtime,
+                                with_features=tm.open_set is not None)
+
     for start in range(0, len(files), batch_size):
         items, names = [], []
         for f, name in files[start:start + batch_size]:
@@ -215,7 +222,7 @@ def _predict_files_cached(tm: TrainedModel, files: list[tuple[Path, str]], skipp
             except OSError as e:
                 skipped.append({"path": name, "reason": f"cannot be read ({e.strerror or e})"})
         try:
-            out = logits_of_dataset_items(tm, items, workspace, with_features, batch_size) if items else None
+            out = logits(items) if items else None
         except DatasetError:  # an unreadable image in the batch: check each one, predict the readable ones
             keep = []
             for item, name in zip(items, names):
@@ -225,7 +232,7 @@ def _predict_files_cached(tm: TrainedModel, files: list[tuple[Path, str]], skipp
                 except DatasetError as e:
                     skipped.append({"path": name, "reason": str(e).split(": ", 1)[-1]})
             items, names = [k for k, _ in keep], [n for _, n in keep]
-            out = logits_of_dataset_items(tm, items, workspace, with_features, batch_size) if items else None
+            out = logits(items) if items else None
         if out is not None:
             rows += [{"path": n, **r} for n, r in zip(names, _rows_of(tm, out, top_k))]
         if progress:
