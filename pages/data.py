@@ -247,19 +247,22 @@ def data_check(ws, path: Path, val_split: float, seed: int, classes: list[str]) 
                                           "training), then runs the checks. About a second per 10-20 images the "
                                           "first time; it runs on the server, so you may leave the page meanwhile.")
     # a fix makes a new version (a new signature): the check made before it stays in view, its images marked
-    # with what the current version says of them, until the data is checked again
+    # with what the current version says of them, until the data is checked again; so do the embedding map and
+    # the domain-gap hint of that check (not started again for every fix: two tasks per click, whose ends would
+    # redraw the page while the user clicks on)
     last = f"_audit_{session.get('dataset')}"
     if audit is not None:
-        st.session_state[last] = audit
-    elif last in st.session_state:
-        audit = st.session_state[last]
+        st.session_state[last] = (audit, path, sig)
+    check_path = path
+    if audit is None and last in st.session_state:
+        audit, check_path, sig = st.session_state[last]
         st.caption("Showing the check made before your last change; press **Check the data** to check the current "
                    "version (features are cached: it is quick).")
     if audit is None:
         return
     show_audit(audit, ws, str(path), classes)
-    show_embedding_map(ws, path, sig, backbone, seed)
-    show_domain_gap(ws, path, sig, backbone, seed)
+    show_embedding_map(ws, check_path, sig, backbone, seed)
+    show_domain_gap(ws, check_path, sig, backbone, seed)
 
 
 def unpack_zip(ws, up, labels) -> None:
