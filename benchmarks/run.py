@@ -192,8 +192,7 @@ def extraction_rows(files, model, info, pre, transform, tmp: Path) -> list[tuple
     t_export = {}
     for v in ex:
         t0 = time.perf_counter()
-        engines._export(ex[v], engine_dir / "engines" / f"{engines.engine_key(ex[v], pre.input_size)}.onnx",
-                        pre.input_size)
+        engines._export(ex[v], engine_dir / "engines" / f"{engines.engine_key(ex[v], pre)}.onnx", pre)
         t_export[v] = time.perf_counter() - t0
 
     def cold(name: str, engine: str, threads: str | None = None) -> float:
@@ -217,16 +216,17 @@ def extraction_rows(files, model, info, pre, transform, tmp: Path) -> list[tuple
                 else:
                     os.environ[k] = v
 
-    # the forward pass alone, on ready tensors of real images, through the very engines the pipeline used
+    # the forward pass alone, on a ready batch of real images (the uint8 crops the engines take and normalise),
+    # through the very engines the pipeline used
     from tl_core.models.pipeline import eval_batches
 
-    x = next(eval_batches(ds.items, [list(range(32))], pre, DecodedImageCache(None)))[1]
+    x = next(eval_batches(ds.items, [list(range(32))], pre, DecodedImageCache(None), pixels=True))[1]
     engs = {}
     for v in ("last", "depths"):
         for eng_name in ("torch", "onnx"):
             os.environ["TL_ENGINE"] = eng_name
             try:
-                engs[v, eng_name] = engines.feature_engine(ex[v], pre.input_size, cache_dir=engine_dir, n_images=n)
+                engs[v, eng_name] = engines.feature_engine(ex[v], pre, cache_dir=engine_dir, n_images=n)
             finally:
                 del os.environ["TL_ENGINE"]
             assert engs[v, eng_name].name == eng_name, engs[v, eng_name].reason
@@ -246,7 +246,7 @@ def extraction_rows(files, model, info, pre, transform, tmp: Path) -> list[tuple
     t_ours, t_torch, t_onnx = best["auto"], best["cold torch"], best["cold onnx"]
     t_seq = cold("sequential", "auto", threads="1")
     fwd = {(v, e): best[f"fwd {v} {e}"] for v in ("last", "depths") for e in ("torch", "onnx")}
-    auto_engine = engines.feature_engine(model, pre.input_size, cache_dir=engine_dir, n_images=n).name
+    auto_engine = engines.feature_engine(model, pre, cache_dir=engine_dir, n_images=n).name
     rows.append(("1. feature extraction, Lite0", f"{n} images, engine {auto_engine} (auto)",
                  f"{n / t_ours:.1f} img/s", f"{n / t_bare:.1f} img/s",
                  f"{t_bare / t_ours:.2f} (target >= 0.95)"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -69,6 +70,12 @@ def test_preprocessing_matches_timm_create_transform():
     pre = Preprocess.from_data_config(data_config_for(model))
     for img in (Image.fromarray(data.chelsea()), Image.new("RGB", (300, 41), (9, 99, 199)), Image.new("RGB", (28, 28))):
         assert torch.allclose(t(img), pre.eval_from_pil(img), atol=1e-6)
+    # the feature engines' path: uint8 crops, batched NHWC, normalised by the engine: the same values, and
+    # channels-last in memory without a copy
+    arrs = [pre.resized_array(Image.fromarray(data.chelsea())), pre.resized_array(Image.new("RGB", (300, 41), (9, 99, 199)))]
+    x = pre.normalize_pixels(torch.from_numpy(np.stack([pre.crop_pixels(a) for a in arrs])))
+    assert x.shape == (2, 3, pre.input_size, pre.input_size) and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, torch.stack([pre.eval_from_resized(a) for a in arrs]))
 
 
 def test_hub_backbone_offline_fails_fast_with_alternatives():

@@ -4,9 +4,11 @@ same result, whenever ONNX Runtime cannot run or verify."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +78,7 @@ def test_onnx_features_equal_pytorch_within_1e4(setup, variant, monkeypatch, cap
     assert diff <= 1e-4, diff
     # the features tell the images apart (not a constant output that would match anything)
     assert float(np.abs(ref[variant] - ref[variant].mean(0)).max()) > 1.0
-    eng = engines.feature_engine(extractor(model, variant), pre.input_size, cache_dir=cache)
+    eng = engines.feature_engine(extractor(model, variant), pre, cache_dir=cache)
     assert eng.name == "onnx"  # the exported file is now in the cache
 
 
@@ -89,12 +91,17 @@ def test_cached_file_is_reused_and_a_damaged_one_rebuilt(setup, monkeypatch):
     exports = []
     real_export = engines._export
     monkeypatch.setattr(engines, "_export", lambda *a: (exports.append(a[1]), real_export(*a)))
-    # a second extractor (a new process would do the same) builds nothing: it loads the cached file
+    torch_batches = []
+    real_torch = engines.FeatureEngine._torch
+    monkeypatch.setattr(engines.FeatureEngine, "_torch", lambda self, x: (torch_batches.append(len(x)), real_torch(self, x))[1])
+    # a second extractor (a new process would do the same) builds nothing: it loads the cached file, whose bytes
+    # were verified before (the record beside it), so PyTorch does not run at all
     got = _extract(setup, "last")
-    assert exports == [] and np.abs(got - ref["last"]).max() <= 1e-4
-    key = engines.engine_key(extractor(model, "last"), pre.input_size)
+    assert exports == [] and np.abs(got - ref["last"]).max() <= 1e-4 and torch_batches == []
+    key = engines.engine_key(extractor(model, "last"), pre)
     path = cache / "engines" / f"{key}.onnx"
-    assert path.exists()
+    assert path.exists() and path.with_suffix(".verified").read_text().startswith(
+        hashlib.sha256(path.read_bytes()).hexdigest())
 
     # a file that does not load is rebuilt, not trusted
     engines._sessions.clear()
@@ -106,35 +113,42 @@ def test_cached_file_is_reused_and_a_damaged_one_rebuilt(setup, monkeypatch):
     # a file that loads but computes something else (another model's graph) is rebuilt too
     engines._sessions.clear()
     exports.clear()
-    other = cache / "engines" / f"{engines.engine_key(extractor(model, 'depths'), pre.input_size)}.onnx"
+    other = cache / "engines" / f"{engines.engine_key(extractor(model, 'depths'), pre)}.onnx"
     if not other.exists():  # exported by the depths test above unless this test runs alone
-        engines._export(extractor(model, "depths"), other, pre.input_size)
+        engines._export(extractor(model, "depths"), other, pre)
     exports.clear()
-    shutil.copy(other, path)
+    torch_batches.clear()
+    shutil.copy(other, path)  # a verification record of the right file stays beside it: it does not vouch for this one
     got = _extract(setup, "last")
     assert exports == [path] and got.shape == ref["last"].shape and np.abs(got - ref["last"]).max() <= 1e-4
+    assert torch_batches == [engines.VERIFY_IMAGES] * 2  # the copied graph checked (and refused), the rebuilt one too
 
-    # ... and so is one that loads but cannot run on this input (another input name): no crash
+    # ... and so is one that loads but cannot run on this input (the float "input" of the earlier format): no crash
     engines._sessions.clear()
     exports.clear()
-    _tiny_onnx(path, pre.input_size, input_name="pixels")
+    _tiny_onnx(path, pre, old_format=True)
     got = _extract(setup, "last")
     assert exports == [path] and np.abs(got - ref["last"]).max() <= 1e-4
 
 
-def _tiny_onnx(path: Path, size: int, input_name: str = "input") -> None:
-    """A valid ONNX file that computes something else: the mean colour of each image, (B, 3)."""
+def _tiny_onnx(path: Path, pre: Preprocess, old_format: bool = False) -> None:
+    """A valid ONNX file that computes something else: the mean colour of each image, (B, 3), from the engine's
+    input (NHWC uint8 ``pixels``), or with ``old_format`` from the float NCHW ``input`` of features-v1."""
     import warnings
 
     import torch
 
+    class MeanColour(torch.nn.Module):
+        def forward(self, x):
+            return x.float().mean((2, 3) if old_format else (1, 2))
+
+    name, s = ("input", (2, 3, pre.input_size, pre.input_size)) if old_format else ("pixels", (2, pre.input_size, pre.input_size, 3))
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
-                          (torch.zeros(2, 3, size, size),), str(path), dynamo=False, input_names=[input_name],
-                          output_names=["features"],
-                          dynamic_axes={input_name: {0: "batch"}, "features": {0: "batch"}})
+        torch.onnx.export(MeanColour(), (torch.zeros(s, dtype=torch.float32 if old_format else torch.uint8),), str(path),
+                          dynamo=False, input_names=[name], output_names=["features"],
+                          dynamic_axes={name: {0: "batch"}, "features": {0: "batch"}})
 
 
 def test_without_onnxruntime_pytorch_gives_the_same_features(setup, monkeypatch, tmp_path, caplog):
@@ -152,7 +166,7 @@ def test_a_failed_export_or_verification_falls_back_to_pytorch(setup, monkeypatc
     model, pre, items, cache, ref = setup
     monkeypatch.setenv("TL_ENGINE", "onnx")
 
-    def broken(module, path, size):
+    def broken(module, path, pre):
         raise RuntimeError("exporter crashed")
 
     monkeypatch.setattr(engines, "_export", broken)
@@ -161,8 +175,8 @@ def test_a_failed_export_or_verification_falls_back_to_pytorch(setup, monkeypatc
     assert "export or load failed" in caplog.text and np.array_equal(got, ref["last"])
 
     # an export whose graph disagrees with PyTorch (here: a wrong graph) is rejected on the first batch
-    def wrong(module, path, size):
-        _tiny_onnx(path, size)
+    def wrong(module, path, pre):
+        _tiny_onnx(path, pre)
 
     monkeypatch.setattr(engines, "_export", wrong)
     caplog.clear()
@@ -170,12 +184,12 @@ def test_a_failed_export_or_verification_falls_back_to_pytorch(setup, monkeypatc
         got = _extract(setup, "last", cache_dir=tmp_path)
     assert "differ from PyTorch" in caplog.text and np.array_equal(got, ref["last"])
     # remembered: auto does not export it again (not in this process, nor, by the marker file, in another)
-    key = engines.engine_key(extractor(model, "last"), pre.input_size)
+    key = engines.engine_key(extractor(model, "last"), pre)
     assert (tmp_path / "engines" / f"{key}.failed").exists() and not (tmp_path / "engines" / f"{key}.onnx").exists()
     engines._failed.clear()
     monkeypatch.setenv("TL_ENGINE", "auto")
     monkeypatch.setenv("TL_ONNX_MIN_IMAGES", "1")
-    assert engines.feature_engine(extractor(model, "last"), pre.input_size, cache_dir=tmp_path, n_images=10**6).name == "torch"
+    assert engines.feature_engine(extractor(model, "last"), pre, cache_dir=tmp_path, n_images=10**6).name == "torch"
 
 
 def test_engine_setting_and_the_auto_rule(setup, monkeypatch, tmp_path):
@@ -183,38 +197,40 @@ def test_engine_setting_and_the_auto_rule(setup, monkeypatch, tmp_path):
     exports = []
     monkeypatch.setattr(engines, "_export", lambda *a: exports.append(a))
     # auto: a small job with no ONNX file yet stays on PyTorch (an export costs more than it saves)
-    eng = engines.feature_engine(model, pre.input_size, cache_dir=tmp_path, n_images=48)
+    eng = engines.feature_engine(model, pre, cache_dir=tmp_path, n_images=48)
     assert eng.name == "torch" and "too few" in eng.reason and exports == []
     # ... and a tiny job stays on PyTorch even with the file there (loading and verifying it costs more) ...
-    key = engines.engine_key(model, pre.input_size)
+    key = engines.engine_key(model, pre)
     (tmp_path / "engines").mkdir()
     (tmp_path / "engines" / f"{key}.onnx").write_bytes(b"not loaded")
-    eng = engines.feature_engine(model, pre.input_size, cache_dir=tmp_path, n_images=engines.SESSION_MIN_IMAGES - 1)
+    eng = engines.feature_engine(model, pre, cache_dir=tmp_path, n_images=engines.SESSION_MIN_IMAGES - 1)
     assert eng.name == "torch" and "loading and verifying" in eng.reason
     # ... unless a session for this model was verified earlier in the process
     engines._sessions[key] = object()
     try:
-        eng = engines.feature_engine(model, pre.input_size, cache_dir=tmp_path, n_images=1)
+        eng = engines.feature_engine(model, pre, cache_dir=tmp_path, n_images=1)
         assert eng.name == "onnx" and eng.verified
     finally:
         engines._sessions.pop(key, None)
     monkeypatch.setenv("TL_ENGINE", "torch")
-    eng = engines.feature_engine(model, pre.input_size, cache_dir=tmp_path, n_images=10**6)
+    eng = engines.feature_engine(model, pre, cache_dir=tmp_path, n_images=10**6)
     assert eng.name == "torch" and exports == []
     assert np.array_equal(_extract(setup, "last", cache_dir=tmp_path), ref["last"])
     monkeypatch.setenv("TL_ENGINE", "fastest")
     with pytest.raises(ConfigError, match="TL_ENGINE"):
-        engines.feature_engine(model, pre.input_size, cache_dir=tmp_path)
+        engines.feature_engine(model, pre, cache_dir=tmp_path)
 
 
 def test_the_key_ignores_the_classifier_but_not_the_weights(setup):
     model, pre, *_ = setup
     other, _ = build_model("efficientnet_lite0", 7)  # the same backbone weights, another (random) head
-    assert engines.engine_key(other.eval(), pre.input_size) == engines.engine_key(model, pre.input_size)
-    assert engines.engine_key(model, pre.input_size) != engines.engine_key(model, pre.input_size + 32)
-    assert engines.engine_key(extractor(model, "depths"), pre.input_size) != engines.engine_key(model, pre.input_size)
+    assert engines.engine_key(other.eval(), pre) == engines.engine_key(model, pre)
+    assert engines.engine_key(model, pre) != engines.engine_key(model, replace(pre, input_size=pre.input_size + 32))
+    # the graph normalises the pixels: another mean or std is another file
+    assert engines.engine_key(model, pre) != engines.engine_key(model, replace(pre, mean=(0.485, 0.456, 0.406)))
+    assert engines.engine_key(extractor(model, "depths"), pre) != engines.engine_key(model, pre)
     import torch
 
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
-    assert engines.engine_key(other, pre.input_size) != engines.engine_key(model, pre.input_size)
+    assert engines.engine_key(other, pre) != engines.engine_key(model, pre)

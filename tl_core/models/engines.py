@@ -1,9 +1,11 @@
 """The engine that runs a frozen backbone's forward pass on the CPU: PyTorch or ONNX Runtime.
 
-:func:`feature_engine` gives a callable "NCHW float tensor -> pooled features (float32 NumPy, (B, D))" for the
-module that :func:`~tl_core.models.features.extract_features` runs (a timm model, or a
+:func:`feature_engine` gives a callable "NHWC uint8 batch of centre crops -> pooled features (float32 NumPy,
+(B, D))" for the module that :func:`~tl_core.models.features.extract_features` runs (a timm model, or a
 :class:`~tl_core.models.feature_variants.VariantModel` extractor): the same features as
-:func:`~tl_core.models.features.pooled_features`, within 1e-4.
+:func:`~tl_core.models.features.pooled_features` of the normalised batch, within 1e-4. The engine normalises
+(:meth:`~tl_core.models.preprocess.Preprocess.normalize_pixels`; in the ONNX graph, its first nodes): the decoding
+threads only crop, which took a tenth of the time of normalising there (benchmarks/RESULTS.md, row 1d).
 
 The rule (``TL_ENGINE=auto``, the default), from measurements on the 2-core build machine (benchmarks/RESULTS.md,
 rows 1f/1g: EfficientNet-Lite0 at batch 32 ran ~4x faster in ONNX Runtime than in PyTorch channels-last, last
@@ -16,13 +18,15 @@ layer and several depths alike):
   images before a session is verified in the process (loading and verifying one costs more than it saves).
   PyTorch runs channels-last under inference mode.
 - **ONNX Runtime** otherwise: the module exported once (torch.onnx dynamo exporter, dynamic batch) and cached
-  as ``<cache>/engines/<key>.onnx``, the key a hash of the module's class, variant, input size, the weights
-  and buffers it computes with (its classifier excluded), and the torch version; a session with one intra-op
-  thread per core and no spin-waiting (the decoding threads need those cores). The first batch of every
-  extraction (its first :data:`VERIFY_IMAGES` images) also runs through PyTorch, and the two must agree within
-  :data:`TOLERANCE` (max abs); if not, a cached file is rebuilt once, and a fresh export that still disagrees
-  leaves PyTorch in charge (recorded in ``<key>.failed`` so that ``auto`` does not export it again). A cached file that does not load is
-  rebuilt, never trusted.
+  as ``<cache>/engines/<key>.onnx``, the key a hash of the module's class, variant, input size and
+  normalisation, the weights and buffers it computes with (its classifier excluded), and the torch version; a
+  session with one intra-op thread per core and no spin-waiting (the decoding threads need those cores). The first
+  batch a file runs (its first :data:`VERIFY_IMAGES` images) also runs through PyTorch, and the two must agree
+  within :data:`TOLERANCE` (max abs); if not, a cached file is rebuilt once, and a fresh export that still
+  disagrees leaves PyTorch in charge (recorded in ``<key>.failed`` so that ``auto`` does not export it again). A
+  verified file is recorded in ``<key>.verified`` (its SHA-256, the ONNX Runtime version, the architecture): a
+  new process that loads the very same bytes there skips the PyTorch pass (~0.15 s of a 1,000-image extraction
+  here); any other file is verified again. A cached file that does not load is rebuilt, never trusted.
 
 ``TL_ENGINE=torch`` or ``onnx`` forces one (``onnx`` exports whatever the job size; it still falls back to
 PyTorch, with a log line, when it cannot run or verify). Compiled PyTorch (``torch.compile``, inductor) is not
@@ -36,6 +40,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import platform
 import sys
 import threading
 import warnings
@@ -48,6 +53,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .devices import Runtime, cpu_count
+from .preprocess import Preprocess
 
 __all__ = ["ENGINES", "TOLERANCE", "EXPORT_MIN_IMAGES", "SESSION_MIN_IMAGES", "FeatureEngine", "feature_engine",
            "engine_setting", "engine_key"]
@@ -66,7 +72,7 @@ EXPORT_MIN_IMAGES = 500
 #: the ONNX file and verifying it on the first batch took 0.12-0.19 s for 1-8 images here, PyTorch 0.02-0.08 s;
 #: from 16 images on, ONNX Runtime was faster (0.20 s against 0.24 s)
 SESSION_MIN_IMAGES = 16
-_FORMAT = "features-v1"  # bump when the exported graph's contract changes
+_FORMAT = "features-v2"  # bump when the exported graph's contract changes (v2: input "pixels", NHWC uint8)
 _OPSET = 18
 
 _sessions: dict[str, Any] = {}  # key -> verified ort session, for the life of the process (audit, advisor...)
@@ -98,15 +104,19 @@ def _mean_hw(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Pooled(nn.Module):
-    """What is exported: the pooled pre-logit features (the classifier is not in the graph). A several-depths
-    extractor is spelled out as :meth:`VariantModel.forward_features` computes it, with :func:`_mean_hw`
-    pooling (the first batch's comparison with PyTorch catches any drift between the two)."""
+    """What is exported: NHWC uint8 pixels normalised, then the pooled pre-logit features (the classifier is not
+    in the graph). A several-depths extractor is spelled out as :meth:`VariantModel.forward_features` computes it,
+    with :func:`_mean_hw` pooling (the first batch's comparison with PyTorch catches any drift between the two)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, pre: Preprocess):
         super().__init__()
         self.model = model
+        scale, shift = pre._scale_shift()
+        self.register_buffer("scale", scale.view(1, 3, 1, 1).clone(), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1).clone(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift  # Preprocess.normalize_pixels
         m = self.model
         if getattr(m, "variant", None) == "depths":
             b = m.backbone
@@ -127,12 +137,13 @@ def _classifier_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def engine_key(model: nn.Module, input_size: int) -> str:
-    """The ONNX file's key: module class, variant, input size, weights and buffers (classifier excluded), torch."""
+def engine_key(model: nn.Module, pre: Preprocess) -> str:
+    """The ONNX file's key: module class, variant, input size and normalisation, weights and buffers (classifier
+    excluded), torch."""
     h = hashlib.sha256()
     variant = getattr(model, "variant", "last")
     h.update(f"{_FORMAT}|{type(getattr(model, 'backbone', model)).__name__}|{variant}|"
-             f"{getattr(model, 'block_dims', [])}|{input_size}|{torch.__version__}".encode())
+             f"{getattr(model, 'block_dims', [])}|{pre.input_size}|{pre.mean}|{pre.std}|{torch.__version__}".encode())
     skip = _classifier_ids(model)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -146,33 +157,38 @@ def engine_key(model: nn.Module, input_size: int) -> str:
 
 
 class FeatureEngine:
-    """A callable ``x (NCHW float tensor) -> float32 array (B, D)``; ``name`` is ``torch`` or ``onnx``."""
+    """A callable ``pixels (NHWC uint8 tensor of centre crops) -> float32 array (B, D)``; ``name`` is ``torch`` or
+    ``onnx``."""
 
-    def __init__(self, model: nn.Module, rt: Runtime, name: str = "torch", reason: str = "",
+    def __init__(self, model: nn.Module, pre: Preprocess, rt: Runtime, name: str = "torch", reason: str = "",
                  session: Any = None, key: str = "", path: Path | None = None, verified: bool = False,
-                 fresh: bool = False, input_size: int = 0):
+                 fresh: bool = False, fingerprint: str = ""):
         self.model, self.rt = model, rt
         self.name, self.reason = name, reason
         self.session, self.key, self.path = session, key, path
         self.verified = verified
         self.fresh = fresh  # the ONNX file was exported by this engine (else: read from the cache)
-        self.input_size = input_size
+        self.pre = pre
+        self.fingerprint = fingerprint  # of the loaded file (see _load): what a verification is recorded for
         self.max_abs_diff: float | None = None
         self._cl = False
 
-    def _torch(self, x: torch.Tensor) -> np.ndarray:
+    def _torch(self, pixels: torch.Tensor) -> np.ndarray:
         if not self._cl:  # channels-last model for channels-last input (a mixed pair ran ~3x slower here)
             self.model.to(memory_format=torch.channels_last)
             self._cl = True
-        x = x.to(self.rt.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), self.rt.autocast():
-            return _pooled(self.model, x).float().cpu().numpy()
+        with torch.inference_mode():
+            # uint8 to the device (a quarter of float's bytes), normalised there, channels-last
+            x = self.pre.normalize_pixels(pixels.to(self.rt.device, non_blocking=True))
+            with self.rt.autocast():
+                return _pooled(self.model, x).float().cpu().numpy()
 
-    def _onnx(self, x: torch.Tensor) -> np.ndarray:
-        a = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return np.asarray(self.session.run(None, {"input": a})[0], dtype=np.float32)
+    def _onnx(self, pixels: torch.Tensor) -> np.ndarray:
+        a = np.ascontiguousarray(pixels.detach().cpu().numpy(), dtype=np.uint8)
+        return np.asarray(self.session.run(None, {"pixels": a})[0], dtype=np.float32)
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
+        """Features of the NHWC uint8 batch ``x``."""
         if self.name == "torch":
             return self._torch(x)
         try:
@@ -194,9 +210,9 @@ class FeatureEngine:
                 log.warning("feature engine: the cached ONNX file %s differs from PyTorch by %.2e; rebuilding it",
                             self.path.name, diff)
                 try:
-                    self.path.unlink(missing_ok=True)
-                    _export(self.model, self.path, self.input_size)
-                    self.session, self.fresh = _session(self.path), True
+                    _forget(self.path)
+                    _export(self.model, self.path, self.pre)
+                    (self.session, self.fingerprint), self.fresh = _load(self.path), True
                     return self(x)
                 except Exception as e:
                     self._reject(f"its rebuilt ONNX file failed ({type(e).__name__})")
@@ -205,10 +221,9 @@ class FeatureEngine:
                 self._reject(f"its features differ from PyTorch's by {diff:.2e} (> {TOLERANCE:g})")
                 return self._torch(x)
             self.verified = True
-            with _lock:
-                _sessions[self.key] = self.session
-                while len(_sessions) > 4:
-                    _sessions.pop(next(iter(_sessions)))
+            _remember(self.key, self.session)
+            if self.path is not None:  # a new process loading these very bytes need not verify them again
+                _write_atomic(self.path.with_suffix(".verified"), self.fingerprint)
             log.info("feature engine: ONNX Runtime, verified on the first batch (max abs diff %.1e)", diff)
         assert got is not None
         return got
@@ -219,20 +234,20 @@ class FeatureEngine:
             _failed.add(self.key)
             _sessions.pop(self.key, None)
         if self.path is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink(missing_ok=True)
-                self.path.with_suffix(".failed").write_text(why + "\n")
+            _forget(self.path)
+            _write_atomic(self.path.with_suffix(".failed"), why + "\n")
         self.name, self.reason, self.session = "torch", f"ONNX Runtime rejected: {why}", None
 
 
-def _export(module: nn.Module, path: Path, input_size: int) -> None:
-    """Write ``module``'s pooled features as ONNX (input ``input``, output ``features``, dynamic batch), atomically."""
+def _export(module: nn.Module, path: Path, pre: Preprocess) -> None:
+    """Write ``module``'s pooled features as ONNX (input ``pixels``: NHWC uint8 crops of ``pre``'s input size;
+    output ``features``; dynamic batch), atomically."""
     import importlib.util
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.onnx")
-    example = torch.randn(2, 3, input_size, input_size)
-    wrapped = _Pooled(module).eval()
+    example = torch.randint(0, 256, (2, pre.input_size, pre.input_size, 3), dtype=torch.uint8)
+    wrapped = _Pooled(module, pre).eval()
     try:
         # exporters print progress; keep stdout clean for --json
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), torch.inference_mode(False), \
@@ -240,21 +255,53 @@ def _export(module: nn.Module, path: Path, input_size: int) -> None:
             warnings.simplefilter("ignore")
             if importlib.util.find_spec("onnxscript") is not None:
                 program = torch.onnx.export(wrapped, (example,), dynamo=True, opset_version=_OPSET,
-                                            input_names=["input"], output_names=["features"],
+                                            input_names=["pixels"], output_names=["features"],
                                             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
                                             verbose=False, optimize=True)
                 program.save(str(tmp))
             else:  # the legacy exporter needs nothing else (its graph ran ~1.6x slower than dynamo's here)
                 torch.onnx.export(wrapped, (example,), str(tmp), dynamo=False, opset_version=_OPSET,
-                                  input_names=["input"], output_names=["features"],
-                                  dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}})
+                                  input_names=["pixels"], output_names=["features"],
+                                  dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}})
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
 
 
-def _session(path: Path) -> Any:
+def _remember(key: str, session: Any) -> None:
+    """Keep a verified session for the life of the process (the four newest)."""
+    with _lock:
+        _sessions[key] = session
+        while len(_sessions) > 4:
+            _sessions.pop(next(iter(_sessions)))
+
+
+def _forget(path: Path) -> None:
+    """Remove an ONNX file and the record of its verification."""
+    for p in (path, path.with_suffix(".verified")):
+        with contextlib.suppress(OSError):
+            p.unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    with contextlib.suppress(OSError):
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def _load(path: Path) -> tuple[Any, str]:
+    """An ONNX Runtime session of the file, and the fingerprint of what it runs: the file's SHA-256 (of the very
+    bytes loaded), the ONNX Runtime version and the machine's architecture (~15 ms for Lite0's 14 MB)."""
+    import onnxruntime as ort
+
+    data = path.read_bytes()
+    fingerprint = f"{hashlib.sha256(data).hexdigest()} onnxruntime-{ort.__version__} {platform.machine()}"
+    return _session(data), fingerprint
+
+
+def _session(model: bytes) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -262,16 +309,16 @@ def _session(path: Path) -> Any:
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
-def feature_engine(model: nn.Module, input_size: int, runtime: Runtime | None = None,
+def feature_engine(model: nn.Module, pre: Preprocess, runtime: Runtime | None = None,
                    cache_dir: str | os.PathLike | None = None, n_images: int = 0) -> FeatureEngine:
     """The engine for ``model``'s pooled features (see the module doc for the rule).
 
     Args:
         model: the frozen module (eval mode) whose :func:`pooled_features` are wanted.
-        input_size: the square input side (the ONNX graph has a fixed image size, a dynamic batch).
+        pre: the model's preprocessing (the ONNX graph has a fixed image size and normalisation, a dynamic batch).
         runtime: device, precision and distributed group (default CPU).
         cache_dir: the workspace cache; the ONNX file lives in ``<cache_dir>/engines/`` (None: in a
             per-user folder under the system's temporary directory).
@@ -280,22 +327,22 @@ def feature_engine(model: nn.Module, input_size: int, runtime: Runtime | None = 
     rt = runtime or Runtime.cpu()
     setting = engine_setting()
     if setting == "torch":
-        return FeatureEngine(model, rt, reason="TL_ENGINE=torch")
+        return FeatureEngine(model, pre, rt, reason="TL_ENGINE=torch")
     if rt.distributed or rt.device.type != "cpu" or rt.precision != "fp32" or torch.is_autocast_enabled():
-        return FeatureEngine(model, rt, reason="PyTorch keeps GPU, mixed-precision and torchrun work")
+        return FeatureEngine(model, pre, rt, reason="PyTorch keeps GPU, mixed-precision and torchrun work")
     try:
         import onnxruntime  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
         log.warning("feature engine: onnxruntime is unavailable (%s); using PyTorch", type(e).__name__)
-        return FeatureEngine(model, rt, reason="onnxruntime is not installed")
-    key = engine_key(model, input_size)
+        return FeatureEngine(model, pre, rt, reason="onnxruntime is not installed")
+    key = engine_key(model, pre)
     with _lock:
         session = _sessions.get(key)
         failed = key in _failed
     if session is not None:
-        return FeatureEngine(model, rt, "onnx", "verified earlier in this process", session, key, verified=True)
+        return FeatureEngine(model, pre, rt, "onnx", "verified earlier in this process", session, key, verified=True)
     if setting == "auto" and n_images < SESSION_MIN_IMAGES:
-        return FeatureEngine(model, rt, reason=f"{n_images} images: too few to pay for loading and verifying an "
+        return FeatureEngine(model, pre, rt, reason=f"{n_images} images: too few to pay for loading and verifying an "
                                                f"ONNX session (fewer than {SESSION_MIN_IMAGES})")
     if cache_dir is not None:
         path = Path(cache_dir) / "engines" / f"{key}.onnx"
@@ -304,9 +351,9 @@ def feature_engine(model: nn.Module, input_size: int, runtime: Runtime | None = 
 
         path = Path(tempfile.gettempdir()) / f"tl-engines-{os.getuid() if hasattr(os, 'getuid') else 0}" / f"{key}.onnx"
     if setting == "auto" and (failed or path.with_suffix(".failed").exists()):
-        return FeatureEngine(model, rt, reason="ONNX Runtime failed verification for this model before")
+        return FeatureEngine(model, pre, rt, reason="ONNX Runtime failed verification for this model before")
     if setting == "auto" and not path.exists() and n_images < _export_min_images():
-        return FeatureEngine(model, rt, reason=f"{n_images} images: too few to pay for an ONNX export "
+        return FeatureEngine(model, pre, rt, reason=f"{n_images} images: too few to pay for an ONNX export "
                                                f"(TL_ONNX_MIN_IMAGES={_export_min_images()})")
     fresh = False
     for attempt in range(2):
@@ -314,20 +361,30 @@ def feature_engine(model: nn.Module, input_size: int, runtime: Runtime | None = 
         try:
             if exporting:
                 log.info("feature engine: exporting %s to ONNX (%s)", type(model).__name__, path.name)
-                _export(model, path, input_size)
+                _export(model, path, pre)
                 fresh = True
-            session = _session(path)
+            session, fingerprint = _load(path)
             break
         except Exception as e:
             if exporting or attempt:
                 log.warning("feature engine: ONNX export or load failed (%s: %s); using PyTorch",
                             type(e).__name__, str(e)[:200])
-                with contextlib.suppress(OSError):
-                    path.unlink(missing_ok=True)
-                return FeatureEngine(model, rt, reason=f"ONNX export failed: {type(e).__name__}")
+                _forget(path)
+                return FeatureEngine(model, pre, rt, reason=f"ONNX export failed: {type(e).__name__}")
             log.warning("feature engine: the cached ONNX file %s does not load (%s); rebuilding it",
                         path.name, type(e).__name__)
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-    return FeatureEngine(model, rt, "onnx", "exported now" if fresh else "cached ONNX file", session, key, path,
-                         fresh=fresh, input_size=input_size)
+            _forget(path)
+    if not fresh and _read(path.with_suffix(".verified")) == fingerprint:
+        # the very bytes verified before, on this ONNX Runtime and architecture: no PyTorch pass this time
+        _remember(key, session)
+        return FeatureEngine(model, pre, rt, "onnx", "cached ONNX file, verified before", session, key, path,
+                             verified=True, fingerprint=fingerprint)
+    return FeatureEngine(model, pre, rt, "onnx", "exported now" if fresh else "cached ONNX file", session, key, path,
+                         fresh=fresh, fingerprint=fingerprint)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None

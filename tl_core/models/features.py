@@ -104,8 +104,9 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
     # as many steps on every rank (a cancel check is a collective under torchrun; a short shard idles)
     steps = -(-len(todo) // (rt.world_size * batch_size)) if todo else 0
     batches = [mine[s:s + batch_size] for s in range(0, steps * batch_size, batch_size)]
-    # the next batch decodes meanwhile; each image is seen once here, so its pixels are not kept (its features are)
-    feed = eval_batches(items, [b for b in batches if b], pre, decoded, keep=False)
+    # the next batch decodes meanwhile; each image is seen once here, so its pixels are not kept (its features
+    # are); the engine takes uint8 crops and normalises them itself
+    feed = eval_batches(items, [b for b in batches if b], pre, decoded, keep=False, pixels=True)
     engine: FeatureEngine | None = None
     with torch.inference_mode(), contextlib.closing(feed):
         for idx in batches:
@@ -114,7 +115,7 @@ def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
             if not idx:  # this rank's share is done; it still takes part in the cancel checks
                 continue
             if engine is None:  # PyTorch or ONNX Runtime (tl_core.models.engines), once there is work
-                engine = feature_engine(model, pre.input_size, rt, engine_cache_dir(cache, decoded), len(mine))
+                engine = feature_engine(model, pre, rt, engine_cache_dir(cache, decoded), len(mine))
             _, x = next(feed)
             feats = engine(x)
             for j, i in enumerate(idx):

@@ -80,6 +80,21 @@ class Preprocess:
         x = torch.from_numpy(np.ascontiguousarray(self.center_crop(arr))).permute(2, 0, 1)
         return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).add_(shift)
 
+    def crop_pixels(self, arr: np.ndarray) -> np.ndarray:
+        """The centre crop of a resized HWC uint8 array, contiguous: what the feature engines take (batched NHWC,
+        see :meth:`normalize_pixels`); ~0.02 ms per 224 px image against ~0.2 ms for :meth:`eval_from_resized`."""
+        return np.ascontiguousarray(self.center_crop(arr))
+
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised NCHW float batch from an NHWC uint8 batch of :meth:`crop_pixels` crops, on the batch's device.
+
+        The result is channels-last in memory (a view of the NHWC layout, no transposing copy): what the frozen
+        backbone runs fastest on. Its values are those of :meth:`eval_from_resized` (the same conversion, multiply
+        and add; tested)."""
+        scale, shift = self._scale_shift()
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32)  # keeps the NHWC strides: channels-last
+        return x.mul_(scale.to(x.device)).add_(shift.to(x.device))
+
     def resized_array(self, img: Image.Image) -> np.ndarray:
         """HWC uint8 array of an RGB image resized like timm's eval transform (before the crop)."""
         return np.array(resize_shorter(img, self.resize, self.interpolation), dtype=np.uint8)  # writable for torch
