@@ -73,7 +73,7 @@ def test_preprocessing_matches_timm_create_transform():
     # the feature engines' path: uint8 crops, batched NHWC, normalised by the engine: the same values, and
     # channels-last in memory without a copy
     arrs = [pre.resized_array(Image.fromarray(data.chelsea())), pre.resized_array(Image.new("RGB", (300, 41), (9, 99, 199)))]
-    x = pre.normalize_pixels(torch.from_numpy(np.stack([pre.crop_pixels(a) for a in arrs])))
+    x = pre.normalize_pixels(torch.from_numpy(np.stack([pre.center_crop(a) for a in arrs])))
     assert x.shape == (2, 3, pre.input_size, pre.input_size) and x.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(x, torch.stack([pre.eval_from_resized(a) for a in arrs]))
 

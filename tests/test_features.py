@@ -7,12 +7,14 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import EMOJI, make_class_folder
 from tl_core.models.backbones import build_model
 from tl_core.models.preprocess import data_config_for
 from tl_core.cache import DecodedImageCache
-from tl_core.data.intake import open_dataset
+from tl_core.data.images import file_sha256
+from tl_core.data.intake import ImageItem, open_dataset
 from tl_core.cache import FeatureCache
 from tl_core.models.features import extract_features, feature_key
 from tl_core.models.preprocess import Preprocess
@@ -51,6 +53,16 @@ def test_second_extraction_hits_and_adding_images_extracts_only_those(tmp_path, 
     assert len(list((tmp_path / "dec").rglob("*.npy"))) == 10
     again = extract_features(model, more, pre, dec, None)
     assert dec.hits == 10 and np.abs(again[:8] - f1).max() <= 1e-5
+    # the crop the engines take is the same square whichever way the pixels came: decoded for the call (cut
+    # before it becomes an array), from memory, or from disk
+    odd = tmp_path / "odd.png"
+    Image.new("RGB", (301, 97), (10, 200, 30)).save(odd)
+    for it in more[:3] + [ImageItem(odd, "b", sha256=file_sha256(odd))]:
+        full = DecodedImageCache(None).get(it, pre.resize, pre.interpolation)
+        want = pre.center_crop(full)
+        fresh = DecodedImageCache(None).get(it, pre.resize, pre.interpolation, keep=False, crop=pre.input_size)
+        assert fresh.shape == (pre.input_size, pre.input_size, 3) and np.array_equal(fresh, want)
+        assert np.array_equal(dec.get(it, pre.resize, pre.interpolation, crop=pre.input_size), want)
 
 
 def test_changed_pixels_backbone_weights_or_preprocessing_miss(tmp_path, lite0):

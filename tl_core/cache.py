@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .data.images import file_sha256, load_image, resize_shorter
+from .data.images import center_box, file_sha256, load_image, resize_shorter
 
 if TYPE_CHECKING:
     from .data.intake import ImageItem
@@ -63,8 +63,11 @@ class DecodedImageCache:
             return None
         return self.dir / f"{size}-{interp}" / sha[:2] / f"{sha}.npy"
 
-    def get(self, item: ImageItem, resize: int, interpolation: str = "bicubic", keep: bool = True) -> np.ndarray:
-        """HWC uint8 array of the image resized so that its shorter side is ``resize`` pixels.
+    def get(self, item: ImageItem, resize: int, interpolation: str = "bicubic", keep: bool = True,
+            crop: int | None = None) -> np.ndarray:
+        """HWC uint8 array of the image resized so that its shorter side is ``resize`` pixels; with ``crop``, its
+        centre ``crop`` x ``crop`` square only (contiguous; read-only when decoded for this call only, then cut
+        before it becomes an array: half the copying, ~0.1 ms an image).
 
         ``keep=False``: an image not cached yet is decoded for this call only, neither kept in memory nor
         written to disk. Feature extraction asks so: it sees each image once (its features are what is cached),
@@ -76,7 +79,7 @@ class DecodedImageCache:
             arr = self._mem.get(key)
             if arr is not None:
                 self.hits += 1
-                return arr
+                return _cropped(arr, crop)
         f = self._file(key[0], resize, interpolation) if item.sha256 else None
         if f is not None and f.exists():
             try:
@@ -90,16 +93,18 @@ class DecodedImageCache:
                     self._remember(key, arr)
                 if touch:
                     os.utime(f)
-                return arr
+                return _cropped(arr, crop)
             except Exception as e:  # corrupt/partial file: rebuild
                 log.warning("decoded-image cache entry %s is unusable (%s); rebuilding", f, e)
                 f.unlink(missing_ok=True)
-        img = load_image(item.path)
-        arr = np.array(resize_shorter(img, resize, interpolation), dtype=np.uint8)  # writable: torch wants it
+        img = resize_shorter(load_image(item.path), resize, interpolation)
         if not keep:
             with self._lock:
                 self.misses += 1
-            return arr
+            if crop is not None:
+                return np.asarray(img.crop(center_box(img.width, img.height, crop)))
+            return np.array(img, dtype=np.uint8)  # writable: torch wants it
+        arr = np.array(img, dtype=np.uint8)
         with self._lock:
             self.misses += 1
             if f is None:
@@ -119,12 +124,20 @@ class DecodedImageCache:
                 except OSError:
                     pass
                 log.warning("could not write decoded-image cache (%s); continuing without it", e)
-        return arr
+        return _cropped(arr, crop)
 
     def _remember(self, key: tuple[str, int, str], arr: np.ndarray) -> None:
         if self._mem_bytes + arr.nbytes <= self.max_memory_bytes:
             self._mem[key] = arr
             self._mem_bytes += arr.nbytes
+
+
+def _cropped(arr: np.ndarray, crop: int | None) -> np.ndarray:
+    """The centre ``crop`` square of a resized array, contiguous (the array itself when ``crop`` is None)."""
+    if crop is None:
+        return arr
+    left, top, right, bottom = center_box(arr.shape[1], arr.shape[0], crop)
+    return np.ascontiguousarray(arr[top:bottom, left:right])
 
 
 class FeatureCache:

@@ -120,6 +120,14 @@ _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Imag
            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
+def center_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centred ``size`` square of a ``width`` x ``height`` image (torchvision
+    ``CenterCrop``'s rounding)."""
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return left, top, left + size, top + size
+
+
 def resize_shorter(img: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
     """Resize so that the shorter side is ``size`` (torchvision ``Resize(int)`` semantics)."""
     w, h = img.size

@@ -53,10 +53,11 @@ def eval_batches(items: Sequence[ImageItem], batches: Iterable[Sequence[int]], p
         pixels: uint8 crops instead of normalised tensors.
     """
     workers = workers or decode_workers()
-    prepare = pre.crop_pixels if pixels else pre.eval_from_resized
 
     def one(i: int) -> torch.Tensor | np.ndarray:
-        return prepare(decoded.get(items[i], pre.resize, pre.interpolation, keep=keep))
+        if pixels:
+            return decoded.get(items[i], pre.resize, pre.interpolation, keep=keep, crop=pre.input_size)
+        return pre.eval_from_resized(decoded.get(items[i], pre.resize, pre.interpolation, keep=keep))
 
     def stack(parts: list) -> torch.Tensor:
         return torch.from_numpy(np.stack(parts)) if pixels else torch.stack(parts)

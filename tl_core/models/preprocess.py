@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import load_image, resize_shorter
+from ..data.images import center_box, load_image, resize_shorter
 
 __all__ = ["Preprocess", "data_config_for", "resolve_preprocess", "train_transform", "augmentation_preview"]
 
@@ -64,12 +64,9 @@ class Preprocess:
         return _scale_shift(self.mean, self.std)
 
     def center_crop(self, arr: np.ndarray) -> np.ndarray:
-        """Centre crop a resized HWC uint8 array to the input size (torchvision's rounding)."""
-        h, w = arr.shape[:2]
-        s = self.input_size
-        top = int(round((h - s) / 2.0))
-        left = int(round((w - s) / 2.0))
-        return arr[top:top + s, left:left + s]
+        """Centre crop a resized HWC uint8 array to the input size (torchvision's rounding), a view."""
+        left, top, right, bottom = center_box(arr.shape[1], arr.shape[0], self.input_size)
+        return arr[top:bottom, left:right]
 
     def eval_from_resized(self, arr: np.ndarray) -> torch.Tensor:
         """Normalised CHW float tensor from an HWC uint8 array already resized to ``self.resize``.
@@ -80,13 +77,9 @@ class Preprocess:
         x = torch.from_numpy(np.ascontiguousarray(self.center_crop(arr))).permute(2, 0, 1)
         return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).add_(shift)
 
-    def crop_pixels(self, arr: np.ndarray) -> np.ndarray:
-        """The centre crop of a resized HWC uint8 array, contiguous: what the feature engines take (batched NHWC,
-        see :meth:`normalize_pixels`); ~0.02 ms per 224 px image against ~0.2 ms for :meth:`eval_from_resized`."""
-        return np.ascontiguousarray(self.center_crop(arr))
-
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised NCHW float batch from an NHWC uint8 batch of :meth:`crop_pixels` crops, on the batch's device.
+        """Normalised NCHW float batch from an NHWC uint8 batch of centre crops (``DecodedImageCache.get(...,
+        crop=input_size)``), on the batch's device.
 
         The result is channels-last in memory (a view of the NHWC layout, no transposing copy): what the frozen
         backbone runs fastest on. Its values are those of :meth:`eval_from_resized` (the same conversion, multiply
