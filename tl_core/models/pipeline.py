@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,35 +53,51 @@ def eval_batches(items: Sequence[ImageItem], batches: Iterable[Sequence[int]], p
         pixels: uint8 crops instead of normalised tensors.
     """
     workers = workers or decode_workers()
+    side = pre.input_size
 
-    def one(i: int) -> torch.Tensor | np.ndarray:
-        if pixels:
-            return decoded.get(items[i], pre.resize, pre.interpolation, keep=keep, crop=pre.input_size)
+    def one(i: int) -> torch.Tensor:
         return pre.eval_from_resized(decoded.get(items[i], pre.resize, pre.interpolation, keep=keep))
 
-    def stack(parts: list) -> torch.Tensor:
-        return torch.from_numpy(np.stack(parts)) if pixels else torch.stack(parts)
+    def into(batch: np.ndarray, k: int, i: int) -> None:
+        # the decoding thread fills its slot of the batch: no stacking copy on the caller's thread, which is the
+        # forward pass's
+        batch[k] = decoded.get(items[i], pre.resize, pre.interpolation, keep=keep, crop=side)
+
+    def begin(idx: list[int], call: Callable[..., Any]) -> Callable[[], torch.Tensor]:
+        """Start the batch ``idx`` (``call`` runs a function now, or submits it to the pool); returns what
+        gives its tensor once its images are done."""
+        if pixels:
+            batch = np.empty((len(idx), side, side, 3), np.uint8)
+            jobs = [call(into, batch, k, i) for k, i in enumerate(idx)]
+            return lambda: (_settle(jobs), torch.from_numpy(batch))[1]
+        jobs = [call(one, i) for i in idx]
+        return lambda: torch.stack(_settle(jobs))
 
     if workers <= 1:
         for idx in batches:
-            yield list(idx), stack([one(i) for i in idx])
+            yield list(idx), begin(list(idx), lambda f, *a: f(*a))()
         return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tl-decode")
     try:
         it = iter(batches)
 
-        def submit() -> tuple[list[int], list[Future]] | None:
+        def submit() -> tuple[list[int], Callable[[], torch.Tensor]] | None:
             idx = next(it, None)
-            return None if idx is None else (list(idx), [pool.submit(one, i) for i in idx])
+            return None if idx is None else (list(idx), begin(list(idx), pool.submit))
 
         pending = submit()
         while pending is not None:
-            idx, futures = pending
-            x = stack([f.result() for f in futures])
+            idx, tensor = pending
+            x = tensor()
             pending = submit()  # decode the next batch while the caller runs this one
             yield idx, x
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _settle(jobs: list[Any]) -> list[Any]:
+    """The results of ``jobs`` (futures, or values already computed), in order; the first error is raised."""
+    return [j.result() if isinstance(j, Future) else j for j in jobs]
 
 
 def batched(indices: Sequence[int], batch_size: int) -> list[list[int]]:
