@@ -124,6 +124,17 @@ def test_predict_through_the_cache_equals_the_whole_network(runs, tmp_path):
         assert abs(a["confidence"] - b["confidence"]) < 1e-5 and a["confidence"] == c["confidence"]
         assert [t["label"] for t in a["top_k"]] == [t["label"] for t in b["top_k"]]
         assert a["unknown"] == b["unknown"] and abs(a["ood_score"] - b["ood_score"]) < 1e-4
+    # the files go to the extraction a chunk at a time (one chunk above); in chunks of 30 (the broken file in the
+    # third), the same rows, and the progress counts every file once, in order
+    import tl_core.share.predict as predict_mod
+
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(predict_mod, "PREDICT_CHUNK", 30)
+        chunked, skipped_k = predict_paths(tm, [folder], top_k=3, workspace=ws, progress=lambda d, t: seen.append((d, t)))
+    assert [(r["path"], r["label"]) for r in chunked] == [(r["path"], r["label"]) for r in again]
+    assert max(abs(a["confidence"] - c["confidence"]) for a, c in zip(chunked, again)) < 1e-6  # the head's batch
+    assert skipped_k == skipped_c and seen[-1] == (81, 81) and seen == sorted(seen)
 
 
 def test_a_run_whose_cache_was_wiped_still_evaluates(runs, tmp_path, monkeypatch):

@@ -113,14 +113,15 @@ def _extractor_of(model: nn.Module, variant: str) -> nn.Module:
 
 def logits_via_cache(model: nn.Module, items: Sequence[ImageItem], pre: Preprocess, decoded: DecodedImageCache,
                      source: CachedFeatures, batch_size: int = 32, should_cancel: Callable[[], bool] | None = None,
-                     runtime: Runtime | None = None, with_features: bool = False) -> Any:
+                     runtime: Runtime | None = None, with_features: bool = False,
+                     progress: Callable[[int, int], None] | None = None) -> Any:
     """Raw logits (N, C) of a linear run's ``model`` on ``items``: its head on the probe's features, read from the
     feature cache where they are, extracted (and cached) where not. Equal to :func:`logits_of_items` (the whole
     network on every image) up to float rounding; with ``with_features``, (logits, pre-logit features (N, D)),
-    the features being those the head sees (scaled for ``depths``)."""
+    the features being those the head sees (scaled for ``depths``); ``progress`` is called with (done, total)."""
     rt = runtime or Runtime.cpu()
     raw = extract_features(_extractor_of(model, source.variant), items, pre, decoded, source.cache,
-                           batch_size=batch_size, should_cancel=should_cancel, runtime=rt,
+                           batch_size=batch_size, progress=progress, should_cancel=should_cancel, runtime=rt,
                            last_cache=source.last_cache)
     dim = source.last_dim + sum(source.block_dims) if source.variant == "depths" else source.last_dim
     if not len(items):
