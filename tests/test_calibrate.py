@@ -66,6 +66,25 @@ def test_reliability_diagram_bins_and_gaps():
     assert all(b["gap"] is None for b in rel["bins"] if b["count"] == 0)
 
 
+def test_reliability_chart_joins_only_bins_with_enough_images():
+    from tl_core.share.figures import RELIABILITY_MIN_BIN, reliability
+
+    rng = np.random.default_rng(0)
+    conf = np.concatenate([rng.uniform(0.9, 1.0, 40), rng.uniform(0.6, 0.7, 20), [0.45]])  # one lone image
+    probs = np.stack([conf, (1 - conf) / 2, (1 - conf) / 2], 1)
+    y = (rng.uniform(size=len(conf)) > conf).astype(int)  # calibrated on average
+    rel = reliability_diagram(probs, y, bins=10)
+    fig = reliability(rel)
+    line = [t for t in fig.data if t.mode == "lines+markers"]
+    lone = [t for t in fig.data if t.mode == "markers"]
+    counts = {round(b["confidence"], 6): b["count"] for b in rel["bins"] if b["count"]}
+    assert len(line) == 1 and all(counts[round(x, 6)] >= RELIABILITY_MIN_BIN for x in line[0].x)
+    assert len(lone) == 1 and list(lone[0].x) == [0.45] and lone[0].showlegend is False
+    # one legend entry per curve, also when every bin is small
+    tiny = reliability(reliability_diagram(probs[-3:], y[-3:], bins=10))
+    assert [t.showlegend for t in tiny.data if t.mode == "markers"] == [True]
+
+
 def _val_paths(run) -> list[str]:
     return RunFiles(run).predictions().get("val").paths
 

@@ -195,6 +195,10 @@ def domain_gap(per_class: Mapping[str, Mapping[str, Any]], levels: Sequence[tupl
     return fig
 
 
+#: reliability bins with fewer images are drawn as open markers, off the line
+RELIABILITY_MIN_BIN = 5
+
+
 def reliability(before: Mapping[str, Any], after: Mapping[str, Any] | None = None,
                 temperature: float | None = None) -> go.Figure:
     """Reliability diagram: accuracy against confidence per bin (on the diagonal = calibrated)."""
@@ -206,15 +210,25 @@ def reliability(before: Mapping[str, Any], after: Mapping[str, Any] | None = Non
         curves.append((f"after temperature scaling (T = {temperature:.2f})" if temperature else "after", after,
                        _COLORS[2]))
     for name, rel, color in curves:
-        bins = [b for b in rel["bins"] if b.get("count")]
-        fig.add_scatter(
-            x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins], mode="lines+markers",
-            name=f"{name}: ECE {rel['ece']:.3f}", line=dict(color=color),
-            marker=dict(size=[6 + 14 * (b["count"] / max(1, rel["count"])) ** 0.5 for b in bins], color=color),
-            customdata=[[b["count"], b["lo"], b["hi"]] for b in bins],
-            hovertemplate="confidence %{x:.0%} → accuracy %{y:.0%}<br>%{customdata[0]} images "
-                          "(bin %{customdata[1]:.1f}–%{customdata[2]:.1f})<extra></extra>",
-        )
+        # the line joins the bins that hold enough images to mean something; a bin of one or two images (an
+        # accuracy of 0% or 100% by chance) is an open marker off the line, not a steep swing of it
+        full = [b for b in rel["bins"] if b.get("count", 0) >= RELIABILITY_MIN_BIN]
+        few = [b for b in rel["bins"] if 0 < b.get("count", 0) < RELIABILITY_MIN_BIN]
+        for solid, bins in ((True, full), (False, few)):
+            if not bins:
+                continue
+            fig.add_scatter(
+                x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins],
+                mode="lines+markers" if solid else "markers", legendgroup=name, showlegend=solid or not full,
+                name=f"{name}: ECE {rel['ece']:.3f}",
+                line=dict(color=color),
+                marker=dict(size=[6 + 14 * (b["count"] / max(1, rel["count"])) ** 0.5 for b in bins], color=color,
+                            symbol="circle" if solid else "circle-open"),
+                customdata=[[b["count"], b["lo"], b["hi"]] for b in bins],
+                hovertemplate="confidence %{x:.0%} → accuracy %{y:.0%}<br>%{customdata[0]} images "
+                              "(bin %{customdata[1]:.1f}–%{customdata[2]:.1f})"
+                              + ("" if solid else "<br>too few images to read much into") + "<extra></extra>",
+            )
     fig.update_layout(height=400, xaxis=dict(range=[0, 1.02], tickformat=".0%", title="confidence (predicted)"),
                       yaxis=dict(range=[0, 1.02], tickformat=".0%", title="accuracy (actual)"),
                       **_layout(legend_rows=_legend_rows(len(curves) + 1, per_row=2)))
