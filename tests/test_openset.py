@@ -18,6 +18,7 @@ import pytest
 
 from conftest import EMOJI, FASHION
 from tl_core.insight import openset
+from tl_core.runs.files import RunFiles
 
 
 # -- the threshold and the bank, on their own --------------------------------------------------------------
@@ -114,7 +115,6 @@ def _flagged(tm, paths) -> tuple[float, list[dict]]:
 
 @pytest.mark.slow
 def test_an_emoji_model_flags_fashion_images_and_few_of_its_own(emoji_model):
-    from tl_core.runs.files import RunFiles
     from tl_core.share.loading import load_model
 
     _, run_dir, held = emoji_model
@@ -233,9 +233,28 @@ def test_cli_predict_and_evaluate_report_unknown(emoji_run_dir, tmp_path, capsys
     assert rep["unknown_share"] == 0.0 and rep["count"] == 200
 
 
+def test_cli_shows_and_sets_the_threshold(emoji_run_dir, tmp_path, capsys):
+    from tl_core.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(emoji_run_dir, run)
+    assert main(["openset", str(run), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert not shown["saved"] and not shown.get("chosen") and 0.0 < shown["threshold"] < 2.0
+    assert "calibration_scores" not in shown and "unknown" in shown["meaning"]
+    assert main(["openset", str(run), "--threshold", "0.0", "--json"]) == 0
+    now = json.loads(capsys.readouterr().out)
+    assert now["saved"] and now["threshold"] == 0.0 and now["chosen"] == "by hand" and now["flagged_share"] > 0.5
+    assert RunFiles(run).open_set_record()["threshold"] == 0.0
+    assert main(["openset", str(run)]) == 0 and "chosen by hand" in capsys.readouterr().out
+    assert main(["openset", str(run), "--threshold", "3"]) == 2
+    assert "between 0 and 2" in capsys.readouterr().err and RunFiles(run).open_set_record()["threshold"] == 0.0
+    (run / "ood.json").unlink()
+    assert main(["openset", str(run)]) == 2 and "trained before open-set scores" in capsys.readouterr().err
+
+
 def test_a_saved_threshold_is_what_predictions_use(emoji_run_dir, tmp_path):
     from tl_core.errors import ConfigError, RunError
-    from tl_core.runs.files import RunFiles
     from tl_core.share.loading import load_model
     from tl_core.share.predict import predict_paths
 
@@ -257,7 +276,6 @@ def test_a_saved_threshold_is_what_predictions_use(emoji_run_dir, tmp_path):
 
 
 def test_model_card_and_report_state_the_threshold_and_what_it_means(emoji_run_dir, tmp_path):
-    from tl_core.runs.files import RunFiles
     from tl_core.share.card import model_card
     from tl_core.share.report import build_report
 
@@ -282,7 +300,6 @@ def test_a_fine_tuned_model_scores_with_its_own_features(tmp_path):
     """``partial``: the bank holds the fine-tuned network's features of the training images, and the threshold
     comes from the validation images (held out from the whole network)."""
     from tl_core.config import TrainConfig
-    from tl_core.runs.files import RunFiles
     from tl_core.runs.training import run_training
     from tl_core.runs.workspace import Workspace
     from tl_core.share.loading import load_model

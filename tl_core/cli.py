@@ -424,6 +424,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_openset(args: argparse.Namespace) -> int:
+    from .errors import RunError
+    from .insight.openset import UNKNOWN_NOTE, describe, flagged_share, set_threshold
+    from .runs.files import RunFiles
+
+    run_dir = _resolve_run_dir(args.run)
+    if args.threshold is not None:
+        set_threshold(run_dir, args.threshold)
+    record = RunFiles(run_dir).open_set_record()
+    if record is None:
+        raise RunError(UNKNOWN_NOTE)
+    scores = record.get("calibration_scores") or []
+    out = {k: v for k, v in record.items() if k != "calibration_scores"}
+    out.update(saved=args.threshold is not None, flagged_share=flagged_share(scores, float(record["threshold"])),
+               meaning=describe(record).replace("`", ""))
+    if args.json:
+        _print_json(out)
+        return 0
+    print(f"threshold {float(record['threshold']):.3f} (cosine distance to the nearest training image; "
+          f"{'chosen by hand' if record.get('chosen') else 'conformal, automatic'}"
+          f"{', saved now' if args.threshold is not None else ''}): {out['flagged_share']:.0%} of the "
+          f"{len(scores)} calibration images are above it")
+    print(out["meaning"])
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # tl-core data: managed datasets and their versions
 # --------------------------------------------------------------------------------------------------
@@ -707,6 +733,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="measure only; do not save the temperature")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("openset", help="show a run's open-set threshold (when an image is called unknown), or set it")
+    s.add_argument("run", help="run id or run directory")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="save this threshold (a cosine distance, 0-2): images farther than it from every training "
+                        "image are called unknown; predictions use it from then on")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_openset)
 
     _add_data_commands(sub)
     return p
