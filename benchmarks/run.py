@@ -297,8 +297,6 @@ def main() -> int:
     from tl_core.config import TrainConfig
     from tl_core.cache import DecodedImageCache
     from tl_core.data.intake import open_dataset
-    from tl_core.cache import FeatureCache
-    from tl_core.models.features import extract_features, feature_key
     from tl_core.runs.workspace import Workspace
     from tl_core.models.devices import configure_threads
     from tl_core.runs.training import run_training
@@ -312,6 +310,7 @@ def main() -> int:
     try:
         data = make_images(tmp / "data", args.images)
         files = sorted(data.glob("*/*.jpg"))
+        n = len(files)
         model, info = build_model("efficientnet_lite0", 10)
         model.eval()
         pre = Preprocess.from_data_config(data_config_for(model))

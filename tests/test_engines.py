@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import EMOJI, FASHION
-from tl_core.cache import DecodedImageCache, FeatureCache
+from tl_core.cache import DecodedImageCache
 from tl_core.data.intake import open_dataset
 from tl_core.errors import ConfigError
 from tl_core.models import engines

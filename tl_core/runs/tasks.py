@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..errors import DatasetError, RunError, TLError
+from ..errors import RunError, TLError
 from .store import ACTIVE_STATUSES, RunStore
 from .workspace import Workspace
 
