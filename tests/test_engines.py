@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import EMOJI, FASHION
 from tl_core.cache import DecodedImageCache
@@ -234,3 +235,17 @@ def test_the_key_ignores_the_classifier_but_not_the_weights(setup):
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
     assert engines.engine_key(other, pre) != engines.engine_key(model, pre)
+
+
+def test_the_pytorch_engine_leaves_the_model_trainable(setup, monkeypatch):
+    """Fine-tuning starts from the model whose features the probe head was fitted on: extraction (in inference
+    mode) must not turn its weights into inference tensors (a `full` run in a fresh workspace failed with
+    "Setting requires_grad=True on inference tensor outside InferenceMode")."""
+    _, pre, items, _, _ = setup
+    model, _ = build_model("efficientnet_lite0", 5)
+    monkeypatch.setenv("TL_ENGINE", "torch")
+    extract_features(model, items[:4], pre, DecodedImageCache(None))
+    assert model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)  # it did convert
+    assert not [n for n, p in model.named_parameters() if p.is_inference()]
+    for p in model.parameters():
+        p.requires_grad_(True)

@@ -103,6 +103,16 @@ def test_pretrained_beats_scratch_by_a_wide_margin(workspace):
 
 
 @pytest.mark.slow
+def test_finetuning_in_a_fresh_workspace_trains(workspace, monkeypatch):
+    """Nothing cached: the probe head's features come from this very model on PyTorch (inference mode), then the
+    same model is fine-tuned (it once failed: weights remade in inference mode cannot require gradients)."""
+    monkeypatch.setenv("TL_ENGINE", "torch")
+    res = run_training(workspace, EMOJI, TrainConfig(strategy="full", epochs=1, max_per_class=6), raise_errors=False)
+    assert res.status == "done", res.error
+    assert [e["epoch"] for e in workspace.store().epochs(res.run_id)] == [0, 1]
+
+
+@pytest.mark.slow
 def test_full_finetuning_trains_the_backbone_and_keeps_the_better_checkpoint(workspace):
     linear = run_training(workspace, EMOJI, TrainConfig(strategy="linear", max_per_class=16))
     full = run_training(workspace, EMOJI, TrainConfig(strategy="full", epochs=2, max_per_class=16))

@@ -175,7 +175,10 @@ class FeatureEngine:
 
     def _torch(self, pixels: torch.Tensor) -> np.ndarray:
         if not self._cl:  # channels-last model for channels-last input (a mixed pair ran ~3x slower here)
-            self.model.to(memory_format=torch.channels_last)
+            # outside inference mode (extraction runs in it): weights remade there are inference tensors, which
+            # can never be trained again, and fine-tuning follows the probe's features on this very model
+            with torch.inference_mode(False):
+                self.model.to(memory_format=torch.channels_last)
             self._cl = True
         with torch.inference_mode():
             # uint8 to the device (a quarter of float's bytes), normalised there, channels-last
