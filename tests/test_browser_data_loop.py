@@ -165,7 +165,10 @@ def test_capture_train_fix_and_restore_in_a_real_browser(server, tmp_path):
         assert metric_value(page, "Images") == str(8 - copies)
         shot(page, "11c-fixed")
 
-        # restore the first version from the Data page (the page is idle first: no task of the check runs)
+        # restore the first version from the Data page, once the check's embedding map and domain-gap hint (started
+        # by the check, still running when the copy was excluded) are drawn: their ends redraw the whole page
+        page.get_by_text(re.compile(r"^The domain gap is")).wait_for(timeout=TRAIN_TIMEOUT_MS)
+        page.get_by_text(re.compile(r"^Each dot is an image")).wait_for(timeout=TRAIN_TIMEOUT_MS)
         settle(page)
         page.get_by_text("Versions of 'webcam'").click()
         page.get_by_role("button", name="Restore", exact=True).click()
