@@ -360,7 +360,7 @@ def versions_panel(ws, ref: str) -> None:
     if not versions.is_managed(ws, name):
         return
     hist = versions.history(ws, name)
-    with st.expander(f"Versions of '{name}' ({len(hist)})", icon=":material/history:", key=f"versions_{name}"):
+    with st.expander(f"Versions of '{name}' ({len(hist)})", icon=":material/history:"):
         st.caption("Every change (an image excluded, moved to another class, images added) is a new version; runs "
                    "record the version they trained on. Nothing is deleted: restore any version.")
         st.dataframe(pd.DataFrame([{
