@@ -138,7 +138,7 @@ def test_train_config_repeats_a_run_and_flags_override_it(capsys, tl_home, share
 
 
 # --------------------------------------------------------------------------------------------------
-# documentation: flags with help, and the README's contract is the parser's
+# documentation: flags with help, and docs/cli.md's contract is the parser's
 # --------------------------------------------------------------------------------------------------
 def _subcommands() -> dict:
     import argparse
@@ -182,8 +182,8 @@ def test_every_config_field_has_a_train_flag_with_help():
 
 
 def _readme_contract() -> dict[str, str]:
-    """The fenced block after "The contract" in README.md, as {sub-command: its text}."""
-    text = (ROOT / "README.md").read_text()
+    """The fenced block after "The contract" in docs/cli.md, as {sub-command: its text}."""
+    text = (ROOT / "docs" / "cli.md").read_text()
     block = text[text.index("The contract"):]
     block = block[block.index("```") + 3:]
     block = block[block.index("\n") + 1:block.index("```")]
@@ -208,10 +208,10 @@ def test_readme_contract_matches_the_parser():
         opts = _options(parser[name])
         flags = re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", usage)
         for flag in flags:
-            assert flag in opts, f"README lists `tl-core {name} {flag}`, which the parser does not have"
+            assert flag in opts, f"docs/cli.md lists `tl-core {name} {flag}`, which the parser does not have"
         # a flag shown with its choices (a|b|c) offers exactly those
         for flag, choices in re.findall(r"(--[a-z][a-z0-9-]*) ([a-z0-9_]+(?:\|[a-z0-9_]+)+)", usage):
             assert sorted(choices.split("|")) == sorted(opts[flag].choices), (name, flag)
         required = {s for a in parser[name]._actions if a.required and a.option_strings for s in a.option_strings[:1]}
-        assert required <= set(flags), f"README omits required flags of {name}: {required - set(flags)}"
+        assert required <= set(flags), f"docs/cli.md omits required flags of {name}: {required - set(flags)}"
     assert "--config" in readme["train"] and "TrainConfig" in readme["train"]
