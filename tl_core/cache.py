@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .data.images import center_box, file_sha256, load_image, resize_shorter
+from .settings import setting
 
 if TYPE_CHECKING:
     from .data.intake import ImageItem
@@ -295,7 +296,7 @@ def enforce_cache_limit(cache_dir: str | os.PathLike, max_bytes: int | None = No
     The cap is ``max_bytes``, else ``$TL_CACHE_MAX_GB`` (default 5 GB). Returns bytes freed.
     """
     if max_bytes is None:
-        max_bytes = int(float(os.environ.get("TL_CACHE_MAX_GB", "5")) * 1024**3)
+        max_bytes = int(setting("TL_CACHE_MAX_GB") * 1024**3)
     files = _entries(Path(cache_dir))
     total = sum(s for _, s, _ in files)
     freed = 0

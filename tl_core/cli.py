@@ -293,6 +293,23 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    """``tl-core settings``: every ``TL_*`` environment setting, its type, default, help and current value."""
+    from .settings import describe
+
+    rows = describe()
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        value = "(unset)" if r["value"] is None else r["value"]
+        print(f"{r['name']:24} {value:12} default {r['default']}; {r['type']}")
+        print(f"{'':24} {r['help']}")
+        if r["error"]:
+            print(f"{'':24} error: {r['error']}")
+    return 0
+
+
 # -- insight commands (advisor, audit, lab, Grad-CAM, calibration; tl_core/advisor.py etc.) ----------
 def _sizes_arg(text: str) -> list[int | None]:
     out: list[int | None] = []
@@ -684,6 +701,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_runs)
 
+    s = sub.add_parser("settings", help="list the TL_* environment settings, their defaults and current values")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_settings)
+
     s = sub.add_parser("advise", help="rank backbones for a dataset before training (LogME + quick probe)")
     s.add_argument("data")
     s.add_argument("--backbones", default=None, help="comma-separated names (default: every offline backbone)")
@@ -756,6 +777,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.func is not cmd_settings:  # a mistyped TL_* setting is one error line, before any work
+            from .settings import validate_all
+
+            validate_all()
         return args.func(args)
     except CancelledError as e:
         sys.stderr.write(f"error: {e}\n")

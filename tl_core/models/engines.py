@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..settings import setting
 from .devices import Runtime, cpu_count
 from .preprocess import Preprocess
 
@@ -82,15 +82,11 @@ _lock = threading.Lock()
 
 def engine_setting() -> str:
     """``TL_ENGINE`` (auto | torch | onnx; default auto)."""
-    raw = os.environ.get("TL_ENGINE", "auto").strip().lower() or "auto"
-    if raw not in ENGINES:
-        raise ConfigError(f"TL_ENGINE={raw!r} is not an engine; use one of {', '.join(ENGINES)}.")
-    return raw
+    return setting("TL_ENGINE")
 
 
 def _export_min_images() -> int:
-    raw = os.environ.get("TL_ONNX_MIN_IMAGES", "").strip()
-    return int(raw) if raw.isdigit() else EXPORT_MIN_IMAGES
+    return setting("TL_ONNX_MIN_IMAGES", EXPORT_MIN_IMAGES)
 
 
 def _pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

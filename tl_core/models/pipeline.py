@@ -10,7 +10,6 @@ in worker processes (tasks), never in the app's server.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -19,6 +18,7 @@ import torch
 
 from ..cache import DecodedImageCache
 from ..data.intake import ImageItem
+from ..settings import setting
 from .preprocess import Preprocess
 
 __all__ = ["decode_workers", "eval_batches", "batched"]
@@ -26,10 +26,7 @@ __all__ = ["decode_workers", "eval_batches", "batched"]
 
 def decode_workers() -> int:
     """Decoding threads: ``TL_DECODE_THREADS``, else one per core (at most 4; 1 turns prefetching off)."""
-    raw = os.environ.get("TL_DECODE_THREADS", "")
-    if raw.strip().isdigit():
-        return max(1, int(raw))
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return setting("TL_DECODE_THREADS")
 
 
 def eval_batches(items: Sequence[ImageItem], batches: Iterable[Sequence[int]], pre: Preprocess,

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..settings import setting
 from .workspace import Workspace
 
 __all__ = ["train_procs", "group_command", "run_group", "train_with_group", "rank_main", "failure_reason"]
@@ -27,9 +28,9 @@ __all__ = ["train_procs", "group_command", "run_group", "train_with_group", "ran
 
 def train_procs() -> int:
     """Processes a worker trains one run with: ``TL_TRAIN_PROCS``, else every GPU on a GPU machine, else 1."""
-    value = os.environ.get("TL_TRAIN_PROCS", "").strip().lower()
-    if value.isdigit() and int(value) > 0:
-        return int(value)
+    value = setting("TL_TRAIN_PROCS", "")
+    if isinstance(value, int):
+        return value
     try:
         import torch
 

@@ -39,6 +39,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..errors import RunError, TLError
+from ..settings import setting
 from .store import ACTIVE_STATUSES, RunStore
 from .workspace import Workspace
 
@@ -269,10 +270,7 @@ def prune(ws: Workspace, keep_days: float | None = None) -> int:
     """Forget finished tasks (every project's) that ended more than ``keep_days`` ago, with their files;
     a request made again computes its result again. Returns how many were removed."""
     if keep_days is None:
-        try:
-            keep_days = float(os.environ.get("TL_TASK_KEEP_DAYS", KEEP_DAYS))
-        except ValueError:
-            keep_days = KEEP_DAYS
+        keep_days = setting("TL_TASK_KEEP_DAYS", KEEP_DAYS)
     cutoff = time.time() - keep_days * 86400
     removed = 0
     for w in ws.all_workspaces():

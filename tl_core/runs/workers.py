@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CancelledError, TLError
+from ..settings import setting
 from .files import write_json_atomic
 from .processes import alive, identity, spawn_detached
 from .store import RunStore
@@ -51,21 +52,16 @@ _PROGRESS_EVERY_S = 0.5
 _CANCEL_CHECK_EVERY_S = 0.5
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else default
-
-
 def default_max_workers() -> int:
     """Concurrent compute tasks: one per 4 cores (torch already uses every core for one), at least 1.
     ``TL_MAX_WORKERS`` overrides it."""
-    return _env_int("TL_MAX_WORKERS", max(1, (os.cpu_count() or 1) // 4))
+    return setting("TL_MAX_WORKERS")
 
 
 def lane_slots(lane: str) -> int:
     """How many workers of ``lane`` may run at once on this machine."""
     if lane == "interactive":
-        return _env_int("TL_INTERACTIVE_WORKERS", 1)
+        return setting("TL_INTERACTIVE_WORKERS")
     return default_max_workers()
 
 
@@ -192,7 +188,7 @@ class WarmModels:
     used dropped first. Keyed by what was loaded and the files' stamp, so a changed run is loaded again."""
 
     def __init__(self, limit: int | None = None):
-        self.limit = limit or _env_int("TL_WARM_MODELS", 2)
+        self.limit = limit or setting("TL_WARM_MODELS")
         self._models: OrderedDict[tuple, Any] = OrderedDict()
 
     def get(self, key: tuple, load: Callable[[], Any]) -> Any:
@@ -301,7 +297,7 @@ def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
     except OSError:
         return 0  # another worker holds this slot
     models = WarmModels() if lane == "interactive" else None
-    idle_limit = float(_env_int("TL_INTERACTIVE_IDLE_S", 600)) if lane == "interactive" else 0.0
+    idle_limit = setting("TL_INTERACTIVE_IDLE_S") if lane == "interactive" else 0.0
     idle_since = time.monotonic()
     last_prune = -1e9
     while True:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import RunError
+from ..settings import setting
 
 if TYPE_CHECKING:
     from .store import RunStore
@@ -31,7 +32,7 @@ __all__ = ["Workspace", "default_home", "new_project_slug"]
 
 def default_home() -> Path:
     """``$TL_HOME`` or ``~/.tl_studio``."""
-    return Path(os.environ.get("TL_HOME") or Path.home() / ".tl_studio").expanduser()
+    return setting("TL_HOME")
 
 
 _PROJECT_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}[a-z0-9]$")
@@ -125,8 +126,7 @@ class Workspace:
     def cache_dir(self) -> Path:
         """The shared caches: ``$TL_CACHE_DIR`` when set (a fast disk, or one cache for many workspaces), else
         ``<TL_HOME>/cache``."""
-        env = os.environ.get("TL_CACHE_DIR")
-        return Path(env).expanduser() if env else self.top / "cache"
+        return setting("TL_CACHE_DIR", self.top / "cache")
 
     @property
     def tasks_dir(self) -> Path:

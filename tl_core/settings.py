@@ -1,0 +1,191 @@
+"""The ``TL_*`` environment settings: one table (name, type, default, help), validated in one place.
+
+Every ``TL_*`` variable the engine reads is a :class:`Setting` in :data:`SETTINGS`, and every module reads it
+through :func:`setting` (a test checks that no other module reads ``os.environ`` for a ``TL_*`` name, and that
+every setting is documented in ``docs/``). A value that does not parse is a :class:`~tl_core.errors.ConfigError`
+naming the variable and what it allows, never a crash deep inside a computation. ``tl-core settings [--json]``
+lists them with their current values. (datasette's settings table is the model.)
+
+Values are read from the environment at each call, not cached: tests and the worker launcher set them per
+process or per test.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+__all__ = ["Setting", "SETTINGS", "setting", "describe", "validate_all"]
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _positive_int(raw: str) -> int:
+    v = int(raw)
+    if v < 1:
+        raise ValueError
+    return v
+
+
+def _non_negative_int(raw: str) -> int:
+    v = int(raw)
+    if v < 0:
+        raise ValueError
+    return v
+
+
+def _positive_float(raw: str) -> float:
+    v = float(raw)
+    if not v > 0 or v != v or v == float("inf"):
+        raise ValueError
+    return v
+
+
+def _non_negative_float(raw: str) -> float:
+    v = float(raw)
+    if not v >= 0 or v == float("inf"):
+        raise ValueError
+    return v
+
+
+def _path(raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+def _engine(raw: str) -> str:
+    v = raw.lower()
+    if v not in ("auto", "torch", "onnx"):
+        raise ValueError
+    return v
+
+
+def _train_procs(raw: str) -> int | str:
+    v = raw.lower()
+    return "all" if v == "all" else _positive_int(v)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``TL_*`` environment variable.
+
+    Attributes:
+        name: the variable, e.g. ``TL_MAX_WORKERS``.
+        type: what it holds, in words a user reads (``int >= 1``, ``auto|torch|onnx``, ``path``, ...).
+        default: its value when unset or empty (``None``: computed at run time, ``default_text`` says how).
+        help: one sentence on what it sets.
+        parse: turns the stripped text into the value; raises ``ValueError`` on a bad one.
+        default_text: how the default reads in a listing, when it is computed.
+    """
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any]
+    default_text: str = ""
+
+    def shown_default(self) -> str:
+        """The default as a listing shows it."""
+        return self.default_text or str(self.default)
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in [
+    Setting("TL_HOME", "path", None, "The workspace: runs.sqlite, runs/, datasets/, projects/ and (unless "
+            "TL_CACHE_DIR) cache/.", _path, "~/.tl_studio"),
+    Setting("TL_CACHE_DIR", "path", None, "The content-keyed caches (decoded images, features, checks, ONNX "
+            "engines), e.g. on a fast disk or shared by many workspaces.", _path, "<TL_HOME>/cache"),
+    Setting("TL_CACHE_MAX_GB", "number > 0", 5.0, "Cap on the caches' size in GB; least recently used entries "
+            "are evicted above it.", _positive_float),
+    Setting("TL_MAX_WORKERS", "int >= 1", None, "Compute tasks (trainings included) that run at once on this "
+            "machine; the others wait in the queue.", _positive_int, "one per 4 cores, at least 1"),
+    Setting("TL_INTERACTIVE_WORKERS", "int >= 1", 1, "Interactive workers (Try it's predictions and heat-maps) "
+            "that run at once.", _positive_int),
+    Setting("TL_WARM_MODELS", "int >= 1", 2, "Models an interactive worker keeps loaded (least recently used "
+            "dropped first).", _positive_int),
+    Setting("TL_INTERACTIVE_IDLE_S", "seconds > 0", 600.0, "An interactive worker leaves after this many idle "
+            "seconds.", _positive_float),
+    Setting("TL_TASK_KEEP_DAYS", "days >= 0", 7.0, "Finished tasks older than this are forgotten (their rows "
+            "and result files).", _non_negative_float),
+    Setting("TL_TRAIN_PROCS", "int >= 1 | all", None, "Processes a worker trains one run with (a torchrun group "
+            "above 1); all: every GPU.", _train_procs, "every GPU on a machine with several, else 1"),
+    Setting("TL_ENGINE", "auto|torch|onnx", "auto", "The frozen backbone's engine for feature extraction: auto "
+            "picks ONNX Runtime on the CPU by a documented rule (docs/design.md).", _engine),
+    Setting("TL_ONNX_MIN_IMAGES", "int >= 0", 500, "Under auto, a job this small runs on PyTorch while no ONNX "
+            "file exists yet for its backbone (the export takes 5-10 s).", _non_negative_int),
+    Setting("TL_DECODE_THREADS", "int >= 1", None, "Threads that decode and resize the next batch while the "
+            "model runs; 1 turns it off.", _positive_int, "one per core, at most 4"),
+]}
+
+_DEFAULTS: dict[str, Callable[[], Any]] = {
+    "TL_HOME": lambda: Path.home() / ".tl_studio",
+    "TL_MAX_WORKERS": lambda: max(1, (os.cpu_count() or 1) // 4),
+    "TL_DECODE_THREADS": lambda: max(1, min(4, _cpu_count())),
+}
+
+
+def setting(name: str, default: Any = None) -> Any:
+    """The value of the ``TL_*`` setting ``name``, parsed; its default when the variable is unset or empty.
+
+    Args:
+        name: a key of :data:`SETTINGS`.
+        default: the value when unset, for settings whose default depends on the caller (``TL_CACHE_DIR``'s
+            is the workspace's ``cache/``, ``TL_TRAIN_PROCS``' the GPU count); else the table's default.
+
+    Returns:
+        The parsed value (``int``, ``float``, ``str`` or ``Path`` as the setting's type says).
+
+    Raises:
+        ConfigError: the variable holds a value its type does not allow (the message names both).
+        KeyError: ``name`` is not a setting (a programming error).
+    """
+    s = SETTINGS[name]
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        if default is not None:
+            return default
+        if s.default is not None:
+            return s.default
+        compute = _DEFAULTS.get(name)
+        return compute() if compute else None
+    try:
+        return s.parse(raw)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{name}={raw!r} is not valid: {name} takes {s.type}. "
+                          f"Fix or unset it (`tl-core settings` lists every setting and what it takes).") from None
+
+
+def validate_all() -> None:
+    """Parse every setting once, so a typo is reported at start-up (by the CLI, the app) instead of later.
+
+    Raises:
+        ConfigError: the first setting whose value does not parse.
+    """
+    for name in SETTINGS:
+        setting(name)
+
+
+def describe() -> list[dict[str, Any]]:
+    """Every setting as a row: name, type, default, help, value (the environment's text, or null when unset)
+    and error (why that value is refused, or null).
+
+    Returns:
+        The rows in table order.
+    """
+    rows = []
+    for s in SETTINGS.values():
+        raw = os.environ.get(s.name, "").strip() or None
+        error = None
+        if raw is not None:
+            try:
+                setting(s.name)
+            except ConfigError as e:
+                error = str(e)
+        rows.append({"name": s.name, "type": s.type, "default": s.shown_default(), "help": s.help,
+                     "value": raw, "error": error})
+    return rows
