@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .data.images import center_box, file_sha256, load_image, resize_shorter
+from .fileio import writing_atomic
 from .settings import setting
 
 if TYPE_CHECKING:
@@ -113,17 +114,10 @@ class DecodedImageCache:
             else:
                 self._remember(key, arr)
         if f is not None:
-            tmp = f.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
-            try:
-                f.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "wb") as fh:
+            try:  # a half-written temporary file is removed (it would keep the disk full)
+                with writing_atomic(f) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, arr, allow_pickle=False)
-                os.replace(tmp, f)
             except OSError as e:  # disk full or read-only: keep going from memory
-                try:
-                    tmp.unlink(missing_ok=True)  # a half-written file would keep the disk full
-                except OSError:
-                    pass
                 log.warning("could not write decoded-image cache (%s); continuing without it", e)
         return _cropped(arr, crop)
 
@@ -177,10 +171,8 @@ class FeatureCache:
         f = self._file(sha)
         try:
             f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
+            with writing_atomic(f) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, vec.astype(np.float32), allow_pickle=False)
-            os.replace(tmp, f)
         except OSError as e:  # disk full: features still returned, just not cached
             log.warning("could not write feature cache (%s)", e)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import DatasetError
+from ..fileio import write_atomic
 from .images import IMAGE_EXTENSIONS, image_from_bytes
 from .intake import Dataset, _find_dataset_root, find_multi_label_csv, open_dataset, safe_extract_zip, split_layout
 from .report import UPLOAD_REPORT
@@ -460,9 +461,7 @@ def save_upload(ws: "Workspace", name: str, data: bytes) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     target = d / f"{hashlib.sha256(data).hexdigest()}{ext}"
     if not target.exists():
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        write_atomic(target, data)
     return target
 
 

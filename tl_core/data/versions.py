@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ..errors import CancelledError, DatasetError
+from ..fileio import write_atomic
 from .intake import (MIN_IMAGES_PER_CLASS, Dataset, ImageItem, SkippedFile, checked_image, find_multi_label_csv,
                      open_dataset)
 
@@ -118,13 +119,6 @@ def _locked(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,7 +260,7 @@ def _commit(folder: Path, rows: list[dict[str, Any]], change: str) -> dict[str, 
     vid = _version_id(rows)
     vfile = _meta(folder) / "versions" / f"{vid}.json"
     if not vfile.exists():
-        _write_atomic(vfile, json.dumps({"version": vid, "rows": rows}, separators=(",", ":")))
+        write_atomic(vfile, json.dumps({"version": vid, "rows": rows}, separators=(",", ":")))
     entry = {"version": vid, "when": round(time.time(), 3), "change": change, "counts": _counts(rows)}
     with open(_meta(folder) / "history.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
@@ -300,7 +294,7 @@ def ensure_versions(ws: "Workspace", name: str, change: str = "first version (th
             return
         base, rows, skipped = _scan_rows(ws, folder)
         # what the folder held that is no image to train on: the report keeps listing it
-        _write_atomic(_meta(folder) / "dataset.json", json.dumps({"base": base, "skipped": skipped}))
+        write_atomic(_meta(folder) / "dataset.json", json.dumps({"base": base, "skipped": skipped}))
         _commit(folder, rows, change)
 
 
@@ -388,7 +382,7 @@ def import_dataset(ws: "Workspace", src: str | os.PathLike, name: str | None = N
             info["source_root"] = str(root)
             info["files"] = {str(i.path.resolve().relative_to(root)): r["file"] for i, r in zip(ds.items, rows)
                              if i.path.resolve().is_relative_to(root)}
-        _write_atomic(_meta(stage) / "dataset.json", json.dumps(info))
+        write_atomic(_meta(stage) / "dataset.json", json.dumps(info))
         # what changed, in words the app can show (not the server's path: dataset.json keeps that)
         entry = _commit(stage, rows, f"imported ({origin(stage)})")
         try:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import WeightsError
+from ..fileio import write_atomic
 
 if TYPE_CHECKING:
     from ..runs.workspace import Workspace
@@ -228,9 +229,7 @@ def store_uploaded_weights(ws: "Workspace", filename: str, data: bytes) -> Path:
     while target.exists():
         target = target.with_name(f"{stem}-{n}{ext}")
         n += 1
-    tmp = target.with_name(f".{target.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    write_atomic(target, data)
     return target
 
 

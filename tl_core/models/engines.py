@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..fileio import write_atomic, writing_atomic
 from ..settings import setting
 from .devices import Runtime, cpu_count
 from .preprocess import Preprocess
@@ -243,29 +244,22 @@ def _export(module: nn.Module, path: Path, pre: Preprocess) -> None:
     output ``features``; dynamic batch), atomically."""
     import importlib.util
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.onnx")
     example = torch.randint(0, 256, (2, pre.input_size, pre.input_size, 3), dtype=torch.uint8)
     wrapped = _Pooled(module, pre).eval()
-    try:
-        # exporters print progress; keep stdout clean for --json
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), torch.inference_mode(False), \
-                torch.no_grad():
-            warnings.simplefilter("ignore")
-            if importlib.util.find_spec("onnxscript") is not None:
-                program = torch.onnx.export(wrapped, (example,), dynamo=True, opset_version=_OPSET,
-                                            input_names=["pixels"], output_names=["features"],
-                                            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                                            verbose=False, optimize=True)
-                program.save(str(tmp))
-            else:  # the legacy exporter needs nothing else (its graph ran ~1.6x slower than dynamo's here)
-                torch.onnx.export(wrapped, (example,), str(tmp), dynamo=False, opset_version=_OPSET,
-                                  input_names=["pixels"], output_names=["features"],
-                                  dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}})
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    # exporters print progress; keep stdout clean for --json
+    with writing_atomic(path, suffix=".onnx") as tmp, contextlib.redirect_stdout(sys.stderr), \
+            warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if importlib.util.find_spec("onnxscript") is not None:
+            program = torch.onnx.export(wrapped, (example,), dynamo=True, opset_version=_OPSET,
+                                        input_names=["pixels"], output_names=["features"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                                        verbose=False, optimize=True)
+            program.save(str(tmp))
+        else:  # the legacy exporter needs nothing else (its graph ran ~1.6x slower than dynamo's here)
+            torch.onnx.export(wrapped, (example,), str(tmp), dynamo=False, opset_version=_OPSET,
+                              input_names=["pixels"], output_names=["features"],
+                              dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}})
 
 
 def _remember(key: str, session: Any) -> None:
@@ -284,10 +278,9 @@ def _forget(path: Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """A best-effort record beside an ONNX file (a read-only cache only costs a re-verification)."""
     with contextlib.suppress(OSError):
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
 
 
 def _load(path: Path) -> tuple[Any, str]:

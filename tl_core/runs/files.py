@@ -41,6 +41,7 @@ import numpy as np
 
 from ..config import TrainConfig, saved_config_dict
 from ..errors import ExportError, RunError
+from ..fileio import write_json_atomic, writing_atomic
 from ..models.metrics import softmax
 
 __all__ = [
@@ -81,16 +82,6 @@ BUNDLE_FILES = (WEIGHTS, META, CONFIG)
 _MAX_JSON_BYTES = 64 * 1024**2
 _MAX_WEIGHTS_BYTES = 4 * 1024**3
 _INTERPOLATIONS = {"nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"}
-
-
-def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=indent), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,14 +538,8 @@ class RunFiles:
         """Save a state dict as safetensors (contiguous tensors), atomically."""
         from safetensors.torch import save_file
 
-        d = self._writable()
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{name}.{os.getpid()}.tmp"
-        try:
+        with writing_atomic(self._writable() / name) as tmp:
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-            os.replace(tmp, d / name)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def write_validation_head(self, state: Mapping[str, Any]) -> None:
         self.write_weights(state, VAL_HEAD)
@@ -566,12 +551,8 @@ class RunFiles:
         if bank is not None:
             from safetensors.numpy import save_file
 
-            tmp = d / f".{OOD_BANK}.{os.getpid()}.tmp"
-            try:
+            with writing_atomic(d / OOD_BANK) as tmp:
                 save_file({"bank": np.ascontiguousarray(bank, dtype=np.float16)}, str(tmp))
-                os.replace(tmp, d / OOD_BANK)
-            finally:
-                tmp.unlink(missing_ok=True)
         write_json_atomic(d / OOD, dict(record))
 
     def set_temperature(self, temperature: float, record: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from ..errors import CancelledError, TLError
 from ..settings import setting
-from .files import write_json_atomic
+from ..fileio import write_json_atomic
 from .processes import alive, identity, spawn_detached
 from .store import RunStore
 from .workspace import Workspace

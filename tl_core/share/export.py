@@ -37,6 +37,7 @@ from torch import nn
 from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..config import EXPORT_FORMATS
 from ..errors import DatasetError, ExportError
+from ..fileio import write_json_atomic
 from ..runs.files import BUNDLE_FILES, METRICS, OPEN_SET_FILES
 from .card import model_card
 from .loading import TrainedModel, load_model
@@ -336,6 +337,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
     if fmt == "bundle":
         if not run_dir.is_dir():
             raise ExportError(f"{run_dir.name} is already a bundle; copy it, or export it as onnx/torchscript.")
+        # staged under its own name (the bundle's README names the file), then moved into place
         with tempfile.TemporaryDirectory(prefix="tl-export-", dir=out.parent) as tmp:
             staged = Path(tmp) / out.name
             info = _write_bundle(tm, staged)
@@ -399,7 +401,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
         sidecar = _sidecar(tm, fmt, out.name, verification, {**extra, "export_seconds": round(export_seconds, 3)})
         for f in sorted(Path(tmp).iterdir()):  # the model file, plus external ONNX data if the model is huge
             os.replace(f, out.parent / f.name)
-    sidecar_path.write_text(json.dumps(sidecar, indent=2))
+    write_json_atomic(sidecar_path, sidecar)
     return {"path": str(out), "format": fmt, "bytes": out.stat().st_size, "sidecar": str(sidecar_path),
             "verification": verification, **extra}
 

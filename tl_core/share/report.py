@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from ..config import STRATEGIES, fields_for_strategy
 from ..errors import ExportError, RunError
+from ..fileio import write_atomic
 from ..models.metrics import reliability_diagram
 from ..insight.openset import describe as describe_open_set
 from ..runs.files import RunFiles
@@ -354,7 +355,5 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike,
         out = out / f"report-{Path(run_dir).name}.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     text = build_report(run_dir, image_roots)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(out, text)
     return {"path": str(out), "bytes": out.stat().st_size}
