@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_app_pages import (  # noqa: F401  (fixtures are used by name)
+from page_harness import (  # noqa: F401  (fixtures are used by name)
     EMOJI,
     app,
     assert_clean,
     button,
     empty_home,
     goto,
+    has_button,
     has_metric,
     home,
     metric,
@@ -65,8 +66,10 @@ def _image_captions(at) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Backbone: "Which backbone fits my data?"
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_backbone_advisor_ranks_backbones_and_the_recommendation_can_be_used(home):
-    at = app({"data": "sample/emoji"})
+    # training is set to Lite2, which is not compared: whichever the advisor recommends, it offers to switch
+    at = app({"data": "sample/emoji", "backbone": "efficientnet_lite2"})
     goto(at, "backbone")
     assert_clean(at)
     at.multiselect(key="w_advisor_backbones").set_value(["efficientnet_lite0", "efficientnet_lite1"]).run()
@@ -95,9 +98,10 @@ def test_backbone_advisor_ranks_backbones_and_the_recommendation_can_be_used(hom
     goto(at, "home")
     goto(at, "backbone")
     assert [d.value for d in at.dataframe if "LogME" in d.value.columns]
-    if rec != "efficientnet_lite0":
-        button(at, f"Use {rec} for training").click().run()
-        assert at.session_state["backbone"] == rec and at.query_params["backbone"] == rec
+    assert at.session_state["backbone"] == "efficientnet_lite2"
+    button(at, f"Use {rec} for training").click().run()
+    assert at.session_state["backbone"] == rec and at.query_params["backbone"] == rec
+    assert not has_button(at, f"Use {rec} for training")  # it is the backbone for training now
 
 
 def test_backbone_advisor_asks_for_a_dataset_first(empty_home):
@@ -129,6 +133,7 @@ def _planted_dataset(ws: Workspace) -> Path:
     return root
 
 
+@pytest.mark.processes
 def test_data_audit_lists_planted_duplicates_leak_blank_image_and_fixes_imbalance(home):
     ws, _ = home
     _planted_dataset(ws)
@@ -162,6 +167,7 @@ def test_data_audit_lists_planted_duplicates_leak_blank_image_and_fixes_imbalanc
     assert [s for s in at.selectbox if s.label == "Class balance"][0].value == chosen
 
 
+@pytest.mark.processes
 def test_data_embedding_map_and_domain_gap_on_the_emoji_sample(home):
     ws, _ = home
     at = app({"data": "sample/emoji"})
@@ -210,6 +216,7 @@ def _misclassified(ws: Workspace, run_id: str) -> list[str]:
     return [r["path"] for r in _mistakes(ws, run_id)]
 
 
+@pytest.mark.processes
 def test_evaluate_shows_a_gradcam_grid_of_the_mistakes(home):
     ws, run_id = home
     wrong = _misclassified(ws, run_id)
@@ -241,6 +248,7 @@ def test_evaluate_shows_a_gradcam_grid_of_the_mistakes(home):
     assert targets == true_labels and len(targets) == n
 
 
+@pytest.mark.processes
 def test_evaluate_calibration_shows_ece_before_and_after_and_applies_the_temperature(home):
     from tl_core.insight.calibrate import calibrate_run
 
@@ -275,6 +283,7 @@ def test_evaluate_calibration_shows_ece_before_and_after_and_applies_the_tempera
     assert metrics["calibration"]["ece_after"] == pytest.approx(expected["ece_after"], abs=1e-6)
 
 
+@pytest.mark.processes
 def test_evaluate_embedding_map_rings_the_misclassified_images(home):
     ws, run_id = home
     wrong = _misclassified(ws, run_id)
@@ -294,6 +303,7 @@ def test_evaluate_embedding_map_rings_the_misclassified_images(home):
 # --------------------------------------------------------------------------------------------------
 # Try it: Grad-CAM beside the prediction
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_try_it_shows_a_gradcam_overlay_next_to_each_prediction(home):
     at = app()
     goto(at, "try_it")
@@ -320,6 +330,7 @@ def _lab_settings(at, sizes, epochs=1, image_size=64):
     at.selectbox(key="w_lab_image_size").set_value(image_size).run()
 
 
+@pytest.mark.processes
 def test_lab_runs_in_the_background_and_plots_one_line_per_arm(home):
     ws, _ = home
     at = app({"data": "sample/emoji"})
@@ -358,6 +369,7 @@ def test_lab_runs_in_the_background_and_plots_one_line_per_arm(home):
     assert any(s["data"] for s in plotly_specs(again))
 
 
+@pytest.mark.processes
 def test_lab_cancel_stops_it(home):
     ws, _ = home
     at = app({"data": "sample/emoji"})
@@ -379,6 +391,7 @@ def test_lab_cancel_stops_it(home):
 # --------------------------------------------------------------------------------------------------
 # Runs & export: verified ONNX / TorchScript downloads and the HTML report
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_runs_page_offers_verified_onnx_and_torchscript_and_the_html_report(home):
     ws, run_id = home
     at = app()

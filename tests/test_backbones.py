@@ -34,6 +34,7 @@ def _top5(model, img) -> list[str]:
     return [imagenet_label(int(i)) for i in p.topk(5).indices]
 
 
+@pytest.mark.slow
 def test_packaged_lite0_labels_real_photos_correctly():
     from skimage import data
 
@@ -127,6 +128,7 @@ ONLINE_ENTRIES = {  # name: (timm id, input px, eval crop, mean)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ONLINE_ENTRIES))
 def test_modern_online_backbones_have_their_entry_preprocessing_and_offline_message(name):
     timm_id, size, crop, mean = ONLINE_ENTRIES[name]
@@ -145,6 +147,7 @@ def test_modern_online_backbones_have_their_entry_preprocessing_and_offline_mess
     assert "internet" in str(e.value) and "efficientnet_lite0" in str(e.value)
 
 
+@pytest.mark.slow
 def test_dinov2_runs_at_224_px_and_a_saved_run_rebuilds_at_that_size():
     """DINOv2 is pretrained at 518 px; the catalogue runs it at 224 (its position embeddings resampled), and the
     rebuild of a saved run (share/loading.py) must pass the same size or the weights would not fit."""
@@ -156,4 +159,6 @@ def test_dinov2_runs_at_224_px_and_a_saved_run_rebuilds_at_that_size():
     assert model.patch_embed.img_size == (224, 224) and model.pos_embed.shape[1] == 1 + (224 // 14) ** 2
     again = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=3,
                               **timm_kwargs("vit_small_patch14_dinov2.lvd142m"))
-    assert again.load_state_dict(model.state_dict()) is not None
+    missing, unexpected = again.load_state_dict(model.state_dict())  # strict: a shape mismatch raises
+    assert not missing and not unexpected
+    assert again.pos_embed.shape == model.pos_embed.shape and torch.equal(again.pos_embed, model.pos_embed)

@@ -105,6 +105,7 @@ def test_devices_auto_is_the_cpu_here_and_a_missing_gpu_is_a_clear_error():
 
 def test_balanced_sampling_gives_every_rank_the_same_number_of_steps():
     import numpy as np
+    import torch
 
     w = np.array([5.0] * 3 + [1.0] * 14)  # 17 images: not a multiple of 2 ranks
     one = BalancedSampler(w, seed=3)
@@ -113,7 +114,11 @@ def test_balanced_sampling_gives_every_rank_the_same_number_of_steps():
         s.set_epoch(1)
     assert len(ranks[0]) == len(ranks[1]) == 9 and len(list(ranks[0])) == len(list(ranks[1])) == 9
     both = list(ranks[0]) + list(ranks[1])
-    assert sorted(both)[:3] != [0, 1, 2] or True  # drawn with replacement
+    # the ranks take turns in one global draw: interleaved, they are what one process draws from the same seed
+    g = torch.Generator().manual_seed(3 + 1000003 * 1)
+    assert [i for pair in zip(*ranks) for i in pair] == torch.multinomial(
+        torch.as_tensor(w, dtype=torch.double), 18, replacement=True, generator=g).tolist()
+    assert max(both.count(i) for i in range(3)) > 1  # drawn with replacement: a rare image comes back
     assert np.mean([i < 3 for i in both]) > 3 / 17  # the rare class is drawn more than its share
     ranks[0].set_epoch(2)
     assert list(ranks[0]) != list(ranks[1])
