@@ -32,12 +32,16 @@ venv-test: $(VENV)/.installed-test
 app: venv
 	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.address $(ADDRESS)
 
+# the whole suite in two tiers (docs/testing.md): the fast tier first, so a broken build fails in minutes, then
+# the rest (processes, browser, fine-tuning, slow); each test runs once, and either tier failing, or finding no
+# test (pytest's exit status 5), fails the target
 test: venv-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m fast_tier
+	$(PY) -m pytest -q -m "not fast_tier"
 
-# the quick tier: everything but the slow (> ~10 s) and browser tests
+# the fast tier alone: no process, server, browser or fine-tuning (tests/conftest.py fails a test that starts one)
 test-fast: venv-test
-	$(PY) -m pytest -q -m "not slow and not browser"
+	$(PY) -m pytest -q -m fast_tier
 
 bench: venv-test
 	$(PY) benchmarks/run.py

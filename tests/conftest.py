@@ -4,8 +4,11 @@ datasets, and one cached trained run."""
 from __future__ import annotations
 
 import json
+import multiprocessing.process
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +18,68 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_data"
 EMOJI = SAMPLES / "emoji"
 FASHION = SAMPLES / "fashion_mnist"
+
+
+# --------------------------------------------------------------------------------------------------
+# test tiers (docs/testing.md): a test without one of these markers is in the fast tier
+# --------------------------------------------------------------------------------------------------
+#: Markers that take a test out of the fast tier (`make test-fast`); registered in pyproject.toml.
+SLOW_TIER_MARKERS = ("processes", "browser", "slow", "finetune")
+
+
+def in_fast_tier(item: pytest.Item) -> bool:
+    """A test is in the fast tier unless it carries one of :data:`SLOW_TIER_MARKERS`."""
+    return not any(item.get_closest_marker(m) for m in SLOW_TIER_MARKERS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give every fast-tier test the ``fast_tier`` marker: ``-m fast_tier`` is `make test-fast`, and
+    ``-m "not fast_tier"`` the rest of `make test` (the tiers are derived from the markers here, in one place)."""
+    for item in items:
+        if in_fast_tier(item):
+            item.add_marker(pytest.mark.fast_tier)
+
+
+class SubprocessInFastTier(AssertionError):
+    """A fast-tier test (or a fixture it set up) started a process."""
+
+
+#: Callers whose processes are a library's look-up at import, not the test's work: ctypes.util.find_library
+#: runs ``ldconfig -p`` (CUDA's path finder calls it when torch first loads), platform probes run ``uname``.
+_LOOKUPS = (os.path.join("ctypes", "util.py"), os.sep + "platform.py")
+
+
+def _refuse(real, what: str):
+    def refuse(*a, **k):
+        f = sys._getframe(1)
+        while f is not None:
+            if f.f_code.co_filename.endswith(_LOOKUPS):
+                return real(*a, **k)
+            f = f.f_back
+        raise SubprocessInFastTier(
+            f"this test started a process ({what}); the fast tier starts none. Mark the test "
+            "@pytest.mark.processes (or browser / finetune / slow: docs/testing.md), or run the work in-process.")
+    return refuse
+
+
+_SPAWNERS = [(subprocess.Popen, "_execute_child", "subprocess"),
+             (multiprocessing.process.BaseProcess, "start", "multiprocessing"),
+             (os, "fork", "os.fork"), (os, "forkpty", "os.forkpty"), (os, "system", "os.system"),
+             (os, "posix_spawn", "os.posix_spawn"), (os, "posix_spawnp", "os.posix_spawnp")]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """In the fast tier, starting a process (subprocess, multiprocessing, fork, spawn) fails the test, from its
+    fixtures' setup to their teardown; ``TL_TEST_ALLOW_PROCESSES=1`` turns the guard off (to find what to mark)."""
+    if not in_fast_tier(item) or os.environ.get("TL_TEST_ALLOW_PROCESSES") == "1":
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        for owner, name, what in _SPAWNERS:
+            if hasattr(owner, name):
+                mp.setattr(owner, name, _refuse(getattr(owner, name), what))
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -135,3 +200,27 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
             return v
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def cli_trained_home(tmp_path_factory) -> tuple[Path, str]:
+    """A workspace holding one finished linear probe on the emoji sample, made once per session by ``tl-core
+    train`` (run in this process: a subprocess would prove nothing more here, and test_cli.py runs the command
+    in one of its own). The page tests copy it (tests/page_harness.py ``home``)."""
+    import contextlib
+    import io
+
+    from tl_core.cli import main
+
+    home = tmp_path_factory.mktemp("trained_home")
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setenv("TL_HOME", str(home))
+        # 30 solver rounds: the probe has converged by then on this sample (the default 100 stops at ~90); the
+        # last layer, whose two validation mistakes the Evaluate fix-in-place tests act on (auto's makes one)
+        code = main(["train", str(EMOJI), "--strategy", "linear", "--features", "last", "--epochs", "30", "--json"])
+    assert code == 0, err.getvalue()[-2000:]
+    doc = json.loads(out.getvalue())
+    assert doc["status"] == "done"
+    assert doc["val_accuracy"] >= 0.85  # a real pretrained probe, not a stub
+    return home, doc["run_id"]

@@ -111,6 +111,7 @@ def test_advisor_second_run_reads_every_feature_from_the_cache(advice):
         assert a["probe_accuracy"] == b["probe_accuracy"]
 
 
+@pytest.mark.slow
 def test_advisor_reports_a_backbone_it_cannot_load_and_scores_the_rest(shared_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # resnet18 needs the hub: must fail fast, not hang
     res = advise(emoji_small(shared_cache), ["efficientnet_lite0", "resnet18"], insight_workspace(shared_cache),
@@ -122,6 +123,7 @@ def test_advisor_reports_a_backbone_it_cannot_load_and_scores_the_rest(shared_ca
         advise(emoji_small(shared_cache), ["no_such_net"], insight_workspace(shared_cache), max_per_class=8)
 
 
+@pytest.mark.slow
 def test_domain_gap_reads_icons_as_far_and_photos_as_near(shared_cache, tmp_path):
     ws = insight_workspace(shared_cache)
     icons = domain_gap(emoji_small(shared_cache), workspace=ws)
@@ -142,6 +144,7 @@ def test_domain_gap_reads_icons_as_far_and_photos_as_near(shared_cache, tmp_path
     assert photos["per_class"]["coffee"]["looks_like"][0]["imagenet"] == "espresso"
 
 
+@pytest.mark.slow
 def test_cli_advise_json_and_errors(shared_cache, monkeypatch, capsys):
     monkeypatch.setenv("TL_HOME", str(insight_home(shared_cache)))
     data = emoji_small(shared_cache)

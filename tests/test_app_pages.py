@@ -1,7 +1,8 @@
 """Page tests of the Streamlit app with ``streamlit.testing.v1.AppTest`` (no browser).
 
-One real linear-probe run on the emoji sample is trained per module with the ``tl-core`` command; every
-test gets its own copy of that workspace (``TL_HOME``), so tests never see each other's runs or tasks.
+The harness (fixtures, helpers) is tests/page_harness.py: one real linear-probe run on the emoji sample is
+trained once per session with the ``tl-core`` command; every test gets its own copy of that workspace
+(``TL_HOME``), so tests never see each other's runs or tasks.
 Long computations are tasks that real worker processes run (``tl_core.runs.workers``): a test clicks,
 then reruns the page until the result is drawn (:func:`until`). Where a test looks at the queue itself,
 ``no_workers`` keeps tasks queued. Workers a test started are killed when it ends.
@@ -23,149 +24,35 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "app.py"
-EMOJI = ROOT / "sample_data" / "emoji"
-#: Seconds one script run may take (Try it waits for the interactive worker, which starts on first use).
-TIMEOUT = 180
-#: Seconds a test waits for a task to finish.
-TASK_TIMEOUT = 240
+from page_harness import (  # noqa: F401  (fixtures are used by name)
+    APP,
+    EMOJI,
+    ROOT,
+    app,
+    assert_clean,
+    button,
+    empty_home,
+    goto,
+    has_button,
+    has_metric,
+    home,
+    metric,
+    no_workers,
+    plotly_specs,
+    png_bytes,
+    progress_texts,
+    sample_zip,
+    trained_home,
+    until,
+)
+from streamlit.testing.v1 import AppTest
 
-pytest.importorskip("streamlit.testing.v1")
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-from tl_core.data import library  # noqa: E402
-from tl_core.errors import DatasetError  # noqa: E402
-from tl_core.runs import tasks, workers  # noqa: E402
-from tl_core.runs.files import RunFiles  # noqa: E402
-from tl_core.runs.processes import kill_workers  # noqa: E402
-from tl_core.runs.progress import describe_progress  # noqa: E402
-from tl_core.runs.workspace import Workspace  # noqa: E402
-
-
-# --------------------------------------------------------------------------------------------------
-# fixtures
-# --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def trained_home(tmp_path_factory) -> tuple[Path, str]:
-    """A workspace holding one finished linear probe on the emoji sample, made by the CLI."""
-    home = tmp_path_factory.mktemp("trained_home")
-    env = {**os.environ, "TL_HOME": str(home)}
-    out = subprocess.run(
-        # 30 solver rounds: the probe has converged by then on this sample (the default 100 stops at ~90); the last
-        # layer, whose two validation mistakes the Evaluate fix-in-place tests act on (auto's choice makes one)
-        [sys.executable, "-m", "tl_core.cli", "train", str(EMOJI), "--strategy", "linear", "--features", "last", "--epochs", "30",
-         "--json"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    doc = json.loads(out.stdout)
-    assert doc["status"] == "done"
-    assert doc["val_accuracy"] >= 0.85  # a real pretrained probe, not a stub
-    return home, doc["run_id"]
-
-
-def _own_home(monkeypatch, home: Path) -> None:
-    monkeypatch.setenv("TL_HOME", str(home))
-    monkeypatch.setenv("TL_INTERACTIVE_IDLE_S", "30")  # interactive workers of a test do not linger
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch, trained_home):
-    """This test's own copy of the trained workspace, as TL_HOME; its workers are killed at the end."""
-    src, run_id = trained_home
-    dst = tmp_path / "tl_home"
-    shutil.copytree(src, dst)
-    _own_home(monkeypatch, dst)
-    yield Workspace(dst), run_id
-    kill_workers(dst.resolve())
-
-
-@pytest.fixture
-def empty_home(tmp_path, monkeypatch):
-    dst = tmp_path / "empty_home"
-    _own_home(monkeypatch, dst)
-    yield Workspace(dst)
-    kill_workers(dst.resolve())
-
-
-@pytest.fixture
-def no_workers(monkeypatch) -> None:
-    """Queue tasks without starting worker processes (to look at the queue)."""
-    monkeypatch.setattr(workers, "ensure_workers", lambda ws, lane="compute": 0)
-
-
-def app(query: dict | None = None) -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    if query:
-        at.query_params.update(query)
-    return at.run()
-
-
-def goto(at: AppTest, page: str) -> AppTest:
-    return at.switch_page(f"pages/{page}.py").run()
-
-
-def until(at: AppTest, done, timeout: float = TASK_TIMEOUT, what: str = "the task") -> AppTest:
-    """Rerun the page (as its polling fragment would) until ``done(at)``; fail on an exception or a timeout."""
-    deadline = time.monotonic() + timeout
-    while not done(at):
-        assert not at.exception, [e.value for e in at.exception]
-        assert time.monotonic() < deadline, f"{what} did not get there in {timeout:.0f} s; errors: " + str(
-            [e.value for e in at.error])
-        time.sleep(0.5)
-        at.run()
-    return at
-
-
-def progress_texts(at: AppTest) -> list[str]:
-    return [p.proto.text for p in at.get("progress")]
-
-
-def assert_clean(at: AppTest) -> None:
-    """No exception element and no error box on the page."""
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def plotly_specs(at: AppTest) -> list[dict]:
-    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
-
-
-def metric(at: AppTest, label: str) -> str:
-    found = [m.value for m in at.metric if m.label == label]
-    assert found, f"no metric {label!r}; have {[m.label for m in at.metric]}"
-    return found[0]
-
-
-def has_metric(at: AppTest, label: str) -> bool:
-    return any(m.label == label for m in at.metric)
-
-
-def button(at: AppTest, label: str):
-    found = [b for b in at.button if b.label == label]
-    assert found, f"no button {label!r}; have {[b.label for b in at.button]}"
-    return found[0]
-
-
-def has_button(at: AppTest, label: str) -> bool:
-    return any(b.label == label for b in at.button)
-
-
-def png_bytes(path: Path) -> bytes:
-    return path.read_bytes()
-
-
-def sample_zip(extra: dict[str, bytes] | None = None) -> bytes:
-    """A dataset zip: 3 animal and 3 flag emoji in a wrapper folder, plus optional extra entries."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for cls in ("animal", "flag"):
-            for f in sorted((EMOJI / cls).iterdir())[:3]:
-                zf.write(f, f"pets/{cls}/{f.name}")
-        for name, data in (extra or {}).items():
-            zf.writestr(name, data)
-    return buf.getvalue()
+from tl_core.data import library
+from tl_core.errors import DatasetError
+from tl_core.runs import tasks, workers
+from tl_core.runs.files import RunFiles
+from tl_core.runs.progress import describe_progress
+from tl_core.runs.workspace import Workspace
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,6 +97,7 @@ def test_home_explains_and_shows_the_state_of_the_four_steps(home):
     assert f"Run {run_id}: done" in text and "No run yet" not in text
 
 
+@pytest.mark.processes
 def test_home_sample_data_button_selects_emoji_lite0_linear_and_opens_train(home):
     at = app()
     button(at, "Try it with sample data").click().run()
@@ -351,6 +239,7 @@ def test_backbone_page_lists_the_catalogue_and_recommends_the_offline_default(ho
         assert any("fails offline" in w.value for w in at.warning)
 
 
+@pytest.mark.processes
 def test_backbone_page_accepts_fitting_local_weights_and_refuses_others(home, tmp_path):
     import timm
     from safetensors.torch import save_file
@@ -378,6 +267,7 @@ def test_backbone_page_accepts_fitting_local_weights_and_refuses_others(home, tm
 # --------------------------------------------------------------------------------------------------
 # Train
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_train_page_settings_help_and_augmentation_preview(home):
     at = app({"data": "sample/emoji"})
     goto(at, "train")
@@ -436,6 +326,7 @@ def test_train_page_start_queues_a_run_with_the_chosen_settings_and_cancel_stops
     assert any("**Status:** cancelled" in m.value for m in at.markdown)
 
 
+@pytest.mark.processes
 def test_cancel_on_the_train_page_really_stops_the_worker(home):
     """A real worker process: Start, wait until it trains, Cancel, and the process is gone."""
     ws, _ = home
@@ -500,6 +391,7 @@ def test_train_page_shows_a_running_job_with_progress_eta_and_curves(home, no_wo
     assert button(at, "Cancel training")
 
 
+@pytest.mark.processes
 def test_refresh_with_the_run_link_shows_the_same_run(home):
     ws, run_id = home
     at = app({"run": run_id, "data": "sample/emoji", "backbone": "efficientnet_lite1"})
@@ -518,6 +410,7 @@ def test_refresh_with_the_run_link_shows_the_same_run(home):
     assert [n for n in at.number_input if n.label == "Epochs"][0].value == 30
 
 
+@pytest.mark.processes
 def test_a_finetune_says_how_it_stopped_and_what_would_change_it(home):
     ws, run_id = home
     store = ws.store()
@@ -601,6 +494,7 @@ def test_evaluate_shows_accuracy_per_class_confusion_and_mistakes(home):
 # --------------------------------------------------------------------------------------------------
 # Try it
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_try_it_predicts_uploaded_images_with_top_k_and_csv(home):
     ws, run_id = home
     at = app()
@@ -621,6 +515,7 @@ def test_try_it_predicts_uploaded_images_with_top_k_and_csv(home):
     assert at.get("download_button"), "a CSV download for several images"
 
 
+@pytest.mark.processes
 def test_try_it_handles_odd_images_without_a_traceback(home):
     def png(im: Image.Image) -> bytes:
         buf = io.BytesIO()
@@ -661,6 +556,7 @@ def test_class_by_class_names_cannot_escape_the_workspace(home):
     assert not at.error and any("at least two classes" in i.value for i in at.info)
 
 
+@pytest.mark.processes
 def test_try_it_accepts_a_camera_picture(home):
     at = app()
     goto(at, "try_it")
@@ -687,6 +583,7 @@ def _duplicate_run(ws: Workspace, run_id: str) -> str:
     return new
 
 
+@pytest.mark.processes
 def test_runs_page_compares_downloads_and_deletes(home):
     ws, run_id = home
     other = _duplicate_run(ws, run_id)
@@ -863,6 +760,7 @@ def test_runs_and_backbone_tables_show_labels_and_values_not_none_or_field_names
     assert at.dataframe[0].value["ms / image here"].isna().all()
 
 
+@pytest.mark.processes
 def test_a_cancelled_run_shows_one_sentence_and_no_chart_on_negative_axes(home):
     from tl_core.share.figures import training_curves
 
@@ -1052,6 +950,7 @@ def test_every_uploader_states_the_servers_upload_limit(home):
         config.set_option("server.maxUploadSize", old)
 
 
+@pytest.mark.processes
 def test_the_training_poll_notices_a_worker_killed_while_the_server_runs(home, monkeypatch):
     ws, _ = home
     from pages import _session
@@ -1112,6 +1011,7 @@ def _imports_of(files: list[Path]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+@pytest.mark.processes
 def test_app_and_pages_import_neither_torch_nor_timm():
     """Every import of app.py and of every page, in a fresh interpreter: torch and timm stay out."""
     lines = _imports_of([APP, *sorted((ROOT / "pages").glob("*.py"))])
@@ -1143,6 +1043,7 @@ print(sorted({"torch", "timm", "torchvision"} & set(sys.modules)))
 '''
 
 
+@pytest.mark.processes
 def test_walking_every_page_and_starting_tasks_loads_no_model_in_the_server(home):
     """The whole app in one fresh process, as a server runs it: every page, a data check, Grad-CAM, calibration
     and the map asked for. The work goes to worker processes; the page process never imports torch."""
@@ -1223,6 +1124,7 @@ def test_a_full_queue_is_refused_in_one_sentence(home, no_workers, monkeypatch):
     assert has_button(at, "Check the data")
 
 
+@pytest.mark.processes
 def test_identical_requests_from_two_sessions_share_one_task(home):
     ws, _ = home
     first, second = _data_page(), _data_page()
@@ -1239,6 +1141,7 @@ def test_identical_requests_from_two_sessions_share_one_task(home):
     assert metric(first, "Likely label errors") == metric(second, "Likely label errors")
 
 
+@pytest.mark.processes
 def test_a_task_started_before_a_server_restart_is_found_again(home, monkeypatch):
     """Asked for in one server process, found by the next (a new session, fresh caches): queued, then done."""
     import streamlit as st
@@ -1303,6 +1206,7 @@ def test_train_form_is_generated_from_the_config_fields(home, no_workers):
     assert cfg["linear_c"] == 1.0 and cfg["features"] == "auto"  # linear-only settings keep their defaults
 
 
+@pytest.mark.processes
 def test_train_start_button_comes_before_the_advanced_settings(home):
     at = app({"data": "sample/emoji"})
     goto(at, "train")

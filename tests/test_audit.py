@@ -49,6 +49,7 @@ def planted(shared_cache, tmp_path_factory):
     return root, plants, {"animal": animal, "leaked": leaked, "vehicle": vehicle}, res
 
 
+@pytest.mark.slow
 def test_exact_duplicates_across_classes_are_found(planted):
     _, plants, orig, res = planted
     groups = {frozenset(g["paths"]): g for g in res["exact_duplicates"]}
@@ -146,6 +147,7 @@ def test_helpers_on_plain_lists():
     assert sorted((p["a"], p["b"]) for p in pairs) == [("/x/0.png", "/x/2.png"), ("/x/1.png", "/x/2.png")]
 
 
+@pytest.mark.slow
 def test_cli_audit(planted, shared_cache, monkeypatch, capsys):
     root = planted[0]
     monkeypatch.setenv("TL_HOME", str(insight_home(shared_cache)))

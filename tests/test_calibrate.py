@@ -19,6 +19,9 @@ from tl_core.runs.files import SAVED, RunFiles
 from tl_core.share.loading import load_model
 from tl_core.share.predict import predict_paths
 
+#: every test here runs real networks on real images (module fixtures train or export): the slow tier
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def overconfident_run(shared_cache):

@@ -30,6 +30,7 @@ def test_check_json(capsys, tl_home):
     assert set(rep) >= {"counts", "skipped", "image_size", "imbalance_ratio", "warnings"}
 
 
+@pytest.mark.processes
 def test_the_command_exits_quickly_yet_runs_exit_handlers_and_flushes(tl_home, tmp_path):
     """``tl-core`` leaves without the interpreter's teardown (cli.run): the exit status, the whole output and the
     exit handlers (temporary folders, workers) must survive that."""
@@ -91,11 +92,13 @@ def test_usage_errors_exit_2_with_one_error_line(capsys, tl_home, tmp_path):
     assert "Unknown backbone" in fail(capsys, "train", str(EMOJI), "--backbone", "nonet_9000")
 
 
+@pytest.mark.processes
 def test_usage_error_in_a_real_process(tl_home):
     p = subprocess.run([TL_CORE, "train"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stdout == ""
 
 
+@pytest.mark.slow
 def test_evaluate_with_unknown_classes(capsys, emoji_run, tmp_path):
     ws, res = emoji_run
     other = make_class_folder(tmp_path / "o", {"animal": 2, "robots": 2})
@@ -106,6 +109,7 @@ def test_evaluate_with_unknown_classes(capsys, emoji_run, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # tl-core train --config: repeat a run, flags override the file
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_config_repeats_a_run_and_flags_override_it(capsys, tl_home, shared_cache):
     from insight_support import emoji_small
     from tl_core.runs.files import RunFiles

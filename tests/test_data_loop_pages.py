@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from test_app_insights import _planted_dataset, fresh_caches  # noqa: F401  (autouse: each test computes its own)
-from test_app_pages import (  # noqa: F401  (fixtures are used by name)
+from page_harness import (  # noqa: F401  (fixtures are used by name)
     EMOJI,
     app,
     assert_clean,
@@ -43,6 +43,7 @@ def _digest(root: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.processes
 def test_data_check_fixes_in_place_each_fix_a_version_then_restore(home):
     ws, _ = home
     root = _planted_dataset(ws)
@@ -276,6 +277,7 @@ def test_a_folder_of_class_folders_uploads_as_a_dataset_and_a_one_class_folder_i
     assert at.selectbox(key="pick_dataset").format_func("workspace/pets") == "pets (uploaded)"
 
 
+@pytest.mark.processes
 def test_a_training_image_that_leaks_twice_gets_buttons_under_each_listing(home):
     import shutil
 

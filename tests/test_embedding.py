@@ -13,6 +13,9 @@ from tl_core.data.splits import sample_items
 from tl_core.errors import ConfigError
 from tl_core.runs.files import RunFiles, RunMeta
 
+#: every test here runs real networks on real images (module fixtures train or export): the slow tier
+pytestmark = pytest.mark.slow
+
 COLUMNS = ["x", "y", "label", "path", "split", "predicted", "confidence", "misclassified"]
 
 

@@ -25,6 +25,9 @@ from tl_core.models.feature_variants import extractor
 from tl_core.models.features import extract_features
 from tl_core.models.preprocess import Preprocess, data_config_for
 
+#: every test here runs real networks on real images (module fixtures train or export): the slow tier
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("onnxruntime")
 
 

@@ -20,6 +20,9 @@ from tl_core.models.metrics import softmax
 from tl_core.runs.files import VALIDATION_FIT, Predictions, RunFiles
 from tl_core.share.loading import load_model
 
+#: every test here runs real networks on real images (module fixtures train or export): the slow tier
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def emoji_small_run(shared_cache):

@@ -338,6 +338,7 @@ def test_onnx_export_via_cli_is_verified_and_has_a_dynamic_batch(run_dir, tmp_pa
     assert np.allclose(probs.sum(1), 1, atol=1e-5)  # softmax is inside the graph
 
 
+@pytest.mark.slow
 def test_onnx_legacy_exporter_also_verifies(run_dir, tmp_path):
     info = export_run(run_dir, "onnx", tmp_path / "legacy.onnx", onnx_exporter="legacy", max_verify_images=12)
     v = info["verification"]
@@ -369,6 +370,7 @@ def test_torchscript_export_is_verified_and_self_describing(run_dir, tmp_path):
     assert (probs.argmax(1) == ref.argmax(1)).all() and (probs - ref).abs().max().item() <= PARITY_TOLERANCE
 
 
+@pytest.mark.slow
 def test_export_that_disagrees_with_pytorch_fails_loudly_and_keeps_nothing(run_dir, tmp_path, monkeypatch):
     import tl_core.share.export as E
 

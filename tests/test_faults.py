@@ -113,6 +113,7 @@ def test_worker_killed_mid_epoch_is_recovered_and_nothing_else_is_touched(tmp_pa
           f"{t_recovered - t_kill:.2f}s (incl. waiting for the process to die)")
 
 
+@pytest.mark.processes
 def test_restart_marks_runs_of_vanished_processes_interrupted(workspace):
     store = workspace.store()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -249,6 +250,7 @@ def test_full_disk_for_the_caches_does_not_fail_the_run(workspace, small_data, m
     assert leftovers == []  # no half-written files keep the disk full
 
 
+@pytest.mark.processes
 @pytest.mark.private_cache
 def test_a_really_full_disk(tmp_path, small_data):
     """The workspace on a 6 MB tmpfs (needs root and mount; skipped otherwise): real ENOSPC everywhere."""
@@ -376,6 +378,7 @@ def test_a_run_queued_while_the_worker_is_leaving_is_not_lost(workspace, tmp_pat
     assert workspace.store().get(injected[0])["status"] == "done"
 
 
+@pytest.mark.processes
 def test_run_store_survives_many_writer_processes(tmp_path):
     db = tmp_path / "store" / "runs.sqlite"
     ctx = multiprocessing.get_context("spawn")

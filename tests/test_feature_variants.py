@@ -14,7 +14,8 @@ import torch
 
 from conftest import EMOJI, FASHION
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+#: every test here runs real networks on real images (module fixtures train or export): the slow tier
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,9 @@ from tl_core.cache import FeatureCache
 from tl_core.models.features import extract_features, feature_key
 from tl_core.models.preprocess import Preprocess
 
+#: every test here runs real networks on real images (module fixtures train or export): the slow tier
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def lite0():

@@ -476,6 +476,7 @@ def test_csv_with_unknown_columns_names_the_needed_ones(tmp_path):
 # ==================================================================================================
 # weights
 # ==================================================================================================
+@pytest.mark.processes
 @pytest.mark.parametrize("torch_format", [True, False], ids=["torch-zip", "raw-pickle"])
 @pytest.mark.parametrize("ext", [".pth", ".bin"])
 def test_pickle_that_runs_code_is_refused_and_never_runs(tmp_path, torch_format, ext):

@@ -11,6 +11,9 @@ from tl_core.cli import main
 from tl_core.errors import ConfigError
 from tl_core.insight.lab import ARMS, learning_curve
 
+#: every test here runs real networks on real images (module fixtures train or export): the slow tier
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def curve(shared_cache):

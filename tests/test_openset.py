@@ -151,6 +151,7 @@ def test_a_fashion_model_flags_emoji_images(tmp_path):
     assert rep["count"] == 200 and rep["unknown_share"] <= 0.15, rep["unknown_share"]
 
 
+@pytest.mark.slow
 def test_features_come_from_the_same_forward_pass_as_the_logits(emoji_run_dir):
     from PIL import Image
 
@@ -191,6 +192,7 @@ def test_a_bundle_says_unknown_offline_in_a_fresh_workspace(emoji_model, tmp_pat
     assert np.allclose([r["ood_score"] for r in rows], [r["ood_score"] for r in run_rows], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_run_from_before_open_set_scores_still_predicts(emoji_run_dir, tmp_path, capsys):
     from tl_core.cli import main
     from tl_core.share.loading import load_model
@@ -211,6 +213,7 @@ def test_a_run_from_before_open_set_scores_still_predicts(emoji_run_dir, tmp_pat
     assert "before open-set scores" in out.err
 
 
+@pytest.mark.slow
 def test_cli_predict_and_evaluate_report_unknown(emoji_run_dir, tmp_path, capsys):
     from tl_core.cli import main
 
@@ -253,6 +256,7 @@ def test_cli_shows_and_sets_the_threshold(emoji_run_dir, tmp_path, capsys):
     assert main(["openset", str(run)]) == 2 and "trained before open-set scores" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_saved_threshold_is_what_predictions_use(emoji_run_dir, tmp_path):
     from tl_core.errors import ConfigError, RunError
     from tl_core.share.loading import load_model

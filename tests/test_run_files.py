@@ -50,6 +50,7 @@ def test_staged_run_is_invisible_until_published_and_replaces_an_older_attempt(t
     assert sorted(p.name for p in run.parent.iterdir()) == ["r1"]  # no staging folder left
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_before_publishing_leaves_no_run_directory(workspace, shared_cache, monkeypatch):
     from tl_core.runs.training import run_training
 

@@ -42,6 +42,7 @@ def test_cancel_of_a_queued_run_is_immediate(tmp_path):
     assert store.get(rid)["status"] == "cancelled" and store.cancel_requested(rid)
 
 
+@pytest.mark.processes
 def test_runs_of_dead_workers_become_interrupted(tmp_path):
     store = RunStore(tmp_path / "r.sqlite")
     p = subprocess.Popen([sys.executable, "-c", "pass"])

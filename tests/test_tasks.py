@@ -73,6 +73,7 @@ def _children_zombies() -> list[int]:
 # ==================================================================================================
 # one task per request
 # ==================================================================================================
+@pytest.mark.processes
 def test_identical_requests_share_one_task_and_its_result(workspace, tmp_path):
     data = _subset(tmp_path / "d", 4)
     ids: list[tuple[str, bool]] = []
@@ -106,6 +107,7 @@ def test_identical_requests_share_one_task_and_its_result(workspace, tmp_path):
     assert tasks.find(workspace, "audit", _audit(data)).id == other.id
 
 
+@pytest.mark.processes
 def test_a_task_outlives_the_process_that_asked_and_is_found_again(workspace, tmp_path):
     """A server that submits a task and dies (or restarts): the task runs on in its worker, and the page
     finds it again from its own inputs."""
@@ -125,6 +127,7 @@ def test_a_task_outlives_the_process_that_asked_and_is_found_again(workspace, tm
     assert task.total_s >= task.ran_s > 0 and task.waited_s >= 0
 
 
+@pytest.mark.processes
 def test_a_failing_task_says_why_and_an_unknown_kind_is_refused(workspace, tmp_path):
     t = tasks.submit(workspace, "audit", audit_params(str(tmp_path / "missing"), "none"))
     t = _done(workspace, t.id)
@@ -194,6 +197,7 @@ def test_a_full_queue_is_refused_with_a_clear_message(workspace, tmp_path, monke
     assert tasks.describe_wait(workspace, last).startswith("Waiting in the queue: number 3 in line")
 
 
+@pytest.mark.processes
 def test_each_queued_task_is_claimed_by_exactly_one_worker(tmp_path):
     from queue_support import claim_tasks_until_empty
 
@@ -210,6 +214,7 @@ def test_each_queued_task_is_claimed_by_exactly_one_worker(tmp_path):
 # ==================================================================================================
 # cancel, dead workers, defunct processes
 # ==================================================================================================
+@pytest.mark.processes
 def test_cancel_a_queued_task_at_once_and_a_running_one_within_seconds(workspace, tmp_path):
     data = _subset(tmp_path / "d", 6)
     lab = {"data": str(data), "signature": dataset_signature(data), "backbone": "efficientnet_lite0",
@@ -233,6 +238,7 @@ def test_cancel_a_queued_task_at_once_and_a_running_one_within_seconds(workspace
     print(f"\n[cancel] a running lab stopped in {took:.2f}s ({t.error}); worker {pid}")
 
 
+@pytest.mark.processes
 def test_a_dead_worker_is_recognised_by_pid_and_start_time(workspace):
     store = workspace.store()
     me, started = identity()
@@ -257,6 +263,7 @@ def test_a_dead_worker_is_recognised_by_pid_and_start_time(workspace):
     assert recover(workspace) == []  # idempotent
 
 
+@pytest.mark.processes
 def test_workers_leave_no_defunct_process_behind(workspace, tmp_path):
     before = _children_zombies()
     t = tasks.submit(workspace, "audit", _audit(_subset(tmp_path / "d", 2)))
@@ -267,6 +274,7 @@ def test_workers_leave_no_defunct_process_behind(workspace, tmp_path):
     assert _children_zombies() == before == []  # the worker was never this process's child
 
 
+@pytest.mark.processes
 def test_kill_workers_kills_only_that_workspaces_workers(tmp_path):
     """What every page and browser test's teardown relies on: the workers of one TL_HOME go, others stay."""
     sleeper = "import sys, time; time.sleep(60)"
@@ -286,6 +294,7 @@ def test_kill_workers_kills_only_that_workspaces_workers(tmp_path):
 # ==================================================================================================
 # projects and the interactive lane
 # ==================================================================================================
+@pytest.mark.processes
 def test_projects_keep_their_tasks_apart_and_share_the_workers(tmp_path):
     top = Workspace(tmp_path / "home")
     slug_a, slug_b = new_project_slug("Class 7B: birds"), new_project_slug("demo")

@@ -250,6 +250,7 @@ def test_class_balancing_changes_what_the_model_learns_of_the_minority(imbalance
     assert _minority(p_sampler) != _minority(p_none)
 
 
+@pytest.mark.slow
 def test_same_seed_same_result(workspace):
     cfg = TrainConfig(strategy="linear", seed=7, max_per_class=10)
     a = run_training(workspace, EMOJI, cfg)
@@ -263,6 +264,7 @@ def test_same_seed_same_result(workspace):
     assert RunFiles(workspace.run_dir(c.run_id)).predictions().get("val").paths != pa.paths
 
 
+@pytest.mark.finetune
 def test_progress_callback_and_cooperative_cancel(workspace, shared_cache):
     from insight_support import emoji_small
 

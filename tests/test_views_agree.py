@@ -17,6 +17,9 @@ from tl_core.runs.files import SAVED, VALIDATION_FIT, RunFiles
 from tl_core.share.loading import load_model
 from tl_core.share.report import build_report
 
+#: every test here runs real networks on real images (module fixtures train or export): the slow tier
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def mistakes(emoji_run_dir):

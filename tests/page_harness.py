@@ -1,0 +1,155 @@
+"""The page-test harness: fixtures and helpers for tests of the Streamlit app with ``streamlit.testing.v1.AppTest``
+(no browser), used by test_app_pages.py, test_app_insights.py and test_data_loop_pages.py.
+
+One real linear-probe run on the emoji sample is trained once per session with the ``tl-core`` command
+(tests/conftest.py ``cli_trained_home``); every test gets its own copy of that workspace (``TL_HOME``), so tests
+never see each other's runs or tasks.
+Long computations are tasks that real worker processes run (``tl_core.runs.workers``): a test clicks,
+then reruns the page until the result is drawn (:func:`until`). Where a test looks at the queue itself,
+``no_workers`` keeps tasks queued. Workers a test started are killed when it ends.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "app.py"
+EMOJI = ROOT / "sample_data" / "emoji"
+#: Seconds one script run may take (Try it waits for the interactive worker, which starts on first use).
+TIMEOUT = 180
+#: Seconds a test waits for a task to finish.
+TASK_TIMEOUT = 240
+
+pytest.importorskip("streamlit.testing.v1")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from tl_core.runs import workers  # noqa: E402
+from tl_core.runs.processes import kill_workers  # noqa: E402
+from tl_core.runs.workspace import Workspace  # noqa: E402
+
+__all__ = ["ROOT", "APP", "EMOJI", "TIMEOUT", "TASK_TIMEOUT", "trained_home", "home", "empty_home", "no_workers",
+           "app", "goto", "until", "progress_texts", "assert_clean", "plotly_specs", "metric", "has_metric", "button",
+           "has_button", "png_bytes", "sample_zip"]
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def trained_home(cli_trained_home) -> tuple[Path, str]:
+    """A workspace holding one finished linear probe on the emoji sample, made by the CLI (once per session):
+    copy it before changing it (``home`` does)."""
+    return cli_trained_home
+
+
+def _own_home(monkeypatch, home: Path) -> None:
+    monkeypatch.setenv("TL_HOME", str(home))
+    monkeypatch.setenv("TL_INTERACTIVE_IDLE_S", "30")  # interactive workers of a test do not linger
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, trained_home):
+    """This test's own copy of the trained workspace, as TL_HOME; its workers are killed at the end."""
+    src, run_id = trained_home
+    dst = tmp_path / "tl_home"
+    shutil.copytree(src, dst)
+    _own_home(monkeypatch, dst)
+    yield Workspace(dst), run_id
+    kill_workers(dst.resolve())
+
+
+@pytest.fixture
+def empty_home(tmp_path, monkeypatch):
+    dst = tmp_path / "empty_home"
+    _own_home(monkeypatch, dst)
+    yield Workspace(dst)
+    kill_workers(dst.resolve())
+
+
+@pytest.fixture
+def no_workers(monkeypatch) -> None:
+    """Queue tasks without starting worker processes (to look at the queue)."""
+    monkeypatch.setattr(workers, "ensure_workers", lambda ws, lane="compute": 0)
+
+
+def app(query: dict | None = None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    if query:
+        at.query_params.update(query)
+    return at.run()
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    return at.switch_page(f"pages/{page}.py").run()
+
+
+def until(at: AppTest, done, timeout: float = TASK_TIMEOUT, what: str = "the task") -> AppTest:
+    """Rerun the page (as its polling fragment would) until ``done(at)``; fail on an exception or a timeout."""
+    deadline = time.monotonic() + timeout
+    while not done(at):
+        assert not at.exception, [e.value for e in at.exception]
+        assert time.monotonic() < deadline, f"{what} did not get there in {timeout:.0f} s; errors: " + str(
+            [e.value for e in at.error])
+        time.sleep(0.5)
+        at.run()
+    return at
+
+
+def progress_texts(at: AppTest) -> list[str]:
+    return [p.proto.text for p in at.get("progress")]
+
+
+def assert_clean(at: AppTest) -> None:
+    """No exception element and no error box on the page."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def plotly_specs(at: AppTest) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def metric(at: AppTest, label: str) -> str:
+    found = [m.value for m in at.metric if m.label == label]
+    assert found, f"no metric {label!r}; have {[m.label for m in at.metric]}"
+    return found[0]
+
+
+def has_metric(at: AppTest, label: str) -> bool:
+    return any(m.label == label for m in at.metric)
+
+
+def button(at: AppTest, label: str):
+    found = [b for b in at.button if b.label == label]
+    assert found, f"no button {label!r}; have {[b.label for b in at.button]}"
+    return found[0]
+
+
+def has_button(at: AppTest, label: str) -> bool:
+    return any(b.label == label for b in at.button)
+
+
+def png_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def sample_zip(extra: dict[str, bytes] | None = None) -> bytes:
+    """A dataset zip: 3 animal and 3 flag emoji in a wrapper folder, plus optional extra entries."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for cls in ("animal", "flag"):
+            for f in sorted((EMOJI / cls).iterdir())[:3]:
+                zf.write(f, f"pets/{cls}/{f.name}")
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
