@@ -28,6 +28,7 @@ __all__ = [
     "bootstrap_interval",
     "macro_f1_interval",
     "format_figure",
+    "figure_of",
     "compare_figures",
 ]
 
@@ -131,6 +132,22 @@ def format_figure(value: float | None, ci: Sequence[float] | None = None, correc
     return f"{head} ({', '.join(parts)})" if parts else head
 
 
+def figure_of(report: dict[str, Any] | None, key: str = "accuracy") -> str:
+    """:func:`format_figure` of one figure of a report (:func:`compute_metrics`, ``multilabel_metrics``, a
+    cross-validation record): its value, interval and, for a proportion, its counts. "—" without it.
+
+    Args:
+        report: the report.
+        key: "accuracy", "exact_match" (proportions) or "micro_f1", "macro_f1", "mAP" (scores).
+    """
+    if not report or report.get(key) is None:
+        return "—"
+    proportion = key in ("accuracy", "exact_match")
+    n = report.get("count") if proportion else None
+    return format_figure(report[key], report.get(f"{key}_ci"), report.get("correct") if proportion else None,
+                         n, percent=proportion)
+
+
 def _newcombe(k1: int, n1: int, k2: int, n2: int) -> list[float]:
     """Newcombe's hybrid score interval (method 10, 1998) of p2 - p1 for two independent proportions."""
     p1, p2 = k1 / n1, k2 / n2
@@ -143,7 +160,7 @@ def _newcombe(k1: int, n1: int, k2: int, n2: int) -> list[float]:
 def compare_figures(a: dict[str, Any], b: dict[str, Any], seed: int = 0) -> dict[str, Any] | None:
     """Whether run b's accuracy differs from run a's beyond noise.
 
-    Paired where both were measured on the same images (``paths`` equal): a bootstrap of the per-image
+    Paired where both were measured on the same images (the same ``paths``, in any order): a bootstrap of the per-image
     difference in correctness over those images (the noise of the images is shared, so it cancels out);
     otherwise Newcombe's interval of the difference of two independent proportions.
 
@@ -157,7 +174,8 @@ def compare_figures(a: dict[str, Any], b: dict[str, Any], seed: int = 0) -> dict
     if not na or not nb:
         return None
     pa, pb = a.get("paths"), b.get("paths")
-    paired = bool(pa) and pa == pb and a.get("right") is not None and b.get("right") is not None
+    paired = (bool(pa) and len(pa) == len(pb or []) and set(pa) == set(pb) and a.get("right") is not None
+              and b.get("right") is not None)
     if paired:
         order_b = {p: i for i, p in enumerate(pb)}
         ra = np.asarray(a["right"], np.float64)
