@@ -39,8 +39,9 @@ def _carve_single(pool: list[ImageItem], share: float, rng: random.Random,
     """Stratified, seeded, duplicate-aware carve of ``share`` of each class's images out of ``pool``.
 
     Each class's duplicate groups (a group belongs to the class of its first image, in the sorted order) are
-    shuffled and taken from the front while they fit the class's share (at least one group, and never the last
-    one: every class keeps an image on the rest side; a class with one group keeps it all there). Classes in
+    shuffled and taken in that order while they fit the class's share (the first always; a group that would
+    overshoot is passed over for a smaller one further on; never every group: every class keeps an image on
+    the rest side, and a class with one group keeps it all there). Classes in
     ``keep`` give nothing. With no duplicates this is the plain per-class shuffle.
 
     Returns:
@@ -58,16 +59,19 @@ def _carve_single(pool: list[ImageItem], share: float, rng: random.Random,
             continue
         n_images = sum(len(g) for g in groups)
         want = min(max(1, round(n_images * share)), n_images - 1)
-        taken, n = 0, 0
-        for g in groups[:-1]:
-            if n and n + len(g) > want:
-                break
-            n += len(g)
-            taken += 1
+        take, n = [], 0
+        for k, g in enumerate(groups):
             if n >= want:
                 break
-        carved += [i for g in groups[:taken] for i in g]
-        rest += [i for g in groups[taken:] for i in g]
+            if n and n + len(g) > want:  # a group that would overshoot: a smaller one further on may fit
+                continue
+            take.append(k)
+            n += len(g)
+        if len(take) == len(groups):  # never all of them
+            take.pop()
+        chosen = set(take)
+        carved += [i for k, g in enumerate(groups) if k in chosen for i in g]
+        rest += [i for k, g in enumerate(groups) if k not in chosen for i in g]
     return rest, carved
 
 
