@@ -1277,7 +1277,7 @@ def test_train_form_is_generated_from_the_config_fields(home, no_workers):
     goto(at, "train")
     assert_clean(at)
     form = [f for f in config_fields() if f.section]
-    assert {"epochs", "lr", "batch_size", "seed", "augment", "val_split", "class_balance", "patience",
+    assert {"epochs", "lr", "batch_size", "seed", "augment", "val_split", "test_split", "class_balance", "patience",
             "linear_c", "features", "refit", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
             "unfreeze_blocks", "device"} == {f.name for f in form}
     for strategy in ("linear", "partial"):
