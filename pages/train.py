@@ -212,7 +212,8 @@ def _done_text(run: dict, task: tasks.Task | None) -> str:
     else:  # trained by the command line: the run's own time
         took = timing_text(float(s.get("seconds") or 0))
     if s.get("multi_label"):  # label sets: F1 and mAP say more than the exact-match accuracy
-        return (f"Done in {took}: validation micro-F1 **{format_figure(s.get('micro_f1'), s.get('micro_f1_ci'), percent=False)}**, "
+        micro = format_figure(s.get("micro_f1") or 0, s.get("micro_f1_ci"), percent=False)
+        return (f"Done in {took}: validation micro-F1 **{micro}**, "
                 f"mAP {format_figure(s.get('mAP'), s.get('mAP_ci'), percent=False)}, exact match "
                 f"{(s.get('exact_match') or 0):.1%} (multi-label; thresholds chosen on the "
                 f"{s.get('thresholds_chosen_on') or 'validation images'}; best epoch {s.get('best_epoch')}, weights: "
@@ -224,10 +225,12 @@ def _done_text(run: dict, task: tasks.Task | None) -> str:
     test = (" Held-out test (never used for a choice): **" + format_figure(
         s.get("test_accuracy"), s.get("test_accuracy_ci"), round(s["test_accuracy"] * n_test) if n_test else None,
         n_test or None) + "**." if s.get("test_accuracy") is not None else "")
-    return (f"Done in {took}: validation accuracy **"
-            + format_figure(s.get("val_accuracy"), s.get("val_accuracy_ci"),
-                            round((s.get("val_accuracy") or 0) * n_val) if n_val else None, n_val or None)
-            + "** (" + ("" if s.get("features") else f"best epoch {s.get('best_epoch')}, ")
+    head, _, sure = format_figure(s.get("val_accuracy") or 0, s.get("val_accuracy_ci"),
+                                  round((s.get("val_accuracy") or 0) * n_val) if n_val else None,
+                                  n_val or None).partition(" (")
+    return (f"Done in {took}: validation accuracy **{head}** ("
+            + (f"{sure.rstrip(')')}; " if sure else "")
+            + ("" if s.get("features") else f"best epoch {s.get('best_epoch')}, ")
             + f"weights: {(s.get('weights') or {}).get('source')})."
             + (f" Cross-validated on {cv['count']} images: **{figure_of(cv)}**." if cv else "")
             + test + (f" {features}." if features else ""))
