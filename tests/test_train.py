@@ -330,6 +330,9 @@ def test_same_seed_same_result(workspace):
     np.testing.assert_array_equal(pa.logits, pb.logits)
     wa, wb = (RunFiles(workspace.run_dir(r.run_id)).weights() for r in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the re-train reads the cross-validated estimate back instead of fitting k probes again
+    ca, cb = (RunFiles(workspace.run_dir(r.run_id)).metrics().cv for r in (a, b))
+    assert not ca.get("reused") and cb["reused"] and {**cb, "reused": False} == {**ca, "reused": False}
     c = run_training(workspace, EMOJI, dataclasses.replace(cfg, seed=8))  # another seed: another split
     assert RunFiles(workspace.run_dir(c.run_id)).predictions().get("val").paths != pa.paths
 

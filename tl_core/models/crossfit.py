@@ -62,7 +62,8 @@ def cross_validated_accuracy(feats: np.ndarray, y: np.ndarray, n_classes: int, c
     Args:
         feats: (N, D) features as the probe sees them (the run's variant applied).
         y: N class indices.
-        cfg: the run's config (its ``linear_c`` is the C used; ``class_balance`` as in the run).
+        cfg: the run's config (its ``linear_c`` is the C used; ``class_balance`` as in the run; ``seed`` deals
+            the folds).
     Returns:
         {"accuracy", "accuracy_ci" (Wilson over the N out-of-fold predictions), "correct", "count", "folds",
         "seconds"}; None where a class has fewer than two images (nothing to cross-validate).

@@ -210,6 +210,43 @@ def _choose_features_once(fcache: FeatureCache, raw_train: np.ndarray, y_train: 
     return choice
 
 
+#: bump when cross_validated_accuracy changes what it would measure: recorded estimates are then not reused
+_CV_VERSION = 1
+
+
+def _cross_validate_once(cache_dir: Path, feats: np.ndarray, items: list[ImageItem], cidx: dict[str, int],
+                         cfg: TrainConfig, should_cancel: Callable[[], bool] | None) -> dict[str, Any] | None:
+    """:func:`cross_validated_accuracy` on every labelled image, in a canonical order (by content) and with folds
+    of a fixed seed: it does not depend on how the run split train from validation, so a re-train of the same
+    images, features and probe settings (any seed) reads the recorded estimate back
+    (``<cache>/features/outoffold/<key>.json``, cleared with the features)."""
+    order = sorted(range(len(items)), key=lambda i: (items[i].sha256, str(items[i].path)))
+    x = np.ascontiguousarray(feats[order])
+    y = np.array([cidx[items[i].label] for i in order], np.int64)
+    cfg = dataclasses.replace(cfg, seed=0)
+    h = hashlib.sha256()
+    h.update(json.dumps([_CV_VERSION, len(cidx), cfg.linear_c, cfg.class_balance, cfg.epochs, x.shape, str(x.dtype)]
+                        ).encode())
+    h.update(x.tobytes())
+    h.update(y.tobytes())
+    f = cache_dir / f"{h.hexdigest()[:32]}.json"
+    try:
+        return {**json.loads(f.read_text()), "reused": True}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("recorded cross-validation %s is unusable (%s); measuring again", f, e)
+    est = cross_validated_accuracy(x, y, len(cidx), cfg, should_cancel)
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(est))
+        os.replace(tmp, f)
+    except OSError as e:  # a read-only or full disk: the next re-train measures again
+        log.warning("could not record the cross-validation (%s)", e)
+    return est
+
+
 def _classifier_name(model: nn.Module) -> str:
     clf = model.get_classifier()
     return next(name for name, m in model.named_modules() if m is clf)
@@ -332,9 +369,9 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
                     oof_train = out_of_fold_probs(feats[:n_tr], label_matrix([i.labels for i in split.train], classes),
                                                   ccfg, local_cancel)
                 else:
-                    cv_estimate = cross_validated_accuracy(
-                        feats[:n_tr + n_va], np.array([cidx[i.label] for i in split.train + split.val]),
-                        len(classes), ccfg, local_cancel)
+                    cv_estimate = _cross_validate_once(workspace.cache_dir / "features" / "outoffold",
+                                                       feats[:n_tr + n_va], split.train + split.val, cidx, ccfg,
+                                                       local_cancel)
         if cfg.strategy == "linear":  # the last layer: the model itself; another variant: its wrapper
             choice = info["features"]
             model = wrap_trained(model, choice, head)
