@@ -14,7 +14,7 @@ from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.data.library import deleted_dataset
 from tl_core.insight.openset import UNKNOWN_NOTE, flagged_share
-from tl_core.models.metrics import normalise_rows
+from tl_core.models.metrics import figure_of, normalise_rows
 from tl_core.runs import tasks
 from tl_core.runs.files import RunFiles
 from tl_core.runs.progress import features_text, stop_text
@@ -266,14 +266,31 @@ with session.page_errors():
                    "image). Validation figures are those of the fit that never saw them: a fair, slightly "
                    "cautious estimate for the saved model.")
 
+    # the headline figures side by side, each with how sure it is (95% intervals)
+    key = "micro_f1" if metrics.val.get("multi_label") else "accuracy"
+    what = "micro-F1" if key == "micro_f1" else "accuracy"
+    side = [("Validation", figure_of(metrics.val, key),
+             "The images held out from training (chose the features, C, epochs, thresholds).")]
+    if metrics.cv:
+        side.append((f"Cross-validated ({metrics.cv.get('folds')} folds)", figure_of(metrics.cv),
+                     f"Every labelled image ({metrics.cv.get('count')}) predicted by the probe fitted without it: "
+                     "the steadiest figure on small data."))
+    if metrics.test:
+        side.append(("Test", figure_of(metrics.test, key),
+                     "Held-out images no choice ever saw: the unbiased figure."))
+    cols = st.columns(len(side))
+    for col, (name, text, why) in zip(cols, side):
+        col.metric(f"{name} {what}", text.split(" (")[0], help=why)
+        col.caption(text[len(text.split(" (")[0]):].strip(" ()") or " ")
+
     splits = {"Validation": "val"}
     if metrics.test:
-        splits["Test (held-out folder)"] = "test"
+        splits["Test (held out)"] = "test"
     split_name = "Validation"
     if len(splits) > 1:
         split_name = st.radio("Images", list(splits), horizontal=True,
                               help="Validation: held out from your training data. Test: the dataset's own test/ "
-                                   "folder.")
+                                   "folder, an uploaded test set or the locked test share.")
     split = splits[split_name]
     m = metrics.val if split == "val" else metrics.test
     classes = m["classes"]
@@ -284,7 +301,9 @@ with session.page_errors():
         st.stop()
 
     c = st.columns(4)
-    c[0].metric("Accuracy", f"{m['accuracy']:.1%}", help="Share of images whose top prediction is the true class.")
+    c[0].metric("Accuracy", f"{m['accuracy']:.1%}", help="Share of images whose top prediction is the true class. "
+                "Below: its 95% interval (Wilson): where the accuracy on more images like these would likely fall.")
+    c[0].caption(figure_of(m)[len(f"{100 * m['accuracy']:.1f}%"):].strip(" ()"))
     c[1].metric("Macro F1", f"{m['macro_f1']:.3f}", help="F1 averaged over classes, so every class counts equally.")
     c[2].metric(f"{split_name.split(' ')[0]} images", m["count"], help="How many images this is measured on.")
     c[3].metric("Calibration error", f"{m['ece']:.3f}",

@@ -11,6 +11,7 @@ from pages import _tasks as task_ui
 from tl_core.cache import cache_usage, clear_cache
 from tl_core.config import EXPORT_FORMATS
 from tl_core.data.library import deleted_dataset
+from tl_core.models.metrics import compare_figures, figure_of
 from tl_core.runs import tasks
 from tl_core.runs.files import RunFiles
 from tl_core.runs.progress import MISSING, compare_rows, runs_rows, setting_text
@@ -20,6 +21,44 @@ from tl_core.share import figures as charts
 session.ensure_router()
 
 st.title("Runs & export")
+
+
+def _ci_text(ci) -> str | None:
+    return f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}%" if ci else None
+
+
+def _paired_view(ws, run: dict, m: dict | None) -> dict:
+    """What :func:`compare_figures` needs of a run: its counts, and (when its predictions can be read) which
+    validation images it got right, so that two runs on the same images are compared image by image."""
+    out = {"correct": (m or {}).get("correct"), "count": (m or {}).get("count")}
+    if out["correct"] is None and m and m.get("accuracy") is not None and m.get("count"):
+        out["correct"] = round(m["accuracy"] * m["count"])
+    try:
+        pred = RunFiles(ws.run_dir(run["id"])).predictions()
+        val = pred.get("val")
+        if val is not None and not (m or {}).get("multi_label"):
+            t = val.targets(pred.classes)
+            out.update(paths=list(val.paths), right=(val.logits.argmax(1) == t).astype(int).tolist())
+    except Exception:  # files removed by hand: the interval of the two proportions still answers
+        pass
+    return out
+
+
+def _with_uncertainty(ws, compared: dict, runs: list[dict], val_metrics: dict) -> None:
+    """The comparison's accuracies with their 95% intervals, the cross-validated figure, and each run's
+    difference from the first one: within noise or beyond it (paired on the same validation images)."""
+    compared["Val accuracy"] = {r["id"]: figure_of(val_metrics.get(r["id"])) if val_metrics.get(r["id"])
+                                else compared["Val accuracy"][r["id"]] for r in runs}
+    compared["CV accuracy"] = {r["id"]: figure_of((r.get("summary") or {}).get("cv_estimate")) for r in runs}
+    if len(runs) < 2:
+        return
+    first = runs[0]
+    base = _paired_view(ws, first, val_metrics.get(first["id"]))
+    diff = {first["id"]: "(reference)"}
+    for r in runs[1:]:
+        c = compare_figures(base, _paired_view(ws, r, val_metrics.get(r["id"])))
+        diff[r["id"]] = c["text"] if c else MISSING
+    compared[f"Val accuracy vs {first['id']}"] = diff
 
 
 def _delete(ws, run_ids: list[str]) -> None:
@@ -128,10 +167,21 @@ with session.page_errors():
         st.stop()
     rows = pd.DataFrame(runs_rows(runs)).astype({"Best epoch": "Int64"})
     rows["Data"] = [_data_text(r) for r in runs]  # the dataset version, so that runs on different versions differ
+    # how sure each accuracy is, beside it (older runs recorded no interval: blank)
+    at = list(rows.columns).index("Val accuracy") + 1
+    rows.insert(at, "Val 95% CI", [_ci_text((r.get("summary") or {}).get("val_accuracy_ci")) for r in runs])
+    rows.insert(at + 1, "CV accuracy", [((r.get("summary") or {}).get("cv_estimate") or {}).get("accuracy")
+                                         for r in runs])
     st.dataframe(rows, hide_index=True, width="stretch", placeholder=MISSING, column_config={
         "Val accuracy": st.column_config.NumberColumn(format="percent", help="Accuracy on the validation images."),
+        "Val 95% CI": st.column_config.TextColumn(help="Where the validation accuracy would likely fall on more "
+                                                  "images like these (Wilson 95% interval)."),
+        "CV accuracy": st.column_config.NumberColumn(format="percent", help="Linear runs: k-fold cross-validated "
+                                                     "accuracy on every labelled image (the steadiest figure on "
+                                                     "small data)."),
         "Test accuracy": st.column_config.NumberColumn(format="percent",
-                                                       help="Accuracy on the dataset's own test/ folder, if any."),
+                                                       help="Accuracy on held-out test images (the dataset's own "
+                                                            "test/ folder, an upload or the locked test share)."),
         "Best epoch": st.column_config.NumberColumn(help="The epoch whose weights were kept."),
         "Seconds": st.column_config.NumberColumn(format="%.1f"),
     })
@@ -169,6 +219,7 @@ with session.page_errors():
                 val_metrics[i] = None
     compared = compare_rows([by_id[i] for i in chosen], val_metrics)
     compared["Data"] = {i: _data_text(by_id[i]) for i in chosen}
+    _with_uncertainty(ws, compared, [by_id[i] for i in chosen], val_metrics)
     st.table(pd.DataFrame(compared).T)
     versions_seen = {(by_id[i].get("summary") or {}).get("dataset_version") for i in chosen} - {None}
     if len(versions_seen) > 1 and len({v.split("@")[0] for v in versions_seen}) == 1:

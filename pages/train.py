@@ -19,6 +19,7 @@ from pages import _tasks as task_ui
 from tl_core.config import STRATEGIES, FieldSpec, TrainConfig, config_fields, strategy_default
 from tl_core.data.library import dataset_signature
 from tl_core.models.devices import describe_auto_device
+from tl_core.models.metrics import figure_of, format_figure
 from tl_core.runs import tasks
 from tl_core.runs.progress import describe_progress, ended_text, features_text, setting_text, stop_text, timing_text
 from tl_core.runs.store import ACTIVE_STATUSES
@@ -211,13 +212,28 @@ def _done_text(run: dict, task: tasks.Task | None) -> str:
     else:  # trained by the command line: the run's own time
         took = timing_text(float(s.get("seconds") or 0))
     if s.get("multi_label"):  # label sets: F1 and mAP say more than the exact-match accuracy
-        return (f"Done in {took}: validation micro-F1 **{(s.get('micro_f1') or 0):.3f}**, mAP "
-                f"**{(s.get('mAP') or 0):.3f}**, exact match {(s.get('exact_match') or 0):.1%} (multi-label; best "
-                f"epoch {s.get('best_epoch')}, weights: {(s.get('weights') or {}).get('source')}).")
+        micro = format_figure(s.get("micro_f1") or 0, s.get("micro_f1_ci"), percent=False)
+        return (f"Done in {took}: validation micro-F1 **{micro}**, "
+                f"mAP {format_figure(s.get('mAP'), s.get('mAP_ci'), percent=False)}, exact match "
+                f"{(s.get('exact_match') or 0):.1%} (multi-label; thresholds chosen on the "
+                f"{s.get('thresholds_chosen_on') or 'validation images'}; best epoch {s.get('best_epoch')}, weights: "
+                f"{(s.get('weights') or {}).get('source')}).")
     features = features_text(s.get("features"))  # linear runs: which features the probe chose, and why
-    return (f"Done in {took}: validation accuracy **{(s.get('val_accuracy') or 0):.1%}** (best epoch "
-            f"{s.get('best_epoch')}, weights: {(s.get('weights') or {}).get('source')})."
-            + (f" {features}." if features else ""))
+    n_val = int(s.get("val_count") or 0)
+    cv = s.get("cv_estimate")
+    n_test = int(s.get("test_count") or 0)
+    test = (" Held-out test (never used for a choice): **" + format_figure(
+        s.get("test_accuracy"), s.get("test_accuracy_ci"), round(s["test_accuracy"] * n_test) if n_test else None,
+        n_test or None) + "**." if s.get("test_accuracy") is not None else "")
+    head, _, sure = format_figure(s.get("val_accuracy") or 0, s.get("val_accuracy_ci"),
+                                  round((s.get("val_accuracy") or 0) * n_val) if n_val else None,
+                                  n_val or None).partition(" (")
+    return (f"Done in {took}: validation accuracy **{head}** ("
+            + (f"{sure.rstrip(')')}; " if sure else "")
+            + ("" if s.get("features") else f"best epoch {s.get('best_epoch')}, ")
+            + f"weights: {(s.get('weights') or {}).get('source')})."
+            + (f" Cross-validated on {cv['count']} images: **{figure_of(cv)}**." if cv else "")
+            + test + (f" {features}." if features else ""))
 
 
 def run_panel(ws, run_id: str) -> None:

@@ -457,6 +457,10 @@ def test_evaluate_shows_accuracy_per_class_confusion_and_mistakes(home):
     assert metric(at, "Accuracy") == f"{metrics['val']['accuracy']:.1%}"
     count = int(metric(at, "Validation images"))
     assert count == metrics["val"]["count"] == 40
+    # validation and cross-validation side by side, each with its interval
+    assert metric(at, "Validation accuracy") == f"{metrics['val']['accuracy']:.1%}"
+    assert metric(at, f"Cross-validated ({metrics['cv']['folds']} folds) accuracy") == f"{metrics['cv']['accuracy']:.1%}"
+    assert any(c.value.startswith("95% CI ") and f"of {metrics['cv']['count']}" in c.value for c in at.caption)
     # a linear run's head is refitted on train + validation by default: the page says what the figures measure
     assert any("fitted again on training + validation" in c.value for c in at.caption)
     # the probe's features: this run set the last layer (its mistakes feed the fix-in-place tests); an auto run's
@@ -601,6 +605,11 @@ def test_runs_page_compares_downloads_and_deletes(home):
     compare = at.table[0].value
     assert list(compare.columns) == [run_id, other]
     assert compare.loc["Val images", run_id] == "40"
+    # how sure: the accuracy with its interval, and the copy's difference, image by image, within noise
+    assert "(95% CI " in compare.loc["Val accuracy", run_id] and " of 40)" in compare.loc["Val accuracy", run_id]
+    diff = compare.loc[f"Val accuracy vs {run_id}", other]
+    assert diff.startswith("+0.0 points, within noise") and "same images" in diff, diff
+    assert "Val 95% CI" in table.columns and "CV accuracy" in table.columns
     # download: prepare the bundle (a worker writes it), then a real zip is offered
     assert [b.label for b in at.button].count("Prepare bundle") == 2  # one per selected run
     [b for b in at.button if b.key == f"exp-bundle-{run_id}-start"][0].click().run()
@@ -1180,7 +1189,7 @@ def test_train_form_is_generated_from_the_config_fields(home, no_workers):
     goto(at, "train")
     assert_clean(at)
     form = [f for f in config_fields() if f.section]
-    assert {"epochs", "lr", "batch_size", "seed", "augment", "val_split", "class_balance", "patience",
+    assert {"epochs", "lr", "batch_size", "seed", "augment", "val_split", "test_split", "class_balance", "patience",
             "linear_c", "features", "refit", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
             "unfreeze_blocks", "device"} == {f.name for f in form}
     for strategy in ("linear", "partial"):

@@ -116,3 +116,73 @@ def test_decoded_cache_hits_and_rebuilds_corrupt_entries(tmp_path):
     c = c3.get(item, 256)
     assert c3.misses == 1 and np.array_equal(a, c)
     assert c3.get(item, 240).shape[0] == 240  # another size is another entry
+
+
+# -- duplicates stay together; the locked test carve --------------------------------------------------
+def _with_duplicates(root):
+    """Two classes of 10 real images, plus copies: one image of class a three more times in a (one group of
+    four), two more pairs in a, and an image of a copied into b (a group whose labels conflict)."""
+    import shutil
+
+    src = make_class_folder(root, {"a": 10, "b": 10})
+    a = sorted((src / "a").iterdir())
+    for n in range(3):
+        shutil.copy(a[0], src / "a" / f"copy{n}_{a[0].name}")
+    shutil.copy(a[1], src / "a" / f"copy_{a[1].name}")
+    shutil.copy(a[2], src / "a" / f"copy_{a[2].name}")
+    shutil.copy(a[3], src / "b" / f"from_a_{a[3].name}")
+    return open_dataset(src)
+
+
+@pytest.mark.parametrize("test_split", [0.0, 0.25])
+def test_split_never_puts_copies_of_one_image_on_two_sides(tmp_path, test_split):
+    ds = _with_duplicates(tmp_path / "dups")
+    groups = {}
+    for it in ds.items:
+        groups.setdefault(it.sha256, []).append(it)
+    assert sorted(len(g) for g in groups.values() if len(g) > 1) == [2, 2, 2, 4]
+    for seed in range(12):
+        sp = split_dataset(ds, 0.3, seed, test_split=test_split)
+        side = {id(i): name for name, part in (("train", sp.train), ("val", sp.val), ("test", sp.test))
+                for i in part}
+        assert len(side) == len(ds.items)  # every image once
+        for g in groups.values():
+            assert len({side[id(i)] for i in g}) == 1, (seed, [str(i.path) for i in g])
+        for cls in ds.classes:  # still stratified: every class on each side
+            for part in (sp.train, sp.val) + ((sp.test,) if test_split else ()):
+                assert any(i.label == cls for i in part), (seed, cls)
+        assert 0.2 <= len(sp.val) / (len(ds.items) - len(sp.test)) <= 0.4
+        assert 0.15 <= len(sp.test) / len(ds.items) <= 0.35 if test_split else not sp.test
+
+
+def test_split_without_duplicates_is_unchanged_by_grouping():
+    """Grouping changes nothing where there are no copies: the sample's split is the plain per-class shuffle."""
+    import random
+
+    ds = open_dataset(EMOJI)
+    sp = split_dataset(ds, 0.2, 3)
+    rng = random.Random(3)
+    expected_val = []
+    for cls in ds.classes:
+        group = sorted((i for i in ds.items if i.label == cls), key=lambda i: (i.label, i.sha256, str(i.path)))
+        rng.shuffle(group)
+        expected_val += group[:8]
+    assert [i.path for i in sp.val] == [i.path for i in expected_val]
+
+
+def test_test_split_carves_a_stratified_seeded_disjoint_test_part():
+    ds = open_dataset(EMOJI)
+    sp = split_dataset(ds, 0.2, 0, test_split=0.2)
+    parts = [{i.path for i in p} for p in (sp.train, sp.val, sp.test)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert sum(map(len, parts)) == 200
+    for cls in ds.classes:
+        assert sum(i.label == cls for i in sp.test) == 8  # 20% of 40
+        assert sum(i.label == cls for i in sp.val) == 6  # 20% of the 32 left
+    again = split_dataset(ds, 0.2, 0, test_split=0.2)
+    assert [i.path for i in again.test] == [i.path for i in sp.test]
+    assert [i.path for i in split_dataset(ds, 0.2, 1, test_split=0.2).test] != [i.path for i in sp.test]
+    # a data set with its own test folder keeps it: nothing is carved
+    fashion = open_dataset(FASHION)
+    own = split_dataset(fashion, 0.2, 0, test_split=0.3)
+    assert len(own.test) == 200 and all(i.split == "test" for i in own.test)

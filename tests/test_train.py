@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EMOJI, FASHION
+from conftest import EMOJI, FASHION, make_class_folder
 from tl_core.config import TrainConfig
 from tl_core.errors import CancelledError
 from tl_core.runs.files import SAVED, VALIDATION_FIT, RunFiles
@@ -37,6 +37,77 @@ def test_linear_probe_on_emoji_is_accurate_and_writes_the_run(emoji_run):
     assert row["status"] == "done" and row["summary"]["val_accuracy"] == res.val_accuracy
     assert len(ws.store().epochs(res.run_id)) == res.epochs_run
     assert json.loads((run_dir / "config.json").read_text())["strategy"] == "linear"
+
+
+def test_linear_run_reports_cross_validated_accuracy_and_intervals(emoji_run, capsys):
+    """A linear run's out-of-fold estimate: k-fold accuracy on every labelled image, with the same probe and C,
+    recorded in metrics.json and meta.json; every headline figure carries its Wilson interval."""
+    ws, res = emoji_run
+    assert res.cv_count == 200 and res.cv_folds == 5  # train + validation, out of fold
+    assert 0.8 <= res.cv_accuracy <= 1.0, res.cv_accuracy
+    lo, hi = res.cv_accuracy_ci
+    assert lo <= res.cv_accuracy <= hi and hi - lo < 0.12  # 200 images: a tighter interval than 40 give
+    assert lo <= res.val_accuracy <= hi  # the validation figure is within the cross-validated interval
+    vlo, vhi = res.val_accuracy_ci
+    assert vlo <= res.val_accuracy <= vhi and vhi - vlo > hi - lo
+    files = RunFiles(ws.run_dir(res.run_id))
+    m = files.metrics()
+    assert m.cv["accuracy"] == res.cv_accuracy and m.cv["correct"] == round(res.cv_accuracy * 200)
+    assert m.val["accuracy_ci"] == res.val_accuracy_ci and m.val["correct"] == round(res.val_accuracy * 40)
+    assert files.meta().extra["cv"] == m.cv
+    assert m.cv["seconds"] < m.seconds  # k probe fits on cached features: a small part of the run
+    d = res.to_dict()
+    assert {"val_accuracy_ci", "test_accuracy_ci", "cv_accuracy", "cv_accuracy_ci"} <= set(d)
+    assert d["test_accuracy_ci"] is None and "micro_f1_ci" not in d
+
+
+def test_locked_test_share_is_carved_and_never_used_for_a_choice(workspace, monkeypatch, tmp_path):
+    """test_split carves a stratified test part; no fit, cross-validation or open-set threshold sees its images."""
+    import tl_core.models.crossfit as crossfit
+    import tl_core.runs.training as training
+
+    seen: list[np.ndarray] = []
+    captured: dict = {}
+    real_extract, real_fit, real_open = training.extract_features, training.fit_linear_head, training.build_open_set
+
+    def extract(model, items, *a, **k):
+        out = real_extract(model, items, *a, **k)
+        captured.setdefault("items", list(items))
+        captured.setdefault("feats", out)
+        return out
+
+    def fit(x_train, y_train, x_val, *a, **k):
+        seen.extend([np.asarray(x_train), np.asarray(x_val)])
+        return real_fit(x_train, y_train, x_val, *a, **k)
+
+    def open_set(bank, calibration):
+        seen.extend([np.asarray(bank)] + ([np.asarray(calibration)] if calibration is not None else []))
+        return real_open(bank, calibration)
+
+    monkeypatch.setattr(training, "extract_features", extract)
+    monkeypatch.setattr(training, "fit_linear_head", fit)
+    monkeypatch.setattr(crossfit, "fit_linear_head", fit)
+    monkeypatch.setattr(training, "build_open_set", open_set)
+    res = run_training(workspace, EMOJI, TrainConfig(features="last", test_split=0.2))
+    assert res.status == "done", res.error
+    assert (res.test_count, res.val_count, res.cv_count) == (40, 30, 160)
+    assert res.test_accuracy is not None and res.test_accuracy_ci[0] <= res.test_accuracy <= res.test_accuracy_ci[1]
+    test_paths = set(RunFiles(res.run_dir).predictions().get("test").paths)
+    assert len(test_paths) == 40 and not test_paths & set(RunFiles(res.run_dir).predictions().get("val").paths)
+    rows = [n for n, it in enumerate(captured["items"]) if str(it.path) in test_paths]
+    assert len(rows) == 40
+    test_rows = {np.asarray(captured["feats"][n], np.float32).tobytes() for n in rows}
+    assert len(seen) > 5  # the fits, the cross-validation folds, the refit and the open-set bank
+    for x in seen:
+        assert not any(np.asarray(r, np.float32).tobytes() in test_rows for r in x)
+    # a test set of its own and a carve are one too many
+    from tl_core.errors import DatasetError
+
+    own = tmp_path / "own"
+    make_class_folder(own / "train", {"a": 3, "b": 3})
+    make_class_folder(own / "test", {"a": 1, "b": 1})
+    with pytest.raises(DatasetError, match="test share to 0"):
+        run_training(workspace, own, TrainConfig(features="last", test_split=0.2))
 
 
 @pytest.mark.slow
@@ -260,6 +331,9 @@ def test_same_seed_same_result(workspace):
     np.testing.assert_array_equal(pa.logits, pb.logits)
     wa, wb = (RunFiles(workspace.run_dir(r.run_id)).weights() for r in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the re-train reads the cross-validated estimate back instead of fitting k probes again
+    ca, cb = (RunFiles(workspace.run_dir(r.run_id)).metrics().cv for r in (a, b))
+    assert not ca.get("reused") and cb["reused"] and {**cb, "reused": False} == {**ca, "reused": False}
     c = run_training(workspace, EMOJI, dataclasses.replace(cfg, seed=8))  # another seed: another split
     assert RunFiles(workspace.run_dir(c.run_id)).predictions().get("val").paths != pa.paths
 

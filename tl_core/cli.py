@@ -170,18 +170,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from .runs.progress import stop_text
 
+        from .models.metrics import format_figure
+
         print(f"run {res.run_id}: {res.status} in {res.seconds:.1f}s on {res.device}"
-              + (f" x {res.world_size} processes" if res.world_size > 1 else "")
-              + f"; val accuracy {res.val_accuracy:.3f}"
-              + (f", test accuracy {res.test_accuracy:.3f}" if res.test_accuracy is not None else ""))
+              + (f" x {res.world_size} processes" if res.world_size > 1 else ""))
+        print("validation accuracy " + format_figure(res.val_accuracy, res.val_accuracy_ci,
+                                                     _correct(res.val_accuracy, res.val_count), res.val_count or None))
+        if res.cv_accuracy is not None:
+            print(f"cross-validated on {res.cv_count} images ({res.cv_folds} folds): "
+                  + format_figure(res.cv_accuracy, res.cv_accuracy_ci, _correct(res.cv_accuracy, res.cv_count),
+                                  res.cv_count))
+        if res.test_accuracy is not None:
+            print("test accuracy " + format_figure(res.test_accuracy, res.test_accuracy_ci,
+                                                   _correct(res.test_accuracy, res.test_count), res.test_count or None))
         if res.multi_label:  # val accuracy is then the exact-match accuracy
-            print(f"multi-label validation: micro-F1 {res.micro_f1:.3f}, macro-F1 {res.macro_f1:.3f}, "
-                  f"mAP {res.mAP or 0:.3f}, exact match {res.exact_match:.3f}")
+            print(f"multi-label validation: micro-F1 {format_figure(res.micro_f1, res.micro_f1_ci, percent=False)}, "
+                  f"macro-F1 {res.macro_f1:.3f}, mAP {format_figure(res.mAP, res.mAP_ci, percent=False)}, "
+                  f"exact match {res.exact_match:.3f}; thresholds chosen on the {res.thresholds_chosen_on}")
         how = stop_text(cfg.strategy, res.stop or {}, res.best_epoch)
         if how:
             print(how)
         print(f"run directory: {res.run_dir}")
     return 0
+
+
+def _correct(share: float | None, n: int) -> int | None:
+    """The count behind a proportion of n images (its figures are k / n, rounded to 6 decimals)."""
+    return int(round(share * n)) if share is not None and n else None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -196,14 +211,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rep)
         return 0
+    from .models.metrics import format_figure
+
     if rep.get("multi_label"):
-        print(f"micro-F1 {rep['micro_f1']:.4f}, macro-F1 {rep['macro_f1']:.4f}, mAP {rep['mAP'] or 0:.4f}, "
-              f"exact match {rep['exact_match']:.4f} on {rep['count']} images ({rep['evaluated']})")
+        print(f"micro-F1 {format_figure(rep['micro_f1'], rep.get('micro_f1_ci'), percent=False)}, "
+              f"macro-F1 {rep['macro_f1']:.4f}, mAP {format_figure(rep['mAP'], rep.get('mAP_ci'), percent=False)}, "
+              f"exact match {format_figure(rep['exact_match'], rep.get('exact_match_ci'), rep.get('correct'), rep['count'])}"
+              f" ({rep['evaluated']})")
         print(f"{'label':24} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5} {'thresh':>6}")
         for c, r in rep["per_label"].items():
             print(f"{c:24} {r['precision']:6.3f} {r['recall']:6.3f} {r['f1']:6.3f} {r['support']:5d} {r['threshold']:6.3f}")
         return 0
-    print(f"accuracy {rep['accuracy']:.4f} on {rep['count']} images ({rep['evaluated']})")
+    print(f"accuracy {format_figure(rep['accuracy'], rep.get('accuracy_ci'), rep.get('correct'), rep['count'])} "
+          f"({rep['evaluated']})")
     if rep.get("unknown_share") is not None:
         print(f"unlike the training images (unknown): {rep['unknown_share']:.1%}")
     print(f"{'class':24} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5}")
@@ -608,7 +628,7 @@ def _flag_type(spec: Any, default: Any) -> Any:
         return None
     if spec.choices or spec.name in ("backbone", "weights"):
         return str
-    if spec.name in ("lr", "val_split", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
+    if spec.name in ("lr", "val_split", "test_split", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
                      "linear_c"):
         return float
     return int

@@ -220,6 +220,11 @@ class TrainConfig:
                       strategies=TUNED, section="augment", widget="radio", choices=AUGMENT_PRESETS)
     val_split: float = _f(0.2, "Validation share", "Fraction of each class held out for validation (stratified).",
                           section="advanced", widget="slider", min=0.05, max=0.5, step=0.05)
+    test_split: float = _f(0.0, "Locked test share", "Fraction of each class set aside as a locked test set "
+                           "(stratified, duplicates kept together, seeded) that no choice ever sees: reported beside "
+                           "validation as the unbiased figure. 0 = none (a dataset's own test folder or an uploaded "
+                           "test set is used instead).", section="advanced", widget="slider", min=0.0, max=0.5,
+                           step=0.05)
     class_balance: str = _f("none", "Class balance", "Counter class imbalance: none, weights (loss weights) or "
                             "sampler.", section="advanced", widget="select", choices=CLASS_BALANCE)
     patience: int | None = _f(
@@ -288,6 +293,8 @@ class TrainConfig:
             (0 < cfg.lr <= 1.0, f"learning rate must be above 0 and at most 1 (got {cfg.lr})."),
             (1 <= cfg.batch_size <= 1024, f"batch size must be between 1 and 1024 (got {cfg.batch_size})."),
             (0.0 < cfg.val_split < 0.9, f"validation split must be above 0 and below 0.9 (got {cfg.val_split})."),
+            (0.0 <= cfg.test_split < 0.9 and cfg.val_split + cfg.test_split < 0.9,
+             f"test split must be 0 or more, and validation + test below 0.9 (got {cfg.test_split})."),
             (0 <= cfg.weight_decay <= 1, f"weight decay must be between 0 and 1 (got {cfg.weight_decay})."),
             (0 <= cfg.label_smoothing < 1, f"label smoothing must be in [0, 1) (got {cfg.label_smoothing})."),
             (cfg.warmup_epochs >= 0, f"warm-up epochs must be 0 or more (got {cfg.warmup_epochs})."),

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..data.intake import LABEL_SEPARATOR
+from .metrics import bootstrap_interval, wilson_interval
 
 __all__ = [
     "LABEL_SEPARATOR",
@@ -118,6 +119,42 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def _counts(y: np.ndarray, pred: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per resample (rows of idx) and label: true positives, false positives, false negatives, (B, C) each."""
+    tp_i = ((y == 1) & (pred == 1)).astype(np.float64)
+    fp_i = ((y == 0) & (pred == 1)).astype(np.float64)
+    fn_i = ((y == 1) & (pred == 0)).astype(np.float64)
+    return tp_i[idx].sum(1), fp_i[idx].sum(1), fn_i[idx].sum(1)
+
+
+def _micro_f1_interval(y: np.ndarray, pred: np.ndarray) -> list[float] | None:
+    def stat(idx: np.ndarray) -> np.ndarray:
+        tp, fp, fn = (a.sum(1) for a in _counts(y, pred, idx))
+        d = 2 * tp + fp + fn
+        return np.where(d > 0, 2 * tp / np.maximum(d, 1), 0.0)
+    return bootstrap_interval(stat, len(y))
+
+
+def _macro_f1_interval(y: np.ndarray, pred: np.ndarray) -> list[float] | None:
+    def stat(idx: np.ndarray) -> np.ndarray:
+        tp, fp, fn = _counts(y, pred, idx)
+        d = 2 * tp + fp + fn
+        return np.where(d > 0, 2 * tp / np.maximum(d, 1), 0.0).mean(1)
+    return bootstrap_interval(stat, len(y))
+
+
+def _map_interval(y: np.ndarray, p: np.ndarray) -> list[float] | None:
+    """Bootstrap interval of the mAP (labels without a positive image in a resample are left out of its mean)."""
+    def stat(idx: np.ndarray) -> np.ndarray:
+        out = np.empty(len(idx))
+        for r, rows in enumerate(idx):
+            aps = [average_precision(y[rows, k], p[rows, k]) for k in range(y.shape[1])]
+            aps = [a for a in aps if not np.isnan(a)]
+            out[r] = np.mean(aps) if aps else np.nan
+        return out
+    return bootstrap_interval(stat, len(y))
+
+
 def label_confusions(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, list[list[int]]]:
     """Per label the 2x2 confusion [[TN, FP], [FN, TP]] (rows = truth no/yes, columns = predicted no/yes)."""
     y, p = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
@@ -143,7 +180,8 @@ def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[
     Returns:
         {"multi_label": True, "micro_f1", "macro_f1", "mAP" (mean over labels with a positive image),
         "exact_match" (share of images whose predicted set equals the true one; also as ``accuracy``),
-        "hamming_loss", "count", "classes", "thresholds", "per_label" {label: precision, recall, f1, support,
+        each with its 95% interval (``micro_f1_ci``, ``macro_f1_ci``, ``mAP_ci``: percentile bootstrap over the
+        images; ``exact_match_ci`` = ``accuracy_ci``: Wilson), "correct" (images whose set is exact), "hamming_loss", "count", "classes", "thresholds", "per_label" {label: precision, recall, f1, support,
         ap, threshold}, "label_confusion" {label: [[TN, FP], [FN, TP]]}}.
     """
     y = np.asarray(y_true, dtype=np.int64).reshape(-1, len(classes))
@@ -167,13 +205,21 @@ def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[
     fp_all = float(((y == 0) & (pred == 1)).sum())
     fn_all = float(((y == 1) & (pred == 0)).sum())
     exact = float((pred == y).all(axis=1).mean()) if len(y) else 0.0
+    n_exact = int((pred == y).all(axis=1).sum())
+    exact_ci = wilson_interval(n_exact, len(y)) if len(y) else None
     return {
         "multi_label": True,
         "micro_f1": round(_f1(tp_all, fp_all, fn_all), 6),
+        "micro_f1_ci": _micro_f1_interval(y, pred),
         "macro_f1": round(float(np.mean([v["f1"] for v in per.values()])) if per else 0.0, 6),
+        "macro_f1_ci": _macro_f1_interval(y, pred),
         "mAP": round(float(np.mean(aps)), 6) if aps else None,
+        "mAP_ci": _map_interval(y, p) if aps else None,
         "exact_match": round(exact, 6),
+        "exact_match_ci": exact_ci,
         "accuracy": round(exact, 6),
+        "accuracy_ci": exact_ci,
+        "correct": n_exact,
         "hamming_loss": round(float((pred != y).mean()), 6) if len(y) else 0.0,
         "count": int(len(y)),
         "classes": list(classes),

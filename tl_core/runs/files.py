@@ -192,8 +192,9 @@ class RunMeta:
 class RunMetrics:
     """``metrics.json``: measured quality and how training went.
 
-    ``val`` / ``test`` hold :func:`tl_core.models.metrics.compute_metrics` reports (test: the dataset's own
-    held-out folder). ``stop`` says how fine-tuning ended: {"reason": "patience"|"epochs"|"converged",
+    ``val`` / ``test`` hold :func:`tl_core.models.metrics.compute_metrics` reports, each figure with its 95%
+    interval (``accuracy_ci``, ...; test: the dataset's own held-out folder, an uploaded one or the locked
+    share carved by ``test_split``); ``cv`` a linear run's cross-validated accuracy. ``stop`` says how fine-tuning ended: {"reason": "patience"|"epochs"|"converged",
     "epoch", "epochs", "patience"}.
     """
 
@@ -205,6 +206,9 @@ class RunMetrics:
     seconds: float = 0.0
     stop: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+    # a linear run's k-fold cross-validated accuracy on every labelled image (tl_core.models.crossfit):
+    # {"accuracy", "accuracy_ci", "correct", "count", "folds", "seconds"}; None for other runs
+    cv: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from ..models.feature_variants import (CANDIDATES, TIE_ORDER, FeatureChoice, app
                                        extraction_variant, extractor, wrap_trained)
 from ..models.features import extract_features, feature_key
 from ..models.inference import logits_of_items
+from ..models.crossfit import cross_validated_accuracy, out_of_fold_probs
 from ..models.metrics import compute_metrics, softmax
 from ..models.preprocess import Preprocess, data_config_for
 from ..models.multilabel import choose_thresholds, label_matrix, multilabel_metrics, sigmoid
@@ -85,9 +86,22 @@ class TrainResult:
     macro_f1: float | None = None
     mAP: float | None = None
     exact_match: float | None = None
+    micro_f1_ci: list[float] | None = None
+    mAP_ci: list[float] | None = None
+    thresholds_chosen_on: str | None = None  # "training images, out of fold" | "validation images"
     features: str | None = None  # linear runs: the probe's feature variant (models.feature_variants)
     linear_c: float | None = None  # the probe's C (auto may choose it)
     cv: dict[str, float] | None = None  # auto: mean cross-validation accuracy per candidate ("depths@1": 0.87)
+    # how sure the figures are (Wilson 95% intervals, [lo, hi]); cv_*: the linear probe's k-fold
+    # cross-validated accuracy on every labelled image (train + validation), out of fold
+    val_accuracy_ci: list[float] | None = None
+    test_accuracy_ci: list[float] | None = None
+    val_count: int = 0
+    test_count: int = 0
+    cv_accuracy: float | None = None
+    cv_accuracy_ci: list[float] | None = None
+    cv_count: int = 0
+    cv_folds: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,7 +111,8 @@ class TrainResult:
         return d
 
 
-_MULTI_LABEL_FIELDS = ("multi_label", "micro_f1", "macro_f1", "mAP", "exact_match")
+_MULTI_LABEL_FIELDS = ("multi_label", "micro_f1", "macro_f1", "mAP", "exact_match", "micro_f1_ci", "mAP_ci",
+                       "thresholds_chosen_on")
 
 
 def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], classes: list[str], pre: Preprocess,
@@ -195,6 +210,43 @@ def _choose_features_once(fcache: FeatureCache, raw_train: np.ndarray, y_train: 
     return choice
 
 
+#: bump when cross_validated_accuracy changes what it would measure: recorded estimates are then not reused
+_CV_VERSION = 1
+
+
+def _cross_validate_once(cache_dir: Path, feats: np.ndarray, items: list[ImageItem], cidx: dict[str, int],
+                         cfg: TrainConfig, should_cancel: Callable[[], bool] | None) -> dict[str, Any] | None:
+    """:func:`cross_validated_accuracy` on every labelled image, in a canonical order (by content) and with folds
+    of a fixed seed: it does not depend on how the run split train from validation, so a re-train of the same
+    images, features and probe settings (any seed) reads the recorded estimate back
+    (``<cache>/features/outoffold/<key>.json``, cleared with the features)."""
+    order = sorted(range(len(items)), key=lambda i: (items[i].sha256, str(items[i].path)))
+    x = np.ascontiguousarray(feats[order])
+    y = np.array([cidx[items[i].label] for i in order], np.int64)
+    cfg = dataclasses.replace(cfg, seed=0)
+    h = hashlib.sha256()
+    h.update(json.dumps([_CV_VERSION, len(cidx), cfg.linear_c, cfg.class_balance, cfg.epochs, x.shape, str(x.dtype)]
+                        ).encode())
+    h.update(x.tobytes())
+    h.update(y.tobytes())
+    f = cache_dir / f"{h.hexdigest()[:32]}.json"
+    try:
+        return {**json.loads(f.read_text()), "reused": True}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("recorded cross-validation %s is unusable (%s); measuring again", f, e)
+    est = cross_validated_accuracy(x, y, len(cidx), cfg, should_cancel)
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(est))
+        os.replace(tmp, f)
+    except OSError as e:  # a read-only or full disk: the next re-train measures again
+        log.warning("could not record the cross-validation (%s)", e)
+    return est
+
+
 def _classifier_name(model: nn.Module) -> str:
     clf = model.get_classifier()
     return next(name for name, m in model.named_modules() if m is clf)
@@ -261,7 +313,10 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     else:
         barrier(rt)
         ds = opened()
-    split = split_dataset(ds, cfg.val_split, cfg.seed, cfg.max_per_class)
+    if cfg.test_split > 0 and (test_data is not None or any(i.split == "test" for i in ds.items)):
+        raise DatasetError("This run has a test set already (" + ("the one given" if test_data is not None else
+                           "the data's own test folder") + "); set the locked test share to 0, or give no test set.")
+    split = split_dataset(ds, cfg.val_split, cfg.seed, cfg.max_per_class, cfg.test_split)
     if test_data is not None:
         tds = open_data(test_data, workspace, min_per_class=1)
         if tds.multi_label != ds.multi_label:
@@ -291,6 +346,8 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     multi = ds.multi_label
     n_tr, n_va = len(split.train), len(split.val)
     val_head: dict[str, torch.Tensor] | None = None
+    cv_estimate: dict[str, Any] | None = None  # linear, single-label: k-fold accuracy on train + validation
+    oof_train: np.ndarray | None = None  # linear, multi-label: out-of-fold probabilities of the training images
     val_model = test_model = SAVED
     fit_on = "train"
     if cfg.strategy in ("linear", "partial", "full"):
@@ -302,6 +359,19 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             return None  # the probe is fitted once, on rank 0
         if rt.distributed and cfg.strategy != "linear":  # rank 0 fitted it; every rank fine-tunes from it
             head = _broadcast_head(head, feats.shape[1], len(classes), rt)
+        if cfg.strategy == "linear":
+            # out of fold, on the features already extracted: the probe's k-fold accuracy on every labelled
+            # image (single-label), or the training images' probabilities the thresholds are chosen on
+            emit({"stage": "features", "message": "Cross-validating the probe"})
+            ccfg = dataclasses.replace(cfg, linear_c=info["features"].linear_c)
+            with single_threaded():
+                if multi:
+                    oof_train = out_of_fold_probs(feats[:n_tr], label_matrix([i.labels for i in split.train], classes),
+                                                  ccfg, local_cancel)
+                else:
+                    cv_estimate = _cross_validate_once(workspace.cache_dir / "features" / "outoffold",
+                                                       feats[:n_tr + n_va], split.train + split.val, cidx, ccfg,
+                                                       local_cancel)
         if cfg.strategy == "linear":  # the last layer: the model itself; another variant: its wrapper
             choice = info["features"]
             model = wrap_trained(model, choice, head)
@@ -363,9 +433,17 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
                                       should_cancel=local_cancel, runtime=one)
         model.to("cpu")
     thresholds = None
-    if multi:  # per-label thresholds chosen on validation (max F1), used by every later prediction
+    thresholds_on = None
+    if multi:  # per-label thresholds (max F1), used by every later prediction
         yva_ml = label_matrix([i.labels for i in split.val], classes)
-        thresholds = choose_thresholds(yva_ml, sigmoid(val_logits))
+        if oof_train is not None:
+            # a linear run chooses them on its training images' out-of-fold probabilities: the validation
+            # images its figures are reported on choose nothing
+            thresholds = choose_thresholds(label_matrix([i.labels for i in split.train], classes), oof_train)
+            thresholds_on = "training images, out of fold"
+        else:  # a fine-tuned model's own training images are in-sample: validation chooses (figures optimistic)
+            thresholds = choose_thresholds(yva_ml, sigmoid(val_logits))
+            thresholds_on = "validation images"
         val_metrics = multilabel_metrics(yva_ml, sigmoid(val_logits), classes, thresholds)
         test_metrics = (multilabel_metrics(label_matrix([i.labels for i in test_items], classes),
                                            sigmoid(test_logits), classes, thresholds) if test_items else None)
@@ -392,7 +470,9 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
                                                "skipped", "image_size", "warnings", "split")},
                      "version": ds.version or None},
             fit_on=fit_on, runtime=rt.to_dict(), multi_label=multi, thresholds=thresholds,
-            features=info["features"].to_dict() if info.get("features") else {}))
+            features=info["features"].to_dict() if info.get("features") else {},
+            extra={k: v for k, v in (("cv", cv_estimate), ("thresholds_chosen_on", thresholds_on),
+                                     ("test_split", cfg.test_split or None)) if v is not None}))
         splits = {"val": SplitPredictions("val", [str(i.path) for i in split.val], [i.label for i in split.val],
                                           np.asarray(val_logits, np.float64), val_model)}
         if test_items:
@@ -404,7 +484,8 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             staged.write_open_set(*open_set)
         staged.write_metrics(RunMetrics(val=val_metrics, test=test_metrics, history=history,
                                         best_epoch=info["best_epoch"], epochs_run=info["epochs_run"],
-                                        seconds=round(seconds, 3), stop=info.get("stop") or {}))
+                                        seconds=round(seconds, 3), stop=info.get("stop") or {},
+                                        cv=cv_estimate))
         staged.publish(run_dir)
     except BaseException:
         RunFiles.discard([staged.dir])
@@ -414,8 +495,13 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         "counts": report["counts"],
         "split": report["split"],
         "val_accuracy": val_metrics["accuracy"],
+        "val_accuracy_ci": val_metrics.get("accuracy_ci"),
+        "val_count": val_metrics.get("count", 0),
         "val_loss": info["val_loss"],
         "test_accuracy": test_metrics["accuracy"] if test_metrics else None,
+        "test_accuracy_ci": test_metrics.get("accuracy_ci") if test_metrics else None,
+        "test_count": test_metrics.get("count", 0) if test_metrics else 0,
+        "cv_estimate": cv_estimate,
         "best_epoch": info["best_epoch"],
         "epochs_run": info["epochs_run"],
         "stop": info.get("stop") or {},
@@ -427,7 +513,8 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         "features": info["features"].to_dict() if info.get("features") else None,
         "decoded_cache": {"hits": decoded.hits, "misses": decoded.misses},
         **rt.to_dict(),
-        **({"multi_label": True, **{k: val_metrics[k] for k in ("micro_f1", "macro_f1", "mAP", "exact_match")}}
+        **({"multi_label": True, "thresholds_chosen_on": thresholds_on,
+            **{k: val_metrics.get(k) for k in ("micro_f1", "macro_f1", "mAP", "exact_match", "micro_f1_ci", "mAP_ci")}}
            if multi else {}),
     }
 
@@ -581,5 +668,11 @@ def _result(run_id: str | None, run_dir: Path, status: str, s: dict[str, Any], s
                        features=(s.get("features") or {}).get("variant"),
                        linear_c=(s.get("features") or {}).get("linear_c"),
                        cv=(s.get("features") or {}).get("cv") or None,
+                       val_accuracy_ci=s.get("val_accuracy_ci"), test_accuracy_ci=s.get("test_accuracy_ci"),
+                       val_count=int(s.get("val_count") or 0), test_count=int(s.get("test_count") or 0),
+                       cv_accuracy=(s.get("cv_estimate") or {}).get("accuracy"),
+                       cv_accuracy_ci=(s.get("cv_estimate") or {}).get("accuracy_ci"),
+                       cv_count=int((s.get("cv_estimate") or {}).get("count") or 0),
+                       cv_folds=int((s.get("cv_estimate") or {}).get("folds") or 0),
                        **{k: s.get(k) for k in _MULTI_LABEL_FIELDS if k in s})
 

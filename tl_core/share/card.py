@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 
 from ..insight.openset import describe as describe_open_set
-from ..models.metrics import calibration
+from ..models.metrics import calibration, figure_of
 from ..runs.files import RunFiles, RunMeta
 from ..runs.progress import features_text
 
@@ -49,7 +49,7 @@ def _metrics_table(rep: dict[str, Any], classes: Sequence[str], title: str) -> l
 
         return card_metrics_lines(rep, title)
     lines = [f"### {title}", "",
-             f"Accuracy {_fmt(rep.get('accuracy'))} on {rep.get('count')} images; macro F1 {_fmt(rep.get('macro_f1'))}; "
+             f"Accuracy {figure_of(rep)}; macro F1 {figure_of(rep, 'macro_f1')}; "
              f"log loss {_fmt(rep.get('log_loss'))}.", ""]
     if rep.get("per_class"):
         lines += ["| class | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -186,6 +186,13 @@ def model_card(files: RunFiles) -> str:
         lines += ["The linear head was validated on the validation images, then fitted again on training + "
                   "validation images for this model; the validation figures below are those of the fit that never "
                   "saw them.", ""]
+    lines += ["Each figure comes with its 95% interval: the range the figure would likely fall in on more images "
+              "like these (Wilson for accuracy, a bootstrap over the images for F1 and mAP).", ""]
+    cv = metrics.get("cv")
+    if cv:
+        lines += ["### Cross-validated", "",
+                  f"Cross-validated on {cv.get('count')} images ({cv.get('folds')} folds, every labelled image "
+                  f"predicted by the probe fitted without it): {figure_of(cv)}.", ""]
     if val:
         lines += _metrics_table(val, classes, "Validation images")
     if test:
@@ -201,7 +208,7 @@ def model_card(files: RunFiles) -> str:
         "## Limitations and caveats",
         "",
         f"- The metrics come from {n_val if n_val is not None else 'a few'} held-out images; with this few, accuracy "
-        "on new images can easily differ by several points, and more for images unlike the training set (other cameras, "
+        "on new images can easily differ by several points (the 95% intervals above say how many), and more for images unlike the training set (other cameras, "
         "lighting, backgrounds, drawings vs photos).",
         ("- It knows only the classes above and will confidently pick one of them for anything else; the `unknown` flag "
          "(above) catches images unlike the training images, not every image outside the classes." if open_set else

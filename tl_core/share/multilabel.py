@@ -18,6 +18,7 @@ import numpy as np
 
 from ..data.intake import ImageItem
 from ..errors import DatasetError
+from ..models.metrics import figure_of
 from ..models.multilabel import LABEL_SEPARATOR, label_matrix, multilabel_metrics, predict_sets, sigmoid
 
 if TYPE_CHECKING:
@@ -121,9 +122,8 @@ def card_intended_use(classes: Sequence[str], thresholds: Sequence[float] | None
 def card_metrics_lines(rep: dict[str, Any], title: str) -> list[str]:
     """A multi-label metrics section of the model card (Markdown lines)."""
     lines = [f"### {title}", "",
-             f"Micro F1 {rep.get('micro_f1', 0):.4f}, macro F1 {rep.get('macro_f1', 0):.4f}, mean average precision "
-             f"{(rep.get('mAP') or 0):.4f}, exact match (every label right) {rep.get('exact_match', 0):.4f} on "
-             f"{rep.get('count')} images.", "",
+             f"Micro F1 {figure_of(rep, 'micro_f1')}, macro F1 {figure_of(rep, 'macro_f1')}, mean average precision "
+             f"{figure_of(rep, 'mAP')}, exact match (every label right) {figure_of(rep, 'exact_match')}.", "",
              "| label | precision | recall | F1 | AP | support | threshold | TN | FP | FN | TP |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     conf = rep.get("label_confusion") or {}

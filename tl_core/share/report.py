@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from ..config import STRATEGIES, fields_for_strategy
 from ..errors import ExportError, RunError
 from ..fileio import write_atomic
-from ..models.metrics import reliability_diagram
+from ..models.metrics import figure_of, reliability_diagram
 from ..insight.openset import describe as describe_open_set
 from ..runs.files import RunFiles
 from ..runs.progress import features_text
@@ -69,10 +69,6 @@ pre { background: white; padding: 12px; border-radius: 8px; overflow-x: auto; }
 
 def _esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
-
-
-def _pct(x: Any) -> str:
-    return "n/a" if x is None else f"{100 * float(x):.1f}%"
 
 
 def _figure_html(fig: Any, first: bool, div_id: str) -> str:
@@ -181,18 +177,23 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
                  f"{_esc(STRATEGIES[strategy].label if strategy in STRATEGIES else strategy)} · "
                  f"weights: {_esc(w.get('source'))} ({_esc(w.get('detail'))}) · trained {trained}</p>")
     multi = meta.multi_label
+    def card(name: str, rep: dict[str, Any] | None, key: str) -> tuple[str, str]:
+        """(label with its 95% interval, the figure): figure_of's text, its head large and the rest below."""
+        text = figure_of(rep, key) if rep else "n/a"
+        head, _, rest = text.partition(" (")
+        return (f"{name} · {rest.rstrip(')')}" if rest else name), head
+
     if multi:  # exact match is the multi-label accuracy; micro F1 and mAP say more
-        cards = [("validation micro F1", f"{val.get('micro_f1', 0):.3f}" if val else "n/a"),
-                 ("macro F1", f"{val.get('macro_f1', 0):.3f}" if val else "n/a"),
-                 ("mAP", f"{val.get('mAP') or 0:.3f}" if val else "n/a"),
-                 ("exact match", _pct(val.get("exact_match")))]
+        cards = [card("validation micro F1", val, "micro_f1"), card("macro F1", val, "macro_f1"),
+                 card("mAP", val, "mAP"), card("exact match", val, "exact_match")]
         if test:
-            cards.append(("test micro F1", f"{test.get('micro_f1', 0):.3f}"))
+            cards.append(card("test micro F1", test, "micro_f1"))
     else:
-        cards = [("validation accuracy", _pct(val.get("accuracy"))),
-                 ("macro F1", f"{val.get('macro_f1', 0):.3f}" if val else "n/a")]
+        cards = [card("validation accuracy", val, "accuracy"), card("macro F1", val, "macro_f1")]
+        if metrics.cv:
+            cards.append(card(f"cross-validated accuracy ({metrics.cv.get('count')} images)", metrics.cv, "accuracy"))
         if test:
-            cards.append(("test accuracy", _pct(test.get("accuracy"))))
+            cards.append(card("test accuracy", test, "accuracy"))
     cards += [("classes", str(len(classes))), ("images", str(ds.get("num_images", "?"))),
               ("validation images", str(val.get("count", "?"))),
               ("training time", f"{metrics.seconds:.1f} s")]
@@ -200,6 +201,9 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
         cards.append(("calibration error (ECE)", _ece_card(val, metrics.calibration or {}, temperature)))
     parts.append("<div class='cards'>" + "".join(
         f"<div class='card'><div class='v'>{_esc(v)}</div><div class='k'>{_esc(k)}</div></div>" for k, v in cards) + "</div>")
+    parts.append("<p class='note'>Each figure comes with its 95% interval: where it would likely fall on more images "
+                 "like these (Wilson for accuracy, a bootstrap over the images for F1 and mAP). Few images, wide "
+                 "interval: two runs whose intervals overlap widely may not differ at all.</p>")
     if meta.refitted:
         parts.append("<p class='note'>The linear head was checked on the validation images, then fitted again on "
                      "training + validation images for the saved model. The validation figures, mistakes and "
@@ -221,10 +225,12 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
         if multi:
             parts.append(f"<h2>Per-label metrics ({name} images)</h2>")
             parts.append(_per_label_table(rep))
-            parts.append(f"<p class='note'>Micro F1 {rep.get('micro_f1')}; macro F1 {rep.get('macro_f1')}; mean average "
-                         f"precision {rep.get('mAP')}; exact match (every label right) {_pct(rep.get('exact_match'))}. "
+            parts.append(f"<p class='note'>Micro F1 {_esc(figure_of(rep, 'micro_f1'))}; macro F1 "
+                         f"{_esc(figure_of(rep, 'macro_f1'))}; mean average precision {_esc(figure_of(rep, 'mAP'))}; "
+                         f"exact match (every label right) {_esc(figure_of(rep, 'exact_match'))}. "
                          "Each label is its own yes/no question: TP, FP, FN and TN count the images per label, at the "
-                         "label's threshold (chosen on validation images for the best F1).</p>")
+                         "label's threshold (chosen for the best F1 on "
+                         f"{_esc(meta.extra.get('thresholds_chosen_on') or 'validation images')}).</p>")
             continue
         parts.append(f"<h2>Confusion matrix ({name} images)</h2>")
         parts.append(fig(figures.confusion(rep["confusion"], classes, normalised=False), f"confusion-{key}")
@@ -232,7 +238,7 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
                        f"{rep.get('count')} images.</p>")
         parts.append(f"<h2>Per-class metrics ({name} images)</h2>")
         parts.append(_per_class_table(rep.get("per_class") or {}))
-        parts.append(f"<p class='note'>Accuracy {_pct(rep.get('accuracy'))}; macro F1 {rep.get('macro_f1')}; "
+        parts.append(f"<p class='note'>Accuracy {_esc(figure_of(rep))}; macro F1 {_esc(figure_of(rep, 'macro_f1'))}; "
                      f"log loss {rep.get('log_loss')}. Precision: of the images predicted as the class, the share "
                      "that truly are; recall: of the images of the class, the share found.</p>")
 
