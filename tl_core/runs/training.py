@@ -210,41 +210,62 @@ def _choose_features_once(fcache: FeatureCache, raw_train: np.ndarray, y_train: 
     return choice
 
 
-#: bump when cross_validated_accuracy changes what it would measure: recorded estimates are then not reused
+#: bump when cross_validated_accuracy or out_of_fold_probs change what they would measure: recorded results are
+#: then not reused
 _CV_VERSION = 1
+
+
+def _recorded(cache_dir: Path, settings: list[Any], arrays: list[np.ndarray],
+              compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """``compute()`` (JSON-able), measured once per (settings, arrays): recorded as
+    ``<cache_dir>/<key>.json`` (under the feature cache: cleared with it) and read back by a later run of the same
+    inputs. Returns (the result, whether it was read back)."""
+    h = hashlib.sha256(json.dumps([_CV_VERSION, *settings, [(a.shape, str(a.dtype)) for a in arrays]],
+                                  default=str).encode())
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    f = cache_dir / f"{h.hexdigest()[:32]}.json"
+    try:
+        return json.loads(f.read_text()), True
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("recorded result %s is unusable (%s); measuring again", f, e)
+    out = compute()
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, f)
+    except OSError as e:  # a read-only or full disk: the next run measures again
+        log.warning("could not record %s (%s)", f.name, e)
+    return out, False
 
 
 def _cross_validate_once(cache_dir: Path, feats: np.ndarray, items: list[ImageItem], cidx: dict[str, int],
                          cfg: TrainConfig, should_cancel: Callable[[], bool] | None) -> dict[str, Any] | None:
     """:func:`cross_validated_accuracy` on every labelled image, in a canonical order (by content) and with folds
     of a fixed seed: it does not depend on how the run split train from validation, so a re-train of the same
-    images, features and probe settings (any seed) reads the recorded estimate back
-    (``<cache>/features/outoffold/<key>.json``, cleared with the features)."""
+    images, features and probe settings (any seed) reads the recorded estimate back (:func:`_recorded`;
+    ``reused: true``)."""
     order = sorted(range(len(items)), key=lambda i: (items[i].sha256, str(items[i].path)))
     x = np.ascontiguousarray(feats[order])
     y = np.array([cidx[items[i].label] for i in order], np.int64)
     cfg = dataclasses.replace(cfg, seed=0)
-    h = hashlib.sha256()
-    h.update(json.dumps([_CV_VERSION, len(cidx), cfg.linear_c, cfg.class_balance, cfg.epochs, x.shape, str(x.dtype)]
-                        ).encode())
-    h.update(x.tobytes())
-    h.update(y.tobytes())
-    f = cache_dir / f"{h.hexdigest()[:32]}.json"
-    try:
-        return {**json.loads(f.read_text()), "reused": True}
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, TypeError) as e:
-        log.warning("recorded cross-validation %s is unusable (%s); measuring again", f, e)
-    est = cross_validated_accuracy(x, y, len(cidx), cfg, should_cancel)
-    try:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(est))
-        os.replace(tmp, f)
-    except OSError as e:  # a read-only or full disk: the next re-train measures again
-        log.warning("could not record the cross-validation (%s)", e)
-    return est
+    est, reused = _recorded(cache_dir, ["cv", len(cidx), cfg.linear_c, cfg.class_balance, cfg.epochs], [x, y],
+                            lambda: cross_validated_accuracy(x, y, len(cidx), cfg, should_cancel))
+    return {**est, "reused": True} if est and reused else est
+
+
+def _out_of_fold_once(cache_dir: Path, feats: np.ndarray, y: np.ndarray, cfg: TrainConfig,
+                      should_cancel: Callable[[], bool] | None) -> np.ndarray | None:
+    """:func:`out_of_fold_probs` of the training images, recorded for a re-train of the same images, features,
+    probe settings and seed (:func:`_recorded`)."""
+    probs, _ = _recorded(cache_dir, ["oof", cfg.linear_c, cfg.class_balance, cfg.epochs, cfg.seed],
+                         [np.asarray(feats), np.asarray(y, np.int64)],
+                         lambda: (lambda p: None if p is None else p.tolist())(
+                             out_of_fold_probs(feats, y, cfg, should_cancel)))
+    return None if probs is None else np.asarray(probs, np.float64)
 
 
 def _classifier_name(model: nn.Module) -> str:
@@ -365,13 +386,14 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             emit({"stage": "features", "message": "Cross-validating the probe"})
             ccfg = dataclasses.replace(cfg, linear_c=info["features"].linear_c)
             with single_threaded():
+                recorded = workspace.cache_dir / "features" / "outoffold"
                 if multi:
-                    oof_train = out_of_fold_probs(feats[:n_tr], label_matrix([i.labels for i in split.train], classes),
-                                                  ccfg, local_cancel)
+                    oof_train = _out_of_fold_once(recorded, feats[:n_tr],
+                                                  label_matrix([i.labels for i in split.train], classes), ccfg,
+                                                  local_cancel)
                 else:
-                    cv_estimate = _cross_validate_once(workspace.cache_dir / "features" / "outoffold",
-                                                       feats[:n_tr + n_va], split.train + split.val, cidx, ccfg,
-                                                       local_cancel)
+                    cv_estimate = _cross_validate_once(recorded, feats[:n_tr + n_va], split.train + split.val, cidx,
+                                                       ccfg, local_cancel)
         if cfg.strategy == "linear":  # the last layer: the model itself; another variant: its wrapper
             choice = info["features"]
             model = wrap_trained(model, choice, head)
