@@ -440,7 +440,7 @@ def cmd_openset(args: argparse.Namespace) -> int:
     scores = record.get("calibration_scores") or []
     out = summary(record)
     out.update(saved=args.threshold is not None, flagged_share=flagged_share(scores, float(record["threshold"])),
-               meaning=describe(record).replace("`", ""))
+               meaning=describe(record).replace("`", "").replace("**", ""))
     if args.json:
         _print_json(out)
         return 0
