@@ -241,7 +241,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _print_json(rows)
     else:
         for r in rows:
-            print(f"{r['path']}\t{r['label']}\t{r['confidence']:.3f}" + ("\tunknown" if r.get("unknown") else ""))
+            print(f"{r['path']}\t{r['label']}\t{r['confidence']:.3f}"
+                  + (f"\tunknown ({r['ood_reason']})" if r.get("unknown") and r.get("ood_reason") else
+                     "\tunknown" if r.get("unknown") else ""))
     if not rows and skipped:
         from .errors import DatasetError
 
@@ -426,7 +428,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_openset(args: argparse.Namespace) -> int:
     from .errors import RunError
-    from .insight.openset import UNKNOWN_NOTE, describe, flagged_share, set_threshold
+    from .insight.openset import UNKNOWN_NOTE, describe, flagged_share, set_threshold, summary
     from .runs.files import RunFiles
 
     run_dir = _resolve_run_dir(args.run)
@@ -436,13 +438,16 @@ def cmd_openset(args: argparse.Namespace) -> int:
     if record is None:
         raise RunError(UNKNOWN_NOTE)
     scores = record.get("calibration_scores") or []
-    out = {k: v for k, v in record.items() if k != "calibration_scores"}
+    out = summary(record)
     out.update(saved=args.threshold is not None, flagged_share=flagged_share(scores, float(record["threshold"])),
                meaning=describe(record).replace("`", ""))
     if args.json:
         _print_json(out)
         return 0
-    print(f"threshold {float(record['threshold']):.3f} (cosine distance to the nearest training image; "
+    unit = ("cosine distance to the nearest training image" if int(record.get("version", 1)) < 2 else
+            "ood_score: the larger of the content and style distances, each as a multiple of its calibrated "
+            "threshold")
+    print(f"threshold {float(record['threshold']):.3f} ({unit}; "
           f"{'chosen by hand' if record.get('chosen') else 'conformal, automatic'}"
           f"{', saved now' if args.threshold is not None else ''}): {out['flagged_share']:.0%} of the "
           f"{len(scores)} calibration images are above it")
@@ -737,8 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("openset", help="show a run's open-set threshold (when an image is called unknown), or set it")
     s.add_argument("run", help="run id or run directory")
     s.add_argument("--threshold", type=float, default=None,
-                   help="save this threshold (a cosine distance, 0-2): images farther than it from every training "
-                        "image are called unknown; predictions use it from then on")
+                   help="save this threshold on ood_score (0-10; 1.0 = the calibrated one: the larger of the content "
+                        "and style distances, each as a multiple of its own threshold; runs from before version 2: a "
+                        "cosine distance, 0-2): images above it are called unknown; predictions use it from then on")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_openset)
 

@@ -1,7 +1,8 @@
 """Running a trained model over images: raw logits (N, C), batched, eval preprocessing, under
 ``torch.inference_mode()``. Probabilities come from :func:`tl_core.models.metrics.softmax` with the run's
 temperature, in one place. ``with_features=True`` also returns the pre-logit features (what the classifier head
-sees; the open-set score's input) from the same forward pass.
+sees; the open-set score's input) from the same forward pass, and ``style=StyleSpec`` the style statistics of the
+same pass too (:func:`~tl_core.models.features.pooled_and_style`).
 
 A ``linear`` run's backbone is the frozen pretrained one, so its logits are its head applied to features the
 feature cache may already hold (:class:`CachedFeatures`, :func:`logits_via_cache`): the same vectors its head
@@ -24,61 +25,88 @@ from ..data.intake import ImageItem
 from ..errors import CancelledError
 from .devices import Runtime
 from .feature_variants import VariantModel, apply_variant
-from .features import extract_features, pooled_features
+from .features import StyleSpec, extract_features, pooled_and_style, pooled_features, style_dims
 from .pipeline import batched, eval_batches
 from .preprocess import Preprocess
 
 __all__ = ["logits_of_items", "logits_of_images", "CachedFeatures", "logits_via_cache"]
 
 
-def _forward(model: nn.Module, x: torch.Tensor, rt: Runtime, with_features: bool = False) -> Any:
+def _forward(model: nn.Module, x: torch.Tensor, rt: Runtime, with_features: bool = False,
+             style: StyleSpec | None = None) -> Any:
     x = x.to(rt.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with rt.autocast():
         if not with_features:
             return model(x).float().cpu().numpy()
+        if style is not None:  # one forward_intermediates pass: features, logits and style statistics
+            f, s = pooled_and_style(model, x, style)
+            return model.get_classifier()(f).float().cpu().numpy(), f.float().cpu().numpy(), s.float().cpu().numpy()
         f = pooled_features(model, x)  # timm: the classifier applied to the pre-logit features gives the logits
         return model.get_classifier()(f).float().cpu().numpy(), f.float().cpu().numpy()
 
 
-def _stack(out: list[Any], model: nn.Module, with_features: bool) -> Any:
+def _stack(out: list[Any], model: nn.Module, with_features: bool, style: StyleSpec | None = None,
+           sdims: list[int] | None = None) -> Any:
     n_cls = getattr(model, "num_classes", 0)
     if not with_features:
         return np.concatenate(out) if out else np.zeros((0, n_cls), np.float32)
     dim = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", 0)
+    if style is not None:
+        if not out:
+            return (np.zeros((0, n_cls), np.float32), np.zeros((0, dim), np.float32),
+                    np.zeros((0, sum(sdims)), np.float32) if sdims else None)
+        return (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),
+                np.concatenate([o[2] for o in out]) if sdims else None)
     if not out:
         return np.zeros((0, n_cls), np.float32), np.zeros((0, dim), np.float32)
     return np.concatenate([z for z, _ in out]), np.concatenate([f for _, f in out])
 
 
+def _style_of(model: nn.Module, style: StyleSpec | None) -> tuple[StyleSpec | None, list[int] | None]:
+    """(the spec to compute in the forward pass or None, its widths); a backbone that cannot give style
+    statistics gets None for the style part of its results."""
+    if style is None:
+        return None, None
+    dims = style_dims(model, style)
+    return (style if dims else None), dims
+
+
 @torch.inference_mode()
 def logits_of_items(model: nn.Module, items: Sequence[ImageItem], pre: Preprocess, decoded: DecodedImageCache,
                     batch_size: int = 32, should_cancel: Callable[[], bool] | None = None,
-                    runtime: Runtime | None = None, with_features: bool = False) -> Any:
+                    runtime: Runtime | None = None, with_features: bool = False,
+                    style: StyleSpec | None = None) -> Any:
     """Raw logits (N, C) of dataset items (eval preprocessing on cached pixels), on ``runtime``'s device;
-    with ``with_features``, (logits, pre-logit features (N, D)) of the same forward pass."""
+    with ``with_features``, (logits, pre-logit features (N, D)) of the same forward pass; with ``style`` too,
+    (logits, features, style statistics (N, S) or None when the backbone cannot give them)."""
     rt = runtime or Runtime.cpu()
     model.eval().to(rt.device)
+    spec, sdims = _style_of(model, style if with_features else None)
     out = []
     with contextlib.closing(eval_batches(items, batched(range(len(items)), batch_size), pre, decoded)) as feed:
         for _, x in feed:  # the next batch decodes while this one runs
             if should_cancel and should_cancel():
                 raise CancelledError("Cancelled during evaluation.")
-            out.append(_forward(model, x, rt, with_features))
-    return _stack(out, model, with_features)
+            o = _forward(model, x, rt, with_features, spec)
+            out.append(o if spec is not None or style is None or not with_features else (*o, None))
+    return _stack(out, model, with_features, style if with_features else None, sdims)
 
 
 @torch.inference_mode()
 def logits_of_images(model: nn.Module, images: Sequence[Any], pre: Preprocess, batch_size: int = 32,
-                     runtime: Runtime | None = None, with_features: bool = False) -> Any:
+                     runtime: Runtime | None = None, with_features: bool = False,
+                     style: StyleSpec | None = None) -> Any:
     """Raw logits (N, C) of RGB Pillow images, on ``runtime``'s device; with ``with_features``, (logits,
-    pre-logit features (N, D))."""
+    pre-logit features (N, D)); with ``style`` too, (logits, features, style statistics or None)."""
     rt = runtime or Runtime.cpu()
     model.eval().to(rt.device)
+    spec, sdims = _style_of(model, style if with_features else None)
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.stack([pre.eval_from_pil(im) for im in images[start:start + batch_size]])
-        out.append(_forward(model, x, rt, with_features))
-    return _stack(out, model, with_features)
+        o = _forward(model, x, rt, with_features, spec)
+        out.append(o if spec is not None or style is None or not with_features else (*o, None))
+    return _stack(out, model, with_features, style if with_features else None, sdims)
 
 
 @dataclass(frozen=True)
@@ -93,6 +121,8 @@ class CachedFeatures:
         block_dims: widths of the other depths' blocks (``depths`` only).
         scales: the run's block scales (``depths`` only), as its saved wrapper applies them.
         last_cache: for ``depths``, the last-layer namespace, which a depths extraction also fills (as in training).
+        style_cache: the namespace of the backbone's style statistics (:func:`~tl_core.models.features.style_key`;
+            filled by training and by every prediction that asks for them).
     """
 
     cache: FeatureCache
@@ -101,6 +131,7 @@ class CachedFeatures:
     block_dims: tuple[int, ...] = ()
     scales: tuple[float, ...] = ()
     last_cache: FeatureCache | None = None
+    style_cache: FeatureCache | None = None
 
 
 def _extractor_of(model: nn.Module, variant: str) -> nn.Module:
@@ -114,15 +145,20 @@ def _extractor_of(model: nn.Module, variant: str) -> nn.Module:
 def logits_via_cache(model: nn.Module, items: Sequence[ImageItem], pre: Preprocess, decoded: DecodedImageCache,
                      source: CachedFeatures, batch_size: int = 32, should_cancel: Callable[[], bool] | None = None,
                      runtime: Runtime | None = None, with_features: bool = False,
-                     progress: Callable[[int, int], None] | None = None) -> Any:
+                     progress: Callable[[int, int], None] | None = None, style: StyleSpec | None = None) -> Any:
     """Raw logits (N, C) of a linear run's ``model`` on ``items``: its head on the probe's features, read from the
     feature cache where they are, extracted (and cached) where not. Equal to :func:`logits_of_items` (the whole
     network on every image) up to float rounding; with ``with_features``, (logits, pre-logit features (N, D)),
-    the features being those the head sees (scaled for ``depths``); ``progress`` is called with (done, total)."""
+    the features being those the head sees (scaled for ``depths``); ``progress`` is called with (done, total).
+    With ``style`` too, (logits, features, style statistics or None), the style cached in ``source.style_cache``."""
     rt = runtime or Runtime.cpu()
+    spec = style if with_features else None
     raw = extract_features(_extractor_of(model, source.variant), items, pre, decoded, source.cache,
                            batch_size=batch_size, progress=progress, should_cancel=should_cancel, runtime=rt,
-                           last_cache=source.last_cache)
+                           last_cache=source.last_cache, style=spec, style_cache=source.style_cache)
+    sty = None
+    if spec is not None:
+        raw, sty = raw
     dim = source.last_dim + sum(source.block_dims) if source.variant == "depths" else source.last_dim
     if not len(items):
         raw = np.zeros((0, dim), np.float32)
@@ -133,4 +169,6 @@ def logits_via_cache(model: nn.Module, items: Sequence[ImageItem], pre: Preproce
     with torch.inference_mode():
         x = torch.from_numpy(feats).to(next(clf.parameters()).device)
         logits = clf(x).float().cpu().numpy()
+    if spec is not None:
+        return logits, feats, sty
     return (logits, feats) if with_features else logits

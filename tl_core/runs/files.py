@@ -14,7 +14,8 @@ validated. No other module opens or parses these files.
                            produced them
 ``ood.json``               open-set score: its name, threshold, quantile, n, feature dim, calibration scores
                            (:mod:`tl_core.insight.openset`; runs from before it have none)
-``ood_bank.safetensors``   the training images' pre-logit features, L2-normalised float16 (``bank``)
+``ood_bank.safetensors``   the training images' pre-logit features, L2-normalised float16 (``bank``), and
+                           (version 2) their style vectors (``style``)
 =========================  ==========================================================================
 
 Predictions are stored once, as logits; every view derives probabilities with
@@ -81,6 +82,11 @@ BUNDLE_FILES = (WEIGHTS, META, CONFIG)
 _MAX_JSON_BYTES = 64 * 1024**2
 _MAX_WEIGHTS_BYTES = 4 * 1024**3
 _INTERPOLATIONS = {"nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"}
+
+
+def _positive(x: Any) -> bool:
+    """A finite number above zero (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
@@ -482,43 +488,69 @@ class RunFiles:
             return None
 
         def parse() -> dict[str, Any]:
-            from ..insight.openset import SCORE, VERSION
+            from ..insight.openset import MAX_THRESHOLD, SCORE, V1_SCORE, VERSION
 
             d = self._json(OOD)
-            if not isinstance(d, dict) or d.get("score") != SCORE or d.get("version") != VERSION:
-                raise ExportError(f"{self.where}: ood.json is not a {SCORE} record of version {VERSION}; "
-                                  "train the run again (or update TL Studio).")
-            t = d.get("threshold")
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 <= t <= 2.0):
-                raise ExportError(f"{self.where}: ood.json threshold {t!r} must be a cosine distance between 0 "
-                                  "and 2; it was edited or damaged. Export the model again.")
+            v1 = isinstance(d, dict) and d.get("score") == V1_SCORE and d.get("version") == 1
+            if not isinstance(d, dict) or not (v1 or (d.get("score") == SCORE and d.get("version") == VERSION)):
+                raise ExportError(f"{self.where}: ood.json is not a {SCORE} record of version {VERSION} (nor a "
+                                  f"{V1_SCORE} record of version 1); train the run again (or update TL Studio).")
+            t, hi = d.get("threshold"), (2.0 if v1 else MAX_THRESHOLD)
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 <= t <= hi):
+                raise ExportError(f"{self.where}: ood.json threshold {t!r} must be between 0 and {hi:g}; it was "
+                                  "edited or damaged. Export the model again.")
             if not isinstance(d.get("dim"), int) or d["dim"] <= 0:
                 raise ExportError(f"{self.where}: ood.json lacks the feature dimension; train the run again.")
+            if not v1:
+                ok = isinstance(d.get("content"), dict) and _positive(d["content"].get("threshold"))
+                st = d.get("style")
+                if st is not None:
+                    ok = ok and isinstance(st, dict) and isinstance(st.get("thresholds"), list) and \
+                        all(_positive(x) for x in st["thresholds"]) and isinstance(st.get("dims"), list) and \
+                        isinstance(st.get("bank_dim"), int) and isinstance(st.get("stages"), list)
+                if not ok:
+                    raise ExportError(f"{self.where}: ood.json lacks its content or style thresholds; it was edited "
+                                      "or damaged. Export the model again.")
             return d
         return self._cached(OOD, parse)
 
+    def _open_set_tensors(self) -> dict[str, np.ndarray]:
+        def parse() -> dict[str, np.ndarray]:
+            from safetensors.numpy import load as np_load
+
+            try:
+                return np_load(self.raw(OOD_BANK))
+            except Exception as e:  # safetensors' own error types for bad headers or truncation
+                raise ExportError(f"{self.where}: ood_bank.safetensors is not a valid safetensors file "
+                                  f"({str(e)[:160]}); export the model again.") from None
+        return self._cached(OOD_BANK, parse)
+
     def open_set_bank(self) -> np.ndarray | None:
-        """The feature bank (M, D) float16 of ``ood_bank.safetensors``, checked against ``ood.json``, or None."""
+        """The content bank (M, D) float16 of ``ood_bank.safetensors``, checked against ``ood.json``, or None."""
         rec = self.open_set_record()
         if rec is None:
             return None
         if not self.has(OOD_BANK):
             raise ExportError(f"{self.where}: ood.json is there but ood_bank.safetensors is missing; "
                               "export the model again.")
+        bank = self._open_set_tensors().get("bank")
+        if bank is None or bank.ndim != 2 or bank.shape[1] != rec["dim"] or len(bank) < 2:
+            raise ExportError(f"{self.where}: ood_bank.safetensors does not hold a bank of dimension "
+                              f"{rec['dim']}; export the model again.")
+        return bank
 
-        def parse() -> np.ndarray:
-            from safetensors.numpy import load as np_load
-
-            try:
-                bank = np_load(self.raw(OOD_BANK)).get("bank")
-            except Exception as e:  # safetensors' own error types for bad headers or truncation
-                raise ExportError(f"{self.where}: ood_bank.safetensors is not a valid safetensors file "
-                                  f"({str(e)[:160]}); export the model again.") from None
-            if bank is None or bank.ndim != 2 or bank.shape[1] != rec["dim"] or len(bank) < 2:
-                raise ExportError(f"{self.where}: ood_bank.safetensors does not hold a bank of dimension "
-                                  f"{rec['dim']}; export the model again.")
-            return bank
-        return self._cached(OOD_BANK, parse)
+    def open_set_style_bank(self) -> np.ndarray | None:
+        """The style bank (M, S) float16 (one unit vector per group of stages, joined), or None for a record
+        without style (version 1, or a backbone without style statistics)."""
+        rec = self.open_set_record()
+        if rec is None or not rec.get("style"):
+            return None
+        bank = self.open_set_bank()
+        style = self._open_set_tensors().get("style")
+        if style is None or style.ndim != 2 or style.shape != (len(bank), rec["style"]["bank_dim"]):
+            raise ExportError(f"{self.where}: ood_bank.safetensors lacks the style rows ood.json describes; "
+                              "export the model again.")
+        return style
 
     # -- writes ------------------------------------------------------------------------------------
     def _writable(self) -> Path:
@@ -559,8 +591,9 @@ class RunFiles:
     def write_validation_head(self, state: Mapping[str, Any]) -> None:
         self.write_weights(state, VAL_HEAD)
 
-    def write_open_set(self, record: Mapping[str, Any], bank: np.ndarray | None = None) -> None:
-        """Write ``ood.json`` (and the bank, when given), atomically."""
+    def write_open_set(self, record: Mapping[str, Any], bank: np.ndarray | None = None,
+                       style_bank: np.ndarray | None = None) -> None:
+        """Write ``ood.json`` (and the bank, with its style rows when given), atomically."""
         d = self._writable()
         d.mkdir(parents=True, exist_ok=True)
         if bank is not None:
@@ -568,7 +601,10 @@ class RunFiles:
 
             tmp = d / f".{OOD_BANK}.{os.getpid()}.tmp"
             try:
-                save_file({"bank": np.ascontiguousarray(bank, dtype=np.float16)}, str(tmp))
+                tensors = {"bank": np.ascontiguousarray(bank, dtype=np.float16)}
+                if style_bank is not None:
+                    tensors["style"] = np.ascontiguousarray(style_bank, dtype=np.float16)
+                save_file(tensors, str(tmp))
                 os.replace(tmp, d / OOD_BANK)
             finally:
                 tmp.unlink(missing_ok=True)

@@ -41,7 +41,7 @@ from ..models.distributed import start as distributed_start
 from ..models.distributed import stop as distributed_stop
 from ..models.feature_variants import (CANDIDATES, TIE_ORDER, FeatureChoice, apply_variant, choose_features,
                                        extraction_variant, extractor, wrap_trained)
-from ..models.features import extract_features, feature_key
+from ..models.features import DEFAULT_STYLE, extract_features, feature_key, style_dims, style_key
 from ..models.inference import logits_of_items
 from ..models.metrics import compute_metrics, softmax
 from ..models.preprocess import Preprocess, data_config_for
@@ -118,13 +118,19 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     emit({"stage": "extract", "done": 0, "total": len(items)})
     t_ex = time.perf_counter()
     # 16 per batch: as fast as 32 on CPU, and a cancel waits for at most one (shorter) forward pass
+    # a linear run's open-set bank also needs the style statistics of its images: from the same forward pass
+    style = DEFAULT_STYLE if cfg.strategy == "linear" else None
+    scache = FeatureCache(workspace.cache_dir / "features", style_key(cfg.backbone, winfo.fingerprint, pre, style)) \
+        if style is not None else None
     feats = extract_features(ex, items, pre, decoded, fcache, batch_size=16 if rt.device.type == "cpu" else 64,
                              progress=lambda d, t: emit({"stage": "extract", "done": d, "total": t,
                                                          "eta_s": (time.perf_counter() - t_ex) / max(d, 1) * (t - d)}),
                              should_cancel=should_cancel, runtime=rt,
                              last_cache=None if variant != "depths" else FeatureCache(
-                                 workspace.cache_dir / "features", feature_key(cfg.backbone, winfo.fingerprint, pre)))
-    info: dict[str, Any] = {"feature_cache": {"hits": fcache.hits, "misses": fcache.misses}}
+                                 workspace.cache_dir / "features", feature_key(cfg.backbone, winfo.fingerprint, pre)),
+                             style=style, style_cache=scache)
+    feats, style_rows = feats if style is not None else (feats, None)
+    info: dict[str, Any] = {"feature_cache": {"hits": fcache.hits, "misses": fcache.misses}, "style": style_rows}
     if not rt.is_main:
         return feats, None, info
     n_tr, n_va = len(split.train), len(split.val)
@@ -218,11 +224,18 @@ def _set_head(model: nn.Module, head: nn.Linear) -> None:
         clf.bias.copy_(head.bias)
 
 
-def _open_set(bank_feats: np.ndarray, calibration_feats: np.ndarray | None) -> tuple[dict[str, Any], np.ndarray] | None:
-    """The open-set record and bank (:mod:`tl_core.insight.openset`), or None (logged) when there are too few
-    images for one: the run stays usable, its predictions just carry no ``unknown``."""
+def _open_set(bank_feats: np.ndarray, calibration_feats: np.ndarray | None, model: nn.Module,
+              bank_items: list[ImageItem], root: Any, bank_style: np.ndarray | None = None,
+              calibration_style: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray, Any] | None:
+    """The open-set record, bank and style bank (:mod:`tl_core.insight.openset`), or None (logged) when there are
+    too few images for one: the run stays usable, its predictions just carry no ``unknown``. ``bank_style`` None
+    (a backbone without style statistics): content only."""
+    dims = style_dims(model, DEFAULT_STYLE) if bank_style is not None else None
     try:
-        return build_open_set(bank_feats, calibration_feats)
+        return build_open_set(bank_feats, calibration_feats, bank_style=bank_style if dims else None,
+                              calibration_style=calibration_style,
+                              style_spec={**DEFAULT_STYLE.to_dict(), "dims": dims} if dims else None,
+                              paths=[i.path for i in bank_items], labels=[i.label for i in bank_items], root=root)
     except ValueError as e:
         log.warning("no open-set score for this run: %s", e)
         return None
@@ -337,7 +350,10 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         # threshold comes from leave-one-out distances within the bank instead
         n_bank = n_tr + n_va if fit_on == "train+val" else n_tr
         keep = bank_indices([i.label for i in (split.train + split.val)[:n_bank]], seed=cfg.seed)
-        open_set = _open_set(feats[keep], None if fit_on == "train+val" else feats[n_tr:n_tr + n_va])
+        sty = info.get("style")
+        open_set = _open_set(feats[keep], None if fit_on == "train+val" else feats[n_tr:n_tr + n_va], model,
+                             [(split.train + split.val)[k] for k in keep], ds.root,
+                             None if sty is None else sty[keep], None if sty is None else sty[n_tr:n_tr + n_va])
     else:
         probe_info = info if cfg.strategy != "scratch" else None
         info = finetune(model, split, classes, pre, decoded, cfg, emit_epoch, should_cancel,
@@ -350,15 +366,18 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         release_free_memory()
         emit({"stage": "evaluate", "message": "Evaluating the best checkpoint"})
         one = dataclasses.replace(rt, rank=0, world_size=1)  # rank 0 alone: no collectives from here on
-        val_logits, val_feats = logits_of_items(model, split.val, pre, decoded, batch_size=EVAL_BATCH,
-                                                should_cancel=local_cancel, runtime=one, with_features=True)
+        val_logits, val_feats, val_style = logits_of_items(model, split.val, pre, decoded, batch_size=EVAL_BATCH,
+                                                           should_cancel=local_cancel, runtime=one,
+                                                           with_features=True, style=DEFAULT_STYLE)
         # the open-set bank: the fine-tuned model's features of (at most MAX_BANK_ROWS) training images; no feature
         # cache (it is keyed by the pretrained weights, and these are not theirs)
         emit({"stage": "evaluate", "message": "Recording the training images' features (open-set score)"})
         keep = bank_indices([i.label for i in split.train], seed=cfg.seed)
-        bank_feats = extract_features(model, [split.train[k] for k in keep], pre, decoded, None,
-                                      batch_size=EVAL_BATCH, should_cancel=local_cancel, runtime=one)
-        open_set = _open_set(bank_feats, val_feats)
+        bank_feats, bank_style = extract_features(model, [split.train[k] for k in keep], pre, decoded, None,
+                                                  batch_size=EVAL_BATCH, should_cancel=local_cancel, runtime=one,
+                                                  style=DEFAULT_STYLE)
+        open_set = _open_set(bank_feats, val_feats, model, [split.train[k] for k in keep], ds.root, bank_style,
+                             val_style)
         test_logits = logits_of_items(model, test_items, pre, decoded, batch_size=EVAL_BATCH,
                                       should_cancel=local_cancel, runtime=one)
         model.to("cpu")

@@ -46,6 +46,8 @@ __all__ = [
     "EXPORT_FORMATS",
     "ONNX_OPSET",
     "PARITY_TOLERANCE",
+    "OOD_TOLERANCE",
+    "OOD_OUTPUTS",
     "VERIFY_IMAGES",
     "export_run",
     "export_for_download",
@@ -69,6 +71,88 @@ VERIFY_IMAGES = 64
 
 _EXTENSIONS = {"bundle": "zip", "onnx": "onnx", "torchscript": "pt"}
 
+
+
+class _OpenSetScore(nn.Module):
+    """The open-set score inside the graph (:meth:`tl_core.insight.openset.OpenSet.scores`, in torch ops): the
+    bank matrices are constants. Given the pre-logit features (B, D) and the raw style statistics (B, S), returns
+    (ood_score, ood_content, ood_style) of shape (B,) each (ood_style all zeros for a content-only bank)."""
+
+    def __init__(self, open_set: Any):
+        super().__init__()
+        rec = open_set.record
+        self.v2 = open_set.version >= 2
+        self.register_buffer("bank", torch.from_numpy(np.asarray(open_set.bank, np.float32)), persistent=False)
+        self.k_content = int(rec["content"].get("k", 1)) if self.v2 else 1
+        self.t_content = float(open_set.content_threshold())
+        st = open_set.style
+        self.has_style = st is not None
+        self.dims = [int(d) for d in st["dims"]] if st else []
+        self.groups = [list(g) for g in st["groups"]] if st else []
+        self.t_style = [float(t) for t in st["thresholds"]] if st else []
+        self.k_style = int(st.get("k", 1)) if st else 1
+        sb = np.asarray(open_set.style_bank, np.float32) if st else np.zeros((1, 1), np.float32)
+        self.register_buffer("style_bank", torch.from_numpy(sb), persistent=False)
+
+    @staticmethod
+    def _knn(q: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+        sim = q @ bank.T
+        top = sim.amax(1) if k == 1 else torch.topk(sim, min(k, bank.shape[0]), dim=1).values.mean(1)
+        return (1.0 - top).clamp(0.0, 2.0)
+
+    def forward(self, feats: torch.Tensor, style: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+        f = torch.nn.functional.normalize(feats.float(), dim=1, eps=1e-12)
+        d = self._knn(f, self.bank, self.k_content)
+        if not self.v2:  # version 1: the score is the cosine distance itself
+            return d, d / self.t_content, torch.zeros_like(d)
+        content = d / self.t_content
+        if not self.has_style or style is None:
+            return content, content, torch.zeros_like(content)
+        blocks, a = [], 0
+        for n in self.dims:
+            blocks.append(torch.nn.functional.normalize(style[:, a:a + n].float(), dim=1, eps=1e-12))
+            a += n
+        parts, b = [], 0
+        for g, t in zip(self.groups, self.t_style):
+            v = torch.nn.functional.normalize(torch.cat([blocks[i] for i in g], 1), dim=1, eps=1e-12)
+            parts.append(self._knn(v, self.style_bank[:, b:b + v.shape[1]], self.k_style) / t)
+            b += v.shape[1]
+        sty = parts[0]
+        for p_ in parts[1:]:
+            sty = torch.maximum(sty, p_)
+        return torch.maximum(content, sty), content, sty
+
+
+class _WithOpenSet(nn.Module):
+    """The exported graph of a model with open-set files: (probs, logits, ood_score, ood_content, ood_style), all
+    from one forward pass (the style statistics of :func:`tl_core.models.features.pooled_and_style`)."""
+
+    def __init__(self, model: nn.Module, temperature: float, multi_label: bool, open_set: Any):
+        super().__init__()
+        from ..models.features import StyleSpec
+
+        self.model = model
+        self.temperature = float(temperature)
+        self.multi_label = bool(multi_label)
+        self.score = _OpenSetScore(open_set)
+        spec = open_set.style_spec
+        self.spec = StyleSpec.from_dict(spec) if spec else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from ..models.features import pooled_and_style, pooled_features
+
+        if self.spec is not None:
+            f, st = pooled_and_style(self.model, x, self.spec)
+        else:
+            f, st = pooled_features(self.model, x), None
+        logits = self.model.get_classifier()(f)
+        z = logits / self.temperature
+        probs = torch.sigmoid(z) if self.multi_label else torch.softmax(z, dim=1)
+        return (probs, logits, *self.score(f, st))
+
+
+OOD_OUTPUTS = ("ood_score", "ood_content", "ood_style")
 
 
 class _ProbsAndLogits(nn.Module):
@@ -174,8 +258,67 @@ def _verify(reference: np.ndarray, runner: Callable[[np.ndarray], np.ndarray], x
     }
 
 
+#: Largest allowed |ood_exported - ood_predict| (ood_score, ood_content, ood_style) over every image.
+OOD_TOLERANCE = 1e-3
+
+
+def _ood_reference(tm: TrainedModel, x: torch.Tensor) -> list[np.ndarray]:
+    """[ood_score, ood_content, ood_style] as ``tl-core predict`` computes them (PyTorch features, numpy score)."""
+    from ..models.features import StyleSpec, pooled_and_style, pooled_features
+
+    spec = tm.open_set.style_spec
+    with torch.inference_mode():
+        xc = x.contiguous(memory_format=torch.channels_last)
+        if spec:
+            f, st = pooled_and_style(tm.model, xc, StyleSpec.from_dict(spec))
+            f, st = f.float().numpy(), st.float().numpy()
+        else:
+            f, st = pooled_features(tm.model, xc).float().numpy(), None
+    sc = tm.open_set.scores(f, st)
+    return [sc.score, sc.content, sc.style if sc.style is not None else np.zeros_like(sc.score)]
+
+
+def _verify_ood(tm: TrainedModel, reference: list[np.ndarray], runner: Callable[[np.ndarray], list[np.ndarray]],
+                x: torch.Tensor) -> dict[str, Any]:
+    """The exported graph's open-set outputs against ``tl-core predict``'s, on the whole batch and a batch of one."""
+    full = runner(x.numpy())
+    single = runner(x[:1].numpy())
+    diff = max(max(float(np.abs(np.asarray(g, np.float64) - r).max()) for g, r in zip(full, reference)),
+               max(float(np.abs(np.asarray(g, np.float64) - r[:1]).max()) for g, r in zip(single, reference)))
+    t = tm.open_set.threshold
+    agree = int(((np.asarray(full[0]) > t) == (reference[0] > t)).sum())
+    return {"passed": diff <= OOD_TOLERANCE and agree == len(reference[0]), "max_score_diff": diff,
+            "unknown_agree": agree, "images": len(reference[0]), "tolerance": OOD_TOLERANCE, "threshold": t}
+
+
+def _open_set_sidecar(tm: TrainedModel) -> dict[str, Any]:
+    """What the sidecar says about the open-set outputs (empty for a model without open-set files)."""
+    os_ = tm.open_set
+    if os_ is None:
+        return {}
+    v2 = os_.version >= 2
+    return {
+        "open_set": {
+            "score": os_.record.get("score"), "version": os_.version, "threshold": os_.threshold,
+            "unknown": "ood_score > threshold",
+            "reason": ("above the threshold: ood_content only -> 'content', ood_style only -> 'style', both -> 'both'"
+                       if v2 else "content (a version-1 score has no style part)"),
+            "meaning": ("ood_content and ood_style: the image's distances to the nearest training images in what it "
+                        "shows and in the kind of picture (colours, strokes, texture), each as a multiple of its own "
+                        "calibrated threshold (1.0 = at it); ood_score is the larger" if v2 else
+                        "ood_score: cosine distance to the nearest training image"),
+            "bank_rows": int(len(os_.bank)),
+        },
+    }
+
+
 def _sidecar(tm: TrainedModel, fmt: str, model_file: str, verification: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     pre = tm.pre
+    ood_outputs = ({"ood_score": "open-set score, shape [batch]: above 'open_set.threshold' the image is unknown "
+                                 "(unlike the training images)",
+                    "ood_content": "content distance / its threshold, shape [batch]",
+                    "ood_style": "style distance / its threshold, shape [batch] (zeros: no style part)"}
+                   if tm.open_set is not None else {})
     return {
         "format": f"tl-studio-{fmt}/1",
         "model_file": model_file,
@@ -187,13 +330,14 @@ def _sidecar(tm: TrainedModel, fmt: str, model_file: str, verification: dict[str
                   "layout": "NCHW, RGB channels, normalised (see preprocessing)"},
         "outputs": {"probs": "class probabilities: softmax(logits / temperature), shape [batch, num_classes], "
                              "in the order of 'classes'",
-                    "logits": "raw scores before softmax, shape [batch, num_classes]"},
+                    "logits": "raw scores before softmax, shape [batch, num_classes]", **ood_outputs},
         "temperature": tm.temperature,
         **({"multi_label": True, "thresholds": list(tm.meta.thresholds or [0.5] * len(tm.classes)),
             "outputs": {"probs": "per-label probabilities: sigmoid(logits / temperature), shape [batch, num_classes], "
                                  "in the order of 'classes'; an image carries each label whose probability reaches "
                                  "that label's threshold ('thresholds')",
-                        "logits": "raw per-label scores before the sigmoid, shape [batch, num_classes]"}}
+                        "logits": "raw per-label scores before the sigmoid, shape [batch, num_classes]",
+                        **ood_outputs}}
            if tm.meta.multi_label else {}),
         "preprocessing": {
             **pre.to_dict(),
@@ -207,6 +351,7 @@ def _sidecar(tm: TrainedModel, fmt: str, model_file: str, verification: dict[str
                 "transpose HWC to CHW and stack images into a batch",
             ],
         },
+        **_open_set_sidecar(tm),
         "verification": verification,
         "source_run": Path(tm.source).name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -232,7 +377,9 @@ def _onnx_exporter(requested: str) -> str:
 
 
 def _export_onnx_file(module: nn.Module, example: torch.Tensor, path: Path, exporter: str) -> None:
-    """Write ``module`` as ONNX: input ``input`` with a dynamic batch axis; outputs ``probs`` and ``logits``."""
+    """Write ``module`` as ONNX: input ``input`` with a dynamic batch axis; outputs ``probs`` and ``logits`` (and
+    the open-set scores :data:`OOD_OUTPUTS` for a model with open-set files)."""
+    names = ["probs", "logits"] + (list(OOD_OUTPUTS) if isinstance(module, _WithOpenSet) else [])
     # exporters print progress; keep stdout clean for --json
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", category=FutureWarning)
@@ -240,13 +387,13 @@ def _export_onnx_file(module: nn.Module, example: torch.Tensor, path: Path, expo
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=4096)
             program = torch.onnx.export(module, (example,), dynamo=True, opset_version=ONNX_OPSET,
-                                        input_names=["input"], output_names=["probs", "logits"],
+                                        input_names=["input"], output_names=names,
                                         dynamic_shapes=({0: batch},), verbose=False, optimize=True)
             program.save(str(path))
         else:
             torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                              input_names=["input"], output_names=["probs", "logits"],
-                              dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}, "logits": {0: "batch"}})
+                              input_names=["input"], output_names=names,
+                              dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}})
 
 
 def _export_torchscript_file(module: nn.Module, example: torch.Tensor, path: Path, extra_files: dict[str, str]) -> None:
@@ -353,8 +500,14 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
     with torch.inference_mode():  # the reference: exactly the model `tl-core predict` runs
         z = tm.model(x.contiguous(memory_format=torch.channels_last)).float() / tm.temperature
         reference = (torch.sigmoid(z) if tm.meta.multi_label else torch.softmax(z, dim=1)).numpy()
-    module = _ProbsAndLogits(copy.deepcopy(tm.model).to(memory_format=torch.contiguous_format), tm.temperature,
-                             tm.meta.multi_label).eval()
+    ood_reference = None
+    if tm.open_set is not None:  # the open-set scores tl-core predict gives (numpy, on PyTorch's features)
+        ood_reference = _ood_reference(tm, x)
+        module: nn.Module = _WithOpenSet(copy.deepcopy(tm.model).to(memory_format=torch.contiguous_format),
+                                         tm.temperature, tm.meta.multi_label, tm.open_set).eval()
+    else:
+        module = _ProbsAndLogits(copy.deepcopy(tm.model).to(memory_format=torch.contiguous_format), tm.temperature,
+                                 tm.meta.multi_label).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     example = x[: min(2, len(x))].clone()
@@ -372,6 +525,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
                 extra = {"exporter": f"torch.onnx ({exporter})", "opset": opset}
                 session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
                 runner = lambda a: session.run(["probs"], {"input": a.astype(np.float32)})[0]  # noqa: E731
+                ood_runner = lambda a: session.run(list(OOD_OUTPUTS), {"input": a.astype(np.float32)})  # noqa: E731
                 runtime = f"onnxruntime {ort.__version__} (CPUExecutionProvider)"
             else:
                 preview = _sidecar(tm, fmt, out.name, {"see": f"{out.name}.json"}, {"exporter": "torch.jit.trace"})
@@ -383,6 +537,10 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
                     with torch.inference_mode():
                         return loaded(torch.from_numpy(a))[0].float().numpy()
 
+                def ood_runner(a: np.ndarray) -> list[np.ndarray]:
+                    with torch.inference_mode():
+                        return [t.float().numpy() for t in loaded(torch.from_numpy(a))[2:5]]
+
                 runtime = f"torch.jit.load (torch {torch.__version__})"
         except ExportError:
             raise
@@ -390,6 +548,15 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
             raise ExportError(f"{fmt} export of {tm.meta.arch} failed: {type(e).__name__}: {str(e)[:300]}") from None
         export_seconds = time.perf_counter() - t0
         verification = _verify(reference, runner, x, names, source, runtime)
+        if ood_reference is not None:
+            verification["open_set"] = _verify_ood(tm, ood_reference, ood_runner, x)
+            if not verification["open_set"]["passed"]:
+                o = verification["open_set"]
+                raise ExportError(
+                    f"{fmt} export failed verification of its open-set score on {len(names)} images: max difference "
+                    f"{o['max_score_diff']:.2e} (allowed {OOD_TOLERANCE:.0e}), unknown differs on "
+                    f"{o['images'] - o['unknown_agree']} image(s); the file was not kept. Report a bug with the "
+                    "backbone name.")
         if not verification["passed"]:
             raise ExportError(
                 f"{fmt} export failed verification on {verification['images']} images: max probability difference "

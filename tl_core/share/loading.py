@@ -28,7 +28,7 @@ from ..errors import ExportError, RunError
 from ..models.catalogue import timm_kwargs
 from ..models.feature_variants import model_from_meta
 from ..models.devices import Runtime
-from ..models.features import feature_key
+from ..models.features import StyleSpec, feature_key, style_key
 from ..models.inference import CachedFeatures
 from ..models.preprocess import Preprocess
 from ..insight.openset import OpenSet
@@ -97,13 +97,23 @@ class TrainedModel:
         pre, model = self.pre, self.model
         root = workspace.cache_dir / "features"
         last = FeatureCache(root, feature_key(meta.backbone, fingerprint, pre))
+        spec = self.style_spec
+        # the open-set score's style statistics of the frozen backbone, cached beside its features
+        style = FeatureCache(root, style_key(meta.backbone, fingerprint, pre, spec)) if spec is not None else None
         if variant == "last":
-            return CachedFeatures(last, "last", int(getattr(model, "head_hidden_size", None) or model.num_features))
+            return CachedFeatures(last, "last", int(getattr(model, "head_hidden_size", None) or model.num_features),
+                                  style_cache=style)
         # the saved wrapper's own block widths and scales (meta.json records the same)
         return CachedFeatures(FeatureCache(root, feature_key(meta.backbone, fingerprint, pre, variant)), variant,
                               int(model.last_features), tuple(int(d) for d in model.block_dims),
                               tuple(float(k) for k in model.scales.tolist()) if variant == "depths" else (),
-                              last if variant == "depths" else None)
+                              last if variant == "depths" else None, style_cache=style)
+
+    @property
+    def style_spec(self) -> StyleSpec | None:
+        """The style statistics the open-set score needs from each forward pass (None: none needed)."""
+        spec = self.open_set.style_spec if self.open_set is not None else None
+        return StyleSpec.from_dict(spec) if spec else None
 
 
 def resolve_run(ref: str | os.PathLike, workspace: Workspace | None = None) -> Path:
@@ -286,7 +296,7 @@ def load_model(ref: str | os.PathLike, head: str = SAVED, device: str = "cpu") -
         raise ExportError(f"Unknown head {head!r}; use {SAVED} or {VALIDATION_FIT}.")
     rt = Runtime.create(device)
     bank = files.open_set_bank()  # validated now, like the rest (None: a run from before open-set scores)
-    open_set = OpenSet(bank, files.open_set_record()) if bank is not None else None
+    open_set = OpenSet(bank, files.open_set_record(), files.open_set_style_bank()) if bank is not None else None
     return TrainedModel(model=model.to(rt.device), files=files, source=str(p), head=used, runtime=rt,
                         open_set=open_set)
 

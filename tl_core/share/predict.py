@@ -18,7 +18,7 @@ from ..data.images import IMAGE_EXTENSIONS, file_sha256, load_image
 from ..data.intake import ImageItem, safe_extract_zip
 from ..data.library import open_data
 from ..errors import DatasetError
-from ..insight.openset import open_set_fields
+from ..insight.openset import Scores, open_set_fields
 from ..models.inference import CachedFeatures, logits_of_images, logits_of_items, logits_via_cache
 from ..models.metrics import compute_metrics, softmax, top_losses
 from ..runs.workspace import Workspace
@@ -68,7 +68,8 @@ def evaluate_dataset(tm: TrainedModel, data: str | os.PathLike, workspace: Works
 
 def logits_of_dataset_items(tm: TrainedModel, items: Sequence[ImageItem], workspace: Workspace,
                             with_features: bool = False, batch_size: int = 32) -> Any:
-    """Raw logits (and, ``with_features``, pre-logit features) of ``tm`` on dataset items.
+    """Raw logits (and, ``with_features``, pre-logit features, and the style statistics when the model's
+    open-set score needs them: (logits, features, style or None)) of ``tm`` on dataset items.
 
     A ``linear`` run goes through the feature cache (:meth:`TrainedModel.cached_features`): images whose features
     are cached (seen in training or an earlier evaluation) run through no network, the others are extracted
@@ -79,9 +80,15 @@ def logits_of_dataset_items(tm: TrainedModel, items: Sequence[ImageItem], worksp
     source = tm.cached_features(workspace)
     if source is not None:
         return logits_via_cache(tm.model, items, tm.pre, decoded, source, batch_size=batch_size, runtime=tm.runtime,
-                                with_features=with_features)
+                                with_features=with_features, style=_spec(tm, with_features))
     return logits_of_items(tm.model, items, tm.pre, decoded, batch_size=batch_size, runtime=tm.runtime,
-                           with_features=with_features)
+                           with_features=with_features, style=_spec(tm, with_features))
+
+
+def _spec(tm: TrainedModel, with_features: bool) -> Any:
+    """The style statistics to compute with the features: the open-set score's, or None (asked without features,
+    or a content-only bank). With a spec, ``logits_of_*`` return (logits, features, style)."""
+    return tm.style_spec if with_features else None
 
 
 def _evaluate_multilabel(tm: TrainedModel, ds: Any, items: list, evaluated: str, workspace: Workspace
@@ -123,18 +130,23 @@ def expand_paths(paths: Iterable[str | os.PathLike], tmp: Path) -> tuple[list[tu
     return files, skipped
 
 
-def _with_scores(tm: TrainedModel, out: Any) -> tuple[np.ndarray, np.ndarray | None]:
+def _with_scores(tm: TrainedModel, out: Any) -> tuple[np.ndarray, Scores | None]:
     """(logits, open-set scores or None) of a ``logits_of_*`` result asked with ``with_features`` when the
-    model has an open-set bank."""
+    model has an open-set bank (and with its style spec, when it has one)."""
     if tm.open_set is None:
         return out, None
-    logits, feats = out
-    return logits, tm.open_set.score(feats)
+    if len(out) == 3:
+        logits, feats, style = out
+    else:
+        (logits, feats), style = out, None
+    return logits, tm.open_set.scores(feats, style)
 
 
 def _rows(tm: TrainedModel, images: Sequence[Any], top_k: int) -> list[dict[str, Any]]:
     """Prediction rows of Pillow images, with ``unknown`` and ``ood_score`` from the same forward pass."""
-    out = logits_of_images(tm.model, images, tm.pre, runtime=tm.runtime, with_features=tm.open_set is not None)
+    with_features = tm.open_set is not None
+    out = logits_of_images(tm.model, images, tm.pre, runtime=tm.runtime, with_features=with_features,
+                           style=_spec(tm, with_features))
     return _rows_of(tm, out, top_k)
 
 
@@ -147,14 +159,15 @@ def _rows_of(tm: TrainedModel, out: Any, top_k: int) -> list[dict[str, Any]]:
         rows = rows_of_logits(tm, logits, top_k)
     else:
         rows = [prediction_row(p, tm.classes, top_k) for p in softmax(logits, tm.temperature)]
-    return [{**row, **open_set_fields(None if scores is None else float(scores[n]), tm.open_set)}
-            for n, row in enumerate(rows)]
+    return [{**row, **open_set_fields(n, scores, tm.open_set)} for n, row in enumerate(rows)]
 
 
 def predict_pil(tm: TrainedModel, images: Sequence[Any], top_k: int = 3) -> list[dict[str, Any]]:
     """Top-k predictions for RGB Pillow images: label, confidence, top_k [{label, confidence}] (multi-label:
     labels [{label, p}] and probs too), unknown (the image is unlike the training images; None for a model
-    without open-set files) and ood_score."""
+    without open-set files), ood_score, ood_reason (style | content | both, or None when not unknown),
+    ood_distances {content, style} (1.0 = each one's threshold) and nearest (up to 3 training images by content,
+    [{path, label, distance}]; None when the model keeps no paths) (:func:`tl_core.insight.openset.open_set_fields`)."""
     return _rows(tm, images, top_k)
 
 
@@ -179,8 +192,9 @@ def predict_paths(tm: TrainedModel, paths: Iterable[str | os.PathLike], top_k: i
         workspace: for a ``linear`` run, the workspace whose feature cache serves (and keeps) the features of the
             images (:func:`logits_of_dataset_items`; the same numbers); None: the whole network runs on every image.
     Returns:
-        (rows of {path, label, confidence, top_k, unknown, ood_score}, skipped [{path, reason}]); ``unknown``
-        and ``ood_score`` are None for a model trained before open-set scores; an image inside a zip is
+        (rows of {path, label, confidence, top_k, unknown, ood_score, ood_reason, ood_distances, nearest} (see
+        :func:`predict_pil`), skipped [{path, reason}]); the open-set fields are None for a model trained before
+        open-set scores; an image inside a zip is
         reported as ``archive.zip/inner/path.png``.
     """
     rows: list[dict[str, Any]] = []
@@ -221,8 +235,9 @@ def _predict_files_cached(tm: TrainedModel, files: list[tuple[Path, str]], skipp
             progress(min(start + done, len(files)), len(files))
 
     def logits(batch: list[ImageItem]) -> Any:
+        with_features = tm.open_set is not None
         return logits_via_cache(tm.model, batch, tm.pre, decoded, source, batch_size=batch_size, runtime=tm.runtime,
-                                with_features=tm.open_set is not None, progress=step)
+                                with_features=with_features, progress=step, style=_spec(tm, with_features))
 
     for start in range(0, len(files), PREDICT_CHUNK):
         items, names = [], []
@@ -252,7 +267,8 @@ def _predict_files_cached(tm: TrainedModel, files: list[tuple[Path, str]], skipp
 
 def write_predictions_csv(rows: Sequence[dict[str, Any]], out: str | os.PathLike | io.StringIO) -> None:
     """CSV with path, label, confidence, top-k as 'label:conf;label:conf', unknown (true/false, empty for a model
-    without open-set files) and ood_score.
+    without open-set files), ood_score, ood_reason, ood_content and ood_style (the normalised distances) and
+    nearest (the nearest training image's path).
 
     Multi-label rows (they carry ``probs``) make :func:`tl_core.share.multilabel.write_multilabel_csv`'s CSV:
     path, labels (``a;b``), one ``p_<label>`` column per label, unknown and ood_score.
@@ -266,13 +282,18 @@ def write_predictions_csv(rows: Sequence[dict[str, Any]], out: str | os.PathLike
     f = open(out, "w", newline="", encoding="utf-8") if own else out
     try:
         w = csv.writer(f)
-        w.writerow(["path", "label", "confidence", "top_k", "unknown", "ood_score"])
+        w.writerow(["path", "label", "confidence", "top_k", "unknown", "ood_score", "ood_reason", "ood_content",
+                    "ood_style", "nearest"])
         for r in rows:
             unknown, score = r.get("unknown"), r.get("ood_score")
+            dist, near = r.get("ood_distances") or {}, r.get("nearest") or []
             w.writerow([r["path"], r["label"], f"{r['confidence']:.6f}",
                         ";".join(f"{t['label']}:{t['confidence']:.6f}" for t in r["top_k"]),
                         "" if unknown is None else str(bool(unknown)).lower(),
-                        "" if score is None else f"{score:.6f}"])
+                        "" if score is None else f"{score:.6f}", r.get("ood_reason") or "",
+                        "" if dist.get("content") is None else f"{dist['content']:.6f}",
+                        "" if dist.get("style") is None else f"{dist['style']:.6f}",
+                        near[0]["path"] if near else ""])
     finally:
         if own:
             f.close()
