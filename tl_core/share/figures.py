@@ -271,15 +271,22 @@ def learning_curve(rows: Sequence[Mapping[str, Any]], n_classes: int) -> go.Figu
 
 
 def ood_histogram(scores: Sequence[float], threshold: float, saved: float | None = None,
-                  what: str = "validation images") -> go.Figure:
-    """The distribution of open-set scores (cosine distance to the nearest training image) with the threshold
-    as a line (and the saved one, dotted, when a different one is being tried): right of it is ``unknown``."""
-    fig = go.Figure(go.Histogram(x=list(scores), nbinsx=40, marker_color=_COLORS[0], name=what))
+                  what: str = "validation images", foreign: Sequence[float] | None = None,
+                  xaxis: str = "distance to the nearest training image (cosine)") -> go.Figure:
+    """The distribution of open-set scores with the threshold as a line (and the saved one, dotted, when a
+    different one is being tried): right of it is ``unknown``. ``foreign``: scores of images the user says are
+    foreign, overlaid in another colour (a good threshold has them on its right)."""
+    fig = go.Figure(go.Histogram(x=list(scores), nbinsx=40, marker_color=_COLORS[0], name=what,
+                                 opacity=0.75 if foreign else 1.0))
+    if foreign:
+        fig.add_histogram(x=list(foreign), nbinsx=40, marker_color=_COLORS[1], name="foreign images", opacity=0.75)
+        fig.update_layout(barmode="overlay")
     fig.add_vline(x=threshold, line=dict(color="crimson", width=2),
                   annotation_text=f"threshold {threshold:.3f}", annotation_position="top right")
     if saved is not None and abs(saved - threshold) > 1e-9:
         fig.add_vline(x=saved, line=dict(color="grey", width=1, dash="dot"),
                       annotation_text=f"saved {saved:.3f}", annotation_position="top left")
-    fig.update_layout(xaxis_title="distance to the nearest training image (cosine)", yaxis_title=what,
-                      bargap=0.05, height=320, showlegend=False, **_layout(titled=True))
+    fig.update_layout(xaxis_title=xaxis, yaxis_title="images" if foreign else what,
+                      bargap=0.05, height=340 if foreign else 320, showlegend=bool(foreign),
+                      **_layout(titled=True, legend_rows=1 if foreign else 0))
     return fig
