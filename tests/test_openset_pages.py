@@ -148,5 +148,9 @@ def test_data_page_gives_the_domain_gap_in_style_and_content_per_class(home):
     assert gap["per_class"][best]["rank"] == 1 and gap["per_class"][worst]["rank"] == 5
     assert any(f"Most ImageNet-like class: **{best}**; least: **{worst}**" in c.value for c in at.caption)
     # the most and least ImageNet-like images, with their class, how sure the head is and their style gap
-    caps = [c for c in _captions(at) if c.count(" · ") == 2 and c.split(" · ")[0] in CLASSES]
+    caps = [c.value for c in at.caption if c.value.count(" · ") == 2 and c.value.split(" · ")[0] in CLASSES]
     assert len(caps) == 8
+    shown = [f"{r['class']} · {r['max_softmax']:.0%} · {r['style_gap']:.2f}"
+             for r in gap["most_imagenet_like"] + gap["least_imagenet_like"]]
+    assert caps == shown
+    assert len(at.get("image")) >= 8  # their thumbnails
