@@ -154,3 +154,29 @@ def test_data_page_gives_the_domain_gap_in_style_and_content_per_class(home):
              for r in gap["most_imagenet_like"] + gap["least_imagenet_like"]]
     assert caps == shown
     assert len(at.get("image")) >= 8  # their thumbnails
+
+
+def test_wilson_interval_and_the_share_caught():
+    from tl_core.insight.foreign import caught_at, wilson_interval
+
+    # textbook values: 8 of 10 -> (0.490, 0.943); 0 of 20 -> (0, 0.161)
+    lo, hi = wilson_interval(8, 10)
+    assert (round(lo, 3), round(hi, 3)) == (0.490, 0.943)
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and round(hi, 3) == 0.161
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    got = caught_at([0.5, 1.2, 2.0, 0.99], 1.0)
+    assert (got["caught"], got["images"], got["share"]) == (2, 4, 0.5)
+
+
+def test_the_closest_training_images_get_thumbnails_and_a_gone_file_none(tmp_path):
+    from tl_core.runs.kinds import _nearest_thumbnails
+
+    there = sorted((EMOJI / "flag").iterdir())[0]
+    rows = [{"nearest": [{"path": str(there), "label": "flag", "distance": 0.1},
+                         {"path": str(tmp_path / "gone.png"), "label": "face", "distance": 0.2}]},
+            {"nearest": None}, {"nearest": [{"path": str(there), "label": "flag", "distance": 0.3}]}]
+    _nearest_thumbnails(rows, tmp_path)
+    first, gone = rows[0]["nearest"]
+    assert (tmp_path / first["thumb"]).is_file() and gone["thumb"] is None
+    assert rows[2]["nearest"][0]["thumb"] == first["thumb"]  # one thumbnail per training image
