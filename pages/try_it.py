@@ -68,7 +68,7 @@ def nearest_images(ws, task, r: dict) -> None:
     if not near:
         return
     shown = [n for n in near if n.get("thumb")]
-    st.caption("Closest training images:" if shown else
+    st.caption("Closest training images (label · distance of what they show):" if shown else
                "The closest training images are no longer on disk (the dataset was moved or deleted).")
     if not shown:
         return
