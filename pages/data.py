@@ -229,6 +229,9 @@ def show_domain_gap(ws, path: Path, sig: str, backbone: str, seed: int) -> None:
     left, right = st.columns([1, 1])
     with left:
         st.plotly_chart(charts.domain_gap(gap["per_class"], gap["levels"]), width="stretch", key="gap-chart")
+        if gap.get("style_levels"):
+            st.plotly_chart(charts.style_gap(gap["per_class"], gap["style_levels"]), width="stretch",
+                            key="gap-style-chart")
     with right:
         st.caption("What the backbone's ImageNet head thinks each class shows (share of its images)"
                    + (", and each class's style gap; rank 1 is the most ImageNet-like class:" if gap.get("style_level")

@@ -144,6 +144,10 @@ def test_data_page_gives_the_domain_gap_in_style_and_content_per_class(home):
     # per class: the style gap and the rank, most ImageNet-like first
     table = [d.value for d in at.dataframe if "style gap" in d.value.columns][0]
     assert sorted(table["class"]) == CLASSES and table["rank"].tolist() == [1, 2, 3, 4, 5]
+    bars = [sp for sp in plotly_specs(at) if sp["layout"].get("xaxis", {}).get("title", {}).get("text", "")
+            .startswith("style gap")]
+    assert len(bars) == 1 and dict(zip(bars[0]["data"][0]["y"], bars[0]["data"][0]["x"])) == pytest.approx(
+        {c: v["style_gap"] for c, v in gap["per_class"].items()})
     best, worst = table["class"].iloc[0], table["class"].iloc[-1]
     assert gap["per_class"][best]["rank"] == 1 and gap["per_class"][worst]["rank"] == 5
     assert any(f"Most ImageNet-like class: **{best}**; least: **{worst}**" in c.value for c in at.caption)

@@ -122,11 +122,12 @@ def _embedding_map(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]
 
 
 def _domain_gap(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    from ..insight.advisor import GAP_LEVELS, domain_gap
+    from ..insight.advisor import GAP_LEVELS, STYLE_LEVELS, domain_gap
 
     res = domain_gap(p["data"], p["backbone"], ws, max_per_class=p["max_per_class"], seed=p["seed"],
-                     progress=_counting(ctx, "Computing features"), should_cancel=ctx.should_cancel)
-    return {**res, "levels": GAP_LEVELS}  # the page's chart draws the thresholds
+                     progress=_counting(ctx, "Measuring content and style"), should_cancel=ctx.should_cancel)
+    # the page's charts draw the thresholds (the style levels' finite upper bounds)
+    return {**res, "levels": GAP_LEVELS, "style_levels": [(hi, lv) for hi, lv, _ in STYLE_LEVELS if hi != float("inf")]}
 
 
 def _gradcam(ws: Workspace, p: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:

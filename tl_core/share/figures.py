@@ -10,7 +10,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 __all__ = ["class_counts", "training_curves", "confusion", "top_k", "advisor_scores", "embedding_map", "domain_gap",
-           "reliability", "ARM_NAMES", "learning_curve", "ood_histogram"]
+           "reliability", "ARM_NAMES", "learning_curve", "ood_histogram", "style_gap"]
 
 _COLORS = qualitative.Plotly
 
@@ -191,6 +191,24 @@ def domain_gap(per_class: Mapping[str, Mapping[str, Any]], levels: Sequence[tupl
                           annotation_text=f"{level} above", annotation_position="top")
     fig.update_layout(height=140 + 30 * len(names), xaxis=dict(range=[0, 1], title="how sure the ImageNet head is "
                                                                                "(mean max-softmax)"),
+                      yaxis=dict(autorange="reversed"), **_layout(titled=True))
+    return fig
+
+
+def style_gap(per_class: Mapping[str, Mapping[str, Any]], bounds: Sequence[Sequence[Any]]) -> go.Figure:
+    """The style gap per class (distance of the images' feature statistics from the backbone's ImageNet ones),
+    with the level bounds ``[(upper bound, level), ...]`` as lines; classes without one are left out."""
+    names = [c for c in per_class if per_class[c].get("style_gap") is not None]
+    vals = [per_class[c]["style_gap"] for c in names]
+    fig = go.Figure(go.Bar(x=vals, y=names, orientation="h", marker_color=_COLORS[1],
+                           text=[f"{v:.2f}" for v in vals], textposition="inside", insidetextanchor="end",
+                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    for hi, level in bounds:
+        fig.add_vline(x=hi, line=dict(color="#9ca3af", dash="dash"), annotation_text=f"{level} below",
+                      annotation_position="top")
+    top = max([*vals, *(b[0] for b in bounds)], default=0.5)
+    fig.update_layout(height=140 + 30 * len(names), xaxis=dict(range=[0, top * 1.1], title="style gap (0 = ImageNet's "
+                                                                                             "average statistics)"),
                       yaxis=dict(autorange="reversed"), **_layout(titled=True))
     return fig
 
