@@ -295,7 +295,7 @@ def _images_tensor(tm, paths) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_onnx_export_via_cli_is_verified_and_has_a_dynamic_batch(run_dir, tmp_path, capsys):
+def test_onnx_export_via_cli_is_verified_and_has_a_dynamic_batch(run_dir, bundle, tmp_path, capsys):
     import onnx
     import onnxruntime as ort
 
@@ -316,7 +316,7 @@ def test_onnx_export_via_cli_is_verified_and_has_a_dynamic_batch(run_dir, tmp_pa
     onnx.checker.check_model(model)
     dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param and not dim0.dim_value  # symbolic batch axis
-    assert [o.name for o in model.graph.output] == ["probs", "logits"]
+    assert [o.name for o in model.graph.output] == ["probs", "logits", "ood_score", "ood_content", "ood_style"]
 
     sidecar = json.loads(Path(info["sidecar"]).read_text())
     assert Path(info["sidecar"]) == out.with_name("model.onnx.json")
@@ -330,12 +330,63 @@ def test_onnx_export_via_cli_is_verified_and_has_a_dynamic_batch(run_dir, tmp_pa
     with torch.inference_mode():
         ref = torch.softmax(tm.model(x), dim=1).numpy()
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    probs, logits = sess.run(None, {"input": x.numpy()})
+    probs, logits = sess.run(["probs", "logits"], {"input": x.numpy()})
     one = sess.run(["probs"], {"input": x[3:4].numpy()})[0]
     assert probs.shape == (len(SAMPLES), 5) and logits.shape == (len(SAMPLES), 5)
     assert (probs.argmax(1) == ref.argmax(1)).all()
     assert np.abs(probs - ref).max() <= PARITY_TOLERANCE and np.abs(one - ref[3:4]).max() <= PARITY_TOLERANCE
     assert np.allclose(probs.sum(1), 1, atol=1e-5)  # softmax is inside the graph
+    assert v["open_set"]["passed"] and v["open_set"]["max_score_diff"] <= 1e-3
+    _onnx_runtime_alone_says_unknown_like_predict(out, run_dir, bundle, tmp_path)
+
+
+def _sidecar_pixels(path: Path, pre: dict) -> np.ndarray:
+    """One image as the sidecar's preprocessing steps say, with Pillow and numpy only (no tl_core)."""
+    from PIL import Image
+
+    im = Image.open(path)
+    if im.mode in ("RGBA", "LA", "P"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    im = im.convert("RGB")
+    w, h = im.size
+    r = pre["resize"]
+    size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+    interp = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[pre["interpolation"]]
+    im = im.resize(size, interp) if size != (w, h) else im
+    s = pre["input_size"]
+    top, left = int(round((im.size[1] - s) / 2.0)), int(round((im.size[0] - s) / 2.0))
+    a = np.asarray(im, dtype=np.float32)[top:top + s, left:left + s] / 255.0
+    a = (a - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
+    return a.transpose(2, 0, 1)
+
+
+def _onnx_runtime_alone_says_unknown_like_predict(model_file: Path, run_dir: Path, bundle_file: Path,
+                                                  tmp: Path) -> None:
+    """The exported file, run by ONNX Runtime with only its sidecar (no tl_core scoring), on in-distribution and
+    foreign real images: the same ``unknown`` flags and scores (within 1e-3) as ``tl-core predict`` on the run
+    and on the bundle."""
+    import onnxruntime as ort
+
+    from conftest import FASHION
+
+    sidecar = json.loads(model_file.with_name(model_file.name + ".json").read_text())
+    paths = SAMPLES[:5] + sorted((FASHION / "test" / "bag").iterdir())[:3] + sorted(
+        (FASHION / "test" / "sneaker").iterdir())[:2]
+    x = np.stack([_sidecar_pixels(p, sidecar["preprocessing"]) for p in paths]).astype(np.float32)
+    sess = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    score, content, style = sess.run(["ood_score", "ood_content", "ood_style"], {"input": x})
+    unknown = score > sidecar["open_set"]["threshold"]
+    assert sidecar["open_set"]["unknown"] == "ood_score > threshold"
+    run_rows, _ = predict_paths(load_model(run_dir), paths)
+    bundle_rows, _ = predict_paths(load_bundle(bundle_file), paths)
+    for rows in (run_rows, bundle_rows):
+        assert unknown.tolist() == [r["unknown"] for r in rows]
+        assert np.abs(score - [r["ood_score"] for r in rows]).max() <= 1e-3
+        assert np.abs(content - [r["ood_distances"]["content"] for r in rows]).max() <= 1e-3
+        assert np.abs(style - [r["ood_distances"]["style"] for r in rows]).max() <= 1e-3
+    assert not unknown[:5].any() and unknown[5:].all()  # its own kind of image passes; Fashion-MNIST does not
 
 
 def test_onnx_legacy_exporter_also_verifies(run_dir, tmp_path):
@@ -364,9 +415,13 @@ def test_torchscript_export_is_verified_and_self_describing(run_dir, tmp_path):
     tm = load_model(run_dir)
     x = _images_tensor(tm, SAMPLES)
     with torch.inference_mode():
-        probs, _ = loaded(x)
+        probs, _, score, content, style = loaded(x)  # the open-set score is in the traced graph too
         ref = torch.softmax(tm.model(x), dim=1)
     assert (probs.argmax(1) == ref.argmax(1)).all() and (probs - ref).abs().max().item() <= PARITY_TOLERANCE
+    assert v["open_set"]["passed"] and embedded["open_set"]["threshold"] == 1.0
+    rows, _ = predict_paths(tm, SAMPLES)
+    assert np.abs(score.numpy() - [r["ood_score"] for r in rows]).max() <= 1e-3
+    assert (score.numpy() > 1.0).tolist() == [r["unknown"] for r in rows]
 
 
 def test_export_that_disagrees_with_pytorch_fails_loudly_and_keeps_nothing(run_dir, tmp_path, monkeypatch):
@@ -432,7 +487,8 @@ def test_predict_folder_and_zip_to_json_and_csv(bundle, tmp_path, capsys):
     assert "skipped" in out.err and "broken.png" in out.err and "readme.md" in out.err
 
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "path,label,confidence,top_k,unknown,ood_score" and len(lines) == 11
+    assert lines[0] == "path,label,confidence,top_k,unknown,ood_score,ood_reason,ood_content,ood_style,nearest"
+    assert len(lines) == 11
     assert predictions_csv(rows).splitlines()[1:] == lines[1:]
 
 

@@ -7,7 +7,8 @@ trained run therefore keeps a *bank* of its training images (at most :data:`MAX_
 
 - **content**: the L2-normalised pre-logit features (what the classifier head sees): *what the image shows*;
 - **style**: per-channel statistics (standard deviation over the map) of earlier backbone stages
-  (:class:`~tl_core.models.features.StyleSpec`): *what kind of image it is* (colours, strokes, texture). On a
+  (:class:`~tl_core.models.features.StyleSpec`; one distance per stage, the largest counts): *what kind of image
+  it is* (colours, strokes, texture). On a
   small, varied training set the pooled last layer only says "a drawing of something", so a handwritten digit
   passes the content test of a clip-art model; its style statistics do not look like any clip-art's.
 
@@ -55,9 +56,10 @@ COVERAGE = 0.95
 MAX_BANK_ROWS = 2048
 #: Nearest bank rows whose mean distance is an image's distance (content and style alike).
 K = 1
-#: Style distances combine per group of stages (indices into the style spec's stages): one group, all stages
-#: joined (each stage's block L2-normalised first, so that each weighs the same), is one style distance.
-STYLE_GROUPS: tuple[tuple[int, ...], ...] | None = None  # None: all stages as one group
+#: Style distances per group of stages (indices into the style spec's stages; a group's blocks are each
+#: L2-normalised, then joined): None, one group per stage, each its own distance and threshold, the style
+#: distance being the largest (measured better than one joined group: benchmarks/openset.py).
+STYLE_GROUPS: tuple[tuple[int, ...], ...] | None = None
 #: The largest threshold a person may set on a version-2 score (1.0 = the calibrated one).
 MAX_THRESHOLD = 10.0
 #: Nearest training images a prediction lists.
@@ -115,7 +117,7 @@ def nn_distance(feats: np.ndarray, bank: np.ndarray, exclude_self: bool = False,
 
 
 def _groups(n_stages: int, groups: Sequence[Sequence[int]] | None) -> list[list[int]]:
-    return [list(g) for g in groups] if groups else [list(range(n_stages))]
+    return [list(g) for g in groups] if groups else [[i] for i in range(n_stages)]
 
 
 def style_vectors(style: np.ndarray, dims: Sequence[int], groups: Sequence[Sequence[int]] | None = None
@@ -126,7 +128,7 @@ def style_vectors(style: np.ndarray, dims: Sequence[int], groups: Sequence[Seque
     Args:
         style: (N, sum(dims)) raw statistics, one block per stage.
         dims: each stage's width.
-        groups: stage indices per group (None: one group of all stages).
+        groups: stage indices per group (None: one group per stage).
     """
     x = np.asarray(style, np.float32)
     if x.ndim == 1:

@@ -217,7 +217,8 @@ def model_card(files: RunFiles) -> str:
         "",
         "`model.safetensors` (weights), `meta.json` (classes, architecture, preprocessing), `config.json` "
         "(training configuration), `metrics.json` (validation metrics and training curves), `ood.json` and "
-        "`ood_bank.safetensors` (the `unknown` threshold and the training images' features), `manifest.json` "
+        "`ood_bank.safetensors` (the `unknown` thresholds and the training images' content features and style "
+        "statistics, with their file names and labels: see docs/openset.md), `manifest.json` "
         "(SHA-256 of each file). Predict with `tl-core predict THIS.zip image.jpg ...` or in Python with "
         "`tl_core.share.loading.load_bundle('THIS.zip')`.",
     ]

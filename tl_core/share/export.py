@@ -4,8 +4,10 @@ A bundle is a zip of the run's model files plus ``MODEL_CARD.md``, ``README.txt`
 (SHA-256 of every file), so it loads with no access to the workspace that made it
 (:func:`tl_core.share.loading.load_bundle`).
 
-ONNX and TorchScript exports take a normalised NCHW float32 batch and return two outputs,
-``probs`` (softmax of logits / temperature: what ``tl-core predict`` reports) and ``logits``. The
+ONNX and TorchScript exports take a normalised NCHW float32 batch and return ``probs`` (softmax of
+logits / temperature: what ``tl-core predict`` reports) and ``logits``, and for a model with open-set files
+``ood_score``, ``ood_content`` and ``ood_style`` computed inside the graph (the bank matrices are constants
+of the graph; the sidecar gives the threshold: ``unknown = ood_score > threshold``; see docs/openset.md). The
 preprocessing that turns an image into that batch is written next to the model as ``<file>.json``.
 A multi-label model's ``probs`` are per-label ``sigmoid(logits / T)`` instead (each label its own yes/no;
 the sidecar says ``multi_label: true`` and gives the per-label ``thresholds``).
@@ -435,8 +437,9 @@ Python:
 
 Files: model.safetensors (weights, safetensors: no code inside), meta.json (architecture, classes,
 preprocessing), config.json (training configuration), metrics.json, ood.json and ood_bank.safetensors
-(the open-set threshold and the training images' features: a prediction says "unknown" for an image unlike
-them), MODEL_CARD.md, manifest.json (SHA-256 of every file; a modified bundle is refused).
+(the open-set thresholds and the training images' content features and style statistics: a prediction says
+"unknown" for an image unlike them, and why: "style" or "content"), MODEL_CARD.md, manifest.json (SHA-256 of
+every file; a modified bundle is refused).
 """
 
 
