@@ -13,6 +13,9 @@ from pages import _multilabel as ml_view
 from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.data.library import deleted_dataset
+from tl_core.data.images import IMAGE_EXTENSIONS
+from tl_core.errors import DatasetError
+from tl_core.insight.foreign import caught_at, save_foreign_upload
 from tl_core.insight.openset import UNKNOWN_NOTE, flagged_share
 from tl_core.models.metrics import figure_of, normalise_rows
 from tl_core.runs import tasks
@@ -210,7 +213,7 @@ def show_open_set(ws, files: RunFiles) -> None:
                   key=f"ood_threshold-{files.dir.name}-{saved_t:.6f}",
                   help="Images farther than this from every training image are called unknown. Lower: more images "
                        "flagged (safer, more false alarms); higher: fewer.")
-    st.plotly_chart(charts.ood_histogram(scores, t, saved_t, what), width="stretch", key="ood-hist")
+    chart = st.container()
     c = st.columns(2)
     c[0].metric(f"{what.capitalize()} flagged", f"{flagged_share(scores, t):.1%}",
                 help=f"Share of the {len(scores)} {what} this threshold would call unknown: in-distribution images, "
@@ -222,6 +225,65 @@ def show_open_set(ws, files: RunFiles) -> None:
     if abs(t - saved_t) > 1e-9:
         st.button(f"Save threshold {t:.3f} for this run", type="primary", on_click=_save_threshold, args=(t,),
                   icon=":material/save:", help="Try it, predictions and new exports then use it.")
+    foreign = show_foreign(ws, files, t, saved_t)
+    xaxis = ("distance from the training images (1 = the calibrated threshold)" if int(rec.get("version", 1)) >= 2
+             else "distance to the nearest training image (cosine)")
+    chart.plotly_chart(charts.ood_histogram(scores, t, saved_t, what, foreign=foreign, xaxis=xaxis),
+                       width="stretch", key="ood-hist")
+
+
+#: What a caught foreign image differed in, by ``ood_reason``.
+FOREIGN_REASONS = {"style": "in style (colours, strokes, texture)", "content": "in what it shows",
+                   "both": "in both"}
+
+
+def show_foreign(ws, files: RunFiles, t: float, saved_t: float) -> list[float] | None:
+    """Foreign images the user uploads (things the model should call unknown): how many the threshold catches,
+    scored by a task; returns their scores for the chart (None before any are given)."""
+    st.markdown("**Try it on foreign images**")
+    st.caption("Drop images the model should *not* recognise (another kind of picture, other objects) or a .zip of "
+               "them: this shows how many the threshold catches, and why.")
+    ups = st.file_uploader("Foreign images (or a .zip)", accept_multiple_files=True,
+                           type=sorted({e.lstrip(".") for e in IMAGE_EXTENSIONS} | {"zip"}),
+                           key=f"foreign-{files.dir.name}", help=session.upload_note())
+    paths, names = [], []
+    for u in ups or []:
+        try:
+            paths.append(str(save_foreign_upload(ws, u.name, u.getvalue())))
+            names.append(u.name)
+        except DatasetError as e:
+            st.warning(str(e))
+    if not paths:
+        return None
+    params = {**_run_params(files), "images": paths, "names": names}
+    res = task_ui.task_view(ws, "foreign_check", params, f"Scoring {len(paths)} upload(s) with this run",
+                            auto=True, key="foreign")
+    if res is None:
+        return None
+    for sk in res["skipped"][:5]:
+        st.caption(f"Skipped {sk['path']}: {sk['reason']}")
+    now = caught_at(res["scores"], t)
+    lo, hi = now["interval"]
+    c = st.columns(2)
+    c[0].metric("Foreign images caught", f"{now['caught']} of {now['images']}",
+                help="Images the threshold on the slider calls unknown; each one it lets through would get a "
+                     "confident-looking class.")
+    c[1].metric("Share caught", f"{now['share']:.0%}", help="With its 95% interval (Wilson): how sure this figure "
+                "is from this many images.")
+    st.caption(f"{now['share']:.0%} caught (95% interval {lo:.0%}–{hi:.0%}, {now['images']} images)"
+               + ("" if abs(t - saved_t) < 1e-9 else f"; at the saved threshold: {res['caught']} of {res['images']}")
+               + ".")
+    why = {k: v for k, v in res["by_reason"].items() if v}
+    if why and abs(t - saved_t) < 1e-9:
+        st.caption("Caught at the saved threshold, unlike the training images " + "; ".join(
+            f"{FOREIGN_REASONS[k]}: {v}" for k, v in why.items()) + ".")
+    if now["images"] < 30:
+        st.caption("A few images give a wide interval: drop more of them for a figure to rely on.")
+    # a table, not an expander: this view is itself inside one for a multi-label run
+    st.dataframe(pd.DataFrame([{"image": r["path"], "closest class": r["label"], "distance": r["ood_score"],
+                                "unknown": r["ood_score"] > t, "how": r.get("ood_reason")} for r in res["rows"]]),
+                 hide_index=True, width="stretch", height=min(320, 38 + 35 * len(res["rows"])))
+    return res["scores"]
 
 
 def show_run_map(ws, files: RunFiles) -> None:

@@ -29,6 +29,56 @@ st.caption("Give the model images it has never seen. It answers with the closest
 SHOW_CHARTS = 12
 #: Grad-CAM overlays are drawn for at most this many images (each takes a backward pass).
 SHOW_CAMS = 6
+#: How an unknown image differs from the training images, by ``ood_reason``.
+REASONS = {
+    "style": "in style (colours, strokes, texture)",
+    "content": "in what it shows",
+    "both": "both in style (colours, strokes, texture) and in what it shows",
+}
+
+
+def _distances(r: dict) -> str:
+    """The two distances of a prediction row in words (1.0 = the run's threshold), or "" for an older run."""
+    d = r.get("ood_distances") or {}
+    parts = [f"{what} {d[key]:.2f}" for key, what in (("style", "style"), ("content", "content"))
+             if isinstance(d.get(key), (int, float))]
+    return f"distances: {', '.join(parts)}; 1.00 is this run's threshold" if parts else ""
+
+
+def open_set_note(r: dict, multi: bool) -> None:
+    """Whether the image is like the training images, and when it is not, in which way (style or content)."""
+    if r.get("unknown") is None:
+        return
+    dist = _distances(r)
+    if r["unknown"]:
+        how = REASONS.get(r.get("ood_reason") or "")
+        closest = ("these labels are only the closest answer" if multi else
+                   f"**{r['label']}** is only the closest class")
+        st.warning(f"Unlike your training images {how + ' ' if how else ''}("
+                   + (dist if dist else f"distance {r['ood_score']:.3f}, above this run's threshold")
+                   + f"): {closest}; the image may belong to none of them.", icon=":material/help:")
+    else:
+        score = r.get("ood_score")
+        st.caption("Like your training images (" + (dist or f"distance {score:.3f}") + ").")
+
+
+def nearest_images(ws, task, r: dict) -> None:
+    """The closest training images (thumbnails the worker made, with their labels), or a sentence."""
+    near = r.get("nearest")
+    if not near:
+        return
+    shown = [n for n in near if n.get("thumb")]
+    st.caption("Closest training images (label · distance of what they show):" if shown else
+               "The closest training images are no longer on disk (the dataset was moved or deleted).")
+    if not shown:
+        return
+    cols = st.columns(len(near))
+    for col, n in zip(cols, near):
+        if n.get("thumb"):
+            col.image(str(task_ui.result_file(ws, task, n["thumb"])), width=90,
+                      caption=f"{n.get('label') or '?'} · {n['distance']:.2f}")
+        else:
+            col.caption("(file gone)")
 
 
 with session.page_errors():
@@ -111,19 +161,16 @@ with session.page_errors():
                 ml_view.show_prediction(r)
             else:
                 st.markdown(f"**{r['path']}** → **{r['label']}** ({r['confidence']:.1%})")
-            if r.get("unknown"):
-                st.warning(f"Unlike your training images (distance {r['ood_score']:.3f}, above this run's threshold): "
-                           + ("these labels are only the closest answer" if "probs" in r else
-                              f"**{r['label']}** is only the closest class")
-                           + "; the image may belong to none of them.", icon=":material/help:")
-            if "probs" in r:
-                continue
-            st.plotly_chart(charts.top_k(r["top_k"]), width="stretch", key=f"topk-{n}")
+            open_set_note(r, "probs" in r)
+            if "probs" not in r:
+                st.plotly_chart(charts.top_k(r["top_k"]), width="stretch", key=f"topk-{n}")
+            nearest_images(ws, task, r)
     if len(rows) > SHOW_CHARTS:
         st.caption(f"Charts for the first {SHOW_CHARTS}; all {len(rows)} are in the table below.")
     if len(rows) > 1:
         st.dataframe(pd.DataFrame([{"image": r["path"], "prediction": r["label"], "confidence": r["confidence"],
-                                    "unlike training": r.get("unknown")} for r in rows]), hide_index=True,
+                                    "unlike training": r.get("unknown"), "how": r.get("ood_reason")}
+                                   for r in rows]), hide_index=True,
                      width="stretch")
         st.download_button("Download predictions (CSV)", pred["csv"], file_name=f"predictions-{run_id}.csv",
                            mime="text/csv", on_click="ignore")

@@ -122,11 +122,12 @@ def _embedding_map(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]
 
 
 def _domain_gap(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    from ..insight.advisor import GAP_LEVELS, domain_gap
+    from ..insight.advisor import GAP_LEVELS, STYLE_LEVELS, domain_gap
 
     res = domain_gap(p["data"], p["backbone"], ws, max_per_class=p["max_per_class"], seed=p["seed"],
-                     progress=_counting(ctx, "Computing features"), should_cancel=ctx.should_cancel)
-    return {**res, "levels": GAP_LEVELS}  # the page's chart draws the thresholds
+                     progress=_counting(ctx, "Measuring content and style"), should_cancel=ctx.should_cancel)
+    # the page's charts draw the thresholds (the style levels' finite upper bounds)
+    return {**res, "levels": GAP_LEVELS, "style_levels": [(hi, lv) for hi, lv, _ in STYLE_LEVELS if hi != float("inf")]}
 
 
 def _gradcam(ws: Workspace, p: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
@@ -187,6 +188,13 @@ def _report(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
     return {"files": [{"name": out.name, "file": out.name, "bytes": out.stat().st_size, "mime": "text/html"}]}
 
 
+def _foreign_check(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..insight.foreign import foreign_check
+
+    return foreign_check(p["run"], p["images"], names=p.get("names"), workspace=ws,
+                         progress=_counting(ctx, "Scoring the foreign images"))
+
+
 def _time_backbone(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
     from ..models.backbones import time_backbone
 
@@ -219,7 +227,32 @@ def _predict(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
     # the image as the model read it (RGB, small): what a page shows, without decoding the upload itself
     rows = [{"path": n, **r, "image": _save_png(img, ctx.out_dir, f"input-{k}.png", side=320)}
             for k, (n, r, img) in enumerate(zip(names, rows, images))]
-    return {"rows": rows, "skipped": skipped, "classes": tm.classes, "csv": predictions_csv(rows)}
+    csv = predictions_csv(rows)
+    _nearest_thumbnails(rows[:NEAREST_THUMBNAIL_ROWS], ctx.out_dir)
+    return {"rows": rows, "skipped": skipped, "classes": tm.classes, "csv": csv}
+
+
+#: Prediction rows whose nearest training images get thumbnails (Try it draws the first 12 images).
+NEAREST_THUMBNAIL_ROWS = 12
+
+
+def _nearest_thumbnails(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    """Add ``thumb`` (a small PNG in the task's folder, or None when the file is gone) to each of the rows'
+    ``nearest`` training images, so that a page shows them without decoding the training images itself."""
+    from ..data.images import load_image
+    from ..errors import DatasetError
+
+    made: dict[str, str | None] = {}
+    for k, r in enumerate(rows):
+        near = r.get("nearest") or []
+        for j, nb in enumerate(near):
+            path = str(nb.get("path") or "")
+            if path not in made:
+                try:
+                    made[path] = _save_png(load_image(path), out_dir, f"nearest-{k}-{j}.png", side=160)
+                except (DatasetError, OSError):  # the dataset was moved or deleted: the page says so
+                    made[path] = None
+            nb["thumb"] = made[path]
 
 
 def _explain(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
@@ -268,6 +301,7 @@ KINDS: dict[str, TaskKind] = {k.name: k for k in [
     TaskKind("export", "compute", "Exporting and verifying", _export),
     TaskKind("report", "compute", "Writing the report", _report),
     TaskKind("time_backbone", "compute", "Timing the backbone", _time_backbone),
+    TaskKind("foreign_check", "compute", "Scoring foreign images", _foreign_check),
     TaskKind("predict", "interactive", "Predicting", _predict),
     TaskKind("explain", "interactive", "Drawing where the model looked", _explain),
     TaskKind("augment_preview", "interactive", "Drawing augmented images", _augment_preview),

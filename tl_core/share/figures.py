@@ -10,7 +10,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 __all__ = ["class_counts", "training_curves", "confusion", "top_k", "advisor_scores", "embedding_map", "domain_gap",
-           "reliability", "ARM_NAMES", "learning_curve", "ood_histogram"]
+           "reliability", "ARM_NAMES", "learning_curve", "ood_histogram", "style_gap"]
 
 _COLORS = qualitative.Plotly
 
@@ -195,6 +195,24 @@ def domain_gap(per_class: Mapping[str, Mapping[str, Any]], levels: Sequence[tupl
     return fig
 
 
+def style_gap(per_class: Mapping[str, Mapping[str, Any]], bounds: Sequence[Sequence[Any]]) -> go.Figure:
+    """The style gap per class (distance of the images' feature statistics from the backbone's ImageNet ones),
+    with the level bounds ``[(upper bound, level), ...]`` as lines; classes without one are left out."""
+    names = [c for c in per_class if per_class[c].get("style_gap") is not None]
+    vals = [per_class[c]["style_gap"] for c in names]
+    fig = go.Figure(go.Bar(x=vals, y=names, orientation="h", marker_color=_COLORS[1],
+                           text=[f"{v:.2f}" for v in vals], textposition="inside", insidetextanchor="end",
+                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    for hi, level in bounds:
+        fig.add_vline(x=hi, line=dict(color="#9ca3af", dash="dash"), annotation_text=f"{level} below",
+                      annotation_position="top")
+    top = max([*vals, *(b[0] for b in bounds)], default=0.5)
+    fig.update_layout(height=140 + 30 * len(names), xaxis=dict(range=[0, top * 1.1], title="style gap (0 = ImageNet's "
+                                                                                             "average statistics)"),
+                      yaxis=dict(autorange="reversed"), **_layout(titled=True))
+    return fig
+
+
 #: reliability bins with fewer images are drawn as open markers, off the line
 RELIABILITY_MIN_BIN = 5
 
@@ -271,15 +289,22 @@ def learning_curve(rows: Sequence[Mapping[str, Any]], n_classes: int) -> go.Figu
 
 
 def ood_histogram(scores: Sequence[float], threshold: float, saved: float | None = None,
-                  what: str = "validation images") -> go.Figure:
-    """The distribution of open-set scores (cosine distance to the nearest training image) with the threshold
-    as a line (and the saved one, dotted, when a different one is being tried): right of it is ``unknown``."""
-    fig = go.Figure(go.Histogram(x=list(scores), nbinsx=40, marker_color=_COLORS[0], name=what))
+                  what: str = "validation images", foreign: Sequence[float] | None = None,
+                  xaxis: str = "distance to the nearest training image (cosine)") -> go.Figure:
+    """The distribution of open-set scores with the threshold as a line (and the saved one, dotted, when a
+    different one is being tried): right of it is ``unknown``. ``foreign``: scores of images the user says are
+    foreign, overlaid in another colour (a good threshold has them on its right)."""
+    fig = go.Figure(go.Histogram(x=list(scores), nbinsx=40, marker_color=_COLORS[0], name=what,
+                                 opacity=0.75 if foreign else 1.0))
+    if foreign:
+        fig.add_histogram(x=list(foreign), nbinsx=40, marker_color=_COLORS[1], name="foreign images", opacity=0.75)
+        fig.update_layout(barmode="overlay")
     fig.add_vline(x=threshold, line=dict(color="crimson", width=2),
                   annotation_text=f"threshold {threshold:.3f}", annotation_position="top right")
     if saved is not None and abs(saved - threshold) > 1e-9:
         fig.add_vline(x=saved, line=dict(color="grey", width=1, dash="dot"),
                       annotation_text=f"saved {saved:.3f}", annotation_position="top left")
-    fig.update_layout(xaxis_title="distance to the nearest training image (cosine)", yaxis_title=what,
-                      bargap=0.05, height=320, showlegend=False, **_layout(titled=True))
+    fig.update_layout(xaxis_title=xaxis, yaxis_title="images" if foreign else what,
+                      bargap=0.05, height=340 if foreign else 320, showlegend=bool(foreign),
+                      **_layout(titled=True, legend_rows=1 if foreign else 0))
     return fig
