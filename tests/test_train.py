@@ -80,9 +80,10 @@ def test_locked_test_share_is_carved_and_never_used_for_a_choice(workspace, monk
         seen.extend([np.asarray(x_train), np.asarray(x_val)])
         return real_fit(x_train, y_train, x_val, *a, **k)
 
-    def open_set(bank, calibration):
+    def open_set(bank, calibration, **k):
         seen.extend([np.asarray(bank)] + ([np.asarray(calibration)] if calibration is not None else []))
-        return real_open(bank, calibration)
+        assert not any(str(p) in {str(t.path) for t in captured.get("test_items", [])} for p in k.get("paths") or [])
+        return real_open(bank, calibration, **k)
 
     monkeypatch.setattr(training, "extract_features", extract)
     monkeypatch.setattr(training, "fit_linear_head", fit)
