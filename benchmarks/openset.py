@@ -313,6 +313,18 @@ def combine_max_xfit(parts: list[Part]) -> Result:
     return Result(cal, q, parts)
 
 
+def combine_max_robust(parts: list[Part]) -> Result:
+    """Each part as a robust z-score of its log: (log s - median) / MAD of the calibration logs; the maximum."""
+    def z(p: Part, x: np.ndarray) -> np.ndarray:
+        lc = np.log(p.cal + 1e-6)
+        med = np.median(lc)
+        mad = np.median(np.abs(lc - med)) + 1e-9
+        return (np.log(x + 1e-6) - med) / mad
+
+    return Result(np.max([z(p, p.cal) for p in parts], axis=0), np.max([z(p, p.query) for p in parts], axis=0),
+                  parts)
+
+
 def _pvalues(cal: np.ndarray, q: np.ndarray | None) -> np.ndarray:
     """Conformal p-values: (1 + #{cal >= s}) / (n + 1); q None = each cal score against the others."""
     c = np.sort(cal)
@@ -416,6 +428,8 @@ CANDIDATES: dict[str, Scorer] = {
     "max(s1,s3,head) k1": lambda b, q: combine_max(_style_parts(b, q, (1, 3)) + [knn_part("head", b, q, 1)]),
     "max(s1,s3,head) k1 xfit": lambda b, q: combine_max_xfit(_style_parts(b, q, (1, 3))
                                                              + [knn_part("head", b, q, 1)]),
+    "robustmax(s1,s3,head) k1": lambda b, q: combine_max_robust(_style_parts(b, q, (1, 3))
+                                                                + [knn_part("head", b, q, 1)]),
     "max(s1,s3,head) k5": lambda b, q: combine_max(_style_parts(b, q, (1, 3), k=5) + [knn_part("head", b, q, 5)]),
     "max(s1,s3 maha,head)": lambda b, q: combine_max([maha_part(f"s{i}", b, q) for i in (1, 3)]
                                                      + [knn_part("head", b, q, 1)]),
@@ -442,7 +456,7 @@ CANDIDATES: dict[str, Scorer] = {
 #: The scores run by default (``--scores all`` runs every candidate; the others lost on the first pairs, see
 #: FINDINGS.md).
 CORE = ("shipped: head kNN k1", "s1 kNN k1", "s3 kNN k1", "max(s1,s2,s3,head) k1", "max(s0..s4,head) k1",
-        "max(s1,s3,head) k1", "max(s1,s3,head) k1 xfit", "max(s1,s3,head) k5", "max(s1,s3 maha,head)", "fisher(s1,s3,head) k1",
+        "max(s1,s3,head) k1", "max(s1,s3,head) k1 xfit", "robustmax(s1,s3,head) k1", "max(s1,s3,head) k5", "max(s1,s3 maha,head)", "fisher(s1,s3,head) k1",
         "max(cat(s1,s2,s3),head) k1")
 
 
