@@ -368,8 +368,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"- {line}")
     for r in res["leakage"][:20]:
         print(f"  leak ({r['kind']}, {r['similarity']:.3f}): {r['held_out']} ({r['split']}) = {r['train']} (train)")
+    if res.get("label_check"):
+        print(f"label check: {'reliable' if res['label_check_reliable'] else 'NOT reliable'}. "
+              f"{res['label_check']['reason']}")
     for r in res["label_issues"][:20]:
-        print(f"  label? {r['path']}: labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.2f})")
+        print(f"  label? {r['path']}: labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.2f}, "
+              f"its own label {r['label_probability']:.2f})")
     if res["suggested_config"]:
         print(f"suggested training setting: {res['suggested_config']}")
     return 0
