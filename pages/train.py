@@ -210,13 +210,15 @@ def _done_text(run: dict, task: tasks.Task | None) -> str:
         took = timing_text(task.total_s, task.waited_s, task.ran_s)
     else:  # trained by the command line: the run's own time
         took = timing_text(float(s.get("seconds") or 0))
+    # a linear probe keeps its converged fit: it has no best epoch to name
+    best = "" if s.get("best_epoch") is None else f"best epoch {s.get('best_epoch')}, "
     if s.get("multi_label"):  # label sets: F1 and mAP say more than the exact-match accuracy
         return (f"Done in {took}: validation micro-F1 **{(s.get('micro_f1') or 0):.3f}**, mAP "
-                f"**{(s.get('mAP') or 0):.3f}**, exact match {(s.get('exact_match') or 0):.1%} (multi-label; best "
-                f"epoch {s.get('best_epoch')}, weights: {(s.get('weights') or {}).get('source')}).")
+                f"**{(s.get('mAP') or 0):.3f}**, exact match {(s.get('exact_match') or 0):.1%} (multi-label; "
+                f"{best}weights: {(s.get('weights') or {}).get('source')}).")
     features = features_text(s.get("features"))  # linear runs: which features the probe chose, and why
-    return (f"Done in {took}: validation accuracy **{(s.get('val_accuracy') or 0):.1%}** (best epoch "
-            f"{s.get('best_epoch')}, weights: {(s.get('weights') or {}).get('source')})."
+    return (f"Done in {took}: validation accuracy **{(s.get('val_accuracy') or 0):.1%}** ({best}"
+            f"weights: {(s.get('weights') or {}).get('source')})."
             + (f" {features}." if features else ""))
 
 

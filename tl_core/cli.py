@@ -57,7 +57,8 @@ def _stderr_progress(quiet: bool):
         if stage == "epoch":
             va = e.get("val_acc")
             train = f"train loss {e['train_loss']:.4f}" if "train_loss" in e else "linear probe (start)"
-            sys.stderr.write(f"epoch {e['epoch']}/{e['epochs']}: {train} "
+            step = f"epoch {e['epoch']}/{e['epochs']}" if e.get("epochs") else f"solver round {e['epoch']}"
+            sys.stderr.write(f"{step}: {train} "
                              f"val loss {e['val_loss']:.4f} val acc {va:.3f}\n")
         elif stage != state["stage"] or now - state["last"] > 2 or e.get("done") == e.get("total"):
             if "done" in e and "total" in e:

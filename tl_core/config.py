@@ -204,9 +204,9 @@ class TrainConfig:
         "auto", "Weights",
         "Where the pretrained weights come from: auto (packaged, else timm's hub), packaged, hub, "
         "random, or a path to a local .safetensors/.pth file.", strategies=("linear", "partial", "full"))
-    epochs: int | None = _f(None, "Epochs", "Passes over the training images; empty means the strategy's default. "
-                            "For the linear probe: at most this many solver rounds; it stops when converged.",
-                            section="main", min=1, max=1000, step=1, per_strategy=True)
+    epochs: int | None = _f(None, "Epochs", "Fine-tuning passes over the training images; empty means the strategy's "
+                            "default. The linear probe has no epochs: its solver runs until it converges.",
+                            strategies=TUNED, section="main", min=1, max=1000, step=1, per_strategy=True)
     lr: float | None = _f(None, "Learning rate", "Peak learning rate of the new head; empty means the strategy's "
                           "default.", strategies=TUNED, section="main", widget="select_slider",
                           options=LEARNING_RATES, per_strategy=True)

@@ -46,7 +46,7 @@ from ..models.inference import logits_of_items
 from ..models.metrics import compute_metrics, softmax
 from ..models.preprocess import Preprocess, data_config_for
 from ..models.multilabel import choose_thresholds, label_matrix, multilabel_metrics, sigmoid
-from ..models.probe import fit_linear_head, fit_ovr_head
+from ..models.probe import PROBE_MAX_ITERATIONS, fit_linear_head, fit_ovr_head
 from ..models.training import EVAL_BATCH, Progress, finetune
 from .files import SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMeta, RunMetrics, SplitPredictions
 from .processes import identity
@@ -130,7 +130,7 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     n_tr, n_va = len(split.train), len(split.val)
     ytr = None if multi_label else np.array([cidx[i.label] for i in split.train])
     yva = None if multi_label else np.array([cidx[i.label] for i in split.val])
-    probe_cfg = cfg if cfg.strategy == "linear" else dataclasses.replace(cfg, epochs=100)
+    probe_cfg = cfg
     on_epoch = lambda m: emit({"stage": "epoch" if cfg.strategy == "linear" else "probe", **m})  # noqa: E731
     with single_threaded():  # small matrices: on a busy machine two threads only wait for each other
         if cfg.strategy == "linear":
@@ -150,9 +150,9 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
             head, fit = fit_linear_head(feats[:n_tr], ytr, feats[n_tr:n_tr + n_va], yva, len(classes), probe_cfg,
                                         on_epoch=on_epoch, should_cancel=local_cancel)
     info.update(fit)
-    converged = info["epochs_run"] < probe_cfg.epochs
-    info["stop"] = {"reason": "converged" if converged else "epochs", "epoch": info["epochs_run"],
-                    "epochs": probe_cfg.epochs}
+    # the solver runs to convergence (no user setting caps it); "epoch" keeps the rounds for scripts
+    info["stop"] = {"reason": "converged" if fit["converged"] else "iterations", "epoch": info["epochs_run"],
+                    "iterations": fit["iterations"], "max_iterations": PROBE_MAX_ITERATIONS}
     return feats, head, info
 
 
