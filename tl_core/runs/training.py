@@ -48,6 +48,7 @@ from ..models.preprocess import Preprocess, data_config_for
 from ..models.multilabel import choose_thresholds, label_matrix, multilabel_metrics, sigmoid
 from ..models.probe import PROBE_MAX_ITERATIONS, fit_linear_head, fit_ovr_head
 from ..models.training import EVAL_BATCH, Progress, finetune
+from .auto import train_auto
 from .files import SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMeta, RunMetrics, SplitPredictions
 from .processes import identity
 from .workspace import Workspace
@@ -88,6 +89,7 @@ class TrainResult:
     features: str | None = None  # linear runs: the probe's feature variant (models.feature_variants)
     linear_c: float | None = None  # the probe's C (auto may choose it)
     cv: dict[str, float] | None = None  # auto: mean cross-validation accuracy per candidate ("depths@1": 0.87)
+    auto: dict[str, Any] | None = None  # strategy auto: what it tried, each score, and why it kept one
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -228,6 +230,10 @@ def _open_set(bank_feats: np.ndarray, calibration_feats: np.ndarray | None) -> t
         return None
 
 
+#: strategy -> its runner, for strategies that are not one training loop: called with train_model first
+_STRATEGY_RUNNERS: dict[str, Callable[..., dict[str, Any] | None]] = {"auto": train_auto}
+
+
 def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace, run_dir: Path,
                 progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
                 test_data: str | os.PathLike | None = None, runtime: Runtime | None = None
@@ -244,6 +250,9 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     """
     emit: Progress = progress or (lambda e: None)
     cfg = cfg.resolved()
+    if cfg.strategy in _STRATEGY_RUNNERS:  # strategies made of other strategies' runs (each a train_model call)
+        return _STRATEGY_RUNNERS[cfg.strategy](train_model, data, cfg, workspace, run_dir, progress, should_cancel,
+                                               test_data, runtime)
     rt = runtime or Runtime.create(cfg.device)
     local_cancel = should_cancel
     should_cancel = Cancel(rt, local_cancel) if rt.distributed else local_cancel
@@ -580,6 +589,6 @@ def _result(run_id: str | None, run_dir: Path, status: str, s: dict[str, Any], s
                        precision=str(s.get("precision", "fp32")), dataset_version=s.get("dataset_version"),
                        features=(s.get("features") or {}).get("variant"),
                        linear_c=(s.get("features") or {}).get("linear_c"),
-                       cv=(s.get("features") or {}).get("cv") or None,
+                       cv=(s.get("features") or {}).get("cv") or None, auto=s.get("auto"),
                        **{k: s.get(k) for k in _MULTI_LABEL_FIELDS if k in s})
 
