@@ -217,9 +217,10 @@ def _done_text(run: dict, task: tasks.Task | None) -> str:
                 f"**{(s.get('mAP') or 0):.3f}**, exact match {(s.get('exact_match') or 0):.1%} (multi-label; "
                 f"{best}weights: {(s.get('weights') or {}).get('source')}).")
     features = features_text(s.get("features"))  # linear runs: which features the probe chose, and why
+    auto = (s.get("auto") or {}).get("reason")  # strategy auto: what it tried and why it kept one
     return (f"Done in {took}: validation accuracy **{(s.get('val_accuracy') or 0):.1%}** ({best}"
             f"weights: {(s.get('weights') or {}).get('source')})."
-            + (f" {features}." if features else ""))
+            + (f" {features}." if features else "") + (f" Auto: {auto}" if auto else ""))
 
 
 def run_panel(ws, run_id: str) -> None:

@@ -43,6 +43,10 @@ def test_auto_on_a_small_set_keeps_linear_and_says_why(workspace, tmp_path):
     assert json.loads((run.dir / "config.json").read_text())["features"] == "auto"
     assert workspace.store().get(res.run_id)["summary"]["auto"]["kept"] == "linear"
     assert not list(run.dir.parent.glob(".*auto*"))  # the tries' staging is gone
+    from tl_core.runs.progress import stop_text
+
+    why = stop_text("auto", res.stop, res.best_epoch)  # the kept probe's story, not a fine-tune's
+    assert why.startswith("The linear probe converged after")
 
 
 @pytest.mark.slow

@@ -123,7 +123,7 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
         # each try's epochs are its own (the run's curves are those of the kept try, in its metrics)
         def f(e: dict[str, Any]) -> None:
             if e.get("stage") in ("epoch", "probe"):
-                e = {"stage": "train", "message": f"auto: {label}, step {e.get('epoch')}"}
+                return
             emit({**e, "auto": label})
         return f
 
@@ -167,7 +167,7 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
                                    should_cancel, test_data, runtime)
                 part_s = time.perf_counter() - t
                 part_correct = _val_correct(staging / "partial")
-                tried.append(_tried("partial", part, part_s, part_correct))
+                tried.append({**_tried("partial", part, part_s, part_correct), "estimated_s": round(estimate, 1)})
                 diff, hw = paired_difference(lin_correct, part_correct)
                 difference = {"points": round(diff, 2), "half_width": round(hw, 2), "images": len(lin_correct)}
                 ratio = part_s / max(lin_s, 1e-6)

@@ -253,7 +253,7 @@ def stop_text(strategy: str, stop: dict[str, Any], best_epoch: int | None) -> st
     """
     if not stop:
         return None
-    if strategy == "linear":
+    if strategy == "linear" or stop.get("reason") in ("converged", "iterations"):  # auto may keep the probe
         steps = stop.get("iterations") or stop.get("epoch")  # a run saved before iterations were recorded: rounds
         unit = "L-BFGS iterations" if stop.get("iterations") else "solver rounds"
         if stop.get("reason") == "converged":
