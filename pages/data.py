@@ -98,10 +98,16 @@ def show_audit(audit: dict, ws, data: str, classes: list[str]) -> None:
     m[2].metric("Near duplicates", len(near), help="Pairs that are the same picture resized, re-encoded or "
                 "retouched (feature similarity confirmed by a pixel check).")
     m[3].metric("Likely label errors", len(issues), help="Images that a probe trained without them confidently "
-                "puts in another class.")
+                "puts in another class (confident learning: another class above its own average confidence, the "
+                "given one below its own). On data where that probe is weak, only the near-certain ones.")
     m[4].metric("Tiny or blank", len(odd), help="Images far smaller than the others, or a single colour.")
     m[5].metric("Imbalance", f"{imb['ratio']:.1f}×", help="Training images of the largest class divided by the "
                 "smallest.")
+    check = audit.get("label_check")
+    if check and not check["reliable"]:
+        st.info(f"**Label check: not reliable on this data.** {check['reason']}", icon=":material/help:")
+    elif check:
+        st.caption(check["reason"])
     st.caption(f"Checked {audit['images']} images ({audit['audited_images']} for near duplicates and labels) with "
                f"{audit['backbone']} features in {audit['seconds']:.1f} s, for the split you will train with "
                f"(validation share {audit['thresholds']['val_split']:.0%}, seed {audit['thresholds']['seed']}).")
@@ -160,8 +166,9 @@ def show_audit(audit: dict, ws, data: str, classes: list[str]) -> None:
                     classes, f"near-{n}", width=80, follow=True)
     if issues:
         with st.expander(f"Likely label errors ({len(issues)})", expanded=True):
-            st.caption("A linear probe that never saw these images is confident they belong to another class. "
-                       "Some are real mistakes in the labels; others are just hard images. Look at each.")
+            st.caption("A linear probe that never saw these images is confident they belong to another class "
+                       "(most confident first). Some are real mistakes in the labels; others are just hard images. "
+                       "Look at each.")
             fixes.fixable_images(ws, data, [
                 {"path": r["path"], "label": r["label"], "suggested": r["suggested"], "why": "likely label error",
                  "caption": f"labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.0%})"}

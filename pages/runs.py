@@ -182,7 +182,11 @@ with session.page_errors():
         "Test accuracy": st.column_config.NumberColumn(format="percent",
                                                        help="Accuracy on held-out test images (the dataset's own "
                                                             "test/ folder, an upload or the locked test share)."),
-        "Best epoch": st.column_config.NumberColumn(help="The epoch whose weights were kept."),
+        "Best epoch": st.column_config.NumberColumn(help="The fine-tuning epoch whose weights were kept (a linear "
+                                                    "probe has none: it keeps its converged fit)."),
+        "Features": st.column_config.TextColumn(help="What the model's last layer saw: a linear run's probe features "
+                                                "(auto chooses by cross-validation); a fine-tuned run starts from a "
+                                                "probe on the last layer and trains on."),
         "Seconds": st.column_config.NumberColumn(format="%.1f"),
     })
 

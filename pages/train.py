@@ -211,14 +211,17 @@ def _done_text(run: dict, task: tasks.Task | None) -> str:
         took = timing_text(task.total_s, task.waited_s, task.ran_s)
     else:  # trained by the command line: the run's own time
         took = timing_text(float(s.get("seconds") or 0))
+    # a linear probe keeps its converged fit: it has no best epoch to name
+    best = "" if s.get("best_epoch") is None else f"best epoch {s.get('best_epoch')}, "
     if s.get("multi_label"):  # label sets: F1 and mAP say more than the exact-match accuracy
         micro = format_figure(s.get("micro_f1") or 0, s.get("micro_f1_ci"), percent=False)
         return (f"Done in {took}: validation micro-F1 **{micro}**, "
                 f"mAP {format_figure(s.get('mAP'), s.get('mAP_ci'), percent=False)}, exact match "
                 f"{(s.get('exact_match') or 0):.1%} (multi-label; thresholds chosen on the "
-                f"{s.get('thresholds_chosen_on') or 'validation images'}; best epoch {s.get('best_epoch')}, weights: "
+                f"{s.get('thresholds_chosen_on') or 'validation images'}; {best}weights: "
                 f"{(s.get('weights') or {}).get('source')}).")
     features = features_text(s.get("features"))  # linear runs: which features the probe chose, and why
+    auto = (s.get("auto") or {}).get("reason")  # strategy auto: what it tried and why it kept one
     n_val = int(s.get("val_count") or 0)
     cv = s.get("cv_estimate")
     n_test = int(s.get("test_count") or 0)
@@ -230,10 +233,9 @@ def _done_text(run: dict, task: tasks.Task | None) -> str:
                                   n_val or None).partition(" (")
     return (f"Done in {took}: validation accuracy **{head}** ("
             + (f"{sure.rstrip(')')}; " if sure else "")
-            + ("" if s.get("features") else f"best epoch {s.get('best_epoch')}, ")
-            + f"weights: {(s.get('weights') or {}).get('source')})."
+            + f"{best}weights: {(s.get('weights') or {}).get('source')})."
             + (f" Cross-validated on {cv['count']} images: **{figure_of(cv)}**." if cv else "")
-            + test + (f" {features}." if features else ""))
+            + test + (f" {features}." if features else "") + (f" Auto: {auto}" if auto else ""))
 
 
 def run_panel(ws, run_id: str) -> None:

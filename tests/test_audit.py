@@ -95,6 +95,10 @@ def test_image_filed_under_the_wrong_class_is_a_likely_label_error(planted):
     assert r["label_probability"] < 0.4
     # the probe flags few of the 60 real images (it is not a list of everything)
     assert len(issues) <= 6
+    # and says how far it can be trusted: the out-of-fold accuracy it rests on, with its interval
+    assert res["label_check_reliable"] is True and res["oof_accuracy"] >= 0.8
+    lo, hi = res["oof_accuracy_ci"]
+    assert lo < res["oof_accuracy"] < hi and res["label_check"]["images"] == 64  # 60 real + 4 planted
 
 
 def test_clean_sample_has_no_duplicates_leaks_or_odd_images(shared_cache):
@@ -154,8 +158,89 @@ def test_cli_audit(planted, shared_cache, monkeypatch, capsys):
     assert main(["audit", str(root), "--json", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["leakage"] and out["exact_duplicates"] and out["label_issues"]
+    assert out["label_check_reliable"] is True and 0 < out["oof_accuracy"] <= 1 and len(out["oof_accuracy_ci"]) == 2
     assert main(["audit", str(root), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "leak (exact" in text and "label?" in text
+    assert "leak (exact" in text and "label?" in text and "label check: reliable" in text
     assert main(["audit", str(root / "nope")]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    from tl_core.insight.audit import wilson_interval
+
+    lo, hi = wilson_interval(18, 20)  # "18 of 20 has a 95% interval of about 70-97%"
+    assert abs(lo - 0.699) < 0.002 and abs(hi - 0.972) < 0.002
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(20, 20)
+    assert hi == 1.0 and 0.83 < lo < 0.84
+
+
+@pytest.fixture(scope="module")
+def emoji_features(shared_cache):
+    from tl_core.data.library import open_data
+    from tl_core.insight.embedding import embed_items
+
+    ws = insight_workspace(shared_cache)
+    ds = open_data(emoji_small(shared_cache), ws)
+    emb = embed_items(ds.items, ds.classes, "efficientnet_lite0", ws)
+    return emb.features, emb.labels, ds.classes
+
+
+def test_label_check_finds_flipped_labels_and_spares_the_clean_set(emoji_features):
+    """10% of 60 real emoji labels moved to another class: the check finds most of them, and on the labels as
+    given (all correct) it flags few images."""
+    import numpy as np
+    from tl_core.insight.audit import confident_label_issues, cross_validated_probs, label_check_verdict
+
+    x, y, classes = emoji_features
+    k = len(classes)
+    clean = cross_validated_probs(x, y, k)
+    verdict = label_check_verdict(clean, y)
+    assert verdict["reliable"] and verdict["oof_accuracy"] >= 0.8
+    lo, hi = verdict["oof_accuracy_ci"]
+    assert lo < verdict["oof_accuracy"] < hi
+    assert len(confident_label_issues(clean, y)) <= 0.08 * len(y)
+    rng = np.random.default_rng(7)
+    idx = rng.choice(len(y), 6, replace=False)
+    noisy = y.copy()
+    noisy[idx] = (y[idx] + rng.integers(1, k, len(idx))) % k
+    probs = cross_validated_probs(x, noisy, k)
+    v = label_check_verdict(probs, noisy)
+    assert v["reliable"] and v["oof_accuracy"] < verdict["oof_accuracy"]  # wrong labels lower the agreement
+    issues = confident_label_issues(probs, noisy)
+    found = {r["index"] for r in issues} & set(idx.tolist())
+    assert len(found) >= 4 and len(found) >= 0.4 * len(issues)  # >= 60% of the flips at >= 40% precision
+    for r in issues:  # each names a class above its threshold, and the given one below the suggested one
+        assert r["confidence"] >= r["threshold"] and r["confidence"] > r["label_probability"]
+        assert r["suggested"] != noisy[r["index"]]
+    margins = [r["margin"] for r in issues]
+    assert margins == sorted(margins, reverse=True)
+
+
+def test_a_weak_probe_says_so_and_the_audit_lists_nothing(shared_cache):
+    """Features that carry no class information: the probe is at chance but overfits, sure of wrong answers; the
+    check says it is not reliable (and why), and the audit then lists no label errors."""
+    import numpy as np
+    from tl_core.insight.audit import confident_label_issues, cross_validated_probs, label_check_verdict
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 32)).astype(np.float32)
+    y = np.repeat(np.arange(4), 30)
+    probs = cross_validated_probs(x, y, 4)
+    v = label_check_verdict(probs, y)
+    assert not v["reliable"] and v["oof_accuracy"] < 0.5 and "not reliable" in v["reason"]
+    sure = [r for r in confident_label_issues(probs, y) if r["confidence"] >= 0.95]
+    assert len(sure) > 0.05 * len(y)  # why an unreliable check lists nothing rather than only its surest flags
+    few = label_check_verdict(np.eye(4)[y[:12]], y[:12])  # right every time, but on 12 images
+    assert few["oof_accuracy"] == 1.0 and not few["reliable"] and "too few" in few["reason"]
+    # the whole audit on data whose classes are random halves of one emoji class: nothing listed, and said why
+    src = sorted((emoji_small(shared_cache) / "face").iterdir())
+    root = shared_cache / "random_halves"
+    if not root.exists():
+        for n, f in enumerate(src):
+            (root / "ab"[n % 2]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / "ab"[n % 2] / f.name)
+    res = audit_dataset(root, workspace=insight_workspace(shared_cache))
+    assert res["label_check_reliable"] is False and res["label_issues"] == []
+    assert any("not reliable" in n for n in res["notes"])

@@ -209,9 +209,11 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     # Train: linear probe (the default strategy), Start
     nav(page, "Train")
     page.get_by_text("Linear probe (frozen backbone)").wait_for()
-    epochs = page.get_by_role("spinbutton", name="Epochs")
-    epochs.fill("30")  # at most 30 solver rounds: the probe has converged by then on this sample
-    epochs.press("Enter")
+    # Epochs are for fine-tuning: the linear probe's solver runs until it converges
+    expect(page.get_by_role("spinbutton", name="Epochs")).to_be_disabled()
+    seed = page.get_by_role("spinbutton", name="Seed")
+    seed.fill("0")
+    seed.press("Enter")
     settle(page)
     # Start comes right after the main settings: above the previews and the advanced settings
     start = page.get_by_role("button", name="Start training")
@@ -249,7 +251,7 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     page.get_by_role("heading", name=f"Run {run_id}").wait_for()
     page.get_by_text("Status: done").wait_for()
     assert parse_qs(urlparse(page.url).query)["run"][0] == run_id
-    expect(page.get_by_role("spinbutton", name="Epochs")).to_have_value("30")  # the form follows the run
+    expect(page.get_by_role("radio", name="Linear probe (frozen backbone)")).to_be_checked()  # the form follows the run
 
     # the insight views need no run; they come after training here so that the training above computes
     # the features itself (and runs long enough to be refreshed while it trains); they reuse those features
@@ -308,7 +310,7 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     table.wait_for()
     cells = [int(t) for t in table.locator("tbody td").all_inner_texts() if t.strip().isdigit()]
     metrics = json.loads((home / "runs" / run_id / "metrics.json").read_text())
-    assert json.loads((home / "runs" / run_id / "config.json").read_text())["epochs"] == 30
+    assert json.loads((home / "runs" / run_id / "config.json").read_text())["strategy"] == "linear"
     assert len(cells) == 25
     assert sum(cells) == shown == val_count == metrics["val"]["count"]
     assert page.locator(".js-plotly-plot").count() >= 1
@@ -463,9 +465,6 @@ def test_multi_label_zip_to_prediction_in_a_real_browser(server, browser, tmp_pa
     shot(page, "10-multilabel-data")
 
     nav(page, "Train")
-    epochs = page.get_by_role("spinbutton", name="Epochs")
-    epochs.fill("30")
-    epochs.press("Enter")
     settle(page)
     page.get_by_role("button", name="Start training").click()
     page.get_by_role("heading", name=re.compile(r"^Run \d{8}-\d{6}-[0-9a-f]{6}$")).wait_for()

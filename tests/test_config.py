@@ -16,7 +16,7 @@ def test_every_field_has_a_default_and_a_help_string():
 
 
 def test_choice_tables_have_help():
-    assert set(STRATEGIES) == {"linear", "partial", "full", "scratch"}
+    assert set(STRATEGIES) == {"linear", "partial", "full", "auto", "scratch"}
     assert set(AUGMENT_PRESETS) == {"none", "light", "strong"}
     for table in (STRATEGIES, AUGMENT_PRESETS, CLASS_BALANCE):
         for c in table.values():

@@ -30,8 +30,12 @@ def test_linear_probe_on_emoji_is_accurate_and_writes_the_run(emoji_run):
     metrics = RunFiles(run_dir).metrics()
     assert np.array(metrics.val["confusion"]).sum() == 40 == metrics.val["count"]
     assert metrics.history and metrics.history[-1]["val_acc"] == pytest.approx(res.val_accuracy, abs=1e-6)
-    # the probe stopped where its solver converged, well before the 100-round cap, and says so
-    assert res.epochs_run < 100 and metrics.stop == {"reason": "converged", "epoch": res.epochs_run, "epochs": 100}
+    # the probe stopped where its solver converged, well before the iteration cap, and says so; no "best epoch"
+    from tl_core.models.probe import PROBE_MAX_ITERATIONS
+
+    assert metrics.stop["reason"] == "converged" and metrics.stop["epoch"] == res.epochs_run
+    assert res.epochs_run <= metrics.stop["iterations"] < PROBE_MAX_ITERATIONS == metrics.stop["max_iterations"]
+    assert res.best_epoch is None and metrics.best_epoch is None
     assert "top_losses" not in metrics.to_dict()  # mistakes are derived from the saved logits
     row = ws.store().get(res.run_id)
     assert row["status"] == "done" and row["summary"]["val_accuracy"] == res.val_accuracy
@@ -464,3 +468,42 @@ def test_linear_refit_uses_every_labelled_image_and_keeps_validation_honest(work
     assert saved.head == SAVED and np.abs(probs_of(saved) - softmax(vb.logits)).max() > 1e-3
     # a run that was not refitted has no other head: asking for it loads the saved model
     assert load_model(workspace.run_dir(plain.run_id), head=VALIDATION_FIT).head == SAVED
+
+
+def test_linear_probe_converges_by_default_and_epochs_do_not_cap_it():
+    """The probe's iteration cap is internal and generous: a problem that needs more than the old default (100
+    rounds) converges, ``epochs`` (fine-tuning epochs) plays no part, and the fit names no best epoch."""
+    from tl_core.models.probe import PROBE_MAX_ITERATIONS, fit_linear_head
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(10, 256))
+    y = np.repeat(np.arange(10), 30)
+    # non-negative like pooled features, with scales spread over a decade: as slow to solve as real features
+    x = np.abs((centres[y] + rng.normal(scale=4.0, size=(len(y), 256))) * np.logspace(0, 1, 256)).astype(np.float32)
+    fits = {}
+    for epochs in (1, None):
+        head, info = fit_linear_head(x, y, x[:0], y[:0], 10, TrainConfig(strategy="linear", epochs=epochs).resolved())
+        fits[epochs] = head
+        assert info["converged"] and info["best_epoch"] is None
+        assert 100 < info["iterations"] < PROBE_MAX_ITERATIONS, info  # past the old default, short of the cap
+    assert torch.equal(fits[1].weight, fits[None].weight)  # epochs changed nothing
+
+
+def test_runs_table_and_comparison_say_which_features_each_run_used():
+    from tl_core.runs.progress import MISSING, compare_rows, features_cell, runs_rows, stop_text
+
+    linear = {"id": "a", "status": "done", "created": 0, "config": {"strategy": "linear", "features": "auto"},
+              "summary": {"val_accuracy": 0.9, "best_epoch": None, "features": {"variant": "depths"}}}
+    partial = {"id": "b", "status": "done", "created": 0, "config": {"strategy": "partial", "features": "auto"},
+               "summary": {"val_accuracy": 1.0, "best_epoch": 0}}
+    assert features_cell(linear["config"], linear["summary"]) == "several depths (auto)"
+    assert "last layer" in features_cell(partial["config"], partial["summary"])
+    rows = runs_rows([linear, partial])
+    assert rows[0]["Features"] == "several depths (auto)" and rows[0]["Best epoch"] is None
+    cmp = compare_rows([linear, partial])
+    assert cmp["Features"]["a"] == "several depths (auto)" and "last layer" in cmp["Features"]["b"]
+    assert cmp["Best epoch"]["a"] == MISSING and cmp["Strategy"]["b"] != MISSING
+    why = stop_text("partial", {"reason": "patience", "epoch": 4, "epochs": 8, "patience": 4}, 0)
+    assert "never beat the linear probe" in why and "last layer's features" in why
+    lin = stop_text("linear", {"reason": "converged", "epoch": 90, "iterations": 90, "max_iterations": 1000}, None)
+    assert "converged after 90 L-BFGS iterations" in lin and "epoch" not in lin.lower()

@@ -57,7 +57,8 @@ def _stderr_progress(quiet: bool):
         if stage == "epoch":
             va = e.get("val_acc")
             train = f"train loss {e['train_loss']:.4f}" if "train_loss" in e else "linear probe (start)"
-            sys.stderr.write(f"epoch {e['epoch']}/{e['epochs']}: {train} "
+            step = f"epoch {e['epoch']}/{e['epochs']}" if e.get("epochs") else f"solver round {e['epoch']}"
+            sys.stderr.write(f"{step}: {train} "
                              f"val loss {e['val_loss']:.4f} val acc {va:.3f}\n")
         elif stage != state["stage"] or now - state["last"] > 2 or e.get("done") == e.get("total"):
             if "done" in e and "total" in e:
@@ -407,8 +408,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"- {line}")
     for r in res["leakage"][:20]:
         print(f"  leak ({r['kind']}, {r['similarity']:.3f}): {r['held_out']} ({r['split']}) = {r['train']} (train)")
+    if res.get("label_check"):
+        print(f"label check: {'reliable' if res['label_check_reliable'] else 'NOT reliable'}. "
+              f"{res['label_check']['reason']}")
     for r in res["label_issues"][:20]:
-        print(f"  label? {r['path']}: labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.2f})")
+        print(f"  label? {r['path']}: labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.2f}, "
+              f"its own label {r['label_probability']:.2f})")
     if res["suggested_config"]:
         print(f"suggested training setting: {res['suggested_config']}")
     return 0

@@ -66,6 +66,14 @@ STRATEGIES: dict[str, Choice] = {
             {"epochs": 8, "lr": 1e-3, "patience": 4},
         ),
         Choice(
+            "auto",
+            "Automatic (try and compare)",
+            "Fit the linear probe (features chosen by cross-validation); where the data and a time budget allow, "
+            "also a short partial fine-tune on the same split; keep fine-tuning only if it beats the probe by more "
+            "than the noise on the validation images, and say what was tried.",
+            {"epochs": 8, "lr": 1e-3, "patience": 4},
+        ),
+        Choice(
             "scratch",
             "From scratch (no pretraining)",
             "Same architecture with random weights, for comparison: shows what pretraining buys you. "
@@ -158,7 +166,8 @@ LAB_ARMS: dict[str, str] = {
 }
 
 
-ALL = ("linear", "partial", "full", "scratch")
+ALL = ("linear", "partial", "full", "auto", "scratch")
+PROBED = ("linear", "auto")  # strategies whose model may be the linear probe (auto keeps it unless fine-tuning wins)
 TUNED = ("partial", "full", "scratch")  # strategies that run the training loop
 
 
@@ -198,15 +207,16 @@ class TrainConfig:
 
     backbone: str = _f("efficientnet_lite0", "Backbone", "Catalogue name or timm model name of the pretrained "
                        "backbone (`tl-core backbones` lists the catalogue).")
-    strategy: str = _f("linear", "Strategy", "How much of the backbone is trained: linear, partial, full or scratch.",
+    strategy: str = _f("linear", "Strategy", "How much of the backbone is trained: linear, partial, full, auto (try "
+                       "linear, then partial where it can help, keep the better) or scratch.",
                        choices=STRATEGIES)
     weights: str = _f(
         "auto", "Weights",
         "Where the pretrained weights come from: auto (packaged, else timm's hub), packaged, hub, "
-        "random, or a path to a local .safetensors/.pth file.", strategies=("linear", "partial", "full"))
-    epochs: int | None = _f(None, "Epochs", "Passes over the training images; empty means the strategy's default. "
-                            "For the linear probe: at most this many solver rounds; it stops when converged.",
-                            section="main", min=1, max=1000, step=1, per_strategy=True)
+        "random, or a path to a local .safetensors/.pth file.", strategies=("linear", "partial", "full", "auto"))
+    epochs: int | None = _f(None, "Epochs", "Fine-tuning passes over the training images; empty means the strategy's "
+                            "default. The linear probe has no epochs: its solver runs until it converges.",
+                            strategies=TUNED, section="main", min=1, max=1000, step=1, per_strategy=True)
     lr: float | None = _f(None, "Learning rate", "Peak learning rate of the new head; empty means the strategy's "
                           "default.", strategies=TUNED, section="main", widget="select_slider",
                           options=LEARNING_RATES, per_strategy=True)
@@ -233,15 +243,15 @@ class TrainConfig:
         step=1, per_strategy=True)
     linear_c: float = _f(
         1.0, "Linear probe C", "Linear probe only: inverse L2 strength (scikit-learn's C); larger fits the training "
-        "images more closely.", strategies=("linear",), section="advanced", min=0.001, max=1000.0)
+        "images more closely.", strategies=PROBED, section="advanced", min=0.001, max=1000.0)
     features: str = _f(
         "auto", "Features", "Linear probe only: which frozen features the head sees: auto (cross-validated choice "
-        "between the last layer and several depths), last, depths or flip.", strategies=("linear",),
+        "between the last layer and several depths), last, depths or flip.", strategies=PROBED,
         section="advanced", widget="select", choices=FEATURE_VARIANTS)
     refit: bool = _f(
         True, "Refit on all labelled images", "Linear probe only: once validated, fit the saved head again on "
         "training + validation images (as the classic recipe trains on all labelled images); validation figures "
-        "stay those of the training-only fit.", strategies=("linear",), section="advanced", widget="toggle")
+        "stay those of the training-only fit.", strategies=PROBED, section="advanced", widget="toggle")
     weight_decay: float = _f(0.01, "Weight decay", "AdamW weight decay (L2-style regularisation).", strategies=TUNED,
                              section="advanced", min=0.0, max=1.0, step=0.005)
     label_smoothing: float = _f(0.1, "Label smoothing", "Spread this much probability over the other classes in "

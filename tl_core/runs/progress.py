@@ -11,7 +11,8 @@ from typing import Any, Sequence
 from ..config import field_spec, fields_for_strategy
 
 __all__ = ["describe_progress", "duration_text", "runs_rows", "compare_rows", "setting_text", "ended_text",
-           "stop_text", "features_text", "task_progress", "timing_text", "RUN_SETTINGS", "COMPARED_SETTINGS", "MISSING"]
+           "stop_text", "features_text", "features_cell", "task_progress", "timing_text", "RUN_SETTINGS",
+           "COMPARED_SETTINGS", "MISSING"]
 
 #: Settings shown per run in the runs table.
 RUN_SETTINGS = ("epochs", "lr", "batch_size", "augment", "seed")
@@ -130,6 +131,7 @@ def runs_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "Data": Path(str(r.get("data", ""))).name,
             "Backbone": cfg.get("backbone"),
             "Strategy": setting_text("strategy", cfg.get("strategy")),
+            "Features": features_cell(cfg, s),
             "Val accuracy": s.get("val_accuracy"),
             "Test accuracy": s.get("test_accuracy"),
             "Seconds": s.get("seconds"),
@@ -159,6 +161,7 @@ def compare_rows(runs: Sequence[dict[str, Any]], val_metrics: dict[str, dict[str
     out: dict[str, dict[str, str]] = {"Status": {}, "Data": {}}
     for key in COMPARED_SETTINGS:
         out[field_spec(key).label] = {}
+    out["Features"] = {}  # two runs, two stories: which features each model's last layer saw
     for label in ("Val accuracy", "Test accuracy", "Best epoch", "Seconds", "Macro F1", "Log loss", "Val images"):
         out[label] = {}
 
@@ -177,6 +180,7 @@ def compare_rows(runs: Sequence[dict[str, Any]], val_metrics: dict[str, dict[str
         for key in COMPARED_SETTINGS:
             text = setting_text(key, cfg.get(key)) if key in used else None
             out[field_spec(key).label][i] = MISSING if text is None else text
+        out["Features"][i] = features_cell(cfg, s) or MISSING
         out["Val accuracy"][i] = pct(s.get("val_accuracy"))
         out["Test accuracy"][i] = pct(s.get("test_accuracy"))
         out["Best epoch"][i] = MISSING if s.get("best_epoch") is None else str(int(s["best_epoch"]))
@@ -200,6 +204,21 @@ def ended_text(status: str, error: str | None) -> str:
 
 
 _FEATURE_NAMES = {"last": "the last layer", "depths": "several depths", "flip": "the last layer, flipped views averaged"}
+
+
+def features_cell(cfg: dict[str, Any], summary: dict[str, Any]) -> str | None:
+    """Which features a run's last layer saw, in a few words for the runs table and the comparison: a linear run's
+    probe variant (and whether auto chose it); a fine-tuned run's last layer, which its epoch-0 probe started from
+    (whatever a linear run with ``features`` auto would choose); None for a scratch run or an unfinished one."""
+    strategy = cfg.get("strategy")
+    if strategy == "linear":
+        v = (summary.get("features") or {}).get("variant")
+        if not v:
+            return None
+        return _FEATURE_NAMES.get(v, v) + (" (auto)" if cfg.get("features") == "auto" else "")
+    if strategy in ("partial", "full"):
+        return "the last layer, fine-tuned (its probe started there)"
+    return None
 
 
 def features_text(features: dict[str, Any] | None) -> str | None:
@@ -234,30 +253,34 @@ def stop_text(strategy: str, stop: dict[str, Any], best_epoch: int | None) -> st
     """
     if not stop:
         return None
-    if strategy == "linear":
-        rounds = stop.get("epoch")
+    if strategy == "linear" or stop.get("reason") in ("converged", "iterations"):  # auto may keep the probe
+        steps = stop.get("iterations") or stop.get("epoch")  # a run saved before iterations were recorded: rounds
+        unit = "L-BFGS iterations" if stop.get("iterations") else "solver rounds"
         if stop.get("reason") == "converged":
-            return (f"The linear probe converged after {rounds} solver rounds and keeps that fit: it minimises the "
-                    "classic recipe's objective on the training images. It does not pick the round that scored best "
+            return (f"The linear probe converged after {steps} {unit} and keeps that fit: it minimises the "
+                    "classic recipe's objective on the training images. It does not pick a step that scored best "
                     "on validation: that would tune it to the validation images and make its score look better "
                     "than it is.")
-        return (f"The linear probe used all {rounds} solver rounds without converging; raise the epochs (the "
-                "rounds) or lower the probe's C to let it converge.")
+        return (f"The linear probe stopped after {steps} {unit} without converging; lower the probe's C (a "
+                "stronger regularisation converges faster).")
     epoch, epochs, patience = stop.get("epoch"), stop.get("epochs"), stop.get("patience")
     if stop.get("reason") == "patience":
         text = (f"Stopped at epoch {epoch} of {epochs}: validation accuracy did not improve for {patience} "
                 f"epoch{'s' if patience != 1 else ''} (early stopping), so the epoch-{best_epoch} weights were kept.")
         if best_epoch == 0:
-            text += (" Fine-tuning never beat the linear probe it started from: more epochs would stop at the same "
-                     "place. More images per class give it room to help; a larger patience lets it try longer.")
+            text += (" Fine-tuning never beat the linear probe it started from (epoch 0, on the last layer's "
+                     "features): more epochs would stop at the same place. More images per class give it room to "
+                     "help; a larger patience lets it try longer. A linear run may choose other features and score "
+                     "differently: the Runs comparison shows which features each run used.")
         else:
             text += " More epochs would not change this; a larger patience lets it try longer."
         return text
     if best_epoch == epochs:
         return (f"Ran all {epochs} epochs and was still improving at the last one: more epochs may help.")
     if best_epoch == 0:
-        return (f"Ran all {epochs} epochs without beating the linear probe it started from on the validation "
-                "images, so the probe's weights were kept. More images per class give fine-tuning room to help.")
+        return (f"Ran all {epochs} epochs without beating the linear probe it started from (epoch 0, on the last "
+                "layer's features) on the validation images, so the probe's weights were kept. More images per "
+                "class give fine-tuning room to help.")
     return f"Ran all {epochs} epochs; epoch {best_epoch} was the best on validation and its weights were kept."
 
 

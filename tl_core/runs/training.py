@@ -47,8 +47,9 @@ from ..models.crossfit import cross_validated_accuracy, out_of_fold_probs
 from ..models.metrics import compute_metrics, softmax
 from ..models.preprocess import Preprocess, data_config_for
 from ..models.multilabel import choose_thresholds, label_matrix, multilabel_metrics, sigmoid
-from ..models.probe import fit_linear_head, fit_ovr_head
+from ..models.probe import PROBE_MAX_ITERATIONS, fit_linear_head, fit_ovr_head
 from ..models.training import EVAL_BATCH, Progress, finetune
+from .auto import train_auto
 from .files import SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMeta, RunMetrics, SplitPredictions
 from .processes import identity
 from .workspace import Workspace
@@ -102,6 +103,7 @@ class TrainResult:
     cv_accuracy_ci: list[float] | None = None
     cv_count: int = 0
     cv_folds: int = 0
+    auto: dict[str, Any] | None = None  # strategy auto: what it tried, each score, and why it kept one
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -151,7 +153,7 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     n_tr, n_va = len(split.train), len(split.val)
     ytr = None if multi_label else np.array([cidx[i.label] for i in split.train])
     yva = None if multi_label else np.array([cidx[i.label] for i in split.val])
-    probe_cfg = cfg if cfg.strategy == "linear" else dataclasses.replace(cfg, epochs=100)
+    probe_cfg = cfg
     on_epoch = lambda m: emit({"stage": "epoch" if cfg.strategy == "linear" else "probe", **m})  # noqa: E731
     with single_threaded():  # small matrices: on a busy machine two threads only wait for each other
         if cfg.strategy == "linear":
@@ -171,9 +173,9 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
             head, fit = fit_linear_head(feats[:n_tr], ytr, feats[n_tr:n_tr + n_va], yva, len(classes), probe_cfg,
                                         on_epoch=on_epoch, should_cancel=local_cancel)
     info.update(fit)
-    converged = info["epochs_run"] < probe_cfg.epochs
-    info["stop"] = {"reason": "converged" if converged else "epochs", "epoch": info["epochs_run"],
-                    "epochs": probe_cfg.epochs}
+    # the solver runs to convergence (no user setting caps it); "epoch" keeps the rounds for scripts
+    info["stop"] = {"reason": "converged" if fit["converged"] else "iterations", "epoch": info["epochs_run"],
+                    "iterations": fit["iterations"], "max_iterations": PROBE_MAX_ITERATIONS}
     return feats, head, info
 
 
@@ -314,6 +316,10 @@ def _open_set(bank_feats: np.ndarray, calibration_feats: np.ndarray | None, mode
         return None
 
 
+#: strategy -> its runner, for strategies that are not one training loop: called with train_model first
+_STRATEGY_RUNNERS: dict[str, Callable[..., dict[str, Any] | None]] = {"auto": train_auto}
+
+
 def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace, run_dir: Path,
                 progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
                 test_data: str | os.PathLike | None = None, runtime: Runtime | None = None
@@ -330,6 +336,9 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     """
     emit: Progress = progress or (lambda e: None)
     cfg = cfg.resolved()
+    if cfg.strategy in _STRATEGY_RUNNERS:  # strategies made of other strategies' runs (each a train_model call)
+        return _STRATEGY_RUNNERS[cfg.strategy](train_model, data, cfg, workspace, run_dir, progress, should_cancel,
+                                               test_data, runtime)
     rt = runtime or Runtime.create(cfg.device)
     local_cancel = should_cancel
     should_cancel = Cancel(rt, local_cancel) if rt.distributed else local_cancel
@@ -708,7 +717,7 @@ def _result(run_id: str | None, run_dir: Path, status: str, s: dict[str, Any], s
                        precision=str(s.get("precision", "fp32")), dataset_version=s.get("dataset_version"),
                        features=(s.get("features") or {}).get("variant"),
                        linear_c=(s.get("features") or {}).get("linear_c"),
-                       cv=(s.get("features") or {}).get("cv") or None,
+                       cv=(s.get("features") or {}).get("cv") or None, auto=s.get("auto"),
                        val_accuracy_ci=s.get("val_accuracy_ci"), test_accuracy_ci=s.get("test_accuracy_ci"),
                        val_count=int(s.get("val_count") or 0), test_count=int(s.get("test_count") or 0),
                        cv_accuracy=(s.get("cv_estimate") or {}).get("accuracy"),
