@@ -13,9 +13,9 @@ import zipfile
 
 import pytest
 
-from test_app_pages import (  # noqa: F401  (fixtures are used by name)
+from conftest import FASHION
+from page_harness import (  # noqa: F401  (fixtures are used by name)
     EMOJI,
-    FASHION,
     app,
     assert_clean,
     button,
@@ -28,7 +28,6 @@ from test_app_pages import (  # noqa: F401  (fixtures are used by name)
 )
 
 from tl_core.runs import tasks
-from tl_core.runs.files import RunFiles
 
 CLASSES = ["animal", "face", "flag", "food", "vehicle"]
 

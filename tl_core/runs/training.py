@@ -32,6 +32,7 @@ from ..data.versions import pin
 from ..data.report import dataset_report
 from ..data.splits import Split, split_dataset
 from ..errors import CancelledError, DatasetError, TLError
+from ..fileio import write_json_atomic
 from ..insight.openset import bank_indices, build_open_set
 from ..models.backbones import build_model, check_backbone_name
 from ..models.catalogue import WeightsInfo
@@ -188,34 +189,19 @@ def _choose_features_once(fcache: FeatureCache, raw_train: np.ndarray, y_train: 
                           should_cancel: Callable[[], bool] | None) -> FeatureChoice:
     """:func:`choose_features`, whose ``auto`` cross-validation (15 probe fits: most of a warm re-train) runs once
     per (training features, labels, config): the choice is a function of them alone, so it is kept beside the
-    cached features (``<feature cache>/choices/<key>.json``, cleared with them) and a re-train of the same data
-    and config reads it back: the same choice, scores and scales."""
-    if cfg.features != "auto":
+    cached features (``<feature cache>/choices/<key>.json``, cleared with them, :func:`_recorded`) and a re-train
+    of the same data and config reads it back: the same choice, scores and scales."""
+    def choose() -> FeatureChoice:
         return choose_features(raw_train, y_train, n_classes, cfg, last_dim, block_dims, fit_linear_head,
                                should_cancel)
-    h = hashlib.sha256()
-    h.update(json.dumps([_CHOICE_VERSION, n_classes, last_dim, block_dims, cfg.to_dict(),
-                         list(CANDIDATES), list(TIE_ORDER), raw_train.shape, str(raw_train.dtype)],
-                        sort_keys=True, default=str).encode())
-    h.update(np.ascontiguousarray(raw_train).tobytes())
-    h.update(np.ascontiguousarray(y_train, np.int64).tobytes())
-    f = fcache.dir / "choices" / f"{h.hexdigest()[:32]}.json"
-    try:
-        return FeatureChoice(**json.loads(f.read_text()))
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, TypeError) as e:  # unreadable or from another version: choose again
-        log.warning("recorded feature choice %s is unusable (%s); choosing again", f, e)
-    choice = choose_features(raw_train, y_train, n_classes, cfg, last_dim, block_dims, fit_linear_head,
-                             should_cancel)
-    try:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(choice.to_dict()))
-        os.replace(tmp, f)
-    except OSError as e:  # a read-only or full disk: the next re-train chooses again
-        log.warning("could not record the feature choice (%s)", e)
-    return choice
+
+    if cfg.features != "auto":
+        return choose()
+    settings = ["choice", _CHOICE_VERSION, n_classes, last_dim, block_dims, cfg.to_dict(), list(CANDIDATES),
+                list(TIE_ORDER)]
+    out, _ = _recorded(fcache.dir / "choices", settings, [raw_train, np.asarray(y_train, np.int64)],
+                       lambda: choose().to_dict())
+    return FeatureChoice(**out)
 
 
 #: bump when cross_validated_accuracy or out_of_fold_probs change what they would measure: recorded results are
@@ -227,7 +213,9 @@ def _recorded(cache_dir: Path, settings: list[Any], arrays: list[np.ndarray],
               compute: Callable[[], Any]) -> tuple[Any, bool]:
     """``compute()`` (JSON-able), measured once per (settings, arrays): recorded as
     ``<cache_dir>/<key>.json`` (under the feature cache: cleared with it) and read back by a later run of the same
-    inputs. Returns (the result, whether it was read back)."""
+    inputs (the feature choice, the cross-validated estimate, out-of-fold probabilities). ``settings`` carry what
+    the result depends on besides the arrays, its own version included. Returns (the result, whether it was read
+    back)."""
     h = hashlib.sha256(json.dumps([_CV_VERSION, *settings, [(a.shape, str(a.dtype)) for a in arrays]],
                                   default=str).encode())
     for a in arrays:
@@ -241,10 +229,7 @@ def _recorded(cache_dir: Path, settings: list[Any], arrays: list[np.ndarray],
         log.warning("recorded result %s is unusable (%s); measuring again", f, e)
     out = compute()
     try:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(out))
-        os.replace(tmp, f)
+        write_json_atomic(f, out, indent=None)
     except OSError as e:  # a read-only or full disk: the next run measures again
         log.warning("could not record %s (%s)", f.name, e)
     return out, False
