@@ -117,3 +117,13 @@ def test_home_says_which_backbone_the_run_used_and_which_the_next_run_uses(empty
     text = " ".join(m.value for m in at.markdown)
     assert "efficientnet_lite1 for the next run" in text and f"Run {rid} used" not in text
 
+
+def test_runs_table_says_its_seconds_are_the_training_time_not_the_train_pages_clock(empty_home):
+    _lite1_run(empty_home)
+    at = app()
+    goto(at, "runs")
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert "Seconds" not in table.columns and list(table["Training s"]) == [21.7]
+    cfg = at.dataframe[0].proto.columns  # the column's help names the other clock
+    assert "from the click" in cfg and "queue" in cfg
