@@ -105,6 +105,9 @@ def test_train_input_typos_leave_no_failed_run_behind(capsys, tl_home, tmp_path)
     assert main(["train", str(one)]) == 2  # with its progress lines too: one error line, the last
     err = capsys.readouterr().err.strip().splitlines()
     assert [line for line in err if line.startswith("error: ")] == err[-1:]
+    # a group of processes records its run before they start: the data is checked first there too
+    assert "Only one class" in fail(capsys, "train", str(one), "--nproc", "2", "--quiet")
+    assert "not a readable zip" in fail(capsys, "train", str(tmp_path / "notes.zip"), "--nproc", "2", "--quiet")
     assert run_json(capsys, "runs", "--json") == []
     runs_dir = tl_home / "runs"
     assert not runs_dir.exists() or not [p for p in runs_dir.iterdir() if not p.name.startswith(".")]
