@@ -35,6 +35,9 @@ with session.page_errors():
     # the selected run, else the newest one: never "no run yet" beside finished runs
     run = store.get(run_id) if run_id and store.exists(run_id) else (runs[0] if runs else None)
     done_runs = [r for r in runs if r["status"] == "done"]
+    run_backbone = (run.get("config") or {}).get("backbone") if run else None
+    # what is chosen now (or the default a new run would use), and what the run shown under Train used
+    used = f" Run {run['id']} used {run_backbone}." if run_backbone and run_backbone != backbone else ""
 
     if st.button("Try it with sample data", type="primary", icon=":material/play_arrow:",
                  help="Selects the emoji sample (5 classes, 200 images), the EfficientNet-Lite0 backbone and a "
@@ -52,8 +55,8 @@ with session.page_errors():
          f"{DONE} {ds_label}" if ds_label else f"{TODO} Not chosen yet: pick a sample dataset or upload your images.",
          "Images sorted into one folder per class."),
         ("2. Backbone", "backbone",
-         f"{DONE} {backbone}" if backbone else
-         f"{TODO} Not chosen: the default {session.DEFAULT_BACKBONE} (works offline) will be used.",
+         (f"{DONE} {backbone} for the next run." if backbone else
+          f"{TODO} Not chosen: the next run uses the default {session.DEFAULT_BACKBONE} (works offline).") + used,
          "The pretrained network whose knowledge you borrow."),
         ("3. Train", "train",
          (f"{_run_icon(run['status'])} Run {run['id']}: {run['status']}"

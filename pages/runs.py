@@ -166,6 +166,7 @@ with session.page_errors():
         session.link("train", "Go to Train", ":material/model_training:")
         st.stop()
     rows = pd.DataFrame(runs_rows(runs)).astype({"Best epoch": "Int64"})
+    rows = rows.rename(columns={"Seconds": "Training s"})  # the run's own clock, not the Train page's
     rows["Data"] = [_data_text(r) for r in runs]  # the dataset version, so that runs on different versions differ
     # how sure each accuracy is, beside it (older runs recorded no interval: blank)
     at = list(rows.columns).index("Val accuracy") + 1
@@ -187,7 +188,10 @@ with session.page_errors():
         "Features": st.column_config.TextColumn(help="What the model's last layer saw: a linear run's probe features "
                                                 "(auto chooses by cross-validation); a fine-tuned run starts from a "
                                                 "probe on the last layer and trains on."),
-        "Seconds": st.column_config.NumberColumn(format="%.1f"),
+        "Training s": st.column_config.NumberColumn(
+            format="%.1f", help="Seconds inside the training: checking the images, training and the final "
+                                "evaluation. The Train page's 'Done in … from the click' is longer: it also counts "
+                                "the wait in the queue and the worker's start."),
     })
 
     by_id = {r["id"]: r for r in runs}

@@ -92,6 +92,27 @@ def test_usage_errors_exit_2_with_one_error_line(capsys, tl_home, tmp_path):
     assert "Unknown backbone" in fail(capsys, "train", str(EMOJI), "--backbone", "nonet_9000")
 
 
+def test_train_input_typos_leave_no_failed_run_behind(capsys, tl_home, tmp_path):
+    """A class folder missing, a path that does not exist, a text file named .zip: one error line, exit 2, and
+    `tl-core runs` stays empty (no 'failed' run for a typo), nor a run directory."""
+    one = make_class_folder(tmp_path / "one", {"cats": 3})  # the other class folder is missing
+    (tmp_path / "notes.zip").write_text("not a zip at all, a text file\n")
+    assert "Only one class" in fail(capsys, "train", str(one), "--quiet")
+    assert "does not exist" in fail(capsys, "train", str(tmp_path / "typo"), "--quiet")
+    assert "not a readable zip" in fail(capsys, "train", str(tmp_path / "notes.zip"), "--quiet")
+    from tl_core.cli import main
+
+    assert main(["train", str(one)]) == 2  # with its progress lines too: one error line, the last
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("error: ")] == err[-1:]
+    # a group of processes records its run before they start: the data is checked first there too
+    assert "Only one class" in fail(capsys, "train", str(one), "--nproc", "2", "--quiet")
+    assert "not a readable zip" in fail(capsys, "train", str(tmp_path / "notes.zip"), "--nproc", "2", "--quiet")
+    assert run_json(capsys, "runs", "--json") == []
+    runs_dir = tl_home / "runs"
+    assert not runs_dir.exists() or not [p for p in runs_dir.iterdir() if not p.name.startswith(".")]
+
+
 @pytest.mark.processes
 def test_usage_error_in_a_real_process(tl_home):
     p = subprocess.run([TL_CORE, "train"], capture_output=True, text=True, timeout=120)

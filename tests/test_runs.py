@@ -1,4 +1,5 @@
-"""The SQLite run store (WAL, lifecycle, epochs, tasks claimed once, dead workers) and the workspace's caches."""
+"""The SQLite run store (WAL, lifecycle, epochs, tasks claimed once, dead workers), the workspace's caches, and
+what Home and Runs say about a recorded run."""
 
 import sqlite3
 import subprocess
@@ -86,3 +87,43 @@ def test_cache_limit_evicts_least_recently_used_and_clear_empties(tmp_path):
     assert sorted(p.name for p in d.iterdir()) == ["0.npy", "3.npy", "4.npy"]
     assert cache_usage(cache)["decoded"] == 3 * size
     assert clear_cache(cache) == 3 * size and cache_usage(cache) == {"decoded": 0, "features": 0}
+
+
+# --------------------------------------------------------------------------------------------------
+# what Home and Runs say about a run (page tests on a run recorded in the store: no training, no worker)
+# --------------------------------------------------------------------------------------------------
+from page_harness import app, assert_clean, empty_home, goto  # noqa: E402,F401  (fixtures are used by name)
+
+
+def _lite1_run(ws: Workspace) -> str:
+    from tl_core.config import TrainConfig
+
+    store = ws.store()
+    rid = store.create_run("/data/pets", TrainConfig(backbone="efficientnet_lite1").to_dict(), status="done")
+    store.update(rid, summary={"val_accuracy": 0.9, "seconds": 21.7, "classes": ["a", "b"]})
+    return rid
+
+
+def test_home_says_which_backbone_the_run_used_and_which_the_next_run_uses(empty_home):
+    rid = _lite1_run(empty_home)
+    at = app()
+    assert_clean(at)
+    text = " ".join(m.value for m in at.markdown)
+    # never "not chosen: efficientnet_lite0" alone beside a run that used Lite1
+    assert f"Run {rid} used efficientnet_lite1" in text
+    assert "the next run uses the default efficientnet_lite0" in text
+    at = app({"backbone": "efficientnet_lite1", "run": rid})  # chosen now, the same as the run's: said once
+    assert_clean(at)
+    text = " ".join(m.value for m in at.markdown)
+    assert "efficientnet_lite1 for the next run" in text and f"Run {rid} used" not in text
+
+
+def test_runs_table_says_its_seconds_are_the_training_time_not_the_train_pages_clock(empty_home):
+    _lite1_run(empty_home)
+    at = app()
+    goto(at, "runs")
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert "Seconds" not in table.columns and list(table["Training s"]) == [21.7]
+    cfg = at.dataframe[0].proto.columns  # the column's help names the other clock
+    assert "from the click" in cfg and "queue" in cfg

@@ -153,8 +153,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         reuse_heap_memory()
     ws = _workspace()
     if args.nproc > 1 and not under_torchrun():
+        from .data.library import open_data
         from .runs.launch import train_with_group
 
+        # the group's run is recorded before its processes start: a typo in the data is found here first, so
+        # that it leaves no failed run behind (the check fills the cache the group's first rank then reads)
+        show = _stderr_progress(args.quiet)
+        open_data(args.data, ws, progress=lambda d, t: show({"stage": "check", "done": d, "total": t}))
+        if args.test is not None:
+            open_data(args.test, ws, min_per_class=1)
         run_id = train_with_group(ws, args.data, cfg, args.nproc, args.test, progress=_stderr_progress(args.quiet))
         res = result_of(ws, run_id)
         if res.status != "done":

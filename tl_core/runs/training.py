@@ -31,7 +31,7 @@ from ..data.library import open_data
 from ..data.versions import pin
 from ..data.report import dataset_report
 from ..data.splits import Split, split_dataset
-from ..errors import CancelledError, DatasetError, TLError
+from ..errors import CancelledError, ConfigError, DatasetError, TLError
 from ..fileio import write_json_atomic
 from ..insight.openset import bank_indices, build_open_set
 from ..models.backbones import build_model, check_backbone_name
@@ -571,7 +571,9 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
         progress: extra progress callback (the CLI prints to stderr with it).
         should_cancel: extra cancel check; the store's cancel flag is always honoured.
         test_data: optional held-out folder evaluated at the end.
-        raise_errors: re-raise the error after recording it (the CLI needs it; the worker does not).
+        raise_errors: re-raise the error after recording it (the CLI needs it; the worker does not). A run
+            created here whose data or settings fail before any training (DatasetError, ConfigError) is then
+            not recorded at all: the raised error is the whole answer to the user's typo.
         runtime: the device and process group (default: started from ``cfg.device`` and torchrun's environment).
     """
     cfg = cfg.resolved()
@@ -596,6 +598,7 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
         return _result(None, Path(os.devnull), "done", rt.to_dict(), 0.0, None)
     store = workspace.store()
     pid, pid_start = identity()
+    created_here = run_id is None  # the CLI's run: a typo in its input must not leave a run behind
     if run_id is None:
         run_id = store.create_run(str(data), cfg.to_dict(), status="running")
         store.update(run_id, pid=pid, pid_start=pid_start)
@@ -604,6 +607,7 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
     run_dir = workspace.run_dir(run_id)
     last_write = [0.0]
     last_check = [0.0, False]
+    began = [False]  # past checking the data: the run did some work worth keeping a record of
 
     def cancel() -> bool:
         if should_cancel and should_cancel():
@@ -615,6 +619,8 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
         return bool(last_check[1])
 
     def on_progress(e: dict[str, Any]) -> None:
+        if e.get("stage") != "check":
+            began[0] = True
         if e.get("stage") == "epoch":
             store.add_epoch(run_id, int(e["epoch"]), {k: v for k, v in e.items() if k not in ("stage", "epoch")})
         now = time.monotonic()
@@ -625,6 +631,11 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
             progress(e)
 
     def failed(status: str, msg: str, e: BaseException) -> TrainResult:
+        if raise_errors and created_here and not began[0] and isinstance(e, (DatasetError, ConfigError)):
+            # the user's input error, found before any training: the raised error is the answer and no run is
+            # recorded (a queued run of the app keeps its record: its task shows the message)
+            store.delete(run_id, workspace.runs_dir)
+            raise e
         store.update(run_id, status=status, error=msg, pid=None)
         if raise_errors:
             raise e
