@@ -136,9 +136,6 @@ def _links(path: Path) -> list[str]:
 
 
 # written by other parts of the same change; the README links them already
-_COMING = {"docs/openset.md", "docs/honest-numbers.md", "docs/label-check-and-auto.md", "docs/openset-pages.md"}
-
-
 def test_every_relative_link_resolves_inside_the_repository():
     seen = 0
     for path in [ROOT / "README.md", *DOCS]:
@@ -150,5 +147,5 @@ def test_every_relative_link_resolves_inside_the_repository():
             target = (path.parent / link.split("#")[0]).resolve()
             assert target.is_relative_to(ROOT), f"{path.name} links outside the repository: {link}"
             rel = target.relative_to(ROOT).as_posix()
-            assert target.exists() or rel in _COMING, f"{path.name}: broken link {link}"
+            assert target.exists(), f"{path.name}: broken link {link}"
     assert seen >= 10
