@@ -252,7 +252,7 @@ def _summary(val: dict[str, Any], test: dict[str, Any], cv: dict[str, Any] | Non
                f"{format_figure(val.get('micro_f1'), val.get('micro_f1_ci'), percent=False)}; it got every label of "
                f"an image right for {format_figure(val.get('exact_match'), val.get('exact_match_ci'))}.")
         if test:
-            out += (f" On {test.get('count', '?')} locked test images: micro F1 "
+            out += (f" On {test.get('count', '?')} held-out test images: micro F1 "
                     f"{format_figure(test.get('micro_f1'), test.get('micro_f1_ci'), percent=False)}.")
         return out
     out = f"On {val.get('count', '?')} validation images it never learned from, the model named the right class " \
@@ -261,7 +261,7 @@ def _summary(val: dict[str, Any], test: dict[str, Any], cv: dict[str, Any] | Non
         out += (f" Checked in turn on every labelled image (cross-validation, {cv.get('count')} images): "
                 f"{prop(cv, 'accuracy')}.")
     if test and test.get("accuracy") is not None:
-        out += f" On {test.get('count')} locked test images, never used for any choice: {prop(test, 'accuracy')}."
+        out += f" On {test.get('count')} held-out test images, never used for any choice: {prop(test, 'accuracy')}."
     return out
 
 
@@ -454,7 +454,7 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
 
     parts.append("<h2>Dataset</h2>")
     counts = ds.get("counts") or {}
-    split_words = {"train": "training", "val": "validation", "test": "locked test"}
+    split_words = {"train": "training", "val": "validation", "test": "test"}
     split = ", ".join(f"{n} for {split_words.get(k, k)}" for k, n in (ds.get("split") or {}).items() if n)
     skipped = len(ds.get("skipped") or [])
     ratio = ds.get("imbalance_ratio")
