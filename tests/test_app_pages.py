@@ -274,7 +274,7 @@ def test_train_page_settings_help_and_augmentation_preview(home):
     assert_clean(at)
     strategy = [r for r in at.radio if r.label == "Strategy"][0]
     assert strategy.options == ["Linear probe (frozen backbone)", "Partial fine-tuning (last blocks)",
-                                "Full fine-tuning", "From scratch (no pretraining)"]
+                                "Full fine-tuning", "Automatic (try and compare)", "From scratch (no pretraining)"]
     assert "logistic regression" in " ".join(strategy.proto.captions)
     lr = [s for s in at.select_slider if s.label == "Learning rate"][0]
     assert lr.disabled  # the linear probe has no learning rate
@@ -407,7 +407,8 @@ def test_refresh_with_the_run_link_shows_the_same_run(home):
     assert at.query_params["run"] == run_id  # still in the address after the page switch
     # the fresh session's form starts from the shown run's settings
     assert [r for r in at.radio if r.label == "Strategy"][0].value == "linear"
-    assert [n for n in at.number_input if n.label == "Epochs"][0].value == 30
+    # (trained with --features last; the form's default is auto. A linear run has no epochs to carry over.)
+    assert [b for b in at.selectbox if b.label == "Features"][0].value == "last"
 
 
 @pytest.mark.processes

@@ -56,7 +56,7 @@ def test_train_json_in_a_real_process_then_evaluate_predict_runs(capsys, tl_home
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)  # exactly one JSON document on stdout; progress went to stderr
     assert set(res) >= {"run_id", "run_dir", "status", "classes", "val_accuracy", "seconds"}
-    assert res["status"] == "done" and len(res["classes"]) == 10 and "epoch" in p.stderr
+    assert res["status"] == "done" and len(res["classes"]) == 10 and "solver round" in p.stderr
     # the default features=auto says what it chose and the cross-validation scores behind it
     assert res["features"] in ("last", "depths") and set(res["cv"]) == {"last@1", "depths@1", "depths@0.3"}
     assert res["cv"][f"{res['features']}@{res['linear_c']:g}"] == max(res["cv"].values())

@@ -114,7 +114,8 @@ def test_evaluate_counts_the_foreign_images_the_threshold_catches(home):
     # the foreign images' scores on the validation scores' chart
     hist = [s for s in plotly_specs(at) if s["data"][0]["type"] == "histogram"][0]
     assert [t["name"] for t in hist["data"]][1] == "foreign images"
-    assert sorted(hist["data"][1]["x"]) == pytest.approx(sorted(r["ood_score"] for r in rows), abs=1e-5)
+    # the task may run the ONNX engine and the direct call PyTorch: equal within the engines' tolerance (1e-4)
+    assert sorted(hist["data"][1]["x"]) == pytest.approx(sorted(r["ood_score"] for r in rows), abs=1e-4)
     # the reasons of the catches add up to the count; the table names the uploads as they were called
     res = tasks.result(ws, ws.store().tasks(kind="foreign_check", status="done")[-1]["id"])
     assert sum(res["by_reason"].values()) == res["caught"] == expected
