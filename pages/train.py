@@ -21,7 +21,8 @@ from tl_core.data.library import dataset_signature
 from tl_core.models.devices import describe_auto_device
 from tl_core.models.metrics import figure_of, format_figure
 from tl_core.runs import tasks
-from tl_core.runs.progress import describe_progress, ended_text, features_text, setting_text, stop_text, timing_text
+from tl_core.runs.progress import (describe_progress, duration_text, ended_text, features_text, setting_text, stop_text,
+                                   timing_text)
 from tl_core.runs.store import ACTIVE_STATUSES
 from tl_core.share import figures as charts
 
@@ -209,8 +210,8 @@ def _done_text(run: dict, task: tasks.Task | None) -> str:
     s = run.get("summary") or {}
     if task is not None and task.finished:
         took = timing_text(task.total_s, task.waited_s, task.ran_s)
-    else:  # trained by the command line: the run's own time
-        took = timing_text(float(s.get("seconds") or 0))
+    else:  # trained by the command line: no click to count from, only the run's own training time
+        took = f"{duration_text(float(s.get('seconds') or 0))} of training (started from the command line)"
     # a linear probe keeps its converged fit: it has no best epoch to name
     best = "" if s.get("best_epoch") is None else f"best epoch {s.get('best_epoch')}, "
     if s.get("multi_label"):  # label sets: F1 and mAP say more than the exact-match accuracy
