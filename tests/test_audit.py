@@ -166,16 +166,6 @@ def test_cli_audit(planted, shared_cache, monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("error:")
 
 
-def test_wilson_interval_matches_the_textbook_values():
-    from tl_core.insight.audit import wilson_interval
-
-    lo, hi = wilson_interval(18, 20)  # "18 of 20 has a 95% interval of about 70-97%"
-    assert abs(lo - 0.699) < 0.002 and abs(hi - 0.972) < 0.002
-    assert wilson_interval(0, 0) == (0.0, 1.0)
-    lo, hi = wilson_interval(20, 20)
-    assert hi == 1.0 and 0.83 < lo < 0.84
-
-
 @pytest.fixture(scope="module")
 def emoji_features(shared_cache):
     from tl_core.data.library import open_data

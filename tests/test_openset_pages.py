@@ -85,7 +85,7 @@ def test_try_it_says_why_an_image_is_unknown_and_shows_the_closest_training_imag
 
 @pytest.mark.slow
 def test_evaluate_counts_the_foreign_images_the_threshold_catches(home):
-    from tl_core.insight.foreign import wilson_interval
+    from tl_core.models.metrics import wilson_interval
     from tl_core.share.loading import load_model
     from tl_core.share.predict import predict_paths
 
@@ -160,17 +160,13 @@ def test_data_page_gives_the_domain_gap_in_style_and_content_per_class(home):
     assert len(at.get("image")) >= 8  # their thumbnails
 
 
-def test_wilson_interval_and_the_share_caught():
-    from tl_core.insight.foreign import caught_at, wilson_interval
+def test_the_share_caught_has_its_wilson_interval():
+    from tl_core.insight.foreign import caught_at
+    from tl_core.models.metrics import wilson_interval
 
-    # textbook values: 8 of 10 -> (0.490, 0.943); 0 of 20 -> (0, 0.161)
-    lo, hi = wilson_interval(8, 10)
-    assert (round(lo, 3), round(hi, 3)) == (0.490, 0.943)
-    lo, hi = wilson_interval(0, 20)
-    assert lo == 0.0 and round(hi, 3) == 0.161
-    assert wilson_interval(0, 0) == (0.0, 1.0)
     got = caught_at([0.5, 1.2, 2.0, 0.99], 1.0)
     assert (got["caught"], got["images"], got["share"]) == (2, 4, 0.5)
+    assert got["interval"] == wilson_interval(2, 4)
 
 
 def test_the_closest_training_images_get_thumbnails_and_a_gone_file_none(tmp_path):

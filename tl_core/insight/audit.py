@@ -34,6 +34,7 @@ from ..data.intake import Dataset, ImageItem
 from ..data.library import open_data
 from ..data.splits import sample_items, split_dataset
 from ..models.devices import single_threaded
+from ..models.metrics import wilson_interval
 from ..models.probe import fit_linear_head
 from ..runs.workspace import Workspace
 from .embedding import embed_items
@@ -46,7 +47,6 @@ __all__ = [
     "LABEL_CHECK_MIN_ACCURACY",
     "LABEL_CHECK_MIN_LOW",
     "LABEL_CHECK_MIN_IMAGES",
-    "wilson_interval",
     "label_check_verdict",
     "confident_label_issues",
     "exact_duplicates",
@@ -288,27 +288,6 @@ def cross_validated_probs(features: np.ndarray, labels: np.ndarray, n_classes: i
         with torch.inference_mode():
             probs[te] = torch.softmax(head(torch.from_numpy(np.ascontiguousarray(x[te]))).double(), 1).numpy()
     return probs
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion (95% by default).
-
-    A private copy until the shared interval module lands (the lead folds them together).
-
-    Args:
-        successes: count of successes.
-        n: trials.
-        z: normal quantile (1.96: 95%).
-    Returns:
-        (low, high) in [0, 1]; (0.0, 1.0) when ``n`` is 0.
-    """
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
 
 
 def label_check_verdict(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

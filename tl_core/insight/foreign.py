@@ -9,27 +9,16 @@ command line and a script agree.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError, DatasetError
+from ..models.metrics import wilson_interval
 from ..runs.workspace import Workspace
 
-__all__ = ["wilson_interval", "foreign_check", "save_foreign_upload", "caught_at"]
-
-
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval of a share ``k`` of ``n`` (95% for the default ``z``); (0, 1) when n is 0."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+__all__ = ["foreign_check", "save_foreign_upload", "caught_at"]
 
 
 def caught_at(scores: Sequence[float], threshold: float) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import TrainConfig
-from ..insight.audit import wilson_interval
+from ..models.metrics import wilson_interval
 from ..models.training import Progress
 from .files import RunFiles
 
