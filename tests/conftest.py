@@ -32,6 +32,7 @@ def in_fast_tier(item: pytest.Item) -> bool:
     return not any(item.get_closest_marker(m) for m in SLOW_TIER_MARKERS)
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers
 def pytest_collection_modifyitems(config, items):
     """Give every fast-tier test the ``fast_tier`` marker: ``-m fast_tier`` is `make test-fast`, and
     ``-m "not fast_tier"`` the rest of `make test` (the tiers are derived from the markers here, in one place)."""
