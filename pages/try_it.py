@@ -169,7 +169,7 @@ with session.page_errors():
         st.caption(f"Charts for the first {SHOW_CHARTS}; all {len(rows)} are in the table below.")
     if len(rows) > 1:
         st.dataframe(pd.DataFrame([{"image": r["path"], "prediction": r["label"], "confidence": r["confidence"],
-                                    "unlike training": r.get("unknown"), "how": r.get("ood_reason")}
+                                    "unlike training": r.get("unknown"), "how": r.get("ood_reason") or ""}
                                    for r in rows]), hide_index=True,
                      width="stretch")
         st.download_button("Download predictions (CSV)", pred["csv"], file_name=f"predictions-{run_id}.csv",
