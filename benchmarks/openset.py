@@ -454,7 +454,7 @@ CANDIDATES: dict[str, Scorer] = {
 
 
 #: The scores run by default (``--scores all`` runs every candidate; the others lost on the first pairs, see
-#: FINDINGS.md).
+#: benchmarks/openset_findings.md).
 CORE = ("shipped: head kNN k1", "s1 kNN k1", "s3 kNN k1", "max(s1,s2,s3,head) k1", "max(s0..s4,head) k1",
         "max(s1,s3,head) k1", "max(s1,s3,head) k1 xfit", "robustmax(s1,s3,head) k1", "max(s1,s3,head) k5", "max(s1,s3 maha,head)", "fisher(s1,s3,head) k1",
         "max(cat(s1,s2,s3),head) k1")
