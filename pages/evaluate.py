@@ -362,13 +362,11 @@ with session.page_errors():
             show_open_set(ws, files)
         st.stop()
 
-    c = st.columns(4)
-    c[0].metric("Accuracy", f"{m['accuracy']:.1%}", help="Share of images whose top prediction is the true class. "
-                "Below: its 95% interval (Wilson): where the accuracy on more images like these would likely fall.")
-    c[0].caption(figure_of(m)[len(f"{100 * m['accuracy']:.1f}%"):].strip(" ()"))
-    c[1].metric("Macro F1", f"{m['macro_f1']:.3f}", help="F1 averaged over classes, so every class counts equally.")
-    c[2].metric(f"{split_name.split(' ')[0]} images", m["count"], help="How many images this is measured on.")
-    c[3].metric("Calibration error", f"{m['ece']:.3f}",
+    # the split's accuracy is already among the headline figures above: here what they do not say
+    c = st.columns(3)
+    c[0].metric("Macro F1", f"{m['macro_f1']:.3f}", help="F1 averaged over classes, so every class counts equally.")
+    c[1].metric(f"{split_name.split(' ')[0]} images", m["count"], help="How many images this is measured on.")
+    c[2].metric("Calibration error", f"{m['ece']:.3f}",
                 help="Expected calibration error: how far confidence is from actual accuracy (0 = calibrated).")
 
     left, right = st.columns([3, 2])

@@ -199,7 +199,7 @@ def test_runs_page_shows_the_dataset_version_a_run_trained_on(home, tmp_path):
         "but views of its images (mistakes, Grad-CAM) cannot show them."]
     goto(at, "evaluate")
     assert_clean(at)
-    assert has_metric(at, "Accuracy")
+    assert has_metric(at, "Validation accuracy")
     assert [i.value for i in at.info if "deleted" in i.value] == [
         "The dataset 'pets' this run trained on has been deleted from this server: its figures below are kept, but its "
         "images (mistakes, Grad-CAM, the map) cannot be shown."]
