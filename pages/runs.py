@@ -214,7 +214,11 @@ with session.page_errors():
     series = {i: store.epochs(i) for i in chosen}
     charted = {k: v for k, v in series.items() if len(v) >= MIN_EPOCHS_CHARTED}
     if charted:
-        st.plotly_chart(charts.training_curves(charted), width="stretch")
+        # linear probes count solver rounds, fine-tunes epochs; a mixed comparison says both
+        kinds = {"solver round" if (by_id[i].get("config") or {}).get("strategy") == "linear" else "epoch"
+                 for i in charted}
+        st.plotly_chart(charts.training_curves(charted, x_title=" / ".join(sorted(kinds, reverse=True))),
+                        width="stretch")
     short = [i for i in chosen if i not in charted]
     if short:
         st.caption(f"No curves for {', '.join(short)}: fewer than {MIN_EPOCHS_CHARTED} epochs were recorded.")

@@ -291,7 +291,10 @@ def run_panel(ws, run_id: str) -> None:
             # a run still going is charted from its first epoch (the chart grows); one that ended with a single
             # epoch (cancelled early) has no curve to show
             if len(epochs) >= MIN_EPOCHS_CHARTED or (epochs and status in ACTIVE_STATUSES):
-                st.plotly_chart(charts.training_curves({run_id: epochs}), width="stretch", key=f"curves-{run_id}")
+                # a linear probe's rows are solver rounds, not passes over the data
+                step = "solver round" if cfg.get("strategy") == "linear" else "epoch"
+                st.plotly_chart(charts.training_curves({run_id: epochs}, x_title=step), width="stretch",
+                                key=f"curves-{run_id}")
             elif status in ACTIVE_STATUSES:
                 st.caption("The curves appear after the first epoch.")
         if active and status is not None and status not in ACTIVE_STATUSES:

@@ -136,6 +136,12 @@ def _mistakes(run_dir: Path) -> list[dict]:
     return files.predictions().get("val").mistakes(files.meta().classes, files.meta().temperature)
 
 
+def test_a_linear_runs_curves_count_solver_rounds_not_epochs(report_html, run_dir):
+    assert json.loads((run_dir / "config.json").read_text())["strategy"] == "linear"
+    assert '"title":{"text":"solver round"}' in report_html
+    assert '"title":{"text":"epoch"}' not in report_html
+
+
 def test_report_embeds_the_misclassified_images(report_html, run_dir):
     wrong = _mistakes(run_dir)
     assert len(wrong) >= 2  # the emoji run's validation-fit head gets 2 of 40 wrong: the grid is drawn

@@ -54,8 +54,14 @@ def class_counts(counts: Mapping[str, int], split_counts: Mapping[str, Mapping[s
     return fig
 
 
-def training_curves(series: Mapping[str, Sequence[Mapping[str, Any]]]) -> go.Figure:
-    """Loss and accuracy per epoch; per run the training curve dashed and the validation curve solid."""
+def training_curves(series: Mapping[str, Sequence[Mapping[str, Any]]], x_title: str = "epoch") -> go.Figure:
+    """Loss and accuracy per epoch; per run the training curve dashed and the validation curve solid.
+
+    Args:
+        series: run name -> its recorded rows (``epoch``, ``train_loss``, ``val_acc``, ...).
+        x_title: what one step is: ``"epoch"`` for fine-tuning, ``"solver round"`` for a linear probe
+            (its rows are rounds of L-BFGS iterations, see :mod:`tl_core.models.probe`).
+    """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss (lower is better)", "Accuracy (higher is better)"),
                         horizontal_spacing=0.08)
     for n, (name, rows) in enumerate(series.items()):
@@ -75,7 +81,7 @@ def training_curves(series: Mapping[str, Sequence[Mapping[str, Any]]]) -> go.Fig
     last = max((r["epoch"] for rows in series.values() for r in rows), default=0)
     # whole epochs only (epoch 0 is the linear probe fine-tuning starts from); epochs and losses are never
     # negative, so a run with a single epoch is a dot on positive axes, not one floating around 0
-    fig.update_xaxes(title_text="epoch", rangemode="nonnegative", **({"dtick": 1} if last <= 20 else {}))
+    fig.update_xaxes(title_text=x_title, rangemode="nonnegative", **({"dtick": 1} if last <= 20 else {}))
     fig.update_yaxes(rangemode="tozero", row=1, col=1)
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
     entries = sum(1 for t in fig.data if t.showlegend is not False)

@@ -348,7 +348,8 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
         note = ("Linear probe: the backbone is frozen and only the last layer is fitted; each point on the "
                 "curves is one round of its solver." if strategy == "linear" else
                 f"Best epoch {metrics.best_epoch} of {metrics.epochs_run} (its weights are the ones kept).")
-        parts.append(fig(figures.training_curves({"": history}), "curves") + f"<p class='note'>{_esc(note)}</p>")
+        x_title = "solver round" if strategy == "linear" else "epoch"
+        parts.append(fig(figures.training_curves({"": history}, x_title=x_title), "curves") + f"<p class='note'>{_esc(note)}</p>")
     else:
         parts.append("<p class='note'>No per-epoch history was recorded for this run.</p>")
 
