@@ -28,7 +28,7 @@ from page_harness import (  # noqa: F401  (fixtures are used by name)
 
 from pages._fix import _key
 from tl_core.data import versions
-from tl_core.runs.files import RunFiles
+from tl_core.storage.files import RunFiles
 
 
 def _successes(at) -> str:

@@ -1,4 +1,4 @@
-"""The one owner of a run's files (tl_core.runs.files): a run is published whole, JSON is written atomically,
+"""The one owner of a run's files (tl_core.storage.files): a run is published whole, JSON is written atomically,
 older predictions files are still read, and damaged files are refused with messages that say what is wrong."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from insight_support import emoji_small
 from tl_core.config import TrainConfig
 from tl_core.errors import ExportError, RunError
-from tl_core.models.metrics import softmax
-from tl_core.runs.files import (PREDICTIONS_FORMAT, SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMeta,
+from tl_core.metrics import softmax
+from tl_core.storage.files import (PREDICTIONS_FORMAT, SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMeta,
                                 RunMetrics, SplitPredictions, write_json_atomic)
 
 CLASSES = ["cat", "dog", "fox"]

@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _workspace():
-    from .runs.workspace import Workspace
+    from .storage.workspace import Workspace
 
     return Workspace.default()
 
@@ -176,9 +176,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(res.to_dict())
     else:
-        from .runs.progress import stop_text
+        from .share.progress import stop_text
 
-        from .models.metrics import format_figure
+        from .metrics import format_figure
 
         print(f"run {res.run_id}: {res.status} in {res.seconds:.1f}s on {res.device}"
               + (f" x {res.world_size} processes" if res.world_size > 1 else ""))
@@ -219,7 +219,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rep)
         return 0
-    from .models.metrics import format_figure
+    from .metrics import format_figure
 
     if rep.get("multi_label"):
         print(f"micro-F1 {format_figure(rep['micro_f1'], rep.get('micro_f1_ci'), percent=False)}, "
@@ -243,7 +243,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _note_open_set(model: Any) -> None:
     """A model from before open-set scores answers without ``unknown``: say so on stderr."""
     if model.open_set is None:
-        from .insight.openset import UNKNOWN_NOTE
+        from .models.openset import UNKNOWN_NOTE
 
         sys.stderr.write(f"note: {UNKNOWN_NOTE}\n")
 
@@ -477,8 +477,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_openset(args: argparse.Namespace) -> int:
     from .errors import RunError
-    from .insight.openset import UNKNOWN_NOTE, describe, flagged_share, set_threshold, summary
-    from .runs.files import RunFiles
+    from .models.openset import UNKNOWN_NOTE, describe, flagged_share, set_threshold, summary
+    from .storage.files import RunFiles
 
     run_dir = _resolve_run_dir(args.run)
     if args.threshold is not None:

@@ -28,7 +28,7 @@ from .intake import Dataset, _find_dataset_root, find_multi_label_csv, open_data
 from .report import UPLOAD_REPORT
 
 if TYPE_CHECKING:
-    from ..runs.workspace import Workspace
+    from ..storage.workspace import Workspace
 
 __all__ = [
     "REPO_ROOT",
@@ -161,7 +161,7 @@ def open_data(data: str | os.PathLike | Dataset, workspace: "Workspace | None" =
     if isinstance(data, Dataset):
         return data
     if workspace is None:
-        from ..runs.workspace import Workspace
+        from ..storage.workspace import Workspace
 
         workspace = Workspace.default()
     extra = {} if min_per_class is None else {"min_per_class": min_per_class}
@@ -522,7 +522,7 @@ def dataset_runs(ws: Workspace, name: str) -> list[dict]:
 def dataset_users(ws: Workspace, name: str) -> list[str]:
     """What is reading the uploaded dataset ``name`` now: queued or running runs and tasks, one phrase each
     (``"run 20250101-… (running)"``, ``"a task checking the data (queued)"``); empty when nothing is."""
-    from ..runs.store import ACTIVE_STATUSES
+    from ..storage.store import ACTIVE_STATUSES
 
     folder = _uploaded_dir(ws, name).resolve()
     store = ws.store()
@@ -579,7 +579,7 @@ def rename_dataset(ws: Workspace, name: str, new_name: str) -> Path:
         os.rename(folder, target)  # atomic on one file system: the dataset is under one name or the other
     except OSError as e:
         raise DatasetError(f"Could not rename {name!r} to {target_name!r} ({e.strerror or e}).") from None
-    from ..runs.files import RunFiles
+    from ..storage.files import RunFiles
 
     for r in trained:  # their image views (mistakes, Grad-CAM, maps) find the pictures under the new name
         try:

@@ -13,7 +13,7 @@ from .intake import Dataset
 from .splits import Split, split_dataset
 
 if TYPE_CHECKING:
-    from ..runs.workspace import Workspace
+    from ..storage.workspace import Workspace
 
 __all__ = ["dataset_report", "dataset_overview", "class_thumbnails", "UPLOAD_REPORT"]
 

@@ -42,7 +42,7 @@ from .intake import (MIN_IMAGES_PER_CLASS, Dataset, ImageItem, SkippedFile, chec
                      open_dataset)
 
 if TYPE_CHECKING:
-    from ..runs.workspace import Workspace
+    from ..storage.workspace import Workspace
 
 __all__ = [
     "VersionRef",

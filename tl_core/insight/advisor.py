@@ -44,7 +44,7 @@ from ..models.backbones import imagenet_label
 from ..models.catalogue import CATALOGUE, offline_backbones
 from ..models.devices import single_threaded
 from ..models.probe import fit_linear_head
-from ..runs.workspace import Workspace
+from ..storage.workspace import Workspace
 from .embedding import Embeddings, embed_items
 
 __all__ = [

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ..errors import RunError
-from ..models.metrics import reliability_diagram, softmax
-from ..runs.files import RunFiles
-from ..runs.workspace import Workspace
+from ..metrics import reliability_diagram, softmax
+from ..storage.files import RunFiles
+from ..storage.workspace import Workspace
 
 __all__ = [
     "TEMPERATURE_BOUNDS",

@@ -37,8 +37,8 @@ from ..models.backbones import build_model
 from ..models.catalogue import WeightsInfo
 from ..models.features import extract_features, feature_key
 from ..models.preprocess import Preprocess, resolve_preprocess
-from ..runs.files import RunFiles
-from ..runs.workspace import Workspace
+from ..storage.files import RunFiles
+from ..storage.workspace import Workspace
 
 __all__ = [
     "Embeddings",

@@ -169,7 +169,7 @@ def _model_for(run: Any, image: Any, device: str = "cpu") -> Any:
     """The model that explains ``image`` under ``run``: a loaded model is used as it is; for a run directory,
     an image the run evaluated on validation is explained with the model that produced that prediction (the
     training-only head of a refitted linear run), any other image with the saved model."""
-    from ..runs.files import SAVED, RunFiles
+    from ..storage.files import SAVED, RunFiles
     from ..share.loading import TrainedModel, load_model
 
     if isinstance(run, TrainedModel):
@@ -208,7 +208,7 @@ def explain_image(run: Any, image: str | os.PathLike | Image.Image, target: int 
     Raises:
         DatasetError: the image cannot be read; ConfigError: unknown target class.
     """
-    from ..models.metrics import softmax
+    from ..metrics import softmax
 
     tm = _model_for(run, image, device)
     img = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
@@ -256,7 +256,7 @@ def explain_misclassified(run: str | os.PathLike, k: int = 12, target: str = "pr
     Raises:
         RunError: the run has no saved predictions.
     """
-    from ..runs.files import RunFiles
+    from ..storage.files import RunFiles
     from ..share.loading import load_model
 
     if target not in ("predicted", "true"):

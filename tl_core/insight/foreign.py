@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError, DatasetError
-from ..models.metrics import wilson_interval
-from ..runs.workspace import Workspace
+from ..metrics import wilson_interval
+from ..storage.workspace import Workspace
 
 __all__ = ["foreign_check", "save_foreign_upload", "caught_at"]
 
@@ -75,7 +75,7 @@ def foreign_check(run: str | os.PathLike, paths: Sequence[str | os.PathLike], na
     """
     from ..share.loading import load_model
     from ..share.predict import predict_paths
-    from .openset import UNKNOWN_NOTE
+    from ..models.openset import UNKNOWN_NOTE
 
     tm = load_model(run)
     if tm.open_set is None:

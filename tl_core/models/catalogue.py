@@ -17,7 +17,7 @@ from ..errors import WeightsError
 from ..fileio import write_atomic
 
 if TYPE_CHECKING:
-    from ..runs.workspace import Workspace
+    from ..storage.workspace import Workspace
 
 __all__ = ["BackboneSpec", "CATALOGUE", "WeightsInfo", "catalogue", "spec_for", "timm_arch", "packaged_file",
            "hub_id", "hub_cached", "offline_backbones", "weights_dir", "store_uploaded_weights", "local_weights",

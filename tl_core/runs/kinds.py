@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ConfigError
-from .workspace import Workspace
+from ..storage.workspace import Workspace
 
 __all__ = ["TaskKind", "KINDS", "kind_spec", "jsonable"]
 
@@ -278,7 +278,7 @@ def _augment_preview(ws: Workspace, p: dict[str, Any], ctx: Any) -> list[dict[st
 
 
 def _set_ood_threshold(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    from ..insight.openset import set_threshold
+    from ..models.openset import set_threshold
 
     return set_threshold(p["run"], float(p["threshold"]))
 

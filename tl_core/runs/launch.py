@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..settings import setting
-from .workspace import Workspace
+from ..storage.workspace import Workspace
 
 __all__ = ["train_procs", "group_command", "run_group", "train_with_group", "rank_main", "failure_reason"]
 

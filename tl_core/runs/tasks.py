@@ -40,8 +40,8 @@ from typing import Any
 from ..config import TrainConfig
 from ..errors import RunError, TLError
 from ..settings import setting
-from .store import ACTIVE_STATUSES, RunStore
-from .workspace import Workspace
+from ..storage.store import ACTIVE_STATUSES, RunStore
+from ..storage.workspace import Workspace
 
 __all__ = ["QueueFullError", "Task", "MAX_QUEUED", "task_key", "submit", "find", "get", "result", "cancel",
            "queue_position", "describe_wait", "submit_training", "cancel_run", "delete_run", "prune"]

@@ -2,7 +2,7 @@
 
 Each worker holds a slot lock (``<TL_HOME>/workers/<lane>-<slot>.lock``), so at most ``lane_slots(lane)``
 workers of a lane run on the machine, whichever server or command started them. Workers are started as
-daemons (:func:`tl_core.runs.processes.spawn_detached`): re-parented to init, they leave no defunct process
+daemons (:func:`tl_core.storage.processes.spawn_detached`): re-parented to init, they leave no defunct process
 under the server and outlive its restart. A ``compute`` worker exits when the queue is empty; an
 ``interactive`` worker stays up for a while (``TL_INTERACTIVE_IDLE_S``, default 600) with its models warm.
 
@@ -28,9 +28,9 @@ from typing import Any, Callable
 from ..errors import CancelledError, TLError
 from ..settings import setting
 from ..fileio import write_json_atomic
-from .processes import alive, identity, spawn_detached
-from .store import RunStore
-from .workspace import Workspace
+from ..storage.processes import alive, identity, spawn_detached
+from ..storage.store import RunStore
+from ..storage.workspace import Workspace
 
 __all__ = ["LANES", "lane_slots", "default_max_workers", "ensure_workers", "stop_task", "recover", "TaskContext",
            "run_task", "worker_main", "CANCEL_GRACE_S"]

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from ..insight.openset import describe as describe_open_set
-from ..models.metrics import calibration, figure_of
-from ..runs.files import RunFiles, RunMeta
-from ..runs.progress import features_text
+from ..models.openset import describe as describe_open_set
+from ..metrics import calibration, figure_of
+from ..storage.files import RunFiles, RunMeta
+from ..share.progress import features_text
 
 __all__ = ["model_card", "pretraining_data"]
 

@@ -40,7 +40,7 @@ from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..config import EXPORT_FORMATS
 from ..errors import DatasetError, ExportError
 from ..fileio import write_json_atomic
-from ..runs.files import BUNDLE_FILES, METRICS, OPEN_SET_FILES
+from ..storage.files import BUNDLE_FILES, METRICS, OPEN_SET_FILES
 from .card import model_card
 from .loading import TrainedModel, load_model
 from .predict import expand_paths
@@ -77,7 +77,7 @@ _EXTENSIONS = {"bundle": "zip", "onnx": "onnx", "torchscript": "pt"}
 
 
 class _OpenSetScore(nn.Module):
-    """The open-set score inside the graph (:meth:`tl_core.insight.openset.OpenSet.scores`, in torch ops): the
+    """The open-set score inside the graph (:meth:`tl_core.models.openset.OpenSet.scores`, in torch ops): the
     bank matrices are constants. Given the pre-logit features (B, D) and the raw style statistics (B, S), returns
     (ood_score, ood_content, ood_style) of shape (B,) each (ood_style all zeros for a content-only bank)."""
 

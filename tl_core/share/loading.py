@@ -1,7 +1,7 @@
 """Loading a trained model from a run (id or directory) or a bundle zip, validating everything in it.
 
 A run directory and a bundle hold the same files, parsed by their one owner
-(:class:`tl_core.runs.files.RunFiles`). What is checked before use: weights only through safetensors (a
+(:class:`tl_core.storage.files.RunFiles`). What is checked before use: weights only through safetensors (a
 pickle is refused: it can run code), every tensor's name and shape against the architecture in
 ``meta.json``, JSON syntax, sizes, and a bundle's checksums (``manifest.json``).
 
@@ -31,9 +31,9 @@ from ..models.devices import Runtime
 from ..models.features import StyleSpec, feature_key, style_key
 from ..models.inference import CachedFeatures
 from ..models.preprocess import Preprocess
-from ..insight.openset import OpenSet
-from ..runs.files import BUNDLE_FILES, METRICS, OPEN_SET_FILES, SAVED, VALIDATION_FIT, RunFiles, RunMeta, RunMetrics
-from ..runs.workspace import Workspace
+from ..models.openset import OpenSet
+from ..storage.files import BUNDLE_FILES, METRICS, OPEN_SET_FILES, SAVED, VALIDATION_FIT, RunFiles, RunMeta, RunMetrics
+from ..storage.workspace import Workspace
 
 __all__ = ["TrainedModel", "load_model", "load_bundle", "resolve_run"]
 

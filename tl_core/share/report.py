@@ -24,10 +24,10 @@ from ..config import FEATURE_VARIANTS, STRATEGIES, config_fields, fields_for_str
 from ..errors import ExportError, RunError
 from ..fileio import write_atomic
 from ..models.catalogue import spec_for
-from ..models.metrics import figure_of, format_figure, reliability_diagram
-from ..insight.openset import describe as describe_open_set
-from ..runs.files import RunFiles
-from ..runs.progress import features_text
+from ..metrics import figure_of, format_figure, reliability_diagram
+from ..models.openset import describe as describe_open_set
+from ..storage.files import RunFiles
+from ..share.progress import features_text
 from . import figures
 
 __all__ = ["build_report", "write_report", "MAX_THUMBNAILS", "ENGINEERS_HEADING"]
@@ -206,7 +206,7 @@ _FILE_NOTE = re.compile(r"\s*\(`[^`]*\.(?:safetensors|json|onnx|pt|pth)`\)")
 
 
 def _open_set_html(record: dict[str, Any]) -> str:
-    """:func:`tl_core.insight.openset.describe` for a reader, as HTML: without its file names, the field names of a
+    """:func:`tl_core.models.openset.describe` for a reader, as HTML: without its file names, the field names of a
     prediction said in words, its **bold** as <b>."""
     text = _FILE_NOTE.sub("", describe_open_set(record))
     for code, words in (("gives `ood_score`", "gives an unfamiliarity score"),

@@ -2,8 +2,8 @@
 
 ::
 
-    runs.sqlite        the run store: runs, per-epoch metrics, tasks (runs/store.py)
-    runs/<id>/         a run's files (runs/files.py)
+    runs.sqlite        the run store: runs, per-epoch metrics, tasks (storage/store.py)
+    runs/<id>/         a run's files (storage/files.py)
     tasks/<id>/        a finished task's result
     datasets/          unpacked uploads
     weights/           uploaded weights files

@@ -13,13 +13,13 @@ validated. No other module opens or parses these files.
 ``predictions.json``       raw logits per split with the image paths and true labels, and which fitted model
                            produced them
 ``ood.json``               open-set score: its name, threshold, quantile, n, feature dim, calibration scores
-                           (:mod:`tl_core.insight.openset`; runs from before it have none)
+                           (:mod:`tl_core.models.openset`; runs from before it have none)
 ``ood_bank.safetensors``   the training images' pre-logit features, L2-normalised float16 (``bank``), and
                            (version 2) their style vectors (``style``)
 =========================  ==========================================================================
 
 Predictions are stored once, as logits; every view derives probabilities with
-:func:`tl_core.models.metrics.softmax` and the run's temperature, so the Evaluate page, Grad-CAM, the
+:func:`tl_core.metrics.softmax` and the run's temperature, so the Evaluate page, Grad-CAM, the
 calibration, the embedding map, the model card, the HTML report and the exports show the same label and
 confidence for the same image. A bundle holds the same files (minus predictions), read through the same
 parsers (:meth:`RunFiles.from_bytes`).
@@ -43,7 +43,7 @@ import numpy as np
 from ..config import TrainConfig, saved_config_dict
 from ..errors import ExportError, RunError
 from ..fileio import write_json_atomic, writing_atomic
-from ..models.metrics import softmax
+from ..metrics import softmax
 
 __all__ = [
     "MODEL_FORMAT",
@@ -198,7 +198,7 @@ class RunMeta:
 class RunMetrics:
     """``metrics.json``: measured quality and how training went.
 
-    ``val`` / ``test`` hold :func:`tl_core.models.metrics.compute_metrics` reports, each figure with its 95%
+    ``val`` / ``test`` hold :func:`tl_core.metrics.compute_metrics` reports, each figure with its 95%
     interval (``accuracy_ci``, ...; test: the dataset's own held-out folder, an uploaded one or the locked
     share carved by ``test_split``); ``cv`` a linear run's cross-validated accuracy. ``stop`` says how fine-tuning ended: {"reason": "patience"|"epochs"|"converged",
     "epoch", "epochs", "patience"}.
@@ -473,7 +473,7 @@ class RunFiles:
         return self.weights(VAL_HEAD) if self.has(VAL_HEAD) else None
 
     def open_set_record(self) -> dict[str, Any] | None:
-        """``ood.json`` validated (see :mod:`tl_core.insight.openset`), or None for a run from before open-set
+        """``ood.json`` validated (see :mod:`tl_core.models.openset`), or None for a run from before open-set
         scores.
 
         Raises:
@@ -483,7 +483,7 @@ class RunFiles:
             return None
 
         def parse() -> dict[str, Any]:
-            from ..insight.openset import MAX_THRESHOLD, SCORE, V1_SCORE, VERSION
+            from ..models.openset import MAX_THRESHOLD, SCORE, V1_SCORE, VERSION
 
             d = self._json(OOD)
             v1 = isinstance(d, dict) and d.get("score") == V1_SCORE and d.get("version") == 1

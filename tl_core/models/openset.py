@@ -28,7 +28,7 @@ and each bank row's image (path relative to the dataset, and label: the nearest 
 
 Version 1 runs (``knn-cosine``: content only, the threshold a cosine distance) still load and predict as before.
 
-Numpy only (no torch): the app's server reads ``ood.json`` through :class:`tl_core.runs.files.RunFiles`.
+Numpy only (no torch): the app's server reads ``ood.json`` through :class:`tl_core.storage.files.RunFiles`.
 """
 
 from __future__ import annotations
@@ -472,7 +472,7 @@ def set_threshold(run_dir: Any, threshold: float) -> dict[str, Any]:
         ConfigError: the threshold is out of range.
     """
     from ..errors import ConfigError, RunError
-    from ..runs.files import RunFiles
+    from ..storage.files import RunFiles
 
     files = RunFiles(run_dir)
     record = files.open_set_record()
