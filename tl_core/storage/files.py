@@ -73,6 +73,15 @@ VALIDATION_FIT = "validation-fit"
 CONFIG, META, WEIGHTS, VAL_HEAD, METRICS, PREDICTIONS = (
     "config.json", "meta.json", "model.safetensors", "val_head.safetensors", "metrics.json", "predictions.json")
 OOD, OOD_BANK = "ood.json", "ood_bank.safetensors"
+# The format of ood.json, which this module validates on reading (tl_core.models.openset writes and scores it).
+#: The score's name in ``ood.json`` (version 2: content and style).
+SCORE = "style-content"
+#: ``ood.json`` version written now (1 and 2 are read).
+VERSION = 2
+#: The version-1 score (content only; its threshold a cosine distance between 0 and 2).
+V1_SCORE = "knn-cosine"
+#: The largest threshold a person may set on a version-2 score (1.0 = the calibrated one).
+MAX_THRESHOLD = 10.0
 #: The open-set files (both or neither): a bundle carries them when the run has them.
 OPEN_SET_FILES = (OOD, OOD_BANK)
 #: Every file a finished run directory may hold.
@@ -483,8 +492,6 @@ class RunFiles:
             return None
 
         def parse() -> dict[str, Any]:
-            from ..models.openset import MAX_THRESHOLD, SCORE, V1_SCORE, VERSION
-
             d = self._json(OOD)
             v1 = isinstance(d, dict) and d.get("score") == V1_SCORE and d.get("version") == 1
             if not isinstance(d, dict) or not (v1 or (d.get("score") == SCORE and d.get("version") == VERSION)):
