@@ -50,6 +50,7 @@ from streamlit.testing.v1 import AppTest
 from tl_core.data import library
 from tl_core.errors import DatasetError
 from tl_core.runs import tasks, workers
+from tl_core.runs.datasets import delete_dataset
 from tl_core.storage.files import RunFiles
 from tl_core.share.progress import describe_progress
 from tl_core.storage.workspace import Workspace
@@ -702,7 +703,7 @@ def test_data_page_refuses_to_delete_a_dataset_a_queued_run_uses(home, no_worker
     assert at.button(key="rename_dataset").disabled
     # the engine refuses too (another tab, a stale page), with the same reason
     with pytest.raises(DatasetError, match=f"in use by run {run_id}"):
-        library.delete_dataset(ws, "pets")
+        delete_dataset(ws, "pets")
     assert folder.is_dir()
     # once the run is cancelled, the dataset can go
     tasks.cancel_run(ws, run_id)

@@ -183,7 +183,7 @@ def test_train_on_name_at_version_records_it(capsys, tl_home, three_classes):
     val = RunFiles(cur["run_dir"]).predictions().splits["val"]
     assert val.paths and all(Path(p).is_file() and "datasets/pets" in p for p in val.paths)
     # renaming the dataset: its runs follow it to the new name, and their versions still open
-    from tl_core.data.library import rename_dataset
+    from tl_core.runs.datasets import rename_dataset
 
     rename_dataset(ws, "pets", "animals")
     rec = ws.store().get(cur["run_id"])

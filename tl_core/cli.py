@@ -586,7 +586,7 @@ def cmd_data_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_data_delete(args: argparse.Namespace) -> int:
-    from .data.library import delete_dataset
+    from .runs.datasets import delete_dataset
 
     kept = delete_dataset(_workspace(), args.name)
     if args.json:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ..errors import CancelledError, DatasetError
 from ..fileio import write_atomic
+from .names import SAMPLE_DATA_DIR, is_dataset_name, safe_name, unique_dir
 from .intake import (MIN_IMAGES_PER_CLASS, Dataset, ImageItem, SkippedFile, checked_image, find_multi_label_csv,
                      open_dataset)
 
@@ -88,8 +89,6 @@ class VersionRef:
 # where things are
 # --------------------------------------------------------------------------------------------------
 def _folder(ws: "Workspace", name: str) -> Path:
-    from .library import is_dataset_name
-
     if not is_dataset_name(name):
         raise DatasetError(f"{name!r} is not the name of a dataset in the workspace; `tl-core data list` shows them.")
     folder = ws.datasets_dir / name
@@ -298,11 +297,20 @@ def ensure_versions(ws: "Workspace", name: str, change: str = "first version (th
         _commit(folder, rows, change)
 
 
+def workspace_datasets(ws: "Workspace") -> list[dict[str, str]]:
+    """Datasets in the workspace (``datasets/<name>/``), newest first: ``{name, path, origin}`` (origin: where it
+    came from, :func:`origin`)."""
+    d = ws.datasets_dir
+    if not d.is_dir():
+        return []
+    dirs = [p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    dirs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [{"name": p.name, "path": str(p), "origin": origin(p)} for p in dirs]
+
+
 def managed_datasets(ws: "Workspace") -> list[dict[str, Any]]:
     """Every dataset of the workspace: ``{name, path, version, when, change, counts}`` (version fields None for a
     dataset not versioned yet), newest change first."""
-    from .library import workspace_datasets
-
     out = []
     for d in workspace_datasets(ws):
         entry: dict[str, Any] = {"name": d["name"], "path": d["path"], "version": None, "when": None,
@@ -335,8 +343,6 @@ def import_dataset(ws: "Workspace", src: str | os.PathLike, name: str | None = N
     Raises:
         DatasetError: the source cannot be used, or (without ``unique``) the name is taken.
     """
-    from .library import _unique_dir, safe_name
-
     src = Path(src).expanduser()
     if not src.exists():
         raise DatasetError(f"{src} does not exist; give a folder with one sub-folder per class, a .zip of one, or a "
@@ -346,7 +352,7 @@ def import_dataset(ws: "Workspace", src: str | os.PathLike, name: str | None = N
     if target.exists():
         if not unique:
             raise DatasetError(f"A dataset called {wanted!r} exists already; choose another name with --name.")
-        target = _unique_dir(ws.datasets_dir, wanted)
+        target = unique_dir(ws.datasets_dir, wanted)
     ws.datasets_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=ws.datasets_dir))
     try:
@@ -460,8 +466,6 @@ def _info(folder: Path) -> dict[str, Any]:
 def origin(folder: Path) -> str:
     """Where a workspace dataset came from, in a few words: ``uploaded`` (a zip, a folder, images, the camera),
     ``copy of sample emoji`` (the managed copy a change to a sample makes) or ``copy of folder pets`` (imported)."""
-    from .library import SAMPLE_DATA_DIR
-
     src = _info(folder).get("source")
     if not src:
         return "uploaded"
@@ -597,8 +601,6 @@ def relabel_images(ws: "Workspace", name: str, files: Iterable[str | os.PathLike
         DatasetError: unknown dataset or image, a class name that is not a plain name, or a class left with a
             single image.
     """
-    from .library import safe_name
-
     to = str(to).strip()
     if not to or safe_name(to, fallback="") != to:
         raise DatasetError(f"{to!r} is not a valid class name; use letters, digits, '-', '_' or '.' (e.g. cats).")
