@@ -36,11 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from ..cache import ImageCheckCache
 from ..errors import CancelledError, DatasetError
 from ..fileio import write_atomic
+from .images import IMAGE_EXTENSIONS, file_sha256
+from .intake import (Dataset, ImageItem, MIN_IMAGES_PER_CLASS, SkippedFile, _find_dataset_root, checked_image,
+                     find_multi_label_csv, open_dataset, split_layout)
 from .names import SAMPLE_DATA_DIR, is_dataset_name, safe_name, unique_dir
-from .intake import (MIN_IMAGES_PER_CLASS, Dataset, ImageItem, SkippedFile, checked_image, find_multi_label_csv,
-                     open_dataset)
 
 if TYPE_CHECKING:
     from ..storage.workspace import Workspace
@@ -413,8 +415,6 @@ def open_version(ws: "Workspace", name: str, version: str | None = None, *, min_
         DatasetError: unknown dataset or version, or the version cannot be trained on (one class, a class with
             too few images), in the words of :func:`tl_core.data.open_dataset`.
     """
-    from ..cache import ImageCheckCache
-
     folder = _folder(ws, name)
     if is_multi_label_folder(folder):
         raise DatasetError(f"{name!r} {MULTI_LABEL_NOT_VERSIONED}.")
@@ -634,8 +634,6 @@ def add_images(ws: "Workspace", name: str, added: list[tuple[str, str]], change:
     """Record images just saved into the folder of a managed dataset (``[(path inside the dataset, label)]``, in
     the split ``split`` of a train/val/test layout) as a new version; nothing for a dataset not versioned yet (its
     first version will include them)."""
-    from .images import file_sha256
-
     folder = _folder(ws, name)
     if not is_managed(ws, name) or not added:
         return None
@@ -655,14 +653,11 @@ def add_images(ws: "Workspace", name: str, added: list[tuple[str, str]], change:
 def class_counts(ws: "Workspace", name: str) -> dict[str, int]:
     """Images per class of the workspace dataset ``name`` now (its current version; for a dataset not versioned
     yet, the image files in its class folders); empty when there is no such dataset."""
-    from .images import IMAGE_EXTENSIONS
-
     folder = ws.datasets_dir / name
     if not folder.is_dir() or name.startswith("."):
         return {}
     if is_managed(ws, name):
         return dict(history(ws, name)[0]["counts"]["classes"])
-    from .intake import _find_dataset_root, split_layout
 
     root = _find_dataset_root(images_root(folder))
     counts: dict[str, int] = {}

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..cache import DecodedImageCache, FeatureCache
 from ..config import TrainConfig
 from ..data.intake import Dataset
 from ..data.library import open_data
@@ -467,7 +468,6 @@ def imagenet_style_gap(emb_model: torch.nn.Module, items: Sequence[Any], pre: An
     Raises:
         ConfigError: the backbone has no BatchNorm layers (no ImageNet statistics to compare with).
     """
-    from ..cache import DecodedImageCache, FeatureCache
     from ..models.features import feature_key, pooled_features
     from ..models.pipeline import batched, eval_batches
 

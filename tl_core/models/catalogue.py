@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..data.library import safe_name
 from ..errors import WeightsError
 from ..fileio import write_atomic
 
@@ -216,8 +217,6 @@ def store_uploaded_weights(ws: "Workspace", filename: str, data: bytes) -> Path:
     Raises:
         WeightsError: wrong extension or an empty file.
     """
-    from ..data.library import safe_name
-
     ext = Path(filename).suffix.lower()
     if ext not in WEIGHTS_EXTENSIONS:
         raise WeightsError(f"{filename}: upload a .safetensors (preferred) or .pth weights file.")

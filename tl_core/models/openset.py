@@ -40,7 +40,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ConfigError, RunError
-# The format of ood.json belongs to the owner of a run's files, which validates it on reading.
 from ..storage.files import MAX_THRESHOLD, SCORE, V1_SCORE, VERSION, RunFiles
 
 __all__ = ["SCORE", "VERSION", "V1_SCORE", "COVERAGE", "MAX_BANK_ROWS", "K", "MAX_THRESHOLD", "OpenSet", "Scores",

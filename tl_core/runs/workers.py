@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CancelledError, TLError
-from ..settings import setting
 from ..fileio import write_json_atomic
+from ..settings import setting
 from ..storage.processes import alive, identity, spawn_detached
 from ..storage.store import ACTIVE_STATUSES, RunStore
 from ..storage.workspace import TASK_RESULT, Workspace
+from .kinds import jsonable, kind_spec
 
 __all__ = ["LANES", "lane_slots", "default_max_workers", "ensure_workers", "stop_task", "recover", "TaskContext",
            "run_task", "worker_main", "prune", "CANCEL_GRACE_S"]
@@ -242,8 +243,6 @@ def _error_text(e: BaseException) -> str:
 
 def run_task(ws: Workspace, task_id: str, models: WarmModels | None = None) -> str:
     """Run a claimed task in this process and record its outcome; returns the final status."""
-    from .kinds import jsonable, kind_spec
-
     store = ws.store()
     t = store.task(task_id)
     out_dir = ws.task_dir(task_id)

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.images import IMAGE_EXTENSIONS, load_image
+from .. import __version__
 from ..config import EXPORT_FORMATS
+from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..errors import DatasetError, ExportError
 from ..fileio import write_json_atomic
 from ..storage.files import BUNDLE_FILES, METRICS, OPEN_SET_FILES
@@ -414,8 +415,6 @@ def _load_torchscript(path: Path) -> Any:
 
 
 def _manifest(files: dict[str, bytes]) -> str:
-    from .. import __version__
-
     return json.dumps({"format": "tl-studio-bundle/1", "tl_studio": __version__,
                        "files": {n: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)} for n, d in files.items()}},
                       indent=2)

@@ -18,11 +18,12 @@ from ..data.images import IMAGE_EXTENSIONS, file_sha256, load_image
 from ..data.intake import ImageItem, safe_extract_zip
 from ..data.library import open_data
 from ..errors import DatasetError
-from ..models.openset import Scores, open_set_fields
-from ..models.inference import CachedFeatures, logits_of_images, logits_of_items, logits_via_cache
 from ..metrics import compute_metrics, softmax, top_losses
+from ..models.inference import CachedFeatures, logits_of_images, logits_of_items, logits_via_cache
+from ..models.openset import Scores, open_set_fields
 from ..storage.workspace import Workspace
 from .loading import TrainedModel
+from .multilabel import evaluate_multilabel
 
 __all__ = ["evaluate_dataset", "logits_of_dataset_items", "expand_paths", "predict_pil", "predict_paths", "write_predictions_csv", "predictions_csv",
            "prediction_row"]
@@ -93,8 +94,6 @@ def _spec(tm: TrainedModel, with_features: bool) -> Any:
 
 def _evaluate_multilabel(tm: TrainedModel, ds: Any, items: list, evaluated: str, workspace: Workspace
                          ) -> dict[str, Any]:
-    from .multilabel import evaluate_multilabel
-
     if not tm.meta.multi_label:
         raise DatasetError("The data is multi-label but the model predicts one class per image; train a model on "
                            "multi-label data to evaluate it.")

@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+from .. import __version__
 from ..config import FEATURE_VARIANTS, STRATEGIES, config_fields, fields_for_strategy
-from ..errors import ExportError, RunError
+from ..data.images import load_image
+from ..errors import DatasetError, ExportError, RunError
 from ..fileio import write_atomic
-from ..models.catalogue import spec_for
 from ..metrics import figure_of, format_figure, reliability_diagram
+from ..models.catalogue import spec_for
 from ..models.openset import describe as describe_open_set
-from ..storage.files import RunFiles
 from ..share.progress import features_text
+from ..storage.files import RunFiles
 from . import figures
 
 __all__ = ["build_report", "write_report", "MAX_THUMBNAILS", "ENGINEERS_HEADING"]
@@ -100,9 +102,6 @@ def _resolve_image(path: str, roots: Sequence[Path]) -> Path | None:
 
 def _thumbnail(path: Path) -> str | None:
     """A JPEG data URI of the image (project loading rules: EXIF, transparency on white), or None."""
-    from ..data.images import load_image
-    from ..errors import DatasetError
-
     try:
         im = load_image(path)
     except DatasetError:
@@ -277,8 +276,6 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
         ExportError: the directory is not a finished run or its files are damaged.
     """
     import plotly
-
-    from .. import __version__
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
