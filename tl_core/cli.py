@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import TrainConfig, config_fields, field_help, saved_config_dict
+from .config import TrainConfig, config_fields, field_help
 from .errors import CancelledError, ConfigError, TLError
+from .storage.files import read_config_file, resolve_run
 
 __all__ = ["main", "build_parser"]
 
@@ -74,8 +75,6 @@ def _stderr_progress(quiet: bool):
 
 def _resolve_run_dir(ref: str) -> Path:
     """A run id (in $TL_HOME) or a run directory."""
-    from .share.loading import resolve_run
-
     return resolve_run(ref, _workspace())
 
 
@@ -121,23 +120,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` of ``tl-core train``: ``--config FILE`` (a run's ``config.json``) or the defaults,
     then every flag given on the command line on top."""
-    base: dict[str, Any] = {}
-    if args.config:
-        p = Path(args.config)
-        if p.is_dir():
-            p = p / "config.json"
-        try:
-            base = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{p} does not exist; give a run's config.json (or its run directory).") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{p} is not a readable JSON config ({e}).") from None
-        if not isinstance(base, dict):
-            raise ConfigError(f"{p} must hold a JSON object of training settings.")
-        base = saved_config_dict(base)
+    base = read_config_file(args.config) if args.config else {}
     given = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name, None) is not None}
     try:
-        return TrainConfig.from_dict({**base, **given}).resolved()
+        return TrainConfig.from_saved(base, given).resolved()
     except TypeError as e:
         raise ConfigError(f"The config has a value of the wrong type ({e}).") from None
 

@@ -347,6 +347,14 @@ class TrainConfig:
             logging.getLogger(__name__).warning("ignoring unknown config keys: %s", sorted(unknown))
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """The one reader of a saved config (a run's ``config.json``, the run store's copy, ``tl-core train
+        --config``): what :func:`saved_config_dict` says a saved config means, with ``overrides`` (flags given on
+        the command line) on top. Not resolved: call :meth:`resolved` to fill the strategy's defaults.
+        """
+        return cls.from_dict({**saved_config_dict(saved), **(overrides or {})})
+
 
 def saved_config_dict(data: dict[str, Any]) -> dict[str, Any]:
     """A config as saved by a run (``config.json``, the run store): one saved before the linear probe chose its

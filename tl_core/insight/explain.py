@@ -25,7 +25,7 @@ from ..data.images import load_image
 from ..errors import ConfigError, DatasetError, RunError
 from ..metrics import softmax
 from ..models.preprocess import Preprocess
-from ..storage.files import RunFiles, SAVED
+from ..storage.files import PREDICTIONS, SAVED, RunFiles
 
 __all__ = [
     "find_target_layer",
@@ -179,7 +179,7 @@ def _model_for(run: Any, image: Any, device: str = "cpu") -> Any:
     head = SAVED
     if p.is_dir() and not isinstance(image, Image.Image):
         files = RunFiles(p)
-        if files.has("predictions.json"):
+        if files.has(PREDICTIONS):
             for split in files.predictions().splits.values():
                 if split.index_of(image) is not None:
                     head = split.model

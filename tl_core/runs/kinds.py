@@ -73,13 +73,13 @@ def _save_png(img: Any, out_dir: Path, name: str, side: int | None = None) -> st
 # compute lane
 # --------------------------------------------------------------------------------------------------
 def _train(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    from ..config import TrainConfig, saved_config_dict
+    from ..config import TrainConfig
     from .launch import run_group, train_procs
     from .training import run_training
 
     run = ws.store().get(p["run_id"])
     try:
-        cfg = TrainConfig.from_dict(saved_config_dict(run["config"]))
+        cfg = TrainConfig.from_saved(run["config"])
     except (TypeError, ValueError) as e:
         ws.store().update(p["run_id"], status="failed", error=f"Unreadable configuration: {e}", pid=None)
         raise ConfigError(f"Unreadable configuration: {e}") from None

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import TrainConfig, saved_config_dict
+from ..config import TrainConfig
 from ..data.versions import pin
 from ..settings import setting
 from ..storage.workspace import Workspace
@@ -175,7 +175,7 @@ def rank_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s rank %(process)d %(levelname)s %(name)s: %(message)s")
     ws = Workspace.at(args.home)
     run = ws.store().get(args.run)
-    res = run_training(ws, run["data"], TrainConfig.from_dict(saved_config_dict(run["config"])), run_id=args.run, raise_errors=False,
+    res = run_training(ws, run["data"], TrainConfig.from_saved(run["config"]), run_id=args.run, raise_errors=False,
                        test_data=run.get("test_data"))
     return 0 if res.status in ("done", "cancelled") else 1
 

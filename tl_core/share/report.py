@@ -29,7 +29,7 @@ from ..metrics import figure_of, format_figure, reliability_diagram
 from ..models.catalogue import spec_for
 from ..models.openset import describe as describe_open_set
 from ..share.progress import features_text
-from ..storage.files import RunFiles
+from ..storage.files import CONFIG, META, METRICS, OOD, OOD_BANK, PREDICTIONS, VAL_HEAD, WEIGHTS, RunFiles
 from . import figures
 
 __all__ = ["build_report", "write_report", "MAX_THUMBNAILS", "ENGINEERS_HEADING"]
@@ -220,8 +220,7 @@ def _open_set_html(record: dict[str, Any]) -> str:
 def _engineers_html(run_dir: Path, meta: Any, cfg: Any, files: RunFiles, generated: str) -> str:
     """The closing appendix for engineers: identifiers, fingerprints, the files of the run and the raw settings."""
     w, ds, pre = meta.weights or {}, meta.dataset or {}, meta.preprocess or {}
-    names = [n for n in ("config.json", "meta.json", "metrics.json", "predictions.json", "model.safetensors",
-                         "val_head.safetensors", "ood.json", "ood_bank.safetensors") if files.has(n)]
+    names = [n for n in (CONFIG, META, METRICS, PREDICTIONS, WEIGHTS, VAL_HEAD, OOD, OOD_BANK) if files.has(n)]
     rows = [("run", run_dir.name), ("run directory", str(run_dir)),
             ("backbone", f"{meta.backbone} (timm architecture {meta.arch})"),
             ("weights", f"{w.get('source')}: {w.get('detail')} (fingerprint {w.get('fingerprint')})"),
@@ -229,7 +228,7 @@ def _engineers_html(run_dir: Path, meta: Any, cfg: Any, files: RunFiles, generat
                               f"{pre.get('interpolation')}, mean {pre.get('mean')}, std {pre.get('std')}"),
             ("dataset", f"{ds.get('source')} (content fingerprint {ds.get('fingerprint')})"),
             ("files", ", ".join(names)),
-            ("repeat it", f"tl-core train DATA --config {run_dir / 'config.json'}")]
+            ("repeat it", f"tl-core train DATA --config {files.path(CONFIG)}")]
     rows += [(f"setting {k}", repr(v)) for k, v in sorted(cfg.to_dict().items())]
     body = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows)
     return (f"<section class='engineers'><h2>{ENGINEERS_HEADING}</h2><p>What the run is made of, for whoever "
@@ -289,9 +288,9 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
     val, test = metrics.val or {}, metrics.test or {}
     ds, w = meta.dataset, meta.weights
     strategy = cfg.strategy
-    trained = time.strftime("%Y-%m-%d %H:%M", time.localtime(files.path("meta.json").stat().st_mtime))
+    trained = time.strftime("%Y-%m-%d %H:%M", time.localtime(files.path(META).stat().st_mtime))
     temperature = meta.temperature
-    val_preds = files.predictions().get("val") if files.has("predictions.json") else None
+    val_preds = files.predictions().get("val") if files.has(PREDICTIONS) else None
 
     figures_done: list[str] = []
 
