@@ -40,7 +40,7 @@ from _results import cpu_name, markdown_table, prepend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tl_core.runs.processes import kill_workers  # noqa: E402
+from tl_core.storage.processes import kill_workers  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

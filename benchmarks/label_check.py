@@ -40,7 +40,7 @@ from tl_core.insight.audit import (confident_label_issues, cross_validated_probs
                                    label_check_verdict)
 from tl_core.insight.embedding import embed_items  # noqa: E402
 from tl_core.models.devices import single_threaded  # noqa: E402
-from tl_core.runs.workspace import Workspace  # noqa: E402
+from tl_core.storage.workspace import Workspace  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import markdown_table  # noqa: E402

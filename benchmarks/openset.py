@@ -166,7 +166,7 @@ def share(flags: np.ndarray, repeats: int = 1) -> str:
 
 
 def conformal_threshold(scores: np.ndarray, coverage: float = COVERAGE) -> float:
-    """The ⌈(n+1)·coverage⌉-th smallest score (the largest when n is too small), as tl_core.insight.openset."""
+    """The ⌈(n+1)·coverage⌉-th smallest score (the largest when n is too small), as tl_core.models.openset."""
     s = np.sort(np.asarray(scores, np.float64))
     return float(s[min(math.ceil((len(s) + 1) * coverage), len(s)) - 1])
 

@@ -139,9 +139,9 @@ def classic_multilabel(train_csv: Path, test_csv: Path) -> tuple[float, float, f
 
 def ours_multilabel(train_csv: Path, test_csv: Path, strategy: str, ws_dir: Path) -> tuple[float, float, float, str]:
     from tl_core.config import TrainConfig
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.files import RunFiles
     from tl_core.runs.training import run_training
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     t0 = time.perf_counter()
     r = run_training(Workspace(ws_dir), train_csv, TrainConfig(strategy=strategy), test_data=test_csv)
@@ -268,8 +268,8 @@ def fastai_style(root: Path, epochs: int, batch: int = 32, seed: int = 0) -> tup
 
 def ours(root: Path, strategy: str, ws_dir: Path, features: str = "auto") -> tuple[float, float, str]:
     from tl_core.config import TrainConfig
-    from tl_core.runs.files import RunFiles
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.files import RunFiles
+    from tl_core.storage.workspace import Workspace
     from tl_core.runs.training import run_training
 
     t0 = time.perf_counter()

@@ -300,7 +300,7 @@ def main() -> int:
     from tl_core.config import TrainConfig
     from tl_core.cache import DecodedImageCache
     from tl_core.data.intake import open_dataset
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
     from tl_core.models.devices import configure_threads
     from tl_core.runs.training import run_training
     from tl_core.models.preprocess import Preprocess

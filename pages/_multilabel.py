@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from tl_core.runs.files import RunFiles
+from tl_core.storage.files import RunFiles
 from tl_core.share.multilabel import worst_images
 
 #: Views of the Evaluate page that ask "which one class?", and what they would show.

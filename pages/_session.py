@@ -21,7 +21,7 @@ from tl_core.data.library import SAMPLE_DATA_DIR, dataset_signature, safe_name, 
 from tl_core.errors import RunError, TLError
 from tl_core.models.catalogue import CATALOGUE, weights_dir
 from tl_core.runs.workers import recover
-from tl_core.runs.workspace import Workspace, new_project_slug
+from tl_core.storage.workspace import Workspace, new_project_slug
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import streamlit as st
 from pages import _session as session
 from tl_core.errors import TLError
 from tl_core.runs import tasks
-from tl_core.runs.progress import task_progress, timing_text
+from tl_core.share.progress import task_progress, timing_text
 from tl_core.runs.tasks import Task
-from tl_core.runs.workspace import Workspace
+from tl_core.storage.workspace import Workspace
 
 __all__ = ["TaskFailed", "task_view", "wait_for", "submit", "result", "result_file", "POLL_S", "INTERACTIVE_TIMEOUT_S"]
 

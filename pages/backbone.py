@@ -11,7 +11,7 @@ from tl_core.config import field_help
 from tl_core.data.library import dataset_signature
 from tl_core.models.catalogue import CATALOGUE, catalogue, local_weights, store_uploaded_weights
 from tl_core.runs import tasks
-from tl_core.runs.progress import MISSING
+from tl_core.share.progress import MISSING
 from tl_core.share import figures as charts
 
 session.ensure_router()

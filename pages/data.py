@@ -14,8 +14,9 @@ from pages import _tasks as task_ui
 from tl_core.runs import tasks
 from tl_core.config import CLASS_BALANCE, field_help
 from tl_core.data.images import IMAGE_EXTENSIONS
-from tl_core.data.library import (add_class_images, dataset_runs, dataset_signature, dataset_users, delete_dataset,
-                                  rename_dataset, safe_name, save_uploaded_folder, save_uploaded_zip)
+from tl_core.data.library import (add_class_images, dataset_signature, safe_name, save_uploaded_folder,
+                                  save_uploaded_zip)
+from tl_core.runs.datasets import dataset_runs, dataset_users, delete_dataset, rename_dataset
 from tl_core.data import versions
 from tl_core.errors import DatasetError
 from tl_core.share import figures as charts

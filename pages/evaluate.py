@@ -16,11 +16,11 @@ from tl_core.data.library import deleted_dataset
 from tl_core.data.images import IMAGE_EXTENSIONS
 from tl_core.errors import DatasetError
 from tl_core.insight.foreign import caught_at, save_foreign_upload
-from tl_core.insight.openset import UNKNOWN_NOTE, flagged_share
-from tl_core.models.metrics import figure_of, normalise_rows
+from tl_core.models.openset import UNKNOWN_NOTE, flagged_share
+from tl_core.metrics import figure_of, normalise_rows
 from tl_core.runs import tasks
-from tl_core.runs.files import RunFiles
-from tl_core.runs.progress import features_text, stop_text
+from tl_core.storage.files import RunFiles
+from tl_core.share.progress import features_text, stop_text
 from tl_core.share import figures as charts
 
 session.ensure_router()

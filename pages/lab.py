@@ -13,7 +13,7 @@ from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.config import LAB_ARMS as ARMS
 from tl_core.data.library import dataset_signature
-from tl_core.runs.progress import duration_text
+from tl_core.share.progress import duration_text
 from tl_core.share import figures as charts
 
 session.ensure_router()

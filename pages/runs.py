@@ -11,11 +11,11 @@ from pages import _tasks as task_ui
 from tl_core.cache import cache_usage, clear_cache
 from tl_core.config import EXPORT_FORMATS
 from tl_core.data.library import deleted_dataset
-from tl_core.models.metrics import compare_figures, figure_of
+from tl_core.metrics import compare_figures, figure_of
 from tl_core.runs import tasks
-from tl_core.runs.files import RunFiles
-from tl_core.runs.progress import MISSING, compare_rows, runs_rows, setting_text
-from tl_core.runs.store import ACTIVE_STATUSES
+from tl_core.storage.files import RunFiles
+from tl_core.share.progress import MISSING, compare_rows, runs_rows, setting_text
+from tl_core.storage.store import ACTIVE_STATUSES
 from tl_core.share import figures as charts
 
 session.ensure_router()

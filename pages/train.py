@@ -19,11 +19,11 @@ from pages import _tasks as task_ui
 from tl_core.config import STRATEGIES, FieldSpec, TrainConfig, config_fields, strategy_default
 from tl_core.data.library import dataset_signature
 from tl_core.models.devices import describe_auto_device
-from tl_core.models.metrics import figure_of, format_figure
+from tl_core.metrics import figure_of, format_figure
 from tl_core.runs import tasks
-from tl_core.runs.progress import (describe_progress, duration_text, ended_text, features_text, setting_text, stop_text,
+from tl_core.share.progress import (describe_progress, duration_text, ended_text, features_text, setting_text, stop_text,
                                    timing_text)
-from tl_core.runs.store import ACTIVE_STATUSES
+from tl_core.storage.store import ACTIVE_STATUSES
 from tl_core.share import figures as charts
 
 session.ensure_router()

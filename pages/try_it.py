@@ -16,8 +16,8 @@ from pages import _tasks as task_ui
 from tl_core.data.images import IMAGE_EXTENSIONS
 from tl_core.data.library import save_upload
 from tl_core.errors import DatasetError, TLError
-from tl_core.insight.openset import UNKNOWN_NOTE
-from tl_core.runs.files import RunFiles
+from tl_core.models.openset import UNKNOWN_NOTE
+from tl_core.storage.files import RunFiles
 from tl_core.share import figures as charts
 
 session.ensure_router()

@@ -122,7 +122,7 @@ def tl_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def workspace(tl_home):
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     return Workspace(tl_home)
 
@@ -141,7 +141,7 @@ def emoji_run(tmp_path_factory):
     the default ``auto`` and its wrapper are tested in test_feature_variants.py."""
     from tl_core.config import TrainConfig
     from tl_core.runs.training import run_training
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     ws = Workspace(tmp_path_factory.mktemp("emoji_run_home"))
     res = run_training(ws, EMOJI, TrainConfig(features="last"))

@@ -230,7 +230,7 @@ def snapshot(folder: str | os.PathLike, exclude: str | None = None) -> dict[str,
 def hammer_store(db_path: str, worker: int, n_runs: int = 10, epochs: int = 3) -> list[str]:
     """One process's share of a concurrent-writers test: per run, create, mark running, add epochs, read
     the list (a reader in the mix), finish. ``n_runs * (epochs + 3)`` writes. Returns the run ids."""
-    from tl_core.runs.store import RunStore
+    from tl_core.storage.store import RunStore
 
     store = RunStore(db_path)  # every process also races to create the schema and switch to WAL
     ids = []
@@ -248,7 +248,7 @@ def hammer_store(db_path: str, worker: int, n_runs: int = 10, epochs: int = 3) -
 
 def claim_until_empty(db_path: str) -> list[str]:
     """Claim queued runs (as a worker does) until none is left; returns the ids this process got."""
-    from tl_core.runs.store import RunStore
+    from tl_core.storage.store import RunStore
 
     store = RunStore(db_path)
     got = []

@@ -38,7 +38,7 @@ def insight_home(shared_cache: Path) -> Path:
 
 def insight_workspace(shared_cache: Path):
     """The shared :class:`Workspace`."""
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     return Workspace(insight_home(shared_cache))
 

@@ -32,8 +32,8 @@ pytest.importorskip("streamlit.testing.v1")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from tl_core.runs import workers  # noqa: E402
-from tl_core.runs.processes import kill_workers  # noqa: E402
-from tl_core.runs.workspace import Workspace  # noqa: E402
+from tl_core.storage.processes import kill_workers  # noqa: E402
+from tl_core.storage.workspace import Workspace  # noqa: E402
 
 __all__ = ["ROOT", "APP", "EMOJI", "TIMEOUT", "TASK_TIMEOUT", "trained_home", "home", "empty_home", "no_workers",
            "app", "goto", "until", "progress_texts", "assert_clean", "plotly_specs", "metric", "has_metric", "button",

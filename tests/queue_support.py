@@ -7,8 +7,8 @@ import os
 
 def claim_tasks_until_empty(db_path: str) -> list[str]:
     """Claim queued tasks of the compute lane (as a worker does) until none is left; returns the ids got."""
-    from tl_core.runs.processes import identity
-    from tl_core.runs.store import RunStore
+    from tl_core.storage.processes import identity
+    from tl_core.storage.store import RunStore
 
     store = RunStore(db_path)
     pid, started = identity()
@@ -23,7 +23,7 @@ def claim_tasks_until_empty(db_path: str) -> list[str]:
 def submit_and_vanish(home: str, data: str, signature: str) -> str:
     """A 'server' that submits an audit task and dies at once (the task must live on in its worker)."""
     from tl_core.runs import tasks
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     t = tasks.submit(Workspace(home), "audit", audit_params(data, signature))
     os._exit(0) if os.environ.get("TL_TEST_HARD_EXIT") else None

@@ -36,8 +36,8 @@ from page_harness import (  # noqa: F401  (fixtures are used by name)
 
 from tl_core.data.library import dataset_signature
 from tl_core.runs import tasks
-from tl_core.runs.files import RunFiles
-from tl_core.runs.workspace import Workspace
+from tl_core.storage.files import RunFiles
+from tl_core.storage.workspace import Workspace
 
 
 @pytest.fixture(autouse=True)

@@ -50,9 +50,10 @@ from streamlit.testing.v1 import AppTest
 from tl_core.data import library
 from tl_core.errors import DatasetError
 from tl_core.runs import tasks, workers
-from tl_core.runs.files import RunFiles
-from tl_core.runs.progress import describe_progress
-from tl_core.runs.workspace import Workspace
+from tl_core.runs.datasets import delete_dataset
+from tl_core.storage.files import RunFiles
+from tl_core.share.progress import describe_progress
+from tl_core.storage.workspace import Workspace
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,7 +471,7 @@ def test_evaluate_shows_accuracy_per_class_confusion_and_mistakes(home):
     feats = json.loads((ws.run_dir(run_id) / "meta.json").read_text())["features"]
     [line] = [c.value for c in at.caption if c.value.startswith("Features: ")]
     assert feats["variant"] == "last" and feats["chosen_by"] == "setting" and line == "Features: the last layer (C=1)."
-    from tl_core.runs.progress import features_text
+    from tl_core.share.progress import features_text
 
     auto = {"variant": "depths", "linear_c": 1.0, "chosen_by": "cross-validation", "folds": 5,
             "cv": {"last@1": 0.803, "depths@1": 0.877, "depths@0.3": 0.85}}
@@ -703,7 +704,7 @@ def test_data_page_refuses_to_delete_a_dataset_a_queued_run_uses(home, no_worker
     assert at.button(key="rename_dataset").disabled
     # the engine refuses too (another tab, a stale page), with the same reason
     with pytest.raises(DatasetError, match=f"in use by run {run_id}"):
-        library.delete_dataset(ws, "pets")
+        delete_dataset(ws, "pets")
     assert folder.is_dir()
     # once the run is cancelled, the dataset can go
     tasks.cancel_run(ws, run_id)

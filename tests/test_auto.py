@@ -10,7 +10,7 @@ import pytest
 from conftest import EMOJI, make_class_folder
 from tl_core.config import TrainConfig
 from tl_core.runs.auto import MIN_PER_CLASS_TO_FINETUNE, paired_difference
-from tl_core.runs.files import RunFiles
+from tl_core.storage.files import RunFiles
 from tl_core.runs.training import run_training
 
 
@@ -43,7 +43,7 @@ def test_auto_on_a_small_set_keeps_linear_and_says_why(workspace, tmp_path):
     assert json.loads((run.dir / "config.json").read_text())["features"] == "auto"
     assert workspace.store().get(res.run_id)["summary"]["auto"]["kept"] == "linear"
     assert not list(run.dir.parent.glob(".*auto*"))  # the tries' staging is gone
-    from tl_core.runs.progress import stop_text
+    from tl_core.share.progress import stop_text
 
     why = stop_text("auto", res.stop, res.best_epoch)  # the kept probe's story, not a fine-tune's
     assert why.startswith("The linear probe converged after")

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tl_core.runs.processes import kill_workers
+from tl_core.storage.processes import kill_workers
 
 pytestmark = pytest.mark.browser
 

@@ -202,7 +202,7 @@ def test_folder_upload_fix_from_the_data_check_and_train_on_the_new_version(serv
     the wrong class: one click excludes the copy, one click moves the image to the class it shows; a run trained
     then records that new version."""
     from tl_core.data import versions
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     base, home = server.base, server.home
     pets = tmp_path / "pets"

@@ -10,12 +10,12 @@ import pytest
 
 from insight_support import fashion_small, insight_home, insight_workspace
 from tl_core.insight.calibrate import calibrate_run, fit_temperature, negative_log_likelihood, validation_logits
-from tl_core.models.metrics import reliability_diagram
+from tl_core.metrics import reliability_diagram
 from tl_core.cli import main
 from tl_core.config import TrainConfig
 from tl_core.errors import RunError
-from tl_core.models.metrics import softmax
-from tl_core.runs.files import SAVED, RunFiles
+from tl_core.metrics import softmax
+from tl_core.storage.files import SAVED, RunFiles
 from tl_core.share.loading import load_model
 from tl_core.share.predict import predict_paths
 

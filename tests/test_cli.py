@@ -133,7 +133,7 @@ def test_evaluate_with_unknown_classes(capsys, emoji_run, tmp_path):
 @pytest.mark.slow
 def test_train_config_repeats_a_run_and_flags_override_it(capsys, tl_home, shared_cache):
     from insight_support import emoji_small
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.files import RunFiles
 
     data = str(emoji_small(shared_cache))
     first = run_json(capsys, "train", data, "--seed", "3", "--linear-c", "0.5", "--no-refit", "--val-split", "0.25",

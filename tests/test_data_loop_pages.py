@@ -28,7 +28,7 @@ from page_harness import (  # noqa: F401  (fixtures are used by name)
 
 from pages._fix import _key
 from tl_core.data import versions
-from tl_core.runs.files import RunFiles
+from tl_core.storage.files import RunFiles
 
 
 def _successes(at) -> str:
@@ -187,7 +187,7 @@ def test_runs_page_shows_the_dataset_version_a_run_trained_on(home, tmp_path):
     assert any("different versions of the same dataset" in c.value for c in at.caption)
 
     # the dataset deleted: the runs stay, and say so in one sentence; Evaluate still draws
-    from tl_core.data.library import delete_dataset
+    from tl_core.runs.datasets import delete_dataset
 
     assert delete_dataset(ws, "pets") == 2
     at = app({"run": res2.run_id})

@@ -123,7 +123,7 @@ def test_split_layout_and_csv_import(capsys, tl_home, tmp_path):
     shutil.copy(EMOJI_CSV, csv_copy / "labels.csv")
     imp = run_json(capsys, "data", "import", str(csv_copy / "labels.csv"), "--name", "fromcsv", "--json")
     assert imp["counts"]["classes"] == {"a": 4, "b": 4}
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     assert sorted(p.name for p in (Workspace.default().datasets_dir / "fromcsv").iterdir()
                   if not p.name.startswith(".")) == ["a", "b"]
@@ -132,7 +132,7 @@ def test_split_layout_and_csv_import(capsys, tl_home, tmp_path):
 def test_an_uploaded_dataset_is_versioned_and_added_images_make_versions(tl_home, tmp_path):
     from tl_core.data import versions
     from tl_core.data.library import add_class_images, open_data
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     ws = Workspace.default()
     # a dataset uploaded before versions existed: a plain folder in datasets/
@@ -165,8 +165,8 @@ def test_train_on_name_at_version_records_it(capsys, tl_home, three_classes):
     cur = run_json(capsys, "train", "pets", *common)  # NAME: the current version, pinned
     assert cur["dataset_version"] == f"pets@{v2}" and cur["counts"]["animal"] == 8
 
-    from tl_core.runs.files import RunFiles
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.files import RunFiles
+    from tl_core.storage.workspace import Workspace
 
     ws = Workspace.default()
     rec = ws.store().get(cur["run_id"])
@@ -183,7 +183,7 @@ def test_train_on_name_at_version_records_it(capsys, tl_home, three_classes):
     val = RunFiles(cur["run_dir"]).predictions().splits["val"]
     assert val.paths and all(Path(p).is_file() and "datasets/pets" in p for p in val.paths)
     # renaming the dataset: its runs follow it to the new name, and their versions still open
-    from tl_core.data.library import rename_dataset
+    from tl_core.runs.datasets import rename_dataset
 
     rename_dataset(ws, "pets", "animals")
     rec = ws.store().get(cur["run_id"])
@@ -196,7 +196,7 @@ def test_train_on_name_at_version_records_it(capsys, tl_home, three_classes):
 def test_images_added_to_a_train_test_dataset_go_into_its_train_folder(tl_home):
     from tl_core.data import versions
     from tl_core.data.library import add_class_images, open_data
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     ws = Workspace.default()
     root = ws.datasets_dir / "split"
@@ -226,7 +226,7 @@ def test_images_added_to_a_train_test_dataset_go_into_its_train_folder(tl_home):
 def test_an_uploaded_folder_is_checked_like_a_zip(tl_home):
     from tl_core.data.library import save_uploaded_folder
     from tl_core.errors import DatasetError
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     ws = Workspace.default()
     png = next(EMOJI.glob("animal/*.png")).read_bytes()

@@ -1,5 +1,5 @@
-"""Uploaded datasets as things a user manages (tl_core.data.library): rename, delete, refusal while a run or
-task reads one, and zips that cannot make a dataset refused before anything is saved."""
+"""Uploaded datasets as things a user manages (tl_core.data.library, tl_core.runs.datasets): rename, delete,
+refusal while a run or task reads one, and zips that cannot make a dataset refused before anything is saved."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from conftest import EMOJI, make_class_folder
 from tl_core.data import library
+from tl_core.runs import datasets
 from tl_core.errors import DatasetError
 
 
@@ -74,27 +75,27 @@ def test_a_good_zip_still_makes_a_dataset(workspace):
 def test_rename_moves_the_dataset_and_sanitises_the_new_name(uploaded):
     ws = uploaded
     before = sorted(p.relative_to(ws.datasets_dir / "pets") for p in (ws.datasets_dir / "pets").rglob("*"))
-    new = library.rename_dataset(ws, "pets", "My pets 2025!")
+    new = datasets.rename_dataset(ws, "pets", "My pets 2025!")
     assert new == ws.datasets_dir / "My_pets_2025"
     assert _listed(ws) == ["My_pets_2025"]
     assert sorted(p.relative_to(new) for p in new.rglob("*")) == before
-    assert library.rename_dataset(ws, "My_pets_2025", "My_pets_2025") == new  # same name: nothing to do
+    assert datasets.rename_dataset(ws, "My_pets_2025", "My_pets_2025") == new  # same name: nothing to do
 
 
 def test_rename_refuses_clashes_empty_names_and_unknown_datasets(uploaded):
     ws = uploaded
     make_class_folder(ws.datasets_dir / "other", {"animal": 2, "flag": 2})
     with pytest.raises(DatasetError, match="'other' exists already"):
-        library.rename_dataset(ws, "pets", "other")
+        datasets.rename_dataset(ws, "pets", "other")
     with pytest.raises(DatasetError, match="new name"):
-        library.rename_dataset(ws, "pets", "   ")
+        datasets.rename_dataset(ws, "pets", "   ")
     with pytest.raises(DatasetError, match="no letter or digit"):
-        library.rename_dataset(ws, "pets", "../..")
+        datasets.rename_dataset(ws, "pets", "../..")
     with pytest.raises(DatasetError, match="No uploaded dataset called 'emoji'"):
-        library.rename_dataset(ws, "emoji", "mine")  # a sample dataset is not in the workspace
+        datasets.rename_dataset(ws, "emoji", "mine")  # a sample dataset is not in the workspace
     for hostile in ("../pets", ".", "", "pets/animal"):
         with pytest.raises(DatasetError):
-            library.rename_dataset(ws, hostile, "x")
+            datasets.rename_dataset(ws, hostile, "x")
     assert sorted(_listed(ws)) == ["other", "pets"]
 
 
@@ -106,12 +107,12 @@ def test_delete_removes_the_dataset_and_keeps_finished_runs(uploaded):
     store = ws.store()
     done = store.create_run(str(ws.datasets_dir / "pets"), {"strategy": "linear"}, status="done")
     other = store.create_run(str(EMOJI), {"strategy": "linear"}, status="running")  # another dataset: no matter
-    assert [r["id"] for r in library.dataset_runs(ws, "pets")] == [done]
-    assert library.delete_dataset(ws, "pets") == 1
+    assert [r["id"] for r in datasets.dataset_runs(ws, "pets")] == [done]
+    assert datasets.delete_dataset(ws, "pets") == 1
     assert _listed(ws) == [] and _nothing_saved(ws)
     assert store.exists(done) and store.exists(other)  # runs are kept with their results
     with pytest.raises(DatasetError, match="No uploaded dataset called 'pets'"):
-        library.delete_dataset(ws, "pets")
+        datasets.delete_dataset(ws, "pets")
 
 
 @pytest.mark.parametrize("status", ["queued", "running"])
@@ -119,18 +120,18 @@ def test_a_dataset_a_run_in_progress_reads_cannot_be_deleted_or_renamed(uploaded
     ws = uploaded
     store = ws.store()
     run = store.create_run(str(ws.datasets_dir / "pets"), {"strategy": "linear"}, status=status)
-    assert library.dataset_users(ws, "pets") == [f"run {run} ({status})"]
+    assert datasets.dataset_users(ws, "pets") == [f"run {run} ({status})"]
     with pytest.raises(DatasetError) as e:
-        library.delete_dataset(ws, "pets")
+        datasets.delete_dataset(ws, "pets")
     assert f"cannot be deleted while it is in use by run {run} ({status})" in str(e.value)
     assert "cancel" in str(e.value)
     with pytest.raises(DatasetError, match="cannot be renamed while"):
-        library.rename_dataset(ws, "pets", "elsewhere")
+        datasets.rename_dataset(ws, "pets", "elsewhere")
     assert _listed(ws) == ["pets"] and len(list((ws.datasets_dir / "pets").rglob("*.png"))) == 6
     # once the run has ended, the dataset can go
     store.set_status(run, "cancelled", "Cancelled before it started.")
-    assert library.dataset_users(ws, "pets") == []
-    assert library.delete_dataset(ws, "pets") == 1
+    assert datasets.dataset_users(ws, "pets") == []
+    assert datasets.delete_dataset(ws, "pets") == 1
     assert _listed(ws) == []
 
 
@@ -141,14 +142,14 @@ def test_a_task_in_progress_on_the_dataset_also_blocks_deletion(uploaded):
     tid, _ = store.create_task("audit", "k1", "compute", {"data": str(folder), "signature": "x"})
     # a task that names single images of the dataset (the augmentation preview) counts too
     store.create_task("augment_preview", "k2", "interactive", {"paths": [str(next(folder.rglob("*.png")))]})
-    users = library.dataset_users(ws, "pets")
+    users = datasets.dataset_users(ws, "pets")
     assert users == ["a task checking the data (queued)", "a task drawing augmented images (queued)"]
     with pytest.raises(DatasetError, match="in use by a task checking the data"):
-        library.delete_dataset(ws, "pets")
+        datasets.delete_dataset(ws, "pets")
     for t in store.tasks():
         store.finish_task(t["id"], "done")
-    assert library.dataset_users(ws, "pets") == []
-    library.delete_dataset(ws, "pets")
+    assert datasets.dataset_users(ws, "pets") == []
+    datasets.delete_dataset(ws, "pets")
     assert _listed(ws) == []
 
 
@@ -157,4 +158,4 @@ def test_a_run_on_a_zip_counts_for_the_folder_the_zip_unpacks_into(uploaded, tmp
     z = tmp_path / "pets.zip"
     z.write_bytes(b"PK")  # only its name matters: open_data unpacks pets.zip into datasets/pets
     run = ws.store().create_run(str(z), {"strategy": "linear"}, status="running")
-    assert library.dataset_users(ws, "pets") == [f"run {run} (running)"]
+    assert datasets.dataset_users(ws, "pets") == [f"run {run} (running)"]

@@ -25,9 +25,9 @@ from tl_core.errors import ConfigError
 from tl_core.models.devices import Runtime, check_device_name, describe_auto_device, resolve_device
 from tl_core.models.training import BalancedSampler
 from tl_core.runs import tasks
-from tl_core.runs.files import RunFiles
+from tl_core.storage.files import RunFiles
 from tl_core.runs.launch import failure_reason
-from tl_core.runs.processes import alive
+from tl_core.storage.processes import alive
 
 #: 2-process and 1-process fine-tunes differ in the order each rank sees the images (as any two seeds do);
 #: on 25 validation images they may differ by this much accuracy (4 images).
@@ -191,7 +191,7 @@ def test_two_process_linear_probe_equals_the_one_process_probe(tmp_path, ddp_dat
 @pytest.mark.slow
 def test_cancel_stops_every_rank_of_a_worker_group(tmp_path, ddp_data, monkeypatch):
     """The app's path: a worker trains the run as a torchrun group (TL_TRAIN_PROCS=2); Cancel stops both."""
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     home = tmp_path / "home"
     monkeypatch.setenv("TL_HOME", str(home))
@@ -225,7 +225,7 @@ def test_a_killed_rank_fails_the_run_and_leaves_no_process(tmp_path, ddp_data):
     parent = subprocess.Popen([sys.executable, "-m", "tl_core.cli", "train", str(ddp_data), "--strategy", "full",
                                "--epochs", "50", "--batch-size", "4", "--patience", "0", "--nproc", "2", "--json",
                                "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     store = Workspace(home).store()
     run_id = wait_for(lambda: store.list() and store.list()[0]["id"], 120, "the run to be created")

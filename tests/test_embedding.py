@@ -11,7 +11,7 @@ from insight_support import emoji_small, insight_workspace
 from tl_core.insight.embedding import embed_dataset, embedding_map, project_2d, thumbnail_data_uri
 from tl_core.data.splits import sample_items
 from tl_core.errors import ConfigError
-from tl_core.runs.files import RunFiles, RunMeta
+from tl_core.storage.files import RunFiles, RunMeta
 
 #: every test here runs real networks on real images (module fixtures train or export): the slow tier
 pytestmark = pytest.mark.slow

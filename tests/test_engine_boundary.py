@@ -20,9 +20,9 @@ def _modules() -> list[pkgutil.ModuleInfo]:
 
 def test_the_walk_sees_every_sub_package():
     names = {m.name for m in _modules()}
-    for pkg in ("data", "models", "runs", "insight", "share"):
+    for pkg in ("storage", "data", "models", "runs", "insight", "share"):
         assert f"tl_core.{pkg}" in names
-    assert {"tl_core.runs.files", "tl_core.share.loading", "tl_core.models.training", "tl_core.cache"} <= names
+    assert {"tl_core.storage.files", "tl_core.share.loading", "tl_core.models.training", "tl_core.cache"} <= names
     # every .py file of the engine is a module the checks below import
     files = {".".join(("tl_core", *p.relative_to(ENGINE).with_suffix("").parts)).removesuffix(".__init__")
              for p in ENGINE.rglob("*.py")}

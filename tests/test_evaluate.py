@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tl_core.models.metrics import calibration, compute_metrics, confusion_matrix, expected_calibration_error, top_losses
+from tl_core.metrics import calibration, compute_metrics, confusion_matrix, expected_calibration_error, top_losses
 
 
 def test_metrics_from_known_predictions():

@@ -16,8 +16,8 @@ from tl_core.config import TrainConfig
 from tl_core.insight.embedding import embed_dataset
 from tl_core.errors import ConfigError, DatasetError
 from tl_core.insight.explain import colorize, explain_image, explain_misclassified, find_target_layer, grad_cam, overlay
-from tl_core.models.metrics import softmax
-from tl_core.runs.files import VALIDATION_FIT, Predictions, RunFiles
+from tl_core.metrics import softmax
+from tl_core.storage.files import VALIDATION_FIT, Predictions, RunFiles
 from tl_core.share.loading import load_model
 
 #: every test here runs real networks on real images (module fixtures train or export): the slow tier

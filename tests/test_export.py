@@ -18,7 +18,7 @@ import torch
 
 from conftest import EMOJI, ROOT
 from tl_core.errors import ExportError
-from tl_core.runs.files import RunFiles
+from tl_core.storage.files import RunFiles
 from tl_core.share.export import PARITY_TOLERANCE, export_for_download, export_run
 from tl_core.share.loading import load_bundle, load_model
 from tl_core.share.card import model_card

@@ -23,11 +23,11 @@ import hostile as H
 from conftest import EMOJI, wait_for
 from tl_core.config import TrainConfig
 from tl_core.runs import tasks, workers
-from tl_core.runs.processes import alive as _pid_alive
-from tl_core.runs.store import ACTIVE_STATUSES, RunStore
+from tl_core.storage.processes import alive as _pid_alive
+from tl_core.storage.store import ACTIVE_STATUSES, RunStore
 from tl_core.runs.training import run_training
 from tl_core.runs.workers import CANCEL_GRACE_S, recover
-from tl_core.runs.workspace import Workspace
+from tl_core.storage.workspace import Workspace
 
 LINEAR = TrainConfig(strategy="linear", epochs=5)
 #: long enough to be caught mid-epoch: tiny batches, many epochs, no early stop

@@ -78,7 +78,7 @@ def test_block_scales_equalise_mean_norms():
 def depths_run(tmp_path_factory):
     from tl_core.config import TrainConfig
     from tl_core.runs.training import run_training
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     ws = Workspace(tmp_path_factory.mktemp("depths_home"))
     res = run_training(ws, EMOJI, TrainConfig(features="depths"))
@@ -87,7 +87,7 @@ def depths_run(tmp_path_factory):
 
 
 def test_depths_run_saves_loads_and_predicts_the_same_logits(depths_run):
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.files import RunFiles
     from tl_core.share.loading import load_model
 
     ws, res = depths_run
@@ -132,7 +132,7 @@ def test_depths_run_grad_cam_targets_the_last_feature_map(depths_run):
 def test_auto_records_its_choice(workspace):
     from tl_core.config import TrainConfig
     from tl_core.models.feature_variants import CANDIDATES
-    from tl_core.runs.progress import features_text
+    from tl_core.share.progress import features_text
     from tl_core.runs.training import run_training
 
     res = run_training(workspace, EMOJI, TrainConfig(features="auto"))
@@ -146,7 +146,7 @@ def test_auto_records_its_choice(workspace):
     line = features_text(rec)
     assert line.startswith("Features: ") and "5-fold cross-validation" in line
     # the model card and the HTML report say the same
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.files import RunFiles
     from tl_core.share.card import model_card
     from tl_core.share.report import build_report
 
@@ -221,7 +221,7 @@ def test_auto_respects_the_users_c_and_uses_fewer_folds_for_a_small_class():
 
 def test_a_config_saved_before_the_features_setting_repeats_with_the_last_layer(tmp_path):
     from tl_core.config import TrainConfig, saved_config_dict
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.files import RunFiles
 
     saved = TrainConfig().to_dict()
     assert saved["features"] == "auto" and TrainConfig.from_dict({}).features == "auto"  # flags alone: auto

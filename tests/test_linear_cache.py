@@ -32,7 +32,7 @@ def runs(tmp_path_factory):
     4 new."""
     from tl_core.config import TrainConfig
     from tl_core.runs.training import run_training
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     root = tmp_path_factory.mktemp("linear_cache")
     data = make_class_folder(root / "train", {c: 12 for c in CLASSES})
@@ -69,7 +69,7 @@ def _whole_network(tm, monkeypatch):
 @pytest.mark.parametrize("variant", ["last", "depths"])
 def test_evaluate_through_the_cache_equals_the_whole_network(runs, variant, monkeypatch):
     from tl_core.data.library import open_data
-    from tl_core.models.metrics import softmax
+    from tl_core.metrics import softmax
     from tl_core.share.loading import load_model
     from tl_core.share.predict import evaluate_dataset, logits_of_dataset_items
 
@@ -138,7 +138,7 @@ def test_predict_through_the_cache_equals_the_whole_network(runs, tmp_path):
 
 
 def test_a_run_whose_cache_was_wiped_still_evaluates(runs, tmp_path, monkeypatch):
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
     from tl_core.share.loading import load_model
     from tl_core.share.predict import evaluate_dataset
 
@@ -175,7 +175,7 @@ def test_a_warm_re_train_reuses_autos_choice_and_repeats_the_run(runs, monkeypat
 
     import tl_core.runs.training as training
     from tl_core.config import TrainConfig
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.files import RunFiles
 
     ws, run_dirs, _ = runs
     data = Path(run_dirs["last"]).parent.parent.parent / "train"

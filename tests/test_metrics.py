@@ -1,5 +1,5 @@
 """How sure the figures are: Wilson intervals, bootstrap intervals, the one figure format, and whether two
-runs differ beyond noise (tl_core.models.metrics), plus the out-of-fold folds (tl_core.models.crossfit)."""
+runs differ beyond noise (tl_core.metrics), plus the out-of-fold folds (tl_core.models.crossfit)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tl_core.models.crossfit import multilabel_folds, stratified_folds
-from tl_core.models.metrics import (bootstrap_interval, compare_figures, compute_metrics, figure_of, format_figure,
+from tl_core.metrics import (bootstrap_interval, compare_figures, compute_metrics, figure_of, format_figure,
                                     macro_f1_interval, wilson_interval)
 from tl_core.models.multilabel import multilabel_metrics
 
@@ -54,7 +54,7 @@ def test_bootstrap_interval_holds_the_estimate_is_seeded_and_narrows():
 
 def test_macro_f1_interval_resamples_agree_with_the_report_on_every_resample():
     y, pred = _noisy_predictions(40, 3, 0.7, 3)
-    from tl_core.models.metrics import _macro_f1_rows, per_class_report, confusion_matrix
+    from tl_core.metrics import _macro_f1_rows, per_class_report, confusion_matrix
 
     idx = np.random.default_rng(1).integers(0, 40, size=(5, 40))
     fast = _macro_f1_rows(y, pred, 3, idx)

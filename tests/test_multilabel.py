@@ -160,7 +160,7 @@ def ml_run(tmp_path_factory):
     """A linear run on 70% of the multi-label sample with the other 30% as held-out test data."""
     from tl_core.config import TrainConfig
     from tl_core.runs.training import run_training
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     home = tmp_path_factory.mktemp("ml_home")
     train_csv, test_csv = multilabel_subset(home)  # the cut benchmarks/recipes.py measures
@@ -201,7 +201,7 @@ def sklearn_ovr_micro_f1(ws, train_csv: Path, test_csv: Path) -> tuple[float, fl
 @pytest.mark.slow
 def test_ovr_probe_reaches_sklearn_micro_f1_on_held_out_images(ml_run):
     ws, res, train_csv, test_csv = ml_run
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.files import RunFiles
 
     assert res.multi_label and res.classes == open_dataset(ML).classes
     sk_f1, misses = sklearn_ovr_micro_f1(ws, train_csv, test_csv)
@@ -280,7 +280,7 @@ def test_thresholds_come_from_training_images_and_validation_tells_the_held_out_
     validation micro-F1 0.936 against 0.789 held out when validation chose the thresholds)."""
     ws, res, train_csv, test_csv = ml_run
     from tl_core.models.multilabel import choose_thresholds, label_matrix, multilabel_metrics, sigmoid, split_labels
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.files import RunFiles
 
     files = RunFiles(res.run_dir)
     meta, m = files.meta(), files.metrics()
@@ -305,7 +305,7 @@ def test_thresholds_come_from_training_images_and_validation_tells_the_held_out_
 @pytest.mark.slow
 def test_train_evaluate_predict_json(ml_run, capsys, tmp_path):
     ws, res, train_csv, test_csv = ml_run
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.files import RunFiles
 
     d = res.to_dict()
     assert d["multi_label"] is True and {"micro_f1", "macro_f1", "mAP", "exact_match"} <= set(d)
@@ -458,7 +458,7 @@ def test_uploaded_multi_label_zip_keeps_its_label_sets(workspace, tmp_path):
 def test_evaluate_page_shows_label_metrics_and_per_label_confusion(ml_run):
     from streamlit.testing.v1 import AppTest
 
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.files import RunFiles
 
     ws, res, _, _ = ml_run
     files = RunFiles(res.run_dir)
@@ -500,8 +500,8 @@ def test_try_it_shows_the_label_set_with_a_probability_each(ml_run, tmp_path, mo
 
     from streamlit.testing.v1 import AppTest
 
-    from tl_core.runs.processes import kill_workers
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.processes import kill_workers
+    from tl_core.storage.files import RunFiles
 
     ws, res, _, _ = ml_run
     home = tmp_path / "home"
@@ -570,7 +570,7 @@ def test_partial_fine_tuning_trains_sigmoid_outputs_with_bce(ml_run):
     import math
 
     from tl_core.config import TrainConfig
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.files import RunFiles
     from tl_core.runs.training import run_training
 
     ws, _, train_csv, test_csv = ml_run

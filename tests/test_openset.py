@@ -1,4 +1,4 @@
-"""Open-set answers (tl_core/insight/openset.py): a model says ``unknown`` for images unlike its training images.
+"""Open-set answers (tl_core/models/openset.py): a model says ``unknown`` for images unlike its training images.
 
 On real images: an emoji model shown Fashion-MNIST and a Fashion-MNIST model shown emoji flag nearly all of them,
 and few of their own held-out images; a bundle does the same in a fresh workspace; runs from before open-set
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import EMOJI, FASHION
-from tl_core.insight import openset
-from tl_core.runs.files import RunFiles
+from tl_core.models import openset
+from tl_core.storage.files import RunFiles
 
 
 # -- the threshold and the bank, on their own --------------------------------------------------------------
@@ -138,7 +138,7 @@ def emoji_model(tmp_path_factory):
     """A linear run (refitted head: leave-one-out threshold) on 30 emoji per class; 10 per class held out."""
     from tl_core.config import TrainConfig
     from tl_core.runs.training import run_training
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     root = tmp_path_factory.mktemp("openset_emoji")
     train, held = _split_emoji(root)
@@ -190,7 +190,7 @@ def test_an_emoji_model_flags_fashion_images_and_few_of_its_own(emoji_model):
 def test_a_fashion_model_flags_emoji_images(tmp_path):
     from tl_core.config import TrainConfig
     from tl_core.runs.training import run_training
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
     from tl_core.share.loading import load_model
     from tl_core.share.predict import evaluate_dataset
 
@@ -367,7 +367,7 @@ def test_a_fine_tuned_model_scores_with_its_own_features(tmp_path):
     comes from the validation images (held out from the whole network)."""
     from tl_core.config import TrainConfig
     from tl_core.runs.training import run_training
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
     from tl_core.share.loading import load_model
 
     train, held = _split_emoji(tmp_path)
@@ -509,7 +509,7 @@ def test_a_small_varied_colour_model_flags_handwritten_digits(tmp_path):
     at the conformal 95% threshold of 40 leave-one-out scores, 95% interval 3-11%; allowed 15% for that noise)."""
     from tl_core.config import TrainConfig
     from tl_core.runs.training import run_training
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
     from tl_core.share.loading import load_model
 
     train, held = _split_emoji(tmp_path, n_train=8)

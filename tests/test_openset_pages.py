@@ -85,7 +85,7 @@ def test_try_it_says_why_an_image_is_unknown_and_shows_the_closest_training_imag
 
 @pytest.mark.slow
 def test_evaluate_counts_the_foreign_images_the_threshold_catches(home):
-    from tl_core.models.metrics import wilson_interval
+    from tl_core.metrics import wilson_interval
     from tl_core.share.loading import load_model
     from tl_core.share.predict import predict_paths
 
@@ -162,7 +162,7 @@ def test_data_page_gives_the_domain_gap_in_style_and_content_per_class(home):
 
 def test_the_share_caught_has_its_wilson_interval():
     from tl_core.insight.foreign import caught_at
-    from tl_core.models.metrics import wilson_interval
+    from tl_core.metrics import wilson_interval
 
     got = caught_at([0.5, 1.2, 2.0, 0.99], 1.0)
     assert (got["caught"], got["images"], got["share"]) == (2, 4, 0.5)

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import ROOT
 from tl_core.errors import ExportError
-from tl_core.runs.files import Predictions, RunFiles, SplitPredictions
-from tl_core.models.metrics import figure_of, format_figure
+from tl_core.storage.files import Predictions, RunFiles, SplitPredictions
+from tl_core.metrics import figure_of, format_figure
 from tl_core.share.report import ENGINEERS_HEADING, MAX_THUMBNAILS, build_report, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -1,4 +1,4 @@
-"""The one owner of a run's files (tl_core.runs.files): a run is published whole, JSON is written atomically,
+"""The one owner of a run's files (tl_core.storage.files): a run is published whole, JSON is written atomically,
 older predictions files are still read, and damaged files are refused with messages that say what is wrong."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 
 from insight_support import emoji_small
 from tl_core.config import TrainConfig
-from tl_core.errors import ExportError, RunError
-from tl_core.models.metrics import softmax
-from tl_core.runs.files import (PREDICTIONS_FORMAT, SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMeta,
-                                RunMetrics, SplitPredictions, write_json_atomic)
+from tl_core.errors import ConfigError, ExportError, RunError
+from tl_core.metrics import softmax
+from tl_core.storage.files import (PREDICTIONS_FORMAT, SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMeta,
+                                   RunMetrics, SplitPredictions, read_config_file, resolve_run, write_json_atomic)
 
 CLASSES = ["cat", "dog", "fox"]
 PRE = {"input_size": 224, "resize": 256, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
@@ -285,3 +285,44 @@ def test_metrics_keep_unknown_keys_and_fill_empty_ones(tmp_path):
     m = RunFiles(tmp_path).metrics()
     assert m.val == {} and m.history == [] and m.best_epoch == 3 and m.stop["reason"] == "patience"
     assert m.extra == {"future": 1} and m.to_dict()["future"] == 1 and "extra" not in m.to_dict()
+
+
+# --------------------------------------------------------------------------------------------------
+# the one resolver of a RUN argument, the one reader of a saved config
+# --------------------------------------------------------------------------------------------------
+def test_resolve_run_takes_an_id_or_a_directory_and_says_why_not(workspace, tmp_path):
+    store = workspace.store()
+    run_id = store.create_run("some/data", {"strategy": "linear"}, status="done")
+    run = workspace.run_dir(run_id)
+    run.mkdir(parents=True)
+    with pytest.raises(RunError, match=f"Run {run_id} has status 'done' and no trained model"):  # files removed
+        resolve_run(run_id, workspace)
+    with pytest.raises(RunError, match=f"{run} is not a trained run"):  # a folder with no model in it
+        resolve_run(run, workspace)
+    RunFiles(run).write_meta(_meta())
+    assert resolve_run(run_id, workspace) == run == resolve_run(run, workspace)
+    failed = store.create_run("some/data", {}, status="failed")
+    store.set_status(failed, "failed", "out of memory")
+    with pytest.raises(RunError, match=r"status 'failed' and no trained model \(out of memory\)"):
+        resolve_run(failed, workspace)
+    with pytest.raises(RunError, match="No run or run directory 'nope'"):
+        resolve_run("nope", workspace)
+    with pytest.raises(RunError, match="No run or run directory"):
+        resolve_run(tmp_path / "missing", workspace)
+
+
+def test_a_saved_config_is_read_one_way(tmp_path):
+    old = {"strategy": "linear", "epochs": 3, "from_the_future": 1}  # saved before feature variants existed
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(old))
+    assert read_config_file(run) == read_config_file(run / "config.json") == old
+    cfg = TrainConfig.from_saved(read_config_file(run))
+    assert (cfg.features, cfg.epochs) == ("last", 3)  # what it meant when it was saved
+    assert RunFiles(run).config() == cfg  # the run's owner reads it the same way
+    assert TrainConfig.from_saved(old, {"features": "auto", "seed": 7}).features == "auto"  # flags on top
+    assert TrainConfig.from_saved({"features": "depths"}).features == "depths"
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for bad, message in [(tmp_path / "none.json", "does not exist"), (tmp_path / "list.json", "JSON object")]:
+        with pytest.raises(ConfigError, match=message):
+            read_config_file(bad)

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from tl_core.errors import RunError
-from tl_core.runs.store import RunStore
-from tl_core.runs.workspace import Workspace
+from tl_core.storage.store import RunStore
+from tl_core.storage.workspace import Workspace
 
 
 def test_store_lifecycle_and_wal(tmp_path):

@@ -25,11 +25,11 @@ from tl_core.config import TrainConfig
 from tl_core.data.library import dataset_signature
 from tl_core.errors import ConfigError, RunError
 from tl_core.runs import tasks
-from tl_core.runs.processes import alive, identity, kill_workers, start_time
-from tl_core.runs.store import RunStore
+from tl_core.storage.processes import alive, identity, kill_workers, start_time
+from tl_core.storage.store import RunStore
 from tl_core.runs.training import run_training
 from tl_core.runs.workers import recover
-from tl_core.runs.workspace import Workspace, new_project_slug
+from tl_core.storage.workspace import Workspace, new_project_slug
 
 pytestmark = pytest.mark.usefixtures("quiet_workers")
 
@@ -318,7 +318,7 @@ def test_projects_keep_their_tasks_apart_and_share_the_workers(tmp_path):
 @pytest.mark.slow
 def test_the_interactive_lane_answers_from_a_warm_model(workspace, tmp_path):
     from tl_core.data.library import save_upload
-    from tl_core.runs.files import RunFiles
+    from tl_core.storage.files import RunFiles
 
     res = run_training(workspace, _subset(tmp_path / "d", 6), TrainConfig(strategy="linear"))
     run_dir = workspace.run_dir(res.run_id)

@@ -14,7 +14,7 @@ import torch
 from conftest import EMOJI, FASHION, make_class_folder
 from tl_core.config import TrainConfig
 from tl_core.errors import CancelledError
-from tl_core.runs.files import SAVED, VALIDATION_FIT, RunFiles
+from tl_core.storage.files import SAVED, VALIDATION_FIT, RunFiles
 from tl_core.runs.training import run_training
 
 
@@ -248,7 +248,7 @@ def imbalanced(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def imbalanced_runs(imbalanced, tmp_path_factory):
     """Linear runs with each class balance, and partial runs (one epoch) without and with the balanced sampler."""
-    from tl_core.runs.workspace import Workspace
+    from tl_core.storage.workspace import Workspace
 
     ws = Workspace(tmp_path_factory.mktemp("imbalanced_home"))
     runs = {}
@@ -429,7 +429,7 @@ def test_linear_refit_uses_every_labelled_image_and_keeps_validation_honest(work
     """refit (default): the saved head is fitted on train + validation; validation predictions and figures stay
     those of the training-only fit, kept as val_head.safetensors; calibration reads that fit's saved logits."""
     from tl_core.insight.calibrate import validation_logits
-    from tl_core.models.metrics import softmax
+    from tl_core.metrics import softmax
     from tl_core.share.loading import load_model
     from tl_core.share.predict import predict_paths
 
@@ -490,7 +490,7 @@ def test_linear_probe_converges_by_default_and_epochs_do_not_cap_it():
 
 
 def test_runs_table_and_comparison_say_which_features_each_run_used():
-    from tl_core.runs.progress import MISSING, compare_rows, features_cell, runs_rows, stop_text
+    from tl_core.share.progress import MISSING, compare_rows, features_cell, runs_rows, stop_text
 
     linear = {"id": "a", "status": "done", "created": 0, "config": {"strategy": "linear", "features": "auto"},
               "summary": {"val_accuracy": 0.9, "best_epoch": None, "features": {"variant": "depths"}}}

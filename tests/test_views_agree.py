@@ -13,7 +13,7 @@ import pytest
 
 from tl_core.cli import main
 from tl_core.insight.explain import explain_image, explain_misclassified
-from tl_core.runs.files import SAVED, VALIDATION_FIT, RunFiles
+from tl_core.storage.files import SAVED, VALIDATION_FIT, RunFiles
 from tl_core.share.loading import load_model
 from tl_core.share.report import build_report
 

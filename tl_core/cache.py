@@ -18,7 +18,7 @@ import shutil
 import sqlite3
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -26,13 +26,19 @@ from .data.images import center_box, file_sha256, load_image, resize_shorter
 from .fileio import writing_atomic
 from .settings import setting
 
-if TYPE_CHECKING:
-    from .data.intake import ImageItem
-
 __all__ = ["DecodedImageCache", "ImageCheckCache", "FeatureCache", "cache_usage", "enforce_cache_limit",
            "clear_cache", "CACHE_KINDS"]
 
 log = logging.getLogger(__name__)
+
+
+class CachedImage(Protocol):
+    """What the decoded-image cache needs of an image: its file and content hash (a
+    :class:`tl_core.data.intake.ImageItem` is one; the cache sits below the intake, which uses it)."""
+
+    path: Path
+    sha256: str
+
 
 #: The array caches under ``cache/`` (the SQLite check cache is small and never evicted).
 CACHE_KINDS = ("decoded", "features")
@@ -65,7 +71,7 @@ class DecodedImageCache:
             return None
         return self.dir / f"{size}-{interp}" / sha[:2] / f"{sha}.npy"
 
-    def get(self, item: ImageItem, resize: int, interpolation: str = "bicubic", keep: bool = True,
+    def get(self, item: CachedImage, resize: int, interpolation: str = "bicubic", keep: bool = True,
             crop: int | None = None) -> np.ndarray:
         """HWC uint8 array of the image resized so that its shorter side is ``resize`` pixels; with ``crop``, its
         centre ``crop`` x ``crop`` square only (contiguous; read-only when decoded for this call only, then cut

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import TrainConfig, config_fields, field_help, saved_config_dict
+from .config import TrainConfig, config_fields, field_help
 from .errors import CancelledError, ConfigError, TLError
+from .storage.files import read_config_file, resolve_run
 
 __all__ = ["main", "build_parser"]
 
@@ -36,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _workspace():
-    from .runs.workspace import Workspace
+    from .storage.workspace import Workspace
 
     return Workspace.default()
 
@@ -74,8 +75,6 @@ def _stderr_progress(quiet: bool):
 
 def _resolve_run_dir(ref: str) -> Path:
     """A run id (in $TL_HOME) or a run directory."""
-    from .share.loading import resolve_run
-
     return resolve_run(ref, _workspace())
 
 
@@ -121,23 +120,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` of ``tl-core train``: ``--config FILE`` (a run's ``config.json``) or the defaults,
     then every flag given on the command line on top."""
-    base: dict[str, Any] = {}
-    if args.config:
-        p = Path(args.config)
-        if p.is_dir():
-            p = p / "config.json"
-        try:
-            base = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{p} does not exist; give a run's config.json (or its run directory).") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{p} is not a readable JSON config ({e}).") from None
-        if not isinstance(base, dict):
-            raise ConfigError(f"{p} must hold a JSON object of training settings.")
-        base = saved_config_dict(base)
+    base = read_config_file(args.config) if args.config else {}
     given = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name, None) is not None}
     try:
-        return TrainConfig.from_dict({**base, **given}).resolved()
+        return TrainConfig.from_saved(base, given).resolved()
     except TypeError as e:
         raise ConfigError(f"The config has a value of the wrong type ({e}).") from None
 
@@ -176,9 +162,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(res.to_dict())
     else:
-        from .runs.progress import stop_text
+        from .share.progress import stop_text
 
-        from .models.metrics import format_figure
+        from .metrics import format_figure
 
         print(f"run {res.run_id}: {res.status} in {res.seconds:.1f}s on {res.device}"
               + (f" x {res.world_size} processes" if res.world_size > 1 else ""))
@@ -219,7 +205,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rep)
         return 0
-    from .models.metrics import format_figure
+    from .metrics import format_figure
 
     if rep.get("multi_label"):
         print(f"micro-F1 {format_figure(rep['micro_f1'], rep.get('micro_f1_ci'), percent=False)}, "
@@ -243,7 +229,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _note_open_set(model: Any) -> None:
     """A model from before open-set scores answers without ``unknown``: say so on stderr."""
     if model.open_set is None:
-        from .insight.openset import UNKNOWN_NOTE
+        from .models.openset import UNKNOWN_NOTE
 
         sys.stderr.write(f"note: {UNKNOWN_NOTE}\n")
 
@@ -477,8 +463,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_openset(args: argparse.Namespace) -> int:
     from .errors import RunError
-    from .insight.openset import UNKNOWN_NOTE, describe, flagged_share, set_threshold, summary
-    from .runs.files import RunFiles
+    from .models.openset import UNKNOWN_NOTE, describe, flagged_share, set_threshold, summary
+    from .storage.files import RunFiles
 
     run_dir = _resolve_run_dir(args.run)
     if args.threshold is not None:
@@ -586,7 +572,7 @@ def cmd_data_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_data_delete(args: argparse.Namespace) -> int:
-    from .data.library import delete_dataset
+    from .runs.datasets import delete_dataset
 
     kept = delete_dataset(_workspace(), args.name)
     if args.json:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ __all__ = [
     "AUGMENT_PRESETS",
     "CLASS_BALANCE",
     "DEVICES",
+    "check_device_name",
     "EXPORT_FORMATS",
     "LAB_ARMS",
     "FieldSpec",
@@ -144,6 +146,16 @@ DEVICES: dict[str, Choice] = {
         Choice("mps", "Apple GPU (MPS)", "The GPU of an Apple-silicon Mac, through Metal."),
     ]
 }
+#: ``cuda:N`` picks one GPU of several.
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is a device TL Studio understands (a key of :data:`DEVICES` or ``cuda:N``). Raises ConfigError
+    otherwise."""
+    if not _DEVICE.match(str(name or "")):
+        raise ConfigError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.")
+    return name
 
 
 #: The export formats and what each is for (the Runs page shows these before anything is exported; the
@@ -295,8 +307,6 @@ class TrainConfig:
             lr=self.lr if self.lr is not None else d["lr"],
             patience=self.patience if self.patience is not None else d["patience"],
         )
-        from .models.devices import check_device_name
-
         check_device_name(cfg.device)
         checks = [
             (1 <= cfg.epochs <= 1000, f"epochs must be between 1 and 1000 (got {cfg.epochs})."),
@@ -336,6 +346,14 @@ class TrainConfig:
 
             logging.getLogger(__name__).warning("ignoring unknown config keys: %s", sorted(unknown))
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """The one reader of a saved config (a run's ``config.json``, the run store's copy, ``tl-core train
+        --config``): what :func:`saved_config_dict` says a saved config means, with ``overrides`` (flags given on
+        the command line) on top. Not resolved: call :meth:`resolved` to fill the strategy's defaults.
+        """
+        return cls.from_dict({**saved_config_dict(saved), **(overrides or {})})
 
 
 def saved_config_dict(data: dict[str, Any]) -> dict[str, Any]:

@@ -13,22 +13,20 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import time
-import unicodedata
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
 from ..errors import DatasetError
 from ..fileio import write_atomic
+from ..storage.workspace import Workspace
 from .images import IMAGE_EXTENSIONS, image_from_bytes
 from .intake import Dataset, _find_dataset_root, find_multi_label_csv, open_dataset, safe_extract_zip, split_layout
-from .report import UPLOAD_REPORT
-
-if TYPE_CHECKING:
-    from ..runs.workspace import Workspace
+from .names import REPO_ROOT, SAMPLE_DATA_DIR, is_dataset_name, safe_name, unique_dir
+from .versions import (add_images, ensure_versions, images_root, is_managed, open_version, parse_ref,
+                       workspace_datasets)
 
 __all__ = [
     "REPO_ROOT",
@@ -42,45 +40,16 @@ __all__ = [
     "save_uploaded_folder",
     "add_class_images",
     "save_upload",
-    "dataset_runs",
-    "dataset_users",
-    "rename_dataset",
-    "delete_dataset",
+    "uploaded_dataset_dir",
     "deleted_dataset",
+    "UPLOAD_REPORT",
 ]
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # tl_core/data/library.py -> the repository
-
-
-#: The sample datasets that ship with the repository (``scripts/build_sample_data.py``).
-SAMPLE_DATA_DIR = REPO_ROOT / "sample_data"
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def safe_name(name: str, fallback: str = "dataset", max_len: int = 64) -> str:
-    """A file-system-safe version of a user-given name: ASCII letters, digits, ``.``, ``_``, ``-``.
-
-    Accents are stripped (``café`` → ``cafe``), every other run of characters becomes ``_``, leading dots
-    and underscores are removed (no hidden files, no ``..``), and an empty result becomes ``fallback``.
-    """
-    ascii_name = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode("ascii")
-    cleaned = _UNSAFE.sub("_", ascii_name).strip("._- ")[:max_len].strip("._- ")
-    return cleaned or fallback
-
-
-def _unique_dir(parent: Path, name: str) -> Path:
-    """``parent/name``, or ``parent/name-2``, ``-3``, … when that exists already."""
-    candidate = parent / name
-    n = 2
-    while candidate.exists():
-        candidate = parent / f"{name}-{n}"
-        n += 1
-    return candidate
-
+#: Written into an unpacked upload: the files the zip held that are not in the folder, and why
+#: (:func:`tl_core.data.report.dataset_overview` lists them).
+UPLOAD_REPORT = ".upload-report.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,19 +66,6 @@ def sample_datasets(root: str | os.PathLike = SAMPLE_DATA_DIR) -> list[dict[str,
         return []
     return [{"name": d.name, "path": str(d)} for d in sorted(root.iterdir())
             if d.is_dir() and not d.name.startswith((".", "_"))]
-
-
-def workspace_datasets(ws: Workspace) -> list[dict[str, str]]:
-    """Datasets in the workspace (``datasets/<name>/``), newest first: ``{name, path, origin}`` (origin: where it
-    came from, :func:`tl_core.data.versions.origin`)."""
-    from .versions import origin
-
-    d = ws.datasets_dir
-    if not d.is_dir():
-        return []
-    dirs = [p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    dirs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    return [{"name": p.name, "path": str(p), "origin": origin(p)} for p in dirs]
 
 
 def dataset_signature(path: str | os.PathLike) -> str:
@@ -133,7 +89,6 @@ def dataset_signature(path: str | os.PathLike) -> str:
                 continue
             parts.append(f"{dirpath}/{fn}:{st.st_size}:{st.st_mtime_ns}")
     return f"{p.resolve()}:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
 
 
 def open_data(data: str | os.PathLike | Dataset, workspace: "Workspace | None" = None, *,
@@ -161,12 +116,8 @@ def open_data(data: str | os.PathLike | Dataset, workspace: "Workspace | None" =
     if isinstance(data, Dataset):
         return data
     if workspace is None:
-        from ..runs.workspace import Workspace
-
         workspace = Workspace.default()
     extra = {} if min_per_class is None else {"min_per_class": min_per_class}
-    from .versions import is_managed, open_version, parse_ref
-
     ref = parse_ref(workspace, data)
     # NAME, NAME@VERSION, or the folder of a versioned dataset: that version's images and labels (a folder not
     # versioned yet opens as the folder it is, and is versioned when first trained on or changed)
@@ -204,7 +155,7 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: byt
     if not data:
         raise DatasetError(f"{filename} is empty; upload a .zip with one folder per class.")
     stem = Path(filename).stem if filename.lower().endswith(".zip") else Path(filename).name
-    target = _unique_dir(ws.datasets_dir, safe_name(stem))
+    target = unique_dir(ws.datasets_dir, safe_name(stem))
     tmp_zip = ws.datasets_dir / f".upload-{os.getpid()}-{time.time_ns()}.zip"
     tmp_dir = ws.datasets_dir / f".unpack-{os.getpid()}-{time.time_ns()}"
     sorted_dir = ws.datasets_dir / f".sorted-{os.getpid()}-{time.time_ns()}"
@@ -229,8 +180,6 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: byt
         # what was left out, for the dataset report (the folder no longer shows it)
         (result / UPLOAD_REPORT).write_text(json.dumps(report))
         os.replace(result, target)
-        from .versions import ensure_versions
-
         ensure_versions(ws, target.name, change=f"uploaded {filename}")
         if report["skipped"]:
             log.info("%s: %d file(s) left out", filename, len(report["skipped"]))
@@ -275,7 +224,6 @@ def _check_trainable(folder: Path, filename: str, ws: Workspace) -> None:
     except DatasetError as e:
         msg = str(e).replace(f"{folder.name}/", "").replace(folder.name, filename)
         raise DatasetError(msg) from None
-
 
 _MAX_CSV_BYTES = 20 * 1024**2
 
@@ -397,8 +345,6 @@ def add_class_images(ws: Workspace, dataset: str, class_name: str,
     Raises:
         DatasetError: the class name is empty, or no file was a usable image.
     """
-    from .versions import images_root, add_images, is_managed
-
     if not str(class_name).strip():
         raise DatasetError("Give the class a name (for example 'cats') before adding its images.")
     ds_dir = ws.datasets_dir / safe_name(dataset)
@@ -444,7 +390,6 @@ def add_class_images(ws: Workspace, dataset: str, class_name: str,
     return ds_dir, saved, skipped
 
 
-
 def save_upload(ws: "Workspace", name: str, data: bytes) -> Path:
     """Keep an uploaded image for a task to read (``<workspace>/uploads/<sha256><ext>``, content-addressed:
     the same picture uploaded twice is one file, and a task keyed by its path is keyed by its content).
@@ -466,9 +411,9 @@ def save_upload(ws: "Workspace", name: str, data: bytes) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# managing uploaded datasets: which runs use one, rename, delete
+# uploaded datasets by name (which runs use one, renaming and deleting: tl_core.runs.datasets)
 # --------------------------------------------------------------------------------------------------
-def _uploaded_dir(ws: Workspace, name: str) -> Path:
+def uploaded_dataset_dir(ws: Workspace, name: str) -> Path:
     """The folder of the uploaded dataset ``name`` (``<workspace>/datasets/<name>``).
 
     Raises:
@@ -481,147 +426,6 @@ def _uploaded_dir(ws: Workspace, name: str) -> Path:
         raise DatasetError(f"No uploaded dataset called {name!r}; only datasets uploaded into the workspace can be "
                            "renamed or deleted (the sample datasets ship with TL Studio).")
     return folder
-
-
-def is_dataset_name(name: str) -> bool:
-    """Whether ``name`` can name a folder of ``<workspace>/datasets`` (already safe, not hidden)."""
-    return bool(name) and name == safe_name(name, fallback="") and not name.startswith(".")
-
-
-def _reads(data: str, folder: Path, ws: Workspace) -> bool:
-    """Whether a run or task given ``data`` reads the files of ``folder``: the folder itself, a file or folder
-    inside it, or a zip that :func:`open_data` unpacks into it (``datasets/<zip stem>``)."""
-    if not isinstance(data, str) or not data:
-        return False
-    name, at, _ = data.partition("@")
-    if at and "/" not in data:  # NAME@VERSION of a managed dataset
-        return ws.datasets_dir.resolve() / name == folder
-    p = Path(data).expanduser()
-    try:
-        p = p.resolve()
-    except OSError:
-        return False
-    return p == folder or folder in p.parents or (
-        p.suffix.lower() == ".zip" and ws.datasets_dir.resolve() / p.stem == folder)
-
-
-def _param_paths(params: dict) -> Iterable[str]:
-    for v in (params or {}).values():
-        if isinstance(v, str):
-            yield v
-        elif isinstance(v, (list, tuple)):
-            yield from (x for x in v if isinstance(x, str))
-
-
-def dataset_runs(ws: Workspace, name: str) -> list[dict]:
-    """Every run of the workspace (any status) that trained or trains on the uploaded dataset ``name``."""
-    folder = _uploaded_dir(ws, name).resolve()
-    return [r for r in ws.store().list() if _reads(str(r.get("data") or ""), folder, ws)]
-
-
-def dataset_users(ws: Workspace, name: str) -> list[str]:
-    """What is reading the uploaded dataset ``name`` now: queued or running runs and tasks, one phrase each
-    (``"run 20250101-… (running)"``, ``"a task checking the data (queued)"``); empty when nothing is."""
-    from ..runs.store import ACTIVE_STATUSES
-
-    folder = _uploaded_dir(ws, name).resolve()
-    store = ws.store()
-    users = [f"run {r['id']} ({r['status']})" for r in store.list()
-             if r["status"] in ACTIVE_STATUSES and _reads(str(r.get("data") or ""), folder, ws)]
-    for t in store.tasks():
-        if t["status"] in ACTIVE_STATUSES and t["kind"] != "train" and any(
-                _reads(v, folder, ws) for v in _param_paths(t.get("params") or {})):
-            users.append(f"a task {_task_label(t['kind'])} ({t['status']})")
-    return users
-
-
-def _task_label(kind: str) -> str:
-    from ..runs.kinds import KINDS
-
-    label = KINDS[kind].label if kind in KINDS else kind.replace("_", " ")
-    return label[:1].lower() + label[1:]
-
-
-def _refuse_if_used(ws: Workspace, name: str, doing: str) -> None:
-    users = dataset_users(ws, name)
-    if users:
-        raise DatasetError(f"Dataset {name!r} cannot be {doing} while it is in use by {', '.join(users[:3])}"
-                           f"{' …' if len(users) > 3 else ''}; wait until it has finished or cancel it (runs on the "
-                           "Train page), then try again.")
-
-
-def rename_dataset(ws: Workspace, name: str, new_name: str) -> Path:
-    """Rename the uploaded dataset ``name`` to ``new_name`` (sanitised like every upload name).
-
-    Runs that trained on it follow it: a ``NAME@VERSION`` reference takes the new name, and a finished run's saved
-    predictions point at the pictures' new paths (its image views find them).
-
-    Returns:
-        The dataset's new folder.
-    Raises:
-        DatasetError: no such uploaded dataset, an empty new name, a dataset of that name exists already, or
-            a queued or running run or task reads it.
-    """
-    folder = _uploaded_dir(ws, name)
-    if not str(new_name).strip():
-        raise DatasetError("Give the dataset a new name (letters, digits, '-', '_' or '.').")
-    target_name = safe_name(new_name, fallback="")
-    if not target_name:
-        raise DatasetError(f"{new_name!r} has no letter or digit; give the dataset a name such as 'my_photos'.")
-    if target_name == name:
-        return folder
-    target = ws.datasets_dir / target_name
-    if target.exists():
-        raise DatasetError(f"A dataset called {target_name!r} exists already; choose another name.")
-    _refuse_if_used(ws, name, "renamed")
-    trained = [r for r in dataset_runs(ws, name) if r["status"] == "done"]
-    try:
-        os.rename(folder, target)  # atomic on one file system: the dataset is under one name or the other
-    except OSError as e:
-        raise DatasetError(f"Could not rename {name!r} to {target_name!r} ({e.strerror or e}).") from None
-    from ..runs.files import RunFiles
-
-    for r in trained:  # their image views (mistakes, Grad-CAM, maps) find the pictures under the new name
-        try:
-            RunFiles(ws.run_dir(r["id"])).move_images(folder.resolve(), target.resolve())
-        except Exception as e:  # a run whose files are damaged keeps its old paths; the rename stands
-            log.warning("run %s: image paths not updated after the rename (%s)", r["id"], e)
-    # runs refer to a version by name (NAME@VERSION): they follow the dataset to its new name
-    store = ws.store()
-    for r in store.list():
-        data = str(r.get("data") or "")
-        if data.startswith(f"{name}@") and "/" not in data:
-            summary = r.get("summary") or {}
-            if summary.get("dataset_version") == data:
-                summary = {**summary, "dataset_version": f"{target_name}@{data.split('@', 1)[1]}"}
-            store.update(r["id"], data=f"{target_name}@{data.split('@', 1)[1]}", summary=summary or None)
-    log.info("dataset %s renamed to %s", name, target_name)
-    return target
-
-
-def delete_dataset(ws: Workspace, name: str) -> int:
-    """Delete the uploaded dataset ``name`` and its images from the workspace.
-
-    The folder is first moved out of the dataset list in one step (a hidden name), then removed, so the list
-    never shows a half-deleted dataset. Runs that trained on it are kept (with their results); the caches keep
-    nothing that names it.
-
-    Returns:
-        How many runs (finished, failed or cancelled) trained on it and are kept.
-    Raises:
-        DatasetError: no such uploaded dataset, or a queued or running run or task reads it.
-    """
-    folder = _uploaded_dir(ws, name)
-    _refuse_if_used(ws, name, "deleted")
-    kept = len(dataset_runs(ws, name))
-    trash = ws.datasets_dir / f".deleting-{name}-{os.getpid()}-{time.time_ns()}"
-    try:
-        os.rename(folder, trash)
-    except OSError as e:
-        raise DatasetError(f"Could not delete {name!r} ({e.strerror or e}).") from None
-    shutil.rmtree(trash, ignore_errors=True)
-    log.info("dataset %s deleted (%d run(s) trained on it are kept)", name, kept)
-    return kept
 
 
 def deleted_dataset(ws: Workspace, data: str | os.PathLike | None) -> str | None:

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .intake import Dataset
+from .library import UPLOAD_REPORT, open_data
 from .splits import Split, split_dataset
 
 if TYPE_CHECKING:
-    from ..runs.workspace import Workspace
+    from ..storage.workspace import Workspace
 
 __all__ = ["dataset_report", "dataset_overview", "class_thumbnails", "UPLOAD_REPORT"]
 
-#: Written into an unpacked upload: the files the zip held that are not in the folder, and why.
-UPLOAD_REPORT = ".upload-report.json"
 
 
 def dataset_report(ds: Dataset, split: Split | None = None) -> dict:
@@ -93,8 +92,6 @@ def dataset_overview(path: str | os.PathLike, workspace: "Workspace", val_split:
     Raises:
         DatasetError: the folder cannot be used as a dataset (with what to do).
     """
-    from .library import open_data
-
     ds = open_data(path, workspace)
     split = split_dataset(ds, val_split, seed)
     rep = dataset_report(ds, split)

@@ -36,13 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from ..cache import ImageCheckCache
 from ..errors import CancelledError, DatasetError
 from ..fileio import write_atomic
-from .intake import (MIN_IMAGES_PER_CLASS, Dataset, ImageItem, SkippedFile, checked_image, find_multi_label_csv,
-                     open_dataset)
+from .images import IMAGE_EXTENSIONS, file_sha256
+from .intake import (Dataset, ImageItem, MIN_IMAGES_PER_CLASS, SkippedFile, _find_dataset_root, checked_image,
+                     find_multi_label_csv, open_dataset, split_layout)
+from .names import SAMPLE_DATA_DIR, is_dataset_name, safe_name, unique_dir
 
 if TYPE_CHECKING:
-    from ..runs.workspace import Workspace
+    from ..storage.workspace import Workspace
 
 __all__ = [
     "VersionRef",
@@ -88,8 +91,6 @@ class VersionRef:
 # where things are
 # --------------------------------------------------------------------------------------------------
 def _folder(ws: "Workspace", name: str) -> Path:
-    from .library import is_dataset_name
-
     if not is_dataset_name(name):
         raise DatasetError(f"{name!r} is not the name of a dataset in the workspace; `tl-core data list` shows them.")
     folder = ws.datasets_dir / name
@@ -298,11 +299,20 @@ def ensure_versions(ws: "Workspace", name: str, change: str = "first version (th
         _commit(folder, rows, change)
 
 
+def workspace_datasets(ws: "Workspace") -> list[dict[str, str]]:
+    """Datasets in the workspace (``datasets/<name>/``), newest first: ``{name, path, origin}`` (origin: where it
+    came from, :func:`origin`)."""
+    d = ws.datasets_dir
+    if not d.is_dir():
+        return []
+    dirs = [p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    dirs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [{"name": p.name, "path": str(p), "origin": origin(p)} for p in dirs]
+
+
 def managed_datasets(ws: "Workspace") -> list[dict[str, Any]]:
     """Every dataset of the workspace: ``{name, path, version, when, change, counts}`` (version fields None for a
     dataset not versioned yet), newest change first."""
-    from .library import workspace_datasets
-
     out = []
     for d in workspace_datasets(ws):
         entry: dict[str, Any] = {"name": d["name"], "path": d["path"], "version": None, "when": None,
@@ -335,8 +345,6 @@ def import_dataset(ws: "Workspace", src: str | os.PathLike, name: str | None = N
     Raises:
         DatasetError: the source cannot be used, or (without ``unique``) the name is taken.
     """
-    from .library import _unique_dir, safe_name
-
     src = Path(src).expanduser()
     if not src.exists():
         raise DatasetError(f"{src} does not exist; give a folder with one sub-folder per class, a .zip of one, or a "
@@ -346,7 +354,7 @@ def import_dataset(ws: "Workspace", src: str | os.PathLike, name: str | None = N
     if target.exists():
         if not unique:
             raise DatasetError(f"A dataset called {wanted!r} exists already; choose another name with --name.")
-        target = _unique_dir(ws.datasets_dir, wanted)
+        target = unique_dir(ws.datasets_dir, wanted)
     ws.datasets_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=ws.datasets_dir))
     try:
@@ -407,8 +415,6 @@ def open_version(ws: "Workspace", name: str, version: str | None = None, *, min_
         DatasetError: unknown dataset or version, or the version cannot be trained on (one class, a class with
             too few images), in the words of :func:`tl_core.data.open_dataset`.
     """
-    from ..cache import ImageCheckCache
-
     folder = _folder(ws, name)
     if is_multi_label_folder(folder):
         raise DatasetError(f"{name!r} {MULTI_LABEL_NOT_VERSIONED}.")
@@ -460,8 +466,6 @@ def _info(folder: Path) -> dict[str, Any]:
 def origin(folder: Path) -> str:
     """Where a workspace dataset came from, in a few words: ``uploaded`` (a zip, a folder, images, the camera),
     ``copy of sample emoji`` (the managed copy a change to a sample makes) or ``copy of folder pets`` (imported)."""
-    from .library import SAMPLE_DATA_DIR
-
     src = _info(folder).get("source")
     if not src:
         return "uploaded"
@@ -597,8 +601,6 @@ def relabel_images(ws: "Workspace", name: str, files: Iterable[str | os.PathLike
         DatasetError: unknown dataset or image, a class name that is not a plain name, or a class left with a
             single image.
     """
-    from .library import safe_name
-
     to = str(to).strip()
     if not to or safe_name(to, fallback="") != to:
         raise DatasetError(f"{to!r} is not a valid class name; use letters, digits, '-', '_' or '.' (e.g. cats).")
@@ -632,8 +634,6 @@ def add_images(ws: "Workspace", name: str, added: list[tuple[str, str]], change:
     """Record images just saved into the folder of a managed dataset (``[(path inside the dataset, label)]``, in
     the split ``split`` of a train/val/test layout) as a new version; nothing for a dataset not versioned yet (its
     first version will include them)."""
-    from .images import file_sha256
-
     folder = _folder(ws, name)
     if not is_managed(ws, name) or not added:
         return None
@@ -653,14 +653,11 @@ def add_images(ws: "Workspace", name: str, added: list[tuple[str, str]], change:
 def class_counts(ws: "Workspace", name: str) -> dict[str, int]:
     """Images per class of the workspace dataset ``name`` now (its current version; for a dataset not versioned
     yet, the image files in its class folders); empty when there is no such dataset."""
-    from .images import IMAGE_EXTENSIONS
-
     folder = ws.datasets_dir / name
     if not folder.is_dir() or name.startswith("."):
         return {}
     if is_managed(ws, name):
         return dict(history(ws, name)[0]["counts"]["classes"])
-    from .intake import _find_dataset_root, split_layout
 
     root = _find_dataset_root(images_root(folder))
     counts: dict[str, int] = {}

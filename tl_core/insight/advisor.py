@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..cache import DecodedImageCache, FeatureCache
 from ..config import TrainConfig
 from ..data.intake import Dataset
 from ..data.library import open_data
@@ -44,7 +45,7 @@ from ..models.backbones import imagenet_label
 from ..models.catalogue import CATALOGUE, offline_backbones
 from ..models.devices import single_threaded
 from ..models.probe import fit_linear_head
-from ..runs.workspace import Workspace
+from ..storage.workspace import Workspace
 from .embedding import Embeddings, embed_items
 
 __all__ = [
@@ -467,7 +468,6 @@ def imagenet_style_gap(emb_model: torch.nn.Module, items: Sequence[Any], pre: An
     Raises:
         ConfigError: the backbone has no BatchNorm layers (no ImageNet statistics to compare with).
     """
-    from ..cache import DecodedImageCache, FeatureCache
     from ..models.features import feature_key, pooled_features
     from ..models.pipeline import batched, eval_batches
 

@@ -34,9 +34,9 @@ from ..data.intake import Dataset, ImageItem
 from ..data.library import open_data
 from ..data.splits import sample_items, split_dataset
 from ..models.devices import single_threaded
-from ..models.metrics import wilson_interval
+from ..metrics import wilson_interval
 from ..models.probe import fit_linear_head
-from ..runs.workspace import Workspace
+from ..storage.workspace import Workspace
 from .embedding import embed_items
 
 __all__ = [

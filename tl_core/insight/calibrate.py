@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ..errors import RunError
-from ..models.metrics import reliability_diagram, softmax
-from ..runs.files import RunFiles
-from ..runs.workspace import Workspace
+from ..metrics import reliability_diagram, softmax
+from ..storage.files import RunFiles, resolve_run
+from ..storage.workspace import Workspace
 
 __all__ = [
     "TEMPERATURE_BOUNDS",
@@ -92,15 +92,9 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int], max_iter: int = 1
 
 def _run_dir(run: str | os.PathLike, workspace: Workspace | None) -> Path:
     p = Path(run)
-    if p.is_dir():
-        d = p
-    else:
-        if p.suffix.lower() == ".zip" and p.is_file():
-            raise RunError(f"{p.name} is an exported bundle; calibrate the run directory it came from, then export again.")
-        d = (workspace or Workspace.default()).run_dir(str(run))
-    if not (d / "meta.json").exists():
-        raise RunError(f"{run} is not a trained run (no meta.json); give a run id or run directory of a finished run.")
-    return d
+    if p.suffix.lower() == ".zip" and p.is_file():
+        raise RunError(f"{p.name} is an exported bundle; calibrate the run directory it came from, then export again.")
+    return resolve_run(run, workspace)
 
 
 def validation_logits(run: str | os.PathLike, workspace: Workspace | None = None) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -37,8 +36,8 @@ from ..models.backbones import build_model
 from ..models.catalogue import WeightsInfo
 from ..models.features import extract_features, feature_key
 from ..models.preprocess import Preprocess, resolve_preprocess
-from ..runs.files import RunFiles
-from ..runs.workspace import Workspace
+from ..storage.files import PREDICTIONS, RunFiles, resolve_run
+from ..storage.workspace import Workspace
 
 __all__ = [
     "Embeddings",
@@ -243,10 +242,7 @@ def embedding_map(data: str | os.PathLike | Dataset | None = None, backbone: str
     """
     preds: dict[str, dict[str, Any]] = {}
     if run is not None:
-        run_dir = Path(run)
-        if not run_dir.is_dir():
-            run_dir = (workspace or Workspace.default()).run_dir(str(run))
-        files = RunFiles(run_dir)
+        files = RunFiles(resolve_run(run, workspace))
         try:
             meta = files.meta()
         except RunError:
@@ -254,7 +250,7 @@ def embedding_map(data: str | os.PathLike | Dataset | None = None, backbone: str
         backbone = backbone or meta.backbone
         if data is None:
             data = meta.dataset.get("source")
-        if files.has("predictions.json"):
+        if files.has(PREDICTIONS):
             saved = files.predictions()
             for name in ("val", "test"):  # what the run said of each image it evaluated, with its temperature
                 split = saved.get(name)

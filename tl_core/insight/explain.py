@@ -23,7 +23,9 @@ from torch import nn
 
 from ..data.images import load_image
 from ..errors import ConfigError, DatasetError, RunError
+from ..metrics import softmax
 from ..models.preprocess import Preprocess
+from ..storage.files import PREDICTIONS, SAVED, RunFiles
 
 __all__ = [
     "find_target_layer",
@@ -169,7 +171,6 @@ def _model_for(run: Any, image: Any, device: str = "cpu") -> Any:
     """The model that explains ``image`` under ``run``: a loaded model is used as it is; for a run directory,
     an image the run evaluated on validation is explained with the model that produced that prediction (the
     training-only head of a refitted linear run), any other image with the saved model."""
-    from ..runs.files import SAVED, RunFiles
     from ..share.loading import TrainedModel, load_model
 
     if isinstance(run, TrainedModel):
@@ -178,7 +179,7 @@ def _model_for(run: Any, image: Any, device: str = "cpu") -> Any:
     head = SAVED
     if p.is_dir() and not isinstance(image, Image.Image):
         files = RunFiles(p)
-        if files.has("predictions.json"):
+        if files.has(PREDICTIONS):
             for split in files.predictions().splits.values():
                 if split.index_of(image) is not None:
                     head = split.model
@@ -208,8 +209,6 @@ def explain_image(run: Any, image: str | os.PathLike | Image.Image, target: int 
     Raises:
         DatasetError: the image cannot be read; ConfigError: unknown target class.
     """
-    from ..models.metrics import softmax
-
     tm = _model_for(run, image, device)
     img = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
     t: int | None
@@ -256,7 +255,6 @@ def explain_misclassified(run: str | os.PathLike, k: int = 12, target: str = "pr
     Raises:
         RunError: the run has no saved predictions.
     """
-    from ..runs.files import RunFiles
     from ..share.loading import load_model
 
     if target not in ("predicted", "true"):

@@ -14,9 +14,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..data.library import save_upload
 from ..errors import ConfigError, DatasetError
-from ..models.metrics import wilson_interval
-from ..runs.workspace import Workspace
+from ..metrics import wilson_interval
+from ..models.openset import UNKNOWN_NOTE
+from ..storage.workspace import Workspace
 
 __all__ = ["foreign_check", "save_foreign_upload", "caught_at"]
 
@@ -37,8 +39,6 @@ def save_foreign_upload(ws: Workspace, name: str, data: bytes) -> Path:
     Raises:
         DatasetError: empty, or neither an image nor a zip.
     """
-    from ..data.library import save_upload
-
     if not name.lower().endswith(".zip") and data[:4] != b"PK\x03\x04":
         return save_upload(ws, name, data)
     if not data:
@@ -75,8 +75,6 @@ def foreign_check(run: str | os.PathLike, paths: Sequence[str | os.PathLike], na
     """
     from ..share.loading import load_model
     from ..share.predict import predict_paths
-    from .openset import UNKNOWN_NOTE
-
     tm = load_model(run)
     if tm.open_set is None:
         raise ConfigError(UNKNOWN_NOTE)

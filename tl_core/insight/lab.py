@@ -41,7 +41,7 @@ from ..models.devices import configure_threads, set_seed, single_threaded
 from ..models.preprocess import Preprocess, data_config_for, train_transform
 from ..models.probe import fit_linear_head
 from ..models.training import ImageSet, evaluate_epoch, lr_lambda, train_one_epoch
-from ..runs.workspace import Workspace
+from ..storage.workspace import Workspace
 
 __all__ = ["ARMS", "DEFAULT_SIZES", "learning_curve", "lab_preprocess"]
 

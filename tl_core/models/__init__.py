@@ -1,2 +1,2 @@
 """Models: the backbone catalogue and weights, preprocessing, feature extraction, the linear probe, fine-tuning,
-inference, metrics, and where computation runs (devices, threads, seeds)."""
+inference, open-set scores, and where computation runs (devices, threads, seeds)."""

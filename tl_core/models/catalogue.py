@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..data.library import safe_name
 from ..errors import WeightsError
 from ..fileio import write_atomic
 
 if TYPE_CHECKING:
-    from ..runs.workspace import Workspace
+    from ..storage.workspace import Workspace
 
 __all__ = ["BackboneSpec", "CATALOGUE", "WeightsInfo", "catalogue", "spec_for", "timm_arch", "packaged_file",
            "hub_id", "hub_cached", "offline_backbones", "weights_dir", "store_uploaded_weights", "local_weights",
@@ -216,8 +217,6 @@ def store_uploaded_weights(ws: "Workspace", filename: str, data: bytes) -> Path:
     Raises:
         WeightsError: wrong extension or an empty file.
     """
-    from ..data.library import safe_name
-
     ext = Path(filename).suffix.lower()
     if ext not in WEIGHTS_EXTENSIONS:
         raise WeightsError(f"{filename}: upload a .safetensors (preferred) or .pth weights file.")

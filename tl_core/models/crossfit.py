@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from .metrics import wilson_interval
+from ..metrics import wilson_interval
 from .probe import fit_linear_head, fit_ovr_head
 
 __all__ = ["MAX_FOLDS", "stratified_folds", "multilabel_folds", "cross_validated_accuracy", "out_of_fold_probs"]

@@ -15,7 +15,6 @@ import contextlib
 import os
 import platform
 import random
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..config import check_device_name  # the names TrainConfig accepts (re-exported)
 from ..errors import ConfigError
 
 __all__ = ["DEVICE_CHOICES", "Runtime", "resolve_device", "describe_auto_device", "check_device_name", "set_seed",
@@ -31,14 +31,6 @@ __all__ = ["DEVICE_CHOICES", "Runtime", "resolve_device", "describe_auto_device"
 
 #: What ``TrainConfig.device`` / ``--device`` accept (besides ``cuda:N``).
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def check_device_name(name: str) -> str:
-    """``name`` if it is a device TL Studio understands. Raises ConfigError otherwise."""
-    if not _DEVICE.match(str(name or "")):
-        raise ConfigError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.")
-    return name
 
 
 def resolve_device(name: str = "auto", local_rank: int | None = None) -> Any:

@@ -48,7 +48,7 @@ def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-# -- style statistics (the open-set score's second input, tl_core.insight.openset) -------------------------------
+# -- style statistics (the open-set score's second input, tl_core.models.openset) -------------------------------
 @dataclass(frozen=True)
 class StyleSpec:
     """Which channel statistics of which ``forward_intermediates`` stages describe an image's *style*.

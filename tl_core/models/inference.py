@@ -1,5 +1,5 @@
 """Running a trained model over images: raw logits (N, C), batched, eval preprocessing, under
-``torch.inference_mode()``. Probabilities come from :func:`tl_core.models.metrics.softmax` with the run's
+``torch.inference_mode()``. Probabilities come from :func:`tl_core.metrics.softmax` with the run's
 temperature, in one place. ``with_features=True`` also returns the pre-logit features (what the classifier head
 sees; the open-set score's input) from the same forward pass, and ``style=StyleSpec`` the style statistics of the
 same pass too (:func:`~tl_core.models.features.pooled_and_style`).

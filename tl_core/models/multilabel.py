@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..data.intake import LABEL_SEPARATOR
-from .metrics import bootstrap_interval, wilson_interval
+from ..metrics import bootstrap_interval, wilson_interval
 
 __all__ = [
     "LABEL_SEPARATOR",

@@ -1,2 +1,2 @@
-"""Runs: the workspace, the run store (SQLite), the one owner of a run's files, training runs, and the tasks and
-worker processes every long computation runs in."""
+"""The jobs layer: tasks and the worker processes every long computation runs in, the task kinds, a training run
+start to finish, and torchrun groups. It uses every layer below it (storage, data, models, share, insight)."""

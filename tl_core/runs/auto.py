@@ -30,9 +30,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import TrainConfig
-from ..models.metrics import wilson_interval
+from ..metrics import wilson_interval
 from ..models.training import Progress
-from .files import RunFiles
+from ..storage.files import RunFiles
 
 __all__ = ["AUTO_BUDGET_S", "MIN_PER_CLASS_TO_FINETUNE", "train_auto", "paired_difference"]
 

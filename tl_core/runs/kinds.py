@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ConfigError
-from .workspace import Workspace
+from ..storage.workspace import Workspace
 
 __all__ = ["TaskKind", "KINDS", "kind_spec", "jsonable"]
 
@@ -73,13 +73,13 @@ def _save_png(img: Any, out_dir: Path, name: str, side: int | None = None) -> st
 # compute lane
 # --------------------------------------------------------------------------------------------------
 def _train(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    from ..config import TrainConfig, saved_config_dict
+    from ..config import TrainConfig
     from .launch import run_group, train_procs
     from .training import run_training
 
     run = ws.store().get(p["run_id"])
     try:
-        cfg = TrainConfig.from_dict(saved_config_dict(run["config"]))
+        cfg = TrainConfig.from_saved(run["config"])
     except (TypeError, ValueError) as e:
         ws.store().update(p["run_id"], status="failed", error=f"Unreadable configuration: {e}", pid=None)
         raise ConfigError(f"Unreadable configuration: {e}") from None
@@ -278,7 +278,7 @@ def _augment_preview(ws: Workspace, p: dict[str, Any], ctx: Any) -> list[dict[st
 
 
 def _set_ood_threshold(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    from ..insight.openset import set_threshold
+    from ..models.openset import set_threshold
 
     return set_threshold(p["run"], float(p["threshold"]))
 

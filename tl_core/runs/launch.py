@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..config import TrainConfig
+from ..data.versions import pin
 from ..settings import setting
-from .workspace import Workspace
+from ..storage.workspace import Workspace
 
 __all__ = ["train_procs", "group_command", "run_group", "train_with_group", "rank_main", "failure_reason"]
 
@@ -135,8 +137,6 @@ def train_with_group(ws: Workspace, data: str | os.PathLike, cfg: Any, nproc: in
                      test_data: str | os.PathLike | None = None,
                      progress: Callable[[dict[str, Any]], None] | None = None) -> str:
     """``tl-core train ... --nproc N``: create the run, train it with a torchrun group, return its id."""
-    from ..data.versions import pin
-
     cfg = cfg.resolved()
     data = pin(ws, data)  # an absolute path, or NAME@VERSION of a managed dataset
     store = ws.store()
@@ -170,13 +170,12 @@ def rank_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import logging
 
-    from ..config import TrainConfig, saved_config_dict
     from .training import run_training
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s rank %(process)d %(levelname)s %(name)s: %(message)s")
     ws = Workspace.at(args.home)
     run = ws.store().get(args.run)
-    res = run_training(ws, run["data"], TrainConfig.from_dict(saved_config_dict(run["config"])), run_id=args.run, raise_errors=False,
+    res = run_training(ws, run["data"], TrainConfig.from_saved(run["config"]), run_id=args.run, raise_errors=False,
                        test_data=run.get("test_data"))
     return 0 if res.status in ("done", "cancelled") else 1
 

@@ -39,9 +39,9 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..errors import RunError, TLError
-from ..settings import setting
-from .store import ACTIVE_STATUSES, RunStore
-from .workspace import Workspace
+from ..storage.store import ACTIVE_STATUSES, RunStore
+from ..storage.workspace import TASK_RESULT, Workspace
+from .workers import ensure_workers, lane_slots, prune, stop_task
 
 __all__ = ["QueueFullError", "Task", "MAX_QUEUED", "task_key", "submit", "find", "get", "result", "cancel",
            "queue_position", "describe_wait", "submit_training", "cancel_run", "delete_run", "prune"]
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 #: Tasks allowed to wait in one lane (all projects together); one more is refused.
 MAX_QUEUED = 50
 #: A finished task's result file (JSON), under ``<workspace>/tasks/<id>/``, with any images it refers to.
-RESULT_FILE = "result.json"
+RESULT_FILE = TASK_RESULT  # the name other modules knew it by
 
 
 class QueueFullError(TLError):
@@ -129,7 +129,6 @@ def submit(ws: Workspace, kind: str, params: dict[str, Any], owner: str | None =
         ConfigError: unknown kind. QueueFullError: :data:`MAX_QUEUED` tasks of its lane are waiting.
     """
     from .kinds import kind_spec
-    from .workers import ensure_workers
 
     spec = kind_spec(kind)
     key = task_key(kind, params) if share else f"{kind}:{run_id or ''}:{time.time_ns()}"
@@ -159,9 +158,8 @@ def get(ws: Workspace, task_id: str) -> Task:
 
 
 def task_dir(ws: Workspace, task_id: str) -> Path:
-    if not task_id or "/" in task_id or task_id.startswith("."):
-        raise RunError(f"{task_id!r} is not a valid task id.")
-    return ws.tasks_dir / task_id
+    """The folder of a task's files (:meth:`Workspace.task_dir`)."""
+    return ws.task_dir(task_id)
 
 
 def result(ws: Workspace, task: Task | str) -> Any:
@@ -182,7 +180,6 @@ def result(ws: Workspace, task: Task | str) -> Any:
 
 def cancel(ws: Workspace, task_id: str, wait: bool = False) -> None:
     """Stop a task: a queued one at once; a running one at its next check point, or its worker is killed."""
-    from .workers import stop_task
 
     stop_task(ws, task_id, wait=wait)
 
@@ -190,7 +187,6 @@ def cancel(ws: Workspace, task_id: str, wait: bool = False) -> None:
 def queue_position(ws: Workspace, task: Task) -> dict[str, int]:
     """Where a queued task stands in its lane, machine-wide: {"ahead": tasks queued before it, "running":
     tasks of its lane running now, "slots": how many run at once}. Reads only queued and running tasks."""
-    from .workers import lane_slots
 
     ahead = running = 0
     for w in ws.all_workspaces():
@@ -260,24 +256,3 @@ def delete_run(ws: Workspace, run_id: str) -> None:
                 store.delete_task(t["id"])
                 shutil.rmtree(task_dir(ws, t["id"]), ignore_errors=True)
     store.delete(run_id, ws.runs_dir)
-
-
-#: Finished tasks older than this are forgotten (rows and result files); ``TL_TASK_KEEP_DAYS`` sets it.
-KEEP_DAYS = 7.0
-
-
-def prune(ws: Workspace, keep_days: float | None = None) -> int:
-    """Forget finished tasks (every project's) that ended more than ``keep_days`` ago, with their files;
-    a request made again computes its result again. Returns how many were removed."""
-    if keep_days is None:
-        keep_days = setting("TL_TASK_KEEP_DAYS", KEEP_DAYS)
-    cutoff = time.time() - keep_days * 86400
-    removed = 0
-    for w in ws.all_workspaces():
-        store = w.store()
-        for t in store.tasks():
-            if t["status"] not in ACTIVE_STATUSES and (t.get("finished") or t["created"]) < cutoff and t["kind"] != "train":
-                store.delete_task(t["id"])
-                shutil.rmtree(task_dir(w, t["id"]), ignore_errors=True)
-                removed += 1
-    return removed

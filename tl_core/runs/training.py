@@ -1,5 +1,5 @@
 """A training run from start to finish: open the data, build the model, train per strategy, evaluate the kept
-checkpoint, and write the run through its one owner (:class:`tl_core.runs.files.RunFiles`); record status,
+checkpoint, and write the run through its one owner (:class:`tl_core.storage.files.RunFiles`); record status,
 per-epoch metrics and progress in the run store all along.
 
 :func:`run_training` is what the command line and the ``train`` task call; :func:`submit_training` queues a
@@ -33,7 +33,7 @@ from ..data.report import dataset_report
 from ..data.splits import Split, split_dataset
 from ..errors import CancelledError, ConfigError, DatasetError, TLError
 from ..fileio import write_json_atomic
-from ..insight.openset import bank_indices, build_open_set
+from ..models.openset import bank_indices, build_open_set
 from ..models.backbones import build_model, check_backbone_name
 from ..models.catalogue import WeightsInfo
 from ..models.devices import Runtime, release_free_memory, set_seed, single_threaded
@@ -45,15 +45,15 @@ from ..models.feature_variants import (CANDIDATES, TIE_ORDER, FeatureChoice, app
 from ..models.features import DEFAULT_STYLE, extract_features, feature_key, style_dims, style_key
 from ..models.inference import logits_of_items
 from ..models.crossfit import cross_validated_accuracy, out_of_fold_probs
-from ..models.metrics import compute_metrics, softmax
+from ..metrics import compute_metrics, softmax
 from ..models.preprocess import Preprocess, data_config_for
 from ..models.multilabel import choose_thresholds, label_matrix, multilabel_metrics, sigmoid
 from ..models.probe import PROBE_MAX_ITERATIONS, fit_linear_head, fit_ovr_head
 from ..models.training import EVAL_BATCH, Progress, finetune
 from .auto import train_auto
-from .files import SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMeta, RunMetrics, SplitPredictions
-from .processes import identity
-from .workspace import Workspace
+from ..storage.files import SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMeta, RunMetrics, SplitPredictions
+from ..storage.processes import identity
+from ..storage.workspace import Workspace
 
 __all__ = ["TrainResult", "train_model", "run_training", "result_of"]
 
@@ -287,7 +287,7 @@ def _set_head(model: nn.Module, head: nn.Linear) -> None:
 def _open_set(bank_feats: np.ndarray, calibration_feats: np.ndarray | None, model: nn.Module,
               bank_items: list[ImageItem], root: Any, bank_style: np.ndarray | None = None,
               calibration_style: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray, Any] | None:
-    """The open-set record, bank and style bank (:mod:`tl_core.insight.openset`), or None (logged) when there are
+    """The open-set record, bank and style bank (:mod:`tl_core.models.openset`), or None (logged) when there are
     too few images for one: the run stays usable, its predictions just carry no ``unknown``. ``bank_style`` None
     (a backbone without style statistics): content only."""
     dims = style_dims(model, DEFAULT_STYLE) if bank_style is not None else None

@@ -2,7 +2,7 @@
 
 Each worker holds a slot lock (``<TL_HOME>/workers/<lane>-<slot>.lock``), so at most ``lane_slots(lane)``
 workers of a lane run on the machine, whichever server or command started them. Workers are started as
-daemons (:func:`tl_core.runs.processes.spawn_detached`): re-parented to init, they leave no defunct process
+daemons (:func:`tl_core.storage.processes.spawn_detached`): re-parented to init, they leave no defunct process
 under the server and outlive its restart. A ``compute`` worker exits when the queue is empty; an
 ``interactive`` worker stays up for a while (``TL_INTERACTIVE_IDLE_S``, default 600) with its models warm.
 
@@ -18,6 +18,7 @@ import argparse
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -26,14 +27,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CancelledError, TLError
-from ..settings import setting
 from ..fileio import write_json_atomic
-from .processes import alive, identity, spawn_detached
-from .store import RunStore
-from .workspace import Workspace
+from ..settings import setting
+from ..storage.processes import alive, identity, spawn_detached
+from ..storage.store import ACTIVE_STATUSES, RunStore
+from ..storage.workspace import TASK_RESULT, Workspace
+from .kinds import jsonable, kind_spec
 
 __all__ = ["LANES", "lane_slots", "default_max_workers", "ensure_workers", "stop_task", "recover", "TaskContext",
-           "run_task", "worker_main", "CANCEL_GRACE_S"]
+           "run_task", "worker_main", "prune", "CANCEL_GRACE_S"]
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +243,9 @@ def _error_text(e: BaseException) -> str:
 
 def run_task(ws: Workspace, task_id: str, models: WarmModels | None = None) -> str:
     """Run a claimed task in this process and record its outcome; returns the final status."""
-    from .kinds import jsonable, kind_spec
-    from .tasks import RESULT_FILE, task_dir
-
     store = ws.store()
     t = store.task(task_id)
-    out_dir = task_dir(ws, task_id)
+    out_dir = ws.task_dir(task_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = TaskContext(ws, task_id, store, out_dir, models)
     try:
@@ -255,7 +254,7 @@ def run_task(ws: Workspace, task_id: str, models: WarmModels | None = None) -> s
         status = "done"
         if isinstance(res, dict) and res.get("status") in ("failed", "cancelled"):  # a training records its own
             status = res["status"]
-        write_json_atomic(out_dir / RESULT_FILE, jsonable(res), indent=None)
+        write_json_atomic(out_dir / TASK_RESULT, jsonable(res), indent=None)
         store.finish_task(task_id, status, res.get("error") if isinstance(res, dict) and status != "done" else None)
     except CancelledError as e:
         store.finish_task(task_id, "cancelled", str(e))
@@ -284,11 +283,31 @@ def _claim(ws: Workspace, lane: str) -> tuple[Workspace, str] | None:
         # another worker claimed it first: look again
 
 
+#: Finished tasks older than this are forgotten (rows and result files); ``TL_TASK_KEEP_DAYS`` sets it.
+KEEP_DAYS = 7.0
+
+
+def prune(ws: Workspace, keep_days: float | None = None) -> int:
+    """Forget finished tasks (every project's) that ended more than ``keep_days`` ago, with their files;
+    a request made again computes its result again. Returns how many were removed."""
+    if keep_days is None:
+        keep_days = setting("TL_TASK_KEEP_DAYS", KEEP_DAYS)
+    cutoff = time.time() - keep_days * 86400
+    removed = 0
+    for w in ws.all_workspaces():
+        store = w.store()
+        for t in store.tasks():
+            if t["status"] not in ACTIVE_STATUSES and (t.get("finished") or t["created"]) < cutoff and t["kind"] != "train":
+                store.delete_task(t["id"])
+                shutil.rmtree(w.task_dir(t["id"]), ignore_errors=True)
+                removed += 1
+    return removed
+
+
 def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
     """Worker loop: hold the slot lock, run queued tasks of ``lane`` (every project's) until none is left
     (compute) or until idle for ``TL_INTERACTIVE_IDLE_S`` seconds (interactive); forget old task results
-    (:func:`tl_core.runs.tasks.prune`) now and then."""
-    from .tasks import prune
+    (:func:`prune`) now and then."""
 
     ws = Workspace(Path(home))
     lock = open(_lock_path(ws, lane, slot), "a+")

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from ..insight.openset import describe as describe_open_set
-from ..models.metrics import calibration, figure_of
-from ..runs.files import RunFiles, RunMeta
-from ..runs.progress import features_text
+from ..models.openset import describe as describe_open_set
+from ..metrics import calibration, figure_of
+from ..storage.files import PREDICTIONS, RunFiles, RunMeta
+from ..share.progress import features_text
 
 __all__ = ["model_card", "pretraining_data"]
 
@@ -69,7 +69,7 @@ def _calibration_lines(metrics: dict[str, Any], files: RunFiles, meta: RunMeta) 
         return ["Not measured: the reliability table and temperature scaling are for one-class-per-image "
                 "predictions; this multi-label model's per-label thresholds are listed with the metrics.", ""]
     cal_rec = metrics.get("calibration") or {}
-    split = files.predictions().get("val") if files.has("predictions.json") else None
+    split = files.predictions().get("val") if files.has(PREDICTIONS) else None
     if val.get("ece") is None and split is None and not cal_rec:
         return ["Not measured for this model.", ""]
     temperature = meta.temperature

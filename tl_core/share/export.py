@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -36,11 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..config import EXPORT_FORMATS
+from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..errors import DatasetError, ExportError
 from ..fileio import write_json_atomic
-from ..runs.files import BUNDLE_FILES, METRICS, OPEN_SET_FILES
+from ..storage.files import BUNDLE_FILES, MANIFEST, METRICS, OPEN_SET_FILES, PREDICTIONS, bundle_manifest
 from .card import model_card
 from .loading import TrainedModel, load_model
 from .predict import expand_paths
@@ -77,7 +76,7 @@ _EXTENSIONS = {"bundle": "zip", "onnx": "onnx", "torchscript": "pt"}
 
 
 class _OpenSetScore(nn.Module):
-    """The open-set score inside the graph (:meth:`tl_core.insight.openset.OpenSet.scores`, in torch ops): the
+    """The open-set score inside the graph (:meth:`tl_core.models.openset.OpenSet.scores`, in torch ops): the
     bank matrices are constants. Given the pre-logit features (B, D) and the raw style statistics (B, S), returns
     (ood_score, ood_content, ood_style) of shape (B,) each (ood_style all zeros for a content-only bank)."""
 
@@ -193,7 +192,7 @@ def _verification_images(tm: TrainedModel, extra: Sequence[str | os.PathLike] | 
                     names.append(name)
             if tensors:
                 return torch.stack(tensors), names, "given images"
-    if tm.files.has("predictions.json"):
+    if tm.files.has(PREDICTIONS):
         preds = tm.files.predictions()
         for split in ("val", "test"):
             sp = preds.get(split)
@@ -413,14 +412,6 @@ def _load_torchscript(path: Path) -> Any:
         return torch.jit.load(str(path), map_location="cpu")
 
 
-def _manifest(files: dict[str, bytes]) -> str:
-    from .. import __version__
-
-    return json.dumps({"format": "tl-studio-bundle/1", "tl_studio": __version__,
-                       "files": {n: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)} for n, d in files.items()}},
-                      indent=2)
-
-
 _README = """TL Studio model bundle
 ======================
 
@@ -448,7 +439,7 @@ def _write_bundle(tm: TrainedModel, out: Path) -> dict[str, Any]:
     files = {f: tm.files.raw(f) for f in BUNDLE_FILES + (METRICS,) + OPEN_SET_FILES if tm.files.has(f)}
     files["MODEL_CARD.md"] = model_card(tm.files).encode()
     files["README.txt"] = _README.format(classes=", ".join(tm.classes), name=out.name).encode()
-    files["manifest.json"] = _manifest(files).encode()
+    files[MANIFEST] = bundle_manifest(files)
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in files.items():
             zf.writestr(name, data)

@@ -1,7 +1,7 @@
 """Loading a trained model from a run (id or directory) or a bundle zip, validating everything in it.
 
 A run directory and a bundle hold the same files, parsed by their one owner
-(:class:`tl_core.runs.files.RunFiles`). What is checked before use: weights only through safetensors (a
+(:class:`tl_core.storage.files.RunFiles`). What is checked before use: weights only through safetensors (a
 pickle is refused: it can run code), every tensor's name and shape against the architecture in
 ``meta.json``, JSON syntax, sizes, and a bundle's checksums (``manifest.json``).
 
@@ -12,10 +12,7 @@ produced the run's validation predictions, which the views of those predictions 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,22 +21,18 @@ import torch
 from torch import nn
 
 from ..cache import FeatureCache
-from ..errors import ExportError, RunError
+from ..errors import ExportError
 from ..models.catalogue import timm_kwargs
 from ..models.feature_variants import model_from_meta
 from ..models.devices import Runtime
 from ..models.features import StyleSpec, feature_key, style_key
 from ..models.inference import CachedFeatures
 from ..models.preprocess import Preprocess
-from ..insight.openset import OpenSet
-from ..runs.files import BUNDLE_FILES, METRICS, OPEN_SET_FILES, SAVED, VALIDATION_FIT, RunFiles, RunMeta, RunMetrics
-from ..runs.workspace import Workspace
+from ..models.openset import OpenSet
+from ..storage.files import METRICS, SAVED, VALIDATION_FIT, RunFiles, RunMeta, RunMetrics, resolve_run
+from ..storage.workspace import Workspace
 
-__all__ = ["TrainedModel", "load_model", "load_bundle", "resolve_run"]
-
-_PICKLED_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".bin", ".ckpt")
-_MAX_JSON_BYTES = 64 * 1024**2
-_MAX_WEIGHTS_BYTES = 4 * 1024**3
+__all__ = ["TrainedModel", "load_model", "load_bundle", "resolve_run"]  # resolve_run: tl_core.storage.files
 
 
 @dataclass
@@ -116,103 +109,6 @@ class TrainedModel:
         return StyleSpec.from_dict(spec) if spec else None
 
 
-def resolve_run(ref: str | os.PathLike, workspace: Workspace | None = None) -> Path:
-    """The directory of a run given as a run id (in the workspace) or a run directory.
-
-    Raises:
-        RunError: no such run, or it has no trained model (still running, failed, files removed).
-    """
-    p = Path(ref)
-    if p.is_dir() and (p / "meta.json").exists():
-        return p
-    ws = workspace or Workspace.default()
-    ref = str(ref)
-    d = ws.run_dir(ref) if "/" not in ref else p
-    if d.is_dir() and (d / "meta.json").exists():
-        return d
-    if "/" not in ref and ws.store().exists(ref):
-        run = ws.store().get(ref)
-        raise RunError(f"Run {ref} has status '{run['status']}' and no trained model"
-                       + (f" ({run['error']})" if run.get("error") else "") + ".")
-    raise RunError(f"No run or run directory {ref!r}; `tl-core runs` lists the runs in {ws.home}.")
-
-
-def _check_dir(p: Path) -> None:
-    names = {f.name for f in p.iterdir() if f.is_file()}
-    if "model.safetensors" not in names and any(n.endswith(_PICKLED_SUFFIXES) for n in names):
-        raise ExportError(f"{p.name} holds pickled weights instead of model.safetensors; refused (pickles can run "
-                          "code). Train or export the model again with TL Studio.")
-    missing = [f for f in BUNDLE_FILES if f not in names]
-    if missing:
-        raise ExportError(f"{p} is not a trained run: {', '.join(missing)} missing.")
-
-
-def _read_bundle(p: Path) -> dict[str, bytes]:
-    """The model files of a bundle zip, as bytes, with size caps."""
-    wanted = BUNDLE_FILES + (METRICS, "manifest.json") + OPEN_SET_FILES
-    files: dict[str, bytes] = {}
-    try:
-        zf = zipfile.ZipFile(p)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ExportError(f"{p.name} is not a readable bundle zip ({e}); export the bundle again.") from None
-    with zf:
-        infos = {i.filename: i for i in zf.infolist() if not i.is_dir()}
-        # a bundle that was unzipped and zipped again as a folder: accept one common top folder
-        prefix = ""
-        if "meta.json" not in infos:
-            metas = [n for n in infos if n.endswith("/meta.json") and n.count("/") == 1]
-            if len(metas) == 1:
-                prefix = metas[0][: -len("meta.json")]
-        names = {n[len(prefix):] for n in infos if n.startswith(prefix)}
-        if "model.safetensors" not in names and any(n.endswith(_PICKLED_SUFFIXES) for n in names):
-            raise ExportError(f"{p.name} holds pickled weights instead of model.safetensors; refused (pickles can run "
-                              "code). Export the bundle again with TL Studio.")
-        missing = [f for f in BUNDLE_FILES if f not in names]
-        if missing:
-            raise ExportError(f"{p.name} is not a complete TL Studio bundle: {', '.join(missing)} missing. "
-                              "Export the bundle again.")
-        for f in wanted:
-            info = infos.get(prefix + f)
-            if info is None:
-                continue
-            if info.flag_bits & 0x1:
-                raise ExportError(f"{p.name} is encrypted; export the bundle again without a password.")
-            limit = _MAX_WEIGHTS_BYTES if f.endswith(".safetensors") else _MAX_JSON_BYTES
-            if info.file_size > limit:
-                raise ExportError(f"{p.name}: {f} unpacks to {info.file_size / 1e6:.0f} MB, above the "
-                                  f"{limit / 1e6:.0f} MB limit; refused.")
-            try:
-                with zf.open(info) as src:
-                    data = src.read(limit + 1)  # a lying header cannot get past the cap
-            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as e:
-                raise ExportError(f"{p.name}: {f} is damaged inside the zip ({e}); export the bundle again.") from None
-            if len(data) > limit:
-                raise ExportError(f"{p.name}: {f} unpacks to more than its header says; refused.")
-            files[f] = data
-    _check_manifest(files, p.name)
-    return files
-
-
-def _check_manifest(files: dict[str, bytes], where: str) -> None:
-    """Compare every file with the SHA-256 recorded at export (bundles from before manifests pass)."""
-    if "manifest.json" not in files:
-        return
-    try:
-        manifest = json.loads(files["manifest.json"].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ExportError(f"{where}: manifest.json is not valid JSON; the bundle is damaged. Export it again.") from None
-    recorded = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(recorded, dict):
-        raise ExportError(f"{where}: manifest.json has no 'files' table; the bundle is damaged. Export it again.")
-    for name, data in files.items():
-        if name == "manifest.json" or name not in recorded:
-            continue
-        want = (recorded[name] or {}).get("sha256") if isinstance(recorded[name], dict) else None
-        if want != hashlib.sha256(data).hexdigest():
-            raise ExportError(f"{where}: {name} does not match the checksum in manifest.json: the bundle was modified "
-                              "or damaged after export. Export it again from the run.")
-
-
 def _build(meta: RunMeta, state: dict[str, torch.Tensor], where: str) -> nn.Module:
     import timm
 
@@ -271,16 +167,7 @@ def load_model(ref: str | os.PathLike, head: str = SAVED, device: str = "cpu") -
         ExportError: missing files, pickled weights, bad JSON, checksum mismatch, tensors that do not
             fit the architecture, or a damaged archive; the message says which and what to do.
     """
-    p = Path(ref)
-    if not p.exists():
-        raise ExportError(f"{p} does not exist; give a run directory or a bundle .zip.")
-    if p.is_dir():
-        _check_dir(p)
-        files = RunFiles(p)
-    elif zipfile.is_zipfile(p):
-        files = RunFiles.from_bytes(_read_bundle(p), p.name)
-    else:
-        raise ExportError(f"{p.name} is neither a run directory nor a bundle .zip.")
+    files = RunFiles.open(ref)
     meta = files.meta()
     files.config_dict()  # validated now: a damaged config fails here, not later
     if files.has(METRICS):
@@ -297,7 +184,7 @@ def load_model(ref: str | os.PathLike, head: str = SAVED, device: str = "cpu") -
     rt = Runtime.create(device)
     bank = files.open_set_bank()  # validated now, like the rest (None: a run from before open-set scores)
     open_set = OpenSet(bank, files.open_set_record(), files.open_set_style_bank()) if bank is not None else None
-    return TrainedModel(model=model.to(rt.device), files=files, source=str(p), head=used, runtime=rt,
+    return TrainedModel(model=model.to(rt.device), files=files, source=str(Path(ref)), head=used, runtime=rt,
                         open_set=open_set)
 
 

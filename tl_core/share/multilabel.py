@@ -18,7 +18,7 @@ import numpy as np
 
 from ..data.intake import ImageItem
 from ..errors import DatasetError
-from ..models.metrics import figure_of
+from ..metrics import figure_of
 from ..models.multilabel import LABEL_SEPARATOR, label_matrix, multilabel_metrics, predict_sets, sigmoid
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def card_metrics_lines(rep: dict[str, Any], title: str) -> list[str]:
 
 def worst_images(split: Any, classes: Sequence[str], thresholds: Sequence[float] | None, temperature: float = 1.0,
                  k: int | None = None) -> list[dict[str, Any]]:
-    """Saved predictions (a :class:`~tl_core.runs.files.SplitPredictions`) with wrong labels, most wrong labels
+    """Saved predictions (a :class:`~tl_core.storage.files.SplitPredictions`) with wrong labels, most wrong labels
     first (then the largest probability gap): path, true, predicted, missed, extra, wrong_labels."""
     if split is None or not len(split):
         return []

@@ -1,6 +1,6 @@
 """Predicting with a trained model: image files, folders and zips (a CSV of the answers), Pillow images (the
 app), and evaluating on labelled data. Probabilities are softmax(logits / T) with the run's temperature
-(:func:`tl_core.models.metrics.softmax`), as everywhere else."""
+(:func:`tl_core.metrics.softmax`), as everywhere else."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ from ..data.images import IMAGE_EXTENSIONS, file_sha256, load_image
 from ..data.intake import ImageItem, safe_extract_zip
 from ..data.library import open_data
 from ..errors import DatasetError
-from ..insight.openset import Scores, open_set_fields
+from ..metrics import compute_metrics, softmax, top_losses
 from ..models.inference import CachedFeatures, logits_of_images, logits_of_items, logits_via_cache
-from ..models.metrics import compute_metrics, softmax, top_losses
-from ..runs.workspace import Workspace
+from ..models.openset import Scores, open_set_fields
+from ..storage.workspace import Workspace
 from .loading import TrainedModel
+from .multilabel import evaluate_multilabel
 
 __all__ = ["evaluate_dataset", "logits_of_dataset_items", "expand_paths", "predict_pil", "predict_paths", "write_predictions_csv", "predictions_csv",
            "prediction_row"]
@@ -93,8 +94,6 @@ def _spec(tm: TrainedModel, with_features: bool) -> Any:
 
 def _evaluate_multilabel(tm: TrainedModel, ds: Any, items: list, evaluated: str, workspace: Workspace
                          ) -> dict[str, Any]:
-    from .multilabel import evaluate_multilabel
-
     if not tm.meta.multi_label:
         raise DatasetError("The data is multi-label but the model predicts one class per image; train a model on "
                            "multi-label data to evaluate it.")
@@ -167,7 +166,7 @@ def predict_pil(tm: TrainedModel, images: Sequence[Any], top_k: int = 3) -> list
     labels [{label, p}] and probs too), unknown (the image is unlike the training images; None for a model
     without open-set files), ood_score, ood_reason (style | content | both, or None when not unknown),
     ood_distances {content, style} (1.0 = each one's threshold) and nearest (up to 3 training images by content,
-    [{path, label, distance}]; None when the model keeps no paths) (:func:`tl_core.insight.openset.open_set_fields`)."""
+    [{path, label, distance}]; None when the model keeps no paths) (:func:`tl_core.models.openset.open_set_fields`)."""
     return _rows(tm, images, top_k)
 
 

@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+from .. import __version__
 from ..config import FEATURE_VARIANTS, STRATEGIES, config_fields, fields_for_strategy
-from ..errors import ExportError, RunError
+from ..data.images import load_image
+from ..errors import DatasetError, ExportError, RunError
 from ..fileio import write_atomic
+from ..metrics import figure_of, format_figure, reliability_diagram
 from ..models.catalogue import spec_for
-from ..models.metrics import figure_of, format_figure, reliability_diagram
-from ..insight.openset import describe as describe_open_set
-from ..runs.files import RunFiles
-from ..runs.progress import features_text
+from ..models.openset import describe as describe_open_set
+from ..share.progress import features_text
+from ..storage.files import CONFIG, META, METRICS, OOD, OOD_BANK, PREDICTIONS, VAL_HEAD, WEIGHTS, RunFiles
 from . import figures
 
 __all__ = ["build_report", "write_report", "MAX_THUMBNAILS", "ENGINEERS_HEADING"]
@@ -100,9 +102,6 @@ def _resolve_image(path: str, roots: Sequence[Path]) -> Path | None:
 
 def _thumbnail(path: Path) -> str | None:
     """A JPEG data URI of the image (project loading rules: EXIF, transparency on white), or None."""
-    from ..data.images import load_image
-    from ..errors import DatasetError
-
     try:
         im = load_image(path)
     except DatasetError:
@@ -206,7 +205,7 @@ _FILE_NOTE = re.compile(r"\s*\(`[^`]*\.(?:safetensors|json|onnx|pt|pth)`\)")
 
 
 def _open_set_html(record: dict[str, Any]) -> str:
-    """:func:`tl_core.insight.openset.describe` for a reader, as HTML: without its file names, the field names of a
+    """:func:`tl_core.models.openset.describe` for a reader, as HTML: without its file names, the field names of a
     prediction said in words, its **bold** as <b>."""
     text = _FILE_NOTE.sub("", describe_open_set(record))
     for code, words in (("gives `ood_score`", "gives an unfamiliarity score"),
@@ -221,8 +220,7 @@ def _open_set_html(record: dict[str, Any]) -> str:
 def _engineers_html(run_dir: Path, meta: Any, cfg: Any, files: RunFiles, generated: str) -> str:
     """The closing appendix for engineers: identifiers, fingerprints, the files of the run and the raw settings."""
     w, ds, pre = meta.weights or {}, meta.dataset or {}, meta.preprocess or {}
-    names = [n for n in ("config.json", "meta.json", "metrics.json", "predictions.json", "model.safetensors",
-                         "val_head.safetensors", "ood.json", "ood_bank.safetensors") if files.has(n)]
+    names = [n for n in (CONFIG, META, METRICS, PREDICTIONS, WEIGHTS, VAL_HEAD, OOD, OOD_BANK) if files.has(n)]
     rows = [("run", run_dir.name), ("run directory", str(run_dir)),
             ("backbone", f"{meta.backbone} (timm architecture {meta.arch})"),
             ("weights", f"{w.get('source')}: {w.get('detail')} (fingerprint {w.get('fingerprint')})"),
@@ -230,7 +228,7 @@ def _engineers_html(run_dir: Path, meta: Any, cfg: Any, files: RunFiles, generat
                               f"{pre.get('interpolation')}, mean {pre.get('mean')}, std {pre.get('std')}"),
             ("dataset", f"{ds.get('source')} (content fingerprint {ds.get('fingerprint')})"),
             ("files", ", ".join(names)),
-            ("repeat it", f"tl-core train DATA --config {run_dir / 'config.json'}")]
+            ("repeat it", f"tl-core train DATA --config {files.path(CONFIG)}")]
     rows += [(f"setting {k}", repr(v)) for k, v in sorted(cfg.to_dict().items())]
     body = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows)
     return (f"<section class='engineers'><h2>{ENGINEERS_HEADING}</h2><p>What the run is made of, for whoever "
@@ -278,8 +276,6 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
     """
     import plotly
 
-    from .. import __version__
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a run directory; give a run id or a run directory.")
@@ -292,9 +288,9 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
     val, test = metrics.val or {}, metrics.test or {}
     ds, w = meta.dataset, meta.weights
     strategy = cfg.strategy
-    trained = time.strftime("%Y-%m-%d %H:%M", time.localtime(files.path("meta.json").stat().st_mtime))
+    trained = time.strftime("%Y-%m-%d %H:%M", time.localtime(files.path(META).stat().st_mtime))
     temperature = meta.temperature
-    val_preds = files.predictions().get("val") if files.has("predictions.json") else None
+    val_preds = files.predictions().get("val") if files.has(PREDICTIONS) else None
 
     figures_done: list[str] = []
 

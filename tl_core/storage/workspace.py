@@ -2,8 +2,8 @@
 
 ::
 
-    runs.sqlite        the run store: runs, per-epoch metrics, tasks (runs/store.py)
-    runs/<id>/         a run's files (runs/files.py)
+    runs.sqlite        the run store: runs, per-epoch metrics, tasks (storage/store.py)
+    runs/<id>/         a run's files (storage/files.py)
     tasks/<id>/        a finished task's result
     datasets/          unpacked uploads
     weights/           uploaded weights files
@@ -19,15 +19,15 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import RunError
 from ..settings import setting
+from .store import RunStore
 
-if TYPE_CHECKING:
-    from .store import RunStore
+__all__ = ["Workspace", "default_home", "new_project_slug", "TASK_RESULT"]
 
-__all__ = ["Workspace", "default_home", "new_project_slug"]
+#: A finished task's result in its folder (``tasks/<id>/``).
+TASK_RESULT = "result.json"
 
 
 def default_home() -> Path:
@@ -132,6 +132,12 @@ class Workspace:
     def tasks_dir(self) -> Path:
         return self.home / "tasks"
 
+    def task_dir(self, task_id: str) -> Path:
+        """The folder of task ``task_id``'s files: its result (:data:`TASK_RESULT`) and the files it names."""
+        if not task_id or "/" in task_id or task_id.startswith("."):
+            raise RunError(f"{task_id!r} is not a valid task id.")
+        return self.tasks_dir / task_id
+
     @property
     def workers_dir(self) -> Path:
         """Worker slot locks and logs: one set per machine (shared by every project)."""
@@ -146,7 +152,5 @@ class Workspace:
             raise RunError(f"{run_id!r} is not a valid run id.")
         return self.runs_dir / run_id
 
-    def store(self) -> "RunStore":
-        from .store import RunStore
-
+    def store(self) -> RunStore:
         return RunStore(self.db_path)

@@ -13,13 +13,13 @@ validated. No other module opens or parses these files.
 ``predictions.json``       raw logits per split with the image paths and true labels, and which fitted model
                            produced them
 ``ood.json``               open-set score: its name, threshold, quantile, n, feature dim, calibration scores
-                           (:mod:`tl_core.insight.openset`; runs from before it have none)
+                           (:mod:`tl_core.models.openset`; runs from before it have none)
 ``ood_bank.safetensors``   the training images' pre-logit features, L2-normalised float16 (``bank``), and
                            (version 2) their style vectors (``style``)
 =========================  ==========================================================================
 
 Predictions are stored once, as logits; every view derives probabilities with
-:func:`tl_core.models.metrics.softmax` and the run's temperature, so the Evaluate page, Grad-CAM, the
+:func:`tl_core.metrics.softmax` and the run's temperature, so the Evaluate page, Grad-CAM, the
 calibration, the embedding map, the model card, the HTML report and the exports show the same label and
 confidence for the same image. A bundle holds the same files (minus predictions), read through the same
 parsers (:meth:`RunFiles.from_bytes`).
@@ -30,20 +30,24 @@ This module imports no torch: the app's server reads results through it without 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ..config import TrainConfig, saved_config_dict
-from ..errors import ExportError, RunError
+from .. import __version__
+from ..config import TrainConfig
+from ..errors import ConfigError, ExportError, RunError
 from ..fileio import write_json_atomic, writing_atomic
-from ..models.metrics import softmax
+from ..metrics import softmax
+from .workspace import Workspace
 
 __all__ = [
     "MODEL_FORMAT",
@@ -58,6 +62,10 @@ __all__ = [
     "SplitPredictions",
     "Predictions",
     "RunFiles",
+    "MANIFEST",
+    "bundle_manifest",
+    "resolve_run",
+    "read_config_file",
     "write_json_atomic",
 ]
 
@@ -73,6 +81,15 @@ VALIDATION_FIT = "validation-fit"
 CONFIG, META, WEIGHTS, VAL_HEAD, METRICS, PREDICTIONS = (
     "config.json", "meta.json", "model.safetensors", "val_head.safetensors", "metrics.json", "predictions.json")
 OOD, OOD_BANK = "ood.json", "ood_bank.safetensors"
+# The format of ood.json, which this module validates on reading (tl_core.models.openset writes and scores it).
+#: The score's name in ``ood.json`` (version 2: content and style).
+SCORE = "style-content"
+#: ``ood.json`` version written now (1 and 2 are read).
+VERSION = 2
+#: The version-1 score (content only; its threshold a cosine distance between 0 and 2).
+V1_SCORE = "knn-cosine"
+#: The largest threshold a person may set on a version-2 score (1.0 = the calibrated one).
+MAX_THRESHOLD = 10.0
 #: The open-set files (both or neither): a bundle carries them when the run has them.
 OPEN_SET_FILES = (OOD, OOD_BANK)
 #: Every file a finished run directory may hold.
@@ -80,8 +97,14 @@ RUN_FILES = (CONFIG, META, WEIGHTS, VAL_HEAD, METRICS, PREDICTIONS, OOD, OOD_BAN
 #: Files a run directory or bundle must hold to load as a model.
 BUNDLE_FILES = (WEIGHTS, META, CONFIG)
 
+#: A bundle's table of contents: every file's SHA-256 and size, recorded at export and checked on loading.
+MANIFEST = "manifest.json"
+BUNDLE_FORMAT = "tl-studio-bundle/1"
+
 _MAX_JSON_BYTES = 64 * 1024**2
 _MAX_WEIGHTS_BYTES = 4 * 1024**3
+#: Weights files that unpickle (run code) when loaded: refused.
+_PICKLED_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".bin", ".ckpt")
 _INTERPOLATIONS = {"nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"}
 
 
@@ -198,7 +221,7 @@ class RunMeta:
 class RunMetrics:
     """``metrics.json``: measured quality and how training went.
 
-    ``val`` / ``test`` hold :func:`tl_core.models.metrics.compute_metrics` reports, each figure with its 95%
+    ``val`` / ``test`` hold :func:`tl_core.metrics.compute_metrics` reports, each figure with its 95%
     interval (``accuracy_ci``, ...; test: the dataset's own held-out folder, an uploaded one or the locked
     share carved by ``test_split``); ``cv`` a linear run's cross-validated accuracy. ``stop`` says how fine-tuning ended: {"reason": "patience"|"epochs"|"converged",
     "epoch", "epochs", "patience"}.
@@ -354,6 +377,24 @@ class RunFiles:
         """The files of a bundle, already read (and size-checked) from its zip."""
         return cls(None, files, where)
 
+    @classmethod
+    def open(cls, ref: str | os.PathLike) -> "RunFiles":
+        """The model files of a run directory or a bundle ``.zip``, checked before anything is parsed: the files a
+        model needs are there, no pickled weights, sizes capped, and a bundle's checksums match its manifest.
+
+        Raises:
+            ExportError: what is wrong and what to do.
+        """
+        p = Path(ref)
+        if not p.exists():
+            raise ExportError(f"{p} does not exist; give a run directory or a bundle .zip.")
+        if p.is_dir():
+            _check_dir(p)
+            return cls(p)
+        if zipfile.is_zipfile(p):
+            return cls.from_bytes(_read_bundle(p), p.name)
+        raise ExportError(f"{p.name} is neither a run directory nor a bundle .zip.")
+
     # -- raw access ------------------------------------------------------------------------------
     def has(self, name: str) -> bool:
         if self._bytes is not None:
@@ -424,7 +465,7 @@ class RunFiles:
 
     def config(self) -> TrainConfig:
         """The saved :class:`TrainConfig` (keys this version does not know are ignored, with a warning)."""
-        return TrainConfig.from_dict(saved_config_dict(self.config_dict()))
+        return TrainConfig.from_saved(self.config_dict())
 
     def meta(self) -> RunMeta:
         return self._cached(META, lambda: RunMeta.parse(self._json(META), self.where))
@@ -473,7 +514,7 @@ class RunFiles:
         return self.weights(VAL_HEAD) if self.has(VAL_HEAD) else None
 
     def open_set_record(self) -> dict[str, Any] | None:
-        """``ood.json`` validated (see :mod:`tl_core.insight.openset`), or None for a run from before open-set
+        """``ood.json`` validated (see :mod:`tl_core.models.openset`), or None for a run from before open-set
         scores.
 
         Raises:
@@ -483,8 +524,6 @@ class RunFiles:
             return None
 
         def parse() -> dict[str, Any]:
-            from ..insight.openset import MAX_THRESHOLD, SCORE, V1_SCORE, VERSION
-
             d = self._json(OOD)
             v1 = isinstance(d, dict) and d.get("score") == V1_SCORE and d.get("version") == 1
             if not isinstance(d, dict) or not (v1 or (d.get("score") == SCORE and d.get("version") == VERSION)):
@@ -645,3 +684,131 @@ class RunFiles:
         """Remove staged folders left by a run that failed."""
         for d in run_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def resolve_run(ref: str | os.PathLike, workspace: Workspace | None = None) -> Path:
+    """The directory of a trained run given as a run id (in the workspace) or a run directory: the one resolver of
+    a ``RUN`` argument (the CLI, calibration, the embedding map, loading a model).
+
+    Raises:
+        RunError: no such run, or it has no trained model (still running, failed, files removed).
+    """
+    p = Path(ref)
+    if p.is_dir() and RunFiles(p).has(META):
+        return p
+    ws = workspace or Workspace.default()
+    ref = str(ref)
+    d = ws.run_dir(ref) if "/" not in ref else p
+    if d.is_dir() and RunFiles(d).has(META):
+        return d
+    if "/" not in ref and ws.store().exists(ref):
+        run = ws.store().get(ref)
+        raise RunError(f"Run {ref} has status '{run['status']}' and no trained model"
+                       + (f" ({run['error']})" if run.get("error") else "") + ".")
+    if d.is_dir():
+        raise RunError(f"{ref} is not a trained run (no {META}); give a run id or run directory of a finished run.")
+    raise RunError(f"No run or run directory {ref!r}; `tl-core runs` lists the runs in {ws.home}.")
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The training settings saved in ``path``: a run's ``config.json``, a run directory (its ``config.json``) or any
+    JSON file of settings (``tl-core train --config``). Read them with :meth:`TrainConfig.from_saved`.
+
+    Raises:
+        ConfigError: the file does not exist, cannot be read, or holds no JSON object.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / CONFIG
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p} does not exist; give a run's {CONFIG} (or its run directory).") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{p} is not a readable JSON config ({e}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a JSON object of training settings.")
+    return data
+
+
+def bundle_manifest(files: Mapping[str, bytes]) -> bytes:
+    """The :data:`MANIFEST` of a bundle holding ``files``: each file's SHA-256 and size (loading checks them)."""
+    return json.dumps({"format": BUNDLE_FORMAT, "tl_studio": __version__,
+                       "files": {n: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)} for n, d in files.items()}},
+                      indent=2).encode()
+
+
+def _check_dir(p: Path) -> None:
+    names = {f.name for f in p.iterdir() if f.is_file()}
+    if WEIGHTS not in names and any(n.endswith(_PICKLED_SUFFIXES) for n in names):
+        raise ExportError(f"{p.name} holds pickled weights instead of {WEIGHTS}; refused (pickles can run "
+                          "code). Train or export the model again with TL Studio.")
+    missing = [f for f in BUNDLE_FILES if f not in names]
+    if missing:
+        raise ExportError(f"{p} is not a trained run: {', '.join(missing)} missing.")
+
+
+def _read_bundle(p: Path) -> dict[str, bytes]:
+    """The model files of a bundle zip, as bytes, with size caps."""
+    wanted = BUNDLE_FILES + (METRICS, MANIFEST) + OPEN_SET_FILES
+    files: dict[str, bytes] = {}
+    try:
+        zf = zipfile.ZipFile(p)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ExportError(f"{p.name} is not a readable bundle zip ({e}); export the bundle again.") from None
+    with zf:
+        infos = {i.filename: i for i in zf.infolist() if not i.is_dir()}
+        # a bundle that was unzipped and zipped again as a folder: accept one common top folder
+        prefix = ""
+        if META not in infos:
+            metas = [n for n in infos if n.endswith(f"/{META}") and n.count("/") == 1]
+            if len(metas) == 1:
+                prefix = metas[0][: -len(META)]
+        names = {n[len(prefix):] for n in infos if n.startswith(prefix)}
+        if WEIGHTS not in names and any(n.endswith(_PICKLED_SUFFIXES) for n in names):
+            raise ExportError(f"{p.name} holds pickled weights instead of {WEIGHTS}; refused (pickles can run "
+                              "code). Export the bundle again with TL Studio.")
+        missing = [f for f in BUNDLE_FILES if f not in names]
+        if missing:
+            raise ExportError(f"{p.name} is not a complete TL Studio bundle: {', '.join(missing)} missing. "
+                              "Export the bundle again.")
+        for f in wanted:
+            info = infos.get(prefix + f)
+            if info is None:
+                continue
+            if info.flag_bits & 0x1:
+                raise ExportError(f"{p.name} is encrypted; export the bundle again without a password.")
+            limit = _MAX_WEIGHTS_BYTES if f.endswith(".safetensors") else _MAX_JSON_BYTES
+            if info.file_size > limit:
+                raise ExportError(f"{p.name}: {f} unpacks to {info.file_size / 1e6:.0f} MB, above the "
+                                  f"{limit / 1e6:.0f} MB limit; refused.")
+            try:
+                with zf.open(info) as src:
+                    data = src.read(limit + 1)  # a lying header cannot get past the cap
+            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as e:
+                raise ExportError(f"{p.name}: {f} is damaged inside the zip ({e}); export the bundle again.") from None
+            if len(data) > limit:
+                raise ExportError(f"{p.name}: {f} unpacks to more than its header says; refused.")
+            files[f] = data
+    _check_manifest(files, p.name)
+    return files
+
+
+def _check_manifest(files: dict[str, bytes], where: str) -> None:
+    """Compare every file with the SHA-256 recorded at export (bundles from before manifests pass)."""
+    if MANIFEST not in files:
+        return
+    try:
+        manifest = json.loads(files[MANIFEST].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ExportError(f"{where}: {MANIFEST} is not valid JSON; the bundle is damaged. Export it again.") from None
+    recorded = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(recorded, dict):
+        raise ExportError(f"{where}: {MANIFEST} has no 'files' table; the bundle is damaged. Export it again.")
+    for name, data in files.items():
+        if name == MANIFEST or name not in recorded:
+            continue
+        want = (recorded[name] or {}).get("sha256") if isinstance(recorded[name], dict) else None
+        if want != hashlib.sha256(data).hexdigest():
+            raise ExportError(f"{where}: {name} does not match the checksum in {MANIFEST}: the bundle was modified "
+                              "or damaged after export. Export it again from the run.")

@@ -28,7 +28,7 @@ and each bank row's image (path relative to the dataset, and label: the nearest 
 
 Version 1 runs (``knn-cosine``: content only, the threshold a cosine distance) still load and predict as before.
 
-Numpy only (no torch): the app's server reads ``ood.json`` through :class:`tl_core.runs.files.RunFiles`.
+Numpy only (no torch): the app's server reads ``ood.json`` through :class:`tl_core.storage.files.RunFiles`.
 """
 
 from __future__ import annotations
@@ -39,17 +39,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import ConfigError, RunError
+from ..storage.files import MAX_THRESHOLD, SCORE, V1_SCORE, VERSION, RunFiles
+
 __all__ = ["SCORE", "VERSION", "V1_SCORE", "COVERAGE", "MAX_BANK_ROWS", "K", "MAX_THRESHOLD", "OpenSet", "Scores",
            "normalise", "nn_distance", "knn_distance", "style_vectors", "conformal_threshold", "bank_indices",
            "build_open_set", "flagged_share", "with_threshold", "open_set_fields", "set_threshold", "describe",
            "reason_of", "summary", "UNKNOWN_NOTE", "STYLE_WORDS", "CONTENT_WORDS"]
 
-#: The score's name in ``ood.json`` (version 2: content and style).
-SCORE = "style-content"
-#: ``ood.json`` version this module writes (it reads 1 and 2).
-VERSION = 2
-#: The version-1 score (content only; its threshold a cosine distance between 0 and 2).
-V1_SCORE = "knn-cosine"
 #: Share of in-distribution images the default threshold lets pass.
 COVERAGE = 0.95
 #: Rows of the bank at most (subsampled evenly per class above it).
@@ -60,8 +57,6 @@ K = 1
 #: L2-normalised, then joined): None, one group per stage, each its own distance and threshold, the style
 #: distance being the largest (measured better than one joined group: benchmarks/openset.py).
 STYLE_GROUPS: tuple[tuple[int, ...], ...] | None = None
-#: The largest threshold a person may set on a version-2 score (1.0 = the calibrated one).
-MAX_THRESHOLD = 10.0
 #: Nearest training images a prediction lists.
 NEAREST = 3
 #: What a prediction says when the model predates open-set scores.
@@ -471,9 +466,6 @@ def set_threshold(run_dir: Any, threshold: float) -> dict[str, Any]:
         RunError: the run has no open-set files (trained before them).
         ConfigError: the threshold is out of range.
     """
-    from ..errors import ConfigError, RunError
-    from ..runs.files import RunFiles
-
     files = RunFiles(run_dir)
     record = files.open_set_record()
     if record is None:

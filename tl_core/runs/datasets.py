@@ -1,0 +1,154 @@
+"""A workspace's uploaded datasets as the runs and tasks see them: which runs and tasks read one, and renaming or
+deleting one while the runs that trained on it follow (a ``NAME@VERSION`` reference takes the new name, saved
+predictions point at the pictures' new paths). The dataset catalogue itself is :mod:`tl_core.data.library`;
+this is the cross-run part, so it lives in the jobs layer, above the run store and the task kinds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable
+
+from ..data.library import safe_name, uploaded_dataset_dir
+from ..errors import DatasetError
+from ..storage.files import RunFiles
+from ..storage.store import ACTIVE_STATUSES
+from ..storage.workspace import Workspace
+from .kinds import KINDS
+
+__all__ = ["dataset_runs", "dataset_users", "rename_dataset", "delete_dataset"]
+
+log = logging.getLogger(__name__)
+
+
+def _reads(data: str, folder: Path, ws: Workspace) -> bool:
+    """Whether a run or task given ``data`` reads the files of ``folder``: the folder itself, a file or folder
+    inside it, or a zip that :func:`open_data` unpacks into it (``datasets/<zip stem>``)."""
+    if not isinstance(data, str) or not data:
+        return False
+    name, at, _ = data.partition("@")
+    if at and "/" not in data:  # NAME@VERSION of a managed dataset
+        return ws.datasets_dir.resolve() / name == folder
+    p = Path(data).expanduser()
+    try:
+        p = p.resolve()
+    except OSError:
+        return False
+    return p == folder or folder in p.parents or (
+        p.suffix.lower() == ".zip" and ws.datasets_dir.resolve() / p.stem == folder)
+
+
+def _param_paths(params: dict) -> Iterable[str]:
+    for v in (params or {}).values():
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (x for x in v if isinstance(x, str))
+
+
+def dataset_runs(ws: Workspace, name: str) -> list[dict]:
+    """Every run of the workspace (any status) that trained or trains on the uploaded dataset ``name``."""
+    folder = uploaded_dataset_dir(ws, name).resolve()
+    return [r for r in ws.store().list() if _reads(str(r.get("data") or ""), folder, ws)]
+
+
+def dataset_users(ws: Workspace, name: str) -> list[str]:
+    """What is reading the uploaded dataset ``name`` now: queued or running runs and tasks, one phrase each
+    (``"run 20250101-… (running)"``, ``"a task checking the data (queued)"``); empty when nothing is."""
+    folder = uploaded_dataset_dir(ws, name).resolve()
+    store = ws.store()
+    users = [f"run {r['id']} ({r['status']})" for r in store.list()
+             if r["status"] in ACTIVE_STATUSES and _reads(str(r.get("data") or ""), folder, ws)]
+    for t in store.tasks():
+        if t["status"] in ACTIVE_STATUSES and t["kind"] != "train" and any(
+                _reads(v, folder, ws) for v in _param_paths(t.get("params") or {})):
+            users.append(f"a task {_task_label(t['kind'])} ({t['status']})")
+    return users
+
+
+def _task_label(kind: str) -> str:
+    label = KINDS[kind].label if kind in KINDS else kind.replace("_", " ")
+    return label[:1].lower() + label[1:]
+
+
+def _refuse_if_used(ws: Workspace, name: str, doing: str) -> None:
+    users = dataset_users(ws, name)
+    if users:
+        raise DatasetError(f"Dataset {name!r} cannot be {doing} while it is in use by {', '.join(users[:3])}"
+                           f"{' …' if len(users) > 3 else ''}; wait until it has finished or cancel it (runs on the "
+                           "Train page), then try again.")
+
+
+def rename_dataset(ws: Workspace, name: str, new_name: str) -> Path:
+    """Rename the uploaded dataset ``name`` to ``new_name`` (sanitised like every upload name).
+
+    Runs that trained on it follow it: a ``NAME@VERSION`` reference takes the new name, and a finished run's saved
+    predictions point at the pictures' new paths (its image views find them).
+
+    Returns:
+        The dataset's new folder.
+    Raises:
+        DatasetError: no such uploaded dataset, an empty new name, a dataset of that name exists already, or
+            a queued or running run or task reads it.
+    """
+    folder = uploaded_dataset_dir(ws, name)
+    if not str(new_name).strip():
+        raise DatasetError("Give the dataset a new name (letters, digits, '-', '_' or '.').")
+    target_name = safe_name(new_name, fallback="")
+    if not target_name:
+        raise DatasetError(f"{new_name!r} has no letter or digit; give the dataset a name such as 'my_photos'.")
+    if target_name == name:
+        return folder
+    target = ws.datasets_dir / target_name
+    if target.exists():
+        raise DatasetError(f"A dataset called {target_name!r} exists already; choose another name.")
+    _refuse_if_used(ws, name, "renamed")
+    trained = [r for r in dataset_runs(ws, name) if r["status"] == "done"]
+    try:
+        os.rename(folder, target)  # atomic on one file system: the dataset is under one name or the other
+    except OSError as e:
+        raise DatasetError(f"Could not rename {name!r} to {target_name!r} ({e.strerror or e}).") from None
+    for r in trained:  # their image views (mistakes, Grad-CAM, maps) find the pictures under the new name
+        try:
+            RunFiles(ws.run_dir(r["id"])).move_images(folder.resolve(), target.resolve())
+        except Exception as e:  # a run whose files are damaged keeps its old paths; the rename stands
+            log.warning("run %s: image paths not updated after the rename (%s)", r["id"], e)
+    # runs refer to a version by name (NAME@VERSION): they follow the dataset to its new name
+    store = ws.store()
+    for r in store.list():
+        data = str(r.get("data") or "")
+        if data.startswith(f"{name}@") and "/" not in data:
+            summary = r.get("summary") or {}
+            if summary.get("dataset_version") == data:
+                summary = {**summary, "dataset_version": f"{target_name}@{data.split('@', 1)[1]}"}
+            store.update(r["id"], data=f"{target_name}@{data.split('@', 1)[1]}", summary=summary or None)
+    log.info("dataset %s renamed to %s", name, target_name)
+    return target
+
+
+def delete_dataset(ws: Workspace, name: str) -> int:
+    """Delete the uploaded dataset ``name`` and its images from the workspace.
+
+    The folder is first moved out of the dataset list in one step (a hidden name), then removed, so the list
+    never shows a half-deleted dataset. Runs that trained on it are kept (with their results); the caches keep
+    nothing that names it.
+
+    Returns:
+        How many runs (finished, failed or cancelled) trained on it and are kept.
+    Raises:
+        DatasetError: no such uploaded dataset, or a queued or running run or task reads it.
+    """
+    folder = uploaded_dataset_dir(ws, name)
+    _refuse_if_used(ws, name, "deleted")
+    kept = len(dataset_runs(ws, name))
+    trash = ws.datasets_dir / f".deleting-{name}-{os.getpid()}-{time.time_ns()}"
+    try:
+        os.rename(folder, trash)
+    except OSError as e:
+        raise DatasetError(f"Could not delete {name!r} ({e.strerror or e}).") from None
+    shutil.rmtree(trash, ignore_errors=True)
+    log.info("dataset %s deleted (%d run(s) trained on it are kept)", name, kept)
+    return kept
