@@ -19,11 +19,6 @@ from pages import _session as session  # noqa: E402
 from tl_core.errors import TLError  # noqa: E402
 
 st.set_page_config(page_title="TL Studio", page_icon="🧠", layout="wide")
-access.gate()  # with a class password: only the password form until it is given; sets st.session_state["tl_role"]
-
-session.startup()
-project_problem = session.sync_from_url()
-
 pages = [
     st.Page(session.PAGES["home"], title="Home", icon=":material/home:", default=True),
     st.Page(session.PAGES["data"], title="Data", icon=":material/folder_open:"),
@@ -34,6 +29,13 @@ pages = [
     st.Page(session.PAGES["runs"], title="Runs & export", icon=":material/inventory_2:"),
     st.Page(session.PAGES["lab"], title="Lab", icon=":material/science:"),
 ]
+# with a class password: only the password form until it is given (the pages' names hidden too); sets
+# st.session_state["tl_role"]
+access.gate(pages)
+
+session.startup()
+project_problem = session.sync_from_url()
+
 page = st.navigation(pages)
 
 

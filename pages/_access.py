@@ -109,10 +109,14 @@ def _join_code(code: str) -> bool:
     return True
 
 
-def gate() -> str:
+def gate(pages: list | None = None) -> str:
     """Set this session's role, serving only the password form until the class password is given.
 
     Call it in ``app.py`` before ``st.navigation``. Stops the script while the form is all there is to see.
+
+    Args:
+        pages: the app's ``st.Page`` list: registered with the navigation hidden while the form is shown, so
+            that the page a link names opens once the password is given, and no page's name shows before.
 
     Returns:
         The role: ``"teacher"`` or ``"student"``.
@@ -126,6 +130,8 @@ def gate() -> str:
     if not class_pw:  # only a teacher password: everyone else is a student, with nothing to type
         st.session_state[ROLE_KEY] = STUDENT
         return STUDENT
+    if pages:
+        st.navigation(pages, position="hidden")  # ends Streamlit's pages/-folder mode, which lists every page
     st.title("TL Studio")
     with st.form("tl_password_form"):
         given = st.text_input("Class password", type="password", key="_access_password",
