@@ -169,6 +169,9 @@ def sidebar(ws: Workspace) -> None:
     """The project's class code, joining a project by its code, and the teacher's sign-in."""
     if ws.is_project:
         st.caption(f"Class code: **{class_code(ws.name)}**: your group joins this project with it.")
+    elif role() == STUDENT:
+        st.caption("In class, work in your group's project: here only the teacher may delete, rename or cancel "
+                   "what others made.")
     class_pw, teacher_pw = configured()
     if "_access_error" in st.session_state:
         st.error(st.session_state.pop("_access_error"))

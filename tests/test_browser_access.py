@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from test_browser import CHROMIUM, EMOJI, Server, settle
+from test_browser import CHROMIUM, EMOJI, Server, settle, shot
 from test_browser import browser  # noqa: F401  (a fixture, used by name)
 from tl_core.runs.processes import kill_workers
 
@@ -69,6 +69,7 @@ def test_the_class_password_gate_and_who_may_delete(class_server, browser):  # n
     _sign_in(page, "tulip")
     alert = page.get_by_test_id("stAlert")
     expect(alert).to_have_text("That password is not right; ask your teacher for it.")
+    shot(page, "access-01-wrong-password")
     assert page.get_by_test_id("stSidebarNav").count() == 0
     _sign_in(page, CLASS_PW)
     page.get_by_role("heading", name="Report: pets").wait_for()  # the app, on the page the link named
@@ -78,6 +79,7 @@ def test_the_class_password_gate_and_who_may_delete(class_server, browser):  # n
     expect(page.get_by_text("You cannot delete the dataset 'pets': it belongs to the shared workspace, not to your "
                             "project; only the teacher can.")).to_be_visible()
     assert pets.is_dir()
+    shot(page, "access-02-student-refused")
     page.close()
     # the teacher (their password in the same form) may
     page = _open(browser, f"{base}/data?data=workspace%2Fpets")
