@@ -20,10 +20,13 @@ import streamlit as st
 
 from pages import _session as session
 from tl_core.access import (STUDENT, TEACHER, AccessError, Actor, Throttle, check_password, class_code, passwords,
-                            project_for_code)
+                            project_for_code, remember_token, role_for_token)
 from tl_core.runs.workspace import Workspace
 
 ROLE_KEY = "tl_role"
+#: The cookie that remembers a given password in this browser (a refresh, a new tab, a link): see
+#: :func:`tl_core.access.remember_token`.
+COOKIE = "tl_access"
 _APP_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -125,8 +128,18 @@ def gate(pages: list | None = None) -> str:
     if not class_pw and not teacher_pw:  # open mode: nothing changes
         st.session_state[ROLE_KEY] = TEACHER
         return TEACHER
+    _write_cookie()  # a password just given (remember it) or a sign-out (forget it)
     if ROLE_KEY in st.session_state:
         return st.session_state[ROLE_KEY]
+    remembered = None
+    if not st.session_state.get("_access_signed_out"):
+        try:
+            remembered = role_for_token(st.context.cookies.get(COOKIE), class_pw, teacher_pw)
+        except Exception:  # no browser context (tests without one)
+            remembered = None
+    if remembered:
+        st.session_state[ROLE_KEY] = remembered
+        return remembered
     if not class_pw:  # only a teacher password: everyone else is a student, with nothing to type
         st.session_state[ROLE_KEY] = STUDENT
         return STUDENT
@@ -143,7 +156,7 @@ def gate(pages: list | None = None) -> str:
     if sent:
         granted = _try(given, class_pw, teacher_pw)
         if granted and (not code.strip() or _join_code(code)):
-            st.session_state[ROLE_KEY] = granted
+            _grant(granted, teacher_pw if granted == TEACHER else class_pw)
             st.session_state.pop("_access_password", None)
             st.rerun()
     if "_access_error" in st.session_state:
@@ -152,11 +165,35 @@ def gate(pages: list | None = None) -> str:
     return STUDENT  # not reached
 
 
+def _grant(granted: str, password: str) -> None:
+    """Give this session ``granted``, and have the browser remember it (written on the next run)."""
+    st.session_state[ROLE_KEY] = granted
+    st.session_state["_access_cookie"] = remember_token(granted, password)
+    st.session_state.pop("_access_signed_out", None)
+
+
+def _write_cookie() -> None:
+    """Store the token of a password just given in a cookie (a script in an invisible frame of this origin)."""
+    token = st.session_state.pop("_access_cookie", None)
+    if token is not None:
+        import streamlit.components.v1 as components
+
+        age = 43200 if token else 0  # 12 hours: a school day; 0 deletes it
+        components.html(f"<script>parent.document.cookie = '{COOKIE}={token}; path=/; max-age={age}; "
+                        "SameSite=Strict';</script>", height=0)
+
+
+def _sign_out() -> None:
+    st.session_state.pop(ROLE_KEY, None)
+    st.session_state["_access_signed_out"] = True  # the cookie this session came with no longer counts
+    st.session_state["_access_cookie"] = ""
+
+
 def _teacher_sign_in() -> None:
     # a form callback: runs before the page is drawn, so the whole page shows the new role
     class_pw, teacher_pw = configured()
     if _try(st.session_state.get("_access_teacher", ""), "", teacher_pw) == TEACHER:
-        st.session_state[ROLE_KEY] = TEACHER
+        _grant(TEACHER, teacher_pw)
     st.session_state["_access_teacher"] = ""
 
 
@@ -185,3 +222,6 @@ def sidebar(ws: Workspace) -> None:
                 st.form_submit_button("Sign in", on_click=_teacher_sign_in)
     elif class_pw or teacher_pw:
         st.caption(f"Signed in as the {role()}.")
+    if class_pw or (teacher_pw and role() == TEACHER):
+        st.button("Sign out", key="_access_sign_out", on_click=_sign_out, icon=":material/logout:",
+                  help="This browser forgets the password (it remembers it for 12 hours otherwise).")

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import EMOJI
 from tl_core.access import (STUDENT, TEACHER, AccessError, Actor, Throttle, check_password, class_code, may_modify,
-                            passwords, project_for_code)
+                            passwords, project_for_code, remember_token, role_for_token)
 from tl_core.config import TrainConfig
 from tl_core.data.library import delete_dataset, rename_dataset, workspace_datasets
 from tl_core.runs import tasks
@@ -29,6 +29,15 @@ def test_passwords_compare_exactly_and_unset_ones_never_match(monkeypatch):
     monkeypatch.setenv("TL_TEACHER_PASSWORD", "teach")
     shown = {r["name"]: r["value"] for r in describe()}
     assert shown["TL_PASSWORD"] == "(set)" and shown["TL_TEACHER_PASSWORD"] == "(set)"  # never the secret itself
+
+
+def test_a_remembered_token_grants_the_role_of_its_password_only():
+    student, teacher = remember_token(STUDENT, "tulip-42"), remember_token(TEACHER, "oak-7")
+    assert role_for_token(student, "tulip-42", "oak-7") == STUDENT
+    assert role_for_token(teacher, "tulip-42", "oak-7") == TEACHER
+    assert role_for_token(student, "tulip-43", "oak-7") is None  # the password changed: the token is worthless
+    assert role_for_token("teacher." + student.split(".")[1], "tulip-42", "oak-7") is None  # no promoting oneself
+    assert role_for_token(None, "tulip-42", "oak-7") is None and "tulip" not in student
 
 
 def test_wrong_guesses_are_slowed_down_more_and_more():

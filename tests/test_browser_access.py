@@ -52,11 +52,13 @@ def _sign_in(page, password: str) -> None:
 
 
 def _delete_pets(page) -> None:
+    from playwright.sync_api import expect
+
     page.get_by_text("Manage 'pets': rename or delete").click()
     page.get_by_text("Yes, delete 'pets' and its images from this server").click()
-    settle(page)
-    page.get_by_role("button", name="Delete dataset").click()
-    settle(page)
+    delete = page.get_by_role("button", name="Delete dataset")
+    expect(delete).to_be_enabled()
+    delete.click()
 
 
 def test_the_class_password_gate_and_who_may_delete(class_server, browser):  # noqa: F811
@@ -74,12 +76,22 @@ def test_the_class_password_gate_and_who_may_delete(class_server, browser):  # n
     _sign_in(page, CLASS_PW)
     page.get_by_role("heading", name="Report: pets").wait_for()  # the app, on the page the link named
     assert page.get_by_test_id("stSidebarNav").count() == 1
+    settle(page)
+    page.reload()  # a refresh is a new session: the browser remembers the password (a cookie)
+    page.get_by_role("heading", name="Report: pets").wait_for()
+    assert page.get_by_role("textbox", name="Class password").count() == 0
     # the student may not delete the shared workspace's dataset
     _delete_pets(page)
     expect(page.get_by_text("You cannot delete the dataset 'pets': it belongs to the shared workspace, not to your "
                             "project; only the teacher can.")).to_be_visible()
     assert pets.is_dir()
     shot(page, "access-02-student-refused")
+    # signing out forgets it: the next visit asks again
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("textbox", name="Class password").wait_for()
+    page.wait_for_timeout(1500)  # the frame that deletes the cookie runs
+    page.reload()
+    page.get_by_role("textbox", name="Class password").wait_for()
     page.close()
     # the teacher (their password in the same form) may
     page = _open(browser, f"{base}/data?data=workspace%2Fpets")

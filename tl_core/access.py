@@ -21,6 +21,7 @@ the :class:`Throttle` in a place that outlives its reruns.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from .runs.workspace import Workspace
 
 __all__ = ["AccessError", "Actor", "TEACHER", "STUDENT", "passwords", "check_password", "Throttle",
-           "may_modify", "require", "class_code", "project_for_code"]
+           "may_modify", "require", "class_code", "project_for_code", "remember_token", "role_for_token"]
 
 TEACHER = "teacher"
 STUDENT = "student"
@@ -83,6 +84,26 @@ def check_password(given: str | None, expected: str) -> bool:
     if not expected:
         return False
     return hmac.compare_digest((given or "").strip().encode("utf-8"), expected.encode("utf-8"))
+
+
+def remember_token(role: str, password: str) -> str:
+    """What a browser keeps (a cookie) so that a refresh or a new tab does not ask for the password again:
+    the role and an HMAC of it keyed by that role's password. Changing the password makes old ones worthless;
+    the token opens the app only as far as the password does.
+    """
+    mac = hmac.new(password.encode("utf-8"), f"tl-studio-access:{role}".encode(), hashlib.sha256).hexdigest()
+    return f"{role}.{mac[:40]}"
+
+
+def role_for_token(token: str | None, class_password: str, teacher_password: str) -> str | None:
+    """The role a remembered token (:func:`remember_token`) grants, checked in constant time; None when it
+    grants none (no token, a changed password, a forged one)."""
+    if not token:
+        return None
+    for role, password in ((TEACHER, teacher_password), (STUDENT, class_password)):
+        if password and hmac.compare_digest(token.encode("utf-8"), remember_token(role, password).encode("utf-8")):
+            return role
+    return None
 
 
 @dataclass
