@@ -14,14 +14,11 @@ if _ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
+from pages import _access as access  # noqa: E402
 from pages import _session as session  # noqa: E402
 from tl_core.errors import TLError  # noqa: E402
 
 st.set_page_config(page_title="TL Studio", page_icon="🧠", layout="wide")
-
-session.startup()
-project_problem = session.sync_from_url()
-
 pages = [
     st.Page(session.PAGES["home"], title="Home", icon=":material/home:", default=True),
     st.Page(session.PAGES["data"], title="Data", icon=":material/folder_open:"),
@@ -32,6 +29,13 @@ pages = [
     st.Page(session.PAGES["runs"], title="Runs & export", icon=":material/inventory_2:"),
     st.Page(session.PAGES["lab"], title="Lab", icon=":material/science:"),
 ]
+# with a class password: only the password form until it is given (the pages' names hidden too); sets
+# st.session_state["tl_role"]
+access.gate(pages)
+
+session.startup()
+project_problem = session.sync_from_url()
+
 page = st.navigation(pages)
 
 
@@ -57,6 +61,7 @@ def project_sidebar(ws) -> None:
         st.caption("Runs, uploads and weights here are private to this project. Bookmark this link to come back "
                    "(anyone with the link can open the project):")
         st.code(session.project_link(ws.name), language=None, wrap_lines=True)
+        access.sidebar(ws)
         if st.button("Leave the project", icon=":material/logout:", help="Back to the shared workspace."):
             session.enter_project(None)
             st.rerun()
@@ -64,6 +69,8 @@ def project_sidebar(ws) -> None:
         st.markdown("**Shared workspace**")
         st.caption("No project selected: you use the server's shared workspace, whose runs and uploads every "
                    "user without a project link sees. Start a project to keep yours apart.")
+        if ws is not None:
+            access.sidebar(ws)
     with st.popover("Start a new project", icon=":material/create_new_folder:", width="stretch"):
         st.text_input("Project name", key="new_project_name", placeholder="e.g. Birds of my garden",
                       help="A name for you; the link gets a random part, so only people you give it to find it.")

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import streamlit as st
 
+from pages import _access as access
 from pages import _session as session
 from tl_core.errors import TLError
 from tl_core.runs import tasks
@@ -152,8 +153,11 @@ def _live(ws: Workspace, task_id: str, label: str, key: str, poll_s: float,
             c1, c2 = st.columns([1, 4], vertical_alignment="center")
             if c1.button("Cancel", key=f"{key}-cancel", icon=":material/stop:",
                          help="Stops it (for everyone who asked for the same result)."):
-                tasks.cancel(ws, t.id)
-                st.toast(f"Cancelling: {label.lower()}…")
+                try:
+                    tasks.cancel(ws, t.id, actor=access.actor())
+                    st.toast(f"Cancelling: {label.lower()}…")
+                except TLError as e:  # another project's or another user's task (tl_core.access)
+                    st.error(str(e))
             c2.caption("This runs on the server, not in your browser: you may switch pages or refresh and come "
                        "back to it.")
 

@@ -5,6 +5,7 @@ import time
 import pandas as pd
 import streamlit as st
 
+from pages import _access as access
 from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.config import field_help
@@ -12,6 +13,7 @@ from tl_core.data.library import dataset_signature
 from tl_core.models.catalogue import CATALOGUE, catalogue, local_weights, store_uploaded_weights
 from tl_core.runs import tasks
 from tl_core.share.progress import MISSING
+from tl_core.errors import TLError
 from tl_core.share import figures as charts
 
 session.ensure_router()
@@ -76,7 +78,11 @@ def speed_controls(ws, rows: list[dict], speeds: dict[str, float]) -> None:
         if st.button("Cancel timing", icon=":material/stop:", key="speed-cancel"):
             for t in now:
                 if t.active:
-                    tasks.cancel(ws, t.id)
+                    try:
+                        tasks.cancel(ws, t.id, actor=access.actor())
+                    except TLError as e:  # another user's timing (tl_core.access)
+                        st.error(str(e))
+                        break
 
     live()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from pages import _access as access
 from pages import _fix as fixes
 from pages import _map_view as map_view
 from pages import _session as session
@@ -18,6 +19,7 @@ from tl_core.data.library import (add_class_images, dataset_signature, safe_name
                                   save_uploaded_zip)
 from tl_core.runs.datasets import dataset_runs, dataset_users, delete_dataset, rename_dataset
 from tl_core.data import versions
+from tl_core.access import AccessError
 from tl_core.errors import DatasetError
 from tl_core.share import figures as charts
 
@@ -354,8 +356,8 @@ def unpack_folder(ws, files) -> None:
 def _rename(ws, name: str) -> None:
     """Button callback: rename the chosen uploaded dataset (before the page is drawn, so the picker follows)."""
     try:
-        folder = rename_dataset(ws, name, st.session_state.get("rename_to", ""))
-    except DatasetError as e:
+        folder = rename_dataset(ws, name, st.session_state.get("rename_to", ""), actor=access.actor())
+    except (DatasetError, AccessError) as e:
         st.session_state["_manage_error"] = str(e)
         return
     session.select("dataset", f"workspace/{folder.name}")
@@ -367,8 +369,8 @@ def _rename(ws, name: str) -> None:
 def _delete(ws, name: str) -> None:
     """Button callback: delete the chosen uploaded dataset (refused while a run or task reads it)."""
     try:
-        kept = delete_dataset(ws, name)
-    except DatasetError as e:
+        kept = delete_dataset(ws, name, actor=access.actor())
+    except (DatasetError, AccessError) as e:
         st.session_state["_manage_error"] = str(e)
         return
     session.select("dataset", None)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from pages import _access as access
 from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.cache import cache_usage, clear_cache
@@ -16,6 +17,7 @@ from tl_core.runs import tasks
 from tl_core.storage.files import RunFiles
 from tl_core.share.progress import MISSING, compare_rows, runs_rows, setting_text
 from tl_core.storage.store import ACTIVE_STATUSES
+from tl_core.access import AccessError
 from tl_core.share import figures as charts
 
 session.ensure_router()
@@ -63,8 +65,15 @@ def _with_uncertainty(ws, compared: dict, runs: list[dict], val_metrics: dict) -
 
 def _delete(ws, run_ids: list[str]) -> None:
     # a button callback: runs before the page is drawn, so it may reset the selection widgets
+    deleted = []
     for i in run_ids:
-        tasks.delete_run(ws, i)  # the run, its files and the exports/reports made from it
+        try:
+            tasks.delete_run(ws, i, actor=access.actor())  # the run, its files and the exports/reports made from it
+        except AccessError as e:
+            st.session_state["_delete_refused"] = str(e)
+            continue
+        deleted.append(i)
+    run_ids = deleted
     if session.get("run") in run_ids:
         session.select("run", None)
     st.session_state["runs_selected"] = []
@@ -149,7 +158,9 @@ def cache_panel(ws) -> None:
         st.caption(f"Decoded images {usage['decoded'] / 1e6:.1f} MB · features {usage['features'] / 1e6:.1f} MB. "
                    "The caches make a second run on the same images fast; they are capped (least recently used "
                    "first) and can be emptied at any time: runs are kept, the next run just decodes again.")
-        if st.button("Clear the cache", key="clear_cache", icon=":material/delete_sweep:"):
+        if access.role() != "teacher":  # the caches serve the whole class: emptying them is the teacher's call
+            st.caption("Only the teacher can empty the caches on this server.")
+        elif st.button("Clear the cache", key="clear_cache", icon=":material/delete_sweep:"):
             freed = clear_cache(ws.cache_dir)
             st.success(f"Freed {freed / 1e6:.1f} MB.")
 
@@ -159,6 +170,8 @@ with session.page_errors():
     store = ws.store()
     runs = store.list()
     cache_panel(ws)
+    if "_delete_refused" in st.session_state:
+        st.error(st.session_state.pop("_delete_refused"))
     if st.session_state.pop("_deleted", 0):
         st.success("Deleted.")
     if not runs:

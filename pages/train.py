@@ -14,6 +14,7 @@ from typing import Any
 
 import streamlit as st
 
+from pages import _access as access
 from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.config import STRATEGIES, FieldSpec, TrainConfig, config_fields, strategy_default
@@ -24,6 +25,7 @@ from tl_core.runs import tasks
 from tl_core.share.progress import (describe_progress, duration_text, ended_text, features_text, setting_text, stop_text,
                                    timing_text)
 from tl_core.storage.store import ACTIVE_STATUSES
+from tl_core.access import AccessError
 from tl_core.share import figures as charts
 
 session.ensure_router()
@@ -273,8 +275,11 @@ def run_panel(ws, run_id: str) -> None:
                     st.progress(frac, text=f"{text} · {since:.0f} s since the click")
                 if st.button("Cancel training", icon=":material/stop:", help="Stops the worker at its next check "
                              "point (killed after a few seconds if it does not stop)."):
-                    tasks.cancel_run(ws, run_id)
-                    st.toast("Cancelling…")
+                    try:
+                        tasks.cancel_run(ws, run_id, actor=access.actor())
+                        st.toast("Cancelling…")
+                    except AccessError as e:
+                        st.error(str(e))
             elif status == "done":
                 s = run.get("summary") or {}
                 st.success(_done_text(run, task))

@@ -193,7 +193,7 @@ def test_a_full_queue_is_refused_with_a_clear_message(workspace, tmp_path, monke
     # the position a user sees
     queued = workspace.store().tasks(status="queued")
     last = tasks.Task.from_row(queued[-1])
-    assert tasks.queue_position(workspace, last) == {"ahead": 2, "running": 0, "slots": 1}
+    assert tasks.queue_position(workspace, last) == {"ahead": 2, "groups": 0, "running": 0, "slots": 1}
     assert tasks.describe_wait(workspace, last).startswith("Waiting in the queue: number 3 in line")
 
 

@@ -54,6 +54,10 @@ def _non_negative_float(raw: str) -> float:
     return v
 
 
+def _text(raw: str) -> str:
+    return raw
+
+
 def _path(raw: str) -> Path:
     return Path(raw).expanduser()
 
@@ -81,6 +85,7 @@ class Setting:
         help: one sentence on what it sets.
         parse: turns the stripped text into the value; raises ``ValueError`` on a bad one.
         default_text: how the default reads in a listing, when it is computed.
+        secret: a password: listings show whether it is set, never its value.
     """
 
     name: str
@@ -89,6 +94,7 @@ class Setting:
     help: str
     parse: Callable[[str], Any]
     default_text: str = ""
+    secret: bool = False
 
     def shown_default(self) -> str:
         """The default as a listing shows it."""
@@ -118,6 +124,14 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "picks ONNX Runtime on the CPU by a documented rule (docs/design.md).", _engine),
     Setting("TL_ONNX_MIN_IMAGES", "int >= 0", 500, "Under auto, a job this small runs on PyTorch while no ONNX "
             "file exists yet for its backbone (the export takes 5-10 s).", _non_negative_int),
+    Setting("TL_PASSWORD", "text", None, "The class password: with it set, the app shows nothing but a password "
+            "form until it is given (docs/classroom.md, Access).", _text, "none (the app asks for nothing)",
+            secret=True),
+    Setting("TL_TEACHER_PASSWORD", "text", None, "The teacher password: it makes a session the teacher's, who may "
+            "delete, rename and cancel in every project and sees the teacher's page.", _text,
+            "none (without any password everyone may do everything)", secret=True),
+    Setting("TL_QUEUE_PER_PROJECT", "int >= 1", 10, "Compute tasks (trainings included) one project (or the shared "
+            "workspace) may have waiting; one more is refused, so that no group fills the queue alone.", _positive_int),
     Setting("TL_DECODE_THREADS", "int >= 1", None, "Threads that decode and resize the next batch while the "
             "model runs; 1 turns it off.", _positive_int, "one per core, at most 4"),
 ]}
@@ -181,6 +195,10 @@ def describe() -> list[dict[str, Any]]:
     for s in SETTINGS.values():
         raw = os.environ.get(s.name, "").strip() or None
         error = None
+        if s.secret:
+            rows.append({"name": s.name, "type": s.type, "default": s.shown_default(), "help": s.help,
+                         "value": "(set)" if raw else None, "error": None})
+            continue
         if raw is not None:
             try:
                 setting(s.name)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from ..access import Actor, require
 from ..data.library import safe_name, uploaded_dataset_dir
 from ..errors import DatasetError
 from ..storage.files import RunFiles
@@ -82,7 +83,7 @@ def _refuse_if_used(ws: Workspace, name: str, doing: str) -> None:
                            "Train page), then try again.")
 
 
-def rename_dataset(ws: Workspace, name: str, new_name: str) -> Path:
+def rename_dataset(ws: Workspace, name: str, new_name: str, actor: Actor | None = None) -> Path:
     """Rename the uploaded dataset ``name`` to ``new_name`` (sanitised like every upload name).
 
     Runs that trained on it follow it: a ``NAME@VERSION`` reference takes the new name, and a finished run's saved
@@ -93,8 +94,10 @@ def rename_dataset(ws: Workspace, name: str, new_name: str) -> Path:
     Raises:
         DatasetError: no such uploaded dataset, an empty new name, a dataset of that name exists already, or
             a queued or running run or task reads it.
+        AccessError: ``actor`` is a student outside their own project (:mod:`tl_core.access`).
     """
     folder = uploaded_dataset_dir(ws, name)
+    require(actor, ws, f"rename the dataset {name!r}")
     if not str(new_name).strip():
         raise DatasetError("Give the dataset a new name (letters, digits, '-', '_' or '.').")
     target_name = safe_name(new_name, fallback="")
@@ -129,7 +132,7 @@ def rename_dataset(ws: Workspace, name: str, new_name: str) -> Path:
     return target
 
 
-def delete_dataset(ws: Workspace, name: str) -> int:
+def delete_dataset(ws: Workspace, name: str, actor: Actor | None = None) -> int:
     """Delete the uploaded dataset ``name`` and its images from the workspace.
 
     The folder is first moved out of the dataset list in one step (a hidden name), then removed, so the list
@@ -140,8 +143,10 @@ def delete_dataset(ws: Workspace, name: str) -> int:
         How many runs (finished, failed or cancelled) trained on it and are kept.
     Raises:
         DatasetError: no such uploaded dataset, or a queued or running run or task reads it.
+        AccessError: ``actor`` is a student outside their own project (:mod:`tl_core.access`).
     """
     folder = uploaded_dataset_dir(ws, name)
+    require(actor, ws, f"delete the dataset {name!r}")
     _refuse_if_used(ws, name, "deleted")
     kept = len(dataset_runs(ws, name))
     trash = ws.datasets_dir / f".deleting-{name}-{os.getpid()}-{time.time_ns()}"

@@ -14,8 +14,9 @@ Two lanes of workers (``tl_core.runs.workers``): ``compute`` (training, the audi
 embedding map, the domain gap, Grad-CAM, calibration, the lab, exports, the report, speed timing) runs at
 most ``TL_MAX_WORKERS`` tasks at once, machine-wide; ``interactive`` (Try it's predictions and heat-maps,
 augmentation previews, checking uploaded weights) has its own small pool that keeps a few models warm, so
-that a prediction does not wait behind a training. At most :data:`MAX_QUEUED` tasks wait per lane; one more
-is refused with :class:`QueueFullError`. Cancel is real: a flag the task checks, and a worker that ignores it
+that a prediction does not wait behind a training. Projects take turns (round robin,
+:func:`tl_core.runs.workers.queue_order`). At most :data:`MAX_QUEUED` tasks wait per lane, and at most
+``TL_QUEUE_PER_PROJECT`` (10) compute tasks of one project; one more is refused with :class:`QueueFullError`. Cancel is real: a flag the task checks, and a worker that ignores it
 is killed.
 
 Why not a task-queue library: Celery, RQ and Dramatiq need a broker (Redis, RabbitMQ) that a laptop or a
@@ -37,11 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..access import Actor, require
 from ..config import TrainConfig
 from ..errors import RunError, TLError
 from ..storage.store import ACTIVE_STATUSES, RunStore
 from ..storage.workspace import TASK_RESULT, Workspace
-from .workers import ensure_workers, lane_slots, prune, stop_task
+from .workers import ensure_workers, lane_slots, prune, queue_order, stop_task
 
 __all__ = ["QueueFullError", "Task", "MAX_QUEUED", "task_key", "submit", "find", "get", "result", "cancel",
            "queue_position", "describe_wait", "submit_training", "cancel_run", "delete_run", "prune"]
@@ -126,7 +128,8 @@ def submit(ws: Workspace, kind: str, params: dict[str, Any], owner: str | None =
     Returns:
         The task (``shared`` tells whether it was already there).
     Raises:
-        ConfigError: unknown kind. QueueFullError: :data:`MAX_QUEUED` tasks of its lane are waiting.
+        ConfigError: unknown kind. QueueFullError: :data:`MAX_QUEUED` tasks of its lane are waiting, or
+            ``TL_QUEUE_PER_PROJECT`` compute tasks of this workspace's.
     """
     from .kinds import kind_spec
 
@@ -140,6 +143,11 @@ def submit(ws: Workspace, kind: str, params: dict[str, Any], owner: str | None =
     waiting = sum(len(w.store().tasks(status="queued", lane=spec.lane)) for w in ws.all_workspaces())
     if waiting >= MAX_QUEUED:
         raise QueueFullError(f"The queue is full ({waiting} tasks waiting); try again when some have finished.")
+    mine, cap = len(store.tasks(status="queued", lane=spec.lane)), setting("TL_QUEUE_PER_PROJECT")
+    if spec.lane == "compute" and mine >= cap:  # interactive tasks take a second: they need no cap
+        where = "this project" if ws.is_project else "the shared workspace"
+        raise QueueFullError(f"{where[0].upper()}{where[1:]} has {mine} tasks waiting already, the most one project "
+                             "may queue; try again when one has started.")
     task_id, shared = store.create_task(kind, key, spec.lane, params, owner=owner, run_id=run_id, share=share)
     if start_worker and not shared:
         ensure_workers(ws, spec.lane)
@@ -178,31 +186,47 @@ def result(ws: Workspace, task: Task | str) -> Any:
         raise RunError(f"The result of task {t.id} is gone (cleaned up or damaged); ask for it again.") from None
 
 
-def cancel(ws: Workspace, task_id: str, wait: bool = False) -> None:
-    """Stop a task: a queued one at once; a running one at its next check point, or its worker is killed."""
+def cancel(ws: Workspace, task_id: str, wait: bool = False, actor: Actor | None = None) -> None:
+    """Stop a task: a queued one at once; a running one at its next check point, or its worker is killed.
 
+    Args:
+        actor: who asks (:mod:`tl_core.access`); None checks nothing.
+    Raises:
+        AccessError: a student cancels a task of another project or of the shared workspace not queued by them.
+    """
+    require(actor, ws, "cancel this task", ws.store().task(task_id).get("owner"))
     stop_task(ws, task_id, wait=wait)
 
 
 def queue_position(ws: Workspace, task: Task) -> dict[str, int]:
-    """Where a queued task stands in its lane, machine-wide: {"ahead": tasks queued before it, "running":
-    tasks of its lane running now, "slots": how many run at once}. Reads only queued and running tasks."""
+    """Where a queued task stands in its lane, machine-wide, in the order the workers will take them (projects
+    take turns: :func:`tl_core.runs.workers.queue_order`).
 
-    ahead = running = 0
-    for w in ws.all_workspaces():
-        store: RunStore = w.store()
-        running += len(store.tasks(status="running", lane=task.lane))
-        ahead += sum((t["created"], t["id"]) < (task.created, task.id)
-                     for t in store.tasks(status="queued", lane=task.lane))
-    return {"ahead": ahead, "running": running, "slots": lane_slots(task.lane)}
+    Returns:
+        {"ahead": tasks that will start before it, "groups": other projects (or the shared workspace) among
+        them, "running": tasks of its lane running now, "slots": how many run at once}.
+    """
+
+    running = sum(len(w.store().tasks(status="running", lane=task.lane)) for w in ws.all_workspaces())
+    order = queue_order(ws, task.lane)
+    ids = [row["id"] for _, row in order]
+    ahead = ids.index(task.id) if task.id in ids else len(ids)
+    mine = next((w.home for w, row in order if row["id"] == task.id), ws.home)
+    groups = len({w.home for w, _ in order[:ahead]} - {mine})
+    return {"ahead": ahead, "groups": groups, "running": running, "slots": lane_slots(task.lane)}
 
 
 def describe_wait(ws: Workspace, task: Task) -> str:
-    """One line for a user whose task waits: where it stands and for how long it has waited."""
+    """One line for a user whose task waits: where it stands, why (the groups taking turns before it) and for how
+    long it has waited."""
     pos = queue_position(ws, task)
     place = "next" if pos["ahead"] == 0 else f"number {pos['ahead'] + 1}"
+    turns = ""
+    if pos["groups"]:
+        turns = (f" · {pos['groups']} other group{'s' if pos['groups'] > 1 else ''} ahead of you "
+                 f"{'take' if pos['groups'] > 1 else 'takes'} turns with yours")
     return (f"Waiting in the queue: {place} in line, {pos['running']} task(s) running "
-            f"(this server runs {pos['slots']} at a time) · waited {task.waited_s:.0f} s")
+            f"(this server runs {pos['slots']} at a time){turns} · waited {task.waited_s:.0f} s")
 
 
 def submit_training(ws: Workspace, data: str | os.PathLike, cfg: TrainConfig, owner: str | None = None,
@@ -230,23 +254,32 @@ def submit_training(ws: Workspace, data: str | os.PathLike, cfg: TrainConfig, ow
     return run_id
 
 
-def cancel_run(ws: Workspace, run_id: str, wait: bool = False) -> None:
-    """Stop a run: queued at once; running at its next check point, or its worker is killed."""
+def cancel_run(ws: Workspace, run_id: str, wait: bool = False, actor: Actor | None = None) -> None:
+    """Stop a run: queued at once; running at its next check point, or its worker is killed.
+
+    Raises:
+        AccessError: ``actor`` is a student and the run is another project's (or the shared workspace's and
+            not queued by them).
+    """
     store = ws.store()
+    require(actor, ws, f"cancel run {run_id}", store.get(run_id).get("owner"))
     store.request_cancel(run_id)
     for t in store.tasks(kind="train"):
         if t.get("run_id") == run_id and t["status"] in ("queued", "running"):
             cancel(ws, t["id"], wait=wait)
 
 
-def delete_run(ws: Workspace, run_id: str) -> None:
+def delete_run(ws: Workspace, run_id: str, actor: Actor | None = None) -> None:
     """Delete a finished run: its row, its files, and the tasks made from it (their results name its files).
 
     Raises:
         RunError: the run is queued or running (cancel it first).
+        AccessError: ``actor`` is a student and the run is another project's (or the shared workspace's and
+            not queued by them).
     """
     store = ws.store()
     run = store.get(run_id)
+    require(actor, ws, f"delete run {run_id}", run.get("owner"))
     if run["status"] in ACTIVE_STATUSES:
         raise RunError(f"Run {run_id} is {run['status']}; cancel it before deleting it.")
     run_dir = str(ws.run_dir(run_id))

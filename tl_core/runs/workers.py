@@ -34,8 +34,8 @@ from ..storage.store import ACTIVE_STATUSES, RunStore
 from ..storage.workspace import TASK_RESULT, Workspace
 from .kinds import jsonable, kind_spec
 
-__all__ = ["LANES", "lane_slots", "default_max_workers", "ensure_workers", "stop_task", "recover", "TaskContext",
-           "run_task", "worker_main", "prune", "CANCEL_GRACE_S"]
+__all__ = ["LANES", "lane_slots", "queue_order", "default_max_workers", "ensure_workers", "stop_task", "recover",
+           "TaskContext", "run_task", "worker_main", "prune", "CANCEL_GRACE_S"]
 
 log = logging.getLogger(__name__)
 
@@ -267,19 +267,46 @@ def run_task(ws: Workspace, task_id: str, models: WarmModels | None = None) -> s
     return store.task(task_id)["status"]
 
 
+def queue_order(ws: Workspace, lane: str) -> list[tuple[Workspace, dict[str, Any]]]:
+    """Every queued task of ``lane`` (all projects) in the order workers will start them: projects take turns.
+
+    Each project (and the shared workspace) is one queue, first come first served inside it. The next task
+    comes from the project whose last start is the oldest (never: first of all; a tie goes to the older
+    request), so a project that queued ten trainings gets one of every turn, not the next ten: round robin.
+    The order depends only on the store (what is queued, when each project last started something), so a
+    user's place in line (:func:`tl_core.runs.tasks.queue_position`) is the place the workers give them.
+
+    Returns:
+        (workspace, task row) pairs, next first.
+    """
+    heads: list[list[Any]] = []  # [turn key, workspace, its queued tasks]
+    for w in ws.all_workspaces():
+        store = w.store()
+        queued = store.tasks(status="queued", lane=lane)
+        if queued:
+            heads.append([(0, store.last_started(lane), queued[0]["created"], queued[0]["id"]), w, queued])
+    order: list[tuple[Workspace, dict[str, Any]]] = []
+    turn = 0
+    while heads:
+        head = min(heads, key=lambda h: h[0])
+        order.append((head[1], head[2].pop(0)))
+        turn += 1
+        head[0] = (1, turn)  # served now: after everyone who has waited longer
+        if not head[2]:
+            heads.remove(head)
+    return order
+
+
 def _claim(ws: Workspace, lane: str) -> tuple[Workspace, str] | None:
-    """Claim the oldest queued task of ``lane`` over the top workspace and every project."""
+    """Claim the next queued task of ``lane`` over the top workspace and every project (:func:`queue_order`)."""
     pid, started = identity()
     while True:
-        best: tuple[float, str, Workspace] | None = None
-        for w in ws.all_workspaces():
-            oldest = w.store().oldest_queued(lane)
-            if oldest is not None and (best is None or oldest < best[:2]):
-                best = (*oldest, w)
-        if best is None:
+        order = queue_order(ws, lane)
+        if not order:
             return None
-        if best[2].store().claim_task(best[1], pid, started):
-            return best[2], best[1]
+        w, row = order[0]
+        if w.store().claim_task(row["id"], pid, started):
+            return w, row["id"]
         # another worker claimed it first: look again
 
 

@@ -336,6 +336,12 @@ class RunStore:
                             "LIMIT 1", (lane,)).fetchone()
         return None if row is None else (row["created"], row["id"])
 
+    def last_started(self, lane: str) -> float:
+        """When a task of ``lane`` last started in this workspace (0.0: never): whose turn it is in the queue."""
+        with self._conn() as c:
+            row = c.execute("SELECT MAX(started) FROM tasks WHERE lane=? AND started IS NOT NULL", (lane,)).fetchone()
+        return float(row[0] or 0.0)
+
     def claim_task(self, task_id: str, pid: int, pid_start: int | None) -> bool:
         """Move a queued task to running for worker (pid, start); False when another worker was faster."""
         now = time.time()
