@@ -41,6 +41,7 @@ from typing import Any
 from ..access import Actor, require
 from ..config import TrainConfig
 from ..errors import RunError, TLError
+from ..settings import setting
 from ..storage.store import ACTIVE_STATUSES, RunStore
 from ..storage.workspace import TASK_RESULT, Workspace
 from .workers import ensure_workers, lane_slots, prune, queue_order, stop_task
