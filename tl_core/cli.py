@@ -300,8 +300,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         sys.stderr.write(f"note: listening on {args.host} without --api-key: anyone who can reach this machine "
                          "can use the model.\n")
-    run_server(model, host=args.host, port=args.port, api_key=args.api_key or None, top_k=args.top_k,
-               limits=ServeLimits(max_batch=args.max_batch, max_queue=args.max_queue))
+    try:
+        run_server(model, host=args.host, port=args.port, api_key=args.api_key or None, top_k=args.top_k,
+                   limits=ServeLimits(max_batch=args.max_batch, max_queue=args.max_queue))
+    except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down: the way a server is stopped
+        pass
+    sys.stderr.write("stopped\n")
     return 0
 
 
