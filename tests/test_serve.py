@@ -173,8 +173,10 @@ def test_model_description(served):
     row = _post(client, [("a.png", H.png_bytes())]).json()["predictions"][0]
     assert set(row) <= set(m["scores"])  # every field of a row is explained
     assert m["limits"]["max_files"] == 4
-    paths = client.get("/openapi.json").json()["paths"]
-    assert {"/predict", "/model", "/health"} <= set(paths)
+    doc = client.get("/openapi.json").json()
+    assert {"/predict", "/model", "/health"} <= set(doc["paths"])
+    assert set(doc["components"]["securitySchemes"]) == {"APIKeyHeader", "HTTPBearer"}  # /docs: "Authorize"
+    assert "security" not in doc["paths"]["/health"]["get"]
 
 
 def test_a_full_queue_answers_503_at_once(emoji_run):

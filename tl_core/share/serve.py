@@ -175,20 +175,19 @@ def model_description(tm: TrainedModel, limits: ServeLimits) -> dict[str, Any]:
     }
 
 
-def _check_key(api_key: str | None):
+def _check_key(api_key: str):
     """A FastAPI dependency: the request carries ``api_key`` (X-API-Key, or Authorization: Bearer), compared in
-    constant time; a server without a key lets everyone in."""
-    from fastapi import Header, HTTPException
+    constant time. Declared as OpenAPI security schemes, so /docs offers an "Authorize" button."""
+    from fastapi import HTTPException, Security
+    from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-    expected = api_key.encode("utf-8") if api_key else None
+    expected = api_key.encode("utf-8")
+    header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the key given to `tl-core serve --api-key`")
+    bearer = HTTPBearer(auto_error=False, description="the same key as a bearer token")
 
-    def check(x_api_key: str | None = Header(default=None, include_in_schema=False),
-              authorization: str | None = Header(default=None, include_in_schema=False)) -> None:
-        if expected is None:
-            return
-        given = x_api_key or None
-        if given is None and authorization and authorization[:7].lower() == "bearer ":
-            given = authorization[7:].strip()
+    def check(x_api_key: str | None = Security(header),
+              authorization: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+        given = x_api_key or (authorization.credentials if authorization else None) or None
         # compare_digest: the time taken does not depend on where the key and the guess differ
         if given is None or not hmac.compare_digest(given.encode("utf-8"), expected):
             raise HTTPException(401, "This server needs an API key: send it in the X-API-Key header (or "
@@ -273,7 +272,7 @@ def create_app(model: TrainedModel, api_key: str | None = None, limits: ServeLim
     batcher = MicroBatcher(predict or (lambda images: predict_pil(model, images, top_k=top_k)),
                            max_batch=limits.max_batch, window_s=limits.window_ms / 1000, max_queue=limits.max_queue)
     decoding = asyncio.Semaphore(max(1, limits.decoders))
-    key = Depends(_check_key(api_key))
+    guarded = [Depends(_check_key(api_key))] if api_key else []  # /predict and /model; /health stays open
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -310,11 +309,11 @@ def create_app(model: TrainedModel, api_key: str | None = None, limits: ServeLim
                 "served": {"requests": s.jobs, "images": s.images, "batches": s.batches,
                            "largest_batch": s.largest_batch}}
 
-    @app.get("/model", summary="Classes, input, thresholds and what the scores mean", dependencies=[key])
+    @app.get("/model", summary="Classes, input, thresholds and what the scores mean", dependencies=guarded)
     async def describe_model() -> dict[str, Any]:
         return model_description(model, limits)
 
-    @app.post("/predict", summary="Classify images", dependencies=[key],
+    @app.post("/predict", summary="Classify images", dependencies=guarded,
               responses={401: {"description": "API key missing or wrong"},
                          413: {"description": "too many files, or a file, image or body too large"},
                          422: {"description": "a file is not a usable image (the whole request is refused)"},
