@@ -120,6 +120,14 @@ def _export_view(ws, run_id: str, fmt: str, button: str, label: str, help: str |
     return res, (tasks.find(ws, "export", params) if res is not None else None)
 
 
+def serve_snippet(ws, run_id: str) -> None:
+    """The command that serves one run as an HTTP API (its run directory: it resolves whatever ``$TL_HOME`` and
+    project the shell has), and a ``curl`` call of it (docs/serve.md)."""
+    st.caption("Serve it as an HTTP API (`POST /predict`, API docs at `/docs`; add `--api-key KEY` to require a key):")
+    st.code(f"tl-core serve {ws.run_dir(run_id)} --port 8000\n"
+            "curl -F files=@image.jpg http://localhost:8000/predict", language="bash")
+
+
 def export_panel(ws, run_id: str) -> None:
     """ONNX / TorchScript exports with their verification numbers, and the HTML report, for one finished run."""
     cols = st.columns(3)
@@ -280,6 +288,7 @@ with session.page_errors():
                            f"({res['files'][0]['bytes'] / 1e6:.1f} MB). Predict with `tl-core predict {name} IMAGE`.")
             else:
                 c2.caption("Bundle: " + EXPORT_FORMATS["bundle"])
+            serve_snippet(ws, i)
             export_panel(ws, i)
 
     st.subheader("Delete")

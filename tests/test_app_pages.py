@@ -765,6 +765,10 @@ def test_runs_and_backbone_tables_show_labels_and_values_not_none_or_field_names
     assert compare.loc["Batch size", full] == "16" and compare.loc["Batch size", run_id] == "—"
     assert compare.loc["Validation share", run_id] == "20%"
     assert compare.loc["Val accuracy", cancelled] == "—"
+    # each finished run shows how to serve it over HTTP (its run directory resolves from any shell) and a curl call
+    serve = [c.value for c in at.code if "tl-core serve" in c.value]
+    assert len(serve) == 2 and f"tl-core serve {ws.run_dir(run_id)} " in serve[0] + serve[1]
+    assert all("curl -F files=@" in c and "/predict" in c for c in serve)
     # the backbone catalogue: speed not measured yet shows a dash
     goto(at, "backbone")
     assert_clean(at)

@@ -265,6 +265,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``tl-core serve``: the model behind an HTTP API until Ctrl-C (tl_core/share/serve.py, docs/serve.md)."""
+    from .models.devices import configure_threads, reuse_heap_memory
+    from .share.loading import load_model
+    from .share.serve import ServeLimits, require_serve_extra, run_server
+
+    require_serve_extra()  # before the model loads: the missing extra is the first thing to say
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a port; give 0-65535 (0 takes a free one).")
+    if args.max_batch < 1 or args.max_queue < 1:
+        raise ConfigError("--max-batch and --max-queue must be at least 1.")
+    # one long-lived process running one forward pass shape: keeping freed activations is cheaper than mapping
+    # them again every batch, and its peak is one batch (--max-batch); every core goes to that forward pass
+    reuse_heap_memory()
+    configure_threads()
+    ref = Path(args.model)
+    model = load_model(ref if ref.is_file() else _resolve_run_dir(args.model), device=args.device)
+    _note_open_set(model)
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        sys.stderr.write(f"note: listening on {args.host} without --api-key: anyone who can reach this machine "
+                         "can use the model.\n")
+    try:
+        run_server(model, host=args.host, port=args.port, api_key=args.api_key or None, top_k=args.top_k,
+                   limits=ServeLimits(max_batch=args.max_batch, max_queue=args.max_queue))
+    except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down: the way a server is stopped
+        pass
+    sys.stderr.write("stopped\n")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .share.export import export_run
 
@@ -706,6 +736,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="where the model runs: auto (CUDA, then Apple MPS, then the "
                    "CPU), cpu, cuda, cuda:N or mps")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("serve", help="serve a run or bundle as an HTTP API (POST /predict; docs/serve.md)")
+    s.add_argument("model", metavar="RUN_OR_BUNDLE")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one, printed at start)")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require this key in the X-API-Key header (or Authorization: Bearer KEY) for /predict "
+                        "and /model; /health stays open")
+    s.add_argument("--top-k", type=int, default=3)
+    s.add_argument("--max-batch", type=int, default=32, help="images in one forward pass")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model; more get 503")
+    s.add_argument("--device", default="auto", help="where the model runs: auto (CUDA, then Apple MPS, then the "
+                   "CPU), cpu, cuda, cuda:N or mps")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("export", help="export a run as a bundle, ONNX or TorchScript")
     s.add_argument("run")

@@ -6,7 +6,8 @@ CLI can print it after ``error:`` and the app can show it with ``st.error`` unch
 
 from __future__ import annotations
 
-__all__ = ["TLError", "DatasetError", "ConfigError", "WeightsError", "RunError", "CancelledError", "ExportError"]
+__all__ = ["TLError", "DatasetError", "ConfigError", "WeightsError", "RunError", "CancelledError", "ExportError",
+           "ServeError", "ServerBusy"]
 
 
 class TLError(Exception):
@@ -35,3 +36,11 @@ class ExportError(TLError):
 
 class CancelledError(TLError):
     """The user asked to stop; raised from inside the loop at the next check point."""
+
+
+class ServeError(TLError):
+    """The HTTP server (``tl-core serve``) cannot start: a missing extra, a port in use, a bad option."""
+
+
+class ServerBusy(ServeError):
+    """The HTTP server's queue is full; the request was not taken (HTTP 503)."""
