@@ -38,10 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
+from ..data.versions import pin
 from ..errors import RunError, TLError
 from ..storage.store import ACTIVE_STATUSES, RunStore
 from ..storage.workspace import TASK_RESULT, Workspace
-from .workers import ensure_workers, lane_slots, prune, stop_task
+from . import workers  # called through the module: tests and callers replace its functions
+from .kinds import kind_spec
+from .workers import prune
 
 __all__ = ["QueueFullError", "Task", "MAX_QUEUED", "task_key", "submit", "find", "get", "result", "cancel",
            "queue_position", "describe_wait", "submit_training", "cancel_run", "delete_run", "prune"]
@@ -128,8 +131,6 @@ def submit(ws: Workspace, kind: str, params: dict[str, Any], owner: str | None =
     Raises:
         ConfigError: unknown kind. QueueFullError: :data:`MAX_QUEUED` tasks of its lane are waiting.
     """
-    from .kinds import kind_spec
-
     spec = kind_spec(kind)
     key = task_key(kind, params) if share else f"{kind}:{run_id or ''}:{time.time_ns()}"
     store = ws.store()
@@ -142,7 +143,7 @@ def submit(ws: Workspace, kind: str, params: dict[str, Any], owner: str | None =
         raise QueueFullError(f"The queue is full ({waiting} tasks waiting); try again when some have finished.")
     task_id, shared = store.create_task(kind, key, spec.lane, params, owner=owner, run_id=run_id, share=share)
     if start_worker and not shared:
-        ensure_workers(ws, spec.lane)
+        workers.ensure_workers(ws, spec.lane)
     return Task.from_row(store.task(task_id), shared=shared)
 
 
@@ -181,7 +182,7 @@ def result(ws: Workspace, task: Task | str) -> Any:
 def cancel(ws: Workspace, task_id: str, wait: bool = False) -> None:
     """Stop a task: a queued one at once; a running one at its next check point, or its worker is killed."""
 
-    stop_task(ws, task_id, wait=wait)
+    workers.stop_task(ws, task_id, wait=wait)
 
 
 def queue_position(ws: Workspace, task: Task) -> dict[str, int]:
@@ -194,7 +195,7 @@ def queue_position(ws: Workspace, task: Task) -> dict[str, int]:
         running += len(store.tasks(status="running", lane=task.lane))
         ahead += sum((t["created"], t["id"]) < (task.created, task.id)
                      for t in store.tasks(status="queued", lane=task.lane))
-    return {"ahead": ahead, "running": running, "slots": lane_slots(task.lane)}
+    return {"ahead": ahead, "running": running, "slots": workers.lane_slots(task.lane)}
 
 
 def describe_wait(ws: Workspace, task: Task) -> str:
@@ -214,8 +215,6 @@ def submit_training(ws: Workspace, data: str | os.PathLike, cfg: TrainConfig, ow
         DatasetError: the data path does not exist.
         QueueFullError: too many tasks are waiting.
     """
-    from ..data.versions import pin
-
     cfg = cfg.resolved()
     data = pin(ws, data)  # an absolute path, or NAME@VERSION of a managed dataset (the version trained on)
     store = ws.store()
