@@ -20,7 +20,6 @@ from typing import Any, Sequence
 
 from .config import TrainConfig, config_fields, field_help
 from .errors import CancelledError, ConfigError, TLError
-from .storage.files import read_config_file, resolve_run
 
 __all__ = ["main", "build_parser"]
 
@@ -75,6 +74,8 @@ def _stderr_progress(quiet: bool):
 
 def _resolve_run_dir(ref: str) -> Path:
     """A run id (in $TL_HOME) or a run directory."""
+    from .storage.files import resolve_run
+
     return resolve_run(ref, _workspace())
 
 
@@ -120,6 +121,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` of ``tl-core train``: ``--config FILE`` (a run's ``config.json``) or the defaults,
     then every flag given on the command line on top."""
+    from .storage.files import read_config_file
+
     base = read_config_file(args.config) if args.config else {}
     given = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name, None) is not None}
     try:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ..data.images import center_box, load_image, resize_shorter
+from .catalogue import data_overrides, timm_arch
 
 __all__ = ["Preprocess", "data_config_for", "resolve_preprocess", "train_transform", "augmentation_preview"]
 
@@ -140,8 +141,6 @@ def data_config_for(model_or_name: Any) -> dict[str, Any]:
     import timm
 
     if isinstance(model_or_name, str):
-        from .catalogue import data_overrides, timm_arch
-
         try:
             pretrained = timm.models.get_pretrained_cfg(timm_arch(model_or_name))
         except Exception:  # unknown name: timm's defaults below

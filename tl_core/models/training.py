@@ -24,6 +24,7 @@ from ..data.splits import Split
 from ..errors import CancelledError
 from .devices import Runtime, release_free_memory
 from .distributed import all_reduce_sum, barrier, broadcast, shard, wrap
+from .multilabel import label_matrix
 from .preprocess import Preprocess, train_transform
 from .probe import class_weights
 
@@ -272,7 +273,6 @@ def finetune(model: nn.Module, split: Split, classes: list[str], pre: Preprocess
     rt = runtime or Runtime.cpu()
     idx = {c: i for i, c in enumerate(classes)}
     if multi_label:  # one sigmoid output per label, trained with binary cross-entropy; targets are 0/1 rows
-        from .multilabel import label_matrix
 
         ytr = list(label_matrix([i.labels for i in split.train], classes).astype(np.float32))
         yva = list(label_matrix([i.labels for i in split.val], classes).astype(np.float32))

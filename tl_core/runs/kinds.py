@@ -16,8 +16,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..config import TrainConfig
+from ..data.images import load_image
+from ..errors import ConfigError, DatasetError
+from ..insight.foreign import foreign_check
+from ..models.openset import set_threshold
 from ..storage.workspace import Workspace
+from .launch import run_group, train_procs
 
 __all__ = ["TaskKind", "KINDS", "kind_spec", "jsonable"]
 
@@ -73,8 +78,6 @@ def _save_png(img: Any, out_dir: Path, name: str, side: int | None = None) -> st
 # compute lane
 # --------------------------------------------------------------------------------------------------
 def _train(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    from ..config import TrainConfig
-    from .launch import run_group, train_procs
     from .training import run_training
 
     run = ws.store().get(p["run_id"])
@@ -189,8 +192,6 @@ def _report(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
 
 
 def _foreign_check(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    from ..insight.foreign import foreign_check
-
     return foreign_check(p["run"], p["images"], names=p.get("names"), workspace=ws,
                          progress=_counting(ctx, "Scoring the foreign images"))
 
@@ -211,8 +212,6 @@ def _warm_model(ctx: Any, run: str, stamp: Any, head: str = "saved") -> Any:
 
 
 def _predict(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    from ..data.images import load_image
-    from ..errors import DatasetError
     from ..share.predict import predict_pil, predictions_csv
 
     tm = _warm_model(ctx, p["run"], p.get("stamp"))
@@ -239,9 +238,6 @@ NEAREST_THUMBNAIL_ROWS = 12
 def _nearest_thumbnails(rows: list[dict[str, Any]], out_dir: Path) -> None:
     """Add ``thumb`` (a small PNG in the task's folder, or None when the file is gone) to each of the rows'
     ``nearest`` training images, so that a page shows them without decoding the training images itself."""
-    from ..data.images import load_image
-    from ..errors import DatasetError
-
     made: dict[str, str | None] = {}
     for k, r in enumerate(rows):
         near = r.get("nearest") or []
@@ -278,8 +274,6 @@ def _augment_preview(ws: Workspace, p: dict[str, Any], ctx: Any) -> list[dict[st
 
 
 def _set_ood_threshold(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    from ..models.openset import set_threshold
-
     return set_threshold(p["run"], float(p["threshold"]))
 
 

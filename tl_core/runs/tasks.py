@@ -40,11 +40,14 @@ from typing import Any
 
 from ..access import Actor, require
 from ..config import TrainConfig
+from ..data.versions import pin
 from ..errors import RunError, TLError
 from ..settings import setting
-from ..storage.store import ACTIVE_STATUSES, RunStore
+from ..storage.store import ACTIVE_STATUSES
 from ..storage.workspace import TASK_RESULT, Workspace
-from .workers import ensure_workers, lane_slots, prune, queue_order, stop_task
+from . import workers  # called through the module: tests and callers replace its functions
+from .kinds import kind_spec
+from .workers import prune
 
 __all__ = ["QueueFullError", "Task", "MAX_QUEUED", "task_key", "submit", "find", "get", "result", "cancel",
            "queue_position", "describe_wait", "submit_training", "cancel_run", "delete_run", "prune"]
@@ -132,8 +135,6 @@ def submit(ws: Workspace, kind: str, params: dict[str, Any], owner: str | None =
         ConfigError: unknown kind. QueueFullError: :data:`MAX_QUEUED` tasks of its lane are waiting, or
             ``TL_QUEUE_PER_PROJECT`` compute tasks of this workspace's.
     """
-    from .kinds import kind_spec
-
     spec = kind_spec(kind)
     key = task_key(kind, params) if share else f"{kind}:{run_id or ''}:{time.time_ns()}"
     store = ws.store()
@@ -151,7 +152,7 @@ def submit(ws: Workspace, kind: str, params: dict[str, Any], owner: str | None =
                              "may queue; try again when one has started.")
     task_id, shared = store.create_task(kind, key, spec.lane, params, owner=owner, run_id=run_id, share=share)
     if start_worker and not shared:
-        ensure_workers(ws, spec.lane)
+        workers.ensure_workers(ws, spec.lane)
     return Task.from_row(store.task(task_id), shared=shared)
 
 
@@ -190,31 +191,32 @@ def result(ws: Workspace, task: Task | str) -> Any:
 def cancel(ws: Workspace, task_id: str, wait: bool = False, actor: Actor | None = None) -> None:
     """Stop a task: a queued one at once; a running one at its next check point, or its worker is killed.
 
+
     Args:
         actor: who asks (:mod:`tl_core.access`); None checks nothing.
     Raises:
         AccessError: a student cancels a task of another project or of the shared workspace not queued by them.
     """
     require(actor, ws, "cancel this task", ws.store().task(task_id).get("owner"))
-    stop_task(ws, task_id, wait=wait)
+    workers.stop_task(ws, task_id, wait=wait)
 
 
 def queue_position(ws: Workspace, task: Task) -> dict[str, int]:
     """Where a queued task stands in its lane, machine-wide, in the order the workers will take them (projects
     take turns: :func:`tl_core.runs.workers.queue_order`).
 
+
     Returns:
         {"ahead": tasks that will start before it, "groups": other projects (or the shared workspace) among
         them, "running": tasks of its lane running now, "slots": how many run at once}.
     """
-
     running = sum(len(w.store().tasks(status="running", lane=task.lane)) for w in ws.all_workspaces())
-    order = queue_order(ws, task.lane)
+    order = workers.queue_order(ws, task.lane)
     ids = [row["id"] for _, row in order]
     ahead = ids.index(task.id) if task.id in ids else len(ids)
     mine = next((w.home for w, row in order if row["id"] == task.id), ws.home)
     groups = len({w.home for w, _ in order[:ahead]} - {mine})
-    return {"ahead": ahead, "groups": groups, "running": running, "slots": lane_slots(task.lane)}
+    return {"ahead": ahead, "groups": groups, "running": running, "slots": workers.lane_slots(task.lane)}
 
 
 def describe_wait(ws: Workspace, task: Task) -> str:
@@ -239,8 +241,6 @@ def submit_training(ws: Workspace, data: str | os.PathLike, cfg: TrainConfig, ow
         DatasetError: the data path does not exist.
         QueueFullError: too many tasks are waiting.
     """
-    from ..data.versions import pin
-
     cfg = cfg.resolved()
     data = pin(ws, data)  # an absolute path, or NAME@VERSION of a managed dataset (the version trained on)
     store = ws.store()

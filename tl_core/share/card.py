@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from ..models.openset import describe as describe_open_set
 from ..metrics import calibration, figure_of
-from ..storage.files import PREDICTIONS, RunFiles, RunMeta
+from ..models.openset import describe as describe_open_set
 from ..share.progress import features_text
+from ..storage.files import PREDICTIONS, RunFiles, RunMeta
+from .multilabel import card_intended_use, card_metrics_lines
 
 __all__ = ["model_card", "pretraining_data"]
 
@@ -45,8 +46,6 @@ def _fmt(x: Any, nd: int = 4) -> str:
 
 def _metrics_table(rep: dict[str, Any], classes: Sequence[str], title: str) -> list[str]:
     if rep.get("multi_label"):
-        from .multilabel import card_metrics_lines
-
         return card_metrics_lines(rep, title)
     lines = [f"### {title}", "",
              f"Accuracy {figure_of(rep)}; macro F1 {figure_of(rep, 'macro_f1')}; "
@@ -120,8 +119,6 @@ def model_card(files: RunFiles) -> str:
     title = ", ".join(classes[:6]) + (" …" if len(classes) > 6 else "")
     strategy = config.get("strategy", "?")
     if run_meta.multi_label:
-        from .multilabel import card_intended_use
-
         intended = card_intended_use(classes, run_meta.thresholds)
     else:
         intended = (

@@ -23,7 +23,7 @@ from ..models.inference import CachedFeatures, logits_of_images, logits_of_items
 from ..models.openset import Scores, open_set_fields
 from ..storage.workspace import Workspace
 from .loading import TrainedModel
-from .multilabel import evaluate_multilabel
+from .multilabel import evaluate_multilabel, rows_of_logits, write_multilabel_csv
 
 __all__ = ["evaluate_dataset", "logits_of_dataset_items", "expand_paths", "predict_pil", "predict_paths", "write_predictions_csv", "predictions_csv",
            "prediction_row"]
@@ -153,8 +153,6 @@ def _rows_of(tm: TrainedModel, out: Any, top_k: int) -> list[dict[str, Any]]:
     """Prediction rows of a ``logits_of_*`` result (asked ``with_features`` when the model has an open-set bank)."""
     logits, scores = _with_scores(tm, out)
     if tm.meta.multi_label:
-        from .multilabel import rows_of_logits
-
         rows = rows_of_logits(tm, logits, top_k)
     else:
         rows = [prediction_row(p, tm.classes, top_k) for p in softmax(logits, tm.temperature)]
@@ -273,8 +271,6 @@ def write_predictions_csv(rows: Sequence[dict[str, Any]], out: str | os.PathLike
     path, labels (``a;b``), one ``p_<label>`` column per label, unknown and ood_score.
     """
     if rows and "probs" in rows[0]:
-        from .multilabel import write_multilabel_csv
-
         write_multilabel_csv(rows, list(rows[0]["probs"]), out)
         return
     own = not isinstance(out, io.StringIO)

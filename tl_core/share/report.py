@@ -31,6 +31,7 @@ from ..models.openset import describe as describe_open_set
 from ..share.progress import features_text
 from ..storage.files import CONFIG, META, METRICS, OOD, OOD_BANK, PREDICTIONS, VAL_HEAD, WEIGHTS, RunFiles
 from . import figures
+from .multilabel import worst_images
 
 __all__ = ["build_report", "write_report", "MAX_THUMBNAILS", "ENGINEERS_HEADING"]
 
@@ -402,8 +403,6 @@ def build_report(run_dir: str | os.PathLike, image_roots: Sequence[str | os.Path
         parts.append(f"<p class='note'>{_open_set_html(open_set)}</p>")
 
     if multi:
-        from .multilabel import worst_images
-
         wrong_ml = worst_images(val_preds, classes, meta.thresholds, temperature, k=MAX_THUMBNAILS)
         parts.append("<h2>Images with the most wrong labels</h2>")
         parts.append("<p class='note'>" + (f"{len(wrong_ml)} validation image(s) shown with a wrong label set." if wrong_ml
