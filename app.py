@@ -32,6 +32,10 @@ pages = [
     st.Page(session.PAGES["runs"], title="Runs & export", icon=":material/inventory_2:"),
     st.Page(session.PAGES["lab"], title="Lab", icon=":material/science:"),
 ]
+# the teacher's view of the class: only for the teacher (the access gate sets tl_role; an open server has no
+# students, so there everyone is the teacher)
+if st.session_state.get("tl_role", "teacher") == "teacher":
+    pages.append(st.Page(session.PAGES["teacher"], title="Teacher", icon=":material/school:"))
 page = st.navigation(pages)
 
 

@@ -25,7 +25,7 @@ from ..runs.store import ACTIVE_STATUSES
 from ..runs.workspace import Workspace
 
 __all__ = ["SHARED", "project_rows", "project_of", "cancel_project", "reset_project", "delete_project",
-           "clean_up_class", "results_rows", "RESULT_COLUMNS", "results_csv", "export_class"]
+           "clean_up_class", "class_stamp", "results_rows", "RESULT_COLUMNS", "results_csv", "export_class"]
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,23 @@ def clean_up_class(top: Workspace, include_shared: bool = True) -> dict[str, Any
         except RunError:
             stopping.append(SHARED)
     return {"projects": deleted, "runs": runs, "stopping": stopping}
+
+
+def class_stamp(top: Workspace) -> str:
+    """A short key that changes whenever a run of the class, or a challenge submission, changes: an export's
+    task is keyed by it, so that the teacher's download is of the class as it is now."""
+    import hashlib
+
+    from .challenge import challenge_dir
+
+    h = hashlib.sha256()
+    for ws in Workspace(top.top).all_workspaces():
+        for r in ws.store().list():
+            h.update(f"{_label(ws)}|{r['id']}|{r['status']}|{r['updated']}\n".encode())
+    subs = challenge_dir(top) / "submissions"
+    for f in sorted(subs.glob("*.json")) if subs.is_dir() else []:
+        h.update(f"{f.name}|{f.stat().st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 #: The export CSV's columns, in order.
