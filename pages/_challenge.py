@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from pages import _tasks as task_ui
-from tl_core.classroom.challenge import challenge_info, leaderboard, submission_params
+from tl_core.classroom.challenge import leaderboard, submission_params
 from tl_core.errors import TLError
 from tl_core.runs.progress import MISSING, setting_text
 from tl_core.runs.workspace import Workspace

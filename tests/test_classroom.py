@@ -9,11 +9,10 @@ import io
 import json
 import shutil
 import zipfile
-from pathlib import Path
 
 import pytest
 
-from conftest import EMOJI, make_class_folder
+from conftest import make_class_folder
 from tl_core.classroom import challenge, overview
 from tl_core.errors import DatasetError, RunError
 from tl_core.runs import tasks
@@ -234,4 +233,3 @@ def test_export_includes_the_leaderboard(small_challenge, tmp_path):
     overview.export_class(top, tmp_path / "c.zip", reports=False)
     with zipfile.ZipFile(tmp_path / "c.zip") as zf:
         assert zf.read("leaderboard.csv").decode().splitlines()[1].startswith("1,alpha")
-    assert EMOJI.is_dir()
