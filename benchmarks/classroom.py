@@ -22,9 +22,10 @@ dated table to ``benchmarks/RESULTS.md``.
 ``--scenario class`` (the default) is a lesson as a class makes it: ``--sessions 20`` browser sessions in
 ``--projects 5`` projects, each project with one session of each role, all acting at the same moment:
 
-- **upload**: the Data page's zip uploader, a small dataset of its own (3 classes x 8 emoji), until "Unpacked";
-- **check**: "Check the data" on the emoji sample, until the data check's findings;
-- **train**: a linear probe on the emoji sample from the Train page, until "Status: done";
+- **upload**: the Data page's zip uploader, a small dataset of its own (2 classes x 8 emoji), until "Unpacked";
+- **check**: "Check the data" on the project's lesson set (3 classes x 8 emoji, other images in every project, so
+  that no project finds another's features cached), until the data check's findings;
+- **train**: a linear probe on the lesson set from the Train page, until "Status: done";
 - **try**: an image on Try it with the project's run (trained before the clock starts, with a cache of its own
   that is then thrown away, so the others find no features cached), until the prediction.
 
@@ -224,11 +225,25 @@ ROLES = ("upload", "check", "train", "try")
 EMOJI = ROOT / "sample_data" / "emoji"
 
 
-def _class_setup(home: Path, projects: int) -> tuple[list[str], dict[str, str], list[Path]]:
-    """Projects, one finished linear run each (for Try it) and one upload zip per project.
+#: Each project's lesson set: 8 images of each of these classes, a different 8 per project (5 projects use all 40).
+LESSON_CLASSES = ("animal", "flag", "vehicle")
+#: Each project's upload: 8 images of each of these classes, a different 8 per project.
+UPLOAD_CLASSES = ("face", "food")
+PER_CLASS = 8
 
-    The run is trained once, with a feature cache of its own that is then deleted (the sessions find the
-    workspace's cache empty, as a new class would), and copied into every project.
+
+def _slice(cls: str, k: int) -> list[Path]:
+    files = sorted((EMOJI / cls).iterdir())
+    return files[(PER_CLASS * k) % len(files):(PER_CLASS * k) % len(files) + PER_CLASS]
+
+
+def _class_setup(home: Path, projects: int) -> tuple[list[str], dict[str, str], list[Path]]:
+    """Projects, each with a lesson dataset of its own (``lesson``: 3 classes x 8 images, no image shared between
+    projects, so no project finds another's features cached), one finished linear run (for Try it) and one zip
+    to upload (2 other classes x 8 images).
+
+    The run is trained on the first project's lesson set with a feature cache of its own that is then deleted (the
+    sessions find the workspace's cache empty, as a new class would), and copied into every project.
     Returns (project slugs, slug -> run id, the zips).
     """
     import zipfile
@@ -239,32 +254,36 @@ def _class_setup(home: Path, projects: int) -> tuple[list[str], dict[str, str], 
 
     top = Workspace(home)
     slugs = [new_project_slug(f"group {k + 1}") for k in range(projects)]
+    spaces = [top.project(slug, create=True) for slug in slugs]
+    for k, ws in enumerate(spaces):
+        for cls in LESSON_CLASSES:
+            d = ws.datasets_dir / "lesson" / cls
+            d.mkdir(parents=True)
+            for f in _slice(cls, k):
+                shutil.copy(f, d / f.name)
     setup_cache = home.parent / f"{home.name}-setup-cache"
     os.environ["TL_CACHE_DIR"] = str(setup_cache)
     try:
-        first = top.project(slugs[0], create=True)
-        res = run_training(first, EMOJI, TrainConfig(strategy="linear"))
+        res = run_training(spaces[0], spaces[0].datasets_dir / "lesson", TrainConfig(strategy="linear"))
         if res.status != "done":
             raise SystemExit(f"the set-up run failed: {res.error}")
     finally:
         os.environ.pop("TL_CACHE_DIR", None)
         shutil.rmtree(setup_cache, ignore_errors=True)
     runs = {slugs[0]: res.run_id}
-    row = first.store().get(res.run_id)
-    for slug in slugs[1:]:
-        ws = top.project(slug, create=True)
+    row = spaces[0].store().get(res.run_id)
+    for slug, ws in zip(slugs[1:], spaces[1:]):
         rid = ws.store().create_run(row["data"], row["config"], status="done")
         ws.store().update(rid, summary=row["summary"])
-        shutil.copytree(first.run_dir(res.run_id), ws.run_dir(rid))
+        shutil.copytree(spaces[0].run_dir(res.run_id), ws.run_dir(rid))
         runs[slug] = rid
     zips = []
-    classes = sorted(p for p in EMOJI.iterdir() if p.is_dir())
     for k in range(projects):
         z = home.parent / f"{home.name}-upload-{k + 1}.zip"
         with zipfile.ZipFile(z, "w") as zf:
-            for c in classes[k % 3:k % 3 + 3]:
-                for f in sorted(c.iterdir())[8 * k % 24:8 * k % 24 + 8]:
-                    zf.write(f, f"pets{k + 1}/{c.name}/{f.name}")
+            for cls in UPLOAD_CLASSES:
+                for f in _slice(cls, k):
+                    zf.write(f, f"pets{k + 1}/{cls}/{f.name}")
         zips.append(z)
     return slugs, runs, zips
 
@@ -285,8 +304,8 @@ async def _class_sessions(base: str, plan: list[dict], timeout_s: float) -> list
             page = await ctx.new_page()
             page.set_default_timeout(180_000)
             q = f"project={u['project']}"
-            url = {"upload": f"{base}/data?{q}", "check": f"{base}/data?{q}&data=sample%2Femoji",
-                   "train": f"{base}/train?{q}&data=sample%2Femoji",
+            url = {"upload": f"{base}/data?{q}", "check": f"{base}/data?{q}&data=workspace%2Flesson",
+                   "train": f"{base}/train?{q}&data=workspace%2Flesson",
                    "try": f"{base}/try_it?{q}&run={u['run']}"}[u["role"]]
             await page.goto(url)
             pages.append(page)
@@ -318,7 +337,7 @@ async def _class_sessions(base: str, plan: list[dict], timeout_s: float) -> list
                     await page.get_by_role("button", name="Start training").click()
                     await page.get_by_text("Status: done").wait_for(timeout=ms)
                 else:
-                    image = sorted((EMOJI / "vehicle").iterdir())[-1]
+                    image = sorted((EMOJI / "vehicle").iterdir())[-1]  # the same picture for every project
                     await page.locator("input[type=file]").first.set_input_files(str(image))
                     await page.get_by_text(re.compile(rf"{re.escape(image.name)} → ")).wait_for(timeout=ms)
                 return dict(u, wait_s=time.perf_counter() - t0)
@@ -428,8 +447,8 @@ def class_scenario(args: argparse.Namespace) -> int:
                 f"{dt.datetime.now():%Y-%m-%d %H:%M} — {cpu_name()}, {os.cpu_count()} cores, torch "
                 f"{torch.__version__}, load average at start {load_before[0]:.1f}")
         note = (f"\n`benchmarks/classroom.py --scenario class`: {args.sessions} Chromium sessions in {len(slugs)} "
-                "projects act at the same moment (upload a zip, check the emoji sample, train a linear probe, try "
-                "the project's model); fresh TL_HOME, no features cached; TL_MAX_WORKERS default. The server and "
+                "projects act at the same moment (upload a zip, check the project's lesson set of 24 emoji, train a "
+                "linear probe on it, try the project's model); fresh TL_HOME, no features cached; TL_MAX_WORKERS default. The server and "
                 "the workers (every `tl_core.runs.workers` process of this TL_HOME) are sampled every 0.5 s. "
                 "Each user's wait:\n\n" + per_user + "\n")
         print("wrote", prepend(head, table + "\n" + note))
