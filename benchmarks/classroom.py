@@ -310,20 +310,25 @@ async def _class_sessions(base: str, plan: list[dict], timeout_s: float) -> list
             await page.goto(url)
             pages.append(page)
 
-        async def ready(page, u) -> None:
-            if u["role"] == "upload":
-                await page.get_by_role("tab", name="Upload a zip").wait_for()
-            elif u["role"] == "check":
-                await page.get_by_role("button", name="Check the data").wait_for()
-            elif u["role"] == "train":
-                await page.get_by_text("Linear probe (frozen backbone)").first.click()
-                await page.get_by_role("button", name="Start training").wait_for()
-            else:
-                await page.locator("input[type=file]").first.wait_for(state="attached")
+        async def ready(page, u) -> str | None:
+            try:
+                if u["role"] == "upload":
+                    await page.get_by_role("tab", name="Upload a zip").wait_for()
+                elif u["role"] == "check":
+                    await page.get_by_role("button", name="Check the data").wait_for()
+                elif u["role"] == "train":  # the form's default strategy is the linear probe
+                    await page.get_by_role("button", name="Start training").wait_for()
+                else:
+                    await page.locator("input[type=file]").first.wait_for(state="attached")
+                return None
+            except Exception as e:  # a page that never drew is that user's result, not the end of the benchmark
+                return f"page not ready: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
-        await asyncio.gather(*(ready(pg, u) for pg, u in zip(pages, plan)))
+        not_ready = await asyncio.gather(*(ready(pg, u) for pg, u in zip(pages, plan)))
 
-        async def act(page, u) -> dict:
+        async def act(page, u, problem: str | None) -> dict:
+            if problem:
+                return dict(u, wait_s=None, error=problem)
             t0 = time.perf_counter()
             try:
                 if u["role"] == "upload":
@@ -345,7 +350,7 @@ async def _class_sessions(base: str, plan: list[dict], timeout_s: float) -> list
                 return dict(u, wait_s=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
 
         try:
-            return list(await asyncio.gather(*(act(pg, u) for pg, u in zip(pages, plan))))
+            return list(await asyncio.gather(*(act(pg, u, bad) for pg, u, bad in zip(pages, plan, not_ready))))
         finally:
             await browser.close()
 
@@ -400,6 +405,8 @@ def class_scenario(args: argparse.Namespace) -> int:
             os.killpg(server.pid, signal.SIGKILL)
         kill_workers(home)
         log.close()
+        for z in zips:
+            z.unlink(missing_ok=True)
 
     rss = [s[1] for s in sampler.samples if s[1] is not None]
     health = sorted(s[2] for s in sampler.samples)
@@ -453,8 +460,6 @@ def class_scenario(args: argparse.Namespace) -> int:
                 "Each user's wait:\n\n" + per_user + "\n")
         print("wrote", prepend(head, table + "\n" + note))
     shutil.rmtree(home, ignore_errors=True)
-    for z in zips:
-        z.unlink(missing_ok=True)
     return 0 if ok else 1
 
 
