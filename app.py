@@ -31,7 +31,10 @@ pages = [
 ]
 # with a class password: only the password form until it is given (the pages' names hidden too); sets
 # st.session_state["tl_role"]
-access.gate(pages)
+role = access.gate(pages)
+# the teacher's view of the class: only for the teacher (an open server has no students: there everyone is)
+if role == "teacher":
+    pages.append(st.Page(session.PAGES["teacher"], title="Teacher", icon=":material/school:"))
 
 session.startup()
 project_problem = session.sync_from_url()

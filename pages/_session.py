@@ -40,6 +40,7 @@ PAGES = {
     "try": "pages/try_it.py",
     "runs": "pages/runs.py",
     "lab": "pages/lab.py",
+    "teacher": "pages/teacher.py",
 }
 
 

@@ -7,9 +7,11 @@ import pandas as pd
 import streamlit as st
 
 from pages import _access as access
+from pages import _challenge as challenge_ui
 from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.cache import cache_usage, clear_cache
+from tl_core.classroom.challenge import challenge_info
 from tl_core.config import EXPORT_FORMATS
 from tl_core.data.library import deleted_dataset
 from tl_core.metrics import compare_figures, figure_of
@@ -173,6 +175,26 @@ def cache_panel(ws) -> None:
             st.success(f"Freed {freed / 1e6:.1f} MB.")
 
 
+def challenge_panel(ws, runs: list[dict]) -> None:
+    """The class challenge, when the teacher set one up: submit a finished run, and the leaderboard (figures
+    only: the locked images are never shown)."""
+    info = challenge_info(ws)
+    if info is None:
+        return
+    with st.expander(f"Class challenge: {info['name']}", icon=":material/emoji_events:"):
+        st.markdown(challenge_ui.challenge_caption(info))
+        done = [r["id"] for r in runs if r["status"] == "done"]
+        if done:
+            current = session.get("run")
+            pick = st.selectbox("Run to submit", done, index=done.index(current) if current in done else 0,
+                                key="challenge_run", help="Your group's latest submission is the one on the "
+                                                          "leaderboard.")
+            challenge_ui.submit_view(ws, pick)
+        else:
+            st.caption("Train a run first, then submit it here.")
+        challenge_ui.leaderboard_view(ws)
+
+
 with session.page_errors():
     ws = session.workspace()
     store = ws.store()
@@ -180,6 +202,7 @@ with session.page_errors():
     cache_panel(ws)
     if "_delete_refused" in st.session_state:
         st.error(st.session_state.pop("_delete_refused"))
+    challenge_panel(ws, runs)
     if st.session_state.pop("_deleted", 0):
         st.success("Deleted.")
     if not runs:

@@ -202,6 +202,38 @@ def _time_backbone(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]
     return {"backbone": p["backbone"], "ms_per_image": time_backbone(p["backbone"])}
 
 
+def _class_export(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..classroom.overview import export_class
+
+    ctx.progress({"stage": "work", "message": "Writing the class's results and reports", "force": True})
+    out = ctx.out_dir / f"tl-studio-class-{time.strftime('%Y%m%d-%H%M')}.zip"
+    res = export_class(ws, out, reports=bool(p.get("reports", True)),
+                       progress=_counting(ctx, "Writing the runs' HTML reports"))
+    return {"runs": res["runs"], "reports": res["reports"], "failed": res["failed"],
+            "files": [{"name": out.name, "file": out.name, "bytes": res["bytes"], "mime": "application/zip"}]}
+
+
+def _challenge_setup(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..classroom.challenge import setup_challenge
+
+    zip_out = ctx.out_dir / "tl-studio-challenge-training-data.zip" if p.get("carve") else None
+    res = setup_challenge(ws, p["data"], carve=p.get("carve"), seed=int(p.get("seed", 0)),
+                          name=p.get("name") or "Class challenge", remainder_zip=zip_out,
+                          progress=_counting(ctx, "Checking the images"))
+    if p.get("uploaded"):  # the teacher's upload has served its purpose (kept after a failure: fix and retry)
+        Path(p["data"]).unlink(missing_ok=True)
+    res["files"] = ([{"name": zip_out.name, "file": zip_out.name, "bytes": zip_out.stat().st_size,
+                      "mime": "application/zip"}] if zip_out is not None and zip_out.is_file() else [])
+    return res
+
+
+def _challenge_score(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    from ..classroom.challenge import score_run
+
+    ctx.progress({"stage": "work", "message": "Scoring the run on the locked test set", "force": True})
+    return score_run(ws, p["run"], challenge_id=p.get("challenge"))
+
+
 # --------------------------------------------------------------------------------------------------
 # interactive lane (warm models)
 # --------------------------------------------------------------------------------------------------
@@ -296,6 +328,9 @@ KINDS: dict[str, TaskKind] = {k.name: k for k in [
     TaskKind("report", "compute", "Writing the report", _report),
     TaskKind("time_backbone", "compute", "Timing the backbone", _time_backbone),
     TaskKind("foreign_check", "compute", "Scoring foreign images", _foreign_check),
+    TaskKind("class_export", "compute", "Exporting the class's results", _class_export),
+    TaskKind("challenge_setup", "compute", "Setting up the class challenge", _challenge_setup),
+    TaskKind("challenge_score", "compute", "Scoring on the challenge's locked test set", _challenge_score),
     TaskKind("predict", "interactive", "Predicting", _predict),
     TaskKind("explain", "interactive", "Drawing where the model looked", _explain),
     TaskKind("augment_preview", "interactive", "Drawing augmented images", _augment_preview),
