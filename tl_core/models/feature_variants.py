@@ -195,6 +195,7 @@ class FeatureChoice:
     cv: dict[str, float] = dataclasses.field(default_factory=dict)  # "depths@1" -> mean CV accuracy
     folds: int = 0
     seconds: float = 0.0
+    reused: bool = False  # read back from the record of an earlier run on the same images (runs.training)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
