@@ -1,5 +1,6 @@
 """Which frozen features the linear probe sees: the last layer (the classic recipe), several depths, or
-flipped views averaged; and ``auto``, which picks between them by cross-validation on the training features.
+flipped views averaged; and ``auto``, which picks between them by cross-validation (on every labelled image, see
+runs.training).
 
 "Several depths" concatenates the pooled pre-logit features F with each ``forward_intermediates`` stage
 output, global-average-pooled and scaled by k_i = mean‖F‖ / mean‖stage_i‖ over the training images, so each

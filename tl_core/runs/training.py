@@ -212,7 +212,8 @@ def _choose_features_once(fcache: FeatureCache, raw_labelled: np.ndarray, items:
     """
     raw_train = raw_labelled[:n_train]
     if cfg.features != "auto" or y_labelled is None:
-        return choose_features(raw_train, None if y_labelled is None else y_labelled[:n_train], n_classes, cfg, last_dim, block_dims,
+        y_train = None if y_labelled is None else y_labelled[:n_train]
+        return choose_features(raw_train, y_train, n_classes, cfg, last_dim, block_dims,
                                fit_linear_head, should_cancel)
     order = sorted(range(len(items)), key=lambda i: (items[i].sha256, str(items[i].path)))
     x = np.ascontiguousarray(raw_labelled[order])
