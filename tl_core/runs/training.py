@@ -168,9 +168,12 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
                                            block_dims, local_cancel)
             # the cross-validated estimate's features: scaled on every labelled image, as the choice was made,
             # so that it too is the same whatever the seed (its record is then read back by a re-train)
+            # (summed in the canonical order: the same bytes whatever the split, so the record's key matches)
             labelled = feats[:n_tr + n_va]
+            labelled_items = split.train + split.val
+            canonical = sorted(range(n_tr + n_va), key=lambda i: _content_order(labelled_items, i))
             info["cv_features"] = apply_variant(labelled, choice.variant, last_dim, block_dims,
-                                                block_scales(labelled, last_dim, block_dims))
+                                                block_scales(labelled[canonical], last_dim, block_dims))
             feats = apply_variant(feats, choice.variant, last_dim, choice.block_dims, np.asarray(choice.scales))
             probe_cfg = dataclasses.replace(cfg, linear_c=choice.linear_c)
             info["features"] = choice
@@ -186,6 +189,12 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     info["stop"] = {"reason": "converged" if fit["converged"] else "iterations", "epoch": info["epochs_run"],
                     "iterations": fit["iterations"], "max_iterations": PROBE_MAX_ITERATIONS}
     return feats, head, info
+
+
+def _content_order(items: list[ImageItem], i: int) -> tuple[str, str]:
+    """Sort key of image ``i`` in the canonical order of a set of labelled images (by content, then path): the same
+    whatever the seed's split."""
+    return items[i].sha256 or "", str(items[i].path)
 
 
 #: bump when choose_features or the probe changes what it would choose: recorded choices are then not reused
@@ -215,7 +224,7 @@ def _choose_features_once(fcache: FeatureCache, raw_labelled: np.ndarray, items:
         y_train = None if y_labelled is None else y_labelled[:n_train]
         return choose_features(raw_train, y_train, n_classes, cfg, last_dim, block_dims,
                                fit_linear_head, should_cancel)
-    order = sorted(range(len(items)), key=lambda i: (items[i].sha256, str(items[i].path)))
+    order = sorted(range(len(items)), key=lambda i: _content_order(items, i))
     x = np.ascontiguousarray(raw_labelled[order])
     y = np.asarray(y_labelled, np.int64)[order]
     ccfg = dataclasses.replace(cfg, seed=0)
@@ -266,7 +275,7 @@ def _cross_validate_once(cache_dir: Path, feats: np.ndarray, items: list[ImageIt
     of a fixed seed: it does not depend on how the run split train from validation, so a re-train of the same
     images, features and probe settings (any seed) reads the recorded estimate back (:func:`_recorded`;
     ``reused: true``)."""
-    order = sorted(range(len(items)), key=lambda i: (items[i].sha256, str(items[i].path)))
+    order = sorted(range(len(items)), key=lambda i: _content_order(items, i))
     x = np.ascontiguousarray(feats[order])
     y = np.array([cidx[items[i].label] for i in order], np.int64)
     cfg = dataclasses.replace(cfg, seed=0)
