@@ -8,8 +8,8 @@ N training images per class from its training set, M per class from its test set
 sample (sample_data/emoji, 40 per class) split 20 train / 20 held-out test per class. Every recipe uses the
 same backbone (EfficientNet-Lite0, packaged ImageNet weights), the same images and the same test set:
 
-1. classic: frozen features (bare timm eval transform, pooled pre-logits) + scikit-learn
-   ``LogisticRegression(max_iter=1000)``.
+1. classic: frozen features (bare timm eval transform, pooled pre-logits; the model channels-last under
+   ``torch.inference_mode``) + scikit-learn ``LogisticRegression(max_iter=1000)``.
 2. fastai-style ``fine_tune(epochs)``, written out in plain PyTorch (fastai itself pins other torch builds):
    one frozen epoch training a new head (one-cycle, lr 2e-3, BatchNorm in train mode), then everything
    unfrozen with discriminative learning rates (1e-5 / 1e-4 / 1e-3 for early body / late body / head),
@@ -168,8 +168,13 @@ def digits_subset(dest: Path, per_train: int = 30, n_test: int = 1000) -> Path:
     return dest
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def classic(root: Path) -> tuple[float, float]:
-    """Frozen features + scikit-learn logistic regression, the bare way."""
+    """Frozen features + scikit-learn logistic regression, the way a careful user writes it: the model and its
+    input channels-last (on CPU ~1.5x faster than NCHW here: 94 against 63 images/s, issue 24), under
+    ``torch.inference_mode``, batches of 32."""
     import timm
     from sklearn.linear_model import LogisticRegression
 
@@ -178,17 +183,18 @@ def classic(root: Path) -> tuple[float, float]:
 
     t0 = time.perf_counter()
     model, _ = build_model("efficientnet_lite0", 1000)
-    model.eval()
+    model = model.eval().to(memory_format=torch.channels_last)
     tf = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
 
     def xy(split: str) -> tuple[np.ndarray, np.ndarray]:
-        files = sorted((root / split).glob("*/*.png"))
+        files = sorted(f for f in (root / split).glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES)
         classes = sorted({f.parent.name for f in files})
         feats = []
         with torch.inference_mode():
             for s in range(0, len(files), 32):
                 # load_image: RGBA composited on white, the way a careful user would
-                x = torch.stack([tf(load_image(f)) for f in files[s:s + 32]])
+                x = torch.stack([tf(load_image(f)) for f in files[s:s + 32]]).contiguous(
+                    memory_format=torch.channels_last)
                 feats.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy())
         return np.concatenate(feats), np.array([classes.index(f.parent.name) for f in files])
 

@@ -203,9 +203,21 @@ def test_engine_setting_and_the_auto_rule(setup, monkeypatch, tmp_path):
     # auto: a small job with no ONNX file yet stays on PyTorch (an export costs more than it saves)
     eng = engines.feature_engine(model, pre, cache_dir=tmp_path, n_images=48)
     assert eng.name == "torch" and "too few" in eng.reason and exports == []
+    # the images run on PyTorch add up across jobs (rent, then buy): once they reach the break-even, it exports
+    need = engines.EXPORT_MIN_IMAGES
+    assert engines.feature_engine(model, pre, cache_dir=tmp_path, n_images=need - 100).name == "torch"
+    assert exports == [] and f"{need - 32} so far" in engines.feature_engine(
+        model, pre, cache_dir=tmp_path, n_images=20).reason
+    engines.feature_engine(model, pre, cache_dir=tmp_path, n_images=60)
+    assert len(exports) == 1  # (the stub wrote no file: loading it fails, and PyTorch stays in charge)
+    # a several-depths extractor's export gains less: its break-even is higher
+    assert engines._export_min_images(extractor(model, "depths")) == engines.EXPORT_MIN_IMAGES_DEPTHS > need
+    exports.clear()
+    for f in (tmp_path / "engines").glob("*"):
+        f.unlink()
     # ... and a tiny job stays on PyTorch even with the file there (loading and verifying it costs more) ...
     key = engines.engine_key(model, pre)
-    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines").mkdir(exist_ok=True)
     (tmp_path / "engines" / f"{key}.onnx").write_bytes(b"not loaded")
     eng = engines.feature_engine(model, pre, cache_dir=tmp_path, n_images=engines.SESSION_MIN_IMAGES - 1)
     assert eng.name == "torch" and "loading and verifying" in eng.reason

@@ -169,8 +169,9 @@ def test_runs_that_changed_their_backbone_run_the_whole_network(runs, monkeypatc
 
 
 def test_a_warm_re_train_reuses_autos_choice_and_repeats_the_run(runs, monkeypatch):
-    """``auto``'s cross-validation runs once per (training features, labels, config): a re-train of the same data
-    reads the recorded choice back and makes the same model; another config chooses again."""
+    """``auto``'s cross-validation runs once per (labelled images' features, labels, probe settings): a re-train
+    of the same data, with the same seed or another, reads the recorded choice back (the same seed makes the
+    same model); another C chooses again."""
     import dataclasses
 
     import tl_core.runs.training as training
@@ -187,9 +188,20 @@ def test_a_warm_re_train_reuses_autos_choice_and_repeats_the_run(runs, monkeypat
     second = training.run_training(ws, data, TrainConfig())
     assert second.status == "done" and calls == []  # no cross-validation this time
     a, b = RunFiles(Path(first.run_dir)), RunFiles(Path(second.run_dir))
-    assert a.meta().features == b.meta().features  # variant, C, scales, CV scores
+    fa, fb = a.meta().features, b.meta().features
+    assert fb.pop("reused") and {**fa, "reused": True} == {**fb, "reused": True}  # variant, C, scales, CV scores
     pa, pb = a.predictions().splits["val"], b.predictions().splits["val"]
     assert np.array_equal(pa.logits, pb.logits)
+    # another seed (another split) of the same data: the choice is that of the dataset, read back, and so is the
+    # cross-validated estimate (on every labelled image, whatever the split)
+    for seed in (7, 8):  # (two: a float sum in the split's order once made one seed's record key differ)
+        other = training.run_training(ws, data, dataclasses.replace(TrainConfig(), seed=seed))
+        assert other.status == "done" and calls == []
+        c = RunFiles(Path(other.run_dir))
+        assert c.meta().features["reused"] and c.meta().features["variant"] == a.meta().features["variant"]
+        assert c.meta().features["cv"] == a.meta().features["cv"]
+        assert c.metrics().cv.get("reused") and c.metrics().cv["accuracy"] == a.metrics().cv["accuracy"]
+        assert list(c.predictions().splits["val"].paths) != list(pa.paths)  # it did split otherwise
     third = training.run_training(ws, data, dataclasses.replace(TrainConfig(), linear_c=0.5))
     assert third.status == "done" and calls == [1]  # another C: chosen again
 

@@ -271,7 +271,11 @@ def _entries(cache_dir: Path) -> list[tuple[float, int, Path]]:
     for sub in CACHE_KINDS:
         d = cache_dir / sub
         if d.exists():
-            for f in d.rglob("*.npy"):
+            # the arrays, and the small JSON results recorded beside the features (auto's feature choice, the
+            # cross-validated estimate: tl_core.runs.training._recorded), counted and evicted with them
+            for f in d.rglob("*.*"):
+                if f.suffix not in (".npy", ".json"):
+                    continue
                 try:
                     st = f.stat()
                 except OSError:

@@ -126,8 +126,8 @@ CLASS_BALANCE: dict[str, Choice] = {
 FEATURE_VARIANTS: dict[str, Choice] = {
     c.key: c
     for c in [
-        Choice("auto", "Automatic", "Compare the last layer and several depths by cross-validation on the training "
-               "images (on cached features, a second or so) and use the better one."),
+        Choice("auto", "Automatic", "Compare the last layer and several depths by cross-validation on the labelled "
+               "images (on cached features, once per dataset version) and use the better one."),
         Choice("last", "Last layer", "The backbone's pooled last-layer features: the classic recipe."),
         Choice("depths", "Several depths", "The last layer plus each stage's pooled output, each stage scaled to "
                "weigh like the last layer: helps on images unlike photos (digits, sketches, textures)."),

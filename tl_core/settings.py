@@ -122,8 +122,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "above 1); all: every GPU.", _train_procs, "every GPU on a machine with several, else 1"),
     Setting("TL_ENGINE", "auto|torch|onnx", "auto", "The frozen backbone's engine for feature extraction: auto "
             "picks ONNX Runtime on the CPU by a documented rule (docs/design.md).", _engine),
-    Setting("TL_ONNX_MIN_IMAGES", "int >= 0", 500, "Under auto, a job this small runs on PyTorch while no ONNX "
-            "file exists yet for its backbone (the export takes 5-10 s).", _non_negative_int),
+    Setting("TL_ONNX_MIN_IMAGES", "int >= 0", 1300, "Under auto, jobs run on PyTorch while no ONNX file exists "
+            "yet for their backbone, until the images they ran reach this many (the export's break-even: 1300 for "
+            "the last layer, 2250 for several depths).", _non_negative_int),
     Setting("TL_PASSWORD", "text", None, "The class password: with it set, the app shows nothing but a password "
             "form until it is given (docs/classroom.md, Access).", _text, "none (the app asks for nothing)",
             secret=True),

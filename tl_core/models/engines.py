@@ -12,9 +12,11 @@ rows 1f/1g: EfficientNet-Lite0 at batch 32 ran ~4x faster in ONNX Runtime than i
 layer and several depths alike):
 
 - **PyTorch** under torchrun, on CUDA/MPS, under mixed precision (autocast), when onnxruntime is missing (without
-  onnxscript the legacy exporter is used; its graph ran ~1.6x slower than dynamo's), or for a small job whose
-  ONNX file does not exist yet: exporting takes ~7 s, which pays for itself from about
-  :data:`EXPORT_MIN_IMAGES` images (``TL_ONNX_MIN_IMAGES``), or for a job of fewer than :data:`SESSION_MIN_IMAGES`
+  onnxscript the legacy exporter is used; its graph ran ~1.6x slower than dynamo's), or while the images run on
+  PyTorch for a missing ONNX file (this job's and the earlier jobs', counted beside it) stay below the export's
+  break-even, :data:`EXPORT_MIN_IMAGES` (last layer) or :data:`EXPORT_MIN_IMAGES_DEPTHS` (several depths)
+  (``TL_ONNX_MIN_IMAGES`` overrides both): so the first model of a fresh workspace never waits for an export
+  that costs more than it saves; or for a job of fewer than :data:`SESSION_MIN_IMAGES`
   images before a session is verified in the process (loading and verifying one costs more than it saves).
   PyTorch runs channels-last under inference mode.
 - **ONNX Runtime** otherwise: the module exported once (torch.onnx dynamo exporter, dynamic batch) and cached
@@ -56,7 +58,7 @@ from ..settings import setting
 from .devices import Runtime, cpu_count
 from .preprocess import Preprocess
 
-__all__ = ["ENGINES", "TOLERANCE", "EXPORT_MIN_IMAGES", "SESSION_MIN_IMAGES", "FeatureEngine", "feature_engine",
+__all__ = ["ENGINES", "TOLERANCE", "EXPORT_MIN_IMAGES", "EXPORT_MIN_IMAGES_DEPTHS", "SESSION_MIN_IMAGES", "FeatureEngine", "feature_engine",
            "engine_setting", "engine_key"]
 
 log = logging.getLogger(__name__)
@@ -66,9 +68,17 @@ ENGINES = ("auto", "torch", "onnx")
 TOLERANCE = 1e-4
 #: images of the first batch that also run through PyTorch to verify the ONNX engine
 VERIFY_IMAGES = 8
-#: ``auto`` exports a missing ONNX file only for a job of at least this many images (export ~7 s, saving
-#: ~13 ms per image on the build machine: break-even ~540 images)
-EXPORT_MIN_IMAGES = 500
+#: ``auto`` exports a missing ONNX file once the images run on PyTorch for it (this job's and earlier jobs', counted
+#: in ``<key>.images``) reach the export's break-even: the first evaluate of a fresh workspace took 32.3 s with
+#: the export against 23.1 s on PyTorch and 15.7 s once the file existed (issue 24: 1,000 images, several-depths
+#: features, idle 2-core machine): an export costs ~16.6 s in a fresh process (its imports and the verification
+#: included; 5-7 s in a warm one, benchmarks/RESULTS.md row 1h) and saves ~7.4 ms an image for several depths,
+#: ~13 ms for the last layer (row 1f): break-even ~2,250 and ~1,300 images. Renting (PyTorch) until the rent
+#: paid reaches the purchase price (the export), then buying, never costs more than twice the best choice made
+#: knowing the future, and a one-off small job never pays for an export.
+EXPORT_MIN_IMAGES = 1300
+#: the same for a several-depths extractor (its graph gains less over PyTorch)
+EXPORT_MIN_IMAGES_DEPTHS = 2250
 #: ``auto`` runs a job of fewer images on PyTorch when no verified session is open in the process yet: loading
 #: the ONNX file and verifying it on the first batch took 0.12-0.19 s for 1-8 images here, PyTorch 0.02-0.08 s;
 #: from 16 images on, ONNX Runtime was faster (0.20 s against 0.24 s)
@@ -86,8 +96,18 @@ def engine_setting() -> str:
     return setting("TL_ENGINE")
 
 
-def _export_min_images() -> int:
-    return setting("TL_ONNX_MIN_IMAGES", EXPORT_MIN_IMAGES)
+def _export_min_images(model: nn.Module | None = None) -> int:
+    """Images run on PyTorch after which ``auto`` exports (``TL_ONNX_MIN_IMAGES`` when set)."""
+    depths = model is not None and getattr(model, "variant", "last") != "last"
+    return setting("TL_ONNX_MIN_IMAGES", EXPORT_MIN_IMAGES_DEPTHS if depths else EXPORT_MIN_IMAGES)
+
+
+def _images_so_far(path: Path) -> int:
+    """Images run on PyTorch for a missing ONNX file so far (``<key>.images``; 0 when unknown)."""
+    try:
+        return max(0, int((_read(path.with_suffix(".images")) or "0").strip() or 0))
+    except ValueError:
+        return 0
 
 
 def _pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -344,9 +364,15 @@ def feature_engine(model: nn.Module, pre: Preprocess, runtime: Runtime | None = 
         path = Path(tempfile.gettempdir()) / f"tl-engines-{os.getuid() if hasattr(os, 'getuid') else 0}" / f"{key}.onnx"
     if setting == "auto" and (failed or path.with_suffix(".failed").exists()):
         return FeatureEngine(model, pre, rt, reason="ONNX Runtime failed verification for this model before")
-    if setting == "auto" and not path.exists() and n_images < _export_min_images():
-        return FeatureEngine(model, pre, rt, reason=f"{n_images} images: too few to pay for an ONNX export "
-                                               f"(TL_ONNX_MIN_IMAGES={_export_min_images()})")
+    if setting == "auto" and not path.exists():
+        so_far, need = _images_so_far(path), _export_min_images(model)
+        if so_far + n_images < need:  # rent: PyTorch, and count what it ran (best effort)
+            with contextlib.suppress(OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(path.with_suffix(".images"), str(so_far + n_images))
+            return FeatureEngine(model, pre, rt, reason=f"{n_images} images ({so_far + n_images} so far on "
+                                 f"PyTorch): too few yet to pay for an ONNX export (it pays from {need}, "
+                                 "TL_ONNX_MIN_IMAGES)")
     fresh = False
     for attempt in range(2):
         exporting = not path.exists()

@@ -1,5 +1,6 @@
 """Which frozen features the linear probe sees: the last layer (the classic recipe), several depths, or
-flipped views averaged; and ``auto``, which picks between them by cross-validation on the training features.
+flipped views averaged; and ``auto``, which picks between them by cross-validation (on every labelled image, see
+runs.training).
 
 "Several depths" concatenates the pooled pre-logit features F with each ``forward_intermediates`` stage
 output, global-average-pooled and scaled by k_i = mean‖F‖ / mean‖stage_i‖ over the training images, so each
@@ -195,6 +196,7 @@ class FeatureChoice:
     cv: dict[str, float] = dataclasses.field(default_factory=dict)  # "depths@1" -> mean CV accuracy
     folds: int = 0
     seconds: float = 0.0
+    reused: bool = False  # read back from the record of an earlier run on the same images (runs.training)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

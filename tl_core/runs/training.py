@@ -40,8 +40,8 @@ from ..models.devices import Runtime, release_free_memory, set_seed, single_thre
 from ..models.distributed import Cancel, RankFailedError, barrier, broadcast, under_torchrun
 from ..models.distributed import start as distributed_start
 from ..models.distributed import stop as distributed_stop
-from ..models.feature_variants import (CANDIDATES, TIE_ORDER, FeatureChoice, apply_variant, choose_features,
-                                       extraction_variant, extractor, wrap_trained)
+from ..models.feature_variants import (CANDIDATES, TIE_ORDER, FeatureChoice, apply_variant, block_scales,
+                                       choose_features, extraction_variant, extractor, wrap_trained)
 from ..models.features import DEFAULT_STYLE, extract_features, feature_key, style_dims, style_key
 from ..models.inference import logits_of_items
 from ..models.crossfit import cross_validated_accuracy, out_of_fold_probs
@@ -161,8 +161,19 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
             emit({"stage": "features", "message": "Choosing the features" if cfg.features == "auto" else
                   "Preparing the features"})
             last_dim = getattr(ex, "last_features", feats.shape[1])
-            choice = _choose_features_once(fcache, feats[:n_tr], ytr, len(classes), cfg, last_dim,
-                                           list(getattr(ex, "block_dims", [])), local_cancel)
+            block_dims = list(getattr(ex, "block_dims", []))
+            choice = _choose_features_once(fcache, feats[:n_tr + n_va], split.train + split.val,
+                                           None if multi_label else np.concatenate([ytr, yva]), n_tr,
+                                           len(classes), cfg, last_dim,
+                                           block_dims, local_cancel)
+            # the cross-validated estimate's features: scaled on every labelled image, as the choice was made,
+            # so that it too is the same whatever the seed (its record is then read back by a re-train)
+            # (summed in the canonical order: the same bytes whatever the split, so the record's key matches)
+            labelled = feats[:n_tr + n_va]
+            labelled_items = split.train + split.val
+            canonical = sorted(range(n_tr + n_va), key=lambda i: _content_order(labelled_items, i))
+            info["cv_features"] = apply_variant(labelled, choice.variant, last_dim, block_dims,
+                                                block_scales(labelled[canonical], last_dim, block_dims))
             feats = apply_variant(feats, choice.variant, last_dim, choice.block_dims, np.asarray(choice.scales))
             probe_cfg = dataclasses.replace(cfg, linear_c=choice.linear_c)
             info["features"] = choice
@@ -180,28 +191,51 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     return feats, head, info
 
 
+def _content_order(items: list[ImageItem], i: int) -> tuple[str, str]:
+    """Sort key of image ``i`` in the canonical order of a set of labelled images (by content, then path): the same
+    whatever the seed's split."""
+    return items[i].sha256 or "", str(items[i].path)
+
+
 #: bump when choose_features or the probe changes what it would choose: recorded choices are then not reused
-_CHOICE_VERSION = 1
+#: (2: chosen on every labelled image, whatever the seed)
+_CHOICE_VERSION = 2
 
 
-def _choose_features_once(fcache: FeatureCache, raw_train: np.ndarray, y_train: np.ndarray, n_classes: int,
-                          cfg: TrainConfig, last_dim: int, block_dims: list[int],
-                          should_cancel: Callable[[], bool] | None) -> FeatureChoice:
+def _choose_features_once(fcache: FeatureCache, raw_labelled: np.ndarray, items: list[ImageItem],
+                          y_labelled: np.ndarray | None, n_train: int, n_classes: int, cfg: TrainConfig, last_dim: int,
+                          block_dims: list[int], should_cancel: Callable[[], bool] | None) -> FeatureChoice:
     """:func:`choose_features`, whose ``auto`` cross-validation (15 probe fits: most of a warm re-train) runs once
-    per (training features, labels, config): the choice is a function of them alone, so it is kept beside the
-    cached features (``<feature cache>/choices/<key>.json``, cleared with them, :func:`_recorded`) and a re-train
-    of the same data and config reads it back: the same choice, scores and scales."""
-    def choose() -> FeatureChoice:
-        return choose_features(raw_train, y_train, n_classes, cfg, last_dim, block_dims, fit_linear_head,
-                               should_cancel)
+    per dataset version and backbone: on **every labelled image** (train + validation, in a canonical order by
+    content, folds of a fixed seed), so the choice does not depend on the run's seed or split, and is kept beside
+    the cached features (``<feature cache>/choices/<key>.json``, keyed by those images' features and labels,
+    the candidates and the probe settings; cleared with the features, :func:`_recorded`). A re-train of the same
+    data with any seed reads it back. The validation images then took part in choosing among the
+    :data:`CANDIDATES` (three): their figure carries that small optimism, as the cross-validated one does.
 
-    if cfg.features != "auto":
-        return choose()
-    settings = ["choice", _CHOICE_VERSION, n_classes, last_dim, block_dims, cfg.to_dict(), list(CANDIDATES),
-                list(TIE_ORDER)]
-    out, _ = _recorded(fcache.dir / "choices", settings, [raw_train, np.asarray(y_train, np.int64)],
-                       lambda: choose().to_dict())
-    return FeatureChoice(**out)
+    Args:
+        raw_labelled: the extracted (unscaled) features of ``items``: the training images first (``n_train``),
+            then the validation images.
+    Returns:
+        The choice, its block scales those of this run's training images (as the final fit computes them).
+    """
+    raw_train = raw_labelled[:n_train]
+    if cfg.features != "auto" or y_labelled is None:
+        y_train = None if y_labelled is None else y_labelled[:n_train]
+        return choose_features(raw_train, y_train, n_classes, cfg, last_dim, block_dims,
+                               fit_linear_head, should_cancel)
+    order = sorted(range(len(items)), key=lambda i: _content_order(items, i))
+    x = np.ascontiguousarray(raw_labelled[order])
+    y = np.asarray(y_labelled, np.int64)[order]
+    ccfg = dataclasses.replace(cfg, seed=0)
+    settings = ["choice", _CHOICE_VERSION, n_classes, last_dim, block_dims, cfg.linear_c, cfg.class_balance,
+                list(CANDIDATES), list(TIE_ORDER)]
+    out, reused = _recorded(fcache.dir / "choices", settings, [x, y],
+                            lambda: choose_features(x, y, n_classes, ccfg, last_dim, block_dims, fit_linear_head,
+                                                    should_cancel).to_dict())
+    choice = FeatureChoice(**out)
+    scales = block_scales(raw_train, last_dim, block_dims) if choice.variant == "depths" else np.zeros(0)
+    return dataclasses.replace(choice, scales=[float(v) for v in scales], reused=reused)
 
 
 #: bump when cross_validated_accuracy or out_of_fold_probs change what they would measure: recorded results are
@@ -241,7 +275,7 @@ def _cross_validate_once(cache_dir: Path, feats: np.ndarray, items: list[ImageIt
     of a fixed seed: it does not depend on how the run split train from validation, so a re-train of the same
     images, features and probe settings (any seed) reads the recorded estimate back (:func:`_recorded`;
     ``reused: true``)."""
-    order = sorted(range(len(items)), key=lambda i: (items[i].sha256, str(items[i].path)))
+    order = sorted(range(len(items)), key=lambda i: _content_order(items, i))
     x = np.ascontiguousarray(feats[order])
     y = np.array([cidx[items[i].label] for i in order], np.int64)
     cfg = dataclasses.replace(cfg, seed=0)
@@ -399,8 +433,8 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
                                                   label_matrix([i.labels for i in split.train], classes), ccfg,
                                                   local_cancel)
                 else:
-                    cv_estimate = _cross_validate_once(recorded, feats[:n_tr + n_va], split.train + split.val, cidx,
-                                                       ccfg, local_cancel)
+                    cv_estimate = _cross_validate_once(recorded, info.pop("cv_features", feats[:n_tr + n_va]),
+                                                       split.train + split.val, cidx, ccfg, local_cancel)
         if cfg.strategy == "linear":  # the last layer: the model itself; another variant: its wrapper
             choice = info["features"]
             model = wrap_trained(model, choice, head)
