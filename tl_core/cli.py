@@ -282,12 +282,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .share.export import export_run
 
-    if args.format == "webpage":
-        from .share.webpage import export_webpage
-
-        out = export_webpage(_resolve_run_dir(args.run), args.out)
-    else:
-        out = export_run(_resolve_run_dir(args.run), args.format, args.out)
+    out = export_run(_resolve_run_dir(args.run), args.format, args.out)
     if args.json:
         _print_json(out)
     else:
