@@ -22,7 +22,8 @@ from conftest import EMOJI, cli_fail
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+                 "--disable-sync", "--no-first-run",
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]  # a test-pattern webcam
 FASHION_TEST = ROOT / "sample_data" / "fashion_mnist" / "test"
 MULTILABEL = ROOT / "sample_data" / "emoji_multilabel" / "images"
 
@@ -178,4 +179,17 @@ def test_page_shows_bars_and_unknown_warning_offline(page):
         assert card.locator(".bar .name").first.inner_text() == row["label"]
         assert card.locator(".unknown").count() == (1 if row["unknown"] else 0)
     assert "Ready" in page.locator("#status").inner_text()
+    assert page.requests == [] and page.errors == []
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_classifies_the_webcam_continuously(page):
+    """Start camera (Chromium's fake one): the live card shows top-k bars that keep being redrawn, and a rate."""
+    assert page.locator("#live").is_hidden()  # no camera card before the camera starts
+    page.click("#camera")
+    page.wait_for_function("document.getElementById('fps').textContent.includes('a second')", timeout=120_000)
+    assert page.locator("#live-bars .bar").count() == 3
+    page.click("#camera")  # stop
+    assert page.locator("#live").is_hidden()
     assert page.requests == [] and page.errors == []
