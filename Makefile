@@ -9,7 +9,7 @@ ADDRESS ?= localhost
 TORCH_INDEX ?=
 TORCH_PIP := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple,)
 
-.PHONY: app test test-fast venv venv-test bench end-to-end recipes scale gpu-check sample-data fashion-mnist clean
+.PHONY: app test test-fast venv venv-test web-runtime bench end-to-end recipes scale gpu-check sample-data fashion-mnist clean
 
 # the app's own dependencies, its ONNX export included (no test tools)
 $(VENV)/.installed: pyproject.toml
@@ -25,7 +25,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# the in-browser runtime (npm's onnxruntime-web, pinned; 15 MB) for the web-page export and Try it → Live:
+# fetched once, then used offline; without npm, one sentence says how to get it and the rest still works
 venv: $(VENV)/.installed
+	@$(MAKE) --no-print-directory web-runtime || echo "(the web-page export and Try it → Live need it; the rest of TL Studio works without)"
+
+web-runtime: $(VENV)/.installed
+	$(PY) scripts/fetch_web_runtime.py
 
 venv-test: $(VENV)/.installed-test
 
@@ -35,12 +41,12 @@ app: venv
 # the whole suite in two tiers (docs/testing.md): the fast tier first, so a broken build fails in minutes, then
 # the rest (processes, browser, fine-tuning, slow); each test runs once, and either tier failing, or finding no
 # test (pytest's exit status 5), fails the target
-test: venv-test
+test: venv-test web-runtime
 	$(PY) -m pytest -q -m fast_tier
 	$(PY) -m pytest -q -m "not fast_tier"
 
 # the fast tier alone: no process, server, browser or fine-tuning (tests/conftest.py fails a test that starts one)
-test-fast: venv-test
+test-fast: venv-test web-runtime
 	$(PY) -m pytest -q -m fast_tier
 
 bench: venv-test

@@ -89,7 +89,7 @@ def _data_text(run: dict) -> str:
     return (run.get("summary") or {}).get("dataset_version") or Path(str(run.get("data", ""))).name or MISSING
 
 
-FORMAT_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript"}
+FORMAT_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript", "webpage": "Web page"}
 #: Fewest epochs a run needs for its training curves (one point says nothing and charts badly).
 MIN_EPOCHS_CHARTED = 2
 
@@ -132,7 +132,7 @@ def serve_snippet(ws, run_id: str) -> None:
 
 def export_panel(ws, run_id: str) -> None:
     """ONNX / TorchScript exports with their verification numbers, and the HTML report, for one finished run."""
-    cols = st.columns(3)
+    cols = st.columns(len(FORMAT_LABELS) + 1)
     for col, fmt in zip(cols, FORMAT_LABELS):
         with col:
             st.markdown(f"**{FORMAT_LABELS[fmt]}**")
@@ -145,11 +145,17 @@ def export_panel(ws, run_id: str) -> None:
                 continue
             v = res["verification"]
             (st.success if v["passed"] else st.error)(_verification_text(v))
+            if fmt == "webpage":
+                _downloads(ws, task, res, f"dl-{fmt}-{run_id}", {
+                    ".zip": f"Web page .zip ({res['files'][0]['bytes'] / 1e6:.1f} MB)"})
+                st.caption("Unzip it and open index.html: it runs offline. Your own page can call "
+                           "`await tlstudio.predict(img)` (see the page's 'JavaScript API').")
+                continue
             ext = {"onnx": ".onnx", "torchscript": ".pt"}[fmt]
             model = res["files"][0]
             _downloads(ws, task, res, f"dl-{fmt}-{run_id}", {
                 ext: f"Model {ext} ({model['bytes'] / 1e6:.1f} MB)", ".json": "Classes and preprocessing (.json)"})
-    with cols[2]:
+    with cols[-1]:
         st.markdown("**Report**")
         st.caption("One self-contained HTML page for stakeholders: curves, confusion matrix, per-class table, "
                    "calibration and misclassified examples. Opens offline in any browser.")

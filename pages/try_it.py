@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from pages import _live as live_ui
 from pages import _multilabel as ml_view
 from pages import _session as session
 from pages import _tasks as task_ui
@@ -101,6 +102,15 @@ with session.page_errors():
     top_k = 3 if files.meta().multi_label else st.slider(  # multi-label: every label's probability is listed
         "Show the top", 1, min(10, len(classes)), min(3, len(classes)),
         help="How many of the most likely classes to show per image.")
+
+    if st.toggle("Live: classify the camera continuously, in this browser", key="try_live",
+                 help="The model runs in your browser (ONNX Runtime Web) on every camera frame: the bars and the "
+                      "'unlike your training images' warning follow the camera. Nothing is sent to the server, "
+                      "except a picture you choose to add to the dataset."):
+        if files.meta().multi_label:
+            st.info("Live shows single-label models; this one is multi-label: upload images below instead.")
+        else:
+            live_ui.live_view(ws, run, by_id[run_id]["data"], classes)
 
     uploads = st.file_uploader("Images", type=sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS),
                                accept_multiple_files=True,

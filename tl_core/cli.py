@@ -305,7 +305,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(out)
     else:
-        print(f"wrote {out['path']}" + (f" and {out['sidecar']}" if out.get("sidecar") else ""))
+        print(f"wrote {out['index']} ({out['bytes'] / 1e6:.1f} MB) and {out['zip']}; open it in a browser, offline"
+              if args.format == "webpage" else
+              f"wrote {out['path']}" + (f" and {out['sidecar']}" if out.get("sidecar") else ""))
         v = out.get("verification")
         if v:
             print(f"verified with {v['runtime']} on {v['images']} {v['image_source']}: top-1 agrees on "
@@ -754,9 +756,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "CPU), cpu, cuda, cuda:N or mps")
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("export", help="export a run as a bundle, ONNX or TorchScript")
+    s = sub.add_parser("export", help="export a run as a bundle, ONNX, TorchScript or a web page")
     s.add_argument("run")
-    s.add_argument("--format", choices=["bundle", "onnx", "torchscript"], default="bundle")
+    s.add_argument("--format", choices=["bundle", "onnx", "torchscript", "webpage"], default="bundle",
+                   help="webpage: a folder (--out DIR) with index.html that classifies offline in a browser")
     s.add_argument("--out", required=True)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_export)

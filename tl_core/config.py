@@ -165,6 +165,9 @@ EXPORT_FORMATS: dict[str, str] = {
               "loads with `tl-core predict BUNDLE images...` anywhere TL Studio is installed.",
     "onnx": "ONNX model (opset 18, dynamic batch) for onnxruntime and other runtimes, with a JSON sidecar "
             "of classes and preprocessing; verified against PyTorch after export.",
+    "webpage": "A web page (folder and zip: index.html, the verified ONNX model, ONNX Runtime Web) that classifies "
+               "the webcam and dropped images offline in any browser, with a small JavaScript API "
+               "(docs/webpage.md).",
     "torchscript": "TorchScript (torch.jit.trace) for C++/Python PyTorch without TL Studio or timm, with the "
                    "same JSON sidecar; verified against PyTorch after export. TorchScript is deprecated upstream: "
                    "prefer ONNX for new deployments.",

@@ -169,6 +169,14 @@ def _export(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
     from ..share.export import export_run
 
     ctx.progress({"stage": "work", "message": f"Exporting {p['format']} and verifying it", "force": True})
+    if p["format"] == "webpage":  # the folder "page" (Try it → Live shows it) and page.zip (to download)
+        res = export_run(p["run"], "webpage", ctx.out_dir / "page")
+        z = Path(res["zip"])
+        res.update(page="page", files=[{"name": f"tl-studio-{Path(p['run']).name}-webpage.zip", "file": z.name,
+                                        "bytes": z.stat().st_size, "mime": "application/zip"}])
+        for k in ("path", "index", "zip"):
+            res.pop(k, None)
+        return res
     ext = {"bundle": "zip", "onnx": "onnx", "torchscript": "pt"}.get(p["format"])
     if ext is None:
         raise ConfigError(f"Unknown export format {p['format']!r}.")
