@@ -114,7 +114,6 @@ def built_once(tmp_path_factory, name: str, build):
         return value
 
 
-
 @pytest.fixture(scope="session", autouse=True)
 def session_cache_dir(tmp_path_factory) -> Path:
     """One content-keyed cache (``$TL_CACHE_DIR``) for the whole session: every workspace a test makes, whatever
@@ -243,8 +242,9 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
 @pytest.fixture(scope="session")
 def cli_trained_home(tmp_path_factory) -> tuple[Path, str]:
     """A workspace holding one finished linear probe on the emoji sample, made once per run (shared by
-    pytest-xdist's test processes) by ``tl-core train`` (run in this process: a subprocess would prove nothing more here, and test_cli.py runs the command
-    in one of its own). The page tests copy it (tests/page_harness.py ``home``)."""
+    pytest-xdist's test processes) by ``tl-core train`` (run in this process: a subprocess would prove nothing
+    more here, and test_cli.py runs the command in one of its own). The page tests copy it
+    (tests/page_harness.py ``home``)."""
     import contextlib
     import io
 
