@@ -34,10 +34,10 @@ app: venv
 
 # the whole suite in two tiers (docs/testing.md): the fast tier first, so a broken build fails in minutes, then
 # the rest (processes, browser, fine-tuning, slow); each test runs once, and either tier failing, or finding no
-# test (pytest's exit status 5), fails the target. The rest runs in TEST_PROCS pytest-xdist processes, one test
-# file each at a time (its module fixtures built once): those tests mostly wait on one core for a worker, a
-# server or a browser, so two files at once use the 2 cores. TEST_PROCS=0 runs it in one process.
-TEST_PROCS ?= 2
+# test (pytest's exit status 5), fails the target. TEST_PROCS=2 runs the rest in 2 pytest-xdist processes, a
+# test file each at a time (--dist loadfile); it has not yet been shown faster on an idle 2-core machine
+# (benchmarks/RESULTS.md), so one process stays the default.
+TEST_PROCS ?= 0
 test: venv-test
 	$(PY) -m pytest -q -m fast_tier
 	$(PY) -m pytest -q -m "not fast_tier" $(if $(filter-out 0,$(TEST_PROCS)),-n $(TEST_PROCS) --dist loadfile,)
