@@ -83,13 +83,46 @@ def pytest_runtest_protocol(item, nextitem):
         yield
 
 
+# --------------------------------------------------------------------------------------------------
+# one session, one or several test processes (pytest-xdist: `make test` runs the slow tier with -n 2)
+# --------------------------------------------------------------------------------------------------
+def _session_root(tmp_path_factory) -> Path:
+    """The folder the whole run shares: the base temporary folder, or under pytest-xdist the folder above each
+    test process's own (``.../pytest-N/popen-gw0`` -> ``.../pytest-N``), so the processes share what is built
+    once per run."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build):
+    """``build(folder)`` run once per test run, its picklable result returned to every test process: the first
+    process to get here builds in ``<session root>/<name>`` under a file lock; the others wait and read the
+    result it left. Without xdist, just ``build(folder)``."""
+    import pickle
+
+    from filelock import FileLock  # a dependency of torch
+
+    root = _session_root(tmp_path_factory)
+    folder, done = root / name, root / f"{name}.pickle"
+    with FileLock(str(root / f"{name}.lock")):
+        if done.exists():
+            return pickle.loads(done.read_bytes())
+        shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another test process
+        folder.mkdir()
+        value = build(folder)
+        done.write_bytes(pickle.dumps(value))
+        return value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_cache_dir(tmp_path_factory) -> Path:
     """One content-keyed cache (``$TL_CACHE_DIR``) for the whole session: every workspace a test makes, whatever
     its ``TL_HOME``, decodes each image and extracts each feature vector once. Caches are keyed by content
     (pixels, backbone, weights, preprocessing), so sharing them changes no result, only the time.
-    ``TL_TEST_SHARED_CACHE=0`` leaves every workspace its own cache (to measure what sharing saves)."""
-    d = tmp_path_factory.mktemp("tl_cache")
+    ``TL_TEST_SHARED_CACHE=0`` leaves every workspace its own cache (to measure what sharing saves). Under
+    pytest-xdist the test processes share it too (the caches are written atomically, for concurrent workers)."""
+    d = _session_root(tmp_path_factory) / "tl_cache"
+    d.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
         # interactive workers that tests start leave a few seconds after their last task, not ten minutes
         mp.setenv("TL_INTERACTIVE_IDLE_S", os.environ.get("TL_INTERACTIVE_IDLE_S", "5"))
@@ -143,10 +176,13 @@ def emoji_run(tmp_path_factory):
     from tl_core.runs.training import run_training
     from tl_core.storage.workspace import Workspace
 
-    ws = Workspace(tmp_path_factory.mktemp("emoji_run_home"))
-    res = run_training(ws, EMOJI, TrainConfig(features="last"))
-    assert res.status == "done", res.error
-    return ws, res
+    def build(home: Path):
+        res = run_training(Workspace(home), EMOJI, TrainConfig(features="last"))
+        assert res.status == "done", res.error
+        return home, res
+
+    home, res = built_once(tmp_path_factory, "emoji_run_home", build)
+    return Workspace(home), res
 
 
 @pytest.fixture(scope="module")
@@ -205,23 +241,27 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
 
 @pytest.fixture(scope="session")
 def cli_trained_home(tmp_path_factory) -> tuple[Path, str]:
-    """A workspace holding one finished linear probe on the emoji sample, made once per session by ``tl-core
-    train`` (run in this process: a subprocess would prove nothing more here, and test_cli.py runs the command
-    in one of its own). The page tests copy it (tests/page_harness.py ``home``)."""
+    """A workspace holding one finished linear probe on the emoji sample, made once per run (shared by
+    pytest-xdist's test processes) by ``tl-core train`` (run in this process: a subprocess would prove nothing
+    more here, and test_cli.py runs the command in one of its own). The page tests copy it
+    (tests/page_harness.py ``home``)."""
     import contextlib
     import io
 
     from tl_core.cli import main
 
-    home = tmp_path_factory.mktemp("trained_home")
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        mp.setenv("TL_HOME", str(home))
-        # 30 solver rounds: the probe has converged by then on this sample (the default 100 stops at ~90); the
-        # last layer, whose two validation mistakes the Evaluate fix-in-place tests act on (auto's makes one)
-        code = main(["train", str(EMOJI), "--strategy", "linear", "--features", "last", "--epochs", "30", "--json"])
-    assert code == 0, err.getvalue()[-2000:]
-    doc = json.loads(out.getvalue())
-    assert doc["status"] == "done"
-    assert doc["val_accuracy"] >= 0.85  # a real pretrained probe, not a stub
-    return home, doc["run_id"]
+    def build(home: Path) -> tuple[Path, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            mp.setenv("TL_HOME", str(home))
+            # 30 solver rounds: the probe has converged by then on this sample (the default 100 stops at ~90);
+            # the last layer, whose two validation mistakes the Evaluate fix-in-place tests act on (auto's makes one)
+            code = main(["train", str(EMOJI), "--strategy", "linear", "--features", "last", "--epochs", "30",
+                         "--json"])
+        assert code == 0, err.getvalue()[-2000:]
+        doc = json.loads(out.getvalue())
+        assert doc["status"] == "done"
+        assert doc["val_accuracy"] >= 0.85  # a real pretrained probe, not a stub
+        return home, doc["run_id"]
+
+    return built_once(tmp_path_factory, "trained_home", build)

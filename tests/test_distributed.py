@@ -54,6 +54,20 @@ def _cli(home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedPr
                           timeout=timeout, env=env)
 
 
+def _train_here(capsys, home: Path, *args: str) -> dict:
+    """The 1-process baseline: ``tl-core train *args --json`` in this process (a subprocess of its own would
+    prove nothing more: the 2-process group beside it is the real-process test), its JSON document returned."""
+    from tl_core.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TL_HOME", str(home))
+        capsys.readouterr()
+        code = main(["train", *args, "--json", "--quiet"])
+        out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    return json.loads(out.out)  # stdout is exactly one JSON document
+
+
 def _group_processes(home: Path) -> list[int]:
     """Processes (other than this one) whose environment names ``home`` as TL_HOME: the group's ranks."""
     out = []
@@ -145,15 +159,14 @@ def test_torchrun_failure_summary_names_the_rank_and_the_signal():
 # 2 processes, gloo, on the CPU
 # ==================================================================================================
 @pytest.mark.slow
-def test_two_process_fine_tune_matches_one_process(tmp_path, ddp_data):
+def test_two_process_fine_tune_matches_one_process(tmp_path, ddp_data, capsys):
     home = tmp_path / "home"
-    one = _cli(home, "train", str(ddp_data), *FULL, "--json", "--quiet")
-    assert one.returncode == 0, one.stderr[-2000:]
+    a = _train_here(capsys, home, str(ddp_data), *FULL)
     t0 = time.monotonic()
     two = _cli(home, "train", str(ddp_data), *FULL, "--nproc", "2", "--json", "--quiet")
     took = time.monotonic() - t0
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = json.loads(one.stdout), json.loads(two.stdout)  # each stdout is exactly one JSON document
+    b = json.loads(two.stdout)  # stdout is exactly one JSON document
     assert a["world_size"] == 1 and b["world_size"] == 2 and b["status"] == "done" and b["device"] == "cpu"
     assert b["run_id"] != a["run_id"] and Path(b["run_dir"]).is_dir()
     assert abs(a["val_accuracy"] - b["val_accuracy"]) <= DDP_TOLERANCE, (a["val_accuracy"], b["val_accuracy"])
@@ -168,7 +181,7 @@ def test_two_process_fine_tune_matches_one_process(tmp_path, ddp_data):
 
 
 @pytest.mark.slow
-def test_two_process_linear_probe_equals_the_one_process_probe(tmp_path, ddp_data):
+def test_two_process_linear_probe_equals_the_one_process_probe(tmp_path, ddp_data, capsys):
     """Features sharded across the ranks and gathered, the probe fitted once: the same model as one process."""
     home = tmp_path / "home"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -178,7 +191,7 @@ def test_two_process_linear_probe_equals_the_one_process_probe(tmp_path, ddp_dat
     assert out.returncode == 0, out.stderr[-3000:]
     two = json.loads(out.stdout)  # only rank 0 printed
     assert two["world_size"] == 2 and two["status"] == "done"
-    one = json.loads(_cli(home, "train", str(ddp_data), "--json", "--quiet").stdout)
+    one = _train_here(capsys, home, str(ddp_data))
     assert one["world_size"] == 1
     p1 = RunFiles(one["run_dir"]).predictions().get("val")
     p2 = RunFiles(two["run_dir"]).predictions().get("val")
