@@ -16,6 +16,7 @@ from pages import _session as session
 from pages import _tasks as task_ui
 from tl_core.classroom import challenge, overview
 from tl_core.runs import tasks
+from tl_core.runs.kinds import KINDS
 from tl_core.storage.workspace import Workspace
 
 session.ensure_router()
@@ -35,16 +36,25 @@ def _ago(t: float) -> str:
         "%Y-%m-%d %H:%M", time.localtime(t))
 
 
+def _kind_label(kind: str) -> str:
+    spec = KINDS.get(kind)
+    return spec.label if spec else kind
+
+
 def _act(what: str, project: str) -> None:
     # a button callback: runs before the page is drawn, so the table shows the result
     try:
+        ws = overview.project_of(top, project)
         if what == "cancel":
-            n = overview.cancel_project(top, project)
+            n = tasks.cancel_all(ws)
             msg = f"Cancelled {n} task(s) of {project}."
         elif what == "reset":
+            tasks.cancel_all(ws)  # the engine refuses to empty a project that still has work queued
             got = overview.reset_project(top, project)
             msg = f"Emptied {project}: {got['runs']} run(s), {got['datasets']} dataset(s) removed; its link still works."
         else:
+            if project != overview.SHARED:
+                tasks.cancel_all(ws)
             got = overview.delete_project(top, project)
             msg = f"Deleted {project} and its {got['runs']} run(s); its link no longer opens."
         st.session_state["_teacher_flash"] = ("success", msg)
@@ -54,7 +64,11 @@ def _act(what: str, project: str) -> None:
 
 
 def _clean_up() -> None:
-    res = overview.clean_up_class(top, include_shared=st.session_state.get("teacher_cleanup_shared", True))
+    shared = st.session_state.get("teacher_cleanup_shared", True)
+    for ws in top.all_workspaces():  # the engine leaves a project with work queued: cancel it all first
+        if ws.is_project or shared:
+            tasks.cancel_all(ws)
+    res = overview.clean_up_class(top, include_shared=shared)
     msg = f"Deleted {len(res['projects'])} project(s) and {res['runs']} run(s); the caches are kept."
     if res["stopping"]:
         msg += f" Still stopping: {', '.join(res['stopping'])}; clean up again in a few seconds."
@@ -75,8 +89,8 @@ def projects_section() -> None:
         "Runs": f"{r['done']} of {r['runs']} finished" if r["runs"] else "—",
         "Best accuracy": r["best_text"],
         "Best run": r["best_run"] or "—",
-        "Running": ", ".join(f"{a['label']} ({a['seconds']:.0f} s)" for a in r["activity"] if a["status"] == "running")
-        or "—",
+        "Running": ", ".join(f"{_kind_label(a['kind'])} ({a['seconds']:.0f} s)"
+                             for a in r["activity"] if a["status"] == "running") or "—",
         "Queued": r["queued"],
         "Last activity": _ago(r["last_activity"]),
     } for r in rows])

@@ -61,13 +61,15 @@ def test_project_rows_list_every_project_with_its_best_accuracy_and_interval(cla
     assert not any(r["running"] or r["queued"] for r in rows.values())
 
 
-def test_cancel_project_stops_its_queued_work_only(classroom, monkeypatch):
+def test_cancel_all_stops_one_projects_queued_work_only(classroom):
     top, ps, _ = classroom
     t_a = tasks.submit(ps["ants"], "report", {"run": "x", "stamp": 1}, start_worker=False)
     t_b = tasks.submit(ps["bees"], "report", {"run": "y", "stamp": 1}, start_worker=False)
     rows = {r["project"]: r for r in overview.project_rows(top)}
-    assert rows["ants-0001"]["queued"] == 1 and rows["ants-0001"]["activity"][0]["label"] == "Writing the report"
-    assert overview.cancel_project(top, "ants-0001") == 1
+    act = rows["ants-0001"]["activity"]
+    assert rows["ants-0001"]["queued"] == 1 and [(a["id"], a["kind"]) for a in act] == [(t_a.id, "report")]
+    assert 0 <= act[0]["seconds"] < 60  # waited since it was queued, from the task row
+    assert tasks.cancel_all(ps["ants"]) == 1
     assert tasks.get(ps["ants"], t_a.id).status == "cancelled"
     assert tasks.get(ps["bees"], t_b.id).status == "queued"
 
@@ -77,6 +79,10 @@ def test_reset_empties_a_project_but_keeps_it_and_the_caches(classroom):
     cache_marker = top.cache_dir / "marker"
     cache_marker.write_text("kept")
     tasks.submit(ps["ants"], "report", {"run": "x", "stamp": 1}, start_worker=False)
+    with pytest.raises(RunError, match="queued or running; cancel its tasks first"):
+        overview.reset_project(top, "ants-0001")  # work queued: nothing is removed under it
+    assert len(ps["ants"].store().list()) == 2
+    tasks.cancel_all(ps["ants"])
     got = overview.reset_project(top, "ants-0001")
     assert got["runs"] == 2 and got["tasks"] == 1
     ws = top.project("ants-0001")  # still there: its link keeps working
@@ -94,8 +100,14 @@ def test_delete_project_and_clean_up_class(classroom):
     with pytest.raises(RunError, match="No project"):
         top.project("cats-0003")
     (top.cache_dir / "marker").write_text("kept")
+    tasks.submit(ps["bees"], "report", {"run": "y", "stamp": 1}, start_worker=False)
+    with pytest.raises(RunError, match="cancel its tasks first"):
+        overview.delete_project(top, "bees-0002")
+    done = overview.clean_up_class(top)  # a project with work queued is left, and said
+    assert done["projects"] == ["ants-0001"] and done["stopping"] == ["bees-0002"] and done["runs"] == 2
+    assert tasks.cancel_all(ps["bees"]) == 1
     done = overview.clean_up_class(top)
-    assert sorted(done["projects"]) == ["ants-0001", "bees-0002"] and done["runs"] == 3 and not done["stopping"]
+    assert done["projects"] == ["bees-0002"] and done["runs"] == 1 and not done["stopping"]
     assert [r["project"] for r in overview.project_rows(top)] == [overview.SHARED]
     assert (top.cache_dir / "marker").read_text() == "kept"
 
@@ -214,17 +226,17 @@ def test_scoring_a_run_on_the_locked_set(small_challenge, emoji_run):
         challenge.score_run(ws, params["run"], challenge_id="older")
 
 
-def test_submit_run_queues_one_scoring_task_per_run(small_challenge, emoji_run):
+def test_submit_challenge_run_queues_one_scoring_task_per_run(small_challenge, emoji_run):
     top = small_challenge
     src, res = emoji_run
     ws = top.project("bees-0002", create=True)
     run_id = _copy_run(src, res.run_id, ws)
-    t1 = challenge.submit_run(ws, run_id, start_worker=False)
-    t2 = challenge.submit_run(ws, run_id, start_worker=False)
+    t1 = tasks.submit_challenge_run(ws, run_id, start_worker=False)
+    t2 = tasks.submit_challenge_run(ws, run_id, start_worker=False)
     assert t1.kind == "challenge_score" and t2.shared and t2.id == t1.id
     challenge.remove_challenge(top)
     with pytest.raises(RunError, match="no class challenge"):
-        challenge.submit_run(ws, run_id, start_worker=False)
+        tasks.submit_challenge_run(ws, run_id, start_worker=False)
 
 
 def test_export_includes_the_leaderboard(small_challenge, tmp_path):

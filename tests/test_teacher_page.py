@@ -15,10 +15,12 @@ from page_harness import (  # noqa: F401  (fixtures are used by name)
     goto,
     has_button,
     home,
+    no_workers,
     trained_home,
     until,
 )
 from tl_core.classroom import challenge
+from tl_core.runs import tasks
 from tl_core.storage.workspace import Workspace
 
 
@@ -37,15 +39,16 @@ def _table(at) -> dict:
     return {r["Project"]: r for r in df.to_dict("records")}
 
 
-def test_teacher_sees_every_project_and_resets_one(home):
+def test_teacher_sees_every_project_and_resets_one(home, no_workers):
     ws, run_id = home
     p = _project_with_run(ws, run_id, "ants-0001")
+    tasks.submit(p, "report", {"run": "x", "stamp": 1}, start_worker=False)  # work queued: reset cancels it first
     at = app()
     goto(at, "teacher")
     assert_clean(at)
     rows = _table(at)
     assert set(rows) == {"(shared workspace)", "ants-0001"}
-    assert rows["ants-0001"]["Runs"] == "1 of 1 finished"
+    assert rows["ants-0001"]["Runs"] == "1 of 1 finished" and rows["ants-0001"]["Queued"] == 1
     assert "95% CI" in rows["ants-0001"]["Best accuracy"] and " of 40)" in rows["ants-0001"]["Best accuracy"]
     # reset needs the confirmation first
     at.selectbox(key="teacher_project").set_value("ants-0001").run()
@@ -54,7 +57,8 @@ def test_teacher_sees_every_project_and_resets_one(home):
     button(at, "Reset the project").click().run()
     assert_clean(at)
     assert any("Emptied ants-0001" in s.value for s in at.success)
-    assert p.store().list() == [] and _table(at)["ants-0001"]["Runs"] == "—"
+    assert p.store().list() == [] and p.store().tasks() == [] and _table(at)["ants-0001"]["Runs"] == "—"
+    assert _table(at)["ants-0001"]["Queued"] == 0
     assert len(ws.store().list()) == 1  # the shared workspace's run is untouched
 
 

@@ -40,9 +40,10 @@ from ..errors import DatasetError, RunError
 from ..fileio import write_atomic, write_json_atomic
 from ..metrics import compare_figures, format_figure, wilson_interval
 from ..storage.workspace import Workspace
+from .projects import label as _project_label
 
 __all__ = ["challenge_dir", "challenge_info", "save_challenge_upload", "setup_challenge", "remove_challenge",
-           "submission_params", "submit_run", "score_run", "leaderboard", "leaderboard_csv", "LEADERBOARD_COLUMNS"]
+           "submission_params", "score_run", "leaderboard", "leaderboard_csv", "LEADERBOARD_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +194,9 @@ def remove_challenge(top: Workspace) -> None:
     shutil.rmtree(challenge_dir(top), ignore_errors=True)
 
 
-def _project_label(ws: Workspace) -> str:
-    from .overview import SHARED
-
-    return ws.name or SHARED
-
-
 def submission_params(ws: Workspace, run_id: str) -> dict[str, Any]:
-    """The ``challenge_score`` task's parameters for a run (they key it: the run's files and the challenge).
+    """The ``challenge_score`` task's parameters for a run (they key it: the run's files and the challenge);
+    ``tl_core.runs.tasks.submit_challenge_run`` queues it.
 
     Raises:
         RunError: no challenge is set up, or the run is not finished.
@@ -215,14 +211,6 @@ def submission_params(ws: Workspace, run_id: str) -> dict[str, Any]:
         raise RunError(f"Run {run_id} is {run['status']}; submit a finished run.")
     files = RunFiles(ws.run_dir(run_id))
     return {"run": str(files.dir), "stamp": files.stamp(), "challenge": info["id"], "project": _project_label(ws)}
-
-
-def submit_run(ws: Workspace, run_id: str, owner: str | None = None, start_worker: bool = True) -> Any:
-    """Submit a finished run of this project to the challenge: a ``challenge_score`` task scores it in a worker
-    (the same run submitted twice is one task). Returns the task (``tl_core.runs.tasks.Task``)."""
-    from ..runs import tasks
-
-    return tasks.submit(ws, "challenge_score", submission_params(ws, run_id), owner=owner, start_worker=start_worker)
 
 
 def _submission_file(top: Workspace, project: str) -> Path:

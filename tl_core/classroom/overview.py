@@ -1,5 +1,6 @@
 """The teacher's view of a class: every project on the server (``<TL_HOME>/projects/<slug>/``, plus the shared
-workspace) with its datasets, runs, best accuracy and what it is running; cancel, delete or reset a project;
+workspace) with its datasets, runs, best accuracy and what it is running; delete or reset a project (its tasks are
+cancelled first by the jobs layer, ``tl_core.runs.tasks.cancel_all``: this package sits below it);
 clean up the whole class after the lesson; export the class's results (a CSV and the runs' HTML reports in
 one zip).
 
@@ -20,31 +21,15 @@ from typing import Any, Callable, Sequence
 
 from ..errors import RunError
 from ..metrics import figure_of, wilson_interval
-from ..runs import tasks
 from ..storage.store import ACTIVE_STATUSES
 from ..storage.workspace import Workspace
+from .projects import SHARED, project_of
+from .projects import label as _label
 
-__all__ = ["SHARED", "project_rows", "project_of", "cancel_project", "reset_project", "delete_project",
+__all__ = ["SHARED", "project_rows", "project_of", "reset_project", "delete_project",
            "clean_up_class", "class_stamp", "results_rows", "RESULT_COLUMNS", "results_csv", "export_class"]
 
 log = logging.getLogger(__name__)
-
-#: How the shared workspace (no project) is named in the teacher's tables and the export.
-SHARED = "(shared workspace)"
-
-
-def _label(ws: Workspace) -> str:
-    return ws.name or SHARED
-
-
-def project_of(top: Workspace, project: str | None) -> Workspace:
-    """The workspace of ``project`` (a slug, or None / :data:`SHARED` for the shared workspace).
-
-    Raises:
-        RunError: no such project.
-    """
-    top = Workspace(top.top)
-    return top if project in (None, "", SHARED) else top.project(project)
 
 
 def _best_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -66,17 +51,15 @@ def _accuracy_figure(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _activity(ws: Workspace) -> list[dict[str, Any]]:
-    """The project's queued and running tasks: kind (as users read it), status, how long."""
-    from ..runs.kinds import KINDS
-
+    """The project's queued and running tasks: kind (the page names it), status, seconds waited or run so far."""
+    now = time.time()
     out = []
     for t in ws.store().tasks():
         if t["status"] in ACTIVE_STATUSES:
-            task = tasks.Task.from_row(t)
-            spec = KINDS.get(t["kind"])
-            out.append({"id": t["id"], "kind": t["kind"], "label": spec.label if spec else t["kind"],
-                        "status": t["status"], "run_id": t.get("run_id"),
-                        "seconds": round(task.ran_s if t["status"] == "running" else task.waited_s, 1)})
+            running = t["status"] == "running" and t.get("started") is not None
+            seconds = now - (t["started"] if running else t["created"])
+            out.append({"id": t["id"], "kind": t["kind"], "status": t["status"], "run_id": t.get("run_id"),
+                        "seconds": round(max(0.0, seconds), 1)})
     return out
 
 
@@ -121,49 +104,25 @@ def project_rows(top: Workspace, include_shared: bool = True) -> list[dict[str, 
     return rows
 
 
-def cancel_project(top: Workspace, project: str | None) -> int:
-    """Cancel every queued and running task of a project (its trainings included). Returns how many.
-
-    A queued task stops at once; a running one at its next check point, or its worker is killed.
-    """
-    ws = project_of(top, project)
-    store = ws.store()
-    n = 0
-    for t in store.tasks():
-        if t["status"] in ACTIVE_STATUSES:
-            if t.get("run_id"):
-                tasks.cancel_run(ws, t["run_id"])
-            else:
-                tasks.cancel(ws, t["id"])
-            n += 1
-    for r in store.list():  # a run whose task is gone but whose row still says queued
-        if r["status"] == "queued" and not any(t.get("run_id") == r["id"] for t in store.tasks(kind="train")):
-            store.set_status(r["id"], "cancelled", "Cancelled by the teacher.")
-    return n
-
-
-def _still_running(ws: Workspace) -> int:
-    return len(ws.store().tasks(status="running"))
-
-
-def _refuse_while_running(ws: Workspace, doing: str) -> None:
-    running = _still_running(ws)
-    if running:
-        raise RunError(f"{running} task(s) of {_label(ws)} are still stopping; {doing} again in a few seconds.")
+def _refuse_while_active(ws: Workspace, doing: str) -> None:
+    active = sum(t["status"] in ACTIVE_STATUSES for t in ws.store().tasks())
+    if active:
+        raise RunError(f"{active} task(s) of {_label(ws)} are queued or running; cancel its tasks first (a "
+                       f"cancelled one may take a few seconds to stop), then {doing} again.")
 
 
 def reset_project(top: Workspace, project: str | None) -> dict[str, int]:
     """Empty a project (or the shared workspace) but keep it and its link: every run, task, uploaded dataset and
-    weights file goes; the shared caches stay. Active tasks are cancelled first.
+    weights file goes; the shared caches stay. Refused while a task of the project is queued or running
+    (``tl_core.runs.tasks.cancel_all`` first).
 
     Returns:
         {"runs": removed, "tasks": removed, "datasets": removed}
     Raises:
-        RunError: a cancelled task is still stopping (try again in a few seconds).
+        RunError: a task of the project is queued or running (cancel its tasks first).
     """
     ws = project_of(top, project)
-    cancel_project(top, project)
-    _refuse_while_running(ws, "reset it")
+    _refuse_while_active(ws, "reset it")
     store = ws.store()
     n_tasks = 0
     for t in store.tasks():
@@ -184,19 +143,19 @@ def reset_project(top: Workspace, project: str | None) -> dict[str, int]:
 
 
 def delete_project(top: Workspace, project: str) -> dict[str, int]:
-    """Delete a project: its tasks are cancelled, then its folder (runs, uploads, weights) is removed; its link
-    stops working. The shared workspace cannot be deleted (reset it instead).
+    """Delete a project: its folder (runs, uploads, weights) is removed; its link stops working. Refused while a
+    task of the project is queued or running (``tl_core.runs.tasks.cancel_all`` first). The shared workspace
+    cannot be deleted (reset it instead).
 
     Returns:
         {"runs": how many runs it held}
     Raises:
-        RunError: no such project, the shared workspace, or a cancelled task is still stopping.
+        RunError: no such project, the shared workspace, or a task of the project is queued or running.
     """
     if project in (None, "", SHARED):
         raise RunError("The shared workspace cannot be deleted; reset it to empty it.")
     ws = project_of(top, project)
-    cancel_project(top, project)
-    _refuse_while_running(ws, "delete it")
+    _refuse_while_active(ws, "delete it")
     runs = len(ws.store().list())
     shutil.rmtree(ws.home)
     log.info("deleted project %s (%d runs)", project, runs)
@@ -205,11 +164,12 @@ def delete_project(top: Workspace, project: str) -> dict[str, int]:
 
 def clean_up_class(top: Workspace, include_shared: bool = True) -> dict[str, Any]:
     """After the lesson: delete every project and (``include_shared``) empty the shared workspace. The caches,
-    the worker slots and the class challenge (``tl_core.classroom.challenge``) are kept.
+    the worker slots and the class challenge (``tl_core.classroom.challenge``) are kept. A project with a queued
+    or running task is left (the caller cancels every project's tasks first: ``tl_core.runs.tasks.cancel_all``).
 
     Returns:
         {"projects": deleted slugs, "runs": runs removed, "stopping": projects left because a task was still
-        stopping (run the clean-up again in a few seconds)}
+        queued or running (run the clean-up again in a few seconds)}
     """
     top = Workspace(top.top)
     deleted, runs, stopping = [], 0, []

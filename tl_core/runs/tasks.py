@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..access import Actor, require
+from ..classroom.challenge import submission_params
 from ..config import TrainConfig
 from ..data.versions import pin
 from ..errors import RunError, TLError
@@ -50,7 +51,8 @@ from .kinds import kind_spec
 from .workers import prune
 
 __all__ = ["QueueFullError", "Task", "MAX_QUEUED", "task_key", "submit", "find", "get", "result", "cancel",
-           "queue_position", "describe_wait", "submit_training", "cancel_run", "delete_run", "prune"]
+           "queue_position", "describe_wait", "submit_training", "cancel_run", "cancel_all", "submit_challenge_run", "delete_run",
+           "prune"]
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +270,40 @@ def cancel_run(ws: Workspace, run_id: str, wait: bool = False, actor: Actor | No
     for t in store.tasks(kind="train"):
         if t.get("run_id") == run_id and t["status"] in ("queued", "running"):
             cancel(ws, t["id"], wait=wait)
+
+
+def cancel_all(ws: Workspace) -> int:
+    """Cancel every queued and running task of one workspace (a project, or the shared workspace), its trainings
+    included: what the teacher does before resetting or deleting a project. Returns how many.
+
+    A queued task stops at once; a running one at its next check point, or its worker is killed. A run whose task
+    is gone but whose row still says queued is marked cancelled.
+    """
+    store = ws.store()
+    n = 0
+    for t in store.tasks():
+        if t["status"] in ACTIVE_STATUSES:
+            if t.get("run_id"):
+                cancel_run(ws, t["run_id"])
+            else:
+                cancel(ws, t["id"])
+            n += 1
+    trained = {t.get("run_id") for t in store.tasks(kind="train")}
+    for r in store.list():
+        if r["status"] == "queued" and r["id"] not in trained:
+            store.set_status(r["id"], "cancelled", "Cancelled by the teacher.")
+    return n
+
+
+def submit_challenge_run(ws: Workspace, run_id: str, owner: str | None = None, start_worker: bool = True) -> Task:
+    """Submit a finished run of this project to the class challenge: a ``challenge_score`` task scores it in a
+    worker (the same run submitted twice is one task).
+
+    Raises:
+        RunError: no challenge is set up, or the run is not finished.
+        QueueFullError: too many tasks are waiting.
+    """
+    return submit(ws, "challenge_score", submission_params(ws, run_id), owner=owner, start_worker=start_worker)
 
 
 def delete_run(ws: Workspace, run_id: str, actor: Actor | None = None) -> None:
