@@ -46,7 +46,7 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     from tl_core.data.images import load_image
-    from tl_core.share.export import export_run
+    from tl_core.share.webpage import export_webpage
     from tl_core.share.loading import load_model
     from tl_core.share.predict import predict_paths
 
@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("run")
     ap.add_argument("--page")
     a = ap.parse_args()
-    page_dir = Path(a.page) if a.page else Path(export_run(a.run, "webpage", Path(tempfile.mkdtemp()) / "page")["path"])
+    page_dir = Path(a.page) if a.page else Path(export_webpage(a.run, Path(tempfile.mkdtemp()) / "page")["path"])
     tm = load_model(a.run)
     images = held_out()
     want, skipped = predict_paths(tm, images, top_k=3)

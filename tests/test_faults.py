@@ -358,19 +358,19 @@ def test_a_run_queued_while_the_worker_is_leaving_is_not_lost(workspace, tmp_pat
         return {"run_id": params["run_id"], "status": "done", "error": None}
 
     monkeypatch.setitem(kinds.KINDS, "train", kinds.TaskKind("train", "compute", "Training", fake_training))
-    real_oldest = RunStore.oldest_queued
+    real_order = workers.queue_order
     injected: list[str] = []
     spawned: list[int] = []
     monkeypatch.setattr(workers, "spawn_detached", lambda *a, **k: spawned.append(1))
 
-    def oldest_queued(self, lane):
-        found = real_oldest(self, lane)
-        if found is None and not injected:
+    def queue_order(ws, lane):  # what the worker reads before it leaves: the queue looks empty
+        found = real_order(ws, lane)
+        if not found and not injected:
             # someone presses "Train" right now: the slot lock is still held by this worker
             injected.append(tasks.submit_training(workspace, data, LINEAR))
         return found
 
-    monkeypatch.setattr(RunStore, "oldest_queued", oldest_queued)
+    monkeypatch.setattr(workers, "queue_order", queue_order)
     first = tasks.submit_training(workspace, data, LINEAR, start_worker=False)
     assert workers.worker_main(str(workspace.home), "compute", 0) == 0
     assert spawned == []  # the submit saw the slot busy and started nobody ...

@@ -62,7 +62,10 @@ def test_teacher_sees_every_project_and_resets_one(home, no_workers):
     assert len(ws.store().list()) == 1  # the shared workspace's run is untouched
 
 
-def test_students_do_not_get_the_teacher_page(home):
+def test_students_do_not_get_the_teacher_page(home, monkeypatch):
+    # with passwords set the gate keeps the role a session was given (without any, everyone is the teacher)
+    monkeypatch.setenv("TL_PASSWORD", "class-secret")
+    monkeypatch.setenv("TL_TEACHER_PASSWORD", "teacher-secret")
     at = app()
     at.session_state["tl_role"] = "student"
     at.run()

@@ -300,8 +300,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .share.export import export_run
+    from .share.webpage import export_webpage
 
-    out = export_run(_resolve_run_dir(args.run), args.format, args.out)
+    run_dir = _resolve_run_dir(args.run)
+    out = (export_webpage(run_dir, args.out) if args.format == "webpage"
+           else export_run(run_dir, args.format, args.out))
     if args.json:
         _print_json(out)
     else:

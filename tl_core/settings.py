@@ -125,6 +125,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("TL_ONNX_MIN_IMAGES", "int >= 0", 1300, "Under auto, jobs run on PyTorch while no ONNX file exists "
             "yet for their backbone, until the images they ran reach this many (the export's break-even: 1300 for "
             "the last layer, 2250 for several depths).", _non_negative_int),
+    Setting("TL_ORT_WEB_DIR", "path", None, "Where the in-browser runtime (onnxruntime-web, fetched by `make "
+            "web-runtime`) is, for the web-page export and Try it's Live view.", _path,
+            "tl_core/share/web/vendor/onnxruntime-web-<version>"),
     Setting("TL_PASSWORD", "text", None, "The class password: with it set, the app shows nothing but a password "
             "form until it is given (docs/classroom.md, Access).", _text, "none (the app asks for nothing)",
             secret=True),

@@ -167,10 +167,11 @@ _MIME = {"zip": "application/zip", "onnx": "application/octet-stream", "pt": "ap
 
 def _export(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
     from ..share.export import export_run
+    from ..share.webpage import export_webpage
 
     ctx.progress({"stage": "work", "message": f"Exporting {p['format']} and verifying it", "force": True})
     if p["format"] == "webpage":  # the folder "page" (Try it → Live shows it) and page.zip (to download)
-        res = export_run(p["run"], "webpage", ctx.out_dir / "page")
+        res = export_webpage(p["run"], ctx.out_dir / "page")
         z = Path(res["zip"])
         res.update(page="page", files=[{"name": f"tl-studio-{Path(p['run']).name}-webpage.zip", "file": z.name,
                                         "bytes": z.stat().st_size, "mime": "application/zip"}])

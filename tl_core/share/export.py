@@ -450,15 +450,15 @@ def _write_bundle(tm: TrainedModel, out: Path) -> dict[str, Any]:
 def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
                verify_images: Sequence[str | os.PathLike] | None = None, max_verify_images: int = VERIFY_IMAGES,
                onnx_exporter: str = "auto") -> dict[str, Any]:
-    """Export a run as ``bundle`` (zip), ``onnx``, ``torchscript`` or ``webpage`` (a folder:
-    :func:`tl_core.share.webpage.export_webpage`).
+    """Export a run as ``bundle`` (zip), ``onnx`` or ``torchscript`` (the ``webpage`` folder is
+    :func:`tl_core.share.webpage.export_webpage`'s, built on this ONNX export).
 
     ONNX and TorchScript exports are verified before they are kept (see the module docstring); the
     verification numbers are returned and written into the sidecar ``<out>.json``.
 
     Args:
         run_dir: the run directory (or a bundle zip: re-export it in another format).
-        fmt: bundle | onnx | torchscript | webpage.
+        fmt: bundle | onnx | torchscript.
         out: the file to write; an existing directory gets ``<run>.<ext>`` inside it.
         verify_images: images (files, folders, zips) to verify on instead of the run's own.
         max_verify_images: how many images the verification uses at most.
@@ -471,11 +471,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
     """
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"Unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}.")
-    if fmt == "webpage":  # a folder: index.html, this module's verified ONNX graph and the in-browser runtime
-        from .webpage import export_webpage
-
-        return export_webpage(run_dir, out, verify_images=verify_images, max_verify_images=max_verify_images,
-                              onnx_exporter=onnx_exporter)
+    if fmt == "webpage":  # a folder, built on this module's ONNX export (which it imports: no cycle back)
+        raise ExportError("A web page is exported by tl_core.share.webpage.export_webpage (a folder, not a file).")
     run_dir, out = Path(run_dir), Path(out)
     tm = load_model(run_dir)
     if out.is_dir():

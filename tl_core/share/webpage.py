@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError
+from ..settings import setting
+from .export import export_run
 
 __all__ = ["ORT_WEB_VERSION", "ORT_WEB_FILES", "runtime_dir", "find_runtime", "fetch_runtime", "export_webpage",
            "page_assets", "web_meta"]
@@ -51,8 +53,7 @@ _MISSING = ("The in-browser runtime (onnxruntime-web {v}) is missing from {d}: r
 
 def runtime_dir() -> Path:
     """Where the runtime's files are: ``$TL_ORT_WEB_DIR`` when set, else ``tl_core/share/web/vendor/``."""
-    env = os.environ.get("TL_ORT_WEB_DIR")
-    return Path(env) if env else WEB_DIR / "vendor" / f"onnxruntime-web-{ORT_WEB_VERSION}"
+    return setting("TL_ORT_WEB_DIR", WEB_DIR / "vendor" / f"onnxruntime-web-{ORT_WEB_VERSION}")
 
 
 def find_runtime() -> Path:
@@ -189,7 +190,6 @@ def export_webpage(run_dir: str | os.PathLike, out: str | os.PathLike, *, top_k:
     Raises:
         ExportError: the runtime is missing, or the ONNX export failed its verification.
     """
-    from .export import export_run
 
     find_runtime()  # fail before the slow ONNX export
     out = Path(out)
