@@ -228,6 +228,10 @@ def test_folder_upload_fix_from_the_data_check_and_train_on_the_new_version(serv
     page.get_by_role("button", name="Check the data").click()
     page.get_by_text(re.compile(r"^Likely label errors \(\d+\)")).wait_for(timeout=TRAIN_TIMEOUT_MS)
     shot(page, "11e-folder-data-check")
+    # the check's follow-up tasks (the embedding map, the distance from ImageNet) redraw the page while they
+    # poll: click once they are done, so the click lands on the buttons the page keeps
+    for busy in ("Drawing the embedding map", "Measuring the distance from ImageNet"):
+        page.get_by_text(busy).first.wait_for(state="hidden", timeout=TRAIN_TIMEOUT_MS)
     cell = page.get_by_test_id("stColumn")
     # exclude the copy, with the image in view
     cell.filter(has_text="flag: flag/again.png").get_by_role("button", name="Exclude", exact=True).first.click()

@@ -166,13 +166,15 @@ def test_an_emoji_model_flags_fashion_images_and_few_of_its_own(emoji_model):
     files = RunFiles(run_dir)
     rec, bank = files.open_set_record(), files.open_set_bank()
     assert rec["calibration"] == "leave-one-out" and rec["n"] == 150 == rec["bank_rows"] == len(bank)
-    assert rec["dim"] == bank.shape[1] == 1280 and bank.dtype == np.float16
+    tm = load_model(run_dir)
+    # the content bank holds the probe's own input: the pooled pre-logit features of the features auto chose
+    # (1280 for Lite0's last layer; more when several depths won)
+    assert rec["dim"] == bank.shape[1] == tm.model.get_classifier().in_features >= 1280 and bank.dtype == np.float16
     assert np.allclose(np.linalg.norm(bank.astype(np.float32), axis=1), 1.0, atol=1e-2)
     style = files.open_set_style_bank()  # Lite0 stages 1 and 3: 24 + 112 channel std, one distance each
     assert rec["version"] == 2 and style.shape == (150, rec["style"]["bank_dim"]) == (150, 136)
     assert rec["style"]["groups"] == [[0], [1]] and len(rec["style"]["thresholds"]) == 2
     assert len(rec["bank_paths"]) == len(rec["bank_labels"]) == 150 and not rec["bank_paths"][0].startswith("/")
-    tm = load_model(run_dir)
     own, _ = _flagged(tm, [held])
     fashion, rows = _flagged(tm, [FASHION / "test"])
     assert own <= 0.15, own

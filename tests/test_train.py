@@ -189,7 +189,8 @@ def test_finetuning_in_a_fresh_workspace_trains(workspace, monkeypatch):
 
 @pytest.mark.slow
 def test_full_finetuning_trains_the_backbone_and_keeps_the_better_checkpoint(workspace):
-    linear = run_training(workspace, EMOJI, TrainConfig(strategy="linear", max_per_class=16))
+    # the probe fine-tuning starts from is on the last layer's features (LP-FT): compare with that linear run
+    linear = run_training(workspace, EMOJI, TrainConfig(strategy="linear", features="last", max_per_class=16))
     full = run_training(workspace, EMOJI, TrainConfig(strategy="full", epochs=2, max_per_class=16))
     assert full.status == "done"
     epochs = workspace.store().epochs(full.run_id)
