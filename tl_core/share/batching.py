@@ -72,7 +72,12 @@ class MicroBatcher:
         return self._queue.qsize()
 
     def start(self) -> None:
-        """Start the loop's thread (a daemon); does nothing when it runs already."""
+        """Start the loop's thread (a daemon); does nothing when it runs already.
+
+        This thread lives only in the ``tl-core serve`` process, a process of its own whose one job is this model
+        (never in the Streamlit server, whose long work goes to worker processes): the HTTP handlers stay
+        responsive while one loop owns the model and batches what waits.
+        """
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="tl-serve-inference", daemon=True)
