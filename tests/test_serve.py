@@ -76,6 +76,11 @@ def test_rows_are_predicts_rows(served):
         assert [k["label"] for k in row["top_k"]] == [k["label"] for k in want["top_k"]]
         assert row["confidence"] == pytest.approx(want["confidence"], abs=1e-4)
         assert row["ood_score"] == pytest.approx(want["ood_score"], abs=1e-3)
+        # the same nearest training images, named relative to the training set: never a path on the server
+        assert want["nearest"], "the fixture model keeps its bank's paths"
+        assert [n["label"] for n in row["nearest"]] == [n["label"] for n in want["nearest"]]
+        for got, full in zip(row["nearest"], want["nearest"]):
+            assert not got["path"].startswith("/") and full["path"].endswith("/" + got["path"]), (got, full)
 
 
 def _one_sentence(r) -> str:

@@ -54,8 +54,8 @@ SCORES = {
     "ood_reason": "why it is unknown: style (another kind of picture), content (something else shown) or both; "
                   "null when not unknown",
     "ood_distances": "{content, style}: each distance divided by its own threshold",
-    "nearest": "up to 3 nearest training images by content [{path, label, distance}] (null when the model "
-               "keeps no paths)",
+    "nearest": "up to 3 nearest training images by content [{path, label, distance}], the path relative to the "
+               "training set's folder, never the server's own (null when the model keeps no paths)",
 }
 
 
@@ -281,6 +281,7 @@ def create_app(model: TrainedModel, api_key: str | None = None, limits: ServeLim
         await run_in_threadpool(batcher.stop)
 
     name = Path(model.source).name
+    bank_root = model.open_set.record.get("bank_root") if getattr(model, "open_set", None) is not None else None
     app = FastAPI(title=f"TL Studio model {name}", lifespan=lifespan,
                   description="Image classification with a model trained in TL Studio. `POST /predict` with image "
                               "files in the multipart field `files`; every error is `{\"detail\": \"one sentence\"}`.")
@@ -341,9 +342,24 @@ def create_app(model: TrainedModel, api_key: str | None = None, limits: ServeLim
         except Exception as e:  # the model failed on this batch; the server carries on
             return _json_response(500, f"The model failed on this request ({type(e).__name__}: {e}); the server "
                                        "keeps running.")
-        return {"predictions": [{"file": n, **r} for n, r in zip(names, rows)]}
+        return {"predictions": [{"file": n, **_public_row(r, bank_root)} for n, r in zip(names, rows)]}
 
     return app
+
+
+def _public_row(row: dict[str, Any], root: str | None) -> dict[str, Any]:
+    """``row`` as a client may see it: each nearest training image's path relative to the training set's folder
+    (or its file name when it lay outside it), so a response never tells where files lie on the server."""
+    near = row.get("nearest")
+    if not near:
+        return row
+    prefix = root.rstrip("/") + "/" if root else None
+    out = []
+    for n in near:
+        p = str(n.get("path") or "")
+        p = p[len(prefix):] if prefix and p.startswith(prefix) else Path(p).name
+        out.append({**n, "path": p})
+    return {**row, "nearest": out}
 
 
 def run_server(model: TrainedModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
