@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from page_harness import app, assert_clean, empty_home, goto, metric, progress_texts, sample_zip, until  # noqa: F401
 
 from tl_core.data import intake, library, versions
 from tl_core.errors import DatasetError
@@ -207,3 +208,39 @@ def test_the_intake_task_refuses_a_file_outside_the_incoming_folder(workspace, q
     assert run_queued_intake(workspace) == ["failed"]
     assert "incoming folder" in tasks.get(workspace, task.id).error
     assert outside.is_file()  # never removed: it was not the server's to remove
+
+
+# --------------------------------------------------------------------------------------------------
+# the Data page
+# --------------------------------------------------------------------------------------------------
+def test_the_data_page_returns_before_the_upload_is_unpacked(empty_home, queued_only):
+    ws = empty_home
+    at = goto(app(), "data")
+    at.file_uploader(key="zip_upload").set_value(("pets.zip", sample_zip(), "application/zip")).run()
+    assert_clean(at)
+    # the page drew the queued task; nothing is unpacked: the bytes wait in the incoming folder
+    [task] = ws.store().tasks(kind="intake")
+    assert task["status"] == "queued" and at.query_params["intake"] == task["id"]
+    assert any("Unpacking and checking pets.zip" in t for t in progress_texts(at)), progress_texts(at)
+    assert not [p for p in ws.datasets_dir.iterdir()] and len(list(ws.incoming_dir.iterdir())) == 1
+    assert "dataset" not in at.session_state
+    # the next rerun does not send the same upload again
+    at.run()
+    assert len(ws.store().tasks(kind="intake")) == 1
+
+
+@pytest.mark.processes
+def test_the_data_page_shows_the_dataset_when_the_worker_has_checked_the_upload(empty_home):
+    ws = empty_home
+    at = goto(app(), "data")
+    at.file_uploader(key="zip_upload").set_value(("pets.zip", sample_zip({"pets/notes.txt": b"x"}),
+                                                  "application/zip")).run()
+    assert not at.exception
+    until(at, lambda a: a.session_state["dataset"] == "workspace/pets" if "dataset" in a.session_state else False,
+          what="the intake task")
+    assert_clean(at)
+    assert any("Unpacked pets.zip as dataset 'pets'" in s.value for s in at.success)
+    assert metric(at, "Classes") == "2" and metric(at, "Images") == "6" and metric(at, "Skipped files") == "1"
+    assert "intake" not in at.query_params and list(ws.incoming_dir.iterdir()) == []
+    [task] = ws.store().tasks(kind="intake")
+    assert task["status"] == "done"

@@ -195,9 +195,9 @@ def _incoming_file(ws: Workspace, suffix: str) -> Path:
 
 
 def _submit_intake(ws: Workspace, upload: Path, labels: Path | None, filename: str, val_split: float, seed: int,
-                   owner: str | None) -> tasks.Task:
+                   owner: str | None, source: dict[str, Any] | None) -> tasks.Task:
     params: dict[str, Any] = {"upload": str(upload), "labels": str(labels) if labels else None, "name": filename,
-                              "val_split": float(val_split), "seed": int(seed)}
+                              "val_split": float(val_split), "seed": int(seed), "source": source or {}}
     try:
         return tasks.submit(ws, "intake", params, owner=owner)
     except BaseException:  # the queue is full (or the store failed): the upload waits for no task
@@ -208,7 +208,8 @@ def _submit_intake(ws: Workspace, upload: Path, labels: Path | None, filename: s
 
 
 def receive_zip(ws: Workspace, filename: str, data: bytes, labels_csv: bytes | None = None, *,
-                val_split: float = 0.2, seed: int = 0, owner: str | None = None) -> tasks.Task:
+                val_split: float = 0.2, seed: int = 0, owner: str | None = None,
+                source: dict[str, Any] | None = None) -> tasks.Task:
     """Receive an uploaded dataset zip (and the labels CSV uploaded beside it): write the bytes into the
     workspace's incoming folder (atomically) and queue the ``intake`` task that unpacks, checks and registers it.
     Nothing is unpacked, hashed or decoded here: this is what the app's server calls.
@@ -221,6 +222,8 @@ def receive_zip(ws: Workspace, filename: str, data: bytes, labels_csv: bytes | N
         val_split: the validation share of the first report the task writes (the page's setting).
         seed: its split seed.
         owner: who asked (a session id), for display.
+        source: what the caller wants to know again when the task ends (kept in its parameters; the Data page
+            keeps which uploader it came from).
     Returns:
         The queued task; its result names the new dataset, its error says why an upload was refused.
     Raises:
@@ -234,14 +237,15 @@ def receive_zip(ws: Workspace, filename: str, data: bytes, labels_csv: bytes | N
     if labels_csv is not None:
         labels = upload.with_suffix(".labels.csv")
         write_atomic(labels, labels_csv)
-    return _submit_intake(ws, upload, labels, filename, val_split, seed, owner)
+    return _submit_intake(ws, upload, labels, filename, val_split, seed, owner, source)
 
 
 def receive_folder(ws: Workspace, files: Iterable[tuple[str, bytes]], *, val_split: float = 0.2, seed: int = 0,
-                   owner: str | None = None) -> tasks.Task:
+                   owner: str | None = None, source: dict[str, Any] | None = None) -> tasks.Task:
     """Receive a folder uploaded from the browser (``[(path inside the folder, bytes)]``): pack it into a stored zip
     in the incoming folder (bytes copied, nothing decoded) and queue the ``intake`` task, so that it goes through
-    the same checks as a zip (:func:`tl_core.data.intake.pack_uploaded_folder`).
+    the same checks as a zip (:func:`tl_core.data.intake.pack_uploaded_folder`). The other arguments are
+    :func:`receive_zip`'s.
 
     Returns:
         The queued task.
@@ -251,4 +255,4 @@ def receive_folder(ws: Workspace, files: Iterable[tuple[str, bytes]], *, val_spl
     upload = _incoming_file(ws, ".zip")
     with writing_atomic(upload) as tmp:
         name = pack_uploaded_folder(files, tmp)
-    return _submit_intake(ws, upload, None, name, val_split, seed, owner)
+    return _submit_intake(ws, upload, None, name, val_split, seed, owner, source)
