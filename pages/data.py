@@ -350,6 +350,20 @@ def receive_folder(ws, files) -> None:
         seed=session.setting("seed", 0), owner=session.owner(), source={"from": "folder", "files": len(files)}))
 
 
+def forget_refusal(ws, uploader: str) -> None:
+    """Drop a refused (or cancelled) upload from the page address once its uploader (``"zip"`` or ``"folder"``) is
+    empty: the refusal stays in view while its file is there to fix, no longer. A task still running stays."""
+    task_id = st.query_params.get(INTAKE_PARAM)
+    if not task_id:
+        return
+    try:
+        task = tasks.get(ws, task_id)
+    except TLError:
+        return
+    if not task.active and task.status != "done" and (task.params.get("source") or {}).get("from") == uploader:
+        del st.query_params[INTAKE_PARAM]
+
+
 def intake_view(ws) -> None:
     """The upload being unpacked and checked (the task in the page address): its place in the queue and progress
     while it runs, its one-sentence refusal when it failed, and, when it is done, the new dataset chosen."""
@@ -548,7 +562,8 @@ with session.page_errors():
     building = st.session_state.get("_class_uploads", 0) > 0 or st.session_state.get("_cap_shots", 0) > 0
     receiving = INTAKE_PARAM in st.query_params
     with st.expander("Bring your own images", expanded=not chosen or building or receiving, icon=":material/upload:"):
-        intake_view(ws)
+        with st.container():  # one slot, drawn on every run: what it shows does not move the tabs below
+            intake_view(ws)
         # the tab a dataset is being built in stays selected: the first picture or images make a dataset, and the
         # panels that then show above would otherwise redraw the tabs on their first one
         tab_zip, tab_folder, tab_classes, tab_camera = st.tabs(
@@ -572,6 +587,8 @@ with session.page_errors():
                                           help="One 'path,label' row per image. " + session.upload_note())
             if up is not None:
                 receive_zip(ws, up, labels)
+            else:
+                forget_refusal(ws, "zip")
 
         with tab_folder:
             st.caption("A folder on your computer holding one sub-folder of images per class (`pets/cats/1.jpg`, "
@@ -585,6 +602,8 @@ with session.page_errors():
                                            "its sub-folders). " + session.upload_note())
             if picked:
                 receive_folder(ws, picked)
+            else:
+                forget_refusal(ws, "folder")
 
         with tab_classes:
             st.caption("Build a dataset from images on your computer: name a class, add its images, repeat for "

@@ -244,3 +244,17 @@ def test_the_data_page_shows_the_dataset_when_the_worker_has_checked_the_upload(
     assert "intake" not in at.query_params and list(ws.incoming_dir.iterdir()) == []
     [task] = ws.store().tasks(kind="intake")
     assert task["status"] == "done"
+
+
+def test_a_refused_upload_stays_in_view_while_its_file_is_in_the_uploader(empty_home, tasks_in_process):
+    ws = empty_home
+    at = goto(app(), "data")
+    at.file_uploader(key="zip_upload").set_value(("photo.zip", b"this is not a zip", "application/zip")).run()
+    says = "photo.zip is not a zip archive; upload a .zip with one folder per class. Nothing was saved."
+    assert not at.exception and [e.value for e in at.error] == [says]
+    assert _left_behind(ws) == []
+    at.run()  # a rerun neither sends it again nor loses the refusal
+    assert [e.value for e in at.error] == [says] and len(ws.store().tasks(kind="intake")) == 1
+    at.file_uploader(key="zip_upload").set_value(None).run()  # the user removes the file
+    at.run()
+    assert not at.error and "intake" not in at.query_params
