@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EMOJI = ROOT / "sample_data" / "emoji"
 
 
-def _zip(entries: dict[str, bytes]) -> bytes:
+def _zip(entries: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
+    with zipfile.ZipFile(buf, "w", compression) as zf:
         for name, data in entries.items():
             zf.writestr(name, data)
     return buf.getvalue()
@@ -179,6 +179,7 @@ def test_the_intake_task_takes_a_folder_and_a_separate_labels_csv(workspace, que
                        .read_bytes()}), "evil.zip contains the unsafe path '../escape.png'"),
     ("cats.zip", _zip(_images("animal", 4)), "Only one class ('animal') found in cats.zip"),
     ("notes.zip", _zip({"pets/readme.txt": b"no images here"}), "notes.zip holds no images"),
+    ("bomb.zip", _zip({"pets/a/x.png": bytes(20_000_000)}, zipfile.ZIP_DEFLATED), "bomb.zip expands"),
 ])
 def test_a_refused_upload_fails_its_task_with_one_sentence_and_leaves_nothing(workspace, queued_only, filename, data,
                                                                              says):
@@ -186,6 +187,8 @@ def test_a_refused_upload_fails_its_task_with_one_sentence_and_leaves_nothing(wo
     assert run_queued_intake(workspace) == ["failed"]
     t = tasks.get(workspace, task.id)
     assert t.error.startswith(says), t.error
+    if filename == "bomb.zip":
+        assert t.error.endswith("which looks like a zip bomb; refused."), t.error
     assert "\n" not in t.error and ".unpack-" not in t.error and "incoming" not in t.error
     assert _left_behind(workspace) == [] and not (workspace.home / "escape.png").exists()
     assert workspace.store().tasks(status="queued") == []
