@@ -15,12 +15,12 @@ from pages import _tasks as task_ui
 from tl_core.runs import tasks
 from tl_core.config import CLASS_BALANCE, field_help
 from tl_core.data.images import IMAGE_EXTENSIONS
-from tl_core.data.library import (add_class_images, dataset_signature, safe_name, save_uploaded_folder,
-                                  save_uploaded_zip)
+from tl_core.data.library import add_class_images, dataset_signature, safe_name
+from tl_core.runs import datasets
 from tl_core.runs.datasets import dataset_runs, dataset_users, delete_dataset, rename_dataset
 from tl_core.data import versions
 from tl_core.access import AccessError
-from tl_core.errors import DatasetError
+from tl_core.errors import DatasetError, TLError
 from tl_core.share import figures as charts
 
 session.ensure_router()
@@ -306,51 +306,99 @@ def data_check(ws, path: Path, val_split: float, seed: int, classes: list[str]) 
     show_domain_gap(ws, check_path, sig, backbone, seed)
 
 
-def unpack_zip(ws, up, labels) -> None:
-    """Unpack an uploaded zip (with the labels CSV when one is given) into a new dataset, once per pair of files.
-
-    A zip that cannot make a dataset is refused by the engine before anything is saved: one error, nothing in
-    the list. Adding a labels CSV after such a refusal tries the same zip again with it.
-    """
-    attempt = f"{up.file_id}:{labels.file_id if labels is not None else ''}"
-    saved = st.session_state.setdefault("_saved_zips", set())
-    if up.file_id in saved or not _once(attempt):
-        return
-    try:
-        folder = save_uploaded_zip(ws, up.name, up.getvalue(),
-                                   labels_csv=labels.getvalue() if labels is not None else None)
-    except DatasetError as e:
-        hint = (" If the images are not sorted into class folders, give their labels in a CSV (Advanced, below)."
-                if labels is None and str(e).startswith("No classes found") else "")
-        st.error(f"{e} Nothing was saved.{hint}")
-        return
-    saved.add(up.file_id)
-    session.select("dataset", session.dataset_ref_for_path(folder, ws))
-    _flash(f"Unpacked {up.name} as dataset '{folder.name}'.")
-    st.rerun()
+#: The query parameter naming the upload's intake task: a refreshed page finds it again.
+INTAKE_PARAM = "intake"
 
 
-def unpack_folder(ws, files) -> None:
-    """Save an uploaded folder (class sub-folders) as a new dataset, through the same checks as a zip: a folder
-    that cannot make a dataset is refused before anything is saved, and the refusal stays in view while the same
-    files are in the uploader."""
-    attempt = "folder:" + ",".join(sorted(f.file_id for f in files))
-    refused = st.session_state.setdefault("_refused_folders", {})
-    if attempt in refused:
-        st.error(refused[attempt])
-        return
+def _receive(ws, attempt: str, send) -> None:
+    """Hand an upload to the engine once per ``attempt``: ``send()`` writes its bytes into the workspace and queues
+    the intake task (a worker unpacks and checks it); the task's id goes into the page address. An upload refused
+    before any task (an empty file, a full queue) is said here, once."""
     if not _once(attempt):
         return
     try:
-        folder = save_uploaded_folder(ws, [(f.name, f.getvalue()) for f in files])
-    except DatasetError as e:
-        refused[attempt] = f"{e} Nothing was saved."
-        st.error(refused[attempt])
+        task = send()
+    except (DatasetError, tasks.QueueFullError) as e:
+        st.error(f"{e} Nothing was saved." if isinstance(e, DatasetError) else str(e))
         return
-    st.session_state["_folder_uploads"] = st.session_state.get("_folder_uploads", 0) + 1  # an empty uploader
-    session.select("dataset", session.dataset_ref_for_path(folder, ws))
-    _flash(f"Saved the uploaded folder ({len(files)} files) as dataset '{folder.name}'.")
-    st.rerun()
+    st.query_params[INTAKE_PARAM] = task.id
+    st.rerun()  # the task's progress (or its result) is drawn at the top of "Bring your own images"
+
+
+def receive_zip(ws, up, labels) -> None:
+    """Receive an uploaded zip (with the labels CSV when one is given), once per pair of files: its bytes are
+    written into the workspace and a worker unpacks and checks them (:func:`intake_view` shows it).
+
+    A zip that cannot make a dataset is refused by the task before anything is saved: one error, nothing in the
+    list. Adding a labels CSV after such a refusal tries the same zip again with it.
+    """
+    attempt = f"{up.file_id}:{labels.file_id if labels is not None else ''}"
+    if up.file_id in st.session_state.setdefault("_saved_zips", set()):
+        return
+    _receive(ws, attempt, lambda: datasets.receive_zip(
+        ws, up.name, up.getvalue(), labels_csv=labels.getvalue() if labels is not None else None,
+        val_split=session.setting("val_split", 0.2), seed=session.setting("seed", 0), owner=session.owner(),
+        source={"from": "zip", "upload": up.file_id, "labels": labels is not None}))
+
+
+def receive_folder(ws, files) -> None:
+    """Receive an uploaded folder (class sub-folders), once per set of files: packed into a zip in the workspace,
+    it goes through the same intake task as a zip (a folder that cannot make a dataset is refused, nothing saved)."""
+    attempt = "folder:" + ",".join(sorted(f.file_id for f in files))
+    _receive(ws, attempt, lambda: datasets.receive_folder(
+        ws, [(f.name, f.getvalue()) for f in files], val_split=session.setting("val_split", 0.2),
+        seed=session.setting("seed", 0), owner=session.owner(), source={"from": "folder", "files": len(files)}))
+
+
+def forget_refusal(ws, uploader: str) -> None:
+    """Drop a refused (or cancelled) upload from the page address once its uploader (``"zip"`` or ``"folder"``) is
+    empty: the refusal stays in view while its file is there to fix, no longer. A task still running stays."""
+    task_id = st.query_params.get(INTAKE_PARAM)
+    if not task_id:
+        return
+    try:
+        task = tasks.get(ws, task_id)
+    except TLError:
+        return
+    if not task.active and task.status != "done" and (task.params.get("source") or {}).get("from") == uploader:
+        del st.query_params[INTAKE_PARAM]
+
+
+def intake_view(ws) -> None:
+    """The upload being unpacked and checked (the task in the page address): its place in the queue and progress
+    while it runs, its one-sentence refusal when it failed, and, when it is done, the new dataset chosen."""
+    task_id = st.query_params.get(INTAKE_PARAM)
+    if not task_id:
+        return
+    try:
+        task = tasks.get(ws, task_id)
+    except TLError:  # forgotten (pruned), or another workspace's address
+        del st.query_params[INTAKE_PARAM]
+        return
+    source = task.params.get("source") or {}
+    name = task.params.get("name", "the upload")
+    if task.status == "done":
+        res = task_ui.result(ws, task)
+        del st.query_params[INTAKE_PARAM]
+        if source.get("from") == "folder":
+            st.session_state["_folder_uploads"] = st.session_state.get("_folder_uploads", 0) + 1  # an empty uploader
+            _flash(f"Saved the uploaded folder ({source.get('files', '?')} files) as dataset '{res['dataset']}'.")
+        else:
+            st.session_state.setdefault("_saved_zips", set()).add(source.get("upload"))
+            _flash(f"Unpacked {name} as dataset '{res['dataset']}'.")
+        session.select("dataset", session.dataset_ref_for_path(Path(res["path"]), ws))
+        st.rerun()
+    if task.status in ("failed", "interrupted"):
+        error = task.error or f"Unpacking {name} failed."
+        hint = (" If the images are not sorted into class folders, give their labels in a CSV (Advanced, below)."
+                if source.get("from") == "zip" and not source.get("labels") and error.startswith("No classes found")
+                else "")
+        st.error(f"{error} Nothing was saved.{hint}")
+        return
+    if task.status == "cancelled":
+        st.caption(f"Unpacking {name}: cancelled, nothing was saved. Upload it again when you like.")
+        return
+    task_ui.task_view(ws, "intake", task.params, f"Unpacking and checking {name}", key="intake")
 
 
 def _rename(ws, name: str) -> None:
@@ -512,7 +560,10 @@ with session.page_errors():
         versions_panel(ws, session.get("dataset"))
     # stay open while a dataset is built class by class or picture by picture
     building = st.session_state.get("_class_uploads", 0) > 0 or st.session_state.get("_cap_shots", 0) > 0
-    with st.expander("Bring your own images", expanded=not chosen or building, icon=":material/upload:"):
+    receiving = INTAKE_PARAM in st.query_params
+    with st.expander("Bring your own images", expanded=not chosen or building or receiving, icon=":material/upload:"):
+        with st.container():  # one slot, drawn on every run: what it shows does not move the tabs below
+            intake_view(ws)
         # the tab a dataset is being built in stays selected: the first picture or images make a dataset, and the
         # panels that then show above would otherwise redraw the tabs on their first one
         tab_zip, tab_folder, tab_classes, tab_camera = st.tabs(
@@ -535,7 +586,9 @@ with session.page_errors():
                 labels = st.file_uploader("Labels CSV (optional)", type=["csv"], key="csv_upload",
                                           help="One 'path,label' row per image. " + session.upload_note())
             if up is not None:
-                unpack_zip(ws, up, labels)
+                receive_zip(ws, up, labels)
+            else:
+                forget_refusal(ws, "zip")
 
         with tab_folder:
             st.caption("A folder on your computer holding one sub-folder of images per class (`pets/cats/1.jpg`, "
@@ -548,7 +601,9 @@ with session.page_errors():
                                       help="Choose the folder itself (the browser uploads every image in it and "
                                            "its sub-folders). " + session.upload_note())
             if picked:
-                unpack_folder(ws, picked)
+                receive_folder(ws, picked)
+            else:
+                forget_refusal(ws, "folder")
 
         with tab_classes:
             st.caption("Build a dataset from images on your computer: name a class, add its images, repeat for "

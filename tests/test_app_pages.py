@@ -46,6 +46,7 @@ from page_harness import (  # noqa: F401  (fixtures are used by name)
     until,
 )
 from streamlit.testing.v1 import AppTest
+from test_uploads import tasks_in_process  # noqa: F401  (uploads are intake tasks: run here, in the fast tier)
 
 from tl_core.data import library
 from tl_core.errors import DatasetError
@@ -136,7 +137,7 @@ def test_data_page_on_the_emoji_sample_shows_the_report(home):
     assert sum(len(img.proto.imgs) for img in at.get("image")) == 40
 
 
-def test_data_page_zip_upload_unpacks_into_the_workspace_and_reports_skipped_files(home):
+def test_data_page_zip_upload_unpacks_into_the_workspace_and_reports_skipped_files(home, tasks_in_process):
     ws, _ = home
     at = app()
     goto(at, "data")
@@ -158,7 +159,7 @@ def test_data_page_zip_upload_unpacks_into_the_workspace_and_reports_skipped_fil
     assert sorted(p.name for p in ws.datasets_dir.iterdir() if not p.name.startswith(".")) == ["My_Pets"]
 
 
-def test_data_page_zip_with_a_labels_csv_is_sorted_into_class_folders(home, tmp_path):
+def test_data_page_zip_with_a_labels_csv_is_sorted_into_class_folders(home, tasks_in_process, tmp_path):
     ws, _ = home
     secret = tmp_path / "secret.png"
     secret.write_bytes(sorted((EMOJI / "face").iterdir())[0].read_bytes())
@@ -184,7 +185,7 @@ def test_data_page_zip_with_a_labels_csv_is_sorted_into_class_folders(home, tmp_
     assert not any(f.read_bytes() == secret.read_bytes() for f in folder.rglob("*.png"))
 
 
-def test_data_page_refuses_an_unsafe_zip_with_one_sentence(home):
+def test_data_page_refuses_an_unsafe_zip_with_one_sentence(home, tasks_in_process):
     ws, _ = home
     at = app()
     goto(at, "data")
@@ -640,7 +641,7 @@ def _uploaded_refs(at: AppTest) -> list[str]:
     return [o for o in picker.options if "(uploaded)" in o]
 
 
-def test_data_page_refuses_a_one_class_zip_with_one_message_and_saves_nothing(home):
+def test_data_page_refuses_a_one_class_zip_with_one_message_and_saves_nothing(home, tasks_in_process):
     ws, _ = home
     at = app()
     goto(at, "data")
@@ -662,7 +663,7 @@ def test_data_page_refuses_a_one_class_zip_with_one_message_and_saves_nothing(ho
     assert list(ws.datasets_dir.iterdir()) == [] and _uploaded_refs(at) == []
 
 
-def test_data_page_renames_and_deletes_an_uploaded_dataset(home):
+def test_data_page_renames_and_deletes_an_uploaded_dataset(home, tasks_in_process):
     ws, _ = home
     at = app()
     goto(at, "data")
@@ -884,7 +885,7 @@ def _listed_runs(at: AppTest) -> set[str]:
     return set(at.dataframe[0].value["Run"])
 
 
-def test_a_new_project_gets_its_own_workspace_and_link(home):
+def test_a_new_project_gets_its_own_workspace_and_link(home, tasks_in_process):
     ws, run_id = home
     at = app()
     sidebar = " ".join(m.value for m in at.sidebar.markdown)

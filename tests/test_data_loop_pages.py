@@ -27,6 +27,7 @@ from page_harness import (  # noqa: F401  (fixtures are used by name)
 )
 
 from pages._fix import _key
+from test_uploads import tasks_in_process  # noqa: F401  (uploads are intake tasks: run here, in the fast tier)
 from tl_core.data import versions
 from tl_core.storage.files import RunFiles
 
@@ -251,7 +252,7 @@ def _folder_files(top: str, spec: dict[str, tuple[str, int]]) -> list[tuple[str,
             for cls, (src, n) in spec.items() for f in sorted((EMOJI / src).iterdir())[:n]]
 
 
-def test_a_folder_of_class_folders_uploads_as_a_dataset_and_a_one_class_folder_is_refused(empty_home):
+def test_a_folder_of_class_folders_uploads_as_a_dataset_and_a_one_class_folder_is_refused(empty_home, tasks_in_process):
     ws = empty_home
     at = app()
     goto(at, "data")

@@ -21,7 +21,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import IO, Callable, Iterable
 
 from ..cache import ImageCheckCache
 from ..errors import CancelledError, DatasetError
@@ -37,6 +37,7 @@ __all__ = [
     "open_dataset",
     "find_multi_label_csv",
     "safe_extract_zip",
+    "pack_uploaded_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,13 +139,21 @@ def _zip_entry_is_symlink(info: zipfile.ZipInfo) -> bool:
 
 
 def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike,
-                     limits: ZipLimits = ZipLimits()) -> tuple[Path, list[SkippedFile], int]:
+                     limits: ZipLimits = ZipLimits(), progress: Callable[[int, int], None] | None = None,
+                     should_cancel: Callable[[], bool] | None = None) -> tuple[Path, list[SkippedFile], int]:
     """Extract a dataset zip into ``dest`` refusing anything that could escape or explode.
 
     Path traversal (``..``, absolute names, drive letters) and symlinks refuse the whole archive, as do
     encryption and the size/count/ratio caps; the byte count is enforced while writing, so a lying header
     cannot get past it. Non-images and nested archives are skipped and listed.
 
+    Args:
+        zip_path: the archive.
+        dest: the folder to unpack into (created).
+        limits: the caps.
+        progress: called with (bytes written, bytes to write) while unpacking.
+        should_cancel: polled between entries; returning True raises :class:`CancelledError` (what was
+            written stays in ``dest``: the caller unpacks into a folder it removes).
     Returns:
         (root folder of the extracted dataset, skipped files, ignored junk count)
     Raises:
@@ -201,7 +210,12 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike,
         dest.mkdir(parents=True, exist_ok=True)
         dest_resolved = dest.resolve()
         written = 0
+        to_write = sum(info.file_size for info, _ in plan)
         for info, p in plan:
+            if should_cancel and should_cancel():
+                raise CancelledError(f"Cancelled while unpacking {name}.")
+            if progress:
+                progress(written, to_write)
             target = (dest / Path(*p.parts)).resolve()
             if dest_resolved not in target.parents:
                 raise DatasetError(f"{name} contains the unsafe path {info.filename!r}; refused.")
@@ -230,7 +244,39 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike,
                                        f"({_size_text(info.file_size)}), which is how zip bombs hide; refused.") from None
                 why = f"could not be unpacked ({e.strerror})" if isinstance(e, OSError) and e.strerror else f"damaged inside the zip ({e})"
                 skipped.append(SkippedFile(str(p), why))
+        if progress:
+            progress(to_write, to_write)
     return dest, skipped, ignored
+
+
+def pack_uploaded_folder(files: Iterable[tuple[str, bytes]], out: str | os.PathLike | IO[bytes]) -> str:
+    """Pack a folder uploaded from the browser (``[(path inside the folder, bytes)]``, each path starting with the
+    folder's own name, e.g. ``pets/cats/1.jpg``) into the zip ``out``, stored (no compression: copying the bytes
+    is all it costs), so that it goes through the same intake as an uploaded zip. Nothing is decoded here.
+
+    Args:
+        files: (path, bytes) of every uploaded file.
+        out: the zip file to write (a path or a binary file object).
+    Returns:
+        The name the dataset takes: the folder's own name, or ``"folder"`` when the files share none.
+    Raises:
+        DatasetError: no files, or a path that leaves the folder.
+    """
+    files = [(str(name).replace("\\", "/"), data) for name, data in files]
+    if not files:
+        raise DatasetError("The folder is empty; choose a folder with one sub-folder of images per class.")
+    tops = {name.split("/", 1)[0] if "/" in name else "" for name, _ in files}
+    folder = tops.pop() if len(tops) == 1 and "" not in tops else ""
+    if folder:  # the dataset is named after the folder, and holds what the folder held
+        files = [(name.split("/", 1)[1], data) for name, data in files]
+    for name, _ in files:
+        parts = name.split("/")
+        if name.startswith("/") or ".." in parts or not parts[-1]:
+            raise DatasetError(f"{name}: not a file inside the folder; choose the folder again.")
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in files:
+            zf.writestr(name, data)
+    return folder or "folder"
 
 
 def _size_text(n: int) -> str:

@@ -19,11 +19,12 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..errors import DatasetError
+from ..errors import CancelledError, DatasetError
 from ..fileio import write_atomic
 from ..storage.workspace import Workspace
 from .images import IMAGE_EXTENSIONS, image_from_bytes
-from .intake import Dataset, _find_dataset_root, find_multi_label_csv, open_dataset, safe_extract_zip, split_layout
+from .intake import (Dataset, _find_dataset_root, find_multi_label_csv, open_dataset, pack_uploaded_folder,
+                     safe_extract_zip, split_layout)
 from .names import REPO_ROOT, SAMPLE_DATA_DIR, is_dataset_name, safe_name, unique_dir
 from .versions import (add_images, ensure_versions, images_root, is_managed, open_version, parse_ref,
                        workspace_datasets)
@@ -135,7 +136,9 @@ def open_data(data: str | os.PathLike | Dataset, workspace: "Workspace | None" =
 # --------------------------------------------------------------------------------------------------
 # uploads
 # --------------------------------------------------------------------------------------------------
-def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: bytes | None = None) -> Path:
+def save_uploaded_zip(ws: Workspace, filename: str, data: bytes | os.PathLike, labels_csv: bytes | None = None, *,
+                      progress: Callable[[str, int, int], None] | None = None,
+                      should_cancel: Callable[[], bool] | None = None) -> Path:
     """Unpack an uploaded dataset zip into ``<workspace>/datasets/<safe name>/`` and return that folder.
 
     The zip goes through :func:`tl_core.data.safe_extract_zip` (no path traversal, symlinks, zip bombs);
@@ -148,22 +151,40 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: byt
     The unpacked folder must make a dataset (two classes or more, enough usable images in each) before it
     is moved into place: a zip that cannot is refused with one message and leaves nothing behind.
 
+    Args:
+        ws: the workspace.
+        filename: the upload's name (names the dataset and the messages).
+        data: the zip's bytes, or the file that holds them (an upload the server wrote for the ``intake``
+            task; left where it is).
+        labels_csv: a labels CSV uploaded next to the zip.
+        progress: called with (stage, done, total) while unpacking and checking.
+        should_cancel: polled while unpacking and checking; True raises :class:`CancelledError`.
+    Returns:
+        The new dataset's folder.
     Raises:
         DatasetError: not a zip, unsafe, encrypted, too large, no images, one class only, too few usable
             images in a class, or an unusable CSV.
+        CancelledError: ``should_cancel`` said so (nothing is left behind).
     """
-    if not data:
+    given = Path(data) if isinstance(data, (str, os.PathLike)) else None
+    if (given.stat().st_size == 0 if given is not None else not data):
         raise DatasetError(f"{filename} is empty; upload a .zip with one folder per class.")
     stem = Path(filename).stem if filename.lower().endswith(".zip") else Path(filename).name
     target = unique_dir(ws.datasets_dir, safe_name(stem))
-    tmp_zip = ws.datasets_dir / f".upload-{os.getpid()}-{time.time_ns()}.zip"
+    tmp_zip = given or ws.datasets_dir / f".upload-{os.getpid()}-{time.time_ns()}.zip"
     tmp_dir = ws.datasets_dir / f".unpack-{os.getpid()}-{time.time_ns()}"
     sorted_dir = ws.datasets_dir / f".sorted-{os.getpid()}-{time.time_ns()}"
+    stage = (lambda what: lambda done, total: progress(what, done, total)) if progress else (lambda what: None)
     try:
-        tmp_zip.write_bytes(data)
+        if given is None:
+            tmp_zip.write_bytes(data)
         if not zipfile.is_zipfile(tmp_zip):
             raise DatasetError(f"{filename} is not a zip archive; upload a .zip with one folder per class.")
-        _, skipped, _ = safe_extract_zip(tmp_zip, tmp_dir)
+        try:
+            _, skipped, _ = safe_extract_zip(tmp_zip, tmp_dir, progress=stage(f"Unpacking {filename}"),
+                                             should_cancel=should_cancel)
+        except (DatasetError, CancelledError) as e:  # named after the upload, not the file it waits in
+            raise type(e)(str(e).replace(tmp_zip.name, filename)) from None
         images = [f for f in tmp_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
         if not images:
             raise DatasetError(f"{filename} holds no images; put the images in one folder per class "
@@ -176,15 +197,19 @@ def save_uploaded_zip(ws: Workspace, filename: str, data: bytes, labels_csv: byt
         if csv_text is not None:
             report["skipped"] += _sort_by_csv(tmp_dir, csv_name, csv_text, sorted_dir)
             result = sorted_dir
-        _check_trainable(result, filename, ws)  # refused here, before anything is in the dataset list
+        # refused here, before anything is in the dataset list
+        _check_trainable(result, filename, ws, progress=stage("Checking the images"), should_cancel=should_cancel)
         # what was left out, for the dataset report (the folder no longer shows it)
         (result / UPLOAD_REPORT).write_text(json.dumps(report))
+        if progress:
+            progress("Recording the first version", 0, 1)
         os.replace(result, target)
         ensure_versions(ws, target.name, change=f"uploaded {filename}")
         if report["skipped"]:
             log.info("%s: %d file(s) left out", filename, len(report["skipped"]))
     finally:
-        tmp_zip.unlink(missing_ok=True)
+        if given is None:
+            tmp_zip.unlink(missing_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
         shutil.rmtree(sorted_dir, ignore_errors=True)
     return target
@@ -199,28 +224,18 @@ def save_uploaded_folder(ws: Workspace, files: Iterable[tuple[str, bytes]]) -> P
     Raises:
         DatasetError: no files, a path that leaves the folder, or whatever :func:`save_uploaded_zip` refuses.
     """
-    files = [(str(name).replace("\\", "/"), data) for name, data in files]
-    if not files:
-        raise DatasetError("The folder is empty; choose a folder with one sub-folder of images per class.")
-    tops = {name.split("/", 1)[0] if "/" in name else "" for name, _ in files}
-    folder = tops.pop() if len(tops) == 1 and "" not in tops else ""
-    if folder:  # the dataset is named after the folder, and holds what the folder held
-        files = [(name.split("/", 1)[1], data) for name, data in files]
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for name, data in files:
-            parts = name.split("/")
-            if name.startswith("/") or ".." in parts or not parts[-1]:
-                raise DatasetError(f"{name}: not a file inside the folder; choose the folder again.")
-            zf.writestr(name, data)
-    return save_uploaded_zip(ws, folder or "folder", buf.getvalue())
+    name = pack_uploaded_folder(files, buf)
+    return save_uploaded_zip(ws, name, buf.getvalue())
 
 
-def _check_trainable(folder: Path, filename: str, ws: Workspace) -> None:
+def _check_trainable(folder: Path, filename: str, ws: Workspace, progress: Callable[[int, int], None] | None = None,
+                     should_cancel: Callable[[], bool] | None = None) -> None:
     """Raise the reason an unpacked upload cannot be trained on (one class, a class without usable images), in
     the words of :func:`open_dataset`, naming the upload instead of the temporary folder."""
     try:
-        open_dataset(folder, check_cache=ws.cache_dir / "checked.sqlite")
+        open_dataset(folder, check_cache=ws.cache_dir / "checked.sqlite", progress=progress,
+                     should_cancel=should_cancel)
     except DatasetError as e:
         msg = str(e).replace(f"{folder.name}/", "").replace(folder.name, filename)
         raise DatasetError(msg) from None

@@ -1,26 +1,36 @@
 """A workspace's uploaded datasets as the runs and tasks see them: which runs and tasks read one, and renaming or
 deleting one while the runs that trained on it follow (a ``NAME@VERSION`` reference takes the new name, saved
 predictions point at the pictures' new paths). The dataset catalogue itself is :mod:`tl_core.data.library`;
-this is the cross-run part, so it lives in the jobs layer, above the run store and the task kinds."""
+this is the cross-run part, so it lives in the jobs layer, above the run store and the task kinds.
+
+It also receives uploads for the app's server: :func:`receive_zip` and :func:`receive_folder` only write the
+bytes into the workspace's ``uploads/incoming/`` folder and queue an ``intake`` task; a worker unpacks, hashes and
+checks them, registers the dataset with its first version and writes its first report
+(:func:`tl_core.data.library.save_uploaded_zip`). The command line calls that engine function directly."""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from ..access import Actor, require
+from ..data.intake import pack_uploaded_folder
 from ..data.library import safe_name, uploaded_dataset_dir
 from ..errors import DatasetError
+from ..fileio import write_atomic, writing_atomic
 from ..storage.files import RunFiles
 from ..storage.store import ACTIVE_STATUSES
 from ..storage.workspace import Workspace
+from . import tasks
 from .kinds import KINDS
 
-__all__ = ["dataset_runs", "dataset_users", "rename_dataset", "delete_dataset"]
+__all__ = ["dataset_runs", "dataset_users", "rename_dataset", "delete_dataset", "receive_zip", "receive_folder",
+           "INCOMING_GRACE_S"]
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +167,92 @@ def delete_dataset(ws: Workspace, name: str, actor: Actor | None = None) -> int:
     shutil.rmtree(trash, ignore_errors=True)
     log.info("dataset %s deleted (%d run(s) trained on it are kept)", name, kept)
     return kept
+
+
+# --------------------------------------------------------------------------------------------------
+# uploads: the server receives the bytes, a worker does the rest
+# --------------------------------------------------------------------------------------------------
+#: An incoming upload that no queued or running intake task reads is removed when the next upload arrives, once
+#: it is this old (the grace covers another session's upload written but not yet queued); what a cancelled task
+#: or one whose worker died left there.
+INCOMING_GRACE_S = 300.0
+
+
+def _incoming_file(ws: Workspace, suffix: str) -> Path:
+    """A new file name in the workspace's incoming folder, after removing the uploads no task will read."""
+    d = ws.incoming_dir
+    d.mkdir(parents=True, exist_ok=True)
+    waiting = {str(v) for t in ws.store().tasks(kind="intake") if t["status"] in ACTIVE_STATUSES
+               for k, v in (t.get("params") or {}).items() if k in ("upload", "labels") and v}
+    cutoff = time.time() - INCOMING_GRACE_S
+    for old in d.iterdir():
+        try:
+            if str(old) not in waiting and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:  # another server removed it first
+            pass
+    return d / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(6)}{suffix}"
+
+
+def _submit_intake(ws: Workspace, upload: Path, labels: Path | None, filename: str, val_split: float, seed: int,
+                   owner: str | None, source: dict[str, Any] | None) -> tasks.Task:
+    params: dict[str, Any] = {"upload": str(upload), "labels": str(labels) if labels else None, "name": filename,
+                              "val_split": float(val_split), "seed": int(seed), "source": source or {}}
+    try:
+        return tasks.submit(ws, "intake", params, owner=owner)
+    except BaseException:  # the queue is full (or the store failed): the upload waits for no task
+        upload.unlink(missing_ok=True)
+        if labels is not None:
+            labels.unlink(missing_ok=True)
+        raise
+
+
+def receive_zip(ws: Workspace, filename: str, data: bytes, labels_csv: bytes | None = None, *,
+                val_split: float = 0.2, seed: int = 0, owner: str | None = None,
+                source: dict[str, Any] | None = None) -> tasks.Task:
+    """Receive an uploaded dataset zip (and the labels CSV uploaded beside it): write the bytes into the
+    workspace's incoming folder (atomically) and queue the ``intake`` task that unpacks, checks and registers it.
+    Nothing is unpacked, hashed or decoded here: this is what the app's server calls.
+
+    Args:
+        ws: the workspace (project) the dataset goes into.
+        filename: the uploaded file's name (it names the dataset).
+        data: the zip's bytes.
+        labels_csv: the bytes of a ``path,label`` CSV uploaded next to the zip.
+        val_split: the validation share of the first report the task writes (the page's setting).
+        seed: its split seed.
+        owner: who asked (a session id), for display.
+        source: what the caller wants to know again when the task ends (kept in its parameters; the Data page
+            keeps which uploader it came from).
+    Returns:
+        The queued task; its result names the new dataset, its error says why an upload was refused.
+    Raises:
+        DatasetError: the upload is empty. QueueFullError: too many tasks wait (nothing is kept).
+    """
+    if not data:
+        raise DatasetError(f"{filename} is empty; upload a .zip with one folder per class.")
+    upload = _incoming_file(ws, ".zip")
+    write_atomic(upload, data)
+    labels = None
+    if labels_csv is not None:
+        labels = upload.with_suffix(".labels.csv")
+        write_atomic(labels, labels_csv)
+    return _submit_intake(ws, upload, labels, filename, val_split, seed, owner, source)
+
+
+def receive_folder(ws: Workspace, files: Iterable[tuple[str, bytes]], *, val_split: float = 0.2, seed: int = 0,
+                   owner: str | None = None, source: dict[str, Any] | None = None) -> tasks.Task:
+    """Receive a folder uploaded from the browser (``[(path inside the folder, bytes)]``): pack it into a stored zip
+    in the incoming folder (bytes copied, nothing decoded) and queue the ``intake`` task, so that it goes through
+    the same checks as a zip (:func:`tl_core.data.intake.pack_uploaded_folder`). The other arguments are
+    :func:`receive_zip`'s.
+
+    Returns:
+        The queued task.
+    Raises:
+        DatasetError: no files, or a path that leaves the folder. QueueFullError: too many tasks wait.
+    """
+    upload = _incoming_file(ws, ".zip")
+    with writing_atomic(upload) as tmp:
+        name = pack_uploaded_folder(files, tmp)
+    return _submit_intake(ws, upload, None, name, val_split, seed, owner, source)

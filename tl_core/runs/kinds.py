@@ -236,6 +236,54 @@ def _challenge_setup(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, An
     return res
 
 
+def _intake(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Unpack, hash and check an uploaded dataset zip (``tl_core.runs.datasets.receive_zip``), register it with its
+    first version, and write its first report; the upload's files are removed whatever happens (a refused zip
+    leaves nothing behind: the page shows the error, and the bytes are still in the browser's uploader)."""
+    from ..data.library import save_uploaded_zip
+    from ..data.report import dataset_overview
+
+    files = [Path(p["upload"])] + ([Path(p["labels"])] if p.get("labels") else [])
+    incoming = ws.incoming_dir.resolve()
+    if any(f.resolve().parent != incoming for f in files):
+        raise DatasetError("The upload is not in this workspace's incoming folder; upload it again.")
+    t0 = time.monotonic()
+    checking_since: list[float] = []
+
+    def progress(what: str, done: int, total: int) -> None:
+        event: dict[str, Any] = {"stage": "work"}
+        if what.startswith("Unpacking"):  # bytes: said in MB, as a fraction
+            event.update(message=f"{what}: {done / 1e6:.1f} of {total / 1e6:.1f} MB (step 1 of 4)",
+                         fraction=done / total if total else 1.0)
+        elif what.startswith("Checking"):  # images: counted, with the time left
+            checking_since[:] = checking_since or [time.monotonic()]
+            spent = time.monotonic() - checking_since[0]
+            event.update(message=f"{what} (step 2 of 4)", done=int(done), total=int(total),
+                         eta_s=spent / done * (total - done) if done else None)
+        else:
+            event.update(message=f"{what} (step 3 of 4)", force=True)
+        ctx.progress(event)
+
+    try:
+        if not files[0].is_file():
+            raise DatasetError(f"The upload of {p['name']} is gone (the server was restarted or it was cleaned "
+                               "up); upload it again.")
+        labels = files[1].read_bytes() if len(files) > 1 else None
+        folder = save_uploaded_zip(ws, p["name"], files[0], labels_csv=labels, progress=progress,
+                                   should_cancel=ctx.should_cancel)
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
+    ctx.progress({"stage": "work", "message": "Writing the dataset report (step 4 of 4)", "force": True})
+    out: dict[str, Any] = {"dataset": folder.name, "path": str(folder), "classes": None, "images": None, "skipped": None}
+    try:  # the report warms the check cache under the dataset's final paths: the page's own report only looks it up
+        rep = dataset_overview(folder, ws, float(p.get("val_split", 0.2)), int(p.get("seed", 0)))
+        out.update(classes=rep["num_classes"], images=rep["num_images"], skipped=len(rep["skipped"]))
+    except DatasetError as e:  # the dataset is saved: the page's report says what is wrong with it
+        out["report_error"] = str(e)
+    return out | {"seconds": round(time.monotonic() - t0, 3)}
+
+
 def _challenge_score(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
     from ..classroom.challenge import score_run
 
@@ -340,6 +388,7 @@ KINDS: dict[str, TaskKind] = {k.name: k for k in [
     TaskKind("class_export", "compute", "Exporting the class's results", _class_export),
     TaskKind("challenge_setup", "compute", "Setting up the class challenge", _challenge_setup),
     TaskKind("challenge_score", "compute", "Scoring on the challenge's locked test set", _challenge_score),
+    TaskKind("intake", "compute", "Unpacking and checking an upload", _intake),
     TaskKind("predict", "interactive", "Predicting", _predict),
     TaskKind("explain", "interactive", "Drawing where the model looked", _explain),
     TaskKind("augment_preview", "interactive", "Drawing augmented images", _augment_preview),

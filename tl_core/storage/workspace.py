@@ -6,6 +6,7 @@
     runs/<id>/         a run's files (storage/files.py)
     tasks/<id>/        a finished task's result
     datasets/          unpacked uploads
+    uploads/incoming/  uploaded zips waiting for their intake task (tl_core.runs.datasets)
     weights/           uploaded weights files
     cache/             content-keyed caches shared by every project (tl_core/cache.py); $TL_CACHE_DIR moves it
     workers/           worker slot locks and logs shared by every project
@@ -146,6 +147,11 @@ class Workspace:
     @property
     def datasets_dir(self) -> Path:
         return self.home / "datasets"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Uploaded dataset zips the server received, waiting for the worker task that unpacks and checks them."""
+        return self.home / "uploads" / "incoming"
 
     def run_dir(self, run_id: str) -> Path:
         if not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
