@@ -64,10 +64,12 @@ class VariantModel(nn.Module):
         num_classes: outputs of the classifier (0: ``forward`` returns the features).
         n_blocks: number of ``forward_intermediates`` outputs (``depths``); found by a probe pass when None.
         own_head: remove the backbone's classifier (False: an extractor that leaves ``backbone`` as it is).
+        block_dims: the widths of the ``forward_intermediates`` outputs when already known (recorded beside the
+            feature cache by an earlier run of the same backbone and weights): no probe pass.
     """
 
     def __init__(self, backbone: nn.Module, variant: str, num_classes: int, n_blocks: int | None = None,
-                 own_head: bool = True):
+                 own_head: bool = True, block_dims: list[int] | None = None):
         super().__init__()
         if variant not in ("depths", "flip"):
             raise ConfigError(f"Unknown feature variant {variant!r} for a wrapped model; use depths or flip.")
@@ -81,7 +83,7 @@ class VariantModel(nn.Module):
         self.backbone = backbone
         self.block_dims: list[int] = []
         if variant == "depths":
-            self.block_dims = self._probe_block_dims(n_blocks)
+            self.block_dims = [int(d) for d in block_dims] if block_dims else self._probe_block_dims(n_blocks)
         self.register_buffer("scales", torch.ones(len(self.block_dims)))
         self.num_features = self.head_hidden_size = self.last_features + sum(self.block_dims)
         self.num_classes = num_classes
@@ -149,12 +151,17 @@ def extraction_variant(cfg: TrainConfig) -> str:
     return "depths" if cfg.features == "auto" else cfg.features
 
 
-def extractor(model: nn.Module, variant: str) -> nn.Module:
+def extractor(model: nn.Module, variant: str, block_dims: list[int] | None = None) -> nn.Module:
     """The module whose pooled features are ``variant`` (unscaled for depths), sharing ``model``'s weights.
-    ``last``: the model itself. The model's own classifier is left in place."""
+    ``last``: the model itself. The model's own classifier is left in place.
+
+    Args:
+        block_dims: the depths' widths when known (see :class:`VariantModel`): spares a forward pass of a
+            224-px image (0.3-0.7 s on 2 cores, a sixth of a warm re-train).
+    """
     if variant == "last":
         return model
-    return VariantModel(model, variant, 0, own_head=False)
+    return VariantModel(model, variant, 0, own_head=False, block_dims=block_dims)
 
 
 def block_scales(raw: np.ndarray, last_dim: int, block_dims: list[int]) -> np.ndarray:
