@@ -1,0 +1,111 @@
+"""One way to do each job (issue 26). Fast tier: models with random weights, nothing trained.
+
+- Optimisers and schedules come from one factory (tl_core.models.training.create_optimizer), shared by
+  fine-tuning and the Lab, and the Lab unfreezes with partial fine-tuning's ``set_trainable``. The numbers must not
+  change: each strategy's parameter groups and learning rates are compared with what the hand-built code they
+  replace (kept below, verbatim) produced.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tl_core.config import TrainConfig
+from tl_core.models.backbones import build_model
+from tl_core.models.training import create_optimizer, finetune_groups, lr_lambda, set_trainable, trainable_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def lite0() -> nn.Module:
+    model, _ = build_model("efficientnet_lite0", 5, weights="random", seed=0)
+    return model
+
+
+def _shape(groups: list[dict]) -> list[tuple[list[int], float]]:
+    """Each group's parameters (by identity, in order) and learning rate."""
+    return [([id(p) for p in g["params"]], g["lr"]) for g in groups]
+
+
+def _old_finetune_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """tl_core.models.training.finetune before the factory (commit bafd05a), verbatim."""
+    head_params = list(model.get_classifier().parameters())
+    head_ids = {id(p) for p in head_params}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    body_lr = cfg.lr if cfg.strategy == "scratch" else cfg.lr * cfg.backbone_lr_mult
+    groups = [{"params": head_params, "lr": cfg.lr}]
+    if body:
+        groups.append({"params": body, "lr": body_lr})
+    return groups
+
+
+@pytest.mark.parametrize("strategy,unfreeze", [("partial", 1), ("partial", 2), ("partial", 7), ("full", 2),
+                                               ("scratch", 2)])
+def test_finetune_groups_are_the_hand_built_ones(lite0, strategy, unfreeze):
+    m = copy.deepcopy(lite0)
+    cfg = TrainConfig(strategy=strategy, unfreeze_blocks=unfreeze).resolved()
+    set_trainable(m, strategy, unfreeze)
+    new, old = finetune_groups(m, cfg), _old_finetune_groups(m, cfg)
+    assert _shape(new) == _shape(old)
+    assert len(new) == 2 and new[1]["lr"] == (cfg.lr if strategy == "scratch" else cfg.lr * cfg.backbone_lr_mult)
+    # the factory builds the same optimiser and schedule as before
+    opt, sched = create_optimizer(new, cfg.weight_decay, 40, 8)
+    ref = torch.optim.AdamW(old, weight_decay=cfg.weight_decay)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, lr_lambda(40, 8))
+    assert type(opt) is type(ref) and opt.defaults == ref.defaults
+    for _ in range(40):
+        assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref.param_groups]
+        assert [g["weight_decay"] for g in opt.param_groups] == [g["weight_decay"] for g in ref.param_groups]
+        opt.step(), ref.step()  # no gradients: nothing moves, the schedule does
+        sched.step(), ref_sched.step()
+    assert all(g["lr"] == 0 for g in opt.param_groups)  # cosine to 0 at the last step
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_lab_unfreezes_as_partial_fine_tuning_does(lite0, k):
+    """The Lab's fine-tuning arm used its own EfficientNet-only unfreezing (the last k stages, conv_head, bn2 and
+    the head); set_trainable("partial", k) trains exactly those, and its groups are the hand-built ones."""
+    from tl_core.insight.lab import _FT_BODY_LR, _FT_HEAD_LR
+
+    old = copy.deepcopy(lite0)  # tl_core.insight.lab._finetune_arm before the factory (commit bafd05a), verbatim
+    for p in old.parameters():
+        p.requires_grad_(False)
+    body = [p for mod in (old.blocks[-k:], old.conv_head, old.bn2) for p in mod.parameters()]
+    clf = old.get_classifier()
+    for p in body + list(clf.parameters()):
+        p.requires_grad_(True)
+    old_groups = [{"params": list(clf.parameters()), "lr": _FT_HEAD_LR}, {"params": body, "lr": _FT_BODY_LR}]
+
+    new = copy.deepcopy(lite0)
+    set_trainable(new, "partial", k)
+    assert [n for n, p in new.named_parameters() if p.requires_grad] == \
+        [n for n, p in old.named_parameters() if p.requires_grad]
+    names = {id(p): n for n, p in old.named_parameters()}
+    new_names = {id(p): n for n, p in new.named_parameters()}
+    assert [([new_names[i] for i in ids], lr) for ids, lr in _shape(trainable_groups(new, _FT_HEAD_LR, _FT_BODY_LR))] \
+        == [([names[i] for i in ids], lr) for ids, lr in _shape(old_groups)]
+
+
+def test_lab_scratch_arm_keeps_one_group(lite0):
+    cfg = TrainConfig(strategy="scratch").resolved()
+    (group,) = trainable_groups(lite0, cfg.lr)
+    assert [id(p) for p in group["params"]] == [id(p) for p in lite0.parameters()] and group["lr"] == cfg.lr
+
+
+def test_every_optimiser_and_schedule_comes_from_the_factory():
+    """No module but the factory builds AdamW or a LambdaLR schedule (the probes' L-BFGS is a solver of its own)."""
+    pattern = re.compile(r"torch\.optim\.(?!LBFGS\b|Optimizer\b|lr_scheduler\.LRScheduler\b)[A-Za-z_.]+\(")
+    found = []
+    for f in sorted((ROOT / "tl_core").rglob("*.py")):
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if pattern.search(line) and not line.lstrip().startswith("#"):
+                found.append(f"{f.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert [x.split(":")[0] for x in found] == ["tl_core/models/training.py"] * 2, found
+
