@@ -109,3 +109,40 @@ def test_every_optimiser_and_schedule_comes_from_the_factory():
                 found.append(f"{f.relative_to(ROOT)}:{n}: {line.strip()}")
     assert [x.split(":")[0] for x in found] == ["tl_core/models/training.py"] * 2, found
 
+
+# --------------------------------------------------------------------------------------------------
+# a task's waited and ran seconds: computed once, from the store's task row
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("status,started,finished,waited,ran", [
+    ("queued", None, None, 100.0, 0.0),          # still waiting: until now (200)
+    ("running", 130.0, None, 30.0, 70.0),        # started after 30 s, running for 70 s so far
+    ("done", 130.0, 150.0, 30.0, 20.0),
+    ("cancelled", None, 140.0, 40.0, 0.0),       # cancelled while queued: it waited until then
+])
+def test_task_timings_come_from_the_row(status, started, finished, waited, ran, monkeypatch):
+    from tl_core.runs.tasks import Task
+    from tl_core.storage.store import task_ran_s, task_waited_s
+
+    row = {"id": "t", "kind": "report", "key": "k", "lane": "cpu", "params": {}, "status": status, "created": 100.0,
+           "started": started, "finished": finished, "progress": {}, "error": None, "run_id": None}
+    assert (task_waited_s(row, now=200.0), task_ran_s(row, now=200.0)) == (waited, ran)
+    monkeypatch.setattr("time.time", lambda: 200.0)
+    task = Task.from_row(row)
+    assert (task.waited_s, task.ran_s) == (task_waited_s(row), task_ran_s(row)) == (waited, ran)
+
+
+def test_teacher_overview_counts_active_seconds_from_the_row(tmp_path, monkeypatch):
+    from tl_core.classroom.overview import _activity
+    from tl_core.storage.workspace import Workspace
+
+    ws = Workspace(tmp_path / "home")
+    store = ws.store()
+    queued, _ = store.create_task("report", "k1", "cpu", {})
+    running, _ = store.create_task("report", "k2", "cpu", {})
+    rows = {t["id"]: t for t in store.tasks()}
+    assert store.claim_task(running, 1, None)
+    started = store.task(running)["started"]
+    now = max(started, rows[queued]["created"]) + 42.0
+    monkeypatch.setattr("time.time", lambda: now)
+    act = {a["id"]: a["seconds"] for a in _activity(ws)}
+    assert act == {queued: round(now - rows[queued]["created"], 1), running: round(now - started, 1)}
