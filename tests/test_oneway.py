@@ -146,3 +146,50 @@ def test_teacher_overview_counts_active_seconds_from_the_row(tmp_path, monkeypat
     monkeypatch.setattr("time.time", lambda: now)
     act = {a["id"]: a["seconds"] for a in _activity(ws)}
     assert act == {queued: round(now - rows[queued]["created"], 1), running: round(now - started, 1)}
+
+
+# --------------------------------------------------------------------------------------------------
+# one bar-drawing code: the exported web page and the app's Live component both draw with tlstudio.drawBars
+# --------------------------------------------------------------------------------------------------
+#: Before the pages' scripts: whatever tlstudio.js sets up answers this row at once, with no model loaded.
+_STUB = """
+window.TLSTUDIO_MODEL = { meta: { classes: ["cat", "dog", "owl"] } };
+const ROW = { label: "cat", confidence: 0.7, unknown: true, ood_reason: "style",
+              top_k: [{ label: "cat", confidence: 0.7 }, { label: "dog", confidence: 0.2 }, { label: "owl", confidence: 0.1 }] };
+let real;
+Object.defineProperty(window, "tlstudio", { configurable: true, get: () => real, set: (v) => {
+  v.ready = Promise.resolve(v.meta); v.predict = async () => ROW; real = v; } });
+"""
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("page_html,action,bars", [
+    ("tl_core/share/web/index.html", "files", "#results .card .bar"),
+    ("pages/_live_component/index.html", "camera", "#bars .bar"),
+])
+def test_both_pages_draw_bars_with_the_shared_code(tmp_path, page_html, action, bars):
+    from playwright.sync_api import sync_playwright
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_bytes((ROOT / page_html).read_bytes())
+    (site / "tlstudio.js").write_bytes((ROOT / "tl_core/share/web/tlstudio.js").read_bytes())
+    (site / "x.png").write_bytes((ROOT / "sample_data/emoji").rglob("*.png").__next__().read_bytes())
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        try:
+            page = browser.new_context(offline=True).new_page()
+            page.add_init_script(_STUB)
+            page.goto((site / "index.html").as_uri())
+            if action == "files":
+                page.set_input_files("#files", [str(site / "x.png")])
+            page.wait_for_function(f"document.querySelectorAll({bars!r}).length === 3", timeout=60_000)
+            names = page.locator(bars + " .name").all_inner_texts()
+            pcts = page.locator(bars + " .pct").all_inner_texts()
+            widths = page.eval_on_selector_all(bars + " .fill", "els => els.map((e) => e.style.width)")
+            warning = page.locator(".unknown").all_inner_texts()
+        finally:
+            browser.close()
+    assert names == ["cat", "dog", "owl"] and pcts == ["70.0%", "20.0%", "10.0%"] and widths == ["70%", "20%", "10%"]
+    assert len(warning) == 1 and "(style)" in warning[0]  # each page words its warning
