@@ -193,3 +193,38 @@ def test_both_pages_draw_bars_with_the_shared_code(tmp_path, page_html, action, 
             browser.close()
     assert names == ["cat", "dog", "owl"] and pcts == ["70.0%", "20.0%", "10.0%"] and widths == ["70%", "20%", "10%"]
     assert len(warning) == 1 and "(style)" in warning[0]  # each page words its warning
+
+
+# --------------------------------------------------------------------------------------------------
+# one renderer for the CLI's text and JSON output
+# --------------------------------------------------------------------------------------------------
+def test_every_command_prints_through_emit():
+    """No command writes its result by hand: ``print`` and ``--json`` are emit's alone (progress and errors go to
+    stderr)."""
+    import ast
+
+    tree = ast.parse((ROOT / "tl_core" / "cli.py").read_text())
+    offenders = []
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name not in ("emit", "_print_json")):
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("print", "_print_json"):
+                offenders.append(f"{fn.name}:{node.lineno} {node.func.id}")
+            if isinstance(node, ast.Attribute) and node.attr == "json" and getattr(node.value, "id", None) == "args":
+                offenders.append(f"{fn.name}:{node.lineno} args.json")
+    assert offenders == []
+
+
+@pytest.mark.parametrize("command,line", [(["settings"], "TL_CACHE_MAX_GB"), (["data", "list"], "no datasets"),
+                                          (["backbones"], "efficientnet_lite0")])
+def test_emit_prints_one_json_document_or_text(command, line, tmp_path, monkeypatch, capsys):
+    import json
+
+    from tl_core.cli import main
+
+    monkeypatch.setenv("TL_HOME", str(tmp_path / "home"))
+    assert main(command + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)  # exactly one document: anything else fails to parse
+    assert isinstance(doc, list)
+    assert main(command) == 0
+    text = capsys.readouterr().out
+    assert line in text and not text.lstrip().startswith(("[", "{"))
