@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import cpu_name, markdown_table, prepend  # noqa: E402
+from tl_core.share.serve import post_images  # noqa: E402  (the tests post the same way)
 
 DATA = ROOT / "sample_data" / "fashion_mnist"
 
@@ -86,9 +87,9 @@ def _pass(port: int, requests: list[list[Path]], clients: int) -> tuple[float, l
     def post(group: list[Path]) -> None:
         if not hasattr(local, "client"):
             local.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        files = [("files", (p.name, p.read_bytes(), "image/png")) for p in group]
+        files = [(p.name, p.read_bytes()) for p in group]  # read before the clock starts
         t0 = time.perf_counter()
-        r = local.client.post("/predict", files=files)
+        r = post_images(local.client, files)
         latencies.append(time.perf_counter() - t0)
         r.raise_for_status()
         for p, row in zip(group, r.json()["predictions"]):

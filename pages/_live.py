@@ -21,13 +21,17 @@ import streamlit.components.v1 as components
 
 from pages import _fix as fix
 from pages import _tasks as task_ui
+from tl_core import share
 from tl_core.data import versions
 from tl_core.data.library import add_class_images
 from tl_core.errors import DatasetError
 
 COMPONENT_HTML = Path(__file__).resolve().parent / "_live_component" / "index.html"
-#: The page's files the component loads (hard links into the component's folder).
+#: The page's files the component loads (hard links into the component's folder; tlstudio.js: SHARED_JS).
 PAGE_FILES = ("tlstudio.js", "model.js", "ort/ort.wasm.min.js", "ort/ort-wasm.js")
+#: The component draws with this code's tlstudio.js (tlstudio.drawBars), not the copy in an export made by an
+#: earlier version (a done export task is reused): the exported page's own file (tl_core.share.webpage.WEB_DIR)
+SHARED_JS = Path(share.__file__).resolve().parent / "web" / "tlstudio.js"
 DONE = "_live_done"
 
 
@@ -35,16 +39,20 @@ def component_folder(page_dir: Path) -> Path:
     """``<task>/live/``: the component's index.html beside (hard links to) the exported page's files; made once,
     cheaply (links, no copies), next to the page the export task wrote."""
     live = page_dir.parent / "live"
-    if (live / "index.html").is_file() and (live / "index.html").stat().st_mtime >= COMPONENT_HTML.stat().st_mtime:
+    newest = max(COMPONENT_HTML.stat().st_mtime, SHARED_JS.stat().st_mtime)
+    if (live / "index.html").is_file() and (live / "index.html").stat().st_mtime >= newest:
         return live
     stage = page_dir.parent / f".live-{os.getpid()}-{time.monotonic_ns()}"
     (stage / "ort").mkdir(parents=True)
+    shutil.copy(SHARED_JS, stage / "tlstudio.js")  # small (~15 KB): a copy, not a link into the package
     for name in PAGE_FILES:
+        if name == "tlstudio.js":
+            continue
         try:
             os.link(page_dir / name, stage / name)
         except OSError:  # another file system: a copy
             shutil.copy2(page_dir / name, stage / name)
-    shutil.copy2(COMPONENT_HTML, stage / "index.html")
+    shutil.copy(COMPONENT_HTML, stage / "index.html")  # dated now: newer than what it was made from
     if live.exists():
         shutil.rmtree(live, ignore_errors=True)
     try:

@@ -10,7 +10,7 @@ from pages import _access as access
 from pages import _challenge as challenge_ui
 from pages import _session as session
 from pages import _tasks as task_ui
-from tl_core.cache import cache_usage, clear_cache
+from tl_core.cache import cache_summary, clear_cache
 from tl_core.classroom.challenge import challenge_info
 from tl_core.config import EXPORT_FORMATS
 from tl_core.data.library import deleted_dataset
@@ -167,13 +167,20 @@ def export_panel(ws, run_id: str) -> None:
             _downloads(ws, tasks.find(ws, "report", params), res, f"report-{run_id}", {".html": "HTML report"})
 
 
+#: How the Cache panel names each of tl_core.cache's kinds.
+_CACHE_NAMES = {"decoded": "Decoded images", "features": "features", "choices": "recorded choices",
+                "engines": "ONNX engines", "checks": "image checks"}
+
+
 def cache_panel(ws) -> None:
-    """How much the decoded-image and feature caches hold, and a button that empties them."""
+    """How much each cache holds (decoded images, features, recorded choices, ONNX engines, image checks), and a
+    button that empties them all."""
     with st.expander("Cache", icon=":material/storage:"):
-        usage = cache_usage(ws.cache_dir)
-        st.caption(f"Decoded images {usage['decoded'] / 1e6:.1f} MB · features {usage['features'] / 1e6:.1f} MB. "
-                   "The caches make a second run on the same images fast; they are capped (least recently used "
-                   "first) and can be emptied at any time: runs are kept, the next run just decodes again.")
+        summary = cache_summary(ws.cache_dir)
+        st.caption(" · ".join(f"{_CACHE_NAMES[k]} {v['bytes'] / 1e6:.1f} MB" for k, v in summary.items()) + ". "
+                   "The caches make a second run on the same images fast; they are capped together (least "
+                   "recently used first) and can be emptied at any time: runs are kept, the next run just decodes "
+                   "again.")
         if access.role() != "teacher":  # the caches serve the whole class: emptying them is the teacher's call
             st.caption("Only the teacher can empty the caches on this server.")
         elif st.button("Clear the cache", key="clear_cache", icon=":material/delete_sweep:"):

@@ -51,8 +51,9 @@ def served(emoji_run):
 
 
 def _post(client, files: list[tuple[str, bytes]], **kw):
-    return client.post("/predict", files=[("files", (name, data, "application/octet-stream")) for name, data in files],
-                       **kw)
+    from tl_core.share.serve import post_images
+
+    return post_images(client, files, **kw)
 
 
 def test_rows_are_predicts_rows(served):
@@ -290,7 +291,7 @@ def test_real_server_answers_8_concurrent_clients_like_predict(emoji_run, tmp_pa
 
         def post(group):
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": "k3y"}, timeout=60) as c:
-                r = c.post("/predict", files=[("files", (p.name, p.read_bytes())) for p in group])
+                r = _post(c, group)
                 r.raise_for_status()
                 return [(str(p), row) for p, row in zip(group, r.json()["predictions"])]
 
@@ -301,8 +302,7 @@ def test_real_server_answers_8_concurrent_clients_like_predict(emoji_run, tmp_pa
             assert (row["label"], row["unknown"]) == (expected[path]["label"], expected[path]["unknown"]), path
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
             assert c.get("/health").json()["status"] == "ok"
-            assert c.post("/predict", files=[("files", ("x.png", b"nope"))],
-                          headers={"X-API-Key": "k3y"}).status_code == 422
+            assert _post(c, [("x.png", b"nope")], headers={"X-API-Key": "k3y"}).status_code == 422
             assert c.get("/health").status_code == 200  # still up
     finally:
         proc.send_signal(2)

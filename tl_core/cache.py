@@ -2,12 +2,16 @@
 
 - ``decoded/``: images decoded and resized once per (content, size, interpolation), as uint8 arrays;
 - ``features/``: pooled backbone features per (content, backbone, weights, preprocessing);
+- ``features/**/*.json``: results measured once on cached features (``auto``'s feature choice, the
+  cross-validated estimate, out-of-fold probabilities; tl_core.runs.training);
+- ``engines/``: the ONNX feature engines and their verification records (tl_core.models.engines);
 - ``checked.sqlite``: each image's check result by content hash, and each file's content hash by
   (path, size, modification time), so that opening the same data again reads no image and hashes no file.
 
 Every entry is keyed by content, so identical images are processed once whichever dataset, project or run
-they come from; a damaged entry is rebuilt, never trusted. Disk use is capped by :func:`enforce_cache_limit`
-(least recently used first; ``$TL_CACHE_MAX_GB``, default 5).
+they come from; a damaged entry is rebuilt, never trusted. This module counts every one of them
+(:func:`cache_summary`), caps their disk use together (:func:`enforce_cache_limit`: least recently used first;
+``$TL_CACHE_MAX_GB``, default 5) and clears them (:func:`clear_cache`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from .fileio import writing_atomic
 from .settings import setting
 
 __all__ = ["DecodedImageCache", "ImageCheckCache", "FeatureCache", "cache_usage", "enforce_cache_limit",
-           "clear_cache", "CACHE_KINDS"]
+           "clear_cache", "cache_summary", "CACHE_KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,11 @@ class CachedImage(Protocol):
     sha256: str
 
 
-#: The array caches under ``cache/`` (the SQLite check cache is small and never evicted).
-CACHE_KINDS = ("decoded", "features")
+#: Every cache under ``cache/``, as :func:`cache_summary` counts them: decoded images and features (arrays), the
+#: results recorded beside the features (``auto``'s feature choice, cross-validated estimates, out-of-fold
+#: probabilities: ``features/**/*.json``), the ONNX feature engines (``engines/``) and the image checks
+#: (``checked.sqlite``).
+CACHE_KINDS = ("decoded", "features", "choices", "engines", "checks")
 
 
 class DecodedImageCache:
@@ -264,58 +271,124 @@ class ImageCheckCache:
 
 
 # --------------------------------------------------------------------------------------------------
-# usage and eviction
+# usage and eviction: every cache under the folder
 # --------------------------------------------------------------------------------------------------
-def _entries(cache_dir: Path) -> list[tuple[float, int, Path]]:
-    out = []
-    for sub in CACHE_KINDS:
+def _stat(f: Path) -> tuple[float, int] | None:
+    try:
+        st = f.stat()
+    except OSError:  # removed meanwhile (another process evicting or rebuilding)
+        return None
+    return st.st_mtime, st.st_size
+
+
+def _entries(cache_dir: Path) -> list[tuple[float, int, str, list[Path]]]:
+    """Every evictable entry under ``cache_dir``: (last use, bytes, kind, its files).
+
+    An entry is what is evicted at once: one array (decoded image or features), one recorded result, one ONNX
+    engine with the small files recorded beside it (``<key>.verified``, ``.failed``, ``.images``: its last use
+    is the newest of them; :func:`tl_core.models.engines.feature_engine` touches the ONNX file when it loads it),
+    and the check database with its WAL files (its last use is its last write).
+    """
+    out: list[tuple[float, int, str, list[Path]]] = []
+    for sub in ("decoded", "features"):
         d = cache_dir / sub
-        if d.exists():
-            # the arrays, and the small JSON results recorded beside the features (auto's feature choice, the
-            # cross-validated estimate: tl_core.runs.training._recorded), counted and evicted with them
-            for f in d.rglob("*.*"):
-                if f.suffix not in (".npy", ".json"):
-                    continue
-                try:
-                    st = f.stat()
-                except OSError:
-                    continue
-                out.append((st.st_mtime, st.st_size, f))
+        if not d.exists():
+            continue
+        for f in d.rglob("*.*"):
+            kind = sub if f.suffix == ".npy" else "choices" if f.suffix == ".json" else None
+            st = _stat(f) if kind and not _writing(f) else None
+            if st is not None:
+                out.append((st[0], st[1], kind, [f]))
+    engines: dict[str, list[tuple[float, int, Path]]] = {}
+    d = cache_dir / "engines"
+    if d.exists():
+        for f in d.iterdir():
+            st = _stat(f) if f.suffix in _ENGINE_SUFFIXES and not _writing(f) else None
+            if st is not None:
+                engines.setdefault(f.stem, []).append((st[0], st[1], f))
+    for files in engines.values():
+        out.append((max(t for t, _, _ in files), sum(s for _, s, _ in files), "engines", [f for _, _, f in files]))
+    checks = [(f, st) for f in _check_files(cache_dir) if (st := _stat(f)) is not None]
+    if checks:
+        out.append((max(st[0] for _, st in checks), sum(st[1] for _, st in checks), "checks", [f for f, _ in checks]))
+    return out
+
+
+def _writing(f: Path) -> bool:
+    """A temporary file being written (tl_core.fileio's ``.<name>.<pid>.<thread>.tmp[suffix]``): not an entry yet."""
+    return f.name.startswith(".")
+
+
+#: The files of one ONNX engine (tl_core.models.engines): the graph and what is recorded beside it.
+_ENGINE_SUFFIXES = (".onnx", ".verified", ".failed", ".images")
+
+
+def _check_files(cache_dir: Path) -> list[Path]:
+    return [cache_dir / f for f in ("checked.sqlite", "checked.sqlite-wal", "checked.sqlite-shm")]
+
+
+def cache_summary(cache_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """Entries and bytes of each cache under ``cache_dir``, by kind (:data:`CACHE_KINDS`, all present).
+
+    Returns:
+        ``{kind: {"entries": n, "bytes": b}}``; an ONNX engine with its records is one entry, the check
+        database one entry.
+    """
+    out = {kind: {"entries": 0, "bytes": 0} for kind in CACHE_KINDS}
+    for _, size, kind, _ in _entries(Path(cache_dir)):
+        out[kind]["entries"] += 1
+        out[kind]["bytes"] += size
     return out
 
 
 def cache_usage(cache_dir: str | os.PathLike) -> dict[str, int]:
-    """Bytes used by each array cache (decoded images, features) under ``cache_dir``."""
-    usage = {sub: 0 for sub in CACHE_KINDS}
-    for _, size, f in _entries(Path(cache_dir)):
-        usage[f.relative_to(cache_dir).parts[0]] += size
-    return usage
+    """Bytes used by each cache under ``cache_dir``, by kind (:data:`CACHE_KINDS`, all present)."""
+    return {kind: v["bytes"] for kind, v in cache_summary(cache_dir).items()}
+
+
+def _remove(files: list[Path]) -> None:
+    for f in files:
+        try:
+            f.unlink(missing_ok=True)
+        except OSError as e:  # read-only or in use elsewhere: it stays, and is counted again next time
+            log.warning("could not remove cache file %s (%s)", f, e)
 
 
 def enforce_cache_limit(cache_dir: str | os.PathLike, max_bytes: int | None = None) -> int:
-    """Evict least-recently-used entries (decoded images and features together) above the cap.
+    """Evict least-recently-used entries of every cache above the cap.
 
-    The cap is ``max_bytes``, else ``$TL_CACHE_MAX_GB`` (default 5 GB). Returns bytes freed.
+    Arrays, recorded results and ONNX engines compete in one order of last use (a cache hit touches the
+    file); the check database goes last (a few hundred bytes an image, and reading it does not touch it), only
+    when everything else is gone and the cache is still above the cap.
+
+    Args:
+        cache_dir: the workspace's cache folder.
+        max_bytes: the cap; default ``$TL_CACHE_MAX_GB`` (5 GB).
+    Returns:
+        Bytes freed.
     """
     if max_bytes is None:
         max_bytes = int(setting("TL_CACHE_MAX_GB") * 1024**3)
-    files = _entries(Path(cache_dir))
-    total = sum(s for _, s, _ in files)
+    entries = _entries(Path(cache_dir))
+    total = sum(e[1] for e in entries)
     freed = 0
-    for _, size, f in sorted(files):  # oldest use first (a cache hit touches the file)
+    for _, size, _, files in sorted(entries, key=lambda e: (e[2] == "checks", e[0], str(e[3][0]))):
         if total - freed <= max_bytes:
             break
-        f.unlink(missing_ok=True)
+        _remove(files)
         freed += size
     return freed
 
 
 def clear_cache(cache_dir: str | os.PathLike) -> int:
-    """Delete every cached decoded image and feature and the check cache (runs are kept). Returns bytes freed."""
+    """Delete every cache under ``cache_dir`` (runs are kept: the next run decodes and extracts again).
+
+    Returns:
+        Bytes freed.
+    """
     cache_dir = Path(cache_dir)
     freed = sum(cache_usage(cache_dir).values())
-    for sub in CACHE_KINDS:
+    for sub in ("decoded", "features", "engines"):
         shutil.rmtree(cache_dir / sub, ignore_errors=True)
-    for f in ("checked.sqlite", "checked.sqlite-wal", "checked.sqlite-shm"):
-        (cache_dir / f).unlink(missing_ok=True)
+    _remove(_check_files(cache_dir))
     return freed

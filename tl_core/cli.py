@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from .config import TrainConfig, config_fields, field_help
 from .errors import CancelledError, ConfigError, TLError
@@ -44,6 +44,25 @@ def _workspace():
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def emit(args: argparse.Namespace, result: Any, text: Iterable[str] = ()) -> int:
+    """Print a command's result, the one way every command does: with ``--json`` exactly one JSON document (the
+    result), else its text lines.
+
+    Args:
+        args: the command's parsed arguments (``args.json``).
+        result: what ``--json`` prints (JSON-able; anything else is written as its ``str``).
+        text: the lines a person reads; a generator runs only without ``--json``.
+    Returns:
+        0: the command's exit status.
+    """
+    if args.json:
+        _print_json(result)
+    else:
+        for line in text:
+            print(line)
+    return 0
 
 
 def _stderr_progress(quiet: bool):
@@ -84,16 +103,16 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     from .models.catalogue import catalogue
 
     rows = catalogue()
-    if args.json:
-        _print_json(rows)
-        return 0
-    print(f"{'name':24} {'params':>7} {'size':>5} {'top1':>6} {'ms/img':>7}  {'licence':11} weights")
-    for r in rows:
-        avail = "offline" if r["available_offline"] else "needs internet"
-        ms = f"{r['cpu_ms']:7.1f}" if r["cpu_ms"] else f"{'?':>7}"
-        print(f"{r['name']:24} {r['params_m']:6.1f}M {r['input_size']:5d} {r['imagenet_top1']:6.2f} {ms}  "
-              f"{r['license'] or '?':11} {r['weights']} ({avail})")
-    return 0
+
+    def text() -> Iterator[str]:
+        yield f"{'name':24} {'params':>7} {'size':>5} {'top1':>6} {'ms/img':>7}  {'licence':11} weights"
+        for r in rows:
+            avail = "offline" if r["available_offline"] else "needs internet"
+            ms = f"{r['cpu_ms']:7.1f}" if r["cpu_ms"] else f"{'?':>7}"
+            yield (f"{r['name']:24} {r['params_m']:6.1f}M {r['input_size']:5d} {r['imagenet_top1']:6.2f} {ms}  "
+                   f"{r['license'] or '?':11} {r['weights']} ({avail})")
+
+    return emit(args, rows, text())
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -103,19 +122,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     ds = open_data(args.data, _workspace())
     rep = dataset_report(ds, split_dataset(ds, args.val_split, args.seed))
-    if args.json:
-        _print_json(rep)
-        return 0
-    print(f"{rep['num_images']} images in {rep['num_classes']} classes ({rep['source']})")
-    for c, n in rep["counts"].items():
-        print(f"  {c:24} {n}")
-    print(f"split: {rep['split']}")
-    print(f"image sizes: {rep['image_size']}; imbalance {rep['imbalance_ratio']}x")
-    for s in rep["skipped"]:
-        print(f"  skipped {s['path']}: {s['reason']}")
-    for w in rep["warnings"]:
-        print(f"warning: {w}")
-    return 0
+
+    def text() -> Iterator[str]:
+        yield f"{rep['num_images']} images in {rep['num_classes']} classes ({rep['source']})"
+        for c, n in rep["counts"].items():
+            yield f"  {c:24} {n}"
+        yield f"split: {rep['split']}"
+        yield f"image sizes: {rep['image_size']}; imbalance {rep['imbalance_ratio']}x"
+        for s in rep["skipped"]:
+            yield f"  skipped {s['path']}: {s['reason']}"
+        for w in rep["warnings"]:
+            yield f"warning: {w}"
+
+    return emit(args, rep, text())
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -155,40 +174,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         res = result_of(ws, run_id)
         if res.status != "done":
             sys.stderr.write(f"error: run {run_id} {res.status}: {res.error}\n")
-            if args.json:
-                _print_json(res.to_dict())
+            emit(args, res.to_dict())
             return 1
     else:
         res = run_training(ws, args.data, cfg, progress=_stderr_progress(args.quiet), test_data=args.test)
         if res.run_id is None:
             return 0  # a rank other than 0 under torchrun: rank 0 reports
-    if args.json:
-        _print_json(res.to_dict())
-    else:
+
+    def text() -> Iterator[str]:
         from .share.progress import stop_text
 
         from .metrics import format_figure
 
-        print(f"run {res.run_id}: {res.status} in {res.seconds:.1f}s on {res.device}"
-              + (f" x {res.world_size} processes" if res.world_size > 1 else ""))
-        print("validation accuracy " + format_figure(res.val_accuracy, res.val_accuracy_ci,
-                                                     _correct(res.val_accuracy, res.val_count), res.val_count or None))
+        yield (f"run {res.run_id}: {res.status} in {res.seconds:.1f}s on {res.device}"
+               + (f" x {res.world_size} processes" if res.world_size > 1 else ""))
+        yield "validation accuracy " + format_figure(res.val_accuracy, res.val_accuracy_ci,
+                                                     _correct(res.val_accuracy, res.val_count), res.val_count or None)
         if res.cv_accuracy is not None:
-            print(f"cross-validated on {res.cv_count} images ({res.cv_folds} folds): "
-                  + format_figure(res.cv_accuracy, res.cv_accuracy_ci, _correct(res.cv_accuracy, res.cv_count),
-                                  res.cv_count))
+            yield (f"cross-validated on {res.cv_count} images ({res.cv_folds} folds): "
+                   + format_figure(res.cv_accuracy, res.cv_accuracy_ci, _correct(res.cv_accuracy, res.cv_count),
+                                   res.cv_count))
         if res.test_accuracy is not None:
-            print("test accuracy " + format_figure(res.test_accuracy, res.test_accuracy_ci,
-                                                   _correct(res.test_accuracy, res.test_count), res.test_count or None))
+            yield "test accuracy " + format_figure(res.test_accuracy, res.test_accuracy_ci,
+                                                   _correct(res.test_accuracy, res.test_count), res.test_count or None)
         if res.multi_label:  # val accuracy is then the exact-match accuracy
-            print(f"multi-label validation: micro-F1 {format_figure(res.micro_f1, res.micro_f1_ci, percent=False)}, "
-                  f"macro-F1 {res.macro_f1:.3f}, mAP {format_figure(res.mAP, res.mAP_ci, percent=False)}, "
-                  f"exact match {res.exact_match:.3f}; thresholds chosen on the {res.thresholds_chosen_on}")
+            yield (f"multi-label validation: micro-F1 {format_figure(res.micro_f1, res.micro_f1_ci, percent=False)}, "
+                   f"macro-F1 {res.macro_f1:.3f}, mAP {format_figure(res.mAP, res.mAP_ci, percent=False)}, "
+                   f"exact match {res.exact_match:.3f}; thresholds chosen on the {res.thresholds_chosen_on}")
         how = stop_text(cfg.strategy, res.stop or {}, res.best_epoch)
         if how:
-            print(how)
-        print(f"run directory: {res.run_dir}")
-    return 0
+            yield how
+        yield f"run directory: {res.run_dir}"
+
+    return emit(args, res.to_dict(), text())
 
 
 def _correct(share: float | None, n: int) -> int | None:
@@ -205,28 +223,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_model(_resolve_run_dir(args.run), device=args.device)
     rep = evaluate_dataset(model, args.data, workspace=_workspace())
     _note_open_set(model)
-    if args.json:
-        _print_json(rep)
-        return 0
-    from .metrics import format_figure
 
-    if rep.get("multi_label"):
-        print(f"micro-F1 {format_figure(rep['micro_f1'], rep.get('micro_f1_ci'), percent=False)}, "
-              f"macro-F1 {rep['macro_f1']:.4f}, mAP {format_figure(rep['mAP'], rep.get('mAP_ci'), percent=False)}, "
-              f"exact match {format_figure(rep['exact_match'], rep.get('exact_match_ci'), rep.get('correct'), rep['count'])}"
-              f" ({rep['evaluated']})")
-        print(f"{'label':24} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5} {'thresh':>6}")
-        for c, r in rep["per_label"].items():
-            print(f"{c:24} {r['precision']:6.3f} {r['recall']:6.3f} {r['f1']:6.3f} {r['support']:5d} {r['threshold']:6.3f}")
-        return 0
-    print(f"accuracy {format_figure(rep['accuracy'], rep.get('accuracy_ci'), rep.get('correct'), rep['count'])} "
-          f"({rep['evaluated']})")
-    if rep.get("unknown_share") is not None:
-        print(f"unlike the training images (unknown): {rep['unknown_share']:.1%}")
-    print(f"{'class':24} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5}")
-    for c, r in rep["per_class"].items():
-        print(f"{c:24} {r['precision']:6.3f} {r['recall']:6.3f} {r['f1']:6.3f} {r['support']:5d}")
-    return 0
+    def text() -> Iterator[str]:
+        from .metrics import format_figure
+
+        if rep.get("multi_label"):
+            yield (f"micro-F1 {format_figure(rep['micro_f1'], rep.get('micro_f1_ci'), percent=False)}, "
+                   f"macro-F1 {rep['macro_f1']:.4f}, mAP {format_figure(rep['mAP'], rep.get('mAP_ci'), percent=False)}, "
+                   f"exact match {format_figure(rep['exact_match'], rep.get('exact_match_ci'), rep.get('correct'), rep['count'])}"
+                   f" ({rep['evaluated']})")
+            yield f"{'label':24} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5} {'thresh':>6}"
+            for c, r in rep["per_label"].items():
+                yield f"{c:24} {r['precision']:6.3f} {r['recall']:6.3f} {r['f1']:6.3f} {r['support']:5d} {r['threshold']:6.3f}"
+            return
+        yield (f"accuracy {format_figure(rep['accuracy'], rep.get('accuracy_ci'), rep.get('correct'), rep['count'])} "
+               f"({rep['evaluated']})")
+        if rep.get("unknown_share") is not None:
+            yield f"unlike the training images (unknown): {rep['unknown_share']:.1%}"
+        yield f"{'class':24} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5}"
+        for c, r in rep["per_class"].items():
+            yield f"{c:24} {r['precision']:6.3f} {r['recall']:6.3f} {r['f1']:6.3f} {r['support']:5d}"
+
+    return emit(args, rep, text())
 
 
 def _note_open_set(model: Any) -> None:
@@ -254,13 +272,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_predictions_csv(rows, args.csv)
     for s in skipped:
         sys.stderr.write(f"skipped {s['path']}: {s['reason']}\n")
-    if args.json:
-        _print_json(rows)
-    else:
-        for r in rows:
-            print(f"{r['path']}\t{r['label']}\t{r['confidence']:.3f}"
-                  + (f"\tunknown ({r['ood_reason']})" if r.get("unknown") and r.get("ood_reason") else
-                     "\tunknown" if r.get("unknown") else ""))
+    emit(args, rows, (f"{r['path']}\t{r['label']}\t{r['confidence']:.3f}"
+                      + (f"\tunknown ({r['ood_reason']})" if r.get("unknown") and r.get("ood_reason") else
+                         "\tunknown" if r.get("unknown") else "") for r in rows))
     if not rows and skipped:
         from .errors import DatasetError
 
@@ -305,29 +319,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     run_dir = _resolve_run_dir(args.run)
     out = (export_webpage(run_dir, args.out) if args.format == "webpage"
            else export_run(run_dir, args.format, args.out))
-    if args.json:
-        _print_json(out)
-    else:
-        print(f"wrote {out['index']} ({out['bytes'] / 1e6:.1f} MB) and {out['zip']}; open it in a browser, offline"
-              if args.format == "webpage" else
-              f"wrote {out['path']}" + (f" and {out['sidecar']}" if out.get("sidecar") else ""))
+
+    def text() -> Iterator[str]:
+        yield (f"wrote {out['index']} ({out['bytes'] / 1e6:.1f} MB) and {out['zip']}; open it in a browser, offline"
+               if args.format == "webpage" else
+               f"wrote {out['path']}" + (f" and {out['sidecar']}" if out.get("sidecar") else ""))
         v = out.get("verification")
         if v:
-            print(f"verified with {v['runtime']} on {v['images']} {v['image_source']}: top-1 agrees on "
-                  f"{v['top1_agree']}/{v['images']}, max probability difference {v['max_prob_diff']:.2e} "
-                  f"(allowed {v['tolerance']:.0e})")
-    return 0
+            yield (f"verified with {v['runtime']} on {v['images']} {v['image_source']}: top-1 agrees on "
+                   f"{v['top1_agree']}/{v['images']}, max probability difference {v['max_prob_diff']:.2e} "
+                   f"(allowed {v['tolerance']:.0e})")
+
+    return emit(args, out, text())
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .share.report import write_report
 
     out = write_report(_resolve_run_dir(args.run), args.out)
-    if args.json:
-        _print_json(out)
-    else:
-        print(f"wrote {out['path']}")
-    return 0
+    return emit(args, out, [f"wrote {out['path']}"])
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -335,16 +345,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
     store = ws.store()
     store.mark_dead_workers()
     runs = store.list()
-    if args.json:
-        _print_json([{k: r.get(k) for k in ("id", "status", "created", "updated", "data", "config", "summary", "error")}
-                     for r in runs])
-        return 0
-    for r in runs:
-        s = r.get("summary") or {}
-        acc = s.get("val_accuracy")
-        print(f"{r['id']}  {r['status']:11} {r['config'].get('backbone', ''):20} {r['config'].get('strategy', ''):8} "
-              f"{'' if acc is None else f'val acc {acc:.3f}'}  {r.get('error') or ''}")
-    return 0
+
+    def text() -> Iterator[str]:
+        for r in runs:
+            s = r.get("summary") or {}
+            acc = s.get("val_accuracy")
+            yield (f"{r['id']}  {r['status']:11} {r['config'].get('backbone', ''):20} "
+                   f"{r['config'].get('strategy', ''):8} {'' if acc is None else f'val acc {acc:.3f}'}  "
+                   f"{r.get('error') or ''}")
+
+    keys = ("id", "status", "created", "updated", "data", "config", "summary", "error")
+    return emit(args, [{k: r.get(k) for k in keys} for r in runs], text())
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
@@ -352,16 +363,16 @@ def cmd_settings(args: argparse.Namespace) -> int:
     from .settings import describe
 
     rows = describe()
-    if args.json:
-        _print_json(rows)
-        return 0
-    for r in rows:
-        value = "(unset)" if r["value"] is None else r["value"]
-        print(f"{r['name']:24} {value:12} default {r['default']}; {r['type']}")
-        print(f"{'':24} {r['help']}")
-        if r["error"]:
-            print(f"{'':24} error: {r['error']}")
-    return 0
+
+    def text() -> Iterator[str]:
+        for r in rows:
+            value = "(unset)" if r["value"] is None else r["value"]
+            yield f"{r['name']:24} {value:12} default {r['default']}; {r['type']}"
+            yield f"{'':24} {r['help']}"
+            if r["error"]:
+                yield f"{'':24} error: {r['error']}"
+
+    return emit(args, rows, text())
 
 
 # -- insight commands (advisor, audit, lab, Grad-CAM, calibration; tl_core/advisor.py etc.) ----------
@@ -412,18 +423,18 @@ def cmd_advise(args: argparse.Namespace) -> int:
     names = [b.strip() for b in args.backbones.split(",") if b.strip()] if args.backbones else None
     res = advise(args.data, names, _workspace(), max_per_class=args.max_per_class or None, val_split=args.val_split,
                  seed=args.seed, progress=_progress_line(args.quiet))
-    if args.json:
-        _print_json(res)
-        return 0
-    print(f"{'rank':>4} {'backbone':22} {'LogME':>8} {'LEEP':>8} {'probe':>6} {'k-NN':>6} {'seconds':>8}")
-    for r in res["ranking"]:
-        leep = "" if r["leep"] is None else f"{r['leep']:8.3f}"
-        print(f"{r['rank']:>4} {r['backbone']:22} {r['logme']:8.3f} {leep:>8} {r['probe_accuracy']:6.3f} "
-              f"{r['knn_accuracy']:6.3f} {r['seconds']:8.1f}")
-    for f in res["failed"]:
-        print(f"skipped {f['backbone']}: {f['error']}")
-    print(f"recommended: {res['recommended']} (confidence {res['confidence']}). {res['reason']}")
-    return 0
+
+    def text() -> Iterator[str]:
+        yield f"{'rank':>4} {'backbone':22} {'LogME':>8} {'LEEP':>8} {'probe':>6} {'k-NN':>6} {'seconds':>8}"
+        for r in res["ranking"]:
+            leep = "" if r["leep"] is None else f"{r['leep']:8.3f}"
+            yield (f"{r['rank']:>4} {r['backbone']:22} {r['logme']:8.3f} {leep:>8} {r['probe_accuracy']:6.3f} "
+                   f"{r['knn_accuracy']:6.3f} {r['seconds']:8.1f}")
+        for f in res["failed"]:
+            yield f"skipped {f['backbone']}: {f['error']}"
+        yield f"recommended: {res['recommended']} (confidence {res['confidence']}). {res['reason']}"
+
+    return emit(args, res, text())
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -431,23 +442,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     res = audit_dataset(args.data, args.backbone, _workspace(), val_split=args.val_split, seed=args.seed,
                         near_threshold=args.near_threshold, progress=_progress_line(args.quiet))
-    if args.json:
-        _print_json(res)
-        return 0
-    print(f"{res['images']} images in {len(res['classes'])} classes; split {res['split']}")
-    for line in res["findings"]:
-        print(f"- {line}")
-    for r in res["leakage"][:20]:
-        print(f"  leak ({r['kind']}, {r['similarity']:.3f}): {r['held_out']} ({r['split']}) = {r['train']} (train)")
-    if res.get("label_check"):
-        print(f"label check: {'reliable' if res['label_check_reliable'] else 'NOT reliable'}. "
-              f"{res['label_check']['reason']}")
-    for r in res["label_issues"][:20]:
-        print(f"  label? {r['path']}: labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.2f}, "
-              f"its own label {r['label_probability']:.2f})")
-    if res["suggested_config"]:
-        print(f"suggested training setting: {res['suggested_config']}")
-    return 0
+
+    def text() -> Iterator[str]:
+        yield f"{res['images']} images in {len(res['classes'])} classes; split {res['split']}"
+        for line in res["findings"]:
+            yield f"- {line}"
+        for r in res["leakage"][:20]:
+            yield f"  leak ({r['kind']}, {r['similarity']:.3f}): {r['held_out']} ({r['split']}) = {r['train']} (train)"
+        if res.get("label_check"):
+            yield (f"label check: {'reliable' if res['label_check_reliable'] else 'NOT reliable'}. "
+                   f"{res['label_check']['reason']}")
+        for r in res["label_issues"][:20]:
+            yield (f"  label? {r['path']}: labelled {r['label']}, looks like {r['suggested']} ({r['confidence']:.2f}, "
+                   f"its own label {r['label_probability']:.2f})")
+        if res["suggested_config"]:
+            yield f"suggested training setting: {res['suggested_config']}"
+
+    return emit(args, res, text())
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -457,14 +468,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
     res = learning_curve(args.data, args.backbone, sizes=args.sizes, epochs=args.epochs, image_size=args.image_size,
                          arms=arms, val_split=args.val_split, seed=args.seed, workspace=_workspace(),
                          progress=_progress_line(args.quiet))
-    if args.json:
-        _print_json(res)
-        return 0
-    print(f"{'arm':10} {'per class':>9} {'val acc':>8} {'seconds':>8}")
-    for r in res["rows"]:
-        print(f"{r['arm']:10} {r['images_per_class']:>9} {r['val_accuracy']:8.3f} {r['seconds']:8.1f}")
-    print(res["reading"])
-    return 0
+    return emit(args, res, [f"{'arm':10} {'per class':>9} {'val acc':>8} {'seconds':>8}",
+                            *(f"{r['arm']:10} {r['images_per_class']:>9} {r['val_accuracy']:8.3f} {r['seconds']:8.1f}"
+                              for r in res["rows"]),
+                            res["reading"]])
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -476,27 +483,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
     heat = res.pop("heatmap")
     res.pop("overlay")
     res["heat_mean"] = round(float(heat.mean()), 4)
-    if args.json:
-        _print_json(res)
-    else:
-        print(f"{args.image}: {res['label']} ({res['confidence']:.3f}); Grad-CAM of {res['target']!r} at "
-              f"{res['layer']} written to {res['out']}")
-    return 0
+    return emit(args, res, [f"{args.image}: {res['label']} ({res['confidence']:.3f}); Grad-CAM of {res['target']!r} "
+                            f"at {res['layer']} written to {res['out']}"])
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .insight.calibrate import calibrate_run
 
     res = calibrate_run(_resolve_run_dir(args.run), _workspace(), apply=not args.dry_run)
-    if args.json:
-        _print_json(res)
-        return 0
-    print(f"temperature {res['temperature']:.3f} fitted on {res['count']} validation images: ECE "
-          f"{res['ece_before']:.4f} -> {res['ece_after']:.4f}, NLL {res['nll_before']:.4f} -> {res['nll_after']:.4f}"
-          + ("" if res["applied"] else " (not saved: --dry-run)"))
-    if res["warning"]:
-        print(f"warning: {res['warning']}")
-    return 0
+    return emit(args, res, [f"temperature {res['temperature']:.3f} fitted on {res['count']} validation images: ECE "
+                            f"{res['ece_before']:.4f} -> {res['ece_after']:.4f}, NLL {res['nll_before']:.4f} -> "
+                            f"{res['nll_after']:.4f}" + ("" if res["applied"] else " (not saved: --dry-run)"),
+                            *([f"warning: {res['warning']}"] if res["warning"] else [])])
 
 
 def cmd_openset(args: argparse.Namespace) -> int:
@@ -514,18 +512,18 @@ def cmd_openset(args: argparse.Namespace) -> int:
     out = summary(record)
     out.update(saved=args.threshold is not None, flagged_share=flagged_share(scores, float(record["threshold"])),
                meaning=describe(record).replace("`", "").replace("**", ""))
-    if args.json:
-        _print_json(out)
-        return 0
-    unit = ("cosine distance to the nearest training image" if int(record.get("version", 1)) < 2 else
-            "ood_score: the larger of the content and style distances, each as a multiple of its calibrated "
-            "threshold")
-    print(f"threshold {float(record['threshold']):.3f} ({unit}; "
-          f"{'chosen by hand' if record.get('chosen') else 'conformal, automatic'}"
-          f"{', saved now' if args.threshold is not None else ''}): {out['flagged_share']:.0%} of the "
-          f"{len(scores)} calibration images are above it")
-    print(out["meaning"])
-    return 0
+
+    def text() -> Iterator[str]:
+        unit = ("cosine distance to the nearest training image" if int(record.get("version", 1)) < 2 else
+                "ood_score: the larger of the content and style distances, each as a multiple of its calibrated "
+                "threshold")
+        yield (f"threshold {float(record['threshold']):.3f} ({unit}; "
+               f"{'chosen by hand' if record.get('chosen') else 'conformal, automatic'}"
+               f"{', saved now' if args.threshold is not None else ''}): {out['flagged_share']:.0%} of the "
+               f"{len(scores)} calibration images are above it")
+        yield out["meaning"]
+
+    return emit(args, out, text())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -543,52 +541,33 @@ def _counts_text(c: dict[str, Any] | None) -> str:
 
 
 def _version_out(args: argparse.Namespace, name: str, entry: dict[str, Any]) -> int:
-    out = {"name": name, **entry}
-    if args.json:
-        _print_json(out)
-    else:
-        note = " (nothing changed)" if entry.get("unchanged") else ""
-        print(f"{name}@{entry['version']}: {entry['change']}{note}; {_counts_text(entry['counts'])}")
-    return 0
+    note = " (nothing changed)" if entry.get("unchanged") else ""
+    return emit(args, {"name": name, **entry},
+                [f"{name}@{entry['version']}: {entry['change']}{note}; {_counts_text(entry['counts'])}"])
 
 
 def cmd_data_import(args: argparse.Namespace) -> int:
     from .data.versions import import_dataset
 
     res = import_dataset(_workspace(), args.path, args.name)
-    if args.json:
-        _print_json(res)
-        return 0
-    print(f"imported {args.path} as {res['name']}@{res['version']}: {_counts_text(res['counts'])}")
-    for s in res["skipped"]:
-        print(f"  left out {s['path']}: {s['reason']}")
-    return 0
+    return emit(args, res, [f"imported {args.path} as {res['name']}@{res['version']}: {_counts_text(res['counts'])}",
+                            *(f"  left out {s['path']}: {s['reason']}" for s in res["skipped"])])
 
 
 def cmd_data_list(args: argparse.Namespace) -> int:
     from .data.versions import managed_datasets
 
     rows = managed_datasets(_workspace())
-    if args.json:
-        _print_json(rows)
-        return 0
-    if not rows:
-        print("no datasets in the workspace (`tl-core data import PATH` adds one)")
-    for r in rows:
-        print(f"{r['name']:24} {r['version'] or '-':10}  {_when(r['when'])}  {_counts_text(r['counts'])}")
-    return 0
+    return emit(args, rows, [f"{r['name']:24} {r['version'] or '-':10}  {_when(r['when'])}  {_counts_text(r['counts'])}"
+                             for r in rows] or ["no datasets in the workspace (`tl-core data import PATH` adds one)"])
 
 
 def cmd_data_versions(args: argparse.Namespace) -> int:
     from .data.versions import history
 
     rows = history(_workspace(), args.name)
-    if args.json:
-        _print_json(rows)
-        return 0
-    for r in rows:
-        print(f"{r['version']}  {_when(r['when'])}  {_counts_text(r['counts']):40}  {r['change']}")
-    return 0
+    return emit(args, rows, (f"{r['version']}  {_when(r['when'])}  {_counts_text(r['counts']):40}  {r['change']}"
+                             for r in rows))
 
 
 def cmd_data_exclude(args: argparse.Namespace) -> int:
@@ -613,11 +592,8 @@ def cmd_data_delete(args: argparse.Namespace) -> int:
     from .runs.datasets import delete_dataset
 
     kept = delete_dataset(_workspace(), args.name)
-    if args.json:
-        _print_json({"name": args.name, "deleted": True, "runs_kept": kept})
-    else:
-        print(f"deleted {args.name}" + (f"; {kept} run(s) trained on it are kept" if kept else ""))
-    return 0
+    return emit(args, {"name": args.name, "deleted": True, "runs_kept": kept},
+                [f"deleted {args.name}" + (f"; {kept} run(s) trained on it are kept" if kept else "")])
 
 
 def _add_data_commands(sub: Any) -> None:

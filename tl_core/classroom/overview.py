@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import RunError
 from ..metrics import figure_of, wilson_interval
-from ..storage.store import ACTIVE_STATUSES
+from ..storage.store import ACTIVE_STATUSES, task_ran_s, task_waited_s
 from ..storage.workspace import Workspace
 from .projects import SHARED, project_of
 from .projects import label as _label
@@ -57,7 +57,7 @@ def _activity(ws: Workspace) -> list[dict[str, Any]]:
     for t in ws.store().tasks():
         if t["status"] in ACTIVE_STATUSES:
             running = t["status"] == "running" and t.get("started") is not None
-            seconds = now - (t["started"] if running else t["created"])
+            seconds = task_ran_s(t, now) if running else task_waited_s(t, now)
             out.append({"id": t["id"], "kind": t["kind"], "status": t["status"], "run_id": t.get("run_id"),
                         "seconds": round(max(0.0, seconds), 1)})
     return out

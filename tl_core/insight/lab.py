@@ -40,7 +40,8 @@ from ..models.backbones import build_model
 from ..models.devices import configure_threads, set_seed, single_threaded
 from ..models.preprocess import Preprocess, data_config_for, train_transform
 from ..models.probe import fit_linear_head
-from ..models.training import ImageSet, evaluate_epoch, lr_lambda, train_one_epoch
+from ..models.training import (ImageSet, create_optimizer, evaluate_epoch, set_trainable, train_one_epoch,
+                               trainable_groups)
 from ..storage.workspace import Workspace
 
 __all__ = ["ARMS", "DEFAULT_SIZES", "learning_curve", "lab_preprocess"]
@@ -392,21 +393,16 @@ def _finetune_arm(model: nn.Module, top: Callable[[nn.Module, torch.Tensor], tor
     t0 = time.perf_counter()
     set_seed(seed)
     m = copy.deepcopy(model)
-    for p in m.parameters():
-        p.requires_grad_(False)
-    body = [p for mod in (m.blocks[-k:], m.conv_head, m.bn2) for p in mod.parameters()]
+    set_trainable(m, "partial", k)  # the last k stages and what follows them: as partial fine-tuning
     clf = m.get_classifier()
     with torch.no_grad():
         clf.weight.copy_(head.weight)
         clf.bias.copy_(head.bias)
-    for p in body + list(clf.parameters()):
-        p.requires_grad_(True)
     net = _Top(m, top)
-    opt = torch.optim.AdamW([{"params": list(clf.parameters()), "lr": _FT_HEAD_LR},
-                             {"params": body, "lr": _FT_BODY_LR}], weight_decay=TrainConfig().weight_decay)
     h_tr = torch.stack([acts[str(i.path)] for i in tr])
     loader = _loader(TensorDataset(h_tr, y_tr), len(tr), batch_size, seed)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(len(loader) * epochs, 0))
+    opt, sched = create_optimizer(trainable_groups(m, _FT_HEAD_LR, _FT_BODY_LR), TrainConfig().weight_decay,
+                                  len(loader) * epochs)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=_FT_SMOOTHING)
     # pretrained BatchNorm statistics stay put, as in training
     frozen = [mod for mod in m.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
@@ -428,10 +424,9 @@ def _scratch_arm(backbone: str, n_classes: int, pre: Preprocess, decoded: Decode
     set_seed(seed)
     m, _ = build_model(backbone, n_classes, weights="random", seed=seed)
     cfg = TrainConfig(strategy="scratch").resolved()
-    opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     labels = [int(y) for y in y_tr]
     loader = _loader(ImageSet(tr, labels, decoded, pre, train_transform(pre, "light")), len(tr), batch_size, seed)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(len(loader) * epochs, 0))
+    opt, sched = create_optimizer(trainable_groups(m, cfg.lr), cfg.weight_decay, len(loader) * epochs)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
     m.to(memory_format=torch.channels_last)
     steps = _steps(clock, "scratch", n, epochs)

@@ -382,6 +382,9 @@ def feature_engine(model: nn.Module, pre: Preprocess, runtime: Runtime | None = 
                 _export(model, path, pre)
                 fresh = True
             session, fingerprint = _load(path)
+            if not exporting:  # used now: the cache evicts least recently used first (tl_core.cache)
+                with contextlib.suppress(OSError):
+                    os.utime(path)
             break
         except Exception as e:
             if exporting or attempt:

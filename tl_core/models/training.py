@@ -29,7 +29,7 @@ from .preprocess import Preprocess, train_transform
 from .probe import class_weights
 
 __all__ = ["Progress", "EVAL_BATCH", "lr_lambda", "EarlyStopper", "ImageSet", "BalancedSampler", "set_trainable",
-           "train_one_epoch", "evaluate_epoch", "finetune"]
+           "trainable_groups", "finetune_groups", "create_optimizer", "train_one_epoch", "evaluate_epoch", "finetune"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,53 @@ def set_trainable(model: nn.Module, strategy: str, unfreeze_blocks: int) -> list
     for p in _classifier(model).parameters():
         p.requires_grad_(True)
     return frozen
+
+
+def trainable_groups(model: nn.Module, lr: float, body_lr: float | None = None) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups of ``model`` as :func:`set_trainable` left it.
+
+    Args:
+        model: a timm model whose ``requires_grad`` flags say what trains.
+        lr: the head's learning rate (every parameter's when ``body_lr`` is None).
+        body_lr: the learning rate of the trainable parameters outside the head; None: one group of every
+            trainable parameter at ``lr``.
+    Returns:
+        ``[{"params": head, "lr": lr}, {"params": body, "lr": body_lr}]`` (no body group when nothing else
+        trains), or ``[{"params": trainable, "lr": lr}]``; parameters in the model's order.
+    """
+    if body_lr is None:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    head = list(_classifier(model).parameters())
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [{"params": head, "lr": lr}]
+    if body:
+        groups.append({"params": body, "lr": body_lr})
+    return groups
+
+
+def finetune_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """:func:`trainable_groups` of a fine-tuning run: the head at ``cfg.lr``, the rest of what trains at
+    ``cfg.lr * cfg.backbone_lr_mult`` (at ``cfg.lr`` from scratch: no pretrained body to protect)."""
+    return trainable_groups(model, cfg.lr, cfg.lr if cfg.strategy == "scratch" else cfg.lr * cfg.backbone_lr_mult)
+
+
+def create_optimizer(groups: list[dict[str, Any]], weight_decay: float, total_steps: int,
+                     warmup_steps: int = 0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The one optimiser and schedule of every network trained here (fine-tuning, the Lab's arms), as timm's
+    ``create_optimizer_v2`` is for its scripts: AdamW over ``groups`` (:func:`trainable_groups`), and per step a
+    linear warm-up then cosine decay to 0 (:func:`lr_lambda`).
+
+    Args:
+        groups: parameter groups, each with its ``lr``.
+        weight_decay: AdamW's decoupled weight decay, every group.
+        total_steps: optimiser steps of the whole training (the schedule reaches 0 there).
+        warmup_steps: steps of linear warm-up.
+    Returns:
+        (optimiser, scheduler); call ``scheduler.step()`` after each ``optimiser.step()``.
+    """
+    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup_steps))
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -306,17 +353,10 @@ def finetune(model: nn.Module, split: Split, classes: list[str], pre: Preprocess
         frozen = frozen + [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     elif rt.distributed and rt.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics of the global batch
-    head_params = list(_classifier(model).parameters())
-    head_ids = {id(p) for p in head_params}
-    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    body_lr = cfg.lr if cfg.strategy == "scratch" else cfg.lr * cfg.backbone_lr_mult
-    groups = [{"params": head_params, "lr": cfg.lr}]
-    if body:
-        groups.append({"params": body, "lr": body_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
+    opt, sched = create_optimizer(finetune_groups(model, cfg), cfg.weight_decay, total,
+                                  int(cfg.warmup_epochs * steps_per_epoch))
     if multi_label:
         pos = np.stack(ytr).sum(0) if ytr else np.zeros(len(classes))
         # "weights": each label's positives weighed by negatives/positives (BCEWithLogits' pos_weight)

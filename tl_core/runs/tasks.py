@@ -44,7 +44,7 @@ from ..config import TrainConfig
 from ..data.versions import pin
 from ..errors import RunError, TLError
 from ..settings import setting
-from ..storage.store import ACTIVE_STATUSES
+from ..storage.store import ACTIVE_STATUSES, task_ran_s, task_waited_s
 from ..storage.workspace import TASK_RESULT, Workspace
 from . import workers  # called through the module: tests and callers replace its functions
 from .kinds import kind_spec
@@ -98,14 +98,12 @@ class Task:
     @property
     def waited_s(self) -> float:
         """Seconds from the click to a worker starting it (so far, when still queued)."""
-        return (self.started or (self.finished if self.status != "queued" else None) or time.time()) - self.created
+        return task_waited_s(vars(self))
 
     @property
     def ran_s(self) -> float:
         """Seconds the worker spent on it (so far, when still running)."""
-        if self.started is None:
-            return 0.0
-        return (self.finished or time.time()) - self.started
+        return task_ran_s(vars(self))
 
     @property
     def total_s(self) -> float:

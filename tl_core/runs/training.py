@@ -279,7 +279,10 @@ def _recorded(cache_dir: Path, settings: list[Any], arrays: list[np.ndarray],
         h.update(np.ascontiguousarray(a).tobytes())
     f = cache_dir / f"{h.hexdigest()[:32]}.json"
     try:
-        return json.loads(f.read_text()), True
+        out = json.loads(f.read_text())
+        with contextlib.suppress(OSError):
+            os.utime(f)  # used now: the cache evicts least recently used first (tl_core.cache)
+        return out, True
     except FileNotFoundError:
         pass
     except (OSError, ValueError, TypeError) as e:

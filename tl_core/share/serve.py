@@ -39,7 +39,8 @@ from ..errors import DatasetError, ServeError, ServerBusy
 from .batching import MicroBatcher
 from .loading import TrainedModel
 
-__all__ = ["ServeLimits", "create_app", "model_description", "run_server", "SCORES", "require_serve_extra"]
+__all__ = ["ServeLimits", "create_app", "model_description", "run_server", "post_images", "SCORES",
+           "require_serve_extra"]
 
 #: What each field of a prediction row means (``GET /model`` gives it; docs/serve.md repeats it).
 SCORES = {
@@ -360,6 +361,22 @@ def _public_row(row: dict[str, Any], root: str | None) -> dict[str, Any]:
         p = p[len(prefix):] if prefix and p.startswith(prefix) else Path(p).name
         out.append({**n, "path": p})
     return {**row, "nearest": out}
+
+
+def post_images(client: Any, files: "list[Path | tuple[str, bytes]]", path: str = "/predict", **kw: Any) -> Any:
+    """A client's side of ``POST /predict``: ``files`` sent as multipart fields named ``files``, in order.
+
+    Args:
+        client: an ``httpx.Client`` (or FastAPI's ``TestClient``) whose base URL is the server.
+        files: image files, or (name, bytes) pairs (the name is the row's ``file``).
+        path: the endpoint.
+        **kw: passed to ``client.post`` (headers, timeout).
+    Returns:
+        The client's response.
+    """
+    parts = [(f.name, f.read_bytes()) if isinstance(f, Path) else f for f in files]
+    return client.post(path, files=[("files", (name, data, "application/octet-stream")) for name, data in parts],
+                       **kw)
 
 
 def run_server(model: TrainedModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

@@ -24,12 +24,12 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from ..errors import RunError
 from .processes import alive
 
-__all__ = ["RunStore", "STATUSES", "ACTIVE_STATUSES", "FINAL_STATUSES", "new_id"]
+__all__ = ["RunStore", "STATUSES", "ACTIVE_STATUSES", "FINAL_STATUSES", "new_id", "task_waited_s", "task_ran_s"]
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 ACTIVE_STATUSES = ("queued", "running")
@@ -95,6 +95,29 @@ _MAX_CONNECTIONS = 32
 def new_id() -> str:
     """``YYYYmmdd-HHMMSS-xxxxxx``: sortable, unique, safe as a directory name."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def task_waited_s(row: Mapping[str, Any], now: float | None = None) -> float:
+    """Seconds a task row waited from the click to a worker starting it (so far, when still queued).
+
+    Args:
+        row: a ``tasks`` row (``status``, ``created``, ``started``, ``finished``), e.g. :meth:`RunStore.task`.
+        now: the time to count to while it waits (default: now).
+    """
+    end = row.get("started") or (row.get("finished") if row["status"] != "queued" else None)
+    return (end or (time.time() if now is None else now)) - row["created"]
+
+
+def task_ran_s(row: Mapping[str, Any], now: float | None = None) -> float:
+    """Seconds a worker spent on a task row (so far, when still running; 0 before it starts).
+
+    Args:
+        row: a ``tasks`` row (``started``, ``finished``).
+        now: the time to count to while it runs (default: now).
+    """
+    if row.get("started") is None:
+        return 0.0
+    return (row.get("finished") or (time.time() if now is None else now)) - row["started"]
 
 
 def _json_cols(row: sqlite3.Row, cols: tuple[str, ...]) -> dict[str, Any]:

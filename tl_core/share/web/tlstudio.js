@@ -282,6 +282,28 @@
     return run;
   }
 
-  window.tlstudio = { ready, predict, preprocess, meta, version: "tl-studio-webpage/1",
+  /* Draw a row of predict() into element el as one bar per class of top_k (name, bar, percentage; styled by the
+     page's .bar, .name, .track, .fill and .pct rules), after a warning (class .unknown) when row.unknown, whose
+     text is unknownText(row). The exported page and the app's Live component both draw with it. */
+  function drawBars(el, row, unknownText) {
+    el.textContent = "";
+    if (row.unknown) {
+      const w = document.createElement("div");
+      w.className = "unknown";
+      w.textContent = unknownText(row);
+      el.appendChild(w);
+    }
+    for (const t of row.top_k) {
+      const b = document.createElement("div");
+      b.className = "bar";
+      b.innerHTML = '<span class="name"></span><span class="track"><span class="fill" style="display:block"></span></span><span class="pct"></span>';
+      b.querySelector(".name").textContent = t.label;
+      b.querySelector(".fill").style.width = (100 * t.confidence).toFixed(1) + "%";
+      b.querySelector(".pct").textContent = (100 * t.confidence).toFixed(1) + "%";
+      el.appendChild(b);
+    }
+  }
+
+  window.tlstudio = { ready, predict, preprocess, drawBars, meta, version: "tl-studio-webpage/1",
                       runtime: RT ? "onnxruntime-web " + RT.version : null };
 })();

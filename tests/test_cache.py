@@ -1,0 +1,99 @@
+"""The cache module knows every cache under the cache folder (issue 26): decoded images, features, the results
+recorded beside the features (auto's choices), the ONNX engines and the image checks. It counts them, evicts
+them (least recently used first, across kinds) and clears them. Fast tier: small files in a private folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tl_core.cache import CACHE_KINDS, ImageCheckCache, cache_summary, cache_usage, clear_cache, enforce_cache_limit
+
+
+def _file(path: Path, n: int, used: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * n)
+    os.utime(path, (used, used))
+    return path
+
+
+def _every_kind(cache: Path) -> dict[str, list[Path]]:
+    """One entry of each kind (two files for the engine, three for the checks), last used at 1000..5000."""
+    checks = ImageCheckCache(cache / "checked.sqlite")
+    checks.put("ab" * 32, 10, 10, None)
+    checks._db.close()
+    for f in cache.glob("checked.sqlite*"):
+        os.utime(f, (5000, 5000))
+    return {
+        "decoded": [_file(cache / "decoded" / "256-bicubic" / "ab" / "a.npy", 100, 1000)],
+        "features": [_file(cache / "features" / "k" / "ab" / "a.npy", 200, 2000)],
+        "choices": [_file(cache / "features" / "k" / "choices" / "c.json", 30, 3000)],
+        # the ONNX file is old, but its verification record was written later: the engine was used at 4500
+        "engines": [_file(cache / "engines" / "e1.onnx", 400, 1500), _file(cache / "engines" / "e1.verified", 5, 4500)],
+        "checks": sorted(cache.glob("checked.sqlite*")),
+    }
+
+
+def test_summary_counts_every_kind_and_skips_files_being_written(tmp_path):
+    cache = tmp_path / "cache"
+    files = _every_kind(cache)
+    _file(cache / "engines" / ".e2.onnx.1.2.tmp.onnx", 999, 9000)  # an export being written: not an entry yet
+    _file(cache / "features" / "k" / "ab" / ".b.npy.1.2.tmp", 999, 9000)
+    summary = cache_summary(cache)
+    assert list(summary) == list(CACHE_KINDS)
+    for kind, fs in files.items():
+        assert summary[kind] == {"entries": 1, "bytes": sum(f.stat().st_size for f in fs)}, kind
+    assert summary["checks"]["bytes"] > 0
+    assert cache_usage(cache) == {k: v["bytes"] for k, v in summary.items()}
+
+
+def test_eviction_is_least_recently_used_across_kinds_engines_whole_checks_last(tmp_path):
+    cache = tmp_path / "cache"
+    files = _every_kind(cache)
+    usage = cache_usage(cache)
+    # keep room for the engine and the checks only: decoded (1000), features (2000) and choices (3000) go, in that
+    # order; the engine's ONNX file (1500) stays with its newer record
+    keep = usage["engines"] + usage["checks"]
+    assert enforce_cache_limit(cache, max_bytes=keep) == usage["decoded"] + usage["features"] + usage["choices"]
+    assert all(f.exists() for f in files["engines"] + files["checks"])
+    assert not any(f.exists() for k in ("decoded", "features", "choices") for f in files[k])
+    # the checks go last, even though they were used after the engine: the engine goes whole
+    assert enforce_cache_limit(cache, max_bytes=usage["checks"] + 1) == usage["engines"]
+    assert not any(f.exists() for f in files["engines"]) and all(f.exists() for f in files["checks"])
+    assert enforce_cache_limit(cache, max_bytes=0) == usage["checks"]
+    assert not any(cache_usage(cache).values())
+
+
+def test_eviction_order_follows_use_not_kind(tmp_path):
+    cache = tmp_path / "cache"
+    old_engine = [_file(cache / "engines" / "e1.onnx", 400, 1000), _file(cache / "engines" / "e1.images", 3, 1000)]
+    new_feature = _file(cache / "features" / "k" / "ab" / "a.npy", 200, 2000)
+    assert enforce_cache_limit(cache, max_bytes=300) == 403
+    assert new_feature.exists() and not any(f.exists() for f in old_engine)
+
+
+def test_clear_empties_every_kind(tmp_path):
+    cache = tmp_path / "cache"
+    _every_kind(cache)
+    (cache / "runs_are_not_cache.txt").write_text("kept")
+    total = sum(cache_usage(cache).values())
+    assert clear_cache(cache) == total
+    assert not any(cache_usage(cache).values())
+    assert sorted(p.name for p in cache.iterdir()) == ["runs_are_not_cache.txt"]
+
+
+def test_a_recorded_result_read_back_counts_as_used(tmp_path):
+    """auto's recorded choice is touched when a re-train reads it, so eviction keeps what is in use."""
+    from tl_core.runs.training import _recorded
+
+    calls = []
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    out, reused = _recorded(tmp_path, ["t"], [x], lambda: calls.append(1) or {"v": 1})
+    assert (out, reused, calls) == ({"v": 1}, False, [1])
+    (f,) = tmp_path.glob("*.json")
+    os.utime(f, (1000, 1000))
+    out, reused = _recorded(tmp_path, ["t"], [x], lambda: calls.append(1) or {"v": 2})
+    assert (out, reused, calls) == ({"v": 1}, True, [1])
+    assert f.stat().st_mtime > 1000
