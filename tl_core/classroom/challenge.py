@@ -43,7 +43,8 @@ from ..storage.workspace import Workspace
 from .projects import label as _project_label
 
 __all__ = ["challenge_dir", "challenge_info", "save_challenge_upload", "setup_challenge", "remove_challenge",
-           "submission_params", "submissions_made", "check_submission_cap", "locked_images_in", "MAX_SUBMISSIONS", "score_run", "leaderboard", "leaderboard_csv", "LEADERBOARD_COLUMNS"]
+           "submission_params", "submissions_made", "check_submission_cap", "locked_images_in",
+           "MAX_SUBMISSIONS", "score_run", "leaderboard", "leaderboard_csv", "LEADERBOARD_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
