@@ -17,7 +17,9 @@ after the other (20 sessions, 5 projects, 4 roles: each project has one session 
 - **try**: an image on Try it with the project's run (trained before the clock starts, with a cache of its own
   that is then thrown away, so the others find no features cached), until the prediction.
 
-``--roles check --sessions 5`` has five groups check their own sets at once (a small version of the class).
+``--roles check --sessions 5`` has five groups check their own sets at once (a small version of the class);
+``--roles check,train --sessions 2 --projects 1 --train-delay 5`` is the stalled data check of the 20-session run
+(a check asked for just before a training starts on the same folder).
 ``--scenario check``: every session checks the emoji sample in the shared workspace (one shared audit task).
 
 Throughout, every 0.5 s, it samples the server process's resident memory (``VmRSS`` of ``streamlit``, not its
@@ -258,9 +260,10 @@ def _chromium(folder: Path, nice: int) -> str:
     return str(wrapper)
 
 
-async def _sessions(base: str, plan: list[dict], timeout_s: float, browser_path: str) -> list[dict]:
-    """Open every session of ``plan`` on its page, then all act at once; each returns its plan with ``wait_s``
-    (action to result) or ``error`` (with the end of what its page showed)."""
+async def _sessions(base: str, plan: list[dict], timeout_s: float, browser_path: str,
+                    train_delay_s: float = 0.0) -> list[dict]:
+    """Open every session of ``plan`` on its page, then all act at once (the trainings ``train_delay_s`` later);
+    each returns its plan with ``wait_s`` (action to result) or ``error`` (with the end of what its page showed)."""
     import re
 
     from playwright.async_api import async_playwright
@@ -305,6 +308,9 @@ async def _sessions(base: str, plan: list[dict], timeout_s: float, browser_path:
                     await page.get_by_test_id("stMetricLabel").get_by_text("Leaks into validation",
                                                                            exact=True).wait_for(timeout=ms)
                 elif u["role"] == "train":
+                    if train_delay_s:
+                        await asyncio.sleep(train_delay_s)
+                        t0 = time.perf_counter()
                     await page.get_by_role("button", name="Start training").click()
                     await page.get_by_text("Status: done").wait_for(timeout=ms)
                 else:
@@ -380,7 +386,8 @@ def run_scenario(args: argparse.Namespace) -> int:
         sampler = Sampler(server.pid, base, home / "runs.sqlite")
         sampler.start()
         t0 = time.time()
-        users = asyncio.run(_sessions(base, plan, args.timeout, _chromium(_bin_dir(home), args.nice_clients)))
+        users = asyncio.run(_sessions(base, plan, args.timeout, _chromium(_bin_dir(home), args.nice_clients),
+                                      args.train_delay))
         wall = time.time() - t0
         time.sleep(1.0)  # one more sample after the last result
         sampler.stop.set()
@@ -491,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nice-clients", type=int, default=10,
                     help="run the browsers at this nice level (0: normal priority); they stand for the students' "
                          "laptops, so they should not take the server's cores")
+    ap.add_argument("--train-delay", type=float, default=0.0,
+                    help="seconds the train users wait before they press Start training (5 with --roles check,train: "
+                         "a check asked for just before a training starts on the same folder, the stalled page of "
+                         "the 20-session run)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds a session may wait for its result")
     ap.add_argument("--no-write", action="store_true", help="print only; do not prepend to RESULTS.md")
     args = ap.parse_args(argv)
