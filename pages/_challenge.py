@@ -8,9 +8,11 @@ import time
 import pandas as pd
 import streamlit as st
 
+from pages import _session as session
 from pages import _tasks as task_ui
-from tl_core.classroom.challenge import leaderboard, submission_params
+from tl_core.classroom.challenge import MAX_SUBMISSIONS, leaderboard, submission_params, submissions_made
 from tl_core.errors import TLError
+from tl_core.runs import tasks
 from tl_core.share.progress import MISSING, setting_text
 from tl_core.storage.workspace import Workspace
 
@@ -67,8 +69,11 @@ def submit_view(ws: Workspace, run_id: str) -> None:
     res = task_ui.task_view(ws, "challenge_score", params, "Scoring on the locked test set",
                             button="Submit this run to the class challenge", icon=":material/emoji_events:",
                             key=f"challenge-{run_id}",
-                            button_help="Scores this run on the teacher's locked test images in a worker; it "
-                                        "replaces your group's earlier submission on the leaderboard.")
+                            button_help=f"Scores this run on the teacher's locked test images in a worker; it "
+                                        "replaces your group's earlier submission on the leaderboard. A group may "
+                                        f"submit {MAX_SUBMISSIONS} times (used: {submissions_made(ws)}).",
+                            start=lambda: tasks.submit_challenge_run(ws, run_id, owner=session.owner()))
     if res is not None:
-        st.success(f"Run {run_id} scored {res['text']} on the locked test set.")
+        st.success(f"Run {run_id} scored {res['text']} on the locked test set (submission {res.get('submissions', 1)} "
+                   f"of {MAX_SUBMISSIONS} of your group).")
 

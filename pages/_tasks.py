@@ -76,7 +76,8 @@ def _done_caption(task: Task) -> None:
 def task_view(ws: Workspace, kind: str, params: dict[str, Any], label: str, *, button: str | None = None,
               button_help: str | None = None, icon: str | None = None, auto: bool = False, key: str | None = None,
               poll_s: float = POLL_S, describe: Callable[[Task], tuple[float, str]] | None = None,
-              show_timing: bool = True, compact: bool = False) -> Any | None:
+              show_timing: bool = True, compact: bool = False,
+              start: Callable[[], Task | None] | None = None) -> Any | None:
     """The result of the task ``kind(params)``, or None while there is none (with what to do, drawn here).
 
     Args:
@@ -93,6 +94,8 @@ def task_view(ws: Workspace, kind: str, params: dict[str, Any], label: str, *, b
         describe: (fraction, text) of a running task, instead of its message, counts and time left.
         show_timing: say how long the result took from the click.
         compact: a progress bar only, without Cancel (quick previews).
+        start: what the start button does instead of :func:`submit` (a tl_core function that checks more before
+            it queues the task, e.g. ``tasks.submit_challenge_run``); its TLError is shown in one sentence.
     Returns:
         The task's result (JSON data) when it is done, else None.
     """
@@ -125,7 +128,15 @@ def task_view(ws: Workspace, kind: str, params: dict[str, Any], label: str, *, b
             again = task is not None and task.status in ("failed", "interrupted")
             text = f"{button or label} again" if again else (button or label)
             if st.button(text, key=f"{key}-start", type="primary", icon=icon, help=button_help):
-                if submit(ws, kind, params) is not None:
+                if start is None:
+                    started = submit(ws, kind, params)
+                else:
+                    try:
+                        started = start()
+                    except TLError as e:
+                        st.error(str(e))
+                        started = None
+                if started is not None:
                     st.rerun()
             return None
     _live(ws, task.id, label, key, poll_s, describe, compact)

@@ -12,7 +12,9 @@ import zipfile
 
 import pytest
 
-from conftest import make_class_folder
+from pathlib import Path
+
+from conftest import EMOJI, make_class_folder
 from tl_core.classroom import challenge, overview
 from tl_core.errors import DatasetError, RunError
 from tl_core.runs import tasks
@@ -20,12 +22,12 @@ from tl_core.storage.workspace import Workspace
 
 
 def _copy_run(src_ws: Workspace, run_id: str, dst: Workspace, accuracy: float | None = None,
-              strategy: str | None = None) -> str:
+              strategy: str | None = None, data: str | None = None) -> str:
     """A copy of a finished run (its row and its files) in another workspace; ``accuracy`` overrides its
-    recorded validation accuracy (what the teacher's table reads)."""
+    recorded validation accuracy (what the teacher's table reads), ``data`` the data it says it learned from."""
     row = src_ws.store().get(run_id)
     cfg = dict(row["config"], **({"strategy": strategy} if strategy else {}))
-    new = dst.store().create_run(row["data"], cfg, status="done", name=row.get("name"))
+    new = dst.store().create_run(data or row["data"], cfg, status="done", name=row.get("name"))
     summary = dict(row["summary"])
     if accuracy is not None:
         summary["val_accuracy"] = accuracy
@@ -205,11 +207,21 @@ def test_leaderboard_all_tied_and_clear_leader_sentences(small_challenge):
     assert [r["rank"] for r in board["rows"]] == [1, 2] and board["note"].startswith("alpha leads beyond noise")
 
 
-def test_scoring_a_run_on_the_locked_set(small_challenge, emoji_run):
+def _data_without_locked(top: Workspace, src: Path, dest: Path) -> str:
+    """A copy of ``src`` without the challenge's locked images (by content): the set a group should train on."""
+    locked = {f.read_bytes() for f in (challenge.challenge_dir(top) / "test").rglob("*.*")}
+    shutil.copytree(src, dest)
+    for f in list(dest.rglob("*.*")):
+        if f.read_bytes() in locked:
+            f.unlink()
+    return str(dest)
+
+
+def test_scoring_a_run_on_the_locked_set(small_challenge, emoji_run, tmp_path):
     top = small_challenge
     src, res = emoji_run
     ws = top.project("ants-0001", create=True)
-    run_id = _copy_run(src, res.run_id, ws)
+    run_id = _copy_run(src, res.run_id, ws, data=_data_without_locked(top, EMOJI, tmp_path / "rest"))
     params = challenge.submission_params(ws, run_id)
     assert params["project"] == "ants-0001" and params["challenge"] == challenge.challenge_info(top)["id"]
     got = challenge.score_run(ws, params["run"], challenge_id=params["challenge"])
@@ -224,6 +236,43 @@ def test_scoring_a_run_on_the_locked_set(small_challenge, emoji_run):
         challenge.score_run(ws, params["run"])
     with pytest.raises(RunError, match="new challenge"):
         challenge.score_run(ws, params["run"], challenge_id="older")
+
+
+def test_a_run_that_learned_from_the_locked_images_is_refused(small_challenge, emoji_run):
+    # the session's run learned from the whole emoji sample, of which the 12 locked images are a part
+    top = small_challenge
+    src, res = emoji_run
+    ws = top.project("cats-0003", create=True)
+    run_id = _copy_run(src, res.run_id, ws)
+    params = challenge.submission_params(ws, run_id)
+    with pytest.raises(DatasetError, match="learned from 12 of the challenge's locked test images"):
+        challenge.score_run(ws, params["run"], challenge_id=params["challenge"])
+    assert challenge.leaderboard(top)["rows"] == [] and challenge.submissions_made(ws) == 0
+
+
+def test_a_group_may_submit_a_few_times_only(small_challenge, emoji_run, tmp_path):
+    top = small_challenge
+    src, res = emoji_run
+    ws = top.project("dogs-0004", create=True)
+    rest = _data_without_locked(top, EMOJI, tmp_path / "rest")
+    first, second = (_copy_run(src, res.run_id, ws, data=rest) for _ in range(2))
+    t1 = tasks.submit_challenge_run(ws, first, start_worker=False)
+    path = challenge._submission_file(top, "dogs-0004")  # the group has used every submission but one
+    for made in range(1, challenge.MAX_SUBMISSIONS):
+        got = challenge.score_run(ws, str(ws.run_dir(first)))
+        assert got["submissions"] == made and got["leak_checked"]
+    assert json.loads(path.read_text())["submissions"] == challenge.MAX_SUBMISSIONS - 1
+    tasks.submit_challenge_run(ws, second, start_worker=False)  # the last one may be queued
+    challenge.score_run(ws, str(ws.run_dir(second)))
+    assert challenge.submissions_made(ws) == challenge.MAX_SUBMISSIONS
+    with pytest.raises(RunError, match=f"made its {challenge.MAX_SUBMISSIONS} submissions"):
+        challenge.score_run(ws, str(ws.run_dir(second)))  # the worker refuses one more too
+    # asking again for a run already submitted finds its task (no new submission); a new run is refused
+    assert tasks.submit_challenge_run(ws, first, start_worker=False).id == t1.id
+    third = _copy_run(src, res.run_id, ws, data=rest)
+    with pytest.raises(RunError, match=f"made its {challenge.MAX_SUBMISSIONS} submissions"):
+        tasks.submit_challenge_run(ws, third, start_worker=False)
+    assert [r["run"] for r in challenge.leaderboard(top)["rows"]] == [second]  # the last one stays
 
 
 def test_submit_challenge_run_queues_one_scoring_task_per_run(small_challenge, emoji_run):
@@ -245,3 +294,41 @@ def test_export_includes_the_leaderboard(small_challenge, tmp_path):
     overview.export_class(top, tmp_path / "c.zip", reports=False)
     with zipfile.ZipFile(tmp_path / "c.zip") as zf:
         assert zf.read("leaderboard.csv").decode().splitlines()[1].startswith("1,alpha")
+
+
+# --------------------------------------------------------------------------------------------------
+# a class at once: one group's training and its data check on the same folder
+# --------------------------------------------------------------------------------------------------
+def test_a_data_check_is_found_again_after_a_training_versions_the_same_folder(tl_home, tmp_path):
+    """The stalled page of the 20-session benchmark: a session pressed "Check the data" on a plain folder while
+    another session of its group started a training on it, which records the folder's first version. The page
+    keys its check by the folder's signature; if recording the version changed it, the page found no check
+    when the audit finished and showed the start button again, never the result."""
+    from tl_core.data.library import dataset_signature
+    from tl_core.data.versions import exclude_images, is_managed, pin
+
+    ws = Workspace(tl_home).project("group-1", create=True)
+    folder = make_class_folder(ws.datasets_dir / "lesson", {"animal": 5, "face": 5})
+    params = {"data": str(folder), "signature": dataset_signature(folder), "backbone": "efficientnet_lite0",
+              "val_split": 0.2, "seed": 0, "max_per_class": 200}
+    asked = tasks.submit(ws, "audit", params, start_worker=False)
+    assert pin(ws, folder).startswith("lesson@") and is_managed(ws, "lesson")  # what a training's start does
+    found = tasks.find(ws, "audit", dict(params, signature=dataset_signature(folder)))  # the page's next run
+    assert found is not None and found.id == asked.id
+    # a real change (an image left out: a new version, the same files) is a new signature: checked again
+    exclude_images(ws, "lesson", ["animal/" + sorted((folder / "animal").iterdir())[0].name])
+    assert dataset_signature(folder) != params["signature"]
+    assert tasks.find(ws, "audit", dict(params, signature=dataset_signature(folder))) is None
+
+
+@pytest.mark.parametrize("lane", ["compute", "interactive"])
+def test_workers_run_below_the_server(tl_home, monkeypatch, lane):
+    """A worker lowers its own CPU priority (trainings lowest), so the server answers while workers fill the cores."""
+    from tl_core.runs import workers
+
+    asked = []
+    monkeypatch.setattr(workers.os, "nice", asked.append)
+    monkeypatch.setenv("TL_INTERACTIVE_IDLE_S", "0.01")
+    assert workers.worker_main(str(tl_home), lane) == 0  # nothing queued: it leaves at once
+    assert asked == [workers.WORKER_NICE[lane]]
+    assert 0 < workers.WORKER_NICE["interactive"] < workers.WORKER_NICE["compute"]

@@ -36,20 +36,24 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import DatasetError, RunError
+from ..errors import DatasetError, RunError, TLError
 from ..fileio import write_atomic, write_json_atomic
 from ..metrics import compare_figures, format_figure, wilson_interval
 from ..storage.workspace import Workspace
 from .projects import label as _project_label
 
 __all__ = ["challenge_dir", "challenge_info", "save_challenge_upload", "setup_challenge", "remove_challenge",
-           "submission_params", "score_run", "leaderboard", "leaderboard_csv", "LEADERBOARD_COLUMNS"]
+           "submission_params", "submissions_made", "check_submission_cap", "locked_images_in",
+           "MAX_SUBMISSIONS", "score_run", "leaderboard", "leaderboard_csv", "LEADERBOARD_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
 _INFO = "challenge.json"
 #: Fewest locked images per class: fewer makes every figure a coin toss.
 MIN_LOCKED_PER_CLASS = 2
+#: Scored submissions one project may make to one challenge: more would let a group pick its best run on the
+#: locked images (choosing on the test set, by many submissions).
+MAX_SUBMISSIONS = 5
 
 
 def challenge_dir(top: Workspace) -> Path:
@@ -218,6 +222,46 @@ def _submission_file(top: Workspace, project: str) -> Path:
     return challenge_dir(top) / "submissions" / f"{safe}.json"
 
 
+def submissions_made(ws: Workspace, info: dict[str, Any] | None = None) -> int:
+    """How many scored submissions this workspace's project has made to the current challenge."""
+    info = info or challenge_info(ws)
+    if info is None:
+        return 0
+    try:
+        sub = json.loads(_submission_file(ws, _project_label(ws)).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    return int(sub.get("submissions", 1)) if sub.get("challenge") == info["id"] else 0
+
+
+def check_submission_cap(ws: Workspace, info: dict[str, Any] | None = None) -> int:
+    """How many submissions this workspace's project has made, when it may make one more.
+
+    Raises:
+        RunError: it has made :data:`MAX_SUBMISSIONS` already.
+    """
+    made = submissions_made(ws, info)
+    if made >= MAX_SUBMISSIONS:
+        raise RunError(f"Your group has made its {MAX_SUBMISSIONS} submissions to this challenge, the most one group "
+                       "may make (more would pick the best run on the locked images); your last one stays on the "
+                       "leaderboard.")
+    return made
+
+
+def locked_images_in(ws: Workspace, data: str | os.PathLike | None, locked: set[str]) -> int | None:
+    """How many images of the dataset a run learned from (``data``: its folder, zip or ``NAME@VERSION``) are, by
+    their content, locked test images; None when that data is gone (nothing to compare)."""
+    from ..data.library import open_data
+
+    if not data:
+        return None
+    try:
+        ds = open_data(data, ws, min_per_class=1)
+    except TLError:
+        return None
+    return sum(1 for i in ds.items if i.sha256 in locked)
+
+
 def score_run(ws: Workspace, run_dir: str | os.PathLike, challenge_id: str | None = None,
               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Score a finished run on the locked set and record it as its project's submission (replacing the project's
@@ -230,10 +274,12 @@ def score_run(ws: Workspace, run_dir: str | os.PathLike, challenge_id: str | Non
         progress: unused (kept for the task's signature).
     Returns:
         The submission without the per-image answers: {"project", "run", "accuracy", "accuracy_ci", "correct",
-        "count", "text", "strategy", "backbone", "training_s", "scoring_s", "submitted"}.
+        "count", "text", "strategy", "backbone", "training_s", "scoring_s", "submitted", "submissions" (this
+        project's count so far), "leak_checked" (False when the run's data is gone and could not be compared)}.
     Raises:
-        RunError: no challenge, or another challenge than the one submitted to. DatasetError: the run does not
-        know the challenge's classes, or is multi-label.
+        RunError: no challenge, another challenge than the one submitted to, or the project has made its
+        :data:`MAX_SUBMISSIONS`. DatasetError: the run learned from locked images (found by content in its
+        data), does not know the challenge's classes, or is multi-label.
     """
     from ..data.intake import open_dataset
     from ..metrics import softmax
@@ -246,6 +292,18 @@ def score_run(ws: Workspace, run_dir: str | os.PathLike, challenge_id: str | Non
         raise RunError("The class challenge was removed; nothing to score against.")
     if challenge_id and challenge_id != info["id"]:
         raise RunError("The teacher set up a new challenge since this run was submitted; submit it again.")
+    made = check_submission_cap(ws, info)
+    run_id = Path(run_dir).name
+    try:
+        row = ws.store().get(run_id)
+    except RunError:
+        row = {}
+    ds = open_dataset(challenge_dir(ws) / "test", min_per_class=1, check_cache=ws.cache_dir / "checked.sqlite")
+    leaked = locked_images_in(ws, row.get("data"), {i.sha256 for i in ds.items})
+    if leaked:
+        raise DatasetError(f"This run learned from {leaked} of the challenge's locked test images (the same pictures, "
+                           "found by their content in its training data), so its score would say nothing; train on "
+                           "data without them (the teacher's set for the groups) and submit that run.")
     tm = load_model(run_dir, device="auto")
     if tm.meta.multi_label:
         raise DatasetError("A multi-label model cannot enter a single-label challenge.")
@@ -253,7 +311,6 @@ def score_run(ws: Workspace, run_dir: str | os.PathLike, challenge_id: str | Non
     if unknown:
         raise DatasetError(f"This run does not know the challenge's class(es) {', '.join(unknown)}; the challenge "
                            f"has {', '.join(info['classes'])}. Train on data with the same class folders.")
-    ds = open_dataset(challenge_dir(ws) / "test", min_per_class=1, check_cache=ws.cache_dir / "checked.sqlite")
     items = sorted(ds.items, key=lambda i: i.sha256)  # a fixed order: per-image answers line up across groups
     cidx = {c: k for k, c in enumerate(tm.classes)}
     out = logits_of_dataset_items(tm, items, ws)
@@ -261,17 +318,13 @@ def score_run(ws: Workspace, run_dir: str | os.PathLike, challenge_id: str | Non
     pred = softmax(np.asarray(logits), tm.temperature).argmax(1)
     right = (pred == np.asarray([cidx[i.label] for i in items])).astype(int)
     correct, n = int(right.sum()), len(items)
-    run_id = Path(run_dir).name
-    try:
-        row = ws.store().get(run_id)
-    except RunError:
-        row = {}
     cfg, summary = row.get("config") or tm.config or {}, row.get("summary") or {}
     sub = {"challenge": info["id"], "project": _project_label(ws), "run": run_id, "run_name": row.get("name"),
            "backbone": cfg.get("backbone"), "strategy": cfg.get("strategy"), "training_s": summary.get("seconds"),
            "accuracy": round(correct / n, 6) if n else None, "accuracy_ci": wilson_interval(correct, n),
            "correct": correct, "count": n, "submitted": time.time(),
-           "scoring_s": round(time.monotonic() - t0, 2), "images": [i.sha256[:16] for i in items],
+           "scoring_s": round(time.monotonic() - t0, 2), "submissions": made + 1,
+           "leak_checked": leaked is not None, "images": [i.sha256[:16] for i in items],
            "right": right.tolist()}
     write_json_atomic(_submission_file(ws, sub["project"]), sub)
     public = {k: v for k, v in sub.items() if k not in ("images", "right")}

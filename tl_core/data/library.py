@@ -26,8 +26,8 @@ from .images import IMAGE_EXTENSIONS, image_from_bytes
 from .intake import (Dataset, _find_dataset_root, find_multi_label_csv, open_dataset, pack_uploaded_folder,
                      safe_extract_zip, split_layout)
 from .names import REPO_ROOT, SAMPLE_DATA_DIR, is_dataset_name, safe_name, unique_dir
-from .versions import (add_images, ensure_versions, images_root, is_managed, open_version, parse_ref,
-                       workspace_datasets)
+from .versions import (META_DIR, add_images, changed_version, ensure_versions, images_root, is_managed,
+                       open_version, parse_ref, workspace_datasets)
 
 __all__ = [
     "REPO_ROOT",
@@ -72,7 +72,10 @@ def sample_datasets(root: str | os.PathLike = SAMPLE_DATA_DIR) -> list[dict[str,
 def dataset_signature(path: str | os.PathLike) -> str:
     """A cheap fingerprint of a dataset's files (names, sizes, mtimes) to key caches of its report.
 
-    Changes when a file is added, removed or rewritten; does not read image contents.
+    Changes when a file is added, removed or rewritten, and when a managed dataset moves to another version
+    (labels or exclusions changed); does not read image contents. Recording a folder's first version (its images
+    as they are, what a training does to a plain folder) changes nothing: a page that asked for a data check
+    before a training started on the same folder still finds its check.
     """
     p = Path(path)
     if p.is_file():
@@ -80,8 +83,10 @@ def dataset_signature(path: str | os.PathLike) -> str:
         return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     if not p.is_dir():
         return f"{p}:missing"
-    parts = []
+    parts = [f"version {v}"] if (v := changed_version(p)) else []
     for dirpath, dirnames, filenames in os.walk(p):
+        if dirpath == str(p):
+            dirnames[:] = [d for d in dirnames if d != META_DIR]  # the versions' records: the line above
         dirnames.sort()
         for fn in sorted(filenames):
             try:

@@ -52,6 +52,7 @@ __all__ = [
     "parse_ref",
     "pin",
     "is_managed",
+    "changed_version",
     "ensure_versions",
     "import_dataset",
     "managed_datasets",
@@ -107,6 +108,27 @@ def _meta(folder: Path) -> Path:
 def is_managed(ws: "Workspace", name: str) -> bool:
     """Whether the workspace dataset ``name`` has a version history already."""
     return (ws.datasets_dir / name / META_DIR / "history.jsonl").is_file()
+
+
+def changed_version(folder: Path) -> str | None:
+    """The current version of a dataset folder once it has changed since its first version, else None.
+
+    The first version is the folder's images as they are (recorded when the folder is first trained on or
+    changed): a fingerprint of the files alone already names it. Later versions change labels and exclusions in
+    the manifest only, not the image files, so the id tells them apart. Read for
+    :func:`tl_core.data.library.dataset_signature`.
+    """
+    try:
+        lines = (folder / META_DIR / "history.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    lines = [ln for ln in lines if ln.strip()]
+    if len(lines) < 2:
+        return None
+    try:
+        return str(json.loads(lines[-1])["version"])
+    except (ValueError, KeyError, TypeError):
+        return "unreadable"  # a damaged history: a signature of its own, never the unchanged folder's
 
 
 @contextlib.contextmanager

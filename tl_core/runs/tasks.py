@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..access import Actor, require
-from ..classroom.challenge import submission_params
+from ..classroom.challenge import check_submission_cap, submission_params
 from ..config import TrainConfig
 from ..data.versions import pin
 from ..errors import RunError, TLError
@@ -297,11 +297,18 @@ def submit_challenge_run(ws: Workspace, run_id: str, owner: str | None = None, s
     """Submit a finished run of this project to the class challenge: a ``challenge_score`` task scores it in a
     worker (the same run submitted twice is one task).
 
+    The project's submissions are capped (:data:`tl_core.classroom.challenge.MAX_SUBMISSIONS`); the worker
+    refuses a run that learned from locked images.
+
     Raises:
-        RunError: no challenge is set up, or the run is not finished.
+        RunError: no challenge is set up, the run is not finished, or the project has made its submissions.
         QueueFullError: too many tasks are waiting.
     """
-    return submit(ws, "challenge_score", submission_params(ws, run_id), owner=owner, start_worker=start_worker)
+    params = submission_params(ws, run_id)
+    existing = find(ws, "challenge_score", params)
+    if existing is None or existing.status not in ("queued", "running", "done"):
+        check_submission_cap(ws)  # the same run again is the task already made: it costs no submission
+    return submit(ws, "challenge_score", params, owner=owner, start_worker=start_worker)
 
 
 def delete_run(ws: Workspace, run_id: str, actor: Actor | None = None) -> None:

@@ -35,7 +35,7 @@ from ..storage.workspace import TASK_RESULT, Workspace
 from .kinds import jsonable, kind_spec
 
 __all__ = ["LANES", "lane_slots", "queue_order", "default_max_workers", "ensure_workers", "stop_task", "recover",
-           "TaskContext", "run_task", "worker_main", "prune", "CANCEL_GRACE_S"]
+           "TaskContext", "run_task", "worker_main", "prune", "CANCEL_GRACE_S", "WORKER_NICE"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ CANCEL_GRACE_S = 5.0
 _PROGRESS_EVERY_S = 0.5
 #: How often a running task looks at its cancel flag at most.
 _CANCEL_CHECK_EVERY_S = 0.5
+#: How much lower a worker's CPU priority is than the server's (``os.nice``), per lane: on a machine whose cores
+#: the workers fill, the Streamlit server (at 0) still answers at once (its health check, every page's poll), and
+#: a prediction (interactive) goes before a training (compute). Alone on the machine a worker runs as fast.
+WORKER_NICE = {"interactive": 5, "compute": 10}
 
 
 def default_max_workers() -> int:
@@ -342,6 +346,10 @@ def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return 0  # another worker holds this slot
+    try:
+        os.nice(WORKER_NICE[lane])
+    except (OSError, AttributeError) as e:  # no nice on this platform: run at the server's priority
+        log.warning("could not lower the worker's priority: %s", e)
     models = WarmModels() if lane == "interactive" else None
     idle_limit = setting("TL_INTERACTIVE_IDLE_S") if lane == "interactive" else 0.0
     idle_since = time.monotonic()
