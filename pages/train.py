@@ -241,6 +241,14 @@ def _done_text(run: dict, task: tasks.Task | None) -> str:
             + test + (f" {features}." if features else "") + (f" Auto: {auto}" if auto else ""))
 
 
+def _cancel_run(ws, run_id: str) -> None:
+    """Cancel button callback: ask the run to stop (before the page redraws, so it says "Cancelling…" at once)."""
+    try:
+        tasks.cancel_run(ws, run_id, actor=access.actor())
+    except AccessError as e:
+        st.session_state["_cancel_error"] = str(e)
+
+
 def run_panel(ws, run_id: str) -> None:
     """The current run, polled from the store every second while it is queued or running."""
     store = ws.store()
@@ -271,15 +279,16 @@ def run_panel(ws, run_id: str) -> None:
                 if status == "queued" and task is not None and task.status == "queued":
                     st.progress(0.0, text=tasks.describe_wait(ws, task))
                 else:
-                    frac, text = describe_progress(status, run.get("progress"), epochs)
+                    frac, text = describe_progress(status, run.get("progress"), epochs,
+                                                   cancelling=run.get("cancel_requested", False),
+                                                   patience=cfg.get("patience"))
                     st.progress(frac, text=f"{text} · {since:.0f} s since the click")
-                if st.button("Cancel training", icon=":material/stop:", help="Stops the worker at its next check "
-                             "point (killed after a few seconds if it does not stop)."):
-                    try:
-                        tasks.cancel_run(ws, run_id, actor=access.actor())
-                        st.toast("Cancelling…")
-                    except AccessError as e:
-                        st.error(str(e))
+                # a callback: the click's own rerun already draws "Cancelling…" above (the flag is in the store)
+                st.button("Cancel training", icon=":material/stop:", on_click=_cancel_run, args=(ws, run_id),
+                          disabled=bool(run.get("cancel_requested")), help="Stops the worker at its next check "
+                          "point (killed after a few seconds if it does not stop).")
+                if "_cancel_error" in st.session_state:
+                    st.error(st.session_state.pop("_cancel_error"))
             elif status == "done":
                 s = run.get("summary") or {}
                 st.success(_done_text(run, task))

@@ -1,0 +1,90 @@
+"""The small sentences of issue 24's walk ("each a sentence a user read"): what the time left counts, what a
+click on Cancel shows at once, what the advisor claims, which version is the current one, and the report's words.
+
+Fast tier: plain functions and page runs (``AppTest``) on an empty workspace with a run or dataset made in place;
+no worker process starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from page_harness import (  # noqa: F401  (fixtures are used by name)
+    app,
+    assert_clean,
+    button,
+    empty_home,
+    no_workers,
+)
+from tl_core.share.progress import describe_progress
+from tl_core.storage.processes import identity
+
+EMOJI = os.path.join(os.path.dirname(__file__), "..", "sample_data", "emoji")
+
+
+# --------------------------------------------------------------------------------------------------
+# (1) the time left, and Cancel
+# --------------------------------------------------------------------------------------------------
+def _epochs(n: int, first: float = 30.0, rest: float = 10.0, val: float = 3.0) -> list[dict]:
+    """The probe's epoch 0 (a validation pass of ``val`` s), then ``n`` epochs: a slow first one, then ``rest`` s."""
+    out = [{"epoch": 0, "seconds": val, "probe": True, "best": True}]
+    for i in range(1, n + 1):
+        s = first if i == 1 else rest
+        out.append({"epoch": i, "seconds": s, "train_seconds": s - val, "best": False})
+    return out
+
+
+def test_time_left_counts_the_final_evaluation_and_paces_by_the_later_epochs():
+    # 3 of 8 epochs done (30 s, 10 s, 10 s); 5 to go at 10 s, then the final evaluation (a 3 s validation pass)
+    _, text = describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 8}, _epochs(3))
+    assert text.endswith("about 53 s left"), text
+    # inside epoch 4 of 8, halfway: 4.5 epochs at 10 s + 3 s; the engine's early step-rate (eta_s) is not used
+    _, text = describe_progress("running", {"stage": "train", "epoch": 4, "epochs": 8, "step": 5, "steps": 10,
+                                            "done": 35, "total": 80, "eta_s": 400}, _epochs(3))
+    assert text.endswith("about 48 s left"), text
+    # the first epoch has nothing better than the step rate: it gets the evaluations still to come added
+    _, text = describe_progress("running", {"stage": "train", "epoch": 1, "epochs": 2, "step": 5, "steps": 10,
+                                            "done": 5, "total": 20, "eta_s": 20}, _epochs(0))
+    assert text.endswith("about 26 s left"), text
+
+
+def test_time_left_says_when_early_stopping_may_end_the_run_sooner():
+    # best was the probe (epoch 0); patience 4 stops it after epoch 4 unless an epoch improves: 1 epoch + eval
+    _, text = describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 8}, _epochs(3), patience=4)
+    assert text.endswith("about 53 s left (13 s if early stopping ends it now)"), text
+    # no patience (0): no second figure
+    _, text = describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 8}, _epochs(3), patience=0)
+    assert "early stopping" not in text
+
+
+def test_evaluating_the_best_checkpoint_shows_the_time_it_takes(monkeypatch):
+    import time
+
+    monkeypatch.setattr(time, "time", lambda: 1000.0)
+    _, text = describe_progress("running", {"stage": "evaluate", "time": 999.0}, _epochs(2, val=9.0))
+    assert text == "Evaluating the best checkpoint · about 8 s left", text
+
+
+def test_a_pending_cancel_is_said_on_the_progress_line():
+    _, text = describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 8}, _epochs(3), cancelling=True)
+    assert text.startswith("Cancelling…") and "left" not in text
+
+
+def test_cancel_training_says_cancelling_on_the_click_itself(empty_home, no_workers):
+    ws = empty_home
+    store = ws.store()
+    run_id = store.create_run(os.path.abspath(EMOJI), {"backbone": "efficientnet_lite0", "strategy": "partial",
+                                                       "epochs": 8, "patience": 4}, status="running")
+    pid, start = identity()  # "its worker" is this live process: the page's recovery leaves the run running
+    store.update(run_id, pid=pid, pid_start=start, progress={"stage": "epoch", "epoch": 1, "epochs": 8})
+    at = app({"run": run_id})
+    at.switch_page("pages/train.py").run()
+    assert_clean(at)
+    assert not any("Cancelling" in p.proto.text for p in at.get("progress"))
+    button(at, "Cancel training").click().run()  # one rerun: the click's own
+    assert_clean(at)
+    assert any(p.proto.text.startswith("Cancelling…") for p in at.get("progress")), [p.proto.text for p in at.get("progress")]
+    assert store.get(run_id)["cancel_requested"]
+    assert button(at, "Cancel training").disabled
