@@ -88,3 +88,15 @@ def test_cancel_training_says_cancelling_on_the_click_itself(empty_home, no_work
     assert any(p.proto.text.startswith("Cancelling…") for p in at.get("progress")), [p.proto.text for p in at.get("progress")]
     assert store.get(run_id)["cancel_requested"]
     assert button(at, "Cancel training").disabled
+
+
+# --------------------------------------------------------------------------------------------------
+# (2) the advisor claims no reuse training does not make
+# --------------------------------------------------------------------------------------------------
+def test_the_advisor_does_not_promise_that_training_reuses_its_features(empty_home, no_workers):
+    at = app({"data": "sample/emoji"})
+    at.switch_page("pages/backbone.py").run()
+    assert_clean(at)
+    said = " ".join(c.value for c in at.caption)
+    assert "Before any training, each backbone looks at a sample" in said  # the advisor's section is drawn
+    assert "training computes its own" in said and "reuses" not in said, said
