@@ -100,3 +100,47 @@ def test_the_advisor_does_not_promise_that_training_reuses_its_features(empty_ho
     said = " ".join(c.value for c in at.caption)
     assert "Before any training, each backbone looks at a sample" in said  # the advisor's section is drawn
     assert "training computes its own" in said and "reuses" not in said, said
+
+
+# --------------------------------------------------------------------------------------------------
+# (4) the versions list: which one is current, and the expander stays open after Restore
+# --------------------------------------------------------------------------------------------------
+def _managed_emoji(ws) -> tuple[str, str, str]:
+    """A workspace copy of the emoji sample with two versions: (name, first id, second id)."""
+    from tl_core.data import versions
+
+    name, _ = versions.dataset_for_changes(ws, EMOJI)
+    first = versions.current_version(ws, name)
+    one = sorted(os.listdir(os.path.join(EMOJI, "animal")))[0]
+    second = versions.exclude_images(ws, name, [f"animal/{one}"], why="a test")["version"]
+    assert second != first
+    return name, first, second
+
+
+def test_the_versions_table_marks_the_current_version_and_its_earlier_twin(empty_home):
+    from pages._fix import history_rows
+    from tl_core.data import versions
+
+    name, first, second = _managed_emoji(empty_home)
+    versions.restore_version(empty_home, name, first)
+    rows = history_rows(versions.history(empty_home, name))
+    assert [(r["version"], r[""]) for r in rows] == [(first, "current"), (second, ""), (first, "same as current")]
+
+
+def test_the_versions_expander_stays_open_after_restore(empty_home, no_workers):
+    from tl_core.data import versions
+
+    name, first, second = _managed_emoji(empty_home)
+    at = app({"data": f"workspace/{name}"})
+    at.switch_page("pages/data.py").run()
+    assert_clean(at)
+    panel = next(e for e in at.expander if e.label.startswith(f"Versions of '{name}'"))
+    assert not panel.proto.expanded  # closed until used
+    at.selectbox(key=f"restore_pick_{name}").set_value(first).run()
+    button(at, "Restore").click().run()
+    assert_clean(at)
+    assert versions.current_version(empty_home, name) == first
+    panel = next(e for e in at.expander if e.label.startswith(f"Versions of '{name}'"))
+    assert panel.label == f"Versions of '{name}' (3)" and panel.proto.expanded
+    table = [d.value for d in at.dataframe if "change" in d.value.columns][0]
+    assert list(table[""]) == ["current", "", "same as current"]
