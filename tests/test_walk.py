@@ -144,3 +144,20 @@ def test_the_versions_expander_stays_open_after_restore(empty_home, no_workers):
     assert panel.label == f"Versions of '{name}' (3)" and panel.proto.expanded
     table = [d.value for d in at.dataframe if "change" in d.value.columns][0]
     assert list(table[""]) == ["current", "", "same as current"]
+
+
+# --------------------------------------------------------------------------------------------------
+# (7) a phone (390 px): a Start button above the settings
+# --------------------------------------------------------------------------------------------------
+def test_a_phone_gets_a_start_button_above_the_settings_that_starts_the_same_run(empty_home, no_workers):
+    at = app({"data": "sample/emoji"})
+    at.switch_page("pages/train.py").run()
+    assert_clean(at)
+    starts = [b for b in at.button if b.label == "Start training"]
+    assert [b.key for b in starts][0] == "start-phone" and len(starts) == 2  # the phone's first, then the usual one
+    css = " ".join(h.proto.body for h in at.get("html"))
+    assert ".st-key-phone-start{display:none}" in css and "@media (max-width:640px)" in css
+    at.button(key="start-phone").click().run()
+    assert_clean(at)
+    runs = empty_home.store().list()
+    assert len(runs) == 1 and runs[0]["config"]["strategy"] == "linear" and runs[0]["status"] == "queued"
