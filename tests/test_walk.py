@@ -161,3 +161,20 @@ def test_a_phone_gets_a_start_button_above_the_settings_that_starts_the_same_run
     assert_clean(at)
     runs = empty_home.store().list()
     assert len(runs) == 1 and runs[0]["config"]["strategy"] == "linear" and runs[0]["status"] == "queued"
+
+
+def test_side_by_side_chart_titles_fit_half_a_phone_screen():
+    from tl_core.share import figures
+
+    rows = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 1.1 / (e + 1), "train_acc": 0.5, "val_acc": 0.6}
+            for e in range(3)]
+    advice = [{"backbone": b, "logme": s, "probe_accuracy": 0.8, "knn_accuracy": 0.7}
+              for b, s in (("a", 1.0), ("b", 0.5))]
+    lab = [{"arm": "linear", "images_per_class": n, "train_images": 5 * n, "val_accuracy": 0.7, "seconds": 1.0}
+           for n in (5, 10)]
+    charts = [figures.training_curves({"run": rows}), figures.advisor_scores(advice), figures.learning_curve(lab, 5)]
+    for fig in charts:
+        titles = [a.text for a in fig.layout.annotations if a.yref == "paper" and a.text]
+        assert len(titles) >= 2
+        for t in titles:
+            assert max(len(line) for line in t.split("<br>")) <= figures.TITLE_LINE, t
