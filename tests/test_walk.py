@@ -178,3 +178,29 @@ def test_side_by_side_chart_titles_fit_half_a_phone_screen():
         assert len(titles) >= 2
         for t in titles:
             assert max(len(line) for line in t.split("<br>")) <= figures.TITLE_LINE, t
+
+
+def test_the_runs_table_has_a_heading_of_its_own_for_its_toolbar(empty_home, no_workers):
+    store = empty_home.store()
+    store.create_run(os.path.abspath(EMOJI), {"backbone": "efficientnet_lite0", "strategy": "linear"}, status="failed")
+    at = app()
+    at.switch_page("pages/runs.py").run()
+    assert_clean(at)
+    order: list[str] = []
+
+    def walk(node) -> None:  # the page's elements in order; an expander as one
+        for child in getattr(node, "children", {}).values():
+            kind = getattr(child, "type", None)
+            if kind == "expander":
+                order.append("expander")
+            elif kind in ("subheader", "dataframe", "markdown", "header", "title", "caption"):
+                order.append(kind)
+            else:
+                walk(child)
+
+    walk(at.main)
+    assert "dataframe" in order, order
+    table = order.index("dataframe")
+    # the table's toolbar floats over the element before it: a heading, never the Cache expander
+    assert order[table - 1] == "subheader", order
+    assert any(h.value == "All runs (1)" for h in at.subheader)
