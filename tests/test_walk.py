@@ -40,10 +40,11 @@ def test_time_left_counts_the_final_evaluation_and_paces_by_the_later_epochs():
     # 3 of 8 epochs done (30 s, 10 s, 10 s); 5 to go at 10 s, then the final evaluation (a 3 s validation pass)
     _, text = describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 8}, _epochs(3))
     assert text.endswith("about 53 s left"), text
-    # inside epoch 4 of 8, halfway: 4.5 epochs at 10 s + 3 s; the engine's early step-rate (eta_s) is not used
+    # inside epoch 4 of 8: the engine's steps left (its pace this epoch, 40 s), then a validation pass after each
+    # of the 5 epochs still running (epoch 4's included), the last being the final evaluation
     _, text = describe_progress("running", {"stage": "train", "epoch": 4, "epochs": 8, "step": 5, "steps": 10,
-                                            "done": 35, "total": 80, "eta_s": 400}, _epochs(3))
-    assert text.endswith("about 48 s left"), text
+                                            "done": 35, "total": 80, "eta_s": 40}, _epochs(3))
+    assert text.endswith("about 55 s left"), text
     # the first epoch has nothing better than the step rate: it gets the evaluations still to come added
     _, text = describe_progress("running", {"stage": "train", "epoch": 1, "epochs": 2, "step": 5, "steps": 10,
                                             "done": 5, "total": 20, "eta_s": 20}, _epochs(0))

@@ -98,17 +98,18 @@ def _time_left(stage: str, p: dict[str, Any], epochs: Sequence[dict[str, Any]],
     """Seconds left for a fine-tuning run (and, where early stopping may end it sooner, the seconds left if it
     does so at the first chance), or the engine's ``eta_s`` for another stage; None when unknown.
 
-    Whole epochs finished so far are the clock (each with its validation pass; the first epoch, which warms the
-    loaders and caches up, only while it is the only one): a step-rate from the first steps overshoots 2-4x.
-    The final "Evaluating the best checkpoint" is one more validation pass, timed by the probe's epoch 0 (or an
-    epoch's seconds beyond its training pass).
+    Inside an epoch the engine's ``eta_s`` (the pace of this epoch's steps after its first) counts the training
+    steps; between epochs the finished epochs are the pace (the first, which warms the loaders and caches up, only
+    while it is the only one). Added to either: a validation pass after each epoch still to come, and the final
+    "Evaluating the best checkpoint", one more (timed by the last epoch's seconds beyond its training pass, else
+    by the probe's epoch 0).
     """
     eta = p.get("eta_s")
     tuned = [e for e in epochs if not e.get("probe")]
-    evals = [float(e["seconds"]) for e in epochs if e.get("probe") and e.get("seconds") is not None]
-    evals += [float(e["seconds"]) - float(e["train_seconds"]) for e in tuned
-              if e.get("seconds") is not None and e.get("train_seconds") is not None]
-    eval_s = sum(evals) / len(evals) if evals else 0.0
+    evals = [float(e["seconds"]) - float(e["train_seconds"]) for e in tuned
+             if e.get("seconds") is not None and e.get("train_seconds") is not None]
+    evals = evals or [float(e["seconds"]) for e in epochs if e.get("probe") and e.get("seconds") is not None]
+    eval_s = evals[-1] if evals else 0.0
     if stage == "evaluate":
         return (max(0.0, eval_s - (time.time() - float(p["time"]))) if evals and p.get("time") else None), None
     if stage not in ("epoch", "train") or not p.get("epochs"):
@@ -117,30 +118,29 @@ def _time_left(stage: str, p: dict[str, Any], epochs: Sequence[dict[str, Any]],
     secs = [float(e.get("seconds") or 0) for e in tuned]
     if len(secs) > 1:
         secs = secs[1:]  # the first epoch warms up: later ones are the pace
-    if stage == "train":  # inside epoch `epoch`: what is left of it, then the epochs after it
+    per_epoch = sum(secs) / len(secs) if secs else None
+    if stage == "train":  # inside epoch `epoch`: its steps left and those of the epochs after it, then validations
         ep = int(p.get("epoch") or 1)
         steps, step = int(p.get("steps") or 0), int(p.get("step") or 0)
-        left_in_epoch = 1.0 - (step / steps if steps else 0.0)
-        if secs:
-            per_epoch = sum(secs) / len(secs)
-            left_epochs = total_ep - ep + left_in_epoch
-        elif eta is not None:  # the first epoch: the engine's step rate is all there is
-            return float(eta) + eval_s * (total_ep - ep + 1), None
+        left_epochs = total_ep - ep + 1.0 - (step / steps if steps else 0.0)
+        if eta is not None:
+            left = float(eta) + eval_s * (total_ep - ep + 1)
+        elif per_epoch is not None:
+            left = per_epoch * left_epochs + eval_s
         else:
             return None
     else:  # between epochs: `epoch` finished
         ep = int(p.get("epoch") or 0)
-        if not secs:
+        if per_epoch is None:
             return None
-        per_epoch = sum(secs) / len(secs)
         left_epochs = float(total_ep - ep)
-    left = per_epoch * left_epochs + eval_s
+        left = per_epoch * left_epochs + eval_s
     best = [int(e["epoch"]) for e in epochs if e.get("best")]
-    if patience and best:
+    if patience and best and per_epoch is not None:
         stop_at = max(best) + patience  # no better epoch from here: the last epoch it runs
         if stop_at < total_ep:
-            sooner = per_epoch * max(0.0, left_epochs - (total_ep - stop_at)) + eval_s
-            return left, (sooner if sooner < left - 1 else None)
+            sooner = left - per_epoch * (total_ep - stop_at)
+            return left, (max(eval_s, sooner) if sooner < left - 1 else None)
     return left, None
 
 
