@@ -205,3 +205,16 @@ def test_the_runs_table_has_a_heading_of_its_own_for_its_toolbar(empty_home, no_
     # the table's toolbar floats over the element before it: a heading, never the Cache expander
     assert order[table - 1] == "subheader", order
     assert any(h.value == "All runs (1)" for h in at.subheader)
+
+
+# --------------------------------------------------------------------------------------------------
+# (3) already true before this branch: Home names the backbone the shown run used; Runs names its clock
+# --------------------------------------------------------------------------------------------------
+def test_home_says_which_backbone_the_shown_run_used_beside_the_default(empty_home, no_workers):
+    run_id = empty_home.store().create_run(os.path.abspath(EMOJI), {"backbone": "efficientnet_lite1",
+                                                                    "strategy": "linear"}, status="failed")
+    at = app({"run": run_id})
+    assert_clean(at)
+    text = " ".join(m.value for m in at.markdown)
+    assert "Not chosen: the next run uses the default efficientnet_lite0" in text
+    assert f"Run {run_id} used efficientnet_lite1." in text
