@@ -155,7 +155,7 @@ def history_rows(hist: list[dict[str, Any]]) -> list[dict[str, Any]]:
     is marked "current", and an older row with the same id "same as current" (the same images, not a copy).
     """
     now = hist[0]["version"] if hist else None
-    return [{"": ("current" if i == 0 else "same as current" if h["version"] == now else ""),
+    return [{"state": ("current" if i == 0 else "same as current" if h["version"] == now else ""),
              "version": h["version"], "when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["when"])),
              "change": h["change"], "images": h["counts"]["images"], "excluded": h["counts"]["excluded"],
              "classes": len(h["counts"]["classes"])} for i, h in enumerate(hist)]

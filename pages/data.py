@@ -407,7 +407,8 @@ def versions_panel(ws, ref: str) -> None:
         st.caption("Every change (an image excluded, moved to another class, images added) is a new version; runs "
                    "record the version they trained on. Nothing is deleted: restore any version. A version's id "
                    "is a fingerprint of its images and labels: a restore brings an earlier id back.")
-        st.dataframe(pd.DataFrame(fixes.history_rows(hist)), hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame(fixes.history_rows(hist)), hide_index=True, width="stretch",
+                     column_config={"state": st.column_config.TextColumn(width="small")})
         older = list(dict.fromkeys(h["version"] for h in hist[1:] if h["version"] != hist[0]["version"]))
         if older:
             c1, c2 = st.columns([3, 1], vertical_alignment="bottom")

@@ -125,7 +125,7 @@ def test_the_versions_table_marks_the_current_version_and_its_earlier_twin(empty
     name, first, second = _managed_emoji(empty_home)
     versions.restore_version(empty_home, name, first)
     rows = history_rows(versions.history(empty_home, name))
-    assert [(r["version"], r[""]) for r in rows] == [(first, "current"), (second, ""), (first, "same as current")]
+    assert [(r["version"], r["state"]) for r in rows] == [(first, "current"), (second, ""), (first, "same as current")]
 
 
 def test_the_versions_expander_stays_open_after_restore(empty_home, no_workers):
@@ -144,7 +144,7 @@ def test_the_versions_expander_stays_open_after_restore(empty_home, no_workers):
     panel = next(e for e in at.expander if e.label.startswith(f"Versions of '{name}'"))
     assert panel.label == f"Versions of '{name}' (3)" and panel.proto.expanded
     table = [d.value for d in at.dataframe if "change" in d.value.columns][0]
-    assert list(table[""]) == ["current", "", "same as current"]
+    assert list(table["state"]) == ["current", "", "same as current"]
 
 
 # --------------------------------------------------------------------------------------------------
