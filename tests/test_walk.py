@@ -218,3 +218,13 @@ def test_home_says_which_backbone_the_shown_run_used_beside_the_default(empty_ho
     text = " ".join(m.value for m in at.markdown)
     assert "Not chosen: the next run uses the default efficientnet_lite0" in text
     assert f"Run {run_id} used efficientnet_lite1." in text
+
+
+def test_the_end_of_a_run_says_which_pass_it_is_in_and_its_time_left():
+    # the open-set bank's pass counts its images: its own time left, in its own words
+    _, text = describe_progress("running", {"stage": "evaluate", "message": "Recording the training images' features "
+                                            "(open-set score)", "done": 40, "total": 160, "eta_s": 30}, _epochs(2))
+    assert text == "Recording the training images' features (open-set score): 40/160 images · about 30 s left", text
+    # nothing to time it by (no epoch yet, no time recorded): no figure, and no error
+    _, text = describe_progress("running", {"stage": "evaluate", "message": "Evaluating the best checkpoint"})
+    assert text == "Evaluating the best checkpoint", text

@@ -70,6 +70,8 @@ def describe_progress(status: str, progress: dict[str, Any] | None,
     if status in ("failed", "cancelled", "interrupted"):
         return 0.0, status.capitalize()
     text = _STAGES.get(stage, stage.capitalize() or "Starting")
+    if stage == "evaluate" and p.get("message"):  # which pass of the end: the best checkpoint, the open-set bank
+        text = str(p["message"])
     frac = 0.0
     if stage in ("epoch", "train", "probe") and p.get("epochs"):
         ep, total_ep = int(p.get("epoch") or 0), int(p["epochs"])
@@ -111,7 +113,11 @@ def _time_left(stage: str, p: dict[str, Any], epochs: Sequence[dict[str, Any]],
     evals = evals or [float(e["seconds"]) for e in epochs if e.get("probe") and e.get("seconds") is not None]
     eval_s = evals[-1] if evals else 0.0
     if stage == "evaluate":
-        return (max(0.0, eval_s - (time.time() - float(p["time"]))) if evals and p.get("time") else None), None
+        if eta is not None:  # a pass that counts its images (the open-set bank's)
+            return float(eta), None
+        if not evals or not p.get("time"):
+            return None
+        return max(0.0, eval_s - (time.time() - float(p["time"]))), None
     if stage not in ("epoch", "train") or not p.get("epochs"):
         return (float(eta), None) if eta is not None else None
     total_ep = int(p["epochs"])
