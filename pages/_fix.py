@@ -146,3 +146,26 @@ def fixable_images(ws, data: str, items: list[dict[str, Any]], classes: list[str
                 st.image(it["path"], width=width, caption=it["caption"])
                 image_actions(ws, data, it["path"], it["label"], classes, where if n == 1 else f"{where}#{n}", rows,
                               it.get("suggested"), it.get("why"), follow)
+
+
+def history_rows(hist: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The versions table of a dataset (``versions.history``, newest first), one row per change.
+
+    A version id is a fingerprint of the images and labels, so a restore brings an earlier id back: the newest row
+    is marked "current", and an older row with the same id "same as current" (the same images, not a copy).
+    """
+    now = hist[0]["version"] if hist else None
+    return [{"state": ("current" if i == 0 else "same as current" if h["version"] == now else ""),
+             "version": h["version"], "when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["when"])),
+             "change": h["change"], "images": h["counts"]["images"], "excluded": h["counts"]["excluded"],
+             "classes": len(h["counts"]["classes"])} for i, h in enumerate(hist)]
+
+
+def keep_versions_open(name: str) -> None:
+    """Remember that the versions of ``name`` were used (a Restore): their expander stays open on the reruns."""
+    st.session_state[f"_versions_open_{name}"] = True
+
+
+def versions_open(name: str) -> bool:
+    """Whether the versions expander of ``name`` opens expanded (it was used in this session)."""
+    return bool(st.session_state.get(f"_versions_open_{name}"))

@@ -143,6 +143,15 @@ def task_view(ws: Workspace, kind: str, params: dict[str, Any], label: str, *, b
     return None
 
 
+def _cancel(ws: Workspace, task_id: str, key: str) -> None:
+    """Cancel button callback: ask the task to stop and remember it, so the page says "Cancelling…" at once."""
+    try:
+        tasks.cancel(ws, task_id, actor=access.actor())
+        st.session_state[f"{key}-cancelling"] = task_id
+    except TLError as e:  # another project's or another user's task (tl_core.access)
+        st.session_state[f"{key}-cancel-error"] = str(e)
+
+
 def _live(ws: Workspace, task_id: str, label: str, key: str, poll_s: float,
           describe: Callable[[Task], tuple[float, str]] | None, compact: bool = False) -> None:
     """Queue position or progress of an active task, with Cancel; polled until it ends, then the page redraws."""
@@ -158,17 +167,18 @@ def _live(ws: Workspace, task_id: str, label: str, key: str, poll_s: float,
                 st.progress(0.0, text=f"{label} · {tasks.describe_wait(ws, t)}")
             else:
                 frac, text = describe(t) if describe else task_progress(t.progress, label)
+                if st.session_state.get(f"{key}-cancelling") == t.id:  # asked: say so until it stops
+                    text = f"Cancelling… (was: {text}); it stops at its next check point"
                 st.progress(frac, text=f"{text} · {t.total_s:.0f} s since the click")
             if compact:
                 return
             c1, c2 = st.columns([1, 4], vertical_alignment="center")
-            if c1.button("Cancel", key=f"{key}-cancel", icon=":material/stop:",
-                         help="Stops it (for everyone who asked for the same result)."):
-                try:
-                    tasks.cancel(ws, t.id, actor=access.actor())
-                    st.toast(f"Cancelling: {label.lower()}…")
-                except TLError as e:  # another project's or another user's task (tl_core.access)
-                    st.error(str(e))
+            # a callback: the click's own rerun already draws "Cancelling…" above
+            c1.button("Cancel", key=f"{key}-cancel", icon=":material/stop:", on_click=_cancel, args=(ws, t.id, key),
+                      disabled=st.session_state.get(f"{key}-cancelling") == t.id,
+                      help="Stops it (for everyone who asked for the same result).")
+            if f"{key}-cancel-error" in st.session_state:
+                st.error(st.session_state.pop(f"{key}-cancel-error"))
             c2.caption("This runs on the server, not in your browser: you may switch pages or refresh and come "
                        "back to it.")
 

@@ -112,7 +112,7 @@ def advisor_section(ws, rows: list[dict]) -> bool:
         session.link("data", "Go to Data", ":material/folder_open:")
         return False
     st.caption(f"Before any training, each backbone looks at a sample of **{path.name}** once (features are cached, "
-               "so training the chosen one later reuses them). They are ranked by **LogME**, a transferability "
+               "so comparing again is quick; training computes its own). They are ranked by **LogME**, a transferability "
                "score: how well a simple linear model can explain your labels from the backbone's features. A quick "
                "linear probe and a k-nearest-neighbour check on held-out images confirm the ranking.")
     offline = [r["name"] for r in rows if r["available_offline"]]
@@ -158,8 +158,9 @@ def advisor_section(ws, rows: list[dict]) -> bool:
                                                "evidence per image of a Bayesian linear model from the features to "
                                                "your labels. Higher is better; compare within one dataset only."),
         "LEEP": st.column_config.NumberColumn(format="%.3f", help="Log expected empirical prediction (Nguyen et al., "
-                                              "2020) of the ImageNet head: another transferability score (closer to "
-                                              "0 is better)."),
+                                              "2020): how well the ImageNet head's own 1000-class guesses predict "
+                                              "your labels (closer to 0 is better). It judges the head, not the "
+                                              "features, so it may rank differently; the ranking is by LogME."),
         "probe accuracy": st.column_config.NumberColumn(format="percent", help="Validation accuracy of a linear "
                                                         "probe (logistic regression) fitted on the training part of "
                                                         "the sample."),

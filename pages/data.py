@@ -430,6 +430,7 @@ def _delete(ws, name: str) -> None:
 
 def _restore(ws, name: str, version: str) -> None:
     """Button callback: make the chosen earlier version the current one."""
+    fixes.keep_versions_open(name)  # the expander's label changes (one more version): keep it open
     try:
         entry = versions.restore_version(ws, name, version)
     except DatasetError as e:
@@ -449,13 +450,13 @@ def versions_panel(ws, ref: str) -> None:
     if not versions.is_managed(ws, name):
         return
     hist = versions.history(ws, name)
-    with st.expander(f"Versions of '{name}' ({len(hist)})", icon=":material/history:"):
+    with st.expander(f"Versions of '{name}' ({len(hist)})", icon=":material/history:",
+                     expanded=fixes.versions_open(name)):
         st.caption("Every change (an image excluded, moved to another class, images added) is a new version; runs "
-                   "record the version they trained on. Nothing is deleted: restore any version.")
-        st.dataframe(pd.DataFrame([{
-            "version": h["version"], "when": pd.Timestamp(h["when"], unit="s").strftime("%Y-%m-%d %H:%M:%S"),
-            "change": h["change"], "images": h["counts"]["images"], "excluded": h["counts"]["excluded"],
-            "classes": len(h["counts"]["classes"])} for h in hist]), hide_index=True, width="stretch")
+                   "record the version they trained on. Nothing is deleted: restore any version. A version's id "
+                   "is a fingerprint of its images and labels: a restore brings an earlier id back.")
+        st.dataframe(pd.DataFrame(fixes.history_rows(hist)), hide_index=True, width="stretch",
+                     column_config={"state": st.column_config.TextColumn(width="small")})
         older = list(dict.fromkeys(h["version"] for h in hist[1:] if h["version"] != hist[0]["version"]))
         if older:
             c1, c2 = st.columns([3, 1], vertical_alignment="bottom")

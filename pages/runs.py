@@ -230,6 +230,9 @@ with session.page_errors():
     rows.insert(at, "Val 95% CI", [_ci_text((r.get("summary") or {}).get("val_accuracy_ci")) for r in runs])
     rows.insert(at + 1, "CV accuracy", [((r.get("summary") or {}).get("cv_estimate") or {}).get("accuracy")
                                          for r in runs])
+    # a heading of its own: the table's toolbar (search, download, full screen) shows over the line above the
+    # table, which must not be the Cache expander's (on a phone the toolbar covered it)
+    st.subheader(f"All runs ({len(runs)})")
     st.dataframe(rows, hide_index=True, width="stretch", placeholder=MISSING, column_config={
         "Val accuracy": st.column_config.NumberColumn(format="percent", help="Accuracy on the validation images."),
         "Val 95% CI": st.column_config.TextColumn(help="Where the validation accuracy would likely fall on more "

@@ -151,6 +151,12 @@ def augmentation_preview(ws, path, rep: dict, backbone: str, preset: str, seed: 
         st.caption("Rows, top to bottom: " + ", ".join(f"`{item['name']}`" for item in res) + ".")
 
 
+#: The phone's own Start button (container key ``phone-start``) shows on narrow screens only (Streamlit's columns
+#: stack below 640 px).
+_PHONE_CSS = ("<style>.st-key-phone-start{display:none}"
+              "@media (max-width:640px){.st-key-phone-start{display:block}}</style>")
+
+
 def settings_form(ws, path) -> None:
     """The training settings (generated from the config's fields) and the Start button."""
     backbone = session.get("backbone", session.DEFAULT_BACKBONE)
@@ -161,6 +167,10 @@ def settings_form(ws, path) -> None:
                 + ("" if weights == "auto" else f" with local weights `{weights.rsplit('/', 1)[-1]}`")
                 + f" · **Device (auto):** {describe_auto_device()}")
 
+    # a phone (a narrow screen) shows the settings one under the other, the Start button far below them: it gets
+    # one here too, above the settings (with the choices as they are), hidden on wider screens
+    st.html(_PHONE_CSS)
+    phone_slot = st.container(key="phone-start")
     keys = list(STRATEGIES)
     strategy = session.keep("strategy", st.radio(
         "Strategy", keys, key=session.remember("strategy", "linear"),
@@ -191,8 +201,11 @@ def settings_form(ws, path) -> None:
             for col, spec in zip(row, advanced[start:start + 4]):
                 values[spec.name] = field_widget(spec, strategy, col)
 
+    with phone_slot:
+        early = st.button("Start training", type="primary", icon=":material/play_arrow:", key="start-phone",
+                          help="The settings below as they are (the linear probe unless you chose otherwise).")
     with start_slot:
-        if st.button("Start training", type="primary", icon=":material/play_arrow:"):
+        if st.button("Start training", type="primary", icon=":material/play_arrow:") or early:
             # settings the strategy does not use keep their defaults (the saved config stays honest)
             used = {k: v for k, v in values.items()
                     if strategy in next(f for f in FIELDS if f.name == k).strategies}
@@ -241,6 +254,14 @@ def _done_text(run: dict, task: tasks.Task | None) -> str:
             + test + (f" {features}." if features else "") + (f" Auto: {auto}" if auto else ""))
 
 
+def _cancel_run(ws, run_id: str) -> None:
+    """Cancel button callback: ask the run to stop (before the page redraws, so it says "Cancelling…" at once)."""
+    try:
+        tasks.cancel_run(ws, run_id, actor=access.actor())
+    except AccessError as e:
+        st.session_state["_cancel_error"] = str(e)
+
+
 def run_panel(ws, run_id: str) -> None:
     """The current run, polled from the store every second while it is queued or running."""
     store = ws.store()
@@ -271,15 +292,16 @@ def run_panel(ws, run_id: str) -> None:
                 if status == "queued" and task is not None and task.status == "queued":
                     st.progress(0.0, text=tasks.describe_wait(ws, task))
                 else:
-                    frac, text = describe_progress(status, run.get("progress"), epochs)
+                    frac, text = describe_progress(status, run.get("progress"), epochs,
+                                                   cancelling=run.get("cancel_requested", False),
+                                                   patience=cfg.get("patience"))
                     st.progress(frac, text=f"{text} · {since:.0f} s since the click")
-                if st.button("Cancel training", icon=":material/stop:", help="Stops the worker at its next check "
-                             "point (killed after a few seconds if it does not stop)."):
-                    try:
-                        tasks.cancel_run(ws, run_id, actor=access.actor())
-                        st.toast("Cancelling…")
-                    except AccessError as e:
-                        st.error(str(e))
+                # a callback: the click's own rerun already draws "Cancelling…" above (the flag is in the store)
+                st.button("Cancel training", icon=":material/stop:", on_click=_cancel_run, args=(ws, run_id),
+                          disabled=bool(run.get("cancel_requested")), help="Stops the worker at its next check "
+                          "point (killed after a few seconds if it does not stop).")
+                if "_cancel_error" in st.session_state:
+                    st.error(st.session_state.pop("_cancel_error"))
             elif status == "done":
                 s = run.get("summary") or {}
                 st.success(_done_text(run, task))

@@ -1,7 +1,8 @@
 """Backbone advisor and domain-gap hint: which pretrained backbone suits this dataset, before any training.
 
 Each candidate backbone embeds a stratified sample of the dataset once (through the shared feature
-cache, so the chosen backbone's later training reuses the work). The ranking is by **LogME** (You et al.,
+cache, so comparing again is quick; training computes its own features, of every image and in the variant its
+strategy chooses, and does not count on these). The ranking is by **LogME** (You et al.,
 "LogME: Practical Assessment of Pre-trained Models for Transfer Learning", ICML 2021): the log marginal
 evidence of a Bayesian linear model from the features to the one-hot labels, averaged over classes and
 per image; higher means the labels are easier to explain linearly from the features. **LEEP** (Nguyen
@@ -420,7 +421,10 @@ def advise(data: str | os.PathLike | Dataset, backbones: Sequence[str] | None = 
         "max_per_class": max_per_class,
         "seconds": round(time.perf_counter() - t_all, 3),
         "method": "Ranked by LogME (You et al., ICML 2021) on frozen features of the training part; confirmed by "
-                  "a linear probe (logistic regression, C=1) and a cosine k-NN on the validation part.",
+                  "a linear probe (logistic regression, C=1) and a cosine k-NN on the validation part. LEEP (Nguyen et "
+                  "al., ICML 2020) scores how well the ImageNet head's own 1000-class guesses predict your labels: "
+                  "it judges the pretrained head, not the features a new last layer learns from, so it may rank "
+                  "the backbones differently and does not set the ranking.",
     }
 
 

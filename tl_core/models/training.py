@@ -385,11 +385,18 @@ def finetune(model: nn.Module, split: Split, classes: list[str], pre: Preprocess
         if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
 
+        first_step_done = [0.0]
+
         def on_step(step: int, steps: int, loss: float, epoch: int = epoch) -> None:
             done = (epoch - 1) * steps + step
-            elapsed = time.perf_counter() - t_start
+            now = time.perf_counter()
+            if step == 1:
+                first_step_done[0] = now
+            # the pace of this epoch's steps after its first (loaders and caches warm up in the first steps of a
+            # run: a rate over them overshoots the time left 2-4x); validation passes are the page's to add
+            per_step = ((now - first_step_done[0]) / (step - 1) if step > 1 else (now - t_start) / done)
             emit({"stage": "train", "epoch": epoch, "epochs": cfg.epochs, "step": step, "steps": steps,
-                  "loss": loss, "done": done, "total": total, "eta_s": elapsed / done * (total - done)})
+                  "loss": loss, "done": done, "total": total, "eta_s": per_step * (total - done)})
 
         m = train_one_epoch(net, train_loader, opt, sched, loss_fn, frozen, on_step, should_cancel, rt)
         m["train_seconds"] = time.perf_counter() - t0  # the training pass alone (benchmarks/run.py row 3)

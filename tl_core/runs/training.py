@@ -519,9 +519,13 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         # cache (it is keyed by the pretrained weights, and these are not theirs)
         emit({"stage": "evaluate", "message": "Recording the training images' features (open-set score)"})
         keep = bank_indices([i.label for i in split.train], seed=cfg.seed)
-        bank_feats, bank_style = extract_features(model, [split.train[k] for k in keep], pre, decoded, None,
-                                                  batch_size=EVAL_BATCH, should_cancel=local_cancel, runtime=one,
-                                                  style=DEFAULT_STYLE)
+        t_bank = time.perf_counter()
+        bank_feats, bank_style = extract_features(
+            model, [split.train[k] for k in keep], pre, decoded, None, batch_size=EVAL_BATCH,
+            progress=lambda d, t: emit({"stage": "evaluate", "message": "Recording the training images' features "
+                                        "(open-set score)", "done": d, "total": t,
+                                        "eta_s": (time.perf_counter() - t_bank) / max(d, 1) * (t - d)}),
+            should_cancel=local_cancel, runtime=one, style=DEFAULT_STYLE)
         open_set = _open_set(bank_feats, val_feats, model, [split.train[k] for k in keep], ds.root, bank_style,
                              val_style)
         test_logits = logits_of_items(model, test_items, pre, decoded, batch_size=EVAL_BATCH,

@@ -19,6 +19,10 @@ _COLORS = qualitative.Plotly
 #   a band for it above the (subplot) titles, and a little room even on charts with nothing above the plot;
 # - the legend sits below everything, at the bottom of the figure (``yref="container"``), with a bottom margin
 #   that holds the tick labels, the x-axis title and the legend's rows: never over the axis title.
+# - Subplot titles are two short lines (at most :data:`TITLE_LINE` characters each): side by side on a phone
+#   (390 px) each subplot is about 170 px wide, and a longer line is clipped at the chart's edge.
+#: The most characters one line of a subplot title has (see above).
+TITLE_LINE = 21
 _TOP_TITLED = 64  # a chart with (subplot) titles or annotations above the plot
 _TOP_PLAIN = 36  # nothing above the plot: room for the modebar only
 _AXIS_BAND = 62  # tick labels and the x-axis title below the plot
@@ -62,7 +66,7 @@ def training_curves(series: Mapping[str, Sequence[Mapping[str, Any]]], x_title: 
         x_title: what one step is: ``"epoch"`` for fine-tuning, ``"solver round"`` for a linear probe
             (its rows are rounds of L-BFGS iterations, see :mod:`tl_core.models.probe`).
     """
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss (lower is better)", "Accuracy (higher is better)"),
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss<br>(lower is better)", "Accuracy<br>(higher is better)"),
                         horizontal_spacing=0.08)
     for n, (name, rows) in enumerate(series.items()):
         color = _COLORS[n % len(_COLORS)]
@@ -125,8 +129,8 @@ def advisor_scores(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     """Per backbone: the transferability score (LogME) and the quick probe / k-NN accuracies."""
     names = [r["backbone"] for r in rows]
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
-                        subplot_titles=("Transferability (LogME, higher is better)",
-                                        "Quick accuracy on validation images"))
+                        subplot_titles=("LogME transferability<br>(higher is better)",
+                                        "Quick accuracy on<br>validation images"))
     # LogME is often negative and only its order matters: dots (not bars from 0, which read upside down)
     scores = [r["logme"] for r in rows]
     spread = (max(scores) - min(scores)) or abs(max(scores)) or 1.0
@@ -265,7 +269,7 @@ ARM_NAMES = {"linear": "pretrained, linear probe", "finetune": "pretrained, fine
 def learning_curve(rows: Sequence[Mapping[str, Any]], n_classes: int) -> go.Figure:
     """Validation accuracy against images per class, one line per lab arm; time taken beside it."""
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.1,
-                        subplot_titles=("Validation accuracy (higher is better)", "Time taken (seconds)"))
+                        subplot_titles=("Validation accuracy<br>(higher is better)", "Time taken<br>(seconds)"))
     arms = [a for a in ARM_NAMES if any(r["arm"] == a for r in rows)]
     sizes = sorted({r["images_per_class"] for r in rows})
     for n, arm in enumerate(arms):

@@ -46,11 +46,22 @@ def duration_text(seconds: float) -> str:
 
 
 def describe_progress(status: str, progress: dict[str, Any] | None,
-                      epochs: Sequence[dict[str, Any]] = ()) -> tuple[float, str]:
+                      epochs: Sequence[dict[str, Any]] = (), cancelling: bool = False,
+                      patience: int | None = None) -> tuple[float, str]:
     """A progress fraction (0-1) and one line of text (stage, counts, time left) for a run.
 
-    The time left is the engine's ``eta_s`` when the stage gives one, otherwise estimated from the mean
-    epoch time (linear probe epochs can stop early, so it is an upper bound).
+    The time left counts what is still to come, the final evaluation of the best checkpoint included
+    (:func:`_time_left`). While a cancel is pending the line says so at once: the worker stops at its next check
+    point, a few seconds later.
+
+    Args:
+        status: the run's status.
+        progress: the run's last progress event (``stage``, counts, ``eta_s``).
+        epochs: the run's epoch records so far (epoch 0: the probe fine-tuning starts from).
+        cancelling: a cancel was asked for and the run has not stopped yet.
+        patience: the run's early-stopping patience (its config), to say when it may end sooner.
+    Returns:
+        (fraction done, the line).
     """
     p = progress or {}
     stage = p.get("stage", "queued" if status == "queued" else "")
@@ -59,8 +70,9 @@ def describe_progress(status: str, progress: dict[str, Any] | None,
     if status in ("failed", "cancelled", "interrupted"):
         return 0.0, status.capitalize()
     text = _STAGES.get(stage, stage.capitalize() or "Starting")
+    if stage == "evaluate" and p.get("message"):  # which pass of the end: the best checkpoint, the open-set bank
+        text = str(p["message"])
     frac = 0.0
-    eta = p.get("eta_s")
     if stage in ("epoch", "train", "probe") and p.get("epochs"):
         ep, total_ep = int(p.get("epoch") or 0), int(p["epochs"])
         if stage == "train" and p.get("total"):
@@ -68,18 +80,74 @@ def describe_progress(status: str, progress: dict[str, Any] | None,
         else:
             frac = ep / max(1, total_ep)
         text += f": epoch {ep}/{total_ep}"
-        if eta is None and epochs:
-            secs = [float(e.get("seconds") or 0) for e in epochs if not e.get("probe")]  # epoch 0: the probe
-            if secs:
-                eta = sum(secs) / len(secs) * (total_ep - ep)
     elif p.get("total"):
         frac = float(p.get("done", 0)) / float(p["total"])
         text += f": {p.get('done', 0)}/{p['total']} images"
     elif stage == "evaluate":
         frac = 1.0
+    if cancelling and status in ("running", "queued"):
+        return min(1.0, max(0.0, frac)), f"Cancelling… (was: {text}); it stops at its next check point"
+    eta = _time_left(stage, p, epochs, int(patience or 0))
     if eta is not None and status == "running":
-        text += f" · about {duration_text(float(eta))} left"
+        text += f" · about {duration_text(eta[0])} left"
+        if eta[1] is not None:
+            text += f" ({duration_text(eta[1])} if early stopping ends it now)"
     return min(1.0, max(0.0, frac)), text
+
+
+def _time_left(stage: str, p: dict[str, Any], epochs: Sequence[dict[str, Any]],
+               patience: int = 0) -> tuple[float, float | None] | None:
+    """Seconds left for a fine-tuning run (and, where early stopping may end it sooner, the seconds left if it
+    does so at the first chance), or the engine's ``eta_s`` for another stage; None when unknown.
+
+    Inside an epoch the engine's ``eta_s`` (the pace of this epoch's steps after its first) counts the training
+    steps; between epochs the finished epochs are the pace (the first, which warms the loaders and caches up, only
+    while it is the only one). Added to either: a validation pass after each epoch still to come, and the final
+    "Evaluating the best checkpoint", one more (timed by the last epoch's seconds beyond its training pass, else
+    by the probe's epoch 0).
+    """
+    eta = p.get("eta_s")
+    tuned = [e for e in epochs if not e.get("probe")]
+    evals = [float(e["seconds"]) - float(e["train_seconds"]) for e in tuned
+             if e.get("seconds") is not None and e.get("train_seconds") is not None]
+    evals = evals or [float(e["seconds"]) for e in epochs if e.get("probe") and e.get("seconds") is not None]
+    eval_s = evals[-1] if evals else 0.0
+    if stage == "evaluate":
+        if eta is not None:  # a pass that counts its images (the open-set bank's)
+            return float(eta), None
+        if not evals or not p.get("time"):
+            return None
+        return max(0.0, eval_s - (time.time() - float(p["time"]))), None
+    if stage not in ("epoch", "train") or not p.get("epochs"):
+        return (float(eta), None) if eta is not None else None
+    total_ep = int(p["epochs"])
+    secs = [float(e.get("seconds") or 0) for e in tuned]
+    if len(secs) > 1:
+        secs = secs[1:]  # the first epoch warms up: later ones are the pace
+    per_epoch = sum(secs) / len(secs) if secs else None
+    if stage == "train":  # inside epoch `epoch`: its steps left and those of the epochs after it, then validations
+        ep = int(p.get("epoch") or 1)
+        steps, step = int(p.get("steps") or 0), int(p.get("step") or 0)
+        left_epochs = total_ep - ep + 1.0 - (step / steps if steps else 0.0)
+        if eta is not None:
+            left = float(eta) + eval_s * (total_ep - ep + 1)
+        elif per_epoch is not None:
+            left = per_epoch * left_epochs + eval_s
+        else:
+            return None
+    else:  # between epochs: `epoch` finished
+        ep = int(p.get("epoch") or 0)
+        if per_epoch is None:
+            return None
+        left_epochs = float(total_ep - ep)
+        left = per_epoch * left_epochs + eval_s
+    best = [int(e["epoch"]) for e in epochs if e.get("best")]
+    if patience and best and per_epoch is not None:
+        stop_at = max(best) + patience  # no better epoch from here: the last epoch it runs
+        if stop_at < total_ep:
+            sooner = left - per_epoch * (total_ep - stop_at)
+            return left, (max(eval_s, sooner) if sooner < left - 1 else None)
+    return left, None
 
 
 def setting_text(name: str, value: Any) -> str | None:
