@@ -22,8 +22,8 @@ With ``cleanlab`` importable (``pip install --target DIR cleanlab`` and ``PYTHON
 ``find_label_issues`` on the same probabilities is printed beside ours as a yardstick only (it is AGPL: never a
 dependency of TL Studio).
 
-``--features depths`` runs the check on the several-depths features ``auto`` caches
-(``tl_core.models.feature_variants``) instead of the last layer's (what the audit uses).
+The probe sees the several-depths features ``auto`` caches (``tl_core.models.feature_variants``), as the audit's
+label check does (``tl_core.insight.audit.depths_features``); ``--features last`` gives the last layer's instead.
 
 Usage: ``python benchmarks/label_check.py [--repeats 5] [--home /tmp/label-check] [--write]`` (features are cached
 in the workspace ``--home``; the first run extracts ~1,600 images, a few minutes on 2 CPU cores; ``--write``
@@ -130,7 +130,7 @@ def _digits_b(dst: Path, skip: int = 30, per_class: int = 40) -> Path:
 
 
 def _features(path: Path, ws: Workspace, variant: str = "last") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The set's features: the last layer's (as the audit), or several depths scaled as ``auto`` scales them."""
+    """The set's features: several depths scaled as ``auto`` (and the audit) scales them, or the last layer's."""
     ds = open_data(path, ws)
     if variant == "last":
         emb = embed_items(ds.items, ds.classes, "efficientnet_lite0", ws)
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--share", type=float, default=0.10, help="share of labels flipped")
     ap.add_argument("--home", default="/tmp/label-check", help="workspace (feature cache) for the run")
     ap.add_argument("--sets", default="fashion,emoji,digits,digits-b,fashion-tops,tops-small")
-    ap.add_argument("--features", choices=("last", "depths"), default="last",
-                    help="the backbone features the probe sees (the audit: last)")
+    ap.add_argument("--features", choices=("last", "depths"), default="depths",
+                    help="the backbone features the probe sees (the audit: depths)")
     ap.add_argument("--write", action="store_true", help="prepend the table to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
     home = Path(args.home)

@@ -99,6 +99,8 @@ def test_image_filed_under_the_wrong_class_is_a_likely_label_error(planted):
     assert res["label_check_reliable"] is True and res["oof_accuracy"] >= 0.8
     lo, hi = res["oof_accuracy_ci"]
     assert lo < res["oof_accuracy"] < hi and res["label_check"]["images"] == 64  # 60 real + 4 planted
+    # on several depths' features (auto's cache), whose one pass also filled the last-layer cache the audit read
+    assert res["label_check"]["features"] == "depths"
 
 
 def test_clean_sample_has_no_duplicates_leaks_or_odd_images(shared_cache):
@@ -261,3 +263,22 @@ def test_a_weak_probe_says_so_and_the_audit_lists_nothing(shared_cache):
     res = audit_dataset(root, workspace=insight_workspace(shared_cache))
     assert res["label_check_reliable"] is False and res["label_issues"] == []
     assert any("not reliable" in n for n in res["notes"])
+
+
+def test_depths_features_fill_the_last_layer_cache_in_the_same_pass(shared_cache, tmp_path):
+    """The label check's several-depths features and the last layer's the rest of the audit reads come from one
+    forward pass: after it, the last-layer features are all cache hits, and equal the first columns."""
+    import numpy as np
+    from tl_core.data.library import open_data
+    from tl_core.insight.audit import depths_features
+    from tl_core.insight.embedding import embed_items
+    from tl_core.storage.workspace import Workspace
+
+    ws = Workspace(tmp_path / "home")  # empty caches
+    ds = open_data(emoji_small(shared_cache), ws)
+    items = ds.items[:6]
+    x, last_dim = depths_features(items, "efficientnet_lite0", ws)
+    assert x.shape[0] == 6 and x.shape[1] > last_dim
+    emb = embed_items(items, ds.classes, "efficientnet_lite0", ws)
+    assert emb.cache_misses == 0 and emb.cache_hits == 6
+    assert np.allclose(emb.features, x[:, :last_dim], atol=1e-5)  # the last layer is not rescaled
