@@ -87,8 +87,8 @@ LABEL_CHECK_MIN_LOW = 0.60
 #: ... and it rests on at least this many images.
 LABEL_CHECK_MIN_IMAGES = 30
 #: A label is flagged only when the probe gives it less than this share of a uniform guess (1 / classes): see
-#: :func:`confident_label_issues`. 1 = below chance, not tuned (0.5 flagged fewer clean images on Fashion-MNIST,
-#: 4.8%, but found 57% of the digits flips, under the 60% bar).
+#: :func:`confident_label_issues`. 1 = below chance, not tuned (on last-layer features 0.5 flagged fewer clean
+#: Fashion-MNIST images, 4.8%, but found 57% of the digits flips, under the 60% bar).
 LABEL_CHECK_BELOW_CHANCE = 1.0
 
 
@@ -393,8 +393,8 @@ def confident_label_issues(probs: np.ndarray, labels: np.ndarray, min_class_size
     the probe must think the given class *less* likely than a blind guess would. A wrong label names a class the
     image does not resemble, so the probe gives it almost nothing; a correct label on an ambiguous image (a shirt
     that looks like a T-shirt) keeps a fair share. Confident learning alone cannot tell the two apart, and
-    flagged 9.8% of the correct Fashion-MNIST sample labels; with this bar 6.8%, while the flips it finds drop
-    from 86% to 84% (benchmarks/label_check.py). It needs no tuned constant: with 2 classes it is the "both"
+    flagged 9.8% of the correct Fashion-MNIST sample labels (last-layer features); with this bar 6.8%, while the
+    flips it finds drop from 86% to 84% (benchmarks/label_check.py; on several depths 6.4% and 83%). It needs no tuned constant: with 2 classes it is the "both"
     filter itself.
 
     Args:
