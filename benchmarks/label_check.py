@@ -3,11 +3,15 @@
 For each dataset: out-of-fold probabilities of the linear probe on cached EfficientNet-Lite0 features
 (``tl_core.insight.audit.cross_validated_probs``), the check on the labels as given (every flag there is a false
 alarm on these curated sets), then ``--repeats`` times with 10% of the labels flipped at random to another class:
-the share of flips found (recall) and of flags that are flips (precision). Sets:
+the share of flips found (recall) and of flags that are flips (precision), pooled over the repeats with a Wilson
+95% interval (n = flips, or flags; the repeats share images, so the interval is a little narrow), and the mean ±
+sd over the repeats. Sets:
 
 - ``fashion``: sample_data/fashion_mnist, train + test (500 images, 10 classes);
 - ``emoji``: sample_data/emoji (200 images, 5 classes);
 - ``digits``: scikit-learn's ``load_digits`` (8x8 px, upscaled to 32 px), 30 per class (300 images);
+- ``digits-b``: 40 other images per class of the same source (400 images, none shared with ``digits``): a set
+  the label check's rule was not chosen on;
 - ``fashion-tops``: Fashion-MNIST shirt / t-shirt / pullover / coat only (200 images): a hard set;
 - ``tops-small``: the same four classes, 15 training images each (60 images): harder still.
 
@@ -18,13 +22,18 @@ With ``cleanlab`` importable (``pip install --target DIR cleanlab`` and ``PYTHON
 ``find_label_issues`` on the same probabilities is printed beside ours as a yardstick only (it is AGPL: never a
 dependency of TL Studio).
 
-Usage: ``python benchmarks/label_check.py [--repeats 5] [--home /tmp/label-check]`` (features are cached in the
-workspace ``--home``; the first run extracts ~1,200 images, a minute or two on 2 CPU cores).
+The probe sees the several-depths features ``auto`` caches (``tl_core.models.feature_variants``), as the audit's
+label check does (``tl_core.insight.audit.depths_features``); ``--features last`` gives the last layer's instead.
+
+Usage: ``python benchmarks/label_check.py [--repeats 5] [--home /tmp/label-check] [--write]`` (features are cached
+in the workspace ``--home``; the first run extracts ~1,600 images, a few minutes on 2 CPU cores; ``--write``
+prepends the table to benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -38,12 +47,13 @@ sys.path.insert(0, str(ROOT))
 from tl_core.data.library import open_data  # noqa: E402
 from tl_core.insight.audit import (confident_label_issues, cross_validated_probs,  # noqa: E402
                                    label_check_verdict)
-from tl_core.insight.embedding import embed_items  # noqa: E402
+from tl_core.insight.embedding import embed_items, load_backbone  # noqa: E402
+from tl_core.metrics import wilson_interval  # noqa: E402
 from tl_core.models.devices import single_threaded  # noqa: E402
 from tl_core.storage.workspace import Workspace  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import markdown_table  # noqa: E402
+from _results import cpu_name, markdown_table, prepend  # noqa: E402
 
 TOPS = ("shirt", "t-shirt_top", "pullover", "coat")
 
@@ -96,10 +106,49 @@ def _tops_small(dst: Path, per_class: int = 15) -> Path:
     return dst
 
 
-def _features(path: Path, ws: Workspace) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _digits_b(dst: Path, skip: int = 30, per_class: int = 40) -> Path:
+    """scikit-learn's digits again: the ``per_class`` images of each digit after the first ``skip`` (none of
+    :func:`_digits`'s)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if (dst / ".complete").exists():
+        return dst
+    d = load_digits()
+    seen: dict[int, int] = {}
+    for img, t in zip(d.images, d.target):
+        t = int(t)
+        seen[t] = seen.get(t, 0) + 1
+        if not skip < seen[t] <= skip + per_class:
+            continue
+        out = dst / str(t)
+        out.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img * 255 / 16).astype(np.uint8)).resize((32, 32), Image.NEAREST).save(
+            out / f"{t}_{seen[t]:03d}.png")
+    (dst / ".complete").write_text("ok")
+    return dst
+
+
+def _features(path: Path, ws: Workspace, variant: str = "last") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The set's features: several depths scaled as ``auto`` (and the audit) scales them, or the last layer's."""
     ds = open_data(path, ws)
-    emb = embed_items(ds.items, ds.classes, "efficientnet_lite0", ws)
-    return emb.features, emb.labels, ds.classes
+    if variant == "last":
+        emb = embed_items(ds.items, ds.classes, "efficientnet_lite0", ws)
+        return emb.features, emb.labels, ds.classes
+    from tl_core.cache import DecodedImageCache, FeatureCache
+    from tl_core.models.feature_variants import apply_variant, block_scales, extractor
+    from tl_core.models.features import extract_features, feature_key
+    from tl_core.models.preprocess import resolve_preprocess
+
+    model, info = load_backbone("efficientnet_lite0")
+    pre = resolve_preprocess(model)
+    ext = extractor(model, "depths")
+    fc = FeatureCache(ws.cache_dir / "features", feature_key("efficientnet_lite0", info.fingerprint, pre, "depths"))
+    raw = extract_features(ext, ds.items, pre, DecodedImageCache(ws.cache_dir / "decoded"), fc)
+    x = apply_variant(raw, "depths", ext.last_features, ext.block_dims,
+                      block_scales(raw, ext.last_features, ext.block_dims))
+    cidx = {c: i for i, c in enumerate(ds.classes)}
+    return x, np.array([cidx[i.label] for i in ds.items], dtype=np.int64), ds.classes
 
 
 def _flip(y: np.ndarray, k: int, share: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -129,9 +178,24 @@ def _cleanlab(probs: np.ndarray, y: np.ndarray) -> np.ndarray | None:
     return np.asarray(find_label_issues(y, probs), bool)
 
 
-def _pr(flagged: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    tp = int((flagged & truth).sum())
-    return tp / max(int(truth.sum()), 1), (tp / int(flagged.sum())) if flagged.any() else float("nan")
+def _pooled(flagged: list[np.ndarray], truth: list[np.ndarray]) -> tuple[str, str, list[float], list[float]]:
+    """Recall and precision pooled over the repeats, each as "p [lo, hi] (k/n)", and per repeat."""
+    tp = sum(int((f & t).sum()) for f, t in zip(flagged, truth))
+    nt, nf = sum(int(t.sum()) for t in truth), sum(int(f.sum()) for f in flagged)
+
+    def fmt(k: int, n: int) -> str:
+        if not n:
+            return "—"
+        lo, hi = wilson_interval(k, n)
+        return f"{k / n:.0%} [{lo:.0%}, {hi:.0%}] ({k}/{n})"
+
+    rec = [int((f & t).sum()) / max(int(t.sum()), 1) for f, t in zip(flagged, truth)]
+    prec = [int((f & t).sum()) / int(f.sum()) for f, t in zip(flagged, truth) if f.any()]
+    return fmt(tp, nt), fmt(tp, nf), rec, prec
+
+
+def _ms(v: list[float]) -> str:
+    return f"{np.mean(v):.0%} ± {np.std(v):.0%}" if v else "—"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,16 +203,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="random flips per dataset")
     ap.add_argument("--share", type=float, default=0.10, help="share of labels flipped")
     ap.add_argument("--home", default="/tmp/label-check", help="workspace (feature cache) for the run")
-    ap.add_argument("--sets", default="fashion,emoji,digits,fashion-tops,tops-small")
+    ap.add_argument("--sets", default="fashion,emoji,digits,digits-b,fashion-tops,tops-small")
+    ap.add_argument("--features", choices=("last", "depths"), default="depths",
+                    help="the backbone features the probe sees (the audit: depths)")
+    ap.add_argument("--write", action="store_true", help="prepend the table to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
     home = Path(args.home)
     ws = Workspace(home)
+    load0 = os.getloadavg()[0]
     sets = {"fashion": lambda: ROOT / "sample_data" / "fashion_mnist", "emoji": lambda: ROOT / "sample_data" / "emoji",
-            "digits": lambda: _digits(home / "data" / "digits"), "fashion-tops": lambda: _tops(home / "data" / "tops"),
+            "digits": lambda: _digits(home / "data" / "digits"), "digits-b": lambda: _digits_b(home / "data" / "digitsb"),
+            "fashion-tops": lambda: _tops(home / "data" / "tops"),
             "tops-small": lambda: _tops_small(home / "data" / "tops15")}
     rows = []
     for name in args.sets.split(","):
-        x, y, classes = _features(sets[name](), ws)
+        x, y, classes = _features(sets[name](), ws, args.features)
         k = len(classes)
         t0 = time.perf_counter()
         with single_threaded():
@@ -156,34 +225,45 @@ def main(argv: list[str] | None = None) -> int:
         cv_s = time.perf_counter() - t0
         flagged, v = _check(probs, y)
         cl = _cleanlab(probs, y)
-        rec, prec, rel, acc_noisy, cl_rec, cl_prec = [], [], [], [], [], []
+        fl, tr, rel, acc_noisy, cl_fl = [], [], [], [], []
         for r in range(args.repeats):
             noisy, truth = _flip(y, k, args.share, np.random.default_rng(100 + r))
             with single_threaded():
                 pn = cross_validated_probs(x, noisy, k)
             f, vn = _check(pn, noisy)
-            a, b = _pr(f, truth)
-            rec.append(a), prec.append(b), rel.append(vn["reliable"]), acc_noisy.append(vn["oof_accuracy"])
+            fl.append(f), tr.append(truth), rel.append(vn["reliable"]), acc_noisy.append(vn["oof_accuracy"])
             c = _cleanlab(pn, noisy)
             if c is not None:
-                a, b = _pr(c, truth)
-                cl_rec.append(a), cl_prec.append(b)
-
-        def ms(v: list[float]) -> str:
-            v = [e for e in v if e == e]
-            return f"{np.mean(v):.0%} ± {np.std(v):.0%}" if v else "—"
-
+                cl_fl.append(c)
+        found, prec, rec_r, prec_r = _pooled(fl, tr)
+        nflag = int(flagged.sum())
+        clo, chi = wilson_interval(nflag, len(y))
         lo, hi = v["oof_accuracy_ci"]
-        rows.append([name, len(y), k, f"{v['oof_accuracy']:.1%} [{lo:.0%}, {hi:.0%}]", v["reliable"],
-                     f"{flagged.mean():.1%} ({int(flagged.sum())})",
-                     f"{np.mean(acc_noisy):.1%}", f"{sum(rel)}/{len(rel)}", ms(rec), ms(prec),
-                     "—" if cl is None else f"{cl.mean():.1%}", ms(cl_rec), ms(cl_prec), f"{cv_s:.1f}"])
+        row = [name, len(y), k, f"{v['oof_accuracy']:.1%} [{lo:.0%}, {hi:.0%}]", "yes" if v["reliable"] else "no",
+               f"{nflag / len(y):.1%} [{clo:.0%}, {chi:.0%}] ({nflag})",
+               f"{np.mean(acc_noisy):.1%}", f"{sum(rel)}/{len(rel)}", found, _ms(rec_r), prec, _ms(prec_r), f"{cv_s:.1f}"]
+        if cl is not None:
+            cf, cp, _, _ = _pooled(cl_fl, tr)
+            row += [f"{cl.mean():.1%}", cf, cp]
+        rows.append(row)
         print(f"{name}: done", file=sys.stderr)
-    header = ["set", "images", "classes", "oof acc. clean [95% CI]", "reliable", "flagged clean",
-              "oof acc. 10% flipped", "reliable (flipped)", "flips found", "precision", "cleanlab flagged clean",
-              "cleanlab found", "cleanlab precision", "CV s"]
-    print(markdown_table(header, rows))
-    print(f"\n{args.repeats} random flips of {args.share:.0%} per set (mean ± sd over them).")
+    header = ["set", "images", "classes", "oof acc. clean [95% CI]", "reliable", "flagged clean [95% CI] (n)",
+              f"oof acc. {args.share:.0%} flipped", "reliable (flipped)", "flips found [95% CI] (k/n)",
+              "found per repeat", "precision [95% CI] (k/n)", "precision per repeat", "CV s"]
+    if any(len(r) > len(header) for r in rows):
+        header += ["cleanlab flagged clean", "cleanlab found", "cleanlab precision"]
+        rows = [r + ["—"] * (len(header) - len(r)) for r in rows]
+    table = markdown_table(header, rows)
+    print(table)
+    note = (f"{args.repeats} random flips of {args.share:.0%} per set; found and precision pooled over them (Wilson "
+            "95% interval) and per repeat (mean ± sd). A check that is not reliable lists nothing (found 0%).")
+    print("\n" + note)
+    if args.write:
+        head = (f"## Label-error check ({time.strftime('%Y-%m-%d')}, `benchmarks/label_check.py --features "
+                f"{args.features}`)\n\n{cpu_name()}, {os.cpu_count()} cores; load average {load0:.1f} at the start, "
+                f"{os.getloadavg()[0]:.1f} at the end. EfficientNet-Lite0, {args.features} features, out-of-fold "
+                "probabilities of the linear probe (5 folds, C = 1).")
+        print("wrote", prepend(head, table + "\n\n" + note))
     return 0
 
 

@@ -99,6 +99,8 @@ def test_image_filed_under_the_wrong_class_is_a_likely_label_error(planted):
     assert res["label_check_reliable"] is True and res["oof_accuracy"] >= 0.8
     lo, hi = res["oof_accuracy_ci"]
     assert lo < res["oof_accuracy"] < hi and res["label_check"]["images"] == 64  # 60 real + 4 planted
+    # on several depths' features (auto's cache), whose one pass also filled the last-layer cache the audit read
+    assert res["label_check"]["features"] == "depths"
 
 
 def test_clean_sample_has_no_duplicates_leaks_or_odd_images(shared_cache):
@@ -201,11 +203,38 @@ def test_label_check_finds_flipped_labels_and_spares_the_clean_set(emoji_feature
     issues = confident_label_issues(probs, noisy)
     found = {r["index"] for r in issues} & set(idx.tolist())
     assert len(found) >= 4 and len(found) >= 0.4 * len(issues)  # >= 60% of the flips at >= 40% precision
-    for r in issues:  # each names a class above its threshold, and the given one below the suggested one
+    for r in issues:  # each names a class above its threshold, and the given one below the suggested one and chance
         assert r["confidence"] >= r["threshold"] and r["confidence"] > r["label_probability"]
+        assert r["label_probability"] < 1 / k
         assert r["suggested"] != noisy[r["index"]]
     margins = [r["margin"] for r in issues]
     assert margins == sorted(margins, reverse=True)
+
+
+def test_an_ambiguous_image_keeps_its_label_and_a_wrong_label_is_flagged():
+    """Confident learning alone flags a correctly labelled image that looks a bit like another class (its given
+    class keeps a fair share of the probability); the check flags a label only when the probe rates it below chance
+    (1 / classes), as a wrong label that names an unrelated class is rated."""
+    import numpy as np
+    from tl_core.insight.audit import LABEL_CHECK_BELOW_CHANCE, confident_label_issues
+
+    rng = np.random.default_rng(0)
+    sure = {0: [0.9, 0.05, 0.05], 1: [0.3, 0.5, 0.2], 2: [0.05, 0.05, 0.9]}  # class 1 is often confused
+    y = np.repeat(np.arange(3), 30)
+    p = np.array([sure[int(c)] for c in y]) + rng.uniform(-0.02, 0.02, (len(y), 3))
+    p = np.clip(p, 1e-3, None)
+    p /= p.sum(1, keepdims=True)
+    ambiguous, wrong = 0, 1  # both labelled 0
+    p[ambiguous] = [0.40, 0.55, 0.05]  # a 0 that looks a bit like a 1: p(given) above 1/3
+    p[wrong] = [0.02, 0.93, 0.05]  # a 1 filed as 0: the probe gives label 0 almost nothing
+    thr1 = p[y == 1, 1].mean()
+    assert p[ambiguous, 1] >= thr1 and p[ambiguous, 0] < p[y == 0, 0].mean()  # confident learning's candidate
+    flagged = {r["index"]: r for r in confident_label_issues(p, y)}
+    assert wrong in flagged and flagged[wrong]["suggested"] == 1
+    assert ambiguous not in flagged
+    assert LABEL_CHECK_BELOW_CHANCE == 1.0  # below chance, no tuned share: with 2 classes it adds nothing
+    two = np.array([[0.35, 0.65], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6], [0.4, 0.6]])
+    assert [r["index"] for r in confident_label_issues(two, np.array([0, 0, 0, 0, 1, 1, 1]))] == [0]
 
 
 def test_a_weak_probe_says_so_and_the_audit_lists_nothing(shared_cache):
@@ -234,3 +263,22 @@ def test_a_weak_probe_says_so_and_the_audit_lists_nothing(shared_cache):
     res = audit_dataset(root, workspace=insight_workspace(shared_cache))
     assert res["label_check_reliable"] is False and res["label_issues"] == []
     assert any("not reliable" in n for n in res["notes"])
+
+
+def test_depths_features_fill_the_last_layer_cache_in_the_same_pass(shared_cache, tmp_path):
+    """The label check's several-depths features and the last layer's the rest of the audit reads come from one
+    forward pass: after it, the last-layer features are all cache hits, and equal the first columns."""
+    import numpy as np
+    from tl_core.data.library import open_data
+    from tl_core.insight.audit import depths_features
+    from tl_core.insight.embedding import embed_items
+    from tl_core.storage.workspace import Workspace
+
+    ws = Workspace(tmp_path / "home")  # empty caches
+    ds = open_data(emoji_small(shared_cache), ws)
+    items = ds.items[:6]
+    x, last_dim = depths_features(items, "efficientnet_lite0", ws)
+    assert x.shape[0] == 6 and x.shape[1] > last_dim
+    emb = embed_items(items, ds.classes, "efficientnet_lite0", ws)
+    assert emb.cache_misses == 0 and emb.cache_hits == 6
+    assert np.allclose(emb.features, x[:, :last_dim], atol=1e-5)  # the last layer is not rescaled
