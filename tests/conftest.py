@@ -32,9 +32,9 @@ def in_fast_tier(item: pytest.Item) -> bool:
     return not any(item.get_closest_marker(m) for m in SLOW_TIER_MARKERS)
 
 
-#: The test files that take longest, longest first, with their seconds in the slow tier (fresh-clone CI of main
-#: 908b4a5, one process, idle 2-core machine, pytest --durations; benchmarks/RESULTS.md). They are collected
-#: first, so that pytest-xdist (`make test` runs the slow tier with ``-n 2 --dist loadfile
+#: The test files that take longest, longest first, with their rough seconds in the slow tier (summed from the
+#: slowest-30 durations of two one-process runs of main 908b4a5 on a 2-core machine: docs/testing.md). They
+#: are collected first, so that pytest-xdist (`make test` runs the slow tier with ``-n 2 --dist loadfile
 #: --no-loadscope-reorder``) starts the long files at once and fills in with the short ones: longest first keeps
 #: the two test processes busy to the end. The order changes no result, only when each file runs.
 LONGEST_FIRST = (
