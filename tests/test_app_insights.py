@@ -4,11 +4,11 @@ They reuse the page tests' trained workspace (one real linear probe on the emoji
 features are in the workspace's cache, so the audit and maps cost seconds) and keep every computation
 small: the advisor on two backbones at 10 images per class, the lab at 2 and 5 images per class for one
 epoch at 64 px. Every computation is a task: a test clicks, then reruns the page until the result is drawn
-(:func:`until`). The Evaluate and Try it views' short tasks (Grad-CAM, calibration, the run's map) run in
+(:func:`until`). The short tasks (the advisor; Evaluate's Grad-CAM, calibration and map; Try it) run in
 threads of the test process (page_harness ``task_threads``: the workers' own claim-and-run code, without a
 worker process that imports torch again for every task); the others run on real worker processes: the audit's
-t-SNE, the lab and the exports take minutes under load and do not all stop at a cancel, so a thread would
-outlive its test.
+t-SNE, the lab and the exports take minutes under load, the exports gained nothing in a thread (their
+tracing shares the GIL with the page's reruns), and not every one stops at a cancel.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def _image_captions(at) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Backbone: "Which backbone fits my data?"
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.processes
-def test_backbone_advisor_ranks_backbones_and_the_recommendation_can_be_used(home):
+@pytest.mark.slow
+def test_backbone_advisor_ranks_backbones_and_the_recommendation_can_be_used(home, task_threads):
     # training is set to Lite2, which is not compared: whichever the advisor recommends, it offers to switch
     at = app({"data": "sample/emoji", "backbone": "efficientnet_lite2"})
     goto(at, "backbone")
