@@ -40,13 +40,17 @@ app: venv
 
 # the whole suite in two tiers (docs/testing.md): the fast tier first, so a broken build fails in minutes, then
 # the rest (processes, browser, fine-tuning, slow); each test runs once, and either tier failing, or finding no
-# test (pytest's exit status 5), fails the target. TEST_PROCS=2 runs the rest in 2 pytest-xdist processes, a
-# test file each at a time (--dist loadfile); it has not yet been shown faster on an idle 2-core machine
-# (benchmarks/RESULTS.md), so one process stays the default.
-TEST_PROCS ?= 0
+# test (pytest's exit status 5), fails the target. Both runs share one fresh folder (TL_TEST_SESSION_DIR,
+# removed at the end): the rest reuses the fixture runs and the feature cache the fast tier built. TEST_PROCS=2
+# (the default) runs the rest in 2 pytest-xdist processes, a test file each at a time, the longest files first
+# (tests/conftest.py LONGEST_FIRST); TEST_PROCS=0 runs it in one.
+TEST_PROCS ?= 2
 test: venv-test web-runtime
-	$(PY) -m pytest -q -m fast_tier
-	$(PY) -m pytest -q -m "not fast_tier" $(if $(filter-out 0,$(TEST_PROCS)),-n $(TEST_PROCS) --dist loadfile,)
+	session=$$(mktemp -d "$${TMPDIR:-/tmp}/tl-test-session.XXXXXX") && trap 'rm -rf "$$session"' EXIT && \
+	export TL_TEST_SESSION_DIR="$$session" && \
+	$(PY) -m pytest -q -m fast_tier && \
+	$(PY) -m pytest -q -m "not fast_tier" \
+	  $(if $(filter-out 0,$(TEST_PROCS)),-n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder,)
 
 # the fast tier alone: no process, server, browser or fine-tuning (tests/conftest.py fails a test that starts one)
 test-fast: venv-test web-runtime

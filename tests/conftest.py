@@ -32,13 +32,40 @@ def in_fast_tier(item: pytest.Item) -> bool:
     return not any(item.get_closest_marker(m) for m in SLOW_TIER_MARKERS)
 
 
+#: The test files that take longest, longest first, with their rough seconds in the slow tier (summed from the
+#: slowest-30 durations of two one-process runs of main 908b4a5 on a 2-core machine: docs/testing.md). They
+#: are collected first, so that pytest-xdist (`make test` runs the slow tier with ``-n 2 --dist loadfile
+#: --no-loadscope-reorder``) starts the long files at once and fills in with the short ones: longest first keeps
+#: the two test processes busy to the end. The order changes no result, only when each file runs.
+LONGEST_FIRST = (
+    "test_browser.py",  # ~185 s: the whole first-user flow in Chromium
+    "test_app_insights.py",  # ~150 s
+    "test_browser_data_loop.py",  # ~90-140 s
+    "test_distributed.py",  # ~90 s: 2-process torchrun groups
+    "test_train.py",  # ~90 s
+    "test_app_pages.py",  # ~75 s
+    "test_engines.py",  # ~65 s
+    "test_multilabel.py",
+    "test_export.py",
+    "test_faults.py",
+    "test_tasks.py",
+    "test_openset.py",
+    "test_webpage.py",
+    "test_cli.py",
+    "test_browser_access.py",  # ~25 s
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers
 def pytest_collection_modifyitems(config, items):
     """Give every fast-tier test the ``fast_tier`` marker: ``-m fast_tier`` is `make test-fast`, and
-    ``-m "not fast_tier"`` the rest of `make test` (the tiers are derived from the markers here, in one place)."""
+    ``-m "not fast_tier"`` the rest of `make test` (the tiers are derived from the markers here, in one place).
+    Then collect the files of :data:`LONGEST_FIRST` first, in that order (every file keeps its own order)."""
     for item in items:
         if in_fast_tier(item):
             item.add_marker(pytest.mark.fast_tier)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: the rest keep their order
 
 
 class SubprocessInFastTier(AssertionError):
@@ -87,9 +114,16 @@ def pytest_runtest_protocol(item, nextitem):
 # one session, one or several test processes (pytest-xdist: `make test` runs the slow tier with -n 2)
 # --------------------------------------------------------------------------------------------------
 def _session_root(tmp_path_factory) -> Path:
-    """The folder the whole run shares: the base temporary folder, or under pytest-xdist the folder above each
-    test process's own (``.../pytest-N/popen-gw0`` -> ``.../pytest-N``), so the processes share what is built
-    once per run."""
+    """The folder the whole run shares: ``$TL_TEST_SESSION_DIR`` when set (`make test` sets it to one fresh
+    folder for both of its pytest runs, the fast tier and the rest, so the rest starts with the fixture runs and
+    the cache that the fast tier built), else the base temporary folder, or under pytest-xdist the folder above
+    each test process's own (``.../pytest-N/popen-gw0`` -> ``.../pytest-N``), so the processes share what is
+    built once per run."""
+    shared = os.environ.get("TL_TEST_SESSION_DIR")
+    if shared:
+        root = Path(shared).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        return root
     base = tmp_path_factory.getbasetemp()
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 

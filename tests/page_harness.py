@@ -6,7 +6,8 @@ One real linear-probe run on the emoji sample is trained once per session with t
 never see each other's runs or tasks.
 Long computations are tasks that real worker processes run (``tl_core.runs.workers``): a test clicks,
 then reruns the page until the result is drawn (:func:`until`). Where a test looks at the queue itself,
-``no_workers`` keeps tasks queued. Workers a test started are killed when it ends.
+``no_workers`` keeps tasks queued; with ``task_threads`` short tasks run in threads of the test process
+instead (no process starts). Workers a test started are killed when it ends.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tl_core.storage.processes import kill_workers  # noqa: E402
 from tl_core.storage.workspace import Workspace  # noqa: E402
 
 __all__ = ["ROOT", "APP", "EMOJI", "TIMEOUT", "TASK_TIMEOUT", "trained_home", "home", "empty_home", "no_workers",
+           "TaskThreads", "task_threads",
            "app", "goto", "until", "progress_texts", "assert_clean", "plotly_specs", "metric", "has_metric", "button",
            "has_button", "png_bytes", "sample_zip"]
 
@@ -78,6 +80,115 @@ def empty_home(tmp_path, monkeypatch):
 def no_workers(monkeypatch) -> None:
     """Queue tasks without starting worker processes (to look at the queue)."""
     monkeypatch.setattr(workers, "ensure_workers", lambda ws, lane="compute": 0)
+
+
+class TaskThreads:
+    """Tasks run by threads of the test process instead of worker processes: one thread per lane at a time,
+    which claims and runs queued tasks (every project's, in the workers' order) until none is left, with the
+    workers' own code (``workers._claim``, ``workers.run_task``). Nothing is imported again and no process
+    starts; the worker processes themselves are tested in test_tasks.py, test_faults.py and the browser tests.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._threads: dict[tuple[str, str], threading.Thread] = {}
+        self._models = workers.WarmModels()
+        self.started = 0  # threads started (each stands for a worker process that was not started)
+
+    def ensure(self, ws: Workspace, lane: str = "compute") -> int:
+        """``workers.ensure_workers``' stand-in: start this lane's thread if tasks wait and none runs."""
+        import threading
+
+        key = (str(ws.top), lane)
+        with self._lock:
+            running = self._threads.get(key)
+            if (running is not None and running.is_alive()) or not workers._queued(ws, lane):
+                return 0
+            t = threading.Thread(target=self._loop, args=(Workspace(ws.top), lane, key), daemon=True,
+                                 name=f"tasks-{lane}")
+            self._threads[key] = t
+            self.started += 1
+            t.start()
+            return 1
+
+    def _loop(self, ws: Workspace, lane: str, key: tuple[str, str]) -> None:
+        while True:
+            with self._lock:  # "nothing left" and "this thread is gone" in one step: ensure() never misses a task
+                claimed = workers._claim(ws, lane)
+                if claimed is None:
+                    del self._threads[key]
+                    return
+            workers.run_task(*claimed, self._models if lane == "interactive" else None)
+
+    def stop(self, timeout: float = 60) -> None:
+        """Cancel what is still queued or running (cooperatively: a thread cannot be killed) and wait for it."""
+        with self._lock:
+            homes = {top for top, _ in self._threads}
+            threads = list(self._threads.values())
+        for top in homes:
+            for ws in Workspace(Path(top)).all_workspaces():
+                store = ws.store()
+                for t in store.tasks():
+                    if t["status"] in ("queued", "running"):
+                        store.request_task_cancel(t["id"])
+                        if t.get("run_id"):
+                            store.request_cancel(t["run_id"])
+        for t in threads:
+            t.join(timeout)
+        assert not [t for t in threads if t.is_alive()], "a task thread did not stop within a minute of its cancel"
+
+
+#: The app's scripts compiled once per test process (path -> bytecode), for :func:`task_threads`.
+_BYTECODE: dict[str, object] = {}
+
+
+def _compile_pages_once(monkeypatch) -> None:
+    """Compile app.py and the pages once per process, now, and hand every script run that bytecode.
+
+    AppTest compiles the page's script again at every run (a new ``ScriptCache`` each time), and Streamlit's
+    "magic" does it with ``ast.parse``. Python 3.11.7's ``ast`` keeps its recursion depth in a global, so two
+    threads converting ASTs at once fail with "SystemError: AST constructor recursion depth mismatch"
+    (CPython gh-106905): a page rerun beside a task thread that uses ``ast``
+    (the audit, the lab, TorchScript) broke that way. With the scripts compiled before any task runs, page
+    runs convert no AST at all."""
+    from streamlit.runtime.scriptrunner.script_cache import ScriptCache
+
+    real = ScriptCache.get_bytecode
+
+    def get_bytecode(self, script_path: str):
+        path = str(Path(script_path).resolve())
+        if path not in _BYTECODE:
+            _BYTECODE[path] = real(self, path)
+        return _BYTECODE[path]
+
+    monkeypatch.setattr(ScriptCache, "get_bytecode", get_bytecode)
+    for script in [APP, *sorted(p for p in (ROOT / "pages").glob("*.py") if not p.name.startswith("_"))]:
+        get_bytecode(ScriptCache(), str(script))
+
+
+@pytest.fixture
+def task_threads(monkeypatch) -> TaskThreads:
+    """Tasks run in threads of this process, not in worker processes (:class:`TaskThreads`): for page tests
+    about what a page shows of a task's progress and result, where a worker process would prove nothing more
+    and costs a Python start and the torch and timm imports (seconds of CPU) for every task. For short tasks
+    only: a thread cannot be killed, so a task that runs on past its test (one that does not check its cancel,
+    like the audit's t-SNE) would slow the next tests, and the fixture fails the test when a thread has not
+    stopped a minute after the cancel at its end."""
+    from conftest import _SPAWNERS, _refuse
+
+    _compile_pages_once(monkeypatch)
+    threads = TaskThreads()
+    monkeypatch.setattr(workers, "ensure_workers", threads.ensure)
+    # Cancel's watchdog would kill the worker process that ignores a cancel: here that is this process
+    monkeypatch.setattr(workers, "spawn_detached", lambda cmd, *a, **k: None)
+    # and nothing else starts one either: the fast tier's guard (tests/conftest.py) fails the test if it does
+    for owner, name, what in _SPAWNERS:
+        if hasattr(owner, name):
+            monkeypatch.setattr(owner, name, _refuse(getattr(owner, name), what))
+    yield threads
+    threads.stop()
 
 
 def app(query: dict | None = None) -> AppTest:

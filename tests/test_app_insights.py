@@ -3,8 +3,12 @@
 They reuse the page tests' trained workspace (one real linear probe on the emoji sample, whose Lite0
 features are in the workspace's cache, so the audit and maps cost seconds) and keep every computation
 small: the advisor on two backbones at 10 images per class, the lab at 2 and 5 images per class for one
-epoch at 64 px. Every computation is a task that a real worker process runs: a test clicks, then reruns
-the page until the result is drawn (:func:`until`).
+epoch at 64 px. Every computation is a task: a test clicks, then reruns the page until the result is drawn
+(:func:`until`). The short tasks (the advisor; Evaluate's Grad-CAM, calibration and map; Try it) run in
+threads of the test process (page_harness ``task_threads``: the workers' own claim-and-run code, without a
+worker process that imports torch again for every task); the others run on real worker processes: the audit's
+t-SNE, the lab and the exports take minutes under load, the exports gained nothing in a thread (their
+tracing shares the GIL with the page's reruns), and not every one stops at a cancel.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from PIL import Image
 
 from page_harness import (  # noqa: F401  (fixtures are used by name)
     EMOJI,
+    task_threads,
     app,
     assert_clean,
     button,
@@ -66,8 +71,8 @@ def _image_captions(at) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Backbone: "Which backbone fits my data?"
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.processes
-def test_backbone_advisor_ranks_backbones_and_the_recommendation_can_be_used(home):
+@pytest.mark.slow
+def test_backbone_advisor_ranks_backbones_and_the_recommendation_can_be_used(home, task_threads):
     # training is set to Lite2, which is not compared: whichever the advisor recommends, it offers to switch
     at = app({"data": "sample/emoji", "backbone": "efficientnet_lite2"})
     goto(at, "backbone")
@@ -216,8 +221,8 @@ def _misclassified(ws: Workspace, run_id: str) -> list[str]:
     return [r["path"] for r in _mistakes(ws, run_id)]
 
 
-@pytest.mark.processes
-def test_evaluate_shows_a_gradcam_grid_of_the_mistakes(home):
+@pytest.mark.slow
+def test_evaluate_shows_a_gradcam_grid_of_the_mistakes(home, task_threads):
     ws, run_id = home
     wrong = _misclassified(ws, run_id)
     assert wrong, "the fixture run makes a few mistakes on the validation images"
@@ -248,8 +253,8 @@ def test_evaluate_shows_a_gradcam_grid_of_the_mistakes(home):
     assert targets == true_labels and len(targets) == n
 
 
-@pytest.mark.processes
-def test_evaluate_calibration_shows_ece_before_and_after_and_applies_the_temperature(home):
+@pytest.mark.slow
+def test_evaluate_calibration_shows_ece_before_and_after_and_applies_the_temperature(home, task_threads):
     from tl_core.insight.calibrate import calibrate_run
 
     ws, run_id = home
@@ -283,8 +288,8 @@ def test_evaluate_calibration_shows_ece_before_and_after_and_applies_the_tempera
     assert metrics["calibration"]["ece_after"] == pytest.approx(expected["ece_after"], abs=1e-6)
 
 
-@pytest.mark.processes
-def test_evaluate_embedding_map_rings_the_misclassified_images(home):
+@pytest.mark.slow
+def test_evaluate_embedding_map_rings_the_misclassified_images(home, task_threads):
     ws, run_id = home
     wrong = _misclassified(ws, run_id)
     at = app()
@@ -303,8 +308,8 @@ def test_evaluate_embedding_map_rings_the_misclassified_images(home):
 # --------------------------------------------------------------------------------------------------
 # Try it: Grad-CAM beside the prediction
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.processes
-def test_try_it_shows_a_gradcam_overlay_next_to_each_prediction(home):
+@pytest.mark.slow
+def test_try_it_shows_a_gradcam_overlay_next_to_each_prediction(home, task_threads):
     at = app()
     goto(at, "try_it")
     files = [(f"{cls}.png", sorted((EMOJI / cls).iterdir())[-1].read_bytes(), "image/png")
