@@ -163,7 +163,7 @@ def settings_form(ws, path) -> None:
 
     keys = list(STRATEGIES)
     strategy = session.keep("strategy", st.radio(
-        "Strategy", keys, key=session.remember("strategy", "linear"),
+        "Strategy", keys, key=session.remember("strategy", TrainConfig.strategy),
         format_func=lambda k: STRATEGIES[k].label, captions=[STRATEGIES[k].help for k in keys],
         help=next(f.help for f in config_fields() if f.name == "strategy"),
     ))

@@ -99,7 +99,7 @@ def test_home_explains_and_shows_the_state_of_the_four_steps(home):
 
 
 @pytest.mark.processes
-def test_home_sample_data_button_selects_emoji_lite0_linear_and_opens_train(home):
+def test_home_sample_data_button_selects_emoji_lite0_auto_and_opens_train(home):
     at = app()
     button(at, "Try it with sample data").click().run()
     assert_clean(at)
@@ -109,7 +109,7 @@ def test_home_sample_data_button_selects_emoji_lite0_linear_and_opens_train(home
     assert at.query_params["data"] == "sample/emoji"
     assert at.query_params["backbone"] == "efficientnet_lite0"
     strategy = [r for r in at.radio if r.label == "Strategy"][0]
-    assert strategy.value == "linear"
+    assert strategy.value == "auto"  # the default strategy
     assert any("emoji" in m.value and "5 classes" in m.value for m in at.markdown)
 
 
