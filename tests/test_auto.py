@@ -111,7 +111,8 @@ def _fake_tries(tmp_path, monkeypatch, cv: dict[str, float], per_image_s: float,
     right = np.ones(60)
     right[:6] = 0  # 54 of 60 for every try: no paired difference
     monkeypatch.setattr(auto_mod, "_val_correct", lambda run_dir: right)
-    monkeypatch.setattr(auto_mod, "_forward_seconds_per_image", lambda cfg: per_image_s)
+    monkeypatch.setattr(auto_mod, "_catalogue_seconds_per_image",
+                        lambda b: per_image_s * auto_mod._relative_cost(b, "efficientnet_lite0"))
     run_dir = tmp_path / "runs" / "r1"
     run_dir.parent.mkdir(parents=True)
     out = auto_mod.train_auto(train_model, "data", TrainConfig(time_budget=budget).resolved(), None, run_dir)
@@ -151,3 +152,22 @@ def test_auto_skips_what_the_budget_cannot_afford_and_says_by_how_much(tmp_path,
     assert lite1["why"].startswith("skipped the efficientnet_lite1 linear probe: estimated 8 min ")
     assert "left of the 1 min 40 s budget" in lite1["why"]
     assert "raise the time budget" in auto["reason"] and auto["budget_s"] == 100.0
+
+
+def test_a_cold_probe_records_this_machine_s_speed_for_later_estimates(tmp_path):
+    """A re-train finds its features cached and has nothing to time: it estimates uncached tries from the last
+    cold run's seconds per image (scaled by the catalogue between backbones), without building a model."""
+    from types import SimpleNamespace
+
+    from tl_core.runs.auto import _Clock, _relative_cost
+
+    ws = SimpleNamespace(cache_dir=tmp_path)
+    clock = _Clock(ws, "efficientnet_lite0")
+    clock.observe("efficientnet_lite0", {"feature_cache": {"hits": 0, "misses": 300}}, 30.0, 300)
+    clock.observe("efficientnet_lite2", {"feature_cache": {"hits": 300, "misses": 0}}, 1.0, 300)  # warm: not a speed
+    again = _Clock(ws, "efficientnet_lite0")
+    assert again.per_image("efficientnet_lite0") == pytest.approx(0.1)
+    assert again.per_image("efficientnet_lite2") == pytest.approx(0.1 * _relative_cost("efficientnet_lite2",
+                                                                                       "efficientnet_lite0"))
+    assert _relative_cost("efficientnet_lite2", "efficientnet_lite0") > _relative_cost("efficientnet_lite1",
+                                                                                      "efficientnet_lite0") > 1

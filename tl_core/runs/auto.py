@@ -27,6 +27,7 @@ validation images: kept linear, 6.0x faster").
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -37,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import TrainConfig
+from ..fileio import write_json_atomic
 from ..metrics import wilson_interval
 from ..models.training import Progress
 from ..storage.files import RunFiles
@@ -133,24 +135,6 @@ def _skipped(strategy: str, backbone: str, why: str, estimate: float | None = No
     return row
 
 
-def _forward_seconds_per_image(cfg: TrainConfig) -> float:
-    """Seconds of one inference forward pass per image on this machine, timed on a small batch."""
-    import torch
-
-    from ..models.backbones import build_model
-    from ..models.preprocess import data_config_for
-
-    model, _ = build_model(cfg.backbone, 2, weights=cfg.weights)
-    size = data_config_for(model)["input_size"][-1]
-    x = torch.zeros(8, 3, size, size)
-    model.eval()
-    with torch.inference_mode():
-        model(x[:2])  # warm-up
-        t0 = time.perf_counter()
-        model(x)
-    return (time.perf_counter() - t0) / len(x)
-
-
 def _relative_cost(backbone: str, base: str) -> float:
     """A backbone's forward pass relative to ``base``'s (the catalogue's CPU timings; 1.0 where one is unknown)."""
     from ..models.catalogue import CATALOGUE
@@ -161,20 +145,58 @@ def _relative_cost(backbone: str, base: str) -> float:
     return float(a.cpu_ms) / float(b.cpu_ms)
 
 
-class _Clock:
-    """Per-image forward cost of the run's backbone, measured once and only when an estimate needs it: from the
-    first probe's own time when it extracted its features (a cold run), else timed on a small batch."""
+def _catalogue_seconds_per_image(backbone: str) -> float:
+    """A cold probe's seconds per image when this machine has none on record: the catalogue's forward pass on the
+    reference 2-core CPU times :data:`_CATALOGUE_MARGIN` (decoding, preprocessing, the fit, a busy machine)."""
+    from ..models.catalogue import CATALOGUE
 
-    def __init__(self, cfg: TrainConfig, lin: dict[str, Any], lin_s: float, n_items: int) -> None:
-        self.cfg, self.base = cfg, cfg.backbone
-        misses = int(((lin.get("feature_cache") or {}).get("misses")) or 0)
-        # a cold probe's whole time per image: forward passes, decoding and the fit (a cautious upper bound)
-        self._per_image = lin_s / n_items if misses >= max(1, n_items // 2) and n_items else None
+    spec = CATALOGUE.get(backbone)
+    return (spec.cpu_ms if spec is not None and spec.cpu_ms else 50.0) / 1000.0 * _CATALOGUE_MARGIN
+
+
+#: A cold probe's whole time per image against the catalogue's bare forward pass (batch 8, idle reference CPU): a
+#: cautious guess (issue 24's idle cold train + evaluate of 1,300 digits, 48 s, is ~37 ms per image, 1.9x Lite0's
+#: 19.2 ms; a loaded machine is slower). Used only until this machine's first cold run records its own figure.
+_CATALOGUE_MARGIN = 4.0
+#: In the workspace's cache folder: a cold linear probe's seconds per image on this machine, by backbone, so that a
+#: re-train (features cached: nothing to time) estimates what an uncached try costs without building a model.
+_SPEED_RECORD = "auto_speed.json"
+
+
+class _Clock:
+    """Seconds per image of a linear probe whose features are not cached yet, by backbone: what this run's
+    first probe took when it extracted its features (a cold run: forward passes, decoding and the fit, a cautious
+    upper bound), else this machine's record of an earlier cold run, else the catalogue's estimate. Scaled
+    between backbones by the catalogue's CPU cost ratios; a cold try's own time is recorded for later runs."""
+
+    def __init__(self, workspace: Any, base: str) -> None:
+        self.base = base
+        cache_dir = getattr(workspace, "cache_dir", None)
+        self.path = Path(cache_dir) / _SPEED_RECORD if cache_dir is not None else None
+        self.record: dict[str, float] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                self.record = {str(k): float(v) for k, v in json.loads(self.path.read_text()).items()}
+            except (OSError, ValueError, TypeError, AttributeError):
+                self.record = {}
+
+    def observe(self, backbone: str, summary: dict[str, Any], seconds: float, n_items: int) -> None:
+        """Record a try's seconds per image if it extracted (most of) its features."""
+        misses = int(((summary.get("feature_cache") or {}).get("misses")) or 0)
+        if n_items and misses >= max(1, n_items // 2):
+            self.record[backbone] = seconds / n_items
+            if self.path is not None:
+                try:
+                    write_json_atomic(self.path, self.record)
+                except OSError as e:  # an estimate only: the next run measures again
+                    log.warning("could not record auto's speed in %s: %s", self.path, e)
 
     def per_image(self, backbone: str) -> float:
-        if self._per_image is None:
-            self._per_image = _forward_seconds_per_image(self.cfg)
-        return self._per_image * _relative_cost(backbone, self.base)
+        if backbone in self.record:
+            return self.record[backbone]
+        if self.base in self.record:
+            return self.record[self.base] * _relative_cost(backbone, self.base)
+        return _catalogue_seconds_per_image(backbone)
 
 
 def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os.PathLike, cfg: TrainConfig,
@@ -229,7 +251,8 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
         split = lin.get("split") or {}
         n_train, n_val = int(split.get("train") or 0), int(split.get("val") or 0)
         n_items = n_train + n_val + int(split.get("test") or 0)
-        clock = _Clock(cfg, lin, lin_s, n_items)
+        clock = _Clock(workspace, cfg.backbone)
+        clock.observe(cfg.backbone, lin, lin_s, n_items)
         multi = bool(lin.get("multi_label"))
         notes: list[str] = []
 
@@ -264,8 +287,9 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
             t = time.perf_counter()
             other = train_model(data, dataclasses.replace(lin_cfg, backbone=b), workspace, staging / b,
                                 quiet(f"{b} probe"), should_cancel, test_data, runtime)
-            row = {**_tried("linear", b, other, time.perf_counter() - t, _val_correct(staging / b)),
-                   "estimated_s": round(estimate, 1)}
+            other_s = time.perf_counter() - t
+            clock.observe(b, other, other_s, n_items)
+            row = {**_tried("linear", b, other, other_s, _val_correct(staging / b)), "estimated_s": round(estimate, 1)}
             tried.append(row)
             summaries[len(tried) - 1] = other
             if row["score"] is not None and row["score"] > (tried[k_best]["score"] or 0.0):
