@@ -158,7 +158,7 @@ def _catalogue_seconds_per_image(backbone: str) -> float:
 #: cautious guess (issue 24's idle cold train + evaluate of 1,300 digits, 48 s, is ~37 ms per image, 1.9x Lite0's
 #: 19.2 ms; a loaded machine is slower). Used only until this machine's first cold run records its own figure.
 _CATALOGUE_MARGIN = 4.0
-#: In the workspace's cache folder: a cold linear probe's seconds per image on this machine, by backbone, so that a
+#: In the workspace's feature cache: a cold linear probe's seconds per image on this machine, by backbone, so that a
 #: re-train (features cached: nothing to time) estimates what an uncached try costs without building a model.
 _SPEED_RECORD = "auto_speed.json"
 
@@ -172,7 +172,8 @@ class _Clock:
     def __init__(self, workspace: Any, base: str) -> None:
         self.base = base
         cache_dir = getattr(workspace, "cache_dir", None)
-        self.path = Path(cache_dir) / _SPEED_RECORD if cache_dir is not None else None
+        # beside the features it is about: counted, evicted and cleared with them (tl_core.cache)
+        self.path = Path(cache_dir) / "features" / _SPEED_RECORD if cache_dir is not None else None
         self.record: dict[str, float] = {}
         if self.path is not None and self.path.is_file():
             try:
@@ -187,6 +188,7 @@ class _Clock:
             self.record[backbone] = seconds / n_items
             if self.path is not None:
                 try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
                     write_json_atomic(self.path, self.record)
                 except OSError as e:  # an estimate only: the next run measures again
                     log.warning("could not record auto's speed in %s: %s", self.path, e)
