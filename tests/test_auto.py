@@ -133,7 +133,7 @@ def test_auto_keeps_the_backbone_with_the_best_cross_validated_score(tmp_path, m
     assert lite1["score_ci"][0] < 0.95 < lite1["score_ci"][1] and lite1["estimated_s"] > 0
     assert rows[("partial", "efficientnet_lite1")]["status"] == "not kept"  # +0.0 points: within noise
     assert "95.0%" in auto["reason"] and "90.0%" in auto["reason"] and "within noise" in auto["reason"]
-    assert all(t["why"] for t in auto["tried"])
+    assert all(t["why"] for t in auto["tried"]) and "of the 3 probes run" in lite1["why"]
     assert not list((tmp_path / "runs").glob(".*auto*"))  # the tries' staging is gone
 
 

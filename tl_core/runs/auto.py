@@ -354,10 +354,12 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
                               f"validation images, within noise: kept linear, {ratio:.1f}x faster.")
         kept_index = len(tried) - 1 if kept == "partial" else k_best
         tried[kept_index]["status"] = "kept"
+        probes = sum(1 for row in tried if row["strategy"] == "linear" and row["status"] != "skipped")
         for row in tried:
             if row["status"] == "kept":
-                row["why"] = "kept: " + reason if kept == "partial" else \
-                    "kept: the best cross-validated score" if row.get("scored_by") == "cross-validation" else "kept"
+                row["why"] = ("kept: " + reason if kept == "partial" else
+                              f"kept: the best {row['scored_by']} score of the {probes} probes run" if probes > 1
+                              else "kept: the only probe run (the baseline every other try must beat)")
             elif row["status"] == "not kept":
                 row["why"] = ("not kept: a lower cross-validated score than the kept probe"
                               if row["strategy"] == "linear" else "not kept: " + reason)
