@@ -151,7 +151,8 @@ def test_auto_skips_what_the_budget_cannot_afford_and_says_by_how_much(tmp_path,
     assert lite1["estimated_s"] == pytest.approx(300 * 30.6 / 19.2 + 5, rel=0.01)  # the catalogue's cost ratio
     assert lite1["why"].startswith("skipped the efficientnet_lite1 linear probe: estimated 8 min ")
     assert "left of the 1 min 40 s budget" in lite1["why"]
-    assert "raise the time budget" in auto["reason"] and auto["budget_s"] == 100.0
+    assert "raise the time budget to compare backbones" in auto["reason"] and auto["budget_s"] == 100.0
+    assert "raise the time budget to try it" in auto["reason"]  # the fine-tune, too
 
 
 def test_a_cold_probe_records_this_machine_s_speed_for_later_estimates(tmp_path):

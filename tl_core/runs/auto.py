@@ -261,6 +261,7 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
         # -- 2. the other offline backbones' probes, by the same cross-validation ---------------------------------
         k_best = 0  # index in tried of the kept probe
         summaries: dict[int, dict[str, Any]] = {0: lin}
+        over_budget: list[str] = []
         others = [b for b in OFFLINE_BACKBONES if b != cfg.backbone]
         first_cv = _cv_score(lin)
         if cfg.weights not in ("auto", "packaged") or cfg.backbone not in OFFLINE_BACKBONES:
@@ -284,6 +285,7 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
             estimate = n_items * clock.per_image(b) + _TRY_OVERHEAD_S
             if estimate > left():
                 tried.append(_skipped("linear", b, too_long(name, estimate), estimate))
+                over_budget.append(f"{b} (~{duration_text(estimate)})")
                 continue
             emit({"stage": "check", "message": f"auto: trying {name} (~{duration_text(estimate)})"})
             t = time.perf_counter()
@@ -296,6 +298,9 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
             summaries[len(tried) - 1] = other
             if row["score"] is not None and row["score"] > (tried[k_best]["score"] or 0.0):
                 k_best = len(tried) - 1
+        if over_budget:
+            notes.append(f"The probes of {' and '.join(over_budget)} did not fit the {duration_text(budget)} budget "
+                         "(raise the time budget to compare backbones).")
         kept_row = tried[k_best]
         kept_backbone = kept_row["backbone"]
         kept_dir = "linear" if k_best == 0 else kept_backbone
