@@ -68,7 +68,8 @@ def _tries_text(auto: dict[str, Any]) -> str:
         if t["status"] == "skipped":
             out.append(f"{name}: skipped" + (f" (est. {t['estimated_s']:.0f} s)" if "estimated_s" in t else ""))
         else:
-            out.append(f"{name}: {t['status']}, {'CV' if t['scored_by'] == 'cross-validation' else 'val'} {_pct(t['score'])}, {t['seconds']:.0f} s")
+            by = "CV" if t["scored_by"] == "cross-validation" else "val"
+            out.append(f"{name}: {t['status']}, {by} {_pct(t['score'])}, {t['seconds']:.0f} s")
     return "; ".join(out)
 
 
