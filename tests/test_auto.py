@@ -125,7 +125,8 @@ def test_auto_keeps_the_backbone_with_the_best_cross_validated_score(tmp_path, m
     auto = out["auto"]
     assert calls == [("linear", "efficientnet_lite0"), ("linear", "efficientnet_lite1"),
                      ("linear", "efficientnet_lite2"), ("partial", "efficientnet_lite1")]  # the kept one fine-tuned
-    assert which == "linear efficientnet_lite1" and auto["kept"] == "linear" and auto["backbone"] == "efficientnet_lite1"
+    assert which == "linear efficientnet_lite1"  # the kept probe's run folder became the run
+    assert auto["kept"] == "linear" and auto["backbone"] == "efficientnet_lite1"
     rows = {(t["strategy"], t["backbone"]): t for t in auto["tried"]}
     assert [rows[("linear", f"efficientnet_lite{i}")]["status"] for i in range(3)] == ["not kept", "kept", "not kept"]
     lite1 = rows[("linear", "efficientnet_lite1")]
