@@ -73,8 +73,8 @@ def test_auto_is_the_default_with_a_budget_a_newcomer_accepts():
 
 @pytest.mark.slow
 def test_auto_skips_tries_that_do_not_fit_the_budget_and_says_so(workspace):
-    """The emoji sample (160 images in 5 classes after the split: enough to compare backbones and to fine-tune)
-    with a 1-second budget: the probe runs, every other try is listed as skipped with its estimate."""
+    """The emoji sample (160 training images in 5 classes after the split: enough to fine-tune) with a 1-second
+    budget: the probe runs, the fine-tune is listed as skipped with its estimate, the backbones with their reason."""
     res = run_training(workspace, EMOJI, TrainConfig(time_budget=1.0))
     assert res.status == "done", res.error
     auto = res.auto
@@ -82,16 +82,17 @@ def test_auto_skips_tries_that_do_not_fit_the_budget_and_says_so(workspace):
     assert [t["status"] for t in auto["tried"]][0] == "kept"
     skipped = [t for t in auto["tried"] if t["status"] == "skipped"]
     assert len(skipped) == 3  # the two other backbones' probes and the fine-tune
-    (partial,) = [t for t in skipped if t["strategy"] == "partial"]
+    partial = skipped[2]
+    assert partial["strategy"] == "partial"
     assert partial["estimated_s"] > 1.0 and "left of the 1 s budget" in partial["why"]
-    for t in skipped:  # a backbone is skipped for the budget, or because the first probe left it no room
-        assert ("estimated_s" in t and "left of the 1 s budget" in t["why"]) or "no room" in t["why"], t
-    assert "budget" in auto["reason"] and "raise the time budget" in auto["reason"]
+    for t in skipped[:2]:  # 200 images: too few to tell backbones apart, so not even estimated
+        assert "estimated_s" not in t and "fewer than 500" in t["why"] and "within noise" in t["why"], t
+    assert "budget" in auto["reason"] and "raise the time budget to try it" in auto["reason"]
 
 
 def _fake_tries(tmp_path, monkeypatch, cv: dict[str, float], per_image_s: float, budget: float):
     """Run ``train_auto`` with a stand-in for ``train_model`` (no network, no images): each try writes a run folder
-    that names it and returns the summary a 300-image, 10-class linear or partial run returns; each backbone's
+    that names it and returns the summary a 600-image, 10-class linear or partial run returns; each backbone's
     probe scores ``cv[backbone]`` by cross-validation. The per-image cost the budget is estimated with is fixed."""
     import tl_core.runs.auto as auto_mod
 
@@ -101,15 +102,15 @@ def _fake_tries(tmp_path, monkeypatch, cv: dict[str, float], per_image_s: float,
         calls.append((cfg.strategy, cfg.backbone))
         run_dir.mkdir(parents=True)
         (run_dir / "which").write_text(f"{cfg.strategy} {cfg.backbone}")
-        summary = {"classes": [str(i) for i in range(10)], "split": {"train": 240, "val": 60, "test": 0},
-                   "val_accuracy": 0.9, "feature_cache": {"hits": 300, "misses": 0}}
+        summary = {"classes": [str(i) for i in range(10)], "split": {"train": 480, "val": 120, "test": 0},
+                   "val_accuracy": 0.9, "feature_cache": {"hits": 600, "misses": 0}}
         if cfg.strategy == "linear":
             summary["features"] = {"variant": "depths", "cv": {"last@1": cv[cfg.backbone] - 0.01,
                                                                "depths@1": cv[cfg.backbone]}}
         return summary
 
-    right = np.ones(60)
-    right[:6] = 0  # 54 of 60 for every try: no paired difference
+    right = np.ones(120)
+    right[:12] = 0  # 108 of 120 for every try: no paired difference
     monkeypatch.setattr(auto_mod, "_val_correct", lambda run_dir: right)
     monkeypatch.setattr(auto_mod, "_catalogue_seconds_per_image",
                         lambda b: per_image_s * auto_mod._relative_cost(b, "efficientnet_lite0"))
@@ -130,7 +131,7 @@ def test_auto_keeps_the_backbone_with_the_best_cross_validated_score(tmp_path, m
     rows = {(t["strategy"], t["backbone"]): t for t in auto["tried"]}
     assert [rows[("linear", f"efficientnet_lite{i}")]["status"] for i in range(3)] == ["not kept", "kept", "not kept"]
     lite1 = rows[("linear", "efficientnet_lite1")]
-    assert lite1["score"] == 0.95 and lite1["scored_by"] == "cross-validation" and lite1["score_images"] == 300
+    assert lite1["score"] == 0.95 and lite1["scored_by"] == "cross-validation" and lite1["score_images"] == 600
     assert lite1["score_ci"][0] < 0.95 < lite1["score_ci"][1] and lite1["estimated_s"] > 0
     assert rows[("partial", "efficientnet_lite1")]["status"] == "not kept"  # +0.0 points: within noise
     assert "95.0%" in auto["reason"] and "90.0%" in auto["reason"] and "within noise" in auto["reason"]
@@ -139,17 +140,17 @@ def test_auto_keeps_the_backbone_with_the_best_cross_validated_score(tmp_path, m
 
 
 def test_auto_skips_what_the_budget_cannot_afford_and_says_by_how_much(tmp_path, monkeypatch):
-    """1 s per image (a slow machine): Lite1's probe of 300 images is estimated at 8 min, the fine-tune at more;
+    """0.5 s per image (a slow machine): Lite1's probe of 600 images is estimated at 8 min, the fine-tune at more;
     with a 100 s budget neither runs, and each is listed with its estimate and what was left."""
     out, calls, which = _fake_tries(tmp_path, monkeypatch, {"efficientnet_lite0": 0.90, "efficientnet_lite1": 0.99,
-                                                           "efficientnet_lite2": 0.99}, 1.0, 100.0)
+                                                           "efficientnet_lite2": 0.99}, 0.5, 100.0)
     auto = out["auto"]
     assert calls == [("linear", "efficientnet_lite0")] and which == "linear efficientnet_lite0"
     skipped = [t for t in auto["tried"] if t["status"] == "skipped"]
     assert [(t["strategy"], t["backbone"]) for t in skipped] == [
         ("linear", "efficientnet_lite1"), ("linear", "efficientnet_lite2"), ("partial", "efficientnet_lite0")]
     lite1 = skipped[0]
-    assert lite1["estimated_s"] == pytest.approx(300 * 30.6 / 19.2 + 5, rel=0.01)  # the catalogue's cost ratio
+    assert lite1["estimated_s"] == pytest.approx(600 * 0.5 * 30.6 / 19.2 + 5, rel=0.01)  # the catalogue's cost ratio
     assert lite1["why"].startswith("skipped the efficientnet_lite1 linear probe: estimated 8 min ")
     assert "left of the 1 min 40 s budget" in lite1["why"]
     assert "raise the time budget to compare backbones" in auto["reason"] and auto["budget_s"] == 100.0
