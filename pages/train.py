@@ -173,7 +173,7 @@ def settings_form(ws, path) -> None:
     phone_slot = st.container(key="phone-start")
     keys = list(STRATEGIES)
     strategy = session.keep("strategy", st.radio(
-        "Strategy", keys, key=session.remember("strategy", "linear"),
+        "Strategy", keys, key=session.remember("strategy", TrainConfig.strategy),
         format_func=lambda k: STRATEGIES[k].label, captions=[STRATEGIES[k].help for k in keys],
         help=next(f.help for f in config_fields() if f.name == "strategy"),
     ))

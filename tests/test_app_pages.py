@@ -100,7 +100,7 @@ def test_home_explains_and_shows_the_state_of_the_four_steps(home):
 
 
 @pytest.mark.processes
-def test_home_sample_data_button_selects_emoji_lite0_linear_and_opens_train(home):
+def test_home_sample_data_button_selects_emoji_lite0_auto_and_opens_train(home):
     at = app()
     button(at, "Try it with sample data").click().run()
     assert_clean(at)
@@ -110,7 +110,7 @@ def test_home_sample_data_button_selects_emoji_lite0_linear_and_opens_train(home
     assert at.query_params["data"] == "sample/emoji"
     assert at.query_params["backbone"] == "efficientnet_lite0"
     strategy = [r for r in at.radio if r.label == "Strategy"][0]
-    assert strategy.value == "linear"
+    assert strategy.value == "auto"  # the default strategy
     assert any("emoji" in m.value and "5 classes" in m.value for m in at.markdown)
 
 
@@ -279,7 +279,7 @@ def test_train_page_settings_help_and_augmentation_preview(home):
                                 "Full fine-tuning", "Automatic (try and compare)", "From scratch (no pretraining)"]
     assert "logistic regression" in " ".join(strategy.proto.captions)
     lr = [s for s in at.select_slider if s.label == "Learning rate"][0]
-    assert lr.disabled  # the linear probe has no learning rate
+    assert lr.disabled  # auto (the default) sets no learning rate of its own
     strategy.set_value("full").run()
     assert_clean(at)
     lr = [s for s in at.select_slider if s.label == "Learning rate"][0]
@@ -1197,10 +1197,10 @@ def test_train_form_is_generated_from_the_config_fields(home, no_workers):
     goto(at, "train")
     assert_clean(at)
     form = [f for f in config_fields() if f.section]
-    assert {"epochs", "lr", "batch_size", "seed", "augment", "val_split", "test_split", "class_balance", "patience",
-            "linear_c", "features", "refit", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
+    assert {"epochs", "lr", "batch_size", "seed", "time_budget", "augment", "val_split", "test_split", "class_balance",
+            "patience", "linear_c", "features", "refit", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
             "unfreeze_blocks", "device"} == {f.name for f in form}
-    for strategy in ("linear", "partial"):
+    for strategy in ("linear", "auto", "partial"):  # auto: its time budget enabled, the fine-tune settings not
         [r for r in at.radio if r.label == "Strategy"][0].set_value(strategy).run()
         assert_clean(at)
         widgets = {w.label: w for kind in ("number_input", "select_slider", "slider", "radio", "selectbox", "toggle")

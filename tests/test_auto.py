@@ -9,7 +9,8 @@ import pytest
 
 from conftest import EMOJI, make_class_folder
 from tl_core.config import TrainConfig
-from tl_core.runs.auto import MIN_PER_CLASS_TO_FINETUNE, paired_difference
+from tl_core.runs.auto import MIN_IMAGES_TO_COMPARE_BACKBONES, MIN_PER_CLASS_TO_FINETUNE, duration_text, \
+    paired_difference
 from tl_core.storage.files import RunFiles
 from tl_core.runs.training import run_training
 
@@ -29,14 +30,22 @@ def test_auto_on_a_small_set_keeps_linear_and_says_why(workspace, tmp_path):
     """12 images per class: too few for fine-tuning to help, so auto fits the probe only, keeps it, and the run is
     an ordinary linear run with the record of what auto did."""
     data = make_class_folder(tmp_path / "small", {"animal": 12, "face": 12, "flag": 12})
-    res = run_training(workspace, data, TrainConfig(strategy="auto"))
+    res = run_training(workspace, data, TrainConfig())  # auto is the default
     assert res.status == "done", res.error
     auto = res.auto
-    assert auto["kept"] == "linear" and [t["strategy"] for t in auto["tried"]] == ["linear"]
+    ran = [t for t in auto["tried"] if t["status"] != "skipped"]
+    assert auto["kept"] == "linear" and [(t["strategy"], t["status"]) for t in ran] == [("linear", "kept")]
     assert str(MIN_PER_CLASS_TO_FINETUNE) in auto["reason"] and "kept linear" in auto["reason"]
-    tried = auto["tried"][0]
+    tried = ran[0]
     lo, hi = tried["val_accuracy_ci"]
     assert lo <= tried["val_accuracy"] <= hi and tried["val_images"] > 0 and tried["seconds"] > 0
+    slo, shi = tried["score_ci"]  # scored by cross-validation on every labelled image (36), not the 9 val ones
+    assert tried["scored_by"] == "cross-validation" and tried["score_images"] == 36 and slo <= tried["score"] <= shi
+    # every other try is listed with why it did not run: 36 images cannot tell backbones apart
+    skipped = {(t["strategy"], t["backbone"]): t["why"] for t in auto["tried"] if t["status"] == "skipped"}
+    assert set(skipped) == {("linear", "efficientnet_lite1"), ("linear", "efficientnet_lite2"),
+                            ("partial", "efficientnet_lite0")}
+    assert str(MIN_IMAGES_TO_COMPARE_BACKBONES) in skipped[("linear", "efficientnet_lite1")]
     assert res.best_epoch is None and res.features in ("last", "depths")  # a linear run, features chosen by auto
     run = RunFiles(res.run_dir)
     assert run.config().strategy == "linear"  # the saved model is the kept try's, exactly
@@ -49,12 +58,119 @@ def test_auto_on_a_small_set_keeps_linear_and_says_why(workspace, tmp_path):
     assert why.startswith("The linear probe converged after")
 
 
+def test_auto_is_the_default_with_a_budget_a_newcomer_accepts():
+    from tl_core.config import DEFAULT_TIME_BUDGET_S, field_spec
+
+    cfg = TrainConfig().resolved()
+    assert cfg.strategy == "auto" and cfg.time_budget == DEFAULT_TIME_BUDGET_S <= 300
+    assert field_spec("time_budget").strategies == ("auto",)  # shown for auto only
+    from tl_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Time budget must be above 0"):
+        TrainConfig(time_budget=0).resolved()
+    assert duration_text(370) == "6 min 10 s" and duration_text(45.4) == "45 s"
+
+
 @pytest.mark.slow
-def test_auto_skips_fine_tuning_that_does_not_fit_the_budget(workspace, monkeypatch):
+def test_auto_skips_tries_that_do_not_fit_the_budget_and_says_so(workspace):
+    """The emoji sample (160 training images in 5 classes after the split: enough to fine-tune) with a 1-second
+    budget: the probe runs, the fine-tune is listed as skipped with its estimate, the backbones with their reason."""
+    res = run_training(workspace, EMOJI, TrainConfig(time_budget=1.0))
+    assert res.status == "done", res.error
+    auto = res.auto
+    assert auto["kept"] == "linear" and auto["budget_s"] == 1.0
+    assert [t["status"] for t in auto["tried"]][0] == "kept"
+    skipped = [t for t in auto["tried"] if t["status"] == "skipped"]
+    assert len(skipped) == 3  # the two other backbones' probes and the fine-tune
+    partial = skipped[2]
+    assert partial["strategy"] == "partial"
+    assert partial["estimated_s"] > 1.0 and "left of the 1 s budget" in partial["why"]
+    for t in skipped[:2]:  # 200 images: too few to tell backbones apart, so not even estimated
+        assert "estimated_s" not in t and "fewer than 500" in t["why"] and "within noise" in t["why"], t
+    assert "budget" in auto["reason"] and "raise the time budget to try it" in auto["reason"]
+
+
+def _fake_tries(tmp_path, monkeypatch, cv: dict[str, float], per_image_s: float, budget: float):
+    """Run ``train_auto`` with a stand-in for ``train_model`` (no network, no images): each try writes a run folder
+    that names it and returns the summary a 600-image, 10-class linear or partial run returns; each backbone's
+    probe scores ``cv[backbone]`` by cross-validation. The per-image cost the budget is estimated with is fixed."""
     import tl_core.runs.auto as auto_mod
 
-    monkeypatch.setattr(auto_mod, "AUTO_BUDGET_S", 1.0)
-    res = run_training(workspace, EMOJI, TrainConfig(strategy="auto", features="last"))
-    assert res.status == "done", res.error
-    assert res.auto["kept"] == "linear" and len(res.auto["tried"]) == 1
-    assert "budget" in res.auto["reason"] and res.auto["budget_s"] == 1.0
+    calls = []
+
+    def train_model(data, cfg, workspace, run_dir, progress, should_cancel, test_data, runtime):
+        calls.append((cfg.strategy, cfg.backbone))
+        run_dir.mkdir(parents=True)
+        (run_dir / "which").write_text(f"{cfg.strategy} {cfg.backbone}")
+        summary = {"classes": [str(i) for i in range(10)], "split": {"train": 480, "val": 120, "test": 0},
+                   "val_accuracy": 0.9, "feature_cache": {"hits": 600, "misses": 0}}
+        if cfg.strategy == "linear":
+            summary["features"] = {"variant": "depths", "cv": {"last@1": cv[cfg.backbone] - 0.01,
+                                                               "depths@1": cv[cfg.backbone]}}
+        return summary
+
+    right = np.ones(120)
+    right[:12] = 0  # 108 of 120 for every try: no paired difference
+    monkeypatch.setattr(auto_mod, "_val_correct", lambda run_dir: right)
+    monkeypatch.setattr(auto_mod, "_catalogue_seconds_per_image",
+                        lambda b: per_image_s * auto_mod._relative_cost(b, "efficientnet_lite0"))
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.parent.mkdir(parents=True)
+    out = auto_mod.train_auto(train_model, "data", TrainConfig(time_budget=budget).resolved(), None, run_dir)
+    return out, calls, (run_dir / "which").read_text()
+
+
+def test_auto_keeps_the_backbone_with_the_best_cross_validated_score(tmp_path, monkeypatch):
+    out, calls, which = _fake_tries(tmp_path, monkeypatch, {"efficientnet_lite0": 0.90, "efficientnet_lite1": 0.95,
+                                                           "efficientnet_lite2": 0.93}, 0.001, 600.0)
+    auto = out["auto"]
+    assert calls == [("linear", "efficientnet_lite0"), ("linear", "efficientnet_lite1"),
+                     ("linear", "efficientnet_lite2"), ("partial", "efficientnet_lite1")]  # the kept one fine-tuned
+    assert which == "linear efficientnet_lite1"  # the kept probe's run folder became the run
+    assert auto["kept"] == "linear" and auto["backbone"] == "efficientnet_lite1"
+    rows = {(t["strategy"], t["backbone"]): t for t in auto["tried"]}
+    assert [rows[("linear", f"efficientnet_lite{i}")]["status"] for i in range(3)] == ["not kept", "kept", "not kept"]
+    lite1 = rows[("linear", "efficientnet_lite1")]
+    assert lite1["score"] == 0.95 and lite1["scored_by"] == "cross-validation" and lite1["score_images"] == 600
+    assert lite1["score_ci"][0] < 0.95 < lite1["score_ci"][1] and lite1["estimated_s"] > 0
+    assert rows[("partial", "efficientnet_lite1")]["status"] == "not kept"  # +0.0 points: within noise
+    assert "95.0%" in auto["reason"] and "90.0%" in auto["reason"] and "within noise" in auto["reason"]
+    assert all(t["why"] for t in auto["tried"]) and "of the 3 probes run" in lite1["why"]
+    assert not list((tmp_path / "runs").glob(".*auto*"))  # the tries' staging is gone
+
+
+def test_auto_skips_what_the_budget_cannot_afford_and_says_by_how_much(tmp_path, monkeypatch):
+    """0.5 s per image (a slow machine): Lite1's probe of 600 images is estimated at 8 min, the fine-tune at more;
+    with a 100 s budget neither runs, and each is listed with its estimate and what was left."""
+    out, calls, which = _fake_tries(tmp_path, monkeypatch, {"efficientnet_lite0": 0.90, "efficientnet_lite1": 0.99,
+                                                           "efficientnet_lite2": 0.99}, 0.5, 100.0)
+    auto = out["auto"]
+    assert calls == [("linear", "efficientnet_lite0")] and which == "linear efficientnet_lite0"
+    skipped = [t for t in auto["tried"] if t["status"] == "skipped"]
+    assert [(t["strategy"], t["backbone"]) for t in skipped] == [
+        ("linear", "efficientnet_lite1"), ("linear", "efficientnet_lite2"), ("partial", "efficientnet_lite0")]
+    lite1 = skipped[0]
+    assert lite1["estimated_s"] == pytest.approx(600 * 0.5 * 30.6 / 19.2 + 5, rel=0.01)  # the catalogue's cost ratio
+    assert lite1["why"].startswith("skipped the efficientnet_lite1 linear probe: estimated 8 min ")
+    assert "left of the 1 min 40 s budget" in lite1["why"]
+    assert "raise the time budget to compare backbones" in auto["reason"] and auto["budget_s"] == 100.0
+    assert "raise the time budget to try it" in auto["reason"]  # the fine-tune, too
+
+
+def test_a_cold_probe_records_this_machine_s_speed_for_later_estimates(tmp_path):
+    """A re-train finds its features cached and has nothing to time: it estimates uncached tries from the last
+    cold run's seconds per image (scaled by the catalogue between backbones), without building a model."""
+    from types import SimpleNamespace
+
+    from tl_core.runs.auto import _Clock, _relative_cost
+
+    ws = SimpleNamespace(cache_dir=tmp_path)
+    clock = _Clock(ws, "efficientnet_lite0")
+    clock.observe("efficientnet_lite0", {"feature_cache": {"hits": 0, "misses": 300}}, 30.0, 300)
+    clock.observe("efficientnet_lite2", {"feature_cache": {"hits": 300, "misses": 0}}, 1.0, 300)  # warm: not a speed
+    again = _Clock(ws, "efficientnet_lite0")
+    assert again.per_image("efficientnet_lite0") == pytest.approx(0.1)
+    assert again.per_image("efficientnet_lite2") == pytest.approx(0.1 * _relative_cost("efficientnet_lite2",
+                                                                                       "efficientnet_lite0"))
+    assert _relative_cost("efficientnet_lite2", "efficientnet_lite0") > _relative_cost("efficientnet_lite1",
+                                                                                      "efficientnet_lite0") > 1

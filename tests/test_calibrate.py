@@ -32,7 +32,7 @@ def overconfident_run(shared_cache):
     ws = insight_workspace(shared_cache)
     # refit=False: the saved model is the one that made the validation predictions, as with partial/full runs
     # (the refit path, where a validation-fit head made them, is tested in test_train.py)
-    res = run_training(ws, fashion_small(shared_cache), TrainConfig(linear_c=1e4, refit=False, features="last"))
+    res = run_training(ws, fashion_small(shared_cache), TrainConfig(strategy="linear", linear_c=1e4, refit=False, features="last"))
     assert res.status == "done", res.error
     return ws, res
 

@@ -33,7 +33,7 @@ def emoji_small_run(shared_cache):
     data = emoji_small(shared_cache)
     embed_dataset(data, "efficientnet_lite0", ws)
     # the last layer: what the insight modules cached (auto would also need the earlier stages' features)
-    res = run_training(ws, data, TrainConfig(features="last"))
+    res = run_training(ws, data, TrainConfig(strategy="linear", features="last"))
     assert res.status == "done", res.error
     return ws, res
 

@@ -81,7 +81,7 @@ def depths_run(tmp_path_factory):
     from tl_core.storage.workspace import Workspace
 
     ws = Workspace(tmp_path_factory.mktemp("depths_home"))
-    res = run_training(ws, EMOJI, TrainConfig(features="depths"))
+    res = run_training(ws, EMOJI, TrainConfig(strategy="linear", features="depths"))
     assert res.status == "done", res.error
     return ws, res
 
@@ -135,7 +135,7 @@ def test_auto_records_its_choice(workspace):
     from tl_core.share.progress import features_text
     from tl_core.runs.training import run_training
 
-    res = run_training(workspace, EMOJI, TrainConfig(features="auto"))
+    res = run_training(workspace, EMOJI, TrainConfig(strategy="linear", features="auto"))
     assert res.status == "done", res.error
     assert set(res.cv) == {f"{v}@{c:g}" for v, c in CANDIDATES}
     best = max(res.cv.values())
@@ -176,7 +176,7 @@ def test_auto_beats_or_equals_the_classic_recipe_on_fashion(workspace):
     from tl_core.config import TrainConfig
     from tl_core.runs.training import run_training
 
-    res = run_training(workspace, FASHION / "train", TrainConfig(features="auto"), test_data=FASHION / "test")
+    res = run_training(workspace, FASHION / "train", TrainConfig(strategy="linear", features="auto"), test_data=FASHION / "test")
     assert res.status == "done", res.error
     # the classic recipe on the same cached features: the first 1280 columns of the depths extraction
     from tl_core.cache import FeatureCache
@@ -243,7 +243,7 @@ def test_flip_run_grad_cam_is_mirror_equivariant(workspace):
 
     from tl_core.data.images import load_image
 
-    res = run_training(workspace, EMOJI, TrainConfig(features="flip", epochs=20))
+    res = run_training(workspace, EMOJI, TrainConfig(strategy="linear", features="flip", epochs=20))
     assert res.status == "done" and res.features == "flip"
     tm = load_model(res.run_dir)
     img = load_image(sorted((EMOJI / "vehicle").glob("*.png"))[0])

@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
         ws = Workspace(root / "home")
         out = {}
         for variant in ("last", "depths"):
-            res = run_training(ws, data, TrainConfig(features=variant))
+            res = run_training(ws, data, TrainConfig(strategy="linear", features=variant))
             assert res.status == "done", res.error
             assert res.features == variant
             out[variant] = res.run_dir
@@ -180,12 +180,12 @@ def test_a_warm_re_train_reuses_autos_choice_and_repeats_the_run(runs, monkeypat
 
     ws, run_dirs, _ = runs
     data = Path(run_dirs["last"]).parent.parent.parent / "train"
-    first = training.run_training(ws, data, TrainConfig())
+    first = training.run_training(ws, data, TrainConfig(strategy="linear"))
     assert first.status == "done" and first.cv  # auto: cross-validated
     calls = []
     real = training.choose_features
     monkeypatch.setattr(training, "choose_features", lambda *a, **k: calls.append(1) or real(*a, **k))
-    second = training.run_training(ws, data, TrainConfig())
+    second = training.run_training(ws, data, TrainConfig(strategy="linear"))
     assert second.status == "done" and calls == []  # no cross-validation this time
     a, b = RunFiles(Path(first.run_dir)), RunFiles(Path(second.run_dir))
     fa, fb = a.meta().features, b.meta().features
@@ -195,14 +195,14 @@ def test_a_warm_re_train_reuses_autos_choice_and_repeats_the_run(runs, monkeypat
     # another seed (another split) of the same data: the choice is that of the dataset, read back, and so is the
     # cross-validated estimate (on every labelled image, whatever the split)
     for seed in (7, 8):  # (two: a float sum in the split's order once made one seed's record key differ)
-        other = training.run_training(ws, data, dataclasses.replace(TrainConfig(), seed=seed))
+        other = training.run_training(ws, data, dataclasses.replace(TrainConfig(strategy="linear"), seed=seed))
         assert other.status == "done" and calls == []
         c = RunFiles(Path(other.run_dir))
         assert c.meta().features["reused"] and c.meta().features["variant"] == a.meta().features["variant"]
         assert c.meta().features["cv"] == a.meta().features["cv"]
         assert c.metrics().cv.get("reused") and c.metrics().cv["accuracy"] == a.metrics().cv["accuracy"]
         assert list(c.predictions().splits["val"].paths) != list(pa.paths)  # it did split otherwise
-    third = training.run_training(ws, data, dataclasses.replace(TrainConfig(), linear_c=0.5))
+    third = training.run_training(ws, data, dataclasses.replace(TrainConfig(strategy="linear"), linear_c=0.5))
     assert third.status == "done" and calls == [1]  # another C: chosen again
 
 

@@ -165,7 +165,7 @@ def ml_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("ml_home")
     train_csv, test_csv = multilabel_subset(home)  # the cut benchmarks/recipes.py measures
     ws = Workspace(home / "ws")
-    res = run_training(ws, train_csv, TrainConfig(), test_data=test_csv)
+    res = run_training(ws, train_csv, TrainConfig(strategy="linear"), test_data=test_csv)
     assert res.status == "done", res.error
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TL_HOME", str(ws.home))

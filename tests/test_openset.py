@@ -143,7 +143,7 @@ def emoji_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("openset_emoji")
     train, held = _split_emoji(root)
     ws = Workspace(root / "home")
-    res = run_training(ws, train, TrainConfig())
+    res = run_training(ws, train, TrainConfig(strategy="linear"))
     assert res.status == "done", res.error
     return ws, Path(res.run_dir), held
 
@@ -197,7 +197,7 @@ def test_a_fashion_model_flags_emoji_images(tmp_path):
     from tl_core.share.predict import evaluate_dataset
 
     ws = Workspace(tmp_path / "home")
-    res = run_training(ws, FASHION, TrainConfig())  # its test/ folder stays held out
+    res = run_training(ws, FASHION, TrainConfig(strategy="linear"))  # its test/ folder stays held out
     assert res.status == "done", res.error
     tm = load_model(res.run_dir)
     emoji, _ = _flagged(tm, [EMOJI])
@@ -515,7 +515,7 @@ def test_a_small_varied_colour_model_flags_handwritten_digits(tmp_path):
     from tl_core.share.loading import load_model
 
     train, held = _split_emoji(tmp_path, n_train=8)
-    res = run_training(Workspace(tmp_path / "home"), train, TrainConfig())
+    res = run_training(Workspace(tmp_path / "home"), train, TrainConfig(strategy="linear"))
     assert res.status == "done", res.error
     tm = load_model(res.run_dir)
     assert tm.open_set.record["calibration"] == "leave-one-out" and tm.open_set.record["n"] == 40

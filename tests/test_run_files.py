@@ -62,13 +62,13 @@ def test_a_run_that_fails_before_publishing_leaves_no_run_directory(workspace, s
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(RunFiles, "write_metrics", fail_late)
-    res = run_training(workspace, data, TrainConfig(max_per_class=4), raise_errors=False)
+    res = run_training(workspace, data, TrainConfig(strategy="linear", max_per_class=4), raise_errors=False)
     assert res.status == "failed" and "No space left on device" in res.error
     assert not Path(res.run_dir).exists()
     assert list(workspace.runs_dir.iterdir()) == []  # the staging folder was removed too
     assert workspace.store().get(res.run_id)["status"] == "failed"
     monkeypatch.setattr(RunFiles, "write_metrics", real)
-    ok = run_training(workspace, data, TrainConfig(max_per_class=4))
+    ok = run_training(workspace, data, TrainConfig(strategy="linear", max_per_class=4))
     assert _files_in(Path(ok.run_dir)) == {"config.json", "meta.json", "model.safetensors", "val_head.safetensors",
                                            "metrics.json", "predictions.json", "ood.json", "ood_bank.safetensors"}
 

@@ -92,7 +92,7 @@ def test_locked_test_share_is_carved_and_never_used_for_a_choice(workspace, monk
     monkeypatch.setattr(training, "fit_linear_head", fit)
     monkeypatch.setattr(crossfit, "fit_linear_head", fit)
     monkeypatch.setattr(training, "build_open_set", open_set)
-    res = run_training(workspace, EMOJI, TrainConfig(features="last", test_split=0.2))
+    res = run_training(workspace, EMOJI, TrainConfig(strategy="linear", features="last", test_split=0.2))
     assert res.status == "done", res.error
     assert (res.test_count, res.val_count, res.cv_count) == (40, 30, 160)
     assert res.test_accuracy is not None and res.test_accuracy_ci[0] <= res.test_accuracy <= res.test_accuracy_ci[1]
@@ -111,7 +111,7 @@ def test_locked_test_share_is_carved_and_never_used_for_a_choice(workspace, monk
     make_class_folder(own / "train", {"a": 3, "b": 3})
     make_class_folder(own / "test", {"a": 1, "b": 1})
     with pytest.raises(DatasetError, match="test share to 0"):
-        run_training(workspace, own, TrainConfig(features="last", test_split=0.2))
+        run_training(workspace, own, TrainConfig(strategy="linear", features="last", test_split=0.2))
 
 
 @pytest.mark.slow
@@ -434,8 +434,8 @@ def test_linear_refit_uses_every_labelled_image_and_keeps_validation_honest(work
     from tl_core.share.loading import load_model
     from tl_core.share.predict import predict_paths
 
-    plain = run_training(workspace, FASHION, TrainConfig(refit=False))
-    refit = run_training(workspace, FASHION, TrainConfig())
+    plain = run_training(workspace, FASHION, TrainConfig(strategy="linear", refit=False))
+    refit = run_training(workspace, FASHION, TrainConfig(strategy="linear"))
     assert plain.val_accuracy == refit.val_accuracy and plain.val_loss == refit.val_loss
     fa, fb = (RunFiles(workspace.run_dir(r.run_id)) for r in (plain, refit))
     va, vb = fa.predictions().get("val"), fb.predictions().get("val")

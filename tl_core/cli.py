@@ -155,7 +155,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runs.training import result_of, run_training
 
     cfg = config_from_args(args)
-    if cfg.strategy == "linear":  # a short process of forward passes (fine-tuning keeps glibc's defaults)
+    # a short process of forward passes (fine-tuning keeps glibc's defaults); auto's tries are probes unless its
+    # budget affords a fine-tune, which then also runs in this short process
+    if cfg.strategy in ("linear", "auto"):
         from .models.devices import reuse_heap_memory
 
         reuse_heap_memory()

@@ -17,6 +17,7 @@ from .errors import ConfigError
 __all__ = [
     "Choice",
     "STRATEGIES",
+    "DEFAULT_TIME_BUDGET_S",
     "AUGMENT_PRESETS",
     "CLASS_BALANCE",
     "DEVICES",
@@ -70,9 +71,10 @@ STRATEGIES: dict[str, Choice] = {
         Choice(
             "auto",
             "Automatic (try and compare)",
-            "Fit the linear probe (features chosen by cross-validation); where the data and a time budget allow, "
-            "also a short partial fine-tune on the same split; keep fine-tuning only if it beats the probe by more "
-            "than the noise on the validation images, and say what was tried.",
+            "Fit the linear probe (features chosen by cross-validation); where the time budget allows and the "
+            "data can show a difference, also the other offline backbones' probes (scored by the same "
+            "cross-validation) and a short partial fine-tune on the same split; keep the best, fine-tuning only "
+            "if it beats the probe by more than the noise, and say what was tried, skipped and why.",
             {"epochs": 8, "lr": 1e-3, "patience": 4},
         ),
         Choice(
@@ -213,6 +215,10 @@ def _f(default: Any, label: str, help: str, **spec: Any) -> Any:
 
 LEARNING_RATES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 BATCH_SIZES = (8, 16, 32, 64, 128)
+#: auto's default time budget: two minutes, what a newcomer waits for a first model on a CPU. The linear probe
+#: always runs; on a 2-core CPU a short fine-tune of 300 images is estimated at several minutes, so it is skipped
+#: and a default run costs about what ``linear`` costs (benchmarks/RESULTS.md, "auto as the default").
+DEFAULT_TIME_BUDGET_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -222,9 +228,14 @@ class TrainConfig:
 
     backbone: str = _f("efficientnet_lite0", "Backbone", "Catalogue name or timm model name of the pretrained "
                        "backbone (`tl-core backbones` lists the catalogue).")
-    strategy: str = _f("linear", "Strategy", "How much of the backbone is trained: linear, partial, full, auto (try "
-                       "linear, then partial where it can help, keep the better) or scratch.",
+    strategy: str = _f("auto", "Strategy", "How much of the backbone is trained: auto (the default: try the linear "
+                       "probe, then what the time budget affords, keep the best), linear, partial, full or scratch.",
                        choices=STRATEGIES)
+    time_budget: float = _f(
+        DEFAULT_TIME_BUDGET_S, "Time budget (seconds)", "auto only: seconds auto may spend in all. The linear probe "
+        "always runs; each further try (the other offline backbones' probes, a short partial fine-tune) runs only "
+        "if its estimated time fits what is left, and the summary says which were skipped and why.",
+        strategies=("auto",), section="main", min=10.0, max=86400.0, step=10.0)
     weights: str = _f(
         "auto", "Weights",
         "Where the pretrained weights come from: auto (packaged, else timm's hub), packaged, hub, "
@@ -325,6 +336,7 @@ class TrainConfig:
             (0 < cfg.backbone_lr_mult <= 10, f"backbone LR multiplier must be in (0, 10] (got {cfg.backbone_lr_mult})."),
             (cfg.unfreeze_blocks >= 1, f"unfreeze blocks must be at least 1 (got {cfg.unfreeze_blocks})."),
             (cfg.linear_c > 0, f"linear C must be above 0 (got {cfg.linear_c})."),
+            (cfg.time_budget > 0, f"time budget must be above 0 seconds (got {cfg.time_budget})."),
             (cfg.max_per_class is None or cfg.max_per_class >= 1, "max images per class must be at least 1."),
         ]
         for ok, msg in checks:
