@@ -211,7 +211,7 @@ def emoji_run(tmp_path_factory):
     from tl_core.storage.workspace import Workspace
 
     def build(home: Path):
-        res = run_training(Workspace(home), EMOJI, TrainConfig(features="last"))
+        res = run_training(Workspace(home), EMOJI, TrainConfig(strategy="linear", features="last"))
         assert res.status == "done", res.error
         return home, res
 
