@@ -58,15 +58,20 @@ def _check_edge() -> None:
     for name in ("tensorflow", "ai_edge_litert"):
         if importlib.util.find_spec(name) is None:
             raise ExportError(f"TFLite export needs TensorFlow's converter and the LiteRT interpreter ({name} is "
-                              f"missing); run `{EDGE_INSTALL}` (about 600 MB) in TL Studio's folder.")
+                              f"missing); run `{EDGE_INSTALL}` (a 250 MB download, 1.4 GB installed) in TL Studio's folder.")
 
 
 def _edge_modules() -> tuple[Any, Any]:
     """(tensorflow, ai_edge_litert.interpreter), or an ExportError saying how to install them.
 
-    TensorFlow is imported after torch's ONNX exporter has run: importing triton (which torch's dynamo exporter
-    does) after TensorFlow crashes the process."""
+    Importing triton (torch's dynamo ONNX exporter does) after TensorFlow crashes the process (segmentation
+    fault, TensorFlow 2.21 with torch 2.14's triton); the other order is fine, so triton, where installed, is
+    imported first: a later ONNX export in the same process (a test run, a worker) stays safe."""
+    import importlib.util
+
     _check_edge()
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401  (see above: before TensorFlow)
     try:
         with contextlib.redirect_stderr(open(os.devnull, "w")):
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -74,7 +79,7 @@ def _edge_modules() -> tuple[Any, Any]:
         from ai_edge_litert import interpreter as litert
     except ImportError as e:
         raise ExportError(f"TFLite export needs TensorFlow's converter and the LiteRT interpreter ({e.name} is "
-                          f"missing); run `{EDGE_INSTALL}` (about 600 MB) in TL Studio's folder.") from None
+                          f"missing); run `{EDGE_INSTALL}` (a 250 MB download, 1.4 GB installed) in TL Studio's folder.") from None
     return tf, litert
 
 
@@ -113,7 +118,6 @@ def onnx_to_tf(model_path: str | os.PathLike) -> Callable[[Any], dict[str, Any]]
     import onnx
     from onnx import numpy_helper
 
-    tf, _ = _edge_modules()
     model = onnx.load(str(model_path))
     graph = model.graph
     consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -122,6 +126,7 @@ def onnx_to_tf(model_path: str | os.PathLike) -> Callable[[Any], dict[str, Any]]
         raise ExportError(f"TFLite export cannot convert the ONNX op(s) {', '.join(unknown)} of this backbone; "
                           "export ONNX instead (tl-core export RUN --format onnx) or use a CNN backbone such as "
                           "efficientnet_lite0.")
+    tf, _ = _edge_modules()
     input_name = next(i.name for i in graph.input if i.name not in consts)
     outputs = [o.name for o in graph.output]
 
