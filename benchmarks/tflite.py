@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/tflite.py [--run RUN_OR_BUNDLE] [--no-write]
 
 Needs the edge extra (``pip install -e '.[edge]'``). Data: sample_data/fashion_mnist: a linear probe is trained on
-its ``train/`` folder (300 images) in a temporary ``TL_HOME`` (or ``--run`` names a trained run), and its
+its ``train/`` folder (300 images; last-layer features, as the tests' emoji run) in a temporary ``TL_HOME`` (or ``--run`` names a trained run), and its
 ``test/`` folder (200 labelled images the run never saw) is the held-out set. ``tl-core export --format tflite``'s
 function writes the float32 and the int8 file (int8 calibrated on the run's training images); then every held-out
 image is run, one at a time, through both files with the LiteRT interpreter (1 thread) and through
@@ -50,7 +50,7 @@ def main() -> None:
         if run is None:
             env = {**os.environ, "TL_HOME": tmp, "PYTHONPATH": str(ROOT)}
             p = subprocess.run([sys.executable, "-m", "tl_core.cli", "train", str(DATA / "train"), "--strategy",
-                                "linear", "--json", "--quiet"], env=env, capture_output=True, text=True, cwd=ROOT)
+                                "linear", "--features", "last", "--json", "--quiet"], env=env, capture_output=True, text=True, cwd=ROOT)
             if p.returncode != 0:
                 sys.exit(f"training failed:\n{p.stderr[-3000:]}")
             run = str(Path(tmp) / "runs" / json.loads(p.stdout)["run_id"])

@@ -90,3 +90,40 @@ def test_tflite_agrees_with_predict_and_int8_is_small(emoji_run_dir, tmp_path):
     assert q["calibration"]["source"] == "training images"
     got_q = litert_runner(int8.read_bytes())(x)
     assert 0 < np.abs(got_q - got).max() < 0.5  # quantised (not the float model again), still close
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_EDGE, reason="needs the edge extra: pip install -e '.[edge]'")
+def test_multi_depth_features_convert_exactly(tmp_path):
+    """A head on pooled features of two depths joined by a concat (as the multi-depth feature variants are), with
+    a stride-2 padded conv and a depthwise conv: the TensorFlow function gives PyTorch's outputs."""
+    import torch
+    from torch import nn
+
+    from tl_core.share.export import _export_onnx_file
+    from tl_core.share.tflite import onnx_to_tf
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.clamp(self.a(x), 0, 6)
+            g = torch.clamp(self.b(h), 0, 6)
+            f = torch.cat([g.mean((2, 3)), h.mean((2, 3)) * 0.5], 1)
+            z = self.fc(f)
+            return torch.softmax(z, 1), z
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(3, 3, 16, 16)
+    path = tmp_path / "m.onnx"
+    _export_onnx_file(net, x[:2], path, "dynamo")
+    got = onnx_to_tf(path)(np.transpose(x.numpy(), (0, 2, 3, 1)))
+    with torch.no_grad():
+        probs, logits = net(x)
+    np.testing.assert_allclose(got["logits"].numpy(), logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got["probs"].numpy(), probs.numpy(), atol=1e-6)

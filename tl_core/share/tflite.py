@@ -303,6 +303,39 @@ def _unary(f: str) -> Callable[[Any, list[_Value], dict[str, Any]], _Value]:
     return run
 
 
+def _concat(tf: Any, ins: list[_Value], at: dict[str, Any]) -> _Value:
+    axis = int(at["axis"])
+    if all(v.nhwc for v in ins):
+        return _Value(tf.concat([v.t for v in ins], _NCHW_TO_NHWC_AXIS[axis % 4]), True)
+    parts = [_plain(tf, v) for v in ins]
+    if all(isinstance(t, np.ndarray) for t in parts):
+        return _Value(np.concatenate(parts, axis))
+    return _Value(tf.concat(parts, axis))
+
+
+def _gather(tf: Any, ins: list[_Value], at: dict[str, Any]) -> _Value:
+    data, idx = _plain(tf, ins[0]), ins[1].t
+    axis = int(at.get("axis", 0))
+    if isinstance(data, np.ndarray) and isinstance(idx, np.ndarray):
+        return _Value(np.take(data, idx, axis=axis))
+    return _Value(tf.gather(data, idx, axis=axis))
+
+
+def _unsqueeze(tf: Any, ins: list[_Value], at: dict[str, Any]) -> _Value:
+    t = _plain(tf, ins[0])
+    for a in sorted(_axes(ins, at) or []):
+        t = np.expand_dims(t, a) if isinstance(t, np.ndarray) else tf.expand_dims(t, a)
+    return _Value(t)
+
+
+def _squeeze(tf: Any, ins: list[_Value], at: dict[str, Any]) -> _Value:
+    t = _plain(tf, ins[0])
+    axes = _axes(ins, at)
+    if isinstance(t, np.ndarray):
+        return _Value(np.squeeze(t, tuple(axes) if axes else None))
+    return _Value(tf.squeeze(t, axes))
+
+
 def _constant(tf: Any, ins: list[_Value], at: dict[str, Any]) -> _Value:
     from onnx import numpy_helper
 
@@ -332,6 +365,10 @@ _OPS: dict[str, Callable[[Any, list[_Value], dict[str, Any]], Any]] = {
     "MatMul": _matmul,
     "Softmax": _softmax,
     "Constant": _constant,
+    "Concat": _concat,
+    "Gather": _gather,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
 }
 
 
