@@ -1,5 +1,5 @@
 """Runs & export: every run with its settings and results, comparison, delete, and downloads: the model
-bundle, verified ONNX and TorchScript exports, and a self-contained HTML report."""
+bundle, verified ONNX, TorchScript and TFLite exports, a web page, and a self-contained HTML report."""
 
 from pathlib import Path
 
@@ -89,12 +89,18 @@ def _data_text(run: dict) -> str:
     return (run.get("summary") or {}).get("dataset_version") or Path(str(run.get("data", ""))).name or MISSING
 
 
-FORMAT_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript", "webpage": "Web page"}
+FORMAT_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript", "tflite": "TFLite", "webpage": "Web page"}
 #: Fewest epochs a run needs for its training curves (one point says nothing and charts badly).
 MIN_EPOCHS_CHARTED = 2
 
 
-def _verification_text(v: dict) -> str:
+def _verification_text(v: dict, int8: dict | None = None) -> str:
+    if "min_agreement" in v:  # TFLite: the float32 file's top-1 agreement, the int8 file's accuracy change
+        acc = (f" int8: accuracy {v['accuracy']:.1%} → {int8['accuracy']:.1%} ({int8['accuracy_change_points']:+.1f} "
+               "points)." if int8 and int8.get("accuracy") is not None and v.get("accuracy") is not None else "")
+        return (f"float32 verified on {v['images']} held-out images with {v['runtime']}: same top-1 as the run on "
+                f"{v['top1_agree']}/{v['images']} (needs {v['min_agreement']:.0%}), {v['ms_per_image']:.0f} ms an "
+                f"image here.{acc}")
     return (f"Verified on {v['images']} images ({v['image_source']}) with {v['runtime']}: same top-1 class on "
             f"{v['top1_agree']}/{v['images']} images, largest probability difference {v['max_prob_diff']:.1e} "
             f"(allowed {v['tolerance']:.0e}).")
@@ -144,12 +150,15 @@ def export_panel(ws, run_id: str) -> None:
             if res is None:
                 continue
             v = res["verification"]
-            (st.success if v["passed"] else st.error)(_verification_text(v))
+            (st.success if v["passed"] else st.error)(_verification_text(v, res.get("int8")))
             if fmt == "webpage":
                 _downloads(ws, task, res, f"dl-{fmt}-{run_id}", {
                     ".zip": f"Web page .zip ({res['files'][0]['bytes'] / 1e6:.1f} MB)"})
                 st.caption("Unzip it and open index.html: it runs offline. Your own page can call "
                            "`await tlstudio.predict(img)` (see the page's 'JavaScript API').")
+                continue
+            if fmt == "tflite":  # two model files: float32 and int8, by name
+                _downloads(ws, task, res, f"dl-{fmt}-{run_id}", {".json": "Classes and preprocessing (.json)"})
                 continue
             ext = {"onnx": ".onnx", "torchscript": ".pt"}[fmt]
             model = res["files"][0]

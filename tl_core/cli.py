@@ -315,24 +315,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .share.export import export_run
-    from .share.webpage import export_webpage
+    from .share.formats import export_model, export_summary
 
-    run_dir = _resolve_run_dir(args.run)
-    out = (export_webpage(run_dir, args.out) if args.format == "webpage"
-           else export_run(run_dir, args.format, args.out))
-
-    def text() -> Iterator[str]:
-        yield (f"wrote {out['index']} ({out['bytes'] / 1e6:.1f} MB) and {out['zip']}; open it in a browser, offline"
-               if args.format == "webpage" else
-               f"wrote {out['path']}" + (f" and {out['sidecar']}" if out.get("sidecar") else ""))
-        v = out.get("verification")
-        if v:
-            yield (f"verified with {v['runtime']} on {v['images']} {v['image_source']}: top-1 agrees on "
-                   f"{v['top1_agree']}/{v['images']}, max probability difference {v['max_prob_diff']:.2e} "
-                   f"(allowed {v['tolerance']:.0e})")
-
-    return emit(args, out, text())
+    out = export_model(_resolve_run_dir(args.run), args.format, args.out)
+    return emit(args, out, export_summary(out))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -737,10 +723,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "CPU), cpu, cuda, cuda:N or mps")
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("export", help="export a run as a bundle, ONNX, TorchScript or a web page")
+    s = sub.add_parser("export", help="export a run as a bundle, ONNX, TorchScript, TFLite or a web page")
     s.add_argument("run")
-    s.add_argument("--format", choices=["bundle", "onnx", "torchscript", "webpage"], default="bundle",
-                   help="webpage: a folder (--out DIR) with index.html that classifies offline in a browser")
+    s.add_argument("--format", choices=["bundle", "onnx", "torchscript", "tflite", "webpage"], default="bundle",
+                   help="webpage: a folder (--out DIR) with index.html that classifies offline in a browser; "
+                        "tflite: float32 and int8 .tflite files (needs pip install -e '.[edge]')")
     s.add_argument("--out", required=True)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_export)

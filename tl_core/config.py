@@ -170,6 +170,9 @@ EXPORT_FORMATS: dict[str, str] = {
     "webpage": "A web page (folder and zip: index.html, the verified ONNX model, ONNX Runtime Web) that classifies "
                "the webcam and dropped images offline in any browser, with a small JavaScript API "
                "(docs/webpage.md).",
+    "tflite": "TFLite (LiteRT) for phones and edge devices: a float32 and a full-integer int8 file (int8 calibrated "
+              "on the training images), run with the LiteRT interpreter on held-out images and compared with the "
+              "run; needs the optional extra (pip install -e '.[edge]').",
     "torchscript": "TorchScript (torch.jit.trace) for C++/Python PyTorch without TL Studio or timm, with the "
                    "same JSON sidecar; verified against PyTorch after export. TorchScript is deprecated upstream: "
                    "prefer ONNX for new deployments.",

@@ -166,28 +166,24 @@ _MIME = {"zip": "application/zip", "onnx": "application/octet-stream", "pt": "ap
 
 
 def _export(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    from ..share.export import export_run
-    from ..share.webpage import export_webpage
+    from ..share.formats import FORMAT_EXTENSIONS, export_model, export_name
 
-    ctx.progress({"stage": "work", "message": f"Exporting {p['format']} and verifying it", "force": True})
-    if p["format"] == "webpage":  # the folder "page" (Try it → Live shows it) and page.zip (to download)
-        res = export_webpage(p["run"], ctx.out_dir / "page")
-        z = Path(res["zip"])
-        res.update(page="page", files=[{"name": f"tl-studio-{Path(p['run']).name}-webpage.zip", "file": z.name,
-                                        "bytes": z.stat().st_size, "mime": "application/zip"}])
-        for k in ("path", "index", "zip"):
-            res.pop(k, None)
-        return res
-    ext = {"bundle": "zip", "onnx": "onnx", "torchscript": "pt"}.get(p["format"])
-    if ext is None:
+    if p["format"] not in FORMAT_EXTENSIONS:
         raise ConfigError(f"Unknown export format {p['format']!r}.")
-    out = ctx.out_dir / f"tl-studio-{Path(p['run']).name}.{ext}"
-    res = export_run(p["run"], p["format"], out)
-    files = [out] + ([Path(res["sidecar"])] if res.get("sidecar") else [])
-    res["files"] = [{"name": f.name, "file": f.name, "bytes": f.stat().st_size,
+    ctx.progress({"stage": "work", "message": f"Exporting {p['format']} and verifying it", "force": True})
+    run_name = Path(p["run"]).name
+    # the web page: the folder "page" (Try it → Live shows it) and page.zip (to download)
+    res = export_model(p["run"], p["format"], ctx.out_dir / export_name(run_name, p["format"]))
+    files = [Path(f) for f in res.pop("written")]
+    res["files"] = [{"name": f"tl-studio-{run_name}-webpage.zip" if p["format"] == "webpage" else f.name,
+                     "file": f.name, "bytes": f.stat().st_size,
                      "mime": _MIME.get(f.suffix.lstrip("."), "application/octet-stream")} for f in files]
-    res.pop("path", None)
-    res.pop("sidecar", None)
+    if p["format"] == "webpage":
+        res["page"] = "page"
+    for k in ("path", "sidecar", "index", "zip"):
+        res.pop(k, None)
+    if res.get("int8"):
+        res["int8"].pop("path", None)
     return res
 
 

@@ -471,8 +471,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
     """
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"Unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}.")
-    if fmt == "webpage":  # a folder, built on this module's ONNX export (which it imports: no cycle back)
-        raise ExportError("A web page is exported by tl_core.share.webpage.export_webpage (a folder, not a file).")
+    if fmt in ("webpage", "tflite"):  # built on this module's ONNX export (which they import: no cycle back)
+        raise ExportError(f"{fmt} is exported by tl_core.share.formats.export_model, not export_run.")
     run_dir, out = Path(run_dir), Path(out)
     tm = load_model(run_dir)
     if out.is_dir():
