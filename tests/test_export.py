@@ -444,8 +444,13 @@ def test_export_that_disagrees_with_pytorch_fails_loudly_and_keeps_nothing(run_d
 
 
 def test_unknown_format_is_refused(run_dir, tmp_path):
-    with pytest.raises(ExportError, match="Unknown export format 'tflite'"):
-        export_run(run_dir, "tflite", tmp_path / "m.tflite")
+    from tl_core.share.formats import export_model
+
+    with pytest.raises(ExportError, match="Unknown export format 'caffe'"):
+        export_run(run_dir, "caffe", tmp_path / "m.caffemodel")
+    with pytest.raises(ExportError, match="Unknown export format 'caffe'"):
+        export_model(run_dir, "caffe", tmp_path / "m.caffemodel")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_for_download_gives_the_bundle_bytes(run_dir):

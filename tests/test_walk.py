@@ -161,7 +161,7 @@ def test_a_phone_gets_a_start_button_above_the_settings_that_starts_the_same_run
     at.button(key="start-phone").click().run()
     assert_clean(at)
     runs = empty_home.store().list()
-    assert len(runs) == 1 and runs[0]["config"]["strategy"] == "linear" and runs[0]["status"] == "queued"
+    assert len(runs) == 1 and runs[0]["config"]["strategy"] == "auto" and runs[0]["status"] == "queued"
 
 
 def test_side_by_side_chart_titles_fit_half_a_phone_screen():
