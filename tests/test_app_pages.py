@@ -5,7 +5,11 @@ trained once per session with the ``tl-core`` command; every test gets its own c
 (``TL_HOME``), so tests never see each other's runs or tasks.
 Long computations are tasks that real worker processes run (``tl_core.runs.workers``): a test clicks,
 then reruns the page until the result is drawn (:func:`until`). Where a test looks at the queue itself,
-``no_workers`` keeps tasks queued. Workers a test started are killed when it ends.
+``no_workers`` keeps tasks queued. Short tasks (Try it, the augmentation preview, a bundle, the open-set views)
+run in threads of the test process (``task_threads``: the workers' own claim-and-run code, no worker process);
+the tests whose point is a process (a real worker cancelled, a dead worker noticed, a fresh interpreter that must
+not import torch) and the two about the queue across sessions and a server restart (the full audit, whose t-SNE
+does not stop at a cancel) keep real worker processes. Workers a test started are killed when it ends.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from page_harness import (  # noqa: F401  (fixtures are used by name)
     home,
     metric,
     no_workers,
+    task_threads,
     plotly_specs,
     png_bytes,
     progress_texts,
@@ -99,8 +104,8 @@ def test_home_explains_and_shows_the_state_of_the_four_steps(home):
     assert f"Run {run_id}: done" in text and "No run yet" not in text
 
 
-@pytest.mark.processes
-def test_home_sample_data_button_selects_emoji_lite0_auto_and_opens_train(home):
+@pytest.mark.slow
+def test_home_sample_data_button_selects_emoji_lite0_auto_and_opens_train(home, task_threads):
     at = app()
     button(at, "Try it with sample data").click().run()
     assert_clean(at)
@@ -241,8 +246,8 @@ def test_backbone_page_lists_the_catalogue_and_recommends_the_offline_default(ho
         assert any("fails offline" in w.value for w in at.warning)
 
 
-@pytest.mark.processes
-def test_backbone_page_accepts_fitting_local_weights_and_refuses_others(home, tmp_path):
+@pytest.mark.slow
+def test_backbone_page_accepts_fitting_local_weights_and_refuses_others(home, tmp_path, task_threads):
     import timm
     from safetensors.torch import save_file
 
@@ -269,8 +274,8 @@ def test_backbone_page_accepts_fitting_local_weights_and_refuses_others(home, tm
 # --------------------------------------------------------------------------------------------------
 # Train
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.processes
-def test_train_page_settings_help_and_augmentation_preview(home):
+@pytest.mark.slow
+def test_train_page_settings_help_and_augmentation_preview(home, task_threads):
     at = app({"data": "sample/emoji"})
     goto(at, "train")
     assert_clean(at)
@@ -393,8 +398,8 @@ def test_train_page_shows_a_running_job_with_progress_eta_and_curves(home, no_wo
     assert button(at, "Cancel training")
 
 
-@pytest.mark.processes
-def test_refresh_with_the_run_link_shows_the_same_run(home):
+@pytest.mark.slow
+def test_refresh_with_the_run_link_shows_the_same_run(home, task_threads):
     ws, run_id = home
     at = app({"run": run_id, "data": "sample/emoji", "backbone": "efficientnet_lite1"})
     goto(at, "train")
@@ -413,8 +418,8 @@ def test_refresh_with_the_run_link_shows_the_same_run(home):
     assert [b for b in at.selectbox if b.label == "Features"][0].value == "last"
 
 
-@pytest.mark.processes
-def test_a_finetune_says_how_it_stopped_and_what_would_change_it(home):
+@pytest.mark.slow
+def test_a_finetune_says_how_it_stopped_and_what_would_change_it(home, task_threads):
     ws, run_id = home
     store = ws.store()
     src = store.get(run_id)
@@ -502,8 +507,8 @@ def test_evaluate_shows_accuracy_per_class_confusion_and_mistakes(home):
 # --------------------------------------------------------------------------------------------------
 # Try it
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.processes
-def test_try_it_predicts_uploaded_images_with_top_k_and_csv(home):
+@pytest.mark.slow
+def test_try_it_predicts_uploaded_images_with_top_k_and_csv(home, task_threads):
     ws, run_id = home
     at = app()
     goto(at, "try_it")
@@ -523,8 +528,8 @@ def test_try_it_predicts_uploaded_images_with_top_k_and_csv(home):
     assert at.get("download_button"), "a CSV download for several images"
 
 
-@pytest.mark.processes
-def test_try_it_handles_odd_images_without_a_traceback(home):
+@pytest.mark.slow
+def test_try_it_handles_odd_images_without_a_traceback(home, task_threads):
     def png(im: Image.Image) -> bytes:
         buf = io.BytesIO()
         im.save(buf, "PNG")
@@ -564,8 +569,8 @@ def test_class_by_class_names_cannot_escape_the_workspace(home):
     assert not at.error and any("at least two classes" in i.value for i in at.info)
 
 
-@pytest.mark.processes
-def test_try_it_accepts_a_camera_picture(home):
+@pytest.mark.slow
+def test_try_it_accepts_a_camera_picture(home, task_threads):
     at = app()
     goto(at, "try_it")
     [t for t in at.toggle if t.label == "Use the camera"][0].set_value(True).run()
@@ -591,8 +596,8 @@ def _duplicate_run(ws: Workspace, run_id: str) -> str:
     return new
 
 
-@pytest.mark.processes
-def test_runs_page_compares_downloads_and_deletes(home):
+@pytest.mark.slow
+def test_runs_page_compares_downloads_and_deletes(home, task_threads):
     ws, run_id = home
     other = _duplicate_run(ws, run_id)
     at = app()
@@ -777,8 +782,8 @@ def test_runs_and_backbone_tables_show_labels_and_values_not_none_or_field_names
     assert at.dataframe[0].value["ms / image here"].isna().all()
 
 
-@pytest.mark.processes
-def test_a_cancelled_run_shows_one_sentence_and_no_chart_on_negative_axes(home):
+@pytest.mark.slow
+def test_a_cancelled_run_shows_one_sentence_and_no_chart_on_negative_axes(home, task_threads):
     from tl_core.share.figures import training_curves
 
     ws, _ = home
@@ -1223,8 +1228,8 @@ def test_train_form_is_generated_from_the_config_fields(home, no_workers):
     assert cfg["linear_c"] == 1.0 and cfg["features"] == "auto"  # linear-only settings keep their defaults
 
 
-@pytest.mark.processes
-def test_train_start_button_comes_before_the_advanced_settings(home):
+@pytest.mark.slow
+def test_train_start_button_comes_before_the_advanced_settings(home, task_threads):
     at = app({"data": "sample/emoji"})
     goto(at, "train")
     order = []
@@ -1250,7 +1255,7 @@ FASHION = ROOT / "sample_data" / "fashion_mnist"
 
 
 @pytest.mark.slow
-def test_try_it_warns_when_an_image_is_unlike_the_training_images(home):
+def test_try_it_warns_when_an_image_is_unlike_the_training_images(home, task_threads):
     at = app()
     goto(at, "try_it")
     bags = [(f"bag{n}.png", f.read_bytes(), "image/png")
@@ -1268,7 +1273,7 @@ def test_try_it_warns_when_an_image_is_unlike_the_training_images(home):
 
 
 @pytest.mark.slow
-def test_evaluate_draws_the_open_set_scores_and_saves_a_moved_threshold(home):
+def test_evaluate_draws_the_open_set_scores_and_saves_a_moved_threshold(home, task_threads):
     ws, run_id = home
     files = RunFiles(ws.run_dir(run_id))
     rec = files.open_set_record()

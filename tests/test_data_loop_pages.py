@@ -1,6 +1,7 @@
 """Page tests of the data loop (issue 15) with ``AppTest``: fixing the data in place from the data check and from
 Evaluate's mistakes (each fix a new version, said so), restoring a version on the Data page, the version a run
-trained on on Runs & export, and class-by-class capture with the camera."""
+trained on on Runs & export, and class-by-class capture with the camera. The data checks here are of a planted
+dataset of 45 images: short tasks, run in threads of the test process (page_harness ``task_threads``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from page_harness import (  # noqa: F401  (fixtures are used by name)
     has_metric,
     home,
     metric,
+    task_threads,
     trained_home,
     until,
 )
@@ -44,8 +46,8 @@ def _digest(root: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.processes
-def test_data_check_fixes_in_place_each_fix_a_version_then_restore(home):
+@pytest.mark.slow
+def test_data_check_fixes_in_place_each_fix_a_version_then_restore(home, task_threads):
     ws, _ = home
     root = _planted_dataset(ws)
     at = app({"data": "workspace/planted"})
@@ -278,8 +280,8 @@ def test_a_folder_of_class_folders_uploads_as_a_dataset_and_a_one_class_folder_i
     assert at.selectbox(key="pick_dataset").format_func("workspace/pets") == "pets (uploaded)"
 
 
-@pytest.mark.processes
-def test_a_training_image_that_leaks_twice_gets_buttons_under_each_listing(home):
+@pytest.mark.slow
+def test_a_training_image_that_leaks_twice_gets_buttons_under_each_listing(home, task_threads):
     import shutil
 
     ws, _ = home

@@ -1,7 +1,8 @@
 """Page tests of what a person sees of open-set answers and of the domain gap (issue 23), with ``AppTest``.
 
 They reuse the page tests' trained workspace (one real linear probe on the emoji sample) and real images:
-Fashion-MNIST clothes are foreign to the emoji model. Every computation is a task that a real worker process runs.
+Fashion-MNIST clothes are foreign to the emoji model. Every computation is a task; these are short, so they run in
+threads of the test process (page_harness ``task_threads``: the workers' own claim-and-run code, no worker process).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from page_harness import (  # noqa: F401  (fixtures are used by name)
     goto,
     home,
     metric,
+    task_threads,
     plotly_specs,
     trained_home,
     until,
@@ -46,7 +48,7 @@ def _captions(at) -> list[str]:
 
 
 @pytest.mark.slow
-def test_try_it_says_why_an_image_is_unknown_and_shows_the_closest_training_images(home):
+def test_try_it_says_why_an_image_is_unknown_and_shows_the_closest_training_images(home, task_threads):
     ws, run_id = home
     at = app()
     goto(at, "try_it")
@@ -84,7 +86,7 @@ def test_try_it_says_why_an_image_is_unknown_and_shows_the_closest_training_imag
 
 
 @pytest.mark.slow
-def test_evaluate_counts_the_foreign_images_the_threshold_catches(home):
+def test_evaluate_counts_the_foreign_images_the_threshold_catches(home, task_threads):
     from tl_core.metrics import wilson_interval
     from tl_core.share.loading import load_model
     from tl_core.share.predict import predict_paths
@@ -125,7 +127,7 @@ def test_evaluate_counts_the_foreign_images_the_threshold_catches(home):
 
 
 @pytest.mark.slow
-def test_data_page_gives_the_domain_gap_in_style_and_content_per_class(home):
+def test_data_page_gives_the_domain_gap_in_style_and_content_per_class(home, task_threads):
     ws, _ = home
     small = ws.datasets_dir / "emoji8"
     for c in CLASSES:
