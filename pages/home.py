@@ -3,6 +3,7 @@
 import streamlit as st
 
 from pages import _session as session
+from tl_core.config import TrainConfig
 from tl_core.models.catalogue import CATALOGUE
 
 session.ensure_router()
@@ -40,12 +41,13 @@ with session.page_errors():
     used = f" Run {run['id']} used {run_backbone}." if run_backbone and run_backbone != backbone else ""
 
     if st.button("Try it with sample data", type="primary", icon=":material/play_arrow:",
-                 help="Selects the emoji sample (5 classes, 200 images), the EfficientNet-Lite0 backbone and a "
-                      "linear probe, then opens the Train page: press Start there."):
+                 help="Selects the emoji sample (5 classes, 200 images), the EfficientNet-Lite0 backbone and the "
+                      "default strategy (auto: a linear probe, and what its time budget affords), then opens the "
+                      "Train page: press Start there."):
         session.select("dataset", "sample/emoji")
         session.select("backbone", session.DEFAULT_BACKBONE)
         session.select("weights", "auto")
-        st.session_state["strategy"] = "linear"
+        st.session_state["strategy"] = TrainConfig().strategy
         st.session_state.pop("w_strategy", None)
         session.switch_to("train")
 

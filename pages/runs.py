@@ -17,7 +17,7 @@ from tl_core.data.library import deleted_dataset
 from tl_core.metrics import compare_figures, figure_of
 from tl_core.runs import tasks
 from tl_core.storage.files import RunFiles
-from tl_core.share.progress import MISSING, compare_rows, runs_rows, setting_text
+from tl_core.share.progress import MISSING, compare_rows, curve_step, runs_rows, setting_text
 from tl_core.storage.store import ACTIVE_STATUSES
 from tl_core.access import AccessError
 from tl_core.share import figures as charts
@@ -284,8 +284,7 @@ with session.page_errors():
     charted = {k: v for k, v in series.items() if len(v) >= MIN_EPOCHS_CHARTED}
     if charted:
         # linear probes count solver rounds, fine-tunes epochs; a mixed comparison says both
-        kinds = {"solver round" if (by_id[i].get("config") or {}).get("strategy") == "linear" else "epoch"
-                 for i in charted}
+        kinds = {curve_step(by_id[i]) for i in charted}
         st.plotly_chart(charts.training_curves(charted, x_title=" / ".join(sorted(kinds, reverse=True))),
                         width="stretch")
     short = [i for i in chosen if i not in charted]

@@ -22,8 +22,8 @@ from tl_core.data.library import dataset_signature
 from tl_core.models.devices import describe_auto_device
 from tl_core.metrics import figure_of, format_figure
 from tl_core.runs import tasks
-from tl_core.share.progress import (describe_progress, duration_text, ended_text, features_text, setting_text, stop_text,
-                                   timing_text)
+from tl_core.share.progress import (curve_step, describe_progress, duration_text, ended_text, features_text,
+                                   setting_text, stop_text, timing_text)
 from tl_core.storage.store import ACTIVE_STATUSES
 from tl_core.access import AccessError
 from tl_core.share import figures as charts
@@ -319,7 +319,7 @@ def run_panel(ws, run_id: str) -> None:
             # epoch (cancelled early) has no curve to show
             if len(epochs) >= MIN_EPOCHS_CHARTED or (epochs and status in ACTIVE_STATUSES):
                 # a linear probe's rows are solver rounds, not passes over the data
-                step = "solver round" if cfg.get("strategy") == "linear" else "epoch"
+                step = curve_step(run)
                 st.plotly_chart(charts.training_curves({run_id: epochs}, x_title=step), width="stretch",
                                 key=f"curves-{run_id}")
             elif status in ACTIVE_STATUSES:

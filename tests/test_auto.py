@@ -56,6 +56,12 @@ def test_auto_on_a_small_set_keeps_linear_and_says_why(workspace, tmp_path):
 
     why = stop_text("auto", res.stop, res.best_epoch)  # the kept probe's story, not a fine-tune's
     assert why.startswith("The linear probe converged after")
+    # the run's curves are the kept probe's solver rounds (each try's own are held back until one is kept)
+    from tl_core.share.progress import curve_step
+
+    row = workspace.store().get(res.run_id)
+    assert len(workspace.store().epochs(res.run_id)) == len(run.metrics().history) > 1
+    assert curve_step(row) == "solver round"
 
 
 def test_auto_is_the_default_with_a_budget_a_newcomer_accepts():

@@ -303,6 +303,24 @@ def test_thresholds_come_from_training_images_and_validation_tells_the_held_out_
 
 
 @pytest.mark.slow
+def test_auto_on_label_sets_keeps_the_probe_and_scores_it_by_exact_match(ml_run):
+    """The default strategy on multi-label data: the linear probe, kept, with why; its validation figure is the
+    share of images whose whole label set is right (the run's exact match)."""
+    from tl_core.config import TrainConfig
+    from tl_core.runs.training import run_training
+
+    ws, res, train_csv, test_csv = ml_run
+    auto = run_training(ws, train_csv, TrainConfig(), test_data=test_csv)  # auto: the default
+    assert auto.status == "done", auto.error
+    rec = ws.store().get(auto.run_id)["summary"]["auto"]
+    assert rec["kept"] == "linear" and "Multi-label" in rec["reason"]
+    kept = [t for t in rec["tried"] if t["status"] == "kept"][0]
+    exact = ws.store().get(auto.run_id)["summary"]["exact_match"]
+    assert kept["val_images"] > 0 and abs(kept["val_accuracy_ci"][0] - kept["val_accuracy_ci"][1]) > 0
+    lo, hi = kept["val_accuracy_ci"]
+    assert lo <= exact <= hi
+
+
 def test_train_evaluate_predict_json(ml_run, capsys, tmp_path):
     ws, res, train_csv, test_csv = ml_run
     from tl_core.storage.files import RunFiles

@@ -40,6 +40,7 @@ import numpy as np
 from ..config import TrainConfig
 from ..fileio import write_json_atomic
 from ..metrics import wilson_interval
+from ..models.multilabel import label_matrix, predict_sets, sigmoid
 from ..models.training import Progress
 from ..storage.files import RunFiles
 
@@ -92,10 +93,17 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[flo
 
 
 def _val_correct(run_dir: Path) -> np.ndarray:
-    preds = RunFiles(run_dir).predictions()
+    """1/0 per validation image: the predicted class is the label (multi-label: the predicted label set, at the
+    run's own thresholds, is exactly the image's)."""
+    files = RunFiles(run_dir)
+    preds = files.predictions()
     val = preds.get("val")
     if val is None or not len(val.labels):
         return np.zeros(0)
+    meta = files.meta()
+    if meta.multi_label:
+        chosen = predict_sets(sigmoid(np.asarray(val.logits)), meta.thresholds)
+        return (chosen == label_matrix(list(val.labels), preds.classes)).all(axis=1).astype(np.float64)
     cidx = {c: i for i, c in enumerate(preds.classes)}
     return (np.asarray(val.logits).argmax(1) == np.array([cidx[lab] for lab in val.labels])).astype(np.float64)
 
@@ -227,10 +235,14 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
     def left() -> float:
         return budget - (time.perf_counter() - t0)
 
-    def quiet(label: str) -> Progress:
-        # each try's epochs are its own (the run's curves are those of the kept try, in its metrics)
+    held: dict[str, list[dict[str, Any]]] = {}  # each try's epoch rows, by its staging folder's name
+
+    def quiet(label: str, key: str) -> Progress:
+        # each try's epochs are its own: held back, and the kept try's passed on once it is kept (the run's
+        # curves, in the store, are those of the model it keeps)
         def f(e: dict[str, Any]) -> None:
             if e.get("stage") in ("epoch", "probe"):
+                held.setdefault(key, []).append(e)
                 return
             emit({**e, "auto": label})
         return f
@@ -246,7 +258,7 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
         emit({"stage": "check", "message": "auto: trying the linear probe (features chosen by cross-validation)"})
         lin_cfg = dataclasses.replace(base, strategy="linear")  # features as asked (default auto)
         t = time.perf_counter()
-        lin = train_model(data, lin_cfg, workspace, staging / "linear", quiet("linear probe"), should_cancel,
+        lin = train_model(data, lin_cfg, workspace, staging / "linear", quiet("linear probe", "linear"), should_cancel,
                           test_data, runtime)
         if lin is None:
             return None
@@ -293,7 +305,7 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
             emit({"stage": "check", "message": f"auto: trying {name} (~{duration_text(estimate)})"})
             t = time.perf_counter()
             other = train_model(data, dataclasses.replace(lin_cfg, backbone=b), workspace, staging / b,
-                                quiet(f"{b} probe"), should_cancel, test_data, runtime)
+                                quiet(f"{b} probe", b), should_cancel, test_data, runtime)
             other_s = time.perf_counter() - t
             clock.observe(b, other, other_s, n_items)
             row = {**_tried("linear", b, other, other_s, _val_correct(staging / b)), "estimated_s": round(estimate, 1)}
@@ -344,7 +356,7 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
                 emit({"stage": "check",
                       "message": f"auto: trying a short partial fine-tune (~{duration_text(estimate)})"})
                 t = time.perf_counter()
-                part = train_model(data, part_cfg, workspace, staging / "partial", quiet("partial fine-tune"),
+                part = train_model(data, part_cfg, workspace, staging / "partial", quiet("partial fine-tune", "partial"),
                                    should_cancel, test_data, runtime)
                 part_s = time.perf_counter() - t
                 part_correct = _val_correct(staging / "partial")
@@ -374,6 +386,8 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
         reason = " ".join(notes + [reason])
         RunFiles.discard([run_dir])
         os.replace(staging / kept_dir, run_dir)
+        for e in held.get(kept_dir, []):  # the kept try's curves, as if it had been the only one
+            emit(e)
         seconds = time.perf_counter() - t0
         return {**kept_summary, "seconds": round(seconds, 3),
                 "auto": {"kept": kept, "backbone": kept_backbone, "tried": tried, "difference": difference,

@@ -12,7 +12,7 @@ from ..config import field_spec, fields_for_strategy
 
 __all__ = ["describe_progress", "duration_text", "runs_rows", "compare_rows", "setting_text", "ended_text",
            "stop_text", "features_text", "features_cell", "task_progress", "timing_text", "RUN_SETTINGS",
-           "COMPARED_SETTINGS", "MISSING"]
+           "COMPARED_SETTINGS", "MISSING", "curve_step"]
 
 #: Settings shown per run in the runs table.
 RUN_SETTINGS = ("epochs", "lr", "batch_size", "augment", "seed")
@@ -311,6 +311,19 @@ def features_text(features: dict[str, Any] | None) -> str | None:
     elif features.get("chosen_by") == "cross-validation":
         line += ", the default (too few images per class to cross-validate)"
     return line
+
+
+def curve_step(run: dict[str, Any]) -> str:
+    """What one point of a run's training curves is: ``"solver round"`` for a linear probe (also the probe an
+    ``auto`` run kept), ``"epoch"`` for fine-tuning.
+
+    Args:
+        run: a store row (``config``, ``summary``).
+    """
+    strategy = (run.get("config") or {}).get("strategy")
+    if strategy == "auto":
+        strategy = ((run.get("summary") or {}).get("auto") or {}).get("kept", strategy)
+    return "solver round" if strategy == "linear" else "epoch"
 
 
 def stop_text(strategy: str, stop: dict[str, Any], best_epoch: int | None) -> str | None:
