@@ -1,7 +1,7 @@
 """End to end in a real browser: headless Debian Chromium, driven by Playwright, against `streamlit run app.py`.
 
-The flow a first-time user takes: choose the emoji sample → linear probe on Lite0 (a real background
-worker trains it) → the run survives a refresh and shows in a second tab → Evaluate shows a confusion
+The flow a first-time user takes: choose the emoji sample → the default `auto` (it keeps the linear probe)
+on Lite0 (a real background worker trains it) → the run survives a refresh and shows in a second tab → Evaluate shows a confusion
 matrix whose cells add up to the validation count → Try it predicts an uploaded image; on the way the
 insight views (data check and embedding map, backbone advisor, Grad-CAM, calibration, the lab), a verified
 ONNX export, the HTML report opened offline, a refused one-class zip, an uploaded dataset renamed and deleted,
@@ -206,9 +206,9 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     assert page.get_by_role("combobox", name="Backbone for training").input_value().startswith("efficientnet_lite0")
     shot(page, "03-backbone")
 
-    # Train: linear probe (the default strategy), Start
+    # Train: auto (the default strategy; on 200 images within its 2-minute budget it keeps the linear probe), Start
     nav(page, "Train")
-    page.get_by_text("Linear probe (frozen backbone)").wait_for()
+    expect(page.get_by_role("radio", name="Automatic (try and compare)")).to_be_checked()
     # Epochs are for fine-tuning: the linear probe's solver runs until it converges
     expect(page.get_by_role("spinbutton", name="Epochs")).to_be_disabled()
     seed = page.get_by_role("spinbutton", name="Seed")
@@ -251,7 +251,7 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     page.get_by_role("heading", name=f"Run {run_id}").wait_for()
     page.get_by_text("Status: done").wait_for()
     assert parse_qs(urlparse(page.url).query)["run"][0] == run_id
-    expect(page.get_by_role("radio", name="Linear probe (frozen backbone)")).to_be_checked()  # the form follows the run
+    expect(page.get_by_role("radio", name="Automatic (try and compare)")).to_be_checked()  # the form follows the run
 
     # the insight views need no run; they come after training here so that the training above computes
     # the features itself (and runs long enough to be refreshed while it trains); they reuse those features
@@ -310,7 +310,7 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     table.wait_for()
     cells = [int(t) for t in table.locator("tbody td").all_inner_texts() if t.strip().isdigit()]
     metrics = json.loads((home / "runs" / run_id / "metrics.json").read_text())
-    assert json.loads((home / "runs" / run_id / "config.json").read_text())["strategy"] == "linear"
+    assert json.loads((home / "runs" / run_id / "config.json").read_text())["strategy"] == "linear"  # auto's kept try
     assert len(cells) == 25
     assert sum(cells) == shown == val_count == metrics["val"]["count"]
     assert page.locator(".js-plotly-plot").count() >= 1
