@@ -286,7 +286,7 @@ async def _sessions(base: str, plan: list[dict], timeout_s: float, browser_path:
                 elif u["role"] == "check":
                     await page.get_by_role("button", name="Check the data").wait_for()
                 elif u["role"] == "train":  # the form's default strategy is the linear probe
-                    await page.get_by_role("button", name="Start training").wait_for()
+                    await page.locator(".st-key-start-training").get_by_role("button", name="Start training").wait_for()
                 else:
                     await page.locator("input[type=file]").first.wait_for(state="attached")
                 return None
@@ -311,7 +311,7 @@ async def _sessions(base: str, plan: list[dict], timeout_s: float, browser_path:
                     if train_delay_s:
                         await asyncio.sleep(train_delay_s)
                         t0 = time.perf_counter()
-                    await page.get_by_role("button", name="Start training").click()
+                    await page.locator(".st-key-start-training").get_by_role("button", name="Start training").click()
                     await page.get_by_text("Status: done").wait_for(timeout=ms)
                 else:
                     image = sorted((EMOJI / "vehicle").iterdir())[-1]  # the same picture for every project

@@ -205,7 +205,7 @@ def settings_form(ws, path) -> None:
         early = st.button("Start training", type="primary", icon=":material/play_arrow:", key="start-phone",
                           help="The settings below as they are (the linear probe unless you chose otherwise).")
     with start_slot:
-        if st.button("Start training", type="primary", icon=":material/play_arrow:") or early:
+        if st.button("Start training", type="primary", icon=":material/play_arrow:", key="start-training") or early:
             # settings the strategy does not use keep their defaults (the saved config stays honest)
             used = {k: v for k, v in values.items()
                     if strategy in next(f for f in FIELDS if f.name == k).strategies}

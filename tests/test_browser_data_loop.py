@@ -18,6 +18,7 @@ from test_browser import (  # noqa: F401  (the server fixture is used by name)
     browser,
     metric_value,
     nav,
+    start_button,
     server,
     settle,
     shot,
@@ -139,7 +140,7 @@ def test_capture_train_fix_and_restore_in_a_real_browser(server, tmp_path):
 
         # train a linear probe on them
         nav(page, "Train")
-        page.get_by_role("button", name="Start training").click()
+        start_button(page).click()
         page.get_by_text("Status: done").wait_for(timeout=TRAIN_TIMEOUT_MS)
         run_version = (home / "datasets" / "webcam" / ".tl" / "history.jsonl").read_text().splitlines()
         assert len(run_version) == 1  # the training recorded the first version
@@ -251,7 +252,7 @@ def test_folder_upload_fix_from_the_data_check_and_train_on_the_new_version(serv
 
     # a run trained now records the new version; Runs & export shows it
     nav(page, "Train")
-    page.get_by_role("button", name="Start training").click()
+    start_button(page).click()
     page.get_by_text("Status: done").wait_for(timeout=TRAIN_TIMEOUT_MS)
     trained = [(r.get("summary") or {}).get("dataset_version") for r in ws.store().list(status="done")]
     assert f"pets@{fixed}" in trained and f"pets@{first}" not in trained
