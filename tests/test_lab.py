@@ -41,9 +41,11 @@ def test_lab_result_shape(curve):
     assert [(r["arm"], r["images_per_class"]) for r in res["rows"]] == [
         (a, n) for n in (5, 10) for a in ("linear", "finetune", "scratch")]
     assert all(r["train_images"] == 5 * r["images_per_class"] for r in res["rows"])
-    # every arm was timed, and the arms' times fit inside the whole lab's
+    # every arm was timed, and the arms' times fit inside the whole lab's (a fine-tune row's time includes the
+    # linear head it starts from, the linear row's time at that size: counted once here)
     assert all(r["seconds"] > 0 for r in res["rows"]) and res["feature_seconds"] > 0
-    assert sum(r["seconds"] for r in res["rows"]) + res["feature_seconds"] <= res["seconds"] + 0.01
+    linear_in_finetune = sum(r["seconds"] for r in res["rows"] if r["arm"] == "linear")
+    assert sum(r["seconds"] for r in res["rows"]) - linear_in_finetune + res["feature_seconds"] <= res["seconds"] + 0.01
     assert set(res["arms"]) == set(ARMS) and res["skipped"] == {} and res["weights"] == "packaged"
     # the reading quotes the measured accuracies at the smallest size (chance is 20 %)
     acc = {(r["arm"], r["images_per_class"]): r["val_accuracy"] for r in res["rows"]}

@@ -232,13 +232,20 @@ def _compare(reference: np.ndarray, got: np.ndarray, names: Sequence[str]) -> di
     return {"max_prob_diff": diff, "top1_agree": int((ref_top == got_top).sum()), "top1_disagree": disagree}
 
 
-def _verify(reference: np.ndarray, runner: Callable[[np.ndarray], np.ndarray], x: torch.Tensor,
-            names: Sequence[str], source: str, runtime: str) -> dict[str, Any]:
-    """Run the exported model on the whole batch and on a batch of one; compare with PyTorch."""
+def _run_exported(runner: Callable[[np.ndarray], list[np.ndarray]], x: torch.Tensor
+                  ) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """The exported model's outputs on the whole batch and on a batch of one (each run once: the open-set
+    outputs come from the same call as the probabilities), and the seconds both took."""
     t0 = time.perf_counter()
     full = runner(x.numpy())
     single = runner(x[:1].numpy())
-    seconds = time.perf_counter() - t0
+    return full, single, time.perf_counter() - t0
+
+
+def _verify(reference: np.ndarray, full: np.ndarray, single: np.ndarray, seconds: float,
+            names: Sequence[str], source: str, runtime: str) -> dict[str, Any]:
+    """The exported model's probabilities on the whole batch (``full``) and a batch of one (``single``) against
+    PyTorch's."""
     if full.shape != reference.shape or single.shape != reference[:1].shape:
         raise ExportError(f"Verification failed: the exported model returned shape {full.shape} / {single.shape}, "
                           f"expected {reference.shape}; the export is broken and was deleted.")
@@ -280,11 +287,10 @@ def _ood_reference(tm: TrainedModel, x: torch.Tensor) -> list[np.ndarray]:
     return [sc.score, sc.content, sc.style if sc.style is not None else np.zeros_like(sc.score)]
 
 
-def _verify_ood(tm: TrainedModel, reference: list[np.ndarray], runner: Callable[[np.ndarray], list[np.ndarray]],
-                x: torch.Tensor) -> dict[str, Any]:
-    """The exported graph's open-set outputs against ``tl-core predict``'s, on the whole batch and a batch of one."""
-    full = runner(x.numpy())
-    single = runner(x[:1].numpy())
+def _verify_ood(tm: TrainedModel, reference: list[np.ndarray], full: list[np.ndarray],
+                single: list[np.ndarray]) -> dict[str, Any]:
+    """The exported graph's open-set outputs (on the whole batch and a batch of one) against ``tl-core
+    predict``'s."""
     diff = max(max(float(np.abs(np.asarray(g, np.float64) - r).max()) for g, r in zip(full, reference)),
                max(float(np.abs(np.asarray(g, np.float64) - r[:1]).max()) for g, r in zip(single, reference)))
     t = tm.open_set.threshold
@@ -523,8 +529,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
                               if o.domain in ("", "ai.onnx")), None)
                 extra = {"exporter": f"torch.onnx ({exporter})", "opset": opset}
                 session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
-                runner = lambda a: session.run(["probs"], {"input": a.astype(np.float32)})[0]  # noqa: E731
-                ood_runner = lambda a: session.run(list(OOD_OUTPUTS), {"input": a.astype(np.float32)})  # noqa: E731
+                wanted = ["probs"] + (list(OOD_OUTPUTS) if ood_reference is not None else [])
+                runner = lambda a: session.run(wanted, {"input": a.astype(np.float32)})  # noqa: E731
                 runtime = f"onnxruntime {ort.__version__} (CPUExecutionProvider)"
             else:
                 preview = _sidecar(tm, fmt, out.name, {"see": f"{out.name}.json"}, {"exporter": "torch.jit.trace"})
@@ -532,13 +538,10 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
                 loaded = _load_torchscript(staged)
                 extra = {"exporter": "torch.jit.trace"}
 
-                def runner(a: np.ndarray) -> np.ndarray:
+                def runner(a: np.ndarray) -> list[np.ndarray]:  # probs, then the open-set outputs if any
                     with torch.inference_mode():
-                        return loaded(torch.from_numpy(a))[0].float().numpy()
-
-                def ood_runner(a: np.ndarray) -> list[np.ndarray]:
-                    with torch.inference_mode():
-                        return [t.float().numpy() for t in loaded(torch.from_numpy(a))[2:5]]
+                        outs = loaded(torch.from_numpy(a))
+                    return [outs[0].float().numpy()] + [t.float().numpy() for t in outs[2:5]]
 
                 runtime = f"torch.jit.load (torch {torch.__version__})"
         except ExportError:
@@ -546,9 +549,10 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
         except Exception as e:
             raise ExportError(f"{fmt} export of {tm.meta.arch} failed: {type(e).__name__}: {str(e)[:300]}") from None
         export_seconds = time.perf_counter() - t0
-        verification = _verify(reference, runner, x, names, source, runtime)
+        full, single, seconds = _run_exported(runner, x)
+        verification = _verify(reference, full[0], single[0], seconds, names, source, runtime)
         if ood_reference is not None:
-            verification["open_set"] = _verify_ood(tm, ood_reference, ood_runner, x)
+            verification["open_set"] = _verify_ood(tm, ood_reference, full[1:], single[1:])
             if not verification["open_set"]["passed"]:
                 o = verification["open_set"]
                 raise ExportError(
