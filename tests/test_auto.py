@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import EMOJI, make_class_folder
+from page_harness import app, assert_clean, goto, home, trained_home  # noqa: F401  (fixtures are used by name)
 from tl_core.config import TrainConfig
 from tl_core.runs.auto import MIN_IMAGES_TO_COMPARE_BACKBONES, MIN_PER_CLASS_TO_FINETUNE, duration_text, \
     paired_difference
@@ -311,3 +312,26 @@ def test_the_challenge_leaderboard_names_the_model_auto_kept(tl_home, emoji_run,
     board = challenge.leaderboard(top)
     assert [(r["backbone"], r["strategy"]) for r in board["rows"]] == [("efficientnet_lite0", "linear")]
     assert ",linear,efficientnet_lite0," in challenge.leaderboard_csv(board)
+
+
+def test_the_pages_name_the_model_auto_kept(home):
+    """The session's run, recorded as started by auto on Lite2 that kept Lite0's probe (what its files hold): the
+    Train page's run panel, Home's backbone step and Evaluate's run label name Lite0's linear probe."""
+    ws, run_id = home
+    store = ws.store()
+    row = store.get(run_id)
+    store.update(run_id, config={**row["config"], "strategy": "auto", "backbone": "efficientnet_lite2"},
+                 summary={**row["summary"], "auto": {"kept": "linear", "backbone": "efficientnet_lite0", "tried": [],
+                                                     "reason": "efficientnet_lite0 scored higher"}})
+    at = app({"run": run_id})
+    assert_clean(at)
+    home_text = " ".join(m.value for m in at.markdown)
+    assert f"Run {run_id} used efficientnet_lite0." in home_text and "used efficientnet_lite2" not in home_text
+    goto(at, "train")
+    assert_clean(at)
+    panel = next(m.value for m in at.markdown if m.value.startswith("**Status:**"))
+    assert "auto → efficientnet_lite0 linear probe" in panel and "efficientnet_lite2" not in panel, panel
+    goto(at, "evaluate")
+    assert_clean(at)
+    label = at.selectbox[0].format_func(at.selectbox[0].value)
+    assert "auto → efficientnet_lite0 linear probe" in label, label
