@@ -20,7 +20,7 @@ from tl_core.models.openset import UNKNOWN_NOTE, flagged_share
 from tl_core.metrics import figure_of, normalise_rows
 from tl_core.runs import tasks
 from tl_core.storage.files import RunFiles
-from tl_core.share.progress import features_text, stop_text
+from tl_core.share.progress import features_text, model_text, stop_text
 from tl_core.share import figures as charts
 
 session.ensure_router()
@@ -30,10 +30,9 @@ st.caption("Measured on the validation images, held out from the training that p
 
 
 def _label(run: dict) -> str:
-    cfg = run.get("config") or {}
     acc = (run.get("summary") or {}).get("val_accuracy")
     acc_txt = f"{acc:.1%}" if isinstance(acc, (int, float)) else "?"
-    return f"{run['id']} · {Path(str(run['data'])).name} · {cfg.get('backbone')} · {cfg.get('strategy')} · {acc_txt}"
+    return f"{run['id']} · {Path(str(run['data'])).name} · {model_text(run)} · {acc_txt}"
 
 
 GRADCAM_IMAGES = 12

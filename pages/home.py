@@ -5,6 +5,7 @@ import streamlit as st
 from pages import _session as session
 from tl_core.config import TrainConfig
 from tl_core.models.catalogue import CATALOGUE
+from tl_core.share.progress import kept_model
 
 session.ensure_router()
 
@@ -36,7 +37,7 @@ with session.page_errors():
     # the selected run, else the newest one: never "no run yet" beside finished runs
     run = store.get(run_id) if run_id and store.exists(run_id) else (runs[0] if runs else None)
     done_runs = [r for r in runs if r["status"] == "done"]
-    run_backbone = (run.get("config") or {}).get("backbone") if run else None
+    run_backbone = kept_model(run)[0] if run else None  # an auto run: the backbone it kept
     # what is chosen now (or the default a new run would use), and what the run shown under Train used
     used = f" Run {run['id']} used {run_backbone}." if run_backbone and run_backbone != backbone else ""
 

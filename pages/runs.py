@@ -17,7 +17,7 @@ from tl_core.data.library import deleted_dataset
 from tl_core.metrics import compare_figures, figure_of
 from tl_core.runs import tasks
 from tl_core.storage.files import RunFiles
-from tl_core.share.progress import MISSING, compare_rows, curve_step, runs_rows, setting_text
+from tl_core.share.progress import MISSING, compare_rows, curve_step, model_text, runs_rows
 from tl_core.storage.store import ACTIVE_STATUSES
 from tl_core.access import AccessError
 from tl_core.share import figures as charts
@@ -271,8 +271,7 @@ with session.page_errors():
     st.session_state["runs_selected"] = [i for i in st.session_state["runs_selected"] if i in by_id]
     chosen = st.multiselect(
         "Select runs", list(by_id), key="runs_selected",
-        format_func=lambda i: f"{i} · {by_id[i]['status']} · {(by_id[i].get('config') or {}).get('backbone')} · "
-                              f"{setting_text('strategy', (by_id[i].get('config') or {}).get('strategy'))}",
+        format_func=lambda i: f"{i} · {by_id[i]['status']} · {model_text(by_id[i])}",
         help="One to download or delete it; two or more to compare them.",
     )
     if not chosen:
@@ -317,8 +316,7 @@ with session.page_errors():
             st.caption(f"{i}: {by_id[i]['status']}, nothing to download.")
             continue
         with st.container(border=True):
-            st.markdown(f"**Run {i}** · {(by_id[i].get('config') or {}).get('backbone')} · "
-                        f"{setting_text('strategy', (by_id[i].get('config') or {}).get('strategy'))}")
+            st.markdown(f"**Run {i}** · {model_text(by_id[i])}")
             version = (by_id[i].get("summary") or {}).get("dataset_version")
             if version:
                 st.caption(f"Trained on dataset version **{version}** (the Data page lists its versions and can "

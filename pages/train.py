@@ -22,8 +22,8 @@ from tl_core.data.library import dataset_signature
 from tl_core.models.devices import describe_auto_device
 from tl_core.metrics import figure_of, format_figure
 from tl_core.runs import tasks
-from tl_core.share.progress import (curve_step, describe_progress, duration_text, ended_text, features_text,
-                                   setting_text, stop_text, timing_text)
+from tl_core.share.progress import (curve_step, describe_progress, duration_text, ended_text, features_text, model_text,
+                                   stop_text, timing_text)
 from tl_core.storage.store import ACTIVE_STATUSES
 from tl_core.access import AccessError
 from tl_core.share import figures as charts
@@ -283,7 +283,7 @@ def run_panel(ws, run_id: str) -> None:
             cfg = run.get("config") or {}
             task = _train_task(ws, run_id)
             st.subheader(f"Run {run_id}")
-            st.markdown(f"**Status:** {status} · {cfg.get('backbone')} · {setting_text('strategy', cfg.get('strategy'))} · "
+            st.markdown(f"**Status:** {status} · {model_text(run)} · "
                         f"data `{run['data'].rsplit('/', 1)[-1]}`")
             st.caption("This run's link keeps `?run=…` in the address: refresh, or open it in another tab, "
                        "and you see the same run (training continues on the server).")

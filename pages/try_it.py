@@ -20,6 +20,7 @@ from tl_core.errors import DatasetError, TLError
 from tl_core.models.openset import UNKNOWN_NOTE
 from tl_core.storage.files import RunFiles
 from tl_core.share import figures as charts
+from tl_core.share.progress import kept_model
 
 session.ensure_router()
 
@@ -89,7 +90,7 @@ with session.page_errors():
     run_id = st.selectbox(
         "Model (a finished run)", ids, key=session.bind("run", ids, ids[0]), on_change=session.picked,
         args=("run",),
-        format_func=lambda i: f"{i} · {Path(by_id[i]['data']).name} · {by_id[i]['config'].get('backbone')} · "
+        format_func=lambda i: f"{i} · {Path(by_id[i]['data']).name} · {kept_model(by_id[i])[0]} · "
                               f"{(by_id[i].get('summary') or {}).get('val_accuracy') or 0:.1%}",
     )
     files = RunFiles(ws.run_dir(run_id))

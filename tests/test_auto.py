@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import EMOJI, make_class_folder
+from page_harness import app, assert_clean, goto, home, trained_home  # noqa: F401  (fixtures are used by name)
 from tl_core.config import TrainConfig
 from tl_core.runs.auto import MIN_IMAGES_TO_COMPARE_BACKBONES, MIN_PER_CLASS_TO_FINETUNE, duration_text, \
     paired_difference
@@ -96,10 +97,12 @@ def test_auto_skips_tries_that_do_not_fit_the_budget_and_says_so(workspace):
     assert "budget" in auto["reason"] and "raise the time budget to try it" in auto["reason"]
 
 
-def _fake_tries(tmp_path, monkeypatch, cv: dict[str, float], per_image_s: float, budget: float):
+def _fake_tries(tmp_path, monkeypatch, cv: dict[str, float], per_image_s: float, budget: float,
+                backbone: str = "efficientnet_lite0", fine_tune_right: int = 108):
     """Run ``train_auto`` with a stand-in for ``train_model`` (no network, no images): each try writes a run folder
     that names it and returns the summary a 600-image, 10-class linear or partial run returns; each backbone's
-    probe scores ``cv[backbone]`` by cross-validation. The per-image cost the budget is estimated with is fixed."""
+    probe scores ``cv[backbone]`` by cross-validation, and 108 of its 120 validation images right (the fine-tune:
+    ``fine_tune_right``). The per-image cost the budget is estimated with is fixed; the run asks for ``backbone``."""
     import tl_core.runs.auto as auto_mod
 
     calls = []
@@ -116,13 +119,16 @@ def _fake_tries(tmp_path, monkeypatch, cv: dict[str, float], per_image_s: float,
         return summary
 
     right = np.ones(120)
-    right[:12] = 0  # 108 of 120 for every try: no paired difference
-    monkeypatch.setattr(auto_mod, "_val_correct", lambda run_dir: right)
+    right[:12] = 0  # 108 of 120 for every probe: no paired difference
+    tuned = np.ones(120)
+    tuned[:120 - fine_tune_right] = 0  # the same images wrong, and fewer of them: a paired gain
+    monkeypatch.setattr(auto_mod, "_val_correct", lambda run_dir: tuned if run_dir.name == "partial" else right)
     monkeypatch.setattr(auto_mod, "_catalogue_seconds_per_image",
                         lambda b: per_image_s * auto_mod._relative_cost(b, "efficientnet_lite0"))
     run_dir = tmp_path / "runs" / "r1"
     run_dir.parent.mkdir(parents=True)
-    out = auto_mod.train_auto(train_model, "data", TrainConfig(time_budget=budget).resolved(), None, run_dir)
+    out = auto_mod.train_auto(train_model, "data", TrainConfig(time_budget=budget, backbone=backbone).resolved(), None,
+                              run_dir)
     return out, calls, (run_dir / "which").read_text()
 
 
@@ -180,3 +186,152 @@ def test_a_cold_probe_records_this_machine_s_speed_for_later_estimates(tmp_path)
                                                                                        "efficientnet_lite0"))
     assert _relative_cost("efficientnet_lite2", "efficientnet_lite0") > _relative_cost("efficientnet_lite1",
                                                                                       "efficientnet_lite0") > 1
+
+
+def test_a_tie_between_probes_keeps_the_cheaper_backbone(tmp_path, monkeypatch):
+    """Lite2 asked for, and Lite0 scores the same by cross-validation: the tie keeps Lite0 (a third of the cost),
+    not the first one tried; the costlier one says why it lost on an equal score."""
+    out, calls, which = _fake_tries(tmp_path, monkeypatch, {"efficientnet_lite0": 0.95, "efficientnet_lite1": 0.90,
+                                                           "efficientnet_lite2": 0.95}, 0.001, 600.0,
+                                    backbone="efficientnet_lite2")
+    assert calls[0] == ("linear", "efficientnet_lite2") and which == "linear efficientnet_lite0"
+    auto = out["auto"]
+    assert auto["backbone"] == "efficientnet_lite0" and auto["kept"] == "linear"
+    rows = {(t["strategy"], t["backbone"]): t for t in auto["tried"]}
+    lite2 = rows[("linear", "efficientnet_lite2")]
+    assert lite2["status"] == "not kept"
+    assert lite2["why"] == "not kept: the same cross-validated score as the kept probe, from a costlier backbone"
+    assert "costlier" not in rows[("linear", "efficientnet_lite1")]["why"]  # 0.90: simply lower
+
+
+def test_a_kept_fine_tune_says_why_each_probe_was_not_kept(tmp_path, monkeypatch):
+    """The fine-tune gains beyond noise (120 of 120 against 108): it is kept; the probe it started from is "not
+    kept" for the fine-tune's gain (not for "a lower score than the kept probe": no probe was kept), the other
+    probes for a lower score than that probe."""
+    out, calls, which = _fake_tries(tmp_path, monkeypatch, {"efficientnet_lite0": 0.90, "efficientnet_lite1": 0.95,
+                                                           "efficientnet_lite2": 0.93}, 0.001, 600.0,
+                                    fine_tune_right=120)
+    auto = out["auto"]
+    assert auto["kept"] == "partial" and auto["backbone"] == "efficientnet_lite1" and which.startswith("partial")
+    rows = {(t["strategy"], t["backbone"]): t for t in auto["tried"]}
+    assert rows[("partial", "efficientnet_lite1")]["status"] == "kept"
+    probe = rows[("linear", "efficientnet_lite1")]
+    assert probe["status"] == "not kept" and probe["why"].startswith("not kept: Fine-tuning gained +10.0")
+    assert "kept partial" in probe["why"]
+    for b in ("efficientnet_lite0", "efficientnet_lite2"):
+        why = rows[("linear", b)]["why"]
+        assert why == "not kept: a lower cross-validated score than the efficientnet_lite1 probe the kept fine-tune " \
+                      "started from", why
+    assert not any("than the kept probe" in t.get("why", "") for t in auto["tried"])
+
+
+def _auto_row(workspace, summary: dict, config: dict | None = None) -> dict:
+    """A finished run of the store holding ``summary`` (as run_training records it), started as auto on Lite0."""
+    store = workspace.store()
+    run_id = store.create_run(str(EMOJI), config or {"backbone": "efficientnet_lite0", "strategy": "auto",
+                                                     "features": "auto", "batch_size": 16, "augment": "light"})
+    store.update(run_id, status="done", summary=summary)
+    return store.get(run_id)
+
+
+def test_every_surface_names_the_model_auto_kept(workspace, tmp_path, monkeypatch, capsys):
+    """Started as auto on Lite0, the run kept Lite1's probe: the runs table, the comparison, a run's header and
+    label, `tl-core runs` (text and JSON), the class overview and the curves' unit all name Lite1's linear probe;
+    an ordinary run and an auto run still running are named as they were started."""
+    from tl_core.classroom.overview import results_rows
+    from tl_core.share.progress import compare_rows, curve_step, kept_model, model_text, runs_rows, strategy_text
+
+    out, _, _ = _fake_tries(tmp_path, monkeypatch, {"efficientnet_lite0": 0.90, "efficientnet_lite1": 0.95,
+                                                   "efficientnet_lite2": 0.93}, 0.001, 600.0)
+    row = _auto_row(workspace, {**out, "seconds": 12.0})
+    assert kept_model(row) == ("efficientnet_lite1", "linear")
+    assert model_text(row) == "auto → efficientnet_lite1 linear probe"
+    assert strategy_text(row) == "Auto → linear probe" and curve_step(row) == "solver round"
+    table = runs_rows([row])[0]
+    assert table["Backbone"] == "efficientnet_lite1" and table["Strategy"] == "Auto → linear probe"
+    assert table["Features"] == "several depths (auto)"  # the kept probe's features (the fake's "depths")
+    assert table["Batch size"] is None  # a linear probe has no batches
+    compared = compare_rows([row])
+    assert compared["Backbone"][row["id"]] == "efficientnet_lite1"
+    assert compared["Strategy"][row["id"]] == "Auto → linear probe"
+
+    tuned, _, _ = _fake_tries(tmp_path / "b", monkeypatch, {"efficientnet_lite0": 0.90, "efficientnet_lite1": 0.95,
+                                                           "efficientnet_lite2": 0.93}, 0.001, 600.0,
+                              fine_tune_right=120)
+    part = _auto_row(workspace, tuned)
+    assert model_text(part) == "auto → efficientnet_lite1 partial fine-tuning" and curve_step(part) == "epoch"
+    assert runs_rows([part])[0]["Batch size"] == "16"  # the fine-tune it kept used the run's batch size
+    plain = _auto_row(workspace, {"val_accuracy": 0.9}, {"backbone": "efficientnet_lite2", "strategy": "linear"})
+    assert model_text(plain) == "efficientnet_lite2 · Linear probe" and strategy_text(plain) == "Linear probe"
+    running = workspace.store().create_run(str(EMOJI), {"backbone": "efficientnet_lite0", "strategy": "auto"},
+                                           status="running")
+    assert model_text(workspace.store().get(running)) == "efficientnet_lite0 · Automatic"
+
+    from tl_core.cli import main
+
+    assert main(["runs", "--json"]) == 0
+    listed = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert (listed[row["id"]]["backbone"], listed[row["id"]]["strategy"]) == ("efficientnet_lite1", "linear")
+    assert listed[row["id"]]["config"]["strategy"] == "auto"  # what it was started with stays recorded
+    assert main(["runs"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(row["id"]))
+    assert "efficientnet_lite1" in line and "auto → linear" in line and "efficientnet_lite0" not in line
+    overview = {r["run"]: r for r in results_rows(workspace)}
+    assert (overview[part["id"]]["backbone"], overview[part["id"]]["strategy"]) == ("efficientnet_lite1", "partial")
+
+
+@pytest.mark.slow
+def test_the_challenge_leaderboard_names_the_model_auto_kept(tl_home, emoji_run, tmp_path):
+    """A group's run started as auto on Lite2 and kept Lite0's probe (the session's emoji run, as its files hold):
+    its submission and the leaderboard (and its CSV) name Lite0's linear probe, the model that was scored."""
+    import shutil
+
+    from tl_core.classroom import challenge
+    from tl_core.storage.workspace import Workspace
+
+    src, res = emoji_run
+    top = Workspace(tl_home)
+    challenge.setup_challenge(top, make_class_folder(tmp_path / "locked", {"animal": 3, "face": 3, "flag": 3},
+                                                     source=EMOJI))
+    locked = {f.read_bytes() for f in (challenge.challenge_dir(top) / "test").rglob("*.*")}
+    rest = tmp_path / "rest"
+    shutil.copytree(EMOJI, rest)
+    for f in list(rest.rglob("*.*")):
+        if f.read_bytes() in locked:
+            f.unlink()
+    ws = top.project("owls-0001", create=True)
+    row = src.store().get(res.run_id)
+    summary = {**row["summary"], "auto": {"kept": "linear", "backbone": "efficientnet_lite0", "tried": [],
+                                          "reason": "efficientnet_lite0 scored higher"}}
+    run_id = ws.store().create_run(str(rest), {**row["config"], "strategy": "auto", "backbone": "efficientnet_lite2"},
+                                   status="done")
+    ws.store().update(run_id, summary=summary)
+    shutil.copytree(src.run_dir(res.run_id), ws.run_dir(run_id))
+    got = challenge.score_run(ws, str(ws.run_dir(run_id)))
+    assert (got["backbone"], got["strategy"]) == ("efficientnet_lite0", "linear")
+    board = challenge.leaderboard(top)
+    assert [(r["backbone"], r["strategy"]) for r in board["rows"]] == [("efficientnet_lite0", "linear")]
+    assert ",linear,efficientnet_lite0," in challenge.leaderboard_csv(board)
+
+
+def test_the_pages_name_the_model_auto_kept(home):
+    """The session's run, recorded as started by auto on Lite2 that kept Lite0's probe (what its files hold): the
+    Train page's run panel, Home's backbone step and Evaluate's run label name Lite0's linear probe."""
+    ws, run_id = home
+    store = ws.store()
+    row = store.get(run_id)
+    store.update(run_id, config={**row["config"], "strategy": "auto", "backbone": "efficientnet_lite2"},
+                 summary={**row["summary"], "auto": {"kept": "linear", "backbone": "efficientnet_lite0", "tried": [],
+                                                     "reason": "efficientnet_lite0 scored higher"}})
+    at = app({"run": run_id})
+    assert_clean(at)
+    home_text = " ".join(m.value for m in at.markdown)
+    assert f"Run {run_id} used efficientnet_lite0." in home_text and "used efficientnet_lite2" not in home_text
+    goto(at, "train")
+    assert_clean(at)
+    panel = next(m.value for m in at.markdown if m.value.startswith("**Status:**"))
+    assert "auto → efficientnet_lite0 linear probe" in panel and "efficientnet_lite2" not in panel, panel
+    goto(at, "evaluate")
+    assert_clean(at)
+    label = at.selectbox[0].format_func(at.selectbox[0].value)
+    assert "auto → efficientnet_lite0 linear probe" in label, label

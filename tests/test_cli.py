@@ -240,3 +240,85 @@ def test_readme_contract_matches_the_parser():
         required = {s for a in parser[name]._actions if a.required and a.option_strings for s in a.option_strings[:1]}
         assert required <= set(flags), f"docs/cli.md omits required flags of {name}: {required - set(flags)}"
     assert "--config" in readme["train"] and "TrainConfig" in readme["train"]
+
+
+# --------------------------------------------------------------------------------------------------
+# --json on failure, the subcommand's own usage errors, float flags, flags a strategy does not use
+# --------------------------------------------------------------------------------------------------
+def _run(capsys, *argv) -> tuple[int, str, list[str]]:
+    from tl_core.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err.strip().splitlines()
+
+
+def test_json_failures_still_print_one_json_document(capsys, tl_home, tmp_path):
+    """A script that runs `tl-core ... --json` parses stdout: a usage error (found by argparse) and an error found
+    later (a TLError) each give one JSON document with the error and the exit status, beside the stderr line."""
+    for argv, said in ((["train", str(EMOJI), "--json", "--epochz", "3"], "--epochz"),
+                       (["train", str(EMOJI), "--json", "--strategy", "autp"], "autp"),
+                       (["train", str(tmp_path / "missing"), "--json", "--quiet"], "does not exist")):
+        code, out, err = _run(capsys, *argv)
+        doc = json.loads(out)  # exactly one document: json.loads refuses trailing text
+        assert code == 2 and doc["exit_status"] == 2 and said in doc["error"], (argv, out)
+        assert len(err) == 1 and err[0] == "error: " + doc["error"]
+    code, out, err = _run(capsys, "train", str(EMOJI), "--epochz", "3")  # without --json: stdout stays empty
+    assert code == 2 and out == "" and len(err) == 1
+
+
+def test_an_unknown_option_is_reported_by_its_subcommand(capsys, tl_home):
+    """`tl-core --help` does not list train's options: the error points at `tl-core train --help`, and at the
+    nearest option it has."""
+    line = fail(capsys, "train", str(EMOJI), "--epochz", "3")
+    assert "unrecognized arguments: --epochz 3" in line and "did you mean --epochs?" in line
+    assert "`tl-core train --help`" in line
+    assert "`tl-core data import --help`" in fail(capsys, "data", "import", "x", "--bogus")
+    assert "`tl-core --help`" in fail(capsys, "--bogus", "runs")  # before the sub-command: the top level's
+
+
+def test_every_float_setting_takes_a_fraction(tmp_path):
+    """`--time-budget 90.5` (help: "default: 120.0") is a number of seconds like any other, not an int."""
+    import dataclasses
+
+    from tl_core.cli import build_parser, config_from_args
+    from tl_core.config import TrainConfig
+
+    args = build_parser().parse_args(["train", "x", "--time-budget", "90.5", "--warmup-epochs", "0.5"])
+    cfg = config_from_args(args)
+    assert cfg.time_budget == 90.5 and cfg.warmup_epochs == 0.5
+    opts = _options(_subcommands()["train"])
+    for f in dataclasses.fields(TrainConfig):
+        if isinstance(f.default, float):
+            assert opts["--" + f.name.replace("_", "-")].type is float, f.name
+
+
+def test_flags_the_strategy_does_not_use_get_a_note(capsys, tl_home, tmp_path):
+    """auto gives each try its own epochs, lr and patience; --time-budget is auto's alone: a flag given that has
+    no effect says so on stderr (the run goes on; here it fails later, on the missing folder)."""
+    missing = str(tmp_path / "missing")
+    code, _, err = _run(capsys, "train", missing, "--epochs", "30", "--lr", "3e-4", "--batch-size", "8")
+    assert code == 2 and err[0].startswith("note: --epochs and --lr have no effect with the auto strategy")
+    assert "--batch-size" not in err[0]  # auto's fine-tune try uses it
+    assert err[-1].startswith("error: ") and len(err) == 2
+    code, _, err = _run(capsys, "train", missing, "--strategy", "linear", "--time-budget", "50")
+    assert err[0] == "note: --time-budget has no effect with the linear strategy (used by auto)."
+    code, _, err = _run(capsys, "train", missing, "--strategy", "partial", "--epochs", "3", "--batch-size", "8")
+    assert not [line for line in err if line.startswith("note:")]  # all used
+
+
+def test_json_output_never_builds_the_text_lines(capsys, tl_home, tmp_path, monkeypatch):
+    """A slip in the lines a person reads cannot fail `--json` (they are built only without it)."""
+    import tl_core.cli as cli
+    import tl_core.share.formats as formats
+
+    def broken_summary(out):
+        raise KeyError("a formatting slip")
+
+    monkeypatch.setattr(cli, "_resolve_run_dir", lambda ref: tmp_path)
+    monkeypatch.setattr(formats, "export_model", lambda run, fmt, out: {"format": fmt, "path": out})
+    monkeypatch.setattr(formats, "export_summary", broken_summary)
+    code, out, _ = _run(capsys, "export", "r", "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--json")
+    assert code == 0 and json.loads(out)["format"] == "onnx"
+    code, out, err = _run(capsys, "export", "r", "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert code == 1 and err[-1].startswith("internal error: KeyError")  # the text path still runs it

@@ -281,7 +281,7 @@ def test_cli_refuses_a_tampered_bundle_with_exit_2(bundle, tmp_path, capsys):
     bad = _tampered(bundle, tmp_path / "bad.zip", replace={"model.safetensors": _pickle_bytes(_state(bundle))})
     code = main(["predict", str(bad), str(SAMPLES[0]), "--json"])
     out = capsys.readouterr()
-    assert code == 2 and out.out == ""
+    assert code == 2 and json.loads(out.out)["exit_status"] == 2  # --json: the error as one JSON document too
     assert out.err.startswith("error: ") and "pickle" in out.err and len(out.err.strip().splitlines()) == 1
 
 

@@ -119,7 +119,7 @@ def test_tl_core_settings_lists_every_setting(capsys, monkeypatch):
     assert by["TL_MAX_WORKERS"]["value"] == "two" and "TL_MAX_WORKERS" in by["TL_MAX_WORKERS"]["error"]
     assert by["TL_ENGINE"]["default"] == "auto" and by["TL_ENGINE"]["error"] is None
     # every other command refuses to start: one error line, exit 2
-    assert "TL_MAX_WORKERS='two'" in cli_fail(capsys, "runs", "--json")
+    assert "TL_MAX_WORKERS='two'" in cli_fail(capsys, "runs")  # (with --json also a JSON document: test_cli.py)
 
 
 # -- the documentation ----------------------------------------------------------------------------------

@@ -41,14 +41,14 @@ def test_time_left_counts_the_final_evaluation_and_paces_by_the_later_epochs():
     _, text = describe_progress("running", {"stage": "epoch", "epoch": 3, "epochs": 8}, _epochs(3))
     assert text.endswith("about 53 s left"), text
     # inside epoch 4 of 8: the engine's steps left (its pace this epoch, 40 s), then a validation pass after each
-    # of the 5 epochs still running (epoch 4's included), the last being the final evaluation
+    # of the 5 epochs still running (epoch 4's included), then the final evaluation (as between epochs): 40 + 6 x 3
     _, text = describe_progress("running", {"stage": "train", "epoch": 4, "epochs": 8, "step": 5, "steps": 10,
                                             "done": 35, "total": 80, "eta_s": 40}, _epochs(3))
-    assert text.endswith("about 55 s left"), text
-    # the first epoch has nothing better than the step rate: it gets the evaluations still to come added
+    assert text.endswith("about 58 s left"), text
+    # the first epoch has nothing better than the step rate: it gets the evaluations still to come added (2 + 1)
     _, text = describe_progress("running", {"stage": "train", "epoch": 1, "epochs": 2, "step": 5, "steps": 10,
                                             "done": 5, "total": 20, "eta_s": 20}, _epochs(0))
-    assert text.endswith("about 26 s left"), text
+    assert text.endswith("about 29 s left"), text
 
 
 def test_time_left_says_when_early_stopping_may_end_the_run_sooner():

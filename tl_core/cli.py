@@ -1,8 +1,8 @@
 """The ``tl-core`` command: the engine from a shell, with ``--json`` for scripts.
 
 Exit status: 0 success; 2 the user's input is wrong (one ``error:`` line on stderr saying what and how
-to fix it); 1 anything else. With ``--json`` exactly one JSON document goes to stdout; logs and
-progress go to stderr.
+to fix it); 1 anything else. With ``--json`` exactly one JSON document goes to stdout, also when the command
+fails (``{"error": ..., "exit_status": ...}``); logs and progress go to stderr.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .config import TrainConfig, config_fields, field_help
 from .errors import CancelledError, ConfigError, TLError
@@ -34,6 +34,19 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own errors follow our exit-2 contract
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        # an unknown option is reported by the (sub-)command that got it, whose --help lists its options (argparse
+        # would leave it to the top-level parser, whose --help does not), with the nearest option it has
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:
+            import difflib
+
+            near = [difflib.get_close_matches(a.split("=", 1)[0], list(self._option_string_actions), n=1)
+                    for a in extras if a.startswith("--")]
+            hint = next((f"; did you mean {m[0]}?" for m in near if m), "")
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return ns, extras
+
 
 def _workspace():
     from .storage.workspace import Workspace
@@ -41,26 +54,31 @@ def _workspace():
     return Workspace.default()
 
 
+_printed = {"json": False}  # whether this command already wrote its one JSON document (main's error path)
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
+    _printed["json"] = True
 
 
-def emit(args: argparse.Namespace, result: Any, text: Iterable[str] = ()) -> int:
+def emit(args: argparse.Namespace, result: Any, text: Iterable[str] | Callable[[], Iterable[str]] = ()) -> int:
     """Print a command's result, the one way every command does: with ``--json`` exactly one JSON document (the
     result), else its text lines.
 
     Args:
         args: the command's parsed arguments (``args.json``).
         result: what ``--json`` prints (JSON-able; anything else is written as its ``str``).
-        text: the lines a person reads; a generator runs only without ``--json``.
+        text: the lines a person reads: a generator, or a callable returning the lines (``lambda: [...]``), so
+            that they are built only without ``--json`` (a formatting slip can then never fail a ``--json`` run).
     Returns:
         0: the command's exit status.
     """
     if args.json:
         _print_json(result)
     else:
-        for line in text:
+        for line in text() if callable(text) else text:
             print(line)
     return 0
 
@@ -150,11 +168,35 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError(f"The config has a value of the wrong type ({e}).") from None
 
 
+def _note_unused_flags(args: argparse.Namespace, strategy: str) -> None:
+    """A note on stderr for each flag given that the run's strategy does not use (``--epochs`` with auto, which
+    gives each try its strategy's own; ``--time-budget`` with linear), rather than ignoring it silently."""
+    from .runs.auto import SETTINGS_AUTO_CHOOSES, settings_used
+
+    used = settings_used(strategy)
+    unused = [f.name for f in config_fields() if getattr(args, f.name, None) is not None and f.name not in used]
+    if not unused:
+        return
+    from .config import STRATEGIES, field_spec
+
+    flags = " and ".join(", ".join(f"--{n.replace('_', '-')}" for n in unused).rsplit(", ", 1))
+    if strategy == "auto" and set(unused) <= set(SETTINGS_AUTO_CHOOSES):
+        why = ("auto gives each try its strategy's own epochs, learning rate and patience; to set them, choose "
+               "--strategy partial or full")
+    else:
+        users = {s for n in unused for s in field_spec(n).strategies}
+        why = "used by " + ", ".join(s for s in STRATEGIES if s in users)
+    sys.stderr.write(f"note: {flags} {'has' if len(unused) == 1 else 'have'} no effect with the {strategy} "
+                     f"strategy ({why}).\n")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .models.distributed import under_torchrun
     from .runs.training import result_of, run_training
 
     cfg = config_from_args(args)
+    if not under_torchrun():  # once, not once per process of a group
+        _note_unused_flags(args, cfg.strategy)
     # a short process of forward passes (fine-tuning keeps glibc's defaults); auto's tries are probes unless its
     # budget affords a fine-tune, which then also runs in this short process
     if cfg.strategy in ("linear", "auto"):
@@ -184,12 +226,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0  # a rank other than 0 under torchrun: rank 0 reports
 
     def text() -> Iterator[str]:
-        from .share.progress import stop_text
+        from .share.progress import model_text, stop_text
 
         from .metrics import format_figure
 
         yield (f"run {res.run_id}: {res.status} in {res.seconds:.1f}s on {res.device}"
                + (f" x {res.world_size} processes" if res.world_size > 1 else ""))
+        if res.auto:  # the model the run holds, and why auto kept it
+            yield f"{model_text({'config': {'strategy': 'auto'}, 'summary': {'auto': res.auto}})}: {res.auto['reason']}"
         yield "validation accuracy " + format_figure(res.val_accuracy, res.val_accuracy_ci,
                                                      _correct(res.val_accuracy, res.val_count), res.val_count or None)
         if res.cv_accuracy is not None:
@@ -318,17 +362,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .share.formats import export_model, export_summary
 
     out = export_model(_resolve_run_dir(args.run), args.format, args.out)
-    return emit(args, out, export_summary(out))
+    return emit(args, out, lambda: export_summary(out))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .share.report import write_report
 
     out = write_report(_resolve_run_dir(args.run), args.out)
-    return emit(args, out, [f"wrote {out['path']}"])
+    return emit(args, out, lambda: [f"wrote {out['path']}"])
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    """``tl-core runs``: every run of the workspace, newest first, naming the model it holds (an auto run's kept
+    try: ``backbone`` and ``strategy`` in the JSON, beside the ``config`` it was started with)."""
+    from .share.progress import kept_model
+
     ws = _workspace()
     store = ws.store()
     store.mark_dead_workers()
@@ -338,12 +386,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
         for r in runs:
             s = r.get("summary") or {}
             acc = s.get("val_accuracy")
-            yield (f"{r['id']}  {r['status']:11} {r['config'].get('backbone', ''):20} "
-                   f"{r['config'].get('strategy', ''):8} {'' if acc is None else f'val acc {acc:.3f}'}  "
-                   f"{r.get('error') or ''}")
+            backbone, strategy = kept_model(r)
+            if r["config"].get("strategy") == "auto" and strategy != "auto":
+                strategy = f"auto → {strategy}"
+            yield (f"{r['id']}  {r['status']:11} {backbone or '':20} {strategy or '':16} "
+                   f"{'' if acc is None else f'val acc {acc:.3f}'}  {r.get('error') or ''}")
 
     keys = ("id", "status", "created", "updated", "data", "config", "summary", "error")
-    return emit(args, [{k: r.get(k) for k in keys} for r in runs], text())
+    return emit(args, [{**{k: r.get(k) for k in keys}, **dict(zip(("backbone", "strategy"), kept_model(r)))}
+                       for r in runs], text())
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
@@ -456,7 +507,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     res = learning_curve(args.data, args.backbone, sizes=args.sizes, epochs=args.epochs, image_size=args.image_size,
                          arms=arms, val_split=args.val_split, seed=args.seed, workspace=_workspace(),
                          progress=_progress_line(args.quiet))
-    return emit(args, res, [f"{'arm':10} {'per class':>9} {'val acc':>8} {'seconds':>8}",
+    return emit(args, res, lambda: [f"{'arm':10} {'per class':>9} {'val acc':>8} {'seconds':>8}",
                             *(f"{r['arm']:10} {r['images_per_class']:>9} {r['val_accuracy']:8.3f} {r['seconds']:8.1f}"
                               for r in res["rows"]),
                             res["reading"]])
@@ -471,7 +522,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     heat = res.pop("heatmap")
     res.pop("overlay")
     res["heat_mean"] = round(float(heat.mean()), 4)
-    return emit(args, res, [f"{args.image}: {res['label']} ({res['confidence']:.3f}); Grad-CAM of {res['target']!r} "
+    return emit(args, res, lambda: [f"{args.image}: {res['label']} ({res['confidence']:.3f}); Grad-CAM of {res['target']!r} "
                             f"at {res['layer']} written to {res['out']}"])
 
 
@@ -479,7 +530,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .insight.calibrate import calibrate_run
 
     res = calibrate_run(_resolve_run_dir(args.run), _workspace(), apply=not args.dry_run)
-    return emit(args, res, [f"temperature {res['temperature']:.3f} fitted on {res['count']} validation images: ECE "
+    return emit(args, res, lambda: [f"temperature {res['temperature']:.3f} fitted on {res['count']} validation images: ECE "
                             f"{res['ece_before']:.4f} -> {res['ece_after']:.4f}, NLL {res['nll_before']:.4f} -> "
                             f"{res['nll_after']:.4f}" + ("" if res["applied"] else " (not saved: --dry-run)"),
                             *([f"warning: {res['warning']}"] if res["warning"] else [])])
@@ -531,14 +582,14 @@ def _counts_text(c: dict[str, Any] | None) -> str:
 def _version_out(args: argparse.Namespace, name: str, entry: dict[str, Any]) -> int:
     note = " (nothing changed)" if entry.get("unchanged") else ""
     return emit(args, {"name": name, **entry},
-                [f"{name}@{entry['version']}: {entry['change']}{note}; {_counts_text(entry['counts'])}"])
+                lambda: [f"{name}@{entry['version']}: {entry['change']}{note}; {_counts_text(entry['counts'])}"])
 
 
 def cmd_data_import(args: argparse.Namespace) -> int:
     from .data.versions import import_dataset
 
     res = import_dataset(_workspace(), args.path, args.name)
-    return emit(args, res, [f"imported {args.path} as {res['name']}@{res['version']}: {_counts_text(res['counts'])}",
+    return emit(args, res, lambda: [f"imported {args.path} as {res['name']}@{res['version']}: {_counts_text(res['counts'])}",
                             *(f"  left out {s['path']}: {s['reason']}" for s in res["skipped"])])
 
 
@@ -546,7 +597,7 @@ def cmd_data_list(args: argparse.Namespace) -> int:
     from .data.versions import managed_datasets
 
     rows = managed_datasets(_workspace())
-    return emit(args, rows, [f"{r['name']:24} {r['version'] or '-':10}  {_when(r['when'])}  {_counts_text(r['counts'])}"
+    return emit(args, rows, lambda: [f"{r['name']:24} {r['version'] or '-':10}  {_when(r['when'])}  {_counts_text(r['counts'])}"
                              for r in rows] or ["no datasets in the workspace (`tl-core data import PATH` adds one)"])
 
 
@@ -581,7 +632,7 @@ def cmd_data_delete(args: argparse.Namespace) -> int:
 
     kept = delete_dataset(_workspace(), args.name)
     return emit(args, {"name": args.name, "deleted": True, "runs_kept": kept},
-                [f"deleted {args.name}" + (f"; {kept} run(s) trained on it are kept" if kept else "")])
+                lambda: [f"deleted {args.name}" + (f"; {kept} run(s) trained on it are kept" if kept else "")])
 
 
 def _add_data_commands(sub: Any) -> None:
@@ -633,8 +684,7 @@ def _flag_type(spec: Any, default: Any) -> Any:
         return None
     if spec.choices or spec.name in ("backbone", "weights"):
         return str
-    if spec.name in ("lr", "val_split", "test_split", "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_mult",
-                     "linear_c"):
+    if isinstance(default, float) or spec.name == "lr":  # lr's default is None (the strategy's)
         return float
     return int
 
@@ -660,6 +710,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``tl-core`` (the sub-commands of the contract in DESIGN.md and the README)."""
+    from .share.formats import FORMAT_EXTENSIONS  # the export formats' one table (a light module)
+
     d = TrainConfig()  # the insight commands share the training defaults (one table drives every surface)
     p = _Parser(prog="tl-core", description="TL Studio engine: transfer learning on images from the command line. "
                 "Workspace: $TL_HOME (default ~/.tl_studio).")
@@ -725,7 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="export a run as a bundle, ONNX, TorchScript, TFLite or a web page")
     s.add_argument("run")
-    s.add_argument("--format", choices=["bundle", "onnx", "torchscript", "tflite", "webpage"], default="bundle",
+    s.add_argument("--format", choices=list(FORMAT_EXTENSIONS), default="bundle",
                    help="webpage: a folder (--out DIR) with index.html that classifies offline in a browser; "
                         "tflite: float32 and int8 .tflite files (needs pip install -e '.[edge]')")
     s.add_argument("--out", required=True)
@@ -811,11 +863,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tl-core``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _printed["json"] = False
+
+    def fail(message: str, status: int, as_json: bool) -> int:
+        # one error line on stderr; with --json also the one JSON document a script parses (unless the command
+        # already wrote its result)
+        sys.stderr.write(f"{message}\n")
+        if as_json and not _printed["json"]:
+            with contextlib.suppress(OSError, ValueError):
+                _print_json({"error": message.removeprefix("error: "), "exit_status": status})
+        return status
+
     try:
         args = build_parser().parse_args(argv)
     except _UsageError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+        return fail(f"error: {e}", 2, "--json" in argv)
+    as_json = bool(getattr(args, "json", False))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -825,26 +889,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             validate_all()
         return args.func(args)
     except CancelledError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 1
+        return fail(f"error: {e}", 1, as_json)
     except TLError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+        return fail(f"error: {e}", 2, as_json)
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
-        return 1
+        return fail("error: interrupted", 1, as_json)
     except BrokenPipeError:  # `tl-core ... | head`: the reader left; nothing to report
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # a bug: say so in one line, details with -v
         log.debug("crash", exc_info=True)
-        sys.stderr.write(f"internal error: {type(e).__name__}: {e}\n")
+        code = fail(f"internal error: {type(e).__name__}: {e}", 1, as_json)
         if args.verbose:
             import traceback
 
             traceback.print_exc()
-        return 1
+        return code
 
 
 def run() -> None:

@@ -39,6 +39,7 @@ import numpy as np
 from ..errors import DatasetError, RunError, TLError
 from ..fileio import write_atomic, write_json_atomic
 from ..metrics import compare_figures, format_figure, wilson_interval
+from ..share.progress import kept_model
 from ..storage.workspace import Workspace
 from .projects import label as _project_label
 
@@ -318,9 +319,11 @@ def score_run(ws: Workspace, run_dir: str | os.PathLike, challenge_id: str | Non
     pred = softmax(np.asarray(logits), tm.temperature).argmax(1)
     right = (pred == np.asarray([cidx[i.label] for i in items])).astype(int)
     correct, n = int(right.sum()), len(items)
-    cfg, summary = row.get("config") or tm.config or {}, row.get("summary") or {}
+    summary = row.get("summary") or {}
+    # the model that was scored: an auto run's kept try (its backbone and strategy), not the one it started from
+    backbone, strategy = kept_model({"config": row.get("config") or tm.config or {}, "summary": summary})
     sub = {"challenge": info["id"], "project": _project_label(ws), "run": run_id, "run_name": row.get("name"),
-           "backbone": cfg.get("backbone"), "strategy": cfg.get("strategy"), "training_s": summary.get("seconds"),
+           "backbone": backbone, "strategy": strategy, "training_s": summary.get("seconds"),
            "accuracy": round(correct / n, 6) if n else None, "accuracy_ci": wilson_interval(correct, n),
            "correct": correct, "count": n, "submitted": time.time(),
            "scoring_s": round(time.monotonic() - t0, 2), "submissions": made + 1,

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import RunError
 from ..metrics import figure_of, wilson_interval
+from ..share.progress import kept_model
 from ..storage.store import ACTIVE_STATUSES, task_ran_s, task_waited_s
 from ..storage.workspace import Workspace
 from .projects import SHARED, project_of
@@ -218,13 +219,13 @@ def results_rows(top: Workspace) -> list[dict[str, Any]]:
     rows = []
     for ws in Workspace(top.top).all_workspaces():
         for r in reversed(ws.store().list()):  # oldest first
-            s, cfg = r.get("summary") or {}, r.get("config") or {}
+            s = r.get("summary") or {}
             vci, tci = s.get("val_accuracy_ci") or [None, None], s.get("test_accuracy_ci") or [None, None]
             rows.append({
                 "project": _label(ws), "run": r["id"], "name": r.get("name") or "", "status": r["status"],
                 "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])),
                 "data": s.get("dataset_version") or Path(str(r.get("data", ""))).name,
-                "backbone": cfg.get("backbone"), "strategy": cfg.get("strategy"),
+                **dict(zip(("backbone", "strategy"), kept_model(r))),  # an auto run: the try it kept
                 "val_accuracy": s.get("val_accuracy"), "val_ci_low": vci[0], "val_ci_high": vci[1],
                 "val_images": s.get("val_count"), "test_accuracy": s.get("test_accuracy"),
                 "test_ci_low": tci[0], "test_ci_high": tci[1], "training_s": s.get("seconds"),

@@ -6,13 +6,16 @@
    can matter (at least :data:`MIN_IMAGES_TO_COMPARE_BACKBONES` labelled images, and the first probe below
    :data:`NO_ROOM_ACCURACY`) and each one's estimated time fits what is left of the budget. They are scored by
    the same cross-validation (same images, same folds: the folds are drawn in the images' content order), and
-   the best score is kept (a tie keeps the cheaper backbone).
+   the best score is kept (a tie keeps the cheaper backbone, by the catalogue's CPU cost).
 3. If the training images are enough for fine-tuning to have room (:data:`MIN_PER_CLASS_TO_FINETUNE` per class,
    single-label) and the estimated time fits what is left: a short ``partial`` fine-tune (LP-FT: it starts from
    a linear probe) of the kept backbone on the **same split**. It is kept only when its paired gain over the
    kept probe's on the same validation images is above its 95% interval; it otherwise costs more for a gain
    within noise. The fine-tune's figure is that of the epoch it kept, chosen on those validation images:
    slightly optimistic, one more reason to demand a gain beyond noise.
+
+Each try runs with the run's settings except :data:`SETTINGS_AUTO_CHOOSES` (epochs, learning rate, patience: each
+try's strategy defaults); ``tl-core train`` says so when they are given (:func:`settings_used`).
 
 The budget is ``TrainConfig.time_budget`` (``--time-budget``; default :data:`~tl_core.config.DEFAULT_TIME_BUDGET_S`).
 A try whose estimate exceeds what is left is not run and is listed as skipped with the estimate ("skipped
@@ -37,15 +40,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..config import TrainConfig
+from ..config import TrainConfig, fields_for_strategy
 from ..fileio import write_json_atomic
 from ..metrics import wilson_interval
 from ..models.multilabel import label_matrix, predict_sets, sigmoid
 from ..models.training import Progress
+from ..share.progress import duration_text
 from ..storage.files import RunFiles
 
 __all__ = ["MIN_PER_CLASS_TO_FINETUNE", "MIN_IMAGES_TO_COMPARE_BACKBONES", "NO_ROOM_ACCURACY", "OFFLINE_BACKBONES",
-           "train_auto", "paired_difference", "duration_text"]
+           "SETTINGS_AUTO_CHOOSES", "train_auto", "paired_difference", "duration_text", "settings_used"]
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +74,23 @@ NO_ROOM_ACCURACY = 0.98
 _TRY_OVERHEAD_S = 5.0
 
 
-def duration_text(seconds: float) -> str:
-    """A duration as a person reads it: "45 s", "6 min 10 s"."""
-    s = max(0, int(round(seconds)))
-    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s"
+#: The settings auto does not take from the run: each try uses its strategy's own (a short fine-tune's epochs).
+SETTINGS_AUTO_CHOOSES = ("epochs", "lr", "patience")
+
+
+def settings_used(strategy: str) -> set[str]:
+    """The :class:`~tl_core.config.TrainConfig` fields a run of ``strategy`` uses: the strategy's own fields, and for
+    ``auto`` also those of the fine-tune it may try, except :data:`SETTINGS_AUTO_CHOOSES`.
+
+    Args:
+        strategy: a strategy name (``auto``, ``linear`` ...).
+    Returns:
+        The field names; a given setting outside them has no effect on the run.
+    """
+    used = set(fields_for_strategy(strategy))
+    if strategy == "auto":
+        used |= set(fields_for_strategy("partial")) - set(SETTINGS_AUTO_CHOOSES)
+    return used
 
 
 def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[float, float]:
@@ -230,7 +247,7 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
     emit: Progress = progress or (lambda e: None)
     budget = float(cfg.time_budget if budget_s is None else budget_s)
     t0 = time.perf_counter()
-    base = dataclasses.replace(cfg, epochs=None, lr=None, patience=None)
+    base = dataclasses.replace(cfg, **dict.fromkeys(SETTINGS_AUTO_CHOOSES))  # each try's strategy defaults
 
     def left() -> float:
         return budget - (time.perf_counter() - t0)
@@ -311,7 +328,10 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
             row = {**_tried("linear", b, other, other_s, _val_correct(staging / b)), "estimated_s": round(estimate, 1)}
             tried.append(row)
             summaries[len(tried) - 1] = other
-            if row["score"] is not None and row["score"] > (tried[k_best]["score"] or 0.0):
+            best = tried[k_best]["score"] or 0.0
+            if row["score"] is not None and (row["score"] > best or (  # a tie: the cheaper backbone
+                    row["score"] == best and _relative_cost(b, cfg.backbone)
+                    < _relative_cost(tried[k_best]["backbone"], cfg.backbone))):
                 k_best = len(tried) - 1
         if over_budget:
             notes.append(f"The probes of {' and '.join(over_budget)} did not fit the {duration_text(budget)} budget "
@@ -375,14 +395,22 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
         kept_index = len(tried) - 1 if kept == "partial" else k_best
         tried[kept_index]["status"] = "kept"
         probes = sum(1 for row in tried if row["strategy"] == "linear" and row["status"] != "skipped")
+        best_probe = tried[k_best]
         for row in tried:
             if row["status"] == "kept":
                 row["why"] = ("kept: " + reason if kept == "partial" else
                               f"kept: the best {row['scored_by']} score of the {probes} probes run" if probes > 1
                               else "kept: the only probe run (the baseline every other try must beat)")
-            elif row["status"] == "not kept":
-                row["why"] = ("not kept: a lower cross-validated score than the kept probe"
-                              if row["strategy"] == "linear" else "not kept: " + reason)
+            elif row["status"] != "not kept":
+                continue
+            elif row["strategy"] != "linear" or row is best_probe:  # the fine-tune, or the probe it beat
+                row["why"] = "not kept: " + reason
+            else:
+                than = ("the kept probe" if kept == "linear" else
+                        f"the {best_probe['backbone']} probe the kept fine-tune started from")
+                row["why"] = (f"not kept: the same cross-validated score as {than}, from a costlier backbone"
+                              if row["score"] == best_probe["score"] else
+                              f"not kept: a lower cross-validated score than {than}")
         reason = " ".join(notes + [reason])
         RunFiles.discard([run_dir])
         os.replace(staging / kept_dir, run_dir)

@@ -12,7 +12,7 @@ from ..config import field_spec, fields_for_strategy
 
 __all__ = ["describe_progress", "duration_text", "runs_rows", "compare_rows", "setting_text", "ended_text",
            "stop_text", "features_text", "features_cell", "task_progress", "timing_text", "RUN_SETTINGS",
-           "COMPARED_SETTINGS", "MISSING", "curve_step"]
+           "COMPARED_SETTINGS", "MISSING", "curve_step", "kept_model", "strategy_text", "model_text"]
 
 #: Settings shown per run in the runs table.
 RUN_SETTINGS = ("epochs", "lr", "batch_size", "augment", "seed")
@@ -129,8 +129,8 @@ def _time_left(stage: str, p: dict[str, Any], epochs: Sequence[dict[str, Any]],
         ep = int(p.get("epoch") or 1)
         steps, step = int(p.get("steps") or 0), int(p.get("step") or 0)
         left_epochs = total_ep - ep + 1.0 - (step / steps if steps else 0.0)
-        if eta is not None:
-            left = float(eta) + eval_s * (total_ep - ep + 1)
+        if eta is not None:  # the validation after this epoch and each later one, then the final evaluation
+            left = float(eta) + eval_s * (total_ep - ep + 2)
         elif per_epoch is not None:
             left = per_epoch * left_epochs + eval_s
         else:
@@ -174,6 +174,48 @@ def _used(cfg: dict[str, Any]) -> set[str]:
     return set(fields_for_strategy(cfg.get("strategy", "")))
 
 
+def kept_model(run: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The backbone and strategy of the model a run holds, the ones every surface names: its config's, or for an
+    ``auto`` run the try it kept (``summary.auto``: e.g. Lite2's linear probe, or the partial fine-tune); an auto
+    run that has not kept one yet: its config's backbone and ``"auto"``.
+
+    Args:
+        run: a store row (``config``, ``summary``).
+    Returns:
+        (backbone, strategy name), each None where the row has none.
+    """
+    cfg = run.get("config") or {}
+    auto = (run.get("summary") or {}).get("auto") or {}
+    if cfg.get("strategy") == "auto" and auto.get("kept"):
+        return auto.get("backbone") or cfg.get("backbone"), str(auto["kept"])
+    return cfg.get("backbone"), cfg.get("strategy")
+
+
+def strategy_text(run: dict[str, Any]) -> str | None:
+    """A run's strategy as the runs table and the comparison show it: "Linear probe", or for an ``auto`` run what it
+    kept, "Auto → linear probe" (:func:`kept_model`)."""
+    strategy = (run.get("config") or {}).get("strategy")
+    kept = kept_model(run)[1]
+    if strategy == "auto" and kept != "auto":
+        return f"Auto → {(setting_text('strategy', kept) or '').lower()}"
+    return setting_text("strategy", strategy)
+
+
+def model_text(run: dict[str, Any]) -> str:
+    """The model a run holds in a few words, for a run's header and its label in a list: "efficientnet_lite0 ·
+    Linear probe", or for an ``auto`` run the try it kept, "auto → efficientnet_lite2 linear probe"."""
+    backbone, kept = kept_model(run)
+    if (run.get("config") or {}).get("strategy") == "auto" and kept != "auto":
+        return f"auto → {backbone} {(setting_text('strategy', kept) or '').lower()}"
+    return f"{backbone} · {setting_text('strategy', kept)}"
+
+
+def _as_kept(run: dict[str, Any]) -> dict[str, Any]:
+    """A run's config with the kept backbone and strategy (which settings and features its model used)."""
+    backbone, strategy = kept_model(run)
+    return {**(run.get("config") or {}), "backbone": backbone, "strategy": strategy}
+
+
 def _int(v: Any) -> int | None:
     return None if v is None else int(v)
 
@@ -189,7 +231,7 @@ def runs_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     rows = []
     for r in runs:
-        cfg = r.get("config") or {}
+        cfg = _as_kept(r)  # an auto run: the try it kept (its backbone, the settings and features it used)
         s = r.get("summary") or {}
         w = r.get("weights") or s.get("weights") or {}
         used = _used(cfg)
@@ -198,7 +240,7 @@ def runs_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "Status": r["status"],
             "Data": Path(str(r.get("data", ""))).name,
             "Backbone": cfg.get("backbone"),
-            "Strategy": setting_text("strategy", cfg.get("strategy")),
+            "Strategy": strategy_text(r),
             "Features": features_cell(cfg, s),
             "Val accuracy": s.get("val_accuracy"),
             "Test accuracy": s.get("test_accuracy"),
@@ -240,13 +282,14 @@ def compare_rows(runs: Sequence[dict[str, Any]], val_metrics: dict[str, dict[str
         return MISSING if v is None else format(float(v), fmt)
 
     for r in runs:
-        i, cfg, s = r["id"], r.get("config") or {}, r.get("summary") or {}
+        i, cfg, s = r["id"], _as_kept(r), r.get("summary") or {}
         used = _used(cfg)
         m = val_metrics.get(i) or {}
         out["Status"][i] = r["status"]
         out["Data"][i] = Path(str(r.get("data", ""))).name or MISSING
         for key in COMPARED_SETTINGS:
-            text = setting_text(key, cfg.get(key)) if key in used else None
+            text = (strategy_text(r) if key == "strategy" else
+                    setting_text(key, cfg.get(key)) if key in used else None)
             out[field_spec(key).label][i] = MISSING if text is None else text
         out["Features"][i] = features_cell(cfg, s) or MISSING
         out["Val accuracy"][i] = pct(s.get("val_accuracy"))
@@ -320,10 +363,7 @@ def curve_step(run: dict[str, Any]) -> str:
     Args:
         run: a store row (``config``, ``summary``).
     """
-    strategy = (run.get("config") or {}).get("strategy")
-    if strategy == "auto":
-        strategy = ((run.get("summary") or {}).get("auto") or {}).get("kept", strategy)
-    return "solver round" if strategy == "linear" else "epoch"
+    return "solver round" if kept_model(run)[1] == "linear" else "epoch"
 
 
 def stop_text(strategy: str, stop: dict[str, Any], best_epoch: int | None) -> str | None:
