@@ -35,7 +35,8 @@ from ..storage.workspace import TASK_RESULT, Workspace
 from .kinds import jsonable, kind_spec
 
 __all__ = ["LANES", "lane_slots", "queue_order", "default_max_workers", "ensure_workers", "stop_task", "recover",
-           "TaskContext", "run_task", "worker_main", "prune", "CANCEL_GRACE_S", "WORKER_NICE"]
+           "TaskContext", "run_task", "worker_main", "lower_priority", "prune", "CANCEL_GRACE_S",
+           "WORKER_NICE"]
 
 log = logging.getLogger(__name__)
 
@@ -335,10 +336,24 @@ def prune(ws: Workspace, keep_days: float | None = None) -> int:
     return removed
 
 
+def lower_priority(lane: str) -> None:
+    """Lower this process's CPU priority by ``WORKER_NICE[lane]`` (for good: call it only in a worker process,
+    never in a server or a test that runs :func:`worker_main` in-process).
+
+    Args:
+        lane: the worker's lane (trainings lowest, so that the server and interactive tasks answer first).
+    """
+    try:
+        os.nice(WORKER_NICE[lane])
+    except (OSError, AttributeError) as e:  # no nice on this platform: run at the server's priority
+        log.warning("could not lower the worker's priority: %s", e)
+
+
 def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
     """Worker loop: hold the slot lock, run queued tasks of ``lane`` (every project's) until none is left
     (compute) or until idle for ``TL_INTERACTIVE_IDLE_S`` seconds (interactive); forget old task results
-    (:func:`prune`) now and then."""
+    (:func:`prune`) now and then. It leaves the process's priority as it is: the worker process's entry
+    (:func:`main`) lowers it first (:func:`lower_priority`)."""
 
     ws = Workspace(Path(home))
     lock = open(_lock_path(ws, lane, slot), "a+")
@@ -346,10 +361,6 @@ def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return 0  # another worker holds this slot
-    try:
-        os.nice(WORKER_NICE[lane])
-    except (OSError, AttributeError) as e:  # no nice on this platform: run at the server's priority
-        log.warning("could not lower the worker's priority: %s", e)
     models = WarmModels() if lane == "interactive" else None
     idle_limit = setting("TL_INTERACTIVE_IDLE_S") if lane == "interactive" else 0.0
     idle_since = time.monotonic()
@@ -396,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "worker":
+        lower_priority(args.lane)  # a worker process only: worker_main run in-process keeps its caller's priority
         return worker_main(args.home, args.lane, args.slot)
     _watch(Workspace.at(args.home), args.task, args.grace)
     return 0
