@@ -261,3 +261,31 @@ def test_a_refused_upload_stays_in_view_while_its_file_is_in_the_uploader(empty_
     at.file_uploader(key="zip_upload").set_value(None).run()  # the user removes the file
     at.run()
     assert not at.error and "intake" not in at.query_params
+
+
+def test_an_upload_refused_by_a_full_queue_is_sent_again_when_asked(empty_home, queued_only, monkeypatch):
+    """A full queue refuses the upload before any task: the file stays in the uploader, and "Send it again" (or the
+    page's next run) sends it once the queue has room; an upload that went through is never sent twice."""
+    ws = empty_home
+    real = tasks.submit
+    full = [True]
+
+    def submit(*a, **k):
+        if full[0]:
+            raise tasks.QueueFullError("The queue is full (50 tasks waiting); try again when some have finished.")
+        return real(*a, **k)
+
+    monkeypatch.setattr(tasks, "submit", submit)
+    at = goto(app(), "data")
+    at.file_uploader(key="zip_upload").set_value(("pets.zip", sample_zip(), "application/zip")).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["The queue is full (50 tasks waiting); try again when some have finished. "
+                                           "Your file stays here and is sent again when you press the button."]
+    assert ws.store().tasks(kind="intake") == [] and _left_behind(ws) == []
+    full[0] = False  # a task finished: room in the queue
+    [b for b in at.button if b.label == "Send it again"][0].click().run()
+    assert_clean(at)
+    [task] = ws.store().tasks(kind="intake")
+    assert task["status"] == "queued" and at.query_params["intake"] == task["id"]
+    at.run()
+    assert len(ws.store().tasks(kind="intake")) == 1
