@@ -87,7 +87,7 @@ def test_receiving_a_zip_only_writes_it_and_queues_the_intake_task(workspace, qu
     monkeypatch.setattr(intake, "load_image", no_unpacking)
     data = _pets()
     task = datasets.receive_zip(workspace, "pets.zip", data, labels_csv=b"path,label\n", val_split=0.3, seed=4)
-    assert task.kind == "intake" and task.status == "queued" and task.lane == "compute"
+    assert task.kind == "intake" and task.status == "queued" and task.lane == "intake"
     # nothing in the dataset list yet: the upload waits in the incoming folder, byte for byte
     assert sorted(p.name for p in workspace.datasets_dir.iterdir()) == []
     upload, labels = Path(task.params["upload"]), Path(task.params["labels"])
@@ -117,6 +117,23 @@ def test_a_full_queue_keeps_no_upload(workspace, queued_only, monkeypatch):
     with pytest.raises(tasks.QueueFullError):
         datasets.receive_zip(workspace, "pets.zip", _pets(), labels_csv=b"a,b\n")
     assert _left_behind(workspace) == []
+
+
+def test_an_upload_waits_neither_behind_trainings_nor_in_front_of_predictions(workspace, monkeypatch):
+    """The intake has a lane of its own: queued trainings (every compute slot busy) are not ahead of it, and the
+    worker it starts is an intake worker, so Try it's predictions never queue behind an upload either."""
+    from tl_core.config import TrainConfig
+
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(workers, "spawn_detached", lambda cmd, *a, **k: spawned.append(cmd))
+    monkeypatch.setattr(workers, "_slot_busy", lambda lock: lock.name.startswith("compute-"))  # trainings run
+    for seed in range(3):  # and more wait
+        tasks.submit_training(workspace, str(EMOJI), TrainConfig(strategy="linear", seed=seed), start_worker=False)
+    task = datasets.receive_zip(workspace, "pets.zip", _pets())
+    assert tasks.queue_position(workspace, task)["ahead"] == 0
+    [cmd] = spawned
+    assert cmd[cmd.index("--lane") + 1] == "intake"
+    assert workers.lane_slots("intake") == 1 and workers.WORKER_NICE["intake"] < workers.WORKER_NICE["compute"]
 
 
 def test_uploads_no_task_will_read_are_removed_when_the_next_arrives(workspace, queued_only):
