@@ -321,7 +321,7 @@ def test_a_data_check_is_found_again_after_a_training_versions_the_same_folder(t
     assert tasks.find(ws, "audit", dict(params, signature=dataset_signature(folder))) is None
 
 
-@pytest.mark.parametrize("lane", ["compute", "interactive"])
+@pytest.mark.parametrize("lane", ["compute", "interactive", "intake"])
 def test_workers_run_below_the_server(tl_home, monkeypatch, lane):
     """A worker process lowers its own CPU priority (trainings lowest), so the server answers while workers fill
     the cores; worker_main run inside another process (a test, this one) leaves that process's priority alone."""
