@@ -558,8 +558,9 @@ def export_tflite(run_dir: str | os.PathLike, out: str | os.PathLike, *,
                 int8_bytes = _convert(tf, fn, size, calib)
             except Exception as e:
                 raise ExportError(f"TFLite int8 quantisation of {tm.meta.arch} failed: {type(e).__name__}: "
-                                  f"{str(e)[:300]}; for the float32 file only, call tl_core.share.tflite.export_tflite(run, out, "
-                                  "int8=False) from Python, or export ONNX instead.") from None
+                                  f"{str(e)[:300]}; for the float32 file only, call "
+                                  "tl_core.share.tflite.export_tflite(run, out, int8=False) from Python, or export "
+                                  "ONNX instead.") from None
             int8_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             q = litert_runner(int8_bytes)(x.numpy())
