@@ -30,7 +30,9 @@ COMPONENT_HTML = Path(__file__).resolve().parent / "_live_component" / "index.ht
 #: The page's files the component loads (hard links into the component's folder; tlstudio.js: SHARED_JS).
 PAGE_FILES = ("tlstudio.js", "model.js", "ort/ort.wasm.min.js", "ort/ort-wasm.js")
 #: The component draws with this code's tlstudio.js (tlstudio.drawBars), not the copy in an export made by an
-#: earlier version (a done export task is reused): the exported page's own file (tl_core.share.webpage.WEB_DIR)
+#: earlier version (a done export task is reused): the exported page's own file, ``tl_core.share.webpage.WEB_DIR /
+#: "tlstudio.js"``. Named here by its place in the package, not imported from there: tl_core.share.webpage imports
+#: torch (through tl_core.share.export), which the server never loads; tests/test_live.py checks the two agree.
 SHARED_JS = Path(share.__file__).resolve().parent / "web" / "tlstudio.js"
 DONE = "_live_done"
 

@@ -313,13 +313,20 @@ INTAKE_PARAM = "intake"
 def _receive(ws, attempt: str, send) -> None:
     """Hand an upload to the engine once per ``attempt``: ``send()`` writes its bytes into the workspace and queues
     the intake task (a worker unpacks and checks it); the task's id goes into the page address. An upload refused
-    before any task (an empty file, a full queue) is said here, once."""
+    before any task is said here: an empty file once (sending it again cannot help); a full queue each time it is
+    tried, since the attempt is not used up: the file stays in the uploader and is sent again on the next run of
+    the page (the button below, or any click)."""
     if not _once(attempt):
         return
     try:
         task = send()
-    except (DatasetError, tasks.QueueFullError) as e:
-        st.error(f"{e} Nothing was saved." if isinstance(e, DatasetError) else str(e))
+    except DatasetError as e:
+        st.error(f"{e} Nothing was saved.")
+        return
+    except tasks.QueueFullError as e:
+        st.session_state["_handled_uploads"].discard(attempt)  # not sent: the next run of the page tries again
+        st.error(f"{e} Your file stays here and is sent again when you press the button.")
+        st.button("Send it again", key=f"resend-{abs(hash(attempt))}", icon=":material/refresh:")
         return
     st.query_params[INTAKE_PARAM] = task.id
     st.rerun()  # the task's progress (or its result) is drawn at the top of "Bring your own images"

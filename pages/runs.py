@@ -1,6 +1,7 @@
 """Runs & export: every run with its settings and results, comparison, delete, and downloads: the model
 bundle, verified ONNX, TorchScript and TFLite exports, a web page, and a self-contained HTML report."""
 
+import importlib.util
 from pathlib import Path
 
 import pandas as pd
@@ -136,13 +137,32 @@ def serve_snippet(ws, run_id: str) -> None:
             "curl -F files=@image.jpg http://localhost:8000/predict", language="bash")
 
 
+#: The modules a TFLite export needs (the ``.[edge]`` extra), and the command that installs them: the same as
+#: tl_core.share.tflite's (a test checks it), which the server does not import (it imports torch).
+EDGE_MODULES = ("tensorflow", "ai_edge_litert")
+EDGE_INSTALL = "pip install -e '.[edge]'"
+
+
+def _edge_missing() -> list[str]:
+    """The modules of the ``.[edge]`` extra that are not installed (looked up without importing them: 0.2 ms)."""
+    return [m for m in EDGE_MODULES if importlib.util.find_spec(m) is None]
+
+
 def export_panel(ws, run_id: str) -> None:
-    """ONNX / TorchScript exports with their verification numbers, and the HTML report, for one finished run."""
+    """ONNX / TorchScript / TFLite / web-page exports with their verification numbers, and the HTML report, for
+    one finished run. Without the ``.[edge]`` extra the TFLite column shows the command that installs it instead
+    of a button whose task could only fail."""
     cols = st.columns(len(FORMAT_LABELS) + 1)
+    edge_missing = _edge_missing()
     for col, fmt in zip(cols, FORMAT_LABELS):
         with col:
             st.markdown(f"**{FORMAT_LABELS[fmt]}**")
             st.caption(EXPORT_FORMATS[fmt])
+            if fmt == "tflite" and edge_missing:
+                st.caption(f"Not installed on this server ({', '.join(edge_missing)} missing). To offer it, run "
+                           "this in TL Studio's folder (a 250 MB download), then reload the page:")
+                st.code(EDGE_INSTALL, language="bash")
+                continue
             res, task = _export_view(ws, run_id, fmt, f"Export {FORMAT_LABELS[fmt]}",
                                      f"Exporting and verifying {FORMAT_LABELS[fmt]}",
                                      "Exports the model, then runs the exported file on the run's validation "
@@ -181,11 +201,19 @@ _CACHE_NAMES = {"decoded": "Decoded images", "features": "features", "choices": 
                 "engines": "ONNX engines", "checks": "image checks"}
 
 
+@st.cache_data(ttl=30, show_spinner=False)
+def _cache_summary(cache_dir: str) -> dict[str, dict[str, int]]:
+    """:func:`cache_summary`, measured at most every 30 s per cache folder: it stats every cached file (a full
+    5 GB cache: some 25,000 files; 2,800 files took 80 ms), and the Runs page reruns on every click, expander
+    closed or not, for every session of a class."""
+    return cache_summary(cache_dir)
+
+
 def cache_panel(ws) -> None:
     """How much each cache holds (decoded images, features, recorded choices, ONNX engines, image checks), and a
     button that empties them all."""
     with st.expander("Cache", icon=":material/storage:"):
-        summary = cache_summary(ws.cache_dir)
+        summary = _cache_summary(str(ws.cache_dir))
         st.caption(" · ".join(f"{_CACHE_NAMES[k]} {v['bytes'] / 1e6:.1f} MB" for k, v in summary.items()) + ". "
                    "The caches make a second run on the same images fast; they are capped together (least "
                    "recently used first) and can be emptied at any time: runs are kept, the next run just decodes "
@@ -194,6 +222,7 @@ def cache_panel(ws) -> None:
             st.caption("Only the teacher can empty the caches on this server.")
         elif st.button("Clear the cache", key="clear_cache", icon=":material/delete_sweep:"):
             freed = clear_cache(ws.cache_dir)
+            _cache_summary.clear()  # the next rerun shows the emptied cache, not the last 30 s's figure
             st.success(f"Freed {freed / 1e6:.1f} MB.")
 
 

@@ -203,7 +203,7 @@ def settings_form(ws, path) -> None:
 
     with phone_slot:
         early = st.button("Start training", type="primary", icon=":material/play_arrow:", key="start-phone",
-                          help="The settings below as they are (the linear probe unless you chose otherwise).")
+                          help="The settings below as they are (the chosen strategy, auto by default).")
     with start_slot:
         if st.button("Start training", type="primary", icon=":material/play_arrow:", key="start-training") or early:
             # settings the strategy does not use keep their defaults (the saved config stays honest)

@@ -49,7 +49,7 @@ def test_summary_counts_every_kind_and_skips_files_being_written(tmp_path):
     assert cache_usage(cache) == {k: v["bytes"] for k, v in summary.items()}
 
 
-def test_eviction_is_least_recently_used_across_kinds_engines_whole_checks_last(tmp_path):
+def test_eviction_is_least_recently_used_across_kinds_engines_whole_checks_never(tmp_path):
     cache = tmp_path / "cache"
     files = _every_kind(cache)
     usage = cache_usage(cache)
@@ -59,11 +59,31 @@ def test_eviction_is_least_recently_used_across_kinds_engines_whole_checks_last(
     assert enforce_cache_limit(cache, max_bytes=keep) == usage["decoded"] + usage["features"] + usage["choices"]
     assert all(f.exists() for f in files["engines"] + files["checks"])
     assert not any(f.exists() for k in ("decoded", "features", "choices") for f in files[k])
-    # the checks go last, even though they were used after the engine: the engine goes whole
-    assert enforce_cache_limit(cache, max_bytes=usage["checks"] + 1) == usage["engines"]
+    # the engine goes whole; the checks stay even when the cap cannot be met without them (only clear_cache
+    # removes them: workers and the server keep the database open)
+    assert enforce_cache_limit(cache, max_bytes=0) == usage["engines"]
     assert not any(f.exists() for f in files["engines"]) and all(f.exists() for f in files["checks"])
-    assert enforce_cache_limit(cache, max_bytes=0) == usage["checks"]
-    assert not any(cache_usage(cache).values())
+    assert {k: v for k, v in cache_usage(cache).items() if v} == {"checks": usage["checks"]}
+
+
+def test_eviction_never_removes_the_check_database_under_an_open_connection(tmp_path):
+    """Another process (a worker opening a dataset) holds the check database open while a training's end evicts
+    down to the cap: the database stays the same file, its open connection keeps reading and writing, and a
+    fresh connection finds everything recorded, intact."""
+    import sqlite3
+
+    cache = tmp_path / "cache"
+    _file(cache / "decoded" / "256-bicubic" / "ab" / "a.npy", 100, 1000)
+    open_checks = ImageCheckCache(cache / "checked.sqlite")
+    open_checks.put("ab" * 32, 10, 10, None)
+    inode = (cache / "checked.sqlite").stat().st_ino
+    assert enforce_cache_limit(cache, max_bytes=0) == 100  # the decoded image only
+    assert (cache / "checked.sqlite").stat().st_ino == inode
+    open_checks.put("cd" * 32, 20, 20, "unreadable")  # the open connection writes on, into the same file
+    fresh = ImageCheckCache(cache / "checked.sqlite")
+    assert fresh.get("ab" * 32) == (10, 10, None) and fresh.get("cd" * 32) == (20, 20, "unreadable")
+    with sqlite3.connect(cache / "checked.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 def test_eviction_order_follows_use_not_kind(tmp_path):

@@ -321,14 +321,17 @@ def test_a_data_check_is_found_again_after_a_training_versions_the_same_folder(t
     assert tasks.find(ws, "audit", dict(params, signature=dataset_signature(folder))) is None
 
 
-@pytest.mark.parametrize("lane", ["compute", "interactive"])
+@pytest.mark.parametrize("lane", ["compute", "interactive", "intake"])
 def test_workers_run_below_the_server(tl_home, monkeypatch, lane):
-    """A worker lowers its own CPU priority (trainings lowest), so the server answers while workers fill the cores."""
+    """A worker process lowers its own CPU priority (trainings lowest), so the server answers while workers fill
+    the cores; worker_main run inside another process (a test, this one) leaves that process's priority alone."""
     from tl_core.runs import workers
 
     asked = []
     monkeypatch.setattr(workers.os, "nice", asked.append)
     monkeypatch.setenv("TL_INTERACTIVE_IDLE_S", "0.01")
     assert workers.worker_main(str(tl_home), lane) == 0  # nothing queued: it leaves at once
+    assert asked == []  # in-process: the caller keeps its priority
+    assert workers.main(["worker", "--home", str(tl_home), "--lane", lane]) == 0  # the worker process's entry
     assert asked == [workers.WORKER_NICE[lane]]
     assert 0 < workers.WORKER_NICE["interactive"] < workers.WORKER_NICE["compute"]

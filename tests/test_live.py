@@ -57,6 +57,15 @@ def test_component_folder_links_the_page_files(tmp_path):
     assert component_folder(page) == live and (live / "index.html").stat().st_mtime_ns == made  # made once
 
 
+def test_live_draws_with_the_exported_pages_own_script():
+    """pages/_live.py names the web page's tlstudio.js by its place (importing tl_core.share.webpage would load torch
+    into the server): it is the very file the web-page export writes."""
+    from pages._live import SHARED_JS
+    from tl_core.share.webpage import WEB_DIR
+
+    assert SHARED_JS == (WEB_DIR / "tlstudio.js").resolve() and SHARED_JS.is_file()
+
+
 def test_try_it_live_toggle_offers_to_start_live(home):
     """Turning Live on shows its start button (the web-page export is a worker task, started by the click)."""
     from page_harness import app, assert_clean, goto, has_button

@@ -134,3 +134,45 @@ def test_runs_table_says_its_seconds_are_the_training_time_not_the_train_pages_c
     assert "Seconds" not in table.columns and list(table["Training s"]) == [21.7]
     cfg = at.dataframe[0].proto.columns  # the column's help names the other clock
     assert "from the click" in cfg and "queue" in cfg
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_runs_page_offers_tflite_only_with_the_edge_extra(empty_home, monkeypatch, installed):
+    """Without the .[edge] extra the TFLite column shows the command that installs it, not a button whose task
+    could only fail; with it, the button (the other formats are offered either way)."""
+    import importlib.util
+
+    from tl_core.share.tflite import EDGE_INSTALL
+
+    rid = _lite1_run(empty_home)
+    real = importlib.util.find_spec
+    edge = {"tensorflow", "ai_edge_litert"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: (
+        (importlib.util.spec_from_loader(name, loader=None) if installed else None) if name in edge
+        else real(name, *a, **k)))
+    at = app({"run": rid})
+    goto(at, "runs")
+    assert_clean(at)
+    keys = {b.key for b in at.button}
+    assert f"exp-onnx-{rid}-start" in keys
+    assert (f"exp-tflite-{rid}-start" in keys) is installed
+    assert any(c.value == EDGE_INSTALL for c in at.code) is not installed
+
+
+def test_runs_page_measures_the_cache_once_not_on_every_rerun(empty_home, monkeypatch):
+    """The Cache panel's figures stat every cached file: measured once per 30 s, not on each click of the page."""
+    import streamlit as st
+
+    import tl_core.cache
+
+    _lite1_run(empty_home)
+    st.cache_data.clear()  # a page test before this one may have measured the same (session-shared) cache folder
+    calls = []
+    real = tl_core.cache.cache_summary
+    monkeypatch.setattr(tl_core.cache, "cache_summary", lambda d: calls.append(d) or real(d))
+    at = app()
+    goto(at, "runs")
+    at.run()
+    at.run()
+    assert_clean(at)
+    assert calls == [str(empty_home.cache_dir)]

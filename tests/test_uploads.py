@@ -87,7 +87,7 @@ def test_receiving_a_zip_only_writes_it_and_queues_the_intake_task(workspace, qu
     monkeypatch.setattr(intake, "load_image", no_unpacking)
     data = _pets()
     task = datasets.receive_zip(workspace, "pets.zip", data, labels_csv=b"path,label\n", val_split=0.3, seed=4)
-    assert task.kind == "intake" and task.status == "queued" and task.lane == "compute"
+    assert task.kind == "intake" and task.status == "queued" and task.lane == "intake"
     # nothing in the dataset list yet: the upload waits in the incoming folder, byte for byte
     assert sorted(p.name for p in workspace.datasets_dir.iterdir()) == []
     upload, labels = Path(task.params["upload"]), Path(task.params["labels"])
@@ -117,6 +117,23 @@ def test_a_full_queue_keeps_no_upload(workspace, queued_only, monkeypatch):
     with pytest.raises(tasks.QueueFullError):
         datasets.receive_zip(workspace, "pets.zip", _pets(), labels_csv=b"a,b\n")
     assert _left_behind(workspace) == []
+
+
+def test_an_upload_waits_neither_behind_trainings_nor_in_front_of_predictions(workspace, monkeypatch):
+    """The intake has a lane of its own: queued trainings (every compute slot busy) are not ahead of it, and the
+    worker it starts is an intake worker, so Try it's predictions never queue behind an upload either."""
+    from tl_core.config import TrainConfig
+
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(workers, "spawn_detached", lambda cmd, *a, **k: spawned.append(cmd))
+    monkeypatch.setattr(workers, "_slot_busy", lambda lock: lock.name.startswith("compute-"))  # trainings run
+    for seed in range(3):  # and more wait
+        tasks.submit_training(workspace, str(EMOJI), TrainConfig(strategy="linear", seed=seed), start_worker=False)
+    task = datasets.receive_zip(workspace, "pets.zip", _pets())
+    assert tasks.queue_position(workspace, task)["ahead"] == 0
+    [cmd] = spawned
+    assert cmd[cmd.index("--lane") + 1] == "intake"
+    assert workers.lane_slots("intake") == 1 and workers.WORKER_NICE["intake"] < workers.WORKER_NICE["compute"]
 
 
 def test_uploads_no_task_will_read_are_removed_when_the_next_arrives(workspace, queued_only):
@@ -261,3 +278,31 @@ def test_a_refused_upload_stays_in_view_while_its_file_is_in_the_uploader(empty_
     at.file_uploader(key="zip_upload").set_value(None).run()  # the user removes the file
     at.run()
     assert not at.error and "intake" not in at.query_params
+
+
+def test_an_upload_refused_by_a_full_queue_is_sent_again_when_asked(empty_home, queued_only, monkeypatch):
+    """A full queue refuses the upload before any task: the file stays in the uploader, and "Send it again" (or the
+    page's next run) sends it once the queue has room; an upload that went through is never sent twice."""
+    ws = empty_home
+    real = tasks.submit
+    full = [True]
+
+    def submit(*a, **k):
+        if full[0]:
+            raise tasks.QueueFullError("The queue is full (50 tasks waiting); try again when some have finished.")
+        return real(*a, **k)
+
+    monkeypatch.setattr(tasks, "submit", submit)
+    at = goto(app(), "data")
+    at.file_uploader(key="zip_upload").set_value(("pets.zip", sample_zip(), "application/zip")).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["The queue is full (50 tasks waiting); try again when some have finished. "
+                                           "Your file stays here and is sent again when you press the button."]
+    assert ws.store().tasks(kind="intake") == [] and _left_behind(ws) == []
+    full[0] = False  # a task finished: room in the queue
+    [b for b in at.button if b.label == "Send it again"][0].click().run()
+    assert_clean(at)
+    [task] = ws.store().tasks(kind="intake")
+    assert task["status"] == "queued" and at.query_params["intake"] == task["id"]
+    at.run()
+    assert len(ws.store().tasks(kind="intake")) == 1

@@ -358,8 +358,10 @@ def enforce_cache_limit(cache_dir: str | os.PathLike, max_bytes: int | None = No
     """Evict least-recently-used entries of every cache above the cap.
 
     Arrays, recorded results and ONNX engines compete in one order of last use (a cache hit touches the
-    file); the check database goes last (a few hundred bytes an image, and reading it does not touch it), only
-    when everything else is gone and the cache is still above the cap.
+    file). The check database is never evicted here: the server and the workers keep it open (SQLite in WAL
+    mode), and removing its files under an open connection can lose or corrupt it; it holds a few hundred bytes
+    an image (a million images: a few hundred MB), counts towards the cap, and goes only with
+    :func:`clear_cache`.
 
     Args:
         cache_dir: the workspace's cache folder.
@@ -372,7 +374,7 @@ def enforce_cache_limit(cache_dir: str | os.PathLike, max_bytes: int | None = No
     entries = _entries(Path(cache_dir))
     total = sum(e[1] for e in entries)
     freed = 0
-    for _, size, _, files in sorted(entries, key=lambda e: (e[2] == "checks", e[0], str(e[3][0]))):
+    for _, size, _, files in sorted((e for e in entries if e[2] != "checks"), key=lambda e: (e[0], str(e[3][0]))):
         if total - freed <= max_bytes:
             break
         _remove(files)

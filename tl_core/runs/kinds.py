@@ -382,7 +382,7 @@ KINDS: dict[str, TaskKind] = {k.name: k for k in [
     TaskKind("class_export", "compute", "Exporting the class's results", _class_export),
     TaskKind("challenge_setup", "compute", "Setting up the class challenge", _challenge_setup),
     TaskKind("challenge_score", "compute", "Scoring on the challenge's locked test set", _challenge_score),
-    TaskKind("intake", "compute", "Unpacking and checking an upload", _intake),
+    TaskKind("intake", "intake", "Unpacking and checking an upload", _intake),  # its own lane: never behind a training
     TaskKind("predict", "interactive", "Predicting", _predict),
     TaskKind("explain", "interactive", "Drawing where the model looked", _explain),
     TaskKind("augment_preview", "interactive", "Drawing augmented images", _augment_preview),

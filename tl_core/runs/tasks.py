@@ -10,11 +10,13 @@ depends on: a dataset's file signature, a run's file stamps), so that:
 - a page finds its task again from its own inputs after a refresh or a restart of the server
   (:func:`find`); the task itself never lived in the server, so it finished or kept running meanwhile.
 
-Two lanes of workers (``tl_core.runs.workers``): ``compute`` (training, the audit, the advisor, the
+Three lanes of workers (``tl_core.runs.workers``): ``compute`` (training, the audit, the advisor, the
 embedding map, the domain gap, Grad-CAM, calibration, the lab, exports, the report, speed timing) runs at
 most ``TL_MAX_WORKERS`` tasks at once, machine-wide; ``interactive`` (Try it's predictions and heat-maps,
 augmentation previews, checking uploaded weights) has its own small pool that keeps a few models warm, so
-that a prediction does not wait behind a training. Projects take turns (round robin,
+that a prediction does not wait behind a training; ``intake`` (unpacking and checking an upload) has one
+worker of its own, so that an upload waits neither behind a training nor in front of a prediction.
+Projects take turns (round robin,
 :func:`tl_core.runs.workers.queue_order`). At most :data:`MAX_QUEUED` tasks wait per lane, and at most
 ``TL_QUEUE_PER_PROJECT`` (10) compute tasks of one project; one more is refused with :class:`QueueFullError`. Cancel is real: a flag the task checks, and a worker that ignores it
 is killed.

@@ -3,7 +3,7 @@
 Each worker holds a slot lock (``<TL_HOME>/workers/<lane>-<slot>.lock``), so at most ``lane_slots(lane)``
 workers of a lane run on the machine, whichever server or command started them. Workers are started as
 daemons (:func:`tl_core.storage.processes.spawn_detached`): re-parented to init, they leave no defunct process
-under the server and outlive its restart. A ``compute`` worker exits when the queue is empty; an
+under the server and outlive its restart. A ``compute`` or ``intake`` worker exits when its queue is empty; an
 ``interactive`` worker stays up for a while (``TL_INTERACTIVE_IDLE_S``, default 600) with its models warm.
 
 A worker records its pid and start time with the task it runs; :func:`recover` (the server at start and
@@ -35,7 +35,8 @@ from ..storage.workspace import TASK_RESULT, Workspace
 from .kinds import jsonable, kind_spec
 
 __all__ = ["LANES", "lane_slots", "queue_order", "default_max_workers", "ensure_workers", "stop_task", "recover",
-           "TaskContext", "run_task", "worker_main", "prune", "CANCEL_GRACE_S", "WORKER_NICE"]
+           "TaskContext", "run_task", "worker_main", "lower_priority", "prune", "CANCEL_GRACE_S",
+           "WORKER_NICE", "INTAKE_WORKERS"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,12 @@ LANES = {
                "exports, reports, timing); at most TL_MAX_WORKERS at once",
     "interactive": "Try it's predictions and heat-maps and other quick requests, served by workers that keep "
                    "models warm; at most TL_INTERACTIVE_WORKERS at once",
+    "intake": "uploads: unpacking and checking a dataset zip or folder (seconds; a 50 MB zip of 28 phone photos "
+              "took 4.4 s), so that an upload waits neither behind trainings (minutes) nor holds up predictions; "
+              "one at a time",
 }
+#: Intake workers that run at once (an intake is short and reads the disk: one keeps up with a class).
+INTAKE_WORKERS = 1
 #: Seconds a worker gets to honour a cancel before it is killed.
 CANCEL_GRACE_S = 5.0
 #: How often a task's progress is written to the store at most (per second).
@@ -55,7 +61,7 @@ _CANCEL_CHECK_EVERY_S = 0.5
 #: How much lower a worker's CPU priority is than the server's (``os.nice``), per lane: on a machine whose cores
 #: the workers fill, the Streamlit server (at 0) still answers at once (its health check, every page's poll), and
 #: a prediction (interactive) goes before a training (compute). Alone on the machine a worker runs as fast.
-WORKER_NICE = {"interactive": 5, "compute": 10}
+WORKER_NICE = {"interactive": 5, "intake": 5, "compute": 10}
 
 
 def default_max_workers() -> int:
@@ -68,6 +74,8 @@ def lane_slots(lane: str) -> int:
     """How many workers of ``lane`` may run at once on this machine."""
     if lane == "interactive":
         return setting("TL_INTERACTIVE_WORKERS")
+    if lane == "intake":
+        return INTAKE_WORKERS
     return default_max_workers()
 
 
@@ -335,10 +343,24 @@ def prune(ws: Workspace, keep_days: float | None = None) -> int:
     return removed
 
 
+def lower_priority(lane: str) -> None:
+    """Lower this process's CPU priority by ``WORKER_NICE[lane]`` (for good: call it only in a worker process,
+    never in a server or a test that runs :func:`worker_main` in-process).
+
+    Args:
+        lane: the worker's lane (trainings lowest, so that the server and interactive tasks answer first).
+    """
+    try:
+        os.nice(WORKER_NICE[lane])
+    except (OSError, AttributeError) as e:  # no nice on this platform: run at the server's priority
+        log.warning("could not lower the worker's priority: %s", e)
+
+
 def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
     """Worker loop: hold the slot lock, run queued tasks of ``lane`` (every project's) until none is left
-    (compute) or until idle for ``TL_INTERACTIVE_IDLE_S`` seconds (interactive); forget old task results
-    (:func:`prune`) now and then."""
+    (compute, intake) or until idle for ``TL_INTERACTIVE_IDLE_S`` seconds (interactive); forget old task results
+    (:func:`prune`) now and then. It leaves the process's priority as it is: the worker process's entry
+    (:func:`main`) lowers it first (:func:`lower_priority`)."""
 
     ws = Workspace(Path(home))
     lock = open(_lock_path(ws, lane, slot), "a+")
@@ -346,10 +368,6 @@ def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return 0  # another worker holds this slot
-    try:
-        os.nice(WORKER_NICE[lane])
-    except (OSError, AttributeError) as e:  # no nice on this platform: run at the server's priority
-        log.warning("could not lower the worker's priority: %s", e)
     models = WarmModels() if lane == "interactive" else None
     idle_limit = setting("TL_INTERACTIVE_IDLE_S") if lane == "interactive" else 0.0
     idle_since = time.monotonic()
@@ -396,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "worker":
+        lower_priority(args.lane)  # a worker process only: worker_main run in-process keeps its caller's priority
         return worker_main(args.home, args.lane, args.slot)
     _watch(Workspace.at(args.home), args.task, args.grace)
     return 0

@@ -50,6 +50,18 @@ CALIBRATION_IMAGES = 100
 EDGE_INSTALL = "pip install -e '.[edge]'"
 
 
+def _missing_edge(name: str | None) -> ExportError:
+    """The error for a missing converter or interpreter, with the command that installs them.
+
+    Args:
+        name: the module that is missing (as Python names it).
+    Returns:
+        an ExportError naming the module and :data:`EDGE_INSTALL`.
+    """
+    return ExportError(f"TFLite export needs TensorFlow's converter and the LiteRT interpreter ({name} is "
+                       f"missing); run `{EDGE_INSTALL}` (a 250 MB download, 1.4 GB installed) in TL Studio's folder.")
+
+
 def _check_edge() -> None:
     """An ExportError saying how to install the extra when TensorFlow or the LiteRT interpreter is missing (looked
     up without importing them)."""
@@ -57,8 +69,7 @@ def _check_edge() -> None:
 
     for name in ("tensorflow", "ai_edge_litert"):
         if importlib.util.find_spec(name) is None:
-            raise ExportError(f"TFLite export needs TensorFlow's converter and the LiteRT interpreter ({name} is "
-                              f"missing); run `{EDGE_INSTALL}` (a 250 MB download, 1.4 GB installed) in TL Studio's folder.")
+            raise _missing_edge(name)
 
 
 def _edge_modules() -> tuple[Any, Any]:
@@ -73,13 +84,12 @@ def _edge_modules() -> tuple[Any, Any]:
     if importlib.util.find_spec("triton") is not None:
         import triton  # noqa: F401  (see above: before TensorFlow)
     try:
-        with contextlib.redirect_stderr(open(os.devnull, "w")):
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             import tensorflow as tf
         from ai_edge_litert import interpreter as litert
     except ImportError as e:
-        raise ExportError(f"TFLite export needs TensorFlow's converter and the LiteRT interpreter ({e.name} is "
-                          f"missing); run `{EDGE_INSTALL}` (a 250 MB download, 1.4 GB installed) in TL Studio's folder.") from None
+        raise _missing_edge(e.name) from None
     return tf, litert
 
 
@@ -450,7 +460,7 @@ def _convert(tf: Any, fn: Callable[[Any], dict[str, Any]], size: int,
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([calibration[i: i + 1]] for i in range(len(calibration)))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    with contextlib.redirect_stderr(open(os.devnull, "w")):
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
         return converter.convert()
 
 
@@ -548,7 +558,9 @@ def export_tflite(run_dir: str | os.PathLike, out: str | os.PathLike, *,
                 int8_bytes = _convert(tf, fn, size, calib)
             except Exception as e:
                 raise ExportError(f"TFLite int8 quantisation of {tm.meta.arch} failed: {type(e).__name__}: "
-                                  f"{str(e)[:300]}; export with int8=False for the float32 file only.") from None
+                                  f"{str(e)[:300]}; for the float32 file only, call "
+                                  "tl_core.share.tflite.export_tflite(run, out, int8=False) from Python, or export "
+                                  "ONNX instead.") from None
             int8_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             q = litert_runner(int8_bytes)(x.numpy())
