@@ -250,15 +250,20 @@ def cli_json(capsys, *argv):
 
 
 def cli_fail(capsys, *argv) -> str:
-    """Run ``tl-core *argv``; it must fail with exit code 2, nothing on stdout and one ``error: ...`` line on
-    stderr (returned)."""
+    """Run ``tl-core *argv``; it must fail with exit code 2 and one ``error: ...`` line on stderr (returned); on
+    stdout nothing, or with ``--json`` exactly one JSON document ``{"error": <that message>, "exit_status": 2}``."""
     from tl_core.cli import main
 
     code = main(list(argv))
     out = capsys.readouterr()
     assert code == 2, (code, out.err)
     lines = out.err.strip().splitlines()
-    assert out.out == "" and len(lines) == 1 and lines[0].startswith("error: "), out.err
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
+    if "--json" in argv:
+        doc = json.loads(out.out)
+        assert doc["exit_status"] == 2 and doc["error"] in lines[0], (doc, lines[0])
+    else:
+        assert out.out == "", out.out
     return lines[0]
 
 
