@@ -158,8 +158,9 @@ def session_cache_dir(tmp_path_factory) -> Path:
     d = _session_root(tmp_path_factory) / "tl_cache"
     d.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
-        # interactive workers that tests start leave a few seconds after their last task, not ten minutes
+        # interactive and compute workers that tests start leave a few seconds after their last task
         mp.setenv("TL_INTERACTIVE_IDLE_S", os.environ.get("TL_INTERACTIVE_IDLE_S", "5"))
+        mp.setenv("TL_COMPUTE_IDLE_S", os.environ.get("TL_COMPUTE_IDLE_S", "5"))
         if os.environ.get("TL_TEST_SHARED_CACHE", "1") == "0":
             yield None
             return

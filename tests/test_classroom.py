@@ -330,6 +330,7 @@ def test_workers_run_below_the_server(tl_home, monkeypatch, lane):
     asked = []
     monkeypatch.setattr(workers.os, "nice", asked.append)
     monkeypatch.setenv("TL_INTERACTIVE_IDLE_S", "0.01")
+    monkeypatch.setenv("TL_COMPUTE_IDLE_S", "0")
     assert workers.worker_main(str(tl_home), lane) == 0  # nothing queued: it leaves at once
     assert asked == []  # in-process: the caller keeps its priority
     assert workers.main(["worker", "--home", str(tl_home), "--lane", lane]) == 0  # the worker process's entry

@@ -349,6 +349,7 @@ def test_a_run_queued_while_the_worker_is_leaving_is_not_lost(workspace, tmp_pat
     from tl_core.runs import kinds
 
     monkeypatch.setenv("TL_MAX_WORKERS", "1")
+    monkeypatch.setenv("TL_COMPUTE_IDLE_S", "0")  # it leaves as soon as the queue is empty
     data = _subset(tmp_path / "d", 2)
     ran: list[str] = []
 

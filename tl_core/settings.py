@@ -116,6 +116,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "dropped first).", _positive_int),
     Setting("TL_INTERACTIVE_IDLE_S", "seconds > 0", 600.0, "An interactive worker leaves after this many idle "
             "seconds.", _positive_float),
+    Setting("TL_COMPUTE_IDLE_S", "seconds >= 0", 20.0, "A compute worker waits this many idle seconds for the "
+            "next task before it leaves (0: at once), so that a task right after another starts without a new "
+            "process importing torch.", _non_negative_float),
     Setting("TL_TASK_KEEP_DAYS", "days >= 0", 7.0, "Finished tasks older than this are forgotten (their rows "
             "and result files).", _non_negative_float),
     Setting("TL_TRAIN_PROCS", "int >= 1 | all", None, "Processes a worker trains one run with (a torchrun group "

@@ -3,8 +3,9 @@
 Each worker holds a slot lock (``<TL_HOME>/workers/<lane>-<slot>.lock``), so at most ``lane_slots(lane)``
 workers of a lane run on the machine, whichever server or command started them. Workers are started as
 daemons (:func:`tl_core.storage.processes.spawn_detached`): re-parented to init, they leave no defunct process
-under the server and outlive its restart. A ``compute`` or ``intake`` worker exits when its queue is empty; an
-``interactive`` worker stays up for a while (``TL_INTERACTIVE_IDLE_S``, default 600) with its models warm.
+under the server and outlive its restart. An ``intake`` worker exits when its queue is empty, a ``compute`` worker
+after ``TL_COMPUTE_IDLE_S`` (default 20) idle seconds; an ``interactive`` worker stays up for a while
+(``TL_INTERACTIVE_IDLE_S``, default 600) with its models warm.
 
 A worker records its pid and start time with the task it runs; :func:`recover` (the server at start and
 every few seconds while a page polls) marks a task whose process is gone ``interrupted`` and starts workers
@@ -357,8 +358,9 @@ def lower_priority(lane: str) -> None:
 
 
 def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
-    """Worker loop: hold the slot lock, run queued tasks of ``lane`` (every project's) until none is left
-    (compute, intake) or until idle for ``TL_INTERACTIVE_IDLE_S`` seconds (interactive); forget old task results
+    """Worker loop: hold the slot lock, run queued tasks of ``lane`` (every project's) until idle for
+    ``TL_COMPUTE_IDLE_S`` (compute: a task right after another skips a new process's start, seconds of importing
+    torch) or ``TL_INTERACTIVE_IDLE_S`` seconds (interactive), or until none is left (intake); forget old task results
     (:func:`prune`) now and then. It leaves the process's priority as it is: the worker process's entry
     (:func:`main`) lowers it first (:func:`lower_priority`)."""
 
@@ -369,7 +371,8 @@ def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
     except OSError:
         return 0  # another worker holds this slot
     models = WarmModels() if lane == "interactive" else None
-    idle_limit = setting("TL_INTERACTIVE_IDLE_S") if lane == "interactive" else 0.0
+    idle_limit = {"interactive": setting("TL_INTERACTIVE_IDLE_S"),
+                  "compute": setting("TL_COMPUTE_IDLE_S")}.get(lane, 0.0)
     idle_since = time.monotonic()
     last_prune = -1e9
     while True:
