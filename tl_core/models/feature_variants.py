@@ -23,6 +23,7 @@ unchanged. The ``last`` variant keeps the plain timm model (old runs load as the
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from typing import Any, Callable
@@ -31,10 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cache import FeatureCache
 from ..config import TrainConfig
 from ..errors import ConfigError, ExportError
+from ..fileio import write_json_atomic
 
-__all__ = ["VARIANTS", "CANDIDATES", "VariantModel", "extraction_variant", "extractor", "wrap_trained",
+__all__ = ["VARIANTS", "CANDIDATES", "VariantModel", "extraction_variant", "extractor",
+           "recorded_extractor", "wrap_trained",
            "model_from_meta", "block_scales", "apply_variant", "FeatureChoice", "choose_features"]
 
 log = logging.getLogger(__name__)
@@ -162,6 +166,34 @@ def extractor(model: nn.Module, variant: str, block_dims: list[int] | None = Non
     if variant == "last":
         return model
     return VariantModel(model, variant, 0, own_head=False, block_dims=block_dims)
+
+
+def recorded_extractor(model: nn.Module, variant: str, fcache: FeatureCache) -> nn.Module:
+    """:func:`extractor`, its block widths (``depths``) recorded beside the features it caches
+    (``<feature cache>/block_dims.json``: the cache's key fixes the backbone, weights, preprocessing and variant,
+    hence the widths) and read back later (a re-train, an audit), which then needs no probe pass through the
+    network. Training and the audit's label check both call it with the ``depths`` cache.
+
+    Args:
+        fcache: the feature cache namespace of ``variant`` (``feature_key(..., variant)``).
+    """
+    if variant != "depths":
+        return extractor(model, variant)
+    record = fcache.dir / "block_dims.json"
+    known = None
+    try:
+        known = [int(d) for d in json.loads(record.read_text())]
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("recorded block widths %s are unusable (%s); probing again", record, e)
+    ex = extractor(model, variant, known or None)
+    if not known:
+        try:
+            write_json_atomic(record, list(getattr(ex, "block_dims", [])), indent=None)
+        except OSError as e:  # a read-only or full disk: the next run probes again
+            log.warning("could not record %s (%s)", record, e)
+    return ex
 
 
 def block_scales(raw: np.ndarray, last_dim: int, block_dims: list[int]) -> np.ndarray:

@@ -41,7 +41,7 @@ from ..models.distributed import Cancel, RankFailedError, barrier, broadcast, un
 from ..models.distributed import start as distributed_start
 from ..models.distributed import stop as distributed_stop
 from ..models.feature_variants import (CANDIDATES, TIE_ORDER, FeatureChoice, apply_variant, block_scales,
-                                       choose_features, extraction_variant, extractor, wrap_trained)
+                                       choose_features, extraction_variant, recorded_extractor, wrap_trained)
 from ..models.features import DEFAULT_STYLE, extract_features, feature_key, style_dims, style_key
 from ..models.inference import logits_of_items
 from ..models.crossfit import cross_validated_accuracy, out_of_fold_probs
@@ -131,7 +131,7 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
         cfg = dataclasses.replace(cfg, features="last")
     variant = extraction_variant(cfg)  # linear runs: the probe's feature variant (auto: depths, then chosen)
     fcache = FeatureCache(workspace.cache_dir / "features", feature_key(cfg.backbone, winfo.fingerprint, pre, variant))
-    ex = _extractor_of(model, variant, fcache)
+    ex = recorded_extractor(model, variant, fcache)
     items = split.train + split.val + (test_items if cfg.strategy == "linear" else [])
     emit({"stage": "extract", "done": 0, "total": len(items)})
     t_ex = time.perf_counter()
@@ -189,29 +189,6 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     info["stop"] = {"reason": "converged" if fit["converged"] else "iterations", "epoch": info["epochs_run"],
                     "iterations": fit["iterations"], "max_iterations": PROBE_MAX_ITERATIONS}
     return feats, head, info
-
-
-def _extractor_of(model: nn.Module, variant: str, fcache: FeatureCache) -> nn.Module:
-    """:func:`extractor`, its block widths (``depths``) recorded beside the features it caches
-    (``<feature cache>/block_dims.json``: the cache's key fixes the backbone, weights, preprocessing and variant,
-    hence the widths) and read back by a later run, which then needs no probe pass through the network."""
-    if variant != "depths":
-        return extractor(model, variant)
-    record = fcache.dir / "block_dims.json"
-    known = None
-    try:
-        known = [int(d) for d in json.loads(record.read_text())]
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, TypeError) as e:
-        log.warning("recorded block widths %s are unusable (%s); probing again", record, e)
-    ex = extractor(model, variant, known or None)
-    if not known:
-        try:
-            write_json_atomic(record, list(getattr(ex, "block_dims", [])), indent=None)
-        except OSError as e:  # a read-only or full disk: the next run probes again
-            log.warning("could not record %s (%s)", record, e)
-    return ex
 
 
 def _content_order(items: list[ImageItem], i: int) -> tuple[str, str]:
