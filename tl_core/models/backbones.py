@@ -329,12 +329,14 @@ def _record_dir(cache_dir: Path, name: str, weights: str) -> Path | None:
         return None
     if source not in ("packaged", "local") or not detail:
         return None
-    from importlib.metadata import PackageNotFoundError, version
+    import importlib.util
 
     try:
         st = Path(detail).stat()
-        timm_version = version("timm")
-    except (OSError, PackageNotFoundError):
+        # timm's version file, read (not imported; importlib.metadata's look-up costs ~0.1 s in a large venv)
+        spec = importlib.util.find_spec("timm")
+        timm_version = Path(spec.origin).with_name("version.py").read_text() if spec and spec.origin else ""
+    except (OSError, ImportError, ValueError):
         return None
     key = json.dumps([_RECORD_VERSION, name, source, str(Path(detail).resolve()), st.st_size, st.st_mtime_ns,
                       torch.__version__, timm_version])

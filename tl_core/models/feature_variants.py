@@ -344,7 +344,8 @@ class RecordedProbe:
         return out
 
 
-def wrap_trained(model: nn.Module | RecordedBackbone, choice: FeatureChoice, head: nn.Linear) -> nn.Module | RecordedProbe:
+def wrap_trained(model: nn.Module | RecordedBackbone, choice: FeatureChoice,
+                 head: nn.Linear) -> nn.Module | RecordedProbe:
     """The model to save: ``model`` itself (last layer, its classifier set to ``head``), or a
     :class:`VariantModel` around it with the choice's scales and ``head``; for a recorded backbone, the
     :class:`RecordedProbe` whose state dict is the same."""

@@ -44,8 +44,8 @@ from ..models.distributed import stop as distributed_stop
 from ..models.feature_variants import (CANDIDATES, TIE_ORDER, FeatureChoice, apply_variant, block_scales,
                                        choose_features, extraction_variant, recorded_block_dims, recorded_extractor,
                                        RecordedProbe, wrap_trained)
-from ..models.features import (DEFAULT_STYLE, all_cached, extract_features, feature_key, read_cached, style_dims, style_key,
-                               style_widths)
+from ..models.features import (DEFAULT_STYLE, all_cached, extract_features, feature_key, read_cached, style_dims,
+                               style_key, style_widths)
 from ..models.inference import logits_of_items
 from ..models.crossfit import cross_validated_accuracy, out_of_fold_probs
 from ..metrics import compute_metrics, softmax
@@ -221,7 +221,9 @@ def _read_back(rec: RecordedBackbone, variant: str, fcache: FeatureCache, items:
     got = read_cached(items, fcache, dim, scache if style is not None else None, sum(sdims or []))
     if got is None:
         return None, None
-    widths = SimpleNamespace(block_dims=block_dims, **({"last_features": rec.last_features} if variant != "last" else {}))
+    # what _linear_probe reads of an extractor (a plain timm model, the last layer's, has no last_features)
+    widths = SimpleNamespace(block_dims=block_dims,
+                             **({"last_features": rec.last_features} if variant != "last" else {}))
     return (got if style is not None else got[0]), widths
 
 
