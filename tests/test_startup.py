@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tl_core.cache import FeatureCache
-from tl_core.runs.training import _extractor_of
+from tl_core.models.feature_variants import recorded_extractor as _extractor_of
 
 
 class _TinyBackbone(nn.Module):

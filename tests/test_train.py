@@ -92,6 +92,8 @@ def test_locked_test_share_is_carved_and_never_used_for_a_choice(workspace, monk
     monkeypatch.setattr(training, "fit_linear_head", fit)
     monkeypatch.setattr(crossfit, "fit_linear_head", fit)
     monkeypatch.setattr(training, "build_open_set", open_set)
+    # through extract_features, where the rows are captured (a recorded backbone would read the cache back)
+    monkeypatch.setattr(training, "recorded_backbone", lambda *a, **k: None)
     res = run_training(workspace, EMOJI, TrainConfig(strategy="linear", features="last", test_split=0.2))
     assert res.status == "done", res.error
     assert (res.test_count, res.val_count, res.cv_count) == (40, 30, 160)

@@ -35,7 +35,7 @@ from ..data.intake import Dataset, ImageItem
 from ..data.library import open_data
 from ..data.splits import sample_items, split_dataset
 from ..models.devices import single_threaded
-from ..models.feature_variants import apply_variant, block_scales, extractor
+from ..models.feature_variants import apply_variant, block_scales, recorded_extractor
 from ..models.features import extract_features, feature_key
 from ..models.preprocess import resolve_preprocess
 from ..metrics import wilson_interval
@@ -321,14 +321,14 @@ def depths_features(items: Sequence[ImageItem], backbone: str, workspace: Worksp
         at several depths (the caller keeps the last layer's).
     """
     model, info = load_backbone(backbone)
-    try:
-        ext = extractor(model, "depths")
-    except ConfigError:
-        return None
     pre = resolve_preprocess(model)
     feats = workspace.cache_dir / "features"
-    raw = extract_features(ext, list(items), pre, DecodedImageCache(workspace.cache_dir / "decoded"),
-                           FeatureCache(feats, feature_key(backbone, info.fingerprint, pre, "depths")),
+    fcache = FeatureCache(feats, feature_key(backbone, info.fingerprint, pre, "depths"))
+    try:  # the widths training recorded beside the depths cache: no probe pass through the network
+        ext = recorded_extractor(model, "depths", fcache)
+    except ConfigError:
+        return None
+    raw = extract_features(ext, list(items), pre, DecodedImageCache(workspace.cache_dir / "decoded"), fcache,
                            progress=progress, should_cancel=should_cancel,
                            last_cache=FeatureCache(feats, feature_key(backbone, info.fingerprint, pre)))
     dims = list(ext.block_dims)
@@ -483,8 +483,12 @@ def audit_dataset(data: str | os.PathLike | Dataset, backbone: str = "efficientn
     # the label check scores train+val images (a test split stays untouched), on several depths' features: one
     # forward pass that also fills the last-layer cache embed_items reads next
     lab_idx = [n for n, i in enumerate(subset) if i.split != "test"]
-    depths = None if ds.multi_label else depths_features([subset[n] for n in lab_idx], backbone, ws, progress,
-                                                           should_cancel)
+    # the check runs on single-label data with two classes and enough images for its folds; otherwise its
+    # features would be extracted for nothing
+    checks_labels = (not ds.multi_label and len({subset[n].label for n in lab_idx}) >= 2
+                     and len(lab_idx) >= 2 * folds)
+    depths = depths_features([subset[n] for n in lab_idx], backbone, ws, progress, should_cancel) \
+        if checks_labels else None
     emb = embed_items(subset, ds.classes, backbone, ws, progress=progress, should_cancel=should_cancel)
     decoded = DecodedImageCache(ws.cache_dir / "decoded")
     with single_threaded():
@@ -519,7 +523,7 @@ def audit_dataset(data: str | os.PathLike | Dataset, backbone: str = "efficientn
     if ds.multi_label:  # the check compares one given class with one predicted class
         notes.append("The label-error check was skipped: it is for one label per image, and this dataset is "
                      "multi-label. Class counts are images per label.")
-    elif len({subset[n].label for n in lab_idx}) >= 2 and len(lab_idx) >= 2 * folds:
+    elif checks_labels:
         with single_threaded():
             x = depths[0] if depths is not None else emb.features[lab_idx]
             probs = cross_validated_probs(x, emb.labels[lab_idx], len(ds.classes), folds, seed)

@@ -8,6 +8,7 @@ random init (only when asked). The resolved source is recorded with every run an
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
+from ..fileio import write_json_atomic, writing_atomic
 from .catalogue import (CATALOGUE, WeightsInfo, data_overrides, hub_cached, packaged_file, spec_for, timm_arch,
                         timm_kwargs)
 
@@ -30,6 +32,9 @@ __all__ = [
     "check_backbone_name",
     "check_uploaded_weights",
     "time_backbone",
+    "RecordedBackbone",
+    "recorded_backbone",
+    "record_backbone",
 ]
 
 log = logging.getLogger(__name__)
@@ -194,9 +199,11 @@ def check_backbone_name(name: str) -> str:
     Raises:
         ConfigError: ``name`` is neither a catalogue entry nor a timm model.
     """
+    arch = timm_arch(name)
+    if spec_for(name) is not None:  # a catalogue entry is a timm model: no need to import timm (~1 s) to say so
+        return arch
     import timm
 
-    arch = timm_arch(name)
     if not name or not timm.is_model(arch.split(".")[0]):
         raise ConfigError(f"Unknown backbone {name!r}; pick one from `tl-core backbones` or any timm model name.")
     return arch
@@ -272,6 +279,117 @@ def build_model(name: str, num_classes: int, weights: str = "auto", drop_rate: f
     else:
         info = WeightsInfo("random", "random initialisation (no pretraining)", f"random-{seed}")
     return _with_data_overrides(model, name).eval(), info
+
+
+# --------------------------------------------------------------------------------------------------
+# a built backbone, recorded for the runs that need only its tensors (a linear run on cached features)
+# --------------------------------------------------------------------------------------------------
+#: bump when what a record holds, or how a model is built from the weights, changes
+_RECORD_VERSION = 1
+
+
+class RecordedBackbone:
+    """A backbone as :func:`build_model` built it for a linear run, read back from its record (no timm import,
+    no network built): its tensors without the classifier, its data config, where its weights came from, the
+    name and input width of its classifier and the channel widths of its ``forward_intermediates`` stages.
+    What a linear run whose features are all cached needs of its model (see
+    :func:`tl_core.models.feature_variants.wrap_trained`); it cannot run images.
+
+    Attributes:
+        weights: the :class:`WeightsInfo` :func:`build_model` returned.
+        data_config: ``data_config_for(model)``.
+        default_cfg: ``{"architecture": ...}`` of the timm model.
+        classifier: the name of its classifier module (``classifier`` for EfficientNet).
+        last_features: the width of its pooled pre-logit features.
+        feature_channels: the channels of each ``forward_intermediates`` stage, or None when it has none.
+    """
+
+    def __init__(self, directory: Path, meta: dict[str, Any]):
+        self.dir = directory
+        self.weights = WeightsInfo(**meta["weights"])
+        self.data_config: dict[str, Any] = meta["data_config"]
+        self.default_cfg: dict[str, Any] = {"architecture": meta["architecture"]}
+        self.classifier: str = meta["classifier"]
+        self.last_features = int(meta["last_features"])
+        self.feature_channels: list[int] | None = meta.get("feature_channels")
+
+    def trunk(self) -> dict[str, torch.Tensor]:
+        """The backbone's state dict without its classifier (as built: pretrained weights, eval mode)."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.dir / "trunk.safetensors"), device="cpu")
+
+
+def _record_dir(cache_dir: Path, name: str, weights: str) -> Path | None:
+    """The record folder of ``build_model(name, ..., weights)``, keyed by the name, the weights file (path, size,
+    modification time) and the torch and timm versions; None for weights that are not a file (hub, random)."""
+    try:
+        source, detail = resolve_weights(name, weights)
+    except WeightsError:
+        return None
+    if source not in ("packaged", "local") or not detail:
+        return None
+    import importlib.util
+
+    try:
+        st = Path(detail).stat()
+        # timm's version file, read (not imported; importlib.metadata's look-up costs ~0.1 s in a large venv)
+        spec = importlib.util.find_spec("timm")
+        timm_version = Path(spec.origin).with_name("version.py").read_text() if spec and spec.origin else ""
+    except (OSError, ImportError, ValueError):
+        return None
+    key = json.dumps([_RECORD_VERSION, name, source, str(Path(detail).resolve()), st.st_size, st.st_mtime_ns,
+                      torch.__version__, timm_version])
+    return Path(cache_dir) / "features" / "backbones" / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def recorded_backbone(cache_dir: Path, name: str, weights: str = "auto") -> RecordedBackbone | None:
+    """The record :func:`record_backbone` left in the workspace cache ``cache_dir`` for this backbone and
+    weights, or None (never recorded, evicted, unreadable, or weights that are not a file)."""
+    d = _record_dir(cache_dir, name, weights)
+    if d is None:
+        return None
+    try:
+        meta = json.loads((d / "record.json").read_text())
+        if not (d / "trunk.safetensors").is_file():
+            return None
+        return RecordedBackbone(d, meta)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        log.warning("backbone record %s is unusable (%s); building the network", d, e)
+        return None
+
+
+def record_backbone(cache_dir: Path, name: str, weights: str, model: nn.Module, info: WeightsInfo,
+                    data_config: dict[str, Any]) -> None:
+    """Record ``model`` (just built by :func:`build_model`, untrained) for :func:`recorded_backbone`: its
+    tensors without the classifier and what a linear run reads of it. Cleared with the feature cache; a disk
+    that cannot take it is only logged."""
+    d = _record_dir(cache_dir, name, weights)
+    if d is None or (d / "record.json").is_file():
+        return
+    from safetensors.torch import save_file
+
+    clf = model.get_classifier()
+    clf_name = next(n for n, m in model.named_modules() if m is clf)
+    chans = None
+    info_ = getattr(model, "feature_info", None)
+    if hasattr(model, "forward_intermediates") and isinstance(info_, list) and info_ and \
+            all("num_chs" in f for f in info_):
+        chans = [int(f["num_chs"]) for f in info_]
+    meta = {"weights": info.to_dict(), "data_config": data_config,
+            "architecture": model.default_cfg.get("architecture", name), "classifier": clf_name,
+            "last_features": int(getattr(model, "head_hidden_size", None) or model.num_features),
+            "feature_channels": chans}
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        trunk = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(clf_name + ".")}
+        with writing_atomic(d / "trunk.safetensors") as tmp:
+            save_file(trunk, str(tmp))
+        write_json_atomic(d / "record.json", meta, indent=None)  # last: a record without its tensors is none
+    except OSError as e:
+        log.warning("could not record the backbone in %s (%s)", d, e)
 
 
 def imagenet_label(index: int) -> str:

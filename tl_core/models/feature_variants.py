@@ -22,7 +22,9 @@ unchanged. The ``last`` variant keeps the plain timm model (old runs load as the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import logging
 import time
 from typing import Any, Callable
@@ -31,10 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cache import FeatureCache
 from ..config import TrainConfig
 from ..errors import ConfigError, ExportError
+from ..fileio import write_json_atomic
+from .backbones import RecordedBackbone
 
-__all__ = ["VARIANTS", "CANDIDATES", "VariantModel", "extraction_variant", "extractor", "wrap_trained",
+__all__ = ["VARIANTS", "CANDIDATES", "VariantModel", "extraction_variant", "extractor",
+           "recorded_extractor", "recorded_block_dims", "RecordedProbe", "wrap_trained",
            "model_from_meta", "block_scales", "apply_variant", "FeatureChoice", "choose_features"]
 
 log = logging.getLogger(__name__)
@@ -164,6 +170,40 @@ def extractor(model: nn.Module, variant: str, block_dims: list[int] | None = Non
     return VariantModel(model, variant, 0, own_head=False, block_dims=block_dims)
 
 
+def recorded_extractor(model: nn.Module, variant: str, fcache: FeatureCache) -> nn.Module:
+    """:func:`extractor`, its block widths (``depths``) recorded beside the features it caches
+    (``<feature cache>/block_dims.json``: the cache's key fixes the backbone, weights, preprocessing and variant,
+    hence the widths) and read back later (a re-train, an audit), which then needs no probe pass through the
+    network. Training and the audit's label check both call it with the ``depths`` cache.
+
+    Args:
+        fcache: the feature cache namespace of ``variant`` (``feature_key(..., variant)``).
+    """
+    if variant != "depths":
+        return extractor(model, variant)
+    known = recorded_block_dims(fcache)
+    ex = extractor(model, variant, known or None)
+    if not known:
+        record = fcache.dir / "block_dims.json"
+        try:
+            write_json_atomic(record, list(getattr(ex, "block_dims", [])), indent=None)
+        except OSError as e:  # a read-only or full disk: the next run probes again
+            log.warning("could not record %s (%s)", record, e)
+    return ex
+
+
+def recorded_block_dims(fcache: FeatureCache) -> list[int] | None:
+    """The ``depths`` widths :func:`recorded_extractor` recorded beside ``fcache``, or None."""
+    record = fcache.dir / "block_dims.json"
+    try:
+        return [int(d) for d in json.loads(record.read_text())] or None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("recorded block widths %s are unusable (%s); probing again", record, e)
+        return None
+
+
 def block_scales(raw: np.ndarray, last_dim: int, block_dims: list[int]) -> np.ndarray:
     """k_i = mean‖F‖ / mean‖block_i‖ over ``raw`` (the training images' unscaled depths features)."""
     fn = float(np.linalg.norm(raw[:, :last_dim], axis=1).mean()) if len(raw) else 1.0
@@ -270,9 +310,47 @@ def choose_features(raw_train: np.ndarray, y_train: np.ndarray, n_classes: int, 
                          round(time.perf_counter() - t0, 3))
 
 
-def wrap_trained(model: nn.Module, choice: FeatureChoice, head: nn.Linear) -> nn.Module:
+class RecordedProbe:
+    """:func:`wrap_trained`'s model when the backbone is a record (:class:`~tl_core.models.backbones.RecordedBackbone`,
+    a linear run on cached features): what the run reads of its model (``state_dict``, ``get_classifier``,
+    ``named_modules`` for the classifier's name, ``default_cfg``), the same tensors under the same names as the
+    wrapped network would give, without building it.
+    """
+
+    def __init__(self, backbone: RecordedBackbone, choice: FeatureChoice, head: nn.Linear):
+        self.backbone = backbone
+        self.variant = choice.variant
+        self.default_cfg = backbone.default_cfg
+        self.feature_channels = backbone.feature_channels
+        self._name = backbone.classifier if choice.variant == "last" else "classifier"
+        self._classifier = copy.deepcopy(head)
+        self._scales = torch.tensor(choice.scales, dtype=torch.float32)
+
+    def get_classifier(self) -> nn.Linear:
+        return self._classifier
+
+    def named_modules(self) -> list[tuple[str, nn.Module]]:
+        return [(self._name, self._classifier)]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``wrap_trained(network, choice, head).state_dict()``: the backbone's tensors (under ``backbone.`` in a
+        :class:`VariantModel`), its ``scales``, then the classifier."""
+        trunk = self.backbone.trunk()
+        out = trunk if self.variant == "last" else {"backbone." + k: v for k, v in trunk.items()}
+        if self.variant != "last":
+            out["scales"] = self._scales
+        out[self._name + ".weight"] = self._classifier.weight.detach()
+        out[self._name + ".bias"] = self._classifier.bias.detach()
+        return out
+
+
+def wrap_trained(model: nn.Module | RecordedBackbone, choice: FeatureChoice,
+                 head: nn.Linear) -> nn.Module | RecordedProbe:
     """The model to save: ``model`` itself (last layer, its classifier set to ``head``), or a
-    :class:`VariantModel` around it with the choice's scales and ``head``."""
+    :class:`VariantModel` around it with the choice's scales and ``head``; for a recorded backbone, the
+    :class:`RecordedProbe` whose state dict is the same."""
+    if isinstance(model, RecordedBackbone):
+        return RecordedProbe(model, choice, head)
     if choice.variant == "last":
         clf = model.get_classifier()
         with torch.no_grad():

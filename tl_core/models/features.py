@@ -30,7 +30,8 @@ from .pipeline import eval_batches
 from .preprocess import Preprocess
 
 __all__ = ["feature_key", "extract_features", "pooled_features", "engine_cache_dir", "StyleSpec", "DEFAULT_STYLE",
-           "pooled_and_style", "style_dims", "WithStyle", "style_key"]
+           "pooled_and_style", "style_dims", "style_widths", "WithStyle", "style_key",
+           "read_cached", "all_cached"]
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +148,15 @@ def style_dims(model: nn.Module, spec: StyleSpec) -> list[int] | None:
             chans = [int(t.shape[1] if t.ndim == 4 else t.shape[2]) for t in inter]
         except Exception:
             return None
+    return style_widths(chans, spec)
+
+
+def style_widths(chans: Sequence[int], spec: StyleSpec) -> list[int] | None:
+    """:func:`style_dims` from the channels of each ``forward_intermediates`` stage."""
     if not spec.stages or max(spec.stages) >= len(chans):
         return None
     k = 2 if spec.stat == "meanstd" else 1
-    return [k * chans[s] for s in spec.stages]
+    return [k * int(chans[s]) for s in spec.stages]
 
 
 class WithStyle(nn.Module):
@@ -192,6 +198,41 @@ def engine_cache_dir(cache: FeatureCache | None, decoded: DecodedImageCache | No
     if decoded is not None and decoded.dir is not None:
         return Path(decoded.dir).parent
     return None
+
+
+def all_cached(items: Sequence[ImageItem], caches: Sequence[FeatureCache]) -> bool:
+    """Whether every item has an entry in every cache (a look at the files, none read)."""
+    return all(item.sha256 and c._file(item.sha256).exists() for item in items for c in caches)
+
+
+def read_cached(items: Sequence[ImageItem], cache: FeatureCache, dim: int, style_cache: FeatureCache | None = None,
+                style_dim: int = 0) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """What :func:`extract_features` returns when every item is in the caches (features of width ``dim``; with
+    ``style_cache``, the style statistics of width ``style_dim`` too), counted and touched as it counts them,
+    with no network; None as soon as one is missing (the caller then builds the network and extracts).
+
+    Returns:
+        (features (N, dim) float32, style statistics (N, style_dim) float32 or None without ``style_cache``).
+    """
+    feats: list[np.ndarray] = []
+    sty: list[np.ndarray] = []
+    for item in items:
+        v = cache.get(item.sha256, dim) if item.sha256 else None
+        w = style_cache.get(item.sha256, style_dim) if (style_cache is not None and v is not None) else None
+        if v is None or (style_cache is not None and w is None):
+            return None
+        feats.append(v)
+        if w is not None:
+            sty.append(w)
+    for item in items:
+        cache.hits += 1
+        cache.touch(item.sha256)
+        if style_cache is not None:
+            style_cache.touch(item.sha256)
+    out = np.stack(feats) if feats else np.zeros((0, dim), np.float32)
+    if style_cache is None:
+        return out, None
+    return out, (np.stack(sty).astype(np.float32) if sty else np.zeros((0, style_dim), np.float32))
 
 
 def extract_features(model: nn.Module, items: Sequence[ImageItem], pre: Preprocess,

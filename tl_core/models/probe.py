@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lbfgs import _strong_wolfe
 
 from ..config import TrainConfig
 from ..errors import CancelledError
@@ -43,6 +44,124 @@ def class_weights(labels: np.ndarray, n: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
+class _LBFGS:
+    """:class:`torch.optim.LBFGS` with its strong-Wolfe line search: the same tensor operations in the same order
+    (its ``step`` of torch 2.x, on real dense parameters, no ``maximize``), so the same fit to the last bit, without
+    the :class:`torch.optim.Optimizer` machinery, whose construction imports ``torch._dynamo``: ~2 s of CPU on a
+    2-core machine, most of what a warm re-train spent outside its data (benchmarks/RESULTS.md, issue 24).
+    The line search is torch's own function.
+
+    Attributes:
+        state: ``n_iter`` (iterations so far), ``func_evals`` and the curvature history, as torch keeps them.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float = 1.0, max_iter: int = 20, max_eval: int | None = None,
+                 tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100):
+        self._params = params
+        self.lr, self.max_iter = lr, max_iter
+        self.max_eval = max_iter * 5 // 4 if max_eval is None else max_eval
+        self.tolerance_grad, self.tolerance_change, self.history_size = tolerance_grad, tolerance_change, history_size
+        self.state: dict[str, Any] = {}
+
+    def _gather_flat_grad(self) -> torch.Tensor:
+        return torch.cat([p.grad.view(-1) for p in self._params], 0)
+
+    def _add_grad(self, step_size: Any, update: torch.Tensor) -> None:
+        offset = 0
+        for p in self._params:  # parameter by parameter, as torch does (the same kernels, hence the same bits)
+            numel = p.numel()
+            p.add_(update[offset:offset + numel].view_as(p), alpha=step_size)
+            offset += numel
+
+    def _directional_evaluate(self, closure: Callable[[], torch.Tensor], x: list[torch.Tensor], t: Any,
+                              d: torch.Tensor) -> tuple[float, torch.Tensor]:
+        self._add_grad(t, d)
+        loss = float(closure())
+        flat_grad = self._gather_flat_grad()
+        for p, pdata in zip(self._params, x):
+            p.copy_(pdata)
+        return loss, flat_grad
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """At most ``max_iter`` iterations (``max_eval`` evaluations of ``closure``, which sets the parameters'
+        ``grad`` and returns the objective); returns the objective at the start."""
+        lr, max_iter, max_eval = self.lr, self.max_iter, self.max_eval
+        tolerance_grad, tolerance_change, history_size = self.tolerance_grad, self.tolerance_change, self.history_size
+        state = self.state
+        state.setdefault("func_evals", 0)
+        state.setdefault("n_iter", 0)
+        orig_loss = closure()
+        loss = float(orig_loss)
+        current_evals = 1
+        state["func_evals"] += 1
+        flat_grad = self._gather_flat_grad()
+        if flat_grad.abs().max() <= tolerance_grad:
+            return orig_loss
+        d, t = state.get("d"), state.get("t")
+        old_dirs, old_stps, ro = state.get("old_dirs"), state.get("old_stps"), state.get("ro")
+        H_diag, prev_flat_grad, prev_loss = state.get("H_diag"), state.get("prev_flat_grad"), state.get("prev_loss")
+        n_iter = 0
+        while n_iter < max_iter:
+            n_iter += 1
+            state["n_iter"] += 1
+            if state["n_iter"] == 1:
+                d = flat_grad.neg()
+                old_dirs, old_stps, ro = [], [], []
+                H_diag = 1
+            else:
+                y = flat_grad.sub(prev_flat_grad)
+                s = d.mul(t)
+                ys = y.dot(s)
+                if ys > 1e-10:
+                    if len(old_dirs) == history_size:
+                        old_dirs.pop(0)
+                        old_stps.pop(0)
+                        ro.pop(0)
+                    old_dirs.append(y)
+                    old_stps.append(s)
+                    ro.append(1.0 / ys)
+                    H_diag = ys / y.dot(y)
+                num_old = len(old_dirs)
+                if "al" not in state:
+                    state["al"] = [None] * history_size
+                al = state["al"]
+                q = flat_grad.neg()
+                for i in range(num_old - 1, -1, -1):
+                    al[i] = old_stps[i].dot(q) * ro[i]
+                    q.add_(old_dirs[i], alpha=-al[i])
+                d = r = torch.mul(q, H_diag)
+                for i in range(num_old):
+                    be_i = old_dirs[i].dot(r) * ro[i]
+                    r.add_(old_stps[i], alpha=al[i] - be_i)
+            if prev_flat_grad is None:
+                prev_flat_grad = flat_grad.clone(memory_format=torch.contiguous_format)
+            else:
+                prev_flat_grad.copy_(flat_grad)
+            prev_loss = loss
+            t = min(1.0, 1.0 / flat_grad.abs().sum()) * lr if state["n_iter"] == 1 else lr
+            gtd = flat_grad.dot(d)
+            if gtd > -tolerance_change:
+                break
+            x_init = [p.clone(memory_format=torch.contiguous_format) for p in self._params]
+            loss, flat_grad, t, ls_func_evals = _strong_wolfe(
+                lambda x, t, d: self._directional_evaluate(closure, x, t, d), x_init, t, d, loss, flat_grad, gtd,
+                max_ls=max_eval - current_evals)
+            self._add_grad(t, d)
+            opt_cond = flat_grad.abs().max() <= tolerance_grad
+            current_evals += ls_func_evals
+            state["func_evals"] += ls_func_evals
+            if n_iter == max_iter or current_evals >= max_eval or opt_cond:
+                break
+            if d.mul(t).abs().max() <= tolerance_change:
+                break
+            if abs(loss - prev_loss) < tolerance_change:
+                break
+        state.update(d=d, t=t, old_dirs=old_dirs, old_stps=old_stps, ro=ro, H_diag=H_diag,
+                     prev_flat_grad=prev_flat_grad, prev_loss=prev_loss)
+        return orig_loss
+
+
 def _lbfgs_head(x_train: np.ndarray, x_val: np.ndarray, n_out: int, cfg: TrainConfig, loss_and_grad: LossAndGrad,
                 n_weight: float, stats: EpochStats, on_epoch: Callable[[dict[str, Any]], None] | None,
                 should_cancel: Callable[[], bool] | None, init: nn.Linear | None) -> tuple[nn.Linear, dict[str, Any]]:
@@ -67,32 +186,52 @@ def _lbfgs_head(x_train: np.ndarray, x_val: np.ndarray, n_out: int, cfg: TrainCo
         with torch.no_grad():
             w.copy_(init.weight.detach().T.double())
             b.copy_(init.bias.detach().double())
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=LBFGS_ITERS_PER_EPOCH, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
+    opt = _LBFGS([w, b], lr=1.0, max_iter=LBFGS_ITERS_PER_EPOCH, history_size=20, tolerance_grad=1e-7,
+                 tolerance_change=1e-10)
     l2 = 0.5 / cfg.linear_c
     wn, bn = w.detach().numpy(), b.detach().numpy()  # views: L-BFGS updates w and b in place
 
     def logits(x: np.ndarray) -> np.ndarray:
         return (x @ wn.astype(np.float32)).astype(np.float64) + bn
 
+    # The objective at the last points evaluated, keyed by their exact bits: each round of L-BFGS starts by
+    # evaluating the point its previous line search accepted, and the round's report reads it too. Computed once
+    # per point, read back after (the same numbers: this only spares the repeats, half the products of a fit).
+    seen: list[tuple[np.ndarray, np.ndarray, tuple[Any, ...]]] = []
+
+    def evaluate() -> tuple[np.ndarray, float, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits of the training images, data term, gradient in w, gradient in b, objective) at (w, b) now."""
+        bits_w, bits_b = wn.view(np.int64), bn.view(np.int64)
+        for pw, pb, out in seen:
+            if np.array_equal(pw, bits_w) and np.array_equal(pb, bits_b):
+                return out
+        z = logits(x32)
+        loss, g = loss_and_grad(z)
+        out = (z, loss, torch.from_numpy((x32.T @ g.astype(np.float32)).astype(np.float64) + (2 * l2) * wn),
+               torch.from_numpy(g.sum(0)), torch.tensor(loss + l2 * (wn * wn).sum(), dtype=torch.float64))
+        seen.insert(0, (bits_w.copy(), bits_b.copy(), out))
+        del seen[3:]
+        evaluate.count += 1  # type: ignore[attr-defined]
+        return out
+
+    evaluate.count = 0  # type: ignore[attr-defined]
+
     def closure() -> torch.Tensor:
-        loss, g = loss_and_grad(logits(x32))
-        w.grad = torch.from_numpy((x32.T @ g.astype(np.float32)).astype(np.float64) + (2 * l2) * wn)
-        b.grad = torch.from_numpy(g.sum(0))
-        return torch.tensor(loss + l2 * (wn * wn).sum(), dtype=torch.float64)
+        _, _, w.grad, b.grad, objective = evaluate()
+        return objective
 
     prev = float("inf")
     epoch = 0
     val_loss = float("nan")
-    state = opt.state[opt._params[0]]  # L-BFGS counts its iterations here ("n_iter")
+    state = opt.state  # L-BFGS counts its iterations here ("n_iter")
     converged = False
     for epoch in range(1, PROBE_MAX_ITERATIONS + 1):  # each round is at least one iteration
         t0 = time.perf_counter()
         if should_cancel and should_cancel():
             raise CancelledError("Cancelled while training the head.")
         opt.step(closure)
-        z = logits(x32)
-        obj = loss_and_grad(z)[0] + l2 * float((wn * wn).sum())
+        z, data_term = evaluate()[:2]
+        obj = data_term + l2 * float((wn * wn).sum())
         s = stats(z, logits(xv32) if len(xv32) else np.zeros((0, n_out)))
         val_loss = s["val_loss"]
         if on_epoch:
@@ -112,7 +251,7 @@ def _lbfgs_head(x_train: np.ndarray, x_val: np.ndarray, n_out: int, cfg: TrainCo
     # a probe has no "best epoch": it keeps its converged fit, never a round picked on validation
     return out, {"best_epoch": None, "val_loss": val_loss, "epochs_run": epoch,
                  "iterations": int(state.get("n_iter", epoch)),
-                 "converged": converged}
+                 "converged": converged, "evaluations": evaluate.count}
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -34,15 +35,17 @@ from ..data.splits import Split, split_dataset
 from ..errors import CancelledError, ConfigError, DatasetError, TLError
 from ..fileio import write_json_atomic
 from ..models.openset import bank_indices, build_open_set
-from ..models.backbones import build_model, check_backbone_name
+from ..models.backbones import RecordedBackbone, build_model, check_backbone_name, record_backbone, recorded_backbone
 from ..models.catalogue import WeightsInfo
 from ..models.devices import Runtime, release_free_memory, set_seed, single_threaded
 from ..models.distributed import Cancel, RankFailedError, barrier, broadcast, under_torchrun
 from ..models.distributed import start as distributed_start
 from ..models.distributed import stop as distributed_stop
 from ..models.feature_variants import (CANDIDATES, TIE_ORDER, FeatureChoice, apply_variant, block_scales,
-                                       choose_features, extraction_variant, extractor, wrap_trained)
-from ..models.features import DEFAULT_STYLE, extract_features, feature_key, style_dims, style_key
+                                       choose_features, extraction_variant, recorded_block_dims, recorded_extractor,
+                                       RecordedProbe, wrap_trained)
+from ..models.features import (DEFAULT_STYLE, all_cached, extract_features, feature_key, read_cached, style_dims,
+                               style_key, style_widths)
 from ..models.inference import logits_of_items
 from ..models.crossfit import cross_validated_accuracy, out_of_fold_probs
 from ..metrics import compute_metrics, softmax
@@ -126,21 +129,20 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     """Extract (cached) features of train+val(+test), shared out between the ranks under torchrun, and fit the
     logistic-regression head on them, once (rank 0; the other ranks get None)."""
     cidx = {c: i for i, c in enumerate(classes)}
-    if multi_label and cfg.features != "last":
-        # auto's cross-validation scores one class per image; a label-set probe sees the last layer
-        cfg = dataclasses.replace(cfg, features="last")
-    variant = extraction_variant(cfg)  # linear runs: the probe's feature variant (auto: depths, then chosen)
-    fcache = FeatureCache(workspace.cache_dir / "features", feature_key(cfg.backbone, winfo.fingerprint, pre, variant))
-    ex = _extractor_of(model, variant, fcache)
+    cfg, variant, fcache, style, scache = _probe_caches(cfg, workspace, winfo, pre, multi_label)
     items = split.train + split.val + (test_items if cfg.strategy == "linear" else [])
     emit({"stage": "extract", "done": 0, "total": len(items)})
     t_ex = time.perf_counter()
+    if isinstance(model, RecordedBackbone):  # every vector cached (train_model checked): read back, no network
+        feats, ex = _read_back(model, variant, fcache, items, style, scache)
+        if feats is None:
+            raise _NotCached()
+    else:
+        ex = recorded_extractor(model, variant, fcache)
     # 16 per batch: as fast as 32 on CPU, and a cancel waits for at most one (shorter) forward pass
     # a linear run's open-set bank also needs the style statistics of its images: from the same forward pass
-    style = DEFAULT_STYLE if cfg.strategy == "linear" else None
-    scache = FeatureCache(workspace.cache_dir / "features", style_key(cfg.backbone, winfo.fingerprint, pre, style)) \
-        if style is not None else None
-    feats = extract_features(ex, items, pre, decoded, fcache, batch_size=16 if rt.device.type == "cpu" else 64,
+    feats = feats if isinstance(model, RecordedBackbone) else extract_features(
+                             ex, items, pre, decoded, fcache, batch_size=16 if rt.device.type == "cpu" else 64,
                              progress=lambda d, t: emit({"stage": "extract", "done": d, "total": t,
                                                          "eta_s": (time.perf_counter() - t_ex) / max(d, 1) * (t - d)}),
                              should_cancel=should_cancel, runtime=rt,
@@ -191,27 +193,38 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     return feats, head, info
 
 
-def _extractor_of(model: nn.Module, variant: str, fcache: FeatureCache) -> nn.Module:
-    """:func:`extractor`, its block widths (``depths``) recorded beside the features it caches
-    (``<feature cache>/block_dims.json``: the cache's key fixes the backbone, weights, preprocessing and variant,
-    hence the widths) and read back by a later run, which then needs no probe pass through the network."""
-    if variant != "depths":
-        return extractor(model, variant)
-    record = fcache.dir / "block_dims.json"
-    known = None
-    try:
-        known = [int(d) for d in json.loads(record.read_text())]
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, TypeError) as e:
-        log.warning("recorded block widths %s are unusable (%s); probing again", record, e)
-    ex = extractor(model, variant, known or None)
-    if not known:
-        try:
-            write_json_atomic(record, list(getattr(ex, "block_dims", [])), indent=None)
-        except OSError as e:  # a read-only or full disk: the next run probes again
-            log.warning("could not record %s (%s)", record, e)
-    return ex
+def _probe_caches(cfg: TrainConfig, workspace: Workspace, winfo: WeightsInfo, pre: Preprocess, multi_label: bool
+                  ) -> tuple[TrainConfig, str, FeatureCache, Any, FeatureCache | None]:
+    """The probe's config (a label-set probe sees the last layer), the variant extracted, its feature cache, the
+    style statistics recorded (linear runs: the open-set bank's) and their cache."""
+    if multi_label and cfg.features != "last":
+        # auto's cross-validation scores one class per image; a label-set probe sees the last layer
+        cfg = dataclasses.replace(cfg, features="last")
+    variant = extraction_variant(cfg)  # linear runs: the probe's feature variant (auto: depths, then chosen)
+    fcache = FeatureCache(workspace.cache_dir / "features", feature_key(cfg.backbone, winfo.fingerprint, pre, variant))
+    style = DEFAULT_STYLE if cfg.strategy == "linear" else None
+    scache = FeatureCache(workspace.cache_dir / "features", style_key(cfg.backbone, winfo.fingerprint, pre, style)) \
+        if style is not None else None
+    return cfg, variant, fcache, style, scache
+
+
+def _read_back(rec: RecordedBackbone, variant: str, fcache: FeatureCache, items: list[ImageItem], style: Any,
+               scache: FeatureCache | None) -> tuple[Any, Any] | tuple[None, None]:
+    """A linear run's probe input read back from the caches with a recorded backbone (no timm, no network): the
+    features (with the style statistics) of ``items`` and the extractor's widths (``last_features``,
+    ``block_dims``), or (None, None) when one vector, the widths or the style's channels are not recorded."""
+    block_dims = recorded_block_dims(fcache) if variant == "depths" else []
+    sdims = style_widths(rec.feature_channels, style) if (style is not None and rec.feature_channels) else None
+    if block_dims is None or (style is not None and not sdims):
+        return None, None
+    dim = rec.last_features + sum(block_dims)
+    got = read_cached(items, fcache, dim, scache if style is not None else None, sum(sdims or []))
+    if got is None:
+        return None, None
+    # what _linear_probe reads of an extractor (a plain timm model, the last layer's, has no last_features)
+    widths = SimpleNamespace(block_dims=block_dims,
+                             **({"last_features": rec.last_features} if variant != "last" else {}))
+    return (got if style is not None else got[0]), widths
 
 
 def _content_order(items: list[ImageItem], i: int) -> tuple[str, str]:
@@ -350,7 +363,12 @@ def _open_set(bank_feats: np.ndarray, calibration_feats: np.ndarray | None, mode
     """The open-set record, bank and style bank (:mod:`tl_core.models.openset`), or None (logged) when there are
     too few images for one: the run stays usable, its predictions just carry no ``unknown``. ``bank_style`` None
     (a backbone without style statistics): content only."""
-    dims = style_dims(model, DEFAULT_STYLE) if bank_style is not None else None
+    if bank_style is None:
+        dims = None
+    elif isinstance(model, RecordedProbe):
+        dims = style_widths(model.feature_channels, DEFAULT_STYLE) if model.feature_channels else None
+    else:
+        dims = style_dims(model, DEFAULT_STYLE)
     try:
         return build_open_set(bank_feats, calibration_feats, bank_style=bank_style if dims else None,
                               calibration_style=calibration_style,
@@ -359,6 +377,29 @@ def _open_set(bank_feats: np.ndarray, calibration_feats: np.ndarray | None, mode
     except ValueError as e:
         log.warning("no open-set score for this run: %s", e)
         return None
+
+
+def _recorded_if_cached(cfg: TrainConfig, weights: str, workspace: Workspace, split: Split,
+                        test_items: list[ImageItem], multi_label: bool, rt: Runtime) -> RecordedBackbone | None:
+    """The backbone's record (:func:`~tl_core.models.backbones.recorded_backbone`) when this run is a linear probe
+    in one process whose every vector (features and style statistics) is already cached, else None: the run
+    then reads them back (:func:`_read_back`) and never builds the network."""
+    if cfg.strategy != "linear" or rt.distributed:
+        return None
+    rec = recorded_backbone(workspace.cache_dir, cfg.backbone, weights)
+    if rec is None:
+        return None
+    pre = Preprocess.from_data_config(rec.data_config)
+    _, variant, fcache, style, scache = _probe_caches(cfg, workspace, rec.weights, pre, multi_label)
+    if (variant == "depths" and not recorded_block_dims(fcache)) or not rec.feature_channels:
+        return None
+    # a look (a stat per file): _linear_probe reads them (and builds the network after all if one went meanwhile)
+    caches = [fcache] + ([scache] if scache is not None else [])
+    return rec if all_cached(split.train + split.val + test_items, caches) else None
+
+
+class _NotCached(Exception):
+    """A vector the recorded backbone's run was to read back is gone (evicted meanwhile): build the network."""
 
 
 #: strategy -> its runner, for strategies that are not one training loop: called with train_model first
@@ -417,10 +458,19 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     classes = ds.classes
     cidx = {c: i for i, c in enumerate(classes)}
     weights = "random" if cfg.strategy == "scratch" else cfg.weights
-    model, winfo = build_model(cfg.backbone, len(classes), weights=weights, seed=cfg.seed)
-    if winfo.source == "random" and cfg.strategy != "scratch":
-        log.warning("training %s from random weights: the result will be poor", cfg.backbone)
-    data_cfg = data_config_for(model)
+    test_items = [i for i in split.test if all(lab in cidx for lab in i.label_set)]
+    # a linear run whose every vector is cached needs of its backbone only its tensors: read back from its record
+    # (no timm import, no network built: ~3 s of CPU of a warm re-train on 2 cores); otherwise built and recorded
+    model = _recorded_if_cached(cfg, weights, workspace, split, test_items, ds.multi_label, rt)
+    if model is not None:
+        winfo, data_cfg = model.weights, model.data_config
+    else:
+        model, winfo = build_model(cfg.backbone, len(classes), weights=weights, seed=cfg.seed)
+        if winfo.source == "random" and cfg.strategy != "scratch":
+            log.warning("training %s from random weights: the result will be poor", cfg.backbone)
+        data_cfg = data_config_for(model)
+        if cfg.strategy == "linear" and winfo.source in ("packaged", "local"):
+            record_backbone(workspace.cache_dir, cfg.backbone, weights, model, winfo, data_cfg)
     pre = Preprocess.from_data_config(data_cfg)
     decoded = DecodedImageCache(workspace.cache_dir / "decoded")
     history: list[dict[str, Any]] = []
@@ -430,7 +480,6 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
             history.append({k: v for k, v in e.items() if k != "stage"})
         emit(e)
 
-    test_items = [i for i in split.test if all(lab in cidx for lab in i.label_set)]
     multi = ds.multi_label
     n_tr, n_va = len(split.train), len(split.val)
     val_head: dict[str, torch.Tensor] | None = None
@@ -440,9 +489,14 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     fit_on = "train"
     if cfg.strategy in ("linear", "partial", "full"):
         # the linear probe: also the head initialisation of partial/full (LP-FT, Kumar et al., ICLR 2022)
-        feats, head, info = _linear_probe(model, split, test_items, classes, pre, decoded, cfg, workspace, winfo,
-                                          emit_epoch if cfg.strategy == "linear" else emit, should_cancel, rt,
-                                          local_cancel, multi_label=multi)
+        try:
+            feats, head, info = _linear_probe(model, split, test_items, classes, pre, decoded, cfg, workspace, winfo,
+                                              emit_epoch if cfg.strategy == "linear" else emit, should_cancel, rt,
+                                              local_cancel, multi_label=multi)
+        except _NotCached:  # a cached vector went between the look and the read: the network after all
+            model, _ = build_model(cfg.backbone, len(classes), weights=weights, seed=cfg.seed)
+            feats, head, info = _linear_probe(model, split, test_items, classes, pre, decoded, cfg, workspace, winfo,
+                                              emit_epoch, should_cancel, rt, local_cancel, multi_label=multi)
         if cfg.strategy == "linear" and not rt.is_main:
             return None  # the probe is fitted once, on rank 0
         if rt.distributed and cfg.strategy != "linear":  # rank 0 fitted it; every rank fine-tunes from it

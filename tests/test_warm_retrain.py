@@ -1,0 +1,78 @@
+"""A warm re-train (issue 24, "Speed as a new user meets it"): what depends only on the cached features and the
+backbone is read back, what the seed changes is fitted again, and the run written is the same to the last bit.
+
+- the probe's L-BFGS (models.probe) is torch's, without the Optimizer machinery that imports torch._dynamo, and
+  evaluates each point once;
+- a linear run whose every vector is cached reads its backbone's tensors from the record the first run left
+  (models.backbones.record_backbone) instead of building the network with timm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import EMOJI
+from tl_core.config import TrainConfig
+from tl_core.models import probe
+from tl_core.runs import training
+from tl_core.runs.training import run_training
+from tl_core.storage.files import RunFiles
+
+
+class _TorchLBFGS:
+    """torch.optim.LBFGS as probe._LBFGS is called (its state where the probe reads it)."""
+
+    def __init__(self, params, **kw):
+        self.opt = torch.optim.LBFGS(params, line_search_fn="strong_wolfe", **kw)
+        self.state = self.opt.state[params[0]]
+
+    def step(self, closure):
+        return self.opt.step(closure)
+
+
+def _problem(seed: int = 0, n: int = 90, d: int = 40, k: int = 3):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d))
+    y = np.arange(n) % k
+    x = (centres[y] + 1.5 * rng.normal(size=(n, d))).astype(np.float32)
+    return x[:70], y[:70], x[70:], y[70:], k
+
+
+def test_the_probe_fit_equals_torch_lbfgs_bit_for_bit_and_evaluates_each_point_once(monkeypatch):
+    x, y, xv, yv, k = _problem()
+    cfg = TrainConfig(strategy="linear").resolved()
+    ours, info = probe.fit_linear_head(x, y, xv, yv, k, cfg)
+    monkeypatch.setattr(probe, "_LBFGS", _TorchLBFGS)
+    ref, ref_info = probe.fit_linear_head(x, y, xv, yv, k, cfg)
+    assert torch.equal(ours.weight, ref.weight) and torch.equal(ours.bias, ref.bias)
+    assert info["iterations"] == ref_info["iterations"] > 10 and info["converged"]
+    # each round evaluates the point its line search accepted and reports on it: one evaluation, read back twice
+    assert info["evaluations"] <= info["iterations"] + 5, info
+
+
+def _same_files(a, b) -> None:
+    for name in ("model.safetensors", "val_head.safetensors", "ood_bank.safetensors", "meta.json",
+                 "predictions.json", "ood.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_a_warm_retrain_reads_the_backbone_back_and_writes_the_same_run(workspace, monkeypatch):
+    cfg = TrainConfig(strategy="linear", seed=3, max_per_class=10)
+    built = []
+    real_build = training.build_model
+    monkeypatch.setattr(training, "build_model", lambda *a, **k: built.append(a) or real_build(*a, **k))
+    first = run_training(workspace, EMOJI, cfg)  # extracts (or finds the session's cache) and records the backbone
+    assert first.status == "done"
+    # (the same seed: max_per_class draws other images with another seed, which would need extracting)
+    again = run_training(workspace, EMOJI, cfg)
+    assert len(built) == 1, "a re-train on cached features must not build the network"
+    # the same seed with the network built (no record) writes the same bytes
+    monkeypatch.setattr(training, "recorded_backbone", lambda *a, **k: None)
+    rebuilt = run_training(workspace, EMOJI, cfg)
+    assert len(built) == 2
+    _same_files(workspace.run_dir(again.run_id), workspace.run_dir(rebuilt.run_id))
+    assert RunFiles(workspace.run_dir(again.run_id)).metrics().val == \
+        RunFiles(workspace.run_dir(rebuilt.run_id)).metrics().val
