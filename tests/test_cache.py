@@ -117,3 +117,19 @@ def test_a_recorded_result_read_back_counts_as_used(tmp_path):
     out, reused = _recorded(tmp_path, ["t"], [x], lambda: calls.append(1) or {"v": 2})
     assert (out, reused, calls) == ({"v": 1}, True, [1])
     assert f.stat().st_mtime > 1000
+
+
+def test_a_recorded_backbone_is_one_features_entry_counted_and_evicted_whole(tmp_path):
+    """A warm linear run's backbone record (an 18 MB tensor file and its record.json): counted with the features,
+    its last use the newest of its files, evicted together (a record.json alone would leave the tensors for good)."""
+    cache = tmp_path / "cache"
+    rec = cache / "features" / "backbones" / "0123abcd"
+    trunk = _file(rec / "trunk.safetensors", 5000, 1000)
+    meta = _file(rec / "record.json", 50, 4000)  # read back (touched) at 4000
+    old = _file(cache / "features" / "k" / "ab" / "a.npy", 200, 2000)
+    summary = cache_summary(cache)
+    assert summary["features"] == {"entries": 2, "bytes": 5250} and summary["choices"]["entries"] == 0
+    assert enforce_cache_limit(cache, max_bytes=5050) == 200  # the older vector goes, the record stays whole
+    assert trunk.exists() and meta.exists() and not old.exists()
+    assert enforce_cache_limit(cache, max_bytes=0) == 5050
+    assert not trunk.exists() and not meta.exists()

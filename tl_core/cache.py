@@ -49,6 +49,9 @@ class CachedImage(Protocol):
 #: probabilities: ``features/**/*.json``), the ONNX feature engines (``engines/``) and the image checks
 #: (``checked.sqlite``).
 CACHE_KINDS = ("decoded", "features", "choices", "engines", "checks")
+#: The backbones recorded for a warm linear run (:func:`tl_core.models.backbones.record_backbone`):
+#: ``features/<this>/<key>/`` holds ``trunk.safetensors`` and ``record.json``, one entry of the features cache.
+BACKBONE_RECORDS = "backbones"
 
 
 class DecodedImageCache:
@@ -290,15 +293,25 @@ def _entries(cache_dir: Path) -> list[tuple[float, int, str, list[Path]]]:
     and the check database with its WAL files (its last use is its last write).
     """
     out: list[tuple[float, int, str, list[Path]]] = []
+    records = cache_dir / "features" / BACKBONE_RECORDS
     for sub in ("decoded", "features"):
         d = cache_dir / sub
         if not d.exists():
             continue
         for f in d.rglob("*.*"):
+            if f.parent.parent == records:
+                continue  # a backbone record: one entry of its own, below
             kind = sub if f.suffix == ".npy" else "choices" if f.suffix == ".json" else None
             st = _stat(f) if kind and not _writing(f) else None
             if st is not None:
                 out.append((st[0], st[1], kind, [f]))
+    if records.is_dir():  # a backbone's tensors and its record.json, evicted together (features: what they serve)
+        for rec in records.iterdir():
+            files = [(f, st) for f in rec.iterdir() if not _writing(f) and (st := _stat(f)) is not None] \
+                if rec.is_dir() else []
+            if files:
+                out.append((max(st[0] for _, st in files), sum(st[1] for _, st in files), "features",
+                            [f for f, _ in files]))
     engines: dict[str, list[tuple[float, int, Path]]] = {}
     d = cache_dir / "engines"
     if d.exists():

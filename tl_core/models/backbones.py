@@ -7,6 +7,7 @@ random init (only when asked). The resolved source is recorded with every run an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cache import BACKBONE_RECORDS
 from ..errors import ConfigError, WeightsError
 from ..fileio import write_json_atomic, writing_atomic
 from .catalogue import (CATALOGUE, WeightsInfo, data_overrides, hub_cached, packaged_file, spec_for, timm_arch,
@@ -340,7 +342,7 @@ def _record_dir(cache_dir: Path, name: str, weights: str) -> Path | None:
         return None
     key = json.dumps([_RECORD_VERSION, name, source, str(Path(detail).resolve()), st.st_size, st.st_mtime_ns,
                       torch.__version__, timm_version])
-    return Path(cache_dir) / "features" / "backbones" / hashlib.sha256(key.encode()).hexdigest()[:20]
+    return Path(cache_dir) / "features" / BACKBONE_RECORDS / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def recorded_backbone(cache_dir: Path, name: str, weights: str = "auto") -> RecordedBackbone | None:
@@ -353,6 +355,8 @@ def recorded_backbone(cache_dir: Path, name: str, weights: str = "auto") -> Reco
         meta = json.loads((d / "record.json").read_text())
         if not (d / "trunk.safetensors").is_file():
             return None
+        with contextlib.suppress(OSError):  # a use: the cache's eviction goes by the newest file of the record
+            os.utime(d / "record.json")
         return RecordedBackbone(d, meta)
     except FileNotFoundError:
         return None
