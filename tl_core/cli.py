@@ -872,7 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{message}\n")
         if as_json and not _printed["json"]:
             with contextlib.suppress(OSError, ValueError):
-                _print_json({"error": message.removeprefix("error: "), "exit_status": status})
+                emit(argparse.Namespace(json=True), {"error": message.removeprefix("error: "), "exit_status": status})
         return status
 
     try:
