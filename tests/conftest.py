@@ -56,6 +56,30 @@ LONGEST_FIRST = (
 )
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each test process gets its own share of the cores (CPU affinity, which the processes a
+    test starts inherit: servers, workers, browsers). Torch, ONNX Runtime and the decoders size their thread pools
+    by the cores a process may use (tl_core.models.devices.cpu_count), so two test processes on a 2-core machine
+    run one thread each instead of two each on the same two cores (oversubscribed: the fast tier's two fixture
+    trainings took 2.1x and 2.5x as long side by side as alone, more than their sum one after the other; torch's
+    threads wait for each other on every small operation: tl_core.models.devices.single_threaded).
+    ``TL_TEST_PIN_CORES=0`` leaves the affinity alone."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or os.environ.get("TL_TEST_PIN_CORES", "1") == "0" \
+            or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < count:
+        return
+    mine = cores[int(worker.removeprefix("gw")) % count::count]
+    try:
+        os.sched_setaffinity(0, mine)
+    except OSError:  # a container that refuses: the processes share the cores as before
+        return
+    if "torch" in sys.modules:  # imported already (a plugin): size its pool to the share
+        sys.modules["torch"].set_num_threads(len(mine))
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers
 def pytest_collection_modifyitems(config, items):
     """Give every fast-tier test the ``fast_tier`` marker: ``-m fast_tier`` is `make test-fast`, and
