@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -58,7 +58,7 @@ from ..storage.files import SAVED, VALIDATION_FIT, Predictions, RunFiles, RunMet
 from ..storage.processes import identity
 from ..storage.workspace import Workspace
 
-__all__ = ["TrainResult", "train_model", "run_training", "result_of"]
+__all__ = ["TrainResult", "Strategy", "STRATEGY_REGISTRY", "train_model", "run_training", "result_of"]
 
 log = logging.getLogger(__name__)
 
@@ -381,10 +381,10 @@ def _open_set(bank_feats: np.ndarray, calibration_feats: np.ndarray | None, mode
 
 def _recorded_if_cached(cfg: TrainConfig, weights: str, workspace: Workspace, split: Split,
                         test_items: list[ImageItem], multi_label: bool, rt: Runtime) -> RecordedBackbone | None:
-    """The backbone's record (:func:`~tl_core.models.backbones.recorded_backbone`) when this run is a linear probe
-    in one process whose every vector (features and style statistics) is already cached, else None: the run
-    then reads them back (:func:`_read_back`) and never builds the network."""
-    if cfg.strategy != "linear" or rt.distributed:
+    """The backbone's record (:func:`~tl_core.models.backbones.recorded_backbone`) when this run (a frozen backbone's,
+    :attr:`Strategy.frozen_backbone`) is in one process and its every vector (features and style statistics) is
+    already cached, else None: the run then reads them back (:func:`_read_back`) and never builds the network."""
+    if rt.distributed:
         return None
     rec = recorded_backbone(workspace.cache_dir, cfg.backbone, weights)
     if rec is None:
@@ -402,15 +402,243 @@ class _NotCached(Exception):
     """A vector the recorded backbone's run was to read back is gone (evicted meanwhile): build the network."""
 
 
-#: strategy -> its runner, for strategies that are not one training loop: called with train_model first
-_STRATEGY_RUNNERS: dict[str, Callable[..., dict[str, Any] | None]] = {"auto": train_auto}
+# --------------------------------------------------------------------------------------------------
+# the strategies: each a fit function over the run's shared state, in one registry
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What the phases of one run share (built by :func:`train_model` once the data is open and the model built)."""
+
+    cfg: TrainConfig
+    strategy: "Strategy"
+    workspace: Workspace
+    rt: Runtime
+    emit: Progress
+    should_cancel: Callable[[], bool] | None  # the group's (under torchrun every rank stops together)
+    local_cancel: Callable[[], bool] | None  # this process's own (for work rank 0 does alone)
+    ds: Any
+    split: Split
+    test_items: list[ImageItem]
+    weights: str  # what build_model was asked for ("random" for a strategy that is not pretrained)
+    model: Any  # the network, or a RecordedBackbone (a frozen backbone whose every vector is cached)
+    winfo: WeightsInfo
+    data_cfg: dict[str, Any]
+    pre: Preprocess
+    decoded: DecodedImageCache
+    history: list[dict[str, Any]] = field(default_factory=list)  # the per-epoch metrics written with the run
+
+    @property
+    def classes(self) -> list[str]:
+        return self.ds.classes
+
+    @property
+    def cidx(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.ds.classes)}
+
+    @property
+    def multi(self) -> bool:
+        return self.ds.multi_label
+
+    @property
+    def n_tr(self) -> int:
+        return len(self.split.train)
+
+    @property
+    def n_va(self) -> int:
+        return len(self.split.val)
+
+    def emit_epoch(self, e: dict[str, Any]) -> None:
+        """``emit``, keeping every epoch's metrics in ``history``."""
+        if e.get("stage") == "epoch":
+            self.history.append({k: v for k, v in e.items() if k != "stage"})
+        self.emit(e)
 
 
+@dataclass
+class _Fitted:
+    """What a strategy's fit hands to evaluation and writing: the model to save, its logits, and how it was fitted."""
+
+    model: Any
+    val_logits: np.ndarray
+    test_logits: np.ndarray
+    open_set: tuple[dict[str, Any], np.ndarray, Any] | None
+    info: dict[str, Any]  # best_epoch, epochs_run, val_loss, stop, feature_cache, features (linear)
+    val_head: dict[str, torch.Tensor] | None = None  # a refitted probe's training-only head (validation's model)
+    cv_estimate: dict[str, Any] | None = None  # linear, single-label: k-fold accuracy on train + validation
+    oof_train: np.ndarray | None = None  # linear, multi-label: out-of-fold probabilities of the training images
+    fit_on: str = "train"
+    val_model: str = SAVED
+    test_model: str = SAVED
+
+
+@dataclass
+class _Scores:
+    """The evaluation of a fitted model: validation and test metrics, and a multi-label run's thresholds."""
+
+    val: dict[str, Any]
+    test: dict[str, Any] | None
+    thresholds: list[float] | None = None
+    thresholds_on: str | None = None
+
+
+def _probe(run: _Run, emit: Progress) -> tuple[np.ndarray, nn.Linear | None, dict[str, Any]]:
+    """:func:`_linear_probe` of the run's images; when a cached vector went between the look and the read (a
+    recorded backbone), the network is built after all (``run.model``) and the probe runs on it."""
+    try:
+        return _linear_probe(run.model, run.split, run.test_items, run.classes, run.pre, run.decoded, run.cfg,
+                             run.workspace, run.winfo, emit, run.should_cancel, run.rt, run.local_cancel,
+                             multi_label=run.multi)
+    except _NotCached:
+        run.model, _ = build_model(run.cfg.backbone, len(run.classes), weights=run.weights, seed=run.cfg.seed)
+        return _linear_probe(run.model, run.split, run.test_items, run.classes, run.pre, run.decoded, run.cfg,
+                             run.workspace, run.winfo, emit, run.should_cancel, run.rt, run.local_cancel,
+                             multi_label=run.multi)
+
+
+def _fit_linear(run: _Run) -> _Fitted | None:
+    """The linear probe: a logistic-regression head on the frozen backbone's (cached) features, its k-fold estimate
+    (or out-of-fold probabilities), optionally refitted on train + validation, and its open-set bank. The head on
+    cached features equals the whole model on the images: no second forward pass. Rank 0 alone fits it."""
+    cfg, split, n_tr, n_va, classes = run.cfg, run.split, run.n_tr, run.n_va, run.classes
+    feats, head, info = _probe(run, run.emit_epoch)
+    if not run.rt.is_main:
+        return None  # the probe is fitted once, on rank 0
+    # out of fold, on the features already extracted: the probe's k-fold accuracy on every labelled image
+    # (single-label), or the training images' probabilities the thresholds are chosen on
+    run.emit({"stage": "features", "message": "Cross-validating the probe"})
+    ccfg = dataclasses.replace(cfg, linear_c=info["features"].linear_c)
+    cv_estimate = oof_train = None
+    with single_threaded():
+        recorded = run.workspace.cache_dir / "features" / "outoffold"
+        if run.multi:
+            oof_train = _out_of_fold_once(recorded, feats[:n_tr],
+                                          label_matrix([i.labels for i in split.train], classes), ccfg,
+                                          run.local_cancel)
+        else:
+            cv_estimate = _cross_validate_once(recorded, info.pop("cv_features", feats[:n_tr + n_va]),
+                                               split.train + split.val, run.cidx, ccfg, run.local_cancel)
+    model = wrap_trained(run.model, info["features"], head)  # the last layer: the model itself; else a wrapper
+    with torch.no_grad():
+        val_logits = head(torch.from_numpy(feats[n_tr:n_tr + n_va])).numpy()
+        test_logits = head(torch.from_numpy(feats[n_tr + n_va:])).numpy()
+    val_head, fit_on, val_model = None, "train", SAVED
+    if cfg.refit and n_va:
+        # Validated on images it never saw, the head is fitted again on every labelled image, as the classic
+        # recipe does. The validation predictions stay those of the training-only head, kept beside the saved
+        # one, so that every view of them explains the model that made them. Test images use the refit.
+        run.emit({"stage": "refit", "message": "Refitting the head on training + validation images"})
+        name = _classifier_name(model)
+        val_head = {f"{name}.weight": head.weight.detach().clone(), f"{name}.bias": head.bias.detach().clone()}
+        with single_threaded():
+            refit_cfg = dataclasses.replace(cfg, linear_c=info["features"].linear_c)
+            if run.multi:
+                y_ml = label_matrix([i.labels for i in split.train + split.val], classes)
+                head, _ = fit_ovr_head(feats[:n_tr + n_va], y_ml, feats[:0], y_ml[:0], refit_cfg,
+                                       should_cancel=run.local_cancel, init=head)
+            else:
+                y_all = np.array([run.cidx[i.label] for i in split.train + split.val])
+                head, _ = fit_linear_head(feats[:n_tr + n_va], y_all, feats[:0], y_all[:0], len(classes),
+                                          refit_cfg, should_cancel=run.local_cancel, init=head)
+        _set_head(model, head)
+        with torch.no_grad():
+            test_logits = head(torch.from_numpy(feats[n_tr + n_va:])).numpy()
+        fit_on, val_model = "train+val", VALIDATION_FIT
+    # the bank holds what the saved head was fitted on; a refitted head saw the validation images, so the
+    # threshold comes from leave-one-out distances within the bank instead
+    n_bank = n_tr + n_va if fit_on == "train+val" else n_tr
+    keep = bank_indices([i.label for i in (split.train + split.val)[:n_bank]], seed=cfg.seed)
+    sty = info.get("style")
+    open_set = _open_set(feats[keep], None if fit_on == "train+val" else feats[n_tr:n_tr + n_va], model,
+                         [(split.train + split.val)[k] for k in keep], run.ds.root,
+                         None if sty is None else sty[keep], None if sty is None else sty[n_tr:n_tr + n_va])
+    return _Fitted(model, val_logits, test_logits, open_set, info, val_head=val_head, cv_estimate=cv_estimate,
+                   oof_train=oof_train, fit_on=fit_on, val_model=val_model)
+
+
+def _fit_finetune(run: _Run) -> _Fitted | None:
+    """Fine-tuning (partial, full, scratch): from the linear probe's head where the strategy says so (LP-FT,
+    Kumar et al., ICLR 2022; under torchrun rank 0 fits it and every rank fine-tunes from it), then the kept
+    checkpoint's logits and the open-set bank of its own features, by rank 0 alone."""
+    probe_info = None
+    if run.strategy.probe_first:
+        feats, head, probe_info = _probe(run, run.emit)
+        if run.rt.distributed:  # rank 0 fitted it; every rank fine-tunes from it
+            head = _broadcast_head(head, feats.shape[1], len(run.classes), run.rt)
+        _set_head(run.model, head)
+    model, split, pre, decoded, emit = run.model, run.split, run.pre, run.decoded, run.emit
+    info = finetune(model, split, run.classes, pre, decoded, run.cfg, run.emit_epoch, run.should_cancel,
+                    start_from_probe=probe_info is not None, runtime=run.rt, multi_label=run.multi)
+    if probe_info:
+        info["feature_cache"] = probe_info.get("feature_cache")
+    if not run.rt.is_main:
+        return None  # rank 0 evaluates the kept checkpoint and writes the run
+    model.eval()
+    release_free_memory()
+    emit({"stage": "evaluate", "message": "Evaluating the best checkpoint"})
+    one = dataclasses.replace(run.rt, rank=0, world_size=1)  # rank 0 alone: no collectives from here on
+    val_logits, val_feats, val_style = logits_of_items(model, split.val, pre, decoded, batch_size=EVAL_BATCH,
+                                                       should_cancel=run.local_cancel, runtime=one,
+                                                       with_features=True, style=DEFAULT_STYLE)
+    # the open-set bank: the fine-tuned model's features of (at most MAX_BANK_ROWS) training images; no feature
+    # cache (it is keyed by the pretrained weights, and these are not theirs)
+    emit({"stage": "evaluate", "message": "Recording the training images' features (open-set score)"})
+    keep = bank_indices([i.label for i in split.train], seed=run.cfg.seed)
+    t_bank = time.perf_counter()
+    bank_feats, bank_style = extract_features(
+        model, [split.train[k] for k in keep], pre, decoded, None, batch_size=EVAL_BATCH,
+        progress=lambda d, t: emit({"stage": "evaluate", "message": "Recording the training images' features "
+                                    "(open-set score)", "done": d, "total": t,
+                                    "eta_s": (time.perf_counter() - t_bank) / max(d, 1) * (t - d)}),
+        should_cancel=run.local_cancel, runtime=one, style=DEFAULT_STYLE)
+    open_set = _open_set(bank_feats, val_feats, model, [split.train[k] for k in keep], run.ds.root, bank_style,
+                         val_style)
+    test_logits = logits_of_items(model, run.test_items, pre, decoded, batch_size=EVAL_BATCH,
+                                  should_cancel=run.local_cancel, runtime=one)
+    model.to("cpu")
+    return _Fitted(model, val_logits, test_logits, open_set, info)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One training strategy (``cfg.strategy``): how its model starts and the function that fits it.
+
+    ``fit`` gets the run's shared state (the data opened, the model built) and returns the fitted model with its
+    validation and test logits, or None on the ranks other than 0 of a distributed group. A strategy made of
+    other strategies' runs has ``compose`` instead, called in place of every phase with :func:`train_model` first
+    (``auto``: :func:`tl_core.runs.auto.train_auto`).
+    """
+
+    name: str
+    fit: Callable[[_Run], _Fitted | None] | None = None
+    compose: Callable[..., dict[str, Any] | None] | None = None
+    #: False: it starts from random weights (asked for: no warning about them)
+    pretrained: bool = True
+    #: the backbone only extracts features: read back from its record when every vector is cached, else built and
+    #: recorded (packaged or local weights)
+    frozen_backbone: bool = False
+    #: fine-tuning starts from the linear probe's head
+    probe_first: bool = False
+
+
+#: every strategy of :data:`tl_core.config.STRATEGIES`, by name (a test checks that the two agree)
+STRATEGY_REGISTRY: dict[str, Strategy] = {s.name: s for s in [
+    Strategy("linear", fit=_fit_linear, frozen_backbone=True),
+    Strategy("partial", fit=_fit_finetune, probe_first=True),
+    Strategy("full", fit=_fit_finetune, probe_first=True),
+    Strategy("scratch", fit=_fit_finetune, pretrained=False),
+    Strategy("auto", compose=train_auto),
+]}
+
+
+# --------------------------------------------------------------------------------------------------
+# a run, phase by phase
+# --------------------------------------------------------------------------------------------------
 def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace, run_dir: Path,
                 progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
                 test_data: str | os.PathLike | None = None, runtime: Runtime | None = None
                 ) -> dict[str, Any] | None:
-    """Open the data, train per ``cfg``, evaluate the kept checkpoint and write ``run_dir`` (as a whole).
+    """Open the data, build the model, fit it per ``cfg.strategy`` (:data:`STRATEGY_REGISTRY`), evaluate the kept
+    model and write ``run_dir`` (as a whole).
 
     Args:
         runtime: device, precision and distributed group (default: ``cfg.device`` in this one process).
@@ -422,14 +650,46 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     """
     emit: Progress = progress or (lambda e: None)
     cfg = cfg.resolved()
-    if cfg.strategy in _STRATEGY_RUNNERS:  # strategies made of other strategies' runs (each a train_model call)
-        return _STRATEGY_RUNNERS[cfg.strategy](train_model, data, cfg, workspace, run_dir, progress, should_cancel,
-                                               test_data, runtime)
+    strategy = STRATEGY_REGISTRY[cfg.strategy]
+    if strategy.compose is not None:  # strategies made of other strategies' runs (each a train_model call)
+        return strategy.compose(train_model, data, cfg, workspace, run_dir, progress, should_cancel, test_data,
+                                runtime)
     rt = runtime or Runtime.create(cfg.device)
     local_cancel = should_cancel
     should_cancel = Cancel(rt, local_cancel) if rt.distributed else local_cancel
     set_seed(cfg.seed)
     t0 = time.perf_counter()
+
+    # -- load the data: check the images, split them, add the held-out test set
+    ds, split, test_items = _load_data(data, test_data, cfg, workspace, rt, emit)
+    # -- build the model the strategy starts from
+    weights = cfg.weights if strategy.pretrained else "random"
+    model, winfo, data_cfg = _build(strategy, cfg, weights, workspace, ds, split, test_items, rt)
+    run = _Run(cfg, strategy, workspace, rt, emit, should_cancel, local_cancel, ds, split, test_items, weights,
+               model, winfo, data_cfg, Preprocess.from_data_config(data_cfg),
+               DecodedImageCache(workspace.cache_dir / "decoded"))
+    # -- fit, per strategy (the ranks other than 0 of a distributed group stop here)
+    fitted = strategy.fit(run)
+    if fitted is None:
+        return None
+    # -- evaluate the kept model on the validation (and test) images
+    scores = _evaluate(run, fitted)
+    seconds = time.perf_counter() - t0
+    # -- write the run, as a whole, and summarise it
+    report = dataset_report(ds, split)
+    _write_run(run_dir, run, fitted, scores, report, seconds)
+    return _summary(run, fitted, scores, report, seconds)
+
+
+def _load_data(data: str | os.PathLike, test_data: str | os.PathLike | None, cfg: TrainConfig,
+               workspace: Workspace, rt: Runtime, emit: Progress) -> tuple[Any, Split, list[ImageItem]]:
+    """Open (and check) the data, split it, and add the held-out test set.
+
+    Returns:
+        (the dataset, its split, the test images whose labels the training data knows).
+    Raises:
+        DatasetError: a test set given twice, or test data of another kind or with unknown classes.
+    """
     emit({"stage": "check", "message": "Checking the images"})
 
     def opened() -> Any:
@@ -455,220 +715,124 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
         if unknown:
             raise DatasetError(f"The test data has classes the training data lacks: {', '.join(unknown)}.")
         split.test = list(tds.items)
-    classes = ds.classes
-    cidx = {c: i for i, c in enumerate(classes)}
-    weights = "random" if cfg.strategy == "scratch" else cfg.weights
-    test_items = [i for i in split.test if all(lab in cidx for lab in i.label_set)]
-    # a linear run whose every vector is cached needs of its backbone only its tensors: read back from its record
-    # (no timm import, no network built: ~3 s of CPU of a warm re-train on 2 cores); otherwise built and recorded
-    model = _recorded_if_cached(cfg, weights, workspace, split, test_items, ds.multi_label, rt)
+    cidx = {c: i for i, c in enumerate(ds.classes)}
+    return ds, split, [i for i in split.test if all(lab in cidx for lab in i.label_set)]
+
+
+def _build(strategy: Strategy, cfg: TrainConfig, weights: str, workspace: Workspace, ds: Any, split: Split,
+           test_items: list[ImageItem], rt: Runtime) -> tuple[Any, WeightsInfo, dict[str, Any]]:
+    """The model the strategy starts from, its weights' provenance and its data config.
+
+    A frozen backbone whose every vector is cached needs of its backbone only its tensors: read back from its
+    record (no timm import, no network built: ~3 s of CPU of a warm re-train on 2 cores); otherwise built, and
+    recorded for the next run.
+    """
+    model = _recorded_if_cached(cfg, weights, workspace, split, test_items, ds.multi_label, rt) \
+        if strategy.frozen_backbone else None
     if model is not None:
-        winfo, data_cfg = model.weights, model.data_config
-    else:
-        model, winfo = build_model(cfg.backbone, len(classes), weights=weights, seed=cfg.seed)
-        if winfo.source == "random" and cfg.strategy != "scratch":
-            log.warning("training %s from random weights: the result will be poor", cfg.backbone)
-        data_cfg = data_config_for(model)
-        if cfg.strategy == "linear" and winfo.source in ("packaged", "local"):
-            record_backbone(workspace.cache_dir, cfg.backbone, weights, model, winfo, data_cfg)
-    pre = Preprocess.from_data_config(data_cfg)
-    decoded = DecodedImageCache(workspace.cache_dir / "decoded")
-    history: list[dict[str, Any]] = []
+        return model, model.weights, model.data_config
+    model, winfo = build_model(cfg.backbone, len(ds.classes), weights=weights, seed=cfg.seed)
+    if winfo.source == "random" and strategy.pretrained:
+        log.warning("training %s from random weights: the result will be poor", cfg.backbone)
+    data_cfg = data_config_for(model)
+    if strategy.frozen_backbone and winfo.source in ("packaged", "local"):
+        record_backbone(workspace.cache_dir, cfg.backbone, weights, model, winfo, data_cfg)
+    return model, winfo, data_cfg
 
-    def emit_epoch(e: dict[str, Any]) -> None:
-        if e.get("stage") == "epoch":
-            history.append({k: v for k, v in e.items() if k != "stage"})
-        emit(e)
 
-    multi = ds.multi_label
-    n_tr, n_va = len(split.train), len(split.val)
-    val_head: dict[str, torch.Tensor] | None = None
-    cv_estimate: dict[str, Any] | None = None  # linear, single-label: k-fold accuracy on train + validation
-    oof_train: np.ndarray | None = None  # linear, multi-label: out-of-fold probabilities of the training images
-    val_model = test_model = SAVED
-    fit_on = "train"
-    if cfg.strategy in ("linear", "partial", "full"):
-        # the linear probe: also the head initialisation of partial/full (LP-FT, Kumar et al., ICLR 2022)
-        try:
-            feats, head, info = _linear_probe(model, split, test_items, classes, pre, decoded, cfg, workspace, winfo,
-                                              emit_epoch if cfg.strategy == "linear" else emit, should_cancel, rt,
-                                              local_cancel, multi_label=multi)
-        except _NotCached:  # a cached vector went between the look and the read: the network after all
-            model, _ = build_model(cfg.backbone, len(classes), weights=weights, seed=cfg.seed)
-            feats, head, info = _linear_probe(model, split, test_items, classes, pre, decoded, cfg, workspace, winfo,
-                                              emit_epoch, should_cancel, rt, local_cancel, multi_label=multi)
-        if cfg.strategy == "linear" and not rt.is_main:
-            return None  # the probe is fitted once, on rank 0
-        if rt.distributed and cfg.strategy != "linear":  # rank 0 fitted it; every rank fine-tunes from it
-            head = _broadcast_head(head, feats.shape[1], len(classes), rt)
-        if cfg.strategy == "linear":
-            # out of fold, on the features already extracted: the probe's k-fold accuracy on every labelled
-            # image (single-label), or the training images' probabilities the thresholds are chosen on
-            emit({"stage": "features", "message": "Cross-validating the probe"})
-            ccfg = dataclasses.replace(cfg, linear_c=info["features"].linear_c)
-            with single_threaded():
-                recorded = workspace.cache_dir / "features" / "outoffold"
-                if multi:
-                    oof_train = _out_of_fold_once(recorded, feats[:n_tr],
-                                                  label_matrix([i.labels for i in split.train], classes), ccfg,
-                                                  local_cancel)
-                else:
-                    cv_estimate = _cross_validate_once(recorded, info.pop("cv_features", feats[:n_tr + n_va]),
-                                                       split.train + split.val, cidx, ccfg, local_cancel)
-        if cfg.strategy == "linear":  # the last layer: the model itself; another variant: its wrapper
-            choice = info["features"]
-            model = wrap_trained(model, choice, head)
-        else:
-            _set_head(model, head)
-    if cfg.strategy == "linear":
-        # the head on cached features equals the whole model on the images: no second forward pass
-        with torch.no_grad():
-            val_logits = head(torch.from_numpy(feats[n_tr:n_tr + n_va])).numpy()
-            test_logits = head(torch.from_numpy(feats[n_tr + n_va:])).numpy()
-        if cfg.refit and n_va:
-            # Validated on images it never saw, the head is fitted again on every labelled image, as the classic
-            # recipe does. The validation predictions stay those of the training-only head, kept beside the saved
-            # one, so that every view of them explains the model that made them. Test images use the refit.
-            emit({"stage": "refit", "message": "Refitting the head on training + validation images"})
-            name = _classifier_name(model)
-            val_head = {f"{name}.weight": head.weight.detach().clone(), f"{name}.bias": head.bias.detach().clone()}
-            with single_threaded():
-                refit_cfg = dataclasses.replace(cfg, linear_c=info["features"].linear_c)
-                if multi:
-                    y_ml = label_matrix([i.labels for i in split.train + split.val], classes)
-                    head, _ = fit_ovr_head(feats[:n_tr + n_va], y_ml, feats[:0], y_ml[:0], refit_cfg,
-                                           should_cancel=local_cancel, init=head)
-                else:
-                    y_all = np.array([cidx[i.label] for i in split.train + split.val])
-                    head, _ = fit_linear_head(feats[:n_tr + n_va], y_all, feats[:0], y_all[:0], len(classes),
-                                              refit_cfg, should_cancel=local_cancel, init=head)
-            _set_head(model, head)
-            with torch.no_grad():
-                test_logits = head(torch.from_numpy(feats[n_tr + n_va:])).numpy()
-            fit_on, val_model = "train+val", VALIDATION_FIT
-        # the bank holds what the saved head was fitted on; a refitted head saw the validation images, so the
-        # threshold comes from leave-one-out distances within the bank instead
-        n_bank = n_tr + n_va if fit_on == "train+val" else n_tr
-        keep = bank_indices([i.label for i in (split.train + split.val)[:n_bank]], seed=cfg.seed)
-        sty = info.get("style")
-        open_set = _open_set(feats[keep], None if fit_on == "train+val" else feats[n_tr:n_tr + n_va], model,
-                             [(split.train + split.val)[k] for k in keep], ds.root,
-                             None if sty is None else sty[keep], None if sty is None else sty[n_tr:n_tr + n_va])
-    else:
-        probe_info = info if cfg.strategy != "scratch" else None
-        info = finetune(model, split, classes, pre, decoded, cfg, emit_epoch, should_cancel,
-                        start_from_probe=probe_info is not None, runtime=rt, multi_label=multi)
-        if probe_info:
-            info["feature_cache"] = probe_info.get("feature_cache")
-        if not rt.is_main:
-            return None  # rank 0 evaluates the kept checkpoint and writes the run
-        model.eval()
-        release_free_memory()
-        emit({"stage": "evaluate", "message": "Evaluating the best checkpoint"})
-        one = dataclasses.replace(rt, rank=0, world_size=1)  # rank 0 alone: no collectives from here on
-        val_logits, val_feats, val_style = logits_of_items(model, split.val, pre, decoded, batch_size=EVAL_BATCH,
-                                                           should_cancel=local_cancel, runtime=one,
-                                                           with_features=True, style=DEFAULT_STYLE)
-        # the open-set bank: the fine-tuned model's features of (at most MAX_BANK_ROWS) training images; no feature
-        # cache (it is keyed by the pretrained weights, and these are not theirs)
-        emit({"stage": "evaluate", "message": "Recording the training images' features (open-set score)"})
-        keep = bank_indices([i.label for i in split.train], seed=cfg.seed)
-        t_bank = time.perf_counter()
-        bank_feats, bank_style = extract_features(
-            model, [split.train[k] for k in keep], pre, decoded, None, batch_size=EVAL_BATCH,
-            progress=lambda d, t: emit({"stage": "evaluate", "message": "Recording the training images' features "
-                                        "(open-set score)", "done": d, "total": t,
-                                        "eta_s": (time.perf_counter() - t_bank) / max(d, 1) * (t - d)}),
-            should_cancel=local_cancel, runtime=one, style=DEFAULT_STYLE)
-        open_set = _open_set(bank_feats, val_feats, model, [split.train[k] for k in keep], ds.root, bank_style,
-                             val_style)
-        test_logits = logits_of_items(model, test_items, pre, decoded, batch_size=EVAL_BATCH,
-                                      should_cancel=local_cancel, runtime=one)
-        model.to("cpu")
-    thresholds = None
-    thresholds_on = None
-    if multi:  # per-label thresholds (max F1), used by every later prediction
-        yva_ml = label_matrix([i.labels for i in split.val], classes)
-        if oof_train is not None:
-            # a linear run chooses them on its training images' out-of-fold probabilities: the validation
-            # images its figures are reported on choose nothing
-            thresholds = choose_thresholds(label_matrix([i.labels for i in split.train], classes), oof_train)
-            thresholds_on = "training images, out of fold"
-        else:  # a fine-tuned model's own training images are in-sample: validation chooses (figures optimistic)
-            thresholds = choose_thresholds(yva_ml, sigmoid(val_logits))
-            thresholds_on = "validation images"
-        val_metrics = multilabel_metrics(yva_ml, sigmoid(val_logits), classes, thresholds)
-        test_metrics = (multilabel_metrics(label_matrix([i.labels for i in test_items], classes),
-                                           sigmoid(test_logits), classes, thresholds) if test_items else None)
-    else:
-        yva = [cidx[i.label] for i in split.val]
-        val_metrics = compute_metrics(yva, softmax(val_logits), classes)
-        test_metrics = (compute_metrics([cidx[i.label] for i in test_items], softmax(test_logits), classes)
-                        if test_items else None)
-    seconds = time.perf_counter() - t0
+def _evaluate(run: _Run, fitted: _Fitted) -> _Scores:
+    """Metrics of the fitted model's validation (and test) logits; a multi-label run's per-label thresholds (max
+    F1) too, used by every later prediction."""
+    split, classes, test_items = run.split, run.classes, run.test_items
+    if not run.multi:
+        cidx = run.cidx
+        return _Scores(compute_metrics([cidx[i.label] for i in split.val], softmax(fitted.val_logits), classes),
+                       compute_metrics([cidx[i.label] for i in test_items], softmax(fitted.test_logits), classes)
+                       if test_items else None)
+    yva_ml = label_matrix([i.labels for i in split.val], classes)
+    if fitted.oof_train is not None:
+        # a linear run chooses them on its training images' out-of-fold probabilities: the validation
+        # images its figures are reported on choose nothing
+        thresholds = choose_thresholds(label_matrix([i.labels for i in split.train], classes), fitted.oof_train)
+        thresholds_on = "training images, out of fold"
+    else:  # a fine-tuned model's own training images are in-sample: validation chooses (figures optimistic)
+        thresholds = choose_thresholds(yva_ml, sigmoid(fitted.val_logits))
+        thresholds_on = "validation images"
+    return _Scores(multilabel_metrics(yva_ml, sigmoid(fitted.val_logits), classes, thresholds),
+                   multilabel_metrics(label_matrix([i.labels for i in test_items], classes),
+                                      sigmoid(fitted.test_logits), classes, thresholds) if test_items else None,
+                   thresholds, thresholds_on)
 
-    # -- write the run, as a whole ------------------------------------------------------------------
-    report = dataset_report(ds, split)
+
+def _write_run(run_dir: Path, run: _Run, fitted: _Fitted, scores: _Scores, report: dict[str, Any],
+               seconds: float) -> None:
+    """Write the run's files through their one owner, staged and published as a whole (nothing left on failure)."""
+    cfg, ds, split, model, info = run.cfg, run.ds, run.split, fitted.model, fitted.info
     staged = RunFiles.staging(run_dir)
     try:
         staged.write_weights(model.state_dict())
-        if val_head is not None:
-            staged.write_validation_head(val_head)
+        if fitted.val_head is not None:
+            staged.write_validation_head(fitted.val_head)
         staged.write_config(cfg)
         staged.write_meta(RunMeta(
             backbone=cfg.backbone,
             arch=model.default_cfg.get("architecture", cfg.backbone) if hasattr(model, "default_cfg") else cfg.backbone,
-            classes=classes, preprocess=pre.to_dict(), data_config=data_cfg, weights=winfo.to_dict(),
+            classes=run.classes, preprocess=run.pre.to_dict(), data_config=run.data_cfg, weights=run.winfo.to_dict(),
             dataset={**{k: report[k] for k in ("source", "fingerprint", "counts", "num_images", "imbalance_ratio",
                                                "skipped", "image_size", "warnings", "split")},
                      "version": ds.version or None},
-            fit_on=fit_on, runtime=rt.to_dict(), multi_label=multi, thresholds=thresholds,
+            fit_on=fitted.fit_on, runtime=run.rt.to_dict(), multi_label=run.multi, thresholds=scores.thresholds,
             features=info["features"].to_dict() if info.get("features") else {},
-            extra={k: v for k, v in (("cv", cv_estimate), ("thresholds_chosen_on", thresholds_on),
+            extra={k: v for k, v in (("cv", fitted.cv_estimate), ("thresholds_chosen_on", scores.thresholds_on),
                                      ("test_split", cfg.test_split or None)) if v is not None}))
         splits = {"val": SplitPredictions("val", [str(i.path) for i in split.val], [i.label for i in split.val],
-                                          np.asarray(val_logits, np.float64), val_model)}
-        if test_items:
-            splits["test"] = SplitPredictions("test", [str(i.path) for i in test_items],
-                                              [i.label for i in test_items], np.asarray(test_logits, np.float64),
-                                              test_model)
-        staged.write_predictions(Predictions(classes, splits))
-        if open_set is not None:
-            staged.write_open_set(*open_set)
-        staged.write_metrics(RunMetrics(val=val_metrics, test=test_metrics, history=history,
+                                          np.asarray(fitted.val_logits, np.float64), fitted.val_model)}
+        if run.test_items:
+            splits["test"] = SplitPredictions("test", [str(i.path) for i in run.test_items],
+                                              [i.label for i in run.test_items],
+                                              np.asarray(fitted.test_logits, np.float64), fitted.test_model)
+        staged.write_predictions(Predictions(run.classes, splits))
+        if fitted.open_set is not None:
+            staged.write_open_set(*fitted.open_set)
+        staged.write_metrics(RunMetrics(val=scores.val, test=scores.test, history=run.history,
                                         best_epoch=info["best_epoch"], epochs_run=info["epochs_run"],
                                         seconds=round(seconds, 3), stop=info.get("stop") or {},
-                                        cv=cv_estimate))
+                                        cv=fitted.cv_estimate))
         staged.publish(run_dir)
     except BaseException:
         RunFiles.discard([staged.dir])
         raise
+
+
+def _summary(run: _Run, fitted: _Fitted, scores: _Scores, report: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The run's summary (what the run store keeps and :func:`_result` reads)."""
+    info, val, test = fitted.info, scores.val, scores.test
     return {
-        "classes": classes,
+        "classes": run.classes,
         "counts": report["counts"],
         "split": report["split"],
-        "val_accuracy": val_metrics["accuracy"],
-        "val_accuracy_ci": val_metrics.get("accuracy_ci"),
-        "val_count": val_metrics.get("count", 0),
+        "val_accuracy": val["accuracy"],
+        "val_accuracy_ci": val.get("accuracy_ci"),
+        "val_count": val.get("count", 0),
         "val_loss": info["val_loss"],
-        "test_accuracy": test_metrics["accuracy"] if test_metrics else None,
-        "test_accuracy_ci": test_metrics.get("accuracy_ci") if test_metrics else None,
-        "test_count": test_metrics.get("count", 0) if test_metrics else 0,
-        "cv_estimate": cv_estimate,
+        "test_accuracy": test["accuracy"] if test else None,
+        "test_accuracy_ci": test.get("accuracy_ci") if test else None,
+        "test_count": test.get("count", 0) if test else 0,
+        "cv_estimate": fitted.cv_estimate,
         "best_epoch": info["best_epoch"],
         "epochs_run": info["epochs_run"],
         "stop": info.get("stop") or {},
         "seconds": round(seconds, 3),
-        "weights": winfo.to_dict(),
-        "dataset_fingerprint": ds.fingerprint,
-        "dataset_version": ds.version or None,
+        "weights": run.winfo.to_dict(),
+        "dataset_fingerprint": run.ds.fingerprint,
+        "dataset_version": run.ds.version or None,
         "feature_cache": info.get("feature_cache"),
         "features": info["features"].to_dict() if info.get("features") else None,
-        "decoded_cache": {"hits": decoded.hits, "misses": decoded.misses},
-        **rt.to_dict(),
-        **({"multi_label": True, "thresholds_chosen_on": thresholds_on,
-            **{k: val_metrics.get(k) for k in ("micro_f1", "macro_f1", "mAP", "exact_match", "micro_f1_ci", "mAP_ci")}}
-           if multi else {}),
+        "decoded_cache": {"hits": run.decoded.hits, "misses": run.decoded.misses},
+        **run.rt.to_dict(),
+        **({"multi_label": True, "thresholds_chosen_on": scores.thresholds_on,
+            **{k: val.get(k) for k in ("micro_f1", "macro_f1", "mAP", "exact_match", "micro_f1_ci", "mAP_ci")}}
+           if run.multi else {}),
     }
 
 
