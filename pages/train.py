@@ -88,28 +88,42 @@ def field_widget(spec: FieldSpec, strategy: str, where: Any = st) -> Any:
         users = ", ".join(STRATEGIES[s].label.split(" (")[0].lower() for s in spec.strategies)
         help_text += f" Not used by {STRATEGIES[strategy].label.split(' (')[0].lower()}: only by {users}."
     wkey = session.remember(key, default)
+    # the widget's own default is the value it holds: a browser that forgets a widget's state (Streamlit's frontend
+    # does after an st.rerun from the run panel's fragment) then shows what the server will use, not the first
+    # option (a "Linear probe" drawn over an auto run's settings)
+    shown = st.session_state[wkey] if _valid(spec, st.session_state[wkey]) else default
+
+    def at(cast: Any = None) -> dict[str, Any]:  # the default value argument (none for an empty field)
+        return {} if shown is None else {"value": shown if cast is None else cast(shown)}
+
+    def at_choice() -> dict[str, Any]:  # the default index argument of a radio or a select box
+        return {"index": list(spec.choices).index(shown)} if shown in (spec.choices or {}) else {}
+
     common = dict(key=wkey, help=help_text, disabled=not used)
     if spec.widget == "number":
         if _is_int(spec, default):
             value = where.number_input(spec.label, min_value=None if spec.min is None else int(spec.min),
                                        max_value=None if spec.max is None else int(spec.max),
-                                       step=int(spec.step or 1), **common)
+                                       step=int(spec.step or 1), **at(int), **common)
         else:
             value = where.number_input(spec.label, min_value=None if spec.min is None else float(spec.min),
                                        max_value=None if spec.max is None else float(spec.max),
-                                       step=None if spec.step is None else float(spec.step), format="%.4g", **common)
+                                       step=None if spec.step is None else float(spec.step), format="%.4g",
+                                       **at(float), **common)
     elif spec.widget == "select_slider":
-        value = where.select_slider(spec.label, list(spec.options),
+        value = where.select_slider(spec.label, list(spec.options), **at(),
                                     format_func=lambda v: f"{v:g}" if isinstance(v, float) else str(v), **common)
     elif spec.widget == "slider":
-        value = where.slider(spec.label, float(spec.min), float(spec.max), step=float(spec.step or 0.01), **common)
+        value = where.slider(spec.label, float(spec.min), float(spec.max), step=float(spec.step or 0.01),
+                             **at(float), **common)
     elif spec.widget == "toggle":
-        value = where.toggle(spec.label, **common)
+        value = where.toggle(spec.label, **at(bool), **common)
     elif spec.widget == "radio":
-        value = where.radio(spec.label, list(spec.choices), horizontal=True,
+        value = where.radio(spec.label, list(spec.choices), horizontal=True, **at_choice(),
                             format_func=lambda k: spec.choices[k].label, **common)
     elif spec.widget == "select":
-        value = where.selectbox(spec.label, list(spec.choices), format_func=lambda k: spec.choices[k].label, **common)
+        value = where.selectbox(spec.label, list(spec.choices), format_func=lambda k: spec.choices[k].label,
+                                **at_choice(), **common)
     else:  # a widget this page does not know: a new FieldSpec needs a line here
         raise ValueError(f"unknown widget {spec.widget!r} for {spec.name}")
     return session.keep(key, value)
@@ -172,8 +186,10 @@ def settings_form(ws, path) -> None:
     st.html(_PHONE_CSS)
     phone_slot = st.container(key="phone-start")
     keys = list(STRATEGIES)
+    skey = session.remember("strategy", TrainConfig.strategy)
     strategy = session.keep("strategy", st.radio(
-        "Strategy", keys, key=session.remember("strategy", TrainConfig.strategy),
+        "Strategy", keys, key=skey,  # its default is the value the server holds (as field_widget's are)
+        index=keys.index(st.session_state[skey]) if st.session_state[skey] in keys else 0,
         format_func=lambda k: STRATEGIES[k].label, captions=[STRATEGIES[k].help for k in keys],
         help=next(f.help for f in config_fields() if f.name == "strategy"),
     ))

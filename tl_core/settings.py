@@ -138,7 +138,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "delete, rename and cancel in every project and sees the teacher's page.", _text,
             "none (without any password everyone may do everything)", secret=True),
     Setting("TL_QUEUE_PER_PROJECT", "int >= 1", 10, "Compute tasks (trainings included) one project (or the shared "
-            "workspace) may have waiting; one more is refused, so that no group fills the queue alone.", _positive_int),
+            "workspace) may have waiting, and as many uploads; one more is refused, so that no group fills the queue "
+            "alone.", _positive_int),
     Setting("TL_DECODE_THREADS", "int >= 1", None, "Threads that decode and resize the next batch while the "
             "model runs; 1 turns it off.", _positive_int, "one per core, at most 4"),
 ]}

@@ -71,7 +71,8 @@ def describe_auto_device() -> str:
         return f"CUDA GPU ({len(gpus) or 'at least 1'} visible), mixed precision"
     if platform.system() == "Darwin" and platform.machine() == "arm64":
         return "Apple GPU (MPS)"
-    return f"CPU ({cpu_count()} cores)"
+    n = cpu_count()
+    return f"CPU ({n} core{'' if n == 1 else 's'})"
 
 
 def cpu_count() -> int:

@@ -202,7 +202,7 @@ def engine_cache_dir(cache: FeatureCache | None, decoded: DecodedImageCache | No
 
 def all_cached(items: Sequence[ImageItem], caches: Sequence[FeatureCache]) -> bool:
     """Whether every item has an entry in every cache (a look at the files, none read)."""
-    return all(item.sha256 and c._file(item.sha256).exists() for item in items for c in caches)
+    return all(c.has(item.sha256) for item in items for c in caches)
 
 
 def read_cached(items: Sequence[ImageItem], cache: FeatureCache, dim: int, style_cache: FeatureCache | None = None,

@@ -18,7 +18,8 @@ that a prediction does not wait behind a training; ``intake`` (unpacking and che
 worker of its own, so that an upload waits neither behind a training nor in front of a prediction.
 Projects take turns (round robin,
 :func:`tl_core.runs.workers.queue_order`). At most :data:`MAX_QUEUED` tasks wait per lane, and at most
-``TL_QUEUE_PER_PROJECT`` (10) compute tasks of one project; one more is refused with :class:`QueueFullError`. Cancel is real: a flag the task checks, and a worker that ignores it
+``TL_QUEUE_PER_PROJECT`` (10) compute tasks of one project, and as many uploads; one more is refused with
+:class:`QueueFullError`. Cancel is real: a flag the task checks, and a worker that ignores it
 is killed.
 
 Why not a task-queue library: Celery, RQ and Dramatiq need a broker (Redis, RabbitMQ) that a laptop or a
@@ -52,7 +53,7 @@ from . import workers  # called through the module: tests and callers replace it
 from .kinds import kind_spec
 from .workers import prune
 
-__all__ = ["QueueFullError", "Task", "MAX_QUEUED", "task_key", "submit", "find", "get", "result", "cancel",
+__all__ = ["QueueFullError", "Task", "MAX_QUEUED", "CAPPED_LANES", "task_key", "submit", "find", "get", "result", "cancel",
            "queue_position", "describe_wait", "submit_training", "cancel_run", "cancel_all", "submit_challenge_run", "delete_run",
            "prune"]
 
@@ -60,6 +61,10 @@ log = logging.getLogger(__name__)
 
 #: Tasks allowed to wait in one lane (all projects together); one more is refused.
 MAX_QUEUED = 50
+
+#: The lanes where one project may have at most ``TL_QUEUE_PER_PROJECT`` tasks waiting (counted per lane: queued
+#: uploads do not hold back a training, nor trainings an upload); interactive tasks take a second and need no cap.
+CAPPED_LANES = ("compute", "intake")
 #: A finished task's result file (JSON), under ``<workspace>/tasks/<id>/``, with any images it refers to.
 RESULT_FILE = TASK_RESULT  # the name other modules knew it by
 
@@ -135,7 +140,7 @@ def submit(ws: Workspace, kind: str, params: dict[str, Any], owner: str | None =
         The task (``shared`` tells whether it was already there).
     Raises:
         ConfigError: unknown kind. QueueFullError: :data:`MAX_QUEUED` tasks of its lane are waiting, or
-            ``TL_QUEUE_PER_PROJECT`` compute tasks of this workspace's.
+            ``TL_QUEUE_PER_PROJECT`` tasks of this workspace's in its lane (compute or intake).
     """
     spec = kind_spec(kind)
     key = task_key(kind, params) if share else f"{kind}:{run_id or ''}:{time.time_ns()}"
@@ -148,7 +153,7 @@ def submit(ws: Workspace, kind: str, params: dict[str, Any], owner: str | None =
     if waiting >= MAX_QUEUED:
         raise QueueFullError(f"The queue is full ({waiting} tasks waiting); try again when some have finished.")
     mine, cap = len(store.tasks(status="queued", lane=spec.lane)), setting("TL_QUEUE_PER_PROJECT")
-    if spec.lane == "compute" and mine >= cap:  # interactive tasks take a second: they need no cap
+    if spec.lane in CAPPED_LANES and mine >= cap:
         where = "this project" if ws.is_project else "the shared workspace"
         raise QueueFullError(f"{where[0].upper()}{where[1:]} has {mine} tasks waiting already, the most one project "
                              "may queue; try again when one has started.")

@@ -129,8 +129,9 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     """Extract (cached) features of train+val(+test), shared out between the ranks under torchrun, and fit the
     logistic-regression head on them, once (rank 0; the other ranks get None)."""
     cidx = {c: i for i, c in enumerate(classes)}
+    strategy = STRATEGY_REGISTRY[cfg.strategy]
     cfg, variant, fcache, style, scache = _probe_caches(cfg, workspace, winfo, pre, multi_label)
-    items = split.train + split.val + (test_items if cfg.strategy == "linear" else [])
+    items = split.train + split.val + (test_items if strategy.probe_is_model else [])
     emit({"stage": "extract", "done": 0, "total": len(items)})
     t_ex = time.perf_counter()
     if isinstance(model, RecordedBackbone):  # every vector cached (train_model checked): read back, no network
@@ -157,9 +158,9 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     ytr = None if multi_label else np.array([cidx[i.label] for i in split.train])
     yva = None if multi_label else np.array([cidx[i.label] for i in split.val])
     probe_cfg = cfg
-    on_epoch = lambda m: emit({"stage": "epoch" if cfg.strategy == "linear" else "probe", **m})  # noqa: E731
+    on_epoch = lambda m: emit({"stage": "epoch" if strategy.probe_is_model else "probe", **m})  # noqa: E731
     with single_threaded():  # small matrices: on a busy machine two threads only wait for each other
-        if cfg.strategy == "linear":
+        if strategy.choose_features:
             emit({"stage": "features", "message": "Choosing the features" if cfg.features == "auto" else
                   "Preparing the features"})
             last_dim = getattr(ex, "last_features", feats.shape[1])
@@ -202,7 +203,7 @@ def _probe_caches(cfg: TrainConfig, workspace: Workspace, winfo: WeightsInfo, pr
         cfg = dataclasses.replace(cfg, features="last")
     variant = extraction_variant(cfg)  # linear runs: the probe's feature variant (auto: depths, then chosen)
     fcache = FeatureCache(workspace.cache_dir / "features", feature_key(cfg.backbone, winfo.fingerprint, pre, variant))
-    style = DEFAULT_STYLE if cfg.strategy == "linear" else None
+    style = DEFAULT_STYLE if STRATEGY_REGISTRY[cfg.strategy].open_set_style else None
     scache = FeatureCache(workspace.cache_dir / "features", style_key(cfg.backbone, winfo.fingerprint, pre, style)) \
         if style is not None else None
     return cfg, variant, fcache, style, scache
@@ -618,11 +619,20 @@ class Strategy:
     frozen_backbone: bool = False
     #: fine-tuning starts from the linear probe's head
     probe_first: bool = False
+    #: the linear probe is the run's model: its solver rounds are the run's epochs, and the held-out test images'
+    #: features are extracted with the rest (the probe is what is tested); False: the probe only starts a fine-tune
+    probe_is_model: bool = False
+    #: the probe's features are chosen by cross-validation (last layer, several depths, flip); without it the probe
+    #: sees the last layer, which is what the network's own head sees
+    choose_features: bool = False
+    #: its features also record each image's style statistics (the open-set bank's second input)
+    open_set_style: bool = False
 
 
 #: every strategy of :data:`tl_core.config.STRATEGIES`, by name (a test checks that the two agree)
 STRATEGY_REGISTRY: dict[str, Strategy] = {s.name: s for s in [
-    Strategy("linear", fit=_fit_linear, frozen_backbone=True),
+    Strategy("linear", fit=_fit_linear, frozen_backbone=True, probe_is_model=True, choose_features=True,
+             open_set_style=True),
     Strategy("partial", fit=_fit_finetune, probe_first=True),
     Strategy("full", fit=_fit_finetune, probe_first=True),
     Strategy("scratch", fit=_fit_finetune, pretrained=False),
