@@ -140,9 +140,11 @@ def _running_tasks_all(home: Path) -> int:
 #: The health check's own prober: a separate small process (stdlib only, at the server's priority), so that its
 #: figures are the server's latency alone, not this process's, whose event loop drives 20 browser sessions. Each
 #: line: wall-clock time, latency (inf: no answer), the server's CPU seconds so far, the 1-minute load average.
+#: With py-spy installed (a diagnostic, not a dependency: ``pip install py-spy``), an answer still missing after
+#: 0.4 s has the server's thread stacks dumped then (copied to a file in the temporary folder, named at the end).
 _PROBE = r"""
-import os, sys, time, urllib.request
-base, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+import os, subprocess, sys, threading, time, urllib.request
+base, pid, out, spy = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 tck = os.sysconf("SC_CLK_TCK")
 def cpu():
     try:
@@ -151,24 +153,32 @@ def cpu():
         return (int(x[11]) + int(x[12])) / tck
     except (OSError, IndexError):
         return float("nan")
-with open(out, "w", buffering=1) as f:
+def ask(box):
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(base + "/_stcore/health", timeout=30) as r:
+            r.read()
+        box.append(time.perf_counter() - t0)
+    except OSError:
+        box.append(float("inf"))
+with open(out, "w", buffering=1) as f, open(out + ".stacks", "w", buffering=1) as stacks:
     while True:
-        t = time.time(); t0 = time.perf_counter()
-        try:
-            with urllib.request.urlopen(base + "/_stcore/health", timeout=30) as r:
-                r.read()
-            lat = time.perf_counter() - t0
-        except OSError:
-            lat = float("inf")
-        f.write(f"{t:.3f} {lat:.4f} {cpu():.2f} {os.getloadavg()[0]:.2f}\n")
+        t = time.time(); box = []
+        th = threading.Thread(target=ask, args=(box,), daemon=True); th.start(); th.join(0.4)
+        if th.is_alive() and spy:  # no answer yet: what are the server's threads doing?
+            dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True).stdout
+            stacks.write(f"=== {t:.3f} +{time.time() - t:.2f} s\n{dump}\n")
+        th.join()
+        f.write(f"{t:.3f} {box[0]:.4f} {cpu():.2f} {os.getloadavg()[0]:.2f}\n")
         time.sleep(max(0.0, 0.5 - (time.time() - t)))
 """
 
 
 def _start_prober(base: str, pid: int, out: Path) -> subprocess.Popen:
     """Start :data:`_PROBE` on the server at ``base`` (process ``pid``), writing its samples to ``out``."""
-    return subprocess.Popen([sys.executable, "-c", _PROBE, base, str(pid), str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent)) or ""
+    return subprocess.Popen([sys.executable, "-c", _PROBE, base, str(pid), str(out), spy],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _prober_samples(out: Path) -> list[tuple[float, float, float, float]]:
@@ -542,6 +552,11 @@ def run_scenario(args: argparse.Namespace) -> int:
                 "process of this TL_HOME) are sampled every 0.5 s; the health check by a process of its own. "
                 f"Health answers of 0.5 s or more: {slow or 'none'}. Each user's wait:\n\n" + per_user + "\n")
         print("wrote", prepend(head, table + "\n" + note))
+    stacks = home / "health.txt.stacks"
+    if stacks.exists() and stacks.stat().st_size:
+        kept = Path(tempfile.gettempdir()) / f"tl-class-health-stacks-{dt.datetime.now():%H%M%S}.txt"
+        shutil.copy(stacks, kept)
+        print(f"the server's thread stacks while a health answer was late: {kept}")
     if failed:
         print(f"kept {home} (server.log, the run stores) to look at the sessions without a result")
     else:
