@@ -33,7 +33,7 @@ from ..data.versions import pin
 from ..data.report import dataset_report
 from ..data.splits import Split, split_dataset
 from ..errors import CancelledError, ConfigError, DatasetError, TLError
-from ..fileio import write_json_atomic
+from ..fileio import write_json_atomic, writing_atomic
 from ..models.openset import bank_indices, build_open_set
 from ..models.backbones import RecordedBackbone, build_model, check_backbone_name, record_backbone, recorded_backbone
 from ..models.catalogue import WeightsInfo
@@ -175,8 +175,8 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
             labelled = feats[:n_tr + n_va]
             labelled_items = split.train + split.val
             canonical = sorted(range(n_tr + n_va), key=lambda i: _content_order(labelled_items, i))
-            info["cv_features"] = apply_variant(labelled, choice.variant, last_dim, block_dims,
-                                                block_scales(labelled[canonical], last_dim, block_dims))
+            info["cv_scales"] = block_scales(labelled[canonical], last_dim, block_dims)  # also the refit's
+            info["cv_features"] = apply_variant(labelled, choice.variant, last_dim, block_dims, info["cv_scales"])
             feats = apply_variant(feats, choice.variant, last_dim, choice.block_dims, np.asarray(choice.scales))
             probe_cfg = dataclasses.replace(cfg, linear_c=choice.linear_c)
             info["features"] = choice
@@ -280,6 +280,16 @@ def _choose_features_once(fcache: FeatureCache, raw_labelled: np.ndarray, items:
 _CV_VERSION = 1
 
 
+def _record_key(settings: list[Any], arrays: list[np.ndarray]) -> str:
+    """The name of a recorded result: a hash of ``settings`` (JSON-able, their own version included) and the bytes,
+    shapes and dtypes of ``arrays``."""
+    h = hashlib.sha256(json.dumps([_CV_VERSION, *settings, [(a.shape, str(a.dtype)) for a in arrays]],
+                                  default=str).encode())
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:32]
+
+
 def _recorded(cache_dir: Path, settings: list[Any], arrays: list[np.ndarray],
               compute: Callable[[], Any]) -> tuple[Any, bool]:
     """``compute()`` (JSON-able), measured once per (settings, arrays): recorded as
@@ -287,11 +297,7 @@ def _recorded(cache_dir: Path, settings: list[Any], arrays: list[np.ndarray],
     inputs (the feature choice, the cross-validated estimate, out-of-fold probabilities). ``settings`` carry what
     the result depends on besides the arrays, its own version included. Returns (the result, whether it was read
     back)."""
-    h = hashlib.sha256(json.dumps([_CV_VERSION, *settings, [(a.shape, str(a.dtype)) for a in arrays]],
-                                  default=str).encode())
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    f = cache_dir / f"{h.hexdigest()[:32]}.json"
+    f = cache_dir / f"{_record_key(settings, arrays)}.json"
     try:
         out = json.loads(f.read_text())
         with contextlib.suppress(OSError):
@@ -333,6 +339,67 @@ def _out_of_fold_once(cache_dir: Path, feats: np.ndarray, y: np.ndarray, cfg: Tr
                          lambda: (lambda p: None if p is None else p.tolist())(
                              out_of_fold_probs(feats, y, cfg, should_cancel)))
     return None if probs is None else np.asarray(probs, np.float64)
+
+
+#: bump when the refit (:func:`_refit_once`) changes what it would fit: recorded heads are then not reused
+_REFIT_VERSION = 1
+
+
+def _refit_once(cache_dir: Path, labelled: np.ndarray, labelled_scales: np.ndarray | None, choice: FeatureChoice,
+                items: list[ImageItem], cidx: dict[str, int], cfg: TrainConfig,
+                should_cancel: Callable[[], bool] | None) -> tuple[nn.Linear, dict[str, Any]]:
+    """The single-label probe refitted on every labelled image (train + validation), fitted once per images,
+    features and probe settings: in the canonical order (by content), from zero, on the features scaled as the
+    cross-validation scales them (on every labelled image), so its input is the same whatever the run's seed or
+    split, and a re-train of the same images with any seed reads the head back
+    (``<cache_dir>/<key>.npy``, under the feature cache: cleared and evicted with it) instead of fitting it again.
+
+    Args:
+        labelled: the features of ``items`` (train then validation) scaled by ``labelled_scales`` (depths).
+        labelled_scales: the depths blocks' scales of ``labelled`` (:func:`block_scales` of every labelled
+            image); the head is returned for the run's own scales (``choice.scales``, its training images'):
+            each block's weights times the ratio of the two, the same logits.
+    Returns:
+        (the head over the run's features, {"reused": whether it was read back, "iterations"})
+    """
+    order = sorted(range(len(items)), key=lambda i: _content_order(items, i))
+    x = np.ascontiguousarray(labelled[order], dtype=np.float32)
+    y = np.array([cidx[items[i].label] for i in order], np.int64)
+    cfg = dataclasses.replace(cfg, seed=0)
+    f = cache_dir / f"{_record_key(['refit', _REFIT_VERSION, len(cidx), cfg.linear_c, cfg.class_balance], [x, y])}.npy"
+    wb, out = None, {"reused": False, "iterations": 0}
+    try:
+        wb = np.load(f, allow_pickle=False)
+        if wb.shape != (len(cidx), x.shape[1] + 1) or wb.dtype != np.float32:
+            raise ValueError(f"shape {wb.shape} {wb.dtype}")
+        out["reused"] = True
+        with contextlib.suppress(OSError):
+            os.utime(f)  # used now: the cache evicts least recently used first
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        log.warning("recorded head %s is unusable (%s); fitting again", f, e)
+        wb = None
+    if wb is None:
+        head, fit = fit_linear_head(x, y, x[:0], y[:0], len(cidx), cfg, should_cancel=should_cancel)
+        wb = np.concatenate([head.weight.detach().numpy(), head.bias.detach().numpy()[:, None]], 1)
+        out["iterations"] = fit["iterations"]
+        try:
+            with writing_atomic(f, ".npy") as tmp:
+                np.save(tmp, wb, allow_pickle=False)
+        except OSError as e:  # a read-only or full disk: the next run fits again
+            log.warning("could not record %s (%s)", f.name, e)
+    w = wb[:, :-1].astype(np.float64)
+    if choice.variant == "depths" and labelled_scales is not None and len(choice.scales):
+        a = x.shape[1] - sum(choice.block_dims)  # the last layer's columns come first, unscaled
+        for n, k_all, k_run in zip(choice.block_dims, labelled_scales, choice.scales):
+            w[:, a:a + n] *= float(np.float32(k_all)) / float(np.float32(k_run))
+            a += n
+    head = nn.Linear(x.shape[1], len(cidx))
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(w.astype(np.float32)))
+        head.bias.copy_(torch.from_numpy(np.ascontiguousarray(wb[:, -1])))
+    return head, out
 
 
 def _classifier_name(model: nn.Module) -> str:
@@ -516,8 +583,9 @@ def _fit_linear(run: _Run) -> _Fitted | None:
                                           label_matrix([i.labels for i in split.train], classes), ccfg,
                                           run.local_cancel)
         else:
-            cv_estimate = _cross_validate_once(recorded, info.pop("cv_features", feats[:n_tr + n_va]),
-                                               split.train + split.val, run.cidx, ccfg, run.local_cancel)
+            cv_feats = info.pop("cv_features", feats[:n_tr + n_va])
+            cv_estimate = _cross_validate_once(recorded, cv_feats, split.train + split.val, run.cidx, ccfg,
+                                               run.local_cancel)
     model = wrap_trained(run.model, info["features"], head)  # the last layer: the model itself; else a wrapper
     with torch.no_grad():
         val_logits = head(torch.from_numpy(feats[n_tr:n_tr + n_va])).numpy()
@@ -537,9 +605,9 @@ def _fit_linear(run: _Run) -> _Fitted | None:
                 head, _ = fit_ovr_head(feats[:n_tr + n_va], y_ml, feats[:0], y_ml[:0], refit_cfg,
                                        should_cancel=run.local_cancel, init=head)
             else:
-                y_all = np.array([run.cidx[i.label] for i in split.train + split.val])
-                head, _ = fit_linear_head(feats[:n_tr + n_va], y_all, feats[:0], y_all[:0], len(classes),
-                                          refit_cfg, should_cancel=run.local_cancel, init=head)
+                head, info["refit"] = _refit_once(recorded.parent / "refits", cv_feats, info.pop("cv_scales", None),
+                                                  info["features"], split.train + split.val, run.cidx, refit_cfg,
+                                                  run.local_cancel)
         _set_head(model, head)
         with torch.no_grad():
             test_logits = head(torch.from_numpy(feats[n_tr + n_va:])).numpy()
@@ -837,6 +905,7 @@ def _summary(run: _Run, fitted: _Fitted, scores: _Scores, report: dict[str, Any]
         "dataset_fingerprint": run.ds.fingerprint,
         "dataset_version": run.ds.version or None,
         "feature_cache": info.get("feature_cache"),
+        **({"refit": info["refit"]} if info.get("refit") else {}),  # the recorded head: {reused, iterations}
         "features": info["features"].to_dict() if info.get("features") else None,
         "decoded_cache": {"hits": run.decoded.hits, "misses": run.decoded.misses},
         **run.rt.to_dict(),
@@ -910,12 +979,26 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
             last_check[1] = store.cancel_requested(run_id)
         return bool(last_check[1])
 
+    epochs: list[tuple[int, dict[str, Any]]] = []  # reported, not yet in the store
+
+    def flush_epochs() -> None:
+        store.add_epochs(run_id, epochs)
+        epochs.clear()
+
     def on_progress(e: dict[str, Any]) -> None:
+        # the epochs go to the store at most twice a second, together (a linear probe reports a few hundred
+        # solver rounds a second; a fine-tune's epoch, seconds apart, goes at once), and all of them before any
+        # other stage's report and before the run ends
         if e.get("stage") != "check":
             began[0] = True
-        if e.get("stage") == "epoch":
-            store.add_epoch(run_id, int(e["epoch"]), {k: v for k, v in e.items() if k not in ("stage", "epoch")})
         now = time.monotonic()
+        if e.get("stage") == "epoch":
+            epochs.append((int(e["epoch"]), {k: v for k, v in e.items() if k not in ("stage", "epoch")}))
+            if now - last_write[0] <= 0.5:
+                if progress:
+                    progress(e)
+                return
+        flush_epochs()
         if e.get("stage") in ("epoch", "evaluate", "check") or now - last_write[0] > 0.5:
             last_write[0] = now
             store.update(run_id, progress={**e, "time": time.time()})
@@ -923,6 +1006,8 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
             progress(e)
 
     def failed(status: str, msg: str, e: BaseException) -> TrainResult:
+        with contextlib.suppress(Exception):  # the curve so far stays with the failed run
+            flush_epochs()
         if raise_errors and created_here and not began[0] and isinstance(e, (DatasetError, ConfigError)):
             # the user's input error, found before any training: the raised error is the answer and no run is
             # recorded (a queued run of the app keeps its record: its task shows the message)
@@ -960,6 +1045,7 @@ def run_training(workspace: Workspace, data: str | os.PathLike, cfg: TrainConfig
             log.exception("run %s crashed", run_id)
             msg = f"Internal error: {type(e).__name__}: {e}"
         return failed("failed", msg, e)
+    flush_epochs()
     try:
         enforce_cache_limit(workspace.cache_dir)
     except OSError as e:  # maintenance must never fail a finished run
