@@ -133,3 +133,18 @@ def test_a_recorded_backbone_is_one_features_entry_counted_and_evicted_whole(tmp
     assert trunk.exists() and meta.exists() and not old.exists()
     assert enforce_cache_limit(cache, max_bytes=0) == 5050
     assert not trunk.exists() and not meta.exists()
+
+
+def test_a_refitted_head_is_a_recorded_choice_not_features(tmp_path):
+    # a warm re-train's recorded head (tl_core.runs.training._refit_once): a result recorded beside the features,
+    # counted and evicted with auto's other recorded choices
+    cache = tmp_path / "cache"
+    head = cache / "features" / "outoffold" / "refits" / "0123abcd.npy"
+    head.parent.mkdir(parents=True)
+    np.save(head, np.zeros((3, 5), np.float32))
+    size = head.stat().st_size
+    summary = cache_summary(cache)
+    assert summary["choices"] == {"entries": 1, "bytes": size}
+    assert summary["features"]["entries"] == 0
+    assert enforce_cache_limit(cache, max_bytes=0) == size
+    assert not head.exists()

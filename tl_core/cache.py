@@ -46,7 +46,7 @@ class CachedImage(Protocol):
 
 #: Every cache under ``cache/``, as :func:`cache_summary` counts them: decoded images and features (arrays), the
 #: results recorded beside the features (``auto``'s feature choice, cross-validated estimates, out-of-fold
-#: probabilities: ``features/**/*.json``), the ONNX feature engines (``engines/``) and the image checks
+#: probabilities: ``features/**/*.json``; the refitted linear heads: ``features/refits/*.npy``), the ONNX feature engines (``engines/``) and the image checks
 #: (``checked.sqlite``).
 CACHE_KINDS = ("decoded", "features", "choices", "engines", "checks")
 #: The backbones recorded for a warm linear run (:func:`tl_core.models.backbones.record_backbone`):
@@ -312,7 +312,9 @@ def _entries(cache_dir: Path) -> list[tuple[float, int, str, list[Path]]]:
         for f in d.rglob("*.*"):
             if f.parent.parent == records:
                 continue  # a backbone record: one entry of its own, below
-            kind = sub if f.suffix == ".npy" else "choices" if f.suffix == ".json" else None
+            # a recorded result is a choice: JSON, or a refitted head's array (``features/refits/<key>.npy``)
+            kind = ("choices" if f.suffix == ".json" or f.parent.name == "refits" else sub if f.suffix == ".npy"
+                    else None)
             st = _stat(f) if kind and not _writing(f) else None
             if st is not None:
                 out.append((st[0], st[1], kind, [f]))
