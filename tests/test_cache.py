@@ -148,3 +148,27 @@ def test_a_refitted_head_is_a_recorded_choice_not_features(tmp_path):
     assert summary["features"]["entries"] == 0
     assert enforce_cache_limit(cache, max_bytes=0) == size
     assert not head.exists()
+
+
+def test_a_feature_vector_reads_back_exactly_and_a_damaged_one_is_refused(tmp_path):
+    # FeatureCache.get reads what np.save wrote without parsing its header; anything else goes through np.load,
+    # and every vector is checked the same way (width, dtype, finite)
+    from tl_core.cache import FeatureCache
+
+    fc = FeatureCache(tmp_path, "k")
+    vec = np.random.default_rng(0).normal(size=40).astype(np.float32)
+    fc.put("a" * 64, vec)
+    got = fc.get("a" * 64, 40)
+    assert np.array_equal(got, vec) and got.flags.writeable
+    assert fc.get("a" * 64, 41) is None and not fc.has("a" * 64)  # another width: unusable, removed
+    fc.put("b" * 64, vec)
+    f = fc._file("b" * 64)
+    f.write_bytes(f.read_bytes()[:-4])  # truncated: the header says 40 values, 39 are there
+    assert fc.get("b" * 64, 40) is None and not f.exists()
+    bad = vec.copy()
+    bad[3] = np.nan
+    fc.put("c" * 64, bad)
+    assert fc.get("c" * 64, 40) is None
+    np.save(fc._file("d" * 64).parent.mkdir(parents=True, exist_ok=True) or fc._file("d" * 64), vec.astype(">f4"))
+    assert fc.get("d" * 64, 40) is None  # big-endian: not float32 as written by put
+    assert fc.get("e" * 64, 40) is None  # nothing recorded
