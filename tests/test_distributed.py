@@ -32,10 +32,7 @@ from tl_core.storage.processes import alive
 #: 2-process and 1-process fine-tunes differ in the order each rank sees the images (as any two seeds do);
 #: on 25 validation images they may differ by this much accuracy (4 images).
 DDP_TOLERANCE = 0.16
-#: The fine-tune compared: ``partial`` (the last 2 stages and the head), whose gradients DDP all-reduces as it does
-#: full's, and whose backward pass stops there (the early high-resolution stages' backward was most of full's time:
-#: this test ran ~60 s with ``full``). Full fine-tuning under DDP runs in the cancel and killed-rank tests below.
-FINE_TUNE = ["--strategy", "partial", "--epochs", "1", "--batch-size", "8", "--augment", "none"]
+FULL = ["--strategy", "full", "--epochs", "1", "--batch-size", "8", "--augment", "none"]
 
 
 def _data(root: Path, per_class: int = 25) -> Path:
@@ -164,9 +161,9 @@ def test_torchrun_failure_summary_names_the_rank_and_the_signal():
 @pytest.mark.slow
 def test_two_process_fine_tune_matches_one_process(tmp_path, ddp_data, capsys):
     home = tmp_path / "home"
-    a = _train_here(capsys, home, str(ddp_data), *FINE_TUNE)
+    a = _train_here(capsys, home, str(ddp_data), *FULL)
     t0 = time.monotonic()
-    two = _cli(home, "train", str(ddp_data), *FINE_TUNE, "--nproc", "2", "--json", "--quiet")
+    two = _cli(home, "train", str(ddp_data), *FULL, "--nproc", "2", "--json", "--quiet")
     took = time.monotonic() - t0
     assert two.returncode == 0, two.stderr[-3000:]
     b = json.loads(two.stdout)  # stdout is exactly one JSON document
@@ -179,7 +176,7 @@ def test_two_process_fine_tune_matches_one_process(tmp_path, ddp_data, capsys):
     history = RunFiles(b["run_dir"]).metrics().history
     assert [h["epoch"] for h in history] == [0, 1]  # the probe, then the epoch, recorded once (rank 0)
     assert _group_processes(home) == []
-    print(f"\n[ddp] partial fine-tune, 2 x gloo: val {b['val_accuracy']:.3f} vs 1 process {a['val_accuracy']:.3f}; "
+    print(f"\n[ddp] full fine-tune, 2 x gloo: val {b['val_accuracy']:.3f} vs 1 process {a['val_accuracy']:.3f}; "
           f"{took:.0f}s wall")
 
 
