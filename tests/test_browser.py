@@ -213,9 +213,9 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     shot(page, "03-backbone")
 
     # Train: auto (the default strategy), Start. Its time budget set to the least the form allows (10 s): auto runs
-    # its linear probe and skips the short fine-tune (estimated above what is left), as it does on a loaded machine
-    # with the default 2 minutes. With the default on an idle one it may try the fine-tune (up to ~100 s here) and
-    # still keep the probe: choosing between tries is auto's own logic (test_auto.py), not something a browser shows.
+    # its linear probe and skips the short fine-tune (estimated above what is left), as it mostly does with the
+    # default 2 minutes; with a warm cache and a fast recorded speed it could try it (minutes) and still keep the
+    # probe: choosing between tries is auto's own logic (test_auto.py), not something a browser shows.
     nav(page, "Train")
     expect(page.get_by_role("radio", name="Automatic (try and compare)")).to_be_checked()
     # Epochs are for fine-tuning: the linear probe's solver runs until it converges
