@@ -212,15 +212,19 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     assert page.get_by_role("combobox", name="Backbone for training").input_value().startswith("efficientnet_lite0")
     shot(page, "03-backbone")
 
-    # Train: auto (the default strategy; on 200 images within its 2-minute budget it keeps the linear probe), Start
+    # Train: auto (the default strategy), Start. Its time budget set to the least the form allows (10 s): auto runs
+    # its linear probe and skips the short fine-tune (estimated above what is left), as it mostly does with the
+    # default 2 minutes; with a warm cache and a fast recorded speed it could try it (minutes) and still keep the
+    # probe: choosing between tries is auto's own logic (test_auto.py), not something a browser shows.
     nav(page, "Train")
     expect(page.get_by_role("radio", name="Automatic (try and compare)")).to_be_checked()
     # Epochs are for fine-tuning: the linear probe's solver runs until it converges
     expect(page.get_by_role("spinbutton", name="Epochs")).to_be_disabled()
-    seed = page.get_by_role("spinbutton", name="Seed")
-    seed.fill("0")
-    seed.press("Enter")
-    settle(page)
+    for name, value in (("Seed", "0"), ("Time budget (seconds)", "10")):
+        box = page.get_by_role("spinbutton", name=name)
+        box.fill(value)
+        box.press("Enter")
+        settle(page)
     # Start comes right after the main settings: above the previews and the advanced settings
     start = start_button(page)
     advanced = page.get_by_test_id("stExpander").filter(has_text="Advanced")
@@ -286,7 +290,7 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     page.get_by_text(re.compile(r"^Took .+ from the click")).first.wait_for()
     with sqlite3.connect(home / "runs.sqlite") as db:
         assert db.execute("SELECT count(*), max(status) FROM tasks WHERE kind='audit'").fetchone() == (1, "done")
-    page.get_by_text("The domain gap is far").wait_for(timeout=60_000)
+    page.get_by_text("The domain gap is far").wait_for(timeout=180_000)  # its own task, after the map
     assert metric_value(page, "Leaks into validation") == "0"
     settle(page)
     scatter = page.locator(".js-plotly-plot").filter(has=page.locator(".scatterlayer .point")).first
@@ -317,6 +321,12 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     cells = [int(t) for t in table.locator("tbody td").all_inner_texts() if t.strip().isdigit()]
     metrics = json.loads((home / "runs" / run_id / "metrics.json").read_text())
     assert json.loads((home / "runs" / run_id / "config.json").read_text())["strategy"] == "linear"  # auto's kept try
+    # the budget typed in the form reached auto: the fine-tune was skipped for it, the probe kept
+    from tl_core.storage.workspace import Workspace
+
+    auto = Workspace(home).store().get(run_id)["summary"]["auto"]
+    assert auto["budget_s"] == 10 and auto["kept"] == "linear", auto
+    assert [t["status"] for t in auto["tried"] if t["strategy"] == "partial"] == ["skipped"], auto["tried"]
     assert len(cells) == 25
     assert sum(cells) == shown == val_count == metrics["val"]["count"]
     assert page.locator(".js-plotly-plot").count() >= 1

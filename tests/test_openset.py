@@ -148,6 +148,15 @@ def emoji_model(tmp_path_factory):
     return ws, Path(res.run_dir), held
 
 
+@pytest.fixture(scope="module")
+def run_on_fashion(emoji_model) -> tuple[float, list[dict]]:
+    """The emoji run's predictions on the 200 Fashion-MNIST test images (share flagged unknown, rows): made once for
+    the tests that check them and that compare a bundle's with them."""
+    from tl_core.share.loading import load_model
+
+    return _flagged(load_model(emoji_model[1]), [FASHION / "test"])
+
+
 def _flagged(tm, paths) -> tuple[float, list[dict]]:
     from tl_core.share.predict import predict_paths
 
@@ -159,7 +168,7 @@ def _flagged(tm, paths) -> tuple[float, list[dict]]:
 
 
 @pytest.mark.slow
-def test_an_emoji_model_flags_fashion_images_and_few_of_its_own(emoji_model):
+def test_an_emoji_model_flags_fashion_images_and_few_of_its_own(emoji_model, run_on_fashion):
     from tl_core.share.loading import load_model
 
     _, run_dir, held = emoji_model
@@ -176,7 +185,7 @@ def test_an_emoji_model_flags_fashion_images_and_few_of_its_own(emoji_model):
     assert rec["style"]["groups"] == [[0], [1]] and len(rec["style"]["thresholds"]) == 2
     assert len(rec["bank_paths"]) == len(rec["bank_labels"]) == 150 and not rec["bank_paths"][0].startswith("/")
     own, _ = _flagged(tm, [held])
-    fashion, rows = _flagged(tm, [FASHION / "test"])
+    fashion, rows = run_on_fashion
     assert own <= 0.15, own
     assert fashion >= 0.90, fashion
     # the closest class is still given, and the score is what decides
@@ -227,7 +236,7 @@ def test_features_come_from_the_same_forward_pass_as_the_logits(emoji_run_dir):
 
 
 @pytest.mark.slow
-def test_a_bundle_says_unknown_offline_in_a_fresh_workspace(emoji_model, tmp_path, monkeypatch):
+def test_a_bundle_says_unknown_offline_in_a_fresh_workspace(emoji_model, run_on_fashion, tmp_path, monkeypatch):
     from tl_core.share.export import export_run
     from tl_core.share.loading import load_model
 
@@ -241,7 +250,7 @@ def test_a_bundle_says_unknown_offline_in_a_fresh_workspace(emoji_model, tmp_pat
     tm = load_model(elsewhere / "emoji.zip")
     assert tm.open_set is not None
     fashion, rows = _flagged(tm, [FASHION / "test"])
-    _, run_rows = _flagged(load_model(run_dir), [FASHION / "test"])
+    _, run_rows = run_on_fashion
     assert fashion >= 0.90
     assert [r["unknown"] for r in rows] == [r["unknown"] for r in run_rows]
     assert np.allclose([r["ood_score"] for r in rows], [r["ood_score"] for r in run_rows], atol=1e-5)
