@@ -142,42 +142,14 @@ def _running_tasks_all(home: Path) -> int:
 #: line: wall-clock time, latency (inf: no answer), the server's CPU seconds so far, the 1-minute load average.
 #: With py-spy installed (a diagnostic, not a dependency: ``pip install py-spy``), an answer still missing after
 #: 0.4 s has the server's thread stacks dumped then (copied to a file in the temporary folder, named at the end).
-_PROBE = r"""
-import os, subprocess, sys, threading, time, urllib.request
-base, pid, out, spy = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-tck = os.sysconf("SC_CLK_TCK")
-def cpu():
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            x = f.read().rsplit(") ", 1)[1].split()
-        return (int(x[11]) + int(x[12])) / tck
-    except (OSError, IndexError):
-        return float("nan")
-def ask(box):
-    t0 = time.perf_counter()
-    try:
-        with urllib.request.urlopen(base + "/_stcore/health", timeout=30) as r:
-            r.read()
-        box.append(time.perf_counter() - t0)
-    except OSError:
-        box.append(float("inf"))
-with open(out, "w", buffering=1) as f, open(out + ".stacks", "w", buffering=1) as stacks:
-    while True:
-        t = time.time(); box = []
-        th = threading.Thread(target=ask, args=(box,), daemon=True); th.start(); th.join(0.4)
-        if th.is_alive() and spy:  # no answer yet: what are the server's threads doing?
-            dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True).stdout
-            stacks.write(f"=== {t:.3f} +{time.time() - t:.2f} s\n{dump}\n")
-        th.join()
-        f.write(f"{t:.3f} {box[0]:.4f} {cpu():.2f} {os.getloadavg()[0]:.2f}\n")
-        time.sleep(max(0.0, 0.5 - (time.time() - t)))
-"""
+#: A script of its own (``benchmarks/_health_probe.py``): it imports nothing of the benchmark's.
+_PROBE = Path(__file__).with_name("_health_probe.py")
 
 
 def _start_prober(base: str, pid: int, out: Path) -> subprocess.Popen:
     """Start :data:`_PROBE` on the server at ``base`` (process ``pid``), writing its samples to ``out``."""
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent)) or ""
-    return subprocess.Popen([sys.executable, "-c", _PROBE, base, str(pid), str(out), spy],
+    return subprocess.Popen([sys.executable, str(_PROBE), base, str(pid), str(out), spy],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
