@@ -53,9 +53,9 @@ from . import workers  # called through the module: tests and callers replace it
 from .kinds import kind_spec
 from .workers import prune
 
-__all__ = ["QueueFullError", "Task", "MAX_QUEUED", "CAPPED_LANES", "task_key", "submit", "find", "get", "result", "cancel",
-           "queue_position", "describe_wait", "submit_training", "cancel_run", "cancel_all", "submit_challenge_run", "delete_run",
-           "prune"]
+__all__ = ["QueueFullError", "Task", "MAX_QUEUED", "CAPPED_LANES", "task_key", "submit", "find", "get", "result",
+           "cancel", "queue_position", "describe_wait", "submit_training", "cancel_run", "cancel_all",
+           "submit_challenge_run", "delete_run", "prune"]
 
 log = logging.getLogger(__name__)
 
