@@ -45,21 +45,21 @@ app: venv
 # the rest (processes, browser, fine-tuning, slow); each test runs once, and either tier failing, or finding no
 # test (pytest's exit status 5), fails the target. Both runs share one fresh folder (TL_TEST_SESSION_DIR,
 # removed at the end): the rest reuses the fixture runs and the feature cache the fast tier built. TEST_PROCS=2
-# (the default) runs the rest in 2 pytest-xdist processes, a test file each at a time, the longest files first
+# (the default) runs both tiers in 2 pytest-xdist processes, a test file each at a time, the longest files first
 # (tests/conftest.py LONGEST_FIRST), each process on its own share of the cores (tests/conftest.py
-# pytest_configure); TEST_PROCS=0 runs it in one. The fast tier runs in one process: its time is two fixture
-# trainings that gain nothing side by side (2 processes: 114 s pinned, 125 s not, against 99 s in one).
+# pytest_configure); TEST_PROCS=0 runs them in one. The fast tier too, since its multi-label fixture moved to the
+# rest: most of its time is now ~500 short single-threaded tests (benchmarks/RESULTS.md, 2026-12-07 00:20).
 TEST_PROCS ?= 2
 XDIST = $(if $(filter-out 0,$(TEST_PROCS)),-n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder,)
 test: venv-test web-runtime
 	session=$$(mktemp -d "$${TMPDIR:-/tmp}/tl-test-session.XXXXXX") && trap 'rm -rf "$$session"' EXIT && \
 	export TL_TEST_SESSION_DIR="$$session" && \
-	$(PY) -m pytest -q -m fast_tier && \
+	$(PY) -m pytest -q -m fast_tier $(XDIST) && \
 	$(PY) -m pytest -q -m "not fast_tier" $(XDIST)
 
 # the fast tier alone: no process, server, browser or fine-tuning (tests/conftest.py fails a test that starts one)
 test-fast: venv-test web-runtime
-	$(PY) -m pytest -q -m fast_tier
+	$(PY) -m pytest -q -m fast_tier $(XDIST)
 
 bench: venv-test
 	$(PY) benchmarks/run.py

@@ -89,7 +89,8 @@ def test_the_class_password_gate_and_who_may_delete(class_server, browser):  # n
     # signing out forgets it: the next visit asks again
     page.get_by_role("button", name="Sign out").click()
     page.get_by_role("textbox", name="Class password").wait_for()
-    page.wait_for_timeout(1500)  # the frame that deletes the cookie runs
+    # the frame that deletes the cookie has run (the reload must not bring it along)
+    page.wait_for_function("() => !document.cookie.split('; ').some(c => c.startsWith('tl_access='))")
     page.reload()
     page.get_by_role("textbox", name="Class password").wait_for()
     page.close()

@@ -1,7 +1,7 @@
 """The data loop in a real browser (Chromium with its fake camera, driven by Playwright): take 3 pictures of each
 of 2 classes on the Data page, add a duplicate picture, train a linear probe on them, exclude the duplicate from
-the data check (one new version), restore the first version, and see the version on Runs & export. Screenshots
-go to ``test-artifacts/screenshots/`` (``11*``)."""
+the data check (one new version), restore the first version, and see the version on Runs & export. With
+``TL_TEST_SCREENSHOTS=1``, screenshots go to ``test-artifacts/screenshots/`` (``11*``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from test_browser import (  # noqa: F401  (the server fixture is used by name)
     CHROMIUM,
     CHROMIUM_ARGS,
     EMOJI,
+    SHOTS,
     TRAIN_TIMEOUT_MS,
     browser,
     metric_value,
@@ -181,7 +182,8 @@ def test_capture_train_fix_and_restore_in_a_real_browser(server, tmp_path):
         try:
             page.get_by_text(re.compile(r"Restored version \w+ of 'webcam'")).wait_for()
         except Exception:  # say what the page showed instead (a CI run failed here once, with no trace)
-            shot(page, "11d-restore-failed")
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SHOTS / "11d-restore-failed.png"), full_page=True)
             raise AssertionError(f"no 'Restored version' message; the page's messages: "
                                  f"{page.locator('[data-testid^=stAlertContent]').all_inner_texts()}") from None
         page.get_by_role("heading", name="Report: webcam").wait_for()

@@ -321,6 +321,7 @@ def test_auto_on_label_sets_keeps_the_probe_and_scores_it_by_exact_match(ml_run)
     assert lo <= exact <= hi
 
 
+@pytest.mark.slow  # its fixture trains the multi-label run (~10 s idle): built once, in the slow tier, for all of them
 def test_train_evaluate_predict_json(ml_run, capsys, tmp_path):
     ws, res, train_csv, test_csv = ml_run
     from tl_core.storage.files import RunFiles
