@@ -2,8 +2,9 @@
 
 - ``decoded/``: images decoded and resized once per (content, size, interpolation), as uint8 arrays;
 - ``features/``: pooled backbone features per (content, backbone, weights, preprocessing);
-- ``features/**/*.json``: results measured once on cached features (``auto``'s feature choice, the
-  cross-validated estimate, out-of-fold probabilities; tl_core.runs.training);
+- results measured once on cached features and recorded beside them (:func:`recorded`: ``auto``'s feature
+  choice, the cross-validated estimate, out-of-fold probabilities as ``.json``, the refitted linear heads as
+  ``.npy``; tl_core.runs.training): every file under ``features/`` that is not a cached vector;
 - ``engines/``: the ONNX feature engines and their verification records (tl_core.models.engines);
 - ``checked.sqlite``: each image's check result by content hash, and each file's content hash by
   (path, size, modification time), so that opening the same data again reads no image and hashes no file.
@@ -16,23 +17,25 @@ they come from; a damaged entry is rebuilt, never trusted. This module counts ev
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import json
 import logging
 import os
 import shutil
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from .data.images import center_box, file_sha256, load_image, resize_shorter
-from .fileio import writing_atomic
+from .fileio import write_json_atomic, writing_atomic
 from .settings import setting
 
-__all__ = ["DecodedImageCache", "ImageCheckCache", "FeatureCache", "cache_usage", "enforce_cache_limit",
+__all__ = ["DecodedImageCache", "ImageCheckCache", "FeatureCache", "recorded", "cache_usage", "enforce_cache_limit",
            "clear_cache", "cache_summary", "CACHE_KINDS"]
 
 log = logging.getLogger(__name__)
@@ -46,10 +49,10 @@ class CachedImage(Protocol):
     sha256: str
 
 
-#: Every cache under ``cache/``, as :func:`cache_summary` counts them: decoded images and features (arrays), the
-#: results recorded beside the features (``auto``'s feature choice, cross-validated estimates, out-of-fold
-#: probabilities: ``features/**/*.json``; the refitted linear heads: ``features/refits/*.npy``), the ONNX feature engines (``engines/``) and the image checks
-#: (``checked.sqlite``).
+#: Every cache under ``cache/``, as :func:`cache_summary` counts them: decoded images and features (arrays, one
+#: per image: ``<folder>/<sha[:2]>/<sha>.npy``), the results recorded beside the features (:func:`recorded`:
+#: ``auto``'s feature choice, cross-validated estimates, out-of-fold probabilities, refitted linear heads), the
+#: ONNX feature engines (``engines/``) and the image checks (``checked.sqlite``).
 CACHE_KINDS = ("decoded", "features", "choices", "engines", "checks")
 #: The backbones recorded for a warm linear run (:func:`tl_core.models.backbones.record_backbone`):
 #: ``features/<this>/<key>/`` holds ``trunk.safetensors`` and ``record.json``, one entry of the features cache.
@@ -232,6 +235,51 @@ class FeatureCache:
 
 
 
+def recorded(path: Path, compute: Callable[[], Any], check: Callable[[Any], None] | None = None) -> tuple[Any, bool]:
+    """A result measured once and recorded under the feature cache (cleared and evicted with it: least recently
+    used first), read back by every later call with the same ``path`` (a key of what the result depends on).
+
+    ``path`` ends in ``.json`` (a JSON-able result) or ``.npy`` (an array). A file that cannot be read, or that
+    ``check`` rejects (it raises ``ValueError``), is measured again with a warning; a result that cannot be
+    written (a read-only or full disk) is returned all the same, and measured again next time.
+
+    Args:
+        path: ``<cache>/features/.../<key>.json`` or ``.npy``.
+        compute: measures the result.
+        check: raises ``ValueError`` for a recorded result that is not usable (e.g. an array of the wrong shape).
+    Returns:
+        (the result, whether it was read back)
+    """
+    array = path.suffix == ".npy"
+    try:
+        out = np.load(path, allow_pickle=False) if array else json.loads(path.read_text())
+        if check is not None:
+            check(out)
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used now: evicted after the results used less recently
+        return out, True
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("recorded result %s is unusable (%s); measuring again", path, e)
+    out = compute()
+    try:
+        if array:
+            with writing_atomic(path, ".npy") as tmp:
+                np.save(tmp, out, allow_pickle=False)
+        else:
+            write_json_atomic(path, out, indent=None)
+    except OSError as e:
+        log.warning("could not record %s (%s)", path.name, e)
+    return out, False
+
+
+def _sharded(f: Path) -> bool:
+    """A cached vector's file (decoded image or features: ``<folder>/<sha[:2]>/<sha>.npy``, in a folder named by two
+    characters), not a recorded result (:func:`recorded`: ``<folder>/<name>/<key>``, a name longer than that)."""
+    return f.suffix == ".npy" and len(f.parent.name) == 2
+
+
 #: Bump when the loading rules change, so that old check results are not trusted.
 _CHECK_VERSION = 1
 
@@ -339,9 +387,8 @@ def _entries(cache_dir: Path) -> list[tuple[float, int, str, list[Path]]]:
         for f in d.rglob("*.*"):
             if f.parent.parent == records:
                 continue  # a backbone record: one entry of its own, below
-            # a recorded result is a choice: JSON, or a refitted head's array (``features/refits/<key>.npy``)
-            kind = ("choices" if f.suffix == ".json" or f.parent.name == "refits" else sub if f.suffix == ".npy"
-                    else None)
+            # a cached vector, or a recorded result (:func:`recorded`: counted and evicted as a choice)
+            kind = sub if _sharded(f) else "choices" if f.suffix in (".json", ".npy") else None
             st = _stat(f) if kind and not _writing(f) else None
             if st is not None:
                 out.append((st[0], st[1], kind, [f]))

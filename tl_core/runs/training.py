@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cache import DecodedImageCache, FeatureCache, enforce_cache_limit
+from ..cache import DecodedImageCache, FeatureCache, enforce_cache_limit, recorded
 from ..config import TrainConfig
 from ..data.intake import ImageItem
 from ..data.library import open_data
@@ -33,7 +33,6 @@ from ..data.versions import pin
 from ..data.report import dataset_report
 from ..data.splits import Split, split_dataset
 from ..errors import CancelledError, ConfigError, DatasetError, TLError
-from ..fileio import write_json_atomic, writing_atomic
 from ..models.openset import bank_indices, build_open_set
 from ..models.backbones import RecordedBackbone, build_model, check_backbone_name, record_backbone, recorded_backbone
 from ..models.catalogue import WeightsInfo
@@ -44,7 +43,7 @@ from ..models.distributed import stop as distributed_stop
 from ..models.feature_variants import (CANDIDATES, TIE_ORDER, FeatureChoice, apply_variant, block_scales,
                                        choose_features, extraction_variant, recorded_block_dims, recorded_extractor,
                                        RecordedProbe, wrap_trained)
-from ..models.features import (DEFAULT_STYLE, all_cached, extract_features, feature_key, read_cached, style_dims,
+from ..models.features import (DEFAULT_STYLE, extract_features, feature_key, read_cached, style_dims,
                                style_key, style_widths)
 from ..models.inference import logits_of_items
 from ..models.crossfit import cross_validated_accuracy, out_of_fold_probs
@@ -124,18 +123,26 @@ _MULTI_LABEL_FIELDS = ("multi_label", "micro_f1", "macro_f1", "mAP", "exact_matc
 def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], classes: list[str], pre: Preprocess,
                   decoded: DecodedImageCache, cfg: TrainConfig, workspace: Workspace, winfo: WeightsInfo,
                   emit: Progress, should_cancel: Callable[[], bool] | None, rt: Runtime,
-                  local_cancel: Callable[[], bool] | None = None, multi_label: bool = False
-                  ) -> tuple[np.ndarray, nn.Linear | None, dict[str, Any]]:
+                  local_cancel: Callable[[], bool] | None = None, multi_label: bool = False,
+                  read: tuple[Any, Any, int] | None = None) -> tuple[np.ndarray, nn.Linear | None, dict[str, Any]]:
     """Extract (cached) features of train+val(+test), shared out between the ranks under torchrun, and fit the
-    logistic-regression head on them, once (rank 0; the other ranks get None)."""
+    logistic-regression head on them, once (rank 0; the other ranks get None).
+
+    Args:
+        read: with a recorded backbone, what :func:`_recorded_if_cached` read back already ((features, widths,
+            cache hits) of :func:`_read_back`): the vectors are read once.
+    """
     cidx = {c: i for i, c in enumerate(classes)}
     strategy = STRATEGY_REGISTRY[cfg.strategy]
     cfg, variant, fcache, style, scache = _probe_caches(cfg, workspace, winfo, pre, multi_label)
     items = split.train + split.val + (test_items if strategy.probe_is_model else [])
     emit({"stage": "extract", "done": 0, "total": len(items)})
     t_ex = time.perf_counter()
-    if isinstance(model, RecordedBackbone):  # every vector cached (train_model checked): read back, no network
-        feats, ex = _read_back(model, variant, fcache, items, style, scache)
+    if isinstance(model, RecordedBackbone):  # every vector cached (train_model read them): no network
+        if read is not None:
+            feats, ex, fcache.hits = read
+        else:
+            feats, ex = _read_back(model, variant, fcache, items, style, scache)
         if feats is None:
             raise _NotCached()
     else:
@@ -292,27 +299,12 @@ def _record_key(settings: list[Any], arrays: list[np.ndarray]) -> str:
 
 def _recorded(cache_dir: Path, settings: list[Any], arrays: list[np.ndarray],
               compute: Callable[[], Any]) -> tuple[Any, bool]:
-    """``compute()`` (JSON-able), measured once per (settings, arrays): recorded as
-    ``<cache_dir>/<key>.json`` (under the feature cache: cleared with it) and read back by a later run of the same
-    inputs (the feature choice, the cross-validated estimate, out-of-fold probabilities). ``settings`` carry what
-    the result depends on besides the arrays, its own version included. Returns (the result, whether it was read
-    back)."""
-    f = cache_dir / f"{_record_key(settings, arrays)}.json"
-    try:
-        out = json.loads(f.read_text())
-        with contextlib.suppress(OSError):
-            os.utime(f)  # used now: the cache evicts least recently used first (tl_core.cache)
-        return out, True
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, TypeError) as e:
-        log.warning("recorded result %s is unusable (%s); measuring again", f, e)
-    out = compute()
-    try:
-        write_json_atomic(f, out, indent=None)
-    except OSError as e:  # a read-only or full disk: the next run measures again
-        log.warning("could not record %s (%s)", f.name, e)
-    return out, False
+    """``compute()`` (JSON-able), measured once per (settings, arrays): recorded as ``<cache_dir>/<key>.json``
+    (:func:`tl_core.cache.recorded`: under the feature cache, cleared and evicted with it) and read back by a later
+    run of the same inputs (the feature choice, the cross-validated estimate, out-of-fold probabilities).
+    ``settings`` carry what the result depends on besides the arrays, its own version included. Returns (the
+    result, whether it was read back)."""
+    return recorded(cache_dir / f"{_record_key(settings, arrays)}.json", compute)
 
 
 def _cross_validate_once(cache_dir: Path, feats: np.ndarray, items: list[ImageItem], cidx: dict[str, int],
@@ -367,28 +359,18 @@ def _refit_once(cache_dir: Path, labelled: np.ndarray, labelled_scales: np.ndarr
     y = np.array([cidx[items[i].label] for i in order], np.int64)
     cfg = dataclasses.replace(cfg, seed=0)
     f = cache_dir / f"{_record_key(['refit', _REFIT_VERSION, len(cidx), cfg.linear_c, cfg.class_balance], [x, y])}.npy"
-    wb, out = None, {"reused": False, "iterations": 0}
-    try:
-        wb = np.load(f, allow_pickle=False)
+    out = {"reused": False, "iterations": 0}
+
+    def fit() -> np.ndarray:
+        head, fitted = fit_linear_head(x, y, x[:0], y[:0], len(cidx), cfg, should_cancel=should_cancel)
+        out["iterations"] = fitted["iterations"]
+        return np.concatenate([head.weight.detach().numpy(), head.bias.detach().numpy()[:, None]], 1)
+
+    def check(wb: np.ndarray) -> None:
         if wb.shape != (len(cidx), x.shape[1] + 1) or wb.dtype != np.float32:
             raise ValueError(f"shape {wb.shape} {wb.dtype}")
-        out["reused"] = True
-        with contextlib.suppress(OSError):
-            os.utime(f)  # used now: the cache evicts least recently used first
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError) as e:
-        log.warning("recorded head %s is unusable (%s); fitting again", f, e)
-        wb = None
-    if wb is None:
-        head, fit = fit_linear_head(x, y, x[:0], y[:0], len(cidx), cfg, should_cancel=should_cancel)
-        wb = np.concatenate([head.weight.detach().numpy(), head.bias.detach().numpy()[:, None]], 1)
-        out["iterations"] = fit["iterations"]
-        try:
-            with writing_atomic(f, ".npy") as tmp:
-                np.save(tmp, wb, allow_pickle=False)
-        except OSError as e:  # a read-only or full disk: the next run fits again
-            log.warning("could not record %s (%s)", f.name, e)
+
+    wb, out["reused"] = recorded(f, fit, check)
     w = wb[:, :-1].astype(np.float64)
     if choice.variant == "depths" and labelled_scales is not None and len(choice.scales):
         a = x.shape[1] - sum(choice.block_dims)  # the last layer's columns come first, unscaled
@@ -448,10 +430,12 @@ def _open_set(bank_feats: np.ndarray, calibration_feats: np.ndarray | None, mode
 
 
 def _recorded_if_cached(cfg: TrainConfig, weights: str, workspace: Workspace, split: Split,
-                        test_items: list[ImageItem], multi_label: bool, rt: Runtime) -> RecordedBackbone | None:
-    """The backbone's record (:func:`~tl_core.models.backbones.recorded_backbone`) when this run (a frozen backbone's,
+                        test_items: list[ImageItem], multi_label: bool, rt: Runtime
+                        ) -> tuple[RecordedBackbone, tuple[Any, Any, int]] | None:
+    """The backbone's record (:func:`~tl_core.models.backbones.recorded_backbone`) and the probe's input read back
+    (:func:`_read_back`: features, widths, cache hits) when this run (a frozen backbone's,
     :attr:`Strategy.frozen_backbone`) is in one process and its every vector (features and style statistics) is
-    already cached, else None: the run then reads them back (:func:`_read_back`) and never builds the network."""
+    already cached, else None: the run then never builds the network, and reads each vector once."""
     if rt.distributed:
         return None
     rec = recorded_backbone(workspace.cache_dir, cfg.backbone, weights)
@@ -461,9 +445,9 @@ def _recorded_if_cached(cfg: TrainConfig, weights: str, workspace: Workspace, sp
     _, variant, fcache, style, scache = _probe_caches(cfg, workspace, rec.weights, pre, multi_label)
     if (variant == "depths" and not recorded_block_dims(fcache)) or not rec.feature_channels:
         return None
-    # a look (a stat per file): _linear_probe reads them (and builds the network after all if one went meanwhile)
-    caches = [fcache] + ([scache] if scache is not None else [])
-    return rec if all_cached(split.train + split.val + test_items, caches) else None
+    # read (and touched) now, once: _linear_probe takes them from here (one missing: the network is built)
+    feats, widths = _read_back(rec, variant, fcache, split.train + split.val + test_items, style, scache)
+    return None if feats is None else (rec, (feats, widths, fcache.hits))
 
 
 class _NotCached(Exception):
@@ -494,6 +478,7 @@ class _Run:
     pre: Preprocess
     decoded: DecodedImageCache
     history: list[dict[str, Any]] = field(default_factory=list)  # the per-epoch metrics written with the run
+    read: tuple[Any, Any, int] | None = None  # a recorded backbone's probe input, read back by _build
 
     @property
     def classes(self) -> list[str]:
@@ -555,7 +540,7 @@ def _probe(run: _Run, emit: Progress) -> tuple[np.ndarray, nn.Linear | None, dic
     try:
         return _linear_probe(run.model, run.split, run.test_items, run.classes, run.pre, run.decoded, run.cfg,
                              run.workspace, run.winfo, emit, run.should_cancel, run.rt, run.local_cancel,
-                             multi_label=run.multi)
+                             multi_label=run.multi, read=run.read)
     except _NotCached:
         run.model, _ = build_model(run.cfg.backbone, len(run.classes), weights=run.weights, seed=run.cfg.seed)
         return _linear_probe(run.model, run.split, run.test_items, run.classes, run.pre, run.decoded, run.cfg,
@@ -742,10 +727,10 @@ def train_model(data: str | os.PathLike, cfg: TrainConfig, workspace: Workspace,
     ds, split, test_items = _load_data(data, test_data, cfg, workspace, rt, emit)
     # -- build the model the strategy starts from
     weights = cfg.weights if strategy.pretrained else "random"
-    model, winfo, data_cfg = _build(strategy, cfg, weights, workspace, ds, split, test_items, rt)
+    model, winfo, data_cfg, read = _build(strategy, cfg, weights, workspace, ds, split, test_items, rt)
     run = _Run(cfg, strategy, workspace, rt, emit, should_cancel, local_cancel, ds, split, test_items, weights,
                model, winfo, data_cfg, Preprocess.from_data_config(data_cfg),
-               DecodedImageCache(workspace.cache_dir / "decoded"))
+               DecodedImageCache(workspace.cache_dir / "decoded"), read=read)
     # -- fit, per strategy (the ranks other than 0 of a distributed group stop here)
     fitted = strategy.fit(run)
     if fitted is None:
@@ -798,24 +783,27 @@ def _load_data(data: str | os.PathLike, test_data: str | os.PathLike | None, cfg
 
 
 def _build(strategy: Strategy, cfg: TrainConfig, weights: str, workspace: Workspace, ds: Any, split: Split,
-           test_items: list[ImageItem], rt: Runtime) -> tuple[Any, WeightsInfo, dict[str, Any]]:
-    """The model the strategy starts from, its weights' provenance and its data config.
+           test_items: list[ImageItem], rt: Runtime
+           ) -> tuple[Any, WeightsInfo, dict[str, Any], tuple[Any, Any, int] | None]:
+    """The model the strategy starts from, its weights' provenance, its data config, and a recorded backbone's
+    probe input (else None).
 
     A frozen backbone whose every vector is cached needs of its backbone only its tensors: read back from its
-    record (no timm import, no network built: ~3 s of CPU of a warm re-train on 2 cores); otherwise built, and
-    recorded for the next run.
+    record (no timm import, no network built: ~3 s of CPU of a warm re-train on 2 cores), with the vectors;
+    otherwise built, and recorded for the next run.
     """
-    model = _recorded_if_cached(cfg, weights, workspace, split, test_items, ds.multi_label, rt) \
+    found = _recorded_if_cached(cfg, weights, workspace, split, test_items, ds.multi_label, rt) \
         if strategy.frozen_backbone else None
-    if model is not None:
-        return model, model.weights, model.data_config
+    if found is not None:
+        model, read = found
+        return model, model.weights, model.data_config, read
     model, winfo = build_model(cfg.backbone, len(ds.classes), weights=weights, seed=cfg.seed)
     if winfo.source == "random" and strategy.pretrained:
         log.warning("training %s from random weights: the result will be poor", cfg.backbone)
     data_cfg = data_config_for(model)
     if strategy.frozen_backbone and winfo.source in ("packaged", "local"):
         record_backbone(workspace.cache_dir, cfg.backbone, weights, model, winfo, data_cfg)
-    return model, winfo, data_cfg
+    return model, winfo, data_cfg, None
 
 
 def _evaluate(run: _Run, fitted: _Fitted) -> _Scores:
