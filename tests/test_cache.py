@@ -4,12 +4,14 @@ them (least recently used first, across kinds) and clears them. Fast tier: small
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from tl_core.cache import CACHE_KINDS, ImageCheckCache, cache_summary, cache_usage, clear_cache, enforce_cache_limit
+from tl_core.cache import (CACHE_KINDS, ImageCheckCache, cache_summary, cache_usage, clear_cache, enforce_cache_limit,
+                           recorded)
 
 
 def _file(path: Path, n: int, used: float) -> Path:
@@ -172,3 +174,32 @@ def test_a_feature_vector_reads_back_exactly_and_a_damaged_one_is_refused(tmp_pa
     np.save(fc._file("d" * 64).parent.mkdir(parents=True, exist_ok=True) or fc._file("d" * 64), vec.astype(">f4"))
     assert fc.get("d" * 64, 40) is None  # big-endian: not float32 as written by put
     assert fc.get("e" * 64, 40) is None  # nothing recorded
+
+
+def test_a_recorded_result_is_json_or_an_array_read_back_and_checked(tmp_path, caplog):
+    calls = []
+    head = tmp_path / "features" / "somewhere" / "0123abcd.npy"
+    wb = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out, reused = recorded(head, lambda: calls.append(1) or wb)
+    again, reused2 = recorded(head, lambda: calls.append(1) or wb + 1)
+    assert (reused, reused2, calls) == (False, True, [1]) and np.array_equal(again, wb)
+
+    def wants_3x3(a):
+        if a.shape != (3, 3):
+            raise ValueError(f"shape {a.shape}")
+
+    with caplog.at_level(logging.WARNING):
+        fixed, reused3 = recorded(head, lambda: np.zeros((3, 3), np.float32), wants_3x3)
+    assert not reused3 and fixed.shape == (3, 3) and "unusable" in caplog.text
+    assert recorded(head, lambda: None, wants_3x3)[1]  # what was measured again is recorded
+    choice = tmp_path / "features" / "k" / "choices" / "c.json"
+    assert recorded(choice, lambda: {"v": 1}) == ({"v": 1}, False)
+    assert recorded(choice, lambda: {"v": 2}) == ({"v": 1}, True)
+    # counted and evicted as recorded choices wherever they lie; a cached vector (sharded by its hash) is features
+    vec = tmp_path / "features" / "k" / "ab" / ("ab" + "0" * 62 + ".npy")
+    vec.parent.mkdir(parents=True)
+    np.save(vec, np.zeros(4, np.float32))
+    summary = cache_summary(tmp_path)
+    assert summary["choices"]["entries"] == 2 and summary["features"]["entries"] == 1
+    enforce_cache_limit(tmp_path, max_bytes=0)
+    assert not head.exists() and not choice.exists() and not vec.exists()

@@ -175,17 +175,6 @@ class FeatureCache:
     def _file(self, sha: str) -> Path:
         return self.dir / sha[:2] / f"{sha}.npy"
 
-    def has(self, sha: str | None) -> bool:
-        """Whether an entry exists for an image (a look at the file, not read, not counted, not touched).
-
-        Args:
-            sha: the image's content hash (an empty one is never cached).
-
-        Returns:
-            True when ``get(sha)`` would find a file (it may still reject an unusable one).
-        """
-        return bool(sha) and self._file(sha).exists()
-
     def get(self, sha: str, dim: int | None = None) -> np.ndarray | None:
         """The vector recorded for an image, or None (none recorded; an unusable file is removed and logged).
 

@@ -31,7 +31,7 @@ from .preprocess import Preprocess
 
 __all__ = ["feature_key", "extract_features", "pooled_features", "engine_cache_dir", "StyleSpec", "DEFAULT_STYLE",
            "pooled_and_style", "style_dims", "style_widths", "WithStyle", "style_key",
-           "read_cached", "all_cached"]
+           "read_cached"]
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +198,6 @@ def engine_cache_dir(cache: FeatureCache | None, decoded: DecodedImageCache | No
     if decoded is not None and decoded.dir is not None:
         return Path(decoded.dir).parent
     return None
-
-
-def all_cached(items: Sequence[ImageItem], caches: Sequence[FeatureCache]) -> bool:
-    """Whether every item has an entry in every cache (a look at the files, none read)."""
-    return all(c.has(item.sha256) for item in items for c in caches)
 
 
 def read_cached(items: Sequence[ImageItem], cache: FeatureCache, dim: int, style_cache: FeatureCache | None = None,
