@@ -1,7 +1,7 @@
 """End to end, as a new user types it: ``tl-core train`` then ``tl-core evaluate`` against the classic recipe (issues 16, 24).
 
     .venv/bin/python benchmarks/end_to_end.py [--sets digits,emoji,photos] [--repeat 1] [--strategy linear]
-        [--warm 5] [--no-write]
+        [--warm 5] [--no-write] [--baseline DIR]
 
 Data (each ``train/`` + ``test/``; built in a temporary folder from packaged sources):
 
@@ -29,7 +29,10 @@ Each step is timed as wall clock from outside, process start and imports include
 
 Before timing, one ``import torch, timm`` process warms the OS file cache for both sides. The commands run
 ``python -m tl_core.cli`` with this checkout first on ``PYTHONPATH``. With ``--repeat N`` each side runs N times
-per set (interleaved, fresh workspace each time) and the best is kept. Each row also gives the process's CPU
+per set (interleaved, fresh workspace each time) and the best is kept. ``--baseline DIR`` (another checkout, e.g.
+``git archive main | tar -x -C DIR``) measures its ``tl-core`` too, in every try beside this checkout's and the
+classic recipe's, in alternating order (before/after in the same window); the table then gives each side's median
+over the tries, the ratios taken try by try. Each row also gives the process's CPU
 seconds (user + system): on a shared machine they move less with the load than the wall clock does. Prints a table
 and prepends it to benchmarks/RESULTS.md with the date, machine and load average (at the start and the end: the
 build machine is shared with other sessions, so wall-clock ratios measured in the same run are what to compare).
@@ -58,11 +61,11 @@ from _results import cpu_name, markdown_table, prepend  # noqa: E402
 from recipes import digits_subset, emoji_subset  # noqa: E402
 
 
-def _env(home: Path) -> dict[str, str]:
-    """The children's environment: a fresh workspace ``home`` and no shared cache."""
+def _env(home: Path, code: Path = ROOT) -> dict[str, str]:
+    """The children's environment: a fresh workspace ``home``, no shared cache, ``code``'s tl_core first."""
     env = {k: v for k, v in os.environ.items() if k != "TL_CACHE_DIR"}
     env["TL_HOME"] = str(home)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(code) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
@@ -94,12 +97,12 @@ SETS = {"digits": ("scikit-learn digits, 64 px PNG", lambda d: digits_subset(d, 
 CPU: dict[str, float] = {}  # CPU seconds (user + system) of the last process timed, by label
 
 
-def _timed(cmd: list[str], env: dict[str, str], label: str = "") -> tuple[float, str]:
+def _timed(cmd: list[str], env: dict[str, str], label: str = "", cwd: Path = ROOT) -> tuple[float, str]:
     """(wall seconds, stdout) of one process; its CPU seconds go to ``CPU[label]``. A failure stops the benchmark
     with its stderr."""
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     CPU[label] = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
@@ -108,19 +111,22 @@ def _timed(cmd: list[str], env: dict[str, str], label: str = "") -> tuple[float,
     return wall, p.stdout
 
 
-def ours(train: Path, test: Path, home: Path, strategy: str = "linear", warm_n: int = 1) -> dict[str, Any]:
+def ours(train: Path, test: Path, home: Path, strategy: str = "linear", warm_n: int = 1,
+         code: Path = ROOT) -> dict[str, Any]:
     """tl-core train then tl-core evaluate (two processes), then ``warm_n`` warm re-trains with other seeds, in
-    the fresh workspace ``home`` (``warm``/``warm_inside``: the medians; ``warm_all``: every wall time)."""
-    env = _env(home)
+    the fresh workspace ``home`` with ``code``'s tl_core (``warm``/``warm_inside``: the medians; ``warm_all``:
+    every wall time)."""
+    env = _env(home, code)
     cli = [sys.executable, "-m", "tl_core.cli"]
-    t_train, out = _timed(cli + ["train", str(train), "--strategy", strategy, "--json", "--quiet"], env, "train")
+    t_train, out = _timed(cli + ["train", str(train), "--strategy", strategy, "--json", "--quiet"], env, "train",
+                          code)
     res = json.loads(out)
-    t_eval, out = _timed(cli + ["evaluate", res["run_id"], "--data", str(test), "--json"], env, "evaluate")
+    t_eval, out = _timed(cli + ["evaluate", res["run_id"], "--data", str(test), "--json"], env, "evaluate", code)
     ev = json.loads(out)
     walls, insides, cpus = [], [], []
     for seed in range(1, max(1, warm_n) + 1):
         t, out = _timed(cli + ["train", str(train), "--strategy", strategy, "--seed", str(seed), "--json",
-                               "--quiet"], env, "warm")
+                               "--quiet"], env, "warm", code)
         walls.append(t)
         insides.append(json.loads(out)["seconds"])
         cpus.append(CPU["warm"])
@@ -149,6 +155,49 @@ def _count(d: Path) -> int:
     return sum(1 for f in d.glob("*/*") if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
 
 
+def compare(names: list[str], baseline: Path, repeat: int, strategy: str, warm_n: int, tmp: Path
+            ) -> tuple[str, list[str]]:
+    """Each try: the classic recipe, then this checkout's and ``baseline``'s ``tl-core`` (alternating which goes
+    first), each in a fresh workspace. Returns (a markdown table of every try, the summary lines: medians, the
+    ratios to the classic recipe taken within each try)."""
+    rows, summary = [], []
+    for name in names:
+        root = SETS[name][1](tmp / name)
+        tries: dict[str, list[dict[str, float]]] = {"this": [], "baseline": []}
+        for k in range(repeat):
+            c_wall, _, c_cpu = classic(root, tmp / f"classic-home-{name}{k}")
+            sides = [("this", ROOT), ("baseline", baseline)]
+            for side, code in (sides if k % 2 == 0 else sides[::-1]):
+                o = ours(root / "train", root / "test", tmp / f"home-{name}-{side}{k}", strategy, warm_n, code)
+                cpu = o["cpu"]["train"] + o["cpu"]["evaluate"]
+                t = {"try": k + 1, "train": o["train"], "evaluate": o["evaluate"], "total": o["train"] + o["evaluate"],
+                     "cpu": cpu, "classic": c_wall, "classic_cpu": c_cpu, "ratio": (o["train"] + o["evaluate"]) / c_wall,
+                     "cpu_ratio": cpu / c_cpu, "warm": o["warm"], "warm_all": o["warm_all"], "warm_cpu": o["cpu"]["warm"],
+                     "accuracy": o["accuracy"], "load": os.getloadavg()[0]}
+                tries[side].append(t)
+                print(json.dumps({"set": name, "side": side, **t}), file=sys.stderr, flush=True)
+                rows.append((name, k + 1, side, f"{t['train']:.1f} + {t['evaluate']:.1f} = {t['total']:.1f} s",
+                             f"{cpu:.1f} s", f"{c_wall:.1f} s ({c_cpu:.1f} s CPU)", f"{t['ratio']:.2f}x",
+                             f"{t['cpu_ratio']:.2f}x", f"{t['warm']:.2f} s ({t['warm_cpu']:.1f} s CPU)",
+                             f"{t['accuracy']:.3f}", f"{t['load']:.1f}"))
+        for side in ("this", "baseline"):
+            ts = tries[side]
+            med = lambda key: statistics.median(t[key] for t in ts)  # noqa: E731
+            warm = [w for t in ts for w in t["warm_all"]]
+            summary.append(f"{name}, {side} ({'this checkout' if side == 'this' else baseline}), n = {len(ts)}: "
+                           f"train + evaluate {med('total'):.1f} s wall (range {min(t['total'] for t in ts):.1f}-"
+                           f"{max(t['total'] for t in ts):.1f}), {med('cpu'):.1f} s CPU; **{med('ratio'):.2f}x the "
+                           f"classic recipe's wall** (range {min(t['ratio'] for t in ts):.2f}-"
+                           f"{max(t['ratio'] for t in ts):.2f}), CPU {med('cpu_ratio'):.2f}x; warm re-train "
+                           f"**{statistics.median(warm):.2f} s** median of {len(warm)} (range {min(warm):.2f}-"
+                           f"{max(warm):.2f}), {med('warm_cpu'):.1f} s CPU")
+            print(summary[-1], file=sys.stderr, flush=True)
+    table = markdown_table(("data", "try", "tl_core", "ours: train + evaluate (wall)", "ours: CPU",
+                            "classic recipe (same try)", "wall ratio", "CPU ratio", "warm re-train (median)",
+                            "held-out accuracy", "load average"), rows)
+    return table, summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sets", default="digits,emoji,photos", help=f"comma-separated, of {', '.join(SETS)}")
@@ -157,6 +206,8 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=1, help="warm re-trains per set (new seed each; the median is kept)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--label", default="", help="a note for the RESULTS.md heading (e.g. before a change)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another checkout whose tl-core is measured too, alternating with this one in every try")
     args = ap.parse_args()
     names = args.sets.split(",")
     unknown = [n for n in names if n not in SETS]
@@ -168,6 +219,22 @@ def main() -> None:
               "the fresh cache of its own TL_HOME)", file=sys.stderr)
     load0 = os.getloadavg()
     rows, summary = [], []
+    if args.baseline is not None:
+        with tempfile.TemporaryDirectory(prefix="tl-e2e-") as tmp:
+            subprocess.run([sys.executable, "-c", "import torch, timm, sklearn"], check=True)  # warm the file cache
+            table, summary = compare(names, args.baseline.resolve(), args.repeat, args.strategy, args.warm, Path(tmp))
+        load1 = os.getloadavg()
+        table += ("\n\n" + "\n".join(f"- {line}" for line in summary) + f"\n\nLoad average (1, 5, 15 min) at the start "
+                  f"{load0[0]:.1f}, {load0[1]:.1f}, {load0[2]:.1f}; at the end {load1[0]:.1f}, {load1[1]:.1f}, "
+                  f"{load1[2]:.1f}. Targets (issue 24, on an idle machine): train + evaluate <= 0.8x the classic "
+                  "recipe's wall, a warm re-train with a new seed <= 3.5 s.")
+        print(table)
+        if not args.no_write:
+            head = (f"## End to end, this checkout against {args.baseline} (`benchmarks/end_to_end.py --baseline`) — "
+                    f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {cpu_name()}, {os.cpu_count()} cores, "
+                    f"strategy {args.strategy}, {args.repeat} tries" + (f" — {args.label}" if args.label else ""))
+            print(f"prepended to {prepend(head, table)}")
+        return
     with tempfile.TemporaryDirectory(prefix="tl-e2e-") as tmp:
         subprocess.run([sys.executable, "-c", "import torch, timm, sklearn"], check=True)  # warm the file cache
         for name in names:
