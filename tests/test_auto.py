@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -98,7 +100,7 @@ def test_auto_skips_tries_that_do_not_fit_the_budget_and_says_so(workspace):
 
 
 def _fake_tries(tmp_path, monkeypatch, cv: dict[str, float], per_image_s: float, budget: float,
-                backbone: str = "efficientnet_lite0", fine_tune_right: int = 108):
+                backbone: str = "efficientnet_lite0", fine_tune_right: int = 108, runtime=None):
     """Run ``train_auto`` with a stand-in for ``train_model`` (no network, no images): each try writes a run folder
     that names it and returns the summary a 600-image, 10-class linear or partial run returns; each backbone's
     probe scores ``cv[backbone]`` by cross-validation, and 108 of its 120 validation images right (the fine-tune:
@@ -128,7 +130,7 @@ def _fake_tries(tmp_path, monkeypatch, cv: dict[str, float], per_image_s: float,
     run_dir = tmp_path / "runs" / "r1"
     run_dir.parent.mkdir(parents=True)
     out = auto_mod.train_auto(train_model, "data", TrainConfig(time_budget=budget, backbone=backbone).resolved(), None,
-                              run_dir)
+                              run_dir, runtime=runtime)
     return out, calls, (run_dir / "which").read_text()
 
 
@@ -202,6 +204,30 @@ def test_a_tie_between_probes_keeps_the_cheaper_backbone(tmp_path, monkeypatch):
     assert lite2["status"] == "not kept"
     assert lite2["why"] == "not kept: the same cross-validated score as the kept probe, from a costlier backbone"
     assert "costlier" not in rows[("linear", "efficientnet_lite1")]["why"]  # 0.90: simply lower
+
+
+def test_under_torchrun_every_rank_runs_the_tries_rank_0_announces(tmp_path, monkeypatch):
+    """Rank 0 decides each try (by its clock and its scores) and announces it, then the end; another rank runs
+    exactly those tries, in that order, writing nothing, and returns. (It used to return after the first probe: a
+    fine-tune rank 0 found room for then failed with "Connection closed by peer", seen in CI on 2026-12-07.)"""
+    import tl_core.runs.auto as auto_mod
+
+    said = []  # what rank 0 announced (gather's first element is rank 0's object on every rank)
+    monkeypatch.setattr(auto_mod, "gather", lambda rt, obj: (said.append(obj), [obj, None])[1])
+    cv = {"efficientnet_lite0": 0.90, "efficientnet_lite1": 0.95, "efficientnet_lite2": 0.93}
+    out, calls, _ = _fake_tries(tmp_path / "rank0", monkeypatch, cv, 0.001, 600.0,
+                                runtime=SimpleNamespace(distributed=True, is_main=True))
+    assert out["auto"]["backbone"] == "efficientnet_lite1" and len(calls) == 4  # three probes and a fine-tune
+    assert [(c.strategy, c.backbone) for c in said[:-1]] == calls and said[-1] is None
+    heard = iter(said)
+    monkeypatch.setattr(auto_mod, "gather", lambda rt, obj: [next(heard), obj])
+    followed = []
+    got = auto_mod.train_auto(lambda data, cfg, ws, run_dir, *rest: followed.append((cfg.strategy, cfg.backbone,
+                                                                                    str(run_dir))),
+                              "data", TrainConfig(time_budget=600.0).resolved(), None, tmp_path / "rank1" / "r1",
+                              runtime=SimpleNamespace(distributed=True, is_main=False))
+    assert got is None and [f[:2] for f in followed] == calls and {f[2] for f in followed} == {os.devnull}
+    assert next(heard, "all heard") == "all heard" and not (tmp_path / "rank1").exists()
 
 
 def test_a_kept_fine_tune_says_why_each_probe_was_not_kept(tmp_path, monkeypatch):

@@ -21,6 +21,11 @@ The budget is ``TrainConfig.time_budget`` (``--time-budget``; default :data:`~tl
 A try whose estimate exceeds what is left is not run and is listed as skipped with the estimate ("skipped
 partial fine-tune: estimated 6 min 10 s > 1 min 48 s left").
 
+Under torchrun rank 0 decides alone (its clock and its scores) and announces each try before it runs it, and the
+end; the other ranks run what it announces (:func:`_follow`), so every rank takes part in the same tries' collectives.
+(Before, the other ranks returned after the first probe, and a fine-tune that rank 0 found room for failed with
+"Connection closed by peer".)
+
 The run directory then holds the kept model exactly as a run of that strategy writes it (its ``config.json``
 says which); the summary adds ``auto``: every try (run or skipped) with its score, interval, time, estimate and
 why it was kept or not, and the sentence of why (e.g. "Fine-tuning gained +0.4 ± 2.1 points on the 40
@@ -43,6 +48,7 @@ import numpy as np
 from ..config import TrainConfig, fields_for_strategy
 from ..fileio import write_json_atomic
 from ..metrics import wilson_interval
+from ..models.distributed import gather
 from ..models.multilabel import label_matrix, predict_sets, sigmoid
 from ..models.training import Progress
 from ..share.progress import duration_text
@@ -229,6 +235,23 @@ class _Clock:
         return _catalogue_seconds_per_image(backbone)
 
 
+def _announce(runtime: Any, what: TrainConfig | None) -> TrainConfig | None:
+    """Rank 0's ``what`` (the next try's config, or None: no more) on every rank of a torchrun group; in one
+    process, ``what`` itself."""
+    if runtime is None or not runtime.distributed:
+        return what
+    return gather(runtime, what)[0]
+
+
+def _follow(train_model: Callable[..., dict[str, Any] | None], data: str | os.PathLike, workspace: Any,
+            should_cancel: Callable[[], bool] | None, test_data: str | os.PathLike | None, runtime: Any) -> None:
+    """A rank other than 0 of a torchrun group: run each try rank 0 announces (each writes nothing there), until it
+    announces the end."""
+    while (try_cfg := _announce(runtime, None)) is not None:
+        train_model(data, try_cfg, workspace, Path(os.devnull), None, should_cancel, test_data, runtime)
+    return None
+
+
 def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os.PathLike, cfg: TrainConfig,
                workspace: Any, run_dir: Path,
                progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
@@ -248,6 +271,13 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
     budget = float(cfg.time_budget if budget_s is None else budget_s)
     t0 = time.perf_counter()
     base = dataclasses.replace(cfg, **dict.fromkeys(SETTINGS_AUTO_CHOOSES))  # each try's strategy defaults
+    if runtime is not None and runtime.distributed and not runtime.is_main:
+        return _follow(train_model, data, workspace, should_cancel, test_data, runtime)
+
+    def run_try(try_cfg: TrainConfig, folder: str, label: str) -> dict[str, Any] | None:
+        _announce(runtime, try_cfg)  # the other ranks of a torchrun group run it too
+        return train_model(data, try_cfg, workspace, staging / folder, quiet(label, folder), should_cancel, test_data,
+                           runtime)
 
     def left() -> float:
         return budget - (time.perf_counter() - t0)
@@ -275,8 +305,7 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
         emit({"stage": "check", "message": "auto: trying the linear probe (features chosen by cross-validation)"})
         lin_cfg = dataclasses.replace(base, strategy="linear")  # features as asked (default auto)
         t = time.perf_counter()
-        lin = train_model(data, lin_cfg, workspace, staging / "linear", quiet("linear probe", "linear"), should_cancel,
-                          test_data, runtime)
+        lin = run_try(lin_cfg, "linear", "linear probe")
         if lin is None:
             return None
         lin_s = time.perf_counter() - t
@@ -321,8 +350,7 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
                 continue
             emit({"stage": "check", "message": f"auto: trying {name} (~{duration_text(estimate)})"})
             t = time.perf_counter()
-            other = train_model(data, dataclasses.replace(lin_cfg, backbone=b), workspace, staging / b,
-                                quiet(f"{b} probe", b), should_cancel, test_data, runtime)
+            other = run_try(dataclasses.replace(lin_cfg, backbone=b), b, f"{b} probe")
             other_s = time.perf_counter() - t
             clock.observe(b, other, other_s, n_items)
             row = {**_tried("linear", b, other, other_s, _val_correct(staging / b)), "estimated_s": round(estimate, 1)}
@@ -376,8 +404,7 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
                 emit({"stage": "check",
                       "message": f"auto: trying a short partial fine-tune (~{duration_text(estimate)})"})
                 t = time.perf_counter()
-                part = train_model(data, part_cfg, workspace, staging / "partial", quiet("partial fine-tune", "partial"),
-                                   should_cancel, test_data, runtime)
+                part = run_try(part_cfg, "partial", "partial fine-tune")
                 part_s = time.perf_counter() - t
                 part_correct = _val_correct(staging / "partial")
                 tried.append({**_tried("partial", kept_backbone, part, part_s, part_correct),
@@ -411,6 +438,7 @@ def train_auto(train_model: Callable[..., dict[str, Any] | None], data: str | os
                 row["why"] = (f"not kept: the same cross-validated score as {than}, from a costlier backbone"
                               if row["score"] == best_probe["score"] else
                               f"not kept: a lower cross-validated score than {than}")
+        _announce(runtime, None)  # no more tries: the other ranks of a torchrun group return
         reason = " ".join(notes + [reason])
         RunFiles.discard([run_dir])
         os.replace(staging / kept_dir, run_dir)
