@@ -23,13 +23,20 @@ from torch import nn
 from ..cache import DecodedImageCache, FeatureCache
 from ..data.intake import ImageItem
 from ..errors import CancelledError
+from ..settings import setting
 from .devices import Runtime
 from .feature_variants import VariantModel, apply_variant
 from .features import StyleSpec, extract_features, pooled_and_style, pooled_features, style_dims
+from .folding import folded
 from .pipeline import batched, eval_batches
 from .preprocess import Preprocess
 
 __all__ = ["logits_of_items", "logits_of_images", "CachedFeatures", "logits_via_cache"]
+
+#: :func:`logits_of_items` runs a batch-norm-folded copy of the model (:mod:`.folding`) for this many images or more:
+#: a copy costs a deep copy and a small check pass, made again after every change of the weights (a fine-tune's
+#: epoch); a 32-image forward pass saves far more (Lite0: ~1 s of ~3 s on the 2-core machine)
+FOLD_MIN_IMAGES = 32
 
 
 def _forward(model: nn.Module, x: torch.Tensor, rt: Runtime, with_features: bool = False,
@@ -82,12 +89,17 @@ def logits_of_items(model: nn.Module, items: Sequence[ImageItem], pre: Preproces
     rt = runtime or Runtime.cpu()
     model.eval().to(rt.device)
     spec, sdims = _style_of(model, style if with_features else None)
+    run = model
+    if len(items) >= FOLD_MIN_IMAGES and setting("TL_FOLD_BN"):  # batch norms folded (tl_core.models.folding)
+        with torch.inference_mode(False):
+            copy_ = folded(model)
+        run = copy_ if copy_ is not None else model
     out = []
     with contextlib.closing(eval_batches(items, batched(range(len(items)), batch_size), pre, decoded)) as feed:
         for _, x in feed:  # the next batch decodes while this one runs
             if should_cancel and should_cancel():
                 raise CancelledError("Cancelled during evaluation.")
-            o = _forward(model, x, rt, with_features, spec)
+            o = _forward(run, x, rt, with_features, spec)
             out.append(o if spec is not None or style is None or not with_features else (*o, None))
     return _stack(out, model, with_features, style if with_features else None, sdims)
 
