@@ -274,6 +274,8 @@ def test_the_pytorch_engine_leaves_the_model_trainable(setup, monkeypatch):
     _, pre, items, _, _ = setup
     model, _ = build_model("efficientnet_lite0", 5)
     monkeypatch.setenv("TL_ENGINE", "torch")
+    # the engine converting the network itself (a batch-norm-folded copy leaves it untouched: test_folding.py)
+    monkeypatch.setenv("TL_FOLD_BN", "off")
     extract_features(model, items[:4], pre, DecodedImageCache(None))
     assert model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)  # it did convert
     assert not [n for n, p in model.named_parameters() if p.is_inference()]

@@ -27,10 +27,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["folded_copy", "folded", "FOLD_TOLERANCE"]
+__all__ = ["folded_copy", "folded", "FOLD_TOLERANCE", "FOLD_CHECK_SIZE"]
 
 log = logging.getLogger(__name__)
 
+#: the side of the random image the copy is compared with the original on (a network of one fixed input size gets
+#: an image of that size instead)
+FOLD_CHECK_SIZE = 64
 #: the largest max-abs difference, relative to the output's largest value (at least 1), the copy may show
 FOLD_TOLERANCE = 1e-4
 
@@ -89,7 +92,8 @@ def folded_copy(model: nn.Module, forward: Callable[[nn.Module, torch.Tensor], t
     Args:
         model: the frozen network (left unchanged; the copy is in eval mode, without gradients).
         forward: what the copy is used for, ``forward(module, x) -> tensor`` (default: ``module(x)``).
-        check: an input to compare the copy with the original on (default: one 64x64 random image, then one of the
+        check: an input to compare the copy with the original on (default: one random image of
+            :data:`FOLD_CHECK_SIZE` pixels a side, then one of the
             model's ``default_cfg`` input size if that fails).
     Returns:
         the folded copy, or None when nothing could be folded or the copy's output on ``check`` differs from the
@@ -110,7 +114,7 @@ def folded_copy(model: nn.Module, forward: Callable[[nn.Module, torch.Tensor], t
             if check is None:
                 gen = torch.Generator().manual_seed(0)
                 device = next(model.parameters()).device
-                check = torch.randn(1, 3, 64, 64, generator=gen).to(device)
+                check = torch.randn(1, 3, FOLD_CHECK_SIZE, FOLD_CHECK_SIZE, generator=gen).to(device)
                 try:
                     ref = run(model, check)
                 except Exception:  # a network of one fixed input size
