@@ -149,12 +149,14 @@ class VariantModel(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def extraction_variant(cfg: TrainConfig) -> str:
-    """The features extracted (and cached) for ``cfg``: ``auto`` extracts ``depths`` (whose first columns are the
-    last layer's); partial/full keep the last layer for their probe start."""
-    if cfg.strategy != "linear":
+def extraction_variant(features: str, chooses_features: bool) -> str:
+    """The features extracted (and cached) for a run asking for ``features``: a probe that is the run's model
+    (``chooses_features``, the strategy registry's flag) extracts what it asked for, ``auto`` as ``depths`` (whose
+    first columns are the last layer's); a probe that only starts a fine-tune sees the last layer (the network's own
+    head does)."""
+    if not chooses_features:
         return "last"
-    return "depths" if cfg.features == "auto" else cfg.features
+    return "depths" if features == "auto" else features
 
 
 def extractor(model: nn.Module, variant: str, block_dims: list[int] | None = None) -> nn.Module:

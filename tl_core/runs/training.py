@@ -129,8 +129,9 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     logistic-regression head on them, once (rank 0; the other ranks get None).
 
     Args:
-        read: with a recorded backbone, what :func:`_recorded_if_cached` read back already ((features, widths,
-            cache hits) of :func:`_read_back`): the vectors are read once.
+        read: with a recorded backbone (``model``), what :func:`_recorded_if_cached` read back ((features,
+            widths, cache hits) of :func:`_read_back`): the vectors are read once, before the run commits to no
+            network, so none can go missing after.
     """
     cidx = {c: i for i, c in enumerate(classes)}
     strategy = STRATEGY_REGISTRY[cfg.strategy]
@@ -138,13 +139,9 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     items = split.train + split.val + (test_items if strategy.probe_is_model else [])
     emit({"stage": "extract", "done": 0, "total": len(items)})
     t_ex = time.perf_counter()
-    if isinstance(model, RecordedBackbone):  # every vector cached (train_model read them): no network
-        if read is not None:
-            feats, ex, fcache.hits = read
-        else:
-            feats, ex = _read_back(model, variant, fcache, items, style, scache)
-        if feats is None:
-            raise _NotCached()
+    if isinstance(model, RecordedBackbone):  # every vector cached and read already (_build): no network
+        assert read is not None, "a recorded backbone comes with the vectors read for it (_recorded_if_cached)"
+        feats, ex, fcache.hits = read
     else:
         ex = recorded_extractor(model, variant, fcache)
     # 16 per batch: as fast as 32 on CPU, and a cancel waits for at most one (shorter) forward pass
@@ -208,7 +205,7 @@ def _probe_caches(cfg: TrainConfig, workspace: Workspace, winfo: WeightsInfo, pr
     if multi_label and cfg.features != "last":
         # auto's cross-validation scores one class per image; a label-set probe sees the last layer
         cfg = dataclasses.replace(cfg, features="last")
-    variant = extraction_variant(cfg)  # linear runs: the probe's feature variant (auto: depths, then chosen)
+    variant = extraction_variant(cfg.features, STRATEGY_REGISTRY[cfg.strategy].choose_features)
     fcache = FeatureCache(workspace.cache_dir / "features", feature_key(cfg.backbone, winfo.fingerprint, pre, variant))
     style = DEFAULT_STYLE if STRATEGY_REGISTRY[cfg.strategy].open_set_style else None
     scache = FeatureCache(workspace.cache_dir / "features", style_key(cfg.backbone, winfo.fingerprint, pre, style)) \
@@ -450,10 +447,6 @@ def _recorded_if_cached(cfg: TrainConfig, weights: str, workspace: Workspace, sp
     return None if feats is None else (rec, (feats, widths, fcache.hits))
 
 
-class _NotCached(Exception):
-    """A vector the recorded backbone's run was to read back is gone (evicted meanwhile): build the network."""
-
-
 # --------------------------------------------------------------------------------------------------
 # the strategies: each a fit function over the run's shared state, in one registry
 # --------------------------------------------------------------------------------------------------
@@ -535,17 +528,10 @@ class _Scores:
 
 
 def _probe(run: _Run, emit: Progress) -> tuple[np.ndarray, nn.Linear | None, dict[str, Any]]:
-    """:func:`_linear_probe` of the run's images; when a cached vector went between the look and the read (a
-    recorded backbone), the network is built after all (``run.model``) and the probe runs on it."""
-    try:
-        return _linear_probe(run.model, run.split, run.test_items, run.classes, run.pre, run.decoded, run.cfg,
-                             run.workspace, run.winfo, emit, run.should_cancel, run.rt, run.local_cancel,
-                             multi_label=run.multi, read=run.read)
-    except _NotCached:
-        run.model, _ = build_model(run.cfg.backbone, len(run.classes), weights=run.weights, seed=run.cfg.seed)
-        return _linear_probe(run.model, run.split, run.test_items, run.classes, run.pre, run.decoded, run.cfg,
-                             run.workspace, run.winfo, emit, run.should_cancel, run.rt, run.local_cancel,
-                             multi_label=run.multi)
+    """:func:`_linear_probe` of the run's images (with a recorded backbone, on the vectors :func:`_build` read)."""
+    return _linear_probe(run.model, run.split, run.test_items, run.classes, run.pre, run.decoded, run.cfg,
+                         run.workspace, run.winfo, emit, run.should_cancel, run.rt, run.local_cancel,
+                         multi_label=run.multi, read=run.read)
 
 
 def _fit_linear(run: _Run) -> _Fitted | None:
