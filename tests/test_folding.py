@@ -18,7 +18,7 @@ from tl_core.models import engines
 from tl_core.models.backbones import build_model
 from tl_core.models.feature_variants import extractor
 from tl_core.models.features import extract_features
-from tl_core.models.folding import folded, folded_copy
+from tl_core.models.folding import FOLD_MIN_IMAGES, folded, folded_copy
 from tl_core.models.preprocess import Preprocess, data_config_for
 
 
@@ -54,17 +54,21 @@ def test_folded_lite0_gives_the_originals_features_and_leaves_it_untouched(lite0
     assert not any(p.is_inference() for p in model.parameters())  # the network can still be fine-tuned
 
 
-def test_engine_runs_the_folded_copy_only_when_on(lite0, monkeypatch):
+def test_engine_runs_the_folded_copy_for_a_large_job_or_when_on(lite0, monkeypatch):
     model, pre = lite0
     x = torch.randint(0, 256, (2, pre.input_size, pre.input_size, 3), dtype=torch.uint8)
     monkeypatch.setenv("TL_ENGINE", "torch")
     ran = {}
-    for fold in ("on", "off"):
+    for fold, n_images in (("on", 1), ("off", 1000), ("auto", FOLD_MIN_IMAGES - 1), ("auto", FOLD_MIN_IMAGES)):
         monkeypatch.setenv("TL_FOLD_BN", fold)
-        eng = engines.feature_engine(model, pre)
+        eng = engines.feature_engine(model, pre, n_images=n_images)
         eng(x)
-        ran[fold] = eng._run
-    assert ran["off"] is model and ran["on"] is not model and _norms(ran["on"]) == 0
+        ran[fold, n_images] = eng._run
+    folded_runs = [ran["on", 1], ran["auto", FOLD_MIN_IMAGES]]
+    assert all(r is not model and _norms(r) == 0 for r in folded_runs)
+    assert folded_runs[0] is folded_runs[1]  # made once for the unchanged model
+    # a one-image job would pay more for the copy than it saves: the network itself
+    assert ran["off", 1000] is model and ran["auto", FOLD_MIN_IMAGES - 1] is model
 
 
 class _NormFirst(nn.Module):

@@ -69,13 +69,11 @@ def _engine(raw: str) -> str:
     return v
 
 
-def _on_off(raw: str) -> bool:
+def _auto_on_off(raw: str) -> str:
     v = raw.lower()
-    if v in ("1", "on", "true", "yes"):
-        return True
-    if v in ("0", "off", "false", "no"):
-        return False
-    raise ValueError
+    if v not in ("auto", "on", "off"):
+        raise ValueError
+    return v
 
 
 def _train_procs(raw: str) -> int | str:
@@ -134,9 +132,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "above 1); all: every GPU.", _train_procs, "every GPU on a machine with several, else 1"),
     Setting("TL_ENGINE", "auto|torch|onnx", "auto", "The frozen backbone's engine for feature extraction: auto "
             "picks ONNX Runtime on the CPU by a documented rule (docs/design.md).", _engine),
-    Setting("TL_FOLD_BN", "on|off", True, "The PyTorch engine runs a copy of the frozen backbone with its batch "
-            "norms folded into the convolutions (checked against the original on a test input; ~1.4x faster for "
-            "EfficientNet-Lite0 on a CPU); off runs the backbone as it is.", _on_off, "on"),
+    Setting("TL_FOLD_BN", "auto|on|off", "auto", "PyTorch runs a copy of the frozen network with its batch norms "
+            "folded into the convolutions (checked against the original on a test input; ~1.4x faster for "
+            "EfficientNet-Lite0 on a CPU): auto for jobs of 32 images or more, on for every job, off never.",
+            _auto_on_off),
     Setting("TL_ONNX_MIN_IMAGES", "int >= 0", 1300, "Under auto, jobs run on PyTorch while no ONNX file exists "
             "yet for their backbone, until the images they ran reach this many (the export's break-even: 1300 for "
             "the last layer, 2250 for several depths).", _non_negative_int),

@@ -18,7 +18,8 @@ layer and several depths alike):
   (``TL_ONNX_MIN_IMAGES`` overrides both): so the first model of a fresh workspace never waits for an export
   that costs more than it saves; or for a job of fewer than :data:`SESSION_MIN_IMAGES`
   images before a session is verified in the process (loading and verifying one costs more than it saves).
-  PyTorch runs channels-last under inference mode.
+  PyTorch runs channels-last under inference mode, on a copy of the network with its batch norms folded into the
+  convolutions for a job of 32 images or more (:mod:`tl_core.models.folding`, ``TL_FOLD_BN``).
 - **ONNX Runtime** otherwise: the module exported once (torch.onnx dynamo exporter, dynamic batch) and cached
   as ``<cache>/engines/<key>.onnx``, the key a hash of the module's class, variant, input size and
   normalisation, the weights and buffers it computes with (its classifier excluded), and the torch version; a
@@ -56,7 +57,7 @@ from torch import nn
 from ..fileio import write_atomic, writing_atomic
 from ..settings import setting
 from .devices import Runtime, cpu_count
-from .folding import folded
+from .folding import fold_wanted, folded
 from .preprocess import Preprocess
 
 __all__ = ["ENGINES", "TOLERANCE", "EXPORT_MIN_IMAGES", "EXPORT_MIN_IMAGES_DEPTHS", "SESSION_MIN_IMAGES", "FeatureEngine", "feature_engine",
@@ -190,6 +191,7 @@ class FeatureEngine:
         self.fingerprint = fingerprint  # of the loaded file (see _load): what a verification is recorded for
         self.max_abs_diff: float | None = None
         self._run: nn.Module | None = None  # what _torch runs (set on its first call)
+        self.fold = False  # _torch runs a batch-norm-folded copy (set by feature_engine for the job's size)
 
     def _torch(self, pixels: torch.Tensor) -> np.ndarray:
         if self._run is None:
@@ -199,7 +201,7 @@ class FeatureEngine:
                 # a copy with the batch norms folded into the convolutions (tl_core.models.folding: ~1.4x
                 # faster for Lite0 here), else the model itself; channels-last for channels-last input (a mixed
                 # pair ran ~3x slower here)
-                folded_ = folded(self.model, _pooled) if setting("TL_FOLD_BN") else None
+                folded_ = folded(self.model, _pooled) if self.fold else None
                 run = folded_ if folded_ is not None else self.model
                 self._run = run.to(memory_format=torch.channels_last)
         with torch.inference_mode():
@@ -331,6 +333,16 @@ def _session(model: bytes) -> Any:
 
 def feature_engine(model: nn.Module, pre: Preprocess, runtime: Runtime | None = None,
                    cache_dir: str | os.PathLike | None = None, n_images: int = 0) -> FeatureEngine:
+    """The engine for ``model``'s pooled features (see the module doc for the rule); on PyTorch, with the batch
+    norms folded (:func:`~tl_core.models.folding.fold_wanted`) for a large enough job. Arguments: as
+    :func:`_choose`."""
+    engine = _choose(model, pre, runtime, cache_dir, n_images)
+    engine.fold = engine.name == "torch" and fold_wanted(n_images)
+    return engine
+
+
+def _choose(model: nn.Module, pre: Preprocess, runtime: Runtime | None = None,
+            cache_dir: str | os.PathLike | None = None, n_images: int = 0) -> FeatureEngine:
     """The engine for ``model``'s pooled features (see the module doc for the rule).
 
     Args:

@@ -23,20 +23,14 @@ from torch import nn
 from ..cache import DecodedImageCache, FeatureCache
 from ..data.intake import ImageItem
 from ..errors import CancelledError
-from ..settings import setting
 from .devices import Runtime
 from .feature_variants import VariantModel, apply_variant
 from .features import StyleSpec, extract_features, pooled_and_style, pooled_features, style_dims
-from .folding import folded
+from .folding import fold_wanted, folded
 from .pipeline import batched, eval_batches
 from .preprocess import Preprocess
 
 __all__ = ["logits_of_items", "logits_of_images", "CachedFeatures", "logits_via_cache"]
-
-#: :func:`logits_of_items` runs a batch-norm-folded copy of the model (:mod:`.folding`) for this many images or more:
-#: a copy costs a deep copy and a small check pass, made again after every change of the weights (a fine-tune's
-#: epoch); a 32-image forward pass saves far more (Lite0: ~1 s of ~3 s on the 2-core machine)
-FOLD_MIN_IMAGES = 32
 
 
 def _forward(model: nn.Module, x: torch.Tensor, rt: Runtime, with_features: bool = False,
@@ -90,7 +84,7 @@ def logits_of_items(model: nn.Module, items: Sequence[ImageItem], pre: Preproces
     model.eval().to(rt.device)
     spec, sdims = _style_of(model, style if with_features else None)
     run = model
-    if len(items) >= FOLD_MIN_IMAGES and setting("TL_FOLD_BN"):  # batch norms folded (tl_core.models.folding)
+    if fold_wanted(len(items)):  # batch norms folded (tl_core.models.folding)
         with torch.inference_mode(False):
             copy_ = folded(model)
         run = copy_ if copy_ is not None else model
