@@ -12,7 +12,8 @@ image is a cache miss on a cold run). Rows (issue #6):
    forward pass alone on ready tensors through the same engine, model and memory format (the limit; target
    >= 0.80), for PyTorch and ONNX Runtime (tl_core.models.engines); 1e: with the decoding threads off
    (tl_core.models.pipeline); 1f/1g: ONNX Runtime vs PyTorch, forward alone, last layer and several depths;
-   1h: the one-off export. ``--rows 1`` runs these rows only.
+   1h: the one-off export; 1i: PyTorch's forward pass with the batch norms folded (tl_core.models.folding) vs the
+   network as it is. ``--rows 1`` runs these rows only.
 2. Time to first model, `linear` on Lite0, N images / 10 classes, cold and warm cache. Targets: cold <= 1.1x
    the bare extraction time of those images, warm <= 2 s.
 3. One `full` fine-tuning epoch, ours vs a bare PyTorch loop (same model, batch, augmentation). Target <= 1.05.
@@ -226,13 +227,16 @@ def extraction_rows(files, model, info, pre, transform, tmp: Path) -> list[tuple
     x = next(eval_batches(ds.items, [list(range(32))], pre, DecodedImageCache(None), pixels=True))[1]
     engs = {}
     for v in ("last", "depths"):
-        for eng_name in ("torch", "onnx"):
-            os.environ["TL_ENGINE"] = eng_name
+        for eng_name in ("torch", "onnx", "torch unfolded"):
+            os.environ["TL_ENGINE"] = eng_name.split()[0]
+            if eng_name == "torch unfolded":  # PyTorch on the network as it is (row 1i)
+                os.environ["TL_FOLD_BN"] = "off"
             try:
                 engs[v, eng_name] = engines.feature_engine(ex[v], pre, cache_dir=engine_dir, n_images=n)
             finally:
                 del os.environ["TL_ENGINE"]
-            assert engs[v, eng_name].name == eng_name, engs[v, eng_name].reason
+                os.environ.pop("TL_FOLD_BN", None)
+            assert engs[v, eng_name].name == eng_name.split()[0], engs[v, eng_name].reason
     # the machine is shared: each cold pipeline runs right next to its forward-alone limit, twice (a fresh
     # decoded cache each time), and the best of each is kept
     best: dict[str, float] = {}
@@ -244,11 +248,12 @@ def extraction_rows(files, model, info, pre, transform, tmp: Path) -> list[tuple
         keep("auto", cold(f"auto{r}", "auto"))
         for e in ("torch", "onnx"):
             keep(f"cold {e}", cold(f"{e}{r}", e))
+        for e in ("torch", "onnx", "torch unfolded"):
             keep(f"fwd last {e}", forward_alone(engs["last", e], x, n))
             keep(f"fwd depths {e}", forward_alone(engs["depths", e], x, n))
     t_ours, t_torch, t_onnx = best["auto"], best["cold torch"], best["cold onnx"]
     t_seq = cold("sequential", "auto", threads="1")
-    fwd = {(v, e): best[f"fwd {v} {e}"] for v in ("last", "depths") for e in ("torch", "onnx")}
+    fwd = {(v, e): best[f"fwd {v} {e}"] for v in ("last", "depths") for e in ("torch", "onnx", "torch unfolded")}
     auto_engine = engines.feature_engine(model, pre, cache_dir=engine_dir, n_images=n).name
     rows.append(("1. feature extraction, Lite0", f"{n} images, engine {auto_engine} (auto)",
                  f"{n / t_ours:.1f} img/s", f"{n / t_bare:.1f} img/s",
@@ -267,6 +272,10 @@ def extraction_rows(files, model, info, pre, transform, tmp: Path) -> list[tuple
         rows.append((f"{label}. ONNX Runtime vs PyTorch, forward alone", f"batch 32, features={v}",
                      f"{n / fwd[v, 'onnx']:.1f} img/s ONNX Runtime", f"{n / fwd[v, 'torch']:.1f} img/s PyTorch",
                      f"{fwd[v, 'torch'] / fwd[v, 'onnx']:.2f}x"))
+    for v in ("last", "depths"):
+        rows.append((f"1i. PyTorch forward alone, batch norms folded vs not", f"batch 32, features={v}",
+                     f"{n / fwd[v, 'torch']:.1f} img/s folded", f"{n / fwd[v, 'torch unfolded']:.1f} img/s as it is",
+                     f"{fwd[v, 'torch unfolded'] / fwd[v, 'torch']:.2f}x"))
     rows.append(("1h. ONNX export (once per backbone and weights; cached)", "last / depths",
                  f"{t_export['last']:.1f} s / {t_export['depths']:.1f} s", "-",
                  f"pays off from ~{engines.EXPORT_MIN_IMAGES} images (TL_ONNX_MIN_IMAGES)"))
