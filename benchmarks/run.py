@@ -273,7 +273,7 @@ def extraction_rows(files, model, info, pre, transform, tmp: Path) -> list[tuple
                      f"{n / fwd[v, 'onnx']:.1f} img/s ONNX Runtime", f"{n / fwd[v, 'torch']:.1f} img/s PyTorch",
                      f"{fwd[v, 'torch'] / fwd[v, 'onnx']:.2f}x"))
     for v in ("last", "depths"):
-        rows.append((f"1i. PyTorch forward alone, batch norms folded vs not", f"batch 32, features={v}",
+        rows.append(("1i. PyTorch forward alone, batch norms folded vs not", f"batch 32, features={v}",
                      f"{n / fwd[v, 'torch']:.1f} img/s folded", f"{n / fwd[v, 'torch unfolded']:.1f} img/s as it is",
                      f"{fwd[v, 'torch unfolded'] / fwd[v, 'torch']:.2f}x"))
     rows.append(("1h. ONNX export (once per backbone and weights; cached)", "last / depths",
