@@ -61,15 +61,16 @@ class Server:
         self.log = open(home / "server.log", "ab")
 
     def start(self) -> None:
-        # the server's workers wait for the next task as a user's would (TL_COMPUTE_IDLE_S defaults to 20 s; the
-        # session's 5 s, tests/conftest.py, is for tests that start workers and leave): a flow asks for a task every
-        # few seconds to half a minute, and each new worker imports torch and timm again. The module fixtures kill
-        # the workers at the end.
+        # the server's workers wait for the next task as a user's would (the app's defaults: an interactive worker
+        # 600 s, a compute worker 20 s; the session's few seconds, tests/conftest.py, are for tests that start
+        # workers and leave): a flow asks for a task every few seconds to minutes (the Train page's augmentation
+        # preview, then Try it, on the interactive lane), and each new worker imports torch and timm again. The
+        # module fixtures kill the workers at the end.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(self.port),
              "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
             cwd=ROOT, env={**os.environ, "TL_HOME": str(self.home), "TL_MAX_WORKERS": "1",
-                           "TL_INTERACTIVE_IDLE_S": "120",
+                           "TL_INTERACTIVE_IDLE_S": "600",
                            "TL_COMPUTE_IDLE_S": "120"},
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
