@@ -39,6 +39,7 @@ from page_harness import (  # noqa: F401  (fixtures are used by name)
     until,
 )
 
+from conftest import make_class_folder
 from tl_core.data.library import dataset_signature
 from tl_core.runs import tasks
 from tl_core.storage.files import RunFiles
@@ -172,10 +173,20 @@ def test_data_audit_lists_planted_duplicates_leak_blank_image_and_fixes_imbalanc
     assert [s for s in at.selectbox if s.label == "Class balance"][0].value == chosen
 
 
+#: Emoji per class of the data-check test's dataset (the first ones of each class of the sample, as the insight
+#: tests' small subset: tests/insight_support.py). The whole 200-image sample is checked in the browser test
+#: (test_browser.py, with its bar on the label errors); here the page's three tasks on 60 images prove what the
+#: page shows of them, at a third of the feature extraction and of the style pass.
+MAP_PER_CLASS = 12
+
+
 @pytest.mark.processes
-def test_data_embedding_map_and_domain_gap_on_the_emoji_sample(home):
+def test_data_embedding_map_and_domain_gap_on_emoji(home):
     ws, _ = home
-    at = app({"data": "sample/emoji"})
+    data = make_class_folder(ws.datasets_dir / "emoji60", {c: MAP_PER_CLASS for c in
+                                                           ("animal", "face", "flag", "food", "vehicle")})
+    n = 5 * MAP_PER_CLASS
+    at = app({"data": "workspace/emoji60"})
     goto(at, "data")
     button(at, "Check the data").click().run()
     # the audit first, then the map and the domain-gap hint follow without another click
@@ -183,16 +194,17 @@ def test_data_embedding_map_and_domain_gap_on_the_emoji_sample(home):
           what="the audit, the map and the domain gap")
     assert_clean(at)
     audit = tasks.result(ws, tasks.find(ws, "audit", {
-        "data": str(EMOJI), "signature": dataset_signature(EMOJI), "backbone": "efficientnet_lite0",
+        "data": str(data), "signature": dataset_signature(data), "backbone": "efficientnet_lite0",
         "val_split": 0.2, "seed": 0, "max_per_class": 200}))
+    assert audit["images"] == n
     # the page shows the worker's findings: a few hard emoji may look like another class, never a tenth of them
-    assert int(metric(at, "Likely label errors")) == len(audit["label_issues"]) < 20
+    assert int(metric(at, "Likely label errors")) == len(audit["label_issues"]) < n / 10
     assert metric(at, "Leaks into validation") == "0"
     maps = _markers(at)
     assert len(maps) == 1
     traces = maps[0]["data"]
     assert sorted(t["name"] for t in traces) == ["animal", "face", "flag", "food", "vehicle"]
-    assert sum(len(t["x"]) for t in traces) == 200
+    assert sum(len(t["x"]) for t in traces) == n
     pca = {t["name"]: t["x"] for t in traces}
     # the domain-gap hint, in plain language (emoji icons are far from ImageNet photos)
     assert any("**The domain gap is far**" in m.value for m in at.markdown)
@@ -204,7 +216,7 @@ def test_data_embedding_map_and_domain_gap_on_the_emoji_sample(home):
     until(at, lambda a: _markers(a), what="the t-SNE map")
     assert_clean(at)
     tsne = _markers(at)[0]["data"]
-    assert sum(len(t["x"]) for t in tsne) == 200
+    assert sum(len(t["x"]) for t in tsne) == n
     assert {t["name"]: t["x"] for t in tsne} != pca
 
 
