@@ -136,9 +136,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "folded into the convolutions (checked against the original on a test input; ~1.4x faster for "
             "EfficientNet-Lite0 on a CPU): auto for jobs of 32 images or more, on for every job, off never.",
             _auto_on_off),
-    Setting("TL_ONNX_MIN_IMAGES", "int >= 0", 1300, "Under auto, jobs run on PyTorch while no ONNX file exists "
-            "yet for their backbone, until the images they ran reach this many (the export's break-even: 1300 for "
-            "the last layer, 2250 for several depths).", _non_negative_int),
+    Setting("TL_ONNX_MIN_IMAGES", "int >= 0", 1850, "Under auto, jobs run on PyTorch while no ONNX file exists "
+            "yet for their backbone, until the images they ran reach this many (the export's break-even: 1850 for "
+            "the last layer, 3600 for several depths).", _non_negative_int),
     Setting("TL_ORT_WEB_DIR", "path", None, "Where the in-browser runtime (onnxruntime-web, fetched by `make "
             "web-runtime`) is, for the web-page export and Try it's Live view.", _path,
             "tl_core/share/web/vendor/onnxruntime-web-<version>"),

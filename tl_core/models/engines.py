@@ -74,13 +74,16 @@ VERIFY_IMAGES = 8
 #: in ``<key>.images``) reach the export's break-even: the first evaluate of a fresh workspace took 32.3 s with
 #: the export against 23.1 s on PyTorch and 15.7 s once the file existed (issue 24: 1,000 images, several-depths
 #: features, idle 2-core machine): an export costs ~16.6 s in a fresh process (its imports and the verification
-#: included; 5-7 s in a warm one, benchmarks/RESULTS.md row 1h) and saves ~7.4 ms an image for several depths,
-#: ~13 ms for the last layer (row 1f): break-even ~2,250 and ~1,300 images. Renting (PyTorch) until the rent
-#: paid reaches the purchase price (the export), then buying, never costs more than twice the best choice made
-#: knowing the future, and a one-off small job never pays for an export.
-EXPORT_MIN_IMAGES = 1300
+#: included; 5-7 s in a warm one, benchmarks/RESULTS.md row 1h) and saved ~7.4 ms an image for several depths,
+#: ~13 ms for the last layer (row 1f), against PyTorch as it was: break-even ~2,250 and ~1,300 images. With the
+#: batch norms folded (:mod:`.folding`) PyTorch gains less to ONNX Runtime: per image, 0.70x the saving for the
+#: last layer and 0.62x for several depths (rows 1f/1g/1i, 2026-12-07: ONNX Runtime 105 / 107 img/s, PyTorch
+#: folded 37.3 / 36.8, as it is 29.2 / 26.2), so the break-evens are ~1,850 and ~3,600. Renting (PyTorch) until
+#: the rent paid reaches the purchase price (the export), then buying, never costs more than twice the best
+#: choice made knowing the future, and a one-off small job never pays for an export.
+EXPORT_MIN_IMAGES = 1850
 #: the same for a several-depths extractor (its graph gains less over PyTorch)
-EXPORT_MIN_IMAGES_DEPTHS = 2250
+EXPORT_MIN_IMAGES_DEPTHS = 3600
 #: ``auto`` runs a job of fewer images on PyTorch when no verified session is open in the process yet: loading
 #: the ONNX file and verifying it on the first batch took 0.12-0.19 s for 1-8 images here, PyTorch 0.02-0.08 s;
 #: from 16 images on, ONNX Runtime was faster (0.20 s against 0.24 s)
