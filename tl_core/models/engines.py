@@ -340,7 +340,9 @@ def feature_engine(model: nn.Module, pre: Preprocess, runtime: Runtime | None = 
     norms folded (:func:`~tl_core.models.folding.fold_wanted`) for a large enough job. Arguments: as
     :func:`_choose`."""
     engine = _choose(model, pre, runtime, cache_dir, n_images)
-    engine.fold = engine.name == "torch" and fold_wanted(n_images)
+    # also for an ONNX engine: its first batch's check runs on PyTorch, and PyTorch takes over, with the same
+    # features to the bit, wherever ONNX Runtime fails
+    engine.fold = fold_wanted(n_images)
     return engine
 
 
