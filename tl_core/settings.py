@@ -133,7 +133,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("TL_ENGINE", "auto|torch|onnx", "auto", "The frozen backbone's engine for feature extraction: auto "
             "picks ONNX Runtime on the CPU by a documented rule (docs/design.md).", _engine),
     Setting("TL_FOLD_BN", "auto|on|off", "auto", "PyTorch runs a copy of the frozen network with its batch norms "
-            "folded into the convolutions (checked against the original on a test input; ~1.4x faster for "
+            "folded into the convolutions (checked against the original on a test input; 1.3-1.4x as fast for "
             "EfficientNet-Lite0 on a CPU): auto for jobs of 32 images or more, on for every job, off never.",
             _auto_on_off),
     Setting("TL_ONNX_MIN_IMAGES", "int >= 0", 1850, "Under auto, jobs run on PyTorch while no ONNX file exists "

@@ -201,8 +201,8 @@ class FeatureEngine:
             # outside inference mode (extraction runs in it): weights remade there are inference tensors, which
             # can never be trained again, and fine-tuning follows the probe's features on this very model
             with torch.inference_mode(False):
-                # a copy with the batch norms folded into the convolutions (tl_core.models.folding: ~1.4x
-                # faster for Lite0 here), else the model itself; channels-last for channels-last input (a mixed
+                # a copy with the batch norms folded into the convolutions (tl_core.models.folding: 1.28-1.40x
+                # as fast for Lite0 here), else the model itself; channels-last for channels-last input (a mixed
                 # pair ran ~3x slower here)
                 folded_ = folded(self.model, _pooled) if self.fold else None
                 run = folded_ if folded_ is not None else self.model

@@ -3,8 +3,9 @@
 In eval mode a batch norm is an affine map per channel, ``y = x * s + t`` with ``s = gamma / sqrt(var + eps)`` and
 ``t = beta - mean * s``; after a convolution it can be folded into the convolution's weights and bias
 (``W' = W * s``, ``b' = b * s + t``), so the forward pass skips it. Batch norm was about a quarter of
-EfficientNet-Lite0's PyTorch forward pass on the 2-core build machine; the folded copy ran 32 images in
-2.0-2.2 s against 3.0-3.2 s (benchmarks/RESULTS.md), its features within 1.3e-5 of the original's (values up to ~6).
+EfficientNet-Lite0's PyTorch forward pass on the 2-core build machine; the folded copy ran a batch of 32 1.28x
+(last layer) and 1.40x (several depths) as fast (benchmarks/RESULTS.md, row 1i), its features within 1.3e-5 of
+the original's (values up to ~6).
 ONNX Runtime folds them itself when it optimises its graph; this is the same for the PyTorch engine
 (:class:`~tl_core.models.engines.FeatureEngine`), which runs the first model of a fresh workspace, torchrun and
 GPU work.
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 #: ``TL_FOLD_BN=auto`` folds for a job of this many images or more: a copy costs a deep copy and a small check pass
 #: (made again after every change of the weights, e.g. a fine-tune's epoch), while a 32-image forward pass saves far
-#: more (Lite0: ~1 s of ~3 s on the 2-core machine); a one-image prediction would pay more than it saves
+#: more (Lite0: 1.28-1.40x as fast, row 1i); a one-image prediction would pay more than it saves
 FOLD_MIN_IMAGES = 32
 #: the side of the random image the copy is compared with the original on (a network of one fixed input size gets
 #: an image of that size instead)
@@ -114,10 +115,10 @@ def folded_copy(model: nn.Module, forward: Callable[[nn.Module, torch.Tensor], t
     if isinstance(model, nn.parallel.DistributedDataParallel) or not _pairs(model):
         return None
     run = forward or (lambda m, x: m(x))
-    folded = copy.deepcopy(model).eval().requires_grad_(False)
-    for p in folded.parameters():
+    copy_ = copy.deepcopy(model).eval().requires_grad_(False)
+    for p in copy_.parameters():
         p.grad = None  # a model in training carries gradients; its copy has no use for them
-    pairs = _pairs(folded)
+    pairs = _pairs(copy_)
     for parent, name, conv, bn in pairs:
         _fold(conv, bn)
         setattr(parent, name, nn.Sequential(bn.drop, bn.act) if _norm_kind(bn) == "bn_act" else nn.Identity())
@@ -135,7 +136,7 @@ def folded_copy(model: nn.Module, forward: Callable[[nn.Module, torch.Tensor], t
                     ref = run(model, check)
             else:
                 ref = run(model, check)
-            got = run(folded, check)
+            got = run(copy_, check)
     except Exception as e:  # noqa: BLE001 - the original network is used instead
         log.info("batch-norm folding not used: the check input did not run (%s)", type(e).__name__)
         return None
@@ -145,7 +146,7 @@ def folded_copy(model: nn.Module, forward: Callable[[nn.Module, torch.Tensor], t
         log.warning("batch-norm folding not used: the folded copy differs by %.2e (> %.2e)", diff, bound)
         return None
     log.debug("batch norms folded: %d, check max abs diff %.1e", len(pairs), diff)
-    return folded
+    return copy_
 
 
 _memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {forward: (signature, copy or None)}
