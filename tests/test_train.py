@@ -376,6 +376,64 @@ def test_linear_head_solves_the_logistic_regression_objective():
         assert info["epochs_run"] < 200  # it converged and stopped early
 
 
+def test_with_fewer_images_than_features_the_probe_solves_in_their_span_to_the_same_optimum(monkeypatch):
+    """Most small data sets have fewer images than features (300 digits, 1,792 features): the probe solves for the
+    weights in the span of the training images (models.probe._row_space), which holds the optimum. It must reach
+    scikit-learn's optimum as the features' own coordinates do, multinomial and one-vs-rest, and a warm start
+    (the refit on train + validation) too."""
+    from sklearn.linear_model import LogisticRegression
+
+    from tl_core.models import probe
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(3, 200))
+    y = np.arange(60) % 3
+    x = (centres[y] + rng.normal(scale=2.0, size=(60, 200))).astype(np.float32)
+    xv, yv = x[:0], y[:0]
+    assert probe._row_space(x).shape == (200, 60)  # 60 images of 200 features: their span is used
+    cfg = TrainConfig(strategy="linear", linear_c=0.5).resolved()
+
+    def objective(head):  # scikit-learn's objective divided by C
+        if isinstance(head, LogisticRegression):
+            w, b = head.coef_.T, head.intercept_
+        else:
+            w, b = head.weight.detach().double().numpy().T, head.bias.detach().double().numpy()
+        z = x.astype(np.float64) @ w + b
+        z = z - z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        return -logp[np.arange(len(y)), y].sum() + (w * w).sum() / (2 * 0.5)
+
+    sk = LogisticRegression(C=0.5, tol=1e-10, max_iter=10000).fit(x, y)
+    span, info = probe.fit_linear_head(x, y, xv, yv, 3, cfg)
+    assert info["converged"]
+    assert objective(span) == pytest.approx(objective(sk), rel=2e-4)
+    with torch.no_grad():
+        assert (span(torch.from_numpy(x)).argmax(1).numpy() == sk.predict(x)).all()
+    # warm-started from a fit on half the images, as the refit starts from the train-only fit
+    half, _ = probe.fit_linear_head(x[::2], y[::2], xv, yv, 3, cfg)
+    warm, _ = probe.fit_linear_head(x, y, xv, yv, 3, cfg, init=half)
+    # the features' own coordinates (no span) give the same probabilities to the solver's tolerance, cold or warm
+    monkeypatch.setattr(probe, "SPAN_BELOW", 0.0)
+    assert probe._row_space(x) is None
+    full, _ = probe.fit_linear_head(x, y, xv, yv, 3, cfg)
+    half_full, _ = probe.fit_linear_head(x[::2], y[::2], xv, yv, 3, cfg)
+    warm_full, _ = probe.fit_linear_head(x, y, xv, yv, 3, cfg, init=half_full)
+    # (a warm start stops once the objective stops moving, a little above the optimum: in both coordinates)
+    assert objective(warm) == pytest.approx(objective(warm_full), rel=2e-4)
+    assert objective(warm) == pytest.approx(objective(sk), rel=2e-3)
+    with torch.no_grad():
+        p_span, p_full = (h(torch.from_numpy(x)).softmax(1) for h in (span, full))
+    assert float((p_span - p_full).abs().max()) < 0.02
+    # one-vs-rest (multi-label) likewise
+    yy = np.eye(3)[y]
+    ovr_full, _ = probe.fit_ovr_head(x, yy, x[:0], yy[:0], cfg)
+    monkeypatch.setattr(probe, "SPAN_BELOW", 0.75)
+    ovr_span, _ = probe.fit_ovr_head(x, yy, x[:0], yy[:0], cfg)
+    with torch.no_grad():
+        q_span, q_full = (h(torch.from_numpy(x)).sigmoid() for h in (ovr_span, ovr_full))
+    assert float((q_span - q_full).abs().max()) < 0.02
+
+
 def test_checkpoint_selection_prefers_accuracy_then_loss():
     """Fine-tuning (label-smoothed) scores a worse loss than the sharp probe while classifying more images
     correctly: the better checkpoint is the more accurate one, loss breaking ties; patience still stops."""
