@@ -175,9 +175,9 @@ def _row_space(x: np.ndarray) -> np.ndarray | None:
     The probe's optimum lies in that span: a weight component orthogonal to every training image changes no
     training logit and only adds to the L2 penalty, so it is zero at the optimum, and gradient steps from zero
     (or from a head fitted on fewer of the same images) never leave the span. L-BFGS in an orthonormal basis of it
-    takes the same steps as in the features' own coordinates (its dot products and norms are unchanged) on
-    vectors of rank x classes instead of features x classes: the same fit, to the solver's tolerance, for a
-    fraction of the arithmetic. Directions of singular value below the numerical rank's cut carry nothing the
+    takes the steps it takes in the features' own coordinates (its dot products are unchanged; only its first
+    step's length, which it scales by the gradient's L1 norm, differs) on vectors of rank x classes instead of
+    features x classes: the same fit, to the solver's tolerance, for a fraction of the arithmetic. Directions of singular value below the numerical rank's cut carry nothing the
     data can see.
     """
     n, d = x.shape
