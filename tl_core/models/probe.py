@@ -177,15 +177,22 @@ def _row_space(x: np.ndarray) -> np.ndarray | None:
     (or from a head fitted on fewer of the same images) never leave the span. L-BFGS in an orthonormal basis of it
     takes the steps it takes in the features' own coordinates (its dot products are unchanged; only its first
     step's length, which it scales by the gradient's L1 norm, differs) on vectors of rank x classes instead of
-    features x classes: the same fit, to the solver's tolerance, for a fraction of the arithmetic. Directions of singular value below the numerical rank's cut carry nothing the
-    data can see.
+    features x classes: the same fit, to the solver's tolerance, for a fraction of the arithmetic.
+
+    The basis comes from the eigenvectors of the images' Gram matrix (V = X^T U / s: ~10 ms for 240 images of
+    1,792 features, where LAPACK's SVD took 75 ms idle and 3 s once with both cores busy). Directions of singular
+    value below 1e-4 of the largest are left out: their columns would not be orthonormal to float64's precision,
+    and what they add to a logit is below the solver's tolerance.
     """
     n, d = x.shape
     if n == 0 or n > SPAN_BELOW * d:
         return None
-    _, s, vt = np.linalg.svd(np.asarray(x, dtype=np.float64), full_matrices=False)
-    keep = s > (s[0] if len(s) else 0.0) * max(n, d) * np.finfo(np.float64).eps
-    return np.ascontiguousarray(vt[keep].T)
+    x64 = np.asarray(x, dtype=np.float64)
+    ev, u = np.linalg.eigh(x64 @ x64.T)
+    keep = ev > max(float(ev.max()), 0.0) * 1e-8
+    if not keep.any():  # every image all zeros: nothing to span
+        return None
+    return np.ascontiguousarray((x64.T @ u[:, keep]) / np.sqrt(ev[keep]))
 
 
 def _lbfgs_head(x_train: np.ndarray, x_val: np.ndarray, n_out: int, cfg: TrainConfig, loss_and_grad: LossAndGrad,
