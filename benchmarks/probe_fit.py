@@ -1,0 +1,143 @@
+"""The linear probe's fit against scikit-learn's, on real frozen features (issue 24: a linear run's time is mostly
+probe fits: auto's choice is 15 of them, the cross-validated estimate 5 more).
+
+    .venv/bin/python benchmarks/probe_fit.py [--train 30] [--repeat 5] [--no-write]
+
+Data: scikit-learn's digits as 64x64 PNGs (``recipes.digits_subset``: ``--train`` per class to train, 1,000 others
+held out), Lite0's pooled features (1,280 wide; the last layer) extracted once, the classic recipe's way. Each
+solver then fits the same features ``--repeat`` times (the median is kept), in this one process, one after another:
+
+- ours: ``tl_core.models.probe.fit_linear_head`` as a run calls it (C = 1, scikit-learn's tolerance), which solves
+  in the span of the training images when they are fewer than the features (``SPAN_BELOW``);
+- ours, features' own coordinates: the same with ``SPAN_BELOW = 0`` (how it solved before);
+- scikit-learn: ``LogisticRegression(C=1, max_iter=1000)`` (lbfgs), the classic recipe's.
+
+Each row gives the fit's time, its ratio to scikit-learn's, the objective it reached (scikit-learn's, divided by C),
+and held-out accuracy. Prints a table and prepends it to benchmarks/RESULTS.md with the date, machine and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import cpu_name, markdown_table, prepend  # noqa: E402
+from recipes import IMAGE_SUFFIXES, digits_subset  # noqa: E402
+
+
+def features(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Lite0's pooled features of the train and test images (the classic recipe's extraction)."""
+    import timm
+
+    from tl_core.data.images import load_image
+    from tl_core.models.backbones import build_model
+
+    model, _ = build_model("efficientnet_lite0", 1000)
+    model = model.eval().to(memory_format=torch.channels_last)
+    tf = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+
+    def xy(split: str) -> tuple[np.ndarray, np.ndarray]:
+        files = sorted(f for f in (root / split).glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        classes = sorted({f.parent.name for f in files})
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(files), 32):
+                x = torch.stack([tf(load_image(f)) for f in files[s:s + 32]]).contiguous(
+                    memory_format=torch.channels_last)
+                out.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy())
+        return np.concatenate(out), np.array([classes.index(f.parent.name) for f in files])
+
+    (xtr, ytr), (xte, yte) = xy("train"), xy("test")
+    return xtr, ytr, xte, yte
+
+
+def objective(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray, c: float = 1.0) -> float:
+    """scikit-learn's multinomial objective divided by C: summed log-loss + ||W||^2 / (2C)."""
+    z = x.astype(np.float64) @ w + b
+    z = z - z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].sum() + (w * w).sum() / (2 * c))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train", type=int, default=30, help="training images per class (10 classes)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    from sklearn.linear_model import LogisticRegression
+
+    from tl_core.config import TrainConfig
+    from tl_core.models import probe
+    from tl_core.models.devices import configure_threads
+
+    threads = configure_threads()
+    load0 = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="tl-probe-fit-") as tmp:
+        xtr, ytr, xte, yte = features(digits_subset(Path(tmp) / "digits", per_train=args.train))
+    n, d = xtr.shape
+    cfg = TrainConfig(strategy="linear", linear_c=1.0).resolved()
+
+    def ours(span: bool) -> tuple[float, np.ndarray, np.ndarray, int]:
+        saved = probe.SPAN_BELOW
+        probe.SPAN_BELOW = saved if span else 0.0
+        try:
+            t0 = time.perf_counter()
+            head, info = probe.fit_linear_head(xtr, ytr, xte[:0], yte[:0], 10, cfg)
+            seconds = time.perf_counter() - t0
+        finally:
+            probe.SPAN_BELOW = saved
+        return (seconds, head.weight.detach().double().numpy().T, head.bias.detach().double().numpy(),
+                int(info["iterations"]))
+
+    def sklearn() -> tuple[float, np.ndarray, np.ndarray, int]:
+        t0 = time.perf_counter()
+        lr = LogisticRegression(C=1.0, max_iter=1000).fit(xtr, ytr)
+        return time.perf_counter() - t0, lr.coef_.T, lr.intercept_, int(lr.n_iter_[0])
+
+    sides = {"ours (span of the images)": lambda: ours(True), "ours (features' own coordinates)": lambda: ours(False),
+             "scikit-learn LogisticRegression": sklearn}
+    for fit in sides.values():  # warm-up: allocator, BLAS threads
+        fit()
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    last: dict[str, tuple] = {}
+    for _ in range(args.repeat):  # interleaved, so a change in the machine's load falls on every side
+        for name, fit in sides.items():
+            r = fit()
+            times[name].append(r[0])
+            last[name] = r
+    t_sk = statistics.median(times["scikit-learn LogisticRegression"])
+    rows = []
+    for name in sides:
+        t = statistics.median(times[name])
+        _, w, b, iters = last[name]
+        acc = float(((xte.astype(np.float64) @ w + b).argmax(1) == yte).mean())
+        rows.append((name, f"{n} x {d}, 10 classes", f"{t:.3f} s (range {min(times[name]):.3f}-{max(times[name]):.3f})",
+                     f"{t / t_sk:.2f}x", str(iters), f"{objective(w, b, xtr, ytr):.4f}", f"{acc:.3f}"))
+    load1 = os.getloadavg()
+    table = markdown_table(("solver", "features", f"fit, median of {args.repeat}", "vs scikit-learn", "iterations",
+                            "objective", f"held-out accuracy ({len(yte)})"), rows)
+    print(table)
+    heading = (f"## {time.strftime('%Y-%m-%d %H:%M')} — probe fit vs scikit-learn (`benchmarks/probe_fit.py --train "
+               f"{args.train} --repeat {args.repeat}`) — {cpu_name()}, {threads} torch threads, load average "
+               f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end")
+    if not args.no_write:
+        prepend(heading, table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
