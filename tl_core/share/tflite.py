@@ -34,7 +34,7 @@ from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..errors import DatasetError, ExportError
 from ..fileio import write_json_atomic
 from ..storage.files import PREDICTIONS
-from .export import VERIFY_IMAGES, _export_onnx_file, _onnx_exporter, _ProbsAndLogits, _sidecar, _verification_images
+from .export import VERIFY_IMAGES, _onnx_exporter, _ProbsAndLogits, _sidecar, _verification_images, verified_onnx
 from .loading import TrainedModel, load_model
 
 __all__ = ["MIN_TOP1_AGREEMENT", "CALIBRATION_IMAGES", "EDGE_INSTALL", "export_tflite", "litert_runner",
@@ -518,7 +518,8 @@ def export_tflite(run_dir: str | os.PathLike, out: str | os.PathLike, *,
         onnx_path = Path(tmp) / "model.onnx"
         exporter = _onnx_exporter(onnx_exporter)
         try:
-            _export_onnx_file(module, x[: min(2, len(x))].clone(), onnx_path, exporter)
+            # made once per run: a later TFLite export copies it from the exports cache (verified again)
+            verified_onnx(tm, run_dir, module, x, names, source, reference, None, onnx_path, exporter)
             tf, _ = _edge_modules()
             fn = onnx_to_tf(onnx_path)
             float_bytes = _convert(tf, fn, size, None)
