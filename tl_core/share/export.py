@@ -540,6 +540,7 @@ def verified_onnx(tm: TrainedModel, run_dir: str | os.PathLike, module: nn.Modul
     """
     import onnx
     import onnxruntime as ort
+    from onnx.external_data_helper import uses_external_data
 
     example = x[: min(2, len(x))].clone()
     cache_dir = export_cache_dir(run_dir)
@@ -552,8 +553,9 @@ def verified_onnx(tm: TrainedModel, run_dir: str | os.PathLike, module: nn.Modul
                     continue
             else:
                 _export_onnx_file(module, example, path, exporter)
-            opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
-                          if o.domain in ("", "ai.onnx")), None)
+            proto = onnx.load(str(path), load_external_data=False)
+            opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+            one_file = not any(uses_external_data(t) for t in proto.graph.initializer)
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:
             if cached:
@@ -577,7 +579,7 @@ def verified_onnx(tm: TrainedModel, run_dir: str | os.PathLike, module: nn.Modul
             entry.remove()
             continue
         extra = {"exporter": f"torch.onnx ({exporter})", "opset": opset}
-        if entry is not None and not cached and len(list(path.parent.iterdir())) == 1:
+        if entry is not None and not cached and one_file:
             entry.store(path, {**extra, "export_seconds": round(export_seconds, 3), "verification": verification,
                                "source_run": Path(tm.source).name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         return verification, extra, cached, export_seconds
