@@ -164,3 +164,24 @@ def test_exports_are_counted_evicted_and_cleared_whole(emoji_run_dir, tmp_path, 
     assert sorted((_private_cache / EXPORTS).iterdir()) == [newest, newest.with_name(newest.name + ".json")]
     assert cache_summary(_private_cache)["exports"] == {"entries": 1, "bytes": summary["bytes"] - freed}
     assert clear_cache(_private_cache) >= summary["bytes"] - freed and not (_private_cache / EXPORTS).exists()
+
+
+def test_tflite_starts_from_the_shared_graph_pruned_to_probs_and_logits(first, tmp_path):
+    """TFLite converts the run's cached open-set graph with its open-set branch cut off: same probs and logits."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from tl_core.share.tflite import _probs_and_logits_only
+
+    info, _ = first
+    full = Path(info["path"])
+    pruned = _probs_and_logits_only(shutil.copy(full, tmp_path / "model.onnx"))
+    assert [o.name for o in onnx.load(str(pruned)).graph.output] == ["probs", "logits"]
+    assert len(onnx.load(str(pruned)).graph.node) < len(onnx.load(str(full)).graph.node)
+    assert _probs_and_logits_only(pruned) == pruned  # nothing left to cut
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    want = ort.InferenceSession(str(full)).run(["probs", "logits"], {"input": x})
+    got = ort.InferenceSession(str(pruned)).run(["probs", "logits"], {"input": x})
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)

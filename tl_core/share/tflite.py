@@ -513,7 +513,8 @@ def export_tflite(run_dir: str | os.PathLike, out: str | os.PathLike, *,
         onnx_exporter: auto | dynamo | legacy (the ONNX step, see :mod:`tl_core.share.export`).
     Returns:
         {path, format, bytes, sidecar, verification {passed, top1_agree, images, agreement, accuracy, ...},
-        int8 {path, bytes, top1_agree, agreement, accuracy, accuracy_change_points, calibration}, exporter}
+        int8 {path, bytes, top1_agree, agreement, accuracy, accuracy_change_points, calibration}, exporter,
+        onnx_cached (the ONNX graph it started from came from the exports cache)}
     Raises:
         ExportError: the extra is missing, an op cannot be converted, or the float32 file agrees with the run on
             fewer than :data:`MIN_TOP1_AGREEMENT` of the held-out images.
@@ -543,10 +544,13 @@ def export_tflite(run_dir: str | os.PathLike, out: str | os.PathLike, *,
         t0 = time.perf_counter()
         onnx_path = Path(tmp) / "model.onnx"
         exporter = _onnx_exporter(onnx_exporter)
+        onnx_cached = False
         try:
             def convert(module: torch.nn.Module) -> tuple[Any, Callable[[Any], dict[str, Any]], bytes]:
                 # made once per run: a later export copies it from the exports cache (its probs verified again)
-                verified_onnx(tm, run_dir, module, x, names, source, reference, None, onnx_path, exporter)
+                nonlocal onnx_cached
+                onnx_cached = verified_onnx(tm, run_dir, module, x, names, source, reference, None, onnx_path,
+                                            exporter)[2]
                 tf, _ = _edge_modules()
                 fn = onnx_to_tf(_probs_and_logits_only(onnx_path))
                 return tf, fn, _convert(tf, fn, size, None)
@@ -627,9 +631,9 @@ def export_tflite(run_dir: str | os.PathLike, out: str | os.PathLike, *,
         sidecar.pop("open_set", None)
         sidecar["open_set_note"] = ("the TFLite files give probs and logits only; the unknown flag is in the ONNX "
                                     "and web-page exports")
-        for f in sorted(Path(tmp).glob("*.tflite")):
-            os.replace(f, out.parent / f.name)
+        for name in [out.name] + ([int8_out.name] if int8_info else []):  # by name: `--out m` has no .tflite suffix
+            os.replace(Path(tmp) / name, out.parent / name)
     sidecar_path = out.with_name(out.name + ".json")
     write_json_atomic(sidecar_path, sidecar)
     return {"path": str(out), "format": "tflite", "bytes": out.stat().st_size, "sidecar": str(sidecar_path),
-            "verification": verification, **extra}
+            "verification": verification, **extra, "onnx_cached": onnx_cached}
