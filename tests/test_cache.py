@@ -36,7 +36,8 @@ def _every_kind(cache: Path) -> dict[str, list[Path]]:
         # the ONNX file is old, but its verification record was written later: the engine was used at 4500
         "engines": [_file(cache / "engines" / "e1.onnx", 400, 1500), _file(cache / "engines" / "e1.verified", 5, 4500)],
         # a run's ONNX export and its record, reused (the ONNX file touched) at 3500
-        "exports": [_file(cache / "exports" / "x1.onnx", 300, 3500), _file(cache / "exports" / "x1.onnx.json", 7, 3200)],
+        "exports": [_file(cache / "exports" / "x1.onnx", 300, 3500),
+                    _file(cache / "exports" / "x1.onnx.json", 7, 3200)],
         "checks": sorted(cache.glob("checked.sqlite*")),
     }
 

@@ -461,8 +461,8 @@ def _remove(files: list[Path]) -> None:
 def enforce_cache_limit(cache_dir: str | os.PathLike, max_bytes: int | None = None) -> int:
     """Evict least-recently-used entries of every cache above the cap.
 
-    Arrays, recorded results, ONNX engines and the runs' ONNX exports compete in one order of last use (a cache hit touches the
-    file). The check database is never evicted here: the server and the workers keep it open (SQLite in WAL
+    Arrays, recorded results, ONNX engines and the runs' ONNX exports compete in one order of last use (a cache hit
+    touches the file). The check database is never evicted here: the server and the workers keep it open (SQLite in WAL
     mode), and removing its files under an open connection can lose or corrupt it; it holds a few hundred bytes
     an image (a million images: a few hundred MB), counts towards the cap, and goes only with
     :func:`clear_cache`.

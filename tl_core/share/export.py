@@ -17,9 +17,9 @@ within ``PARITY_TOLERANCE``; otherwise the file is deleted and :class:`ExportErr
 
 An ONNX graph is made once per run: a verified export is kept in the workspace's exports cache
 (``<cache>/exports/<key>.onnx``, :data:`tl_core.cache.EXPORTS`; the key hashes the run's model files, the graph's
-outputs, the exporter, the opset, torch's, onnx's and onnxscript's versions and :data:`EXPORT_CACHE_VERSION`), and a
-later ONNX, web-page or TFLite export of the same run copies it instead of running the exporter again (dynamo: 11-15 s
-of CPU for Lite0). The copy is verified exactly as a fresh export is, every time; one that fails, or cannot be read,
+outputs, the exporter, the opset, torch's, onnx's, onnxscript's and timm's versions and
+:data:`EXPORT_CACHE_VERSION`), and a later ONNX, web-page or TFLite export of the same run copies it instead of
+running the exporter again (dynamo: 11-15 s of CPU for Lite0). The copy is verified exactly as a fresh export is, every time; one that fails, or cannot be read,
 is deleted from the cache and exported afresh. A bundle, or a run directory outside any workspace, is not cached.
 """
 
@@ -471,7 +471,7 @@ def _onnx_cache_key(tm: TrainedModel, module: nn.Module, example: torch.Tensor, 
             "graph": "probs+logits+open-set" if isinstance(module, _WithOpenSet) else "probs+logits",
             "example_shape": list(example.shape), "exporter": exporter, "opset": ONNX_OPSET,
             "torch": torch.__version__, "onnx": _package_version("onnx"), "onnxscript": _package_version("onnxscript"),
-            "files": files}
+            "timm": _package_version("timm"), "files": files}
 
 
 class _CachedExport:
@@ -728,7 +728,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
                 _export_torchscript_file(module, example, staged, {"tl_studio.json": json.dumps(preview)})
                 loaded = _load_torchscript(staged)
             except Exception as e:
-                raise ExportError(f"{fmt} export of {tm.meta.arch} failed: {type(e).__name__}: {str(e)[:300]}") from None
+                raise ExportError(f"{fmt} export of {tm.meta.arch} failed: {type(e).__name__}: "
+                                  f"{str(e)[:300]}") from None
             extra = {"exporter": "torch.jit.trace"}
             export_seconds = time.perf_counter() - t0
 
