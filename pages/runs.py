@@ -198,7 +198,7 @@ def export_panel(ws, run_id: str) -> None:
 
 #: How the Cache panel names each of tl_core.cache's kinds.
 _CACHE_NAMES = {"decoded": "Decoded images", "features": "features", "choices": "recorded choices",
-                "engines": "ONNX engines", "checks": "image checks"}
+                "engines": "ONNX engines", "exports": "ONNX exports of runs", "checks": "image checks"}
 
 
 @st.cache_data(ttl=30, show_spinner=False)
@@ -210,8 +210,8 @@ def _cache_summary(cache_dir: str) -> dict[str, dict[str, int]]:
 
 
 def cache_panel(ws) -> None:
-    """How much each cache holds (decoded images, features, recorded choices, ONNX engines, image checks), and a
-    button that empties them all."""
+    """How much each cache holds (decoded images, features, recorded choices, ONNX engines, runs' ONNX exports,
+    image checks), and a button that empties them all."""
     with st.expander("Cache", icon=":material/storage:"):
         summary = _cache_summary(str(ws.cache_dir))
         st.caption(" · ".join(f"{_CACHE_NAMES[k]} {v['bytes'] / 1e6:.1f} MB" for k, v in summary.items()) + ". "

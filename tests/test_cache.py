@@ -22,7 +22,8 @@ def _file(path: Path, n: int, used: float) -> Path:
 
 
 def _every_kind(cache: Path) -> dict[str, list[Path]]:
-    """One entry of each kind (two files for the engine, three for the checks), last used at 1000..5000."""
+    """One entry of each kind (two files for the engine and the export, three for the checks), last used at
+    1000..5000."""
     checks = ImageCheckCache(cache / "checked.sqlite")
     checks.put("ab" * 32, 10, 10, None)
     checks._db.close()
@@ -34,6 +35,9 @@ def _every_kind(cache: Path) -> dict[str, list[Path]]:
         "choices": [_file(cache / "features" / "k" / "choices" / "c.json", 30, 3000)],
         # the ONNX file is old, but its verification record was written later: the engine was used at 4500
         "engines": [_file(cache / "engines" / "e1.onnx", 400, 1500), _file(cache / "engines" / "e1.verified", 5, 4500)],
+        # a run's ONNX export and its record, reused (the ONNX file touched) at 3500
+        "exports": [_file(cache / "exports" / "x1.onnx", 300, 3500),
+                    _file(cache / "exports" / "x1.onnx.json", 7, 3200)],
         "checks": sorted(cache.glob("checked.sqlite*")),
     }
 
@@ -43,6 +47,7 @@ def test_summary_counts_every_kind_and_skips_files_being_written(tmp_path):
     files = _every_kind(cache)
     _file(cache / "engines" / ".e2.onnx.1.2.tmp.onnx", 999, 9000)  # an export being written: not an entry yet
     _file(cache / "features" / "k" / "ab" / ".b.npy.1.2.tmp", 999, 9000)
+    _file(cache / "exports" / ".x2.onnx.1.2.tmp.onnx", 999, 9000)
     summary = cache_summary(cache)
     assert list(summary) == list(CACHE_KINDS)
     for kind, fs in files.items():
@@ -55,12 +60,15 @@ def test_eviction_is_least_recently_used_across_kinds_engines_whole_checks_never
     cache = tmp_path / "cache"
     files = _every_kind(cache)
     usage = cache_usage(cache)
-    # keep room for the engine and the checks only: decoded (1000), features (2000) and choices (3000) go, in that
-    # order; the engine's ONNX file (1500) stays with its newer record
-    keep = usage["engines"] + usage["checks"]
+    # keep room for the engine, the export and the checks only: decoded (1000), features (2000) and choices (3000)
+    # go, in that order; the engine's ONNX file (1500) stays with its newer record
+    keep = usage["engines"] + usage["exports"] + usage["checks"]
     assert enforce_cache_limit(cache, max_bytes=keep) == usage["decoded"] + usage["features"] + usage["choices"]
-    assert all(f.exists() for f in files["engines"] + files["checks"])
+    assert all(f.exists() for f in files["engines"] + files["exports"] + files["checks"])
     assert not any(f.exists() for k in ("decoded", "features", "choices") for f in files[k])
+    # the export (used at 3500) goes before the engine (4500), whole: its record (3200) with it
+    assert enforce_cache_limit(cache, max_bytes=usage["engines"] + usage["checks"]) == usage["exports"]
+    assert not any(f.exists() for f in files["exports"]) and all(f.exists() for f in files["engines"])
     # the engine goes whole; the checks stay even when the cap cannot be met without them (only clear_cache
     # removes them: workers and the server keep the database open)
     assert enforce_cache_limit(cache, max_bytes=0) == usage["engines"]

@@ -6,6 +6,8 @@
   choice, the cross-validated estimate, out-of-fold probabilities as ``.json``, the refitted linear heads as
   ``.npy``; tl_core.runs.training): every file under ``features/`` that is not a cached vector;
 - ``engines/``: the ONNX feature engines and their verification records (tl_core.models.engines);
+- ``exports/``: the verified ONNX exports of runs, made once per run and reused by every later export of it (ONNX
+  file, web page, TFLite; tl_core.share.export): ``<key>.onnx`` and its record ``<key>.onnx.json``;
 - ``checked.sqlite``: each image's check result by content hash, and each file's content hash by
   (path, size, modification time), so that opening the same data again reads no image and hashes no file.
 
@@ -36,7 +38,7 @@ from .fileio import write_json_atomic, writing_atomic
 from .settings import setting
 
 __all__ = ["DecodedImageCache", "ImageCheckCache", "FeatureCache", "recorded", "cache_usage", "enforce_cache_limit",
-           "clear_cache", "cache_summary", "CACHE_KINDS"]
+           "clear_cache", "cache_summary", "CACHE_KINDS", "EXPORTS"]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,11 @@ class CachedImage(Protocol):
 #: Every cache under ``cache/``, as :func:`cache_summary` counts them: decoded images and features (arrays, one
 #: per image: ``<folder>/<sha[:2]>/<sha>.npy``), the results recorded beside the features (:func:`recorded`:
 #: ``auto``'s feature choice, cross-validated estimates, out-of-fold probabilities, refitted linear heads), the
-#: ONNX feature engines (``engines/``) and the image checks (``checked.sqlite``).
-CACHE_KINDS = ("decoded", "features", "choices", "engines", "checks")
+#: ONNX feature engines (``engines/``), the runs' verified ONNX exports (``exports/``) and the image checks
+#: (``checked.sqlite``).
+CACHE_KINDS = ("decoded", "features", "choices", "engines", "exports", "checks")
+#: The folder of the runs' verified ONNX exports (tl_core.share.export): ``<key>.onnx`` + ``<key>.onnx.json``.
+EXPORTS = "exports"
 #: The backbones recorded for a warm linear run (:func:`tl_core.models.backbones.record_backbone`):
 #: ``features/<this>/<key>/`` holds ``trunk.safetensors`` and ``record.json``, one entry of the features cache.
 BACKBONE_RECORDS = "backbones"
@@ -365,6 +370,7 @@ def _entries(cache_dir: Path) -> list[tuple[float, int, str, list[Path]]]:
     An entry is what is evicted at once: one array (decoded image or features), one recorded result, one ONNX
     engine with the small files recorded beside it (``<key>.verified``, ``.failed``, ``.images``: its last use
     is the newest of them; :func:`tl_core.models.engines.feature_engine` touches the ONNX file when it loads it),
+    one run's ONNX export with its record (``exports/<key>.*``: the newest again; a reuse touches the ONNX file),
     and the check database with its WAL files (its last use is its last write).
     """
     out: list[tuple[float, int, str, list[Path]]] = []
@@ -397,6 +403,15 @@ def _entries(cache_dir: Path) -> list[tuple[float, int, str, list[Path]]]:
                 engines.setdefault(f.stem, []).append((st[0], st[1], f))
     for files in engines.values():
         out.append((max(t for t, _, _ in files), sum(s for _, s, _ in files), "engines", [f for _, _, f in files]))
+    exports: dict[str, list[tuple[float, int, Path]]] = {}
+    d = cache_dir / EXPORTS
+    if d.exists():
+        for f in d.iterdir():  # <key>.onnx and <key>.onnx.json: one entry per key
+            st = _stat(f) if not _writing(f) and f.is_file() else None
+            if st is not None:
+                exports.setdefault(f.name.split(".")[0], []).append((st[0], st[1], f))
+    for files in exports.values():
+        out.append((max(t for t, _, _ in files), sum(s for _, s, _ in files), "exports", [f for _, _, f in files]))
     checks = [(f, st) for f in _check_files(cache_dir) if (st := _stat(f)) is not None]
     if checks:
         out.append((max(st[0] for _, st in checks), sum(st[1] for _, st in checks), "checks", [f for f, _ in checks]))
@@ -420,8 +435,8 @@ def cache_summary(cache_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
     """Entries and bytes of each cache under ``cache_dir``, by kind (:data:`CACHE_KINDS`, all present).
 
     Returns:
-        ``{kind: {"entries": n, "bytes": b}}``; an ONNX engine with its records is one entry, the check
-        database one entry.
+        ``{kind: {"entries": n, "bytes": b}}``; an ONNX engine with its records is one entry, a run's ONNX export
+        with its record one entry, the check database one entry.
     """
     out = {kind: {"entries": 0, "bytes": 0} for kind in CACHE_KINDS}
     for _, size, kind, _ in _entries(Path(cache_dir)):
@@ -446,8 +461,8 @@ def _remove(files: list[Path]) -> None:
 def enforce_cache_limit(cache_dir: str | os.PathLike, max_bytes: int | None = None) -> int:
     """Evict least-recently-used entries of every cache above the cap.
 
-    Arrays, recorded results and ONNX engines compete in one order of last use (a cache hit touches the
-    file). The check database is never evicted here: the server and the workers keep it open (SQLite in WAL
+    Arrays, recorded results, ONNX engines and the runs' ONNX exports compete in one order of last use (a cache hit
+    touches the file). The check database is never evicted here: the server and the workers keep it open (SQLite in WAL
     mode), and removing its files under an open connection can lose or corrupt it; it holds a few hundred bytes
     an image (a million images: a few hundred MB), counts towards the cap, and goes only with
     :func:`clear_cache`.
@@ -479,7 +494,7 @@ def clear_cache(cache_dir: str | os.PathLike) -> int:
     """
     cache_dir = Path(cache_dir)
     freed = sum(cache_usage(cache_dir).values())
-    for sub in ("decoded", "features", "engines"):
+    for sub in ("decoded", "features", "engines", EXPORTS):
         shutil.rmtree(cache_dir / sub, ignore_errors=True)
     _remove(_check_files(cache_dir))
     return freed

@@ -112,7 +112,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("TL_HOME", "path", None, "The workspace: runs.sqlite, runs/, datasets/, projects/ and (unless "
             "TL_CACHE_DIR) cache/.", _path, "~/.tl_studio"),
     Setting("TL_CACHE_DIR", "path", None, "The content-keyed caches (decoded images, features, checks, ONNX "
-            "engines), e.g. on a fast disk or shared by many workspaces.", _path, "<TL_HOME>/cache"),
+            "engines, the runs' verified ONNX exports), e.g. on a fast disk or shared by many workspaces.", _path, "<TL_HOME>/cache"),
     Setting("TL_CACHE_MAX_GB", "number > 0", 5.0, "Cap on the caches' size in GB; least recently used entries "
             "are evicted above it.", _positive_float),
     Setting("TL_MAX_WORKERS", "int >= 1", None, "Compute tasks (trainings included) that run at once on this "

@@ -14,15 +14,24 @@ the sidecar says ``multi_label: true`` and gives the per-label ``thresholds``).
 Every export is verified before it is kept: the exported model runs (onnxruntime / ``torch.jit.load``)
 on real images of the run and must agree with PyTorch, same top-1 on every image and probabilities
 within ``PARITY_TOLERANCE``; otherwise the file is deleted and :class:`ExportError` raised.
+
+An ONNX graph is made once per run: a verified export is kept in the workspace's exports cache
+(``<cache>/exports/<key>.onnx``, :data:`tl_core.cache.EXPORTS`; the key hashes the run's model files, the graph's
+outputs, the exporter, the opset, torch's, onnx's, onnxscript's and timm's versions and
+:data:`EXPORT_CACHE_VERSION`), and a later ONNX, web-page or TFLite export of the same run copies it instead of
+running the exporter again (dynamo: 11-15 s of CPU for Lite0). The copy is verified exactly as a fresh export is, every time; one that fails, or cannot be read,
+is deleted from the cache and exported afresh. A bundle, or a run directory outside any workspace, is not cached.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -35,11 +44,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cache import EXPORTS
 from ..config import EXPORT_FORMATS
 from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..errors import DatasetError, ExportError
-from ..fileio import write_json_atomic
+from ..fileio import write_json_atomic, writing_atomic
 from ..storage.files import BUNDLE_FILES, MANIFEST, METRICS, OPEN_SET_FILES, PREDICTIONS, bundle_manifest
+from ..storage.workspace import Workspace
 from .card import model_card
 from .loading import TrainedModel, load_model
 from .predict import expand_paths
@@ -51,7 +62,10 @@ __all__ = [
     "OOD_TOLERANCE",
     "OOD_OUTPUTS",
     "VERIFY_IMAGES",
+    "EXPORT_CACHE_VERSION",
     "export_run",
+    "export_cache_dir",
+    "verified_onnx",
     "export_for_download",
 ]
 
@@ -72,6 +86,10 @@ VERIFY_IMAGES = 64
 
 
 _EXTENSIONS = {"bundle": "zip", "onnx": "onnx", "torchscript": "pt"}
+
+#: Part of every exports-cache key: bump it when this module changes the ONNX bytes it writes for the same run
+#: (the graph, its input/output names, the exporter's options), so that no export made before is reused.
+EXPORT_CACHE_VERSION = 1
 
 
 
@@ -418,6 +436,184 @@ def _load_torchscript(path: Path) -> Any:
         return torch.jit.load(str(path), map_location="cpu")
 
 
+def export_cache_dir(run_dir: str | os.PathLike) -> Path | None:
+    """Where the verified ONNX exports of a run are kept: ``<cache>/exports`` of the workspace that holds the run
+    directory (``<home>/runs/<id>``, a project's too; ``$TL_CACHE_DIR`` moves it), or None: a bundle, or a run
+    directory outside any workspace (its exports are not cached).
+
+    Args:
+        run_dir: a run directory or a bundle zip.
+    Returns:
+        The folder (not created here), or None.
+    """
+    run_dir = Path(run_dir).resolve()
+    home = run_dir.parent.parent
+    if not run_dir.is_dir() or run_dir.parent.name != "runs" or not (home / "runs.sqlite").is_file():
+        return None
+    return Workspace.at(home).cache_dir / EXPORTS
+
+
+def _package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def _onnx_cache_key(tm: TrainedModel, module: nn.Module, example: torch.Tensor, exporter: str) -> dict[str, Any]:
+    """Everything the ONNX bytes of ``module`` depend on: the run's model files (weights, meta.json with the
+    temperature and classes, config.json, the open-set files), the graph's outputs, the example batch the exporter
+    traces, the exporter, the opset and the versions of the code that writes the file."""
+    files = {f: hashlib.sha256(tm.files.raw(f)).hexdigest() for f in BUNDLE_FILES + OPEN_SET_FILES if tm.files.has(f)}
+    return {"cache_version": EXPORT_CACHE_VERSION, "format": "onnx",
+            "graph": "probs+logits+open-set" if isinstance(module, _WithOpenSet) else "probs+logits",
+            "example_shape": list(example.shape), "exporter": exporter, "opset": ONNX_OPSET,
+            "torch": torch.__version__, "onnx": _package_version("onnx"), "onnxscript": _package_version("onnxscript"),
+            "timm": _package_version("timm"), "files": files}
+
+
+class _CachedExport:
+    """One entry of the exports cache: ``<dir>/<key>.onnx`` and its record ``<key>.onnx.json`` (what the key hashes,
+    when and how fast it was made and verified). Written atomically (two processes exporting the same run at once:
+    the last one wins, neither leaves half a file); never trusted without verification."""
+
+    def __init__(self, directory: Path, parts: dict[str, Any]):
+        key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+        self.parts = parts
+        self.model = directory / f"{key}.onnx"
+        self.record = directory / f"{key}.onnx.json"
+
+    def copy_to(self, dest: Path) -> bool:
+        """Copy the cached file to ``dest`` and mark the entry as used now; False when there is none (or it went
+        meanwhile: evicted by another process)."""
+        try:
+            shutil.copyfile(self.model, dest)
+            os.utime(self.model)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            log.warning("cached export %s is unreadable (%s); exporting afresh", self.model.name, e)
+            return False
+
+    def remove(self) -> None:
+        for f in (self.model, self.record):
+            with contextlib.suppress(OSError):
+                f.unlink(missing_ok=True)
+
+    def store(self, verified: Path, record: dict[str, Any]) -> None:
+        """Keep a verified file (a full or read-only disk: not kept, with a warning)."""
+        try:
+            with writing_atomic(self.model, ".onnx") as tmp:
+                shutil.copyfile(verified, tmp)
+            write_json_atomic(self.record, {**record, "key": self.parts})
+        except OSError as e:
+            log.warning("could not keep the ONNX export in the cache (%s)", e)
+
+
+def verified_onnx(tm: TrainedModel, run_dir: str | os.PathLike, module: nn.Module, x: torch.Tensor,
+                  names: Sequence[str], source: str, reference: np.ndarray, ood_reference: list[np.ndarray] | None,
+                  path: Path, exporter: str) -> tuple[dict[str, Any], dict[str, Any], bool, float]:
+    """Write ``module``'s ONNX graph to ``path``, verified with onnxruntime against PyTorch on ``x``: copied from
+    the exports cache when this run's graph was made before (verified again, here, like a fresh one), else exported.
+
+    A cached file that cannot be read or fails the verification is deleted from the cache and the graph exported
+    afresh (a warning is logged); a fresh export that passes is kept in the cache (only a single-file graph: not
+    one with external data).
+
+    Args:
+        tm: the loaded run.
+        run_dir: its directory or bundle (where the cache is: :func:`export_cache_dir`).
+        module: :class:`_ProbsAndLogits` or :class:`_WithOpenSet` of ``tm``'s model (contiguous, eval mode).
+        x: the verification images; names, source: their names and where they came from.
+        reference: PyTorch's probabilities on ``x``.
+        ood_reference: ``tl-core predict``'s open-set scores on ``x`` (with a :class:`_WithOpenSet` module), or None.
+        path: the ONNX file to write (in a staging folder: external data may be written beside it).
+        exporter: dynamo | legacy (resolved by :func:`_onnx_exporter`).
+    Returns:
+        (verification, {exporter, opset}, whether the cached graph was used, seconds to export or copy it)
+    Raises:
+        ExportError: the export fails, or the fresh export disagrees with PyTorch (the file is left for the caller
+            to delete with its staging folder).
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx.external_data_helper import uses_external_data
+
+    example = x[: min(2, len(x))].clone()
+    cache_dir = export_cache_dir(run_dir)
+    entry = _CachedExport(cache_dir, _onnx_cache_key(tm, module, example, exporter)) if cache_dir else None
+    for cached in ((True, False) if entry is not None and entry.model.is_file() else (False,)):
+        t0 = time.perf_counter()
+        try:
+            if cached:
+                if not entry.copy_to(path):
+                    continue
+            else:
+                _export_onnx_file(module, example, path, exporter)
+            proto = onnx.load(str(path), load_external_data=False)
+            opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+            one_file = not any(uses_external_data(t) for t in proto.graph.initializer)
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            if cached:
+                log.warning("cached ONNX export %s cannot be loaded (%s: %s); exporting afresh", entry.model.name,
+                            type(e).__name__, str(e)[:200])
+                entry.remove()
+                continue
+            if isinstance(e, ExportError):
+                raise
+            raise ExportError(f"onnx export of {tm.meta.arch} failed: {type(e).__name__}: {str(e)[:300]}") from None
+        export_seconds = time.perf_counter() - t0
+        wanted = ["probs"] + (list(OOD_OUTPUTS) if ood_reference is not None else [])
+        runner = lambda a: session.run(wanted, {"input": a.astype(np.float32)})  # noqa: E731
+        runtime = f"onnxruntime {ort.__version__} (CPUExecutionProvider)"
+        try:
+            verification = _checked(tm, "onnx", reference, ood_reference, runner, x, names, source, runtime)
+        except ExportError as e:
+            if not cached:
+                raise
+            log.warning("cached ONNX export %s failed its verification (%s); exporting afresh", entry.model.name, e)
+            entry.remove()
+            continue
+        extra = {"exporter": f"torch.onnx ({exporter})", "opset": opset}
+        if entry is not None and not cached and one_file:
+            entry.store(path, {**extra, "export_seconds": round(export_seconds, 3), "verification": verification,
+                               "source_run": Path(tm.source).name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return verification, extra, cached, export_seconds
+    raise AssertionError("unreachable: the last attempt exports afresh")
+
+
+def _checked(tm: TrainedModel, fmt: str, reference: np.ndarray, ood_reference: list[np.ndarray] | None,
+             runner: Callable[[np.ndarray], list[np.ndarray]], x: torch.Tensor, names: Sequence[str], source: str,
+             runtime: str) -> dict[str, Any]:
+    """The exported model's verification (probabilities, and the open-set scores with ``ood_reference``).
+
+    Raises:
+        ExportError: it disagrees with PyTorch (the message says by how much and what to try).
+    """
+    full, single, seconds = _run_exported(runner, x)
+    verification = _verify(reference, full[0], single[0], seconds, names, source, runtime)
+    if ood_reference is not None:
+        verification["open_set"] = _verify_ood(tm, ood_reference, full[1:], single[1:])
+        if not verification["open_set"]["passed"]:
+            o = verification["open_set"]
+            raise ExportError(
+                f"{fmt} export failed verification of its open-set score on {len(names)} images: max difference "
+                f"{o['max_score_diff']:.2e} (allowed {OOD_TOLERANCE:.0e}), unknown differs on "
+                f"{o['images'] - o['unknown_agree']} image(s); the file was not kept. Report a bug with the "
+                "backbone name.")
+    if not verification["passed"]:
+        raise ExportError(
+            f"{fmt} export failed verification on {verification['images']} images: max probability difference "
+            f"{verification['max_prob_diff']:.2e} (allowed {PARITY_TOLERANCE:.0e}), top-1 differs on "
+            f"{len(verification['top1_disagree'])} image(s); the file was not kept. Try the other exporter "
+            "(onnx_exporter='legacy'/'dynamo') or report a bug with the backbone name.")
+    return verification
+
+
 _README = """TL Studio model bundle
 ======================
 
@@ -460,7 +656,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
     :func:`tl_core.share.webpage.export_webpage`'s, built on this ONNX export).
 
     ONNX and TorchScript exports are verified before they are kept (see the module docstring); the
-    verification numbers are returned and written into the sidecar ``<out>.json``.
+    verification numbers are returned and written into the sidecar ``<out>.json``. An ONNX graph made before for
+    the same run is copied from the workspace's exports cache (:func:`verified_onnx`) and verified again.
 
     Args:
         run_dir: the run directory (or a bundle zip: re-export it in another format).
@@ -471,7 +668,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
         onnx_exporter: auto | dynamo | legacy (see :func:`_onnx_exporter`).
     Returns:
         {path, format, bytes, sidecar (onnx/torchscript), verification {passed, max_prob_diff, top1_agree,
-        images, ...} (onnx/torchscript), exporter, opset (onnx)}
+        images, ...} (onnx/torchscript), exporter, opset (onnx), export_seconds (onnx/torchscript: the time this
+        call took to export, or to copy the cached graph), cached (onnx: the graph came from the exports cache)}
     Raises:
         ExportError: unknown format, missing runtime, or the exported model disagrees with PyTorch.
     """
@@ -496,8 +694,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
 
     if fmt == "onnx":
         try:
-            import onnx
-            import onnxruntime as ort
+            import onnx  # noqa: F401  (verified_onnx reads and runs the file with them)
+            import onnxruntime  # noqa: F401
         except ImportError:
             raise ExportError("ONNX export needs onnx and onnxruntime (to verify the file); "
                               "run `pip install 'tl-studio[export]'`.") from None
@@ -517,61 +715,38 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
         p.requires_grad_(False)
     example = x[: min(2, len(x))].clone()
     sidecar_path = out.with_name(out.name + ".json")
+    cached = False
     with tempfile.TemporaryDirectory(prefix="tl-export-", dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
-        extra: dict[str, Any] = {}
-        t0 = time.perf_counter()
-        try:
-            if fmt == "onnx":
-                exporter = _onnx_exporter(onnx_exporter)
-                _export_onnx_file(module, example, staged, exporter)
-                opset = next((o.version for o in onnx.load(str(staged), load_external_data=False).opset_import
-                              if o.domain in ("", "ai.onnx")), None)
-                extra = {"exporter": f"torch.onnx ({exporter})", "opset": opset}
-                session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
-                wanted = ["probs"] + (list(OOD_OUTPUTS) if ood_reference is not None else [])
-                runner = lambda a: session.run(wanted, {"input": a.astype(np.float32)})  # noqa: E731
-                runtime = f"onnxruntime {ort.__version__} (CPUExecutionProvider)"
-            else:
+        if fmt == "onnx":
+            verification, extra, cached, export_seconds = verified_onnx(
+                tm, run_dir, module, x, names, source, reference, ood_reference, staged, _onnx_exporter(onnx_exporter))
+        else:
+            t0 = time.perf_counter()
+            try:
                 preview = _sidecar(tm, fmt, out.name, {"see": f"{out.name}.json"}, {"exporter": "torch.jit.trace"})
                 _export_torchscript_file(module, example, staged, {"tl_studio.json": json.dumps(preview)})
                 loaded = _load_torchscript(staged)
-                extra = {"exporter": "torch.jit.trace"}
+            except Exception as e:
+                raise ExportError(f"{fmt} export of {tm.meta.arch} failed: {type(e).__name__}: "
+                                  f"{str(e)[:300]}") from None
+            extra = {"exporter": "torch.jit.trace"}
+            export_seconds = time.perf_counter() - t0
 
-                def runner(a: np.ndarray) -> list[np.ndarray]:  # probs, then the open-set outputs if any
-                    with torch.inference_mode():
-                        outs = loaded(torch.from_numpy(a))
-                    return [outs[0].float().numpy()] + [t.float().numpy() for t in outs[2:5]]
+            def runner(a: np.ndarray) -> list[np.ndarray]:  # probs, then the open-set outputs if any
+                with torch.inference_mode():
+                    outs = loaded(torch.from_numpy(a))
+                return [outs[0].float().numpy()] + [t.float().numpy() for t in outs[2:5]]
 
-                runtime = f"torch.jit.load (torch {torch.__version__})"
-        except ExportError:
-            raise
-        except Exception as e:
-            raise ExportError(f"{fmt} export of {tm.meta.arch} failed: {type(e).__name__}: {str(e)[:300]}") from None
-        export_seconds = time.perf_counter() - t0
-        full, single, seconds = _run_exported(runner, x)
-        verification = _verify(reference, full[0], single[0], seconds, names, source, runtime)
-        if ood_reference is not None:
-            verification["open_set"] = _verify_ood(tm, ood_reference, full[1:], single[1:])
-            if not verification["open_set"]["passed"]:
-                o = verification["open_set"]
-                raise ExportError(
-                    f"{fmt} export failed verification of its open-set score on {len(names)} images: max difference "
-                    f"{o['max_score_diff']:.2e} (allowed {OOD_TOLERANCE:.0e}), unknown differs on "
-                    f"{o['images'] - o['unknown_agree']} image(s); the file was not kept. Report a bug with the "
-                    "backbone name.")
-        if not verification["passed"]:
-            raise ExportError(
-                f"{fmt} export failed verification on {verification['images']} images: max probability difference "
-                f"{verification['max_prob_diff']:.2e} (allowed {PARITY_TOLERANCE:.0e}), top-1 differs on "
-                f"{len(verification['top1_disagree'])} image(s); the file was not kept. Try the other exporter "
-                "(onnx_exporter='legacy'/'dynamo') or report a bug with the backbone name.")
+            verification = _checked(tm, fmt, reference, ood_reference, runner, x, names, source,
+                                    f"torch.jit.load (torch {torch.__version__})")
         sidecar = _sidecar(tm, fmt, out.name, verification, {**extra, "export_seconds": round(export_seconds, 3)})
         for f in sorted(Path(tmp).iterdir()):  # the model file, plus external ONNX data if the model is huge
             os.replace(f, out.parent / f.name)
     write_json_atomic(sidecar_path, sidecar)
     return {"path": str(out), "format": fmt, "bytes": out.stat().st_size, "sidecar": str(sidecar_path),
-            "verification": verification, **extra}
+            "verification": verification, **extra, "export_seconds": round(export_seconds, 3),
+            **({"cached": cached} if fmt == "onnx" else {})}
 
 
 def export_for_download(run_dir: str | os.PathLike, fmt: str, **kwargs: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import tempfile
 import time
@@ -34,8 +35,11 @@ from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..errors import DatasetError, ExportError
 from ..fileio import write_json_atomic
 from ..storage.files import PREDICTIONS
-from .export import VERIFY_IMAGES, _export_onnx_file, _onnx_exporter, _ProbsAndLogits, _sidecar, _verification_images
+from .export import (VERIFY_IMAGES, _onnx_exporter, _ProbsAndLogits, _sidecar, _verification_images, _WithOpenSet,
+                     verified_onnx)
 from .loading import TrainedModel, load_model
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MIN_TOP1_AGREEMENT", "CALIBRATION_IMAGES", "EDGE_INSTALL", "export_tflite", "litert_runner",
            "onnx_to_tf"]
@@ -464,6 +468,27 @@ def _convert(tf: Any, fn: Callable[[Any], dict[str, Any]], size: int,
         return converter.convert()
 
 
+def _probs_and_logits_only(path: Path) -> Path:
+    """The ONNX graph at ``path`` with only the nodes that compute ``probs`` and ``logits`` (a graph with open-set
+    outputs loses their branch: for Lite0 it is then node for node the graph of :class:`_ProbsAndLogits`), written
+    to ``<path stem>.probs.onnx`` beside it; ``path`` itself when it has no other outputs.
+
+    Args:
+        path: a verified ONNX export (:func:`tl_core.share.export.verified_onnx`).
+    Returns:
+        The file to convert.
+    """
+    import onnx
+    from onnx.utils import Extractor
+
+    model = onnx.load(str(path))
+    if [o.name for o in model.graph.output] == ["probs", "logits"]:
+        return path
+    pruned = path.with_name(f"{path.stem}.probs.onnx")
+    onnx.save(Extractor(model).extract_model(["input"], ["probs", "logits"]), str(pruned))
+    return pruned
+
+
 def _accuracy(probs: np.ndarray, y: np.ndarray | None) -> float | None:
     if y is None:
         return None
@@ -488,7 +513,8 @@ def export_tflite(run_dir: str | os.PathLike, out: str | os.PathLike, *,
         onnx_exporter: auto | dynamo | legacy (the ONNX step, see :mod:`tl_core.share.export`).
     Returns:
         {path, format, bytes, sidecar, verification {passed, top1_agree, images, agreement, accuracy, ...},
-        int8 {path, bytes, top1_agree, agreement, accuracy, accuracy_change_points, calibration}, exporter}
+        int8 {path, bytes, top1_agree, agreement, accuracy, accuracy_change_points, calibration}, exporter,
+        onnx_cached (the ONNX graph it started from came from the exports cache)}
     Raises:
         ExportError: the extra is missing, an op cannot be converted, or the float32 file agrees with the run on
             fewer than :data:`MIN_TOP1_AGREEMENT` of the held-out images.
@@ -507,21 +533,35 @@ def export_tflite(run_dir: str | os.PathLike, out: str | os.PathLike, *,
     with torch.inference_mode():  # the reference: exactly the model `tl-core predict` runs
         z = tm.model(x.contiguous(memory_format=torch.channels_last)).float() / tm.temperature
         reference = (torch.sigmoid(z) if tm.meta.multi_label else torch.softmax(z, dim=1)).numpy()
-    module = _ProbsAndLogits(copy.deepcopy(tm.model).to(memory_format=torch.contiguous_format), tm.temperature,
-                             tm.meta.multi_label).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
+    # the ONNX export's own graph, so that the ONNX, web-page and TFLite exports of a run share one (made once: the
+    # exports cache), pruned to probs and logits before conversion (the open-set outputs stay ONNX's)
+    net = copy.deepcopy(tm.model).to(memory_format=torch.contiguous_format).requires_grad_(False)
+    plain = _ProbsAndLogits(net, tm.temperature, tm.meta.multi_label).eval()
+    shared = _WithOpenSet(net, tm.temperature, tm.meta.multi_label, tm.open_set).eval() if tm.open_set else None
     size = tm.pre.input_size
     y = _held_out_targets(tm, names)
     with tempfile.TemporaryDirectory(prefix="tl-export-", dir=out.parent) as tmp:
         t0 = time.perf_counter()
         onnx_path = Path(tmp) / "model.onnx"
         exporter = _onnx_exporter(onnx_exporter)
+        onnx_cached = False
         try:
-            _export_onnx_file(module, x[: min(2, len(x))].clone(), onnx_path, exporter)
-            tf, _ = _edge_modules()
-            fn = onnx_to_tf(onnx_path)
-            float_bytes = _convert(tf, fn, size, None)
+            def convert(module: torch.nn.Module) -> tuple[Any, Callable[[Any], dict[str, Any]], bytes]:
+                # made once per run: a later export copies it from the exports cache (its probs verified again)
+                nonlocal onnx_cached
+                onnx_cached = verified_onnx(tm, run_dir, module, x, names, source, reference, None, onnx_path,
+                                            exporter)[2]
+                tf, _ = _edge_modules()
+                fn = onnx_to_tf(_probs_and_logits_only(onnx_path))
+                return tf, fn, _convert(tf, fn, size, None)
+
+            try:
+                tf, fn, float_bytes = convert(shared or plain)
+            except ExportError as e:
+                if shared is None:
+                    raise
+                log.info("the open-set graph's probs do not convert (%s); exporting the plain graph", e)
+                tf, fn, float_bytes = convert(plain)
         except ExportError:
             raise
         except Exception as e:
@@ -591,9 +631,9 @@ def export_tflite(run_dir: str | os.PathLike, out: str | os.PathLike, *,
         sidecar.pop("open_set", None)
         sidecar["open_set_note"] = ("the TFLite files give probs and logits only; the unknown flag is in the ONNX "
                                     "and web-page exports")
-        for f in sorted(Path(tmp).glob("*.tflite")):
-            os.replace(f, out.parent / f.name)
+        for name in [out.name] + ([int8_out.name] if int8_info else []):  # by name: `--out m` has no .tflite suffix
+            os.replace(Path(tmp) / name, out.parent / name)
     sidecar_path = out.with_name(out.name + ".json")
     write_json_atomic(sidecar_path, sidecar)
     return {"path": str(out), "format": "tflite", "bytes": out.stat().st_size, "sidecar": str(sidecar_path),
-            "verification": verification, **extra}
+            "verification": verification, **extra, "onnx_cached": onnx_cached}

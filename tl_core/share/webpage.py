@@ -186,7 +186,7 @@ def export_webpage(run_dir: str | os.PathLike, out: str | os.PathLike, *, top_k:
         **export_kwargs: passed to :func:`tl_core.share.export.export_run` (verification images, exporter).
     Returns:
         {path (the folder), index, zip, format, bytes (the folder's files), zip_bytes, files {name: bytes},
-        verification (of the ONNX graph), runtime}
+        verification (of the ONNX graph), cached (the graph came from the exports cache), runtime}
     Raises:
         ExportError: the runtime is missing, or the ONNX export failed its verification.
     """
@@ -219,4 +219,5 @@ def export_webpage(run_dir: str | os.PathLike, out: str | os.PathLike, *, top_k:
     return {"path": str(out), "index": str(out / "index.html"), "zip": str(zpath), "format": "webpage",
             "bytes": sum(len(d) for d in files.values()), "zip_bytes": zpath.stat().st_size,
             "files": {k: len(v) for k, v in sorted(files.items())}, "verification": info["verification"],
+            "cached": info["cached"],
             "runtime": f"onnxruntime-web {ORT_WEB_VERSION} (wasm, single-threaded)"}
