@@ -73,7 +73,7 @@ def test_second_export_reuses_the_graph_and_verifies_it_again(emoji_run_dir, tmp
     second = export_run(emoji_run_dir, "onnx", tmp_path / "b.onnx", onnx_exporter="legacy", max_verify_images=6)
     assert counted == [] and second["cached"] is True  # no second export
     assert Path(second["path"]).read_bytes() == Path(first["path"]).read_bytes()
-    v = second["verification"]  # verified in this call, on this call's images (6, not the first call's 8)
+    v = second["verification"]  # verified in this call, on this call's images (6, not the first call's 4)
     assert v["passed"] and v["images"] == v["top1_agree"] == 6 and v["open_set"]["passed"]
     sidecar = json.loads(Path(second["sidecar"]).read_text())
     assert sidecar["verification"] == v and sidecar["model_file"] == "b.onnx"
