@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import cpu_name, markdown_table, prepend  # noqa: E402
-from recipes import IMAGE_SUFFIXES, digits_subset  # noqa: E402
+from recipes import digits_subset, frozen_features  # noqa: E402
 
 
 def features(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -46,7 +46,6 @@ def features(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, 
     layer, 1,280 wide) and ``depths`` (with every stage pooled, 1,792 wide, each stage scaled as a run scales it)."""
     import timm
 
-    from tl_core.data.images import load_image
     from tl_core.models.backbones import build_model
     from tl_core.models.feature_variants import apply_variant, block_scales, extractor
 
@@ -55,18 +54,7 @@ def features(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, 
     deep = extractor(model, "depths").eval()
     tf = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
 
-    def xy(split: str) -> tuple[np.ndarray, np.ndarray]:
-        files = sorted(f for f in (root / split).glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        classes = sorted({f.parent.name for f in files})
-        out = []
-        with torch.inference_mode():
-            for s in range(0, len(files), 32):
-                x = torch.stack([tf(load_image(f)) for f in files[s:s + 32]]).contiguous(
-                    memory_format=torch.channels_last)
-                out.append(deep.forward_head(deep.forward_features(x), pre_logits=True).numpy())
-        return np.concatenate(out), np.array([classes.index(f.parent.name) for f in files])
-
-    (rtr, ytr), (rte, yte) = xy("train"), xy("test")
+    (rtr, ytr), (rte, yte) = (frozen_features(deep, tf, root / split) for split in ("train", "test"))
     last_dim, dims = int(model.num_features), [int(d) for d in deep.block_dims]
     scales = block_scales(rtr, last_dim, dims)
     return {v: (apply_variant(rtr, v, last_dim, dims, scales), ytr, apply_variant(rte, v, last_dim, dims, scales), yte)

@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -171,6 +172,23 @@ def digits_subset(dest: Path, per_train: int = 30, n_test: int = 1000) -> Path:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
+def frozen_features(model: torch.nn.Module, transform: Any, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled pre-logit features of every image under ``folder`` (one sub-folder per class) and their class
+    indices, the classic recipe's way: ``load_image`` (RGBA composited on white, as a careful user would), the timm
+    ``transform``, channels-last batches of 32 under ``torch.inference_mode``."""
+    from tl_core.data.images import load_image
+
+    files = sorted(f for f in folder.glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    classes = sorted({f.parent.name for f in files})
+    feats = []
+    with torch.inference_mode():
+        for s in range(0, len(files), 32):
+            x = torch.stack([transform(load_image(f)) for f in files[s:s + 32]]).contiguous(
+                memory_format=torch.channels_last)
+            feats.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy())
+    return np.concatenate(feats), np.array([classes.index(f.parent.name) for f in files])
+
+
 def classic(root: Path) -> tuple[float, float]:
     """Frozen features + scikit-learn logistic regression, the way a careful user writes it: the model and its
     input channels-last (on CPU ~1.5x faster than NCHW here: 94 against 63 images/s, issue 24), under
@@ -179,26 +197,13 @@ def classic(root: Path) -> tuple[float, float]:
     from sklearn.linear_model import LogisticRegression
 
     from tl_core.models.backbones import build_model
-    from tl_core.data.images import load_image
 
     t0 = time.perf_counter()
     model, _ = build_model("efficientnet_lite0", 1000)
     model = model.eval().to(memory_format=torch.channels_last)
     tf = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
 
-    def xy(split: str) -> tuple[np.ndarray, np.ndarray]:
-        files = sorted(f for f in (root / split).glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        classes = sorted({f.parent.name for f in files})
-        feats = []
-        with torch.inference_mode():
-            for s in range(0, len(files), 32):
-                # load_image: RGBA composited on white, the way a careful user would
-                x = torch.stack([tf(load_image(f)) for f in files[s:s + 32]]).contiguous(
-                    memory_format=torch.channels_last)
-                feats.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy())
-        return np.concatenate(feats), np.array([classes.index(f.parent.name) for f in files])
-
-    (xtr, ytr), (xte, yte) = xy("train"), xy("test")
+    (xtr, ytr), (xte, yte) = (frozen_features(model, tf, root / split) for split in ("train", "test"))
     acc = LogisticRegression(max_iter=1000).fit(xtr, ytr).score(xte, yte)
     return float(acc), time.perf_counter() - t0
 
