@@ -97,8 +97,11 @@ class SubprocessInFastTier(AssertionError):
 
 
 #: Callers whose processes are a library's look-up at import, not the test's work: ctypes.util.find_library
-#: runs ``ldconfig -p`` (CUDA's path finder calls it when torch first loads), platform probes run ``uname``.
-_LOOKUPS = (os.path.join("ctypes", "util.py"), os.sep + "platform.py")
+#: runs ``ldconfig -p`` (CUDA's path finder calls it when torch first loads), platform probes run ``uname``,
+#: and matplotlib's font manager runs ``fc-list`` when it builds its font cache, at its first import on a fresh
+#: machine (captum imports matplotlib: the first Grad-CAM of a fresh clone's test run failed on it in a task
+#: thread, 2026-12-07).
+_LOOKUPS = (os.path.join("ctypes", "util.py"), os.sep + "platform.py", os.path.join("matplotlib", "font_manager.py"))
 
 
 def _refuse(real, what: str):
