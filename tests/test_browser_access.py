@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from test_browser import CHROMIUM, EMOJI, Server, settle, shot
+from test_browser import CHROMIUM, EMOJI, Server, settle, shot, tick
 from test_browser import browser  # noqa: F401  (a fixture, used by name)
 from tl_core.storage.processes import kill_workers
 
@@ -55,7 +55,7 @@ def _delete_pets(page) -> None:
     from playwright.sync_api import expect
 
     page.get_by_text("Manage 'pets': rename or delete").click()
-    page.get_by_text("Yes, delete 'pets' and its images from this server").click()
+    tick(page, "Yes, delete 'pets' and its images from this server")
     delete = page.get_by_role("button", name="Delete dataset")
     expect(delete).to_be_enabled()
     delete.click()
