@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sqlite3
 import threading
@@ -24,7 +25,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import RunError
 from .processes import alive
@@ -129,6 +130,25 @@ def _json_cols(row: sqlite3.Row, cols: tuple[str, ...]) -> dict[str, Any]:
     return d
 
 
+def _when_unlocked(step: Callable[[], Any], wait_s: float = 30.0) -> Any:
+    """Run ``step``, again while SQLite answers "database is locked", for up to ``wait_s`` seconds.
+
+    The connections wait out each other's locks (busy timeout 30 s), except where waiting could deadlock: processes
+    that open a new database at once all read it, then each wants the exclusive lock that switching it to WAL (or
+    creating the tables) takes, and SQLite fails one of them at once instead of waiting. Seen with 5 processes
+    opening one new store under load (tests/test_faults.py); a class's sessions or a worker starting beside the
+    server could meet it too. The step is idempotent (the WAL mode, the ``IF NOT EXISTS`` schema).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02 + random.random() * 0.08)  # apart, so that the same two do not collide again
+
+
 class RunStore:
     """SQLite store of runs and tasks."""
 
@@ -137,14 +157,17 @@ class RunStore:
         key = str(self.path.resolve())
         if key not in _SCHEMA_DONE or not self.path.exists():  # once per database and process
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._conn() as c:
-                c.executescript(_SCHEMA)
-                for table, cols in _ADDED_COLUMNS.items():
-                    have = {r["name"] for r in c.execute(f"PRAGMA table_info({table})")}
-                    for col, decl in cols.items():
-                        if col not in have:
-                            c.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+            _when_unlocked(self._create_schema)
             _SCHEMA_DONE.add(key)
+
+    def _create_schema(self) -> None:
+        with self._conn() as c:
+            c.executescript(_SCHEMA)
+            for table, cols in _ADDED_COLUMNS.items():
+                have = {r["name"] for r in c.execute(f"PRAGMA table_info({table})")}
+                for col, decl in cols.items():
+                    if col not in have:
+                        c.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
@@ -158,7 +181,7 @@ class RunStore:
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
+            _when_unlocked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=30000")
