@@ -207,6 +207,18 @@ def _private_cache(request, tmp_path_factory):
         yield d
 
 
+@pytest.fixture(autouse=True)
+def _main_module_kept():
+    """Put back the ``__main__`` module a test replaced. Streamlit's script runner (every AppTest run) makes the page
+    script ``__main__`` and leaves it there, and multiprocessing's "spawn" re-imports the parent's ``__main__`` by its
+    path in each child: the store and queue tests' 10 spawned processes, run after page tests in the same test
+    process, each imported app.py, Streamlit and the pages again (~3.8 s of CPU each, 38 s in all, py-spy)."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None and sys.modules.get("__main__") is not main:
+        sys.modules["__main__"] = main
+
+
 @pytest.fixture
 def tl_home(tmp_path, monkeypatch) -> Path:
     """A fresh, private TL_HOME for one test (the caches stay the session's: ``$TL_CACHE_DIR``)."""
