@@ -42,6 +42,15 @@ __all__ = ["DecodedImageCache", "ImageCheckCache", "FeatureCache", "recorded", "
 
 log = logging.getLogger(__name__)
 
+#: Cached vectors (decoded images, features) are spread over folders named by the first characters of their hash.
+_SHARD_CHARS = 2
+
+
+def _vector_file(folder: Path, sha: str) -> Path:
+    """Where a cached vector of the image ``sha`` lives under ``folder``: ``<folder>/<sha[:2]>/<sha>.npy`` (one
+    layout, read back by :func:`_sharded` when the cache is counted and evicted)."""
+    return folder / sha[:_SHARD_CHARS] / f"{sha}.npy"
+
 
 class CachedImage(Protocol):
     """What the decoded-image cache needs of an image: its file and content hash (a
@@ -89,7 +98,7 @@ class DecodedImageCache:
     def _file(self, sha: str, size: int, interp: str) -> Path | None:
         if self.dir is None:
             return None
-        return self.dir / f"{size}-{interp}" / sha[:2] / f"{sha}.npy"
+        return _vector_file(self.dir / f"{size}-{interp}", sha)
 
     def get(self, item: CachedImage, resize: int, interpolation: str = "bicubic", keep: bool = True,
             crop: int | None = None) -> np.ndarray:
@@ -178,7 +187,7 @@ class FeatureCache:
         self.misses = 0
 
     def _file(self, sha: str) -> Path:
-        return self.dir / sha[:2] / f"{sha}.npy"
+        return _vector_file(self.dir, sha)
 
     def get(self, sha: str, dim: int | None = None) -> np.ndarray | None:
         """The vector recorded for an image, or None (none recorded; an unusable file is removed and logged).
@@ -269,9 +278,9 @@ def recorded(path: Path, compute: Callable[[], Any], check: Callable[[Any], None
 
 
 def _sharded(f: Path) -> bool:
-    """A cached vector's file (decoded image or features: ``<folder>/<sha[:2]>/<sha>.npy``, in a folder named by two
-    characters), not a recorded result (:func:`recorded`: ``<folder>/<name>/<key>``, a name longer than that)."""
-    return f.suffix == ".npy" and len(f.parent.name) == 2
+    """A cached vector's file (:func:`_vector_file`: in a folder named by :data:`_SHARD_CHARS` characters), not a
+    recorded result (:func:`recorded`: ``<folder>/<name>/<key>``, a name longer than that)."""
+    return f.suffix == ".npy" and len(f.parent.name) == _SHARD_CHARS
 
 
 #: Bump when the loading rules change, so that old check results are not trusted.

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -124,14 +124,13 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
                   decoded: DecodedImageCache, cfg: TrainConfig, workspace: Workspace, winfo: WeightsInfo,
                   emit: Progress, should_cancel: Callable[[], bool] | None, rt: Runtime,
                   local_cancel: Callable[[], bool] | None = None, multi_label: bool = False,
-                  read: tuple[Any, Any, int] | None = None) -> tuple[np.ndarray, nn.Linear | None, dict[str, Any]]:
+                  read: _ProbeInput | None = None) -> tuple[np.ndarray, nn.Linear | None, dict[str, Any]]:
     """Extract (cached) features of train+val(+test), shared out between the ranks under torchrun, and fit the
     logistic-regression head on them, once (rank 0; the other ranks get None).
 
     Args:
-        read: with a recorded backbone (``model``), what :func:`_recorded_if_cached` read back ((features,
-            widths, cache hits) of :func:`_read_back`): the vectors are read once, before the run commits to no
-            network, so none can go missing after.
+        read: with a recorded backbone (``model``), what :func:`_recorded_if_cached` read back: the vectors are
+            read once, before the run commits to no network, so none can go missing after.
     """
     cidx = {c: i for i, c in enumerate(classes)}
     strategy = STRATEGY_REGISTRY[cfg.strategy]
@@ -141,7 +140,7 @@ def _linear_probe(model: nn.Module, split: Split, test_items: list[ImageItem], c
     t_ex = time.perf_counter()
     if isinstance(model, RecordedBackbone):  # every vector cached and read already (_build): no network
         assert read is not None, "a recorded backbone comes with the vectors read for it (_recorded_if_cached)"
-        feats, ex, fcache.hits = read
+        feats, ex, fcache.hits = read.features, read.widths, read.hits
     else:
         ex = recorded_extractor(model, variant, fcache)
     # 16 per batch: as fast as 32 on CPU, and a cancel waits for at most one (shorter) forward pass
@@ -211,6 +210,14 @@ def _probe_caches(cfg: TrainConfig, workspace: Workspace, winfo: WeightsInfo, pr
     scache = FeatureCache(workspace.cache_dir / "features", style_key(cfg.backbone, winfo.fingerprint, pre, style)) \
         if style is not None else None
     return cfg, variant, fcache, style, scache
+
+
+class _ProbeInput(NamedTuple):
+    """A linear run's probe input read back from the caches with a recorded backbone (:func:`_recorded_if_cached`)."""
+
+    features: Any  # the vectors of train + val (+ test) (with the style statistics, for the open-set bank)
+    widths: Any  # what _linear_probe reads of an extractor (``last_features``, ``block_dims``)
+    hits: int  # the feature cache's hits, reported with the run
 
 
 def _read_back(rec: RecordedBackbone, variant: str, fcache: FeatureCache, items: list[ImageItem], style: Any,
@@ -428,9 +435,9 @@ def _open_set(bank_feats: np.ndarray, calibration_feats: np.ndarray | None, mode
 
 def _recorded_if_cached(cfg: TrainConfig, weights: str, workspace: Workspace, split: Split,
                         test_items: list[ImageItem], multi_label: bool, rt: Runtime
-                        ) -> tuple[RecordedBackbone, tuple[Any, Any, int]] | None:
+                        ) -> tuple[RecordedBackbone, _ProbeInput] | None:
     """The backbone's record (:func:`~tl_core.models.backbones.recorded_backbone`) and the probe's input read back
-    (:func:`_read_back`: features, widths, cache hits) when this run (a frozen backbone's,
+    (:func:`_read_back`) when this run (a frozen backbone's,
     :attr:`Strategy.frozen_backbone`) is in one process and its every vector (features and style statistics) is
     already cached, else None: the run then never builds the network, and reads each vector once."""
     if rt.distributed:
@@ -444,7 +451,7 @@ def _recorded_if_cached(cfg: TrainConfig, weights: str, workspace: Workspace, sp
         return None
     # read (and touched) now, once: _linear_probe takes them from here (one missing: the network is built)
     feats, widths = _read_back(rec, variant, fcache, split.train + split.val + test_items, style, scache)
-    return None if feats is None else (rec, (feats, widths, fcache.hits))
+    return None if feats is None else (rec, _ProbeInput(feats, widths, fcache.hits))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,7 +478,7 @@ class _Run:
     pre: Preprocess
     decoded: DecodedImageCache
     history: list[dict[str, Any]] = field(default_factory=list)  # the per-epoch metrics written with the run
-    read: tuple[Any, Any, int] | None = None  # a recorded backbone's probe input, read back by _build
+    read: _ProbeInput | None = None  # a recorded backbone's probe input, read back by _build
 
     @property
     def classes(self) -> list[str]:
@@ -770,7 +777,7 @@ def _load_data(data: str | os.PathLike, test_data: str | os.PathLike | None, cfg
 
 def _build(strategy: Strategy, cfg: TrainConfig, weights: str, workspace: Workspace, ds: Any, split: Split,
            test_items: list[ImageItem], rt: Runtime
-           ) -> tuple[Any, WeightsInfo, dict[str, Any], tuple[Any, Any, int] | None]:
+           ) -> tuple[Any, WeightsInfo, dict[str, Any], _ProbeInput | None]:
     """The model the strategy starts from, its weights' provenance, its data config, and a recorded backbone's
     probe input (else None).
 
