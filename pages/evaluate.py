@@ -367,6 +367,9 @@ with session.page_errors():
     c[1].metric(f"{split_name.split(' ')[0]} images", m["count"], help="How many images this is measured on.")
     c[2].metric("Calibration error", f"{m['ece']:.3f}",
                 help="Expected calibration error: how far confidence is from actual accuracy (0 = calibrated).")
+    for col, ci in ((c[0], m.get("macro_f1_ci")), (c[2], m.get("ece_ci"))):  # runs from before ece_ci have none
+        if ci:
+            col.caption(f"95% CI {ci[0]:.3f}–{ci[1]:.3f} (bootstrap)")
 
     left, right = st.columns([3, 2])
     with left:

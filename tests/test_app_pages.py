@@ -472,6 +472,10 @@ def test_evaluate_shows_accuracy_per_class_confusion_and_mistakes(home):
     assert metric(at, "Validation accuracy") == f"{metrics['val']['accuracy']:.1%}"
     assert metric(at, f"Cross-validated ({metrics['cv']['folds']} folds) accuracy") == f"{metrics['cv']['accuracy']:.1%}"
     assert any(c.value.startswith("95% CI ") and f"of {metrics['cv']['count']}" in c.value for c in at.caption)
+    # so do macro F1 and the calibration error (bootstrap)
+    for key in ("macro_f1_ci", "ece_ci"):
+        lo, hi = metrics["val"][key]
+        assert f"95% CI {lo:.3f}–{hi:.3f} (bootstrap)" in [c.value for c in at.caption], key
     # a linear run's head is refitted on train + validation by default: the page says what the figures measure
     assert any("fitted again on training + validation" in c.value for c in at.caption)
     # the probe's features: this run set the last layer (its mistakes feed the fix-in-place tests); an auto run's

@@ -97,6 +97,8 @@ def test_model_card_covers_the_issue(bundle):
     assert "| class | precision | recall | F1 | support |" in card
     assert "| true \\ predicted | animal | face | flag | food | vehicle |" in card  # confusion matrix
     assert "Expected calibration error" in card and "| confidence bin |" in card
+    [ece_line] = [line for line in card.splitlines() if line.startswith("Expected calibration error")]
+    assert "(95% CI " in ece_line and ", bootstrap)" in ece_line  # the figure with its interval
     assert "biases of its pretraining data" in card
     assert '"strategy": "linear"' in card
 

@@ -63,6 +63,27 @@ def test_macro_f1_interval_resamples_agree_with_the_report_on_every_resample():
         assert fast[r] == pytest.approx(np.mean([v["f1"] for v in rep.values()]), abs=1e-4)
 
 
+def test_calibration_error_carries_a_bootstrap_interval_that_narrows_with_more_images():
+    from tl_core.metrics import _ece_rows, _resample_indices, ece_interval, expected_calibration_error
+
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.full(5, 0.5), size=40)
+    y = np.where(rng.random(40) < 0.6, probs.argmax(1), rng.integers(0, 5, 40))
+    m = compute_metrics(y, probs, list("abcde"))
+    lo, hi = m["ece_ci"]
+    assert lo <= m["ece"] <= hi and hi - lo > 0.05  # 40 images: the ECE is far from exact
+    assert ece_interval(probs, y) == m["ece_ci"]  # seeded
+    # every resample's ECE is the ECE of those images, binned as the point estimate is
+    idx = _resample_indices(40, 20, 7)
+    assert _ece_rows(probs.max(1), probs.argmax(1) == y, 10, idx) == pytest.approx(
+        [expected_calibration_error(probs[r], y[r]) for r in idx], abs=1e-12)
+    big = rng.dirichlet(np.full(5, 0.5), size=2000)
+    y_big = np.where(rng.random(2000) < 0.6, big.argmax(1), rng.integers(0, 5, 2000))
+    wide, narrow = m["ece_ci"], ece_interval(big, y_big)
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 3
+    assert compute_metrics([], np.zeros((0, 5)), list("abcde"))["ece_ci"] is None
+
+
 def test_multilabel_metrics_carry_intervals_around_their_figures():
     rng = np.random.default_rng(0)
     y = (rng.random((80, 4)) < 0.3).astype(int)

@@ -93,8 +93,9 @@ def test_headline_figures_carry_their_interval(report_html, run_dir):
     assert f"named the right class for {headline}" in summary and "95% CI" in headline
     if metrics.get("cv"):
         assert figure_of(metrics["cv"]) in summary
-    # the cards show the same interval
+    # the cards show the same interval, and the calibration error's (bootstrap)
     assert f"95% CI {100 * lo:.1f}–{100 * hi:.1f}%, {val['correct']} of {val['count']}" in text
+    assert f"{val['ece']:.3f} (95% CI {val['ece_ci'][0]:.3f}–{val['ece_ci'][1]:.3f})" in text
 
 
 def test_open_set_is_described_in_words_on_its_own_axis(report_html, run_dir):

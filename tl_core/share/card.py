@@ -72,8 +72,11 @@ def _calibration_lines(metrics: dict[str, Any], files: RunFiles, meta: RunMeta) 
     if val.get("ece") is None and split is None and not cal_rec:
         return ["Not measured for this model.", ""]
     temperature = meta.temperature
+    ci = val.get("ece_ci") if "ece_before" not in cal_rec else None  # the interval of metrics.json's own ECE
     lines = [f"Expected calibration error (ECE, 10 bins) of the trained model on the validation images: "
-             f"{_fmt(cal_rec.get('ece_before', val.get('ece')))} (0 = confidences match accuracy exactly)."]
+             f"{_fmt(cal_rec.get('ece_before', val.get('ece')))}"
+             + (f" (95% CI {_fmt(ci[0])}–{_fmt(ci[1])}, bootstrap)" if ci else "")
+             + " (0 = confidences match accuracy exactly)."]
     if temperature != 1.0:
         lines.append(f"Temperature scaling applied: T = {_fmt(temperature, 3)} (probabilities = softmax(logits / T)); "
                      f"ECE after scaling {_fmt(cal_rec.get('ece_after'))}, measured on the same "

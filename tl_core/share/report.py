@@ -116,7 +116,10 @@ def _thumbnail(path: Path) -> str | None:
 def _ece_card(val: dict[str, Any], cal: dict[str, Any], temperature: float) -> str:
     if temperature != 1.0 and cal.get("ece_after") is not None:
         return f"{cal['ece_after']:.3f} (was {cal.get('ece_before', val.get('ece', 0)):.3f})"
-    return "n/a" if val.get("ece") is None else f"{val['ece']:.3f}"
+    if val.get("ece") is None:
+        return "n/a"
+    ci = val.get("ece_ci")  # runs from before it have none
+    return f"{val['ece']:.3f}" + (f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
 
 
 def _per_class_table(per_class: dict[str, dict[str, Any]]) -> str:
