@@ -228,19 +228,11 @@ def per_class_report(cm: np.ndarray, classes: Sequence[str]) -> dict[str, dict[s
     return rep
 
 
-def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = 10) -> float:
-    """ECE with equal-width confidence bins (Guo et al., 2017)."""
-    if len(probs) == 0:
-        return 0.0
-    conf = probs.max(1)
-    correct = probs.argmax(1) == y_true
-    edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
+def _confidence_bins(conf: np.ndarray, bins: int) -> np.ndarray:
+    """The equal-width bin of each confidence, (lo, hi] as Guo et al. bin them: 0 .. bins - 1, or -1 for a
+    confidence outside (0, 1] (in no bin)."""
+    which = np.searchsorted(np.linspace(0, 1, bins + 1), conf, side="left") - 1
+    return np.where((which >= 0) & (which < bins), which, -1)
 
 
 def _ece_rows(conf: np.ndarray, correct: np.ndarray, bins: int, idx: np.ndarray) -> np.ndarray:
@@ -248,12 +240,21 @@ def _ece_rows(conf: np.ndarray, correct: np.ndarray, bins: int, idx: np.ndarray)
     weights per image, a bin's share times its |accuracy - confidence| is |sum of correct - sum of confidence| / n."""
     b, n = idx.shape
     c = conf[idx]
-    which = np.clip(np.searchsorted(np.linspace(0, 1, bins + 1), c, side="left") - 1, 0, bins - 1)  # (lo, hi]
-    key = ((np.arange(b) * bins)[:, None] + which).ravel()
+    which = _confidence_bins(c, bins)
+    binned = (which >= 0).ravel()
+    key = ((np.arange(b) * bins)[:, None] + which).ravel()[binned]
     size = b * bins
-    gap = np.bincount(key, weights=correct[idx].ravel().astype(np.float64), minlength=size) \
-        - np.bincount(key, weights=c.ravel(), minlength=size)
+    gap = np.bincount(key, weights=correct[idx].ravel()[binned].astype(np.float64), minlength=size) \
+        - np.bincount(key, weights=c.ravel()[binned], minlength=size)
     return np.abs(gap.reshape(b, bins)).sum(1) / n
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = 10) -> float:
+    """ECE with equal-width confidence bins (Guo et al., 2017)."""
+    if len(probs) == 0:
+        return 0.0
+    conf, correct = probs.max(1).astype(np.float64), probs.argmax(1) == np.asarray(y_true)
+    return float(_ece_rows(conf, correct, bins, np.arange(len(conf))[None])[0])
 
 
 def ece_interval(probs: np.ndarray, y_true: Sequence[int], bins: int = 10, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -272,9 +273,10 @@ def calibration(probs: np.ndarray, y_true: np.ndarray, bins: int = 10) -> dict[s
     conf = probs.max(1) if len(probs) else np.zeros(0)
     correct = (probs.argmax(1) == y_true) if len(probs) else np.zeros(0, bool)
     edges = np.linspace(0, 1, bins + 1)
+    which = _confidence_bins(conf, bins)
     rows = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        m = which == i
         rows.append({"lo": float(lo), "hi": float(hi), "count": int(m.sum()),
                      "confidence": float(conf[m].mean()) if m.any() else None,
                      "accuracy": float(correct[m].mean()) if m.any() else None})
