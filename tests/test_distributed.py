@@ -68,6 +68,13 @@ def _train_here(capsys, home: Path, *args: str) -> dict:
     return json.loads(out.out)  # stdout is exactly one JSON document
 
 
+def _torchelastic_dirs() -> set[str]:
+    """The folders torchrun makes in the temporary folder when it is given no ``--log-dir``."""
+    import tempfile
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("torchelastic_*")}
+
+
 def _group_processes(home: Path) -> list[int]:
     """Processes (other than this one) whose environment names ``home`` as TL_HOME: the group's ranks."""
     out = []
@@ -162,6 +169,7 @@ def test_torchrun_failure_summary_names_the_rank_and_the_signal():
 def test_two_process_fine_tune_matches_one_process(tmp_path, ddp_data, capsys):
     home = tmp_path / "home"
     a = _train_here(capsys, home, str(ddp_data), *FULL)
+    elastic = _torchelastic_dirs()
     t0 = time.monotonic()
     two = _cli(home, "train", str(ddp_data), *FULL, "--nproc", "2", "--json", "--quiet")
     took = time.monotonic() - t0
@@ -176,6 +184,8 @@ def test_two_process_fine_tune_matches_one_process(tmp_path, ddp_data, capsys):
     history = RunFiles(b["run_dir"]).metrics().history
     assert [h["epoch"] for h in history] == [0, 1]  # the probe, then the epoch, recorded once (rank 0)
     assert _group_processes(home) == []
+    # torchrun's own folder was the run's, and is gone: nothing left in the temporary folder
+    assert _torchelastic_dirs() == elastic and not list((home / "runs").glob(".*.torchrun"))
     print(f"\n[ddp] full fine-tune, 2 x gloo: val {b['val_accuracy']:.3f} vs 1 process {a['val_accuracy']:.3f}; "
           f"{took:.0f}s wall")
 
@@ -189,7 +199,7 @@ def test_two_process_linear_probe_equals_the_one_process_probe(tmp_path, ddp_dat
     # follows rank 0's tries is tests/test_auto.py's)
     budget = ["--time-budget", "1"]
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "tl_core.cli", "train", str(ddp_data), *budget, "--json", "--quiet"], capture_output=True,
+                          "--log-dir", str(tmp_path / "torchrun"), "-m", "tl_core.cli", "train", str(ddp_data), *budget, "--json", "--quiet"], capture_output=True,
                          text=True, timeout=900,
                          env={**os.environ, "TL_HOME": str(home), "PYTHONPATH": os.pathsep.join(sys.path)})
     # both streams on a failure: a rank's own error may be a JSON document on stdout

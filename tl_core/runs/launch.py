@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,10 +43,11 @@ def train_procs() -> int:
     return gpus if (value == "all" or not value) and gpus > 1 else 1
 
 
-def group_command(home: str | os.PathLike, run_id: str, nproc: int) -> list[str]:
-    """``torchrun`` on one machine with ``nproc`` processes, each running :func:`rank_main` on ``run_id``."""
+def group_command(home: str | os.PathLike, run_id: str, nproc: int, log_dir: str | os.PathLike) -> list[str]:
+    """``torchrun`` on one machine with ``nproc`` processes, each running :func:`rank_main` on ``run_id``; torchrun
+    keeps its own files in ``log_dir`` (without it, it leaves an empty ``/tmp/torchelastic_*`` folder behind)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}",
-            "-m", "tl_core.runs.launch", "--tl-home", str(home), "--tl-run", run_id]
+            "--log-dir", str(log_dir), "-m", "tl_core.runs.launch", "--tl-home", str(home), "--tl-run", run_id]
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -83,13 +85,25 @@ def run_group(ws: Workspace, run_id: str, nproc: int, should_cancel: Callable[[]
     it; a group that has not stopped ``grace_s`` later is killed as a whole. When the group ends without rank 0
     having recorded the outcome (rank 0 itself died), the run is failed with torchrun's account of it.
     """
-    store = ws.store()
     log_path = log_path or (ws.runs_dir / f".{run_id}.torchrun.log")
     env = {**os.environ, "TL_HOME": str(ws.top), "PYTHONUNBUFFERED": "1"}
     env.pop("WORLD_SIZE", None)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(group_command(ws.home, run_id, nproc), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=log, env=env, preexec_fn=_die_with_parent, close_fds=True)
+    group_dir = ws.runs_dir / f".{run_id}.torchrun"  # torchrun's own files, removed when the group has ended
+    try:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(group_command(ws.home, run_id, nproc, group_dir), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log, env=env, preexec_fn=_die_with_parent, close_fds=True)
+        return _follow_group(ws, run_id, proc, nproc, log_path, should_cancel, grace_s, progress)
+    finally:
+        shutil.rmtree(group_dir, ignore_errors=True)
+
+
+def _follow_group(ws: Workspace, run_id: str, proc: subprocess.Popen, nproc: int, log_path: Path,
+                  should_cancel: Callable[[], bool] | None, grace_s: float,
+                  progress: Callable[[dict[str, Any]], None] | None) -> str:
+    """:func:`run_group`'s wait: progress passed on, a cancel sent to rank 0 (and the group killed after
+    ``grace_s``), the outcome recorded when rank 0 could not; returns the run's final status."""
+    store = ws.store()
     cancel_at: float | None = None
     seen_epochs, last_progress = 0, None
     try:
