@@ -157,7 +157,12 @@ def show_calibration(ws, files: RunFiles) -> None:
                 "the average gap between confidence and accuracy, weighted by images per bin. 0 is perfect.")
     c[1].metric("ECE after", f"{cal['ece_after']:.3f}", delta=f"{cal['ece_after'] - cal['ece_before']:+.3f}",
                 delta_color="inverse", help="With the fitted temperature (measured on the same validation images it "
-                "was fitted on, so a little optimistic).")
+                "was fitted on, so a little optimistic: the out-of-fold figure below scores each image with a "
+                "temperature fitted on the other images).")
+    if cal.get("ece_before_ci"):  # results from before the intervals have none
+        c[0].caption("95% CI {:.3f}–{:.3f} (bootstrap)".format(*cal["ece_before_ci"]))
+    if cal.get("ece_after_oof_ci"):
+        c[1].caption("Out of fold {:.3f}, 95% CI {:.3f}–{:.3f}".format(cal["ece_after_oof"], *cal["ece_after_oof_ci"]))
     c[2].metric("Temperature T", f"{cal['temperature']:.2f}", help="T > 1 softens an over-confident model, T < 1 "
                 "sharpens an under-confident one.")
     c[3].metric("Log loss before → after", f"{cal['nll_before']:.3f} → {cal['nll_after']:.3f}",

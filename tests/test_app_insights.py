@@ -279,6 +279,10 @@ def test_evaluate_calibration_shows_ece_before_and_after_and_applies_the_tempera
     assert metric(at, "ECE after") == f"{expected['ece_after']:.3f}"
     assert metric(at, "Temperature T") == f"{expected['temperature']:.2f}"
     assert expected["ece_after"] < expected["ece_before"]
+    captions = [c.value for c in at.caption]
+    assert "95% CI {:.3f}–{:.3f} (bootstrap)".format(*expected["ece_before_ci"]) in captions, captions
+    assert "Out of fold {:.3f}, 95% CI {:.3f}–{:.3f}".format(expected["ece_after_oof"],
+                                                               *expected["ece_after_oof_ci"]) in captions, captions
     diagram = [s for s in plotly_specs(at) if any("ECE" in (t.get("name") or "") for t in s["data"])][0]
     names = [t["name"] for t in diagram["data"]]
     assert names[0] == "perfectly calibrated"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from insight_support import fashion_small, insight_home, insight_workspace
-from tl_core.insight.calibrate import calibrate_run, fit_temperature, negative_log_likelihood, validation_logits
+from tl_core.insight.calibrate import (calibrate_run, fit_temperature, negative_log_likelihood, out_of_fold_probs,
+                                      validation_logits)
 from tl_core.metrics import reliability_diagram
 from tl_core.cli import main
 from tl_core.config import TrainConfig
@@ -69,6 +70,26 @@ def test_reliability_diagram_bins_and_gaps():
     assert all(b["gap"] is None for b in rel["bins"] if b["count"] == 0)
 
 
+def test_out_of_fold_probabilities_never_use_the_image_they_score():
+    """Each image is scored with the temperature fitted on the other folds' images: the in-sample "ECE after"
+    is optimistic, and this is the figure that is not."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 40)
+    logits = rng.normal(size=(40, 4)) + 6.0 * np.eye(4)[np.where(rng.uniform(size=40) < 0.7, y, (y + 1) % 4)]
+    probs = out_of_fold_probs(logits, y, folds=5, seed=0)
+    assert probs.shape == (40, 4) and np.allclose(probs.sum(1), 1.0)
+    parts = np.array_split(np.random.default_rng(0).permutation(40), 5)
+    for part in parts:  # the very folds: each one's temperature was fitted without it
+        rest = np.setdiff1d(np.arange(40), part)
+        np.testing.assert_allclose(probs[part], softmax(logits[part], fit_temperature(logits[rest], y[rest])),
+                                   rtol=1e-9)
+    # and that is not the temperature fitted on every image (over-confident logits: it softens them more or less)
+    assert not np.allclose(probs, softmax(logits, fit_temperature(logits, y)))
+    # the sign of a real difference, not of chance: the in-sample T fits these 40 images better than the folds' Ts
+    assert negative_log_likelihood(logits, y, fit_temperature(logits, y)) < float(
+        -np.log(probs[np.arange(40), y]).mean())
+
+
 def test_reliability_chart_joins_only_bins_with_enough_images():
     from tl_core.share.figures import RELIABILITY_MIN_BIN, reliability
 
@@ -100,6 +121,12 @@ def test_temperature_scaling_lowers_ece_of_the_over_confident_run(run_copy, over
     assert res["temperature"] > 1.5, res  # over-confident: softened
     assert res["ece_after"] < res["ece_before"] - 0.05, res
     assert res["nll_after"] < res["nll_before"]
+    # every ECE shown carries its interval; out of fold (each image scored with a T fitted on the other 16), the
+    # scaled model is still better calibrated than the raw one here
+    lo, hi = res["ece_before_ci"]
+    assert lo <= res["ece_before"] <= hi and hi - lo > 0.05  # 20 images: a wide interval
+    lo, hi = res["ece_after_oof_ci"]
+    assert lo <= res["ece_after_oof"] <= hi and res["ece_after_oof"] < res["ece_before"] - 0.05, res
     assert 0.2 < res["accuracy"] < 1.0  # it does make mistakes, that is why confidence matters
     assert res["reliability_before"]["mean_confidence"] > res["accuracy"] + 0.1  # it was over-confident
     # saved with the run through its files: meta.json for every prediction path, metrics.json for the record
@@ -107,6 +134,7 @@ def test_temperature_scaling_lowers_ece_of_the_over_confident_run(run_copy, over
     assert files.meta().temperature == pytest.approx(res["temperature"])
     assert files.metrics().calibration["ece_before"] == res["ece_before"]
     assert files.metrics().calibration["ece_after"] == res["ece_after"]
+    assert files.metrics().calibration["ece_after_oof_ci"] == res["ece_after_oof_ci"]
     tm = load_model(run_copy)
     assert tm.temperature == pytest.approx(res["temperature"])
     after_rows, _ = predict_paths(tm, [r["path"] for r in before_rows])

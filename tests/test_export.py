@@ -128,10 +128,14 @@ def test_model_card_reports_temperature_scaling(run_dir, tmp_path):
     assert "fitted again on training + validation images" in plain  # the emoji run is refitted
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    RunFiles(copy).set_temperature(2.0, {"temperature": 2.0, "ece_before": 0.09, "ece_after": 0.03, "count": 40,
-                                         "warning": None})
+    RunFiles(copy).set_temperature(2.0, {"temperature": 2.0, "ece_before": 0.09, "ece_before_ci": [0.05, 0.2],
+                                         "ece_after": 0.03, "ece_after_oof": 0.045, "ece_after_oof_ci": [0.02, 0.12],
+                                         "count": 40, "warning": None})
     card = model_card(RunFiles(copy))
     assert "Temperature scaling applied: T = 2.000" in card and "ECE after scaling 0.0300" in card
+    # the calibration record's ECE carries its interval, and the scaled one is given out of fold too
+    assert "validation images: 0.0900 (95% CI 0.0500–0.2000, bootstrap)" in card
+    assert "out of fold (each image scored with a T fitted on the others) 0.0450 (95% CI 0.0200–0.1200" in card
     assert "Reliability on the validation images (with the temperature)" in card and card != plain
     # the card's reliability table is computed from the saved logits with the run's temperature
     assert card.split("| confidence bin |")[1] != plain.split("| confidence bin |")[1]

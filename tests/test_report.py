@@ -208,6 +208,10 @@ def test_temperature_scaled_run_shows_both_reliability_curves(run_dir, tmp_path,
     assert "after temperature scaling (T = 1.70): ECE" in html and "before (T = 1): ECE" in html
     assert "0.031 (was 0.090)" in html and "T = 1.700" in html
     assert "after temperature scaling" not in report_html and "0.031 (was 0.090)" not in report_html
+    # a record with the out-of-fold figure shows that one, with its interval (the in-sample one is optimistic)
+    RunFiles(copy).set_temperature(1.7, {"temperature": 1.7, "ece_before": 0.09, "ece_after": 0.031, "count": 40,
+                                         "ece_after_oof": 0.052, "ece_after_oof_ci": [0.03, 0.14]})
+    assert "0.052 (95% CI 0.030–0.140, out of fold; was 0.090)" in build_report(copy)
 
 
 def test_not_a_run_is_refused(tmp_path):

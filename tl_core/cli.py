@@ -530,9 +530,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .insight.calibrate import calibrate_run
 
     res = calibrate_run(_resolve_run_dir(args.run), _workspace(), apply=not args.dry_run)
+    def ci(key: str) -> str:
+        return " (95% CI {:.4f}-{:.4f})".format(*res[key]) if res.get(key) else ""
+
     return emit(args, res, lambda: [f"temperature {res['temperature']:.3f} fitted on {res['count']} validation images: ECE "
-                            f"{res['ece_before']:.4f} -> {res['ece_after']:.4f}, NLL {res['nll_before']:.4f} -> "
-                            f"{res['nll_after']:.4f}" + ("" if res["applied"] else " (not saved: --dry-run)"),
+                            f"{res['ece_before']:.4f}{ci('ece_before_ci')} -> {res['ece_after']:.4f} on the same "
+                            f"images, {res['ece_after_oof']:.4f}{ci('ece_after_oof_ci')} out of fold; NLL "
+                            f"{res['nll_before']:.4f} -> {res['nll_after']:.4f}"
+                            + ("" if res["applied"] else " (not saved: --dry-run)"),
                             *([f"warning: {res['warning']}"] if res["warning"] else [])])
 
 

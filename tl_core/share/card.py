@@ -72,15 +72,20 @@ def _calibration_lines(metrics: dict[str, Any], files: RunFiles, meta: RunMeta) 
     if val.get("ece") is None and split is None and not cal_rec:
         return ["Not measured for this model.", ""]
     temperature = meta.temperature
-    ci = val.get("ece_ci") if "ece_before" not in cal_rec else None  # the interval of metrics.json's own ECE
+    # the interval of the ECE shown: the calibration record's own, or metrics.json's (records from before have none)
+    ci = cal_rec.get("ece_before_ci") if "ece_before" in cal_rec else val.get("ece_ci")
     lines = [f"Expected calibration error (ECE, 10 bins) of the trained model on the validation images: "
              f"{_fmt(cal_rec.get('ece_before', val.get('ece')))}"
              + (f" (95% CI {_fmt(ci[0])}–{_fmt(ci[1])}, bootstrap)" if ci else "")
              + " (0 = confidences match accuracy exactly)."]
     if temperature != 1.0:
+        oof, oof_ci = cal_rec.get("ece_after_oof"), cal_rec.get("ece_after_oof_ci")
         lines.append(f"Temperature scaling applied: T = {_fmt(temperature, 3)} (probabilities = softmax(logits / T)); "
                      f"ECE after scaling {_fmt(cal_rec.get('ece_after'))}, measured on the same "
-                     f"{cal_rec.get('count', 'validation')} images T was fitted on, so optimistic.")
+                     f"{cal_rec.get('count', 'validation')} images T was fitted on, so optimistic"
+                     + (f"; out of fold (each image scored with a T fitted on the others) {_fmt(oof)}"
+                        + (f" (95% CI {_fmt(oof_ci[0])}–{_fmt(oof_ci[1])}, bootstrap)" if oof_ci else "")
+                        if oof is not None else "") + ".")
     else:
         lines.append("Temperature scaling: not applied.")
     if cal_rec.get("warning"):

@@ -115,6 +115,11 @@ def _thumbnail(path: Path) -> str | None:
 
 def _ece_card(val: dict[str, Any], cal: dict[str, Any], temperature: float) -> str:
     if temperature != 1.0 and cal.get("ece_after") is not None:
+        ci = cal.get("ece_after_oof_ci")  # records from before it have none
+        if cal.get("ece_after_oof") is not None and ci:
+            # out of fold: each image scored with a T fitted on the others (the in-sample figure is optimistic)
+            return (f"{cal['ece_after_oof']:.3f} (95% CI {ci[0]:.3f}–{ci[1]:.3f}, out of fold; "
+                    f"was {cal.get('ece_before', val.get('ece', 0)):.3f})")
         return f"{cal['ece_after']:.3f} (was {cal.get('ece_before', val.get('ece', 0)):.3f})"
     if val.get("ece") is None:
         return "n/a"
