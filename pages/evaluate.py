@@ -169,6 +169,11 @@ def show_calibration(ws, files: RunFiles) -> None:
                 help="Negative log-likelihood of the true class: what temperature scaling minimises.")
     if cal["warning"]:
         st.warning(cal["warning"])
+    if cal.get("helps_out_of_fold") is False and abs(cal["temperature"] - 1.0) > 1e-6:
+        st.info(f"Scored on images it was not fitted on, temperature scaling does not clearly help here (ECE "
+                f"{cal['ece_before']:.3f} before, {cal['ece_after_oof']:.3f} out of fold after, within its interval): "
+                f"on {cal['count']} validation images the fitted T may only suit these images. Applying it changes "
+                "no predicted class either way.")
     st.plotly_chart(charts.reliability(cal["reliability_before"], cal["reliability_after"], cal["temperature"]),
                     width="stretch", key="reliability")
     st.caption(f"Reliability diagram on {cal['count']} validation images: each point is a confidence bin (bigger = "

@@ -380,6 +380,13 @@ def test_sample_data_to_prediction_in_a_real_browser(server, browser, tmp_path):
     view.get_by_text("Calibration", exact=True).click()
     page.get_by_test_id("stMetricLabel").get_by_text("ECE after", exact=True).wait_for(timeout=120_000)
     float(metric_value(page, "ECE before")), float(metric_value(page, "ECE after"))
+    # the page says when the out-of-fold figure shows no clear gain, as the engine's own result says
+    from tl_core.insight.calibrate import calibrate_run
+
+    cal = calibrate_run(home / "runs" / run_id, Workspace(home), apply=False)
+    page.get_by_text(re.compile(r"^Out of fold \d")).wait_for()
+    unclear = page.get_by_text("does not clearly help here").count() == 1
+    assert unclear == (cal["helps_out_of_fold"] is False and cal["temperature"] != 1.0), cal
     shot(page, "05c-evaluate-calibration")
     view.get_by_text("Embedding map", exact=True).click()
     page.get_by_text(re.compile(r"^\d+ images, \d+ of them evaluated")).wait_for(timeout=120_000)

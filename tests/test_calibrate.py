@@ -127,6 +127,7 @@ def test_temperature_scaling_lowers_ece_of_the_over_confident_run(run_copy, over
     assert lo <= res["ece_before"] <= hi and hi - lo > 0.05  # 20 images: a wide interval
     lo, hi = res["ece_after_oof_ci"]
     assert lo <= res["ece_after_oof"] <= hi and res["ece_after_oof"] < res["ece_before"] - 0.05, res
+    assert res["helps_out_of_fold"] is (hi < res["ece_before"]), res
     assert 0.2 < res["accuracy"] < 1.0  # it does make mistakes, that is why confidence matters
     assert res["reliability_before"]["mean_confidence"] > res["accuracy"] + 0.1  # it was over-confident
     # saved with the run through its files: meta.json for every prediction path, metrics.json for the record

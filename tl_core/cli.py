@@ -538,7 +538,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                             f"images, {res['ece_after_oof']:.4f}{ci('ece_after_oof_ci')} out of fold; NLL "
                             f"{res['nll_before']:.4f} -> {res['nll_after']:.4f}"
                             + ("" if res["applied"] else " (not saved: --dry-run)"),
-                            *([f"warning: {res['warning']}"] if res["warning"] else [])])
+                            *([f"warning: {res['warning']}"] if res["warning"] else []),
+                            *(["note: out of fold, the scaling does not clearly lower the ECE (within its interval)"]
+                              if res["helps_out_of_fold"] is False and res["temperature"] != 1.0 else [])])
 
 
 def cmd_openset(args: argparse.Namespace) -> int:
