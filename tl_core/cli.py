@@ -530,6 +530,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .insight.calibrate import calibrate_run
 
     res = calibrate_run(_resolve_run_dir(args.run), _workspace(), apply=not args.dry_run)
+
     def ci(key: str) -> str:
         return " (95% CI {:.4f}-{:.4f})".format(*res[key]) if res.get(key) else ""
 

@@ -169,9 +169,8 @@ def calibrate_run(run: str | os.PathLike, workspace: Workspace | None = None, bi
     Returns:
         {"temperature", "previous_temperature", "ece_before", "ece_before_ci", "ece_after", "ece_after_oof",
         "ece_after_oof_ci", "helps_out_of_fold", "nll_before", "nll_after", "accuracy", "count", "bins",
-        "reliability_before",
-        "reliability_after" (see :func:`reliability_diagram`), "applied", "model" (which head produced the logits),
-        "warning" (or None), "run_dir"}. "before" is the raw model (T = 1); "after" uses the fitted T. Both are
+        "reliability_before", "reliability_after" (see :func:`reliability_diagram`), "applied", "model" (which head
+        produced the logits), "warning" (or None), "run_dir"}. "before" is the raw model (T = 1); "after" uses the fitted T. Both are
         measured on the validation images T was fitted on, so "after" is an optimistic estimate; "ece_after_oof"
         scores each image with a T fitted on the other folds (:func:`out_of_fold_probs`). The ``_ci`` entries are
         bootstrap 95% intervals over the images (:func:`tl_core.metrics.ece_interval`). "helps_out_of_fold": the raw
@@ -192,15 +191,17 @@ def calibrate_run(run: str | os.PathLike, workspace: Workspace | None = None, bi
     def rounded(ci: list[float] | None) -> list[float] | None:
         return [round(float(b), 6) for b in ci] if ci else None
 
+    ece_before, oof_ci = round(before["ece"], 6), rounded(ece_interval(oof, y, bins))
     result = {
         "temperature": round(t, 6),
         "previous_temperature": v["temperature"],
-        "ece_before": round(before["ece"], 6),
+        "ece_before": ece_before,
         "ece_before_ci": rounded(ece_interval(softmax(logits), y, bins)),
         "ece_after": round(after["ece"], 6),
         "ece_after_oof": round(expected_calibration_error(oof, y, bins), 6),
-        "ece_after_oof_ci": rounded(ece_interval(oof, y, bins)),
-        "helps_out_of_fold": None,
+        "ece_after_oof_ci": oof_ci,
+        # a clear gain: the raw model's ECE lies above the whole interval of the out-of-fold ECE after scaling
+        "helps_out_of_fold": bool(oof_ci and oof_ci[1] < ece_before),
         "nll_before": round(negative_log_likelihood(logits, y), 6),
         "nll_after": round(negative_log_likelihood(logits, y, t), 6),
         "accuracy": round(before["accuracy"], 6),
@@ -213,11 +214,9 @@ def calibrate_run(run: str | os.PathLike, workspace: Workspace | None = None, bi
         "warning": warning,
         "run_dir": str(d),
     }
-    # a clear gain: the raw model's ECE lies above the whole interval of the out-of-fold ECE after scaling
-    result["helps_out_of_fold"] = bool(result["ece_after_oof_ci"] and result["ece_after_oof_ci"][1] < result["ece_before"])
     if apply:
         RunFiles(d).set_temperature(result["temperature"], {k: result[k] for k in (
             "temperature", "ece_before", "ece_before_ci", "ece_after", "ece_after_oof", "ece_after_oof_ci",
-            "nll_before", "nll_after", "count", "bins", "model", "warning")})
+            "helps_out_of_fold", "nll_before", "nll_after", "count", "bins", "model", "warning")})
         result["applied"] = True
     return result
