@@ -30,7 +30,8 @@ from typing import Any, Callable
 from ..errors import CancelledError, TLError
 from ..fileio import write_json_atomic
 from ..settings import setting
-from ..storage.processes import alive, identity, spawn_detached
+from ..storage.processes import alive, identity, record_slot, spawn_detached
+from ..storage.zygote import spawn_forked
 from ..storage.store import ACTIVE_STATUSES, RunStore
 from ..storage.workspace import TASK_RESULT, Workspace
 from .kinds import jsonable, kind_spec
@@ -100,6 +101,13 @@ def _queued(ws: Workspace, lane: str) -> int:
     return sum(len(w.store().tasks(status="queued", lane=lane)) for w in ws.all_workspaces())
 
 
+def _use_zygote() -> bool:
+    """Whether new workers are forked from a zygote (``TL_ZYGOTE``; auto: on Linux, where forking a process that
+    has imported torch is safe)."""
+    choice = setting("TL_ZYGOTE")
+    return choice == "on" or (choice == "auto" and sys.platform.startswith("linux"))
+
+
 def ensure_workers(ws: Workspace, lane: str = "compute") -> int:
     """Start worker processes of ``lane`` for free slots while tasks wait; returns how many were started."""
     queued = _queued(ws, lane)
@@ -110,9 +118,10 @@ def ensure_workers(ws: Workspace, lane: str = "compute") -> int:
         lock = _lock_path(ws, lane, slot)
         if _slot_busy(lock):
             continue
-        spawn_detached([sys.executable, "-m", "tl_core.runs.workers", "worker", "--home", str(ws.top),
-                        "--lane", lane, "--slot", str(slot)], lock.with_suffix(".log"),
-                       env={**os.environ, "TL_HOME": str(ws.top)})
+        args = ["worker", "--home", str(ws.top), "--lane", lane, "--slot", str(slot)]
+        env = {**os.environ, "TL_HOME": str(ws.top)}
+        if not _use_zygote() or spawn_forked("tl_core.runs.workers", args, lock.with_suffix(".log"), env) is None:
+            spawn_detached([sys.executable, "-m", "tl_core.runs.workers", *args], lock.with_suffix(".log"), env=env)
         started += 1
     return started
 
@@ -370,6 +379,7 @@ def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return 0  # another worker holds this slot
+    record_slot(lock)
     models = WarmModels() if lane == "interactive" else None
     idle_limit = {"interactive": setting("TL_INTERACTIVE_IDLE_S"),
                   "compute": setting("TL_COMPUTE_IDLE_S")}.get(lane, 0.0)
@@ -401,6 +411,7 @@ def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return 0  # a worker started meanwhile holds the slot and will run it
+        record_slot(lock)
 
 
 def main(argv: list[str] | None = None) -> int:

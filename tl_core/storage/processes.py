@@ -9,9 +9,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
-__all__ = ["start_time", "identity", "alive", "spawn_detached", "kill_workers"]
+__all__ = ["start_time", "identity", "alive", "spawn_detached", "record_slot", "kill_workers"]
 
 
 def start_time(pid: int) -> int | None:
@@ -51,7 +51,8 @@ def alive(pid: int | None, started: int | None = None) -> bool:
     return started is None or int(rest[19]) == int(started)
 
 
-def spawn_detached(cmd: Sequence[str], log_path: str | os.PathLike, env: dict[str, str] | None = None) -> None:
+def spawn_detached(cmd: Sequence[str], log_path: str | os.PathLike, env: dict[str, str] | None = None,
+                   cwd: str | os.PathLike | None = None) -> None:
     """Start ``cmd`` as a daemon: in its own session, re-parented to init, output appended to ``log_path``.
 
     The intermediate process exits at once and is waited for here, so the caller (the app's server) is
@@ -61,24 +62,45 @@ def spawn_detached(cmd: Sequence[str], log_path: str | os.PathLike, env: dict[st
                 "log = open(sys.argv[1], 'ab')\n"
                 "subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=log, stderr=log, "
                 "start_new_session=True, close_fds=True)\n")
-    subprocess.run([sys.executable, "-c", launcher, str(log_path), *cmd], env=env, check=True,
+    subprocess.run([sys.executable, "-c", launcher, str(log_path), *cmd], env=env, check=True, cwd=cwd,
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
 
 
+def record_slot(lock: IO[str]) -> None:
+    """Write this process's identity into the slot lock file it holds, for :func:`kill_workers` (a worker forked
+    by a zygote, :mod:`tl_core.storage.zygote`, shows the zygote's command line and environment in ``/proc``)."""
+    pid, started = identity()
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{pid} {started}\n")
+    lock.flush()
+
+
 def kill_workers(home: str | os.PathLike) -> int:
-    """Kill (SIGKILL) the task worker processes of one workspace, the ones started with ``TL_HOME=home``; other
-    workspaces' workers are left alone. For the tests and benchmarks that start and stop servers (Linux
-    ``/proc``; elsewhere nothing is found). Returns how many were killed."""
+    """Kill (SIGKILL) the task worker processes of one workspace: the ones recorded in its slot locks
+    (:func:`record_slot`), and the ones started with ``TL_HOME=home``; other workspaces' workers are left alone.
+    For the tests and benchmarks that start and stop servers (Linux ``/proc``). Returns how many were killed."""
+    killed: set[int] = set()
+    for lock in (Path(home) / "workers").glob("*.lock"):
+        try:
+            pid, started = (int(v) for v in lock.read_text().split()[:2])
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and alive(pid, started):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except OSError:
+                pass
     want = f"TL_HOME={home}".encode()
-    killed = 0
     for proc in Path("/proc").glob("[0-9]*"):
-        if int(proc.name) == os.getpid():
+        if int(proc.name) in (os.getpid(), *killed):
             continue
         try:
             if b"tl_core.runs.workers" in (proc / "cmdline").read_bytes() and want in (
                     proc / "environ").read_bytes().split(b"\0"):
                 os.kill(int(proc.name), signal.SIGKILL)
-                killed += 1
+                killed.add(int(proc.name))
         except OSError:  # gone meanwhile, or not ours to read
             pass
-    return killed
+    return len(killed)
