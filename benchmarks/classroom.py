@@ -61,7 +61,7 @@ from _results import cpu_name, markdown_table, prepend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tl_core.storage.processes import kill_workers  # noqa: E402
+from tl_core.storage.processes import kill_workers, worker_pids  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -116,19 +116,9 @@ def _running_tasks(db: Path) -> int:
 
 
 def _worker_rss_mb(home: Path) -> list[float]:
-    """Resident memory of every task worker of this TL_HOME (``tl_core.runs.workers ... --home HOME``)."""
-    want = f"--home\0{home}\0".encode()
-    out = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"tl_core.runs.workers" in cmd and want in cmd + b"\0":
-            rss = _rss_mb(int(proc.name))
-            if rss is not None:
-                out.append(rss)
-    return out
+    """Resident memory of every task worker of this TL_HOME (``tl_core.storage.processes.worker_pids``: forked by
+    the zygote or started the plain way)."""
+    return [rss for rss in (_rss_mb(pid) for pid in worker_pids(home)) if rss is not None]
 
 
 def _running_tasks_all(home: Path) -> int:

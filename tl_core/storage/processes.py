@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import IO, Sequence
 
-__all__ = ["start_time", "identity", "alive", "spawn_detached", "record_slot", "kill_workers"]
+__all__ = ["start_time", "identity", "alive", "spawn_detached", "record_slot", "worker_pids", "kill_workers"]
 
 
 def start_time(pid: int) -> int | None:
@@ -76,31 +76,38 @@ def record_slot(lock: IO[str]) -> None:
     lock.flush()
 
 
-def kill_workers(home: str | os.PathLike) -> int:
-    """Kill (SIGKILL) the task worker processes of one workspace: the ones recorded in its slot locks
-    (:func:`record_slot`), and the ones started with ``TL_HOME=home``; other workspaces' workers are left alone.
-    For the tests and benchmarks that start and stop servers (Linux ``/proc``). Returns how many were killed."""
-    killed: set[int] = set()
+def worker_pids(home: str | os.PathLike) -> list[int]:
+    """The live task worker processes of one workspace: the ones recorded in its slot locks (:func:`record_slot`)
+    and the ones started with ``TL_HOME=home`` (Linux ``/proc``; elsewhere only the recorded ones)."""
+    found: list[int] = []
     for lock in (Path(home) / "workers").glob("*.lock"):
         try:
             pid, started = (int(v) for v in lock.read_text().split()[:2])
         except (OSError, ValueError):
             continue
-        if pid != os.getpid() and alive(pid, started):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-            except OSError:
-                pass
+        if pid != os.getpid() and pid not in found and alive(pid, started):
+            found.append(pid)
     want = f"TL_HOME={home}".encode()
     for proc in Path("/proc").glob("[0-9]*"):
-        if int(proc.name) in (os.getpid(), *killed):
+        if int(proc.name) in (os.getpid(), *found):
             continue
         try:
             if b"tl_core.runs.workers" in (proc / "cmdline").read_bytes() and want in (
                     proc / "environ").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed.add(int(proc.name))
+                found.append(int(proc.name))
         except OSError:  # gone meanwhile, or not ours to read
             pass
-    return len(killed)
+    return found
+
+
+def kill_workers(home: str | os.PathLike) -> int:
+    """Kill (SIGKILL) the task worker processes of one workspace (:func:`worker_pids`); other workspaces' workers
+    are left alone. For the tests and benchmarks that start and stop servers. Returns how many were killed."""
+    killed = 0
+    for pid in worker_pids(home):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:  # gone meanwhile
+            pass
+    return killed

@@ -158,6 +158,9 @@ def _child(request: dict[str, Any]) -> None:  # pragma: no cover - runs in the f
         if "torch" in sys.modules:  # its thread pool was sized where the zygote started: size it to these cores
             sys.modules["torch"].set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                                  else (os.cpu_count() or 1))
+            sys.modules["torch"].seed()  # a fresh process's random state, not the zygote's copy
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed()
         fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
