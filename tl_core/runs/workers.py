@@ -101,11 +101,11 @@ def _queued(ws: Workspace, lane: str) -> int:
     return sum(len(w.store().tasks(status="queued", lane=lane)) for w in ws.all_workspaces())
 
 
-def _use_zygote() -> bool:
-    """Whether new workers are forked from a zygote (``TL_ZYGOTE``; auto: on Linux, where forking a process that
-    has imported torch is safe)."""
+def _use_zygote(lane: str) -> bool:
+    """Whether a new worker of ``lane`` is forked from a zygote (``TL_ZYGOTE``; auto: on Linux, where forking a
+    process that has imported torch is safe). Not an intake worker: it unpacks and checks images without torch."""
     choice = setting("TL_ZYGOTE")
-    return choice == "on" or (choice == "auto" and sys.platform.startswith("linux"))
+    return lane != "intake" and (choice == "on" or (choice == "auto" and sys.platform.startswith("linux")))
 
 
 def ensure_workers(ws: Workspace, lane: str = "compute") -> int:
@@ -120,7 +120,7 @@ def ensure_workers(ws: Workspace, lane: str = "compute") -> int:
             continue
         args = ["worker", "--home", str(ws.top), "--lane", lane, "--slot", str(slot)]
         env = {**os.environ, "TL_HOME": str(ws.top)}
-        if not _use_zygote() or spawn_forked("tl_core.runs.workers", args, lock.with_suffix(".log"), env) is None:
+        if not _use_zygote(lane) or spawn_forked("tl_core.runs.workers", args, lock.with_suffix(".log"), env) is None:
             spawn_detached([sys.executable, "-m", "tl_core.runs.workers", *args], lock.with_suffix(".log"), env=env)
         started += 1
     return started
