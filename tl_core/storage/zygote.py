@@ -4,10 +4,10 @@ machine; ~0.1 s forked).
 
 Only the heavy third-party libraries are imported before the fork; TL Studio's own modules are imported afresh in
 each child, from the requester's working directory, so that a changed checkout runs its new code. A zygote serves
-one environment: its key (:func:`zygote_key`) hashes the interpreter, the working directory's role on
-``sys.path``, the versions of the preloaded libraries on disk and every environment variable they read when
-imported (``OMP_*``, ``MKL_*``, ``TORCH_*``, ``TIMM_*``, ...); a request from another environment gets a zygote of
-its own. The zygote itself runs with no ``TL_*`` variable (the requester's whole environment is applied in the
+one environment: its key (:func:`zygote_key`) hashes the interpreter, the working directory (first on
+``sys.path``), the preloaded libraries' files on disk, the CPU priority and the few environment variables that
+shape a process before its first task (``PYTHONPATH``, the thread pools' sizes, ...); a request from another
+environment gets a zygote of its own. The zygote itself runs with no ``TL_*`` variable (the requester's whole environment is applied in the
 child), so that looking up processes by ``TL_HOME`` in ``/proc/<pid>/environ`` never finds it. Its children are
 found by their slot locks instead (:func:`tl_core.storage.processes.kill_workers`).
 
@@ -37,15 +37,22 @@ from typing import Any, Sequence
 
 __all__ = ["PRELOAD", "IDLE_S", "zygote_key", "socket_path", "spawn_forked", "main"]
 
-#: What the zygote imports before it forks (what every worker that runs a model imports).
-PRELOAD = ("numpy", "PIL.Image", "torch", "timm", "safetensors.torch")
+#: What the zygote imports before it forks: what every worker that runs a model imports, and the maps' PCA and t-SNE
+#: (scikit-learn and SciPy: ~1 s more per data check otherwise).
+PRELOAD = ("numpy", "PIL.Image", "torch", "timm", "safetensors.torch", "onnxruntime", "sklearn.decomposition",
+           "sklearn.manifold")
 #: Seconds a zygote waits for the next request before it leaves.
 IDLE_S = 600.0
-#: Environment variables read when those libraries are imported, by prefix: a different value needs another zygote.
-_IMPORT_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOTO", "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "TIMM_", "LD_",
-               "PYTHON", "NUMPY_", "HF_", "XDG_")
+#: Environment variables that shape a process before its first task: the module search path and hash seed (read
+#: when the interpreter starts), the dynamic loader's, and the thread pools' sizes (read when the math libraries
+#: load). A different value needs another zygote; every other variable is the requester's in the child (libraries
+#: read those when called, and some set their own on import, e.g. TORCHINDUCTOR_CACHE_DIR and KMP_*: keying on
+#: every variable made a zygote per test that had exported a graph).
+_IMPORT_ENV = ("PYTHONPATH", "PYTHONHASHSEED", "PYTHONHOME", "LD_PRELOAD", "LD_LIBRARY_PATH", "OMP_NUM_THREADS",
+               "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TIMM_FUSED_ATTN")
 #: Seconds a caller waits for a zygote's answer before it starts the worker the plain way.
 _ANSWER_S = 10.0
+
 
 
 def _stamp(module: str) -> str:
@@ -67,7 +74,7 @@ def zygote_key(env: dict[str, str], cwd: str) -> str:
     """The zygote an environment needs: a hash of what the preloaded libraries see when imported."""
     doc = {"python": os.path.realpath(sys.executable), "version": sys.version, "cwd": cwd,
            "libs": [_stamp(m.split(".")[0]) for m in PRELOAD], "nice": os.getpriority(os.PRIO_PROCESS, 0),
-           "env": sorted((k, v) for k, v in env.items() if k.startswith(_IMPORT_ENV))}
+           "env": sorted((k, v) for k, v in env.items() if k in _IMPORT_ENV)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -128,7 +135,7 @@ def spawn_forked(module: str, args: Sequence[str], log_path: str | os.PathLike,
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     pid = _ask(path, {"module": module, "args": list(args), "env": env, "cwd": cwd, "log": str(log_path),
                       "cpus": cpus})
-    if pid is None:
+    if pid is None:  # the caller starts this worker itself, at once (a page never waits for a zygote to load)
         try:
             _start(path, cwd, env)
         except OSError:
