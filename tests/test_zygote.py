@@ -95,6 +95,24 @@ def test_another_environment_gets_another_zygote(probe_dir):
     assert zygote.zygote_key(env, "/another/checkout") != key
 
 
+def test_a_zygote_that_never_listens_is_not_started_again_for_every_worker(probe_dir, tmp_path, monkeypatch):
+    """A zygote that fails before it listens (its log says why) is started again only after RETRY_S: meanwhile each
+    worker starts the plain way, without paying a failing start of its own."""
+    from tl_core.storage import processes
+
+    starts: list[list[str]] = []
+    monkeypatch.setattr(processes, "spawn_detached", lambda cmd, *a, **k: starts.append(cmd))  # it never comes up
+    env = {**os.environ, "TL_PROBE": "never"}
+    assert zygote.spawn_forked("tl_probe_mod", [], tmp_path / "child.log", env) is None
+    assert zygote.spawn_forked("tl_probe_mod", [], tmp_path / "child.log", env) is None
+    assert len(starts) == 1 and "tl_core.storage.zygote" in starts[0]
+    lock = zygote.socket_path(zygote.zygote_key(env, str(probe_dir))).with_suffix(".lock")
+    old = time.time() - zygote.RETRY_S - 1
+    os.utime(lock, (old, old))
+    assert zygote.spawn_forked("tl_probe_mod", [], tmp_path / "child.log", env) is None
+    assert len(starts) == 2  # tried again once the wait was over
+
+
 def test_kill_workers_finds_a_worker_by_its_slot_lock(tmp_path):
     """A forked worker's /proc shows the zygote's command line and environment: its slot lock says who it is."""
     home = tmp_path / "home"

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["PRELOAD", "IDLE_S", "zygote_key", "socket_path", "spawn_forked", "main"]
+__all__ = ["PRELOAD", "IDLE_S", "RETRY_S", "zygote_key", "socket_path", "spawn_forked", "main"]
 
 #: What the zygote imports before it forks: what every worker that runs a model imports, and the maps' PCA and t-SNE
 #: (scikit-learn and SciPy: ~1 s more per data check otherwise).
@@ -52,6 +52,10 @@ _IMPORT_ENV = ("PYTHONPATH", "PYTHONHASHSEED", "PYTHONHOME", "LD_PRELOAD", "LD_L
                "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TIMM_FUSED_ATTN")
 #: Seconds a caller waits for a zygote's answer before it starts the worker the plain way.
 _ANSWER_S = 10.0
+#: Seconds before a zygote that was started and never listened is started again.
+RETRY_S = 60.0
+#: The longest socket path used (Linux allows 107 bytes).
+_MAX_SOCKET_PATH = 100
 
 
 
@@ -93,8 +97,6 @@ def socket_path(key: str) -> Path:
 
 def _ask(path: Path, request: dict[str, Any]) -> int | None:
     """Send one request; the child's pid, or None when no zygote answered."""
-    if len(str(path)) > 100:  # a Unix socket's path has a length limit
-        return None
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(_ANSWER_S)
@@ -107,8 +109,10 @@ def _ask(path: Path, request: dict[str, Any]) -> int | None:
 
 
 def _start(path: Path, cwd: str, env: dict[str, str]) -> None:
-    """Start a zygote for ``path`` in the background (it loads for seconds; this request does not wait)."""
-    from .processes import spawn_detached
+    """Start a zygote for ``path`` in the background (it loads for seconds; this request does not wait), unless one
+    is starting or running, or one was started less than :data:`RETRY_S` ago and never listened (it failed: its
+    log says why; workers start the plain way meanwhile instead of paying a failing start each)."""
+    from . import processes
 
     lock = path.with_suffix(".lock")
     with open(lock, "a+") as f:
@@ -117,9 +121,14 @@ def _start(path: Path, cwd: str, env: dict[str, str]) -> None:
         except OSError:
             return  # one is starting or running
         fcntl.flock(f, fcntl.LOCK_UN)
+        f.seek(0)
+        if f.read().startswith("started") and time.time() - lock.stat().st_mtime < RETRY_S:
+            return  # one was started a moment ago and ended without ever listening
+        f.truncate(0)
+        f.write("started\n")  # until the zygote listens (it writes "listening"); the file's mtime: when
     quiet = {k: v for k, v in env.items() if not k.startswith("TL_")}  # found by no TL_HOME look-up
-    spawn_detached([sys.executable, "-m", "tl_core.storage.zygote", "--socket", str(path), "--idle", str(IDLE_S)],
-                   path.with_suffix(".log"), env=quiet, cwd=cwd)
+    processes.spawn_detached([sys.executable, "-m", "tl_core.storage.zygote", "--socket", str(path), "--idle",
+                              str(IDLE_S)], path.with_suffix(".log"), env=quiet, cwd=cwd)
 
 
 def spawn_forked(module: str, args: Sequence[str], log_path: str | os.PathLike,
@@ -131,6 +140,8 @@ def spawn_forked(module: str, args: Sequence[str], log_path: str | os.PathLike,
     try:
         path = socket_path(zygote_key(env, cwd))
     except OSError:
+        return None
+    if len(str(path)) > _MAX_SOCKET_PATH:  # a Unix socket's path has a length limit: no zygote here
         return None
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     pid = _ask(path, {"module": module, "args": list(args), "env": env, "cwd": cwd, "log": str(log_path),
@@ -220,6 +231,9 @@ def serve(path: Path, idle_s: float = IDLE_S) -> int:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(16)
+    lock.truncate(0)
+    lock.write("listening\n")  # a start that got here worked (see _start)
+    lock.flush()
     server.settimeout(1.0)
     last = time.monotonic()
     try:
