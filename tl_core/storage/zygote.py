@@ -7,9 +7,11 @@ each child, from the requester's working directory, so that a changed checkout r
 one environment: its key (:func:`zygote_key`) hashes the interpreter, the working directory (first on
 ``sys.path``), the preloaded libraries' files on disk, the CPU priority and the few environment variables that
 shape a process before its first task (``PYTHONPATH``, the thread pools' sizes, ...); a request from another
-environment gets a zygote of its own. The zygote itself runs with no ``TL_*`` variable (the requester's whole environment is applied in the
-child), so that looking up processes by ``TL_HOME`` in ``/proc/<pid>/environ`` never finds it. Its children are
-found by their slot locks instead (:func:`tl_core.storage.processes.kill_workers`).
+environment gets a zygote of its own. The zygote itself runs with no ``TL_*`` variable (the requester's whole
+environment is applied in the child), so that looking up processes by ``TL_HOME`` in ``/proc/<pid>/environ`` never
+finds it. Its children are found by their slot locks instead (:func:`tl_core.storage.processes.worker_pids`).
+Only compute and interactive workers are forked (``tl_core.runs.workers``; ``TL_ZYGOTE`` turns it off); on Linux
+only, where forking a process that has imported these libraries (and started none of their thread pools) is safe.
 
 The protocol: a Unix socket in a private folder (``<tmp>/tl-studio-<uid>/``); a request is one JSON line
 (``module``, ``args``, ``env``, ``cwd``, ``log``, ``cpus``), the answer one JSON line (``pid``). The child starts
