@@ -80,7 +80,7 @@ def test_a_forked_child_runs_in_the_requesters_environment_folder_and_cores(prob
     assert zpids and all(b"TL_PROBE=" not in _read(Path(f"/proc/{z}/environ")) for z in zpids)
     # and it leaves when idle (3 s here), with its socket
     wait_for(lambda: not any(alive(z) for z in zpids), 30, "the idle zygote to leave")
-    assert not path.exists()
+    assert not path.exists() and not path.with_suffix(".lock").exists() and not path.with_suffix(".log").exists()
 
 
 def test_another_environment_gets_another_zygote(probe_dir):

@@ -263,10 +263,12 @@ def serve(path: Path, idle_s: float = IDLE_S) -> int:
                     pass
     finally:
         server.close()
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+        # gone when idle, with its files (a start that failed keeps its lock and log: they say when and why)
+        for leftover in (path, path.with_suffix(".log"), path.with_suffix(".lock")):
+            try:
+                leftover.unlink()
+            except FileNotFoundError:
+                pass
     return 0
 
 
