@@ -80,6 +80,7 @@ def worker_pids(home: str | os.PathLike) -> list[int]:
     """The live task worker processes of one workspace: the ones recorded in its slot locks (:func:`record_slot`)
     and the ones started with ``TL_HOME=home`` (Linux ``/proc``; elsewhere only the recorded ones)."""
     found: list[int] = []
+    # Workspace.workers_dir (a Workspace would create the folders of a home that may not be one)
     for lock in (Path(home) / "workers").glob("*.lock"):
         try:
             pid, started = (int(v) for v in lock.read_text().split()[:2])
