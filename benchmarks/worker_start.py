@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from tl_core.storage import zygote
     from tl_core.storage.processes import spawn_detached
 
-    zygote.IDLE_S = 30.0  # this run's zygote (its key names the temporary folder) leaves soon after
+    os.environ["TL_ZYGOTE_IDLE_S"] = "30"  # this run's zygote (its key names the temporary folder) leaves soon after
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)

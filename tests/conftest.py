@@ -188,11 +188,9 @@ def session_cache_dir(tmp_path_factory) -> Path:
         # interactive and compute workers that tests start leave a few seconds after their last task
         mp.setenv("TL_INTERACTIVE_IDLE_S", os.environ.get("TL_INTERACTIVE_IDLE_S", "5"))
         mp.setenv("TL_COMPUTE_IDLE_S", os.environ.get("TL_COMPUTE_IDLE_S", "5"))
-        # the worker zygotes this process starts (tl_core/storage/zygote.py) leave 2 minutes after their last
-        # worker, not the app's 10: a test run does not leave them behind for long
-        from tl_core.storage import zygote
-
-        mp.setattr(zygote, "IDLE_S", 120.0)
+        # the worker zygotes the tests start (tl_core/storage/zygote.py; from this process, its servers and
+        # commands) leave 2 minutes after their last worker, not the app's 10: a test run leaves none for long
+        mp.setenv("TL_ZYGOTE_IDLE_S", os.environ.get("TL_ZYGOTE_IDLE_S", "120"))
         if os.environ.get("TL_TEST_SHARED_CACHE", "1") == "0":
             yield None
             return

@@ -44,7 +44,7 @@ def probe_dir(tmp_path, monkeypatch):
     d.mkdir()
     (d / "tl_probe_mod.py").write_text(PROBE)
     monkeypatch.chdir(d)
-    monkeypatch.setattr(zygote, "IDLE_S", 3.0)
+    monkeypatch.setenv("TL_ZYGOTE_IDLE_S", "3")
     return d
 
 
@@ -111,6 +111,7 @@ def test_a_zygote_that_never_listens_is_not_started_again_for_every_worker(probe
     os.utime(lock, (old, old))
     assert zygote.spawn_forked("tl_probe_mod", [], tmp_path / "child.log", env) is None
     assert len(starts) == 2  # tried again once the wait was over
+    lock.unlink()  # this test's own (its key names its folder)
 
 
 def test_kill_workers_finds_a_worker_by_its_slot_lock(tmp_path):

@@ -129,6 +129,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("TL_ZYGOTE", "auto|on|off", "auto", "New task workers are forked from a process that has imported "
             "torch and timm once (tl_core/storage/zygote.py: ~0.1 s instead of ~3 s per worker): auto on Linux, "
             "on, or off (a fresh interpreter per worker).", _auto_on_off),
+    Setting("TL_ZYGOTE_IDLE_S", "seconds > 0", 600.0, "A worker zygote leaves after this many seconds without a "
+            "new worker to start (it holds torch and timm in memory).", _positive_float),
     Setting("TL_TASK_KEEP_DAYS", "days >= 0", 7.0, "Finished tasks older than this are forgotten (their rows "
             "and result files).", _non_negative_float),
     Setting("TL_TRAIN_PROCS", "int >= 1 | all", None, "Processes a worker trains one run with (a torchrun group "

@@ -16,7 +16,7 @@ only, where forking a process that has imported these libraries (and started non
 The protocol: a Unix socket in a private folder (``<tmp>/tl-studio-<uid>/``); a request is one JSON line
 (``module``, ``args``, ``env``, ``cwd``, ``log``, ``cpus``), the answer one JSON line (``pid``). The child starts
 its own session, applies the environment, the folder and the CPU affinity, appends its output to ``log`` and runs
-``python -m module args``. A zygote leaves after :data:`IDLE_S` seconds without a request. Anything that goes wrong
+``python -m module args``. A zygote leaves after ``TL_ZYGOTE_IDLE_S`` seconds without a request. Anything that goes wrong
 on the way (no zygote yet, a stale socket, a refused connection) makes the caller start the worker the plain way
 (:func:`tl_core.storage.processes.spawn_detached`), and start a zygote for the next one.
 """
@@ -37,14 +37,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["PRELOAD", "IDLE_S", "RETRY_S", "zygote_key", "socket_path", "spawn_forked", "main"]
+from ..settings import setting
+
+__all__ = ["PRELOAD", "RETRY_S", "zygote_key", "socket_path", "spawn_forked", "main"]
 
 #: What the zygote imports before it forks: what every worker that runs a model imports, and the maps' PCA and t-SNE
 #: (scikit-learn and SciPy: ~1 s more per data check otherwise).
 PRELOAD = ("numpy", "PIL.Image", "torch", "timm", "safetensors.torch", "onnxruntime", "sklearn.decomposition",
            "sklearn.manifold")
-#: Seconds a zygote waits for the next request before it leaves.
-IDLE_S = 600.0
 #: Environment variables that shape a process before its first task: the module search path and hash seed (read
 #: when the interpreter starts), the dynamic loader's, and the thread pools' sizes (read when the math libraries
 #: load). A different value needs another zygote; every other variable is the requester's in the child (libraries
@@ -130,7 +130,7 @@ def _start(path: Path, cwd: str, env: dict[str, str]) -> None:
         f.write("started\n")  # until the zygote listens (it writes "listening"); the file's mtime: when
     quiet = {k: v for k, v in env.items() if not k.startswith("TL_")}  # found by no TL_HOME look-up
     processes.spawn_detached([sys.executable, "-m", "tl_core.storage.zygote", "--socket", str(path), "--idle",
-                              str(IDLE_S)], path.with_suffix(".log"), env=quiet, cwd=cwd)
+                              str(setting("TL_ZYGOTE_IDLE_S"))], path.with_suffix(".log"), env=quiet, cwd=cwd)
 
 
 def spawn_forked(module: str, args: Sequence[str], log_path: str | os.PathLike,
@@ -213,7 +213,7 @@ def _child(request: dict[str, Any]) -> None:  # pragma: no cover - runs in the f
             os._exit(code)
 
 
-def serve(path: Path, idle_s: float = IDLE_S) -> int:
+def serve(path: Path, idle_s: float) -> int:
     """Preload, then fork a child per request until ``idle_s`` seconds pass without one."""
     lock = open(path.with_suffix(".lock"), "a+")
     try:
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m tl_core.storage.zygote --socket PATH [--idle S]``: serve that socket (:func:`serve`)."""
     p = argparse.ArgumentParser(prog="python -m tl_core.storage.zygote")
     p.add_argument("--socket", required=True)
-    p.add_argument("--idle", type=float, default=IDLE_S)
+    p.add_argument("--idle", type=float, required=True, help="seconds without a request before it leaves")
     args = p.parse_args(argv)
     return serve(Path(args.socket), args.idle)
 
