@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..settings import setting
+from . import processes
 
 __all__ = ["PRELOAD", "RETRY_S", "zygote_key", "socket_path", "spawn_forked", "main"]
 
@@ -114,8 +115,6 @@ def _start(path: Path, cwd: str, env: dict[str, str]) -> None:
     """Start a zygote for ``path`` in the background (it loads for seconds; this request does not wait), unless one
     is starting or running, or one was started less than :data:`RETRY_S` ago and never listened (it failed: its
     log says why; workers start the plain way meanwhile instead of paying a failing start each)."""
-    from . import processes
-
     lock = path.with_suffix(".lock")
     with open(lock, "a+") as f:
         try:
