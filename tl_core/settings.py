@@ -157,13 +157,18 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "workspace) may have waiting, and as many uploads; one more is refused, so that no group fills the queue "
             "alone.", _positive_int),
     Setting("TL_DECODE_THREADS", "int >= 1", None, "Threads that decode and resize the next batch while the "
-            "model runs; 1 turns it off.", _positive_int, "one per core, at most 4"),
+            "model runs; 1 turns it off.", _positive_int, "one per thread of TL_THREADS, at most 4"),
+    Setting("TL_THREADS", "int >= 1", None, "Threads one process (a worker, a `tl-core` command) gives PyTorch "
+            "and ONNX Runtime. On a server where several workers run at once (TL_MAX_WORKERS, the interactive "
+            "lane), the cores divided by them keeps the workers from waiting for each other's threads.",
+            _positive_int, "the cores the process may use"),
 ]}
 
 _DEFAULTS: dict[str, Callable[[], Any]] = {
     "TL_HOME": lambda: Path.home() / ".tl_studio",
     "TL_MAX_WORKERS": lambda: max(1, (os.cpu_count() or 1) // 4),
-    "TL_DECODE_THREADS": lambda: max(1, min(4, _cpu_count())),
+    "TL_DECODE_THREADS": lambda: max(1, min(4, setting("TL_THREADS"))),
+    "TL_THREADS": _cpu_count,
 }
 
 

@@ -24,9 +24,10 @@ import numpy as np
 
 from ..config import check_device_name  # the names TrainConfig accepts (re-exported)
 from ..errors import ConfigError
+from ..settings import setting
 
 __all__ = ["DEVICE_CHOICES", "Runtime", "resolve_device", "describe_auto_device", "check_device_name", "set_seed",
-           "configure_threads", "single_threaded", "release_free_memory", "cpu_count",
+           "configure_threads", "single_threaded", "release_free_memory", "cpu_count", "thread_count",
            "reuse_heap_memory"]
 
 #: What ``TrainConfig.device`` / ``--device`` accept (besides ``cuda:N``).
@@ -78,6 +79,11 @@ def describe_auto_device() -> str:
 def cpu_count() -> int:
     """Cores this process may use (the affinity mask in a container, not the host's count)."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def thread_count() -> int:
+    """Threads this process gives PyTorch and ONNX Runtime: ``TL_THREADS``, by default the cores it may use."""
+    return setting("TL_THREADS")
 
 
 @dataclass
@@ -163,7 +169,7 @@ def configure_threads(processes_per_machine: int = 1) -> int:
     (torch's default can be lower in containers, and torchrun's default of one thread wastes cores)."""
     import torch
 
-    n = max(1, cpu_count() // max(1, processes_per_machine))
+    n = max(1, thread_count() // max(1, processes_per_machine))
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

@@ -56,7 +56,7 @@ from torch import nn
 
 from ..fileio import write_atomic, writing_atomic
 from ..settings import setting
-from .devices import Runtime, cpu_count
+from .devices import Runtime, thread_count
 from .folding import fold_wanted, folded
 from .preprocess import Preprocess
 
@@ -327,7 +327,7 @@ def _session(model: bytes) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = cpu_count()
+    so.intra_op_num_threads = thread_count()
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -175,8 +175,7 @@ def _child(request: dict[str, Any]) -> None:  # pragma: no cover - runs in the f
             except OSError:
                 pass
         if "torch" in sys.modules:  # its thread pool was sized where the zygote started: size it to these cores
-            sys.modules["torch"].set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                                 else (os.cpu_count() or 1))
+            sys.modules["torch"].set_num_threads(setting("TL_THREADS"))  # (or the requester's TL_THREADS)
             sys.modules["torch"].seed()  # a fresh process's random state, not the zygote's copy
         if "numpy" in sys.modules:
             sys.modules["numpy"].random.seed()
