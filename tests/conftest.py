@@ -57,27 +57,34 @@ LONGEST_FIRST = (
 
 
 def pytest_configure(config):
-    """Under pytest-xdist, each test process gets its own share of the cores (CPU affinity, which the processes a
-    test starts inherit: servers, workers, browsers). Torch, ONNX Runtime and the decoders size their thread pools
-    by the cores a process may use (tl_core.models.devices.cpu_count), so two test processes on a 2-core machine
-    run one thread each instead of two each on the same two cores (oversubscribed: the fast tier's two fixture
-    trainings took 2.1x and 2.5x as long side by side as alone, more than their sum one after the other; torch's
-    threads wait for each other on every small operation: tl_core.models.devices.single_threaded).
-    ``TL_TEST_PIN_CORES=0`` leaves the affinity alone."""
+    """Under pytest-xdist, the test processes share the cores out as threads: each gets cores / processes threads
+    (``TL_THREADS``, and OMP_NUM_THREADS and its kin for the numeric libraries), and so do the processes a test
+    starts (servers, workers, commands inherit the environment). Torch, ONNX Runtime and the decoders size their
+    thread pools by it, so two test processes on a 2-core machine run one thread each instead of two each on the
+    same two cores (oversubscribed: the fast tier's two fixture trainings took 2.1x and 2.5x as long side by side
+    as alone; torch's threads wait for each other on every small operation: tl_core.models.devices.single_threaded).
+    The processes are not pinned to cores: a test that waits (for a browser, a worker, a timeout) leaves its core
+    to the other test process's work (pinning each test process and all it starts to its own core left 10% of
+    the cores idle over a `make test`: docs/testing.md). ``TL_TEST_PIN_CORES=1`` pins them as before;
+    ``TL_TEST_PIN_CORES=0`` leaves both the cores and the threads alone."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if not worker or count < 2 or os.environ.get("TL_TEST_PIN_CORES", "1") == "0" \
-            or not hasattr(os, "sched_setaffinity"):
+    mode = os.environ.get("TL_TEST_PIN_CORES", "threads")
+    if not worker or count < 2 or mode == "0" or not hasattr(os, "sched_getaffinity"):
         return
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < count:
-        return
-    mine = cores[int(worker.removeprefix("gw")) % count::count]
-    try:
-        os.sched_setaffinity(0, mine)
-    except OSError:  # a container that refuses: the processes share the cores as before
-        return
+    share = max(1, len(cores) // count)
+    if mode == "1":
+        if len(cores) < count:
+            return
+        try:
+            os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count::count])
+        except OSError:  # a container that refuses: the processes share the cores as before
+            return
+    else:
+        for name in ("TL_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, str(share))
     if "torch" in sys.modules:  # imported already (a plugin): size its pool to the share
-        sys.modules["torch"].set_num_threads(len(mine))
+        sys.modules["torch"].set_num_threads(share)
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers
