@@ -64,6 +64,33 @@ def _seed(cache: Path, entry: list[Path]) -> Path:
     return cache / EXPORTS / entry[0].name
 
 
+def test_exports_of_one_run_at_once_take_turns_and_run_the_exporter_once(emoji_run_dir, tmp_path, counted):
+    """Three exports of one run at the same moment (a class exporting the teacher's run): one runs the exporter, the
+    others wait for it, then copy its graph and verify it on their own images."""
+    import threading
+
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def export(i: int) -> None:
+        try:
+            results[i] = export_run(emoji_run_dir, "onnx", tmp_path / f"{i}.onnx", onnx_exporter="legacy",
+                                    max_verify_images=4)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=export, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors and len(results) == 3, errors
+    assert counted == ["legacy"]  # one export for the three
+    assert sorted(r["cached"] for r in results.values()) == [False, True, True]
+    assert all(r["verification"]["passed"] for r in results.values())
+    assert len({Path(r["path"]).read_bytes() for r in results.values()}) == 1
+
+
 def test_second_export_reuses_the_graph_and_verifies_it_again(emoji_run_dir, tmp_path, counted, _private_cache, first):
     first, entry = first
     cached = _seed(_private_cache, entry)

@@ -26,6 +26,7 @@ is deleted from the cache and exported afresh. A bundle, or a run directory outs
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import copy
 import hashlib
 import json
@@ -38,7 +39,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -521,7 +522,8 @@ def verified_onnx(tm: TrainedModel, run_dir: str | os.PathLike, module: nn.Modul
 
     A cached file that cannot be read or fails the verification is deleted from the cache and the graph exported
     afresh (a warning is logged); a fresh export that passes is kept in the cache (only a single-file graph: not
-    one with external data).
+    one with external data). Processes exporting the same run at once take turns: the first exports, the others
+    wait for it and copy its graph (:func:`_one_at_a_time`).
 
     Args:
         tm: the loaded run.
@@ -538,13 +540,56 @@ def verified_onnx(tm: TrainedModel, run_dir: str | os.PathLike, module: nn.Modul
         ExportError: the export fails, or the fresh export disagrees with PyTorch (the file is left for the caller
             to delete with its staging folder).
     """
+    example = x[: min(2, len(x))].clone()
+    cache_dir = export_cache_dir(run_dir)
+    entry = _CachedExport(cache_dir, _onnx_cache_key(tm, module, example, exporter)) if cache_dir else None
+    with _one_at_a_time(entry):
+        return _verified_onnx(tm, module, x, names, source, reference, ood_reference, path, exporter, example, entry)
+
+
+@contextlib.contextmanager
+def _one_at_a_time(entry: _CachedExport | None) -> Iterator[None]:
+    """Hold the cache entry's lock (``<key>.onnx.lock``) while its graph is exported or copied: of the processes that
+    export one run at once (a class exporting the teacher's run), one runs the exporter and the others wait for it,
+    then copy its file. The holder removes the lock file as it leaves (a waiter that finds its file gone takes a new
+    one), so the cache holds no lock file between exports. Without a cache entry, or where the lock cannot be made
+    (a read-only cache), nothing waits."""
+    if entry is None:
+        yield
+        return
+    path = entry.model.with_name(entry.model.name + ".lock")
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(path, "a")
+        except OSError:
+            yield
+            return
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break  # the lock file is still the one in the folder: ours
+        except FileNotFoundError:
+            pass
+        lock.close()  # removed by the holder before us while we waited: take the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        lock.close()
+
+
+def _verified_onnx(tm: TrainedModel, module: nn.Module, x: torch.Tensor, names: Sequence[str], source: str,
+                   reference: np.ndarray, ood_reference: list[np.ndarray] | None, path: Path, exporter: str,
+                   example: torch.Tensor, entry: _CachedExport | None) -> tuple[dict[str, Any], dict[str, Any], bool,
+                                                                                float]:
+    """:func:`verified_onnx` under the entry's lock: the cached graph if there is one (looked for now, after any
+    wait), else a fresh export."""
     import onnx
     import onnxruntime as ort
     from onnx.external_data_helper import uses_external_data
 
-    example = x[: min(2, len(x))].clone()
-    cache_dir = export_cache_dir(run_dir)
-    entry = _CachedExport(cache_dir, _onnx_cache_key(tm, module, example, exporter)) if cache_dir else None
     for cached in ((True, False) if entry is not None and entry.model.is_file() else (False,)):
         t0 = time.perf_counter()
         try:
