@@ -104,6 +104,28 @@ def _rank_pid(home: Path, rank: int) -> int | None:
 # ==================================================================================================
 # devices (no GPU here: the CPU path, and clear errors for a device that is not there)
 # ==================================================================================================
+def test_tl_threads_sizes_torchs_pool_shared_out_among_a_groups_processes(monkeypatch):
+    """TL_THREADS is what a process gives PyTorch (and ONNX Runtime), divided among the processes of a group on one
+    machine; unset, it is the cores the process may use; a bad value is a clear error."""
+    import torch
+
+    from tl_core.models.devices import configure_threads, cpu_count, thread_count
+
+    saved = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("TL_THREADS", "4")
+        assert thread_count() == 4 and configure_threads() == 4 == torch.get_num_threads()
+        assert configure_threads(processes_per_machine=2) == 2 == torch.get_num_threads()
+        assert configure_threads(processes_per_machine=8) == 1  # never none
+        monkeypatch.delenv("TL_THREADS")
+        assert thread_count() == cpu_count()
+        monkeypatch.setenv("TL_THREADS", "0")
+        with pytest.raises(ConfigError, match="TL_THREADS"):
+            thread_count()
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_devices_auto_is_the_cpu_here_and_a_missing_gpu_is_a_clear_error():
     import torch
 

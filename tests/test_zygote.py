@@ -30,7 +30,8 @@ fresh = "tl_core" not in sys.modules  # TL Studio's own code is imported afresh 
 import tl_core
 out = {"pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "probe": os.environ.get("TL_PROBE"),
        "torch_preloaded": "torch" in sys.modules, "fresh": fresh, "tl_core": os.path.dirname(tl_core.__file__),
-       "cpus": sorted(os.sched_getaffinity(0)), "sid": os.getsid(0), "args": sys.argv[1:]}
+       "cpus": sorted(os.sched_getaffinity(0)), "sid": os.getsid(0), "args": sys.argv[1:],
+       "threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None}
 print("probe ran", flush=True)
 open(os.environ["TL_PROBE_OUT"], "w").write(json.dumps(out))
 '''
@@ -56,7 +57,7 @@ def _forked(tmp_path: Path, env: dict[str, str], timeout: float = 120) -> int:
 
 def test_a_forked_child_runs_in_the_requesters_environment_folder_and_cores(probe_dir, tmp_path):
     out = tmp_path / "probe.json"
-    env = {**os.environ, "TL_PROBE": "hello", "TL_PROBE_OUT": str(out)}
+    env = {**os.environ, "TL_PROBE": "hello", "TL_PROBE_OUT": str(out), "TL_THREADS": "3"}
     # a stale socket where this environment's zygote would listen: nobody answers, so a zygote is started
     path = zygote.socket_path(zygote.zygote_key(env, str(probe_dir)))
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -71,6 +72,7 @@ def test_a_forked_child_runs_in_the_requesters_environment_folder_and_cores(prob
     assert doc["torch_preloaded"] and doc["fresh"] and doc["args"] == ["a", "b"]
     assert doc["tl_core"] == str(Path(__file__).resolve().parent.parent / "tl_core")
     assert doc["cpus"] == mine and doc["sid"] == doc["pid"]  # its own session, the requester's cores
+    assert doc["threads"] == 3  # torch's pool sized by the requester's TL_THREADS, not the zygote's
     assert doc["ppid"] != os.getpid()  # the zygote's child, not ours: nothing to reap here
     assert "probe ran" in wait_for(lambda: (tmp_path / "child.log").read_text(), 30, "the child's log")
     wait_for(lambda: not alive(pid), 30, "the child to end")
