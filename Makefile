@@ -46,8 +46,8 @@ app: venv
 # test (pytest's exit status 5), fails the target. Both runs share one fresh folder (TL_TEST_SESSION_DIR,
 # removed at the end): the rest reuses the fixture runs and the feature cache the fast tier built. TEST_PROCS=2
 # (the default) runs both tiers in 2 pytest-xdist processes, a test file each at a time, the longest files first
-# (tests/conftest.py LONGEST_FIRST), each process on its own share of the cores (tests/conftest.py
-# pytest_configure); TEST_PROCS=0 runs them in one. The fast tier too, since its multi-label fixture moved to the
+# (tests/conftest.py LONGEST_FIRST), each process with its share of the cores as threads (tests/conftest.py
+# pytest_configure: TL_THREADS); TEST_PROCS=0 runs them in one. The fast tier too, since its multi-label fixture moved to the
 # rest: most of its time is now ~500 short single-threaded tests (benchmarks/RESULTS.md, 2026-12-07 00:20).
 TEST_PROCS ?= 2
 XDIST = $(if $(filter-out 0,$(TEST_PROCS)),-n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder,)
