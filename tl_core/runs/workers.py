@@ -430,8 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "worker":
         lower_priority(args.lane)  # a worker process only: worker_main run in-process keeps its caller's priority
         # PyTorch sizes its thread pool from OMP_NUM_THREADS where a task first imports it: TL_THREADS (forked from a
-        # zygote, whose torch is loaded already, the child sets it: tl_core/storage/zygote.py)
-        os.environ.setdefault("OMP_NUM_THREADS", str(setting("TL_THREADS")))
+        # zygote, whose torch is loaded already, the child sets it: tl_core/storage/zygote.py). A bad value is refused
+        # where the app and the commands start; here the worker keeps torch's own default.
+        try:
+            os.environ.setdefault("OMP_NUM_THREADS", str(setting("TL_THREADS")))
+        except TLError as e:
+            log.warning("%s", e)
         return worker_main(args.home, args.lane, args.slot)
     _watch(Workspace.at(args.home), args.task, args.grace)
     return 0

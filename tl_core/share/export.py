@@ -26,8 +26,8 @@ is deleted from the cache and exported afresh. A bundle, or a run directory outs
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import copy
+import fcntl
 import hashlib
 import json
 import logging

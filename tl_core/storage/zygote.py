@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..errors import ConfigError
 from ..settings import setting
 from . import processes
 
@@ -174,8 +175,12 @@ def _child(request: dict[str, Any]) -> None:  # pragma: no cover - runs in the f
                 os.sched_setaffinity(0, request["cpus"])
             except OSError:
                 pass
-        if "torch" in sys.modules:  # its thread pool was sized where the zygote started: size it to these cores
-            sys.modules["torch"].set_num_threads(setting("TL_THREADS"))  # (or the requester's TL_THREADS)
+        if "torch" in sys.modules:  # its pool was sized where the zygote started: size it by the requester's
+            try:                    # TL_THREADS (default: the cores applied above)
+                threads = setting("TL_THREADS")
+            except ConfigError:  # refused where the app starts; a worker still runs
+                threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            sys.modules["torch"].set_num_threads(threads)
             sys.modules["torch"].seed()  # a fresh process's random state, not the zygote's copy
         if "numpy" in sys.modules:
             sys.modules["numpy"].random.seed()
