@@ -19,11 +19,12 @@ from typing import Any, Callable
 
 from .errors import ConfigError
 
-__all__ = ["Setting", "SETTINGS", "setting", "describe", "validate_all"]
+__all__ = ["Setting", "SETTINGS", "setting", "describe", "validate_all", "usable_cores"]
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def usable_cores() -> int:
+    """Cores this process may use (the affinity mask in a container, not the host's count); ``TL_THREADS``' default."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def _positive_int(raw: str) -> int:
@@ -168,7 +169,7 @@ _DEFAULTS: dict[str, Callable[[], Any]] = {
     "TL_HOME": lambda: Path.home() / ".tl_studio",
     "TL_MAX_WORKERS": lambda: max(1, (os.cpu_count() or 1) // 4),
     "TL_DECODE_THREADS": lambda: max(1, min(4, setting("TL_THREADS"))),
-    "TL_THREADS": _cpu_count,
+    "TL_THREADS": usable_cores,
 }
 
 

@@ -12,7 +12,6 @@ would use without loading torch.
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import random
 import shutil
@@ -24,7 +23,7 @@ import numpy as np
 
 from ..config import check_device_name  # the names TrainConfig accepts (re-exported)
 from ..errors import ConfigError
-from ..settings import setting
+from ..settings import setting, usable_cores
 
 __all__ = ["DEVICE_CHOICES", "Runtime", "resolve_device", "describe_auto_device", "check_device_name", "set_seed",
            "configure_threads", "single_threaded", "release_free_memory", "cpu_count", "thread_count",
@@ -78,7 +77,7 @@ def describe_auto_device() -> str:
 
 def cpu_count() -> int:
     """Cores this process may use (the affinity mask in a container, not the host's count)."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    return usable_cores()
 
 
 def thread_count() -> int:

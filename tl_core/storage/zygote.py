@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError
-from ..settings import setting
+from ..settings import setting, usable_cores
 from . import processes
 
 __all__ = ["PRELOAD", "RETRY_S", "zygote_key", "socket_path", "spawn_forked", "main"]
@@ -179,7 +179,7 @@ def _child(request: dict[str, Any]) -> None:  # pragma: no cover - runs in the f
             try:                    # TL_THREADS (default: the cores applied above)
                 threads = setting("TL_THREADS")
             except ConfigError:  # refused where the app starts; a worker still runs
-                threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+                threads = usable_cores()
             sys.modules["torch"].set_num_threads(threads)
             sys.modules["torch"].seed()  # a fresh process's random state, not the zygote's copy
         if "numpy" in sys.modules:
