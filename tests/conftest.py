@@ -19,6 +19,13 @@ SAMPLES = ROOT / "sample_data"
 EMOJI = SAMPLES / "emoji"
 FASHION = SAMPLES / "fashion_mnist"
 
+# pytest rewrites the asserts of every test module as it imports it, and keeps the result in tests/__pycache__ for
+# the next run, unless bytecode writing is off (PYTHONDONTWRITEBYTECODE, set on our CI machines): then each of
+# `make test`'s four test processes rewrote ~70 modules again, ~4 s of a core each (about half of collecting the
+# suite: benchmarks/RESULTS.md, 2026-12-07). The test modules' rewritten bytecode is written whatever the setting
+# (this module is imported before them; the processes the tests start are not affected).
+sys.dont_write_bytecode = False
+
 
 # --------------------------------------------------------------------------------------------------
 # test tiers (docs/testing.md): a test without one of these markers is in the fast tier
@@ -57,18 +64,17 @@ LONGEST_FIRST = (
 
 
 def pytest_configure(config):
-    """Under pytest-xdist, the test processes share the cores out as threads: each gets cores / processes threads
-    (``TL_THREADS``, and OMP_NUM_THREADS and its kin for the numeric libraries), and so do the processes a test
-    starts (servers, workers, commands inherit the environment). Torch, ONNX Runtime and the decoders size their
-    thread pools by it, so two test processes on a 2-core machine run one thread each instead of two each on the
-    same two cores (oversubscribed: the fast tier's two fixture trainings took 2.1x and 2.5x as long side by side
-    as alone; torch's threads wait for each other on every small operation: tl_core.models.devices.single_threaded).
-    The processes are not pinned to cores: a test that waits (for a browser, a worker, a timeout) leaves its core
-    to the other test process's work (pinning each test process and all it starts to its own core left 10% of
-    the cores idle over a `make test`: docs/testing.md). ``TL_TEST_PIN_CORES=1`` pins them as before;
-    ``TL_TEST_PIN_CORES=0`` leaves both the cores and the threads alone."""
+    """Under pytest-xdist, the test processes share the cores: each keeps every core as threads (TL Studio's default
+    ``TL_THREADS``), and OpenMP's waiting threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``); so do the
+    processes a test starts (servers, workers, commands inherit the environment). When both test processes compute,
+    their threads share the cores as one thread each would; when one waits (for a browser, a worker, a timeout), the
+    other's work uses both cores. A share of one thread each left ~9% of the cores idle over a `make test`; two
+    fine-tunes at once, two threads each, took 3.1x as long as one alone on one thread with OpenMP's default
+    spinning threads, 1.02x with sleeping ones (benchmarks/threads.py; docs/testing.md). OpenBLAS's threads spin whatever the policy: it gets a share of
+    the cores. ``TL_TEST_PIN_CORES=threads`` gives each process its share of the cores as threads, ``=1`` pins each
+    to its share, ``=0`` leaves the cores and threads alone."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    mode = os.environ.get("TL_TEST_PIN_CORES", "threads")
+    mode = os.environ.get("TL_TEST_PIN_CORES", "passive")
     if not worker or count < 2 or mode == "0" or not hasattr(os, "sched_getaffinity"):
         return
     cores = sorted(os.sched_getaffinity(0))
@@ -80,9 +86,13 @@ def pytest_configure(config):
             os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count::count])
         except OSError:  # a container that refuses: the processes share the cores as before
             return
-    else:
+    elif mode == "threads":
         for name in ("TL_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(name, str(share))
+    else:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", str(share))
+        return
     if "torch" in sys.modules:  # imported already (a plugin): size its pool to the share
         sys.modules["torch"].set_num_threads(share)
 
