@@ -359,8 +359,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .models.devices import reuse_heap_memory
     from .share.formats import export_model, export_summary
 
+    # a short process of forward passes (the verification's, 64 images at once, on PyTorch and the exported file):
+    # keeping their freed activations instead of mapping them again took a TorchScript export of a Lite0 linear run
+    # from 8.3 s to 5.5 s (system time 5.5 s -> 1.2 s), as it does for train, evaluate and predict
+    reuse_heap_memory()
     out = export_model(_resolve_run_dir(args.run), args.format, args.out)
     return emit(args, out, lambda: export_summary(out))
 

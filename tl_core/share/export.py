@@ -290,20 +290,30 @@ def _verify(reference: np.ndarray, full: np.ndarray, single: np.ndarray, seconds
 OOD_TOLERANCE = 1e-3
 
 
-def _ood_reference(tm: TrainedModel, x: torch.Tensor) -> list[np.ndarray]:
-    """[ood_score, ood_content, ood_style] as ``tl-core predict`` computes them (PyTorch features, numpy score)."""
+def _references(tm: TrainedModel, x: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """What ``tl-core predict`` gives for the images ``x``: the probabilities, and for a run with open-set files
+    [ood_score, ood_content, ood_style] (numpy scores on PyTorch's features). A run with open-set files gets both
+    from one forward pass, as predict does (the classifier on the pooled features: models.inference); one without,
+    from the model's own forward."""
     from ..models.features import StyleSpec, pooled_and_style, pooled_features
 
-    spec = tm.open_set.style_spec
+    ood = None
     with torch.inference_mode():
         xc = x.contiguous(memory_format=torch.channels_last)
-        if spec:
-            f, st = pooled_and_style(tm.model, xc, StyleSpec.from_dict(spec))
-            f, st = f.float().numpy(), st.float().numpy()
+        if tm.open_set is None:
+            z = tm.model(xc).float()
         else:
-            f, st = pooled_features(tm.model, xc).float().numpy(), None
-    sc = tm.open_set.scores(f, st)
-    return [sc.score, sc.content, sc.style if sc.style is not None else np.zeros_like(sc.score)]
+            spec = tm.open_set.style_spec
+            if spec:
+                f, st = pooled_and_style(tm.model, xc, StyleSpec.from_dict(spec))
+            else:
+                f, st = pooled_features(tm.model, xc), None
+            z = tm.model.get_classifier()(f).float()
+            sc = tm.open_set.scores(f.float().numpy(), st.float().numpy() if st is not None else None)
+            ood = [sc.score, sc.content, sc.style if sc.style is not None else np.zeros_like(sc.score)]
+        z = z / tm.temperature
+        probs = (torch.sigmoid(z) if tm.meta.multi_label else torch.softmax(z, dim=1)).numpy()
+    return probs, ood
 
 
 def _verify_ood(tm: TrainedModel, reference: list[np.ndarray], full: list[np.ndarray],
@@ -745,12 +755,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
             raise ExportError("ONNX export needs onnx and onnxruntime (to verify the file); "
                               "run `pip install 'tl-studio[export]'`.") from None
     x, names, source = _verification_images(tm, verify_images, max_verify_images)
-    with torch.inference_mode():  # the reference: exactly the model `tl-core predict` runs
-        z = tm.model(x.contiguous(memory_format=torch.channels_last)).float() / tm.temperature
-        reference = (torch.sigmoid(z) if tm.meta.multi_label else torch.softmax(z, dim=1)).numpy()
-    ood_reference = None
-    if tm.open_set is not None:  # the open-set scores tl-core predict gives (numpy, on PyTorch's features)
-        ood_reference = _ood_reference(tm, x)
+    reference, ood_reference = _references(tm, x)  # the reference: exactly what `tl-core predict` gives
+    if tm.open_set is not None:
         module: nn.Module = _WithOpenSet(copy.deepcopy(tm.model).to(memory_format=torch.contiguous_format),
                                          tm.temperature, tm.meta.multi_label, tm.open_set).eval()
     else:
