@@ -73,6 +73,11 @@ def pytest_configure(config):
     spinning threads, 1.02x with sleeping ones (benchmarks/threads.py; docs/testing.md). OpenBLAS's threads spin whatever the policy: it gets a share of
     the cores. ``TL_TEST_PIN_CORES=threads`` gives each process its share of the cores as threads, ``=1`` pins each
     to its share, ``=0`` leaves the cores and threads alone."""
+    # a test process is a long run of forward passes and fine-tunes, as `tl-core train`/`evaluate`/`predict` are (and
+    # it became one the first time a test ran such a command in-process): freed activations stay in its heap
+    from tl_core.models.devices import reuse_heap_memory
+
+    reuse_heap_memory()
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     mode = os.environ.get("TL_TEST_PIN_CORES", "passive")
     if not worker or count < 2 or mode == "0" or not hasattr(os, "sched_getaffinity"):
