@@ -70,14 +70,9 @@ def pytest_configure(config):
     their threads share the cores as one thread each would; when one waits (for a browser, a worker, a timeout), the
     other's work uses both cores. A share of one thread each left ~9% of the cores idle over a `make test`; two
     fine-tunes at once, two threads each, took 3.1x as long as one alone on one thread with OpenMP's default
-    spinning threads, 1.02x with sleeping ones (benchmarks/threads.py; docs/testing.md). OpenBLAS's threads spin whatever the policy: it gets a share of
-    the cores. ``TL_TEST_PIN_CORES=threads`` gives each process its share of the cores as threads, ``=1`` pins each
-    to its share, ``=0`` leaves the cores and threads alone."""
-    # a test process is a long run of forward passes and fine-tunes, as `tl-core train`/`evaluate`/`predict` are (and
-    # it became one the first time a test ran such a command in-process): freed activations stay in its heap
-    from tl_core.models.devices import reuse_heap_memory
-
-    reuse_heap_memory()
+    spinning threads, 1.02x with sleeping ones (benchmarks/threads.py; docs/testing.md). OpenBLAS's threads spin
+    whatever the policy: it gets a share of the cores. ``TL_TEST_PIN_CORES=threads`` gives each process its share of
+    the cores as threads, ``=1`` pins each to its share, ``=0`` leaves the cores and threads alone."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     mode = os.environ.get("TL_TEST_PIN_CORES", "passive")
     if not worker or count < 2 or mode == "0" or not hasattr(os, "sched_getaffinity"):
@@ -100,6 +95,15 @@ def pytest_configure(config):
         return
     if "torch" in sys.modules:  # imported already (a plugin): size its pool to the share
         sys.modules["torch"].set_num_threads(share)
+
+
+def pytest_sessionstart(session):
+    """A test process is a long run of forward passes and fine-tunes, as `tl-core train`/`evaluate`/`predict` are (and
+    it became one the first time a test ran such a command in-process): freed activations stay in its heap. After
+    pytest_configure, whose thread settings must precede the first import of numpy."""
+    from tl_core.models.devices import reuse_heap_memory
+
+    reuse_heap_memory()
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers
