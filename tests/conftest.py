@@ -22,9 +22,15 @@ FASHION = SAMPLES / "fashion_mnist"
 # pytest rewrites the asserts of every test module as it imports it, and keeps the result in tests/__pycache__ for
 # the next run, unless bytecode writing is off (PYTHONDONTWRITEBYTECODE, set on our CI machines): then each of
 # `make test`'s four test processes rewrote ~70 modules again, ~4 s of a core each (about half of collecting the
-# suite: benchmarks/RESULTS.md, 2026-12-07). The test modules' rewritten bytecode is written whatever the setting
-# (this module is imported before them; the processes the tests start are not affected).
+# suite: benchmarks/RESULTS.md, 2026-12-07). So bytecode is written while the test modules are collected (this
+# module is imported before them), and the setting is put back once they are (pytest_collection_finish): modules
+# that tests import later (TensorFlow's generated ones, in the system's temporary folder) are not written.
+_DONT_WRITE_BYTECODE = sys.dont_write_bytecode
 sys.dont_write_bytecode = False
+
+
+def pytest_collection_finish(session):
+    sys.dont_write_bytecode = _DONT_WRITE_BYTECODE
 
 
 # --------------------------------------------------------------------------------------------------
