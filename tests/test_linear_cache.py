@@ -213,28 +213,40 @@ def test_a_warm_re_train_reuses_autos_choice_and_repeats_the_run(runs, monkeypat
     assert third.status == "done" and calls == [1]  # another C: chosen again
 
 
+#: A process's batches: a 1x1 convolution over 32 images of 16 x 112 x 112 (three 154 MB tensors a step, as a batch's
+#: activations are), and the page faults (fresh pages from the kernel) of ``n`` steps.
+_BATCHES = (
+    "import os, resource, torch\n"
+    "x = torch.randn(32, 16, 112, 112)\n"
+    "def step():\n"
+    "    return (torch.nn.functional.conv2d(x, torch.randn(96, 16, 1, 1)).relu() * 2).sum()\n"
+    "def faults(n):\n"
+    "    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+    "    for _ in range(n):\n"
+    "        step()\n"
+    "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0\n")
+
+
+def _batches_in_a_process(code: str) -> list[str]:
+    """Run :data:`_BATCHES` then ``code`` in a fresh interpreter (the allocator settings are the process's); its
+    printed words."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _BATCHES + code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent).stdout.split()
+
+
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator settings")
 @pytest.mark.parametrize("reuse", [False, True])
 def test_reusing_heap_memory_stops_the_page_faults_of_each_batch(reuse):
     """``reuse_heap_memory`` (what tl-core train/evaluate/predict call first): a batch's 150 MB of activations
     come from the heap again instead of fresh zeroed pages from the kernel, batch after batch."""
-    import subprocess
-    import sys
-
-    code = (
-        "import resource, torch\n"
+    out = _batches_in_a_process(
         "from tl_core.models.devices import reuse_heap_memory\n"
         f"ok = reuse_heap_memory() if {reuse} else True\n"
-        "x = torch.randn(32, 16, 112, 112)\n"
-        "def step():\n"
-        "    return (torch.nn.functional.conv2d(x, torch.randn(96, 16, 1, 1)).relu() * 2).sum()\n"
         "step()\n"
-        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(10):\n"
-        "    step()\n"
-        "print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent).stdout.split()
+        "print(ok, faults(10))\n")
     assert out[0] == "True"
     # 10 batches of three 154 MB tensors: ~1.5 million pages (4 KB) when each allocation is mapped afresh. Reused,
     # none, or the heap grows once or twice more after the first batch (seen here: 0 to ~110,000 pages)
@@ -247,25 +259,13 @@ def test_a_workers_forward_pass_task_reuses_the_heap_and_gives_it_back_after():
     """``heap_reused`` (what a worker process runs a task of forward passes in, e.g. the data check, an export):
     inside it the batches' activations come from the heap again; after it, large blocks are mapped afresh as glibc
     does by default, and the heap the task grew is handed back (an idle worker does not keep a task's peak)."""
-    import subprocess
-    import sys
-
     from tl_core.runs.kinds import KINDS
 
     # the tasks that train keep glibc's defaults, as `tl-core train` does for a fine-tune
     assert {k.name for k in KINDS.values() if k.forward_passes} >= {"audit", "embedding_map", "domain_gap", "export"}
     assert not any(KINDS[k].forward_passes for k in ("train", "lab", "time_backbone"))
-    code = (
-        "import os, resource, torch\n"
+    out = _batches_in_a_process(
         "from tl_core.models.devices import heap_reused\n"
-        "x = torch.randn(32, 16, 112, 112)\n"
-        "def step():\n"
-        "    return (torch.nn.functional.conv2d(x, torch.randn(96, 16, 1, 1)).relu() * 2).sum()\n"
-        "def faults(n):\n"
-        "    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "    for _ in range(n):\n"
-        "        step()\n"
-        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0\n"
         "def rss_mb():\n"
         "    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20\n"
         "with heap_reused() as ok:\n"
@@ -274,8 +274,6 @@ def test_a_workers_forward_pass_task_reuses_the_heap_and_gives_it_back_after():
         "    peak = rss_mb()\n"
         "after = faults(10)\n"
         "print(ok, inside, after, round(peak), round(rss_mb()))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent).stdout.split()
     ok, inside, after, peak, rss = out[0], *map(int, out[1:])
     assert ok == "True"
     # 10 batches of three 154 MB tensors: ~1.5 million pages when each is mapped afresh (the other test's bars)
