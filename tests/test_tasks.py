@@ -181,6 +181,30 @@ def test_training_and_other_tasks_share_the_worker_limit(workspace, tmp_path, mo
     print(f"\n[pool] TL_MAX_WORKERS=2: at most {peak} of 3 tasks ran at once")
 
 
+def test_a_worker_keeps_the_heap_for_tasks_of_forward_passes_and_probe_trainings_only(workspace, tmp_path, monkeypatch):
+    """What a worker runs with freed activations kept in its heap (tl_core.models.devices.heap_reused; the effect is
+    measured in test_linear_cache.py): the data check, the maps, exports, and a training that is a linear probe or
+    auto's, as `tl-core train` decides; not a fine-tune, the lab, timing, a torchrun group or an unreadable run."""
+    from tl_core.runs.kinds import KINDS
+
+    def kept(row: dict) -> bool:
+        return KINDS[row["kind"]].runs_forward_passes(workspace, row["params"])
+
+    runs = {s: tasks.submit_training(workspace, EMOJI, TrainConfig(strategy=s), start_worker=False)
+            for s in ("linear", "auto", "partial", "full")}
+    rows = {s: next(t for t in workspace.store().tasks(kind="train") if t["run_id"] == r) for s, r in runs.items()}
+    assert {s: kept(r) for s, r in rows.items()} == {"linear": True, "auto": True, "partial": False, "full": False}
+    monkeypatch.setenv("TL_TRAIN_PROCS", "2")  # the group's ranks are processes of their own; this one waits
+    assert not kept(rows["linear"])
+    monkeypatch.delenv("TL_TRAIN_PROCS")
+    assert not kept({"kind": "train", "params": {"run_id": "no-such-run"}})
+    audit = tasks.submit(workspace, "audit", audit_params(str(tmp_path / "x"), "s"), start_worker=False)
+    assert kept(workspace.store().task(audit.id))
+    assert {k for k, spec in KINDS.items() if spec.forward_passes is True} >= {"audit", "embedding_map", "domain_gap",
+                                                                                "export"}
+    assert not any(KINDS[k].runs_forward_passes(workspace, {}) for k in ("lab", "time_backbone", "gradcam"))
+
+
 def test_a_full_queue_is_refused_with_a_clear_message(workspace, tmp_path, monkeypatch):
     monkeypatch.setattr(tasks, "MAX_QUEUED", 3)
     for i in range(3):

@@ -197,9 +197,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if not under_torchrun():  # once, not once per process of a group
         _note_unused_flags(args, cfg.strategy)
-    # a short process of forward passes (fine-tuning keeps glibc's defaults); auto's tries are probes unless its
-    # budget affords a fine-tune, which then also runs in this short process
-    if cfg.strategy in ("linear", "auto"):
+    # a short process of forward passes (fine-tuning keeps glibc's defaults; a fine-tune auto's budget affords
+    # also runs in this short process)
+    if cfg.runs_forward_passes:
         from .models.devices import reuse_heap_memory
 
         reuse_heap_memory()

@@ -347,6 +347,13 @@ class TrainConfig:
                 raise ConfigError(msg[0].upper() + msg[1:])
         return cfg
 
+    @property
+    def runs_forward_passes(self) -> bool:
+        """Whether the training is mostly forward passes, batch after batch: a linear probe's feature extraction (and
+        auto's, whose tries are probes unless its budget affords a fine-tune). Its process keeps freed activations in
+        the heap (tl_core.models.devices.reuse_heap_memory); a fine-tune keeps glibc's defaults."""
+        return self.strategy in ("linear", "auto")
+
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-able data."""
         return dataclasses.asdict(self)

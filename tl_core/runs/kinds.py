@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..data.images import load_image
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, TLError
 from ..insight.foreign import foreign_check
 from ..models.openset import set_threshold
 from ..storage.workspace import Workspace
@@ -30,14 +30,19 @@ __all__ = ["TaskKind", "KINDS", "kind_spec", "jsonable"]
 @dataclass(frozen=True)
 class TaskKind:
     """One kind of task: its name, lane, what it does (shown to users) and the function that runs it.
-    ``forward_passes``: the task runs a network over many images and trains nothing, so a worker process runs it with
-    the freed activations kept in the heap (tl_core.models.devices.heap_reused)."""
+    ``forward_passes``: the task runs a network over many images, batch after batch, and fine-tunes nothing (or a
+    function of the workspace and the task's parameters saying whether this one does), so a worker process runs it
+    with the freed activations kept in the heap (tl_core.models.devices.heap_reused)."""
 
     name: str
     lane: str
     label: str
     run: Callable[[Workspace, dict[str, Any], Any], Any]
-    forward_passes: bool = False
+    forward_passes: bool | Callable[[Workspace, dict[str, Any]], bool] = False
+
+    def runs_forward_passes(self, ws: Workspace, params: dict[str, Any]) -> bool:
+        """Whether the task with ``params`` is one of forward passes (``forward_passes``)."""
+        return self.forward_passes(ws, params) if callable(self.forward_passes) else self.forward_passes
 
 
 def jsonable(obj: Any) -> Any:
@@ -97,6 +102,14 @@ def _train(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
         return {"run_id": p["run_id"], "status": status, "error": row.get("error"), "world_size": procs}
     res = run_training(ws, run["data"], cfg, run_id=p["run_id"], raise_errors=False, should_cancel=ctx.should_cancel)
     return {"run_id": res.run_id, "status": res.status, "error": res.error, "seconds": res.seconds, "world_size": 1}
+
+
+def _train_runs_forward_passes(ws: Workspace, p: dict[str, Any]) -> bool:
+    """A training in this process (not a torchrun group's) whose saved config is a linear probe or auto's."""
+    try:
+        return train_procs() == 1 and TrainConfig.from_saved(ws.store().get(p["run_id"])["config"]).runs_forward_passes
+    except (TLError, KeyError, TypeError, ValueError):  # an unreadable run: _train records why
+        return False
 
 
 def _audit(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
@@ -370,7 +383,7 @@ def _check_weights(ws: Workspace, p: dict[str, Any], ctx: Any) -> dict[str, Any]
 
 
 KINDS: dict[str, TaskKind] = {k.name: k for k in [
-    TaskKind("train", "compute", "Training", _train),
+    TaskKind("train", "compute", "Training", _train, forward_passes=_train_runs_forward_passes),
     TaskKind("audit", "compute", "Checking the data", _audit, forward_passes=True),
     TaskKind("advise", "compute", "Comparing backbones", _advise, forward_passes=True),
     TaskKind("embedding_map", "compute", "Drawing the embedding map", _embedding_map, forward_passes=True),

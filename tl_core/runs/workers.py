@@ -370,7 +370,8 @@ def lower_priority(lane: str) -> None:
 def _heap_for(ws: Workspace, task_id: str) -> contextlib.AbstractContextManager:
     """:func:`~tl_core.models.devices.heap_reused` for a task of forward passes, else nothing."""
     try:
-        forward = kind_spec((ws.store().task(task_id) or {}).get("kind", "")).forward_passes
+        task = ws.store().task(task_id)
+        forward = kind_spec(task.get("kind", "")).runs_forward_passes(ws, task.get("params") or {})
     except TLError:  # an unknown kind: run_task records the error
         forward = False
     if not forward:
