@@ -23,14 +23,10 @@ FASHION = SAMPLES / "fashion_mnist"
 # the next run, unless bytecode writing is off (PYTHONDONTWRITEBYTECODE, set on our CI machines): then each of
 # `make test`'s four test processes rewrote ~70 modules again, ~4 s of a core each (about half of collecting the
 # suite: benchmarks/RESULTS.md, 2026-12-07). So bytecode is written while the test modules are collected (this
-# module is imported before them), and the setting is put back once they are (pytest_collection_finish): modules
+# module is imported before them), and the setting is put back once they are (pytest_collection_finish below): modules
 # that tests import later (TensorFlow's generated ones, in the system's temporary folder) are not written.
 _DONT_WRITE_BYTECODE = sys.dont_write_bytecode
 sys.dont_write_bytecode = False
-
-
-def pytest_collection_finish(session):
-    sys.dont_write_bytecode = _DONT_WRITE_BYTECODE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,8 +66,8 @@ LONGEST_FIRST = (
 
 
 def pytest_configure(config):
-    """Under pytest-xdist, the test processes share the cores: each keeps every core as threads (TL Studio's default
-    ``TL_THREADS``), and OpenMP's waiting threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``); so do the
+    """The worker zygotes' idle time (below). Under pytest-xdist, the test processes share the cores: each keeps
+    every core as threads (TL Studio's default ``TL_THREADS``), and OpenMP's waiting threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``); so do the
     processes a test starts (servers, workers, commands inherit the environment). When both test processes compute,
     their threads share the cores as one thread each would; when one waits (for a browser, a worker, a timeout), the
     other's work uses both cores. A share of one thread each left ~9% of the cores idle over a `make test`; two
@@ -79,6 +75,9 @@ def pytest_configure(config):
     spinning threads, 1.02x with sleeping ones (benchmarks/threads.py; docs/testing.md). OpenBLAS's threads spin
     whatever the policy: it gets a share of the cores. ``TL_TEST_PIN_CORES=threads`` gives each process its share of
     the cores as threads, ``=1`` pins each to its share, ``=0`` leaves the cores and threads alone."""
+    # the worker zygotes the tests start (tl_core/storage/zygote.py; from the test processes, their servers and
+    # commands) leave 2 minutes after their last worker, not the app's 10: a test run leaves none for long
+    os.environ.setdefault("TL_ZYGOTE_IDLE_S", "120")
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     mode = os.environ.get("TL_TEST_PIN_CORES", "passive")
     if not worker or count < 2 or mode == "0" or not hasattr(os, "sched_getaffinity"):
@@ -110,6 +109,19 @@ def pytest_sessionstart(session):
     from tl_core.models.devices import reuse_heap_memory
 
     reuse_heap_memory()
+
+
+def pytest_collection_finish(session):
+    """Bytecode writing goes back to its setting (see :data:`_DONT_WRITE_BYTECODE`). A test process of the rest (not
+    the fast tier, which starts no process) starts the worker zygote its tests' workers are forked from
+    (tl_core/storage/zygote.py) at once: it loads for seconds, and a worker asked for while it loads starts the plain
+    way (importing torch and timm itself, ~3 s of CPU). The tests' servers and workers share it (one environment),
+    and so do the test processes of one session (tl_core.runs.workers.warm_zygote)."""
+    sys.dont_write_bytecode = _DONT_WRITE_BYTECODE
+    if any(not in_fast_tier(item) for item in session.items):
+        from tl_core.runs.workers import warm_zygote
+
+        warm_zygote()
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers
@@ -220,9 +232,6 @@ def session_cache_dir(tmp_path_factory) -> Path:
         # interactive and compute workers that tests start leave a few seconds after their last task
         mp.setenv("TL_INTERACTIVE_IDLE_S", os.environ.get("TL_INTERACTIVE_IDLE_S", "5"))
         mp.setenv("TL_COMPUTE_IDLE_S", os.environ.get("TL_COMPUTE_IDLE_S", "5"))
-        # the worker zygotes the tests start (tl_core/storage/zygote.py; from this process, its servers and
-        # commands) leave 2 minutes after their last worker, not the app's 10: a test run leaves none for long
-        mp.setenv("TL_ZYGOTE_IDLE_S", os.environ.get("TL_ZYGOTE_IDLE_S", "120"))
         if os.environ.get("TL_TEST_SHARED_CACHE", "1") == "0":
             yield None
             return

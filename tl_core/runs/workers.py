@@ -32,13 +32,13 @@ from ..errors import CancelledError, TLError
 from ..fileio import write_json_atomic
 from ..settings import setting
 from ..storage.processes import alive, identity, record_slot, spawn_detached
-from ..storage.zygote import spawn_forked
+from ..storage.zygote import spawn_forked, warm_up
 from ..storage.store import ACTIVE_STATUSES, RunStore
 from ..storage.workspace import TASK_RESULT, Workspace
 from .kinds import jsonable, kind_spec
 
-__all__ = ["LANES", "lane_slots", "queue_order", "default_max_workers", "ensure_workers", "stop_task", "recover",
-           "TaskContext", "run_task", "worker_main", "lower_priority", "prune", "CANCEL_GRACE_S",
+__all__ = ["LANES", "lane_slots", "queue_order", "default_max_workers", "ensure_workers", "warm_zygote", "stop_task",
+           "recover", "TaskContext", "run_task", "worker_main", "lower_priority", "prune", "CANCEL_GRACE_S",
            "WORKER_NICE", "INTAKE_WORKERS"]
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,13 @@ def _use_zygote(lane: str) -> bool:
     process that has imported torch is safe). Not an intake worker: it unpacks and checks images without torch."""
     choice = setting("TL_ZYGOTE")
     return lane != "intake" and (choice == "on" or (choice == "auto" and sys.platform.startswith("linux")))
+
+
+def warm_zygote() -> bool:
+    """Start the zygote that this environment's compute and interactive workers are forked from, ahead of the first
+    of them (it imports torch and timm for seconds); nothing where workers are not forked (:func:`_use_zygote`).
+    Whether one was asked for."""
+    return _use_zygote("compute") and warm_up()
 
 
 def ensure_workers(ws: Workspace, lane: str = "compute") -> int:

@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..settings import setting, usable_cores
 from . import processes
 
-__all__ = ["PRELOAD", "RETRY_S", "zygote_key", "socket_path", "spawn_forked", "main"]
+__all__ = ["PRELOAD", "RETRY_S", "zygote_key", "socket_path", "spawn_forked", "warm_up", "main"]
 
 #: What the zygote imports before it forks: what every worker that runs a model imports, and the maps' PCA and t-SNE
 #: (scikit-learn and SciPy: ~1 s more per data check otherwise).
@@ -133,17 +133,39 @@ def _start(path: Path, cwd: str, env: dict[str, str]) -> None:
                               str(setting("TL_ZYGOTE_IDLE_S"))], path.with_suffix(".log"), env=quiet, cwd=cwd)
 
 
+def _socket_for(env: dict[str, str], cwd: str) -> Path | None:
+    """The socket of the zygote for ``env`` and ``cwd``, or None where there can be none."""
+    try:
+        path = socket_path(zygote_key(env, cwd))
+    except OSError:
+        return None
+    return path if len(str(path)) <= _MAX_SOCKET_PATH else None  # a Unix socket's path has a length limit
+
+
+def warm_up(env: dict[str, str] | None = None) -> bool:
+    """Start the zygote of this environment now, in the background, unless one is starting or running: the first
+    worker asked for seconds later is then forked, not started the plain way while the zygote loads. Whether one
+    was asked for."""
+    env = dict(os.environ if env is None else env)
+    cwd = os.getcwd()
+    path = _socket_for(env, cwd)
+    if path is None:
+        return False
+    try:
+        _start(path, cwd, env)
+    except OSError:
+        return False
+    return True
+
+
 def spawn_forked(module: str, args: Sequence[str], log_path: str | os.PathLike,
                  env: dict[str, str] | None = None) -> int | None:
     """Start ``python -m module args`` as a child of this environment's zygote; its pid, or None when there is no
     zygote to ask (one is then started for the next request, and the caller starts this one itself)."""
     env = dict(os.environ if env is None else env)
     cwd = os.getcwd()
-    try:
-        path = socket_path(zygote_key(env, cwd))
-    except OSError:
-        return None
-    if len(str(path)) > _MAX_SOCKET_PATH:  # a Unix socket's path has a length limit: no zygote here
+    path = _socket_for(env, cwd)
+    if path is None:
         return None
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     pid = _ask(path, {"module": module, "args": list(args), "env": env, "cwd": cwd, "log": str(log_path),
