@@ -208,8 +208,13 @@ def release_free_memory() -> None:
 
     A training step frees ~1.5 GB of activations, which glibc keeps in its heap; evaluation then
     allocates differently sized buffers on top and the process's resident size climbs. Trimming once
-    per epoch costs a few milliseconds. A no-op where glibc is not the C library."""
+    per epoch costs a few milliseconds. A no-op where glibc is not the C library, and in a process that keeps its
+    heap (:func:`reuse_heap_memory`, :func:`heap_reused`): there the next batch faulted every trimmed page in again
+    (a 2-epoch fine-tune of 80 emoji: system time 3.2 s -> 1.2 s and 11.4 s -> 10.0 s without the trims, peak
+    resident size 2.5 GB -> 2.8 GB; benchmarks/RESULTS.md, 2026-12-07 evening)."""
     global _malloc_trim
+    if _heap_kept:
+        return
     if _malloc_trim is None:
         try:
             import ctypes
@@ -222,11 +227,23 @@ def release_free_memory() -> None:
 
 
 _malloc_trim: Any = None
+#: Whether this process keeps freed memory in its heap now (:func:`reuse_heap_memory`).
+_heap_kept = False
 
 #: glibc's mallopt parameters, and the ceiling its dynamic mmap threshold reaches (DEFAULT_MMAP_THRESHOLD_MAX on
 #: 64-bit; its trim threshold is then twice that): a torch process frees blocks above it within its first batches.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _DYNAMIC_MMAP_CEILING = 32 << 20
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's ``mallopt``; False where it is not the C library or refuses the value."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, ctypes.c_int(value)))
+    except (OSError, AttributeError):
+        return False
 
 
 def reuse_heap_memory() -> bool:
@@ -236,18 +253,14 @@ def reuse_heap_memory() -> bool:
     By default glibc gives every allocation above ~32 MB its own ``mmap`` and returns it on ``free``: each batch's
     activations (150 MB for Lite0 at batch 32) are then mapped, zeroed page by page by the kernel and unmapped
     again. On 2 busy cores that was 5 s of system time per 320 images and 1.5-1.8x the wall time of feature
-    extraction (measured: sys 5.4 s -> 0.2 s, 13 -> 24 images/s). The process keeps its peak heap until it exits,
-    so this is for short processes, not for the app's long-lived workers. Returns whether it was applied (glibc only).
+    extraction (measured: sys 5.4 s -> 0.2 s, 13 -> 24 images/s). The process keeps its peak heap until it exits
+    (:func:`release_free_memory` leaves it alone), so this is for short processes, not for the app's long-lived
+    workers. Returns whether it was applied (glibc only).
     """
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-        # M_TRIM_THRESHOLD and M_MMAP_THRESHOLD: 1 GiB, where glibc accepts them
-        return bool(mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(1 << 30))
-                    and mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(1 << 30)))
-    except (OSError, AttributeError):
-        return False
+    global _heap_kept
+    # M_TRIM_THRESHOLD and M_MMAP_THRESHOLD: 1 GiB, where glibc accepts them
+    _heap_kept = _mallopt(_M_TRIM_THRESHOLD, 1 << 30) and _mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+    return _heap_kept
 
 
 @contextlib.contextmanager
@@ -260,14 +273,13 @@ def heap_reused() -> Iterator[bool]:
     Returns:
         A context manager giving whether the thresholds were applied (glibc only).
     """
+    global _heap_kept
     applied = reuse_heap_memory()
     try:
         yield applied
     finally:
         if applied:
-            import ctypes
-
-            mallopt = ctypes.CDLL("libc.so.6").mallopt
-            mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_DYNAMIC_MMAP_CEILING))
-            mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 * _DYNAMIC_MMAP_CEILING))
+            _mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_CEILING)
+            _mallopt(_M_TRIM_THRESHOLD, 2 * _DYNAMIC_MMAP_CEILING)
+            _heap_kept = False
             release_free_memory()
