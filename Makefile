@@ -41,21 +41,18 @@ venv-test: $(VENV)/.installed-test
 app: venv
 	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.address $(ADDRESS)
 
-# the whole suite in two tiers (docs/testing.md): the fast tier first, so a broken build fails in minutes, then
-# the rest (processes, browser, fine-tuning, slow); each test runs once, and either tier failing, or finding no
-# test (pytest's exit status 5), fails the target. Both runs share one fresh folder (TL_TEST_SESSION_DIR,
-# removed at the end): the rest reuses the fixture runs and the feature cache the fast tier built. TEST_PROCS=2
-# (the default) runs both tiers in 2 pytest-xdist processes, a test file each at a time, the longest files first
-# (tests/conftest.py LONGEST_FIRST), each process with its share of the cores as threads (tests/conftest.py
-# pytest_configure: TL_THREADS); TEST_PROCS=0 runs them in one. The fast tier too, since its multi-label fixture moved to the
-# rest: most of its time is now ~500 short single-threaded tests (benchmarks/RESULTS.md, 2026-12-07 00:20).
+# the whole suite (docs/testing.md) in one pytest run, in TEST_PROCS=2 pytest-xdist processes (the default;
+# TEST_PROCS=0: one), a test file each at a time, the longest files first (tests/conftest.py LONGEST_FIRST), each
+# process with every core as threads (tests/conftest.py pytest_configure); finding no test (pytest's exit status 5)
+# fails it too. The session's fixture runs and feature cache are built once in one fresh folder
+# (TL_TEST_SESSION_DIR, removed at the end). One run, not the fast tier and then the rest: a second run started
+# and collected again, and each run's last file left a core idle (benchmarks/RESULTS.md, 2026-12-07 evening).
+# CI runs `make test-fast` first, so that a broken build fails in minutes.
 TEST_PROCS ?= 2
 XDIST = $(if $(filter-out 0,$(TEST_PROCS)),-n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder,)
 test: venv-test web-runtime
 	session=$$(mktemp -d "$${TMPDIR:-/tmp}/tl-test-session.XXXXXX") && trap 'rm -rf "$$session"' EXIT && \
-	export TL_TEST_SESSION_DIR="$$session" && \
-	$(PY) -m pytest -q -m fast_tier $(XDIST) && \
-	$(PY) -m pytest -q -m "not fast_tier" $(XDIST)
+	TL_TEST_SESSION_DIR="$$session" $(PY) -m pytest -q $(XDIST)
 
 # the fast tier alone: no process, server, browser or fine-tuning (tests/conftest.py fails a test that starts one)
 test-fast: venv-test web-runtime

@@ -41,39 +41,43 @@ def in_fast_tier(item: pytest.Item) -> bool:
     return not any(item.get_closest_marker(m) for m in SLOW_TIER_MARKERS)
 
 
-#: The test files that take longest, longest first, with their rough seconds in the slow tier (summed from the
-#: slowest-30 durations of two one-process runs of main 908b4a5 on a 2-core machine: docs/testing.md). They
-#: are collected first, so that pytest-xdist (`make test` runs the slow tier with ``-n 2 --dist loadfile
-#: --no-loadscope-reorder``) starts the long files at once and fills in with the short ones: longest first keeps
-#: the two test processes busy to the end. The order changes no result, only when each file runs.
+#: The test files that take longest, longest first, with their seconds in `make test` (one run of the whole suite
+#: in two processes on a 2-core machine, 2026-12-07 evening: benchmarks/RESULTS.md). They are collected first, so
+#: that pytest-xdist (``-n 2 --dist loadfile --no-loadscope-reorder``) starts the long files at once and fills in
+#: with the short ones: longest first keeps the two test processes busy to the end (a 20 s file collected last
+#: left one process idle for 12 s). The order changes no result, only when each file runs.
 LONGEST_FIRST = (
-    "test_browser.py",  # ~185 s: the whole first-user flow in Chromium
-    "test_app_insights.py",  # ~150 s
-    "test_browser_data_loop.py",  # ~90-140 s
-    "test_distributed.py",  # ~90 s: 2-process torchrun groups
-    "test_train.py",  # ~90 s
-    "test_app_pages.py",  # ~75 s
-    "test_engines.py",  # ~65 s
-    "test_multilabel.py",
-    "test_export.py",
-    "test_faults.py",
-    "test_tasks.py",
-    "test_openset.py",
-    "test_webpage.py",
-    "test_cli.py",
-    "test_browser_access.py",  # ~25 s
+    "test_browser.py",  # ~111 s: the whole first-user flow in Chromium, and the multi-label one
+    "test_train.py",  # ~81 s
+    "test_distributed.py",  # ~68 s: 2-process torchrun groups
+    "test_browser_data_loop.py",  # ~66 s
+    "test_app_pages.py",  # ~46 s
+    "test_app_insights.py",  # ~45 s
+    "test_openset.py",  # ~42 s
+    "test_engines.py",  # ~32 s
+    "test_multilabel.py",  # ~31 s
+    "test_linear_cache.py",  # ~30 s
+    "test_webpage.py",  # ~28 s
+    "test_export.py",  # ~25 s
+    "test_feature_variants.py",  # ~23 s
+    "test_browser_access.py",  # ~22 s
+    "test_tflite.py",  # ~20 s
+    "test_tasks.py",  # ~15 s
+    "test_faults.py",  # ~13 s
+    "test_zygote.py",  # ~13 s
+    "test_data_loop_pages.py",  # ~10 s
 )
 
 
 def pytest_configure(config):
     """The worker zygotes' idle time (below). Under pytest-xdist, the test processes share the cores: each keeps
-    every core as threads (TL Studio's default ``TL_THREADS``), and OpenMP's waiting threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``); so do the
-    processes a test starts (servers, workers, commands inherit the environment). When both test processes compute,
-    their threads share the cores as one thread each would; when one waits (for a browser, a worker, a timeout), the
-    other's work uses both cores. A share of one thread each left ~9% of the cores idle over a `make test`; two
-    fine-tunes at once, two threads each, took 3.1x as long as one alone on one thread with OpenMP's default
-    spinning threads, 1.02x with sleeping ones (benchmarks/threads.py; docs/testing.md). OpenBLAS's threads spin
-    whatever the policy: it gets a share of the cores. ``TL_TEST_PIN_CORES=threads`` gives each process its share of
+    every core as threads (TL Studio's default ``TL_THREADS``), and OpenMP's waiting threads sleep instead of
+    spinning (``OMP_WAIT_POLICY=PASSIVE``); so do the processes a test starts (servers, workers, commands inherit
+    the environment). When both test processes compute, their threads share the cores as one thread each would;
+    when one waits (for a browser, a worker, a timeout), the other's work uses both cores. A share of one thread each
+    left ~9% of the cores idle over a `make test`; two fine-tunes at once, two threads each, took 3.1x as long as one
+    alone on one thread with OpenMP's default spinning threads, 1.02x with sleeping ones (benchmarks/threads.py;
+    docs/testing.md). OpenBLAS's threads spin whatever the policy: it gets a share of the cores. ``TL_TEST_PIN_CORES=threads`` gives each process its share of
     the cores as threads, ``=1`` pins each to its share, ``=0`` leaves the cores and threads alone."""
     # the worker zygotes the tests start (tl_core/storage/zygote.py; from the test processes, their servers and
     # commands) leave 2 minutes after their last worker, not the app's 10: a test run leaves none for long
@@ -127,7 +131,7 @@ def pytest_collection_finish(session):
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers
 def pytest_collection_modifyitems(config, items):
     """Give every fast-tier test the ``fast_tier`` marker: ``-m fast_tier`` is `make test-fast`, and
-    ``-m "not fast_tier"`` the rest of `make test` (the tiers are derived from the markers here, in one place).
+    ``-m "not fast_tier"`` the rest (the tiers are derived from the markers here, in one place).
     Then collect the files of :data:`LONGEST_FIRST` first, in that order (every file keeps its own order)."""
     for item in items:
         if in_fast_tier(item):
@@ -182,14 +186,13 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 # --------------------------------------------------------------------------------------------------
-# one session, one or several test processes (pytest-xdist: `make test` runs the slow tier with -n 2)
+# one session, one or several test processes (pytest-xdist: `make test` runs the suite with -n 2)
 # --------------------------------------------------------------------------------------------------
 def _session_root(tmp_path_factory) -> Path:
     """The folder the whole run shares: ``$TL_TEST_SESSION_DIR`` when set (`make test` sets it to one fresh
-    folder for both of its pytest runs, the fast tier and the rest, so the rest starts with the fixture runs and
-    the cache that the fast tier built), else the base temporary folder, or under pytest-xdist the folder above
-    each test process's own (``.../pytest-N/popen-gw0`` -> ``.../pytest-N``), so the processes share what is
-    built once per run."""
+    folder, removed at the end; pytest runs given the same folder share the fixture runs and the cache), else the
+    base temporary folder, or under pytest-xdist the folder above each test process's own
+    (``.../pytest-N/popen-gw0`` -> ``.../pytest-N``), so the processes share what is built once per run."""
     shared = os.environ.get("TL_TEST_SESSION_DIR")
     if shared:
         root = Path(shared).resolve()
