@@ -62,9 +62,11 @@ LONGEST_FIRST = (
     "test_feature_variants.py",  # ~23 s
     "test_browser_access.py",  # ~22 s
     "test_tflite.py",  # ~20 s
+    "test_uploads.py",  # ~19 s
     "test_tasks.py",  # ~15 s
     "test_faults.py",  # ~13 s
     "test_zygote.py",  # ~13 s
+    "test_walk.py",  # ~14 s
     "test_data_loop_pages.py",  # ~10 s
 )
 
