@@ -79,8 +79,9 @@ def pytest_configure(config):
     when one waits (for a browser, a worker, a timeout), the other's work uses both cores. A share of one thread each
     left ~9% of the cores idle over a `make test`; two fine-tunes at once, two threads each, took 3.1x as long as one
     alone on one thread with OpenMP's default spinning threads, 1.02x with sleeping ones (benchmarks/threads.py;
-    docs/testing.md). OpenBLAS's threads spin whatever the policy: it gets a share of the cores. ``TL_TEST_PIN_CORES=threads`` gives each process its share of
-    the cores as threads, ``=1`` pins each to its share, ``=0`` leaves the cores and threads alone."""
+    docs/testing.md). OpenBLAS's threads spin whatever the policy: it gets a share of the cores.
+    ``TL_TEST_PIN_CORES=threads`` gives each process its share of the cores as threads, ``=1`` pins each to its
+    share, ``=0`` leaves the cores and threads alone."""
     # the worker zygotes the tests start (tl_core/storage/zygote.py; from the test processes, their servers and
     # commands) leave 2 minutes after their last worker, not the app's 10: a test run leaves none for long
     os.environ.setdefault("TL_ZYGOTE_IDLE_S", "120")
