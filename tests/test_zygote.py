@@ -85,23 +85,19 @@ def test_a_forked_child_runs_in_the_requesters_environment_folder_and_cores(prob
     assert not path.exists() and not path.with_suffix(".lock").exists() and not path.with_suffix(".log").exists()
 
 
-def test_a_warmed_up_zygote_forks_the_first_worker_asked_for(probe_dir, tmp_path, monkeypatch):
+def test_warming_up_starts_the_zygote_once_ahead_of_the_first_worker(probe_dir, tmp_path, monkeypatch):
     """warm_up (what a test session does before its first worker; tl_core.runs.workers.warm_zygote) starts this
-    environment's zygote ahead of time: the first request is then forked, not started the plain way while it
-    loads, and warming up again while it runs starts nothing."""
+    environment's zygote at once, the way a first request that finds none does (that it then forks the next
+    request is the first test's), and warming up again while it starts starts nothing."""
     from tl_core.storage import processes
 
-    out = tmp_path / "probe.json"
-    env = {**os.environ, "TL_PROBE": "warm", "TL_PROBE_OUT": str(out)}
-    path = zygote.socket_path(zygote.zygote_key(env, str(probe_dir)))
-    assert zygote.warm_up(env)
-    wait_for(lambda: path.with_suffix(".lock").read_text().startswith("listening"), 120, "the zygote to listen")
-    pid = zygote.spawn_forked("tl_probe_mod", [], tmp_path / "child.log", env)  # the first request: forked
-    assert pid is not None
-    assert json.loads(wait_for(lambda: out.is_file() and out.read_text(), 60, "the probe's output"))["pid"] == pid
     starts: list[list[str]] = []
-    monkeypatch.setattr(processes, "spawn_detached", lambda cmd, *a, **k: starts.append(cmd))
-    assert zygote.warm_up(env) and starts == []  # one is running: nothing started
+    monkeypatch.setattr(processes, "spawn_detached", lambda cmd, *a, **k: starts.append(cmd))  # it never comes up
+    env = {**os.environ, "TL_PROBE": "warm"}
+    assert zygote.warm_up(env) and zygote.warm_up(env)
+    path = zygote.socket_path(zygote.zygote_key(env, str(probe_dir)))
+    assert len(starts) == 1 and "tl_core.storage.zygote" in starts[0] and str(path) in starts[0]
+    assert zygote.spawn_forked("tl_probe_mod", [], tmp_path / "child.log", env) is None and len(starts) == 1
 
 
 def test_another_environment_gets_another_zygote(probe_dir):
