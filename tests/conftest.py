@@ -65,8 +65,8 @@ LONGEST_FIRST = (
     "test_uploads.py",  # ~19 s
     "test_tasks.py",  # ~15 s
     "test_faults.py",  # ~13 s
-    "test_zygote.py",  # ~13 s
     "test_walk.py",  # ~14 s
+    "test_zygote.py",  # ~10 s
     "test_data_loop_pages.py",  # ~10 s
 )
 
