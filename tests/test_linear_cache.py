@@ -258,8 +258,8 @@ def test_reusing_heap_memory_stops_the_page_faults_of_each_batch(reuse):
 def test_a_workers_forward_pass_task_reuses_the_heap_and_gives_it_back_after():
     """``heap_reused`` (what a worker process runs a task of forward passes in, e.g. the data check, an export):
     inside it the batches' activations come from the heap again, and the trim a fine-tune makes after each epoch
-    leaves the heap alone; after it, large blocks are mapped afresh as glibc
-    does by default, and the heap the task grew is handed back (an idle worker does not keep a task's peak)."""
+    leaves the heap alone; after it, large blocks are mapped afresh as glibc does by default, and the heap the task
+    grew is handed back (an idle worker does not keep a task's peak)."""
     # (which tasks a worker runs in it: test_tasks.py)
     out = _batches_in_a_process(
         "from tl_core.models.devices import heap_reused, release_free_memory\n"

@@ -181,7 +181,8 @@ def test_training_and_other_tasks_share_the_worker_limit(workspace, tmp_path, mo
     print(f"\n[pool] TL_MAX_WORKERS=2: at most {peak} of 3 tasks ran at once")
 
 
-def test_a_worker_keeps_the_heap_for_tasks_of_forward_passes_and_probe_trainings_only(workspace, tmp_path, monkeypatch):
+def test_a_worker_keeps_the_heap_for_tasks_of_forward_passes_and_probe_trainings_only(workspace, tmp_path,
+                                                                                       monkeypatch):
     """What a worker runs with freed activations kept in its heap (tl_core.models.devices.heap_reused; the effect is
     measured in test_linear_cache.py): the data check, the maps, exports, and a training that is a linear probe or
     auto's, as `tl-core train` decides; not a fine-tune, the lab, timing, a torchrun group or an unreadable run."""
