@@ -327,8 +327,9 @@ def queue_order(ws: Workspace, lane: str) -> list[tuple[Workspace, dict[str, Any
     return order
 
 
-def _claim(ws: Workspace, lane: str) -> tuple[Workspace, str] | None:
-    """Claim the next queued task of ``lane`` over the top workspace and every project (:func:`queue_order`)."""
+def _claim_row(ws: Workspace, lane: str) -> tuple[Workspace, dict[str, Any]] | None:
+    """Claim the next queued task of ``lane`` over the top workspace and every project (:func:`queue_order`): its
+    workspace and its row as it was queued (kind, parameters)."""
     pid, started = identity()
     while True:
         order = queue_order(ws, lane)
@@ -336,8 +337,14 @@ def _claim(ws: Workspace, lane: str) -> tuple[Workspace, str] | None:
             return None
         w, row = order[0]
         if w.store().claim_task(row["id"], pid, started):
-            return w, row["id"]
+            return w, row
         # another worker claimed it first: look again
+
+
+def _claim(ws: Workspace, lane: str) -> tuple[Workspace, str] | None:
+    """:func:`_claim_row`, with the task's id."""
+    claimed = _claim_row(ws, lane)
+    return None if claimed is None else (claimed[0], claimed[1]["id"])
 
 
 #: Finished tasks older than this are forgotten (rows and result files); ``TL_TASK_KEEP_DAYS`` sets it.
@@ -374,10 +381,9 @@ def lower_priority(lane: str) -> None:
         log.warning("could not lower the worker's priority: %s", e)
 
 
-def _heap_for(ws: Workspace, task_id: str) -> contextlib.AbstractContextManager:
-    """:func:`~tl_core.models.devices.heap_reused` for a task of forward passes, else nothing."""
+def _heap_for(ws: Workspace, task: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """:func:`~tl_core.models.devices.heap_reused` for a task (its claimed row) of forward passes, else nothing."""
     try:
-        task = ws.store().task(task_id)
         forward = kind_spec(task.get("kind", "")).runs_forward_passes(ws, task.get("params") or {})
     except TLError:  # an unknown kind: run_task records the error
         forward = False
@@ -410,12 +416,12 @@ def worker_main(home: str, lane: str = "compute", slot: int = 0, reuse_heap: boo
     idle_since = time.monotonic()
     last_prune = -1e9
     while True:
-        claimed = _claim(ws, lane)
+        claimed = _claim_row(ws, lane)
         if claimed is not None:
-            task_ws, task_id = claimed
-            log.info("worker %d (%s): task %s", os.getpid(), lane, task_id)
-            with _heap_for(task_ws, task_id) if reuse_heap else contextlib.nullcontext():
-                run_task(task_ws, task_id, models)
+            task_ws, task = claimed
+            log.info("worker %d (%s): task %s", os.getpid(), lane, task["id"])
+            with _heap_for(task_ws, task) if reuse_heap else contextlib.nullcontext():
+                run_task(task_ws, task["id"], models)
             idle_since = time.monotonic()
             if time.monotonic() - last_prune > 3600:  # old results: at most once an hour
                 last_prune = time.monotonic()
