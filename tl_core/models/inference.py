@@ -30,11 +30,13 @@ from .folding import fold_wanted, folded
 from .pipeline import batched, eval_batches
 from .preprocess import Preprocess
 
-__all__ = ["logits_of_items", "logits_of_images", "CachedFeatures", "logits_via_cache"]
+__all__ = ["forward_batch", "logits_of_items", "logits_of_images", "CachedFeatures", "logits_via_cache"]
 
 
-def _forward(model: nn.Module, x: torch.Tensor, rt: Runtime, with_features: bool = False,
-             style: StyleSpec | None = None) -> Any:
+def forward_batch(model: nn.Module, x: torch.Tensor, rt: Runtime, with_features: bool = False,
+                  style: StyleSpec | None = None) -> Any:
+    """One batch of preprocessed images ``x`` through ``model`` on ``rt``: numpy logits; with ``with_features``,
+    (logits, pre-logit features), and with ``style`` too, (logits, features, style statistics), all from one pass."""
     x = x.to(rt.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with rt.autocast():
         if not with_features:
@@ -93,7 +95,7 @@ def logits_of_items(model: nn.Module, items: Sequence[ImageItem], pre: Preproces
         for _, x in feed:  # the next batch decodes while this one runs
             if should_cancel and should_cancel():
                 raise CancelledError("Cancelled during evaluation.")
-            o = _forward(run, x, rt, with_features, spec)
+            o = forward_batch(run, x, rt, with_features, spec)
             out.append(o if spec is not None or style is None or not with_features else (*o, None))
     return _stack(out, model, with_features, style if with_features else None, sdims)
 
@@ -110,7 +112,7 @@ def logits_of_images(model: nn.Module, images: Sequence[Any], pre: Preprocess, b
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.stack([pre.eval_from_pil(im) for im in images[start:start + batch_size]])
-        o = _forward(model, x, rt, with_features, spec)
+        o = forward_batch(model, x, rt, with_features, spec)
         out.append(o if spec is not None or style is None or not with_features else (*o, None))
     return _stack(out, model, with_features, style if with_features else None, sdims)
 

@@ -292,26 +292,25 @@ OOD_TOLERANCE = 1e-3
 
 def _references(tm: TrainedModel, x: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray] | None]:
     """What ``tl-core predict`` gives for the images ``x``: the probabilities, and for a run with open-set files
-    [ood_score, ood_content, ood_style] (numpy scores on PyTorch's features). A run with open-set files gets both
-    from one forward pass, as predict does (the classifier on the pooled features: models.inference); one without,
-    from the model's own forward."""
-    from ..models.features import StyleSpec, pooled_and_style, pooled_features
+    [ood_score, ood_content, ood_style] (numpy scores on PyTorch's features), from predict's one forward pass
+    (:func:`tl_core.models.inference.forward_batch`)."""
+    from ..models.devices import Runtime
+    from ..models.features import StyleSpec
+    from ..models.inference import forward_batch
 
-    ood = None
+    ood, rt = None, Runtime.cpu()
     with torch.inference_mode():
-        xc = x.contiguous(memory_format=torch.channels_last)
         if tm.open_set is None:
-            z = tm.model(xc).float()
+            z = forward_batch(tm.model, x, rt)
         else:
             spec = tm.open_set.style_spec
             if spec:
-                f, st = pooled_and_style(tm.model, xc, StyleSpec.from_dict(spec))
+                z, f, st = forward_batch(tm.model, x, rt, with_features=True, style=StyleSpec.from_dict(spec))
             else:
-                f, st = pooled_features(tm.model, xc), None
-            z = tm.model.get_classifier()(f).float()
-            sc = tm.open_set.scores(f.float().numpy(), st.float().numpy() if st is not None else None)
+                (z, f), st = forward_batch(tm.model, x, rt, with_features=True), None
+            sc = tm.open_set.scores(f, st)
             ood = [sc.score, sc.content, sc.style if sc.style is not None else np.zeros_like(sc.score)]
-        z = z / tm.temperature
+        z = torch.from_numpy(z) / tm.temperature
         probs = (torch.sigmoid(z) if tm.meta.multi_label else torch.softmax(z, dim=1)).numpy()
     return probs, ood
 
