@@ -140,32 +140,64 @@ class TaskThreads:
         assert not [t for t in threads if t.is_alive()], "a task thread did not stop within a minute of its cancel"
 
 
-#: The app's scripts compiled once per test process (path -> bytecode), for :func:`task_threads`.
-_BYTECODE: dict[str, object] = {}
+def _run_pages_as_a_server_does() -> None:
+    """Make every ``AppTest`` of this test process do once what a Streamlit server does once at its start, instead
+    of at every run (an AppTest is a new runtime each time). Installed when this module is imported, for the
+    whole process; measured on the whole suite (py-spy): ~45 s of CPU, and the page tests' scripts run unchanged.
 
+    - The app's scripts are compiled once (a ``ScriptCache`` per runtime compiled each page again, with Streamlit's
+      "magic" AST rewrite: ~20 s). Keyed by path, size and modification time, so a script a test writes is
+      compiled as it is. With every page compiled up front, page runs convert no AST at all: Python 3.11.7's
+      ``ast`` keeps its recursion depth in a global, and two threads converting ASTs at once fail with
+      "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905), which a page rerun beside a
+      task thread using ``ast`` (the audit, the lab, TorchScript; :func:`task_threads`) once did.
+    - The installed packages are scanned for Streamlit components once (each run read every distribution's
+      metadata: ~20 s); they do not change during a test run.
+    - After a script run Streamlit clears Keras's session when ``keras`` is imported, a full garbage collection
+      each time (~15 s). The server process never imports Keras (the TFLite conversion runs in a worker), but a
+      test process that ran test_tflite.py holds it; matplotlib's figures are still closed, as Streamlit does.
+    """
+    import importlib.util
+    import sys
 
-def _compile_pages_once(monkeypatch) -> None:
-    """Compile app.py and the pages once per process, now, and hand every script run that bytecode.
-
-    AppTest compiles the page's script again at every run (a new ``ScriptCache`` each time), and Streamlit's
-    "magic" does it with ``ast.parse``. Python 3.11.7's ``ast`` keeps its recursion depth in a global, so two
-    threads converting ASTs at once fail with "SystemError: AST constructor recursion depth mismatch"
-    (CPython gh-106905): a page rerun beside a task thread that uses ``ast``
-    (the audit, the lab, TorchScript) broke that way. With the scripts compiled before any task runs, page
-    runs convert no AST at all."""
+    from streamlit.runtime.scriptrunner import script_runner
     from streamlit.runtime.scriptrunner.script_cache import ScriptCache
 
-    real = ScriptCache.get_bytecode
+    compile_script, bytecode = ScriptCache.get_bytecode, {}
 
     def get_bytecode(self, script_path: str):
-        path = str(Path(script_path).resolve())
-        if path not in _BYTECODE:
-            _BYTECODE[path] = real(self, path)
-        return _BYTECODE[path]
+        path = Path(script_path).resolve()
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in bytecode:
+            bytecode[key] = compile_script(self, str(path))
+        return bytecode[key]
 
-    monkeypatch.setattr(ScriptCache, "get_bytecode", get_bytecode)
+    scanned = []
+
+    def scan_once():
+        if not scanned:
+            scanned.append(scan())
+        return scanned[0]
+
+    def close_figures():
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None:
+            plt.close("all")
+
+    ScriptCache.get_bytecode = get_bytecode
+    if importlib.util.find_spec("streamlit.components.v2.manifest_scanner"):  # (Streamlit 1.67 has it)
+        from streamlit.components.v2 import manifest_scanner
+
+        scan = manifest_scanner.scan_component_manifests
+        manifest_scanner.scan_component_manifests = scan_once
+    if hasattr(script_runner, "_clean_problem_modules"):
+        script_runner._clean_problem_modules = close_figures
     for script in [APP, *sorted(p for p in (ROOT / "pages").glob("*.py") if not p.name.startswith("_"))]:
         get_bytecode(ScriptCache(), str(script))
+
+
+_run_pages_as_a_server_does()
 
 
 @pytest.fixture
@@ -178,7 +210,6 @@ def task_threads(monkeypatch) -> TaskThreads:
     stopped a minute after the cancel at its end."""
     from conftest import _SPAWNERS, _refuse
 
-    _compile_pages_once(monkeypatch)
     threads = TaskThreads()
     monkeypatch.setattr(workers, "ensure_workers", threads.ensure)
     # Cancel's watchdog would kill the worker process that ignores a cancel: here that is this process

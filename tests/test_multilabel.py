@@ -475,14 +475,14 @@ def test_uploaded_multi_label_zip_keeps_its_label_sets(workspace, tmp_path):
 # -- the app -----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_evaluate_page_shows_label_metrics_and_per_label_confusion(ml_run):
-    from streamlit.testing.v1 import AppTest
+    from page_harness import app
 
     from tl_core.storage.files import RunFiles
 
     ws, res, _, _ = ml_run
     files = RunFiles(res.run_dir)
     m = files.metrics().val
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at = app()
     at.switch_page("pages/evaluate.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     metric = {x.label: x.value for x in at.metric}
@@ -507,9 +507,7 @@ def test_evaluate_page_shows_label_metrics_and_per_label_confusion(ml_run):
     for page in ("runs", "train", "try_it", "home"):
         at.switch_page(f"pages/{page}.py").run()
         assert not at.exception and not at.error, (page, [e.value for e in at.error])
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
-    at.query_params["run"] = res.run_id
-    at.run().switch_page("pages/train.py").run()
+    at = app({"run": res.run_id}).switch_page("pages/train.py").run()
     assert any("validation micro-F1" in m.value for m in at.success), [m.value for m in at.success]
 
 
@@ -517,7 +515,7 @@ def test_evaluate_page_shows_label_metrics_and_per_label_confusion(ml_run):
 def test_try_it_shows_the_label_set_with_a_probability_each(ml_run, tmp_path, monkeypatch):
     import time
 
-    from streamlit.testing.v1 import AppTest
+    from page_harness import app
 
     from tl_core.storage.processes import kill_workers
     from tl_core.storage.files import RunFiles
@@ -528,7 +526,7 @@ def test_try_it_shows_the_label_set_with_a_probability_each(ml_run, tmp_path, mo
     monkeypatch.setenv("TL_HOME", str(home))
     monkeypatch.setenv("TL_INTERACTIVE_IDLE_S", "30")
     try:
-        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+        at = app()
         at.switch_page("pages/try_it.py").run()
         at.toggle[0].set_value(False).run()  # no Grad-CAM: the label set is what is tested here
         at.file_uploader[0].set_value([("dog.png", (ML / "images" / "dog.png").read_bytes(), "image/png"),
@@ -550,10 +548,10 @@ def test_try_it_shows_the_label_set_with_a_probability_each(ml_run, tmp_path, mo
 
 
 def test_data_page_shows_label_counts_of_the_multi_label_sample(tmp_path, monkeypatch):
-    from streamlit.testing.v1 import AppTest
+    from page_harness import app
 
     monkeypatch.setenv("TL_HOME", str(tmp_path / "home"))
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at = app()
     at.switch_page("pages/data.py").run()
     at.selectbox[0].set_value("sample/emoji_multilabel").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
