@@ -1076,8 +1076,10 @@ def test_walking_every_page_and_starting_tasks_loads_no_model_in_the_server(home
     """The whole app in one fresh process, as a server runs it: every page, a data check, Grad-CAM, calibration
     and the map asked for. The work goes to worker processes; the page process never imports torch."""
     ws, _ = home
+    # (the environment is this process's: the workers it starts are forked from the session's zygote; another
+    # PYTHONPATH would need a zygote of its own, tl_core.storage.zygote; the app's folder is the working one)
     out = subprocess.run([sys.executable, "-c", _WALK, str(APP)], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
     kinds = {t["kind"] for t in ws.store().tasks()}

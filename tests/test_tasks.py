@@ -115,8 +115,7 @@ def test_a_task_outlives_the_process_that_asked_and_is_found_again(workspace, tm
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from queue_support import submit_and_vanish; "
             "print(submit_and_vanish(sys.argv[2], sys.argv[3], sys.argv[4]))")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "tests"), str(workspace.home), str(data),
-                          dataset_signature(data)], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                          dataset_signature(data)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     submitted = out.stdout.strip().splitlines()[-1]
     found = tasks.find(workspace, "audit", _audit(data))
