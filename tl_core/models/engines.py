@@ -59,6 +59,7 @@ from ..settings import setting
 from .devices import Runtime, thread_count
 from .folding import fold_wanted, folded
 from .preprocess import Preprocess
+from .tracing import activations_out_of_place
 
 __all__ = ["ENGINES", "TOLERANCE", "EXPORT_MIN_IMAGES", "EXPORT_MIN_IMAGES_DEPTHS", "SESSION_MIN_IMAGES", "FeatureEngine", "feature_engine",
            "engine_setting", "engine_key"]
@@ -278,7 +279,7 @@ def _export(module: nn.Module, path: Path, pre: Preprocess) -> None:
     wrapped = _Pooled(module, pre).eval()
     # exporters print progress; keep stdout clean for --json
     with writing_atomic(path, suffix=".onnx") as tmp, contextlib.redirect_stdout(sys.stderr), \
-            warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), activations_out_of_place(wrapped):
         warnings.simplefilter("ignore")
         if importlib.util.find_spec("onnxscript") is not None:
             program = torch.onnx.export(wrapped, (example,), dynamo=True, opset_version=_OPSET,

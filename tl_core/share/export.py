@@ -50,6 +50,7 @@ from ..config import EXPORT_FORMATS
 from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..errors import DatasetError, ExportError
 from ..fileio import write_json_atomic, writing_atomic
+from ..models.tracing import activations_out_of_place
 from ..storage.files import BUNDLE_FILES, MANIFEST, METRICS, OPEN_SET_FILES, PREDICTIONS, bundle_manifest
 from ..storage.workspace import Workspace
 from .card import model_card
@@ -417,7 +418,8 @@ def _export_onnx_file(module: nn.Module, example: torch.Tensor, path: Path, expo
     the open-set scores :data:`OOD_OUTPUTS` for a model with open-set files)."""
     names = ["probs", "logits"] + (list(OOD_OUTPUTS) if isinstance(module, _WithOpenSet) else [])
     # exporters print progress; keep stdout clean for --json
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), torch.no_grad():
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), torch.no_grad(), \
+            activations_out_of_place(module):
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.simplefilter("ignore", category=DeprecationWarning)
         if exporter == "dynamo":
