@@ -42,32 +42,31 @@ def in_fast_tier(item: pytest.Item) -> bool:
 
 
 #: The test files that take longest, longest first, with their seconds in `make test` (one run of the whole suite
-#: in two processes on a 2-core machine, 2026-12-07 evening: benchmarks/RESULTS.md). They are collected first, so
+#: in two processes on a 2-core machine, 2026-12-07 late evening: benchmarks/RESULTS.md). They are collected first, so
 #: that pytest-xdist (``-n 2 --dist loadfile --no-loadscope-reorder``) starts the long files at once and fills in
 #: with the short ones: longest first keeps the two test processes busy to the end (a 20 s file collected last
 #: left one process idle for 12 s). The order changes no result, only when each file runs.
 LONGEST_FIRST = (
-    "test_browser.py",  # ~111 s: the whole first-user flow in Chromium, and the multi-label one
-    "test_train.py",  # ~81 s
-    "test_distributed.py",  # ~68 s: 2-process torchrun groups
-    "test_browser_data_loop.py",  # ~66 s
-    "test_app_pages.py",  # ~46 s
-    "test_app_insights.py",  # ~45 s
-    "test_openset.py",  # ~42 s
-    "test_engines.py",  # ~32 s
-    "test_multilabel.py",  # ~31 s
-    "test_linear_cache.py",  # ~30 s
-    "test_webpage.py",  # ~28 s
-    "test_export.py",  # ~25 s
-    "test_feature_variants.py",  # ~23 s
-    "test_browser_access.py",  # ~22 s
-    "test_tflite.py",  # ~20 s
-    "test_uploads.py",  # ~19 s
-    "test_tasks.py",  # ~15 s
-    "test_faults.py",  # ~13 s
-    "test_walk.py",  # ~14 s
-    "test_zygote.py",  # ~10 s
-    "test_data_loop_pages.py",  # ~10 s
+    "test_browser.py",  # ~108 s: the whole first-user flow in Chromium, and the multi-label one
+    "test_train.py",  # ~100 s
+    "test_distributed.py",  # ~69 s: 2-process torchrun groups
+    "test_browser_data_loop.py",  # ~67 s
+    "test_openset.py",  # ~40 s
+    "test_webpage.py",  # ~36 s
+    "test_app_pages.py",  # ~32 s
+    "test_engines.py",  # ~31 s
+    "test_multilabel.py",  # ~29 s
+    "test_feature_variants.py",  # ~24 s
+    "test_linear_cache.py",  # ~24 s
+    "test_app_insights.py",  # ~21 s
+    "test_export.py",  # ~20 s
+    "test_browser_access.py",  # ~20 s
+    "test_tflite.py",  # ~17 s
+    "test_tasks.py",  # ~12 s
+    "test_faults.py",  # ~12 s
+    "test_serve.py",  # ~10 s
+    "test_zygote.py",  # ~9 s
+    "test_export_cache.py",  # ~8 s
 )
 
 
