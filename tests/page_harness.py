@@ -143,7 +143,7 @@ class TaskThreads:
 def _run_pages_as_a_server_does() -> None:
     """Make every ``AppTest`` of this test process do once what a Streamlit server does once at its start, instead
     of at every run (an AppTest is a new runtime each time). Installed when this module is imported, for the
-    whole process; measured on the whole suite (py-spy): ~45 s of CPU, and the page tests' scripts run unchanged.
+    whole process; measured on the whole suite (py-spy): ~55 s of CPU, and the page tests' scripts run unchanged.
 
     - The app's scripts are compiled once (a ``ScriptCache`` per runtime compiled each page again, with Streamlit's
       "magic" AST rewrite: ~20 s). Keyed by path, size and modification time, so a script a test writes is
