@@ -2,7 +2,7 @@
 ``OMP_WAIT_POLICY=PASSIVE``) change the time of one training alone and of two at once, each process with one thread
 or with every core, measured in the same run (docs/settings.md: when to set it; `make test` does, tests/conftest.py).
 
-    .venv/bin/python benchmarks/threads.py [--steps 10] [--repeat 3] [--no-write]
+    .venv/bin/python benchmarks/threads.py [--steps 10] [--repeat 3] [--spincount N ...] [--no-write]
 
 Each process runs ``--steps`` fine-tuning steps of EfficientNet-Lite0 (the default backbone, its packaged weights;
 batches of 8 images of 224 x 224, channels-last, as tl_core/models/training.py trains) and reports the seconds of its
@@ -50,9 +50,12 @@ print(json.dumps({"seconds": time.perf_counter() - t, "threads": torch.get_num_t
 
 
 def _start(steps: int, threads: int, policy: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "TL_THREADS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "TL_THREADS", "GOMP_SPINCOUNT")}
     env.update({"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)})
-    if policy != "default":
+    if policy.isdigit():  # spin this many times, then sleep (libgomp's GOMP_SPINCOUNT; its default is 300,000)
+        env["GOMP_SPINCOUNT"] = policy
+    elif policy != "default":
         env["OMP_WAIT_POLICY"] = policy
     return subprocess.Popen([sys.executable, "-c", PROBE, str(steps)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             text=True)
@@ -72,19 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--spincount", type=int, action="append", default=[],
+                   help="also every core alone and two at once with GOMP_SPINCOUNT=N (repeatable)")
     p.add_argument("--no-write", action="store_true", help="print only; do not prepend to RESULTS.md")
     args = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     load0 = os.getloadavg()
     cases = [("1 alone", 1, 1, "default"), ("1 alone", 1, cores, "default"), ("1 alone", 1, cores, "PASSIVE"),
              ("2 at once", 2, 1, "default"), ("2 at once", 2, cores, "default"), ("2 at once", 2, cores, "PASSIVE")]
+    cases += [(what, n, cores, str(spins)) for spins in args.spincount for what, n in (("1 alone", 1), ("2 at once", 2))]
     times: dict[int, list[float]] = {k: [] for k in range(len(cases))}
     for r in range(args.repeat):
         for k, (what, n, threads, policy) in enumerate(cases):
             times[k].append(_seconds([_start(args.steps, threads, policy) for _ in range(n)]))
             print(f"[{r + 1}/{args.repeat}] {what}, {threads} thread(s), {policy}: {times[k][-1]:.2f} s", flush=True)
     base = statistics.median(times[0])
-    rows = [[what, threads, "spin (OpenMP default)" if policy == "default" else "sleep (PASSIVE)",
+    wait = {"default": "spin (OpenMP default)", "PASSIVE": "sleep (PASSIVE)"}
+    rows = [[what, threads, wait[policy] if policy in wait else f"spin {int(policy):,} times, then sleep (GOMP_SPINCOUNT)",
              f"{statistics.median(times[k]):.2f}", f"{statistics.median(times[k]) / base:.2f}"]
             for k, (what, n, threads, policy) in enumerate(cases)]
     load1 = os.getloadavg()

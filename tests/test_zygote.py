@@ -110,6 +110,7 @@ def test_another_environment_gets_another_zygote(probe_dir):
     assert zygote.zygote_key(same, str(probe_dir)) == key
     assert zygote.zygote_key({**env, "OMP_NUM_THREADS": "7"}, str(probe_dir)) != key
     assert zygote.zygote_key({**env, "PYTHONPATH": "/x"}, str(probe_dir)) != key
+    assert zygote.zygote_key({**env, "GOMP_SPINCOUNT": "7"}, str(probe_dir)) != key  # read when torch loads
     assert zygote.zygote_key(env, "/another/checkout") != key
 
 

@@ -53,7 +53,7 @@ PRELOAD = ("numpy", "PIL.Image", "torch", "timm", "safetensors.torch", "onnxrunt
 #: read those when called, and some set their own on import, e.g. TORCHINDUCTOR_CACHE_DIR and KMP_*: keying on
 #: every variable made a zygote per test that had exported a graph).
 _IMPORT_ENV = ("PYTHONPATH", "PYTHONHASHSEED", "PYTHONHOME", "LD_PRELOAD", "LD_LIBRARY_PATH", "OMP_NUM_THREADS",
-               "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TIMM_FUSED_ATTN")
+               "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TIMM_FUSED_ATTN")
 #: Seconds a caller waits for a zygote's answer before it starts the worker the plain way.
 _ANSWER_S = 10.0
 #: Seconds before a zygote that was started and never listened is started again.
