@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     cases = [("1 alone", 1, 1, "default"), ("1 alone", 1, cores, "default"), ("1 alone", 1, cores, "PASSIVE"),
              ("2 at once", 2, 1, "default"), ("2 at once", 2, cores, "default"), ("2 at once", 2, cores, "PASSIVE")]
-    cases += [(what, n, cores, str(spins)) for spins in args.spincount for what, n in (("1 alone", 1), ("2 at once", 2))]
+    cases += [(what, n, cores, str(spins)) for spins in args.spincount
+              for what, n in (("1 alone", 1), ("2 at once", 2))]
     times: dict[int, list[float]] = {k: [] for k in range(len(cases))}
     for r in range(args.repeat):
         for k, (what, n, threads, policy) in enumerate(cases):
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{r + 1}/{args.repeat}] {what}, {threads} thread(s), {policy}: {times[k][-1]:.2f} s", flush=True)
     base = statistics.median(times[0])
     wait = {"default": "spin (OpenMP default)", "PASSIVE": "sleep (PASSIVE)"}
-    rows = [[what, threads, wait[policy] if policy in wait else f"spin {int(policy):,} times, then sleep (GOMP_SPINCOUNT)",
+    rows = [[what, threads,
+             wait[policy] if policy in wait else f"spin {int(policy):,} times, then sleep (GOMP_SPINCOUNT)",
              f"{statistics.median(times[k]):.2f}", f"{statistics.median(times[k]) / base:.2f}"]
             for k, (what, n, threads, policy) in enumerate(cases)]
     load1 = os.getloadavg()
