@@ -294,10 +294,13 @@ OOD_TOLERANCE = 1e-3
 def _references(tm: TrainedModel, x: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray] | None]:
     """What ``tl-core predict`` gives for the images ``x``: the probabilities, and for a run with open-set files
     [ood_score, ood_content, ood_style] (numpy scores on PyTorch's features), from predict's one forward pass
-    (:func:`tl_core.models.inference.forward_batch`)."""
+    (:func:`tl_core.models.inference.forward_batch`) and its probabilities (:func:`tl_core.metrics.softmax`, or
+    per label :func:`tl_core.models.multilabel.sigmoid`, with the run's temperature)."""
+    from ..metrics import softmax
     from ..models.devices import Runtime
     from ..models.features import StyleSpec
     from ..models.inference import forward_batch
+    from ..models.multilabel import sigmoid
 
     ood, rt = None, Runtime.cpu()
     with torch.inference_mode():
@@ -311,9 +314,7 @@ def _references(tm: TrainedModel, x: torch.Tensor) -> tuple[np.ndarray, list[np.
                 (z, f), st = forward_batch(tm.model, x, rt, with_features=True), None
             sc = tm.open_set.scores(f, st)
             ood = [sc.score, sc.content, sc.style if sc.style is not None else np.zeros_like(sc.score)]
-        z = torch.from_numpy(z) / tm.temperature
-        probs = (torch.sigmoid(z) if tm.meta.multi_label else torch.softmax(z, dim=1)).numpy()
-    return probs, ood
+    return (sigmoid if tm.meta.multi_label else softmax)(z, tm.temperature), ood
 
 
 def _verify_ood(tm: TrainedModel, reference: list[np.ndarray], full: list[np.ndarray],
