@@ -320,7 +320,10 @@ async def _sessions(base: str, plan: list[dict], timeout_s: float, browser_path:
             t0 = time.perf_counter()
             try:
                 if u["role"] == "upload":
-                    await page.locator("input[type=file]").first.set_input_files(u["zip"])
+                    # the zip uploader by its key: the Data page has a folder uploader too, and which file input
+                    # comes first in the page is not fixed (a user of a project whose upload was finishing got the
+                    # folder's: "[webkitdirectory] input requires passing a path to a directory")
+                    await page.locator(".st-key-zip_upload input[type=file]").set_input_files(u["zip"])
                     await page.get_by_text(re.compile(r"Unpacked .+ as dataset")).first.wait_for(timeout=ms)
                 elif u["role"] == "check":
                     await page.get_by_role("button", name="Check the data").click()
