@@ -4,7 +4,9 @@ timm's networks compute their activations in place (``ReLU6(inplace=True)`` in E
 of every ``BatchNormAct2d``). The dynamo ONNX exporter functionalises each in-place op (an out-of-place copy and a
 write-back, through Python reference implementations) before it decomposes and translates the graph; traced out of
 place, the same network exports the same graph (the op is the out-of-place one either way) with none of that work:
-Lite0's export took 5.5 s of CPU instead of 7.1 s here (22% less), its outputs the same within 4e-6 of PyTorch's.
+the exporter call on a bare Lite0 took 5.5 s of CPU instead of 7.1 s (one try each, a fresh process each), its
+outputs the same within 4e-6 of PyTorch's. A whole ``tl-core export --format onnx`` of a run in a fresh workspace
+(loading, export, verification) gains less: 10.9 -> 10.6-10.8 s (benchmarks/RESULTS.md, 2026-12-08 00:48).
 """
 
 from __future__ import annotations
